@@ -1,0 +1,166 @@
+"""The Python API: ``optimize`` (load, run passes, validate) and ``validate`` (compare two models).
+
+    load (optimizer.io) -> Graph -> PassManager([passes ...]) -> validate (optimizer.validate) -> save
+
+Both return a :class:`optimizer.report.Report`; neither touches the disk unless given paths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import onnx
+
+from optimizer import io
+from optimizer.errors import UsageError, ValidationFailed
+from optimizer.graph import export_graph, import_graph, model_stats
+from optimizer.inputs import load_feeds, synthesize_feed
+from optimizer.pass_manager import REGISTRY, PassContext, PassManager, PassRecord, get_pass
+from optimizer.report import Report
+from optimizer.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, compare_models
+
+Feeds = Union[str, os.PathLike, dict, Sequence[dict], None]
+QUANTIZE_MODES = {"int8-weight": "quantize_weights"}
+
+
+def _version() -> str:
+    from optimizer import __version__
+    return __version__
+
+
+def _describe_source(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "<memory>"
+
+
+def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | None,
+                  seed: int) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """The validation feeds and their description for the report.
+
+    ``inputs`` may be a path (``.npz`` file or folder of them), one feed, a list of feeds, or None
+    to synthesize one feed from the model's declared inputs (see ``optimizer.inputs``).
+    """
+    if inputs is None:
+        feeds, source = [synthesize_feed(model, input_shapes, seed)], "synthesized"
+    elif isinstance(inputs, (str, os.PathLike)):
+        feeds, source = load_feeds(inputs), str(inputs)
+    elif isinstance(inputs, dict):
+        feeds, source = [inputs], "<memory>"
+    else:
+        feeds, source = list(inputs), "<memory>"
+    described = [{k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
+                  for k, v in f.items()} for f in feeds]
+    return feeds, {"source": source, "seed": seed if source == "synthesized" else None,
+                   "feeds": described}
+
+
+def build_pipeline(passes: Sequence[str] | None, skip: Sequence[str], prune_threshold: float | None,
+                   quantize: str | None) -> tuple[list, list]:
+    """Split the requested passes into the fixed-point (lossless) and run-once (lossy) lists.
+
+    Raises:
+        UsageError: an unknown pass or quantization mode.
+    """
+    from passes import LOSSLESS_PIPELINE
+
+    names = list(passes) if passes is not None else list(LOSSLESS_PIPELINE)
+    if prune_threshold is not None:
+        if prune_threshold <= 0:
+            raise UsageError(f"--prune-threshold must be positive, got {prune_threshold}")
+        names.append("prune")
+    if quantize is not None:
+        if quantize not in QUANTIZE_MODES:
+            raise UsageError(f"unknown quantization mode '{quantize}'; known: "
+                             f"{', '.join(QUANTIZE_MODES)}")
+        names.append(QUANTIZE_MODES[quantize])
+    for name in skip:
+        get_pass(name)
+    selected = [get_pass(n) for n in dict.fromkeys(names) if n not in set(skip)]
+    return [p for p in selected if p.lossless], [p for p in selected if not p.lossless]
+
+
+def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] = (),
+             prune_threshold: float | None = None, quantize: str | None = None,
+             validate: bool = True, inputs: Feeds = None, input_shapes: dict | None = None,
+             seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+             max_drift: float = DEFAULT_MAX_DRIFT, verify_each: bool = False,
+             fold_size_limit: int = 1 << 20, max_iterations: int = 10,
+             raise_on_failure: bool = True,
+             on_pass: Callable[[PassRecord], None] | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
+    """Optimize a model and check it still computes the same outputs.
+
+    Args:
+        model: a path, serialized bytes or a ``onnx.ModelProto`` (not modified).
+        passes: pass names to run (default: the lossless pipeline ``passes.LOSSLESS_PIPELINE``).
+        skip: pass names to leave out.
+        prune_threshold: set weight values with ``|w| < prune_threshold`` to 0 (lossy).
+        quantize: ``"int8-weight"`` for per-channel int8 weights through DequantizeLinear (lossy).
+        validate: compare with the original on onnxruntime CPU.
+        inputs: validation feeds (see :func:`resolve_feeds`); ``input_shapes`` and ``seed`` shape
+            synthesized ones.
+        atol, rtol: lossless tolerance; ``max_drift``: minimum cosine similarity after lossy passes.
+        verify_each: run the ONNX checker and an onnxruntime load after every pass that changed
+            the graph.
+        fold_size_limit: largest folded tensor in bytes (see ``passes.fold_constants``).
+        max_iterations: bound on the rounds of the lossless passes.
+        raise_on_failure: raise :class:`ValidationFailed` when validation fails.
+
+    Returns:
+        The optimized model and the :class:`Report`.
+
+    Raises:
+        ModelLoadError, UsageError, InputError: bad model, option or inputs.
+        ValidationFailed: outputs differ beyond tolerance (with ``raise_on_failure``); the error
+            carries ``model`` and ``report``.
+        PassError: with ``verify_each``, a pass produced an invalid model.
+    """
+    start = time.perf_counter()
+    original = io.load_model(model)
+    fixed_point, once = build_pipeline(passes, skip, prune_threshold, quantize)
+    ctx = PassContext(fold_size_limit=fold_size_limit, prune_threshold=prune_threshold,
+                      quantize=quantize, template=original)
+    report = Report(_version(), "optimize", _describe_source(model), model_stats(original))
+
+    graph = import_graph(original)
+    manager = PassManager(fixed_point, once, max_iterations=max_iterations,
+                          verify_each=verify_each, on_pass=on_pass)
+    report.passes = manager.run(graph, ctx)
+    optimized = export_graph(graph, original)
+    report.after = model_stats(optimized)
+
+    if validate:
+        feeds, report.inputs = resolve_feeds(original, inputs, input_shapes, seed)
+        lossy = any(r.modified for r in report.passes if not REGISTRY[r.name].lossless)
+        report.validation = compare_models(original, optimized, feeds, atol=atol, rtol=rtol,
+                                           max_drift=max_drift, lossy=lossy)
+    report.seconds = time.perf_counter() - start
+    if raise_on_failure and report.validation is not None and not report.validation.passed:
+        err = ValidationFailed(f"validation failed: {report.validation.reason}")
+        err.model, err.report = optimized, report
+        raise err
+    return optimized, report
+
+
+def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict | None = None,
+             seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+             max_drift: float = DEFAULT_MAX_DRIFT, lossy: bool = False) -> Report:
+    """Compare ``candidate`` with ``reference`` on onnxruntime CPU (see ``optimizer.validate``).
+
+    Inputs are synthesized from the reference's declared inputs unless given.
+
+    Raises:
+        ModelLoadError, InputError, UsageError: bad model, inputs or option.
+    """
+    start = time.perf_counter()
+    ref = io.load_model(reference)
+    cand = io.load_model(candidate)
+    report = Report(_version(), "validate", _describe_source(reference), model_stats(ref),
+                    after=model_stats(cand), output=_describe_source(candidate))
+    feeds, report.inputs = resolve_feeds(ref, inputs, input_shapes, seed)
+    report.validation = compare_models(ref, cand, feeds, atol=atol, rtol=rtol,
+                                       max_drift=max_drift, lossy=lossy)
+    report.seconds = time.perf_counter() - start
+    return report

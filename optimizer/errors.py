@@ -1,0 +1,43 @@
+"""Exception types of onnxopt.
+
+Every error a user can cause is one of these, with a one-line message that names the file, node or
+tensor concerned. ``exit_code`` is what the CLI returns for it:
+
+* 1 -- validation failed (:class:`ValidationFailed`),
+* 2 -- bad input or usage (:class:`InputError` and subclasses),
+* 3 -- an internal error: a pass produced an invalid model (:class:`PassError`).
+"""
+
+from __future__ import annotations
+
+
+class OnnxoptError(Exception):
+    """Base class of every error onnxopt raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(OnnxoptError):
+    """The user's input (a model, a feed file, an argument) is unusable."""
+
+    exit_code = 2
+
+
+class ModelLoadError(InputError):
+    """A model cannot be read: missing file, invalid protobuf, unsafe or missing external data."""
+
+
+class UsageError(InputError):
+    """An option or a combination of options is invalid (unknown pass, malformed shape, ...)."""
+
+
+class ValidationFailed(OnnxoptError):
+    """The optimized model does not compute the same outputs as the original, within tolerance."""
+
+    exit_code = 1
+
+
+class PassError(OnnxoptError):
+    """A pass left the graph in a state that fails verification (a bug in onnxopt)."""
+
+    exit_code = 3

@@ -1,0 +1,288 @@
+"""The in-memory graph every pass edits: onnx-graphsurgeon's Graph, Node and Tensor.
+
+``import_graph`` turns a ModelProto into a ``gs.Graph`` and lowers ``Constant`` nodes to
+initializers (``gs.Constant`` tensors), so that weights stored as Constant nodes -- as the PaddleOCR
+exports store all of theirs -- are seen as initializers by every pass. ``export_graph`` is the one
+place that turns the graph back into protobuf: it sorts nodes topologically (repairing models that
+were not sorted), drops intermediate value_info (a rewrite may have made it stale; onnxruntime infers
+its own) and keeps the original model's metadata.
+
+Also here: walking a graph with all its subgraphs, and the statistics the reports show.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+_CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "value_ints")
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """Yield ``graph`` and then every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            yield from iter_graphs(sub)
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    if len(node.attrs) != 1:
+        return None
+    name, value = next(iter(node.attrs.items()))
+    if name not in _CONSTANT_VALUE_ATTRS or isinstance(value, gs.Node.AttributeRef):
+        return None
+    if isinstance(value, gs.Constant):
+        return value.values
+    if name in ("value_float", "value_floats"):
+        return np.array(value, dtype=np.float32)
+    return np.array(value, dtype=np.int64)
+
+
+def lower_constant_nodes(graph: gs.Graph) -> int:
+    """Turn ``Constant`` nodes into initializers, in ``graph`` and its subgraphs.
+
+    A Constant whose output is a graph output stays a node: a graph output must be produced by a
+    node or be a graph input. Sparse and string-list Constants are left alone.
+
+    Returns:
+        The number of Constant nodes lowered.
+    """
+    lowered = 0
+    for g in iter_graphs(graph):
+        outputs = set(map(id, g.outputs))
+        for node in g.nodes:
+            if node.op != "Constant" or node.domain not in (None, "", "ai.onnx"):
+                continue
+            out = node.outputs[0]
+            if id(out) in outputs:
+                continue
+            value = _constant_node_value(node)
+            if value is None:
+                continue
+            out.to_constant(np.asarray(value))
+            out.inputs.clear()
+            node.outputs.clear()
+            lowered += 1
+        g.nodes = [n for n in g.nodes if n.outputs or n.op != "Constant"]
+    return lowered
+
+
+def make_names_unique(graph: gs.Graph) -> int:
+    """Rename tensors so that no two tensors of the model share a name, across all scopes.
+
+    ONNX lets sibling subgraphs (the two branches of an If) reuse names; a rewrite that moves a
+    tensor from one scope to another (merging equal initializers of two branches, say) would then
+    create a clash. The main graph's tensors keep their names, so the model's interface is kept;
+    subgraph inputs and outputs bind by position and may be renamed.
+
+    Returns:
+        The number of tensors renamed.
+    """
+    owners: dict[str, int] = {}
+    taken: set[str] = set()
+    renamed = 0
+    for g in iter_graphs(graph):
+        tensors = list(g.inputs) + list(g.outputs)
+        for node in g.nodes:
+            tensors.extend(node.inputs)
+            tensors.extend(node.outputs)
+        for t in tensors:
+            if t.is_empty():
+                continue
+            owner = owners.get(t.name)
+            if owner is None:
+                owners[t.name] = id(t)
+                taken.add(t.name)
+            elif owner != id(t):
+                base, n = t.name, 1
+                while f"{base}__{n}" in taken:
+                    n += 1
+                t.name = f"{base}__{n}"
+                owners[t.name] = id(t)
+                taken.add(t.name)
+                renamed += 1
+    return renamed
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import ``model`` into onnx-graphsurgeon, make tensor names unique across scopes and lower
+    its Constant nodes to initializers."""
+    graph = gs.import_onnx(model)
+    make_names_unique(graph)
+    lower_constant_nodes(graph)
+    return graph
+
+
+def _shared_constants(graph: gs.Graph) -> set[str]:
+    """Names of initializers read by nodes of more than one graph (an outer scope and a subgraph)."""
+    users: dict[str, set[int]] = collections.defaultdict(set)
+    objects: dict[str, set[int]] = collections.defaultdict(set)
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant):
+                    users[t.name].add(id(g))
+                    objects[t.name].add(id(t))
+    return {name for name, gids in users.items() if len(gids) > 1 and len(objects[name]) == 1}
+
+
+def _hoist_outer_initializers(main: onnx.GraphProto, names: set[str]) -> None:
+    """Move initializers that subgraphs read from an outer scope up to the main graph.
+
+    onnx-graphsurgeon exports an outer-scope constant as an initializer of every subgraph that reads
+    it, which copies the weight once per branch. A main-graph initializer is visible in every
+    subgraph, so one copy there is enough.
+    """
+    if not names:
+        return
+    present = {init.name for init in main.initializer}
+    for sub in list(_graph_protos(main))[1:]:
+        keep = []
+        for init in sub.initializer:
+            if init.name not in names:
+                keep.append(init)
+            elif init.name not in present:
+                main.initializer.append(init)
+                present.add(init.name)
+        if len(keep) != len(sub.initializer):
+            del sub.initializer[:]
+            sub.initializer.extend(keep)
+
+
+def _strip_value_info(graph: onnx.GraphProto) -> None:
+    del graph.value_info[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _strip_value_info(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _strip_value_info(g)
+
+
+def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` to a ModelProto carrying ``template``'s IR version, opsets and metadata.
+
+    Nodes are sorted topologically (subgraphs too). Intermediate value_info is dropped.
+    """
+    graph.toposort(recurse_subgraphs=True)
+    model = gs.export_onnx(graph, do_type_check=False)
+    _hoist_outer_initializers(model.graph, _shared_constants(graph))
+    _strip_value_info(model.graph)
+    model.ir_version = template.ir_version
+    known = {op.domain: op.version for op in model.opset_import}
+    for op in template.opset_import:
+        known[op.domain] = max(known.get(op.domain, 0), op.version) if op.domain in known else op.version
+    del model.opset_import[:]
+    for domain, version in sorted(known.items()):
+        model.opset_import.add(domain=domain, version=version)
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def opset_version(graph: gs.Graph) -> int:
+    """The default-domain (ai.onnx) opset the graph's model imports."""
+    for imp in graph.import_domains or []:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return graph.opset
+
+
+@dataclass
+class ModelStats:
+    """Size of a model: nodes by op type (main graph and in total), parameters and bytes."""
+
+    nodes: int
+    nodes_total: int
+    op_counts: dict[str, int]
+    subgraphs: int
+    parameters: int
+    parameter_bytes: int
+    file_bytes: int
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graph_protos(g)
+
+
+def describe_value_infos(values) -> list[dict]:
+    """Name, dtype name and shape (ints, dim_param strings or None) of ValueInfoProtos."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = None
+        if t.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in t.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else None
+        out.append({"name": v.name, "dtype": dtype, "shape": shape})
+    return out
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    """Count the nodes, op types, subgraphs and parameters of ``model``.
+
+    Parameters are the elements of initializers and of Constant node tensors, in every graph.
+    ``file_bytes`` is the serialized size of the protobuf (external data included when loaded).
+    """
+    counts: collections.Counter[str] = collections.Counter()
+    total = params = param_bytes = 0
+    graphs = list(_graph_protos(model.graph))
+    for g in graphs:
+        total += len(g.node)
+        for node in g.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        arr_size = int(np.prod(attr.t.dims, dtype=np.int64))
+                        params += arr_size
+                        param_bytes += arr_size * _itemsize(attr.t.data_type)
+        for init in g.initializer:
+            arr_size = int(np.prod(init.dims, dtype=np.int64))
+            params += arr_size
+            param_bytes += arr_size * _itemsize(init.data_type)
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] += 1
+    return ModelStats(
+        nodes=len(model.graph.node), nodes_total=total, op_counts=dict(sorted(counts.items())),
+        subgraphs=len(graphs) - 1, parameters=params, parameter_bytes=param_bytes,
+        file_bytes=model.ByteSize(), inputs=describe_value_infos(model.graph.input),
+        outputs=describe_value_infos(model.graph.output))
+
+
+def _itemsize(data_type: int) -> int:
+    if data_type == onnx.TensorProto.STRING:
+        return 0
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError):
+        return 1

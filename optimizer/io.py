@@ -1,0 +1,159 @@
+"""Model I/O: load from a path, bytes or a ModelProto; save atomically, with external data if needed.
+
+Loading checks every external-data location before reading it: a location must be relative and stay
+inside the model's folder (no absolute paths, no ``..`` escape), as the ONNX external-data spec
+(onnx/docs/ExternalData.md) requires. Saving never writes over the input, never leaves a partial
+file: everything is written to a temporary file (or folder) beside the target, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from optimizer.errors import ModelLoadError, UsageError
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+#: Protocol buffers cannot serialize a message of 2 GiB or more; leave headroom for the graph.
+PROTOBUF_LIMIT = 2**31 - 1
+_EXTERNAL_DATA_MARGIN = 64 * 2**20
+
+
+def _external_tensors(model: onnx.ModelProto):
+    return [t for t in external_data_helper._get_all_tensors(model)
+            if external_data_helper.uses_external_data(t)]
+
+
+def _check_external_locations(model: onnx.ModelProto, base_dir: Path, source: str) -> None:
+    base = base_dir.resolve()
+    for tensor in _external_tensors(model):
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        if not location or os.path.isabs(location) or Path(location).is_absolute():
+            raise ModelLoadError(
+                f"{source}: tensor '{tensor.name}' has external data at absolute location "
+                f"'{location}'; only paths relative to the model's folder are allowed")
+        target = (base / location).resolve()
+        if os.path.commonpath([base, target]) != str(base):
+            raise ModelLoadError(
+                f"{source}: tensor '{tensor.name}' has external data at '{location}', "
+                f"which escapes the model's folder {base}")
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{source}: external data file '{location}' of tensor '{tensor.name}' not found")
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Load an ONNX model with all its external data in memory.
+
+    Args:
+        source: a file path, the serialized bytes of a ModelProto, or a ModelProto (returned as is).
+
+    Returns:
+        The model, with external data (if any) loaded into the tensors.
+
+    Raises:
+        ModelLoadError: the file is missing or not an ONNX model, or an external-data location is
+            absolute, escapes the model's folder, or is missing; bytes refer to external data.
+    """
+    if isinstance(source, onnx.ModelProto):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        try:
+            model = onnx.load_model_from_string(bytes(source))
+        except (DecodeError, ValueError) as err:
+            raise ModelLoadError(f"<bytes>: not a valid ONNX model ({err})") from None
+        if _external_tensors(model):
+            raise ModelLoadError("<bytes>: the model refers to external data, which needs its "
+                                 "folder: load it from a path instead")
+        return model
+    path = Path(source)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(f"{path}: not a valid ONNX model ({type(err).__name__})") from None
+    if not model.HasField("graph"):
+        raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
+    if _external_tensors(model):
+        _check_external_locations(model, path.parent, str(path))
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when the serialized model would not fit in one protobuf message (2 GiB limit)."""
+    return model.ByteSize() > PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN
+
+
+def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
+               external_data: bool | None = None,
+               protect: tuple[Union[str, os.PathLike], ...] = ()) -> list[Path]:
+    """Write ``model`` to ``path`` atomically.
+
+    Args:
+        model: the model; it is not modified.
+        path: target ``.onnx`` file. With external data, tensors go to ``<name>.data`` beside it.
+        external_data: True to always store tensors of 1 KiB or more outside the protobuf, False to
+            never, None (default) to do so only when the model exceeds the 2 GiB protobuf limit.
+        protect: files that must not be overwritten (the input model).
+
+    Returns:
+        The files written.
+
+    Raises:
+        UsageError: ``path`` is one of ``protect`` (or its external data file would be), or the
+            model is over 2 GiB and ``external_data`` is False.
+    """
+    path = Path(path)
+    data_path = path.with_name(path.name + ".data")
+    for p in protect:
+        for target in (path, data_path):
+            if _same_file(target, Path(p)):
+                raise UsageError(f"{target}: refusing to overwrite the input model")
+    if external_data is None:
+        external_data = needs_external_data(model)
+    elif not external_data and needs_external_data(model):
+        raise UsageError(f"{path}: the model exceeds the 2 GiB protobuf limit; "
+                         "save it with external data")
+    folder = path.parent if str(path.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        tmp_model = tmp_dir / path.name
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_path.name,
+                            size_threshold=1024)
+            written = [path]
+            if (tmp_dir / data_path.name).exists():
+                os.replace(tmp_dir / data_path.name, data_path)
+                written.append(data_path)
+        else:
+            with open(tmp_model, "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+            written = [path]
+        os.replace(tmp_model, path)
+        return written
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

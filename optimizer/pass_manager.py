@@ -1,0 +1,173 @@
+"""The pass contract, the registry of passes and the pass manager.
+
+A pass is a named unit (``name``, one-line ``description``) whose ``run(graph, ctx)`` edits a
+``gs.Graph`` in place and returns :class:`PassResult` -- whether it changed anything, plus
+statistics such as ``{"nodes_removed": 12}``. Passes never call each other; the manager owns the
+order, the repetition of the lossless passes until nothing changes, timing, and verification after
+each pass (``verify_each``: ``onnx.checker`` full check and an onnxruntime session load).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from optimizer.errors import PassError, UsageError
+from optimizer.graph import export_graph
+
+
+@dataclass
+class PassResult:
+    """What a pass did: ``modified`` is False only when the graph is exactly as before."""
+
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """Options every pass may read; a pass ignores those that do not concern it.
+
+    Attributes:
+        fold_size_limit: largest tensor, in bytes, constant folding may materialize unless it
+            replaces at least as many bytes of initializers (default 1 MiB).
+        prune_threshold: magnitude under which weight values are set to 0 (None: no pruning).
+        quantize: quantization mode (``"int8-weight"``) or None.
+        template: the original model, for IR version, opsets and metadata when a pass exports.
+    """
+
+    fold_size_limit: int = 1 << 20
+    prune_threshold: float | None = None
+    quantize: str | None = None
+    template: onnx.ModelProto | None = None
+
+
+class Pass:
+    """Base class of every pass. Subclasses set ``name``, ``description`` and ``lossless``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    #: Lossless passes keep every output value (up to float rounding) and are repeated to a
+    #: fixed point; lossy ones (pruning, quantization) run once, when asked.
+    lossless: ClassVar[bool] = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to :data:`REGISTRY` under its ``name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"pass '{cls.name}' registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> Pass:
+    """Instantiate the registered pass ``name``.
+
+    Raises:
+        UsageError: no pass has that name.
+    """
+    import passes  # noqa: F401  (registers every pass)
+
+    if name not in REGISTRY:
+        raise UsageError(f"unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]()
+
+
+@dataclass
+class PassRecord:
+    """One execution of a pass: iteration, whether it changed the graph, statistics, seconds."""
+
+    name: str
+    iteration: int
+    modified: bool
+    stats: dict[str, Any]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def verify_model(model: onnx.ModelProto, after: str) -> None:
+    """Check ``model`` with ``onnx.checker`` (full check) and by loading it in onnxruntime.
+
+    Raises:
+        PassError: either check fails; the message names the pass ``after`` which it ran.
+    """
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:  # the checker raises several types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PassError(f"after pass '{after}': onnx checker failed: {first}") from None
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        first = str(err).strip().splitlines()[0]
+        raise PassError(f"after pass '{after}': onnxruntime cannot load the model: {first}") from None
+
+
+class PassManager:
+    """Runs a pipeline of passes over a graph.
+
+    Args:
+        fixed_point: passes repeated, in order, until an iteration changes nothing or
+            ``max_iterations`` is reached (the lossless part).
+        once: passes run once afterwards, in order (the lossy part), each followed by one more
+            round of ``fixed_point`` passes to clean up what it left.
+        verify_each: export and verify the model after every pass that changed it.
+        on_pass: optional callback invoked with each :class:`PassRecord` (progress display).
+    """
+
+    def __init__(self, fixed_point: list[Pass], once: list[Pass] = (), *,
+                 max_iterations: int = 10, verify_each: bool = False,
+                 on_pass: Callable[[PassRecord], None] | None = None) -> None:
+        self.fixed_point = list(fixed_point)
+        self.once = list(once)
+        self.max_iterations = max_iterations
+        self.verify_each = verify_each
+        self.on_pass = on_pass
+        self.records: list[PassRecord] = []
+
+    def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext, iteration: int) -> bool:
+        start = time.perf_counter()
+        result = p.run(graph, ctx)
+        record = PassRecord(p.name, iteration, result.modified, dict(result.stats),
+                            time.perf_counter() - start)
+        self.records.append(record)
+        if self.on_pass:
+            self.on_pass(record)
+        if self.verify_each and result.modified:
+            verify_model(export_graph(graph, ctx.template), p.name)
+        return result.modified
+
+    def _to_fixed_point(self, graph: gs.Graph, ctx: PassContext, first_iteration: int) -> int:
+        iteration = first_iteration
+        for _ in range(self.max_iterations):
+            changed = False
+            for p in self.fixed_point:
+                changed |= self._run_one(p, graph, ctx, iteration)
+            iteration += 1
+            if not changed:
+                break
+        return iteration
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
+        """Run the pipeline on ``graph`` in place and return the records of every pass run."""
+        iteration = self._to_fixed_point(graph, ctx, 0)
+        for p in self.once:
+            if self._run_one(p, graph, ctx, iteration):
+                iteration = self._to_fixed_point(graph, ctx, iteration + 1)
+        return self.records

@@ -1,0 +1,207 @@
+"""Validation: run the original and the optimized model on onnxruntime CPU and compare outputs.
+
+Metrics per output (reference ``r``, candidate ``c``, both flattened to float64):
+
+* ``max_abs`` = max |c - r|; ``mean_abs`` = mean |c - r|;
+* ``max_rel`` = max |c - r| / max(|r|, tiny);
+* ``cosine`` = <c, r> / (|c| |r|) (1.0 when both are all zeros);
+* ``snr_db`` = 10 log10(sum r^2 / sum (c - r)^2) (infinite when equal).
+
+A lossless result passes when names, order, dtypes and shapes match and, for every output,
+``max_abs <= atol + rtol * (max(r) - min(r))`` (NaN in the same places). A lossy result (pruned or
+quantized model) passes when shapes and dtypes match and ``cosine >= max_drift``. Several feeds are
+all run; each metric keeps its worst value over the feeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from optimizer.errors import InputError
+
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-4
+DEFAULT_MAX_DRIFT = 0.99
+
+
+def make_session(model: onnx.ModelProto, what: str) -> ort.InferenceSession:
+    """An onnxruntime CPU session with graph optimizations off, so the model runs as written.
+
+    Raises:
+        InputError: onnxruntime rejects the model (``what`` names it in the message).
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{what}: onnxruntime cannot load the model: {first}") from None
+
+
+def run_model(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: str) -> list:
+    """Run ``session`` on ``feed`` (only the inputs the session declares are passed).
+
+    Raises:
+        InputError: an input is missing from the feed, or onnxruntime fails while running.
+    """
+    names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in feed]
+    if missing:
+        raise InputError(f"{what}: the inputs lack {', '.join(missing)}")
+    try:
+        return session.run(None, {n: feed[n] for n in names})
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{what}: onnxruntime failed to run the model: {first}") from None
+
+
+@dataclass
+class OutputMetrics:
+    """Comparison of one output over all feeds (worst case)."""
+
+    name: str
+    dtype: str
+    shape: list
+    candidate_dtype: str
+    candidate_shape: list
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    mean_abs: float = 0.0
+    cosine: float = 1.0
+    snr_db: float = math.inf
+    tolerance: float = 0.0
+    passed: bool = True
+    reason: str = ""
+
+
+@dataclass
+class ValidationResult:
+    """Verdict and per-output metrics of comparing a candidate model with its reference."""
+
+    passed: bool
+    mode: str
+    atol: float
+    rtol: float
+    max_drift: float
+    feeds: int
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for o in d["outputs"]:
+            for k in ("snr_db", "max_rel", "max_abs", "mean_abs", "cosine"):
+                if isinstance(o[k], float) and not math.isfinite(o[k]):
+                    o[k] = None if math.isnan(o[k]) else ("inf" if o[k] > 0 else "-inf")
+        return d
+
+
+def _compare(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    c = np.asarray(cand, dtype=np.float64).ravel()
+    if r.size == 0:
+        return dict(max_abs=0.0, max_rel=0.0, mean_abs=0.0, cosine=1.0, snr_db=math.inf,
+                    range=0.0, nan_mismatch=False)
+    nan_r, nan_c = np.isnan(r), np.isnan(c)
+    nan_mismatch = bool((nan_r != nan_c).any())
+    ok = ~(nan_r | nan_c)
+    r, c = r[ok], c[ok]
+    with np.errstate(all="ignore"):
+        inf_same = (r == c)
+        diff = np.where(inf_same, 0.0, np.abs(c - r))
+        diff = np.nan_to_num(diff, nan=np.inf)
+        rel = diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
+        finite = np.isfinite(r) & np.isfinite(c)
+        rf, cf = r[finite], c[finite]
+        nr, nc = np.linalg.norm(rf), np.linalg.norm(cf)
+        if nr == 0 and nc == 0:
+            cosine = 1.0
+        elif nr == 0 or nc == 0:
+            cosine = 0.0
+        else:
+            cosine = float(np.dot(rf, cf) / (nr * nc))
+        noise = float(np.sum((cf - rf) ** 2))
+        signal = float(np.sum(rf ** 2))
+        snr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+        rng = float(rf.max() - rf.min()) if rf.size else 0.0
+    return dict(max_abs=float(diff.max()) if diff.size else 0.0,
+                max_rel=float(rel.max()) if rel.size else 0.0,
+                mean_abs=float(diff.mean()) if diff.size else 0.0,
+                cosine=cosine, snr_db=snr, range=rng, nan_mismatch=nan_mismatch)
+
+
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
+                   feeds: list[dict[str, np.ndarray]], *, atol: float = DEFAULT_ATOL,
+                   rtol: float = DEFAULT_RTOL, max_drift: float = DEFAULT_MAX_DRIFT,
+                   lossy: bool = False) -> ValidationResult:
+    """Run both models on every feed and compare their outputs.
+
+    Args:
+        reference, candidate: the original and the optimized model.
+        feeds: input feeds, ``{input name: array}``; inputs a model does not declare are ignored.
+        atol, rtol: lossless tolerance, ``max_abs <= atol + rtol * range(reference output)``.
+        max_drift: lossy criterion, minimum cosine similarity per output.
+        lossy: judge by ``max_drift`` instead of ``atol``/``rtol``.
+
+    Raises:
+        InputError: either model cannot be loaded or run on the feeds.
+    """
+    ref_sess = make_session(reference, "reference model")
+    cand_sess = make_session(candidate, "candidate model")
+    result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol, max_drift,
+                              len(feeds))
+    ref_names = [o.name for o in ref_sess.get_outputs()]
+    cand_names = [o.name for o in cand_sess.get_outputs()]
+    if ref_names != cand_names:
+        result.passed = False
+        result.reason = f"outputs differ: reference {ref_names}, candidate {cand_names}"
+        return result
+    metrics: list[OutputMetrics] = []
+    for feed in feeds:
+        ref_out = run_model(ref_sess, feed, "reference model")
+        cand_out = run_model(cand_sess, feed, "candidate model")
+        for i, (name, r, c) in enumerate(zip(ref_names, ref_out, cand_out)):
+            r, c = np.asarray(r), np.asarray(c)
+            if len(metrics) <= i:
+                metrics.append(OutputMetrics(name, str(r.dtype), list(r.shape), str(c.dtype),
+                                             list(c.shape)))
+            m = metrics[i]
+            if r.dtype != c.dtype or r.shape != c.shape:
+                m.passed = False
+                m.reason = f"reference {r.dtype}{list(r.shape)}, candidate {c.dtype}{list(c.shape)}"
+                m.candidate_dtype, m.candidate_shape = str(c.dtype), list(c.shape)
+                continue
+            if r.dtype.kind in "OSU":
+                if not np.array_equal(r, c):
+                    m.passed, m.reason = False, "string values differ"
+                continue
+            s = _compare(r, c)
+            m.max_abs = max(m.max_abs, s["max_abs"])
+            m.max_rel = max(m.max_rel, s["max_rel"])
+            m.mean_abs = max(m.mean_abs, s["mean_abs"])
+            m.cosine = min(m.cosine, s["cosine"])
+            m.snr_db = min(m.snr_db, s["snr_db"])
+            tol = atol + rtol * s["range"]
+            m.tolerance = tol if not m.tolerance else min(m.tolerance, tol)
+            if s["nan_mismatch"]:
+                m.passed, m.reason = False, "NaN in different places"
+            elif lossy and s["cosine"] < max_drift:
+                m.passed = False
+                m.reason = f"cosine similarity {s['cosine']:.6f} < max drift {max_drift}"
+            elif not lossy and s["max_abs"] > tol:
+                m.passed = False
+                m.reason = f"max abs error {s['max_abs']:.3g} > tolerance {tol:.3g}"
+    result.outputs = metrics
+    result.passed = all(m.passed for m in metrics)
+    if not result.passed:
+        bad = next(m for m in metrics if not m.passed)
+        result.reason = f"output '{bad.name}': {bad.reason}"
+    return result

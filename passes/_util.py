@@ -1,0 +1,151 @@
+"""Helpers shared by the passes: reading constants, rewiring tensors, classifying weights.
+
+Passes import this module and ``optimizer``'s core, never each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs
+
+#: Ops whose output is not a function of their inputs: never folded, never merged by CSE.
+NONDETERMINISTIC_OPS = frozenset({
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+    "Bernoulli",
+})
+
+#: (op, input index) pairs where a float initializer is a learned weight matrix or table.
+WEIGHT_SLOTS = frozenset({
+    ("MatMul", 1), ("MatMul", 0), ("Gemm", 0), ("Gemm", 1), ("Conv", 1), ("ConvTranspose", 1),
+    ("Gather", 0),
+})
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    return node.domain in (None, "", "ai.onnx")
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer, or None for a Variable or an omitted optional input."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    return None
+
+
+def nbytes(tensor: gs.Constant) -> int:
+    """Size of an initializer's data in bytes (without loading lazily stored values)."""
+    return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+
+
+def input_slots(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
+    """Every (consumer node, input index) reading ``tensor``, in any graph or subgraph."""
+    return [(node, i) for node in tensor.outputs for i, t in enumerate(node.inputs) if t is tensor]
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node reading ``old`` read ``new`` instead (subgraph nodes included)."""
+    for node, i in input_slots(old):
+        node.inputs[i] = new
+
+
+class _Names:
+    def __init__(self):
+        self._counter = itertools.count()
+
+    def fresh(self, graph: gs.Graph, base: str) -> str:
+        used = _all_names(graph)
+        while True:
+            name = f"{base}__{next(self._counter)}"
+            if name not in used:
+                return name
+
+
+def _all_names(graph: gs.Graph) -> set[str]:
+    root = graph
+    names = set()
+    for g in iter_graphs(root):
+        names.update(g.tensors().keys())
+    return names
+
+
+_names = _Names()
+
+
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """A tensor name based on ``base`` that no tensor of ``graph`` (or its subgraphs) uses."""
+    return _names.fresh(graph, base)
+
+
+def bypass(graph: gs.Graph, node: gs.Node, keep: gs.Tensor, drop: gs.Tensor) -> bool:
+    """Remove a node whose output ``drop`` equals its input ``keep``; consumers read ``keep``.
+
+    When ``drop`` is an output of ``graph`` its name must survive: the producer of ``keep`` is
+    made to write ``drop`` instead, which is possible only if ``keep`` is a plain intermediate
+    tensor of this graph (not a graph input or output, not an initializer, not from an outer
+    scope). Otherwise the node stays.
+
+    Args:
+        graph: the graph (or subgraph) whose ``nodes`` list holds ``node``.
+
+    Returns:
+        True if the node was disconnected (the caller then drops it from ``graph.nodes``).
+    """
+    graph_outputs = [id(t) for t in graph.outputs]
+    if id(drop) not in graph_outputs:
+        replace_uses(drop, keep)
+        node.inputs.clear()
+        node.outputs.clear()
+        return True
+    if (not isinstance(keep, gs.Variable) or len(keep.inputs) != 1 or id(keep) in graph_outputs
+            or any(t is keep for t in graph.inputs)):
+        return False
+    producer = keep.inputs[0]
+    if not any(n is producer for n in graph.nodes):
+        return False
+    replace_uses(keep, drop)
+    node.inputs.clear()
+    node.outputs.clear()
+    idx = next(i for i, t in enumerate(producer.outputs) if t is keep)
+    producer.outputs[idx] = drop
+    return True
+
+
+def drop_disconnected(graph: gs.Graph) -> int:
+    """Remove nodes with no outputs left from ``graph.nodes``; return how many were removed."""
+    before = len(graph.nodes)
+    graph.nodes = [n for n in graph.nodes if n.outputs]
+    return before - len(graph.nodes)
+
+
+def weight_initializers(graph: gs.Graph) -> list[gs.Constant]:
+    """Float initializers every one of whose uses is a weight slot (see :data:`WEIGHT_SLOTS`).
+
+    MatMul's left operand and Gemm's A count as weights only when constant, which is the case of
+    a transposed-weight export. Shapes, indices, normalization statistics, scales and biases are
+    never returned.
+    """
+    seen: dict[int, gs.Constant] = {}
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for t in node.inputs:
+                if (isinstance(t, gs.Constant) and id(t) not in seen
+                        and np.dtype(t.dtype).type in _FLOAT_DTYPES):
+                    seen[id(t)] = t
+    out = []
+    for t in seen.values():
+        slots = input_slots(t)
+        if slots and all(is_default_domain(n) and (n.op, i) in WEIGHT_SLOTS for n, i in slots):
+            out.append(t)
+    return out
+
+
+def onnx_dtype(dtype) -> int:
+    """The ONNX TensorProto data type of a numpy dtype."""
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

@@ -1,0 +1,1 @@
+"""Developer tools: the real-model zoo (fetching, exporting, validation inputs)."""
