@@ -8,6 +8,8 @@ from passes import (  # noqa: F401  (imported to register)
     dedup_initializers,
     eliminate_dead,
     fold_constants,
+    prune,
+    quantize_weights,
     remove_identity,
 )
 

@@ -1,0 +1,80 @@
+"""Magnitude pruning: weight values with ``|w| < threshold`` become exactly 0.
+
+Magnitude pruning (Han et al., 2015, "Learning both Weights and Connections for Efficient Neural
+Networks", NeurIPS) assumes that the connections of smallest absolute weight contribute least to
+the output. For every float initializer used only as a weight -- a MatMul/Gemm operand, a
+Conv/ConvTranspose kernel or a Gather table, see ``passes._util.weight_initializers`` -- this pass
+sets ``w' = 0 if |w| < ctx.prune_threshold else w``. Shapes, indices, normalization statistics,
+biases, scales and any weight also read by another op are left alone.
+
+Dtype (float16, float32 or float64) and shape are kept; the comparison is made in float64, so a
+float16 weight is not compared against a threshold rounded to float16. Each changed initializer
+receives a new array: the old one may be shared or lazily loaded from external data. NaN values
+are kept, and so are zeros already there (``-0.0`` included). Nothing is done when
+``ctx.prune_threshold`` is None. Zeros do not shrink a dense initializer by themselves; they pay off
+under compression or with a sparse format or kernel.
+
+This pass is lossy (``lossless = False``): the pass manager runs it once and validation then
+requires the output's cosine similarity with the original to reach ``max_drift``.
+
+Statistics (JSON-serializable):
+
+* ``threshold`` (float); ``tensors`` (weights considered) and ``tensors_changed``;
+* ``weights`` (elements considered), ``zeros_before``, ``zeros_after``, ``values_pruned``;
+* ``sparsity`` = ``zeros_after / weights`` (0.0 when there are no weights);
+* ``per_tensor``: ``{name: {shape, size, zeros_before, zeros_after, sparsity}}``.
+
+Errors: none of its own; ``ctx.prune_threshold`` is checked (positive) by ``optimizer.api``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import weight_initializers
+
+
+def _sparsity(zeros: int, size: int) -> float:
+    return zeros / size if size else 0.0
+
+
+@register
+class Prune(Pass):
+    name = "prune"
+    description = "Set weight values with |w| < prune_threshold to 0 (magnitude pruning)."
+    lossless = False
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        threshold = ctx.prune_threshold
+        if threshold is None:
+            return PassResult(False, {})
+        per_tensor: dict[str, dict] = {}
+        weights = zeros_before = zeros_after = changed_tensors = 0
+        for t in weight_initializers(graph):
+            values = t.values
+            if not isinstance(values, np.ndarray):  # sparse initializers have no dense array
+                continue
+            before = int(np.count_nonzero(values == 0))
+            prune = (np.abs(values.astype(np.float64, copy=False)) < threshold) & (values != 0)
+            pruned = int(np.count_nonzero(prune))
+            if pruned:
+                t.values = np.where(prune, values.dtype.type(0), values).astype(values.dtype,
+                                                                                copy=False)
+                changed_tensors += 1
+            after = before + pruned
+            per_tensor[t.name] = {"shape": [int(d) for d in values.shape], "size": int(values.size),
+                                  "zeros_before": before, "zeros_after": after,
+                                  "sparsity": _sparsity(after, int(values.size))}
+            weights += int(values.size)
+            zeros_before += before
+            zeros_after += after
+        stats = {
+            "threshold": float(threshold), "tensors": len(per_tensor),
+            "tensors_changed": changed_tensors, "weights": weights,
+            "zeros_before": zeros_before, "zeros_after": zeros_after,
+            "values_pruned": zeros_after - zeros_before,
+            "sparsity": _sparsity(zeros_after, weights), "per_tensor": per_tensor,
+        }
+        return PassResult(changed_tensors > 0, stats)

@@ -1,0 +1,231 @@
+"""Int8 weight-only quantization: float32 weights become int8 + scale, read through DequantizeLinear.
+
+Every float32 initializer used only as a weight -- MatMul B (and A when constant), Gemm B (and A
+when constant), a Conv or ConvTranspose kernel -- is replaced by an int8 initializer ``q``, a
+float32 ``scale`` and an int8 ``zero_point`` of zeros feeding a ``DequantizeLinear`` node whose
+output every former reader now reads. Activations stay float: this is the weight-only QDQ form that
+onnxruntime.quantization produces for weights, and runtimes may fuse the DequantizeLinear into an
+int8 kernel or simply run it.
+
+The mathematics (ONNX ``QuantizeLinear``/``DequantizeLinear``, https://onnx.ai/onnx/operators/;
+symmetric weight scheme of Jacob et al., 2018, "Quantization and Training of Neural Networks for
+Efficient Integer-Arithmetic-Only Inference", CVPR, and of
+``onnxruntime.quantization.quant_utils.compute_scale_zp(..., symmetric=True)``), for each output
+channel ``c`` (or the whole tensor)::
+
+    scale_c = max |W_c| / 127            (1.0 when that is below float32's smallest normal,
+                                          e.g. an all-zero channel: q is then 0 anyway)
+    q       = clip(round_half_even(W / scale_c), -127, 127)      int8, zero point 0
+    W'      = DequantizeLinear(q, scale, 0) = q * scale_c        |W - W'| <= scale_c / 2
+
+Why -127 and not -128: with zero point 0 the grid ``[-127, 127]`` is symmetric, so ``-W`` maps to
+``-q`` and ``max |W_c|`` maps exactly to ±127; -128 would never be produced by ``max|W|/127`` and,
+if allowed, makes int8 x int8 products of two -128 values overflow the int16 pair sums of
+x86 VPMADDUBSW/VNNI kernels. onnxruntime's ``ONNX_INT_TYPE_SYMMETRIC_RANGE`` for int8 is the same.
+
+Channel axis (the output-channel axis of the consumer):
+
+* MatMul B ``[..., K, N]``: the last axis; MatMul A ``[..., M, K]``: the one before it;
+* Gemm B: axis 1 (``[K, N]``), axis 0 when ``transB=1`` (``[N, K]``); Gemm A: axis 0, axis 1
+  when ``transA=1``;
+* Conv kernel ``[M, C/group, k...]``: axis 0; ConvTranspose kernel ``[C, M/group, k...]``: axis 1;
+* a 1-D MatMul operand, or a weight whose readers disagree on the axis: one per-tensor scale.
+
+Per-axis DequantizeLinear (1-D scale, ``axis`` attribute) exists from opset 13. For opset 10-12
+(the PaddleOCR exports are 11 and 12) DequantizeLinear only takes a scalar scale, so the
+per-channel scale is applied by a ``Mul`` after it: ``Mul(DequantizeLinear(q, 1.0, 0), scale)``,
+``scale`` shaped ``[1, .., C, .., 1]`` to broadcast along the channel axis. Per-tensor scales were
+tried first and fail the 0.99 cosine check on the PaddleOCR models (BatchNorm folded into
+depthwise kernels gives channels whose ranges differ by orders of magnitude); converting the whole
+model to opset 13 with ``onnx.version_converter`` would rewrite unrelated ops for a storage
+detail. Below opset 10 there is no DequantizeLinear: nothing is done.
+
+The DequantizeLinear node is never folded back by ``fold_constants``, so the int8 initializers are
+what the saved file stores (about 4x smaller weights).
+
+Skipped, with the reason counted in the statistics: weights read by any other slot or op (a Gather
+table, an Add operand, ...), weights read from more than one graph (an outer-scope constant read in
+a subgraph and elsewhere), graph inputs or outputs, non-float32 weights (DequantizeLinear outputs
+float32 before opset 19), sparse initializers, weights with non-finite values, and weights with
+fewer than :data:`MIN_ELEMENTS` elements.
+
+Statistics (JSON-serializable): ``tensors_quantized``; ``scheme`` (``"per-channel"``,
+``"per-channel (DequantizeLinear + Mul)"`` below opset 13, or ``"none"`` below opset 10);
+``per_channel`` and ``per_tensor`` (tensors of each kind); ``skipped`` (``{reason: count}``);
+``bytes_before`` and ``bytes_after`` (of the quantized weights: float32 data versus int8 data,
+scales and zero points).
+
+Errors: none of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs, opset_version
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import fresh_name, input_slots, is_default_domain, nbytes, replace_uses
+
+#: Weights with fewer elements stay float: the scale and zero point would cost as much as they save.
+MIN_ELEMENTS = 16
+#: Largest magnitude of the symmetric int8 grid (see the module docstring for why not 128).
+QMAX = 127
+#: First opset whose DequantizeLinear takes a 1-D scale and an ``axis``.
+PER_AXIS_OPSET = 13
+#: First opset with DequantizeLinear at all.
+DQ_OPSET = 10
+
+_QUANTIZABLE_SLOTS = frozenset({
+    ("MatMul", 0), ("MatMul", 1), ("Gemm", 0), ("Gemm", 1), ("Conv", 1), ("ConvTranspose", 1),
+})
+_FLOAT32 = np.dtype(np.float32)
+
+
+def channel_axis(node: gs.Node, index: int, rank: int) -> int | None:
+    """The output-channel axis of the weight read by ``node`` at input ``index`` (None: per-tensor).
+
+    ``rank`` is the weight's rank; see the module docstring for the rule per op.
+    """
+    if node.op == "MatMul":
+        if rank < 2:
+            return None
+        return rank - 1 if index == 1 else rank - 2
+    if node.op == "Gemm":
+        transposed = node.attrs.get("transB" if index == 1 else "transA", 0)
+        return (1 if index == 1 else 0) ^ int(bool(transposed))
+    if node.op == "Conv":
+        return 0
+    return 1  # ConvTranspose
+
+
+def quantize(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization of ``values`` per channel along ``axis`` (None: per tensor).
+
+    Returns:
+        ``(q, scale)``: ``q`` int8 with the shape of ``values``; ``scale`` float32 of shape
+        ``[values.shape[axis]]``, or a 0-d array when ``axis`` is None.
+    """
+    w = np.asarray(values, dtype=np.float64)
+    reduce = tuple(a for a in range(w.ndim) if a != axis) if axis is not None else None
+    amax = np.abs(w).max(axis=reduce)
+    scale = (amax / QMAX).astype(np.float32)
+    scale = np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(w / _broadcastable(scale, w.ndim, axis)), -QMAX, QMAX).astype(np.int8)
+    return q, scale
+
+
+def _broadcastable(scale: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
+    """``scale`` reshaped to ``[1, .., C, .., 1]`` so it broadcasts along ``axis`` of a rank-``rank``
+    tensor (unchanged when per-tensor)."""
+    if axis is None:
+        return scale
+    shape = [1] * rank
+    shape[axis] = scale.size
+    return scale.reshape(shape)
+
+
+def _refusal(t: gs.Constant, slots: list, owner: dict, boundary: set) -> str | None:
+    """Why ``t`` must stay float, or None if it can be quantized."""
+    if not all(is_default_domain(n) and (n.op, i) in _QUANTIZABLE_SLOTS for n, i in slots):
+        return "also read outside a weight slot"
+    if len({id(owner[id(n)]) for n, _ in slots}) > 1:
+        return "readers in more than one graph"
+    if id(t) in boundary:
+        return "graph input or output"
+    if np.dtype(t.dtype) != _FLOAT32:
+        return "not float32"
+    if not isinstance(t.values, np.ndarray):
+        return "sparse initializer"
+    if t.values.size < MIN_ELEMENTS:
+        return f"fewer than {MIN_ELEMENTS} elements"
+    if not np.isfinite(t.values).all():
+        return "non-finite values"
+    return None
+
+
+@register
+class QuantizeWeights(Pass):
+    name = "quantize_weights"
+    description = "Symmetric per-channel int8 weights read through DequantizeLinear (weight-only)."
+    lossless = False
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opset = opset_version(graph)
+        skipped: collections.Counter[str] = collections.Counter()
+        if opset < DQ_OPSET:
+            return PassResult(False, {"tensors_quantized": 0, "scheme": "none",
+                                      "skipped": {f"opset {opset} < {DQ_OPSET}": 1}})
+        owner: dict[int, gs.Graph] = {}
+        boundary: set[int] = set()
+        weights: dict[int, gs.Constant] = {}
+        for g in iter_graphs(graph):
+            boundary.update(id(t) for t in list(g.inputs) + list(g.outputs))
+            for node in g.nodes:
+                owner[id(node)] = g
+                if not is_default_domain(node):
+                    continue
+                for i, t in enumerate(node.inputs):
+                    if (isinstance(t, gs.Constant) and (node.op, i) in _QUANTIZABLE_SLOTS
+                            and np.issubdtype(np.dtype(t.dtype), np.floating)):
+                        weights.setdefault(id(t), t)
+
+        per_axis = opset >= PER_AXIS_OPSET
+        counts = collections.Counter()
+        before = after = 0
+        for t in weights.values():
+            slots = input_slots(t)
+            reason = _refusal(t, slots, owner, boundary)
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            axes = {channel_axis(n, i, len(t.shape)) for n, i in slots}
+            axis = axes.pop() if len(axes) == 1 else None
+            q, scale = quantize(t.values, axis)
+            g = owner[id(slots[0][0])]
+            out, stored = self._dequantize(graph, g, t, q, scale, axis, per_axis)
+            replace_uses(t, out)
+            counts["per_tensor" if axis is None else "per_channel"] += 1
+            before += nbytes(t)
+            after += stored
+        quantized = counts["per_channel"] + counts["per_tensor"]
+        stats = {
+            "tensors_quantized": quantized,
+            "scheme": "per-channel" if per_axis else "per-channel (DequantizeLinear + Mul)",
+            "per_channel": counts["per_channel"], "per_tensor": counts["per_tensor"],
+            "skipped": dict(sorted(skipped.items())),
+            "bytes_before": before, "bytes_after": after,
+        }
+        return PassResult(quantized > 0, stats)
+
+    @staticmethod
+    def _dequantize(root: gs.Graph, g: gs.Graph, t: gs.Constant, q: np.ndarray,
+                    scale: np.ndarray, axis: int | None, per_axis: bool) -> tuple[gs.Variable, int]:
+        """Add to ``g`` the nodes turning ``q`` back into float32.
+
+        Returns:
+            The float32 output replacing ``t``, and the bytes of the initializers added.
+        """
+        base = t.name
+        out = gs.Variable(fresh_name(root, f"{base}_dequantized"), dtype=np.float32, shape=t.shape)
+        q_t = gs.Constant(fresh_name(root, f"{base}_quantized"), q)
+        if per_axis or axis is None:
+            zero = gs.Constant(fresh_name(root, f"{base}_zero_point"), np.zeros_like(scale, np.int8))
+            s_t = gs.Constant(fresh_name(root, f"{base}_scale"), scale)
+            attrs = {"axis": axis} if axis is not None else {}
+            g.nodes.append(gs.Node("DequantizeLinear", name=fresh_name(root, f"{base}_DequantizeLinear"),
+                                   attrs=attrs, inputs=[q_t, s_t, zero], outputs=[out]))
+            return out, q.nbytes + scale.nbytes + zero.values.nbytes
+        # Opset 10-12: scalar DequantizeLinear (exact int8 -> float32), then the per-channel scale.
+        unit = gs.Constant(fresh_name(root, f"{base}_unit_scale"), np.array(1.0, np.float32))
+        zero = gs.Constant(fresh_name(root, f"{base}_zero_point"), np.array(0, np.int8))
+        raw = gs.Variable(fresh_name(root, f"{base}_int_values"), dtype=np.float32, shape=t.shape)
+        s_t = gs.Constant(fresh_name(root, f"{base}_scale"),
+                          _broadcastable(scale, len(t.shape), axis))
+        g.nodes.append(gs.Node("DequantizeLinear", name=fresh_name(root, f"{base}_DequantizeLinear"),
+                               inputs=[q_t, unit, zero], outputs=[raw]))
+        g.nodes.append(gs.Node("Mul", name=fresh_name(root, f"{base}_scale_Mul"),
+                               inputs=[raw, s_t], outputs=[out]))
+        return out, q.nbytes + scale.nbytes + unit.values.nbytes + zero.values.nbytes

@@ -1,0 +1,55 @@
+"""The pipelines on every fetched real model (tools/fetch_models.py), validated on onnxruntime.
+
+Models not on disk are skipped, unless ONNXOPT_REQUIRE_ZOO=1 (set by .ci/run), which turns a
+missing model into a failure so CI cannot pass by skipping everything.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+
+import optimizer
+from tools import zoo
+
+ENTRIES = zoo.load_manifest()
+REQUIRE = os.environ.get("ONNXOPT_REQUIRE_ZOO") == "1"
+
+MODES = {
+    "default": {},
+    "prune": {"prune_threshold": 1e-3},
+    "quantize": {"quantize": "int8-weight"},
+}
+
+
+def _paths(entry):
+    onnx_path = zoo.model_path(zoo.DEFAULT_DEST, entry["name"])
+    inputs_path = zoo.inputs_path(zoo.DEFAULT_DEST, entry["name"])
+    if not (onnx_path.exists() and inputs_path.exists()):
+        if REQUIRE:
+            pytest.fail(f"{entry['name']} is not fetched: run tools/fetch_models.py --with-minilm")
+        pytest.skip(f"{entry['name']} not fetched (tools/fetch_models.py)")
+    return onnx_path, inputs_path
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
+def test_pipeline_on_real_model(entry, mode):
+    onnx_path, inputs_path = _paths(entry)
+    model, report = optimizer.optimize(str(onnx_path), inputs=str(inputs_path), **MODES[mode])
+    assert report.validation.passed, report.validation.reason
+    assert report.validation.mode == ("lossless" if mode == "default" else "lossy")
+    assert report.after.nodes <= report.before.nodes
+    assert report.after.nodes_total <= report.before.nodes_total
+    onnx.checker.check_model(model, full_check=True)
+    original = onnx.load(str(onnx_path))
+    assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
+    assert [i.name for i in model.graph.input] == [i.name for i in original.graph.input]
+    if mode == "quantize" and report.before.parameter_bytes > 1 << 20:
+        assert report.after.file_bytes < report.before.file_bytes / 2.5
+    if mode == "prune":
+        stats = next(r.stats for r in report.passes if r.name == "prune")
+        assert stats
