@@ -1,17 +1,16 @@
 """The passes of onnxopt, one per module; importing this package registers them all.
 
-See ``optimizer.pass_manager`` for the contract. ``LOSSLESS_PIPELINE`` is the default pipeline.
+See ``optimizer.pass_manager`` for the contract. Every module of this package except ``_util``
+is imported, so a new pass only needs its module; to run by default it must also be named in
+``LOSSLESS_PIPELINE``, whose order is the order of each round.
 """
 
-from passes import (  # noqa: F401  (imported to register)
-    cse,
-    dedup_initializers,
-    eliminate_dead,
-    fold_constants,
-    prune,
-    quantize_weights,
-    remove_identity,
-)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 #: The default, lossless pipeline, repeated to a fixed point.
 LOSSLESS_PIPELINE = ["fold_constants", "remove_identity", "cse", "dedup_initializers",

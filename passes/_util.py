@@ -10,6 +10,7 @@ import itertools
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from optimizer.graph import iter_graphs
 
@@ -149,3 +150,74 @@ def weight_initializers(graph: gs.Graph) -> list[gs.Constant]:
 def onnx_dtype(dtype) -> int:
     """The ONNX TensorProto data type of a numpy dtype."""
     return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+#: Initializers with more elements than this are given to shape inference as typed inputs only.
+_SHAPE_INFERENCE_VALUE_LIMIT = 1024
+
+
+def _shape_inference_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """The main graph as a ModelProto for shape inference: large initializers become typed inputs
+    (their values never matter for shapes, and copying them dominates the cost), intermediate
+    value_info and output shapes are left out."""
+    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    initializers, seen = [], {t.name for t in graph.inputs}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if not isinstance(t, gs.Constant) or t.name in seen:
+                continue
+            seen.add(t.name)
+            if int(np.prod(t.shape, dtype=np.int64)) > _SHAPE_INFERENCE_VALUE_LIMIT:
+                inputs.append(onnx.helper.make_tensor_value_info(
+                    t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), t.shape))
+            else:
+                initializers.append(OnnxExporter.export_tensor_proto(t))
+    outputs = [onnx.helper.make_empty_tensor_value_info(t.name) for t in graph.outputs]
+    nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "shapes", inputs, outputs, initializer=initializers),
+        opset_imports=list(template.opset_import))
+    model.ir_version = template.ir_version
+    return model
+
+
+def infer_tensor_types(graph: gs.Graph, template: onnx.ModelProto
+                       ) -> dict[str, tuple[np.dtype | None, tuple | None]]:
+    """Dtype and shape of the main graph's tensors, from ONNX shape inference (``data_prop``).
+
+    Only graph input types, initializers and op semantics are used: intermediate value_info and
+    declared graph output shapes are ignored (real exports sometimes declare them wrongly).
+    Initializers are included. Shapes are tuples of ints, with None for an unknown dim; a shape is
+    None when even the rank is unknown. Inference is best effort: a model it rejects yields
+    only the initializers.
+
+    Returns:
+        ``{tensor name: (numpy dtype or None, shape or None)}``.
+    """
+    types: dict[str, tuple] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant):
+                types[t.name] = (np.dtype(t.dtype), tuple(t.shape))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            _shape_inference_model(graph, template), data_prop=True)
+    except Exception:  # an op shape inference rejects: no inferred types at all
+        return types
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) \
+            + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or vi.name in types:
+            continue
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) \
+            if tt.elem_type else None
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
+            if tt.HasField("shape") else None
+        types[vi.name] = (dtype, shape)
+    return types
+
+
+def static_shapes(graph: gs.Graph, template: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The fully static shapes among :func:`infer_tensor_types`' results."""
+    return {name: shape for name, (_, shape) in infer_tensor_types(graph, template).items()
+            if shape is not None and all(d is not None for d in shape)}

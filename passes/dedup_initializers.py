@@ -1,8 +1,9 @@
 """Duplicate-initializer merge: initializers with the same dtype, shape and bytes become one.
 
-Candidates are grouped by (dtype, shape, hash of the bytes) and confirmed by a full byte comparison.
-Every reader of a duplicate reads the first copy instead (main graph first, then subgraphs in
-order); a constant shared between subgraphs is stored once, in the main graph, on export.
+Candidates are grouped by (dtype, shape) without reading their data, then by a hash of the bytes,
+and confirmed by a full byte comparison. Every reader of a duplicate reads the first copy instead
+(main graph first, then subgraphs in order); a constant shared between subgraphs is stored once,
+in the main graph, on export.
 """
 
 from __future__ import annotations
@@ -17,31 +18,41 @@ from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import nbytes, replace_uses
 
 
+def _bytes(t: gs.Constant) -> bytes:
+    # np.asarray, not ascontiguousarray: the latter turns a scalar into shape (1,)
+    return np.asarray(t.values).tobytes()
+
+
 @register
 class DedupInitializers(Pass):
     name = "dedup_initializers"
     description = "Merge initializers with identical dtype, shape and bytes."
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        constants: dict[int, gs.Constant] = {}
+        by_layout: dict[tuple, list[gs.Constant]] = {}
+        seen: set[int] = set()
         for g in iter_graphs(graph):
             graph_inputs = {id(t) for t in g.inputs}
             for node in g.nodes:
                 for t in node.inputs:
-                    if isinstance(t, gs.Constant) and id(t) not in graph_inputs:
-                        constants.setdefault(id(t), t)
-        groups: dict[tuple, list[tuple[gs.Constant, np.ndarray]]] = {}
+                    if isinstance(t, gs.Constant) and id(t) not in graph_inputs \
+                            and id(t) not in seen:
+                        seen.add(id(t))
+                        key = (np.dtype(t.dtype).str, tuple(t.shape))
+                        by_layout.setdefault(key, []).append(t)
         merged = saved = 0
-        for t in constants.values():
-            value = np.asarray(t.values)  # not ascontiguousarray: it makes scalars 1-D
-            key = (value.dtype.str, value.shape, hashlib.blake2b(value.tobytes(), digest_size=16).digest())
-            group = groups.setdefault(key, [])
-            twin = next((c for c, v in group if np.array_equal(v, value, equal_nan=True)
-                         and v.tobytes() == value.tobytes()), None)
-            if twin is None:
-                group.append((t, value))
+        for candidates in by_layout.values():
+            if len(candidates) < 2:
                 continue
-            replace_uses(t, twin)
-            merged += 1
-            saved += nbytes(t)
+            kept: dict[bytes, list[tuple[gs.Constant, bytes]]] = {}
+            for t in candidates:
+                data = _bytes(t)
+                bucket = kept.setdefault(hashlib.blake2b(data, digest_size=16).digest(), [])
+                twin = next((c for c, d in bucket if d == data), None)
+                if twin is None:
+                    bucket.append((t, data))
+                    continue
+                replace_uses(t, twin)
+                merged += 1
+                saved += nbytes(t)
         return PassResult(merged > 0, {"initializers_merged": merged, "bytes_saved": saved})

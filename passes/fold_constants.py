@@ -2,8 +2,8 @@
 
 A node is foldable when every input is an initializer (or an omitted optional input) and the op is
 deterministic; ``Shape`` and ``Size`` are also foldable when their input's shape is fully static
-according to ONNX shape inference run on the graph's inputs and initializers only (declared
-value_info and output shapes are dropped first: real exports sometimes declare them wrongly).
+according to ``passes._util.static_shapes`` (ONNX shape inference from the graph's inputs and
+initializers only).
 
 Values are computed by onnxruntime, one node at a time, so the result is what the runtime would have
 computed. A result larger than ``ctx.fold_size_limit`` bytes (1 MiB by default) is materialized only
@@ -22,32 +22,11 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from optimizer.graph import export_graph, iter_graphs
+from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import NONDETERMINISTIC_OPS, is_default_domain, nbytes
+from passes._util import NONDETERMINISTIC_OPS, is_default_domain, nbytes, static_shapes
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
-
-
-def static_shapes(graph: gs.Graph, template: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Fully static shapes of the graph's tensors, from ONNX shape inference.
-
-    Only graph input shapes, initializers and op semantics are used: intermediate value_info is not
-    exported and graph output shapes are cleared before inference.
-    """
-    model = export_graph(graph, template)
-    for out in model.graph.output:
-        out.type.tensor_type.ClearField("shape")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # inference is best effort: an op it rejects just yields no shapes
-        return {}
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
-    return shapes
 
 
 def _evaluate(node: gs.Node, graph: gs.Graph) -> list[np.ndarray]:
@@ -82,7 +61,9 @@ class FoldConstants(Pass):
     description = "Evaluate nodes whose inputs are all constant (and Shape of static shapes)."
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        shapes = static_shapes(graph, ctx.template)
+        shape_queries = any(n.op in ("Shape", "Size") and not isinstance(n.inputs[0], gs.Constant)
+                            for n in graph.nodes if n.inputs)
+        shapes = static_shapes(graph, ctx.template) if shape_queries else {}
         folded = refused_size = failed = 0
         for g in iter_graphs(graph):
             if g is not graph:

@@ -239,9 +239,12 @@ def test_float16_compared_without_rounding_the_threshold():
 
 def test_weight_in_subgraph_is_pruned():
     w = np.array([[0.01, 0.2], [-0.3, -0.001]], np.float32)
-    branch = lambda name: helper.make_graph(  # noqa: E731
-        [helper.make_node("MatMul", ["X", "W"], [f"{name}_y"])], name, [],
-        [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 2])])
+
+    def branch(name: str) -> onnx.GraphProto:  # reads W from the outer scope
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["X", "W"], [f"{name}_y"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 2])])
+
     model = helper.make_model(helper.make_graph(
         [helper.make_node("If", ["cond"], ["Y"], then_branch=branch("then"),
                           else_branch=branch("else"))], "sub",

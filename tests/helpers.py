@@ -1,0 +1,172 @@
+"""Test utilities: build small models with ``onnx.helper``, run them on onnxruntime, make random
+feeds, run passes, and compare an optimized model with its original on onnxruntime."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from optimizer.graph import export_graph, import_graph
+from optimizer.pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
+
+OPSET = 17
+IR_VERSION = 8
+
+ValueSpec = tuple  # (name, dtype, shape): dtype a numpy dtype or an onnx TensorProto enum
+
+
+def value_info(spec) -> onnx.ValueInfoProto:
+    """A ValueInfoProto from ``(name, dtype, shape)`` (shape None: unknown rank), or as is."""
+    if isinstance(spec, onnx.ValueInfoProto):
+        return spec
+    name, dtype, shape = spec
+    elem = dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def make_model(nodes: Sequence[onnx.NodeProto], inputs: Iterable, outputs: Iterable,
+               initializers: Mapping[str, np.ndarray] | Iterable[onnx.TensorProto] = (),
+               opset: int = OPSET, check: bool = True, **graph_kwargs) -> onnx.ModelProto:
+    """A model of one graph. ``inputs``/``outputs`` are ``(name, dtype, shape)`` or ValueInfoProtos;
+    ``initializers`` a ``{name: array}`` or TensorProtos. Checked with the ONNX checker unless
+    ``check`` is False (for deliberately odd models)."""
+    if isinstance(initializers, Mapping):
+        inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()]
+    else:
+        inits = list(initializers)
+    graph = helper.make_graph(list(nodes), "test", [value_info(i) for i in inputs],
+                              [value_info(o) for o in outputs], inits, **graph_kwargs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="onnxopt-tests")
+    model.ir_version = IR_VERSION
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def make_branch(nodes, outputs, initializers=(), name="branch") -> onnx.GraphProto:
+    """A subgraph (If branch) with no inputs."""
+    if isinstance(initializers, Mapping):
+        initializers = [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()]
+    return helper.make_graph(list(nodes), name, [], [value_info(o) for o in outputs],
+                             list(initializers))
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_ort(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of ``model`` on onnxruntime CPU (graph optimizations off), by output name."""
+    sess = session(model)
+    names = [i.name for i in sess.get_inputs()]
+    outs = sess.run(None, {n: feed[n] for n in names})
+    return dict(zip([o.name for o in sess.get_outputs()], outs))
+
+
+def random_feed(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str, np.ndarray]:
+    """Normal floats, integers in [0, 5), random booleans; dynamic dims take ``dim``."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feed = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        shape = [d.dim_value if d.HasField("dim_value") else dim for d in tt.shape.dim]
+        if dtype.kind == "f":
+            feed[inp.name] = rng.normal(size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            feed[inp.name] = rng.random(shape) < 0.5
+        else:
+            feed[inp.name] = rng.integers(0, 5, size=shape).astype(dtype)
+    return feed
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def assert_same_outputs(original: onnx.ModelProto, optimized: onnx.ModelProto,
+                        feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+                        rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same output names, order, dtypes, shapes and values (within rtol/atol) on onnxruntime."""
+    assert output_names(optimized) == output_names(original)
+    for feed in feeds or [random_feed(original, seed) for seed in (0, 1)]:
+        ref, got = run_ort(original, feed), run_ort(optimized, feed)
+        assert list(got) == list(ref)
+        for name in ref:
+            assert got[name].dtype == ref[name].dtype, name
+            assert got[name].shape == ref[name].shape, name
+            np.testing.assert_allclose(got[name], ref[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def run_passes(model: onnx.ModelProto, names: Sequence[str] | Sequence[Pass],
+               ctx: PassContext | None = None, *, verify_each: bool = True,
+               max_iterations: int = 10) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Import ``model``, run the passes (names or instances) to a fixed point with verification
+    after each, export. Returns the optimized model and the pass records."""
+    graph = import_graph(model)
+    ctx = ctx or PassContext(template=model)
+    if ctx.template is None:
+        ctx.template = model
+    passes = [get_pass(n) if isinstance(n, str) else n for n in names]
+    records = PassManager(passes, verify_each=verify_each, max_iterations=max_iterations).run(graph, ctx)
+    out = export_graph(graph, model)
+    onnx.checker.check_model(out, full_check=True)
+    return out, records
+
+
+def run_once(model: onnx.ModelProto, name: str, ctx: PassContext | None = None):
+    """Run one pass once; returns (exported model, PassResult)."""
+    graph = import_graph(model)
+    result = get_pass(name).run(graph, ctx or PassContext(template=model))
+    return export_graph(graph, model), result
+
+
+def ops(model_or_graph) -> list[str]:
+    graph = model_or_graph.graph if isinstance(model_or_graph, onnx.ModelProto) else model_or_graph
+    return [n.op_type for n in graph.node]
+
+
+def initializers(graph_or_model) -> dict[str, np.ndarray]:
+    graph = graph_or_model.graph if isinstance(graph_or_model, onnx.ModelProto) else graph_or_model
+    return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+
+def all_graphs(graph: onnx.GraphProto):
+    """``graph`` and its subgraphs, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from all_graphs(g)
+
+
+def all_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [i for g in all_graphs(model.graph) for i in g.initializer]
+
+
+def is_topologically_sorted(graph: onnx.GraphProto, outer: set[str] = frozenset()) -> bool:
+    """Every node input is a graph input, an initializer, an outer-scope name or an earlier output."""
+    known = set(outer) | {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    for node in graph.node:
+        if any(name not in known for name in node.input):
+            return False
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            if any(not is_topologically_sorted(g, known) for g in subs):
+                return False
+        known.update(node.output)
+    return True
