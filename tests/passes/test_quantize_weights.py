@@ -25,7 +25,7 @@ def _model(nodes, inputs, outputs, initializers, opset):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7
-    return model
+    return onnx.shape_inference.infer_shapes(model)  # the full checker wants output shapes
 
 
 def _f(name, shape):
@@ -85,8 +85,10 @@ def _dequantized(model):
 
 def _matmul(opset, shape=(64, 32)):
     w = RNG.normal(size=shape).astype(np.float32)
-    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_f("x", [2, shape[0]])],
-                  [_f("y", None)], [_init("W", w)], opset), {"x": RNG.normal(size=(2, shape[0])).astype(np.float32)}, 1
+    x = (*shape[:-2], 2, shape[-2])
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [_f("x", list(x))],
+                  [_f("y", None)], [_init("W", w)], opset), \
+        {"x": RNG.normal(size=x).astype(np.float32)}, len(shape) - 1
 
 
 def _gemm(opset, trans_b):
@@ -175,7 +177,7 @@ def test_matches_onnxruntime_symmetric_int8(axis):
     w = (RNG.normal(size=(6, 20)) * RNG.uniform(0.01, 3, size=(6, 1))).astype(np.float32)
     q, scale = quantize(w, axis)
     for c in range(w.shape[axis]):
-        _, _, zero, ref_scale, ref_q = quant_utils.quantize_data(
+        *_, zero, ref_scale, ref_q = quant_utils.quantize_data(  # (rmin, rmax,) z, s, q
             np.take(w, c, axis=axis), TensorProto.INT8, symmetric=True)
         assert zero == 0
         assert np.float32(ref_scale) == scale[c]
@@ -268,7 +270,7 @@ def test_weight_read_only_in_a_subgraph_is_quantized_there():
     model = _if_model(outer_use=False)
     quantized, result = _quantize(model)
     assert result.stats["tensors_quantized"] == 1
-    then = quantized.graph.node[0].attribute[0].g
+    then = next(a.g for a in quantized.graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in then.node].count("DequantizeLinear") == 1
     feed = {"x": RNG.normal(size=(2, 16)).astype(np.float32), "c": np.array(True)}
     assert _cosine(_run(model, feed)[0], _run(quantized, feed)[0]) > 0.999
@@ -303,15 +305,25 @@ def test_optimize_end_to_end_is_four_times_smaller(opset):
     assert model.ByteSize() / optimized.ByteSize() > 3.8
     ops = [n.op_type for n in optimized.graph.node]
     assert ops.count("DequantizeLinear") == 3
-    assert not any(i.data_type == TensorProto.FLOAT and len(i.dims) == 2
-                   for i in optimized.graph.initializer)
+    float_bytes = sum(numpy_helper.to_array(i).nbytes for i in optimized.graph.initializer
+                      if i.data_type == TensorProto.FLOAT)
+    assert float_bytes < 0.02 * optimized.ByteSize()  # scales and biases only
 
 
 #: Zoo models whose quantized outputs keep cosine >= 0.99 on their stored inputs.
-REAL_MODELS = ["ch_PP-OCRv4_rec_infer", "ch_ppocr_mobile_v2.0_cls_infer", "magika", "silero_vad",
+REAL_MODELS = ["ch_PP-OCRv4_rec_infer", "ch_ppocr_mobile_v2.0_cls_infer", "magika", "minilm_l6",
+               "silero_vad", "silero_vad_half",
                "silero_vad_16k_op15", "silero_vad_16k_sequence", "silero_vad_openvino_16k"]
 #: Quantized correctly, but the model is too sensitive for 0.99 (cosine 0.915 and 0.987).
 SENSITIVE_MODELS = ["ch_PP-OCRv4_det_infer", "silero_vad_op18_ifless"]
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
 
 
 def _zoo(name):
@@ -331,8 +343,8 @@ def test_real_model(name):
                                  raise_on_failure=False)
     stats = next(r.stats for r in report.passes if r.name == "quantize_weights")
     assert stats["tensors_quantized"] > 0
-    assert stats["bytes_before"] > 3.9 * stats["bytes_after"]
-    assert any(n.op_type == "DequantizeLinear" for n in optimized.graph.node)
+    assert stats["bytes_before"] > 3.5 * stats["bytes_after"]
+    assert any(n.op_type == "DequantizeLinear" for n in _all_nodes(optimized.graph))
     if name in ("ch_PP-OCRv4_rec_infer", "magika"):  # weight-dominated: the file shrinks ~4x
         assert path.stat().st_size / optimized.ByteSize() > 3.5
     assert report.validation.passed, report.validation.reason

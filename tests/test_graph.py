@@ -1,0 +1,213 @@
+"""Tests of optimizer/graph.py: import/export round trip, Constant lowering, unique names across
+scopes, hoisting of initializers shared by subgraphs, topological sorting and model statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from helpers import (all_graphs, all_initializers, assert_same_outputs, is_topologically_sorted,
+                     make_branch, make_model, ops, random_feed, run_ort)
+from optimizer.graph import export_graph, import_graph, make_names_unique, model_stats
+
+
+def round_trip(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = export_graph(import_graph(model), model)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _if_model(then_nodes, else_nodes, then_out="t_out", else_out="e_out", inits=None,
+              extra_nodes=()) -> onnx.ModelProto:
+    """y = If(cond) with branches reading the outer input x [2, 3]."""
+    then_g = make_branch(then_nodes, [(then_out, np.float32, [2, 3])], name="then")
+    else_g = make_branch(else_nodes, [(else_out, np.float32, [2, 3])], name="else")
+    nodes = list(extra_nodes) + [
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    return make_model(nodes, [("x", np.float32, [2, 3]), ("cond", np.bool_, [])],
+                      [("y", np.float32, [2, 3])], inits or {})
+
+
+def _run_both_branches(original, optimized):
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    assert_same_outputs(original, optimized, [{"x": x, "cond": np.array(c)} for c in (True, False)])
+
+
+def test_round_trip_keeps_interface_and_outputs():
+    nodes = [helper.make_node("Add", ["a", "W"], ["s"]),
+             helper.make_node("Cast", ["i"], ["i_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["s", "i_f"], ["z"]),
+             helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("Shape", ["a"], ["shp"])]
+    inputs = [("i", np.int64, ["batch", 3]), ("a", np.float32, ["batch", 3])]
+    outputs = [("z", np.float32, ["batch", 3]), ("shp", np.int64, [2]), ("r", np.float32, None)]
+    model = make_model(nodes, inputs, outputs, {"W": np.ones(3, np.float32)})
+    out = round_trip(model)
+    for a, b in ((model.graph.input, out.graph.input), (model.graph.output, out.graph.output)):
+        assert [v.SerializeToString() for v in a] == [v.SerializeToString() for v in b]
+    assert out.ir_version == model.ir_version
+    assert [(o.domain, o.version) for o in out.opset_import] == [("", 17)]
+    assert out.producer_name == model.producer_name
+    assert_same_outputs(model, out)
+
+
+def test_round_trip_keeps_metadata_and_drops_intermediate_value_info():
+    model = make_model([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])],
+                       [("x", np.float32, [2])], [("y", np.float32, [2])],
+                       value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [7])])
+    helper.set_model_props(model, {"author": "tests"})
+    model.doc_string = "doc"
+    out = round_trip(model)
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "tests"}
+    assert out.doc_string == "doc"
+    assert len(out.graph.value_info) == 0
+
+
+def test_constant_nodes_are_lowered_to_initializers():
+    nodes = [helper.make_node("Constant", [], ["c1"], value=helper.make_tensor(
+                 "v", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0])),
+             helper.make_node("Constant", [], ["c2"], value_float=0.5),
+             helper.make_node("Constant", [], ["shape"], value_ints=[3, 1]),
+             helper.make_node("Add", ["x", "c1"], ["a"]),
+             helper.make_node("Mul", ["a", "c2"], ["m"]),
+             helper.make_node("Reshape", ["m", "shape"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [3])], [("y", np.float32, [3, 1])])
+    out = round_trip(model)
+    assert ops(out) == ["Add", "Mul", "Reshape"]
+    inits = {i.name: i for i in out.graph.initializer}
+    assert set(inits) == {"c1", "c2", "shape"}
+    assert inits["c2"].data_type == TensorProto.FLOAT and list(inits["c2"].dims) == []
+    assert inits["shape"].data_type == TensorProto.INT64
+    assert_same_outputs(model, out)
+
+
+def test_constant_that_is_a_graph_output_stays_a_node():
+    nodes = [helper.make_node("Constant", [], ["c"], value_floats=[1.0, 2.0]),
+             helper.make_node("Constant", [], ["d"], value_floats=[3.0, 4.0]),
+             helper.make_node("Add", ["x", "d"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [2])], [("c", np.float32, [2]), ("y", np.float32, [2])])
+    out = round_trip(model)
+    assert sorted(ops(out)) == ["Add", "Constant"]
+    assert [i.name for i in out.graph.initializer] == ["d"]
+    assert_same_outputs(model, out)
+
+
+def test_constant_nodes_in_if_branches_are_lowered_except_branch_outputs():
+    then_nodes = [helper.make_node("Constant", [], ["k"], value_float=2.0),
+                  helper.make_node("Mul", ["x", "k"], ["t_out"])]
+    else_nodes = [helper.make_node("Constant", [], ["e_out"], value=helper.make_tensor(
+        "v", TensorProto.FLOAT, [2, 3], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))]
+    model = _if_model(then_nodes, else_nodes)
+    out = round_trip(model)
+    then_g, else_g = [a.g for a in out.graph.node[0].attribute]
+    assert ops(then_g) == ["Mul"]
+    assert [i.name for g in all_graphs(out.graph) for i in g.initializer] == ["k"]
+    assert ops(else_g) == ["Constant"]
+    _run_both_branches(model, out)
+
+
+def test_make_names_unique_renames_names_reused_by_two_if_branches():
+    then_nodes = [helper.make_node("Neg", ["x"], ["t"]), helper.make_node("Abs", ["t"], ["t_out"])]
+    else_nodes = [helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Exp", ["t"], ["e_out"])]
+    model = _if_model(then_nodes, else_nodes)
+    graph = import_graph(model)  # import already made the names unique
+    assert make_names_unique(graph) == 0
+    out = export_graph(graph, model)
+    names = [n for g in all_graphs(out.graph) for node in g.node for n in node.output]
+    assert len(names) == len(set(names)), names
+    assert "t" in names  # one branch keeps its name
+    assert [o.name for o in out.graph.output] == ["y"]
+    onnx.checker.check_model(out, full_check=True)
+    _run_both_branches(model, out)
+
+
+def test_make_names_unique_keeps_main_graph_names():
+    # the branch uses the name 'h' first in depth order? No: the main graph's tensors are visited
+    # first, so the main graph's 'h' keeps its name and the branch's 'h' is renamed.
+    then_nodes = [helper.make_node("Neg", ["x"], ["h"]), helper.make_node("Abs", ["h"], ["t_out"])]
+    else_nodes = [helper.make_node("Identity", ["x"], ["e_out"])]
+    then_g = make_branch(then_nodes, [("t_out", np.float32, [2, 3])])
+    else_g = make_branch(else_nodes, [("e_out", np.float32, [2, 3])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Relu", ["y"], ["h"])]
+    model = make_model(nodes, [("x", np.float32, [2, 3]), ("cond", np.bool_, [])],
+                       [("h", np.float32, [2, 3])], check=False)  # 'h' in two scopes
+    out = round_trip(model)
+    assert [o.name for o in out.graph.output] == ["h"]
+    assert [n.output[0] for n in out.graph.node if n.op_type == "Relu"] == ["h"]
+    _run_both_branches(model, out)
+
+
+def test_initializer_used_by_both_if_branches_is_stored_once():
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    then_nodes = [helper.make_node("Add", ["x", "W"], ["t_out"])]
+    else_nodes = [helper.make_node("Mul", ["x", "W"], ["e_out"])]
+    model = _if_model(then_nodes, else_nodes, inits={"W": w})
+    out = round_trip(model)
+    stored = [i.name for i in all_initializers(out)]
+    assert stored.count("W") == 1, stored
+    assert "W" in [i.name for i in out.graph.initializer]
+    _run_both_branches(model, out)
+
+
+def test_constant_node_used_by_both_if_branches_is_stored_once():
+    then_nodes = [helper.make_node("Add", ["x", "C"], ["t_out"])]
+    else_nodes = [helper.make_node("Sub", ["x", "C"], ["e_out"])]
+    const = helper.make_node("Constant", [], ["C"], value=helper.make_tensor(
+        "v", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
+    model = _if_model(then_nodes, else_nodes, extra_nodes=[const])
+    out = round_trip(model)
+    assert [i.name for i in all_initializers(out)] == ["C"]
+    assert ops(out) == ["If"]
+    _run_both_branches(model, out)
+
+
+def test_unsorted_model_exports_sorted_and_runs():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Mul", ["a", "W"], ["b"]),
+             helper.make_node("Add", ["b", "a"], ["c"]),
+             helper.make_node("Neg", ["c"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [4])], [("y", np.float32, [4])],
+                       {"W": np.full(4, 3.0, np.float32)})
+    reversed_model = onnx.ModelProto()
+    reversed_model.CopyFrom(model)
+    reversed_model.graph.ClearField("node")
+    reversed_model.graph.node.extend(reversed(model.graph.node))
+    assert not is_topologically_sorted(reversed_model.graph)
+    out = round_trip(reversed_model)
+    assert is_topologically_sorted(out.graph)
+    assert ops(out) == ["Relu", "Mul", "Add", "Neg"]
+    assert_same_outputs(model, out)
+
+
+def test_model_stats_counts():
+    then_g = make_branch([helper.make_node("Add", ["x", "B"], ["t_out"])],
+                         [("t_out", np.float32, [2, 3])], {"B": np.ones(3, np.float32)})
+    else_g = make_branch([helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Abs", ["n"], ["e_out"])],
+                         [("e_out", np.float32, [2, 3])])
+    nodes = [helper.make_node("Constant", [], ["k"], value=helper.make_tensor(
+                 "v", TensorProto.INT64, [2], [2, 3])),
+             helper.make_node("Reshape", ["x", "k"], ["xr"]),
+             helper.make_node("Relu", ["xr"], ["r"]),
+             helper.make_node("Relu", ["r"], ["r2"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Add", ["r2", "W"], ["z"])]
+    model = make_model(nodes, [("x", np.float32, ["n", 3]), ("cond", np.bool_, [])],
+                       [("y", np.float32, [2, 3]), ("z", np.float32, [2, 3])],
+                       {"W": np.ones((2, 3), np.float64).astype(np.float32)})
+    stats = model_stats(model)
+    assert stats.nodes == 6
+    assert stats.nodes_total == 6 + 1 + 2
+    assert stats.op_counts == {"Add": 1, "Constant": 1, "If": 1, "Relu": 2, "Reshape": 1}
+    assert stats.subgraphs == 2
+    assert stats.parameters == 2 + 6 + 3  # Constant k, W, branch B
+    assert stats.parameter_bytes == 2 * 8 + 6 * 4 + 3 * 4
+    assert stats.file_bytes == model.ByteSize()
+    assert stats.inputs == [{"name": "x", "dtype": "float32", "shape": ["n", 3]},
+                            {"name": "cond", "dtype": "bool", "shape": []}]
+    assert stats.outputs[1] == {"name": "z", "dtype": "float32", "shape": [2, 3]}
+    d = stats.to_dict()
+    assert set(d) == {"nodes", "nodes_total", "op_counts", "subgraphs", "parameters",
+                      "parameter_bytes", "file_bytes", "inputs", "outputs"}
