@@ -134,8 +134,9 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     if validate:
         feeds, report.inputs = resolve_feeds(original, inputs, input_shapes, seed)
         lossy = any(r.modified for r in report.passes if not REGISTRY[r.name].lossless)
-        report.validation = compare_models(original, optimized, feeds, atol=atol, rtol=rtol,
-                                           max_drift=max_drift, lossy=lossy)
+        report.validation = compare_models(
+            original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
+            synthesized=report.inputs["source"] == "synthesized")
     report.seconds = time.perf_counter() - start
     if raise_on_failure and report.validation is not None and not report.validation.passed:
         err = ValidationFailed(f"validation failed: {report.validation.reason}")
@@ -160,7 +161,8 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     report = Report(_version(), "validate", _describe_source(reference), model_stats(ref),
                     after=model_stats(cand), output=_describe_source(candidate))
     feeds, report.inputs = resolve_feeds(ref, inputs, input_shapes, seed)
-    report.validation = compare_models(ref, cand, feeds, atol=atol, rtol=rtol,
-                                       max_drift=max_drift, lossy=lossy)
+    report.validation = compare_models(
+        ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
+        synthesized=report.inputs["source"] == "synthesized")
     report.seconds = time.perf_counter() - start
     return report

@@ -261,16 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnxopt`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     console = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
     commands = {"optimize": _cmd_optimize, "validate": _cmd_validate, "inspect": _cmd_inspect,
                 "passes": _cmd_passes}
     try:
         return commands[args.command](args, console)
     except OnnxoptError as e:
-        err.print(f"onnxopt: error: {e}", markup=False)
+        message = " ".join(str(e).split())
+        print(f"onnxopt: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        err.print("onnxopt: interrupted")
+        print("onnxopt: interrupted", file=sys.stderr)
         return 130
 
 

@@ -24,6 +24,9 @@ import onnxruntime as ort
 
 from optimizer.errors import InputError
 
+# onnxruntime's own warnings (unused initializers, ...) are not the user's concern here.
+ort.set_default_logger_severity(4)
+
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
 DEFAULT_MAX_DRIFT = 0.99
@@ -37,7 +40,7 @@ def make_session(model: onnx.ModelProto, what: str) -> ort.InferenceSession:
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors are reported by us, in one line
     try:
         return ort.InferenceSession(model.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
@@ -46,7 +49,8 @@ def make_session(model: onnx.ModelProto, what: str) -> ort.InferenceSession:
         raise InputError(f"{what}: onnxruntime cannot load the model: {first}") from None
 
 
-def run_model(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: str) -> list:
+def run_model(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: str,
+              hint: str = "") -> list:
     """Run ``session`` on ``feed`` (only the inputs the session declares are passed).
 
     Raises:
@@ -60,7 +64,7 @@ def run_model(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: 
         return session.run(None, {n: feed[n] for n in names})
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{what}: onnxruntime failed to run the model: {first}") from None
+        raise InputError(f"{what}: onnxruntime failed to run the model: {first}{hint}") from None
 
 
 @dataclass
@@ -141,7 +145,7 @@ def _compare(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                    feeds: list[dict[str, np.ndarray]], *, atol: float = DEFAULT_ATOL,
                    rtol: float = DEFAULT_RTOL, max_drift: float = DEFAULT_MAX_DRIFT,
-                   lossy: bool = False) -> ValidationResult:
+                   lossy: bool = False, synthesized: bool = False) -> ValidationResult:
     """Run both models on every feed and compare their outputs.
 
     Args:
@@ -150,6 +154,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         atol, rtol: lossless tolerance, ``max_abs <= atol + rtol * range(reference output)``.
         max_drift: lossy criterion, minimum cosine similarity per output.
         lossy: judge by ``max_drift`` instead of ``atol``/``rtol``.
+        synthesized: the feeds were synthesized (an error then suggests real inputs).
 
     Raises:
         InputError: either model cannot be loaded or run on the feeds.
@@ -166,7 +171,9 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         return result
     metrics: list[OutputMetrics] = []
     for feed in feeds:
-        ref_out = run_model(ref_sess, feed, "reference model")
+        ref_out = run_model(ref_sess, feed, "reference model", hint=(
+            " (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
+            "with --input-shape)" if synthesized else ""))
         cand_out = run_model(cand_sess, feed, "candidate model")
         for i, (name, r, c) in enumerate(zip(ref_names, ref_out, cand_out)):
             r, c = np.asarray(r), np.asarray(c)

@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization: float32 weights become int8 + scale, read through DequantizeLinear.
+"""Int8 weight-only quantization: float32 weights become int8 and a scale, via DequantizeLinear.
 
 Every float32 initializer used only as a weight -- MatMul B (and A when constant), Gemm B (and A
 when constant), a Conv or ConvTranspose kernel -- is replaced by an int8 initializer ``q``, a
@@ -120,8 +120,8 @@ def quantize(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarr
 
 
 def _broadcastable(scale: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
-    """``scale`` reshaped to ``[1, .., C, .., 1]`` so it broadcasts along ``axis`` of a rank-``rank``
-    tensor (unchanged when per-tensor)."""
+    """``scale`` reshaped to ``[1, .., C, .., 1]``, broadcasting along ``axis`` of a tensor of rank
+    ``rank`` (unchanged when per-tensor)."""
     if axis is None:
         return scale
     shape = [1] * rank
@@ -204,30 +204,30 @@ class QuantizeWeights(Pass):
 
     @staticmethod
     def _dequantize(root: gs.Graph, g: gs.Graph, t: gs.Constant, q: np.ndarray,
-                    scale: np.ndarray, axis: int | None, per_axis: bool) -> tuple[gs.Variable, int]:
+                    scale: np.ndarray, axis: int | None,
+                    per_axis: bool) -> tuple[gs.Variable, int]:
         """Add to ``g`` the nodes turning ``q`` back into float32.
 
         Returns:
             The float32 output replacing ``t``, and the bytes of the initializers added.
         """
-        base = t.name
-        out = gs.Variable(fresh_name(root, f"{base}_dequantized"), dtype=np.float32, shape=t.shape)
-        q_t = gs.Constant(fresh_name(root, f"{base}_quantized"), q)
-        if per_axis or axis is None:
-            zero = gs.Constant(fresh_name(root, f"{base}_zero_point"), np.zeros_like(scale, np.int8))
-            s_t = gs.Constant(fresh_name(root, f"{base}_scale"), scale)
-            attrs = {"axis": axis} if axis is not None else {}
-            g.nodes.append(gs.Node("DequantizeLinear", name=fresh_name(root, f"{base}_DequantizeLinear"),
-                                   attrs=attrs, inputs=[q_t, s_t, zero], outputs=[out]))
-            return out, q.nbytes + scale.nbytes + zero.values.nbytes
-        # Opset 10-12: scalar DequantizeLinear (exact int8 -> float32), then the per-channel scale.
-        unit = gs.Constant(fresh_name(root, f"{base}_unit_scale"), np.array(1.0, np.float32))
-        zero = gs.Constant(fresh_name(root, f"{base}_zero_point"), np.array(0, np.int8))
-        raw = gs.Variable(fresh_name(root, f"{base}_int_values"), dtype=np.float32, shape=t.shape)
-        s_t = gs.Constant(fresh_name(root, f"{base}_scale"),
-                          _broadcastable(scale, len(t.shape), axis))
-        g.nodes.append(gs.Node("DequantizeLinear", name=fresh_name(root, f"{base}_DequantizeLinear"),
-                               inputs=[q_t, unit, zero], outputs=[raw]))
-        g.nodes.append(gs.Node("Mul", name=fresh_name(root, f"{base}_scale_Mul"),
-                               inputs=[raw, s_t], outputs=[out]))
-        return out, q.nbytes + scale.nbytes + unit.values.nbytes + zero.values.nbytes
+        def name(suffix: str) -> str:
+            return fresh_name(root, f"{t.name}_{suffix}")
+
+        out = gs.Variable(name("dequantized"), dtype=np.float32, shape=t.shape)
+        # Opset 10-12: a scalar DequantizeLinear (an exact int8 -> float32 conversion), then a Mul
+        # by the per-channel scale.
+        by_mul = axis is not None and not per_axis
+        dq_scale = np.array(1.0, np.float32) if by_mul else scale
+        added = [gs.Constant(name("quantized"), q), gs.Constant(name("scale"), dq_scale),
+                 gs.Constant(name("zero_point"), np.zeros_like(dq_scale, np.int8))]
+        attrs = {"axis": axis} if per_axis and axis is not None else {}
+        dq_out = gs.Variable(name("int_values"), dtype=np.float32, shape=t.shape) if by_mul else out
+        g.nodes.append(gs.Node("DequantizeLinear", name=name("DequantizeLinear"), attrs=attrs,
+                               inputs=list(added), outputs=[dq_out]))
+        if by_mul:
+            added.append(gs.Constant(name("channel_scale"),
+                                     _broadcastable(scale, len(t.shape), axis)))
+            g.nodes.append(gs.Node("Mul", name=name("scale_Mul"), inputs=[dq_out, added[-1]],
+                                   outputs=[out]))
+        return out, sum(c.values.nbytes for c in added)

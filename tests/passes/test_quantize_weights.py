@@ -79,7 +79,8 @@ def _dequantized(model):
             value = value * channel
             scale = channel
         name = node.input[0].rsplit("_quantized", 1)[0]
-        out[name] = (value, q, scale, node, mul if mul is not None and mul.op_type == "Mul" else None)
+        out[name] = (value, q, scale, node,
+                     mul if mul is not None and mul.op_type == "Mul" else None)
     return out
 
 
@@ -197,7 +198,8 @@ def test_all_zero_channel_gets_scale_one():
 
 def test_shared_with_non_weight_use_is_skipped():
     w = RNG.normal(size=(32, 32)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "W"], ["y"])]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Add", ["h", "W"], ["y"])]
     model = _model(nodes, [_f("x", [32, 32])], [_f("y", None)], [_init("W", w)], 13)
     quantized, result = _quantize(model)
     assert not result.modified
@@ -261,8 +263,8 @@ def _if_model(outer_use: bool):
         nodes.append(helper.make_node("MatMul", ["x", "W"], ["z"]))
         outputs.append(_f("z", None))
     inputs = [_f("x", [2, 16]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])]
-    inits = [_init("W", w), _init("s0", np.array([0], np.int64)), _init("s1", np.array([8], np.int64)),
-             _init("s2", np.array([1], np.int64))]
+    inits = [_init("W", w)] + [_init(f"s{k}", np.array([v], np.int64))
+                               for k, v in enumerate((0, 8, 1))]
     return _model(nodes, inputs, outputs, inits, 13)
 
 
