@@ -120,9 +120,12 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     start = time.perf_counter()
     original = io.load_model(model)
     fixed_point, once = build_pipeline(passes, skip, prune_threshold, quantize)
-    ctx = PassContext(fold_size_limit=fold_size_limit, prune_threshold=prune_threshold,
-                      quantize=quantize, template=original)
     report = Report(_version(), "optimize", _describe_source(model), model_stats(original))
+    feeds = None
+    if validate:
+        feeds, report.inputs = resolve_feeds(original, inputs, input_shapes, seed)
+    ctx = PassContext(fold_size_limit=fold_size_limit, prune_threshold=prune_threshold,
+                      quantize=quantize, template=original, feeds=feeds, max_drift=max_drift)
 
     graph = import_graph(original)
     manager = PassManager(fixed_point, once, max_iterations=max_iterations,
@@ -132,7 +135,6 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     report.after = model_stats(optimized)
 
     if validate:
-        feeds, report.inputs = resolve_feeds(original, inputs, input_shapes, seed)
         lossy = any(r.modified for r in report.passes if not REGISTRY[r.name].lossless)
         report.validation = compare_models(
             original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,

@@ -146,7 +146,7 @@ def _hoist_outer_initializers(main: onnx.GraphProto, names: set[str]) -> None:
     if not names:
         return
     present = {init.name for init in main.initializer}
-    for sub in list(_graph_protos(main))[1:]:
+    for sub in list(graph_protos(main))[1:]:
         keep = []
         for init in sub.initializer:
             if init.name not in names:
@@ -222,15 +222,16 @@ class ModelStats:
         return dict(self.__dict__)
 
 
-def _graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Yield ``graph`` and every GraphProto nested in its nodes' attributes, depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_protos(attr.g)
+                yield from graph_protos(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _graph_protos(g)
+                    yield from graph_protos(g)
 
 
 def describe_value_infos(values) -> list[dict]:
@@ -255,7 +256,7 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     """
     counts: collections.Counter[str] = collections.Counter()
     total = params = param_bytes = 0
-    graphs = list(_graph_protos(model.graph))
+    graphs = list(graph_protos(model.graph))
     for g in graphs:
         total += len(g.node)
         for node in g.node:

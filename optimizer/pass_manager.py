@@ -38,12 +38,17 @@ class PassContext:
         prune_threshold: magnitude under which weight values are set to 0 (None: no pruning).
         quantize: quantization mode (``"int8-weight"``) or None.
         template: the original model, for IR version, opsets and metadata when a pass exports.
+        feeds: the validation feeds (``{input name: array}`` each), None when not validating;
+            lossy passes use them to keep within ``max_drift``.
+        max_drift: the minimum cosine similarity per output lossy passes must keep.
     """
 
     fold_size_limit: int = 1 << 20
     prune_threshold: float | None = None
     quantize: str | None = None
     template: onnx.ModelProto | None = None
+    feeds: list[dict] | None = None
+    max_drift: float = 0.99
 
 
 class Pass:

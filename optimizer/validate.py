@@ -108,7 +108,9 @@ class ValidationResult:
         return d
 
 
-def _compare(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    """Drift metrics of one output (see the module docstring), plus ``range`` (max - min of the
+    finite reference values) and ``nan_mismatch`` (NaN in different places)."""
     r = np.asarray(ref, dtype=np.float64).ravel()
     c = np.asarray(cand, dtype=np.float64).ravel()
     if r.size == 0:
@@ -190,7 +192,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                 if not np.array_equal(r, c):
                     m.passed, m.reason = False, "string values differ"
                 continue
-            s = _compare(r, c)
+            s = output_metrics(r, c)
             m.max_abs = max(m.max_abs, s["max_abs"])
             m.max_rel = max(m.max_rel, s["max_rel"])
             m.mean_abs = max(m.mean_abs, s["mean_abs"])

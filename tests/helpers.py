@@ -170,3 +170,98 @@ def is_topologically_sorted(graph: onnx.GraphProto, outer: set[str] = frozenset(
                 return False
         known.update(node.output)
     return True
+
+
+# ----------------------------------------------------------------------------- generated graphs
+
+_BINARY = ("Add", "Sub", "Mul", "Max", "Min")
+_UNARY = ("Relu", "Neg", "Abs", "Identity", "Sigmoid", "Tanh", "Floor", "Dropout")
+_CONST_SHAPES = ((), (1,), (3,), (1, 3), (2, 3))
+
+
+def _const_value(shape: tuple, variant: int) -> np.ndarray:
+    """A constant determined by (shape, variant): equal variants give byte-equal initializers."""
+    rng = np.random.default_rng(1000 * variant + len(shape) * 10 + sum(shape))
+    return rng.integers(-3, 4, size=shape).astype(np.float32) / 2
+
+
+def random_models():
+    """Hypothesis strategy: models of elementwise and shape ops on an input ``x`` [2, 3], with
+    constants that often repeat (same bytes, other names), constant-only subexpressions, Shape of
+    static tensors, duplicated nodes and Identity/Dropout; 1 to 3 outputs."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw):
+        nodes, inits = [], {}
+        pool = [("x", (2, 3))]  # (tensor name, shape)
+        counter = iter(range(10_000))
+
+        def fresh(prefix="t"):
+            return f"{prefix}{next(counter)}"
+
+        def constant():
+            shape = draw(st.sampled_from(_CONST_SHAPES))
+            name = fresh("c")
+            inits[name] = _const_value(shape, draw(st.integers(0, 2)))
+            return name, shape
+
+        def operand():
+            if draw(st.booleans()):
+                return draw(st.sampled_from(pool))
+            return constant()
+
+        produced = []
+        for _ in range(draw(st.integers(1, 10))):
+            kind = draw(st.sampled_from(["binary", "binary", "unary", "const", "dup", "shape",
+                                         "transpose"]))
+            out = fresh()
+            if kind == "binary" or kind == "const":
+                a = operand() if kind == "binary" else constant()
+                b = operand() if kind == "binary" else constant()
+                op = draw(st.sampled_from(_BINARY))
+                nodes.append(helper.make_node(op, [a[0], b[0]], [out]))
+                shape = tuple(np.broadcast_shapes(a[1], b[1]))
+            elif kind == "unary":
+                a = draw(st.sampled_from(pool))
+                op = draw(st.sampled_from(_UNARY))
+                nodes.append(helper.make_node(op, [a[0]], [out]))
+                shape = a[1]
+            elif kind == "dup":
+                if not nodes:
+                    continue
+                src = draw(st.sampled_from(nodes))
+                copy = onnx.NodeProto()
+                copy.CopyFrom(src)
+                del copy.output[:]
+                copy.output.append(out)
+                nodes.append(copy)
+                shape = dict(produced)[src.output[0]]
+            elif kind == "shape":
+                a = draw(st.sampled_from(pool))
+                s = fresh("s")
+                if draw(st.booleans()):
+                    nodes += [helper.make_node("Shape", [a[0]], [s]),
+                              helper.make_node("Reshape", [a[0], s], [out])]
+                    shape = a[1]
+                else:
+                    nodes += [helper.make_node("Shape", ["x"], [s]),
+                              helper.make_node("Expand", [a[0], s], [out])]
+                    shape = (2, 3)
+            else:  # transpose
+                a = draw(st.sampled_from([p for p in pool if len(p[1]) == 2] or [pool[0]]))
+                mid = fresh()
+                nodes += [helper.make_node("Transpose", [a[0]], [mid], perm=[1, 0]),
+                          helper.make_node("Transpose", [mid], [out], perm=[1, 0])]
+                pool.append((mid, a[1][::-1]))
+                shape = a[1]
+            pool.append((out, shape))
+            produced.append((out, shape))
+        if not produced:
+            nodes.append(helper.make_node("Relu", ["x"], ["t_relu"]))
+            produced.append(("t_relu", (2, 3)))
+        outputs = draw(st.lists(st.sampled_from(produced), min_size=1, max_size=3, unique=True))
+        return make_model(nodes, [("x", np.float32, [2, 3])],
+                          [(n, np.float32, list(s)) for n, s in outputs], inits)
+
+    return build()

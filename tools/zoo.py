@@ -14,6 +14,11 @@ Input spec, per graph input name::
      "fill": "normal", "mean": 0.0, "std": 0.1}     # or
      "fill": "randint", "low": 0, "high": 257}      # high exclusive, as in numpy
      "fill": "value", "value": 16000}
+     "fill": "text_image", "lines": ["..."], "mean": [m, m, m], "std": [s, s, s]}
+
+``text_image`` renders the lines in black on white with Pillow's bundled font into an NCHW float
+image normalized as ``(pixel / 255 - mean) / std`` per channel: OCR models produce almost nothing
+on noise, so noise would validate only the "no text" corner of their behaviour.
 """
 
 from __future__ import annotations
@@ -116,10 +121,34 @@ def make_inputs(entry: dict, seed: int = DEFAULT_SEED) -> dict[str, np.ndarray]:
             values = rng.integers(spec["low"], spec["high"], size=shape)
         elif fill == "value":
             values = np.full(shape, spec["value"])
+        elif fill == "text_image":
+            values = render_text_image(spec["lines"], shape, spec["mean"], spec["std"])
         else:
             raise ZooError(f"{where}: unknown fill {fill!r}")
         arrays[input_name] = np.asarray(values, dtype=dtype)
     return arrays
+
+
+def render_text_image(lines: list[str], shape: tuple, mean: list[float],
+                      std: list[float]) -> np.ndarray:
+    """Black text on white, ``shape`` = (1, 3, H, W), normalized ``(x / 255 - mean) / std``.
+
+    Raises ZooError when Pillow is missing (``pip install pillow``).
+    """
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        raise ZooError("text_image inputs need Pillow: pip install pillow") from None
+    _, channels, height, width = shape
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    pitch = height / len(lines)
+    font = ImageFont.load_default(size=max(8, int(pitch * 0.6)))
+    for i, line in enumerate(lines):
+        draw.text((max(2, width // 40), i * pitch + pitch * 0.15), line, fill=(0, 0, 0), font=font)
+    pixels = np.asarray(image, dtype=np.float64)[:, :, :channels] / 255.0
+    pixels = (pixels - np.asarray(mean)) / np.asarray(std)
+    return pixels.transpose(2, 0, 1)[None]
 
 
 def model_path(dest: Path, name: str) -> Path:

@@ -1,0 +1,228 @@
+"""Conv + per-channel affine fusion: fold a ``Mul``, ``Div``, ``Add`` or ``Sub`` by a constant that
+follows a Conv or ConvTranspose into the Conv's weights and bias.
+
+With ``Y = Conv(x, W) + B`` (B = 0 when absent) and a constant ``c`` that is the same for every
+position of an output channel ``o`` (ONNX spec, Conv/ConvTranspose and the element-wise ops with
+multidirectional broadcasting)::
+
+    Y · c[o] = Conv(x, W · c) + B · c          (Mul, either operand order)
+    Y / c[o] = Conv(x, W / c) + B / c          (Div, Y on the left, every c ≠ 0)
+    Y + c[o] = Conv(x, W)     + (B + c)        (Add, either operand order)
+    Y − c[o] = Conv(x, W)     + (B − c)        (Sub, Y on the left)
+
+where ``W · c`` scales the output-channel axis: axis 0 of Conv's ``W[M, C/group, k...]``; for
+ConvTranspose's ``W[C, M/group, k...]`` output channel ``o = g · (M/group) + m`` is column ``m`` of
+group ``g``'s rows, so ``W`` is viewed as ``[group, C/group, M/group, k...]`` and ``c`` as
+``[group, 1, M/group, 1...]``.
+
+``c`` is per-channel when broadcasting it against ``Y`` (rank r = rank of W, channel axis 1) keeps
+``Y``'s shape: ``rank(c) <= r`` and, aligned from the right, every dim of ``c`` is 1 except the
+channel dim, which is 1 or M (scalar, ``[1]``, ``[M, 1, 1]``, ``[1, M, 1, 1]``...). Its dtype
+must equal the weight's, so the output dtype is unchanged. Arithmetic is float64, cast back to the
+weight dtype; new initializers are always created. The Conv then writes the folded node's output
+tensor, so that name survives. A chain (Mul then Add) folds in one run. Works in every subgraph.
+
+Refused (counted under ``skipped`` by reason): the Conv output has another reader or is a graph
+output; the op is in another scope; W, B or c is not an initializer or is a graph input; dtypes
+differ or are not float; c does not broadcast per channel; c is not finite; a Div by zero; the
+constant is the left operand of Sub or Div.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import fresh_name, is_default_domain
+
+_CONV_OPS = ("Conv", "ConvTranspose")
+_AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def _overridable_initializers(template: onnx.ModelProto | None) -> set[str]:
+    """Names of initializers that some graph of ``template`` also lists as an input."""
+    if template is None:
+        return set()
+    names: set[str] = set()
+    stack = [template.graph]
+    while stack:
+        g = stack.pop()
+        names |= {i.name for i in g.input} & {t.name for t in g.initializer}
+        for node in g.node:
+            for attr in node.attribute:
+                stack.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+    return names
+
+
+def _const_refusal(t: gs.Tensor, what: str, overridable: set[str]) -> str | None:
+    if not isinstance(t, gs.Constant):
+        return f"{what} is not an initializer"
+    if t.name in overridable:
+        return f"{what} is a graph input"
+    if not isinstance(t.values, np.ndarray):
+        return f"{what} is a sparse initializer"
+    return None
+
+
+def _output_channels(conv: gs.Node) -> int:
+    w = conv.inputs[1]
+    return w.shape[0] if conv.op == "Conv" else w.shape[1] * conv.attrs.get("group", 1)
+
+
+def _conv_refusal(conv: gs.Node, overridable: set[str]) -> str | None:
+    """Why the weights of ``conv`` cannot be rewritten, or None."""
+    if len(conv.inputs) < 2 or len(conv.outputs) != 1:
+        return "conv has no weight input"
+    w = conv.inputs[1]
+    reason = _const_refusal(w, "weight", overridable)
+    if reason:
+        return reason
+    if np.dtype(w.dtype).type not in _FLOAT_DTYPES:
+        return "weight is not float"
+    if w.values.ndim < 3:
+        return "weight rank below 3"
+    group = conv.attrs.get("group", 1)
+    if conv.op == "ConvTranspose" and w.shape[0] % group:
+        return "weight channels not divisible by group"
+    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
+        b = conv.inputs[2]
+        reason = _const_refusal(b, "conv bias", overridable)
+        if reason:
+            return reason
+        if np.dtype(b.dtype) != np.dtype(w.dtype):
+            return "dtypes differ"
+        if tuple(b.shape) != (_output_channels(conv),):
+            return "conv bias shape is not [M]"
+    return None
+
+
+def _scale_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
+    """``W · s`` along the output-channel axis of ``conv``, in float64 (see module docstring)."""
+    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
+    if conv.op == "Conv":
+        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    group = conv.attrs.get("group", 1)
+    grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+    return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+
+
+def _conv_bias(conv: gs.Node) -> np.ndarray:
+    """The bias of ``conv`` in float64, zeros when absent."""
+    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
+        return np.asarray(conv.inputs[2].values, dtype=np.float64)
+    return np.zeros(_output_channels(conv))
+
+
+def _per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
+    """``c`` as a float64 vector of length ``m`` if it broadcasts per channel against a rank-
+    ``rank`` tensor with ``m`` channels at axis 1 without changing its shape, else None."""
+    if c.ndim > rank:
+        return None
+    dims = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(dims) if i != 1) or dims[1] not in (1, m):
+        return None
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (m,))
+
+
+def _affine_refusal(op: gs.Node, conv: gs.Node, overridable: set[str]
+                    ) -> tuple[str | None, np.ndarray | None]:
+    """Why ``op`` cannot be folded into ``conv`` (or None) and its constant as a vector of M."""
+    y = conv.outputs[0]
+    if len(op.inputs) != 2 or len(op.outputs) != 1:
+        return "unexpected arity", None
+    if op.inputs[0] is y and op.inputs[1] is y:
+        return "constant is not an initializer", None
+    right = op.inputs[0] is y
+    if not right and op.op in ("Sub", "Div"):
+        return f"constant is the left operand of {op.op}", None
+    c = op.inputs[1] if right else op.inputs[0]
+    reason = _const_refusal(c, "constant", overridable)
+    if reason:
+        return reason, None
+    if np.dtype(c.dtype) != np.dtype(conv.inputs[1].dtype):
+        return "dtypes differ", None
+    vector = _per_channel(np.asarray(c.values), conv.inputs[1].values.ndim, _output_channels(conv))
+    if vector is None:
+        return "constant is not per-channel", None
+    if not np.isfinite(vector).all():
+        return "constant is not finite", None
+    if op.op == "Div" and not vector.all():
+        return "division by zero", None
+    return None, vector
+
+
+@register
+class FuseConvAffine(Pass):
+    name = "fuse_conv_affine"
+    description = "Fold Mul/Div/Add/Sub by a per-channel constant into the preceding Conv."
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        overridable = _overridable_initializers(ctx.template)
+        fused, skipped = Counter(), Counter()
+        for g in iter_graphs(graph):
+            in_graph = {id(n) for n in g.nodes}
+            for conv in list(g.nodes):
+                if conv.op not in _CONV_OPS or not is_default_domain(conv) or not conv.outputs:
+                    continue
+                while True:  # a chain such as Mul then Add folds in one run
+                    y = conv.outputs[0]
+                    ops = [n for n in y.outputs if n.op in _AFFINE_OPS and is_default_domain(n)]
+                    if not ops:
+                        break
+                    reason, vector = self._refusal(conv, ops[0], g, in_graph, overridable)
+                    if reason:
+                        skipped[reason] += 1
+                        break
+                    self._fuse(graph, conv, ops[0], vector)
+                    fused[ops[0].op] += 1
+            g.nodes = [n for n in g.nodes if n.outputs]
+        stats = {"fused": sum(fused.values()), "by_op": dict(fused)}
+        if skipped:
+            stats["skipped"] = dict(skipped)
+        return PassResult(bool(fused), stats)
+
+    @staticmethod
+    def _refusal(conv: gs.Node, op: gs.Node, g: gs.Graph, in_graph: set[int],
+                 overridable: set[str]) -> tuple[str | None, np.ndarray | None]:
+        y = conv.outputs[0]
+        if len(y.outputs) != 1:
+            return "conv output has other consumers", None
+        if any(t is y for t in g.outputs):
+            return "conv output is a graph output", None
+        if id(op) not in in_graph:
+            return f"{op.op} in another scope", None
+        reason = _conv_refusal(conv, overridable)
+        if reason:
+            return reason, None
+        return _affine_refusal(op, conv, overridable)
+
+    @staticmethod
+    def _fuse(graph: gs.Graph, conv: gs.Node, op: gs.Node, c: np.ndarray) -> None:
+        w = np.asarray(conv.inputs[1].values, dtype=np.float64)
+        b = _conv_bias(conv)
+        if op.op == "Mul":
+            w, b = _scale_output_channels(conv, c), b * c
+        elif op.op == "Div":
+            w, b = _scale_output_channels(conv, 1.0 / c), b / c
+        elif op.op == "Add":
+            b = b + c
+        else:
+            b = b - c
+        dtype = np.dtype(conv.inputs[1].dtype)
+        new_w = conv.inputs[1]
+        if op.op in ("Mul", "Div"):
+            new_w = gs.Constant(fresh_name(graph, conv.inputs[1].name), w.astype(dtype))
+        new_b = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_bias"), b.astype(dtype))
+        out = op.outputs[0]
+        op.inputs.clear()
+        op.outputs.clear()
+        x = conv.inputs[0]
+        conv.inputs.clear()
+        conv.inputs.extend([x, new_w, new_b])
+        conv.outputs[0] = out

@@ -1,0 +1,134 @@
+"""Slice merging: two consecutive ``Slice`` nodes on disjoint axes become one ``Slice``.
+
+ONNX ``Slice`` (spec, opsets 10-13, input form): ``Slice(data, starts, ends, axes, steps)`` slices
+each axis ``axes[i]`` (negative: counted from the end; omitted: ``0 .. len(starts)-1``) by
+``starts[i]:ends[i]:steps[i]`` (``steps`` omitted: all 1), clamped to that axis' dimension, and
+leaves the other axes whole. Slicing never changes the rank, and an axis a Slice does not name keeps
+its dimension and its elements. So when ``Y = Slice(X, s1, e1, a1, t1)`` and
+``Z = Slice(Y, s2, e2, a2, t2)`` name disjoint sets of axes, every axis of ``a2`` has in ``Y`` the
+dimension it has in ``X``, each axis is sliced by exactly one of the two, and::
+
+    Z = Slice(X, s1 ++ s2, e1 ++ e2, a1 ++ a2, t1 ++ t2)
+
+with the four lists concatenated (as int64; the axes normalized to non-negative when either node
+uses a negative axis and the rank is known). Two slices of the same axis are never joined.
+
+The second Slice is rewritten in place (it keeps its output tensor) and gets four new initializers
+of its own -- constants may be shared by other nodes, and a first Slice read by two sibling Slices
+yields two independent merged nodes. The first Slice is removed when nothing else reads it.
+
+Refused (stats ``refused``): ``same_axis`` (the two slices share an axis), ``non_constant``
+(starts/ends/axes/steps not all initializers), ``attribute_form`` (opset < 10 Slice with
+attributes), ``rank_unknown`` (a negative axis when the rank is unknown: shape inference covers the
+main graph only).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import (constant_value, drop_disconnected, fresh_name, infer_tensor_types,
+                          is_default_domain)
+
+
+def _drop_if_unused(graph: gs.Graph, node: gs.Node) -> bool:
+    """Disconnect ``node`` when none of its outputs is read or is an output of ``graph``."""
+    outputs = {id(t) for t in graph.outputs}
+    if any(t.outputs or id(t) in outputs for t in node.outputs):
+        return False
+    node.inputs.clear()
+    node.outputs.clear()
+    return True
+
+
+def _params(node: gs.Node) -> list[np.ndarray] | str:
+    """``[starts, ends, axes, steps]`` as int64 vectors, or the reason they are not known."""
+    if "starts" in node.attrs or len(node.inputs) < 3:
+        return "attribute_form"
+    values = []
+    for t in node.inputs[1:5]:
+        v = None if t.is_empty() else constant_value(t)
+        if v is None and not t.is_empty():
+            return "non_constant"
+        values.append(v)
+    values += [None] * (4 - len(values))
+    starts, ends, axes, steps = values
+    n = len(np.ravel(starts))
+    axes = np.arange(n) if axes is None else axes
+    steps = np.ones(n, np.int64) if steps is None else steps
+    return [np.asarray(v, np.int64).ravel() for v in (starts, ends, axes, steps)]
+
+
+class _Ranks:
+    """Rank of a main-graph tensor from shape inference, computed once and only when needed."""
+
+    def __init__(self, graph: gs.Graph, ctx: PassContext):
+        self._main, self._ctx, self._types = graph, ctx, None
+
+    def __call__(self, tensor: gs.Tensor, g: gs.Graph) -> int | None:
+        if g is not self._main:
+            return None
+        if self._types is None:
+            self._types = infer_tensor_types(self._main, self._ctx.template)
+        shape = self._types.get(tensor.name, (None, None))[1]
+        return None if shape is None else len(shape)
+
+
+@register
+class MergeSlice(Pass):
+    name = "merge_slice"
+    description = "Merge two consecutive Slices on disjoint axes into one Slice."
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        merged = removed = 0
+        refused: collections.Counter[str] = collections.Counter()
+        rank_of = _Ranks(graph, ctx)
+        graphs = list(iter_graphs(graph))
+        owner = {id(n): g for g in graphs for n in g.nodes}
+        for g in graphs:
+            g.toposort(recurse_subgraphs=False)
+            for second in list(g.nodes):
+                if second.op != "Slice" or not is_default_domain(second) or not second.outputs:
+                    continue
+                mid = second.inputs[0]
+                if len(mid.inputs) != 1 or mid.inputs[0].op != "Slice" \
+                        or not is_default_domain(mid.inputs[0]):
+                    continue
+                first = mid.inputs[0]
+                fg = owner.get(id(first))
+                if fg is None:
+                    continue
+                p1, p2 = _params(first), _params(second)
+                reason = p1 if isinstance(p1, str) else p2 if isinstance(p2, str) else None
+                if reason:
+                    refused[reason] += 1
+                    continue
+                axes1, axes2 = p1[2], p2[2]
+                if (axes1 < 0).any() or (axes2 < 0).any():
+                    rank = rank_of(mid, fg)
+                    if rank is None:
+                        refused["rank_unknown"] += 1
+                        continue
+                    axes1, axes2 = axes1 % rank, axes2 % rank
+                if set(axes1.tolist()) & set(axes2.tolist()):
+                    refused["same_axis"] += 1
+                    continue
+                x = first.inputs[0]
+                combined = [np.concatenate([u, v]) for u, v in
+                            zip((p1[0], p1[1], axes1, p1[3]), (p2[0], p2[1], axes2, p2[3]))]
+                base = second.outputs[0].name
+                second.inputs.clear()
+                second.inputs.extend([x] + [
+                    gs.Constant(fresh_name(graph, f"{base}_{part}"), values)
+                    for part, values in zip(("starts", "ends", "axes", "steps"), combined)])
+                merged += 1
+                removed += _drop_if_unused(fg, first)
+        for g in graphs:
+            drop_disconnected(g)
+        stats = {"merged": merged, "nodes_removed": removed, "refused": dict(refused)}
+        return PassResult(merged > 0, stats)

@@ -1,0 +1,232 @@
+"""Tests of passes/fold_constants.py: what is folded (constant subexpressions, Shape/Size of static
+shapes, multi-output nodes, subgraphs), what is not (random ops, QDQ, over-size results), and
+generated graphs through the whole lossless pipeline, always compared with onnxruntime on the
+original model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from onnx import TensorProto, helper
+
+from helpers import (all_initializers, assert_same_outputs, initializers, make_branch, make_model,
+                     ops, random_models, run_ort, run_passes)
+from optimizer.pass_manager import PassContext
+from passes import LOSSLESS_PIPELINE
+
+FOLD = ["fold_constants", "eliminate_dead"]
+
+
+def test_folds_a_chain_of_constant_ops():
+    nodes = [helper.make_node("Add", ["A", "B"], ["ab"]),
+             helper.make_node("Mul", ["ab", "C"], ["abc"]),
+             helper.make_node("Cast", ["abc"], ["abc_d"], to=TensorProto.DOUBLE),
+             helper.make_node("Cast", ["abc_d"], ["k"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "k"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [2, 3])], [("y", np.float32, [2, 3])],
+                       {"A": np.arange(6, dtype=np.float32).reshape(2, 3),
+                        "B": np.full(3, 0.5, np.float32), "C": np.array(-2.0, np.float32)})
+    out, records = run_passes(model, FOLD)
+    assert ops(out) == ["Add"]
+    assert list(initializers(out)) == ["k"]
+    assert sum(r.stats.get("nodes_folded", 0) for r in records) == 4
+    assert_same_outputs(model, out)
+
+
+def test_folds_shape_and_size_of_a_static_input():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Shape", ["x"], ["last"], start=-1),
+             helper.make_node("Size", ["x"], ["n"]),
+             helper.make_node("Reshape", ["x", "last"], ["flat_last"]),
+             helper.make_node("ConstantOfShape", ["s"], ["zeros"]),
+             helper.make_node("Cast", ["zeros"], ["zf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "zf"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [2, 3, 4])],
+                       [("y", np.float32, [2, 3, 4]), ("flat_last", np.float32, [24]),
+                        ("n", np.int64, [])], opset=17)
+    out, _ = run_passes(model, FOLD)
+    assert "Shape" not in ops(out) and "ConstantOfShape" not in ops(out)
+    assert sorted(ops(out)) == ["Add", "Constant", "Reshape"]  # Size is a graph output: Constant
+    assert [o.name for o in out.graph.output] == ["y", "flat_last", "n"]
+    assert_same_outputs(model, out)
+
+
+def test_shape_of_a_dynamic_input_is_not_folded():
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, ["batch", 3])], [("y", np.float32, ["batch", 3])])
+    out, _ = run_passes(model, FOLD)
+    assert ops(out) == ["Shape", "Reshape"]
+    assert_same_outputs(model, out, [{"x": np.ones((5, 3), np.float32)}])
+
+
+def test_folds_multi_output_nodes():
+    nodes = [helper.make_node("Split", ["W", "sizes"], ["w0", "w1"], axis=0),
+             helper.make_node("Add", ["x", "w0"], ["y0"]),
+             helper.make_node("Mul", ["x", "w1"], ["y1"])]
+    model = make_model(nodes, [("x", np.float32, [3])], [("y0", np.float32, [3]),
+                                                          ("y1", np.float32, [3])],
+                       {"W": np.arange(6, dtype=np.float32).reshape(2, 3),
+                        "sizes": np.array([1, 1], np.int64)})
+    out, _ = run_passes(model, FOLD)
+    assert ops(out) == ["Add", "Mul"]
+    assert_same_outputs(model, out)
+
+
+def test_folds_inside_if_branches():
+    then_g = make_branch([helper.make_node("Add", ["A", "B"], ["ab"]),
+                          helper.make_node("Mul", ["x", "ab"], ["t_out"])],
+                         [("t_out", np.float32, [3])],
+                         {"A": np.ones(3, np.float32), "B": np.arange(3, dtype=np.float32)})
+    else_g = make_branch([helper.make_node("Neg", ["C"], ["e_out"])], [("e_out", np.float32, [3])],
+                         {"C": np.full(3, 7.0, np.float32)})
+    model = make_model([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+                       [("x", np.float32, [3]), ("cond", np.bool_, [])], [("y", np.float32, [3])])
+    out, _ = run_passes(model, FOLD)
+    branches = {a.name: a.g for a in out.graph.node[0].attribute}
+    assert ops(branches["then_branch"]) == ["Mul"]
+    assert ops(branches["else_branch"]) == ["Constant"]  # the branch output keeps a node
+    x = np.array([1, 2, 3], np.float32)
+    assert_same_outputs(model, out, [{"x": x, "cond": np.array(c)} for c in (True, False)])
+
+
+@pytest.mark.parametrize("op, attrs", [("RandomUniformLike", {}), ("RandomNormalLike", {}),
+                                       ("Bernoulli", {})])
+def test_random_ops_with_constant_inputs_are_not_folded(op, attrs):
+    nodes = [helper.make_node(op, ["P"], ["r"], **attrs), helper.make_node("Add", ["x", "r"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [3])], [("y", np.float32, [3])],
+                       {"P": np.full(3, 0.5, np.float32)})
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == [op, "Add"]
+
+
+def test_random_op_without_inputs_is_not_folded():
+    nodes = [helper.make_node("RandomUniform", [], ["r"], shape=[3], dtype=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "r"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [3])], [("y", np.float32, [3])])
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["RandomUniform", "Add"]
+
+
+def test_dequantize_linear_of_constants_is_kept():
+    nodes = [helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [1, 4])], [("y", np.float32, [1, 2])],
+                       {"q": np.arange(8, dtype=np.int8).reshape(4, 2),
+                        "scale": np.array(0.1, np.float32), "zp": np.array(0, np.int8)})
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["DequantizeLinear", "MatMul"]
+    assert_same_outputs(model, out)
+
+
+def _constant_of_shape_model(n: int) -> onnx.ModelProto:
+    nodes = [helper.make_node("ConstantOfShape", ["s"], ["c"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.25])),
+             helper.make_node("Add", ["x", "c"], ["y"])]
+    return make_model(nodes, [("x", np.float32, [1, n])], [("y", np.float32, [n, n])],
+                      {"s": np.array([n, n], np.int64)})
+
+
+def test_constant_of_shape_over_the_size_limit_stays_a_node():
+    model = _constant_of_shape_model(600)  # 600 * 600 * 4 bytes > 1 MiB
+    out, records = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["ConstantOfShape", "Add"]
+    assert out.ByteSize() < 4096
+    assert any(r.stats.get("refused_over_size_limit") for r in records)
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "passes/fold_constants.py: the size test is `produced > ctx.fold_size_limit`, so a result of "
+    "exactly 1 MiB (512x512 float32) is folded and the 100-byte model becomes a 1 MiB file"))
+def test_constant_of_shape_512x512_float_stays_a_node():
+    model = _constant_of_shape_model(512)
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["ConstantOfShape", "Add"]
+    assert out.ByteSize() < 4096
+
+
+def test_fold_size_limit_option_is_respected():
+    model = _constant_of_shape_model(16)  # 1 KiB
+    out, _ = run_passes(model, FOLD, PassContext(fold_size_limit=512, template=model))
+    assert ops(out) == ["ConstantOfShape", "Add"]
+    out, _ = run_passes(model, FOLD, PassContext(fold_size_limit=2048, template=model))
+    assert ops(out) == ["Add"]
+    assert_same_outputs(model, out)
+
+
+def test_tile_inflating_a_weight_over_the_limit_stays_a_node():
+    nodes = [helper.make_node("Tile", ["W", "reps"], ["t"]), helper.make_node("Add", ["x", "t"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [512, 512])], [("y", np.float32, [512, 512])],
+                       {"W": np.ones((64, 512), np.float32), "reps": np.array([8, 1], np.int64)})
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["Tile", "Add"]
+
+
+def _transpose_model(extra_use: bool) -> onnx.ModelProto:
+    w = np.random.default_rng(0).normal(size=(512, 1024)).astype(np.float32)  # 2 MiB
+    nodes = [helper.make_node("Transpose", ["W"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    outputs = [("y", np.float32, [1, 512])]
+    if extra_use:
+        nodes.append(helper.make_node("MatMul", ["z", "W"], ["y2"]))
+        outputs.append(("y2", np.float32, [1, 1024]))
+    inputs = [("x", np.float32, [1, 1024])] + ([("z", np.float32, [1, 512])] if extra_use else [])
+    return make_model(nodes, inputs, outputs, {"W": w})
+
+
+def test_transpose_of_a_large_weight_is_folded_and_only_the_transpose_stored():
+    model = _transpose_model(extra_use=False)
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["MatMul"]
+    stored = all_initializers(out)
+    assert len(stored) == 1 and list(stored[0].dims) == [1024, 512]
+    assert out.ByteSize() < model.ByteSize() + 4096
+    np.testing.assert_array_equal(initializers(out)[stored[0].name],
+                                  initializers(model)["W"].T)
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "passes/fold_constants.py: the size rule compares the result with the bytes of the constant "
+    "inputs even when those stay alive for other consumers, so Transpose(W) of a 2 MiB W that a "
+    "second MatMul also reads is folded and the file grows from 2 MiB to 4 MiB"))
+def test_transpose_of_a_large_shared_weight_does_not_inflate_the_file():
+    model = _transpose_model(extra_use=True)
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert_same_outputs(model, out)
+    assert out.ByteSize() <= model.ByteSize() + (1 << 20)
+
+
+def test_folded_graph_output_keeps_its_name():
+    nodes = [helper.make_node("Add", ["A", "B"], ["y"]), helper.make_node("Neg", ["x"], ["z"])]
+    model = make_model(nodes, [("x", np.float32, [2])], [("y", np.float32, [2]),
+                                                          ("z", np.float32, [2])],
+                       {"A": np.ones(2, np.float32), "B": np.ones(2, np.float32)})
+    out, _ = run_passes(model, FOLD)
+    assert [o.name for o in out.graph.output] == ["y", "z"]
+    assert sorted(ops(out)) == ["Constant", "Neg"]
+    assert_same_outputs(model, out)
+
+
+def test_unchanged_graph_reports_not_modified():
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", np.float32, [2])],
+                       [("y", np.float32, [2])])
+    _, records = run_passes(model, ["fold_constants"])
+    assert [r.modified for r in records] == [False]
+
+
+@settings(max_examples=30, deadline=None)
+@given(random_models())
+def test_generated_graphs_through_the_lossless_pipeline_match_the_original(model):
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert_same_outputs(model, out)
+    assert len(out.graph.node) <= len(model.graph.node)
+
+
+@settings(max_examples=15, deadline=None)
+@given(random_models())
+def test_generated_graphs_through_fold_constants_alone_match_the_original(model):
+    out, _ = run_passes(model, ["fold_constants"])
+    assert_same_outputs(model, out)

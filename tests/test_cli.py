@@ -1,0 +1,237 @@
+"""Tests of optimizer/cli.py through ``main([...])`` (and once through the ``onnxopt`` console
+script): exit codes 0/1/2, one-line errors without traceback, outputs and JSON reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from helpers import assert_same_outputs, make_model, ops
+from optimizer.cli import main
+from optimizer.pass_manager import REGISTRY, Pass, PassResult
+from optimizer.report import SCHEMA_VERSION
+
+
+def _model(scale: float = 1.0) -> onnx.ModelProto:
+    """Identity, a foldable Add of two initializers, two equal Relus (CSE), a dead branch."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Identity", ["x"], ["xi"]),
+             helper.make_node("Add", ["A", "B"], ["ab"]),
+             helper.make_node("MatMul", ["xi", "ab"], ["m"]),
+             helper.make_node("Relu", ["m"], ["r1"]),
+             helper.make_node("Relu", ["m"], ["r2"]),
+             helper.make_node("Add", ["r1", "r2"], ["y"]),
+             helper.make_node("Neg", ["x"], ["dead"])]
+    return make_model(nodes, [("x", np.float32, ["batch", 4])], [("y", np.float32, ["batch", 3])],
+                      {"A": rng.normal(size=(4, 3)).astype(np.float32) * scale,
+                       "B": rng.normal(size=(4, 3)).astype(np.float32)})
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_model().SerializeToString())
+    return path
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("onnxopt: error: "), err
+    return err
+
+
+def test_optimize_writes_a_smaller_equivalent_model(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(model_path), "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "validation passed" in stdout and f"wrote {out}" in stdout.replace("\n", "")
+    optimized = onnx.load(str(out))
+    onnx.checker.check_model(optimized, full_check=True)
+    assert sorted(ops(optimized)) == ["Add", "MatMul", "Relu"]
+    assert_same_outputs(_model(), optimized)
+
+
+def test_optimize_report_has_the_documented_keys(model_path, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "reports" / "r.json"
+    assert main(["optimize", str(model_path), "-o", str(out), "--report", str(report),
+                 "--quiet", "--input-shape", "x:5x4", "--seed", "7"]) == 0
+    data = json.loads(report.read_text())
+    assert set(data) == {"schema_version", "tool", "tool_version", "command", "model", "output",
+                         "before", "after", "passes", "inputs", "validation", "seconds", "verdict"}
+    assert data["schema_version"] == SCHEMA_VERSION and data["tool"] == "onnxopt"
+    assert data["command"] == "optimize" and data["verdict"] == "passed"
+    assert data["model"] == str(model_path) and data["output"] == str(out)
+    stats_keys = {"nodes", "nodes_total", "op_counts", "subgraphs", "parameters",
+                  "parameter_bytes", "file_bytes", "inputs", "outputs"}
+    assert set(data["before"]) == set(data["after"]) == stats_keys
+    assert data["before"]["nodes"] == 7 and data["after"]["nodes"] == 3  # MatMul, Relu, Add
+    assert data["before"]["file_bytes"] == model_path.stat().st_size
+    assert data["after"]["file_bytes"] == out.stat().st_size
+    assert data["passes"] and all(set(p) == {"name", "iteration", "modified", "stats", "seconds"}
+                                  for p in data["passes"])
+    assert data["inputs"] == {"source": "synthesized", "seed": 7,
+                              "feeds": [{"x": {"shape": [5, 4], "dtype": "float32"}}]}
+    v = data["validation"]
+    assert set(v) == {"passed", "mode", "atol", "rtol", "max_drift", "feeds", "reason", "outputs"}
+    assert v["passed"] is True and v["mode"] == "lossless"
+    assert set(v["outputs"][0]) == {"name", "dtype", "shape", "candidate_dtype", "candidate_shape",
+                                    "max_abs", "max_rel", "mean_abs", "cosine", "snr_db",
+                                    "tolerance", "passed", "reason"}
+    assert isinstance(data["seconds"], float)
+    assert [f.name for f in report.parent.iterdir()] == ["r.json"]
+
+
+def test_optimize_with_inputs_file(model_path, tmp_path):
+    np.savez(tmp_path / "feed.npz", x=np.ones((3, 4), np.float32))
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--quiet",
+                 "--inputs", str(tmp_path / "feed.npz"), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["inputs"]["source"] == str(tmp_path / "feed.npz")
+    assert data["inputs"]["feeds"] == [{"x": {"shape": [3, 4], "dtype": "float32"}}]
+
+
+def test_optimize_passes_and_skip_select_the_pipeline(model_path, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--quiet",
+                 "--passes", "remove_identity,cse", "--skip", "cse", "--report", str(report)]) == 0
+    assert {p["name"] for p in json.loads(report.read_text())["passes"]} == {"remove_identity"}
+    assert sorted(ops(onnx.load(str(tmp_path / "o.onnx")))) == [
+        "Add", "Add", "MatMul", "Neg", "Relu", "Relu"]
+
+
+def test_no_validate_reports_not_validated(model_path, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--no-validate",
+                 "--quiet", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["validation"] is None and data["verdict"] == "not validated"
+
+
+class _CorruptValues(Pass):
+    """Test-only pass that changes a weight: validation must catch it."""
+
+    name = "test_corrupt_values"
+    description = "adds 1 to every initializer"
+
+    def run(self, graph, ctx):
+        for t in graph.tensors().values():
+            if hasattr(t, "values") and t.dtype == np.float32:
+                t.values = np.asarray(t.values) + 1
+        return PassResult(True)
+
+
+@pytest.mark.parametrize("keep_invalid", [False, True])
+def test_failed_validation_exits_1_and_writes_nothing(model_path, tmp_path, monkeypatch, capsys,
+                                                      keep_invalid):
+    monkeypatch.setitem(REGISTRY, _CorruptValues.name, _CorruptValues)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = ["optimize", str(model_path), "-o", str(out), "--passes", _CorruptValues.name,
+            "--report", str(report)]
+    assert main(argv + (["--keep-invalid"] if keep_invalid else [])) == 1
+    assert out.exists() == keep_invalid
+    assert "validation FAILED" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["verdict"] == "failed" and data["validation"]["passed"] is False
+    assert "'y'" in data["validation"]["reason"]
+
+
+def test_validate_same_model_exits_0_different_models_exit_1(model_path, tmp_path, capsys):
+    other = tmp_path / "other.onnx"
+    other.write_bytes(_model(scale=2.0).SerializeToString())
+    assert main(["validate", str(model_path), str(model_path), "--quiet"]) == 0
+    report = tmp_path / "r.json"
+    assert main(["validate", str(model_path), str(other), "--report", str(report)]) == 1
+    assert "validation FAILED" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["command"] == "validate" and data["verdict"] == "failed"
+    assert data["output"] == str(other)
+    # the lossy criterion accepts a different model only if the cosine is high enough
+    assert main(["validate", str(model_path), str(other), "--lossy", "--max-drift", "0.9999",
+                 "--quiet"]) == 1
+
+
+def test_inspect_and_passes(model_path, capsys):
+    assert main(["inspect", str(model_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "MatMul" in out and "IR version 8" in out
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    from passes import LOSSLESS_PIPELINE
+    for name in LOSSLESS_PIPELINE:
+        assert name in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["optimize", "{missing}", "-o", "{out}"],
+    ["inspect", "{missing}"],
+    ["validate", "{model}", "{missing}"],
+    ["optimize", "{model}", "-o", "{out}", "--input-shape", "x:2xx4"],
+    ["optimize", "{model}", "-o", "{out}", "--input-shape", "nope:2x4"],
+    ["validate", "{model}", "{model}", "--input-shape", "x"],
+    ["optimize", "{model}", "-o", "{out}", "--passes", "cse,no_such_pass"],
+    ["optimize", "{model}", "-o", "{out}", "--skip", "no_such_pass"],
+    ["optimize", "{model}", "-o", "{out}", "--prune-threshold", "-1"],
+    ["optimize", "{model}", "-o", "{out}", "--inputs", "{missing}"],
+    ["optimize", "{garbage}", "-o", "{out}"],
+])
+def test_usage_errors_exit_2_with_one_error_line(model_path, tmp_path, capsys, argv):
+    (tmp_path / "garbage.onnx").write_bytes(b"garbage")
+    names = {"missing": str(tmp_path / "m.onnx"), "out": str(tmp_path / "o.onnx"),
+             "model": str(model_path), "garbage": str(tmp_path / "garbage.onnx")}
+    assert main([a.format(**names) for a in argv]) == 2
+    _error_line(capsys)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_equal_to_the_input_is_refused_and_the_input_untouched(model_path, tmp_path, capsys):
+    before = model_path.read_bytes()
+    mtime = model_path.stat().st_mtime_ns
+    os.symlink(model_path, tmp_path / "link.onnx")
+    (tmp_path / "sub").mkdir()
+    spellings = [str(model_path), str(tmp_path / "sub" / ".." / "model.onnx"),
+                 str(tmp_path / "link.onnx")]
+    for spelling in spellings:
+        assert main(["optimize", str(model_path), "-o", spelling]) == 2
+        assert "refusing to overwrite" in _error_line(capsys)
+    os.link(model_path, tmp_path / "hard.onnx")
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "hard.onnx"), "--quiet"]) == 2
+    assert "refusing to overwrite" in _error_line(capsys)
+    assert model_path.read_bytes() == before and model_path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.onnx", "link.onnx", "model.onnx",
+                                                          "sub"]
+
+
+def test_long_error_message_stays_on_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    missing = tmp_path / ("a_rather_long_model_name_" * 4 + ".onnx")
+    assert main(["inspect", str(missing)]) == 2
+    err = _error_line(capsys)
+    assert err.count("\n") == 1 and err.endswith("no such file\n"), repr(err)
+
+
+def test_console_script(model_path, tmp_path):
+    exe = Path(sys.executable).with_name("onnxopt")
+    if not exe.exists():
+        exe = shutil.which("onnxopt")
+    out = tmp_path / "out.onnx"
+    env = dict(os.environ, COLUMNS="200")
+    ok = subprocess.run([str(exe), "optimize", str(model_path), "-o", str(out), "--quiet"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert out.is_file() and ok.stderr == ""
+    bad = subprocess.run([str(exe), "inspect", str(tmp_path / "none.onnx")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("onnxopt: error:") and "Traceback" not in bad.stderr
+    assert bad.stderr.count("\n") == 1
