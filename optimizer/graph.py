@@ -114,10 +114,30 @@ def make_names_unique(graph: gs.Graph) -> int:
     return renamed
 
 
+#: Attribute of an imported ``gs.Graph`` holding the default values of graph inputs that are also
+#: initializers (overridable initializers, IR < 4 style), restored by ``export_graph``.
+_INPUT_DEFAULTS = "_onnxopt_input_defaults"
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import ``model`` into onnx-graphsurgeon, make tensor names unique across scopes and lower
-    its Constant nodes to initializers."""
+    its Constant nodes to initializers.
+
+    A graph input that is also an initializer is a value the caller may override: it is imported
+    as a plain input (a ``gs.Variable``, so no pass treats it as constant) and its initializer is
+    put back by ``export_graph``.
+    """
+    input_names = {i.name for i in model.graph.input}
+    defaults = [init for init in model.graph.initializer if init.name in input_names]
+    if defaults:
+        stripped = onnx.ModelProto()
+        stripped.CopyFrom(model)
+        keep = [init for init in stripped.graph.initializer if init.name not in input_names]
+        del stripped.graph.initializer[:]
+        stripped.graph.initializer.extend(keep)
+        model = stripped
     graph = gs.import_onnx(model)
+    setattr(graph, _INPUT_DEFAULTS, defaults)
     make_names_unique(graph)
     lower_constant_nodes(graph)
     return graph
@@ -177,6 +197,7 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph.toposort(recurse_subgraphs=True)
     model = gs.export_onnx(graph, do_type_check=False)
+    model.graph.initializer.extend(getattr(graph, _INPUT_DEFAULTS, []))
     _hoist_outer_initializers(model.graph, _shared_constants(graph))
     _strip_value_info(model.graph)
     model.ir_version = template.ir_version

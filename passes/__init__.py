@@ -13,5 +13,7 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 #: The default, lossless pipeline, repeated to a fixed point.
-LOSSLESS_PIPELINE = ["fold_constants", "remove_identity", "cse", "dedup_initializers",
-                     "eliminate_dead"]
+LOSSLESS_PIPELINE = [
+    "fold_constants", "remove_identity", "fuse_conv_affine", "fuse_conv_bn", "cse",
+    "dedup_initializers", "eliminate_dead",
+]

@@ -22,8 +22,8 @@ The branch not taken is disconnected, so that outer tensors no longer list its n
 Branch tensors whose names clash with a name elsewhere in the model are renamed.
 
 Refusals (counted in the statistics under ``refused``): the condition is not an initializer
-(``condition_not_constant``), is an initializer that is also a graph input and may be overridden
-(``condition_is_graph_input``), does not hold exactly one element
+(``condition_not_constant``; a graph input that is also an initializer is imported as a plain input
+by ``optimizer.graph.import_graph``, so it lands here), does not hold exactly one element
 (``condition_not_single_element``); the branch declares inputs (``branch_has_inputs``) or a number
 of outputs different from the ``If``'s (``output_count_mismatch``).
 """
@@ -40,14 +40,12 @@ from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import constant_value, fresh_name, is_default_domain, replace_uses
 
 
-def _refusal(node: gs.Node, graph_inputs: set[int]) -> str | None:
+def _refusal(node: gs.Node) -> str | None:
     """Why the If ``node`` cannot be inlined, or None when it can."""
     cond = node.inputs[0] if node.inputs else None
     value = constant_value(cond) if cond is not None else None
     if value is None:
         return "condition_not_constant"
-    if id(cond) in graph_inputs:
-        return "condition_is_graph_input"
     if np.asarray(value).size != 1:
         return "condition_not_single_element"
     branch = _chosen_branch(node)
@@ -93,6 +91,10 @@ def _rename_clashes(root: gs.Graph, branch: gs.Graph) -> int:
     renamed = 0
     for t in own.values():
         if not t.is_empty() and t.name in taken:
+            if isinstance(t, gs.Constant):
+                # load lazily stored values: exporting a lazy Constant renames the TensorProto
+                # it was imported from, which belongs to the caller's model
+                t.values = np.asarray(t.values)
             t.name = fresh_name(root, t.name)
             renamed += 1
     return renamed
@@ -140,7 +142,6 @@ class InlineIf(Pass):
     description = "Replace an If whose condition is constant by the branch it selects."
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        graph_inputs = {id(t) for g in iter_graphs(graph) for t in g.inputs}
         inlined = moved = 0
         refused: Counter[str] = Counter()
         for g in iter_graphs(graph):
@@ -150,7 +151,7 @@ class InlineIf(Pass):
                 if node.op != "If" or not is_default_domain(node):
                     i += 1
                     continue
-                reason = _refusal(node, graph_inputs)
+                reason = _refusal(node)
                 if reason is not None:
                     refused[reason] += 1
                     i += 1

@@ -25,7 +25,7 @@ Refused (stats ``refused``): ``not_exact_widening`` (B loses values of A; e.g. f
 -> float32 rounds), ``float_to_integer`` (A is a float type and C an integer type other than A:
 the spec leaves out-of-range float-to-integer conversion undefined, and the two conversions take
 different code paths), ``input_dtype_unknown`` (A is known from an initializer, a main-graph input,
-a producing Cast or main-graph shape inference -- never from declared value_info),
+a producing Cast or shape inference of the main graph's tensors -- never from declared value_info),
 ``attributes`` (a Cast attribute other than ``to``, e.g. float8 ``saturate``),
 .
 """
@@ -83,17 +83,22 @@ class _InputTypes:
     """The ONNX element type of a Cast's input, from trusted sources only (see the docstring)."""
 
     def __init__(self, graph: gs.Graph, ctx: PassContext):
-        self._main, self._ctx, self._inferred = graph, ctx, None
+        self._main, self._ctx, self._inferred, self._tensors = graph, ctx, None, None
 
-    def __call__(self, tensor: gs.Tensor, g: gs.Graph) -> int | None:
+    def _main_tensors(self) -> dict[str, gs.Tensor]:
+        if self._tensors is None:
+            self._tensors = self._main.tensors()
+        return self._tensors
+
+    def __call__(self, tensor: gs.Tensor) -> int | None:
         if isinstance(tensor, gs.Constant):
             return _onnx_type(tensor.dtype)
         if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Cast" \
                 and is_default_domain(tensor.inputs[0]):
             return int(tensor.inputs[0].attrs["to"])
-        if g is not self._main:
-            return None
-        if any(t is tensor for t in g.inputs):
+        if self._main_tensors().get(tensor.name) is not tensor:
+            return None  # a subgraph's own tensor: shape inference covers the main graph only
+        if any(t is tensor for t in self._main.inputs):
             return _onnx_type(tensor.dtype) if tensor.dtype is not None else None
         if self._inferred is None:
             self._inferred = infer_tensor_types(self._main, self._ctx.template)
@@ -139,7 +144,7 @@ class MergeCast(Pass):
                     refused["attributes"] += 1
                     continue
                 x = first.inputs[0]
-                a, b, c = input_type(x, fg), int(first.attrs["to"]), int(second.attrs["to"])
+                a, b, c = input_type(x), int(first.attrs["to"]), int(second.attrs["to"])
                 reason = _refusal(a, b, c)
                 if reason:
                     refused[reason] += 1

@@ -70,17 +70,22 @@ class _Shapes:
     """Shapes of main-graph tensors from shape inference, computed once and only when needed."""
 
     def __init__(self, graph: gs.Graph, ctx: PassContext):
-        self._main, self._ctx, self._types = graph, ctx, None
+        self._main, self._ctx, self._types, self._tensors = graph, ctx, None, None
 
-    def __call__(self, tensor: gs.Tensor, g: gs.Graph) -> tuple | None:
-        if g is not self._main:
-            return None
+    def _main_tensors(self) -> dict[str, gs.Tensor]:
+        if self._tensors is None:
+            self._tensors = self._main.tensors()
+        return self._tensors
+
+    def __call__(self, tensor: gs.Tensor) -> tuple | None:
+        if self._main_tensors().get(tensor.name) is not tensor:
+            return None  # a subgraph's own tensor
         if self._types is None:
             self._types = infer_tensor_types(self._main, self._ctx.template)
         return self._types.get(tensor.name, (None, None))[1]
 
-    def rank(self, tensor: gs.Tensor, g: gs.Graph) -> int | None:
-        shape = self(tensor, g)
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self(tensor)
         return None if shape is None else len(shape)
 
 
@@ -121,7 +126,7 @@ def _normalized_axes(node: gs.Node, rank: int | None, shape: tuple | None) -> se
     return {a % out_rank for a in axes}
 
 
-def _combine(first: gs.Node, second: gs.Node, shapes: _Shapes, g: gs.Graph
+def _combine(first: gs.Node, second: gs.Node, shapes: _Shapes
              ) -> tuple[str | None, list[int]] | str:
     """The op and axes equivalent to ``second(first(X))`` (op None: the identity), or a reason."""
     x, mid = first.inputs[0], second.inputs[0]
@@ -130,12 +135,12 @@ def _combine(first: gs.Node, second: gs.Node, shapes: _Shapes, g: gs.Graph
         return None, []  # same length, so negative axes normalize against the same rank
     needs_rank = any(isinstance(a, list) and min(a, default=0) < 0 or a is None
                      for a in (_raw_axes(first), _raw_axes(second)))
-    rank = shapes.rank(x, g) if needs_rank else None
-    a = _normalized_axes(first, rank, shapes(x, g) if needs_rank else None)
+    rank = shapes.rank(x) if needs_rank else None
+    a = _normalized_axes(first, rank, shapes(x) if needs_rank else None)
     if isinstance(a, str):
         return a
     mid_rank = None if rank is None else rank + len(a) * (1 if first.op == "Unsqueeze" else -1)
-    b = _normalized_axes(second, mid_rank, shapes(mid, g) if needs_rank else None)
+    b = _normalized_axes(second, mid_rank, shapes(mid) if needs_rank else None)
     if isinstance(b, str):
         return b
     if first.op == second.op == "Squeeze":
@@ -163,7 +168,7 @@ def _set_axes(graph: gs.Graph, node: gs.Node, op: str, x: gs.Tensor, axes: list[
         node.attrs["axes"] = axes
 
 
-def _resolved_shape(second: gs.Node, shapes: _Shapes, g: gs.Graph) -> np.ndarray | None | str:
+def _resolved_shape(second: gs.Node, shapes: _Shapes) -> np.ndarray | None | str:
     """The outer Reshape's target shape with its 0 entries resolved (None: no 0 to resolve), or a
     refusal reason."""
     target = constant_value(second.inputs[1])
@@ -172,7 +177,7 @@ def _resolved_shape(second: gs.Node, shapes: _Shapes, g: gs.Graph) -> np.ndarray
     target = np.asarray(target)
     if second.attrs.get("allowzero", 0) or not (target == 0).any():
         return None
-    mid_shape = shapes(second.inputs[0], g)
+    mid_shape = shapes(second.inputs[0])
     resolved = target.copy()
     for i in np.flatnonzero(target == 0):
         if mid_shape is None or i >= len(mid_shape) or not mid_shape[i]:
@@ -211,7 +216,7 @@ class MergeReshape(Pass):
                     continue
                 x = first.inputs[0]
                 if second.op == "Reshape":
-                    target = _resolved_shape(second, shapes, fg)
+                    target = _resolved_shape(second, shapes)
                     if isinstance(target, str):
                         refused[target] += 1
                         continue
@@ -221,7 +226,7 @@ class MergeReshape(Pass):
                             fresh_name(graph, f"{second.outputs[0].name}_shape"), target)
                     merged += 1
                 else:
-                    plan = _combine(first, second, shapes, fg)
+                    plan = _combine(first, second, shapes)
                     if isinstance(plan, str):
                         refused[plan] += 1
                         continue

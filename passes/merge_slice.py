@@ -65,14 +65,19 @@ def _params(node: gs.Node) -> list[np.ndarray] | str:
 
 
 class _Ranks:
-    """Rank of a main-graph tensor from shape inference, computed once and only when needed."""
+    """Rank of a main-graph tensor (by object, not just name) from shape inference, computed once and only when needed."""
 
     def __init__(self, graph: gs.Graph, ctx: PassContext):
-        self._main, self._ctx, self._types = graph, ctx, None
+        self._main, self._ctx, self._types, self._tensors = graph, ctx, None, None
 
-    def __call__(self, tensor: gs.Tensor, g: gs.Graph) -> int | None:
-        if g is not self._main:
-            return None
+    def _main_tensors(self) -> dict[str, gs.Tensor]:
+        if self._tensors is None:
+            self._tensors = self._main.tensors()
+        return self._tensors
+
+    def __call__(self, tensor: gs.Tensor) -> int | None:
+        if self._main_tensors().get(tensor.name) is not tensor:
+            return None  # a subgraph's own tensor
         if self._types is None:
             self._types = infer_tensor_types(self._main, self._ctx.template)
         shape = self._types.get(tensor.name, (None, None))[1]
@@ -110,7 +115,8 @@ class MergeSlice(Pass):
                     continue
                 axes1, axes2 = p1[2], p2[2]
                 if (axes1 < 0).any() or (axes2 < 0).any():
-                    rank = rank_of(mid, fg)
+                    rank = rank_of(mid)
+                    rank = rank_of(first.inputs[0]) if rank is None else rank  # Slice keeps it
                     if rank is None:
                         refused["rank_unknown"] += 1
                         continue

@@ -389,7 +389,7 @@ def _slice(node: gs.Node, f: _Facts) -> Verdict:
         dim = shape[axis]
         if dim is None:
             return "input dim not static"
-        if start > -dim or end < dim:
+        if (start != 0 and start > -dim) or end < dim:
             return None
     return x
 

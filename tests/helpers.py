@@ -228,15 +228,17 @@ def random_models():
                 nodes.append(helper.make_node(op, [a[0]], [out]))
                 shape = a[1]
             elif kind == "dup":
-                if not nodes:
+                shapes = dict(produced)
+                candidates = [n for n in nodes if n.output[0] in shapes]
+                if not candidates:
                     continue
-                src = draw(st.sampled_from(nodes))
+                src = draw(st.sampled_from(candidates))
                 copy = onnx.NodeProto()
                 copy.CopyFrom(src)
                 del copy.output[:]
                 copy.output.append(out)
                 nodes.append(copy)
-                shape = dict(produced)[src.output[0]]
+                shape = shapes[src.output[0]]
             elif kind == "shape":
                 a = draw(st.sampled_from(pool))
                 s = fresh("s")
@@ -253,7 +255,6 @@ def random_models():
                 mid = fresh()
                 nodes += [helper.make_node("Transpose", [a[0]], [mid], perm=[1, 0]),
                           helper.make_node("Transpose", [mid], [out], perm=[1, 0])]
-                pool.append((mid, a[1][::-1]))
                 shape = a[1]
             pool.append((out, shape))
             produced.append((out, shape))

@@ -235,3 +235,24 @@ def test_console_script(model_path, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.startswith("onnxopt: error:") and "Traceback" not in bad.stderr
     assert bad.stderr.count("\n") == 1
+
+
+def test_external_data_option_writes_out_data_and_reloads(model_path, tmp_path):
+    from optimizer.io import load_model
+
+    out = tmp_path / "ext" / "out.onnx"
+    assert main(["optimize", str(model_path), "-o", str(out), "--external-data", "--quiet"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert_same_outputs(_model(), load_model(out))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "optimizer/cli.py _cmd_optimize/_cmd_validate: --report is written with Report.write_json, "
+    "which does not refuse the input model's path, so `--report MODEL` replaces the input model "
+    "with JSON (exit 0)"))
+def test_report_path_equal_to_the_input_model_is_refused(model_path, tmp_path, capsys):
+    before = model_path.read_bytes()
+    code = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--quiet",
+                 "--report", str(model_path)])
+    assert model_path.read_bytes() == before
+    assert code == 2

@@ -214,13 +214,18 @@ def test_model_stats_counts():
                       "parameter_bytes", "file_bytes", "inputs", "outputs"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optimizer/graph.py import_graph: onnx-graphsurgeon's import drops a graph input that is also "
-    "an initializer (an overridable default, IR >= 4), so export removes input 'W' from the "
-    "interface and passes may fold the default value in"))
-def test_round_trip_keeps_an_initializer_that_is_also_a_graph_input():
+def test_initializer_that_is_also_a_graph_input_stays_overridable():
+    """An initializer listed as a graph input is a default the caller may override (IR >= 4): the
+    round trip keeps the input, and the lossless passes must not fold its default value in."""
+    from helpers import run_passes, session
+    from passes import LOSSLESS_PIPELINE
+
     model = make_model([helper.make_node("Neg", ["W"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])],
                        [("x", np.float32, [3]), ("W", np.float32, [3])], [("y", np.float32, [3])],
                        {"W": np.ones(3, np.float32)})
-    out = round_trip(model)
+    assert [i.name for i in round_trip(model).graph.input] == ["x", "W"]
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
     assert [i.name for i in out.graph.input] == ["x", "W"]
+    feed = {"x": np.zeros(3, np.float32), "W": np.full(3, 5.0, np.float32)}
+    np.testing.assert_array_equal(session(out).run(None, feed)[0], session(model).run(None, feed)[0])
+    np.testing.assert_array_equal(session(out).run(None, {"x": feed["x"]})[0], -np.ones(3))

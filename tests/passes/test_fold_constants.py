@@ -39,17 +39,18 @@ def test_folds_shape_and_size_of_a_static_input():
     nodes = [helper.make_node("Shape", ["x"], ["s"]),
              helper.make_node("Shape", ["x"], ["last"], start=-1),
              helper.make_node("Size", ["x"], ["n"]),
-             helper.make_node("Reshape", ["x", "last"], ["flat_last"]),
+             helper.make_node("Reshape", ["x", "s"], ["same"]),
              helper.make_node("ConstantOfShape", ["s"], ["zeros"]),
              helper.make_node("Cast", ["zeros"], ["zf"], to=TensorProto.FLOAT),
-             helper.make_node("Add", ["x", "zf"], ["y"])]
+             helper.make_node("Add", ["same", "zf"], ["y"])]
     model = make_model(nodes, [("x", np.float32, [2, 3, 4])],
-                       [("y", np.float32, [2, 3, 4]), ("flat_last", np.float32, [24]),
+                       [("y", np.float32, [2, 3, 4]), ("last", np.int64, [1]),
                         ("n", np.int64, [])], opset=17)
     out, _ = run_passes(model, FOLD)
     assert "Shape" not in ops(out) and "ConstantOfShape" not in ops(out)
-    assert sorted(ops(out)) == ["Add", "Constant", "Reshape"]  # Size is a graph output: Constant
-    assert [o.name for o in out.graph.output] == ["y", "flat_last", "n"]
+    # Shape(start=-1) and Size are graph outputs: they become Constant nodes
+    assert sorted(ops(out)) == ["Add", "Constant", "Constant", "Reshape"]
+    assert [o.name for o in out.graph.output] == ["y", "last", "n"]
     assert_same_outputs(model, out)
 
 
@@ -65,8 +66,8 @@ def test_folds_multi_output_nodes():
     nodes = [helper.make_node("Split", ["W", "sizes"], ["w0", "w1"], axis=0),
              helper.make_node("Add", ["x", "w0"], ["y0"]),
              helper.make_node("Mul", ["x", "w1"], ["y1"])]
-    model = make_model(nodes, [("x", np.float32, [3])], [("y0", np.float32, [3]),
-                                                          ("y1", np.float32, [3])],
+    model = make_model(nodes, [("x", np.float32, [3])], [("y0", np.float32, [1, 3]),
+                                                          ("y1", np.float32, [1, 3])],
                        {"W": np.arange(6, dtype=np.float32).reshape(2, 3),
                         "sizes": np.array([1, 1], np.int64)})
     out, _ = run_passes(model, FOLD)
@@ -158,8 +159,8 @@ def test_fold_size_limit_option_is_respected():
 
 def test_tile_inflating_a_weight_over_the_limit_stays_a_node():
     nodes = [helper.make_node("Tile", ["W", "reps"], ["t"]), helper.make_node("Add", ["x", "t"], ["y"])]
-    model = make_model(nodes, [("x", np.float32, [512, 512])], [("y", np.float32, [512, 512])],
-                       {"W": np.ones((64, 512), np.float32), "reps": np.array([8, 1], np.int64)})
+    model = make_model(nodes, [("x", np.float32, [1024, 512])], [("y", np.float32, [1024, 512])],
+                       {"W": np.ones((64, 512), np.float32), "reps": np.array([16, 1], np.int64)})
     out, _ = run_passes(model, LOSSLESS_PIPELINE)
     assert ops(out) == ["Tile", "Add"]
 
@@ -185,7 +186,8 @@ def test_transpose_of_a_large_weight_is_folded_and_only_the_transpose_stored():
     assert out.ByteSize() < model.ByteSize() + 4096
     np.testing.assert_array_equal(initializers(out)[stored[0].name],
                                   initializers(model)["W"].T)
-    assert_same_outputs(model, out)
+    # MatMul on a transposed layout sums in another order: float32 rounding differs
+    assert_same_outputs(model, out, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -195,7 +197,7 @@ def test_transpose_of_a_large_weight_is_folded_and_only_the_transpose_stored():
 def test_transpose_of_a_large_shared_weight_does_not_inflate_the_file():
     model = _transpose_model(extra_use=True)
     out, _ = run_passes(model, LOSSLESS_PIPELINE)
-    assert_same_outputs(model, out)
+    assert_same_outputs(model, out, rtol=1e-4, atol=1e-4)
     assert out.ByteSize() <= model.ByteSize() + (1 << 20)
 
 

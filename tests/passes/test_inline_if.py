@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import (all_graphs, all_initializers, assert_same_outputs, make_branch, make_model,
-                     run_passes)
+                     run_passes, session)
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 
@@ -200,19 +200,19 @@ def test_constant_if_inside_loop_body_writes_body_output():
     assert_same_outputs(original, optimized, _feeds())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optimizer/graph.py import_graph: gs.import_onnx drops graph inputs that are also "
-    "initializers, so the condition becomes a plain constant and the input leaves the interface"))
 def test_condition_that_is_a_graph_input_initializer_is_refused():
+    """An initializer that is also a graph input may be overridden by the caller: not constant."""
     then, other = _branches()
     original = make_model(
         [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
         [X, ("c", np.bool_, [])], [("y", np.float32, [1, 3])], {"c": np.array(True)})
     optimized, records = run_passes(original, ["inline_if"])
     assert _count(optimized, "If") == 1
-    assert records[0].stats["refused"] == {"condition_is_graph_input": 1}
+    assert records[0].stats["refused"] == {"condition_not_constant": 1}
+    assert [i.name for i in optimized.graph.input] == ["x", "c"]
     feed = {"x": _feeds()[0]["x"], "c": np.array(False)}
-    assert_same_outputs(original, optimized, [feed])
+    np.testing.assert_allclose(session(optimized).run(None, feed)[0],
+                               session(original).run(None, feed)[0])
 
 
 def test_outer_tensor_read_by_discarded_branch_loses_that_consumer():
@@ -227,3 +227,51 @@ def test_outer_tensor_read_by_discarded_branch_loses_that_consumer():
     get_pass("inline_if").run(graph, PassContext(template=original))
     x = graph.inputs[0]
     assert [n.op for n in x.outputs] == ["Add"]
+
+
+def test_branch_reading_a_loop_body_input():
+    """The If sits in a Loop body and its chosen branch reads the body's carried input."""
+    then = make_branch([helper.make_node("Add", ["v_in", "c_then"], ["t_out"])],
+                       [("t_out", np.float32, None)], {"c_then": np.full([3], 2.0, np.float32)},
+                       name="then")
+    other = make_branch([helper.make_node("Mul", ["v_in", "x"], ["e_out"])],
+                        [("e_out", np.float32, None)], name="else")
+    body = helper.make_graph(
+        [helper.make_node("If", ["c"], ["v_if"], then_branch=then, else_branch=other),
+         helper.make_node("Mul", ["v_if", "x"], ["v_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 3])],
+        [onnx.numpy_helper.from_array(np.array(True), "c")])
+    original = make_model(
+        [helper.make_node("Loop", ["n", "true", "x"], ["v"], body=body)],
+        [X], [("v", np.float32, [1, 3])], {"n": np.array(3, np.int64), "true": np.array(True)})
+    optimized, _ = run_passes(original, PIPELINE)
+    assert _count(optimized, "If") == 0
+    assert_same_outputs(original, optimized, _feeds())
+
+
+def test_branch_tensor_whose_name_clashes_is_renamed():
+    """A branch tensor named like a main-graph tensor (possible only after a rewrite, import makes
+    names unique) is renamed when the branch moves into the main graph."""
+    from optimizer.graph import export_graph, import_graph
+    from optimizer.pass_manager import PassContext, get_pass
+
+    original = shape_condition_model()
+    work = onnx.ModelProto()
+    work.CopyFrom(original)  # renaming a lazily loaded initializer renames it in the proto
+    graph = import_graph(work)
+    if_node = next(n for n in graph.nodes if n.op == "If")
+    if_node.attrs["then_branch"].nodes[0].inputs[1].name = "z"  # c_then
+    get_pass("fold_constants").run(graph, PassContext(template=original))
+    result = get_pass("inline_if").run(graph, PassContext(template=original))
+    assert result.stats["ifs_inlined"] == 1
+    optimized = export_graph(graph, original)
+    assert [i.name for i in optimized.graph.initializer] != ["z"]
+    assert [o.name for o in optimized.graph.output] == ["y", "z"]
+    onnx.checker.check_model(optimized, full_check=True)
+    assert_same_outputs(original, optimized, _feeds())

@@ -1,0 +1,257 @@
+"""Tests of passes/merge_reshape.py: shape-only ops feeding a Reshape, and Squeeze/Unsqueeze pairs,
+merged into one op (compared with the original on onnxruntime, in both axes forms: attribute below
+opset 13, input from 13); every refusal refused; If branches; real models through the pipeline."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from helpers import (all_graphs, assert_same_outputs, initializers, make_branch, make_model, ops,
+                     output_names, random_feed, run_once, run_passes)
+from optimizer import optimize
+from passes import LOSSLESS_PIPELINE
+from tools import zoo
+
+
+def _out(name, rank):
+    return (name, np.float32, [f"{name}_{i}" for i in range(rank)])
+
+
+def _axes_node(op, inp, out, axes, opset, inits):
+    """Squeeze/Unsqueeze in the opset's form; axes None: omitted."""
+    if axes is None:
+        return helper.make_node(op, [inp], [out])
+    if opset < 13:
+        return helper.make_node(op, [inp], [out], axes=list(axes))
+    inits[f"{out}_axes"] = np.array(axes, np.int64)
+    return helper.make_node(op, [inp, f"{out}_axes"], [out])
+
+
+def _reshape(inp, out, shape, inits, **attrs):
+    inits[f"{out}_shape"] = np.array(shape, np.int64)
+    return helper.make_node("Reshape", [inp, f"{out}_shape"], [out], **attrs)
+
+
+def _pair_model(op1, a1, op2, a2, shape, opset, relu=False):
+    """X [-> Relu] -> op1(a1) -> op2(a2) -> Y."""
+    inits, nodes = {}, [helper.make_node("Relu", ["X"], ["R"])] if relu else []
+    nodes += [_axes_node(op1, "R" if relu else "X", "A", a1, opset, inits),
+              _axes_node(op2, "A", "Y", a2, opset, inits)]
+    model = make_model(nodes, [("X", np.float32, shape)], [("Y", np.float32, None)], inits,
+                       opset=opset, check=False)
+    return model
+
+
+# (op1, axes1, op2, axes2, input shape, ops left after the pass)
+_PAIRS = [
+    ("Unsqueeze", [0], "Unsqueeze", [1], [3, 4], ["Unsqueeze"]),
+    ("Unsqueeze", [1, -1], "Unsqueeze", [0, 3], [3, 4], ["Unsqueeze"]),
+    ("Unsqueeze", [2], "Unsqueeze", [-1, 0], [3, 4], ["Unsqueeze"]),
+    ("Squeeze", [0], "Squeeze", [1], [1, 3, 1, 4], ["Squeeze"]),
+    ("Squeeze", [-1], "Squeeze", [0], [1, 3, 1], ["Squeeze"]),
+    ("Squeeze", [2, 0], "Squeeze", [-1], [1, 3, 1, 4, 1], ["Squeeze"]),
+    ("Squeeze", None, "Squeeze", [0], [1, 1, 3, 1, 4], None),  # no 1 left after Squeeze()
+    ("Squeeze", [1], "Unsqueeze", [1], [3, 1, 4], ["Relu"]),
+    ("Squeeze", [-1], "Unsqueeze", [2], [3, 4, 1], ["Relu"]),
+    ("Squeeze", None, "Unsqueeze", [0, 2], [1, 3, 1, 4], ["Relu"]),
+    ("Unsqueeze", [0, 2], "Squeeze", [2], [3, 4], ["Unsqueeze"]),
+    ("Unsqueeze", [1, 3], "Squeeze", [1], [3, 4], ["Unsqueeze"]),
+    ("Unsqueeze", [0, -1], "Squeeze", [-1, 0], [3, 4], ["Relu"]),
+]
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("op1,a1,op2,a2,shape,left", [p for p in _PAIRS if p[5] is not None])
+def test_squeeze_unsqueeze_pairs(op1, a1, op2, a2, shape, left, opset):
+    model = _pair_model(op1, a1, op2, a2, shape, opset, relu=True)
+    out, records = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Relu"] + [op for op in left if op != "Relu"]
+    assert output_names(out) == ["Y"]
+    assert records[0].stats["nodes_removed"] == 3 - len(ops(out))
+    assert_same_outputs(model, out)
+
+
+def test_every_small_unsqueeze_unsqueeze_and_squeeze_squeeze():
+    """Brute force: every pair of single axes on a rank-2 input, one model with many outputs."""
+    nodes, outputs, inits = [], [], {}
+    for k, (a, b) in enumerate(itertools.product(range(-3, 3), range(-4, 4))):
+        nodes += [_axes_node("Unsqueeze", "X", f"U{k}", [a], 13, inits),
+                  _axes_node("Unsqueeze", f"U{k}", f"Y{k}", [b], 13, inits)]
+        outputs.append(_out(f"Y{k}", 4))
+    for k, (a, b) in enumerate(itertools.product(range(-4, 4), range(-3, 3))):
+        nodes += [_axes_node("Squeeze", "Z", f"S{k}", [a], 13, inits),
+                  _axes_node("Squeeze", f"S{k}", f"W{k}", [b], 13, inits)]
+        outputs.append(_out(f"W{k}", 2))
+    model = make_model(nodes, [("X", np.float32, [3, 4]), ("Z", np.float32, [1, 1, 1, 1])],
+                       outputs, inits, opset=13)
+    out, records = run_passes(model, ["merge_reshape"])
+    assert len(out.graph.node) == len(outputs)
+    assert all(n.input[0] in ("X", "Z") for n in out.graph.node)
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("first", ["Reshape", "Flatten", "Squeeze", "Unsqueeze"])
+@pytest.mark.parametrize("target", [[4, -1], [2, 2, 6], [-1]])
+def test_shape_op_feeding_reshape(first, target):
+    inits = {}
+    if first == "Reshape":
+        node = _reshape("X", "A", [6, 4], inits)
+    elif first == "Flatten":
+        node = helper.make_node("Flatten", ["X"], ["A"], axis=2)
+    else:
+        node = _axes_node(first, "X", "A", [1] if first == "Squeeze" else [0, 3], 13, inits)
+    shape = [2, 1, 12] if first == "Squeeze" else [2, 3, 4]
+    nodes = [node, _reshape("A", "Y", target, inits)]
+    model = make_model(nodes, [("X", np.float32, shape)], [_out("Y", len(target))], inits)
+    out, records = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape"] and out.graph.node[0].input == ["X", "Y_shape"]
+    assert records[0].stats["merged"] == 1 and records[0].stats["nodes_removed"] == 1
+    assert_same_outputs(model, out)
+
+
+def test_zero_copying_a_static_dim_is_resolved():
+    """Reshape(Reshape(X, [6, 4]), [0, 2, 2]): the 0 copies the intermediate's 6, which is
+    written into a new shape initializer; the original one is unchanged (it is shared)."""
+    inits = {}
+    nodes = [_reshape("X", "A", [6, 4], inits), _reshape("A", "Y", [0, 2, 2], inits),
+             helper.make_node("Reshape", ["X", "Y_shape"], ["Z"])]
+    model = make_model(nodes, [("X", np.float32, [3, 2, 4])], [_out("Y", 3), _out("Z", 3)], inits)
+    out, _ = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape", "Reshape"]
+    y = next(n for n in out.graph.node if n.output == ["Y"])
+    assert y.input[0] == "X" and y.input[1] != "Y_shape"
+    inits_after = initializers(out)
+    np.testing.assert_array_equal(inits_after[y.input[1]], [6, 2, 2])
+    np.testing.assert_array_equal(inits_after["Y_shape"], [0, 2, 2])
+    assert_same_outputs(model, out)
+
+
+def test_zero_copying_a_dynamic_dim_refused():
+    inits = {}
+    nodes = [_reshape("X", "A", [-1, 4], inits), _reshape("A", "Y", [0, 2, 2], inits)]
+    model = make_model(nodes, [("X", np.float32, ["N", 3, 4])], [_out("Y", 3)], inits)
+    out, result = run_once(model, "merge_reshape")
+    assert not result.modified and result.stats["refused"] == {"zero_copies_unknown_dim": 1}
+    assert ops(out) == ["Reshape", "Reshape"]
+
+
+def test_allowzero_keeps_literal_zero():
+    inits = {}
+    nodes = [_reshape("X", "A", [0], inits, allowzero=1),
+             _reshape("A", "Y", [3, 0, 2], inits, allowzero=1)]
+    model = make_model(nodes, [("X", np.float32, [2, 0, 3])], [_out("Y", 3)], inits, opset=14)
+    out, _ = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape"] and out.graph.node[0].input == ["X", "Y_shape"]
+    assert_same_outputs(model, out)
+
+
+def test_shape_not_constant_refused():
+    inits = {}
+    nodes = [_reshape("X", "A", [6, 4], inits), helper.make_node("Reshape", ["A", "S"], ["Y"])]
+    model = make_model(nodes, [("X", np.float32, [2, 3, 4]), ("S", np.int64, [2])],
+                       [_out("Y", 2)], inits)
+    _, result = run_once(model, "merge_reshape")
+    assert result.stats["refused"] == {"shape_not_constant": 1}
+
+
+def test_first_with_other_consumer_stays():
+    inits = {}
+    nodes = [_axes_node("Unsqueeze", "X", "A", [0], 13, inits),
+             _axes_node("Unsqueeze", "A", "Y", [0], 13, inits),
+             helper.make_node("Relu", ["A"], ["Z"])]
+    model = make_model(nodes, [("X", np.float32, [3, 4])], [_out("Y", 4), _out("Z", 3)], inits,
+                       opset=13)
+    out, records = run_passes(model, ["merge_reshape"])
+    assert sorted(ops(out)) == ["Relu", "Unsqueeze", "Unsqueeze"]
+    assert next(n for n in out.graph.node if n.output == ["Y"]).input[0] == "X"
+    assert records[0].stats["nodes_removed"] == 0
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("op1,a1,op2,a2,shape,reason", [
+    ("Unsqueeze", [0], "Squeeze", [1], [3, 1, 4], "not_one_op"),
+    ("Squeeze", [0], "Unsqueeze", [1], [1, 3], "not_one_op"),
+    ("Squeeze", None, "Unsqueeze", [0], ["N", 1, 4], "axes_unknown"),
+])
+def test_pair_refused(op1, a1, op2, a2, shape, reason):
+    model = _pair_model(op1, a1, op2, a2, shape, 13, relu=True)
+    out, result = run_once(model, "merge_reshape")
+    assert not result.modified and result.stats["refused"] == {reason: 1}
+    assert ops(out) == ["Relu", op1, op2]
+
+
+def test_axes_not_constant_refused():
+    inits = {}
+    nodes = [_axes_node("Unsqueeze", "X", "A", [0], 13, inits),
+             helper.make_node("Unsqueeze", ["A", "axes"], ["Y"])]
+    model = make_model(nodes, [("X", np.float32, [3, 4]), ("axes", np.int64, [1])],
+                       [_out("Y", 4)], inits, opset=13)
+    _, result = run_once(model, "merge_reshape")
+    assert result.stats["refused"] == {"axes_unknown": 1}
+
+
+def test_identity_pair_on_graph_input_to_graph_output_refused():
+    model = _pair_model("Squeeze", [0], "Unsqueeze", [0], [1, 3], 13)
+    out, result = run_once(model, "merge_reshape")
+    assert result.stats["refused"] == {"graph_output_name_lost": 1}
+    assert ops(out) == ["Squeeze", "Unsqueeze"]
+
+
+def _if_model(then_nodes, inits, rank):
+    then = make_branch(then_nodes, [_out("TY", rank)], inits, name="then")
+    other = make_branch([helper.make_node("Unsqueeze", ["X", "e_axes"], ["EY"])], [_out("EY", rank)],
+                        {"e_axes": np.arange(rank - 2, dtype=np.int64)}, name="else")
+    node = helper.make_node("If", ["C"], ["Y"], then_branch=then, else_branch=other)
+    return make_model([node], [("X", np.float32, [3, 4]), ("C", TensorProto.BOOL, [])],
+                      [_out("Y", rank)], opset=13)
+
+
+def _if_feeds():
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    return [{"X": x, "C": np.array(c)} for c in (True, False)]
+
+
+def test_chain_in_if_branch():
+    inits = {}
+    nodes = [_axes_node("Unsqueeze", "X", "A", [0], 13, inits),
+             _axes_node("Unsqueeze", "A", "B", [-1], 13, inits),
+             _axes_node("Unsqueeze", "B", "TY", [1], 13, inits)]
+    model = _if_model(nodes, inits, 5)
+    out, _ = run_passes(model, ["merge_reshape"])
+    _, then_out = list(all_graphs(out.graph))[1:]  # attributes sorted by name: else first
+    assert ops(then_out) == ["Unsqueeze"] and then_out.node[0].input[0] == "X"
+    assert_same_outputs(model, out, _if_feeds())
+
+
+def test_negative_axes_of_subgraph_tensor_refused():
+    inits = {}
+    nodes = [helper.make_node("Relu", ["X"], ["R"]),
+             _axes_node("Unsqueeze", "R", "A", [-1], 13, inits),
+             _axes_node("Unsqueeze", "A", "TY", [0], 13, inits)]
+    model = _if_model(nodes, inits, 4)
+    _, result = run_once(model, "merge_reshape")
+    assert result.stats["refused"] == {"rank_unknown": 1}
+
+
+def _zoo_paths(name):
+    onnx_file, npz_file = zoo.model_path(zoo.DEFAULT_DEST, name), zoo.inputs_path(zoo.DEFAULT_DEST, name)
+    if not onnx_file.is_file() or not npz_file.is_file():
+        pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
+    return str(onnx_file), str(npz_file)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,fewer", [("minilm_l6", 6), ("silero_vad_openvino_16k", 3)])
+def test_real_models(name, fewer):
+    """MiniLM: three Unsqueeze chains of three (position/attention-mask ids) become single
+    Unsqueezes; openvino silero: LSTM state Squeeze(0)/Unsqueeze(0) pairs cancel."""
+    onnx_file, npz_file = _zoo_paths(name)
+    _, base = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file)
+    _, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE + ["merge_reshape"],
+                         inputs=npz_file, verify_each=True)
+    assert report.validation.passed
+    assert report.after.nodes == base.after.nodes - fewer
