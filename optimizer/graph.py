@@ -104,6 +104,10 @@ def make_names_unique(graph: gs.Graph) -> int:
                 owners[t.name] = id(t)
                 taken.add(t.name)
             elif owner != id(t):
+                if isinstance(t, gs.Constant):
+                    # A lazily loaded initializer exports by renaming the TensorProto it was
+                    # read from -- the caller's model. Loading it detaches it from that proto.
+                    t.values = t.values
                 base, n = t.name, 1
                 while f"{base}__{n}" in taken:
                     n += 1

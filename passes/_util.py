@@ -221,3 +221,69 @@ def static_shapes(graph: gs.Graph, template: onnx.ModelProto) -> dict[str, tuple
     """The fully static shapes among :func:`infer_tensor_types`' results."""
     return {name: shape for name, (_, shape) in infer_tensor_types(graph, template).items()
             if shape is not None and all(d is not None for d in shape)}
+
+
+# Conv and ConvTranspose weights, for the fusions that rewrite them.
+
+def constant_refusal(t: gs.Tensor, what: str) -> str | None:
+    """Why ``t`` cannot be read as a dense initializer (``what`` names it), or None."""
+    if not isinstance(t, gs.Constant):
+        return f"{what} is not an initializer"
+    if not isinstance(t.values, np.ndarray):
+        return f"{what} is a sparse initializer"
+    return None
+
+
+def conv_output_channels(conv: gs.Node) -> int:
+    """M, the output channels of a Conv or ConvTranspose, from its weight's shape."""
+    w = conv.inputs[1]
+    return w.shape[0] if conv.op == "Conv" else w.shape[1] * conv.attrs.get("group", 1)
+
+
+def conv_weight_refusal(conv: gs.Node) -> str | None:
+    """Why the weights of ``conv`` cannot be rewritten, or None."""
+    if len(conv.inputs) < 2 or len(conv.outputs) != 1:
+        return "conv has no weight input"
+    w = conv.inputs[1]
+    reason = constant_refusal(w, "weight")
+    if reason:
+        return reason
+    if np.dtype(w.dtype).type not in _FLOAT_DTYPES:
+        return "weight is not float"
+    if w.values.ndim < 3:
+        return "weight rank below 3"
+    group = conv.attrs.get("group", 1)
+    if conv.op == "ConvTranspose" and w.shape[0] % group:
+        return "weight channels not divisible by group"
+    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
+        b = conv.inputs[2]
+        reason = constant_refusal(b, "conv bias")
+        if reason:
+            return reason
+        if np.dtype(b.dtype) != np.dtype(w.dtype):
+            return "dtypes differ"
+        if tuple(b.shape) != (conv_output_channels(conv),):
+            return "conv bias shape is not [M]"
+    return None
+
+
+def scale_conv_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
+    """``W · s`` along the output-channel axis of ``conv``, in float64.
+
+    Conv ``W[M, C/group, k...]``: axis 0. ConvTranspose ``W[C, M/group, k...]``: output channel
+    ``o = g · (M/group) + m`` is column ``m`` of group ``g``'s rows, so ``W`` is viewed as
+    ``[group, C/group, M/group, k...]`` and ``s`` as ``[group, 1, M/group, 1...]`` (ONNX spec).
+    """
+    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
+    if conv.op == "Conv":
+        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    group = conv.attrs.get("group", 1)
+    grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+    return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+
+
+def conv_bias(conv: gs.Node) -> np.ndarray:
+    """The bias of ``conv`` in float64, zeros when absent."""
+    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
+        return np.asarray(conv.inputs[2].values, dtype=np.float64)
+    return np.zeros(conv_output_channels(conv))

@@ -38,85 +38,13 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import fresh_name, is_default_domain
+from passes._util import (
+    constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal, fresh_name,
+    is_default_domain, scale_conv_output_channels)
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 _AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-
-
-def _overridable_initializers(template: onnx.ModelProto | None) -> set[str]:
-    """Names of initializers that some graph of ``template`` also lists as an input."""
-    if template is None:
-        return set()
-    names: set[str] = set()
-    stack = [template.graph]
-    while stack:
-        g = stack.pop()
-        names |= {i.name for i in g.input} & {t.name for t in g.initializer}
-        for node in g.node:
-            for attr in node.attribute:
-                stack.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
-    return names
-
-
-def _const_refusal(t: gs.Tensor, what: str, overridable: set[str]) -> str | None:
-    if not isinstance(t, gs.Constant):
-        return f"{what} is not an initializer"
-    if t.name in overridable:
-        return f"{what} is a graph input"
-    if not isinstance(t.values, np.ndarray):
-        return f"{what} is a sparse initializer"
-    return None
-
-
-def _output_channels(conv: gs.Node) -> int:
-    w = conv.inputs[1]
-    return w.shape[0] if conv.op == "Conv" else w.shape[1] * conv.attrs.get("group", 1)
-
-
-def _conv_refusal(conv: gs.Node, overridable: set[str]) -> str | None:
-    """Why the weights of ``conv`` cannot be rewritten, or None."""
-    if len(conv.inputs) < 2 or len(conv.outputs) != 1:
-        return "conv has no weight input"
-    w = conv.inputs[1]
-    reason = _const_refusal(w, "weight", overridable)
-    if reason:
-        return reason
-    if np.dtype(w.dtype).type not in _FLOAT_DTYPES:
-        return "weight is not float"
-    if w.values.ndim < 3:
-        return "weight rank below 3"
-    group = conv.attrs.get("group", 1)
-    if conv.op == "ConvTranspose" and w.shape[0] % group:
-        return "weight channels not divisible by group"
-    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
-        b = conv.inputs[2]
-        reason = _const_refusal(b, "conv bias", overridable)
-        if reason:
-            return reason
-        if np.dtype(b.dtype) != np.dtype(w.dtype):
-            return "dtypes differ"
-        if tuple(b.shape) != (_output_channels(conv),):
-            return "conv bias shape is not [M]"
-    return None
-
-
-def _scale_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
-    """``W · s`` along the output-channel axis of ``conv``, in float64 (see module docstring)."""
-    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
-    if conv.op == "Conv":
-        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-    group = conv.attrs.get("group", 1)
-    grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
-    return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
-
-
-def _conv_bias(conv: gs.Node) -> np.ndarray:
-    """The bias of ``conv`` in float64, zeros when absent."""
-    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
-        return np.asarray(conv.inputs[2].values, dtype=np.float64)
-    return np.zeros(_output_channels(conv))
 
 
 def _per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
@@ -130,7 +58,7 @@ def _per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
     return np.broadcast_to(c.astype(np.float64).reshape(-1), (m,))
 
 
-def _affine_refusal(op: gs.Node, conv: gs.Node, overridable: set[str]
+def _affine_refusal(op: gs.Node, conv: gs.Node
                     ) -> tuple[str | None, np.ndarray | None]:
     """Why ``op`` cannot be folded into ``conv`` (or None) and its constant as a vector of M."""
     y = conv.outputs[0]
@@ -142,12 +70,12 @@ def _affine_refusal(op: gs.Node, conv: gs.Node, overridable: set[str]
     if not right and op.op in ("Sub", "Div"):
         return f"constant is the left operand of {op.op}", None
     c = op.inputs[1] if right else op.inputs[0]
-    reason = _const_refusal(c, "constant", overridable)
+    reason = constant_refusal(c, "constant")
     if reason:
         return reason, None
     if np.dtype(c.dtype) != np.dtype(conv.inputs[1].dtype):
         return "dtypes differ", None
-    vector = _per_channel(np.asarray(c.values), conv.inputs[1].values.ndim, _output_channels(conv))
+    vector = _per_channel(np.asarray(c.values), conv.inputs[1].values.ndim, conv_output_channels(conv))
     if vector is None:
         return "constant is not per-channel", None
     if not np.isfinite(vector).all():
@@ -163,7 +91,6 @@ class FuseConvAffine(Pass):
     description = "Fold Mul/Div/Add/Sub by a per-channel constant into the preceding Conv."
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        overridable = _overridable_initializers(ctx.template)
         fused, skipped = Counter(), Counter()
         for g in iter_graphs(graph):
             in_graph = {id(n) for n in g.nodes}
@@ -175,7 +102,7 @@ class FuseConvAffine(Pass):
                     ops = [n for n in y.outputs if n.op in _AFFINE_OPS and is_default_domain(n)]
                     if not ops:
                         break
-                    reason, vector = self._refusal(conv, ops[0], g, in_graph, overridable)
+                    reason, vector = self._refusal(conv, ops[0], g, in_graph)
                     if reason:
                         skipped[reason] += 1
                         break
@@ -188,8 +115,8 @@ class FuseConvAffine(Pass):
         return PassResult(bool(fused), stats)
 
     @staticmethod
-    def _refusal(conv: gs.Node, op: gs.Node, g: gs.Graph, in_graph: set[int],
-                 overridable: set[str]) -> tuple[str | None, np.ndarray | None]:
+    def _refusal(conv: gs.Node, op: gs.Node, g: gs.Graph, in_graph: set[int]
+                 ) -> tuple[str | None, np.ndarray | None]:
         y = conv.outputs[0]
         if len(y.outputs) != 1:
             return "conv output has other consumers", None
@@ -197,19 +124,19 @@ class FuseConvAffine(Pass):
             return "conv output is a graph output", None
         if id(op) not in in_graph:
             return f"{op.op} in another scope", None
-        reason = _conv_refusal(conv, overridable)
+        reason = conv_weight_refusal(conv)
         if reason:
             return reason, None
-        return _affine_refusal(op, conv, overridable)
+        return _affine_refusal(op, conv)
 
     @staticmethod
     def _fuse(graph: gs.Graph, conv: gs.Node, op: gs.Node, c: np.ndarray) -> None:
         w = np.asarray(conv.inputs[1].values, dtype=np.float64)
-        b = _conv_bias(conv)
+        b = conv_bias(conv)
         if op.op == "Mul":
-            w, b = _scale_output_channels(conv, c), b * c
+            w, b = scale_conv_output_channels(conv, c), b * c
         elif op.op == "Div":
-            w, b = _scale_output_channels(conv, 1.0 / c), b / c
+            w, b = scale_conv_output_channels(conv, 1.0 / c), b / c
         elif op.op == "Add":
             b = b + c
         else:

@@ -38,88 +38,16 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import fresh_name, is_default_domain
+from passes._util import (
+    constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal, fresh_name,
+    is_default_domain, scale_conv_output_channels)
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _DEFAULT_EPSILON = 1e-5
 
 
-def _overridable_initializers(template: onnx.ModelProto | None) -> set[str]:
-    """Names of initializers that some graph of ``template`` also lists as an input."""
-    if template is None:
-        return set()
-    names: set[str] = set()
-    stack = [template.graph]
-    while stack:
-        g = stack.pop()
-        names |= {i.name for i in g.input} & {t.name for t in g.initializer}
-        for node in g.node:
-            for attr in node.attribute:
-                stack.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
-    return names
-
-
-def _const_refusal(t: gs.Tensor, what: str, overridable: set[str]) -> str | None:
-    if not isinstance(t, gs.Constant):
-        return f"{what} is not an initializer"
-    if t.name in overridable:
-        return f"{what} is a graph input"
-    if not isinstance(t.values, np.ndarray):
-        return f"{what} is a sparse initializer"
-    return None
-
-
-def _output_channels(conv: gs.Node) -> int:
-    w = conv.inputs[1]
-    return w.shape[0] if conv.op == "Conv" else w.shape[1] * conv.attrs.get("group", 1)
-
-
-def _conv_refusal(conv: gs.Node, overridable: set[str]) -> str | None:
-    """Why the weights of ``conv`` cannot be rewritten, or None."""
-    if len(conv.inputs) < 2 or len(conv.outputs) != 1:
-        return "conv has no weight input"
-    w = conv.inputs[1]
-    reason = _const_refusal(w, "weight", overridable)
-    if reason:
-        return reason
-    if np.dtype(w.dtype).type not in _FLOAT_DTYPES:
-        return "weight is not float"
-    if w.values.ndim < 3:
-        return "weight rank below 3"
-    group = conv.attrs.get("group", 1)
-    if conv.op == "ConvTranspose" and w.shape[0] % group:
-        return "weight channels not divisible by group"
-    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
-        b = conv.inputs[2]
-        reason = _const_refusal(b, "conv bias", overridable)
-        if reason:
-            return reason
-        if np.dtype(b.dtype) != np.dtype(w.dtype):
-            return "dtypes differ"
-        if tuple(b.shape) != (_output_channels(conv),):
-            return "conv bias shape is not [M]"
-    return None
-
-
-def _scale_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
-    """``W · s`` along the output-channel axis of ``conv``, in float64 (see module docstring)."""
-    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
-    if conv.op == "Conv":
-        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-    group = conv.attrs.get("group", 1)
-    grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
-    return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
-
-
-def _conv_bias(conv: gs.Node) -> np.ndarray:
-    """The bias of ``conv`` in float64, zeros when absent."""
-    if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
-        return np.asarray(conv.inputs[2].values, dtype=np.float64)
-    return np.zeros(_output_channels(conv))
-
-
-def _bn_refusal(bn: gs.Node, conv: gs.Node, g: gs.Graph, overridable: set[str]) -> str | None:
+def _bn_refusal(bn: gs.Node, conv: gs.Node, g: gs.Graph) -> str | None:
     """Why ``bn`` cannot be folded into ``conv``, or None."""
     if len(bn.inputs) != 5:
         return "batchnorm has not 5 inputs"
@@ -130,10 +58,10 @@ def _bn_refusal(bn: gs.Node, conv: gs.Node, g: gs.Graph, overridable: set[str]) 
     graph_outputs = {id(t) for t in g.outputs}
     if any(not t.is_empty() and (t.outputs or id(t) in graph_outputs) for t in bn.outputs[1:]):
         return "batchnorm in training mode"
-    m = _output_channels(conv)
+    m = conv_output_channels(conv)
     dtype = np.dtype(conv.inputs[1].dtype)
     for t, what in zip(bn.inputs[1:], ("scale", "bias", "mean", "variance")):
-        reason = _const_refusal(t, what, overridable)
+        reason = constant_refusal(t, what)
         if reason:
             return reason
         if np.dtype(t.dtype) != dtype:
@@ -149,7 +77,6 @@ class FuseConvBn(Pass):
     description = "Fold inference BatchNormalization into the preceding Conv/ConvTranspose."
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        overridable = _overridable_initializers(ctx.template)
         fused, skipped = 0, Counter()
         for g in iter_graphs(graph):
             in_graph = {id(n) for n in g.nodes}
@@ -161,7 +88,7 @@ class FuseConvBn(Pass):
                        if n.op == "BatchNormalization" and is_default_domain(n)]
                 if not bns:
                     continue
-                reason = self._refusal(conv, bns[0], g, in_graph, overridable)
+                reason = self._refusal(conv, bns[0], g, in_graph)
                 if reason:
                     skipped[reason] += 1
                     continue
@@ -174,8 +101,7 @@ class FuseConvBn(Pass):
         return PassResult(fused > 0, stats)
 
     @staticmethod
-    def _refusal(conv: gs.Node, bn: gs.Node, g: gs.Graph, in_graph: set[int],
-                 overridable: set[str]) -> str | None:
+    def _refusal(conv: gs.Node, bn: gs.Node, g: gs.Graph, in_graph: set[int]) -> str | None:
         y = conv.outputs[0]
         if len(y.outputs) != 1 or bn.inputs[0] is not y:
             return "conv output has other consumers"
@@ -183,7 +109,7 @@ class FuseConvBn(Pass):
             return "conv output is a graph output"
         if id(bn) not in in_graph:
             return "batchnorm in another scope"
-        return _conv_refusal(conv, overridable) or _bn_refusal(bn, conv, g, overridable)
+        return conv_weight_refusal(conv) or _bn_refusal(bn, conv, g)
 
     @staticmethod
     def _fuse(graph: gs.Graph, conv: gs.Node, bn: gs.Node) -> None:
@@ -192,9 +118,9 @@ class FuseConvBn(Pass):
         s = gamma / np.sqrt(var + eps)
         dtype = np.dtype(conv.inputs[1].dtype)
         w = gs.Constant(fresh_name(graph, conv.inputs[1].name),
-                        _scale_output_channels(conv, s).astype(dtype))
+                        scale_conv_output_channels(conv, s).astype(dtype))
         b = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_bias"),
-                        ((_conv_bias(conv) - mean) * s + beta).astype(dtype))
+                        ((conv_bias(conv) - mean) * s + beta).astype(dtype))
         out = bn.outputs[0]
         bn.inputs.clear()
         bn.outputs.clear()

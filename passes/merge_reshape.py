@@ -146,7 +146,7 @@ def _combine(first: gs.Node, second: gs.Node, shapes: _Shapes
     if first.op == second.op == "Squeeze":
         return "Squeeze", sorted(a | {_nth(a, k) for k in b})
     if first.op == second.op == "Unsqueeze":
-        return "Unsqueeze", sorted(b | {_nth(b, k) for k in a})
+        return "Unsqueeze", sorted(a | {_nth(a, k) for k in b})
     if first.op == "Squeeze":
         return (None, []) if a == b else "not_one_op"
     if not b <= a:

@@ -61,8 +61,8 @@ Statistics: ``nodes_removed``, ``removed`` (per op type), ``casts_shortened`` an
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import numpy as np
 import onnx
@@ -71,7 +71,12 @@ from onnx import TensorProto as TP
 
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import bypass, drop_disconnected, infer_tensor_types, is_default_domain
+from passes._util import (
+    bypass,
+    drop_disconnected,
+    infer_tensor_types,
+    is_default_domain,
+)
 
 _INTEGERS = frozenset({TP.INT8, TP.INT16, TP.INT32, TP.INT64,
                        TP.UINT8, TP.UINT16, TP.UINT32, TP.UINT64})
@@ -186,7 +191,7 @@ def _broadcast_change(shape: tuple | None, other: tuple, f: _Facts) -> str | Non
 
 #: What a check returns: the tensor the node's output equals, a _Shorten, a refusal reason, or
 #: None when the node is not a no-op.
-Verdict = Union[gs.Tensor, _Shorten, str, None]
+Verdict = gs.Tensor | _Shorten | str | None
 
 
 def _cast(node: gs.Node, f: _Facts) -> Verdict:

@@ -240,10 +240,15 @@ def test_console_script(model_path, tmp_path):
 def test_external_data_option_writes_out_data_and_reloads(model_path, tmp_path):
     from optimizer.io import load_model
 
-    out = tmp_path / "ext" / "out.onnx"
-    assert main(["optimize", str(model_path), "-o", str(out), "--external-data", "--quiet"]) == 0
+    w = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)  # 4 KiB: stored outside
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", np.float32, [2, 64])],
+                       [("y", np.float32, [2, 16])], {"W": w})
+    src, out = tmp_path / "big.onnx", tmp_path / "ext" / "out.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert main(["optimize", str(src), "-o", str(out), "--external-data", "--quiet"]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", "out.onnx.data"]
-    assert_same_outputs(_model(), load_model(out))
+    assert out.stat().st_size < 1024
+    assert_same_outputs(model, load_model(out))
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -133,11 +133,6 @@ def test_cse_keeps_two_ifs_whose_branches_differ_in_one_constant():
     assert sum(n.op_type == "If" for n in optimized.graph.node) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optimizer/graph.py make_names_unique renames the second If's branch tensors; the renamed "
-    "initializers are lazily loaded gs.Constants, and OnnxExporter.export_tensor_proto sets the "
-    "new name on the TensorProto of the caller's model, so optimize() corrupts the original it "
-    "validates against (onnxruntime: 'input c of node ... is not output of any previous nodes')"))
 def test_cse_keeps_two_ifs_whose_branches_reuse_names_and_differ_in_one_constant():
     """The two Ifs' branches are identical, names included, but for one initializer's value."""
     def branches(value: float):

@@ -40,6 +40,7 @@ import os
 import re
 import sys
 import time
+import traceback
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -239,8 +240,16 @@ def _first_change(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
     return "outside the main graph's nodes"
 
 
+def _where(err: BaseException) -> str:
+    """The innermost frame of ``err``'s traceback, as ``file.py:line``."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+
+
 def check_optimized(case: Case, passes: Sequence[str] | None = None) -> tuple[str, str]:
-    """Optimize ``case.model`` with ``passes`` (default pipeline when None) and check the result.
+    """Optimize ``case.model`` with ``passes`` (default pipeline when None) and check the result:
+    ``optimize`` leaves its argument alone, graph input and output names keep their order, and the
+    outputs match. Every problem found is in the reason, separated by ``; ``.
 
     Returns:
         (status, reason): PASSED, FAILED or REJECTED, with a one-line reason unless PASSED.
@@ -252,17 +261,19 @@ def check_optimized(case: Case, passes: Sequence[str] | None = None) -> tuple[st
     except InputError as err:
         return REJECTED, f"optimize rejected the model: {_one_line(err)}"
     except Exception as err:  # noqa: BLE001 -- any other exception is an onnxopt bug
-        return FAILED, f"optimize raised {_one_line(err)}"
+        return FAILED, f"optimize raised {_one_line(err)}{_where(err)}"
+    problems = []
     if given != case.model:
-        return FAILED, f"optimize modified the model it was given ({_first_change(case.model, given)})"
-    graph, original = optimized.graph, case.model.graph
-    if _names(graph.output) != _names(original.output):
-        return FAILED, (f"graph outputs changed from {_names(original.output)} "
-                        f"to {_names(graph.output)}")
-    if _names(graph.input) != _names(original.input):
-        return FAILED, f"graph inputs changed from {_names(original.input)} to {_names(graph.input)}"
+        problems.append(f"optimize modified the model it was given "
+                        f"({_first_change(case.model, given)})")
+    for what, before, after in (("outputs", case.model.graph.output, optimized.graph.output),
+                                ("inputs", case.model.graph.input, optimized.graph.input)):
+        if _names(before) != _names(after):
+            problems.append(f"graph {what} changed from {_names(before)} to {_names(after)}")
     reason = check_model(optimized, case, "optimized model")
-    return (FAILED, reason) if reason else (PASSED, "")
+    if reason:
+        problems.append(reason)
+    return (FAILED, "; ".join(problems)) if problems else (PASSED, "")
 
 
 def evaluate(case: Case) -> CaseResult:
@@ -276,14 +287,17 @@ def evaluate(case: Case) -> CaseResult:
 
 
 def blame(case: Case) -> list[str]:
-    """What breaks ``case``: ``["import/export"]`` if the pipeline with no pass already does, else
-    the passes of the default pipeline that break it when run alone (``["combination"]`` if none
-    does alone)."""
+    """What breaks ``case``: ``"import/export"`` if the pipeline with no pass already fails it, and
+    every pass of the default pipeline that, run alone, fails it for another reason;
+    ``["combination"]`` if nothing fails alone."""
     from passes import LOSSLESS_PIPELINE
 
-    if check_optimized(case, passes=[])[0] == FAILED:
-        return ["import/export"]
-    culprits = [p for p in LOSSLESS_PIPELINE if check_optimized(case, passes=[p])[0] == FAILED]
+    status, base_reason = check_optimized(case, passes=[])
+    culprits = ["import/export"] if status == FAILED else []
+    for name in LOSSLESS_PIPELINE:
+        status, reason = check_optimized(case, passes=[name])
+        if status == FAILED and reason != base_reason:
+            culprits.append(name)
     return culprits or ["combination"]
 
 

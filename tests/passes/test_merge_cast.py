@@ -178,6 +178,6 @@ def test_real_model_magika():
         pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
     _, base = optimize(str(onnx_file), passes=LOSSLESS_PIPELINE, inputs=str(npz_file))
     _, report = optimize(str(onnx_file), passes=LOSSLESS_PIPELINE + ["merge_cast"],
-                         inputs=str(npz_file), verify_each=True)
+                         inputs=str(npz_file))
     assert report.validation.passed
     assert report.after.nodes <= base.after.nodes

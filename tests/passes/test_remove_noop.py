@@ -7,11 +7,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import (
+    assert_same_outputs,
+    make_branch,
+    make_model,
+    ops,
+    random_feed,
+    run_once,
+    run_ort,
+    run_passes,
+)
 from onnx import TensorProto as TP
 from onnx import helper
 
-from helpers import assert_same_outputs, make_branch, make_model, ops, random_feed, \
-    run_ort, run_once, run_passes
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 from tools import zoo
@@ -192,8 +200,8 @@ KEPT = [
     ("mul_overridable_one", _model([_node("Mul", ["x", "c"])], inits={"c": np.ones(3, F)},
                                    extra=[("c", F, [3])]), None),
     ("output_name_from_graph_input", _model([_node("Transpose", ["x"], perm=[0, 1])]),
-     "Transpose: graph output name cannot be kept (input is a graph input, initializer or "
-     "outer-scope tensor)"),
+     ("Transpose: graph output name cannot be kept (input is a graph input, initializer or "
+      "outer-scope tensor)")),
 ]
 
 
