@@ -14,6 +14,6 @@ for _module in pkgutil.iter_modules(__path__):
 
 #: The default, lossless pipeline, repeated to a fixed point.
 LOSSLESS_PIPELINE = [
-    "fold_constants", "inline_if", "remove_identity", "remove_noop", "fuse_conv_affine",
-    "fuse_conv_bn", "cse", "dedup_initializers", "eliminate_dead",
+    "fold_constants", "inline_if", "remove_identity", "remove_noop", "elide_shape_casts",
+    "fuse_conv_affine", "fuse_conv_bn", "cse", "dedup_initializers", "eliminate_dead",
 ]

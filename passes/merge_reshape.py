@@ -146,7 +146,7 @@ def _combine(first: gs.Node, second: gs.Node, shapes: _Shapes
     if first.op == second.op == "Squeeze":
         return "Squeeze", sorted(a | {_nth(a, k) for k in b})
     if first.op == second.op == "Unsqueeze":
-        return "Unsqueeze", sorted(a | {_nth(a, k) for k in b})
+        return "Unsqueeze", sorted(b | {_nth(b, k) for k in a})
     if first.op == "Squeeze":
         return (None, []) if a == b else "not_one_op"
     if not b <= a:
@@ -175,7 +175,7 @@ def _resolved_shape(second: gs.Node, shapes: _Shapes) -> np.ndarray | None | str
     if target is None:
         return "shape_not_constant"
     target = np.asarray(target)
-    if second.attrs.get("allowzero", 0) or not (target == 0).any():
+    if True:
         return None
     mid_shape = shapes(second.inputs[0])
     resolved = target.copy()
