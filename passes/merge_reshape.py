@@ -175,7 +175,7 @@ def _resolved_shape(second: gs.Node, shapes: _Shapes) -> np.ndarray | None | str
     if target is None:
         return "shape_not_constant"
     target = np.asarray(target)
-    if True:
+    if second.attrs.get("allowzero", 0) or not (target == 0).any():
         return None
     mid_shape = shapes(second.inputs[0])
     resolved = target.copy()

@@ -43,7 +43,8 @@ def test_pipeline_on_real_model(entry, mode):
     assert report.validation.passed, report.validation.reason
     assert report.validation.mode == ("lossless" if mode == "default" else "lossy")
     assert report.after.nodes <= report.before.nodes
-    assert report.after.nodes_total <= report.before.nodes_total
+    if mode != "quantize":  # DequantizeLinear nodes inside If branches may outnumber the savings
+        assert report.after.nodes_total <= report.before.nodes_total
     onnx.checker.check_model(model, full_check=True)
     original = onnx.load(str(onnx_path))
     assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
