@@ -87,7 +87,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
              seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
              max_drift: float = DEFAULT_MAX_DRIFT, verify_each: bool = False,
              fold_size_limit: int = 1 << 20, max_iterations: int = 10,
-             raise_on_failure: bool = True,
+             raise_on_failure: bool = True, strict: bool = False,
              on_pass: Callable[[PassRecord], None] | None = None
              ) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and check it still computes the same outputs.
@@ -107,6 +107,11 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         fold_size_limit: largest folded tensor in bytes (see ``passes.fold_constants``).
         max_iterations: bound on the rounds of the lossless passes.
         raise_on_failure: raise :class:`ValidationFailed` when validation fails.
+        strict: with ``raise_on_failure``, also raise when a pass had to be rolled back.
+
+    When the result fails validation, the lossless passes are left out one at a time (last in the
+    pipeline first); the first run that validates is returned, and the pass it left out is listed
+    in ``report.rolled_back`` with the failure it caused.
 
     Returns:
         The optimized model and the :class:`Report`.
@@ -119,6 +124,9 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     """
     start = time.perf_counter()
     original = io.load_model(model)
+    if original is model:  # the caller's object: exporting may touch the protos it shares
+        original = onnx.ModelProto()
+        original.CopyFrom(model)
     fixed_point, once = build_pipeline(passes, skip, prune_threshold, quantize)
     report = Report(_version(), "optimize", _describe_source(model), model_stats(original))
     feeds = None
@@ -127,21 +135,44 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     ctx = PassContext(fold_size_limit=fold_size_limit, prune_threshold=prune_threshold,
                       quantize=quantize, template=original, feeds=feeds, max_drift=max_drift)
 
-    graph = import_graph(original)
-    manager = PassManager(fixed_point, once, max_iterations=max_iterations,
-                          verify_each=verify_each, on_pass=on_pass)
-    report.passes = manager.run(graph, ctx)
-    optimized = export_graph(graph, original)
-    report.after = model_stats(optimized)
+    def run_pipeline(excluded: frozenset = frozenset()):
+        manager = PassManager([p for p in fixed_point if p.name not in excluded],
+                              [p for p in once if p.name not in excluded],
+                              max_iterations=max_iterations, verify_each=verify_each,
+                              on_pass=on_pass)
+        graph = import_graph(original)
+        records = manager.run(graph, ctx)
+        return export_graph(graph, original), records
 
+    def check(candidate, records):
+        lossy = any(r.modified for r in records if not REGISTRY[r.name].lossless)
+        return compare_models(original, candidate, feeds, atol=atol, rtol=rtol,
+                              max_drift=max_drift, lossy=lossy,
+                              synthesized=report.inputs["source"] == "synthesized")
+
+    optimized, report.passes = run_pipeline()
     if validate:
-        lossy = any(r.modified for r in report.passes if not REGISTRY[r.name].lossless)
-        report.validation = compare_models(
-            original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
-            synthesized=report.inputs["source"] == "synthesized")
+        report.validation = check(optimized, report.passes)
+        if not report.validation.passed:
+            # Roll back: the first lossless pass (from the end of the pipeline) without which
+            # the result validates is left out, and named in the report.
+            for p in reversed(fixed_point):
+                if not any(r.name == p.name and r.modified for r in report.passes):
+                    continue
+                candidate, records = run_pipeline(frozenset({p.name}))
+                result = check(candidate, records)
+                if result.passed:
+                    report.rolled_back.append({"pass": p.name, "reason": report.validation.reason})
+                    optimized, report.passes, report.validation = candidate, records, result
+                    break
+    report.after = model_stats(optimized)
     report.seconds = time.perf_counter() - start
-    if raise_on_failure and report.validation is not None and not report.validation.passed:
-        err = ValidationFailed(f"validation failed: {report.validation.reason}")
+    failed = report.validation is not None and not report.validation.passed
+    if raise_on_failure and (failed or (strict and report.rolled_back)):
+        reason = (report.validation.reason if failed else
+                  f"pass '{report.rolled_back[0]['pass']}' was rolled back (--strict): "
+                  f"{report.rolled_back[0]['reason']}")
+        err = ValidationFailed(f"validation failed: {reason}")
         err.model, err.report = optimized, report
         raise err
     return optimized, report

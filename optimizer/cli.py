@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=sorted(api.QUANTIZE_MODES),
                    help="int8-weight: per-channel int8 weights through DequantizeLinear (lossy)")
     p.add_argument("--no-validate", action="store_true", help="skip validation on onnxruntime")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 1) when a pass had to be rolled back to pass validation")
     p.add_argument("--keep-invalid", action="store_true",
                    help="write the output even when validation fails (exit code stays 1)")
     p.add_argument("--verify-each", action="store_true",
@@ -155,10 +157,19 @@ def _split(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _refuse_overwriting(inputs: list[str], outputs: list[str | None]) -> None:
+    """Raise UsageError when an output path names an input file (also through links)."""
+    for out in filter(None, outputs):
+        for inp in inputs:
+            p, q = Path(out), Path(inp)
+            if p.exists() and q.exists() and (p.resolve() == q.resolve() or p.samefile(q)):
+                raise UsageError(f"{out}: refusing to overwrite the input {inp}")
+
+
 def _cmd_optimize(args, console: Console) -> int:
-    if Path(args.output).exists() and Path(args.model).exists() and \
-            Path(args.output).resolve() == Path(args.model).resolve():
-        raise UsageError(f"{args.output}: refusing to overwrite the input model")
+    _refuse_overwriting([args.model], [args.output, args.report])
+    if args.report and Path(args.report).resolve() == Path(args.output).resolve():
+        raise UsageError(f"{args.report}: the report and the model output are the same file")
     passes = _split([args.passes]) if args.passes else None
     with console.status("optimizing", spinner="dots") if console.is_terminal and not args.quiet \
             else _null():
@@ -170,7 +181,8 @@ def _cmd_optimize(args, console: Console) -> int:
             rtol=args.rtol, max_drift=args.max_drift, verify_each=args.verify_each,
             fold_size_limit=args.fold_size_limit, max_iterations=args.max_iterations,
             raise_on_failure=False)
-    passed = report.validation is None or report.validation.passed
+    passed = (report.validation is None or report.validation.passed) and \
+        not (args.strict and report.rolled_back)
     if passed or args.keep_invalid:
         io.save_model(model, args.output, external_data=True if args.external_data else None,
                       protect=(args.model,))
@@ -184,6 +196,9 @@ def _cmd_optimize(args, console: Console) -> int:
             console.print(_validation_table(report))
     if args.report:
         report.write_json(args.report)
+    for rb in report.rolled_back:
+        console.print(f"[yellow]rolled back[/] pass {rb['pass']}: {rb['reason']}",
+                      markup=True, highlight=False)
     console.print(_verdict_line(report))
     if not passed:
         console.print(f"output {'written anyway (--keep-invalid)' if args.keep_invalid else 'not written'}: {args.output}")
@@ -193,6 +208,7 @@ def _cmd_optimize(args, console: Console) -> int:
 
 
 def _cmd_validate(args, console: Console) -> int:
+    _refuse_overwriting([args.reference, args.candidate], [args.report])
     report = api.validate(args.reference, args.candidate, inputs=args.inputs,
                           input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
                           atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from optimizer.errors import InputError
+
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
@@ -130,7 +132,18 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     A graph input that is also an initializer is a value the caller may override: it is imported
     as a plain input (a ``gs.Variable``, so no pass treats it as constant) and its initializer is
     put back by ``export_graph``.
+
+    Raises:
+        InputError: a graph input or output has a type onnx-graphsurgeon cannot represent
+            (optional, map).
     """
+    for g in graph_protos(model.graph):
+        for v in list(g.input) + list(g.output):
+            kind = v.type.WhichOneof("value")
+            if kind not in ("tensor_type", "sequence_type", "sparse_tensor_type", None):
+                raise InputError(f"graph '{g.name}' {('input', 'output')[v in g.output]} "
+                                 f"'{v.name}' has {kind.replace('_', ' ')}, which onnxopt does "
+                                 "not support yet")
     input_names = {i.name for i in model.graph.input}
     defaults = [init for init in model.graph.initializer if init.name in input_names]
     if defaults:

@@ -54,10 +54,17 @@ def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
     feeds = []
     for f in files:
         try:
-            with np.load(f, allow_pickle=False) as data:
-                feeds.append({k: data[k] for k in data.files})
+            data = np.load(f, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise InputError(f"{f}: not a readable .npz file ({err})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise InputError(f"{f}: a single array, not an .npz archive of named inputs "
+                             "(save with numpy.savez(path, name=array, ...))")
+        with data:
+            try:
+                feeds.append({k: data[k] for k in data.files})
+            except (OSError, ValueError) as err:
+                raise InputError(f"{f}: not a readable .npz file ({err})") from None
     return feeds
 
 

@@ -86,7 +86,10 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
     if _external_tensors(model):
         _check_external_locations(model, path.parent, str(path))
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (ValueError, OSError) as err:
+            raise ModelLoadError(f"{path}: cannot read external data ({err})") from None
     return model
 
 

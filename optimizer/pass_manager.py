@@ -59,6 +59,9 @@ class Pass:
     #: Lossless passes keep every output value (up to float rounding) and are repeated to a
     #: fixed point; lossy ones (pruning, quantization) run once, when asked.
     lossless: ClassVar[bool] = True
+    #: When a lossy pass runs: "before" the lossless passes (it must see the model's own
+    #: parameters) or "after" them (it should see fused weights).
+    stage: ClassVar[str] = "after"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -130,8 +133,9 @@ class PassManager:
     Args:
         fixed_point: passes repeated, in order, until an iteration changes nothing or
             ``max_iterations`` is reached (the lossless part).
-        once: passes run once afterwards, in order (the lossy part), each followed by one more
-            round of ``fixed_point`` passes to clean up what it left.
+        once: passes run once, in order (the lossy part): those of ``stage`` "before" ahead of
+            the fixed point, the others after it, each followed by more rounds of
+            ``fixed_point`` passes to clean up what it left.
         verify_each: export and verify the model after every pass that changed it.
         on_pass: optional callback invoked with each :class:`PassRecord` (progress display).
     """
@@ -171,8 +175,12 @@ class PassManager:
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
         """Run the pipeline on ``graph`` in place and return the records of every pass run."""
-        iteration = self._to_fixed_point(graph, ctx, 0)
+        iteration = 0
         for p in self.once:
-            if self._run_one(p, graph, ctx, iteration):
+            if p.stage == "before":
+                self._run_one(p, graph, ctx, iteration)
+        iteration = self._to_fixed_point(graph, ctx, iteration)
+        for p in self.once:
+            if p.stage != "before" and self._run_one(p, graph, ctx, iteration):
                 iteration = self._to_fixed_point(graph, ctx, iteration + 1)
         return self.records

@@ -11,6 +11,8 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
   outputs: [{name, dtype, shape, candidate_dtype, candidate_shape, max_abs, max_rel, mean_abs,
   cosine, snr_db, tolerance, passed, reason}]}``;
+* ``rolled_back``: list of ``{pass, reason}``: passes left out because the result with them failed
+  validation (``reason`` is that failure);
 * ``seconds`` (float: wall time of the run), ``verdict``: "passed", "failed" or "not validated".
 """
 
@@ -43,6 +45,7 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     validation: ValidationResult | None = None
+    rolled_back: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -59,6 +62,7 @@ class Report:
             "after": self.after.to_dict() if self.after else None,
             "passes": [p.to_dict() for p in self.passes], "inputs": self.inputs,
             "validation": self.validation.to_dict() if self.validation else None,
+            "rolled_back": self.rolled_back,
             "seconds": round(self.seconds, 4), "verdict": self.verdict,
         }
 

@@ -110,14 +110,16 @@ class ValidationResult:
 
 def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     """Drift metrics of one output (see the module docstring), plus ``range`` (max - min of the
-    finite reference values) and ``nan_mismatch`` (NaN in different places)."""
+    finite reference values) and ``nan_mismatch`` (NaN, or infinities, in different places)."""
     r = np.asarray(ref, dtype=np.float64).ravel()
     c = np.asarray(cand, dtype=np.float64).ravel()
     if r.size == 0:
         return dict(max_abs=0.0, max_rel=0.0, mean_abs=0.0, cosine=1.0, snr_db=math.inf,
                     range=0.0, nan_mismatch=False)
     nan_r, nan_c = np.isnan(r), np.isnan(c)
-    nan_mismatch = bool((nan_r != nan_c).any())
+    # NaN in different places, or an infinity the other side does not have (same sign)
+    nan_mismatch = bool((nan_r != nan_c).any()) or bool(
+        ((np.isinf(r) | np.isinf(c)) & ~(nan_r | nan_c) & (r != c)).any())
     ok = ~(nan_r | nan_c)
     r, c = r[ok], c[ok]
     with np.errstate(all="ignore"):
@@ -158,13 +160,19 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         lossy: judge by ``max_drift`` instead of ``atol``/``rtol``.
         synthesized: the feeds were synthesized (an error then suggests real inputs).
 
+    A candidate that onnxruntime cannot load or run fails the validation (``reason`` says why).
+
     Raises:
-        InputError: either model cannot be loaded or run on the feeds.
+        InputError: the reference cannot be loaded or run on the feeds.
     """
     ref_sess = make_session(reference, "reference model")
-    cand_sess = make_session(candidate, "candidate model")
     result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol, max_drift,
                               len(feeds))
+    try:
+        cand_sess = make_session(candidate, "candidate model")
+    except InputError as err:  # a broken candidate is a failed validation, not bad input
+        result.passed, result.reason = False, str(err)
+        return result
     ref_names = [o.name for o in ref_sess.get_outputs()]
     cand_names = [o.name for o in cand_sess.get_outputs()]
     if ref_names != cand_names:
@@ -176,7 +184,11 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         ref_out = run_model(ref_sess, feed, "reference model", hint=(
             " (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
             "with --input-shape)" if synthesized else ""))
-        cand_out = run_model(cand_sess, feed, "candidate model")
+        try:
+            cand_out = run_model(cand_sess, feed, "candidate model")
+        except InputError as err:
+            result.passed, result.reason = False, str(err)
+            return result
         for i, (name, r, c) in enumerate(zip(ref_names, ref_out, cand_out)):
             r, c = np.asarray(r), np.asarray(c)
             if len(metrics) <= i:
@@ -201,7 +213,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
             tol = atol + rtol * s["range"]
             m.tolerance = tol if not m.tolerance else min(m.tolerance, tol)
             if s["nan_mismatch"]:
-                m.passed, m.reason = False, "NaN in different places"
+                m.passed, m.reason = False, "NaN or infinities in different places"
             elif lossy and s["cosine"] < max_drift:
                 m.passed = False
                 m.reason = f"cosine similarity {s['cosine']:.6f} < max drift {max_drift}"

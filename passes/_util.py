@@ -287,3 +287,76 @@ def conv_bias(conv: gs.Node) -> np.ndarray:
     if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
         return np.asarray(conv.inputs[2].values, dtype=np.float64)
     return np.zeros(conv_output_channels(conv))
+
+
+def fit_drift_budget(graph: gs.Graph, ctx, replacements: dict[str, tuple[np.ndarray, np.ndarray]]
+                     ) -> dict:
+    """Choose which lossy weight replacements to apply so the outputs keep ``ctx.max_drift``.
+
+    ``replacements`` maps initializer names to ``(original, replacement)`` values (a dequantized
+    or pruned weight, say). The drift of a set of applied replacements is the lowest cosine
+    similarity, over every output and every feed of ``ctx.feeds``, between the model with them
+    applied and the model as it is. If applying all keeps the drift within budget, all are
+    applied. Otherwise each replacement's sensitivity is measured alone (the drift with only it
+    applied), they are ranked from most to least harmful, and a binary search finds the fewest
+    most-harmful ones to leave out -- the mixed-precision fallback of accuracy-aware quantization
+    tools (e.g. onnxruntime.quantization's ``nodes_to_exclude``, chosen here from measured
+    sensitivity instead of by hand). Cost: one model run per feed and evaluation; at most
+    ``2 + n + log2(n)`` evaluations for ``n`` replacements, usually one.
+
+    The target is ``max_drift + 0.1 (1 - max_drift)``, a margin over the validation criterion.
+
+    Returns:
+        ``{"target", "cosine_all", "cosine_final", "evaluations", "kept": [names not replaced]}``.
+
+    Raises:
+        InputError: onnxruntime cannot run the model on the feeds.
+    """
+    from optimizer.graph import export_graph, graph_protos
+    from optimizer.validate import make_session, output_metrics
+
+    target = ctx.max_drift + 0.1 * (1.0 - ctx.max_drift)
+    originals = {name: pair[0] for name, pair in replacements.items()}
+    # The weights become graph inputs, so that one session evaluates any mix of original and
+    # replaced values by feeding them.
+    model = export_graph(graph, ctx.template)
+    for g in graph_protos(model.graph):
+        moved = [init for init in g.initializer if init.name in originals]
+        for init in moved:
+            g.initializer.remove(init)
+            model.graph.input.append(onnx.helper.make_tensor_value_info(
+                init.name, init.data_type, list(init.dims)))
+    session = make_session(model, "model before a lossy pass")
+    inputs = [i.name for i in session.get_inputs()]
+    references = [session.run(None, {n: {**f, **originals}[n] for n in inputs})
+                  for f in ctx.feeds]
+    evaluations = 0
+
+    def drift(applied: set[str]) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        weights = {n: replacements[n][1] if n in applied else v for n, v in originals.items()}
+        worst = 1.0
+        for feed, ref in zip(ctx.feeds, references):
+            out = session.run(None, {n: {**feed, **weights}[n] for n in inputs})
+            for r, c in zip(ref, out):
+                worst = min(worst, output_metrics(np.asarray(r), np.asarray(c))["cosine"])
+        return worst
+
+    names = list(replacements)
+    cosine_all = drift(set(names))
+    kept: list[str] = []
+    if cosine_all < target:
+        sensitivity = {name: drift({name}) for name in names}
+        ranked = sorted(names, key=lambda n: sensitivity[n])
+        low, high = 0, len(ranked)  # leaving everything out trivially meets the target
+        while low < high:
+            mid = (low + high) // 2
+            if drift(set(ranked[mid:])) >= target:
+                high = mid
+            else:
+                low = mid + 1
+        kept = ranked[:low]
+    cosine_final = drift(set(names) - set(kept)) if kept else cosine_all
+    return {"target": target, "cosine_all": cosine_all, "cosine_final": cosine_final,
+            "evaluations": evaluations, "kept": kept}

@@ -6,9 +6,11 @@ according to ``passes._util.static_shapes`` (ONNX shape inference from the graph
 initializers only).
 
 Values are computed by onnxruntime, one node at a time, so the result is what the runtime would have
-computed. A result larger than ``ctx.fold_size_limit`` bytes (1 MiB by default) is materialized only
-if it is no larger than the initializers it consumes (e.g. ``Transpose(W)``); otherwise the node
-stays symbolic, so that ``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file.
+computed. A result of ``ctx.fold_size_limit`` bytes (1 MiB by default) or more is materialized only
+if it is no larger than the initializers that disappear with the node -- those it alone reads
+(e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic, so that
+``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file. Sequence and optional values are
+never folded.
 
 Never folded: random ops, QuantizeLinear/DequantizeLinear (a QDQ pair is the quantized model's
 storage format), nodes with subgraphs, and ops of non-default domains.
@@ -80,9 +82,14 @@ class FoldConstants(Pass):
                     except Exception:  # onnxruntime rejects the node: leave it to the runtime
                         failed += 1
                         continue
-                consumed = sum(nbytes(t) for t in node.inputs if isinstance(t, gs.Constant))
+                if not all(isinstance(v, np.ndarray) for v in values):
+                    continue  # a sequence or optional value: not an initializer
+                # Only initializers this node alone reads disappear with it.
+                alone = {id(t): t for t in node.inputs
+                         if isinstance(t, gs.Constant) and all(n is node for n in t.outputs)}
+                consumed = sum(nbytes(t) for t in alone.values())
                 produced = sum(v.nbytes for v in values)
-                if produced > ctx.fold_size_limit and produced > consumed:
+                if produced >= ctx.fold_size_limit and produced > consumed:
                     refused_size += 1
                     continue
                 live = [t for t in node.outputs if not t.is_empty()]

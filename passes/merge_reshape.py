@@ -49,8 +49,8 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (bypass, constant_value, drop_disconnected, fresh_name,
-                          infer_tensor_types, is_default_domain)
+from passes._util import (bypass, constant_value, drop_disconnected, fresh_name, infer_tensor_types,
+                          is_default_domain)
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 _SQUEEZES = ("Squeeze", "Unsqueeze")

@@ -14,8 +14,13 @@ are kept, and so are zeros already there (``-0.0`` included). Nothing is done wh
 ``ctx.prune_threshold`` is None. Zeros do not shrink a dense initializer by themselves; they pay off
 under compression or with a sparse format or kernel.
 
-This pass is lossy (``lossless = False``): the pass manager runs it once and validation then
-requires the output's cosine similarity with the original to reach ``max_drift``.
+This pass is lossy (``lossless = False``) and runs before the lossless pipeline
+(``stage = "before"``): it prunes the model's own weights, not the products of fusions (a Conv
+whose weights a following per-channel scale shrinks below the threshold would otherwise vanish).
+When validation feeds are known (``ctx.feeds``), tensors whose pruning alone hurts the outputs most
+stay dense until the outputs keep ``ctx.max_drift`` (``passes._util.fit_drift_budget``); they
+are listed under ``drift_budget.kept``. Validation then requires every output's cosine
+similarity with the original to reach ``max_drift``.
 
 Statistics (JSON-serializable):
 
@@ -33,7 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import weight_initializers
+from passes._util import fit_drift_budget, weight_initializers
 
 
 def _sparsity(zeros: int, size: int) -> float:
@@ -45,23 +50,34 @@ class Prune(Pass):
     name = "prune"
     description = "Set weight values with |w| < prune_threshold to 0 (magnitude pruning)."
     lossless = False
+    stage = "before"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         threshold = ctx.prune_threshold
         if threshold is None:
             return PassResult(False, {})
         per_tensor: dict[str, dict] = {}
-        weights = zeros_before = zeros_after = changed_tensors = 0
+        plan = []
         for t in weight_initializers(graph):
             values = t.values
             if not isinstance(values, np.ndarray):  # sparse initializers have no dense array
                 continue
-            before = int(np.count_nonzero(values == 0))
             prune = (np.abs(values.astype(np.float64, copy=False)) < threshold) & (values != 0)
-            pruned = int(np.count_nonzero(prune))
+            plan.append((t, values, prune))
+        budget = None
+        candidates = {t.name: (values, np.where(prune, values.dtype.type(0), values))
+                      for t, values, prune in plan if prune.any()}
+        if ctx.feeds and candidates:
+            budget = fit_drift_budget(graph, ctx, candidates)
+        kept = set(budget["kept"]) if budget else set()
+
+        per_tensor: dict[str, dict] = {}
+        weights = zeros_before = zeros_after = changed_tensors = 0
+        for t, values, prune in plan:
+            before = int(np.count_nonzero(values == 0))
+            pruned = 0 if t.name in kept else int(np.count_nonzero(prune))
             if pruned:
-                t.values = np.where(prune, values.dtype.type(0), values).astype(values.dtype,
-                                                                                copy=False)
+                t.values = candidates[t.name][1].astype(values.dtype, copy=False)
                 changed_tensors += 1
             after = before + pruned
             per_tensor[t.name] = {"shape": [int(d) for d in values.shape], "size": int(values.size),
@@ -77,4 +93,6 @@ class Prune(Pass):
             "values_pruned": zeros_after - zeros_before,
             "sparsity": _sparsity(zeros_after, weights), "per_tensor": per_tensor,
         }
+        if budget is not None:
+            stats["drift_budget"] = budget
         return PassResult(changed_tensors > 0, stats)

@@ -53,14 +53,14 @@ fewer than :data:`MIN_ELEMENTS` elements.
 
 Drift budget: when validation feeds are known (``ctx.feeds``), weights whose quantization alone
 hurts the outputs most stay float until the outputs keep ``ctx.max_drift`` -- see
-:func:`fit_drift_budget`. The weights kept float are listed in the statistics.
+``passes._util.fit_drift_budget``. The weights kept float are listed in the statistics.
 
 Statistics (JSON-serializable): ``tensors_quantized``; ``scheme`` (``"per-channel"``,
 ``"per-channel (DequantizeLinear + Mul)"`` below opset 13, or ``"none"`` below opset 10);
 ``per_channel`` and ``per_tensor`` (tensors of each kind); ``skipped`` (``{reason: count}``);
 ``bytes_before`` and ``bytes_after`` (of the quantized weights: float32 data versus int8 data,
 scales and zero points); ``drift_budget`` (``{target, cosine_all, cosine_final, evaluations,
-kept_float}``) when feeds were given.
+kept}``, ``kept`` being the weights left float) when feeds were given.
 
 Errors: none of its own.
 """
@@ -75,7 +75,8 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import fresh_name, input_slots, is_default_domain, nbytes, replace_uses
+from passes._util import (
+    fit_drift_budget, fresh_name, input_slots, is_default_domain, nbytes, replace_uses)
 
 #: Weights with fewer elements stay float: the scale and zero point would cost as much as they save.
 MIN_ELEMENTS = 16
@@ -159,74 +160,6 @@ def _fake_quantized(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.nd
     return q.astype(np.float32) * _broadcastable(scale, q.ndim, axis)
 
 
-def fit_drift_budget(graph: gs.Graph, ctx: PassContext, plan: list) -> dict:
-    """Choose which planned weights stay float so the outputs keep ``ctx.max_drift``.
-
-    The drift of a set of quantized weights is the lowest cosine similarity, over every output and
-    every feed of ``ctx.feeds``, between the model with those weights replaced by their
-    dequantized values and the model as it is (lossless so far). If quantizing every weight keeps
-    the drift within budget, all are quantized. Otherwise each weight's sensitivity is measured
-    alone (the drift with only it quantized), weights are ranked from most to least harmful, and a
-    binary search finds the fewest most-harmful weights to keep float -- the mixed-precision
-    fallback of accuracy-aware quantization tools (e.g. onnxruntime.quantization's
-    ``nodes_to_exclude``, chosen here from measured sensitivity instead of by hand).
-
-    The target is ``max_drift + 0.1 (1 - max_drift)``, a margin over the validation criterion.
-
-    Returns:
-        ``{"target", "cosine_all", "cosine_final", "evaluations", "kept_float": [names]}``.
-    """
-    from optimizer.graph import export_graph, graph_protos
-    from optimizer.validate import make_session, output_metrics
-
-    target = ctx.max_drift + 0.1 * (1.0 - ctx.max_drift)
-    originals = {t.name: np.asarray(t.values) for t, *_ in plan}
-    dequantized = {t.name: _fake_quantized(q, scale, axis) for t, _, axis, q, scale in plan}
-    # The candidate weights become graph inputs, so that one session evaluates any mix of float
-    # and dequantized weights by feeding them.
-    model = export_graph(graph, ctx.template)
-    for g in graph_protos(model.graph):
-        moved = [init for init in g.initializer if init.name in originals]
-        for init in moved:
-            g.initializer.remove(init)
-            model.graph.input.append(onnx.helper.make_tensor_value_info(
-                init.name, init.data_type, list(init.dims)))
-    session = make_session(model, "model before quantization")
-    inputs = [i.name for i in session.get_inputs()]
-    references = [session.run(None, {n: {**f, **originals}[n] for n in inputs})
-                  for f in ctx.feeds]
-    evaluations = 0
-
-    def drift(quantized: set[str]) -> float:
-        nonlocal evaluations
-        evaluations += 1
-        weights = {n: dequantized[n] if n in quantized else v for n, v in originals.items()}
-        worst = 1.0
-        for feed, ref in zip(ctx.feeds, references):
-            out = session.run(None, {n: {**feed, **weights}[n] for n in inputs})
-            for r, c in zip(ref, out):
-                worst = min(worst, output_metrics(np.asarray(r), np.asarray(c))["cosine"])
-        return worst
-
-    names = [t.name for t, *_ in plan]
-    cosine_all = drift(set(names))
-    kept: list[str] = []
-    if cosine_all < target:
-        sensitivity = {name: drift({name}) for name in names}
-        ranked = sorted(names, key=lambda n: sensitivity[n])
-        low, high = 0, len(ranked)  # keeping all float trivially meets the target
-        while low < high:
-            mid = (low + high) // 2
-            if drift(set(ranked[mid:])) >= target:
-                high = mid
-            else:
-                low = mid + 1
-        kept = ranked[:low]
-    cosine_final = drift(set(names) - set(kept)) if kept else cosine_all
-    return {"target": target, "cosine_all": cosine_all, "cosine_final": cosine_final,
-            "evaluations": evaluations, "kept_float": kept}
-
-
 @register
 class QuantizeWeights(Pass):
     name = "quantize_weights"
@@ -267,10 +200,11 @@ class QuantizeWeights(Pass):
             plan.append((t, slots, axis, q, scale))
         budget = None
         if ctx.feeds and plan:
-            budget = fit_drift_budget(graph, ctx, plan)
-            keep = set(budget.pop("kept_float"))
+            budget = fit_drift_budget(graph, ctx, {
+                t.name: (np.asarray(t.values), _fake_quantized(q, scale, axis))
+                for t, _, axis, q, scale in plan})
+            keep = set(budget["kept"])
             skipped["kept float: drift budget"] += len(keep)
-            budget["kept_float"] = sorted(keep)
             plan = [p for p in plan if p[0].name not in keep]
 
         counts = collections.Counter()

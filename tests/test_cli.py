@@ -67,7 +67,7 @@ def test_optimize_report_has_the_documented_keys(model_path, tmp_path):
                  "--quiet", "--input-shape", "x:5x4", "--seed", "7"]) == 0
     data = json.loads(report.read_text())
     assert set(data) == {"schema_version", "tool", "tool_version", "command", "model", "output",
-                         "before", "after", "passes", "inputs", "validation", "seconds", "verdict"}
+                         "before", "after", "passes", "inputs", "validation", "rolled_back", "seconds", "verdict"}
     assert data["schema_version"] == SCHEMA_VERSION and data["tool"] == "onnxopt"
     assert data["command"] == "optimize" and data["verdict"] == "passed"
     assert data["model"] == str(model_path) and data["output"] == str(out)
@@ -119,7 +119,7 @@ def test_no_validate_reports_not_validated(model_path, tmp_path):
 
 
 class _CorruptValues(Pass):
-    """Test-only pass that changes a weight: validation must catch it."""
+    """Test-only lossless pass that changes a weight: validation must catch it."""
 
     name = "test_corrupt_values"
     description = "adds 1 to every initializer"
@@ -131,19 +131,43 @@ class _CorruptValues(Pass):
         return PassResult(True)
 
 
+class _CorruptValuesLossy(_CorruptValues):
+    """The same corruption declared lossy: it is judged, never rolled back."""
+
+    name = "test_corrupt_values_lossy"
+    lossless = False
+
+
 @pytest.mark.parametrize("keep_invalid", [False, True])
 def test_failed_validation_exits_1_and_writes_nothing(model_path, tmp_path, monkeypatch, capsys,
                                                       keep_invalid):
-    monkeypatch.setitem(REGISTRY, _CorruptValues.name, _CorruptValues)
+    monkeypatch.setitem(REGISTRY, _CorruptValuesLossy.name, _CorruptValuesLossy)
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    argv = ["optimize", str(model_path), "-o", str(out), "--passes", _CorruptValues.name,
-            "--report", str(report)]
+    argv = ["optimize", str(model_path), "-o", str(out), "--passes", _CorruptValuesLossy.name,
+            "--report", str(report), "--max-drift", "0.999999"]
     assert main(argv + (["--keep-invalid"] if keep_invalid else [])) == 1
     assert out.exists() == keep_invalid
     assert "validation FAILED" in capsys.readouterr().out
     data = json.loads(report.read_text())
     assert data["verdict"] == "failed" and data["validation"]["passed"] is False
     assert "'y'" in data["validation"]["reason"]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_broken_lossless_pass_is_rolled_back_and_named(model_path, tmp_path, monkeypatch,
+                                                       capsys, strict):
+    monkeypatch.setitem(REGISTRY, _CorruptValues.name, _CorruptValues)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = ["optimize", str(model_path), "-o", str(out), "--passes",
+            f"remove_identity,{_CorruptValues.name}", "--report", str(report)]
+    assert main(argv + (["--strict"] if strict else [])) == (1 if strict else 0)
+    assert out.exists() != strict
+    assert f"rolled back pass {_CorruptValues.name}" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert [r["pass"] for r in data["rolled_back"]] == [_CorruptValues.name]
+    assert "'y'" in data["rolled_back"][0]["reason"]
+    assert data["validation"]["passed"] is True
+    assert _CorruptValues.name not in {p["name"] for p in data["passes"]}
 
 
 def test_validate_same_model_exits_0_different_models_exit_1(model_path, tmp_path, capsys):
@@ -251,10 +275,6 @@ def test_external_data_option_writes_out_data_and_reloads(model_path, tmp_path):
     assert_same_outputs(model, load_model(out))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optimizer/cli.py _cmd_optimize/_cmd_validate: --report is written with Report.write_json, "
-    "which does not refuse the input model's path, so `--report MODEL` replaces the input model "
-    "with JSON (exit 0)"))
 def test_report_path_equal_to_the_input_model_is_refused(model_path, tmp_path, capsys):
     before = model_path.read_bytes()
     code = main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--quiet",

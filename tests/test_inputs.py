@@ -155,9 +155,6 @@ def test_load_feeds_errors(tmp_path):
         load_feeds(tmp_path / "bad.npz")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "optimizer/inputs.py load_feeds: np.load of a .npy file returns an ndarray, which is used as a "
-    "context manager -> TypeError instead of InputError"))
 def test_load_feeds_of_a_npy_file_is_an_input_error(tmp_path):
     np.save(tmp_path / "feed.npy", np.zeros(3, np.float32))
     with pytest.raises(InputError):

@@ -132,9 +132,6 @@ def test_missing_external_data_file_is_refused(tmp_path):
         load_model(path)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "optimizer/io.py load_model: onnx's load_external_data_for_model raises ValueError "
-    "('External data length (256) exceeds available data') which is not turned into ModelLoadError"))
 def test_truncated_external_data_file_is_refused(tmp_path):
     (tmp_path / "w.bin").write_bytes(np.ones(10, np.float32).tobytes())  # 40 of 256 bytes
     path = tmp_path / "m.onnx"

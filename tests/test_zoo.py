@@ -49,8 +49,12 @@ def test_pipeline_on_real_model(entry, mode):
     original = onnx.load(str(onnx_path))
     assert [o.name for o in model.graph.output] == [o.name for o in original.graph.output]
     assert [i.name for i in model.graph.input] == [i.name for i in original.graph.input]
-    if mode == "quantize" and report.before.parameter_bytes > 1 << 20:
-        assert report.after.file_bytes < report.before.file_bytes / 2.5
+    if mode == "quantize":
+        stats = next(r.stats for r in report.passes if r.name == "quantize_weights")
+        assert stats["tensors_quantized"] > 0
+        # int8 data plus per-channel scales: about 4x fewer bytes for the weights quantized
+        assert stats["bytes_after"] * 3.5 < stats["bytes_before"]
+        assert report.after.file_bytes < report.before.file_bytes
     if mode == "prune":
         stats = next(r.stats for r in report.passes if r.name == "prune")
         assert stats

@@ -12,16 +12,19 @@ and expected outputs:
 
 A case is checked the way ``onnx.backend.test.runner`` checks it: outputs compared with
 ``Runner.assert_similar_outputs`` at the case's own ``rtol``/``atol`` (1e-3/1e-7 unless the case
-or its ``data.json`` says otherwise). Models run on onnxruntime CPU with its graph optimizations
-off (``optimizer.validate.make_session``), so each model runs as written.
+or its ``data.json`` says otherwise); sequences are compared element by element. Models run on
+onnxruntime CPU with its graph optimizations off (``optimizer.validate.make_session``), so each
+model runs as written.
 
 For each case: if onnxruntime does not pass the original, the case says nothing about onnxopt
-(``ort-fails``). Otherwise ``optimizer.optimize(model, validate=False)`` runs the default pipeline;
+(``ort-fails``). Otherwise ``optimizer.optimize`` runs the default pipeline, validating with the
+case's inputs (so a pass that breaks the model is rolled back, as for a user);
 the optimized model must keep the graph's input and output names in order, must pass the same
 check, and ``optimize`` must not change the model it was given. ``optimize`` raising an
 ``InputError`` is reported as ``rejected`` (the model itself is unusable), any other exception is a
 failure. A failure can be blamed on a pass by :func:`blame`: the pipeline is re-run with no pass
-(import and export only) and then with each pass alone.
+(import and export only), then with each pass alone and, if no pass fails alone, with each pass
+left out.
 
 CLI::
 
@@ -214,6 +217,22 @@ def in_sample(name: str, modulus: int) -> bool:
     return zlib.crc32(name.encode()) % modulus == 0
 
 
+def _flatten(values: list) -> list:
+    """Sequence values spliced into the list, each after a marker array holding its length.
+
+    ``Runner.assert_similar_outputs`` recurses into sequences passing single arrays where it
+    expects lists (``len()`` of a 0-d array raises), so sequences are compared flat instead.
+    """
+    flat = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            flat.append(np.array([len(value)], dtype=np.int64))
+            flat.extend(value)
+        else:
+            flat.append(value)
+    return flat
+
+
 def check_model(model: onnx.ModelProto, case: Case, what: str) -> str | None:
     """Run ``model`` on every data set of ``case``; None if it matches the expected outputs, else
     the reason (one line)."""
@@ -221,8 +240,9 @@ def check_model(model: onnx.ModelProto, case: Case, what: str) -> str | None:
         session = make_session(model, what)
         for feed, expected in case.data_sets:
             outputs = run_model(session, feed, what)
-            Runner.assert_similar_outputs(expected, outputs, rtol=case.rtol, atol=case.atol)
-    except (InputError, AssertionError, TypeError, ValueError) as err:
+            Runner.assert_similar_outputs(_flatten(expected), _flatten(outputs),
+                                          rtol=case.rtol, atol=case.atol)
+    except Exception as err:  # noqa: BLE001 -- onnxruntime and numpy raise many types
         return _one_line(err)
     return None
 
@@ -257,7 +277,12 @@ def check_optimized(case: Case, passes: Sequence[str] | None = None) -> tuple[st
     given = onnx.ModelProto()
     given.CopyFrom(case.model)  # optimize gets a copy, so case.model is intact for the next run
     try:
-        optimized, _ = optimizer.optimize(given, passes=passes, validate=False)
+        # The case's own inputs are the validation feeds, so that a pass whose result fails on
+        # onnxruntime is rolled back as it would be for a user (sequence inputs: no validation).
+        feeds = [feed for feed, _ in case.data_sets
+                 if all(isinstance(v, np.ndarray) for v in feed.values())]
+        optimized, _ = optimizer.optimize(given, passes=passes, validate=bool(feeds),
+                                          inputs=feeds or None, raise_on_failure=False)
     except InputError as err:
         return REJECTED, f"optimize rejected the model: {_one_line(err)}"
     except Exception as err:  # noqa: BLE001 -- any other exception is an onnxopt bug
@@ -288,8 +313,8 @@ def evaluate(case: Case) -> CaseResult:
 
 def blame(case: Case) -> list[str]:
     """What breaks ``case``: ``"import/export"`` if the pipeline with no pass already fails it, and
-    every pass of the default pipeline that, run alone, fails it for another reason;
-    ``["combination"]`` if nothing fails alone."""
+    every pass of the default pipeline that, run alone, fails it for another reason. When no pass
+    fails alone, the passes without which the pipeline passes, as ``"a+b (together)"``."""
     from passes import LOSSLESS_PIPELINE
 
     status, base_reason = check_optimized(case, passes=[])
@@ -298,7 +323,11 @@ def blame(case: Case) -> list[str]:
         status, reason = check_optimized(case, passes=[name])
         if status == FAILED and reason != base_reason:
             culprits.append(name)
-    return culprits or ["combination"]
+    if culprits:
+        return culprits
+    needed = [name for name in LOSSLESS_PIPELINE
+              if check_optimized(case, [p for p in LOSSLESS_PIPELINE if p != name])[0] != FAILED]
+    return [f"{'+'.join(needed) or 'no single pass'} (together)"]
 
 
 # Worker processes are forked after the cases are loaded and find them here, by index.

@@ -138,9 +138,6 @@ def test_constant_of_shape_over_the_size_limit_stays_a_node():
     assert_same_outputs(model, out)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "passes/fold_constants.py: the size test is `produced > ctx.fold_size_limit`, so a result of "
-    "exactly 1 MiB (512x512 float32) is folded and the 100-byte model becomes a 1 MiB file"))
 def test_constant_of_shape_512x512_float_stays_a_node():
     model = _constant_of_shape_model(512)
     out, _ = run_passes(model, LOSSLESS_PIPELINE)
@@ -190,10 +187,6 @@ def test_transpose_of_a_large_weight_is_folded_and_only_the_transpose_stored():
     assert_same_outputs(model, out, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "passes/fold_constants.py: the size rule compares the result with the bytes of the constant "
-    "inputs even when those stay alive for other consumers, so Transpose(W) of a 2 MiB W that a "
-    "second MatMul also reads is folded and the file grows from 2 MiB to 4 MiB"))
 def test_transpose_of_a_large_shared_weight_does_not_inflate_the_file():
     model = _transpose_model(extra_use=True)
     out, _ = run_passes(model, LOSSLESS_PIPELINE)

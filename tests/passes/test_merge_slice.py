@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
-
 from helpers import (all_graphs, all_initializers, assert_same_outputs, initializers, make_branch,
                      make_model, ops, run_once, run_passes)
+from onnx import TensorProto, helper
+
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 from tools import zoo

@@ -8,10 +8,10 @@ import itertools
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
-
 from helpers import (all_graphs, assert_same_outputs, make_branch, make_model, ops, output_names,
                      run_once, run_passes)
+from onnx import TensorProto, helper
+
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 from tools import zoo
@@ -126,7 +126,7 @@ def test_chain_in_if_branch():
                         [_out("EY")], name="else")
     node = helper.make_node("If", ["C"], ["Y"], then_branch=then, else_branch=other)
     model = make_model([node], [X, ("C", TensorProto.BOOL, [])], [_out("Y")])
-    out, records = run_passes(model, ["merge_transpose"])
+    out, _ = run_passes(model, ["merge_transpose"])
     else_out, then_out = list(all_graphs(out.graph))[1:]  # attributes sorted by name
     assert ops(then_out) == ["Relu"] and then_out.node[0].input == ["X"]
     assert ops(else_out) == ["Transpose"] and else_out.node[0].input == ["X"]

@@ -285,8 +285,9 @@ def _zoo_files(name):
 @pytest.mark.parametrize("name", ["silero_vad_openvino_16k", "silero_vad_16k_op15"])
 def test_real_model_fewer_nodes(name):
     onnx_file, npz_file = _zoo_files(name)
-    _, base = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file)
-    _, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE + ["remove_noop"], inputs=npz_file)
+    without = [p for p in LOSSLESS_PIPELINE if p != "remove_noop"]
+    _, base = optimize(onnx_file, passes=without, inputs=npz_file)
+    _, report = optimize(onnx_file, passes=without + ["remove_noop"], inputs=npz_file)
     assert report.validation.passed
     assert report.after.nodes < base.after.nodes
 
