@@ -146,6 +146,22 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
                 cosine=cosine, snr_db=snr, range=rng, nan_mismatch=nan_mismatch)
 
 
+def _flatten_sequence(value) -> np.ndarray:
+    """A sequence output (a list of tensors) as the concatenation of its raveled elements, so the
+    drift metrics apply to it; a tensor output is returned as is. Layouts are compared apart,
+    by :func:`_layout`."""
+    if not isinstance(value, list):
+        return np.asarray(value)
+    return np.concatenate([np.asarray(v).ravel() for v in value]) if value else np.zeros(0)
+
+
+def _layout(value) -> tuple:
+    """Dtype and shape of a tensor output, or of every element of a sequence output."""
+    if isinstance(value, list):
+        return ("sequence",) + tuple((str(np.asarray(v).dtype), np.shape(v)) for v in value)
+    return (str(np.asarray(value).dtype), np.shape(value))
+
+
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                    feeds: list[dict[str, np.ndarray]], *, atol: float = DEFAULT_ATOL,
                    rtol: float = DEFAULT_RTOL, max_drift: float = DEFAULT_MAX_DRIFT,
@@ -190,7 +206,12 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
             result.passed, result.reason = False, str(err)
             return result
         for i, (name, r, c) in enumerate(zip(ref_names, ref_out, cand_out)):
-            r, c = np.asarray(r), np.asarray(c)
+            if (isinstance(r, list) or isinstance(c, list)) and _layout(r) != _layout(c):
+                if len(metrics) <= i:
+                    metrics.append(OutputMetrics(name, "sequence", [], "sequence", []))
+                metrics[i].passed, metrics[i].reason = False, "sequence layouts differ"
+                continue
+            r, c = _flatten_sequence(r), _flatten_sequence(c)
             if len(metrics) <= i:
                 metrics.append(OutputMetrics(name, str(r.dtype), list(r.shape), str(c.dtype),
                                              list(c.shape)))
