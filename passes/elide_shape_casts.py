@@ -8,8 +8,10 @@ runtime can allocate (2**31 elements along one axis) and is the same assumption 
 limited to ops that move values without arithmetic (Slice, Concat, Gather, Squeeze, Unsqueeze,
 Reshape, Flatten, Identity), so computing it in int64 gives exactly the same numbers.
 
-The rewrite: the first Cast is bypassed (the region reads the int64 shape), int32 initializers the
-region concatenates become int64 copies, and the closing Casts to int64 are bypassed. It applies
+The rewrite: the first Cast is bypassed (the region reads the int64 shape), the region's tensors
+are renamed (their dtype changes, so a name would otherwise stand for two different values), int32
+initializers the region concatenates become int64 copies, and the closing Casts to int64 are
+bypassed. It applies
 only when every tensor the region produces is read by region ops or by ``Cast(to=int64)``, never
 by anything else or as a graph output (their dtype would change). Main graph and subgraphs alike.
 """
@@ -95,9 +97,12 @@ class ElideShapeCasts(Pass):
                 if isinstance(region, str):
                     refused[region] += 1
                     continue
-                _, constants, closing = region
+                movers, constants, closing = region
                 # The seed's output is not a graph output (checked), so the bypass succeeds.
                 bypass(g, seed, seed.inputs[0], seed.outputs[0])
+                for node in movers:  # a tensor whose dtype changes gets a new name
+                    for t in node.outputs:
+                        t.name, t.dtype = fresh_name(graph, f"{t.name}_int64"), np.int64
                 for node, const in constants:
                     wide = gs.Constant(fresh_name(graph, f"{const.name}_int64"),
                                        np.asarray(const.values).astype(np.int64))
