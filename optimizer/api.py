@@ -17,7 +17,8 @@ import onnx
 from optimizer import io
 from optimizer.errors import UsageError, ValidationFailed
 from optimizer.graph import export_graph, import_graph, model_stats
-from optimizer.inputs import load_feeds, synthesize_feed
+from optimizer.inputs import check_feeds, feed_files, input_warnings, load_feed, synthesize_feed
+from optimizer.layerwise import compare_layerwise, first_divergence
 from optimizer.pass_manager import REGISTRY, PassContext, PassManager, PassRecord, get_pass
 from optimizer.report import Report
 from optimizer.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, compare_models
@@ -40,20 +41,33 @@ def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | No
     """The validation feeds and their description for the report.
 
     ``inputs`` may be a path (``.npz`` file or folder of them), one feed, a list of feeds, or None
-    to synthesize one feed from the model's declared inputs (see ``optimizer.inputs``).
+    to synthesize one feed from the model's declared inputs (see ``optimizer.inputs``). Given
+    feeds are checked against the model's inputs (``check_feeds``). Warnings (synthesized values
+    that are likely meaningless, ignored keys) are listed under ``"warnings"`` when there are any.
+
+    Raises:
+        InputError: unreadable feed files; a feed lacks an input or has a wrong dtype or rank;
+            an input cannot be synthesized.
     """
+    labels = None
     if inputs is None:
         feeds, source = [synthesize_feed(model, input_shapes, seed)], "synthesized"
     elif isinstance(inputs, (str, os.PathLike)):
-        feeds, source = load_feeds(inputs), str(inputs)
+        files = feed_files(inputs)
+        feeds, source, labels = [load_feed(f) for f in files], str(inputs), [str(f) for f in files]
     elif isinstance(inputs, dict):
         feeds, source = [inputs], "<memory>"
     else:
         feeds, source = list(inputs), "<memory>"
+    warnings = (input_warnings(model, input_shapes) if source == "synthesized"
+                else check_feeds(model, feeds, labels))
     described = [{k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
                   for k, v in f.items()} for f in feeds]
-    return feeds, {"source": source, "seed": seed if source == "synthesized" else None,
+    description = {"source": source, "seed": seed if source == "synthesized" else None,
                    "feeds": described}
+    if warnings:
+        description["warnings"] = warnings
+    return feeds, description
 
 
 def build_pipeline(passes: Sequence[str] | None, skip: Sequence[str], prune_threshold: float | None,
@@ -162,7 +176,12 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
                 candidate, records = run_pipeline(frozenset({p.name}))
                 result = check(candidate, records)
                 if result.passed:
-                    report.rolled_back.append({"pass": p.name, "reason": report.validation.reason})
+                    # Name the first tensor that went wrong in the failing candidate.
+                    diverged = first_divergence(
+                        original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
+                        lossy=report.validation.mode == "lossy")
+                    report.rolled_back.append({"pass": p.name, "reason": report.validation.reason,
+                                               "first_divergence": diverged})
                     optimized, report.passes, report.validation = candidate, records, result
                     break
     report.after = model_stats(optimized)
@@ -180,10 +199,13 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
 
 def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict | None = None,
              seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-             max_drift: float = DEFAULT_MAX_DRIFT, lossy: bool = False) -> Report:
+             max_drift: float = DEFAULT_MAX_DRIFT, lossy: bool = False,
+             layerwise: bool = False) -> Report:
     """Compare ``candidate`` with ``reference`` on onnxruntime CPU (see ``optimizer.validate``).
 
-    Inputs are synthesized from the reference's declared inputs unless given.
+    Inputs are synthesized from the reference's declared inputs unless given. With ``layerwise``,
+    also compare their intermediate tensors and name the first that diverges (``report.layerwise``,
+    see ``optimizer.layerwise``).
 
     Raises:
         ModelLoadError, InputError, UsageError: bad model, inputs or option.
@@ -197,5 +219,9 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     report.validation = compare_models(
         ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
         synthesized=report.inputs["source"] == "synthesized")
+    if layerwise:
+        report.layerwise = compare_layerwise(
+            ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
+            synthesized=report.inputs["source"] == "synthesized")
     report.seconds = time.perf_counter() - start
     return report

@@ -6,26 +6,23 @@ Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 3 internal err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import traceback
 from pathlib import Path
 
+import onnxruntime as ort
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from optimizer import __version__, api, io
-from optimizer.errors import OnnxoptError, UsageError, ValidationFailed
+from optimizer.errors import OnnxoptError, PassError, UsageError, ValidationFailed
 from optimizer.graph import ModelStats, model_stats
+from optimizer.html_report import write_html
 from optimizer.inputs import parse_input_shapes
-from optimizer.report import Report, pass_summary
+from optimizer.report import Report, format_stats, human_bytes, pass_summary
 from optimizer.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _size_table(before: ModelStats, after: ModelStats, seconds: float | None) -> Table:
@@ -47,8 +44,8 @@ def _size_table(before: ModelStats, after: ModelStats, seconds: float | None) ->
     row("nodes (main graph)", before.nodes, after.nodes)
     row("nodes (with subgraphs)", before.nodes_total, after.nodes_total)
     row("parameters", before.parameters, after.parameters, lambda v: f"{v:,}")
-    row("parameter bytes", before.parameter_bytes, after.parameter_bytes, _human_bytes)
-    row("file size", before.file_bytes, after.file_bytes, _human_bytes)
+    row("parameter bytes", before.parameter_bytes, after.parameter_bytes, human_bytes)
+    row("file size", before.file_bytes, after.file_bytes, human_bytes)
     if seconds is not None:
         table.add_row("time", "", f"{seconds:.2f} s", "")
     return table
@@ -61,8 +58,7 @@ def _pass_table(report: Report) -> Table:
     table.add_column("statistics")
     table.add_column("time", justify="right")
     for name, runs, stats, secs in pass_summary(report.passes):
-        shown = ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (list, dict)))
-        table.add_row(name, str(runs), shown, f"{secs * 1000:.0f} ms")
+        table.add_row(name, str(runs), format_stats(stats), f"{secs * 1000:.0f} ms")
     return table
 
 
@@ -76,6 +72,39 @@ def _validation_table(report: Report) -> Table:
                       f"{m.mean_abs:.3g}", f"{m.cosine:.6f}", f"{m.snr_db:.1f}",
                       "yes" if m.passed else f"NO: {m.reason}")
     return table
+
+
+def _layerwise_tables(report: Report) -> list:
+    """The first diverging tensor (or a line saying none did) and, lossy, the error ranking."""
+    lw = report.layerwise
+    title = (f"Layerwise ({lw.mode}): {lw.compared} tensors compared, "
+             f"{len(lw.unmatched['candidate'])} of the candidate unmatched, "
+             f"{len(lw.skipped)} skipped")
+    if lw.reason:
+        return [f"[yellow]{title}[/]: not compared: {lw.reason}"]
+    d = lw.first_divergence
+    if d is None:
+        shown = [f"[green]{title}[/]: no shared tensor diverges"]
+    else:
+        m = d.metrics
+        table = Table(title=f"{title}: first divergence")
+        for col in ("tensor", "reference node", "candidate node", "shape", "max abs", "cosine",
+                    "SNR dB", "reason"):
+            table.add_column(col, justify="right" if col in ("max abs", "cosine", "SNR dB")
+                             else "left")
+        table.add_row(d.tensor, f"{d.reference_node.name} ({d.reference_node.op})",
+                      f"{d.candidate_node.name} ({d.candidate_node.op})", f"{m.dtype}{m.shape}",
+                      f"{m.max_abs:.3g}", f"{m.cosine:.6f}", f"{m.snr_db:.1f}", m.reason)
+        shown = [table]
+    if lw.ranking:
+        ranking = Table(title="Nodes adding the most error (SNR drop from worst input to output)")
+        for col in ("node", "op", "tensor", "input SNR dB", "output SNR dB", "added dB"):
+            ranking.add_column(col, justify="right" if "dB" in col else "left")
+        for r in lw.ranking:
+            ranking.add_row(r.node.name, r.node.op, r.tensor, f"{r.input_snr_db:.1f}",
+                            f"{r.output_snr_db:.1f}", f"{r.added_db:.1f}")
+        shown.append(ranking)
+    return shown
 
 
 def _verdict_line(report: Report) -> str:
@@ -103,8 +132,13 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drift", type=float, default=DEFAULT_MAX_DRIFT, metavar="COSINE",
                    help="minimum cosine similarity per output after lossy passes "
                         f"(default {DEFAULT_MAX_DRIFT})")
-    p.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="print only the verdict line")
+    p.add_argument("--report", metavar="FILE", help="write the report; the extension picks the "
+                   "format: .json (JSON), .html or .htm (a self-contained HTML page)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the verdict line (no tables, no progress)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print tracebacks of internal errors; onnxruntime's default logger "
+                        "shows warnings")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     p.add_argument("--lossy", action="store_true",
                    help="judge by --max-drift (cosine similarity) instead of --atol/--rtol")
+    p.add_argument("--layerwise", action="store_true",
+                   help="also compare intermediate tensors: name the first that diverges and, "
+                        "with --lossy, the nodes adding the most error")
     _common_input_args(p)
 
     p = sub.add_parser("inspect", help="show versions, inputs, outputs, ops and parameters")
@@ -155,6 +192,45 @@ def _parser() -> argparse.ArgumentParser:
 
 def _split(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+_REPORT_WRITERS = {".json": Report.write_json, ".html": write_html, ".htm": write_html}
+
+
+def _report_writer(path: str | None):
+    """The function writing a report to ``path``, chosen by its extension (None without a path).
+
+    Raises:
+        UsageError: an extension other than .json, .html or .htm.
+    """
+    if path is None:
+        return None
+    suffix = Path(path).suffix.lower()
+    if suffix not in _REPORT_WRITERS:
+        raise UsageError(f"{path}: unknown report format '{suffix}'; use .json, .html or .htm")
+    return _REPORT_WRITERS[suffix]
+
+
+@contextlib.contextmanager
+def _progress(description: str, quiet: bool):
+    """A transient spinner with ``description`` and the elapsed time on stderr, when stderr is a
+    terminal and not ``quiet``; yields the ``on_pass`` callback that names each pass run, or
+    None when nothing is shown."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=None)
+        runs = 0
+
+        def on_pass(record) -> None:
+            nonlocal runs
+            runs += 1
+            progress.update(task, description=f"{description}: {runs} pass runs, last "
+                                              f"{record.name} (round {record.iteration + 1})")
+
+        yield on_pass
 
 
 def _refuse_overwriting(inputs: list[str], outputs: list[str | None]) -> None:
@@ -170,9 +246,9 @@ def _cmd_optimize(args, console: Console) -> int:
     _refuse_overwriting([args.model], [args.output, args.report])
     if args.report and Path(args.report).resolve() == Path(args.output).resolve():
         raise UsageError(f"{args.report}: the report and the model output are the same file")
+    write_report = _report_writer(args.report)
     passes = _split([args.passes]) if args.passes else None
-    with console.status("optimizing", spinner="dots") if console.is_terminal and not args.quiet \
-            else _null():
+    with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
         model, report = api.optimize(
             args.model, passes=passes, skip=_split(args.skip),
             prune_threshold=args.prune_threshold, quantize=args.quantize,
@@ -180,12 +256,14 @@ def _cmd_optimize(args, console: Console) -> int:
             input_shapes=parse_input_shapes(args.input_shape), seed=args.seed, atol=args.atol,
             rtol=args.rtol, max_drift=args.max_drift, verify_each=args.verify_each,
             fold_size_limit=args.fold_size_limit, max_iterations=args.max_iterations,
-            raise_on_failure=False)
+            raise_on_failure=False, on_pass=on_pass)
     passed = (report.validation is None or report.validation.passed) and \
         not (args.strict and report.rolled_back)
     if passed or args.keep_invalid:
-        io.save_model(model, args.output, external_data=True if args.external_data else None,
-                      protect=(args.model,))
+        with _progress(f"writing {args.output}", args.quiet):
+            io.save_model(model, args.output,
+                          external_data=True if args.external_data else None,
+                          protect=(args.model,))
         report.output = args.output
         report.after.file_bytes = Path(args.output).stat().st_size
     report.before.file_bytes = Path(args.model).stat().st_size
@@ -194,29 +272,36 @@ def _cmd_optimize(args, console: Console) -> int:
         console.print(_pass_table(report))
         if report.validation is not None:
             console.print(_validation_table(report))
-    if args.report:
-        report.write_json(args.report)
-    for rb in report.rolled_back:
-        console.print(f"[yellow]rolled back[/] pass {rb['pass']}: {rb['reason']}",
-                      markup=True, highlight=False)
+    if write_report:
+        write_report(report, args.report)
+    if not args.quiet or not passed:  # with --strict a rollback is the failure: say which
+        for rb in report.rolled_back:
+            console.print(f"[yellow]rolled back[/] pass {rb['pass']}: {rb['reason']}",
+                          markup=True, highlight=False)
     console.print(_verdict_line(report))
     if not passed:
-        console.print(f"output {'written anyway (--keep-invalid)' if args.keep_invalid else 'not written'}: {args.output}")
+        if not args.quiet:
+            console.print(f"output {'written anyway (--keep-invalid)' if args.keep_invalid else 'not written'}: {args.output}")
         return ValidationFailed.exit_code
-    console.print(f"wrote {args.output}")
+    if not args.quiet:
+        console.print(f"wrote {args.output}")
     return 0
 
 
 def _cmd_validate(args, console: Console) -> int:
     _refuse_overwriting([args.reference, args.candidate], [args.report])
-    report = api.validate(args.reference, args.candidate, inputs=args.inputs,
-                          input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
-                          atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
-                          lossy=args.lossy)
+    write_report = _report_writer(args.report)
+    with _progress(f"validating {args.candidate} against {args.reference}", args.quiet):
+        report = api.validate(args.reference, args.candidate, inputs=args.inputs,
+                              input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
+                              atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
+                              lossy=args.lossy, layerwise=args.layerwise)
     if not args.quiet:
         console.print(_validation_table(report))
-    if args.report:
-        report.write_json(args.report)
+        for shown in _layerwise_tables(report) if report.layerwise else []:
+            console.print(shown)
+    if write_report:
+        write_report(report, args.report)
     console.print(_verdict_line(report))
     return 0 if report.validation.passed else ValidationFailed.exit_code
 
@@ -244,8 +329,8 @@ def _cmd_inspect(args, console: Console) -> int:
     console.print(ops)
     console.print(f"nodes: {stats.nodes} in the main graph, {stats.nodes_total} with "
                   f"{stats.subgraphs} subgraph(s); parameters: {stats.parameters:,} "
-                  f"({_human_bytes(stats.parameter_bytes)}); file: "
-                  f"{_human_bytes(Path(args.model).stat().st_size)}")
+                  f"({human_bytes(stats.parameter_bytes)}); file: "
+                  f"{human_bytes(Path(args.model).stat().st_size)}")
     return 0
 
 
@@ -265,29 +350,33 @@ def _cmd_passes(args, console: Console) -> int:
     return 0
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnxopt`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    # 2: warnings; 4 (fatal only) is optimizer.validate's default
+    ort.set_default_logger_severity(2 if verbose else 4)
     console = Console(highlight=False)
     commands = {"optimize": _cmd_optimize, "validate": _cmd_validate, "inspect": _cmd_inspect,
                 "passes": _cmd_passes}
     try:
         return commands[args.command](args, console)
     except OnnxoptError as e:
+        if verbose and e.exit_code == PassError.exit_code:
+            traceback.print_exc()
         message = " ".join(str(e).split())
         print(f"onnxopt: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("onnxopt: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in onnxopt, not the user's: exit 3, not Python's 1
+        if verbose:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"onnxopt: internal error: {type(e).__name__}: {message}"
+              f"{'' if verbose else ' (--verbose prints the traceback)'}", file=sys.stderr)
+        return PassError.exit_code
 
 
 if __name__ == "__main__":

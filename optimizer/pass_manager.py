@@ -137,7 +137,6 @@ def verify_model(model: onnx.ModelProto, after: str, full_check: bool = True) ->
         raise PassError(f"after pass '{after}': onnx checker failed: {first}") from None
     try:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as err:
         first = str(err).strip().splitlines()[0]

@@ -11,8 +11,16 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
   outputs: [{name, dtype, shape, candidate_dtype, candidate_shape, max_abs, max_rel, mean_abs,
   cosine, snr_db, tolerance, passed, reason}]}``;
-* ``rolled_back``: list of ``{pass, reason}``: passes left out because the result with them failed
-  validation (``reason`` is that failure);
+* ``rolled_back``: list of ``{pass, reason, first_divergence}``: passes left out because the
+  result with them failed validation (``reason`` is that failure; ``first_divergence`` the first
+  tensor of that failing result that diverged, as in ``layerwise``, or null);
+* ``layerwise`` (only from ``validate --layerwise``): ``{mode, feeds, compared, unmatched:
+  {candidate: [tensor], reference: [tensor]}, skipped: [{tensor, reason}], first_divergence,
+  ranking, reason}``; ``first_divergence`` is null or ``{tensor, reference_node: {name, op},
+  candidate_node: {name, op}, metrics}`` (``metrics`` as a ``validation`` output, without
+  ``name``); ``ranking`` (lossy only, at most 10) is ``[{node: {name, op}, tensor, input_snr_db,
+  output_snr_db, added_db}]``, most added error first; ``reason`` is non-empty when the
+  comparison could not run (see ``optimizer.layerwise``);
 * ``seconds`` (float: wall time of the run), ``verdict``: "passed", "failed" or "not validated".
 """
 
@@ -26,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.graph import ModelStats
+from optimizer.layerwise import LayerwiseResult
 from optimizer.pass_manager import PassRecord
 from optimizer.validate import ValidationResult
 
@@ -46,6 +55,7 @@ class Report:
     inputs: dict[str, Any] = field(default_factory=dict)
     validation: ValidationResult | None = None
     rolled_back: list[dict] = field(default_factory=list)
+    layerwise: LayerwiseResult | None = None
     seconds: float = 0.0
 
     @property
@@ -63,22 +73,39 @@ class Report:
             "passes": [p.to_dict() for p in self.passes], "inputs": self.inputs,
             "validation": self.validation.to_dict() if self.validation else None,
             "rolled_back": self.rolled_back,
+            **({"layerwise": self.layerwise.to_dict()} if self.layerwise else {}),
             "seconds": round(self.seconds, 4), "verdict": self.verdict,
         }
 
     def write_json(self, path: str | os.PathLike) -> None:
         """Write the report as JSON atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a
+    rename, so that ``path`` is never seen half-written; creates missing folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in B, KiB, MiB or GiB (two decimals above bytes)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
 
 
 def pass_summary(records: list[PassRecord]) -> list[tuple[str, int, dict, float]]:
@@ -94,3 +121,8 @@ def pass_summary(records: list[PassRecord]) -> list[tuple[str, int, dict, float]
             else:
                 row[1][k] = v
     return [(name, n, stats, secs) for name, (n, stats, secs) in rows.items()]
+
+
+def format_stats(stats: dict) -> str:
+    """``key=value, ...`` of a pass's statistics, leaving out lists and dicts (details)."""
+    return ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (list, dict)))

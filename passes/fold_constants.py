@@ -2,8 +2,8 @@
 
 A node is foldable when every input is an initializer (or an omitted optional input) and the op is
 deterministic; ``Shape`` and ``Size`` are also foldable when their input's shape is fully static
-according to ``passes._util.static_shapes`` (ONNX shape inference from the graph's inputs and
-initializers only).
+according to ``passes._util.TensorTypes`` (ONNX shape inference from the graph's inputs and
+initializers only), in the main graph and in If/Loop/Scan bodies alike.
 
 Values are computed by onnxruntime, one node at a time, so the result is what the runtime would have
 computed. A result of ``ctx.fold_size_limit`` bytes (1 MiB by default) or more is materialized only
@@ -26,7 +26,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import NONDETERMINISTIC_OPS, is_default_domain, nbytes, static_shapes
+from passes._util import NONDETERMINISTIC_OPS, TensorTypes, is_default_domain, nbytes
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
@@ -51,7 +51,6 @@ def _evaluate(node: gs.Node, graph: gs.Graph) -> list[np.ndarray]:
     model.ir_version = min(graph.ir_version or onnx.IR_VERSION, onnx.IR_VERSION)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), opts,
                                    providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
@@ -63,19 +62,15 @@ class FoldConstants(Pass):
     description = "Evaluate nodes whose inputs are all constant (and Shape of static shapes)."
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        shape_queries = any(n.op in ("Shape", "Size") and not isinstance(n.inputs[0], gs.Constant)
-                            for n in graph.nodes if n.inputs)
-        shapes = static_shapes(graph, ctx.template) if shape_queries else {}
+        types = TensorTypes(graph, ctx.template)
         folded = refused_size = failed = 0
         for g in iter_graphs(graph):
-            if g is not graph:
-                shapes = {}  # inference results are by name, and only the main graph's are read
             outputs = {id(t) for t in g.outputs}
             for node in list(g.nodes):
-                if not self._foldable(node, shapes):
+                if not self._foldable(node, types):
                     continue
                 if node.op in ("Shape", "Size") and not isinstance(node.inputs[0], gs.Constant):
-                    values = [self._shape_value(node, shapes[node.inputs[0].name])]
+                    values = [self._shape_value(node, types.static_shape(node.inputs[0]))]
                 else:
                     try:
                         values = _evaluate(node, g)
@@ -115,12 +110,13 @@ class FoldConstants(Pass):
         return PassResult(folded > 0, stats)
 
     @staticmethod
-    def _foldable(node: gs.Node, shapes: dict) -> bool:
+    def _foldable(node: gs.Node, types: TensorTypes) -> bool:
         if not is_default_domain(node) or node.op in _NEVER_FOLD or node.op == "Constant":
             return False
         if any(True for _ in node.subgraphs()) or not node.outputs:
             return False
-        if node.op in ("Shape", "Size") and node.inputs and node.inputs[0].name in shapes:
+        if node.op in ("Shape", "Size") and node.inputs \
+                and types.static_shape(node.inputs[0]) is not None:
             return True
         real = [t for t in node.inputs if not t.is_empty()]
         return bool(real) and all(isinstance(t, gs.Constant) for t in real)
