@@ -162,7 +162,8 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         lossy = any(r.modified for r in records if not REGISTRY[r.name].lossless)
         return compare_models(original, candidate, feeds, atol=atol, rtol=rtol,
                               max_drift=max_drift, lossy=lossy,
-                              synthesized=report.inputs["source"] == "synthesized")
+                              synthesized=report.inputs["source"] == "synthesized",
+                              warnings=report.inputs.get("warnings", []))
 
     optimized, report.passes = run_pipeline()
     if validate:
@@ -218,7 +219,8 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     feeds, report.inputs = resolve_feeds(ref, inputs, input_shapes, seed)
     report.validation = compare_models(
         ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
-        synthesized=report.inputs["source"] == "synthesized")
+        synthesized=report.inputs["source"] == "synthesized",
+        warnings=report.inputs.get("warnings", []))
     if layerwise:
         report.layerwise = compare_layerwise(
             ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,

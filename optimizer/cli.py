@@ -15,6 +15,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from optimizer import __version__, api, io
 from optimizer.errors import OnnxoptError, PassError, UsageError, ValidationFailed
@@ -105,6 +106,12 @@ def _layerwise_tables(report: Report) -> list:
                             f"{r.output_snr_db:.1f}", f"{r.added_db:.1f}")
         shown.append(ranking)
     return shown
+
+
+def _print_input_warnings(report: Report, console: Console) -> None:
+    # Text, not markup: the messages contain brackets such as [0, 10).
+    for warning in report.inputs.get("warnings", []):
+        console.print(Text("warning: ", style="yellow") + Text(warning))
 
 
 def _verdict_line(report: Report) -> str:
@@ -278,6 +285,7 @@ def _cmd_optimize(args, console: Console) -> int:
         for rb in report.rolled_back:
             console.print(f"[yellow]rolled back[/] pass {rb['pass']}: {rb['reason']}",
                           markup=True, highlight=False)
+    _print_input_warnings(report, console)
     console.print(_verdict_line(report))
     if not passed:
         if not args.quiet:
@@ -302,6 +310,7 @@ def _cmd_validate(args, console: Console) -> int:
             console.print(shown)
     if write_report:
         write_report(report, args.report)
+    _print_input_warnings(report, console)
     console.print(_verdict_line(report))
     return 0 if report.validation.passed else ValidationFailed.exit_code
 

@@ -2,26 +2,51 @@
 
 Synthesis (all from one ``numpy.random.default_rng(seed)``):
 
-* dynamic dims take the value given with ``--input-shape name:1x3x224x224``, else
-  :data:`DEFAULT_DIM` (1), as Polygraphy does;
-* floats are uniform in [0, 1); booleans are random;
-* integers are uniform in [0, 10), except those that (possibly through Cast/Unsqueeze/Reshape)
-  index a Gather table: they stay inside the table's axis.
+* the shape is the declared one; dynamic dims take the value given with ``--input-shape
+  name:1x3x224x224``, else :data:`DEFAULT_DIM` (1), as Polygraphy does; an input larger than
+  :data:`MAX_SYNTHESIZED_BYTES` (1 GiB) is refused with the dims to fix;
+* floats (float16/32/64) are uniform in [0, 1), complex values too in both parts; booleans are
+  random;
+* integers (every width, signed or not) are uniform in [0, 10), except indices: an input whose
+  values reach (through Cast, Reshape, Squeeze, Concat, ...) the indices of a Gather,
+  GatherElements or GatherND stays in [0, size) of the indexed axis whenever that size is known
+  (an initializer, a Constant, the synthesized shape of a graph input, or shape inference). Uses
+  inside If/Loop bodies count, read through outer scope or as Loop-carried values;
+* strings, bfloat16 and the float8/int4 family (no numpy dtype onnxruntime's Python API takes)
+  and non-tensor inputs (sequence, optional, map) are refused.
+
+:func:`input_warnings` names the inputs whose synthesized values are likely meaningless: those that
+decide an If condition or a Loop, and integer scalars compared with a constant (a sample rate, a
+mode). :func:`check_feeds` checks given feeds against the model's declared inputs.
+
+Value names are looked up model-wide, subgraphs included: ONNX requires them to be unique (SSA).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from optimizer.errors import InputError, UsageError
+from optimizer.graph import graph_protos
 
 #: Value of a dynamic dimension that no ``--input-shape`` fixes.
 DEFAULT_DIM = 1
-_PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}
+#: Largest synthesized input, in bytes.
+MAX_SYNTHESIZED_BYTES = 1 << 30
+#: Ops whose first input's values reach their output (indices and settings are traced through).
+_PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand",
+                 "Transpose", "Slice", "Tile", "Gather"}
+_INDEXING = {"Gather", "GatherElements", "GatherND"}
+_COMPARISONS = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"}
+_LOGICAL = {"Not", "And", "Or", "Xor"}
+_KINDS = {"sequence_type": "a sequence", "optional_type": "an optional", "map_type": "a map",
+          "sparse_tensor_type": "a sparse tensor", None: "untyped"}
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
@@ -39,69 +64,266 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     return shapes
 
 
+def feed_files(path: str | Path) -> list[Path]:
+    """The ``.npz`` file ``path``, or the ``.npz`` files of the folder ``path`` sorted by name.
+
+    Raises:
+        InputError: the path is missing, or is a folder without ``.npz`` files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not files:
+        raise InputError(f"{path}: folder holds no .npz file")
+    return files
+
+
+def load_feed(file: str | Path) -> dict[str, np.ndarray]:
+    """One feed, ``{input name: array}``, from an ``.npz`` archive (pickled objects refused).
+
+    Raises:
+        InputError: the file is not a readable ``.npz`` archive.
+    """
+    try:
+        data = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{file}: not a readable .npz file ({err})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(f"{file}: a single array, not an .npz archive of named inputs "
+                         "(save with numpy.savez(path, name=array, ...))")
+    with data:
+        try:
+            return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as err:
+            raise InputError(f"{file}: not a readable .npz file ({err})") from None
+
+
 def load_feeds(path: str | Path) -> list[dict[str, np.ndarray]]:
     """Read one feed from an ``.npz`` file, or one per ``.npz`` file of a folder (sorted by name).
 
     Raises:
-        InputError: the path is missing, holds no ``.npz`` file, or a file is not a valid archive.
+        InputError: see :func:`feed_files` and :func:`load_feed`.
     """
-    path = Path(path)
-    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if not files:
-        raise InputError(f"{path}: folder holds no .npz file")
-    feeds = []
-    for f in files:
-        try:
-            data = np.load(f, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise InputError(f"{f}: not a readable .npz file ({err})") from None
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise InputError(f"{f}: a single array, not an .npz archive of named inputs "
-                             "(save with numpy.savez(path, name=array, ...))")
-        with data:
-            try:
-                feeds.append({k: data[k] for k in data.files})
-            except (OSError, ValueError) as err:
-                raise InputError(f"{f}: not a readable .npz file ({err})") from None
-    return feeds
+    return [load_feed(f) for f in feed_files(path)]
 
 
-def _gather_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """For graph inputs used as Gather indices: the size of the indexed axis of the table."""
-    graph = model.graph
-    inits = {i.name: list(i.dims) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
-            inits[node.output[0]] = list(node.attribute[0].t.dims)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    bounds = {}
-    for inp in graph.input:
-        frontier, seen = [inp.name], set()
+def _feedable_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs a feed must give (those with an initializer have a default)."""
+    initializers = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _declared_dims(tt: onnx.TypeProto.Tensor) -> list[int | str | None] | None:
+    """Dims as ints (static), dim_param strings or None (anonymous, or negative as some exporters
+    write dynamic dims: PaddleOCR's -1); None when the rank is unknown."""
+    if not tt.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+            for d in tt.shape.dim]
+
+
+def _numpy_dtype(inp: onnx.ValueInfoProto) -> np.dtype:
+    """The numpy dtype of a tensor input.
+
+    Raises:
+        InputError: no element type, or one onnxruntime's Python API cannot take (bfloat16,
+            float8, int4, ...: ml_dtypes types numpy does not know natively).
+    """
+    elem = inp.type.tensor_type.elem_type
+    if elem == onnx.TensorProto.UNDEFINED:
+        raise InputError(f"input '{inp.name}' declares no element type; pass it with --inputs")
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    if dtype.kind == "V":
+        raise InputError(f"input '{inp.name}' is {onnx.TensorProto.DataType.Name(elem)}, which "
+                         "numpy has no native dtype for and onnxruntime's Python API cannot take: "
+                         "this model cannot be validated here (use --no-validate)")
+    return dtype
+
+
+class _Uses:
+    """Who reads each value, over the main graph and every subgraph, and the constant tensors."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.constants: dict[str, onnx.TensorProto] = {}
+        for graph in graph_protos(model.graph):
+            self.constants.update((t.name, t) for t in graph.initializer)
+            for node in graph.node:
+                for name in filter(None, node.input):
+                    self.consumers.setdefault(name, []).append(node)
+                if node.op_type == "Constant" and _is_onnx(node) and node.output:
+                    value = _constant_attribute(node)
+                    if value is not None:
+                        self.constants[node.output[0]] = value
+
+    def reach(self, start: str, through: frozenset[str] = frozenset()):
+        """Yield ``(node, name)`` for every read of ``start``'s values as ``name``: directly,
+        through the first input of :data:`_PASS_THROUGH` ops, any input of Concat and of the ops
+        in ``through``, and Loop-carried values into the body."""
+        frontier, seen = [start], set()
         while frontier:
             name = frontier.pop()
             if name in seen:
                 continue
             seen.add(name)
-            for node in consumers.get(name, []):
-                if node.op_type in ("Gather", "GatherElements") and len(node.input) > 1 \
-                        and node.input[1] == name and node.input[0] in inits:
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                    dims = inits[node.input[0]]
-                    size = dims[axis] if dims else 0
-                    bounds[inp.name] = min(bounds.get(inp.name, size), size)
-                elif node.op_type in _PASS_THROUGH and node.input and node.input[0] == name:
+            for node in self.consumers.get(name, []):
+                yield node, name
+                if not _is_onnx(node):
+                    continue
+                if (node.op_type in _PASS_THROUGH and node.input[0] == name) \
+                        or node.op_type == "Concat" or node.op_type in through:
                     frontier.extend(node.output)
+                elif node.op_type == "Loop":
+                    body = next((a.g for a in node.attribute if a.name == "body"), None)
+                    carried = list(body.input[2:]) if body is not None else []
+                    frontier.extend(carried[k - 2].name for k, n in enumerate(node.input)
+                                    if k >= 2 and n == name and k - 2 < len(carried))
+
+
+def _is_onnx(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _constant_attribute(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+        if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
+            return numpy_helper.from_array(np.asarray(onnx.helper.get_attribute_value(attr)))
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} '{node.name}'" if node.name else f"an unnamed {node.op_type} node"
+
+
+class _Shapes:
+    """Shapes (lists of int or None) of values: constants, the synthesized inputs, and, computed
+    only when first needed, onnx shape inference run with the inputs at their synthesized shapes."""
+
+    def __init__(self, model: onnx.ModelProto, uses: _Uses, inputs: dict[str, list[int]]):
+        self._model, self._inputs, self._inferred = model, inputs, None
+        self._known = {name: list(t.dims) for name, t in uses.constants.items()}
+
+    def __call__(self, name: str) -> list[int | None] | None:
+        if name in self._known:
+            return self._known[name]
+        if name in self._inputs:
+            return self._inputs[name]
+        if self._inferred is None:
+            self._inferred = self._infer()
+        return self._inferred.get(name)
+
+    def _infer(self) -> dict[str, list[int | None]]:
+        model = onnx.ModelProto()
+        model.CopyFrom(self._model)
+        for inp in model.graph.input:
+            if inp.name in self._inputs:
+                shape = inp.type.tensor_type.shape
+                shape.Clear()
+                for d in self._inputs[inp.name]:
+                    shape.dim.add().dim_value = d
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 -- best effort (custom ops, > 2 GiB): sizes stay unknown
+            return {}
+        shapes = {}
+        for graph in graph_protos(model.graph):
+            for v in list(graph.value_info) + list(graph.output) + list(graph.input):
+                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                    shapes[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
+                                      else None for d in v.type.tensor_type.shape.dim]
+        return shapes
+
+
+def _indexed_size(node: onnx.NodeProto, shape_of: _Shapes) -> int | None:
+    """Size of the axis (smallest of the axes, for GatherND) that ``node``'s indices select in."""
+    data = shape_of(node.input[0])
+    if data is None:
+        return None
+    if node.op_type == "GatherND":
+        batch = _attr(node, "batch_dims", 0)
+        indices = shape_of(node.input[1])
+        depth = indices[-1] if indices and indices[-1] is not None else len(data) - batch
+        dims = data[batch:batch + depth]
+        return min(dims) if dims and None not in dims else None
+    axis = _attr(node, "axis", 0)
+    return data[axis] if -len(data) <= axis < len(data) else None
+
+
+def _index_bounds(model: onnx.ModelProto, uses: _Uses, names: list[str],
+                  shapes: dict[str, list[int]]) -> dict[str, int]:
+    """For the inputs ``names`` used as Gather/GatherElements/GatherND indices: the smallest size
+    of an axis they index (see :func:`_indexed_size`), where known."""
+    shape_of = _Shapes(model, uses, shapes)
+    bounds: dict[str, int] = {}
+    for start in names:
+        for node, name in uses.reach(start):
+            if node.op_type in _INDEXING and _is_onnx(node) and len(node.input) > 1 \
+                    and node.input[1] == name:
+                size = _indexed_size(node, shape_of)
+                if size is not None:
+                    bounds[start] = min(bounds.get(start, size), size)
     return bounds
+
+
+def _synthesized_shape(inp: onnx.ValueInfoProto, shapes: dict[str, list[int]]) -> list[int]:
+    """The shape to synthesize: ``shapes[name]``, else the declared one with DEFAULT_DIM for
+    dynamic dims (a scalar when the rank is unknown).
+
+    Raises:
+        UsageError: ``shapes[name]`` has another rank than the declared one.
+        InputError: the input would exceed :data:`MAX_SYNTHESIZED_BYTES`.
+    """
+    declared = _declared_dims(inp.type.tensor_type)
+    if inp.name in shapes:
+        shape = list(shapes[inp.name])
+        if declared is not None and len(shape) != len(declared):
+            raise UsageError(f"--input-shape {inp.name}: rank {len(shape)}, but the model "
+                             f"declares rank {len(declared)}")
+    else:
+        shape = [d if isinstance(d, int) else DEFAULT_DIM for d in declared or []]
+    _check_size(inp.name, _numpy_dtype(inp).itemsize, shape, declared)
+    return shape
+
+
+def _check_size(name: str, itemsize: int, shape: list[int],
+                declared: list[int | str | None] | None) -> None:
+    """Refuse a synthesized input over MAX_SYNTHESIZED_BYTES, naming the dynamic dims to shrink
+    and a ``--input-shape`` that fits (dynamic dims capped at the largest power of two that
+    does)."""
+    nbytes = math.prod(shape) * itemsize
+    if nbytes <= MAX_SYNTHESIZED_BYTES:
+        return
+    size = f"input '{name}' would be {nbytes / 2**30:.1f} GiB with shape {shape}"
+    limit = f"synthesized inputs are limited to {MAX_SYNTHESIZED_BYTES / 2**30:g} GiB"
+    dynamic = list(range(len(shape))) if declared is None else \
+        [i for i, d in enumerate(declared) if not isinstance(d, int)]
+    if not dynamic:
+        raise InputError(f"{size}, all static ({limit}): give real inputs with --inputs")
+    for cap in (1 << p for p in range(62, -1, -1)):
+        fitting = [min(d, cap) if i in dynamic else d for i, d in enumerate(shape)]
+        if math.prod(fitting) * itemsize <= MAX_SYNTHESIZED_BYTES:
+            break
+    else:
+        raise InputError(f"{size}, and its static dims alone exceed the limit ({limit}): "
+                         "give real inputs with --inputs")
+    named = [f"{i}" + (f" ('{declared[i]}')" if declared and declared[i] else "") for i in dynamic]
+    what = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+    many = len(dynamic) > 1
+    raise InputError(f"{size} ({limit}): dim{'s' if many else ''} {what} "
+                     f"{'are' if many else 'is'} dynamic; set {'them' if many else 'it'} with "
+                     f"--input-shape {name}:{'x'.join(map(str, fitting))}")
 
 
 def synthesize_feed(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None,
                     seed: int = 0) -> dict[str, np.ndarray]:
-    """Make one input feed for ``model`` from its declared input types.
+    """Make one input feed for ``model`` from its declared input types (see the module docstring).
 
     Args:
         model: the model (its initializers that are also listed as inputs are skipped).
@@ -109,46 +331,152 @@ def synthesize_feed(model: onnx.ModelProto, shapes: dict[str, list[int]] | None 
         seed: seed of the random generator.
 
     Returns:
-        ``{input name: array}`` for every graph input.
+        ``{input name: array}`` for every graph input, arrays of the declared dtype and rank.
 
     Raises:
-        InputError: an input is not a tensor, or has a dtype that cannot be synthesized (string).
+        InputError: an input is not a tensor, has a dtype that cannot be synthesized (string,
+            bfloat16, float8, int4, ...), or would exceed :data:`MAX_SYNTHESIZED_BYTES`.
         UsageError: a shape in ``shapes`` names no input or has the wrong rank.
     """
     shapes = dict(shapes or {})
-    rng = np.random.default_rng(seed)
-    initializers = {i.name for i in model.graph.initializer}
-    names = {i.name for i in model.graph.input}
+    inputs = _feedable_inputs(model)
+    names = {i.name for i in inputs}
     for name in shapes:
         if name not in names:
             raise UsageError(f"--input-shape names '{name}', which is not a model input "
-                             f"(inputs: {', '.join(sorted(names - initializers))})")
-    bounds = _gather_bounds(model)
+                             f"(inputs: {', '.join(sorted(names))})")
+    dtypes, concrete = {}, {}
+    for inp in inputs:
+        kind = inp.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise InputError(f"input '{inp.name}' is {_KINDS.get(kind, kind)}, not a tensor, and "
+                             "cannot be synthesized; pass it with --inputs")
+        dtypes[inp.name] = dtype = _numpy_dtype(inp)
+        if dtype.kind in "OSU":
+            raise InputError(f"input '{inp.name}' holds strings, which cannot be synthesized; "
+                             "pass it with --inputs")
+        concrete[inp.name] = _synthesized_shape(inp, shapes)
+    integers = [name for name, dtype in dtypes.items() if dtype.kind in "iu"]
+    bounds = _index_bounds(model, _Uses(model), integers, concrete) if integers else {}
+    rng = np.random.default_rng(seed)
     feed = {}
-    for inp in model.graph.input:
-        if inp.name in initializers:
-            continue
-        if not inp.type.HasField("tensor_type"):
-            raise InputError(f"input '{inp.name}' is not a tensor; pass it with --inputs")
-        tt = inp.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        declared = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if inp.name in shapes:
-            shape = shapes[inp.name]
-            if tt.HasField("shape") and len(shape) != len(declared):
-                raise UsageError(f"--input-shape {inp.name}: rank {len(shape)}, but the model "
-                                 f"declares rank {len(declared)}")
-        else:
-            shape = [DEFAULT_DIM if d is None else d for d in declared]
+    for name, dtype in dtypes.items():
+        shape = concrete[name]
         if dtype.kind == "f":
             value = rng.random(shape).astype(dtype)
+        elif dtype.kind == "c":
+            value = (rng.random(shape) + 1j * rng.random(shape)).astype(dtype)
         elif dtype.kind == "b":
             value = rng.random(shape) < 0.5
-        elif dtype.kind in "iu":
-            high = bounds.get(inp.name, 10)
-            value = rng.integers(0, max(high, 1), size=shape).astype(dtype)
         else:
-            raise InputError(f"input '{inp.name}' has dtype {dtype}, which cannot be synthesized; "
-                             "pass it with --inputs")
-        feed[inp.name] = value
+            high = min(bounds.get(name, 10), int(np.iinfo(dtype).max) + 1)
+            value = rng.integers(0, max(high, 1), size=shape).astype(dtype)
+        feed[name] = np.asarray(value)
     return feed
+
+
+def _constant_text(tensor: onnx.TensorProto) -> str:
+    if math.prod(tensor.dims) > 4:
+        return "a constant"
+    value = numpy_helper.to_array(tensor).ravel().tolist()
+    return str(value[0] if len(value) == 1 else value)
+
+
+def input_warnings(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> list[str]:
+    """Warnings about inputs whose synthesized values are likely meaningless.
+
+    * An input whose values decide an If condition or a Loop's trip count or condition (directly,
+      or through Cast, Reshape, comparisons, Not/And/Or/Xor, ...).
+    * An integer scalar (or ``[1]``) input compared (Equal, Greater, Less, ...) with a constant:
+      a setting such as a sample rate, which random values in [0, 10) do not hit.
+    * An input that declares no shape, without ``--input-shape``: synthesized as a scalar.
+
+    Each warning names the input and recommends ``--inputs``; inputs that cannot be synthesized
+    at all are :func:`synthesize_feed`'s errors, not warnings.
+    """
+    shapes = shapes or {}
+    uses = _Uses(model)
+    warnings = []
+    for inp in _feedable_inputs(model):
+        if inp.type.WhichOneof("value") != "tensor_type":
+            continue
+        reasons = []
+        for node, name in uses.reach(inp.name, frozenset(_COMPARISONS | _LOGICAL)):
+            if node.op_type == "If" and node.input[0] == name:
+                reasons.append(f"decides the condition of {_label(node)}")
+            elif node.op_type == "Loop" and name in node.input[:2]:
+                reasons.append(f"sets the trip count or condition of {_label(node)}")
+        tt = inp.type.tensor_type
+        declared = _declared_dims(tt)
+        scalar = declared is not None and declared in ([], [1])
+        if scalar and tt.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+            for node, name in uses.reach(inp.name):
+                if node.op_type in _COMPARISONS and _is_onnx(node):
+                    other = [n for n in node.input if n != name and n in uses.constants]
+                    if other:
+                        value = _constant_text(uses.constants[other[0]])
+                        reasons.append(f"is compared with {value} by {_label(node)}")
+        if reasons:
+            warnings.append(f"input '{inp.name}' looks like a setting, not data "
+                            f"({'; '.join(dict.fromkeys(reasons))}): a synthesized value is "
+                            "arbitrary and may take the wrong branch or fail; give real values "
+                            "with --inputs")
+        if declared is None and inp.name not in shapes:
+            warnings.append(f"input '{inp.name}' declares no shape and is synthesized as a "
+                            f"scalar; set its shape with --input-shape {inp.name}:DxD...")
+    return warnings
+
+
+def check_feeds(model: onnx.ModelProto, feeds: list[dict], labels: list[str] | None = None
+                ) -> list[str]:
+    """Check that every feed gives every input of ``model`` with its declared dtype, rank and
+    static dims.
+
+    Args:
+        feeds: ``{input name: array}`` each; values of non-tensor inputs are not checked.
+        labels: how to name each feed in messages (its file); default ``feed 0``, ``feed 1``, ...
+
+    Returns:
+        Warnings for keys that name no input, or an initializer (both are ignored).
+
+    Raises:
+        InputError: a feed lacks an input, or one has the wrong dtype, rank or static dim; the
+            message names the feed and the input.
+    """
+    inputs = _feedable_inputs(model)
+    names = {i.name for i in inputs}
+    initializers = {i.name for i in model.graph.initializer}
+    warnings = []
+    for i, feed in enumerate(feeds):
+        label = labels[i] if labels else f"feed {i}"
+        for inp in inputs:
+            if inp.name not in feed:
+                raise InputError(f"{label}: no value for input '{inp.name}' "
+                                 f"(the feed has {', '.join(map(repr, feed)) or 'no key'})")
+            if inp.type.WhichOneof("value") != "tensor_type":
+                continue
+            value = np.asarray(feed[inp.name])
+            elem = inp.type.tensor_type.elem_type
+            expected = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+            if expected is not None and expected.kind != "V" and not (
+                    value.dtype == expected or value.dtype.kind in "SU" and expected.kind == "O"):
+                raise InputError(f"{label}: input '{inp.name}' is {value.dtype}, but the model "
+                                 f"declares {onnx.TensorProto.DataType.Name(elem).lower()}")
+            declared = _declared_dims(inp.type.tensor_type)
+            if declared is None:
+                continue
+            if value.ndim != len(declared):
+                raise InputError(f"{label}: input '{inp.name}' has rank {value.ndim} (shape "
+                                 f"{list(value.shape)}), but the model declares rank "
+                                 f"{len(declared)} ({declared})")
+            for axis, (got, want) in enumerate(zip(value.shape, declared)):
+                if isinstance(want, int) and got != want:
+                    raise InputError(f"{label}: input '{inp.name}' has shape {list(value.shape)}, "
+                                     f"but the model declares dim {axis} = {want}")
+        for key in feed:
+            if key in initializers:
+                warnings.append(f"{label}: '{key}' names an initializer, which validation does "
+                                "not override; ignored")
+            elif key not in names:
+                warnings.append(f"{label}: '{key}' names no model input; ignored")
+    return warnings

@@ -165,7 +165,8 @@ def _layout(value) -> tuple:
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                    feeds: list[dict[str, np.ndarray]], *, atol: float = DEFAULT_ATOL,
                    rtol: float = DEFAULT_RTOL, max_drift: float = DEFAULT_MAX_DRIFT,
-                   lossy: bool = False, synthesized: bool = False) -> ValidationResult:
+                   lossy: bool = False, synthesized: bool = False,
+                   warnings: list[str] = ()) -> ValidationResult:
     """Run both models on every feed and compare their outputs.
 
     Args:
@@ -174,7 +175,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         atol, rtol: lossless tolerance, ``max_abs <= atol + rtol * range(reference output)``.
         max_drift: lossy criterion, minimum cosine similarity per output.
         lossy: judge by ``max_drift`` instead of ``atol``/``rtol``.
-        synthesized: the feeds were synthesized (an error then suggests real inputs).
+        synthesized: the feeds were synthesized (an error then suggests real inputs, adding
+            ``warnings`` about inputs that look like settings).
 
     A candidate that onnxruntime cannot load or run fails the validation (``reason`` says why).
 
@@ -199,7 +201,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     for feed in feeds:
         ref_out = run_model(ref_sess, feed, "reference model", hint=(
             " (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
-            "with --input-shape)" if synthesized else ""))
+            "with --input-shape" + "".join(f"; {w}" for w in warnings) + ")"
+            if synthesized else ""))
         try:
             cand_out = run_model(cand_sess, feed, "candidate model")
         except InputError as err:
