@@ -163,6 +163,8 @@ def _layerwise(report: Report) -> dict | None:
     lw = _as_dict(getattr(report, "layerwise", None))
     if not isinstance(lw, dict):
         return None
+    if isinstance(lw.get("tensors"), list):  # optimizer.layerwise: a count and the tensors
+        lw = dict(lw, compared=lw["tensors"])
     if isinstance(lw.get("compared"), list):
         lw = dict(lw, compared=[_flat(e) for e in lw["compared"]])
     return lw

@@ -94,6 +94,8 @@ class LayerwiseResult:
     ``unmatched`` lists, per model, the exposed tensors without a same-named counterpart;
     ``skipped`` the tensors not compared, each ``{tensor, reason}``; ``reason`` is non-empty when
     the comparison could not run (the candidate does not load or run with the extra outputs).
+    ``tensors`` holds every compared tensor in the candidate's node order, as
+    ``{tensor, max_abs, cosine, snr_db, passed}`` (the per-layer drift chart of the HTML report).
     """
 
     mode: str
@@ -105,13 +107,15 @@ class LayerwiseResult:
     first_divergence: Divergence | None = None
     ranking: list[NodeError] = field(default_factory=list)
     reason: str = ""
+    tensors: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "feeds": self.feeds, "compared": self.compared,
                 "unmatched": self.unmatched, "skipped": self.skipped,
                 "first_divergence": (self.first_divergence.to_dict()
                                      if self.first_divergence else None),
-                "ranking": [r.to_dict() for r in self.ranking], "reason": self.reason}
+                "ranking": [r.to_dict() for r in self.ranking], "reason": self.reason,
+                "tensors": self.tensors}
 
 
 @dataclass
@@ -230,6 +234,9 @@ def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         result.reason = check.reason
         return result
     result.compared = len(check.outputs)
+    result.tensors = [{"tensor": m.name, "max_abs": _json_float(m.max_abs),
+                       "cosine": _json_float(m.cosine), "snr_db": _json_float(m.snr_db),
+                       "passed": m.passed} for m in check.outputs]
     bad = next((m for m in check.outputs if not m.passed), None)
     if bad is not None:
         result.first_divergence = Divergence(bad.name, _node_ref(ref.producers[bad.name]),

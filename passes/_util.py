@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from optimizer.graph import iter_graphs
+from optimizer.graph import graph_protos, iter_graphs
 
 #: Ops whose output is not a function of their inputs: never folded, never merged by CSE.
 NONDETERMINISTIC_OPS = frozenset({
@@ -125,6 +125,24 @@ def drop_disconnected(graph: gs.Graph) -> int:
     return before - len(graph.nodes)
 
 
+def drop_if_unused(graph: gs.Graph, node: gs.Node | None) -> bool:
+    """Disconnect ``node``, a node of ``graph``, when none of its outputs is read or is an output
+    of ``graph`` (the caller then drops it from ``graph.nodes``, see :func:`drop_disconnected`).
+
+    Returns:
+        True if the node was disconnected; False for None, an already disconnected node, or a node
+        of another graph.
+    """
+    if node is None or not node.outputs or not any(n is node for n in graph.nodes):
+        return False
+    outputs = {id(t) for t in graph.outputs}
+    if any(t.outputs or id(t) in outputs for t in node.outputs):
+        return False
+    node.inputs.clear()
+    node.outputs.clear()
+    return True
+
+
 def weight_initializers(graph: gs.Graph) -> list[gs.Constant]:
     """Float initializers every one of whose uses is a weight slot (see :data:`WEIGHT_SLOTS`).
 
@@ -156,71 +174,176 @@ def onnx_dtype(dtype) -> int:
 _SHAPE_INFERENCE_VALUE_LIMIT = 1024
 
 
-def _shape_inference_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """The main graph as a ModelProto for shape inference: large initializers become typed inputs
-    (their values never matter for shapes, and copying them dominates the cost), intermediate
-    value_info and output shapes are left out."""
-    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
-    initializers, seen = [], {t.name for t in graph.inputs}
-    for node in graph.nodes:
-        for t in node.inputs:
-            if not isinstance(t, gs.Constant) or t.name in seen:
+def _clear_shapes(type_proto: onnx.TypeProto) -> None:
+    """Remove every shape from ``type_proto`` (tensor, or the elements of a sequence/optional)."""
+    kind = type_proto.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        getattr(type_proto, kind).ClearField("shape")
+    elif kind in ("sequence_type", "optional_type"):
+        _clear_shapes(getattr(type_proto, kind).elem_type)
+
+
+class _InferenceModel:
+    """Every graph of a model as one ModelProto for shape inference, and which gs graph each
+    GraphProto stands for (GraphProto names are replaced by ``scope<k>``).
+
+    Large initializers become typed inputs of the main graph (their values never matter for
+    shapes, and copying them dominates the cost; the main graph's inputs are visible in every
+    subgraph), small ones initializers of each graph that reads them (so their values reach data
+    propagation). Declared shapes are kept only for main-graph inputs: subgraph inputs carry
+    their dtype only, graph outputs and intermediate value_info nothing. Without a declared shape,
+    ONNX's Loop inference gives a body its loop-carried inputs without shape (onnx 1.23; a
+    declared one would be believed); Scan gives the shapes of its state variables and of one
+    slice of its scan inputs, which the spec keeps the same in every iteration.
+    """
+
+    def __init__(self, graph: gs.Graph, template: onnx.ModelProto):
+        #: GraphProto name -> (gs graph, whether it is a Loop/Scan body).
+        self.scopes: dict[str, tuple[gs.Graph, bool]] = {}
+        self._large: dict[str, gs.Constant] = {}
+        self._main = graph
+        main = self._graph(graph, loop_body=False)
+        main.input.extend(onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t.dtype), t.shape)
+                          for t in self._large.values())
+        self.model = onnx.helper.make_model(main, opset_imports=list(template.opset_import))
+        self.model.ir_version = template.ir_version
+
+    def _graph(self, g: gs.Graph, loop_body: bool) -> onnx.GraphProto:
+        name = f"scope{len(self.scopes)}"
+        self.scopes[name] = (g, loop_body)
+        nodes, initializers, seen = [], [], set()
+        for node in g.nodes:
+            if not node.outputs:  # disconnected by a pass, not yet dropped
                 continue
-            seen.add(t.name)
-            if int(np.prod(t.shape, dtype=np.int64)) > _SHAPE_INFERENCE_VALUE_LIMIT:
-                inputs.append(onnx.helper.make_tensor_value_info(
-                    t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), t.shape))
-            else:
-                initializers.append(OnnxExporter.export_tensor_proto(t))
-    outputs = [onnx.helper.make_empty_tensor_value_info(t.name) for t in graph.outputs]
-    nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
-    model = onnx.helper.make_model(
-        onnx.helper.make_graph(nodes, "shapes", inputs, outputs, initializer=initializers),
-        opset_imports=list(template.opset_import))
-    model.ir_version = template.ir_version
-    return model
+            for t in node.inputs:
+                if not isinstance(t, gs.Constant) or t.name in seen:
+                    continue
+                seen.add(t.name)
+                if int(np.prod(t.shape, dtype=np.int64)) > _SHAPE_INFERENCE_VALUE_LIMIT:
+                    self._large[t.name] = t
+                else:
+                    initializers.append(OnnxExporter.export_tensor_proto(t))
+            nodes.append(self._node(node))
+        inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in g.inputs]
+        if g is not self._main:
+            for vi in inputs:
+                _clear_shapes(vi.type)
+        outputs = [onnx.helper.make_empty_tensor_value_info(t.name) for t in g.outputs]
+        return onnx.helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
+
+    def _node(self, node: gs.Node) -> onnx.NodeProto:
+        graphs = {k: v for k, v in node.attrs.items() if isinstance(v, gs.Graph)}
+        proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs],
+                                      [t.name for t in node.outputs], name=node.name,
+                                      domain=node.domain)
+        proto.attribute.extend(OnnxExporter.export_attributes(
+            {k: v for k, v in node.attrs.items() if k not in graphs}))
+        proto.attribute.extend(
+            onnx.helper.make_attribute(k, self._graph(v, loop_body=node.op in ("Loop", "Scan")))
+            for k, v in graphs.items())
+        return proto
+
+
+def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None]:
+    tt = vi.type.tensor_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type \
+            else None
+    except (KeyError, TypeError, ValueError):
+        dtype = None
+    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
+        if tt.HasField("shape") else None
+    return dtype, shape
+
+
+def _infer_types(graph: gs.Graph, template: onnx.ModelProto
+                 ) -> dict[int, tuple[gs.Tensor, np.dtype | None, tuple | None]]:
+    """``{id(tensor): (tensor, dtype, shape)}`` for the graph inputs and node outputs of ``graph``
+    and of every subgraph, from ONNX shape inference (``data_prop``) of an ``_InferenceModel``.
+
+    Each GraphProto's value_info is read only for the tensors that graph itself produces (its
+    inputs and its nodes' outputs), so no tensor takes a result from another scope. Loop/Scan
+    body inputs get their dtype only. A model shape inference rejects yields nothing.
+    """
+    built = _InferenceModel(graph, template)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(built.model, data_prop=True)
+    except Exception:  # noqa: BLE001 -- an op shape inference rejects: no inferred types at all
+        return {}
+    types: dict[int, tuple] = {}
+    for proto in graph_protos(inferred.graph):
+        g, loop_body = built.scopes[proto.name]
+        produced = {t.name: t for n in g.nodes for t in n.outputs}
+        inputs = {t.name: t for t in g.inputs}
+        for vi in itertools.chain(proto.input, proto.value_info, proto.output):
+            t = produced.get(vi.name) or inputs.get(vi.name)
+            if t is None or t.is_empty() or not vi.type.HasField("tensor_type"):
+                continue
+            dtype, shape = _tensor_type(vi)
+            if loop_body and vi.name in inputs:
+                shape = None
+            types[id(t)] = (t, dtype, shape)
+    return types
+
+
+class TensorTypes:
+    """Dtype and shape of the tensors of a graph and of its subgraphs (If/Loop/Scan bodies), from
+    ONNX shape inference with data propagation, run once, on the first question about a tensor
+    that is not an initializer.
+
+    Only graph input types, initializers and op semantics are used: intermediate value_info and
+    declared graph output shapes are ignored (real exports sometimes declare them wrongly), and
+    so are the declared shapes of subgraph inputs. Inside a Loop body no shape is derived from a
+    loop-carried value's shape (it may change from one iteration to the next); the inputs of a
+    Loop or Scan body have no shape (see ``_InferenceModel``). Results are keyed by tensor object, so a subgraph tensor never takes another scope's result;
+    tensors created after inference are unknown. Inference is best effort: a model it rejects
+    yields only the initializers.
+
+    Shapes are tuples of ints, with None for an unknown dim; a shape is None when even the rank
+    is unknown.
+    """
+
+    def __init__(self, graph: gs.Graph, template: onnx.ModelProto):
+        self._graph, self._template = graph, template
+        self._types: dict[int, tuple] | None = None
+
+    def _lookup(self, t: gs.Tensor) -> tuple[np.dtype | None, tuple | None]:
+        if isinstance(t, gs.Constant):
+            try:
+                return np.dtype(t.dtype), tuple(t.shape)
+            except TypeError:
+                return None, tuple(t.shape)
+        if self._types is None:
+            self._types = _infer_types(self._graph, self._template)
+        entry = self._types.get(id(t))
+        return (entry[1], entry[2]) if entry is not None and entry[0] is t else (None, None)
+
+    def dtype(self, t: gs.Tensor) -> np.dtype | None:
+        return self._lookup(t)[0]
+
+    def shape(self, t: gs.Tensor) -> tuple | None:
+        return self._lookup(t)[1]
+
+    def rank(self, t: gs.Tensor) -> int | None:
+        shape = self.shape(t)
+        return None if shape is None else len(shape)
+
+    def static_shape(self, t: gs.Tensor) -> tuple[int, ...] | None:
+        """The shape of ``t`` when every dim is known, else None."""
+        shape = self.shape(t)
+        return shape if shape is not None and all(d is not None for d in shape) else None
 
 
 def infer_tensor_types(graph: gs.Graph, template: onnx.ModelProto
                        ) -> dict[str, tuple[np.dtype | None, tuple | None]]:
-    """Dtype and shape of the main graph's tensors, from ONNX shape inference (``data_prop``).
-
-    Only graph input types, initializers and op semantics are used: intermediate value_info and
-    declared graph output shapes are ignored (real exports sometimes declare them wrongly).
-    Initializers are included. Shapes are tuples of ints, with None for an unknown dim; a shape is
-    None when even the rank is unknown. Inference is best effort: a model it rejects yields
-    only the initializers.
+    """:class:`TensorTypes` of the main graph's tensors, by name (subgraph tensors left out).
 
     Returns:
         ``{tensor name: (numpy dtype or None, shape or None)}``.
     """
-    types: dict[str, tuple] = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            if isinstance(t, gs.Constant):
-                types[t.name] = (np.dtype(t.dtype), tuple(t.shape))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(
-            _shape_inference_model(graph, template), data_prop=True)
-    except Exception:  # an op shape inference rejects: no inferred types at all
-        return types
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) \
-            + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type") or vi.name in types:
-            continue
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) \
-            if tt.elem_type else None
-        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
-            if tt.HasField("shape") else None
-        types[vi.name] = (dtype, shape)
-    return types
-
-
-def static_shapes(graph: gs.Graph, template: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """The fully static shapes among :func:`infer_tensor_types`' results."""
-    return {name: shape for name, (_, shape) in infer_tensor_types(graph, template).items()
-            if shape is not None and all(d is not None for d in shape)}
+    types = TensorTypes(graph, template)
+    return {name: (types.dtype(t), types.shape(t)) for name, t in graph.tensors().items()
+            if not t.is_empty()}
 
 
 # Conv and ConvTranspose weights, for the fusions that rewrite them.
@@ -289,6 +412,26 @@ def conv_bias(conv: gs.Node) -> np.ndarray:
     return np.zeros(conv_output_channels(conv))
 
 
+def _minimal_kept(names: list[str], within_budget) -> list[str]:
+    """A 1-minimal sublist ``K`` of ``names`` with ``within_budget(K)`` true, by ddmin: remove
+    chunks of ``K`` (halves, then quarters, ...) while the predicate holds. ``within_budget(names)``
+    must be true."""
+    kept, granularity = list(names), 2
+    while kept:
+        size = -(-len(kept) // granularity)
+        chunks = [kept[i:i + size] for i in range(0, len(kept), size)]
+        for chunk in chunks:
+            trial = [n for n in kept if n not in chunk]
+            if within_budget(trial):
+                kept, granularity = trial, max(granularity - 1, 2)
+                break
+        else:
+            if granularity >= len(kept):
+                break
+            granularity = min(len(kept), granularity * 2)
+    return kept
+
+
 def fit_drift_budget(graph: gs.Graph, ctx, replacements: dict[str, tuple[np.ndarray, np.ndarray]]
                      ) -> dict:
     """Choose which lossy weight replacements to apply so the outputs keep ``ctx.max_drift``.
@@ -298,11 +441,13 @@ def fit_drift_budget(graph: gs.Graph, ctx, replacements: dict[str, tuple[np.ndar
     similarity, over every output and every feed of ``ctx.feeds``, between the model with them
     applied and the model as it is. If applying all keeps the drift within budget, all are
     applied. Otherwise each replacement's sensitivity is measured alone (the drift with only it
-    applied), they are ranked from most to least harmful, and a binary search finds the fewest
-    most-harmful ones to leave out -- the mixed-precision fallback of accuracy-aware quantization
-    tools (e.g. onnxruntime.quantization's ``nodes_to_exclude``, chosen here from measured
-    sensitivity instead of by hand). Cost: one model run per feed and evaluation; at most
-    ``2 + n + log2(n)`` evaluations for ``n`` replacements, usually one.
+    applied. Otherwise a 1-minimal set of replacements to leave out is found by delta debugging
+    (Zeller and Hildebrandt, 2002, "Simplifying and Isolating Failure-Inducing Input", TSE):
+    starting from leaving all out, ever smaller groups are put back while the drift stays within
+    budget -- the mixed-precision fallback of accuracy-aware quantization tools (e.g.
+    onnxruntime.quantization's ``nodes_to_exclude``, chosen here by measurement instead of by
+    hand). Cost: one model run per feed and evaluation; about ``2 k log2(n)`` evaluations when
+    ``k`` of ``n`` replacements must be left out, and one when none must.
 
     The target is ``max_drift + 0.1 (1 - max_drift)``, a margin over the validation criterion.
 
@@ -347,16 +492,7 @@ def fit_drift_budget(graph: gs.Graph, ctx, replacements: dict[str, tuple[np.ndar
     cosine_all = drift(set(names))
     kept: list[str] = []
     if cosine_all < target:
-        sensitivity = {name: drift({name}) for name in names}
-        ranked = sorted(names, key=lambda n: sensitivity[n])
-        low, high = 0, len(ranked)  # leaving everything out trivially meets the target
-        while low < high:
-            mid = (low + high) // 2
-            if drift(set(ranked[mid:])) >= target:
-                high = mid
-            else:
-                low = mid + 1
-        kept = ranked[:low]
+        kept = _minimal_kept(names, lambda keep: drift(set(names) - set(keep)) >= target)
     cosine_final = drift(set(names) - set(kept)) if kept else cosine_all
     return {"target": target, "cosine_all": cosine_all, "cosine_final": cosine_final,
             "evaluations": evaluations, "kept": kept}

@@ -29,8 +29,8 @@ Two rewrites, both about ops that move no element (row-major order is kept; ONNX
 
 In both rewrites the second node is rewritten in place (it keeps its output tensor), new constants
 are new initializers, and the first node is removed when nothing else reads it. Ranks and shapes
-come from ONNX shape inference of the main graph (never from declared value_info); in subgraphs only
-non-negative explicit axes are merged.
+come from ONNX shape inference of the whole model, subgraphs included (``passes._util.TensorTypes``;
+never from declared value_info).
 
 Refused (stats ``refused``): ``shape_not_constant``, ``zero_copies_unknown_dim``,
 ``rank_unknown`` (negative axes whose rank is not known), ``axes_unknown`` (axes not an initializer,
@@ -49,44 +49,18 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (bypass, constant_value, drop_disconnected, fresh_name, infer_tensor_types,
-                          is_default_domain)
+from passes._util import (
+    TensorTypes,
+    bypass,
+    constant_value,
+    drop_disconnected,
+    drop_if_unused,
+    fresh_name,
+    is_default_domain,
+)
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 _SQUEEZES = ("Squeeze", "Unsqueeze")
-
-
-def _drop_if_unused(graph: gs.Graph, node: gs.Node) -> bool:
-    """Disconnect ``node`` when none of its outputs is read or is an output of ``graph``."""
-    outputs = {id(t) for t in graph.outputs}
-    if any(t.outputs or id(t) in outputs for t in node.outputs):
-        return False
-    node.inputs.clear()
-    node.outputs.clear()
-    return True
-
-
-class _Shapes:
-    """Shapes of main-graph tensors from shape inference, computed once and only when needed."""
-
-    def __init__(self, graph: gs.Graph, ctx: PassContext):
-        self._main, self._ctx, self._types, self._tensors = graph, ctx, None, None
-
-    def _main_tensors(self) -> dict[str, gs.Tensor]:
-        if self._tensors is None:
-            self._tensors = self._main.tensors()
-        return self._tensors
-
-    def __call__(self, tensor: gs.Tensor) -> tuple | None:
-        if self._main_tensors().get(tensor.name) is not tensor:
-            return None  # a subgraph's own tensor
-        if self._types is None:
-            self._types = infer_tensor_types(self._main, self._ctx.template)
-        return self._types.get(tensor.name, (None, None))[1]
-
-    def rank(self, tensor: gs.Tensor) -> int | None:
-        shape = self(tensor)
-        return None if shape is None else len(shape)
 
 
 def _nth(excluded: set[int], k: int) -> int:
@@ -126,7 +100,7 @@ def _normalized_axes(node: gs.Node, rank: int | None, shape: tuple | None) -> se
     return {a % out_rank for a in axes}
 
 
-def _combine(first: gs.Node, second: gs.Node, shapes: _Shapes
+def _combine(first: gs.Node, second: gs.Node, types: TensorTypes
              ) -> tuple[str | None, list[int]] | str:
     """The op and axes equivalent to ``second(first(X))`` (op None: the identity), or a reason."""
     x, mid = first.inputs[0], second.inputs[0]
@@ -135,12 +109,12 @@ def _combine(first: gs.Node, second: gs.Node, shapes: _Shapes
         return None, []  # same length, so negative axes normalize against the same rank
     needs_rank = any(isinstance(a, list) and min(a, default=0) < 0 or a is None
                      for a in (_raw_axes(first), _raw_axes(second)))
-    rank = shapes.rank(x) if needs_rank else None
-    a = _normalized_axes(first, rank, shapes(x) if needs_rank else None)
+    rank = types.rank(x) if needs_rank else None
+    a = _normalized_axes(first, rank, types.shape(x) if needs_rank else None)
     if isinstance(a, str):
         return a
     mid_rank = None if rank is None else rank + len(a) * (1 if first.op == "Unsqueeze" else -1)
-    b = _normalized_axes(second, mid_rank, shapes(mid) if needs_rank else None)
+    b = _normalized_axes(second, mid_rank, types.shape(mid) if needs_rank else None)
     if isinstance(b, str):
         return b
     if first.op == second.op == "Squeeze":
@@ -168,7 +142,7 @@ def _set_axes(graph: gs.Graph, node: gs.Node, op: str, x: gs.Tensor, axes: list[
         node.attrs["axes"] = axes
 
 
-def _resolved_shape(second: gs.Node, shapes: _Shapes) -> np.ndarray | None | str:
+def _resolved_shape(second: gs.Node, types: TensorTypes) -> np.ndarray | None | str:
     """The outer Reshape's target shape with its 0 entries resolved (None: no 0 to resolve), or a
     refusal reason."""
     target = constant_value(second.inputs[1])
@@ -177,7 +151,7 @@ def _resolved_shape(second: gs.Node, shapes: _Shapes) -> np.ndarray | None | str
     target = np.asarray(target)
     if second.attrs.get("allowzero", 0) or not (target == 0).any():
         return None
-    mid_shape = shapes(second.inputs[0])
+    mid_shape = types.shape(second.inputs[0])
     resolved = target.copy()
     for i in np.flatnonzero(target == 0):
         if mid_shape is None or i >= len(mid_shape) or not mid_shape[i]:
@@ -195,7 +169,7 @@ class MergeReshape(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = cancelled = removed = 0
         refused: collections.Counter[str] = collections.Counter()
-        shapes = _Shapes(graph, ctx)
+        types = TensorTypes(graph, ctx.template)
         axes_as_input = opset_version(graph) >= 13
         graphs = list(iter_graphs(graph))
         owner = {id(n): g for g in graphs for n in g.nodes}
@@ -216,7 +190,7 @@ class MergeReshape(Pass):
                     continue
                 x = first.inputs[0]
                 if second.op == "Reshape":
-                    target = _resolved_shape(second, shapes)
+                    target = _resolved_shape(second, types)
                     if isinstance(target, str):
                         refused[target] += 1
                         continue
@@ -226,7 +200,7 @@ class MergeReshape(Pass):
                             fresh_name(graph, f"{second.outputs[0].name}_shape"), target)
                     merged += 1
                 else:
-                    plan = _combine(first, second, shapes)
+                    plan = _combine(first, second, types)
                     if isinstance(plan, str):
                         refused[plan] += 1
                         continue
@@ -239,7 +213,7 @@ class MergeReshape(Pass):
                     else:
                         _set_axes(graph, second, op, x, axes, axes_as_input)
                         merged += 1
-                removed += _drop_if_unused(fg, first)
+                removed += drop_if_unused(fg, first)
         for g in graphs:
             drop_disconnected(g)
         stats = {"merged": merged, "cancelled": cancelled, "nodes_removed": removed + cancelled,

@@ -19,8 +19,8 @@ yields two independent merged nodes. The first Slice is removed when nothing els
 
 Refused (stats ``refused``): ``same_axis`` (the two slices share an axis), ``non_constant``
 (starts/ends/axes/steps not all initializers), ``attribute_form`` (opset < 10 Slice with
-attributes), ``rank_unknown`` (a negative axis when the rank is unknown: shape inference covers the
-main graph only).
+attributes), ``rank_unknown`` (a negative axis when shape inference, ``passes._util.TensorTypes``,
+does not know the rank).
 """
 
 from __future__ import annotations
@@ -32,18 +32,14 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (constant_value, drop_disconnected, fresh_name, infer_tensor_types,
-                          is_default_domain)
-
-
-def _drop_if_unused(graph: gs.Graph, node: gs.Node) -> bool:
-    """Disconnect ``node`` when none of its outputs is read or is an output of ``graph``."""
-    outputs = {id(t) for t in graph.outputs}
-    if any(t.outputs or id(t) in outputs for t in node.outputs):
-        return False
-    node.inputs.clear()
-    node.outputs.clear()
-    return True
+from passes._util import (
+    TensorTypes,
+    constant_value,
+    drop_disconnected,
+    drop_if_unused,
+    fresh_name,
+    is_default_domain,
+)
 
 
 def _params(node: gs.Node) -> list[np.ndarray] | str:
@@ -64,26 +60,6 @@ def _params(node: gs.Node) -> list[np.ndarray] | str:
     return [np.asarray(v, np.int64).ravel() for v in (starts, ends, axes, steps)]
 
 
-class _Ranks:
-    """Rank of a main-graph tensor (by object, not just name) from shape inference, computed once and only when needed."""
-
-    def __init__(self, graph: gs.Graph, ctx: PassContext):
-        self._main, self._ctx, self._types, self._tensors = graph, ctx, None, None
-
-    def _main_tensors(self) -> dict[str, gs.Tensor]:
-        if self._tensors is None:
-            self._tensors = self._main.tensors()
-        return self._tensors
-
-    def __call__(self, tensor: gs.Tensor) -> int | None:
-        if self._main_tensors().get(tensor.name) is not tensor:
-            return None  # a subgraph's own tensor
-        if self._types is None:
-            self._types = infer_tensor_types(self._main, self._ctx.template)
-        shape = self._types.get(tensor.name, (None, None))[1]
-        return None if shape is None else len(shape)
-
-
 @register
 class MergeSlice(Pass):
     name = "merge_slice"
@@ -92,7 +68,7 @@ class MergeSlice(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = removed = 0
         refused: collections.Counter[str] = collections.Counter()
-        rank_of = _Ranks(graph, ctx)
+        types = TensorTypes(graph, ctx.template)
         graphs = list(iter_graphs(graph))
         owner = {id(n): g for g in graphs for n in g.nodes}
         for g in graphs:
@@ -115,8 +91,8 @@ class MergeSlice(Pass):
                     continue
                 axes1, axes2 = p1[2], p2[2]
                 if (axes1 < 0).any() or (axes2 < 0).any():
-                    rank = rank_of(mid)
-                    rank = rank_of(first.inputs[0]) if rank is None else rank  # Slice keeps it
+                    rank = types.rank(mid)
+                    rank = types.rank(first.inputs[0]) if rank is None else rank  # Slice keeps it
                     if rank is None:
                         refused["rank_unknown"] += 1
                         continue
@@ -133,7 +109,7 @@ class MergeSlice(Pass):
                     gs.Constant(fresh_name(graph, f"{base}_{part}"), values)
                     for part, values in zip(("starts", "ends", "axes", "steps"), combined)])
                 merged += 1
-                removed += _drop_if_unused(fg, first)
+                removed += drop_if_unused(fg, first)
         for g in graphs:
             drop_disconnected(g)
         stats = {"merged": merged, "nodes_removed": removed, "refused": dict(refused)}

@@ -30,17 +30,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import bypass, drop_disconnected, is_default_domain
-
-
-def _drop_if_unused(graph: gs.Graph, node: gs.Node) -> bool:
-    """Disconnect ``node`` when none of its outputs is read or is an output of ``graph``."""
-    outputs = {id(t) for t in graph.outputs}
-    if any(t.outputs or id(t) in outputs for t in node.outputs):
-        return False
-    node.inputs.clear()
-    node.outputs.clear()
-    return True
+from passes._util import bypass, drop_disconnected, drop_if_unused, is_default_domain
 
 
 def _compose(p1, p2) -> list[int] | None:
@@ -88,7 +78,7 @@ class MergeTranspose(Pass):
                     second.inputs[0] = x
                     second.attrs["perm"] = q
                     merged += 1
-                removed += _drop_if_unused(fg, first)
+                removed += drop_if_unused(fg, first)
         for g in graphs:
             drop_disconnected(g)
         stats = {"merged": merged, "cancelled": cancelled, "nodes_removed": removed + cancelled,

@@ -48,11 +48,10 @@ node is then removed and its consumers read ``x``; when ``y`` is a graph output 
 
 Identity and Dropout are ``remove_identity``'s.
 
-Scope: the rules that need only constants (perm, pads, slices to INT_MAX, single-input Concat,
-single-output Split, Mul by a scalar 1, Squeeze/Unsqueeze pairs with equal axes, Cast chains with
-a Cast-produced input...) apply in If/Loop/Scan bodies too; those that need inferred shapes or
-dtypes (``passes._util.infer_tensor_types``, which covers the main graph only) apply in the main
-graph only, and are refused in subgraphs. Declared value_info is never read.
+Scope: every graph, If/Loop/Scan bodies included. Dtypes and shapes come from
+``passes._util.TensorTypes`` (ONNX shape inference of the whole model, keyed by tensor object;
+inside a Loop or Scan body nothing is derived from the shapes of the body inputs). Declared
+value_info is never read.
 
 Statistics: ``nodes_removed``, ``removed`` (per op type), ``casts_shortened`` and ``refused``
 (per reason).
@@ -72,9 +71,10 @@ from onnx import TensorProto as TP
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
+    TensorTypes,
     bypass,
     drop_disconnected,
-    infer_tensor_types,
+    drop_if_unused,
     is_default_domain,
 )
 
@@ -101,6 +101,8 @@ _EXACT: dict[int, frozenset[int]] = {
 #: An end at or above this reaches the end of any axis (see the module docstring).
 _TO_THE_END = 2**31 - 1
 
+_NO_SHAPE = "input shape unknown"
+
 _OUTPUT_NAME = "graph output name cannot be kept (input is a graph input, initializer or " \
                "outer-scope tensor)"
 
@@ -114,12 +116,11 @@ class _Shorten:
 
 @dataclass
 class _Facts:
-    """What is known about the tensors of one graph: inferred types (main graph only) and which
-    initializers are overridable (also graph inputs, so not constants)."""
+    """What is known about the tensors: inferred types and which initializers are overridable
+    (also graph inputs, so not constants)."""
 
-    types: dict
+    types: TensorTypes
     overridable: frozenset[str]
-    main: bool
     opset: int
 
     def value(self, t: gs.Tensor) -> np.ndarray | None:
@@ -133,19 +134,12 @@ class _Facts:
             return _onnx_dtype(t.dtype)
         if len(t.inputs) == 1 and t.inputs[0].op == "Cast" and is_default_domain(t.inputs[0]):
             return int(t.inputs[0].attrs["to"])
-        dtype = self.types.get(t.name, (None, None))[0]
+        dtype = self.types.dtype(t)
         return _onnx_dtype(dtype) if dtype is not None else None
 
     def shape(self, t: gs.Tensor) -> tuple | None:
         """Shape of ``t`` (None for an unknown dim), or None when even the rank is unknown."""
-        if isinstance(t, gs.Constant) and t.name not in self.overridable:
-            return tuple(t.shape)
-        return self.types.get(t.name, (None, None))[1]
-
-    @property
-    def no_shape(self) -> str:
-        return "input shape unknown" if self.main else \
-            "needs inferred shapes (subgraph: shape inference covers the main graph only)"
+        return self.types.shape(t)
 
 
 def _onnx_dtype(dtype) -> int | None:
@@ -174,12 +168,12 @@ def _ints(node: gs.Node, f: _Facts, attr: str, index: int) -> list[int] | None |
     return None
 
 
-def _broadcast_change(shape: tuple | None, other: tuple, f: _Facts) -> str | None:
+def _broadcast_change(shape: tuple | None, other: tuple) -> str | None:
     """None when ``broadcast(shape, other) == shape``, else why it does not or may not."""
     if len(other) == 0:
         return None
     if shape is None:
-        return f.no_shape
+        return _NO_SHAPE
     if len(other) > len(shape):
         return "broadcast would grow the rank"
     for d, s in zip(reversed(other), reversed(shape)):
@@ -229,7 +223,7 @@ def _reshape(node: gs.Node, f: _Facts) -> Verdict:
         return None
     shape = f.shape(x)
     if shape is None:
-        return f.no_shape
+        return _NO_SHAPE
     if len(target) != len(shape) or target.count(-1) > 1:
         return None
     copy_zero = not node.attrs.get("allowzero", 0)
@@ -248,7 +242,7 @@ def _reshape(node: gs.Node, f: _Facts) -> Verdict:
 def _flatten(node: gs.Node, f: _Facts) -> Verdict:
     shape = f.shape(node.inputs[0])
     if shape is None:
-        return f.no_shape
+        return _NO_SHAPE
     if len(shape) != 2:
         return None
     axis = node.attrs.get("axis", 1)
@@ -265,7 +259,7 @@ def _expand(node: gs.Node, f: _Facts) -> Verdict:
     target = f.value(node.inputs[1])
     if target is None:
         return None
-    why = _broadcast_change(f.shape(node.inputs[0]), tuple(int(v) for v in target), f)
+    why = _broadcast_change(f.shape(node.inputs[0]), tuple(int(v) for v in target))
     if why is None:
         return node.inputs[0]
     return None if why in ("broadcast would grow the rank", "broadcast would change a dim") else why
@@ -286,7 +280,7 @@ def _arithmetic(node: gs.Node, f: _Facts) -> Verdict:
         dtype = f.dtype(x)
         if dtype is not None and dtype != _onnx_dtype(value.dtype):
             return "constant dtype differs from the input's"
-        why = _broadcast_change(f.shape(x), value.shape, f)
+        why = _broadcast_change(f.shape(x), value.shape)
         return x if why is None else why
     return None
 
@@ -298,7 +292,7 @@ def _squeeze_axes(node: gs.Node, f: _Facts) -> list[int] | None | bool | str:
         return axes
     shape = f.shape(node.inputs[0])
     if shape is None:
-        return f.no_shape
+        return _NO_SHAPE
     if any(d is None for d in shape):
         return "squeeze without axes: a dynamic dim may be 1"
     return [i for i, d in enumerate(shape) if d == 1]
@@ -326,7 +320,7 @@ def _squeeze(node: gs.Node, f: _Facts) -> Verdict:
             if axes is None or isinstance(axes, str):  # without axes: x must have no 1-dim
                 shape = f.shape(inner.inputs[0])
                 if shape is None:
-                    return f.no_shape
+                    return _NO_SHAPE
                 if any(d is None for d in shape):
                     return "squeeze without axes: a dynamic dim may be 1"
                 return inner.inputs[0] if 1 not in shape else None
@@ -360,7 +354,7 @@ def _transpose(node: gs.Node, f: _Facts) -> Verdict:
     if perm is None:
         shape = f.shape(node.inputs[0])
         if shape is None:
-            return f.no_shape
+            return _NO_SHAPE
         return node.inputs[0] if len(shape) <= 1 else None
     return node.inputs[0] if list(perm) == list(range(len(perm))) else None
 
@@ -388,7 +382,7 @@ def _slice(node: gs.Node, f: _Facts) -> Verdict:
         if start == 0 and end >= _TO_THE_END and axis >= 0:
             continue
         if shape is None:
-            return f.no_shape
+            return _NO_SHAPE
         if not -len(shape) <= axis < len(shape):
             return None
         dim = shape[axis]
@@ -413,7 +407,7 @@ def _resize_size_kept(x: gs.Tensor, scales, sizes, axes, f: _Facts) -> bool | st
         return scales is not None and scales.size > 0 and bool(np.all(scales == 1))
     shape = f.shape(x)
     if shape is None:
-        return f.no_shape
+        return _NO_SHAPE
     axes = [a % len(shape) for a in (axes if axes is not None else range(len(shape)))]
     if len(axes) != sizes.size:
         return False
@@ -446,18 +440,6 @@ _CHECKS: dict[str, Callable[[gs.Node, _Facts], Verdict]] = {
 }
 
 
-def _drop_if_dead(graph: gs.Graph, node: gs.Node | None) -> bool:
-    """Disconnect ``node`` if no node and no graph output reads any of its outputs."""
-    if node is None or not node.outputs or not any(n is node for n in graph.nodes):
-        return False
-    outputs = {id(t) for t in graph.outputs}
-    if any(t.outputs or id(t) in outputs for t in node.outputs):
-        return False
-    node.inputs.clear()
-    node.outputs.clear()
-    return True
-
-
 @register
 class RemoveNoop(Pass):
     name = "remove_noop"
@@ -467,14 +449,11 @@ class RemoveNoop(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         graphs = list(iter_graphs(graph))
         overridable = frozenset(t.name for g in graphs for t in g.inputs)
-        candidates = any(n.op in _CHECKS for n in graph.nodes)
-        types = infer_tensor_types(graph, ctx.template) if candidates else {}
-        opset = opset_version(graph)
+        facts = _Facts(TensorTypes(graph, ctx.template), overridable, opset_version(graph))
         removed: collections.Counter[str] = collections.Counter()
         refused: collections.Counter[str] = collections.Counter()
         shortened = 0
         for g in graphs:
-            facts = _Facts(types if g is graph else {}, overridable, g is graph, opset)
             for node in list(g.nodes):
                 check = _CHECKS.get(node.op)
                 if check is None or not is_default_domain(node) or not node.inputs \
@@ -495,7 +474,7 @@ class RemoveNoop(Pass):
                 else:
                     refused[f"{node.op}: {_OUTPUT_NAME}"] += 1
                     continue
-                if _drop_if_dead(g, inner):
+                if drop_if_unused(g, inner):
                     removed[inner.op] += 1
             drop_disconnected(g)
         stats = {"nodes_removed": sum(removed.values()), "removed": dict(sorted(removed.items())),

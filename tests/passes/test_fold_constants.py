@@ -8,11 +8,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from helpers import (
+    all_initializers,
+    assert_same_outputs,
+    initializers,
+    make_branch,
+    make_model,
+    ops,
+    random_models,
+    run_passes,
+)
 from hypothesis import given, settings
 from onnx import TensorProto, helper
 
-from helpers import (all_initializers, assert_same_outputs, initializers, make_branch, make_model,
-                     ops, random_models, run_ort, run_passes)
 from optimizer.pass_manager import PassContext
 from passes import LOSSLESS_PIPELINE
 
@@ -90,6 +98,30 @@ def test_folds_inside_if_branches():
     assert ops(branches["else_branch"]) == ["Constant"]  # the branch output keeps a node
     x = np.array([1, 2, 3], np.float32)
     assert_same_outputs(model, out, [{"x": x, "cond": np.array(c)} for c in (True, False)])
+
+
+def test_folds_shape_of_a_static_tensor_inside_an_if_branch():
+    """The shape of ``Relu(x)`` computed in the branch is inferred there; the shape of ``x`` read
+    from the outer scope too. The dynamic ``d`` keeps its Shape."""
+    then_g = make_branch([helper.make_node("Relu", ["x"], ["r"]),
+                          helper.make_node("Shape", ["r"], ["s"]),
+                          helper.make_node("Shape", ["x"], ["s2"]),
+                          helper.make_node("Shape", ["d"], ["sd"]),
+                          helper.make_node("Concat", ["s", "s2", "sd"], ["t_out"], axis=0)],
+                         [("t_out", np.int64, [5])])
+    else_g = make_branch([helper.make_node("Shape", ["d"], ["e0"]),
+                          helper.make_node("Concat", ["e0", "e0", "e0", "e0", "e0"], ["e_out"],
+                                           axis=0)], [("e_out", np.int64, [5])])
+    model = make_model([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+                       [("x", np.float32, [2, 3]), ("d", np.float32, ["n"]), ("cond", np.bool_, [])],
+                       [("y", np.int64, [5])])
+    out, _ = run_passes(model, FOLD)
+    branches = {a.name: a.g for a in out.graph.node[0].attribute}
+    assert ops(branches["then_branch"]) == ["Shape", "Concat"]
+    assert ops(branches["else_branch"]) == ["Shape", "Concat"]
+    feeds = [{"x": np.ones((2, 3), np.float32), "d": np.ones(n, np.float32), "cond": np.array(c)}
+             for n in (1, 4) for c in (True, False)]
+    assert_same_outputs(model, out, feeds)
 
 
 @pytest.mark.parametrize("op, attrs", [("RandomUniformLike", {}), ("RandomNormalLike", {}),

@@ -1,6 +1,7 @@
 """Tests of passes/remove_noop.py: each no-op rule removes its node and the model computes what the
 original computes on onnxruntime; each refusal is refused (and counted under its reason); graph
-output names survive; subgraphs get the constant-only rules; real models still validate."""
+output names survive; If branches get every rule, Loop bodies none that needs a loop-carried
+value's shape; real models still validate."""
 
 from __future__ import annotations
 
@@ -246,7 +247,7 @@ def test_cast_and_mul_by_computed_one_in_full_pipeline():
     np.testing.assert_array_equal(run_ort(out, {"x": x})["y"], x)
 
 
-def test_subgraphs_get_constant_rules_only():
+def test_if_branches_get_every_rule():
     then = make_branch([_node("Transpose", ["x"], ["t"], perm=[0, 1]),
                         _node("Slice", ["t", "s", "e"], ["sl"]), _node("Neg", ["sl"], ["n"]),
                         _node("Reshape", ["n", "shape"], ["ty"])], [("ty", F, [2, 3])],
@@ -257,14 +258,40 @@ def test_subgraphs_get_constant_rules_only():
                        [("x", F, [2, 3]), ("cond", np.bool_, [])], [("y", F, [2, 3])])
     out, result = run_once(model, "remove_noop")
     (then,) = [a.g for a in out.graph.node[0].attribute if a.name == "then_branch"]
-    then_ops = [n.op_type for n in then.node]
-    assert sorted(then_ops) == ["Neg", "Reshape"]
-    assert result.stats["removed"] == {"Slice": 1, "Transpose": 1}
-    assert result.stats["refused"] == {
-        "Reshape: needs inferred shapes (subgraph: shape inference covers the main graph only)": 1}
+    assert [n.op_type for n in then.node] == ["Neg"] and then.output[0].name == "ty"
+    assert result.stats["removed"] == {"Reshape": 1, "Slice": 1, "Transpose": 1}
+    assert result.stats["refused"] == {}
     for cond in (True, False):
         feed = {"x": np.arange(6, dtype=F).reshape(2, 3), "cond": np.array(cond)}
         np.testing.assert_array_equal(run_ort(out, feed)["y"], run_ort(model, feed)["y"])
+
+
+def test_loop_carried_shape_is_not_trusted():
+    """``v`` is [3] in the first iteration only, then [1]: ``Expand(-v, [3])`` is a no-op for the
+    initial shape (which the body input also declares) but not later."""
+    body = helper.make_graph(
+        [_node("Neg", ["v"], ["w"]), _node("Expand", ["w", "three"], ["e"]),
+         _node("Slice", ["e", "two", "big"], ["v_next"]),
+         _node("Identity", ["cond"], ["cond_out"]), _node("Neg", ["x"], ["outer"]),
+         _node("Reshape", ["outer", "shape"], ["scan"])],
+        "body", [helper.make_tensor_value_info("i", TP.INT64, []),
+                 helper.make_tensor_value_info("cond", TP.BOOL, []),
+                 helper.make_tensor_value_info("v", TP.FLOAT, [3])],
+        [helper.make_tensor_value_info("cond_out", TP.BOOL, []),
+         helper.make_tensor_value_info("v_next", TP.FLOAT, [1]),
+         helper.make_tensor_value_info("scan", TP.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(v, n) for n, v in
+         (("three", np.array([3], I64)), ("two", np.array([2], I64)),
+          ("big", np.array([BIG], I64)), ("shape", np.array([2, 3], I64)))])
+    model = make_model([_node("Loop", ["m", "", "v0"], ["y", "scans"], body=body)],
+                       [("x", F, [2, 3]), ("m", I64, []), ("v0", F, [3])],
+                       [("y", F, [1]), ("scans", F, [2, 2, 3])])
+    out, result = run_once(model, "remove_noop")
+    assert result.stats["removed"] == {"Reshape": 1}  # reads the outer x: its shape is known
+    assert result.stats["refused"] == {"Expand: input shape unknown": 1}
+    feed = {"x": np.ones((2, 3), F), "m": np.array(2, I64), "v0": np.arange(3, dtype=F)}
+    for name, value in run_ort(model, feed).items():
+        np.testing.assert_array_equal(run_ort(out, feed)[name], value)
 
 
 def test_stats_are_json_serializable():

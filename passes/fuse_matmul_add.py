@@ -1,0 +1,149 @@
+"""MatMul + Add fusion: ``Add(MatMul(A, B), C)`` with 2-D ``A``, ``B`` and a constant bias ``C``
+becomes ``Gemm(A, B, C)``.
+
+Gemm (ONNX spec, https://onnx.ai/onnx/operators/onnx__Gemm.html, opset 7 and later) computes
+``Y = alpha · A' · B' + beta · C`` with ``A'``, ``B'`` the operands transposed or not
+(``transA``/``transB``, default 0) and ``alpha = beta = 1`` by default, for ``A`` of shape
+``(M, K)`` and ``B`` of shape ``(K, N)``; ``C`` is broadcast *unidirectionally* to ``(M, N)``.
+With the defaults::
+
+    Gemm(A, B, C) = A · B + C = Add(MatMul(A, B), C)
+
+provided that
+
+- ``A`` and ``B`` are both 2-D: MatMul of other ranks is batched (or vector) matrix product,
+  which Gemm does not compute. The ranks come from an initializer's shape or from
+  ``passes._util.TensorTypes`` (ONNX shape inference, subgraphs included; a dim < 0, which some
+  exports declare on their inputs, counts as unknown).
+- ``C`` broadcasts unidirectionally to ``(M, N)``: ``rank(C) <= 2`` and each dim of ``C``,
+  aligned from the right, is 1 or equals the matching dim of ``(M, N)`` -- scalar, ``[1]``,
+  ``[N]``, ``[1, N]``, ``[M, 1]``, ``[M, N]``, ``[1, 1]``. That is exactly the condition for the
+  Add's (multidirectional) output shape to be ``(M, N)`` too, so the Add does not broadcast the
+  product up (``[M, N] + [3, M, N]`` or ``[M, N] + [1, 1, N]`` are refused). A dim of ``C`` other
+  than 1 needs the matching dim of ``(M, N)`` to be static, since at run time it must match.
+- The dtype is float16, float or double (Gemm-7 accepts these; integer types only from Gemm-9 and
+  bfloat16 from Gemm-13, which we leave alone), and ``C`` has the product's dtype.
+- Before opset 7 Gemm broadcasts ``C`` only with ``broadcast=1`` and under other rules: refused.
+
+``C`` must be an initializer (not a graph input); it may be either operand of the Add. The Gemm
+writes the Add's output tensor, so that name survives; the MatMul output disappears, so it must
+have no other reader and not be a graph output. The sum is ``A · B + C`` either way, up to the
+float rounding of the accumulation order. Works in every subgraph.
+
+Statistics: ``fused`` and ``skipped`` (per reason).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs, opset_version
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import TensorTypes, constant_refusal, is_default_domain
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+#: First opset whose Gemm broadcasts C unidirectionally without an attribute.
+_GEMM_UNIDIRECTIONAL = 7
+
+
+def _shape(t: gs.Tensor, types: TensorTypes) -> tuple | None:
+    """Shape of ``t`` (None for an unknown or negative dim), None when the rank is unknown."""
+    shape = types.shape(t)
+    if shape is None:
+        return None
+    return tuple(d if d is not None and d >= 0 else None for d in shape)
+
+
+def _bias_refusal(c_shape: tuple, mn: tuple) -> str | None:
+    """None when ``C`` of shape ``c_shape`` broadcasts unidirectionally to ``mn`` = (M, N)."""
+    if len(c_shape) > 2:
+        return "Add broadcasts the product to a higher rank"
+    for c, d in zip(reversed(c_shape), reversed(mn)):
+        if c == 1 or c == d:
+            continue
+        if d is None:
+            return "bias dim may not match a dynamic dim of the product"
+        return "Add broadcasts the product to a larger shape"
+    return None
+
+
+@register
+class FuseMatMulAdd(Pass):
+    name = "fuse_matmul_add"
+    description = "Fuse MatMul of 2-D operands followed by Add of a constant bias into Gemm."
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        skipped: Counter[str] = Counter()
+        opset = opset_version(graph)
+        types = TensorTypes(graph, ctx.template)  # inferred on the first question
+        fused = 0
+        for g in iter_graphs(graph):
+            in_graph = {id(n) for n in g.nodes}
+            for matmul in list(g.nodes):
+                if matmul.op != "MatMul" or not is_default_domain(matmul) \
+                        or len(matmul.inputs) != 2 or len(matmul.outputs) != 1:
+                    continue
+                y = matmul.outputs[0]
+                adds = [n for n in y.outputs if n.op == "Add" and is_default_domain(n)]
+                if not adds:
+                    continue
+                add = adds[0]
+                reason = self._refusal(matmul, add, g, in_graph, types, opset)
+                if reason:
+                    skipped[reason] += 1
+                    continue
+                self._fuse(matmul, add)
+                fused += 1
+            g.nodes = [n for n in g.nodes if n.outputs]
+        stats = {"fused": fused}
+        if skipped:
+            stats["skipped"] = dict(sorted(skipped.items()))
+        return PassResult(bool(fused), stats)
+
+    @staticmethod
+    def _refusal(matmul: gs.Node, add: gs.Node, g: gs.Graph, in_graph: set[int],
+                 types: TensorTypes, opset: int) -> str | None:
+        if opset < _GEMM_UNIDIRECTIONAL:
+            return "opset below 7: Gemm broadcasts C only with broadcast=1"
+        y = matmul.outputs[0]
+        if len(y.outputs) != 1:
+            return "MatMul output has other consumers"
+        if any(t is y for t in g.outputs):
+            return "MatMul output is a graph output"
+        if id(add) not in in_graph:
+            return "Add in another scope"
+        if len(add.inputs) != 2 or len(add.outputs) != 1 or add.inputs[0] is add.inputs[1]:
+            return "unexpected Add arity"
+        c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+        reason = constant_refusal(c, "bias")
+        if reason:
+            return reason
+        a, b = matmul.inputs
+        a_shape, b_shape = _shape(a, types), _shape(b, types)
+        if a_shape is None or b_shape is None:
+            return "operand rank unknown"
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            return "operands are not both 2-D"
+        dtype = types.dtype(b)
+        dtype = types.dtype(a) if dtype is None else dtype
+        if dtype is None or dtype.type not in _FLOAT_DTYPES:
+            return "dtype is not float16, float or double"
+        if np.dtype(c.dtype) != dtype:
+            return "bias dtype differs from the product's"
+        return _bias_refusal(tuple(c.shape), (a_shape[0], b_shape[1]))
+
+    @staticmethod
+    def _fuse(matmul: gs.Node, add: gs.Node) -> None:
+        """The MatMul becomes the Gemm, in place, so the node order stays topological."""
+        y = matmul.outputs[0]
+        c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+        out = add.outputs[0]
+        add.inputs.clear()
+        add.outputs.clear()
+        matmul.op = "Gemm"
+        matmul.inputs.append(c)
+        matmul.outputs[0] = out

@@ -1,0 +1,125 @@
+"""Tests of passes/_util.py's TensorTypes: dtypes and shapes from ONNX shape inference in the main
+graph and in If/Loop bodies, keyed by tensor object (sibling branches reusing a name keep their own
+results), declared value_info and subgraph shapes never believed, loop-carried shapes unknown,
+large initializers kept out of the inference model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from helpers import make_branch, make_model
+from onnx import TensorProto as TP
+from onnx import helper
+
+from optimizer.graph import import_graph, iter_graphs
+from passes._util import TensorTypes, _InferenceModel, infer_tensor_types
+
+F, I64 = np.float32, np.int64
+
+
+def _tensors(graph: gs.Graph, scope: str) -> dict[str, gs.Tensor]:
+    """The tensors produced in the (sub)graph named ``scope``, by name."""
+    (g,) = [g for g in iter_graphs(graph) if g.name == scope]
+    return {t.name: t for n in g.nodes for t in n.outputs}
+
+
+def _if_model(then_nodes, then_out, else_nodes, else_out, inits=None, declared=(7,)):
+    """``If(cond)`` over ``x: float[2, 3]``; the branch outputs are declared with the wrong shape
+    ``declared``."""
+    then = make_branch(then_nodes, [(then_out, F, list(declared))], inits or {}, name="then")
+    other = make_branch(else_nodes, [(else_out, F, list(declared))], name="else")
+    return make_model([helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+                      [("x", F, [2, 3]), ("cond", np.bool_, [])], [("y", F, list(declared))],
+                      check=False)
+
+
+def test_if_branch_tensors_get_inferred_types_not_declared_ones():
+    model = _if_model([helper.make_node("Relu", ["x"], ["r"]),
+                       helper.make_node("Cast", ["r"], ["c"], to=TP.DOUBLE),
+                       helper.make_node("Unsqueeze", ["r", "axes"], ["t"])], "t",
+                      [helper.make_node("Neg", ["x"], ["e"])], "e",
+                      {"axes": np.array([0], I64)})
+    graph = import_graph(model)
+    types = TensorTypes(graph, model)
+    then = _tensors(graph, "then")
+    assert types.shape(then["r"]) == (2, 3) and types.dtype(then["r"]) == np.float32
+    assert types.dtype(then["c"]) == np.float64
+    assert types.shape(then["t"]) == (1, 2, 3)  # the branch output declares [7]
+    assert types.static_shape(_tensors(graph, "else")["e"]) == (2, 3)
+    assert types.rank(then["t"]) == 3
+
+
+def test_sibling_branches_reusing_a_name_keep_their_own_results():
+    """Without import_graph's renaming both branches have a tensor ``t``, of different shapes."""
+    model = _if_model([helper.make_node("Unsqueeze", ["x", "axes"], ["t"])], "t",
+                      [helper.make_node("Neg", ["x"], ["t"])], "t", {"axes": np.array([0], I64)})
+    graph = gs.import_onnx(model)
+    types = TensorTypes(graph, model)
+    then_t, else_t = _tensors(graph, "then")["t"], _tensors(graph, "else")["t"]
+    assert then_t is not else_t
+    assert types.shape(then_t) == (1, 2, 3) and types.shape(else_t) == (2, 3)
+
+
+def test_loop_carried_values_have_no_shape_outer_values_keep_theirs():
+    """``v`` starts as [3] (and the body input declares [3]) but shrinks each iteration."""
+    body = helper.make_graph(
+        [helper.make_node("Neg", ["v"], ["w"]),
+         helper.make_node("Slice", ["w", "one", "big"], ["v_next"]),
+         helper.make_node("Identity", ["cond"], ["cond_out"]),
+         helper.make_node("Add", ["i", "i"], ["ii"]),
+         helper.make_node("Relu", ["x"], ["outer"])],
+        "body", [helper.make_tensor_value_info("i", TP.INT64, []),
+                 helper.make_tensor_value_info("cond", TP.BOOL, []),
+                 helper.make_tensor_value_info("v", TP.FLOAT, [3])],
+        [helper.make_tensor_value_info("cond_out", TP.BOOL, []),
+         helper.make_tensor_value_info("v_next", TP.FLOAT, [3]),
+         helper.make_tensor_value_info("outer", TP.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(np.array([1], I64), "one"),
+         onnx.numpy_helper.from_array(np.array([2**62], I64), "big")])
+    model = make_model([helper.make_node("Loop", ["m", "", "v0"], ["y", "scans"], body=body)],
+                       [("x", F, [2, 3]), ("m", I64, []), ("v0", F, [3])],
+                       [("y", F, [3]), ("scans", F, [2, 2, 3])], check=False)
+    graph = import_graph(model)
+    types = TensorTypes(graph, model)
+    (loop_body,) = [g for g in iter_graphs(graph) if g.name == "body"]
+    produced = _tensors(graph, "body")
+    for t in loop_body.inputs:
+        assert types.shape(t) is None
+    assert [types.dtype(t) for t in loop_body.inputs] == [np.int64, np.bool_, np.float32]
+    assert types.shape(produced["w"]) is None and types.dtype(produced["w"]) == np.float32
+    assert types.rank(produced["v_next"]) is None
+    assert types.shape(produced["outer"]) == (2, 3)
+
+
+def test_large_initializers_are_typed_inputs_of_the_inference_model():
+    w = np.ones((3, 2048), F)
+    model = _if_model([helper.make_node("MatMul", ["x", "W"], ["t"])], "t",
+                      [helper.make_node("Neg", ["x"], ["e"])], "e", {"W": w})
+    graph = import_graph(model)
+    built = _InferenceModel(graph, model).model
+    assert all(init.name != "W" for g in [built.graph] + [a.g for a in built.graph.node[0].attribute]
+               for init in g.initializer)
+    assert "W" in [i.name for i in built.graph.input]
+    assert TensorTypes(graph, model).shape(_tensors(graph, "then")["t"]) == (2, 2048)
+
+
+def test_tensors_made_after_inference_are_unknown_initializers_always_known():
+    model = _if_model([helper.make_node("Relu", ["x"], ["t"])], "t",
+                      [helper.make_node("Neg", ["x"], ["e"])], "e")
+    graph = import_graph(model)
+    types = TensorTypes(graph, model)
+    assert types.shape(_tensors(graph, "then")["t"]) == (2, 3)
+    assert types.shape(gs.Variable("late", F, (2, 3))) is None
+    assert types.shape(gs.Constant("k", np.zeros((4, 1), I64))) == (4, 1)
+    assert types.dtype(gs.Constant("k", np.zeros((4, 1), I64))) == np.int64
+
+
+def test_infer_tensor_types_is_the_main_graph_by_name():
+    model = _if_model([helper.make_node("Relu", ["x"], ["t"])], "t",
+                      [helper.make_node("Neg", ["x"], ["e"])], "e")
+    graph = import_graph(model)
+    types = infer_tensor_types(graph, model)
+    assert types["x"] == (np.dtype(F), (2, 3)) and types["cond"] == (np.dtype(np.bool_), ())
+    assert "t" not in types and "e" not in types
+    assert types["y"] == (np.dtype(F), (2, 3))  # declared [7]
