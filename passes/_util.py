@@ -496,3 +496,29 @@ def fit_drift_budget(graph: gs.Graph, ctx, replacements: dict[str, tuple[np.ndar
     cosine_final = drift(set(names) - set(kept)) if kept else cosine_all
     return {"target": target, "cosine_all": cosine_all, "cosine_final": cosine_final,
             "evaluations": evaluations, "kept": kept}
+
+
+def consecutive_pairs(graph: gs.Graph, second_ops: tuple[str, ...]):
+    """Yield ``(g, first_graph, first, second)`` for every default-domain node ``second`` of an op in
+    ``second_ops`` whose data input (input 0) is the single output of another default-domain
+    node ``first`` -- the shape of every "merge two consecutive ops" rewrite.
+
+    ``g`` holds ``second``; ``first_graph`` holds ``first`` (the same graph, or an enclosing one
+    when ``second`` reads an outer-scope tensor). Each graph is sorted topologically before it is
+    walked, so a chain is seen from its start; pairs are computed lazily, so a rewrite of one
+    pair is seen by the next.
+    """
+    graphs = list(iter_graphs(graph))
+    owner = {id(n): g for g in graphs for n in g.nodes}
+    for g in graphs:
+        g.toposort(recurse_subgraphs=False)
+        for second in list(g.nodes):
+            if second.op not in second_ops or not is_default_domain(second) \
+                    or not second.outputs or not second.inputs:
+                continue
+            mid = second.inputs[0]
+            if len(mid.inputs) != 1 or not is_default_domain(mid.inputs[0]):
+                continue
+            first = mid.inputs[0]
+            if id(first) in owner:
+                yield g, owner[id(first)], first, second

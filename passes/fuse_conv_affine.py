@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs

@@ -50,13 +50,13 @@ import onnx_graphsurgeon as gs
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
+    consecutive_pairs,
     TensorTypes,
     bypass,
     constant_value,
     drop_disconnected,
     drop_if_unused,
     fresh_name,
-    is_default_domain,
 )
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -171,50 +171,36 @@ class MergeReshape(Pass):
         refused: collections.Counter[str] = collections.Counter()
         types = TensorTypes(graph, ctx.template)
         axes_as_input = opset_version(graph) >= 13
-        graphs = list(iter_graphs(graph))
-        owner = {id(n): g for g in graphs for n in g.nodes}
-        for g in graphs:
-            g.toposort(recurse_subgraphs=False)
-            for second in list(g.nodes):
-                if second.op not in ("Reshape",) + _SQUEEZES or not is_default_domain(second) \
-                        or not second.outputs or not second.inputs:
+        for g, fg, first, second in consecutive_pairs(graph, ("Reshape",) + _SQUEEZES):
+            if first.op not in (_SHAPE_ONLY if second.op == "Reshape" else _SQUEEZES):
+                continue
+            x = first.inputs[0]
+            if second.op == "Reshape":
+                target = _resolved_shape(second, types)
+                if isinstance(target, str):
+                    refused[target] += 1
                     continue
-                mid = second.inputs[0]
-                if len(mid.inputs) != 1 or not is_default_domain(mid.inputs[0]):
+                second.inputs[0] = x
+                if target is not None:
+                    second.inputs[1] = gs.Constant(
+                        fresh_name(graph, f"{second.outputs[0].name}_shape"), target)
+                merged += 1
+            else:
+                plan = _combine(first, second, types)
+                if isinstance(plan, str):
+                    refused[plan] += 1
                     continue
-                first = mid.inputs[0]
-                fg = owner.get(id(first))
-                if fg is None:
-                    continue
-                if first.op not in (_SHAPE_ONLY if second.op == "Reshape" else _SQUEEZES):
-                    continue
-                x = first.inputs[0]
-                if second.op == "Reshape":
-                    target = _resolved_shape(second, types)
-                    if isinstance(target, str):
-                        refused[target] += 1
+                op, axes = plan
+                if op is None:
+                    if not bypass(g, second, x, second.outputs[0]):
+                        refused["graph_output_name_lost"] += 1
                         continue
-                    second.inputs[0] = x
-                    if target is not None:
-                        second.inputs[1] = gs.Constant(
-                            fresh_name(graph, f"{second.outputs[0].name}_shape"), target)
-                    merged += 1
+                    cancelled += 1
                 else:
-                    plan = _combine(first, second, types)
-                    if isinstance(plan, str):
-                        refused[plan] += 1
-                        continue
-                    op, axes = plan
-                    if op is None:
-                        if not bypass(g, second, x, second.outputs[0]):
-                            refused["graph_output_name_lost"] += 1
-                            continue
-                        cancelled += 1
-                    else:
-                        _set_axes(graph, second, op, x, axes, axes_as_input)
-                        merged += 1
-                removed += drop_if_unused(fg, first)
-        for g in graphs:
+                    _set_axes(graph, second, op, x, axes, axes_as_input)
+                    merged += 1
+            removed += drop_if_unused(fg, first)
+        for g in iter_graphs(graph):
             drop_disconnected(g)
         stats = {"merged": merged, "cancelled": cancelled, "nodes_removed": removed + cancelled,
                  "refused": dict(refused)}

@@ -33,12 +33,12 @@ import onnx_graphsurgeon as gs
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
+    consecutive_pairs,
     TensorTypes,
     constant_value,
     drop_disconnected,
     drop_if_unused,
     fresh_name,
-    is_default_domain,
 )
 
 
@@ -69,48 +69,36 @@ class MergeSlice(Pass):
         merged = removed = 0
         refused: collections.Counter[str] = collections.Counter()
         types = TensorTypes(graph, ctx.template)
-        graphs = list(iter_graphs(graph))
-        owner = {id(n): g for g in graphs for n in g.nodes}
-        for g in graphs:
-            g.toposort(recurse_subgraphs=False)
-            for second in list(g.nodes):
-                if second.op != "Slice" or not is_default_domain(second) or not second.outputs:
+        for g, fg, first, second in consecutive_pairs(graph, ("Slice",)):
+            if first.op != "Slice":
+                continue
+            p1, p2 = _params(first), _params(second)
+            reason = p1 if isinstance(p1, str) else p2 if isinstance(p2, str) else None
+            if reason:
+                refused[reason] += 1
+                continue
+            axes1, axes2 = p1[2], p2[2]
+            if (axes1 < 0).any() or (axes2 < 0).any():
+                rank = types.rank(second.inputs[0])
+                rank = types.rank(first.inputs[0]) if rank is None else rank  # Slice keeps it
+                if rank is None:
+                    refused["rank_unknown"] += 1
                     continue
-                mid = second.inputs[0]
-                if len(mid.inputs) != 1 or mid.inputs[0].op != "Slice" \
-                        or not is_default_domain(mid.inputs[0]):
-                    continue
-                first = mid.inputs[0]
-                fg = owner.get(id(first))
-                if fg is None:
-                    continue
-                p1, p2 = _params(first), _params(second)
-                reason = p1 if isinstance(p1, str) else p2 if isinstance(p2, str) else None
-                if reason:
-                    refused[reason] += 1
-                    continue
-                axes1, axes2 = p1[2], p2[2]
-                if (axes1 < 0).any() or (axes2 < 0).any():
-                    rank = types.rank(mid)
-                    rank = types.rank(first.inputs[0]) if rank is None else rank  # Slice keeps it
-                    if rank is None:
-                        refused["rank_unknown"] += 1
-                        continue
-                    axes1, axes2 = axes1 % rank, axes2 % rank
-                if set(axes1.tolist()) & set(axes2.tolist()):
-                    refused["same_axis"] += 1
-                    continue
-                x = first.inputs[0]
-                combined = [np.concatenate([u, v]) for u, v in
-                            zip((p1[0], p1[1], axes1, p1[3]), (p2[0], p2[1], axes2, p2[3]))]
-                base = second.outputs[0].name
-                second.inputs.clear()
-                second.inputs.extend([x] + [
-                    gs.Constant(fresh_name(graph, f"{base}_{part}"), values)
-                    for part, values in zip(("starts", "ends", "axes", "steps"), combined)])
-                merged += 1
-                removed += drop_if_unused(fg, first)
-        for g in graphs:
+                axes1, axes2 = axes1 % rank, axes2 % rank
+            if set(axes1.tolist()) & set(axes2.tolist()):
+                refused["same_axis"] += 1
+                continue
+            x = first.inputs[0]
+            combined = [np.concatenate([u, v]) for u, v in
+                        zip((p1[0], p1[1], axes1, p1[3]), (p2[0], p2[1], axes2, p2[3]))]
+            base = second.outputs[0].name
+            second.inputs.clear()
+            second.inputs.extend([x] + [
+                gs.Constant(fresh_name(graph, f"{base}_{part}"), values)
+                for part, values in zip(("starts", "ends", "axes", "steps"), combined)])
+            merged += 1
+            removed += drop_if_unused(fg, first)
+        for g in iter_graphs(graph):
             drop_disconnected(g)
         stats = {"merged": merged, "nodes_removed": removed, "refused": dict(refused)}
         return PassResult(merged > 0, stats)

@@ -30,7 +30,8 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import bypass, drop_disconnected, drop_if_unused, is_default_domain
+from passes._util import (
+    bypass, consecutive_pairs, drop_disconnected, drop_if_unused)
 
 
 def _compose(p1, p2) -> list[int] | None:
@@ -52,34 +53,22 @@ class MergeTranspose(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = cancelled = removed = 0
         refused: collections.Counter[str] = collections.Counter()
-        graphs = list(iter_graphs(graph))
-        owner = {id(n): g for g in graphs for n in g.nodes}
-        for g in graphs:
-            g.toposort(recurse_subgraphs=False)
-            for second in list(g.nodes):
-                if second.op != "Transpose" or not is_default_domain(second) or not second.outputs:
-                    continue
-                mid = second.inputs[0]
-                if len(mid.inputs) != 1 or mid.inputs[0].op != "Transpose" \
-                        or not is_default_domain(mid.inputs[0]):
-                    continue
-                first = mid.inputs[0]
-                fg = owner.get(id(first))
-                if fg is None:
-                    continue
-                x = first.inputs[0]
-                q = _compose(first.attrs.get("perm"), second.attrs.get("perm"))
-                if (q is None or q == sorted(q)) and bypass(g, second, x, second.outputs[0]):
-                    cancelled += 1
-                elif q is None:
-                    refused["graph_output_name_needs_rank"] += 1
-                    continue
-                else:
-                    second.inputs[0] = x
-                    second.attrs["perm"] = q
-                    merged += 1
-                removed += drop_if_unused(fg, first)
-        for g in graphs:
+        for g, fg, first, second in consecutive_pairs(graph, ("Transpose",)):
+            if first.op != "Transpose":
+                continue
+            x = first.inputs[0]
+            q = _compose(first.attrs.get("perm"), second.attrs.get("perm"))
+            if (q is None or q == sorted(q)) and bypass(g, second, x, second.outputs[0]):
+                cancelled += 1
+            elif q is None:
+                refused["graph_output_name_needs_rank"] += 1
+                continue
+            else:
+                second.inputs[0] = x
+                second.attrs["perm"] = q
+                merged += 1
+            removed += drop_if_unused(fg, first)
+        for g in iter_graphs(graph):
             drop_disconnected(g)
         stats = {"merged": merged, "cancelled": cancelled, "nodes_removed": removed + cancelled,
                  "refused": dict(refused)}

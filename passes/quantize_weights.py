@@ -70,7 +70,6 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs, opset_version

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 from helpers import (all_graphs, all_initializers, assert_same_outputs, is_topologically_sorted,
-                     make_branch, make_model, ops, random_feed, run_ort)
+                     make_branch, make_model, ops)
 from optimizer.graph import export_graph, import_graph, make_names_unique, model_stats
 
 

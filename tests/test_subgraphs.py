@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import (all_graphs, all_initializers, assert_same_outputs, is_topologically_sorted,

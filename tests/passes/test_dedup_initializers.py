@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from onnx import helper, numpy_helper
 
-from helpers import (all_initializers, assert_same_outputs, make_branch, make_model, ops,
-                     random_models, run_once, run_passes)
+from helpers import (all_initializers, assert_same_outputs, make_branch, make_model, random_models, run_once, run_passes)
 
 PASS = ["dedup_initializers", "eliminate_dead"]
 
