@@ -9,6 +9,8 @@ installed shows as "n/a". Each tool runs as a whole process, so interpreter star
 inside the measured wall time; the median over ``--repeat`` runs is reported. The commands:
 
 * onnxopt:       ``onnxopt optimize IN -o OUT --inputs NPZ --quiet`` (its validation on).
+* onnxopt-unchecked: the same without validation (``--no-validate``): the cost of the safety
+                 net (validation and, when it fails, rollback) is onnxopt / onnxopt-unchecked.
 * onnxsim:       ``onnxsim IN OUT`` (no check: its ``check_n`` defaults to 0, and its default
                  ``certify`` needs z3-solver, which it does not depend on).
 * onnxslim:      ``onnxslim IN OUT`` (no check: ``--model-check`` is off by default).
@@ -96,6 +98,8 @@ TOOLS = (
     Tool("onnxopt", "onnxopt", "optimizer", "onnxopt",
          ("onnxopt", "optimize", "IN", "-o", "OUT", "--inputs", "NPZ", "--quiet"),
          refusal_codes=(1,)),
+    Tool("onnxopt-unchecked", "onnxopt --no-validate", "optimizer", "onnxopt",
+         ("onnxopt", "optimize", "IN", "-o", "OUT", "--no-validate", "--quiet")),
     Tool("onnxsim", "onnxsim", "onnxsim", "onnxsim", ("onnxsim", "IN", "OUT")),
     Tool("onnxslim", "onnxslim", "onnxslim", "onnxslim", ("onnxslim", "IN", "OUT")),
     Tool("onnxoptimizer", "onnxoptimizer", "onnxoptimizer", "onnxoptimizer",
@@ -307,11 +311,19 @@ def summary(results: list[ModelResult], tools: list[Tool]) -> list[str]:
                   if r.runs["onnxopt"].status == "ok" and r.runs["onnxslim"].status == "ok"]
         lines.append(f"Median over {len(ratios)} models of onnxopt time / onnxslim time: "
                      + (f"{statistics.median(ratios):.2f}" if ratios else "n/a"))
-    if "onnxopt" in names and len(names) > 1:
+    if {"onnxopt", "onnxopt-unchecked"} <= names:
+        ratios = [r.runs["onnxopt"].median_seconds / r.runs["onnxopt-unchecked"].median_seconds
+                  for r in results if r.runs["onnxopt"].status == "ok"
+                  and r.runs["onnxopt-unchecked"].status == "ok"]
+        lines.append(f"Median over {len(ratios)} models of onnxopt time / onnxopt --no-validate "
+                     "time (cost of the safety net): "
+                     + (f"{statistics.median(ratios):.2f}" if ratios else "n/a"))
+    if "onnxopt" in names and len(names - {"onnxopt-unchecked"}) > 1:
         above = []
         for result in results:
             ours = result.runs["onnxopt"]
-            peers = [run for name, run in result.runs.items() if name != "onnxopt" and run.passed]
+            peers = [run for name, run in result.runs.items()
+                     if not name.startswith("onnxopt") and run.passed]
             if not peers:
                 continue
             best = min(peers, key=lambda run: run.total_nodes)
