@@ -251,7 +251,9 @@ def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None
             else None
     except (KeyError, TypeError, ValueError):
         dtype = None
-    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim) \
+    # a dim_param, or a negative dim_value some exporters write for a dynamic dim: unknown
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                  for d in tt.shape.dim) \
         if tt.HasField("shape") else None
     return dtype, shape
 

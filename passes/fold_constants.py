@@ -1,9 +1,33 @@
 """Constant folding: evaluate nodes whose inputs are all known, store their outputs as initializers.
 
-A node is foldable when every input is an initializer (or an omitted optional input) and the op is
-deterministic; ``Shape`` and ``Size`` are also foldable when their input's shape is fully static
-according to ``passes._util.TensorTypes`` (ONNX shape inference from the graph's inputs and
-initializers only), in the main graph and in If/Loop/Scan bodies alike.
+A node is folded when every input is an initializer (or an omitted optional input) and the op is
+deterministic, or when its outputs are known element by element from *partial values* (below),
+in the main graph and in If/Loop/Scan bodies alike.
+
+Partial values. Shape computations (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``) are often
+constant although the tensor they start from has dynamic dims: for ``state[2, batch, 128]``,
+``Gather(Shape(state), [0])`` is ``[2]``. Each small tensor is given a value array and a mask of
+the elements known, derived only from initializers, from the shapes ``passes._util.TensorTypes``
+infers (ONNX shape inference from the graph inputs, initializers and ops; a dim_param or a
+negative declared dim is unknown) and from op semantics:
+
+- ``Shape(x)[start:end]``: element i is dim ``start + i`` of ``x`` when that dim is static (the
+  rank must be known); ``Size(x)``: known when every dim is static;
+- data movement -- Identity, Gather, Slice, Squeeze, Unsqueeze, Reshape, Flatten, Concat,
+  Transpose, Expand, Tile -- with every other input known: each output element is a copy of one
+  data element. The op is run in onnxruntime on *element indices* (data input k replaced by
+  ``offset_k + arange``), which yields, for each output element, the data element it copies, so
+  its value and its known-flag follow, with the op's exact semantics (negative indices, clamped
+  slice bounds, broadcasting);
+- elementwise ops (Cast, arithmetic, comparisons, logic, Where, Min/Max, ...): an output element
+  is known when the elements it is computed from are all known (the input masks broadcast to the
+  output shape); values are computed by onnxruntime with 1 in place of unknown elements, which
+  affects only unknown outputs.
+
+A tensor with a static shape but no other information enters as all-unknown (so
+``Concat([batch], [128])`` is ``[?, 128]``). A node all of whose outputs are fully known is
+replaced by initializers. Partial values are tracked for tensors of at most
+``_PARTIAL_ELEMENTS`` elements.
 
 Values are computed by onnxruntime, one node at a time, so the result is what the runtime would have
 computed. A result of ``ctx.fold_size_limit`` bytes (1 MiB by default) or more is materialized only
@@ -18,6 +42,8 @@ storage format), nodes with subgraphs, and ops of non-default domains.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -26,25 +52,60 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import NONDETERMINISTIC_OPS, TensorTypes, is_default_domain, nbytes
+from passes._util import NONDETERMINISTIC_OPS, TensorTypes, fresh_name, is_default_domain, nbytes
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
+#: Largest tensor (in elements) whose partial value is tracked: shape computations are tiny.
+_PARTIAL_ELEMENTS = 64
 
-def _evaluate(node: gs.Node, graph: gs.Graph) -> list[np.ndarray]:
-    """Run one node in onnxruntime with its constant inputs and return its outputs."""
+#: Ops each output element of which is a copy of one element of the data inputs, and the indices
+#: of those data inputs (None: every input).
+_MOVEMENT_OPS = {"Identity": (0,), "Gather": (0,), "Slice": (0,), "Squeeze": (0,),
+                 "Unsqueeze": (0,), "Reshape": (0,), "Flatten": (0,), "Concat": None,
+                 "Transpose": (0,), "Expand": (0,), "Tile": (0,)}
+
+_ELEMENTWISE_OPS = frozenset({
+    "Cast", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Sign", "Floor", "Ceil", "Equal",
+    "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor", "Max", "Min",
+    "Where"})
+
+
+@dataclass
+class _Partial:
+    """A tensor's value where ``known``; other elements hold a placeholder. ``origin`` names, for
+    an unknown element copied from a shape, the dim it is (see ``_PartialValues.dim_symbol``),
+    else -1."""
+    values: np.ndarray
+    known: np.ndarray
+    origin: np.ndarray | None = None
+
+    def origins(self) -> np.ndarray:
+        return np.full(self.values.shape, -1, np.int64) if self.origin is None else self.origin
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.known.all())
+
+
+def _evaluate(node: gs.Node, graph: gs.Graph, values: list[np.ndarray | None] | None = None
+              ) -> list[np.ndarray]:
+    """Run one node in onnxruntime and return its outputs. Its inputs are ``values`` (one per
+    input slot, None for an omitted one), by default the values of its constant inputs."""
+    if values is None:
+        values = [None if t.is_empty() else np.asarray(t.values) for t in node.inputs]
     proto = OnnxExporter.export_node(node)
     inputs, feeds = [], {}
-    for t in node.inputs:
-        if t.is_empty():
+    for i, value in enumerate(values):
+        if value is None:
+            proto.input[i] = ""
             continue
-        value = np.asarray(t.values)
-        if t.name not in feeds:
-            inputs.append(onnx.helper.make_tensor_value_info(
-                t.name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
-        feeds[t.name] = value
-    outputs = [onnx.helper.make_empty_tensor_value_info(t.name) for t in node.outputs
-               if not t.is_empty()]
+        # one name per slot: the same tensor may fill several slots with different index arrays
+        proto.input[i] = name = f"in{i}"
+        inputs.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+        feeds[name] = value
+    outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in proto.output if name]
     model = onnx.helper.make_model(
         onnx.helper.make_graph([proto], "fold", inputs, outputs),
         opset_imports=list(graph.import_domains or [onnx.helper.make_opsetid("", graph.opset)]))
@@ -56,27 +117,155 @@ def _evaluate(node: gs.Node, graph: gs.Graph) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
+class _PartialValues:
+    """Partial values of the tensors of a graph and its subgraphs, filled in node order."""
+
+    def __init__(self, types: TensorTypes):
+        self._types = types
+        self._known: dict[int, _Partial] = {}
+        self._symbols: dict[tuple[int, int], int] = {}
+
+    def dim_symbol(self, t: gs.Tensor, axis: int) -> int:
+        """A number standing for dim ``axis`` of ``t`` (the same for the same dim)."""
+        return self._symbols.setdefault((id(t), axis), len(self._symbols))
+
+    def set(self, t: gs.Tensor, value: np.ndarray) -> None:
+        self._known[id(t)] = _Partial(value, np.ones(value.shape, bool))
+
+    def get(self, t: gs.Tensor) -> _Partial | None:
+        if t.is_empty():
+            return None
+        if id(t) in self._known:
+            return self._known[id(t)]
+        if isinstance(t, gs.Constant):
+            if not isinstance(t.values, np.ndarray) or t.values.size > _PARTIAL_ELEMENTS:
+                return None
+            value = np.asarray(t.values)
+            return _Partial(value, np.ones(value.shape, bool))
+        shape, dtype = self._types.static_shape(t), self._types.dtype(t)
+        if shape is None or dtype is None or int(np.prod(shape)) > _PARTIAL_ELEMENTS:
+            return None
+        return _Partial(np.ones(shape, dtype), np.zeros(shape, bool))
+
+    def propagate(self, node: gs.Node, graph: gs.Graph) -> list[_Partial] | None:
+        """The partial values of the outputs of ``node`` (recorded), or None."""
+        outs = self._compute(node, graph)
+        if outs is None or len(outs) != len(node.outputs) \
+                or any(p.values.size > _PARTIAL_ELEMENTS for p in outs):
+            return None
+        for t, p in zip(node.outputs, outs):
+            self._known[id(t)] = p
+        return outs
+
+    def _compute(self, node: gs.Node, graph: gs.Graph) -> list[_Partial] | None:
+        if not is_default_domain(node) or not node.inputs:
+            return None
+        if node.op in ("Shape", "Size"):
+            p = self._shape(node)
+            return None if p is None else [p]
+        if node.op not in _MOVEMENT_OPS and node.op not in _ELEMENTWISE_OPS:
+            return None
+        if node.op in ("Expand", "Tile"):  # the only movements that can grow: size them first
+            shape = self._types.static_shape(node.outputs[0])
+            if shape is None or int(np.prod(shape)) > _PARTIAL_ELEMENTS:
+                return None
+        partials = [self.get(t) for t in node.inputs]
+        if any(p is None for p, t in zip(partials, node.inputs) if not t.is_empty()):
+            return None
+        if node.op in _ELEMENTWISE_OPS:
+            return self._elementwise(node, graph, partials)
+        return self._movement(node, graph, partials)
+
+    def _shape(self, node: gs.Node) -> _Partial:
+        shape = self._types.shape(node.inputs[0])
+        if shape is None:
+            return (_Partial(np.ones((), np.int64), np.zeros((), bool)) if node.op == "Size"
+                    else None)
+        if node.op == "Size":
+            known = all(d is not None for d in shape)
+            return _Partial(np.array(np.prod(shape) if known else 1, np.int64), np.array(known))
+        axes = range(len(shape))[node.attrs.get("start", 0):node.attrs.get("end", len(shape))]
+        x = node.inputs[0]
+        return _Partial(np.array([1 if shape[a] is None else shape[a] for a in axes], np.int64),
+                        np.array([shape[a] is not None for a in axes], bool),
+                        np.array([-1 if shape[a] is not None else self.dim_symbol(x, a)
+                                  for a in axes], np.int64))
+
+    @staticmethod
+    def _movement(node, graph, partials) -> list[_Partial] | None:
+        data = _MOVEMENT_OPS[node.op] or range(len(partials))
+        feeds, flat_values, flat_known, flat_origin, offset = [], [], [], [], 0
+        for i, p in enumerate(partials):
+            if p is None:
+                feeds.append(None)
+            elif i in data:
+                feeds.append(offset + np.arange(p.values.size, dtype=np.int64).reshape(
+                    p.values.shape))
+                flat_values.append(p.values.ravel())
+                flat_known.append(p.known.ravel())
+                flat_origin.append(p.origins().ravel())
+                offset += p.values.size
+            elif not p.complete:
+                return None  # an unknown index, axis or shape: the movement itself is unknown
+            else:
+                feeds.append(p.values)
+        if len({v.dtype for v in flat_values}) != 1:
+            return None
+        try:
+            (picked,) = _evaluate(node, graph, feeds)
+        except Exception:  # noqa: BLE001 -- onnxruntime rejects the node: nothing known
+            return None
+        values, known = np.concatenate(flat_values), np.concatenate(flat_known)
+        return [_Partial(values[picked], known[picked], np.concatenate(flat_origin)[picked])]
+
+    @staticmethod
+    def _elementwise(node, graph, partials) -> list[_Partial] | None:
+        present = [p for p in partials if p is not None]
+        try:
+            known = np.logical_and.reduce(np.broadcast_arrays(*[p.known for p in present]))
+            feeds = [None if p is None else np.where(p.known, p.values, np.ones((), p.values.dtype))
+                     for p in partials]
+            (values,) = _evaluate(node, graph, feeds)
+        except Exception:  # noqa: BLE001 -- shapes do not broadcast, or onnxruntime rejects it
+            return None
+        if not isinstance(values, np.ndarray) or values.shape != known.shape:
+            return None
+        return [_Partial(values, known)]
+
+
 @register
 class FoldConstants(Pass):
     name = "fold_constants"
-    description = "Evaluate nodes whose inputs are all constant (and Shape of static shapes)."
+    description = ("Evaluate nodes whose inputs are all constant, and shape computations whose "
+                   "dims are static.")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         types = TensorTypes(graph, ctx.template)
-        folded = refused_size = failed = 0
+        partial = _PartialValues(types)
+        folded = refused_size = failed = reshapes = 0
         for g in iter_graphs(graph):
             outputs = {id(t) for t in g.outputs}
             for node in list(g.nodes):
-                if not self._foldable(node, types):
+                if not self._foldable(node):
                     continue
-                if node.op in ("Shape", "Size") and not isinstance(node.inputs[0], gs.Constant):
-                    values = [self._shape_value(node, types.static_shape(node.inputs[0]))]
-                else:
+                if node.op == "Reshape" and len(node.inputs) == 2 \
+                        and not isinstance(node.inputs[1], gs.Constant):
+                    shape = self._reshape_shape(node, partial)
+                    if shape is not None:
+                        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name), shape)
+                        reshapes += 1
+                real = [t for t in node.inputs if not t.is_empty()]
+                if real and all(isinstance(t, gs.Constant) for t in real):
                     try:
                         values = _evaluate(node, g)
                     except Exception:  # onnxruntime rejects the node: leave it to the runtime
                         failed += 1
                         continue
+                else:
+                    known = partial.propagate(node, g)
+                    if known is None or not all(p.complete for p in known):
+                        continue
+                    values = [p.values for p in known]
                 if not all(isinstance(v, np.ndarray) for v in values):
                     continue  # a sequence or optional value: not an initializer
                 # Only initializers this node alone reads disappear with it.
@@ -91,6 +280,7 @@ class FoldConstants(Pass):
                 if any(id(t) in outputs for t in live):
                     if len(live) != 1:
                         continue
+                    partial.set(live[0], np.asarray(values[0]))
                     node.op, node.domain = "Constant", None
                     node.attrs = {"value": gs.Constant(live[0].name + "__value", values[0])}
                     node.inputs.clear()
@@ -103,29 +293,42 @@ class FoldConstants(Pass):
                 folded += 1
             g.nodes = [n for n in g.nodes if n.outputs]
         stats = {"nodes_folded": folded}
+        if reshapes:
+            stats["reshape_shapes_made_constant"] = reshapes
         if refused_size:
             stats["refused_over_size_limit"] = refused_size
         if failed:
             stats["evaluation_failed"] = failed
-        return PassResult(folded > 0, stats)
+        return PassResult(folded + reshapes > 0, stats)
 
     @staticmethod
-    def _foldable(node: gs.Node, types: TensorTypes) -> bool:
+    def _foldable(node: gs.Node) -> bool:
         if not is_default_domain(node) or node.op in _NEVER_FOLD or node.op == "Constant":
             return False
-        if any(True for _ in node.subgraphs()) or not node.outputs:
-            return False
-        if node.op in ("Shape", "Size") and node.inputs \
-                and types.static_shape(node.inputs[0]) is not None:
-            return True
-        real = [t for t in node.inputs if not t.is_empty()]
-        return bool(real) and all(isinstance(t, gs.Constant) for t in real)
+        return not any(True for _ in node.subgraphs()) and bool(node.outputs)
 
     @staticmethod
-    def _shape_value(node: gs.Node, shape: tuple[int, ...]) -> np.ndarray:
-        if node.op == "Size":
-            return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
-        rank = len(shape)
-        start = node.attrs.get("start", 0)
-        end = node.attrs.get("end", rank)
-        return np.array(shape, dtype=np.int64)[slice(start, end)]
+    def _reshape_shape(node: gs.Node, partial: _PartialValues) -> np.ndarray | None:
+        """A constant shape for ``Reshape(data, shape)`` equivalent to the computed ``shape``, or
+        None. Unknown element j that is dim j of ``data`` itself becomes 0 ("copy the input's
+        dim", allowzero=0 only); one remaining unknown element becomes -1 when every other
+        element is a known positive number, since -1 is then inferred as
+        ``size(data) / prod(others)``, which is the element's value."""
+        shape = partial.get(node.inputs[1])
+        if shape is None or shape.values.ndim != 1 or shape.values.dtype != np.int64:
+            return None
+        values, known = shape.values.copy(), shape.known.copy()
+        if not node.attrs.get("allowzero", 0):
+            origin = shape.origins()
+            for j in np.flatnonzero(~known):
+                if origin[j] == partial.dim_symbol(node.inputs[0], int(j)):
+                    values[j], known[j] = 0, True
+        unknown = np.flatnonzero(~known)
+        if len(unknown) == 1:
+            others = np.arange(len(values)) != unknown[0]
+            if not (shape.known[others].all() and (shape.values[others] > 0).all()):
+                return None
+            values[unknown[0]] = -1
+        elif len(unknown) > 1:
+            return None
+        return values

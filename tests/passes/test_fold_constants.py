@@ -63,11 +63,88 @@ def test_folds_shape_and_size_of_a_static_input():
 
 
 def test_shape_of_a_dynamic_input_is_not_folded():
-    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Expand", ["x", "s"], ["y"])]
     model = make_model(nodes, [("x", np.float32, ["batch", 3])], [("y", np.float32, ["batch", 3])])
     out, _ = run_passes(model, FOLD)
-    assert ops(out) == ["Shape", "Reshape"]
+    assert ops(out) == ["Shape", "Expand"]
     assert_same_outputs(model, out, [{"x": np.ones((5, 3), np.float32)}])
+
+
+def _batch_feeds(model, batches=(1, 3)):
+    """Feeds of every input with each of ``batches`` for its dynamic dims."""
+    feeds = []
+    for b in batches:
+        feed = {}
+        for i in model.graph.input:
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else b
+                    for d in i.type.tensor_type.shape.dim]
+            feed[i.name] = np.random.default_rng(b).random(dims).astype(np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def test_static_dims_of_a_dynamic_shape_are_folded():
+    """``state[2, batch, 128]``: dim 0 (Gather), dims 2: (Shape start) and the rank (Size of the
+    Shape) are constants, dim 1 is not; a condition on dim 0 inlines its If (silero-vad)."""
+    then_g = make_branch([helper.make_node("Neg", ["x"], ["t_out"])], [("t_out", np.float32, [2, "batch", 128])])
+    else_g = make_branch([helper.make_node("Abs", ["x"], ["e_out"])], [("e_out", np.float32, [2, "batch", 128])])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             helper.make_node("Squeeze", ["d0", "i0"], ["d0s"]),
+             helper.make_node("Equal", ["d0s", "two"], ["is2"]),
+             helper.make_node("If", ["is2"], ["y"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Gather", ["s", "i1"], ["d1"], axis=0),
+             helper.make_node("Shape", ["x"], ["tail"], start=-1),
+             helper.make_node("Size", ["s"], ["rank"]),
+             helper.make_node("Slice", ["s", "i0", "i1", "i0"], ["head"]),
+             helper.make_node("Concat", ["head", "d1", "tail"], ["dims"], axis=0)]
+    model = make_model(nodes, [("x", np.float32, [2, "batch", 128])],
+                       [("y", np.float32, [2, "batch", 128]), ("dims", np.int64, [3]), ("rank", np.int64, [])],
+                       {"i0": np.array([0], np.int64), "i1": np.array([1], np.int64),
+                        "two": np.array(2, np.int64)})
+    out, _ = run_passes(model, ["fold_constants", "inline_if", "eliminate_dead"])
+    assert sorted(ops(out)) == ["Concat", "Constant", "Gather", "Neg", "Shape"]
+    assert_same_outputs(model, out, _batch_feeds(model))
+
+
+@pytest.mark.parametrize("dim", ["batch", -1])
+def test_a_dynamic_dim_is_never_folded(dim):
+    """A dim_param, and the -1 some exporters declare for a dynamic dim, are unknown."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             helper.make_node("Size", ["x"], ["n"])]
+    model = make_model(nodes, [("x", np.float32, [dim, 3])],
+                       [("d0", np.int64, [1]), ("n", np.int64, [])],
+                       {"i0": np.array([0], np.int64)}, check=False)
+    out, _ = run_passes(model, FOLD)
+    assert sorted(ops(out)) == ["Gather", "Shape", "Size"]
+    assert_same_outputs(model, out, _batch_feeds(model))
+
+
+def test_reshape_shape_with_dims_of_its_data_becomes_constant():
+    """``Reshape(x, [dim 0 of x, 12])`` -> ``Reshape(x, [0, 12])`` (0 copies the dim);
+    ``Reshape(z, [dim 0 of x, 12])`` -> ``Reshape(z, [-1, 12])`` (the one unknown is inferred);
+    two unknowns of another tensor stay computed."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             helper.make_node("Concat", ["d0", "twelve"], ["s2"], axis=0),
+             helper.make_node("Reshape", ["x", "s2"], ["y"]),
+             helper.make_node("Reshape", ["z", "s2"], ["y2"]),
+             helper.make_node("Concat", ["d0", "d0", "six"], ["s3"], axis=0),
+             helper.make_node("Reshape", ["w", "s3"], ["y3"])]
+    model = make_model(nodes, [("x", np.float32, ["b", 3, 4]), ("z", np.float32, ["b", 12]),
+                               ("w", np.float32, ["b", "b", 6])],
+                       [("y", np.float32, ["b", 12]), ("y2", np.float32, ["b", 12]),
+                        ("y3", np.float32, ["b", "b", 6])],
+                       {"i0": np.array([0], np.int64), "twelve": np.array([12], np.int64),
+                        "six": np.array([6], np.int64)})
+    out, records = run_passes(model, FOLD)
+    assert records[0].stats["reshape_shapes_made_constant"] == 2
+    shapes = {n.output[0]: initializers(out).get(n.input[1]) for n in out.graph.node
+              if n.op_type == "Reshape"}
+    assert shapes["y"].tolist() == [0, 12] and shapes["y2"].tolist() == [-1, 12]
+    assert shapes["y3"] is None
+    assert_same_outputs(model, out, _batch_feeds(model))
 
 
 def test_folds_multi_output_nodes():
