@@ -249,8 +249,31 @@ def _refuse_overwriting(inputs: list[str], outputs: list[str | None]) -> None:
                 raise UsageError(f"{out}: refusing to overwrite the input {inp}")
 
 
+def _check_output_path(path: str | None, what: str) -> None:
+    """Raise UsageError unless ``path`` can be written as a file (checked before any work)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{path}: is a directory; the {what} needs a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UsageError(f"{path}: {ancestor} is not a directory")
+            break
+
+
 def _cmd_optimize(args, console: Console) -> int:
-    _refuse_overwriting([args.model], [args.output, args.report])
+    if args.max_iterations < 1:
+        raise UsageError(f"--max-iterations must be at least 1, got {args.max_iterations}")
+    if args.fold_size_limit < 0:
+        raise UsageError(f"--fold-size-limit must not be negative, got {args.fold_size_limit}")
+    protected = [args.model, *map(str, io.external_data_files(args.model))]
+    output_data = f"{args.output}.data"
+    _refuse_overwriting(protected, [args.output, output_data, args.report])
+    _check_output_path(args.output, "optimized model")
+    _check_output_path(args.report, "report")
     if args.report and Path(args.report).resolve() == Path(args.output).resolve():
         raise UsageError(f"{args.report}: the report and the model output are the same file")
     write_report = _report_writer(args.report)
@@ -270,7 +293,7 @@ def _cmd_optimize(args, console: Console) -> int:
         with _progress(f"writing {args.output}", args.quiet):
             io.save_model(model, args.output,
                           external_data=True if args.external_data else None,
-                          protect=(args.model,))
+                          protect=tuple(protected))
         report.output = args.output
         report.after.file_bytes = Path(args.output).stat().st_size
     report.before.file_bytes = Path(args.model).stat().st_size
@@ -289,7 +312,8 @@ def _cmd_optimize(args, console: Console) -> int:
     console.print(_verdict_line(report))
     if not passed:
         if not args.quiet:
-            console.print(f"output {'written anyway (--keep-invalid)' if args.keep_invalid else 'not written'}: {args.output}")
+            fate = "written anyway (--keep-invalid)" if args.keep_invalid else "not written"
+            console.print(f"output {fate}: {args.output}")
         return ValidationFailed.exit_code
     if not args.quiet:
         console.print(f"wrote {args.output}")

@@ -93,6 +93,24 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     return model
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files a model file refers to (resolved against its folder); [] when the
+    file cannot be read as a model."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 -- not a model: it has no data files to protect
+        return []
+    files = {external_data_helper.ExternalDataInfo(t).location for t in _external_tensors(model)}
+    return [path.parent / f for f in sorted(files) if f]
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -115,7 +133,8 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
         path: target ``.onnx`` file. With external data, tensors go to ``<name>.data`` beside it.
         external_data: True to always store tensors of 1 KiB or more outside the protobuf, False to
             never, None (default) to do so only when the model exceeds the 2 GiB protobuf limit.
-        protect: files that must not be overwritten (the input model).
+        protect: files that must not be overwritten (the input model and its external data:
+            see :func:`external_data_files`).
 
     Returns:
         The files written.
@@ -143,19 +162,25 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            onnx.save_model(copy, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_path.name,
-                            size_threshold=1024)
+            # Marked by hand: onnx's own conversion refuses when a file named like the data file
+            # exists in the *current* directory, whatever the target folder.
+            for tensor in external_data_helper._get_initializer_tensors(copy):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    external_data_helper.set_external_data(tensor, data_path.name)
+            onnx.save_model(copy, str(tmp_model))
             written = [path]
-            if (tmp_dir / data_path.name).exists():
-                os.replace(tmp_dir / data_path.name, data_path)
-                written.append(data_path)
         else:
             with open(tmp_model, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
             written = [path]
+        for f in (tmp_model, tmp_dir / data_path.name):
+            if f.exists():
+                os.chmod(f, 0o666 & ~_umask())  # mkstemp-style 0600 is not for a model file
+        if (tmp_dir / data_path.name).exists():
+            os.replace(tmp_dir / data_path.name, data_path)
+            written.append(data_path)
         os.replace(tmp_model, path)
         return written
     finally:

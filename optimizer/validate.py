@@ -8,7 +8,8 @@ Metrics per output (reference ``r``, candidate ``c``, both flattened to float64)
 * ``snr_db`` = 10 log10(sum r^2 / sum (c - r)^2) (infinite when equal).
 
 A lossless result passes when names, order, dtypes and shapes match and, for every output,
-``max_abs <= atol + rtol * (max(r) - min(r))`` (NaN in the same places). A lossy result (pruned or
+``max_abs <= atol + rtol * (max(r) - min(r))`` (NaN in the same places); integer and boolean
+outputs must be equal. A lossy result (pruned or
 quantized model) passes when shapes and dtypes match and ``cosine >= max_drift``. Several feeds are
 all run; each metric keeps its worst value over the feeds.
 """
@@ -234,7 +235,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
             m.mean_abs = max(m.mean_abs, s["mean_abs"])
             m.cosine = min(m.cosine, s["cosine"])
             m.snr_db = min(m.snr_db, s["snr_db"])
-            tol = atol + rtol * s["range"]
+            # integers and booleans are exact: a lossless rewrite never changes one
+            tol = 0.0 if r.dtype.kind in "biu" else atol + rtol * s["range"]
             m.tolerance = tol if not m.tolerance else min(m.tolerance, tol)
             if s["nan_mismatch"]:
                 m.passed, m.reason = False, "NaN or infinities in different places"

@@ -285,7 +285,58 @@ def _infer_types(graph: gs.Graph, template: onnx.ModelProto
             if loop_body and vi.name in inputs:
                 shape = None
             types[id(t)] = (t, dtype, shape)
+    _forget_disputed_shapes(graph, types)
     return types
+
+
+def _disputed(node: gs.Node) -> bool:
+    """Whether ONNX shape inference is known to disagree with onnxruntime on ``node``'s output
+    shape (onnx 1.23 vs onnxruntime 1.32): pooling with ``ceil_mode`` (onnxruntime drops a last
+    window that starts in the padding), ``auto_pad`` SAME on pooling and convolutions,
+    ConvTranspose (``output_padding`` and SAME), Resize/Upsample (rounding of scaled sizes), and
+    Slice with a negative or non-constant step (clamping of huge ends)."""
+    op, attrs = node.op, node.attrs
+    if node.domain not in (None, "", "ai.onnx"):
+        return False  # inference knows nothing of it: no shape to dispute
+    if op in ("ConvTranspose", "Resize", "Upsample"):
+        return True
+    if op in ("MaxPool", "AveragePool", "LpPool", "Conv", "ConvInteger", "QLinearConv"):
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        return bool(attrs.get("ceil_mode", 0)) or auto_pad not in ("NOTSET", "VALID")
+    if op == "Slice":
+        if "steps" in attrs or len(node.inputs) < 5 or node.inputs[4].is_empty():
+            return False
+        steps = constant_value(node.inputs[4])
+        return steps is None or bool((np.asarray(steps) < 0).any())
+    return False
+
+
+def _forget_disputed_shapes(graph: gs.Graph, types: dict[int, tuple]) -> None:
+    """Drop the inferred shape (keep the dtype) of every tensor computed from a node whose shape
+    inference is disputed (:func:`_disputed`), and of everything downstream of it: a shape that
+    may be wrong must never be folded into a constant. Graphs are visited outer first, so a
+    subgraph sees its outer-scope values already settled."""
+    doubtful: set[int] = set()
+    for g in iter_graphs(graph):
+        g.toposort(recurse_subgraphs=False)
+        for node in g.nodes:
+            if _disputed(node) or any(id(t) in doubtful for t in node.inputs):
+                for t in node.outputs:
+                    doubtful.add(id(t))
+                    if id(t) in types:
+                        entry = types[id(t)]
+                        types[id(t)] = (entry[0], entry[1], None)
+            for sub in node.subgraphs():
+                # a subgraph reading a doubtful outer value: its own results are doubtful too
+                if any(id(t) in doubtful for t in _outer_reads(sub)):
+                    doubtful.update(id(t) for t in sub.inputs)
+
+
+def _outer_reads(sub: gs.Graph) -> list[gs.Tensor]:
+    local = {id(t) for n in sub.nodes for t in n.outputs} | {id(t) for t in sub.inputs}
+    return [t for g in iter_graphs(sub) for n in g.nodes for t in n.inputs
+            if id(t) not in local and not isinstance(t, gs.Constant)]
 
 
 class TensorTypes:
@@ -297,7 +348,9 @@ class TensorTypes:
     declared graph output shapes are ignored (real exports sometimes declare them wrongly), and
     so are the declared shapes of subgraph inputs. Inside a Loop body no shape is derived from a
     loop-carried value's shape (it may change from one iteration to the next); the inputs of a
-    Loop or Scan body have no shape (see ``_InferenceModel``). Results are keyed by tensor object, so a subgraph tensor never takes another scope's result;
+    Loop or Scan body have no shape (see ``_InferenceModel``). Where ONNX inference is known to
+    disagree with onnxruntime (``_disputed``), the shapes it derives are dropped, downstream too.
+    Results are keyed by tensor object, so a subgraph tensor never takes another scope's result;
     tensors created after inference are unknown. Inference is best effort: a model it rejects
     yields only the initializers.
 

@@ -12,8 +12,9 @@ The rewrite: the first Cast is bypassed (the region reads the int64 shape), the 
 are renamed (their dtype changes, so a name would otherwise stand for two different values), int32
 initializers the region concatenates become int64 copies, and the closing Casts to int64 are
 bypassed. It applies
-only when every tensor the region produces is read by region ops or by ``Cast(to=int64)``, never
-by anything else or as a graph output (their dtype would change). Main graph and subgraphs alike.
+only when every tensor the region produces is read by region ops or by ``Cast(to=int64)`` of the
+same graph, never by anything else, from a subgraph, or as a graph output (their dtype would
+change). Main graph and subgraphs alike.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _is_cast(node: gs.Node, to: int) -> bool:
     return node.op == "Cast" and is_default_domain(node) and node.attrs.get("to") == to
 
 
-def _region(seed: gs.Node, graph_outputs: set[int]) -> tuple[list, list, list] | str:
+def _region(seed: gs.Node, graph: gs.Graph, graph_outputs: set[int]
+            ) -> tuple[list, list, list] | str:
     """The nodes between ``seed`` (a Cast to int32 of a Shape) and the Casts back to int64.
 
     Returns:
@@ -54,6 +56,8 @@ def _region(seed: gs.Node, graph_outputs: set[int]) -> tuple[list, list, list] |
         if id(t) in graph_outputs:
             return "int32 tensor is a graph output"
         for node in t.outputs:
+            if not any(node is n for n in graph.nodes):
+                return "int32 tensor read in another graph"
             if _is_cast(node, _INT64):
                 closing.append(node)
                 continue
@@ -93,7 +97,7 @@ class ElideShapeCasts(Pass):
                 producer = seed.inputs[0].inputs[0] if seed.inputs[0].inputs else None
                 if producer is None or producer.op not in ("Shape", "Size"):
                     continue
-                region = _region(seed, graph_outputs)
+                region = _region(seed, g, graph_outputs)
                 if isinstance(region, str):
                     refused[region] += 1
                     continue

@@ -1,0 +1,143 @@
+"""Regressions found by trying to break onnxopt: each model once came out wrong, invalid, or with
+the wrong exit code. Every check compares with onnxruntime on the original model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+import optimizer
+from optimizer.cli import main
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = oh.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model, feed):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def _vi(name, dtype, shape):
+    return oh.make_tensor_value_info(name, dtype, shape)
+
+
+def _assert_same(model, feed, **kwargs):
+    optimized, report = optimizer.optimize(model, inputs=feed, **kwargs)
+    assert report.validation.passed and not report.rolled_back
+    for a, b in zip(_run(model, feed), _run(optimized, feed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    return optimized
+
+
+def test_shape_after_slice_with_negative_step_is_not_folded():
+    """ONNX inference says a reversed Slice to INT_MAX is empty; onnxruntime gives 1 element."""
+    inits = [nh.from_array(np.array([0]), "s"), nh.from_array(np.array([2**31 - 1]), "e"),
+             nh.from_array(np.array([0]), "a"), nh.from_array(np.array([-2]), "p"),
+             nh.from_array(np.array([1e5], np.float32), "big")]
+    nodes = [oh.make_node("Slice", ["x", "s", "e", "a", "p"], ["sl"]),
+             oh.make_node("Shape", ["sl"], ["shp"]),
+             oh.make_node("Cast", ["shp"], ["n"], to=TP.FLOAT),
+             oh.make_node("Add", ["x", "n"], ["xn"]),
+             oh.make_node("Concat", ["xn", "big"], ["y"], axis=0)]
+    model = _model(nodes, [_vi("x", TP.FLOAT, [3])], [_vi("y", TP.FLOAT, [4])], inits)
+    optimized = _assert_same(model, {"x": np.array([0.1, 0.2, 0.3], np.float32)})
+    assert "Shape" in {n.op_type for n in optimized.graph.node}
+
+
+@pytest.mark.parametrize("pool", [
+    oh.make_node("MaxPool", ["x"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                 ceil_mode=1),
+    oh.make_node("Resize", ["x", "", "scales"], ["p"], mode="nearest"),
+])
+def test_shape_after_disputed_shape_inference_is_not_folded(pool):
+    """After ceil_mode pooling and Resize, onnx 1.23's inferred size differs from onnxruntime's."""
+    inits = [nh.from_array(np.array([1, 1, 0.7, 0.7], np.float32), "scales")]
+    nodes = [pool, oh.make_node("Shape", ["p"], ["s"]),
+             oh.make_node("Cast", ["s"], ["y"], to=TP.INT64)]
+    model = _model(nodes, [_vi("x", TP.FLOAT, [1, 1, 10, 10])], [_vi("y", TP.INT64, [4])], inits)
+    _assert_same(model, {"x": np.random.default_rng(0).random((1, 1, 10, 10), np.float32)})
+
+
+def test_integer_outputs_must_be_equal_in_lossless_mode():
+    """A range-relative tolerance must not let an index be off by one."""
+    nodes = [oh.make_node("Add", ["x", "one"], ["y"])]
+    model = _model(nodes, [_vi("x", TP.INT64, [3])], [_vi("y", TP.INT64, [3])],
+                   [nh.from_array(np.array(1, np.int64), "one")])
+    wrong = _model(nodes, [_vi("x", TP.INT64, [3])], [_vi("y", TP.INT64, [3])],
+                   [nh.from_array(np.array(2, np.int64), "one")])
+    feed = {"x": np.array([0, 10_000, 20_000], np.int64)}
+    result = optimizer.api.compare_models(model, wrong, [feed])
+    assert not result.passed
+
+
+def test_shape_cast_round_trip_closed_in_a_branch_is_left_alone():
+    then = oh.make_graph([oh.make_node("Cast", ["s32"], ["s64"], to=TP.INT64)], "then", [],
+                         [_vi("s64", TP.INT64, None)])
+    other = oh.make_graph([oh.make_node("Identity", ["s"], ["e2"])], "else", [],
+                          [_vi("e2", TP.INT64, None)])
+    nodes = [oh.make_node("Shape", ["x"], ["s"]),
+             oh.make_node("Cast", ["s"], ["s32"], to=TP.INT32),
+             oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    model = _model(nodes, [_vi("x", TP.FLOAT, ["N", 3]), _vi("c", TP.BOOL, [])],
+                   [_vi("y", TP.INT64, None)])
+    _assert_same(model, {"x": np.ones((2, 3), np.float32), "c": np.array(True)})
+
+
+@pytest.fixture
+def external_model(tmp_path):
+    """A model whose 4 KiB weight lives in weights.bin beside it."""
+    w = np.arange(1024, dtype=np.float32)
+    model = _model([oh.make_node("Add", ["x", "w"], ["y"])], [_vi("x", TP.FLOAT, [1024])],
+                   [_vi("y", TP.FLOAT, [1024])], [nh.from_array(w, "w")])
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    return path
+
+
+def test_input_external_data_is_never_overwritten(external_model, tmp_path, capsys):
+    data = external_model.parent / "weights.bin"
+    before = data.read_bytes()
+    assert main(["optimize", str(external_model), "-o", str(data), "--no-validate"]) == 2
+    # an output whose own data file would be the input's data file
+    named = tmp_path / "out.onnx.data"
+    data.rename(named)
+    model = onnx.load(str(external_model), load_external_data=False)
+    model.graph.initializer[0].external_data[0].value = named.name
+    onnx.save_model(model, str(external_model))
+    assert main(["optimize", str(external_model), "-o", str(tmp_path / "out.onnx"),
+                 "--external-data", "--prune-threshold", "100", "--no-validate"]) == 2
+    assert named.read_bytes() == before
+    assert capsys.readouterr().err.count("refusing to overwrite") == 2
+
+
+def test_external_data_output_can_be_written_twice(external_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["optimize", str(external_model), "-o", "out.onnx", "--external-data",
+                     "--quiet"]) == 0
+    loaded = onnx.load("out.onnx")
+    assert nh.to_array(loaded.graph.initializer[0]).tolist() == list(range(1024))
+
+
+@pytest.mark.parametrize("arg", ["-o", "--report"])
+def test_output_paths_that_cannot_be_files_exit_2_before_any_work(external_model, tmp_path,
+                                                                 arg, capsys):
+    (tmp_path / "adir").mkdir()
+    argv = ["optimize", str(external_model), "-o", str(tmp_path / "o.onnx")]
+    argv += [arg, str(tmp_path / "adir")] if arg == "--report" else []
+    if arg == "-o":
+        argv[3] = str(tmp_path / "adir")
+    assert main(argv) == 2
+    assert "directory" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
