@@ -36,6 +36,14 @@ def _describe_source(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<memory>"
 
 
+def check_criteria(atol: float, rtol: float, max_drift: float) -> None:
+    """Raise UsageError for tolerances that cannot mean anything."""
+    if atol < 0 or rtol < 0:
+        raise UsageError(f"tolerances must not be negative (atol {atol}, rtol {rtol})")
+    if not -1.0 <= max_drift <= 1.0:
+        raise UsageError(f"--max-drift is a cosine similarity, in [-1, 1]; got {max_drift}")
+
+
 def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | None,
                   seed: int) -> tuple[list[dict[str, np.ndarray]], dict]:
     """The validation feeds and their description for the report.
@@ -95,6 +103,24 @@ def build_pipeline(passes: Sequence[str] | None, skip: Sequence[str], prune_thre
     return [p for p in selected if p.lossless], [p for p in selected if not p.lossless]
 
 
+def _lossy_notes(records: list[PassRecord], max_drift: float) -> list[str]:
+    """Say when a lossy pass did less than asked: nothing at all, or not every tensor because
+    of the drift budget (``passes._util.fit_drift_budget``)."""
+    notes = []
+    for r in records:
+        if REGISTRY[r.name].lossless:
+            continue
+        kept = r.stats.get("drift_budget", {}).get("kept", [])
+        if not r.modified:
+            why = ", ".join(f"{k}: {v}" for k, v in r.stats.get("skipped", {}).items())
+            notes.append(f"{r.name} changed nothing" + (f" ({why})" if why else ""))
+        elif kept:
+            shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+            notes.append(f"{r.name} left {len(kept)} tensor(s) unchanged to keep every output's "
+                         f"cosine similarity >= {max_drift}: {shown}")
+    return notes
+
+
 def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] = (),
              prune_threshold: float | None = None, quantize: str | None = None,
              validate: bool = True, inputs: Feeds = None, input_shapes: dict | None = None,
@@ -137,6 +163,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         PassError: with ``verify_each``, a pass produced an invalid model.
     """
     start = time.perf_counter()
+    check_criteria(atol, rtol, max_drift)
     original = io.load_model(model)
     if original is model:  # the caller's object: exporting may touch the protos it shares
         original = onnx.ModelProto()
@@ -186,6 +213,8 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
                     optimized, report.passes, report.validation = candidate, records, result
                     break
     report.after = model_stats(optimized)
+    report.warnings = _lossy_notes(report.passes, max_drift) + (
+        report.validation.warnings if report.validation is not None else [])
     report.seconds = time.perf_counter() - start
     failed = report.validation is not None and not report.validation.passed
     if raise_on_failure and (failed or (strict and report.rolled_back)):
@@ -212,6 +241,7 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
         ModelLoadError, InputError, UsageError: bad model, inputs or option.
     """
     start = time.perf_counter()
+    check_criteria(atol, rtol, max_drift)
     ref = io.load_model(reference)
     cand = io.load_model(candidate)
     report = Report(_version(), "validate", _describe_source(reference), model_stats(ref),
@@ -221,6 +251,7 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
         ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
         synthesized=report.inputs["source"] == "synthesized",
         warnings=report.inputs.get("warnings", []))
+    report.warnings = list(report.validation.warnings)
     if layerwise:
         report.layerwise = compare_layerwise(
             ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,

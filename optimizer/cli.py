@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -59,7 +60,7 @@ def _pass_table(report: Report) -> Table:
     table.add_column("statistics")
     table.add_column("time", justify="right")
     for name, runs, stats, secs in pass_summary(report.passes):
-        table.add_row(name, str(runs), format_stats(stats), f"{secs * 1000:.0f} ms")
+        table.add_row(name, str(runs), escape(format_stats(stats)), f"{secs * 1000:.0f} ms")
     return table
 
 
@@ -69,7 +70,8 @@ def _validation_table(report: Report) -> Table:
     for col in ("output", "shape", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "ok"):
         table.add_column(col, justify="left" if col in ("output", "shape") else "right")
     for m in v.outputs:
-        table.add_row(m.name, f"{m.dtype}{m.shape}", f"{m.max_abs:.3g}", f"{m.max_rel:.3g}",
+        table.add_row(escape(m.name), escape(f"{m.dtype}{m.shape}"), f"{m.max_abs:.3g}",
+                      f"{m.max_rel:.3g}",
                       f"{m.mean_abs:.3g}", f"{m.cosine:.6f}", f"{m.snr_db:.1f}",
                       "yes" if m.passed else f"NO: {m.reason}")
     return table
@@ -93,16 +95,18 @@ def _layerwise_tables(report: Report) -> list:
                     "SNR dB", "reason"):
             table.add_column(col, justify="right" if col in ("max abs", "cosine", "SNR dB")
                              else "left")
-        table.add_row(d.tensor, f"{d.reference_node.name} ({d.reference_node.op})",
-                      f"{d.candidate_node.name} ({d.candidate_node.op})", f"{m.dtype}{m.shape}",
-                      f"{m.max_abs:.3g}", f"{m.cosine:.6f}", f"{m.snr_db:.1f}", m.reason)
+        table.add_row(escape(d.tensor), escape(f"{d.reference_node.name} ({d.reference_node.op})"),
+                      escape(f"{d.candidate_node.name} ({d.candidate_node.op})"),
+                      escape(f"{m.dtype}{m.shape}"), f"{m.max_abs:.3g}", f"{m.cosine:.6f}",
+                      f"{m.snr_db:.1f}", escape(m.reason))
         shown = [table]
     if lw.ranking:
         ranking = Table(title="Nodes adding the most error (SNR drop from worst input to output)")
         for col in ("node", "op", "tensor", "input SNR dB", "output SNR dB", "added dB"):
             ranking.add_column(col, justify="right" if "dB" in col else "left")
         for r in lw.ranking:
-            ranking.add_row(r.node.name, r.node.op, r.tensor, f"{r.input_snr_db:.1f}",
+            ranking.add_row(escape(r.node.name), r.node.op, escape(r.tensor),
+                            f"{r.input_snr_db:.1f}",
                             f"{r.output_snr_db:.1f}", f"{r.added_db:.1f}")
         shown.append(ranking)
     return shown
@@ -110,7 +114,7 @@ def _layerwise_tables(report: Report) -> list:
 
 def _print_input_warnings(report: Report, console: Console) -> None:
     # Text, not markup: the messages contain brackets such as [0, 10).
-    for warning in report.inputs.get("warnings", []):
+    for warning in report.inputs.get("warnings", []) + report.warnings:
         console.print(Text("warning: ", style="yellow") + Text(warning))
 
 
@@ -352,7 +356,7 @@ def _cmd_inspect(args, console: Console) -> int:
         for v in values:
             shape = "?" if v["shape"] is None else "[" + ", ".join(
                 "?" if d is None else str(d) for d in v["shape"]) + "]"
-            io_table.add_row(kind, v["name"], str(v["dtype"]), shape)
+            io_table.add_row(kind, escape(v["name"]), str(v["dtype"]), escape(shape))
     console.print(io_table)
     ops = Table(title="Ops (main graph)")
     ops.add_column("op")
@@ -390,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2: warnings; 4 (fatal only) is optimizer.validate's default
     ort.set_default_logger_severity(2 if verbose else 4)
     console = Console(highlight=False)
+    if not console.is_terminal:  # piped or captured: no terminal width to respect
+        console.width = max(console.width, 160)
     commands = {"optimize": _cmd_optimize, "validate": _cmd_validate, "inspect": _cmd_inspect,
                 "passes": _cmd_passes}
     try:

@@ -87,8 +87,9 @@ def load_feed(file: str | Path) -> dict[str, np.ndarray]:
     """
     try:
         data = np.load(file, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{file}: not a readable .npz file ({err})") from None
+    except (OSError, ValueError):
+        raise InputError(f"{file}: not an .npz archive (save feeds with "
+                         "numpy.savez(path, input_name=array, ...))") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise InputError(f"{file}: a single array, not an .npz archive of named inputs "
                          "(save with numpy.savez(path, name=array, ...))")
@@ -286,6 +287,10 @@ def _synthesized_shape(inp: onnx.ValueInfoProto, shapes: dict[str, list[int]]) -
         if declared is not None and len(shape) != len(declared):
             raise UsageError(f"--input-shape {inp.name}: rank {len(shape)}, but the model "
                              f"declares rank {len(declared)}")
+        for axis, (given, fixed) in enumerate(zip(shape, declared or [])):
+            if isinstance(fixed, int) and given != fixed:
+                raise UsageError(f"--input-shape {inp.name}: dim {axis} is {given}, but the "
+                                 f"model fixes it to {fixed}")
     else:
         shape = [d if isinstance(d, int) else DEFAULT_DIM for d in declared or []]
     _check_size(inp.name, _numpy_dtype(inp).itemsize, shape, declared)
@@ -389,6 +394,8 @@ def input_warnings(model: onnx.ModelProto, shapes: dict[str, list[int]] | None =
       or through Cast, Reshape, comparisons, Not/And/Or/Xor, ...).
     * An integer scalar (or ``[1]``) input compared (Equal, Greater, Less, ...) with a constant:
       a setting such as a sample rate, which random values in [0, 10) do not hit.
+    * An input with dynamic dims, without ``--input-shape``: they are set to ``DEFAULT_DIM`` (a
+      1x1 image can make every output constant and the comparison meaningless).
     * An input that declares no shape, without ``--input-shape``: synthesized as a scalar.
 
     Each warning names the input and recommends ``--inputs``; inputs that cannot be synthesized
@@ -421,6 +428,12 @@ def input_warnings(model: onnx.ModelProto, shapes: dict[str, list[int]] | None =
                             f"({'; '.join(dict.fromkeys(reasons))}): a synthesized value is "
                             "arbitrary and may take the wrong branch or fail; give real values "
                             "with --inputs")
+        defaulted = [f"{axis}" + (f" ('{d}')" if isinstance(d, str) else "")
+                     for axis, d in enumerate(declared or []) if not isinstance(d, int)]
+        if defaulted and inp.name not in shapes:
+            warnings.append(f"input '{inp.name}': dynamic dim(s) {', '.join(defaulted)} set to "
+                            f"{DEFAULT_DIM}; if that is not a size the model is meant for, set "
+                            f"real sizes with --input-shape {inp.name}:DxD... or give --inputs")
         if declared is None and inp.name not in shapes:
             warnings.append(f"input '{inp.name}' declares no shape and is synthesized as a "
                             f"scalar; set its shape with --input-shape {inp.name}:DxD...")

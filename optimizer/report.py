@@ -9,6 +9,7 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
 * ``passes``: list of ``{name, iteration, modified, stats, seconds}``;
 * ``inputs``: ``{source: "synthesized"|path, seed, feeds: [{name: {shape, dtype}}]}``;
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
+  warnings,
   outputs: [{name, dtype, shape, candidate_dtype, candidate_shape, max_abs, max_rel, mean_abs,
   cosine, snr_db, tolerance, passed, reason}]}``;
 * ``rolled_back``: list of ``{pass, reason, first_divergence}``: passes left out because the
@@ -21,6 +22,9 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
   ``name``); ``ranking`` (lossy only, at most 10) is ``[{node: {name, op}, tensor, input_snr_db,
   output_snr_db, added_db}]``, most added error first; ``reason`` is non-empty when the
   comparison could not run (see ``optimizer.layerwise``);
+* ``warnings``: list of strings: outputs that are constant on the validation inputs (agreement
+  then shows little), lossy passes that changed nothing or left tensors unchanged to stay within
+  ``--max-drift``;
 * ``seconds`` (float: wall time of the run), ``verdict``: "passed", "failed" or "not validated".
 """
 
@@ -55,6 +59,7 @@ class Report:
     inputs: dict[str, Any] = field(default_factory=dict)
     validation: ValidationResult | None = None
     rolled_back: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     layerwise: LayerwiseResult | None = None
     seconds: float = 0.0
 
@@ -72,7 +77,7 @@ class Report:
             "after": self.after.to_dict() if self.after else None,
             "passes": [p.to_dict() for p in self.passes], "inputs": self.inputs,
             "validation": self.validation.to_dict() if self.validation else None,
-            "rolled_back": self.rolled_back,
+            "rolled_back": self.rolled_back, "warnings": self.warnings,
             **({"layerwise": self.layerwise.to_dict()} if self.layerwise else {}),
             "seconds": round(self.seconds, 4), "verdict": self.verdict,
         }
@@ -124,5 +129,7 @@ def pass_summary(records: list[PassRecord]) -> list[tuple[str, int, dict, float]
 
 
 def format_stats(stats: dict) -> str:
-    """``key=value, ...`` of a pass's statistics, leaving out lists and dicts (details)."""
-    return ", ".join(f"{k}={v}" for k, v in stats.items() if not isinstance(v, (list, dict)))
+    """``key=value, ...`` of a pass's statistics, leaving out lists and dicts (details); floats
+    with four significant digits."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in stats.items() if not isinstance(v, (list, dict)))

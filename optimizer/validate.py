@@ -3,7 +3,8 @@
 Metrics per output (reference ``r``, candidate ``c``, both flattened to float64):
 
 * ``max_abs`` = max |c - r|; ``mean_abs`` = mean |c - r|;
-* ``max_rel`` = max |c - r| / max(|r|, tiny);
+* ``max_rel`` = max |c - r| / |r| over the elements where |r| exceeds 1e-6 of max |r| (elsewhere
+  a relative error only measures how close to zero the reference is);
 * ``cosine`` = <c, r> / (|c| |r|) (1.0 when both are all zeros);
 * ``snr_db`` = 10 log10(sum r^2 / sum (c - r)^2) (infinite when equal).
 
@@ -99,6 +100,7 @@ class ValidationResult:
     feeds: int
     outputs: list[OutputMetrics] = field(default_factory=list)
     reason: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -127,7 +129,12 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
         inf_same = (r == c)
         diff = np.where(inf_same, 0.0, np.abs(c - r))
         diff = np.nan_to_num(diff, nan=np.inf)
-        rel = diff / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
+        # relative error where the reference is not (nearly) zero: elsewhere it is meaningless
+        magnitude = np.abs(r)
+        floor = max(np.finfo(np.float64).tiny, 1e-6 * float(magnitude[np.isfinite(magnitude)].max()
+                                                          if np.isfinite(magnitude).any() else 0))
+        significant = magnitude > floor
+        rel = diff[significant] / magnitude[significant]
         finite = np.isfinite(r) & np.isfinite(c)
         rf, cf = r[finite], c[finite]
         nr, nc = np.linalg.norm(rf), np.linalg.norm(cf)
@@ -199,6 +206,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         result.reason = f"outputs differ: reference {ref_names}, candidate {cand_names}"
         return result
     metrics: list[OutputMetrics] = []
+    constant = set(ref_names)  # outputs whose reference values are all equal, in every feed
     for feed in feeds:
         ref_out = run_model(ref_sess, feed, "reference model", hint=(
             " (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
@@ -216,6 +224,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                 metrics[i].passed, metrics[i].reason = False, "sequence layouts differ"
                 continue
             r, c = _flatten_sequence(r), _flatten_sequence(c)
+            if r.size < 2 or not (r.dtype.kind in "biuf" and (r == r.flat[0]).all()):
+                constant.discard(name)
             if len(metrics) <= i:
                 metrics.append(OutputMetrics(name, str(r.dtype), list(r.shape), str(c.dtype),
                                              list(c.shape)))
@@ -247,6 +257,9 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                 m.passed = False
                 m.reason = f"max abs error {s['max_abs']:.3g} > tolerance {tol:.3g}"
     result.outputs = metrics
+    result.warnings = [f"output '{m.name}' is constant on these inputs: agreeing on it shows "
+                       "little; give inputs the model responds to with --inputs"
+                       for m in metrics if m.name in constant]
     result.passed = all(m.passed for m in metrics)
     if not result.passed:
         bad = next(m for m in metrics if not m.passed)

@@ -67,7 +67,8 @@ def test_optimize_report_has_the_documented_keys(model_path, tmp_path):
                  "--quiet", "--input-shape", "x:5x4", "--seed", "7"]) == 0
     data = json.loads(report.read_text())
     assert set(data) == {"schema_version", "tool", "tool_version", "command", "model", "output",
-                         "before", "after", "passes", "inputs", "validation", "rolled_back", "seconds", "verdict"}
+                         "before", "after", "passes", "inputs", "validation", "rolled_back", "warnings",
+                         "seconds", "verdict"}
     assert data["schema_version"] == SCHEMA_VERSION and data["tool"] == "onnxopt"
     assert data["command"] == "optimize" and data["verdict"] == "passed"
     assert data["model"] == str(model_path) and data["output"] == str(out)
@@ -82,7 +83,8 @@ def test_optimize_report_has_the_documented_keys(model_path, tmp_path):
     assert data["inputs"] == {"source": "synthesized", "seed": 7,
                               "feeds": [{"x": {"shape": [5, 4], "dtype": "float32"}}]}
     v = data["validation"]
-    assert set(v) == {"passed", "mode", "atol", "rtol", "max_drift", "feeds", "reason", "outputs"}
+    assert set(v) == {"passed", "mode", "atol", "rtol", "max_drift", "feeds", "reason", "outputs",
+                      "warnings"}
     assert v["passed"] is True and v["mode"] == "lossless"
     assert set(v["outputs"][0]) == {"name", "dtype", "shape", "candidate_dtype", "candidate_shape",
                                     "max_abs", "max_rel", "mean_abs", "cosine", "snr_db",

@@ -79,6 +79,8 @@ def test_input_shape_overrides_declared_dims():
 
 def test_input_shape_errors():
     model = _identity_model([("f", np.float32, ["batch", 3])])
+    with pytest.raises(UsageError, match="dim 1 is 4, but the model fixes it to 3"):
+        synthesize_feed(model, {"f": [2, 4]})
     with pytest.raises(UsageError, match="rank"):
         synthesize_feed(model, {"f": [2, 3, 4]})
     with pytest.raises(UsageError, match="nope"):

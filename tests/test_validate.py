@@ -190,3 +190,26 @@ def test_unloadable_reference_is_an_input_error():
     bad.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(InputError, match="reference"):
         compare_models(bad, _model(), [_feed()])
+
+
+def test_constant_outputs_are_warned_about_and_relative_error_ignores_zeros():
+    """Agreeing on an all-zero output shows nothing: say so; and a relative error against an
+    exact zero is not a number worth reporting."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "zero"], ["y"]), helper.make_node("Add", ["x", "one"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feed = {"x": np.array([0.0, 1.0, 2.0, 3.0], np.float32)}
+    result = compare_models(model, model, [feed])
+    assert result.passed
+    assert len(result.warnings) == 1 and "'y' is constant" in result.warnings[0]
+    shifted = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    shifted.graph.initializer[1].float_data[0] = 1.001
+    z = compare_models(model, shifted, [{"x": np.array([-1.0, 1.0, 2.0, 3.0], np.float32)}],
+                       lossy=True).outputs[1]
+    assert z.max_rel == pytest.approx(0.001 / 2, rel=1e-3)  # the exact zero at x=-1 is skipped
