@@ -127,7 +127,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
              seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
              max_drift: float = DEFAULT_MAX_DRIFT, verify_each: bool = False,
              fold_size_limit: int = 1 << 20, max_iterations: int = 10,
-             raise_on_failure: bool = True, strict: bool = False,
+             raise_on_failure: bool = True, strict: bool = False, layerwise: bool = False,
              on_pass: Callable[[PassRecord], None] | None = None
              ) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and check it still computes the same outputs.
@@ -148,6 +148,8 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         max_iterations: bound on the rounds of the lossless passes.
         raise_on_failure: raise :class:`ValidationFailed` when validation fails.
         strict: with ``raise_on_failure``, also raise when a pass had to be rolled back.
+        layerwise: also compare the intermediate tensors of the original and the result
+            (``report.layerwise``, see ``optimizer.layerwise``; needs ``validate``).
 
     When the result fails validation, the lossless passes are left out one at a time (last in the
     pipeline first); the first run that validates is returned, and the pass it left out is listed
@@ -212,6 +214,11 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
                                                "first_divergence": diverged})
                     optimized, report.passes, report.validation = candidate, records, result
                     break
+    if validate and layerwise:
+        report.layerwise = compare_layerwise(
+            original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
+            lossy=report.validation.mode == "lossy",
+            synthesized=report.inputs["source"] == "synthesized")
     report.after = model_stats(optimized)
     report.warnings = _lossy_notes(report.passes, max_drift) + (
         report.validation.warnings if report.validation is not None else [])

@@ -170,6 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=sorted(api.QUANTIZE_MODES),
                    help="int8-weight: per-channel int8 weights through DequantizeLinear (lossy)")
     p.add_argument("--no-validate", action="store_true", help="skip validation on onnxruntime")
+    p.add_argument("--layerwise", action="store_true",
+                   help="also compare intermediate tensors with the original (first divergence, "
+                        "per-layer drift in the HTML report; with lossy passes, the nodes adding "
+                        "the most error)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 1) when a pass had to be rolled back to pass validation")
     p.add_argument("--keep-invalid", action="store_true",
@@ -290,7 +294,7 @@ def _cmd_optimize(args, console: Console) -> int:
             input_shapes=parse_input_shapes(args.input_shape), seed=args.seed, atol=args.atol,
             rtol=args.rtol, max_drift=args.max_drift, verify_each=args.verify_each,
             fold_size_limit=args.fold_size_limit, max_iterations=args.max_iterations,
-            raise_on_failure=False, on_pass=on_pass)
+            raise_on_failure=False, on_pass=on_pass, layerwise=args.layerwise)
     passed = (report.validation is None or report.validation.passed) and \
         not (args.strict and report.rolled_back)
     if passed or args.keep_invalid:
@@ -306,6 +310,8 @@ def _cmd_optimize(args, console: Console) -> int:
         console.print(_pass_table(report))
         if report.validation is not None:
             console.print(_validation_table(report))
+        for shown in _layerwise_tables(report) if report.layerwise else []:
+            console.print(shown)
     if write_report:
         write_report(report, args.report)
     if not args.quiet or not passed:  # with --strict a rollback is the failure: say which
