@@ -30,11 +30,19 @@ _CONSTANT_VALUE_ATTRS = ("value", "value_float", "value_floats", "value_int", "v
 
 
 def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    """Yield ``graph`` and then every subgraph (If/Loop/Scan bodies), depth first."""
+    """Yield ``graph`` and then every subgraph (If/Loop/Scan bodies), depth first.
+
+    Reads node attributes directly: ``gs.Node.subgraphs()`` is general, and slow enough to
+    dominate passes that walk every scope often."""
     yield graph
     for node in graph.nodes:
-        for sub in node.subgraphs():
-            yield from iter_graphs(sub)
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from iter_graphs(value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, gs.Graph):
+                        yield from iter_graphs(item)
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:

@@ -50,6 +50,9 @@ class PassContext:
     template: onnx.ModelProto | None = None
     feeds: list[dict] | None = None
     max_drift: float = 0.99
+    #: Bumped by the pass manager whenever a pass changes the graph, so that analyses computed
+    #: for an unchanged graph (``passes._util.TensorTypes.of``) can be shared between passes.
+    graph_version: int = 0
 
 
 class Pass:
@@ -170,6 +173,8 @@ class PassManager:
     def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext, iteration: int) -> bool:
         start = time.perf_counter()
         result = p.run(graph, ctx)
+        if result.modified:
+            ctx.graph_version += 1
         record = PassRecord(p.name, iteration, result.modified, dict(result.stats),
                             time.perf_counter() - start)
         self.records.append(record)

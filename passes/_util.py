@@ -69,10 +69,13 @@ class _Names:
 
 
 def _all_names(graph: gs.Graph) -> set[str]:
-    root = graph
     names = set()
-    for g in iter_graphs(root):
-        names.update(g.tensors().keys())
+    for g in iter_graphs(graph):
+        names.update(t.name for t in g.inputs)
+        names.update(t.name for t in g.outputs)
+        for node in g.nodes:
+            names.update(t.name for t in node.inputs)
+            names.update(t.name for t in node.outputs)
     return names
 
 
@@ -361,6 +364,17 @@ class TensorTypes:
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto):
         self._graph, self._template = graph, template
         self._types: dict[int, tuple] | None = None
+
+    @classmethod
+    def of(cls, graph: gs.Graph, ctx) -> "TensorTypes":
+        """The types of ``graph`` for a pass run with ``ctx``: shared with the previous passes
+        as long as none of them changed the graph (``ctx.graph_version``), else computed anew."""
+        cached = getattr(ctx, "_tensor_types", None)
+        if cached is not None and cached[0] is graph and cached[1] == ctx.graph_version:
+            return cached[2]
+        types = cls(graph, ctx.template)
+        ctx._tensor_types = (graph, ctx.graph_version, types)
+        return types
 
     def _lookup(self, t: gs.Tensor) -> tuple[np.dtype | None, tuple | None]:
         if isinstance(t, gs.Constant):

@@ -240,7 +240,7 @@ class FoldConstants(Pass):
                    "dims are static.")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        types = TensorTypes(graph, ctx.template)
+        types = TensorTypes.of(graph, ctx)
         partial = _PartialValues(types)
         folded = refused_size = failed = reshapes = 0
         for g in iter_graphs(graph):

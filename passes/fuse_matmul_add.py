@@ -79,7 +79,7 @@ class FuseMatMulAdd(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         skipped: Counter[str] = Counter()
         opset = opset_version(graph)
-        types = TensorTypes(graph, ctx.template)  # inferred on the first question
+        types = TensorTypes.of(graph, ctx)  # inferred on the first question
         fused = 0
         for g in iter_graphs(graph):
             in_graph = {id(n) for n in g.nodes}

@@ -169,7 +169,7 @@ class MergeReshape(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = cancelled = removed = 0
         refused: collections.Counter[str] = collections.Counter()
-        types = TensorTypes(graph, ctx.template)
+        types = TensorTypes.of(graph, ctx)
         axes_as_input = opset_version(graph) >= 13
         for g, fg, first, second in consecutive_pairs(graph, ("Reshape",) + _SQUEEZES):
             if first.op not in (_SHAPE_ONLY if second.op == "Reshape" else _SQUEEZES):

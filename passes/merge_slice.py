@@ -68,7 +68,7 @@ class MergeSlice(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = removed = 0
         refused: collections.Counter[str] = collections.Counter()
-        types = TensorTypes(graph, ctx.template)
+        types = TensorTypes.of(graph, ctx)
         for g, fg, first, second in consecutive_pairs(graph, ("Slice",)):
             if first.op != "Slice":
                 continue

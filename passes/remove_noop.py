@@ -449,7 +449,7 @@ class RemoveNoop(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         graphs = list(iter_graphs(graph))
         overridable = frozenset(t.name for g in graphs for t in g.inputs)
-        facts = _Facts(TensorTypes(graph, ctx.template), overridable, opset_version(graph))
+        facts = _Facts(TensorTypes.of(graph, ctx), overridable, opset_version(graph))
         removed: collections.Counter[str] = collections.Counter()
         refused: collections.Counter[str] = collections.Counter()
         shortened = 0
