@@ -28,6 +28,20 @@ class DedupInitializers(Pass):
     name = "dedup_initializers"
     description = "Merge initializers with identical dtype, shape and bytes."
 
+    def __init__(self) -> None:
+        # digest of an initializer's bytes, by array: the pipeline runs this pass every round,
+        # and hashing large weights again each time dominated its cost (arrays kept alive here,
+        # so an id is never reused for another array)
+        self._digests: dict[int, tuple[np.ndarray, bytes]] = {}
+
+    def _digest(self, t: gs.Constant) -> bytes:
+        values = t.values
+        cached = self._digests.get(id(values))
+        if cached is None or cached[0] is not values:
+            cached = (values, hashlib.blake2b(_bytes(t), digest_size=16).digest())
+            self._digests[id(values)] = cached
+        return cached[1]
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         by_layout: dict[tuple, list[gs.Constant]] = {}
         seen: set[int] = set()
@@ -44,13 +58,13 @@ class DedupInitializers(Pass):
         for candidates in by_layout.values():
             if len(candidates) < 2:
                 continue
-            kept: dict[bytes, list[tuple[gs.Constant, bytes]]] = {}
+            kept: dict[bytes, list[gs.Constant]] = {}
             for t in candidates:
-                data = _bytes(t)
-                bucket = kept.setdefault(hashlib.blake2b(data, digest_size=16).digest(), [])
-                twin = next((c for c, d in bucket if d == data), None)
+                bucket = kept.setdefault(self._digest(t), [])
+                # equal digests: confirm byte for byte (only then are the bytes copied)
+                twin = next((c for c in bucket if _bytes(c) == _bytes(t)), None)
                 if twin is None:
-                    bucket.append((t, data))
+                    bucket.append(t)
                     continue
                 replace_uses(t, twin)
                 merged += 1
