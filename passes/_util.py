@@ -6,6 +6,7 @@ Passes import this module and ``optimizer``'s core, never each other.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 import numpy as np
 import onnx
@@ -57,14 +58,26 @@ def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 class _Names:
+    """Allocates tensor names. The names of a graph are collected once, on its first request, and
+    every name handed out is added: passes name new tensors only through :func:`fresh_name`
+    (renames at import happen before), so the set stays complete without walking the graph again
+    for each name -- which dominated the cost of fusions that create many tensors."""
+
     def __init__(self):
         self._counter = itertools.count()
+        self._used: dict[int, tuple[weakref.ref, set[str]]] = {}
 
     def fresh(self, graph: gs.Graph, base: str) -> str:
-        used = _all_names(graph)
+        entry = self._used.get(id(graph))
+        if entry is None or entry[0]() is not graph:
+            entry = (weakref.ref(graph), _all_names(graph))
+            self._used = {k: v for k, v in self._used.items() if v[0]() is not None}
+            self._used[id(graph)] = entry
+        used = entry[1]
         while True:
             name = f"{base}__{next(self._counter)}"
             if name not in used:
+                used.add(name)
                 return name
 
 
