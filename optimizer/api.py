@@ -21,7 +21,8 @@ from optimizer.inputs import check_feeds, feed_files, input_warnings, load_feed,
 from optimizer.layerwise import compare_layerwise, first_divergence
 from optimizer.pass_manager import REGISTRY, PassContext, PassManager, PassRecord, get_pass
 from optimizer.report import Report
-from optimizer.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, compare_models
+from optimizer.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
+                                compare_models)
 
 Feeds = Union[str, os.PathLike, dict, Sequence[dict], None]
 QUANTIZE_MODES = {"int8-weight": "quantize_weights"}
@@ -34,6 +35,19 @@ def _version() -> str:
 
 def _describe_source(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<memory>"
+
+
+def checker_error(model: onnx.ModelProto) -> str:
+    """``onnx.checker``'s complaint about ``model`` in one line, or "" when it passes (models over
+    the 2 GiB protobuf limit are not checked)."""
+    if io.needs_external_data(model):
+        return ""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid model"
+        return f"candidate model: onnx checker: {first}"
+    return ""
 
 
 def check_criteria(atol: float, rtol: float, max_drift: float) -> None:
@@ -187,8 +201,15 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         records = manager.run(graph, ctx)
         return export_graph(graph, original), records
 
+    # The checker judges results only when the input passes it (real exports often do not).
+    original_valid = validate and not checker_error(original)
+
     def check(candidate, records):
         lossy = any(r.modified for r in records if not REGISTRY[r.name].lossless)
+        broken = checker_error(candidate) if original_valid else ""
+        if broken:  # invalid ONNX: fails like a model onnxruntime cannot load
+            return ValidationResult(False, "lossy" if lossy else "lossless", atol, rtol,
+                                    max_drift, len(feeds), reason=broken)
         return compare_models(original, candidate, feeds, atol=atol, rtol=rtol,
                               max_drift=max_drift, lossy=lossy,
                               synthesized=report.inputs["source"] == "synthesized",

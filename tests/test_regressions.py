@@ -141,3 +141,30 @@ def test_output_paths_that_cannot_be_files_exit_2_before_any_work(external_model
     assert main(argv) == 2
     assert "directory" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_pass_producing_invalid_onnx_is_rolled_back(monkeypatch):
+    """The safety net also runs the ONNX checker: a lossless pass whose output the checker
+    rejects is left out and named."""
+    from optimizer.pass_manager import REGISTRY, Pass, PassResult
+
+    class Duplicate(Pass):
+        name = "test_duplicate_output"
+        description = "gives two nodes the same output (invalid SSA)"
+
+        def run(self, graph, ctx):
+            node = graph.nodes[0]
+            import onnx_graphsurgeon as gs
+            graph.nodes.append(gs.Node("Identity", inputs=[node.inputs[0]],
+                                       outputs=[node.outputs[0]]))
+            return PassResult(True)
+
+    monkeypatch.setitem(REGISTRY, Duplicate.name, Duplicate)
+    model = _model([oh.make_node("Neg", ["x"], ["y"])], [_vi("x", TP.FLOAT, [2])],
+                   [_vi("y", TP.FLOAT, [2])])
+    optimized, report = optimizer.optimize(
+        model, passes=["remove_identity", Duplicate.name],
+        inputs={"x": np.array([1.0, 2.0], np.float32)})
+    assert report.validation.passed
+    assert [r["pass"] for r in report.rolled_back] == [Duplicate.name]
+    onnx.checker.check_model(optimized)
