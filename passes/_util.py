@@ -199,6 +199,18 @@ def _clear_shapes(type_proto: onnx.TypeProto) -> None:
         _clear_shapes(getattr(type_proto, kind).elem_type)
 
 
+def _negative_dims_unknown(vi: onnx.ValueInfoProto) -> None:
+    """Make a declared negative dim (``-1``, as some exporters write a dynamic dim) a fresh
+    symbol: ONNX shape inference would compute with it as a number (``(-1) * (-1) = 1``) and
+    produce plausible static dims that are wrong at run time."""
+    if not vi.type.HasField("tensor_type"):
+        return
+    for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value < 0:
+            dim.Clear()
+            dim.dim_param = f"__onnxopt_dynamic_{vi.name}_{i}"
+
+
 class _InferenceModel:
     """Every graph of a model as one ModelProto for shape inference, and which gs graph each
     GraphProto stands for (GraphProto names are replaced by ``scope<k>``).
@@ -244,6 +256,8 @@ class _InferenceModel:
         if g is not self._main:
             for vi in inputs:
                 _clear_shapes(vi.type)
+        for vi in inputs:
+            _negative_dims_unknown(vi)
         outputs = [onnx.helper.make_empty_tensor_value_info(t.name) for t in g.outputs]
         return onnx.helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
 

@@ -168,3 +168,18 @@ def test_a_pass_producing_invalid_onnx_is_rolled_back(monkeypatch):
     assert report.validation.passed
     assert [r["pass"] for r in report.rolled_back] == [Duplicate.name]
     onnx.checker.check_model(optimized)
+
+
+@pytest.mark.parametrize("node,inits", [
+    (oh.make_node("Reshape", ["x", "t"], ["r"]), [nh.from_array(np.array([-1], np.int64), "t")]),
+    (oh.make_node("Flatten", ["x"], ["r"], axis=2), []),
+])
+def test_declared_minus_one_dims_are_dynamic_for_shape_inference(node, inits):
+    """Exporters write dynamic dims as -1; ONNX inference would multiply them ((-1)(-1) = 1) and
+    a Shape of the result would be folded to a constant that is wrong for other inputs."""
+    model = _model([node, oh.make_node("Shape", ["r"], ["y"])], [_vi("x", TP.FLOAT, [-1, -1])],
+                   [_vi("y", TP.INT64, None)], inits)
+    optimized, _ = optimizer.optimize(model)
+    for shape in [(1, 1), (2, 3), (4, 5)]:
+        x = np.zeros(shape, np.float32)
+        np.testing.assert_array_equal(_run(model, {"x": x})[0], _run(optimized, {"x": x})[0])
