@@ -266,3 +266,17 @@ def random_models():
                           [(n, np.float32, list(s)) for n, s in outputs], inits)
 
     return build()
+
+
+def zoo_files(name: str) -> tuple[str, str]:
+    """Paths of a fetched real model and of its validation inputs; skips the test when they are
+    not fetched (tests/conftest.py turns that skip into a failure under ONNXOPT_REQUIRE_ZOO=1)."""
+    import pytest
+
+    from tools import zoo
+
+    onnx_file = zoo.model_path(zoo.DEFAULT_DEST, name)
+    npz_file = zoo.inputs_path(zoo.DEFAULT_DEST, name)
+    if not onnx_file.is_file() or not npz_file.is_file():
+        pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
+    return str(onnx_file), str(npz_file)

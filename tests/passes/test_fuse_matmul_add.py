@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 from helpers import assert_same_outputs, make_branch, make_model, ops, run_once
+from helpers import zoo_files as _zoo_files
 from onnx import TensorProto, helper
 
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
-from tools import zoo
 
 K, N = 5, 4
 
@@ -174,14 +174,6 @@ def test_inside_if_branches():
 def test_stats_are_json_serializable():
     _, result = run_once(matmul_add_model(a_shape=(2, 3, K)), "fuse_matmul_add")
     assert json.loads(json.dumps(result.stats)) == result.stats
-
-
-def _zoo_files(name):
-    onnx_file = zoo.model_path(zoo.DEFAULT_DEST, name)
-    npz_file = zoo.inputs_path(zoo.DEFAULT_DEST, name)
-    if not onnx_file.is_file() or not npz_file.is_file():
-        pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
-    return str(onnx_file), str(npz_file)
 
 
 @pytest.mark.zoo

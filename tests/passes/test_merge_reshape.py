@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from helpers import (all_graphs, assert_same_outputs, initializers, make_branch, make_model, ops,
                      output_names, run_once, run_passes)
+from helpers import zoo_files as _zoo_paths
 from onnx import TensorProto, helper
 
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
-from tools import zoo
 
 
 def _out(name, rank):
@@ -239,13 +239,6 @@ def test_negative_axes_of_subgraph_tensor_merged():
     out, records = run_passes(model, ["merge_reshape"])
     assert records[0].stats["merged"] == 1 and records[0].stats["refused"] == {}
     assert_same_outputs(model, out, _if_feeds())
-
-
-def _zoo_paths(name):
-    onnx_file, npz_file = zoo.model_path(zoo.DEFAULT_DEST, name), zoo.inputs_path(zoo.DEFAULT_DEST, name)
-    if not onnx_file.is_file() or not npz_file.is_file():
-        pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
-    return str(onnx_file), str(npz_file)
 
 
 @pytest.mark.zoo

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from helpers import (all_graphs, assert_same_outputs, initializers, make_branch, make_model, ops,
                      run_once, run_passes)
+from helpers import zoo_files
 from onnx import TensorProto, helper
 
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
-from tools import zoo
 
 X = ("X", np.float32, [6, 8, 10])
 
@@ -183,9 +183,7 @@ def test_negative_axis_of_subgraph_tensor_merged():
 def test_real_model_silero_sequence():
     """silero_vad_16k_sequence: the STFT's real/imaginary Slices merge (two nodes fewer)."""
     name = "silero_vad_16k_sequence"
-    onnx_file, npz_file = zoo.model_path(zoo.DEFAULT_DEST, name), zoo.inputs_path(zoo.DEFAULT_DEST, name)
-    if not onnx_file.is_file() or not npz_file.is_file():
-        pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
+    onnx_file, npz_file = zoo_files(name)
     _, base = optimize(str(onnx_file), passes=[p for p in LOSSLESS_PIPELINE if p != "merge_slice"],
                        inputs=str(npz_file))
     _, report = optimize(str(onnx_file), passes=LOSSLESS_PIPELINE, inputs=str(npz_file))

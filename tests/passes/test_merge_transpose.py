@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from helpers import (all_graphs, assert_same_outputs, make_branch, make_model, ops, output_names,
                      run_once, run_passes)
+from helpers import zoo_files
 from onnx import TensorProto, helper
 
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
-from tools import zoo
 
 X = ("X", np.float32, [2, 3, 4, 5])
 
@@ -138,9 +138,7 @@ def test_chain_in_if_branch():
 def test_real_model_rec():
     """PP-OCRv4 rec: Transpose-heavy; the pipeline keeps validating with the pass."""
     name = "ch_PP-OCRv4_rec_infer"
-    onnx_file, npz_file = zoo.model_path(zoo.DEFAULT_DEST, name), zoo.inputs_path(zoo.DEFAULT_DEST, name)
-    if not onnx_file.is_file() or not npz_file.is_file():
-        pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
+    onnx_file, npz_file = zoo_files(name)
     _, base = optimize(str(onnx_file), passes=LOSSLESS_PIPELINE, inputs=str(npz_file))
     _, report = optimize(str(onnx_file), passes=LOSSLESS_PIPELINE + ["merge_transpose"],
                          inputs=str(npz_file))

@@ -18,12 +18,12 @@ from helpers import (
     run_ort,
     run_passes,
 )
+from helpers import zoo_files as _zoo_files
 from onnx import TensorProto as TP
 from onnx import helper
 
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
-from tools import zoo
 
 F, I64 = np.float32, np.int64
 BIG = np.iinfo(np.int64).max
@@ -298,14 +298,6 @@ def test_stats_are_json_serializable():
     import json
     _, result = run_once(REMOVED[0][1], "remove_noop")
     assert json.loads(json.dumps(result.stats)) == result.stats
-
-
-def _zoo_files(name):
-    onnx_file = zoo.model_path(zoo.DEFAULT_DEST, name)
-    npz_file = zoo.inputs_path(zoo.DEFAULT_DEST, name)
-    if not onnx_file.is_file() or not npz_file.is_file():
-        pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
-    return str(onnx_file), str(npz_file)
 
 
 @pytest.mark.zoo
