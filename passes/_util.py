@@ -618,3 +618,24 @@ def consecutive_pairs(graph: gs.Graph, second_ops: tuple[str, ...]):
             first = mid.inputs[0]
             if id(first) in owner:
                 yield g, owner[id(first)], first, second
+
+
+def absorb_into_conv(graph: gs.Graph, conv: gs.Node, follower: gs.Node,
+                     weight: np.ndarray | None, bias: np.ndarray) -> None:
+    """Make ``conv`` compute what ``follower`` -- the only reader of its output -- computed.
+
+    ``conv`` gets new weight (None: the current one is kept) and bias initializers, cast to the
+    weight's dtype, and writes ``follower``'s output tensor, so that name survives (it may be a
+    graph output); ``follower`` is disconnected (the caller drops it from its graph's nodes).
+    """
+    dtype = np.dtype(conv.inputs[1].dtype)
+    w = conv.inputs[1] if weight is None else gs.Constant(
+        fresh_name(graph, conv.inputs[1].name), weight.astype(dtype))
+    b = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_bias"), bias.astype(dtype))
+    out = follower.outputs[0]
+    follower.inputs.clear()
+    follower.outputs.clear()
+    x = conv.inputs[0]
+    conv.inputs.clear()
+    conv.inputs.extend([x, w, b])
+    conv.outputs[0] = out

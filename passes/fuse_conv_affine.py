@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
-    constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal, fresh_name,
+    absorb_into_conv, constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal,
     is_default_domain, scale_conv_output_channels)
 
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -140,15 +140,4 @@ class FuseConvAffine(Pass):
             b = b + c
         else:
             b = b - c
-        dtype = np.dtype(conv.inputs[1].dtype)
-        new_w = conv.inputs[1]
-        if op.op in ("Mul", "Div"):
-            new_w = gs.Constant(fresh_name(graph, conv.inputs[1].name), w.astype(dtype))
-        new_b = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_bias"), b.astype(dtype))
-        out = op.outputs[0]
-        op.inputs.clear()
-        op.outputs.clear()
-        x = conv.inputs[0]
-        conv.inputs.clear()
-        conv.inputs.extend([x, new_w, new_b])
-        conv.outputs[0] = out
+        absorb_into_conv(graph, conv, op, w if op.op in ("Mul", "Div") else None, b)

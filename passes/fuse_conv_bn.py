@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
-    constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal, fresh_name,
+    absorb_into_conv, constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal,
     is_default_domain, scale_conv_output_channels)
 
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -115,15 +115,5 @@ class FuseConvBn(Pass):
         gamma, beta, mean, var = (np.asarray(t.values, dtype=np.float64) for t in bn.inputs[1:])
         eps = float(bn.attrs.get("epsilon", _DEFAULT_EPSILON))
         s = gamma / np.sqrt(var + eps)
-        dtype = np.dtype(conv.inputs[1].dtype)
-        w = gs.Constant(fresh_name(graph, conv.inputs[1].name),
-                        scale_conv_output_channels(conv, s).astype(dtype))
-        b = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_bias"),
-                        ((conv_bias(conv) - mean) * s + beta).astype(dtype))
-        out = bn.outputs[0]
-        bn.inputs.clear()
-        bn.outputs.clear()
-        x = conv.inputs[0]
-        conv.inputs.clear()
-        conv.inputs.extend([x, w, b])
-        conv.outputs[0] = out
+        absorb_into_conv(graph, conv, bn, scale_conv_output_channels(conv, s),
+                         (conv_bias(conv) - mean) * s + beta)
