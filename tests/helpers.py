@@ -144,14 +144,9 @@ def initializers(graph_or_model) -> dict[str, np.ndarray]:
 
 def all_graphs(graph: onnx.GraphProto):
     """``graph`` and its subgraphs, depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from all_graphs(g)
+    from optimizer.graph import graph_protos
+
+    return graph_protos(graph)
 
 
 def all_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -280,3 +275,19 @@ def zoo_files(name: str) -> tuple[str, str]:
     if not onnx_file.is_file() or not npz_file.is_file():
         pytest.skip(f"{onnx_file} not fetched (tools/fetch_models.py)")
     return str(onnx_file), str(npz_file)
+
+
+def initializer_as_input(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Also list initializer ``name`` as a graph input (an overridable default)."""
+    init = next(i for i in model.graph.initializer if i.name == name)
+    model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, init.dims))
+    return model
+
+
+def initializer_as_variable(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Make initializer ``name`` a plain graph input (no initializer)."""
+    initializer_as_input(model, name)
+    keep = [i for i in model.graph.initializer if i.name != name]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model

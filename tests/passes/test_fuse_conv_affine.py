@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import assert_same_outputs, initializers, make_model, ops, run_once
+from helpers import initializer_as_input, initializer_as_variable
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 
@@ -164,25 +165,11 @@ def test_refused_division_by_zero_and_non_finite():
              "constant is not finite")
 
 
-def _as_graph_input(model, name):
-    init = next(i for i in model.graph.initializer if i.name == name)
-    model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, init.dims))
-    return model
-
-
-def _as_variable(model, name):
-    _as_graph_input(model, name)
-    keep = [i for i in model.graph.initializer if i.name != name]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    return model
-
-
 @pytest.mark.parametrize("name,what", [("W", "weight"), ("B", "conv bias"), ("k0", "constant")])
 def test_refused_non_constant(name, what):
     steps = [("Mul", (M, 1, 1), True)]
-    _refused(_as_variable(conv_affine_model(steps), name), f"{what} is not an initializer")
-    _refused(_as_graph_input(conv_affine_model(steps), name), f"{what} is not an initializer")
+    _refused(initializer_as_variable(conv_affine_model(steps), name), f"{what} is not an initializer")
+    _refused(initializer_as_input(conv_affine_model(steps), name), f"{what} is not an initializer")
 
 
 def test_refused_other_consumer_and_graph_output():

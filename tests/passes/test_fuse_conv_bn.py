@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import (assert_same_outputs, initializers, make_model, ops, random_feed, run_once,
                      run_ort, run_passes)
+from helpers import initializer_as_input, initializer_as_variable
 from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 
@@ -150,21 +151,6 @@ def _refused(model, reason):
     assert "BatchNormalization" in ops(out)
 
 
-def _as_graph_input(model, name):
-    init = next(i for i in model.graph.initializer if i.name == name)
-    model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, init.dims))
-    return model
-
-
-def _as_variable(model, name):
-    """``name`` becomes a plain graph input (no initializer)."""
-    _as_graph_input(model, name)
-    keep = [i for i in model.graph.initializer if i.name != name]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    return model
-
-
 def test_refused_other_consumer():
     model = conv_bn_model()
     model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
@@ -181,8 +167,8 @@ def test_refused_conv_output_is_graph_output():
 @pytest.mark.parametrize("name,what", [("W", "weight"), ("B", "conv bias"), ("gamma", "scale"),
                                        ("beta", "bias"), ("mean", "mean"), ("var", "variance")])
 def test_refused_non_constant(name, what):
-    _refused(_as_variable(conv_bn_model(), name), f"{what} is not an initializer")
-    _refused(_as_graph_input(conv_bn_model(), name), f"{what} is not an initializer")
+    _refused(initializer_as_variable(conv_bn_model(), name), f"{what} is not an initializer")
+    _refused(initializer_as_input(conv_bn_model(), name), f"{what} is not an initializer")
 
 
 def test_refused_training_mode():
