@@ -117,24 +117,6 @@ def build_pipeline(passes: Sequence[str] | None, skip: Sequence[str], prune_thre
     return [p for p in selected if p.lossless], [p for p in selected if not p.lossless]
 
 
-def _lossy_notes(records: list[PassRecord], max_drift: float) -> list[str]:
-    """Say when a lossy pass did less than asked: nothing at all, or not every tensor because
-    of the drift budget (``passes._util.fit_drift_budget``)."""
-    notes = []
-    for r in records:
-        if REGISTRY[r.name].lossless:
-            continue
-        kept = r.stats.get("drift_budget", {}).get("kept", [])
-        if not r.modified:
-            why = ", ".join(f"{k}: {v}" for k, v in r.stats.get("skipped", {}).items())
-            notes.append(f"{r.name} changed nothing" + (f" ({why})" if why else ""))
-        elif kept:
-            shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
-            notes.append(f"{r.name} left {len(kept)} tensor(s) unchanged to keep every output's "
-                         f"cosine similarity >= {max_drift}: {shown}")
-    return notes
-
-
 def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] = (),
              prune_threshold: float | None = None, quantize: str | None = None,
              validate: bool = True, inputs: Feeds = None, input_shapes: dict | None = None,
@@ -241,7 +223,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
             lossy=report.validation.mode == "lossy",
             synthesized=report.inputs["source"] == "synthesized")
     report.after = model_stats(optimized)
-    report.warnings = _lossy_notes(report.passes, max_drift) + (
+    report.warnings = [w for r in report.passes for w in r.warnings] + (
         report.validation.warnings if report.validation is not None else [])
     report.seconds = time.perf_counter() - start
     failed = report.validation is not None and not report.validation.passed

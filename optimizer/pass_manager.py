@@ -23,10 +23,12 @@ from optimizer.graph import export_graph
 
 @dataclass
 class PassResult:
-    """What a pass did: ``modified`` is False only when the graph is exactly as before."""
+    """What a pass did: ``modified`` is False only when the graph is exactly as before;
+    ``warnings`` are for the user (a lossy pass that did less than asked, say)."""
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -104,9 +106,11 @@ class PassRecord:
     modified: bool
     stats: dict[str, Any]
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The record for the JSON report (its warnings are in the report's ``warnings``)."""
+        return {k: v for k, v in self.__dict__.items() if k != "warnings"}
 
 
 def passes_full_check(model: onnx.ModelProto) -> bool:
@@ -176,7 +180,7 @@ class PassManager:
         if result.modified:
             ctx.graph_version += 1
         record = PassRecord(p.name, iteration, result.modified, dict(result.stats),
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, list(result.warnings))
         self.records.append(record)
         if self.on_pass:
             self.on_pass(record)

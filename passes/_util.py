@@ -528,6 +528,22 @@ def _minimal_kept(names: list[str], within_budget) -> list[str]:
     return kept
 
 
+def lossy_warnings(pass_name: str, modified: bool, budget: dict | None, max_drift: float,
+                   skipped: dict | None = None) -> list[str]:
+    """What a lossy pass tells the user when it did less than asked: nothing at all (with the
+    ``skipped`` reasons), or not every tensor because of the drift budget (``budget["kept"]``,
+    see :func:`fit_drift_budget`)."""
+    if not modified:
+        why = ", ".join(f"{k}: {v}" for k, v in (skipped or {}).items())
+        return [f"{pass_name} changed nothing" + (f" ({why})" if why else "")]
+    kept = budget["kept"] if budget else []
+    if not kept:
+        return []
+    shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+    return [f"{pass_name} left {len(kept)} tensor(s) unchanged to keep every output's cosine "
+            f"similarity >= {max_drift}: {shown}"]
+
+
 def fit_drift_budget(graph: gs.Graph, ctx, replacements: dict[str, tuple[np.ndarray, np.ndarray]]
                      ) -> dict:
     """Choose which lossy weight replacements to apply so the outputs keep ``ctx.max_drift``.

@@ -38,7 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import fit_drift_budget, weight_initializers
+from passes._util import fit_drift_budget, lossy_warnings, weight_initializers
 
 
 def _sparsity(zeros: int, size: int) -> float:
@@ -95,4 +95,5 @@ class Prune(Pass):
         }
         if budget is not None:
             stats["drift_budget"] = budget
-        return PassResult(changed_tensors > 0, stats)
+        return PassResult(changed_tensors > 0, stats, lossy_warnings(
+            self.name, changed_tensors > 0, budget, ctx.max_drift))

@@ -75,7 +75,8 @@ import onnx_graphsurgeon as gs
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
-    fit_drift_budget, fresh_name, input_slots, is_default_domain, nbytes, replace_uses)
+    fit_drift_budget, fresh_name, input_slots, is_default_domain, lossy_warnings, nbytes,
+    replace_uses)
 
 #: Weights with fewer elements stay float: the scale and zero point would cost as much as they save.
 MIN_ELEMENTS = 16
@@ -169,8 +170,10 @@ class QuantizeWeights(Pass):
         opset = opset_version(graph)
         skipped: collections.Counter[str] = collections.Counter()
         if opset < DQ_OPSET:
+            skipped = {f"opset {opset} < {DQ_OPSET}": 1}
             return PassResult(False, {"tensors_quantized": 0, "scheme": "none",
-                                      "skipped": {f"opset {opset} < {DQ_OPSET}": 1}})
+                                      "skipped": skipped},
+                              lossy_warnings(self.name, False, None, ctx.max_drift, skipped))
         owner: dict[int, gs.Graph] = {}
         boundary: set[int] = set()
         weights: dict[int, gs.Constant] = {}
@@ -225,7 +228,8 @@ class QuantizeWeights(Pass):
         }
         if budget is not None:
             stats["drift_budget"] = budget
-        return PassResult(quantized > 0, stats)
+        return PassResult(quantized > 0, stats, lossy_warnings(
+            self.name, quantized > 0, budget, ctx.max_drift, stats["skipped"]))
 
     @staticmethod
     def _dequantize(root: gs.Graph, g: gs.Graph, t: gs.Constant, q: np.ndarray,
