@@ -22,7 +22,16 @@ negative declared dim is unknown) and from op semantics:
 - elementwise ops (Cast, arithmetic, comparisons, logic, Where, Min/Max, ...): an output element
   is known when the elements it is computed from are all known (the input masks broadcast to the
   output shape); values are computed by onnxruntime with 1 in place of unknown elements, which
-  affects only unknown outputs.
+  affects only unknown outputs;
+- absorbing elements: an output element of ``Mul`` on *integer* tensors is known (0) when either
+  operand element is a known 0, of ``And`` (false) when either is a known false, of ``Or`` (true)
+  when either is a known true, whatever the other operand holds. ONNX ``Mul`` on integers is
+  the ring product modulo 2^bits (two's complement wrap-around, as every runtime computes it),
+  where ``x * 0 = 0`` for every x; ``And``/``Or`` are boolean logic (spec, opsets 1-21), where
+  ``x and false = false`` and ``x or true = true``. The value computed with 1 (true) in place of
+  the unknown operand is therefore the right one. Floats are excluded: ``NaN * 0`` and
+  ``inf * 0`` are NaN, and ``-x * 0`` is ``-0.0`` (IEEE 754). So ``Cast(Mul(sr, 0))`` of an int64
+  input ``sr`` of static shape folds, whatever ``sr`` is at run time.
 
 A tensor with a static shape but no other information enters as all-unknown (so
 ``Concat([batch], [128])`` is ``[?, 128]``). A node all of whose outputs are fully known is
@@ -64,6 +73,10 @@ _PARTIAL_ELEMENTS = 64
 _MOVEMENT_OPS = {"Identity": (0,), "Gather": (0,), "Slice": (0,), "Squeeze": (0,),
                  "Unsqueeze": (0,), "Reshape": (0,), "Flatten": (0,), "Concat": None,
                  "Transpose": (0,), "Expand": (0,), "Tile": (0,)}
+
+#: Elementwise ops with an absorbing element: op -> (the absorbing value, whether only integer
+#: operands qualify). See the module docstring.
+_ABSORBING = {"Mul": (0, True), "And": (False, False), "Or": (True, False)}
 
 _ELEMENTWISE_OPS = frozenset({
     "Cast", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Sign", "Floor", "Ceil", "Equal",
@@ -230,7 +243,19 @@ class _PartialValues:
             return None
         if not isinstance(values, np.ndarray) or values.shape != known.shape:
             return None
-        return [_Partial(values, known)]
+        return [_Partial(values, known | _absorbed(node.op, present, known.shape))]
+
+
+def _absorbed(op: str, partials: list[_Partial], shape: tuple) -> np.ndarray | bool:
+    """Where an absorbing element decides the output of ``op`` whatever the other operand holds
+    (see ``_ABSORBING``); False when ``op`` has none or its operands do not qualify."""
+    if op not in _ABSORBING or len(partials) != 2:
+        return False
+    value, integers_only = _ABSORBING[op]
+    if integers_only and not all(np.issubdtype(p.values.dtype, np.integer) for p in partials):
+        return False
+    hits = [np.broadcast_to(p.known & (p.values == value), shape) for p in partials]
+    return np.logical_or.reduce(hits)
 
 
 @register

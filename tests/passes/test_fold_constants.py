@@ -15,7 +15,9 @@ from helpers import (
     make_branch,
     make_model,
     ops,
+    random_feed,
     random_models,
+    run_ort,
     run_passes,
 )
 from hypothesis import given, settings
@@ -334,3 +336,87 @@ def test_generated_graphs_through_the_lossless_pipeline_match_the_original(model
 def test_generated_graphs_through_fold_constants_alone_match_the_original(model):
     out, _ = run_passes(model, ["fold_constants"])
     assert_same_outputs(model, out)
+
+
+# Absorbing elements: integer x * 0, x and false, x or true.
+
+def _state_offset_model(sr_shape: list, sr_dtype=np.int64) -> onnx.ModelProto:
+    """``y = Relu(x) + Cast(sr * 0, float)``: the pattern of silero-vad's ``stateN``."""
+    nodes = [helper.make_node("Mul", ["sr", "zero"], ["m"]),
+             helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Add", ["r", "mf"], ["y"])]
+    return make_model(nodes, [("x", np.float32, [3, 2]), ("sr", sr_dtype, sr_shape)],
+                      [("y", np.float32, [3, 2])],
+                      {"zero": np.array(0, np.dtype(sr_dtype))})
+
+
+def _int_feeds(model, *extremes):
+    """Random feeds plus feeds whose integer inputs hold ``extremes`` (overflowing products)."""
+    feeds = [random_feed(model, seed) for seed in (0, 1)]
+    for v in extremes:
+        feed = dict(feeds[0])
+        for k, a in feed.items():
+            if a.dtype.kind in "iu":
+                feed[k] = np.full(a.shape, v, a.dtype)
+        feeds.append(feed)
+    return feeds
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
+def test_integer_times_zero_of_a_static_shape_is_folded(dtype):
+    model = _state_offset_model([], dtype)
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["Relu"]  # Mul folds, then Cast, then r + 0.0 goes
+    info = np.iinfo(dtype)
+    assert_same_outputs(model, out, _int_feeds(model, info.max, info.min))
+
+
+def test_integer_times_zeros_folds_to_the_broadcast_shape():
+    nodes = [helper.make_node("Mul", ["zeros", "n"], ["y"]),
+             helper.make_node("Add", ["y", "n"], ["z"])]
+    model = make_model(nodes, [("n", np.int64, [2, 1])], [("z", np.int64, [2, 3])],
+                       {"zeros": np.zeros([1, 3], np.int64)})
+    out, _ = run_passes(model, FOLD)
+    assert ops(out) == ["Add"]
+    assert initializers(out)["y"].shape == (2, 3)
+    assert_same_outputs(model, out, _int_feeds(model, np.iinfo(np.int64).max))
+
+
+def test_integer_times_partly_zero_constant_is_not_folded():
+    nodes = [helper.make_node("Mul", ["n", "c"], ["y"])]
+    model = make_model(nodes, [("n", np.int64, [3])], [("y", np.int64, [3])],
+                       {"c": np.array([0, 2, 0], np.int64)})
+    out, _ = run_passes(model, FOLD)
+    assert ops(out) == ["Mul"]
+    assert_same_outputs(model, out)
+
+
+def test_float_times_zero_is_not_folded():
+    """NaN * 0 and inf * 0 are NaN, -1 * 0 is -0.0: the product depends on x."""
+    nodes = [helper.make_node("Mul", ["x", "zero"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [4])], [("y", np.float32, [4])],
+                       {"zero": np.array(0.0, np.float32)})
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert ops(out) == ["Mul"]
+    x = np.array([np.nan, np.inf, -1.0, 2.0], np.float32)
+    assert_same_outputs(model, out, [{"x": x}])
+    assert np.isnan(run_ort(out, {"x": x})["y"][:2]).all()
+
+
+def test_integer_times_zero_of_a_dynamic_shape_is_not_folded():
+    model = _state_offset_model(["n"])
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert "Mul" in ops(out)
+    assert_same_outputs(model, out)
+
+
+@pytest.mark.parametrize("op, absorbing, folds", [("And", False, True), ("Or", True, True),
+                                                  ("And", True, False), ("Or", False, False)])
+def test_and_false_and_or_true_are_folded(op, absorbing, folds):
+    nodes = [helper.make_node(op, ["b", "c"], ["y"]), helper.make_node("Xor", ["y", "b"], ["z"])]
+    model = make_model(nodes, [("b", np.bool_, [2, 3])], [("z", np.bool_, [2, 3])],
+                       {"c": np.array([absorbing] * 3)})
+    out, _ = run_passes(model, FOLD)
+    assert (op in ops(out)) is not folds
+    assert_same_outputs(model, out, [{"b": np.array([[True, False, True], [False, False, True]])}])
