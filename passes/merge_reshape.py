@@ -6,11 +6,23 @@ Two rewrites, both about ops that move no element (row-major order is kept; ONNX
 1. ``Reshape(R(X), s)`` with ``R`` one of ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``
    becomes ``Reshape(X, s)``. ``R`` keeps the elements and their order, so the outer Reshape's
    result depends only on the element count (the same for ``X`` and ``R(X)``) and on ``s`` -- except
-   that an entry ``s[i] = 0`` with ``allowzero = 0`` copies dimension ``i`` *of ``R(X)``*. ``s`` must
-   be an initializer; ``-1`` entries are kept (the element count they divide is unchanged); a ``0``
-   entry with ``allowzero = 0`` is replaced by the intermediate's dimension ``i`` when shape
-   inference knows it and it is positive (the new shape is a new initializer), else the node is
-   refused; with ``allowzero = 1`` a ``0`` is a literal zero and is kept.
+   that an entry ``s[i] = 0`` with ``allowzero = 0`` copies dimension ``i`` *of ``R(X)``*. ``s`` is
+   an initializer or ``Shape(T)``; ``-1`` entries are kept (the element count they divide is
+   unchanged). With ``allowzero = 1`` a ``0`` is a literal zero: any ``s`` is kept. With
+   ``allowzero = 0``:
+
+   - ``s`` an initializer: a ``0`` entry is replaced by the intermediate's dimension ``i`` when
+     shape inference knows it and it is positive (the new shape is a new initializer), else the
+     node is refused.
+   - ``s = Shape(T)`` (``start`` 0): ``s[i]`` is 0 only when ``T.shape[i]`` is. Kept as is when
+     every ``i < rank(T)`` satisfies one of: ``T.shape[i]`` is known positive; ``i >= rank(R(X))``
+     (a 0 there makes the original fail, and the rewrite may succeed instead); or
+     ``X.shape[i] ≡ T.shape[i]`` and either ``R(X).shape[i] ≡ X.shape[i]`` or ``R(X)`` is 1-D (its
+     one dim is ``numel(X)``, 0 when ``X.shape[i]`` is) -- then at a 0 both Reshapes copy 0.
+     ``≡`` is the same dim at run time: the same tensor, equal static dims, or
+     ``X = Gather(D, indices=T, axis=0)`` (shape ``T.shape + D.shape[1:]``); symbolic dims are not
+     compared (declared ones may be wrong). E.g. ``Reshape(Reshape(Gather(D, T), [-1]), Shape(T))``,
+     the attention-mask idiom of BERT exports.
 
 2. ``Squeeze``/``Unsqueeze`` pairs become one op with combined axes. With ``r`` the rank of ``X``,
    axes normalized (a negative axis of ``Squeeze`` counts from ``r``, of ``Unsqueeze`` from the
@@ -32,7 +44,8 @@ are new initializers, and the first node is removed when nothing else reads it. 
 come from ONNX shape inference of the whole model, subgraphs included (``passes._util.TensorTypes``;
 never from declared value_info).
 
-Refused (stats ``refused``): ``shape_not_constant``, ``zero_copies_unknown_dim``,
+Refused (stats ``refused``): ``shape_not_constant`` (neither an initializer nor ``Shape(T)``),
+``zero_copies_unknown_dim``, ``zero_copies_unrelated_dim`` (``Shape(T)`` not proven as above),
 ``rank_unknown`` (negative axes whose rank is not known), ``axes_unknown`` (axes not an initializer,
 or an axis-less Squeeze of a shape not fully static), ``not_one_op`` (a Squeeze/Unsqueeze pair that
 is neither an identity nor one op, e.g. ``Squeeze(Unsqueeze(X, [0]), [1])``),
@@ -50,13 +63,14 @@ import onnx_graphsurgeon as gs
 from optimizer.graph import iter_graphs, opset_version
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
-    consecutive_pairs,
     TensorTypes,
     bypass,
+    consecutive_pairs,
     constant_value,
     drop_disconnected,
     drop_if_unused,
     fresh_name,
+    is_default_domain,
 )
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -142,14 +156,68 @@ def _set_axes(graph: gs.Graph, node: gs.Node, op: str, x: gs.Tensor, axes: list[
         node.attrs["axes"] = axes
 
 
-def _resolved_shape(second: gs.Node, types: TensorTypes) -> np.ndarray | None | str:
-    """The outer Reshape's target shape with its 0 entries resolved (None: no 0 to resolve), or a
-    refusal reason."""
+def _same_dim(a: gs.Tensor, b: gs.Tensor, i: int, types: TensorTypes) -> bool:
+    """Whether dim ``i`` of ``a`` is dim ``i`` of ``b`` at run time (``i < rank(b)``): the same
+    tensor, equal static dims, or ``a = Gather(data, indices=b, axis=0)``."""
+    if a is b:
+        return True
+    sa, sb = types.shape(a), types.shape(b)
+    if sa is not None and sb is not None and i < min(len(sa), len(sb)) and sa[i] is not None \
+            and sa[i] == sb[i]:
+        return True
+    if len(a.inputs) != 1:
+        return False
+    gather = a.inputs[0]
+    if gather.op != "Gather" or not is_default_domain(gather) or gather.inputs[1] is not b:
+        return False
+    axis = gather.attrs.get("axis", 0)
+    data_rank = types.rank(gather.inputs[0])
+    return axis == 0 or data_rank is not None and axis == -data_rank
+
+
+def _shape_source(second: gs.Node) -> gs.Tensor | None:
+    """``T`` when the outer Reshape's target shape is ``Shape(T)`` from dim 0, else None."""
+    target = second.inputs[1]
+    if len(target.inputs) != 1:
+        return None
+    shape = target.inputs[0]
+    if shape.op != "Shape" or not is_default_domain(shape) or shape.attrs.get("start", 0) != 0:
+        return None
+    return shape.inputs[0]
+
+
+def _zeros_copy_same_dims(first: gs.Node, second: gs.Node, t: gs.Tensor,
+                          types: TensorTypes) -> bool:
+    """Whether every 0 of ``Shape(t)`` copies the same dim from ``X`` as from ``R(X)`` or makes
+    the original fail (see the module docstring)."""
+    x, mid = first.inputs[0], second.inputs[0]
+    t_shape, mid_rank = types.shape(t), types.rank(mid)
+    if t_shape is None or mid_rank is None:
+        return False
+    for i, d in enumerate(t_shape):
+        if d is not None and d > 0 or i >= mid_rank:
+            continue
+        if not _same_dim(x, t, i, types) or not (mid_rank == 1 or _same_dim(mid, x, i, types)):
+            return False
+    return True
+
+
+def _resolved_shape(first: gs.Node, second: gs.Node, types: TensorTypes
+                    ) -> np.ndarray | None | str:
+    """The outer Reshape's target shape with its 0 entries resolved (None: keep the target as
+    is), or a refusal reason."""
+    allowzero = second.attrs.get("allowzero", 0)
     target = constant_value(second.inputs[1])
     if target is None:
-        return "shape_not_constant"
+        if allowzero:
+            return None
+        t = _shape_source(second)
+        if t is None:
+            return "shape_not_constant"
+        return None if _zeros_copy_same_dims(first, second, t, types) \
+            else "zero_copies_unrelated_dim"
     target = np.asarray(target)
-    if second.attrs.get("allowzero", 0) or not (target == 0).any():
+    if allowzero or not (target == 0).any():
         return None
     mid_shape = types.shape(second.inputs[0])
     resolved = target.copy()
@@ -176,7 +244,7 @@ class MergeReshape(Pass):
                 continue
             x = first.inputs[0]
             if second.op == "Reshape":
-                target = _resolved_shape(second, types)
+                target = _resolved_shape(first, second, types)
                 if isinstance(target, str):
                     refused[target] += 1
                     continue

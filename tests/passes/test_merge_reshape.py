@@ -7,9 +7,20 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import pytest
-from helpers import (all_graphs, assert_same_outputs, initializers, make_branch, make_model, ops,
-                     output_names, run_once, run_passes)
+from helpers import (
+    all_graphs,
+    assert_same_outputs,
+    initializers,
+    make_branch,
+    make_model,
+    ops,
+    output_names,
+    run_once,
+    run_ort,
+    run_passes,
+)
 from helpers import zoo_files as _zoo_paths
 from onnx import TensorProto, helper
 
@@ -203,6 +214,149 @@ def test_identity_pair_on_graph_input_to_graph_output_refused():
     assert ops(out) == ["Squeeze", "Unsqueeze"]
 
 
+def _mask_model(inner="reshape", target="T", axis=0, start=None, inner_is_output=False):
+    """``Y = Reshape(inner(X), Shape(target))`` with ``X = Gather(D, T, axis)``, ``D`` the mask
+    ``M`` [B, S] as float [B·S, 1] (axis 0) or [1, B·S] (axis 1): the attention-mask idiom of
+    BERT exports (``inner`` a Reshape to [-1], target ``T``) and variants. ``T`` [N, K] int64
+    indices, ``U`` [P, Q] float."""
+    inits = {}
+    nodes = [helper.make_node("Cast", ["M"], ["F"], to=TensorProto.FLOAT),
+             helper.make_node("Flatten", ["F"], ["D"], axis=2 if axis == 0 else 0),
+             helper.make_node("Gather", ["D", "T"], ["X"], axis=axis)]
+    if inner == "reshape":
+        nodes.append(_reshape("X", "A", [-1], inits))
+    else:
+        nodes.append(helper.make_node("Flatten", ["X"], ["A"], axis=0))
+    attrs = {} if start is None else {"start": start}
+    nodes += [helper.make_node("Shape", [target], ["S"], **attrs),
+              helper.make_node("Reshape", ["A", "S"], ["Y"])]
+    inputs = [("M", np.int64, ["B", "S"]), ("T", np.int64, ["N", "K"])]
+    if target == "U":
+        inputs.append(("U", np.float32, ["P", "Q"]))
+    outputs = [_out("Y", 2 if start is None else 1)]
+    if inner_is_output:
+        outputs.append(_out("A", 1))
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _mask_feed(t_shape, u_shape=(2, 3), seed=0):
+    """M [2, 3] and indices T (into B·S = 6 rows or columns) of ``t_shape``."""
+    rng = np.random.default_rng(seed)
+    return {"M": rng.integers(0, 2, (2, 3)).astype(np.int64),
+            "T": rng.integers(0, 6, t_shape).astype(np.int64),
+            "U": rng.normal(size=u_shape).astype(np.float32)}
+
+
+def _reader_of(model, output):
+    return next(n for n in model.graph.node if n.output == [output])
+
+
+def test_runtime_shape_of_gather_indices_merged():
+    """``Reshape(Reshape(Gather(D, T), [-1]), Shape(T))`` becomes ``Reshape(Gather(D, T),
+    Shape(T))``: a 0 in ``Shape(T)`` at position 0 copies ``numel(X) = 0`` before and
+    ``X.shape[0] = T.shape[0] = 0`` after. Checked on an empty ``T`` of shape [0, 3] too."""
+    model = _mask_model()
+    out, records = run_passes(model, ["merge_reshape"])
+    assert sorted(ops(out)) == ["Cast", "Flatten", "Gather", "Reshape", "Shape"]
+    assert _reader_of(out, "Y").input == ["X", "S"]
+    assert records[0].stats["nodes_removed"] == 1 and records[0].stats["refused"] == {}
+    assert_same_outputs(model, out, [_mask_feed(s) for s in ((2, 3), (1, 4), (0, 3))])
+
+
+def test_runtime_shape_zero_past_rank_of_intermediate_fails_only_before():
+    """A 0 at position 1 of ``Shape(T)`` copies a dim the 1-D intermediate does not have: the
+    original fails, the merged Reshape copies ``X.shape[1] = 0`` (the accepted difference)."""
+    model = _mask_model()
+    out, _ = run_passes(model, ["merge_reshape"])
+    feed = _mask_feed((3, 0))
+    with pytest.raises(Exception, match="zero"):
+        run_ort(model, feed)
+    assert run_ort(out, feed)["Y"].shape == (3, 0)
+
+
+def test_runtime_shape_of_own_input_merged():
+    """``Reshape(Reshape(T, [-1]), Shape(T))``: ``X`` is ``T``, so a 0 copies ``T``'s own dim."""
+    inits = {}
+    nodes = [_reshape("T", "A", [-1], inits), helper.make_node("Shape", ["T"], ["S"]),
+             helper.make_node("Reshape", ["A", "S"], ["Y"])]
+    model = make_model(nodes, [("T", np.int64, ["N", "K"])], [("Y", np.int64, ["N", "K"])], inits)
+    out, _ = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Shape", "Reshape"] and _reader_of(out, "Y").input == ["T", "S"]
+    assert_same_outputs(model, out, [_mask_feed(s) for s in ((2, 3), (0, 3))])
+
+
+def test_runtime_shape_with_allowzero_merged():
+    """With ``allowzero = 1`` a 0 is literal, so any target shape is kept."""
+    inits = {}
+    nodes = [_reshape("X", "A", [-1], inits), helper.make_node("Reshape", ["A", "S"], ["Y"],
+                                                               allowzero=1)]
+    model = make_model(nodes, [("X", np.float32, ["A0", "A1", "A2"]), ("S", np.int64, [2])],
+                       [_out("Y", 2)], inits, opset=14)
+    out, _ = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape"] and out.graph.node[0].input == ["X", "S"]
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    assert_same_outputs(model, out, [{"X": x, "S": np.array([4, 6])},
+                                     {"X": x[:, :0], "S": np.array([0, 5])}])
+
+
+def test_runtime_shape_inner_reshape_with_other_reader_stays():
+    model = _mask_model(inner_is_output=True)
+    out, records = run_passes(model, ["merge_reshape"])
+    assert ops(out).count("Reshape") == 2 and _reader_of(out, "Y").input == ["X", "S"]
+    assert records[0].stats["merged"] == 1 and records[0].stats["nodes_removed"] == 0
+    assert_same_outputs(model, out, [_mask_feed(s) for s in ((2, 3), (0, 3))])
+
+
+def _dynamic_zero_model():
+    inits = {}
+    nodes = [_reshape("X", "A", [-1, 4], inits), _reshape("A", "Y", [0, 2, 2], inits)]
+    return make_model(nodes, [("X", np.float32, ["N", 3, 4])], [_out("Y", 3)], inits)
+
+
+def _x_feed(n):
+    return {"X": np.random.default_rng(0).normal(size=(n, 3, 4)).astype(np.float32)}
+
+
+# (model, reason, feeds the original runs, feed on which the unchecked merge differs from it)
+_UNSAFE = {
+    "shape_of_unrelated_tensor": (
+        lambda: _mask_model(target="U"), "zero_copies_unrelated_dim",
+        [_mask_feed((2, 3), u_shape=(3, 2))], _mask_feed((2, 3), u_shape=(0, 1))),
+    "gather_along_axis_1": (
+        lambda: _mask_model(axis=1), "zero_copies_unrelated_dim",
+        [_mask_feed((2, 3))], _mask_feed((0, 1))),
+    "intermediate_2d_not_copying_dims": (
+        lambda: _mask_model(inner="flatten0"), "zero_copies_unrelated_dim",
+        [_mask_feed((2, 3))], _mask_feed((0, 0))),
+    "shape_from_dim_1": (
+        lambda: _mask_model(start=1), "shape_not_constant",
+        [_mask_feed((1, 3))], _mask_feed((2, 0))),
+    "constant_zero_copying_dynamic_dim": (
+        _dynamic_zero_model, "zero_copies_unknown_dim", [_x_feed(1)], _x_feed(2)),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNSAFE))
+def test_unsafe_zero_copy_refused(case):
+    """Each refused pair has a feed on which merging it regardless would change the result."""
+    build, reason, feeds, counterexample = _UNSAFE[case]
+    model = build()
+    out, result = run_once(model, "merge_reshape")
+    assert not result.modified and result.stats["refused"] == {reason: 1}
+    assert_same_outputs(model, out, feeds + [counterexample])
+    unchecked = onnx.ModelProto()
+    unchecked.CopyFrom(model)
+    reshape = _reader_of(unchecked, "Y")
+    reshape.input[0] = _reader_of(unchecked, reshape.input[0]).input[0]
+    expected = run_ort(model, counterexample)["Y"]
+    try:
+        got = run_ort(unchecked, counterexample)["Y"]
+    except Exception as err:  # noqa: BLE001 -- onnxruntime's own error types
+        assert "cannot be reshaped" in str(err)  # the merge would fail where the original runs
+        return
+    assert got.shape != expected.shape
+
+
 def _if_model(then_nodes, inits, rank):
     then = make_branch(then_nodes, [_out("TY", rank)], inits, name="then")
     other = make_branch([helper.make_node("Unsqueeze", ["X", "e_axes"], ["EY"])], [_out("EY", rank)],
@@ -242,10 +396,11 @@ def test_negative_axes_of_subgraph_tensor_merged():
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name,fewer,merged", [("minilm_l6", 6, 6), ("silero_vad", 0, 4)])
+@pytest.mark.parametrize("name,fewer,merged", [("minilm_l6", 7, 7), ("silero_vad", 0, 4)])
 def test_real_models(name, fewer, merged):
     """MiniLM: three Unsqueeze chains of three (position ids, attention mask) become single
-    Unsqueezes. silero_vad: in the If branches, LSTM state Squeeze(0) -> Squeeze(0) pairs read by
+    Unsqueezes, and the attention mask's ``Reshape(Reshape(Gather(D, T), [-1]), Shape(T))`` one
+    Reshape. silero_vad: in the If branches, LSTM state Squeeze(0) -> Squeeze(0) pairs read by
     a nested If become Squeeze([0, 1]) of the LSTM output (the first Squeeze has other readers)."""
     onnx_file, npz_file = _zoo_paths(name)
     _, base = optimize(onnx_file, passes=[p for p in LOSSLESS_PIPELINE if p != "merge_reshape"],
