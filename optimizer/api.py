@@ -37,10 +37,11 @@ def _describe_source(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<memory>"
 
 
-def checker_error(model: onnx.ModelProto) -> str:
-    """``onnx.checker``'s complaint about ``model`` in one line, or "" when it passes (models over
-    the 2 GiB protobuf limit are not checked)."""
-    if io.needs_external_data(model):
+def checker_error(model: onnx.ModelProto | bytes | None) -> str:
+    """``onnx.checker``'s complaint about ``model`` (a ModelProto or its serialization) in one
+    line, or "" when it passes; models over the 2 GiB protobuf limit (or None, what
+    :func:`optimizer.io.serialize` gives for them) are not checked."""
+    if model is None or (not isinstance(model, bytes) and io.needs_external_data(model)):
         return ""
     try:
         onnx.checker.check_model(model)
@@ -124,8 +125,9 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
              max_drift: float = DEFAULT_MAX_DRIFT, verify_each: bool = False,
              fold_size_limit: int = 1 << 20, max_iterations: int = 10,
              raise_on_failure: bool = True, strict: bool = False, layerwise: bool = False,
-             on_pass: Callable[[PassRecord], None] | None = None
-             ) -> tuple[onnx.ModelProto, Report]:
+             on_pass: Callable[[PassRecord], None] | None = None,
+             output: str | os.PathLike | None = None, external_data: bool | None = None,
+             keep_invalid: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and check it still computes the same outputs.
 
     Args:
@@ -146,6 +148,14 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         strict: with ``raise_on_failure``, also raise when a pass had to be rolled back.
         layerwise: also compare the intermediate tensors of the original and the result
             (``report.layerwise``, see ``optimizer.layerwise``; needs ``validate``).
+        output: also write the result to this path (atomically, see
+            :func:`optimizer.io.save_model`; never over ``model``'s file or its external data)
+            when it passes: validation passed or was off, and with ``strict`` nothing was rolled
+            back; with ``keep_invalid`` also when it does not. ``report.output`` names the file
+            written. Cheaper than saving afterwards: the serialization made for validation is
+            written.
+        external_data: for ``output``: True to store tensors in ``<output>.data``, None to do so
+            only over the 2 GiB protobuf limit.
 
     When the result fails validation, the lossless passes are left out one at a time (last in the
     pipeline first); the first run that validates is returned, and the pass it left out is listed
@@ -162,12 +172,18 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     """
     start = time.perf_counter()
     check_criteria(atol, rtol, max_drift)
-    original = io.load_model(model)
+    protect = []
+    if isinstance(model, (str, os.PathLike)) and output is not None:
+        protect = io.protected_files(model, [output, f"{output}.data"])
+    original, original_bytes = io.load_model_and_bytes(model)
     if original is model:  # the caller's object: exporting may touch the protos it shares
         original = onnx.ModelProto()
         original.CopyFrom(model)
     fixed_point, once = build_pipeline(passes, skip, prune_threshold, quantize)
-    report = Report(_version(), "optimize", _describe_source(model), model_stats(original))
+    if original_bytes is None and validate:
+        original_bytes = io.serialize(original)
+    report = Report(_version(), "optimize", _describe_source(model), model_stats(
+        original, None if original_bytes is None else len(original_bytes)))
     feeds = None
     if validate:
         feeds, report.inputs = resolve_feeds(original, inputs, input_shapes, seed)
@@ -184,22 +200,26 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         return export_graph(graph, original), records
 
     # The checker judges results only when the input passes it (real exports often do not).
-    original_valid = validate and not checker_error(original)
+    original_valid = validate and not checker_error(
+        original if original_bytes is None else original_bytes)
 
-    def check(candidate, records):
+    def check(candidate, data, records):
+        """Validate ``candidate``, serialized as ``data`` (None over the protobuf limit)."""
         lossy = any(r.modified for r in records if not REGISTRY[r.name].lossless)
-        broken = checker_error(candidate) if original_valid else ""
+        broken = checker_error(candidate if data is None else data) if original_valid else ""
         if broken:  # invalid ONNX: fails like a model onnxruntime cannot load
             return ValidationResult(False, "lossy" if lossy else "lossless", atol, rtol,
                                     max_drift, len(feeds), reason=broken)
-        return compare_models(original, candidate, feeds, atol=atol, rtol=rtol,
+        return compare_models(original if original_bytes is None else original_bytes,
+                              candidate if data is None else data, feeds, atol=atol, rtol=rtol,
                               max_drift=max_drift, lossy=lossy,
                               synthesized=report.inputs["source"] == "synthesized",
                               warnings=report.inputs.get("warnings", []))
 
     optimized, report.passes = run_pipeline()
+    serialized = io.serialize(optimized) if validate or output is not None else None
     if validate:
-        report.validation = check(optimized, report.passes)
+        report.validation = check(optimized, serialized, report.passes)
         if not report.validation.passed:
             # Roll back: the first lossless pass (from the end of the pipeline) without which
             # the result validates is left out, and named in the report.
@@ -207,7 +227,8 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
                 if not any(r.name == p.name and r.modified for r in report.passes):
                     continue
                 candidate, records = run_pipeline(frozenset({p.name}))
-                result = check(candidate, records)
+                candidate_bytes = io.serialize(candidate)
+                result = check(candidate, candidate_bytes, records)
                 if result.passed:
                     # Name the first tensor that went wrong in the failing candidate.
                     diverged = first_divergence(
@@ -216,17 +237,23 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
                     report.rolled_back.append({"pass": p.name, "reason": report.validation.reason,
                                                "first_divergence": diverged})
                     optimized, report.passes, report.validation = candidate, records, result
+                    serialized = candidate_bytes
                     break
     if validate and layerwise:
         report.layerwise = compare_layerwise(
             original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
             lossy=report.validation.mode == "lossy",
             synthesized=report.inputs["source"] == "synthesized")
-    report.after = model_stats(optimized)
+    report.after = model_stats(optimized, None if serialized is None else len(serialized))
     report.warnings = [w for r in report.passes for w in r.warnings] + (
         report.validation.warnings if report.validation is not None else [])
-    report.seconds = time.perf_counter() - start
     failed = report.validation is not None and not report.validation.passed
+    if output is not None and (keep_invalid or not (failed or (strict and report.rolled_back))):
+        io.save_model(optimized, output, external_data=external_data, protect=tuple(protect),
+                      serialized=serialized)
+        report.output = str(output)
+        report.after.file_bytes = os.path.getsize(output)
+    report.seconds = time.perf_counter() - start
     if raise_on_failure and (failed or (strict and report.rolled_back)):
         reason = (report.validation.reason if failed else
                   f"pass '{report.rolled_back[0]['pass']}' was rolled back (--strict): "
@@ -252,13 +279,18 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     """
     start = time.perf_counter()
     check_criteria(atol, rtol, max_drift)
-    ref = io.load_model(reference)
-    cand = io.load_model(candidate)
-    report = Report(_version(), "validate", _describe_source(reference), model_stats(ref),
-                    after=model_stats(cand), output=_describe_source(candidate))
+    ref, ref_bytes = io.load_model_and_bytes(reference)
+    cand, cand_bytes = io.load_model_and_bytes(candidate)
+    ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes
+    cand_bytes = io.serialize(cand) if cand_bytes is None else cand_bytes
+    report = Report(_version(), "validate", _describe_source(reference),
+                    model_stats(ref, None if ref_bytes is None else len(ref_bytes)),
+                    after=model_stats(cand, None if cand_bytes is None else len(cand_bytes)),
+                    output=_describe_source(candidate))
     feeds, report.inputs = resolve_feeds(ref, inputs, input_shapes, seed)
     report.validation = compare_models(
-        ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
+        ref if ref_bytes is None else ref_bytes, cand if cand_bytes is None else cand_bytes,
+        feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
         synthesized=report.inputs["source"] == "synthesized",
         warnings=report.inputs.get("warnings", []))
     report.warnings = list(report.validation.warnings)

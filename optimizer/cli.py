@@ -10,25 +10,74 @@ import contextlib
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime as ort
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
 from optimizer import __version__, api, io
 from optimizer.errors import OnnxoptError, PassError, UsageError, ValidationFailed
 from optimizer.graph import ModelStats, model_stats
-from optimizer.html_report import write_html
 from optimizer.inputs import parse_input_shapes
 from optimizer.report import Report, format_stats, human_bytes, pass_summary
 from optimizer.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+# rich's console, tables and progress and the HTML report are imported where used: a --quiet
+# run, as in an export pipeline or CI, needs none of them (they are a tenth of its start-up).
+
+
+class _Out:
+    """Where a command prints: a rich Console (tables, colours), or plain ``print`` for a
+    --quiet run whose output is not a terminal (rich is then never imported)."""
+
+    def __init__(self, rich: bool) -> None:
+        self.console: Console | None = None
+        if rich:
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+            if not self.console.is_terminal:  # piped or captured: no width to respect
+                self.console.width = max(self.console.width, 160)
+
+    def line(self, text: str, head: str = "", style: str = "") -> None:
+        """Print ``head`` (in ``style``) then ``text``; neither is read as rich markup, so
+        names and messages with brackets print as they are."""
+        if self.console is None:
+            print(head + text)
+            return
+        from rich.text import Text
+
+        self.console.print(Text(head, style=style) + Text(text))
+
+    def show(self, renderable) -> None:
+        """Print a rich renderable (a table); only for runs that are not --quiet."""
+        self.console.print(renderable)
+
+
+def _table(**options) -> Table:
+    from rich.table import Table
+
+    return Table(**options)
+
+
+def _escape(text: str) -> str:
+    """``text`` for a rich table cell (brackets are not markup)."""
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _write_html(report: Report, path: str) -> None:
+    from optimizer.html_report import write_html
+
+    write_html(report, path)
+
 
 def _size_table(before: ModelStats, after: ModelStats, seconds: float | None) -> Table:
-    table = Table(title="Model before and after", show_lines=False)
+    table = _table(title="Model before and after", show_lines=False)
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -54,23 +103,23 @@ def _size_table(before: ModelStats, after: ModelStats, seconds: float | None) ->
 
 
 def _pass_table(report: Report) -> Table:
-    table = Table(title="Passes")
+    table = _table(title="Passes")
     table.add_column("pass")
     table.add_column("runs", justify="right")
     table.add_column("statistics")
     table.add_column("time", justify="right")
     for name, runs, stats, secs in pass_summary(report.passes):
-        table.add_row(name, str(runs), escape(format_stats(stats)), f"{secs * 1000:.0f} ms")
+        table.add_row(name, str(runs), _escape(format_stats(stats)), f"{secs * 1000:.0f} ms")
     return table
 
 
 def _validation_table(report: Report) -> Table:
     v = report.validation
-    table = Table(title=f"Validation ({v.mode}, {v.feeds} feed{'s' if v.feeds != 1 else ''})")
+    table = _table(title=f"Validation ({v.mode}, {v.feeds} feed{'s' if v.feeds != 1 else ''})")
     for col in ("output", "shape", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "ok"):
         table.add_column(col, justify="left" if col in ("output", "shape") else "right")
     for m in v.outputs:
-        table.add_row(escape(m.name), escape(f"{m.dtype}{m.shape}"), f"{m.max_abs:.3g}",
+        table.add_row(_escape(m.name), _escape(f"{m.dtype}{m.shape}"), f"{m.max_abs:.3g}",
                       f"{m.max_rel:.3g}",
                       f"{m.mean_abs:.3g}", f"{m.cosine:.6f}", f"{m.snr_db:.1f}",
                       "yes" if m.passed else f"NO: {m.reason}")
@@ -90,43 +139,44 @@ def _layerwise_tables(report: Report) -> list:
         shown = [f"[green]{title}[/]: no shared tensor diverges"]
     else:
         m = d.metrics
-        table = Table(title=f"{title}: first divergence")
+        table = _table(title=f"{title}: first divergence")
         for col in ("tensor", "reference node", "candidate node", "shape", "max abs", "cosine",
                     "SNR dB", "reason"):
             table.add_column(col, justify="right" if col in ("max abs", "cosine", "SNR dB")
                              else "left")
-        table.add_row(escape(d.tensor), escape(f"{d.reference_node.name} ({d.reference_node.op})"),
-                      escape(f"{d.candidate_node.name} ({d.candidate_node.op})"),
-                      escape(f"{m.dtype}{m.shape}"), f"{m.max_abs:.3g}", f"{m.cosine:.6f}",
-                      f"{m.snr_db:.1f}", escape(m.reason))
+        table.add_row(_escape(d.tensor),
+                      _escape(f"{d.reference_node.name} ({d.reference_node.op})"),
+                      _escape(f"{d.candidate_node.name} ({d.candidate_node.op})"),
+                      _escape(f"{m.dtype}{m.shape}"), f"{m.max_abs:.3g}", f"{m.cosine:.6f}",
+                      f"{m.snr_db:.1f}", _escape(m.reason))
         shown = [table]
     if lw.ranking:
-        ranking = Table(title="Nodes adding the most error (SNR drop from worst input to output)")
+        ranking = _table(title="Nodes adding the most error (SNR drop from worst input to output)")
         for col in ("node", "op", "tensor", "input SNR dB", "output SNR dB", "added dB"):
             ranking.add_column(col, justify="right" if "dB" in col else "left")
         for r in lw.ranking:
-            ranking.add_row(escape(r.node.name), r.node.op, escape(r.tensor),
+            ranking.add_row(_escape(r.node.name), r.node.op, _escape(r.tensor),
                             f"{r.input_snr_db:.1f}",
                             f"{r.output_snr_db:.1f}", f"{r.added_db:.1f}")
         shown.append(ranking)
     return shown
 
 
-def _print_input_warnings(report: Report, console: Console) -> None:
-    # Text, not markup: the messages contain brackets such as [0, 10).
+def _print_input_warnings(report: Report, out: _Out) -> None:
     for warning in report.inputs.get("warnings", []) + report.warnings:
-        console.print(Text("warning: ", style="yellow") + Text(warning))
+        out.line(warning, "warning: ", "yellow")
 
 
-def _verdict_line(report: Report) -> str:
+def _print_verdict(report: Report, out: _Out) -> None:
     v = report.validation
     if v is None:
-        return "[yellow]not validated[/] (--no-validate)"
-    if v.passed:
+        out.line(" (--no-validate)", "not validated", "yellow")
+    elif v.passed:
         crit = (f"cosine >= {v.max_drift}" if v.mode == "lossy"
                 else f"atol {v.atol:g} + rtol {v.rtol:g} of range")
-        return f"[green]validation passed[/] ({crit})"
-    return f"[red]validation FAILED[/]: {v.reason}"
+        out.line(f" ({crit})", "validation passed", "green")
+    else:
+        out.line(f": {v.reason}", "validation FAILED", "red")
 
 
 def _common_input_args(p: argparse.ArgumentParser) -> None:
@@ -209,7 +259,7 @@ def _split(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-_REPORT_WRITERS = {".json": Report.write_json, ".html": write_html, ".htm": write_html}
+_REPORT_WRITERS = {".json": Report.write_json, ".html": _write_html, ".htm": _write_html}
 
 
 def _report_writer(path: str | None):
@@ -234,7 +284,11 @@ def _progress(description: str, quiet: bool):
     if quiet or not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    from rich.console import Console
+
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(description, total=None)
         runs = 0
@@ -272,14 +326,13 @@ def _check_output_path(path: str | None, what: str) -> None:
             break
 
 
-def _cmd_optimize(args, console: Console) -> int:
+def _cmd_optimize(args, out: _Out) -> int:
     if args.max_iterations < 1:
         raise UsageError(f"--max-iterations must be at least 1, got {args.max_iterations}")
     if args.fold_size_limit < 0:
         raise UsageError(f"--fold-size-limit must not be negative, got {args.fold_size_limit}")
-    protected = [args.model, *map(str, io.external_data_files(args.model))]
-    output_data = f"{args.output}.data"
-    _refuse_overwriting(protected, [args.output, output_data, args.report])
+    targets = [args.output, f"{args.output}.data", args.report]
+    _refuse_overwriting(list(map(str, io.protected_files(args.model, targets))), targets)
     _check_output_path(args.output, "optimized model")
     _check_output_path(args.report, "report")
     if args.report and Path(args.report).resolve() == Path(args.output).resolve():
@@ -287,50 +340,44 @@ def _cmd_optimize(args, console: Console) -> int:
     write_report = _report_writer(args.report)
     passes = _split([args.passes]) if args.passes else None
     with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
-        model, report = api.optimize(
+        _, report = api.optimize(
             args.model, passes=passes, skip=_split(args.skip),
             prune_threshold=args.prune_threshold, quantize=args.quantize,
             validate=not args.no_validate, inputs=args.inputs,
             input_shapes=parse_input_shapes(args.input_shape), seed=args.seed, atol=args.atol,
             rtol=args.rtol, max_drift=args.max_drift, verify_each=args.verify_each,
             fold_size_limit=args.fold_size_limit, max_iterations=args.max_iterations,
-            raise_on_failure=False, on_pass=on_pass, layerwise=args.layerwise)
+            raise_on_failure=False, strict=args.strict, on_pass=on_pass,
+            layerwise=args.layerwise, output=args.output,
+            external_data=True if args.external_data else None, keep_invalid=args.keep_invalid)
     passed = (report.validation is None or report.validation.passed) and \
         not (args.strict and report.rolled_back)
-    if passed or args.keep_invalid:
-        with _progress(f"writing {args.output}", args.quiet):
-            io.save_model(model, args.output,
-                          external_data=True if args.external_data else None,
-                          protect=tuple(protected))
-        report.output = args.output
-        report.after.file_bytes = Path(args.output).stat().st_size
     report.before.file_bytes = Path(args.model).stat().st_size
     if not args.quiet:
-        console.print(_size_table(report.before, report.after, report.seconds))
-        console.print(_pass_table(report))
+        out.show(_size_table(report.before, report.after, report.seconds))
+        out.show(_pass_table(report))
         if report.validation is not None:
-            console.print(_validation_table(report))
+            out.show(_validation_table(report))
         for shown in _layerwise_tables(report) if report.layerwise else []:
-            console.print(shown)
+            out.show(shown)
     if write_report:
         write_report(report, args.report)
     if not args.quiet or not passed:  # with --strict a rollback is the failure: say which
         for rb in report.rolled_back:
-            console.print(f"[yellow]rolled back[/] pass {rb['pass']}: {rb['reason']}",
-                          markup=True, highlight=False)
-    _print_input_warnings(report, console)
-    console.print(_verdict_line(report))
+            out.line(f" pass {rb['pass']}: {rb['reason']}", "rolled back", "yellow")
+    _print_input_warnings(report, out)
+    _print_verdict(report, out)
     if not passed:
         if not args.quiet:
             fate = "written anyway (--keep-invalid)" if args.keep_invalid else "not written"
-            console.print(f"output {fate}: {args.output}")
+            out.line(f"output {fate}: {args.output}")
         return ValidationFailed.exit_code
     if not args.quiet:
-        console.print(f"wrote {args.output}")
+        out.line(f"wrote {args.output}")
     return 0
 
 
-def _cmd_validate(args, console: Console) -> int:
+def _cmd_validate(args, out: _Out) -> int:
     _refuse_overwriting([args.reference, args.candidate], [args.report])
     write_report = _report_writer(args.report)
     with _progress(f"validating {args.candidate} against {args.reference}", args.quiet):
@@ -339,49 +386,49 @@ def _cmd_validate(args, console: Console) -> int:
                               atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
                               lossy=args.lossy, layerwise=args.layerwise)
     if not args.quiet:
-        console.print(_validation_table(report))
+        out.show(_validation_table(report))
         for shown in _layerwise_tables(report) if report.layerwise else []:
-            console.print(shown)
+            out.show(shown)
     if write_report:
         write_report(report, args.report)
-    _print_input_warnings(report, console)
-    console.print(_verdict_line(report))
+    _print_input_warnings(report, out)
+    _print_verdict(report, out)
     return 0 if report.validation.passed else ValidationFailed.exit_code
 
 
-def _cmd_inspect(args, console: Console) -> int:
+def _cmd_inspect(args, out: _Out) -> int:
     model = io.load_model(args.model)
     stats = model_stats(model)
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
-    console.print(f"[bold]{args.model}[/]: IR version {model.ir_version}; opsets: {opsets}; "
-                  f"producer: {model.producer_name or '-'} {model.producer_version}")
-    io_table = Table(title="Inputs and outputs")
+    out.line(f": IR version {model.ir_version}; opsets: {opsets}; "
+             f"producer: {model.producer_name or '-'} {model.producer_version}", args.model, "bold")
+    io_table = _table(title="Inputs and outputs")
     for col in ("", "name", "dtype", "shape"):
         io_table.add_column(col)
     for kind, values in (("input", stats.inputs), ("output", stats.outputs)):
         for v in values:
             shape = "?" if v["shape"] is None else "[" + ", ".join(
                 "?" if d is None else str(d) for d in v["shape"]) + "]"
-            io_table.add_row(kind, escape(v["name"]), str(v["dtype"]), escape(shape))
-    console.print(io_table)
-    ops = Table(title="Ops (main graph)")
+            io_table.add_row(kind, _escape(v["name"]), str(v["dtype"]), _escape(shape))
+    out.show(io_table)
+    ops = _table(title="Ops (main graph)")
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, n in sorted(stats.op_counts.items(), key=lambda kv: (-kv[1], kv[0])):
         ops.add_row(op, str(n))
-    console.print(ops)
-    console.print(f"nodes: {stats.nodes} in the main graph, {stats.nodes_total} with "
-                  f"{stats.subgraphs} subgraph(s); parameters: {stats.parameters:,} "
-                  f"({human_bytes(stats.parameter_bytes)}); file: "
-                  f"{human_bytes(Path(args.model).stat().st_size)}")
+    out.show(ops)
+    out.line(f"nodes: {stats.nodes} in the main graph, {stats.nodes_total} with "
+             f"{stats.subgraphs} subgraph(s); parameters: {stats.parameters:,} "
+             f"({human_bytes(stats.parameter_bytes)}); file: "
+             f"{human_bytes(Path(args.model).stat().st_size)}")
     return 0
 
 
-def _cmd_passes(args, console: Console) -> int:
+def _cmd_passes(args, out: _Out) -> int:
     from optimizer.pass_manager import REGISTRY
     import passes
 
-    table = Table(title="Passes")
+    table = _table(title="Passes")
     table.add_column("name")
     table.add_column("kind")
     table.add_column("default")
@@ -389,7 +436,7 @@ def _cmd_passes(args, console: Console) -> int:
     for name, cls in REGISTRY.items():
         table.add_row(name, "lossless" if cls.lossless else "lossy",
                       "yes" if name in passes.LOSSLESS_PIPELINE else "", cls.description)
-    console.print(table)
+    out.show(table)
     return 0
 
 
@@ -399,13 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     # 2: warnings; 4 (fatal only) is optimizer.validate's default
     ort.set_default_logger_severity(2 if verbose else 4)
-    console = Console(highlight=False)
-    if not console.is_terminal:  # piped or captured: no terminal width to respect
-        console.width = max(console.width, 160)
+    out = _Out(rich=not (getattr(args, "quiet", False) and not sys.stdout.isatty()))
     commands = {"optimize": _cmd_optimize, "validate": _cmd_validate, "inspect": _cmd_inspect,
                 "passes": _cmd_passes}
     try:
-        return commands[args.command](args, console)
+        return commands[args.command](args, out)
     except OnnxoptError as e:
         if verbose and e.exit_code == PassError.exit_code:
             traceback.print_exc()

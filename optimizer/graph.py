@@ -294,11 +294,12 @@ def describe_value_infos(values) -> list[dict]:
     return out
 
 
-def model_stats(model: onnx.ModelProto) -> ModelStats:
+def model_stats(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelStats:
     """Count the nodes, op types, subgraphs and parameters of ``model``.
 
     Parameters are the elements of initializers and of Constant node tensors, in every graph.
-    ``file_bytes`` is the serialized size of the protobuf (external data included when loaded).
+    ``file_bytes`` is the serialized size of the protobuf (external data included when loaded):
+    pass it when known, measuring costs as much as serializing.
     """
     counts: collections.Counter[str] = collections.Counter()
     total = params = param_bytes = 0
@@ -322,7 +323,8 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
     return ModelStats(
         nodes=len(model.graph.node), nodes_total=total, op_counts=dict(sorted(counts.items())),
         subgraphs=len(graphs) - 1, parameters=params, parameter_bytes=param_bytes,
-        file_bytes=model.ByteSize(), inputs=describe_value_infos(model.graph.input),
+        file_bytes=model.ByteSize() if file_bytes is None else file_bytes,
+        inputs=describe_value_infos(model.graph.input),
         outputs=describe_value_infos(model.graph.output))
 
 

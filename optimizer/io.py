@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Union
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper
 
 from optimizer.errors import ModelLoadError, UsageError
@@ -64,24 +64,39 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         ModelLoadError: the file is missing or not an ONNX model, or an external-data location is
             absolute, escapes the model's folder, or is missing; bytes refer to external data.
     """
+    return load_model_and_bytes(source)[0]
+
+
+def load_model_and_bytes(source: ModelSource) -> tuple[onnx.ModelProto, bytes | None]:
+    """:func:`load_model`, also returning the serialized model when it is at hand without
+    serializing: the bytes given, or the file read (None for a ModelProto, or a file with
+    external data, whose bytes are not the whole model).
+
+    Raises:
+        ModelLoadError: as :func:`load_model`.
+    """
     if isinstance(source, onnx.ModelProto):
-        return source
+        return source, None
     if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
         try:
-            model = onnx.load_model_from_string(bytes(source))
+            model = onnx.load_model_from_string(data)
         except (DecodeError, ValueError) as err:
             raise ModelLoadError(f"<bytes>: not a valid ONNX model ({err})") from None
         if _external_tensors(model):
             raise ModelLoadError("<bytes>: the model refers to external data, which needs its "
                                  "folder: load it from a path instead")
-        return model
+        return model, data
     path = Path(source)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()
+        model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({type(err).__name__})") from None
+    except OSError as err:
+        raise ModelLoadError(f"{path}: cannot read the file ({err.strerror or err})") from None
     if not model.HasField("graph"):
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
     if _external_tensors(model):
@@ -90,7 +105,8 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (ValueError, OSError) as err:
             raise ModelLoadError(f"{path}: cannot read external data ({err})") from None
-    return model
+        return model, None
+    return model, data
 
 
 def _umask() -> int:
@@ -111,6 +127,19 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     return [path.parent / f for f in sorted(files) if f]
 
 
+def protected_files(model_path: str | os.PathLike,
+                    targets: list[str | os.PathLike | None]) -> list[Path]:
+    """The files that writing ``targets`` must not overwrite: the model file and, when one of
+    the targets already exists inside the model's folder, its external data files (external
+    data cannot live elsewhere, so the model is only parsed for them when that can matter)."""
+    model_path = Path(model_path)
+    folder = model_path.resolve().parent
+    existing = [Path(t).resolve() for t in targets if t is not None and Path(t).exists()]
+    if any(folder == t.parent or folder in t.parents for t in existing):
+        return [model_path, *external_data_files(model_path)]
+    return [model_path]
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -118,14 +147,40 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _tensor_payload_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of tensor data in ``model`` (all graphs), from field lengths alone: serializing
+    to measure (``ByteSize``) costs as much as writing the model."""
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        total += (len(t.raw_data) + 8 * (len(t.float_data) + len(t.int32_data) + len(t.int64_data)
+                                         + len(t.double_data) + len(t.uint64_data))
+                  + sum(len(s) for s in t.string_data))
+    return total
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """True when the serialized model would not fit in one protobuf message (2 GiB limit)."""
+    if _tensor_payload_bytes(model) < PROTOBUF_LIMIT // 2:  # the rest of a model is far smaller
+        return False
     return model.ByteSize() > PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN
+
+
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """``model`` serialized, or None when it needs external data (see
+    :func:`needs_external_data`)."""
+    if needs_external_data(model):
+        return None
+    try:
+        data = model.SerializeToString()
+    except (ValueError, EncodeError):  # over the protobuf limit after all
+        return None
+    return data if len(data) <= PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN else None
 
 
 def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
                external_data: bool | None = None,
-               protect: tuple[Union[str, os.PathLike], ...] = ()) -> list[Path]:
+               protect: tuple[Union[str, os.PathLike], ...] = (),
+               serialized: bytes | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically.
 
     Args:
@@ -135,6 +190,8 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
             never, None (default) to do so only when the model exceeds the 2 GiB protobuf limit.
         protect: files that must not be overwritten (the input model and its external data:
             see :func:`external_data_files`).
+        serialized: ``model`` already serialized (by :func:`serialize`), written as is unless
+            ``external_data`` is True; it must be the serialization of ``model``.
 
     Returns:
         The files written.
@@ -150,7 +207,7 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
             if _same_file(target, Path(p)):
                 raise UsageError(f"{target}: refusing to overwrite the input model")
     if external_data is None:
-        external_data = needs_external_data(model)
+        external_data = serialized is None and needs_external_data(model)
     elif not external_data and needs_external_data(model):
         raise UsageError(f"{path}: the model exceeds the 2 GiB protobuf limit; "
                          "save it with external data")
@@ -171,7 +228,7 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
             written = [path]
         else:
             with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
+                f.write(model.SerializeToString() if serialized is None else serialized)
                 f.flush()
                 os.fsync(f.fileno())
             written = [path]

@@ -137,14 +137,15 @@ def verify_model(model: onnx.ModelProto, after: str, full_check: bool = True) ->
     """
     import onnxruntime as ort
 
+    data = model.SerializeToString()
     try:
-        onnx.checker.check_model(model, full_check=full_check)
+        onnx.checker.check_model(data, full_check=full_check)
     except Exception as err:  # the checker raises several types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PassError(f"after pass '{after}': onnx checker failed: {first}") from None
     try:
         opts = ort.SessionOptions()
-        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as err:
         first = str(err).strip().splitlines()[0]
         raise PassError(f"after pass '{after}': onnxruntime cannot load the model: {first}") from None

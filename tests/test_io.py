@@ -158,6 +158,8 @@ def test_save_creates_missing_folders(tmp_path):
 class _Unserializable:
     """Stands for a model whose serialization fails half-way (e.g. out of memory)."""
 
+    graph, functions = onnx.GraphProto(), ()
+
     def ByteSize(self):
         return 100
 

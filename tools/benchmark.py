@@ -373,9 +373,23 @@ def select_models(names: list[str] | None) -> list[zoo.ZooModel]:
     return [by_name[name] for name in names]
 
 
+def precompile(packages: tuple[str, ...] = ("optimizer", "passes")) -> None:
+    """Compile onnxopt's modules to bytecode, as ``pip install`` does for every wheel (the peers'
+    included): a source checkout installed in editable mode, run with PYTHONDONTWRITEBYTECODE
+    set, would otherwise compile them again in every timed run (about 0.15 s)."""
+    import compileall
+
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            compileall.compile_dir(folder, quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tools = [TOOLS_BY_NAME[name] for name in args.tools.split(",")]
+    if any(tool.module == "optimizer" for tool in tools):
+        precompile()
     try:
         models = select_models(args.models)
     except zoo.ZooError as exc:
