@@ -61,6 +61,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from optimizer.validate import session_options
 from passes._util import NONDETERMINISTIC_OPS, TensorTypes, fresh_name, is_default_domain, nbytes
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
@@ -123,9 +124,7 @@ def _evaluate(node: gs.Node, graph: gs.Graph, values: list[np.ndarray | None] | 
         onnx.helper.make_graph([proto], "fold", inputs, outputs),
         opset_imports=list(graph.import_domains or [onnx.helper.make_opsetid("", graph.opset)]))
     model.ir_version = min(graph.ir_version or onnx.IR_VERSION, onnx.IR_VERSION)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts,
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads=1),
                                    providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
