@@ -41,6 +41,18 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def int_list(node: gs.Node, attr: str, index: int) -> list[int] | None | str:
+    """An int list given as attribute ``attr`` (older opsets) or as input ``index`` (e.g. the
+    ``axes`` of Squeeze/Unsqueeze, an input from opset 13): the list, None when absent, or
+    ``"unknown"`` when the input is not an initializer."""
+    if attr in node.attrs:
+        return [int(v) for v in node.attrs[attr]]
+    if len(node.inputs) <= index or node.inputs[index].is_empty():
+        return None
+    value = constant_value(node.inputs[index])
+    return "unknown" if value is None else [int(v) for v in np.ravel(value)]
+
+
 def nbytes(tensor: gs.Constant) -> int:
     """Size of an initializer's data in bytes (without loading lazily stored values)."""
     return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
@@ -349,7 +361,7 @@ def _forget_disputed_shapes(graph: gs.Graph, types: dict[int, tuple]) -> None:
     subgraph sees its outer-scope values already settled."""
     doubtful: set[int] = set()
     for g in iter_graphs(graph):
-        g.toposort(recurse_subgraphs=False)
+        sort_nodes(g)
         for node in g.nodes:
             if _disputed(node) or any(id(t) in doubtful for t in node.inputs):
                 for t in node.outputs:
@@ -361,6 +373,21 @@ def _forget_disputed_shapes(graph: gs.Graph, types: dict[int, tuple]) -> None:
                 # a subgraph reading a doubtful outer value: its own results are doubtful too
                 if any(id(t) in doubtful for t in _outer_reads(sub)):
                     doubtful.update(id(t) for t in sub.inputs)
+
+
+def sort_nodes(g: gs.Graph) -> None:
+    """Order ``g``'s nodes topologically, its subgraphs' reads of outer values included
+    (onnx-graphsurgeon's ``toposort``, not recursing), unless they already are: the check is
+    linear, the sort is not, and a pass mostly finds the order the previous one left."""
+    position = {id(n): i for i, n in enumerate(g.nodes)}
+    for i, node in enumerate(g.nodes):
+        reads = list(node.inputs)
+        for sub in node.subgraphs():
+            reads.extend(_outer_reads(sub))
+        for t in reads:
+            if any(position.get(id(producer), -1) >= i for producer in t.inputs):
+                g.toposort(recurse_subgraphs=False)
+                return
 
 
 def _outer_reads(sub: gs.Graph) -> list[gs.Tensor]:
@@ -623,7 +650,7 @@ def consecutive_pairs(graph: gs.Graph, second_ops: tuple[str, ...]):
     graphs = list(iter_graphs(graph))
     owner = {id(n): g for g in graphs for n in g.nodes}
     for g in graphs:
-        g.toposort(recurse_subgraphs=False)
+        sort_nodes(g)
         for second in list(g.nodes):
             if second.op not in second_ops or not is_default_domain(second) \
                     or not second.outputs or not second.inputs:

@@ -19,12 +19,14 @@ from helpers import (
     random_models,
     run_ort,
     run_passes,
+    zoo_files,
 )
 from hypothesis import given, settings
 from onnx import TensorProto, helper
 
+from optimizer import optimize
 from optimizer.pass_manager import PassContext
-from passes import LOSSLESS_PIPELINE
+from passes import LOSSLESS_PIPELINE, fold_constants
 
 FOLD = ["fold_constants", "eliminate_dead"]
 
@@ -420,3 +422,15 @@ def test_and_false_and_or_true_are_folded(op, absorbing, folds):
     out, _ = run_passes(model, FOLD)
     assert (op in ops(out)) is not folds
     assert_same_outputs(model, out, [{"b": np.array([[True, False, True], [False, False, True]])}])
+
+
+@pytest.mark.zoo
+def test_real_model_state_offset_is_folded(monkeypatch):
+    """silero_vad_16k_op15: ``stateN = Concat(...) + Cast(sr * 0)``: Mul, Cast and Add go."""
+    onnx_file, npz_file = zoo_files("silero_vad_16k_op15")
+    _, report = optimize(onnx_file, inputs=npz_file)
+    monkeypatch.setattr(fold_constants, "_absorbed", lambda *args: False)
+    _, base = optimize(onnx_file, inputs=npz_file)
+    assert report.validation.passed
+    assert report.after.nodes == base.after.nodes - 3
+    assert base.after.op_counts["Mul"] == 1 and "Mul" not in report.after.op_counts

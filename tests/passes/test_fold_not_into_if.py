@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from helpers import all_graphs, assert_same_outputs, make_branch, make_model, run_passes
+import pytest
+from helpers import (
+    all_graphs,
+    assert_same_outputs,
+    make_branch,
+    make_model,
+    run_passes,
+    zoo_files,
+)
 from onnx import helper
 
+from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 
 PASS = ["fold_not_into_if"]
@@ -107,3 +116,18 @@ def test_through_the_default_pipeline():
     out, _ = run_passes(model, LOSSLESS_PIPELINE)
     assert [n.op_type for n in out.graph.node] == ["If"]
     assert_same_outputs(model, out, _feeds())
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["silero_vad_16k_op15", "silero_vad_half"])
+def test_real_models(name):
+    """silero-vad's LSTM wrapper negates ``rank == 2`` for three Ifs: one node fewer."""
+    onnx_file, npz_file = zoo_files(name)
+    _, base = optimize(onnx_file, inputs=npz_file,
+                       passes=[p for p in LOSSLESS_PIPELINE if p != "fold_not_into_if"])
+    _, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file, verify_each=True)
+    assert report.validation.passed
+    assert report.after.nodes == base.after.nodes - 1
+    assert report.after.nodes_total == base.after.nodes_total - 1
+    stats = [r.stats for r in report.passes if r.name == "fold_not_into_if" and r.modified]
+    assert stats == [{"nots_removed": 1, "ifs_swapped": 3}]

@@ -396,12 +396,13 @@ def test_negative_axes_of_subgraph_tensor_merged():
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name,fewer,merged", [("minilm_l6", 7, 7), ("silero_vad", 0, 4)])
+@pytest.mark.parametrize("name,fewer,merged", [("minilm_l6", 7, 7), ("silero_vad", 0, 8)])
 def test_real_models(name, fewer, merged):
     """MiniLM: three Unsqueeze chains of three (position ids, attention mask) become single
     Unsqueezes, and the attention mask's ``Reshape(Reshape(Gather(D, T), [-1]), Shape(T))`` one
     Reshape. silero_vad: in the If branches, LSTM state Squeeze(0) -> Squeeze(0) pairs read by
-    a nested If become Squeeze([0, 1]) of the LSTM output (the first Squeeze has other readers)."""
+    a nested If become Squeeze([0, 1]) of the LSTM output (the first Squeeze has other readers),
+    and the Unsqueezes ``sink_into_if`` appends in If branches merge with the branches' own."""
     onnx_file, npz_file = _zoo_paths(name)
     _, base = optimize(onnx_file, passes=[p for p in LOSSLESS_PIPELINE if p != "merge_reshape"],
                        inputs=npz_file)
