@@ -14,7 +14,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import NONDETERMINISTIC_OPS, drop_disconnected, replace_uses
+from passes._util import NONDETERMINISTIC_OPS, drop_disconnected, replace_uses, sort_nodes
 
 
 def _key(node: gs.Node) -> tuple:
@@ -31,7 +31,7 @@ class CommonSubexpressionElimination(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = 0
         for g in iter_graphs(graph):
-            g.toposort(recurse_subgraphs=False)
+            sort_nodes(g)
             seen: dict[tuple, gs.Node] = {}
             outputs = {id(t) for t in g.outputs}
             for node in list(g.nodes):
