@@ -283,3 +283,17 @@ def test_report_path_equal_to_the_input_model_is_refused(model_path, tmp_path, c
                  "--report", str(model_path)])
     assert model_path.read_bytes() == before
     assert code == 2
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_messages_with_brackets_print_verbatim(tmp_path, capsys, quiet):
+    """Names and reasons are text, not rich markup (a quiet run prints them without rich)."""
+    def model(scale):
+        return make_model([helper.make_node("Mul", ["x", "s"], ["y[red]"])],
+                          [("x", np.float32, [2])], [("y[red]", np.float32, [2])],
+                          {"s": np.full(2, scale, np.float32)})
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    ref.write_bytes(model(1.0).SerializeToString())
+    cand.write_bytes(model(2.0).SerializeToString())
+    assert main(["validate", str(ref), str(cand)] + (["--quiet"] if quiet else [])) == 1
+    assert "validation FAILED: output 'y[red]'" in capsys.readouterr().out

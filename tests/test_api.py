@@ -1,0 +1,80 @@
+"""Tests of optimizer/api.py's ``optimize(output=...)``: the result is written atomically with
+the bytes validation ran, only when it passes (or ``keep_invalid``), never over the input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from helpers import assert_same_outputs, make_model
+from optimizer import UsageError, ValidationFailed, optimize
+from optimizer.pass_manager import REGISTRY, Pass, PassResult
+
+
+def _model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Identity", ["x"], ["xi"]),
+             helper.make_node("Add", ["A", "B"], ["ab"]),
+             helper.make_node("MatMul", ["xi", "ab"], ["y"])]
+    return make_model(nodes, [("x", np.float32, [2, 4])], [("y", np.float32, [2, 3])],
+                      {"A": rng.normal(size=(4, 3)).astype(np.float32),
+                       "B": rng.normal(size=(4, 3)).astype(np.float32)})
+
+
+class _Corrupt(Pass):
+    """Negates every float initializer, declared lossy: judged by the drift criterion, never
+    rolled back."""
+    name = "test_api_corrupt"
+    description = "test only"
+    lossless = False
+
+    def run(self, graph, ctx):
+        for t in graph.tensors().values():
+            if hasattr(t, "values") and getattr(t.values, "dtype", None) == np.float32:
+                t.values = -t.values
+        return PassResult(True, {})
+
+
+@pytest.mark.parametrize("source", ["path", "proto"])
+def test_output_is_the_returned_model_and_named_in_the_report(tmp_path, source):
+    path = tmp_path / "in.onnx"
+    path.write_bytes(_model().SerializeToString())
+    out = tmp_path / "sub" / "out.onnx"
+    model, report = optimize(str(path) if source == "path" else _model(), output=out)
+    assert report.output == str(out) and report.validation.passed
+    assert out.read_bytes() == model.SerializeToString()
+    assert report.after.file_bytes == out.stat().st_size
+    assert report.before.file_bytes == len(_model().SerializeToString())
+    assert_same_outputs(_model(), onnx.load(str(out)))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["in.onnx", "sub", "out.onnx"])
+
+
+def test_failed_validation_writes_nothing_unless_keep_invalid(tmp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, _Corrupt.name, _Corrupt)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(ValidationFailed, match="cosine"):
+        optimize(_model(), passes=[_Corrupt.name], output=out)
+    assert not out.exists()
+    _, report = optimize(_model(), passes=[_Corrupt.name], output=out, raise_on_failure=False)
+    assert not out.exists() and report.output is None
+    _, report = optimize(_model(), passes=[_Corrupt.name], output=out, raise_on_failure=False,
+                         keep_invalid=True)
+    assert out.exists() and report.output == str(out) and not report.validation.passed
+
+
+def test_output_never_overwrites_the_input(tmp_path):
+    path = tmp_path / "in.onnx"
+    original = _model().SerializeToString()
+    path.write_bytes(original)
+    with pytest.raises(UsageError, match="refusing to overwrite"):
+        optimize(str(path), output=path)
+    assert path.read_bytes() == original
+
+
+def test_without_output_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, report = optimize(_model())
+    assert report.output is None and list(tmp_path.iterdir()) == []
+    assert report.after.file_bytes > 0
