@@ -129,7 +129,7 @@ def make_names_unique(graph: gs.Graph) -> int:
 
 
 #: Attribute of an imported ``gs.Graph`` holding the default values of graph inputs that are also
-#: initializers (overridable initializers, IR < 4 style), restored by ``export_graph``.
+#: initializers (overridable initializers, IR >= 4), restored by ``export_graph``.
 _INPUT_DEFAULTS = "_onnxopt_input_defaults"
 
 
@@ -137,9 +137,12 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import ``model`` into onnx-graphsurgeon, make tensor names unique across scopes and lower
     its Constant nodes to initializers.
 
-    A graph input that is also an initializer is a value the caller may override: it is imported
-    as a plain input (a ``gs.Variable``, so no pass treats it as constant) and its initializer is
-    put back by ``export_graph``.
+    From IR version 4, a graph input that is also an initializer is a value the caller may
+    override: it is imported as a plain input (a ``gs.Variable``, so no pass treats it as
+    constant) and its initializer is put back by ``export_graph``. Before IR version 4 every
+    initializer had to be listed as an input, and the listing means nothing (onnxruntime does not
+    let such inputs be fed): they are imported as constants, and ``export_graph`` lists the
+    initializers as inputs again (ONNX IR spec, docs/IR.md, "Graphs").
 
     Raises:
         InputError: a graph input or output has a type onnx-graphsurgeon cannot represent
@@ -157,9 +160,16 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     if defaults:
         stripped = onnx.ModelProto()
         stripped.CopyFrom(model)
-        keep = [init for init in stripped.graph.initializer if init.name not in input_names]
-        del stripped.graph.initializer[:]
-        stripped.graph.initializer.extend(keep)
+        if model.ir_version < 4:  # listed because IR 3 required it: constants
+            names = {init.name for init in defaults}
+            real = [i for i in stripped.graph.input if i.name not in names]
+            del stripped.graph.input[:]
+            stripped.graph.input.extend(real)
+            defaults = []
+        else:
+            keep = [init for init in stripped.graph.initializer if init.name not in input_names]
+            del stripped.graph.initializer[:]
+            stripped.graph.initializer.extend(keep)
         model = stripped
     graph = gs.import_onnx(model)
     setattr(graph, _INPUT_DEFAULTS, defaults)
@@ -218,7 +228,8 @@ def _strip_value_info(graph: onnx.GraphProto) -> None:
 def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` to a ModelProto carrying ``template``'s IR version, opsets and metadata.
 
-    Nodes are sorted topologically (subgraphs too). Intermediate value_info is dropped.
+    Nodes are sorted topologically (subgraphs too). Intermediate value_info is dropped. Before
+    IR version 4, the main graph's initializers are listed as inputs too, as that IR requires.
     """
     graph.toposort(recurse_subgraphs=True)
     model = gs.export_onnx(graph, do_type_check=False)
@@ -226,6 +237,11 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     _hoist_outer_initializers(model.graph, _shared_constants(graph))
     _strip_value_info(model.graph)
     model.ir_version = template.ir_version
+    if model.ir_version < 4:
+        listed = {i.name for i in model.graph.input}
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            for init in model.graph.initializer if init.name not in listed)
     known = {op.domain: op.version for op in model.opset_import}
     for op in template.opset_import:
         known[op.domain] = max(known.get(op.domain, 0), op.version) if op.domain in known else op.version

@@ -228,3 +228,26 @@ def test_initializer_that_is_also_a_graph_input_stays_overridable():
     feed = {"x": np.zeros(3, np.float32), "W": np.full(3, 5.0, np.float32)}
     np.testing.assert_array_equal(session(out).run(None, feed)[0], session(model).run(None, feed)[0])
     np.testing.assert_array_equal(session(out).run(None, {"x": feed["x"]})[0], -np.ones(3))
+
+
+def test_initializers_listed_as_inputs_before_ir_4_are_constants():
+    """IR 3 made every initializer a graph input; onnxruntime does not let them be fed, so they
+    are weights: folding goes through them, and the result lists its initializers as inputs
+    again (the IR 3 checker requires it)."""
+    from helpers import run_passes, session
+    from passes import LOSSLESS_PIPELINE
+
+    model = make_model([helper.make_node("Neg", ["W"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])],
+                       [("x", np.float32, [3]), ("W", np.float32, [3])], [("y", np.float32, [3])],
+                       {"W": np.arange(3, dtype=np.float32)})
+    model.ir_version = 3
+    del model.opset_import[:]
+    model.opset_import.add(domain="", version=9)
+    onnx.checker.check_model(model)
+    assert [i.name for i in session(model).get_inputs()] == ["x"]  # W is not an input to ORT
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert out.ir_version == 3 and ops(out) == ["Add"]  # Neg(W) folded
+    onnx.checker.check_model(out)
+    assert {i.name for i in out.graph.initializer} <= {i.name for i in out.graph.input}
+    feed = {"x": np.ones(3, np.float32)}
+    np.testing.assert_array_equal(session(out).run(None, feed)[0], session(model).run(None, feed)[0])
