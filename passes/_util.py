@@ -69,6 +69,39 @@ def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
         node.inputs[i] = new
 
 
+def rename_clashes(root: gs.Graph, branch: gs.Graph) -> int:
+    """Rename the tensors of ``branch`` (a subgraph of ``root``: its nodes' outputs and the
+    initializers only it reads, nested subgraphs included) whose names another tensor of the model
+    uses, before its nodes move to another scope; return how many were renamed."""
+    inside = {id(n) for g in iter_graphs(branch) for n in g.nodes}
+    own: dict[int, gs.Tensor] = {}
+    for g in iter_graphs(branch):
+        for n in g.nodes:
+            for t in n.outputs:
+                own[id(t)] = t
+            for t in n.inputs:
+                # an initializer also read outside the branch (merged by dedup) keeps its name
+                if isinstance(t, gs.Constant) and all(id(r) in inside for r in t.outputs):
+                    own[id(t)] = t
+    taken: set[str] = set()
+    for g in iter_graphs(root):
+        for n in g.nodes:
+            for t in list(n.inputs) + list(n.outputs):
+                if id(t) not in own and not t.is_empty():
+                    taken.add(t.name)
+        taken.update(t.name for t in list(g.inputs) + list(g.outputs) if id(t) not in own)
+    renamed = 0
+    for t in own.values():
+        if not t.is_empty() and t.name in taken:
+            if isinstance(t, gs.Constant):
+                # load lazily stored values: exporting a lazy Constant renames the TensorProto
+                # it was imported from, which belongs to the caller's model
+                t.values = np.asarray(t.values)
+            t.name = fresh_name(root, t.name)
+            renamed += 1
+    return renamed
+
+
 class _Names:
     """Allocates tensor names. The names of a graph are collected once, on its first request, and
     every name handed out is added: passes name new tensors only through :func:`fresh_name`
@@ -381,13 +414,20 @@ def sort_nodes(g: gs.Graph) -> None:
     linear, the sort is not, and a pass mostly finds the order the previous one left."""
     position = {id(n): i for i, n in enumerate(g.nodes)}
     for i, node in enumerate(g.nodes):
-        reads = list(node.inputs)
-        for sub in node.subgraphs():
-            reads.extend(_outer_reads(sub))
-        for t in reads:
+        for t in node_reads(node):
             if any(position.get(id(producer), -1) >= i for producer in t.inputs):
                 g.toposort(recurse_subgraphs=False)
                 return
+
+
+def node_reads(node: gs.Node) -> list[gs.Tensor]:
+    """The tensors ``node`` reads: its inputs, and the outer-scope values its subgraphs read
+    (nested subgraphs included; tensors local to a nested subgraph may be listed too, which is
+    harmless when looking for producers in ``node``'s own graph)."""
+    reads = list(node.inputs)
+    for sub in node.subgraphs():
+        reads.extend(_outer_reads(sub))
+    return reads
 
 
 def _outer_reads(sub: gs.Graph) -> list[gs.Tensor]:

@@ -37,7 +37,13 @@ import onnx_graphsurgeon as gs
 
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import constant_value, fresh_name, is_default_domain, replace_uses
+from passes._util import (
+    constant_value,
+    fresh_name,
+    is_default_domain,
+    rename_clashes,
+    replace_uses,
+)
 
 
 def _refusal(node: gs.Node) -> str | None:
@@ -69,37 +75,6 @@ def _disconnect(graph: gs.Graph) -> None:
             n.outputs.clear()
 
 
-def _rename_clashes(root: gs.Graph, branch: gs.Graph) -> int:
-    """Rename tensors of ``branch`` (its own scope only) whose names another model tensor uses."""
-    inside = {id(n) for g in iter_graphs(branch) for n in g.nodes}
-    own: dict[int, gs.Tensor] = {}
-    for g in iter_graphs(branch):
-        for n in g.nodes:
-            for t in n.outputs:
-                own[id(t)] = t
-            for t in n.inputs:
-                # an initializer also read outside the branch (merged by dedup) keeps its name
-                if isinstance(t, gs.Constant) and all(id(r) in inside for r in t.outputs):
-                    own[id(t)] = t
-    taken: set[str] = set()
-    for g in iter_graphs(root):
-        for n in g.nodes:
-            for t in list(n.inputs) + list(n.outputs):
-                if id(t) not in own and not t.is_empty():
-                    taken.add(t.name)
-        taken.update(t.name for t in list(g.inputs) + list(g.outputs) if id(t) not in own)
-    renamed = 0
-    for t in own.values():
-        if not t.is_empty() and t.name in taken:
-            if isinstance(t, gs.Constant):
-                # load lazily stored values: exporting a lazy Constant renames the TensorProto
-                # it was imported from, which belongs to the caller's model
-                t.values = np.asarray(t.values)
-            t.name = fresh_name(root, t.name)
-            renamed += 1
-    return renamed
-
-
 def _inline(root: gs.Graph, graph: gs.Graph, position: int) -> int:
     """Replace the If at ``graph.nodes[position]`` by its chosen branch; return nodes moved."""
     node = graph.nodes[position]
@@ -107,7 +82,7 @@ def _inline(root: gs.Graph, graph: gs.Graph, position: int) -> int:
     other = node.attrs["else_branch" if branch is node.attrs["then_branch"] else "then_branch"]
     _disconnect(other)
     branch.toposort(recurse_subgraphs=False)
-    _rename_clashes(root, branch)
+    rename_clashes(root, branch)
     moved = list(branch.nodes)
     produced_here = {id(t) for n in moved for t in n.outputs}
     if_outputs = list(node.outputs)

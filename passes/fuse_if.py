@@ -1,0 +1,200 @@
+"""If fusion: two Ifs of one graph that read the same condition tensor become one If.
+
+ONNX spec, ``If`` (opsets 1-21): the outputs are those of ``then_branch`` when ``cond`` (one bool
+element) is true, of ``else_branch`` otherwise; the branches take no inputs, bind their outputs
+to the If's by position and may read any tensor of an enclosing scope. Two nodes
+``(a_1..a_m) = A = If(c)[T_A, E_A]`` and ``(b_1..b_n) = B = If(c)[T_B, E_B]`` reading the *same
+tensor* ``c`` choose the same branch in every run, so::
+
+    (a_1..a_m, b_1..b_n) = If(c)[T_A ; T_B[a_i := T_A.out_i], E_A ; E_B[a_i := E_A.out_i]]
+
+where ``T_A ; T_B`` runs the nodes of ``T_A`` and then those of ``T_B``: when ``c`` is true,
+``a_i`` is ``T_A``'s output ``i``, so ``T_B`` reading that tensor instead of ``a_i`` reads the
+same value (reads from nested subgraphs of ``T_B`` included); when false, the same with ``E``.
+Every branch node runs exactly when it ran before, on the same values: the fusion is exact for
+any branch contents.
+
+Placement. ``A`` comes before ``B`` in a topological order. The fused node reads what both read
+(``B``'s reads include the outer-scope values its branches read, recursively) and writes what
+both write; a topological order keeps it exactly when no node other than ``A`` and ``B`` lies on a
+path from ``A``'s outputs to ``B``'s reads -- such a node would have to run both after and before
+the fused If (``path_through_another_node``; the LSTM between torch's rank-dispatch Ifs is one).
+The graph is then sorted again.
+
+Declared shapes. Where ``B``'s branches read ``A``'s outputs, the outputs of every graph in them
+lose their declared shape (the dtype stays): a read of ``a_i`` has the shape of ``a_i``, which
+is often of unknown rank, a read of ``T_A.out_i`` that of one branch, so ONNX shape inference
+now checks declarations it could not check before, and exports sometimes get them wrong. It
+re-derives them from the ops.
+
+Outputs. The fused If writes ``A``'s outputs that something other than ``B`` reads, or that are
+graph outputs (the same tensors, so their names stay), followed by ``B``'s outputs; ``A``'s outputs
+only ``B`` read become tensors inside the branches. Branch tensors whose names another tensor of
+the model uses are renamed. A fused branch binding one tensor to two outputs (``A`` or ``B``
+did already, or their branches return one shared initializer) is refused
+(``branch_output_bound_twice``): onnxruntime 1.32 without graph optimizations returns wrong
+values for such an If. A branch with inputs or with as many outputs as the If has not is
+``malformed_branch``.
+
+Scope: every graph (If/Loop/Scan bodies too), If nodes only. Statistics: ``ifs_fused`` (one per
+If removed) and ``refused`` (per pair of Ifs on one condition, from the last scan of each graph).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import (
+    drop_disconnected,
+    is_default_domain,
+    node_reads,
+    rename_clashes,
+    sort_nodes,
+)
+
+_BRANCHES = ("then_branch", "else_branch")
+
+
+def _well_formed(node: gs.Node) -> bool:
+    return all(isinstance(node.attrs.get(attr), gs.Graph) and not node.attrs[attr].inputs
+               and len(node.attrs[attr].outputs) == len(node.outputs) for attr in _BRANCHES)
+
+
+class _Order:
+    """Reachability between the nodes of a sorted graph, reads of subgraphs included."""
+
+    def __init__(self, g: gs.Graph):
+        self.nodes = list(g.nodes)
+        self.position = {id(n): i for i, n in enumerate(self.nodes)}
+        self.reads = {id(n): node_reads(n) for n in self.nodes}
+
+    def descendants(self, a: gs.Node) -> set[int]:
+        """Nodes reading ``a``'s outputs, transitively."""
+        produced, found = {id(t) for t in a.outputs}, set()
+        for n in self.nodes[self.position[id(a)] + 1:]:
+            if any(id(t) in produced for t in self.reads[id(n)]):
+                found.add(id(n))
+                produced.update(id(t) for t in n.outputs)
+        return found
+
+    def ancestors(self, b: gs.Node) -> set[int]:
+        """Nodes whose outputs ``b`` reads, transitively."""
+        needed, found = {id(t) for t in self.reads[id(b)]}, set()
+        for n in reversed(self.nodes[:self.position[id(b)]]):
+            if any(id(t) in needed for t in n.outputs):
+                found.add(id(n))
+                needed.update(id(t) for t in self.reads[id(n)])
+        return found
+
+
+def _kept(a: gs.Node, b: gs.Node, outputs: set[int]) -> list[int]:
+    """Indices of ``a``'s outputs read by something other than ``b`` or that are graph outputs."""
+    inside = {id(n) for attr in _BRANCHES for sub in iter_graphs(b.attrs[attr]) for n in sub.nodes}
+    return [i for i, o in enumerate(a.outputs)
+            if id(o) in outputs or any(id(n) not in inside for n in o.outputs)]
+
+
+def _fused_outputs(a: gs.Node, b: gs.Node, attr: str, kept: list[int]) -> list[gs.Tensor]:
+    """The outputs of the fused branch ``attr``: ``a``'s kept ones, then ``b``'s (a branch
+    output is computed in its branch or an initializer, never an outer tensor such as ``a_i``:
+    the ONNX checker rejects that)."""
+    return [a.attrs[attr].outputs[i] for i in kept] + list(b.attrs[attr].outputs)
+
+
+def _refusal(order: _Order, descendants: set[int], a: gs.Node, b: gs.Node,
+             outputs: set[int]) -> str | None:
+    """Why ``a`` and ``b`` (``a`` first) cannot be fused, or None."""
+    if not _well_formed(a) or not _well_formed(b):
+        return "malformed_branch"
+    if descendants & order.ancestors(b):
+        return "path_through_another_node"
+    kept = _kept(a, b, outputs)
+    for attr in _BRANCHES:
+        fused = _fused_outputs(a, b, attr, kept)
+        if len({id(t) for t in fused}) != len(fused):
+            return "branch_output_bound_twice"
+    return None
+
+
+def _fuse(root: gs.Graph, a: gs.Node, b: gs.Node, outputs: set[int]) -> None:
+    """Make ``a`` compute ``b``'s outputs too and disconnect ``b`` (see the module docstring)."""
+    kept = _kept(a, b, outputs)
+    for attr in _BRANCHES:
+        mine, theirs = a.attrs[attr], b.attrs[attr]
+        rename_clashes(root, theirs)
+        fused = _fused_outputs(a, b, attr, kept)
+        binding = {id(o): t for o, t in zip(a.outputs, mine.outputs)}
+        subs = list(iter_graphs(theirs))
+        rebound = False
+        for sub in subs:
+            for n in sub.nodes:
+                for k, t in enumerate(n.inputs):
+                    if id(t) in binding:
+                        n.inputs[k], rebound = binding[id(t)], True
+        if rebound:
+            for t in (t for sub in subs for t in sub.outputs):
+                t.shape = None
+        mine.nodes.extend(theirs.nodes)
+        mine.outputs = fused
+        theirs.nodes, theirs.outputs = [], []
+    new_outputs = [a.outputs[i] for i in kept] + list(b.outputs)
+    b.inputs.clear()
+    b.outputs.clear()
+    a.outputs.clear()
+    a.outputs.extend(new_outputs)
+
+
+def _pairs(g: gs.Graph):
+    """Yield every pair ``(a, b)`` of Ifs of ``g`` on one condition tensor, ``a`` first in the
+    order of ``g.nodes``."""
+    groups: dict[int, list[gs.Node]] = {}
+    for n in g.nodes:
+        if n.op == "If" and is_default_domain(n) and n.inputs and n.outputs:
+            groups.setdefault(id(n.inputs[0]), []).append(n)
+    for ifs in groups.values():
+        for i, a in enumerate(ifs):
+            for b in ifs[i + 1:]:
+                yield a, b
+
+
+def _fuse_in(root: gs.Graph, g: gs.Graph, refused: Counter) -> int:
+    """Fuse pairs of Ifs of ``g`` until none is left; return how many Ifs were removed."""
+    fused = 0
+    while True:
+        sort_nodes(g)
+        order, descendants, reasons = None, {}, Counter()
+        for a, b in _pairs(g):
+            if order is None:
+                order = _Order(g)
+                # a graph output of any scope must keep its producer
+                outputs = {id(t) for sub in iter_graphs(root) for t in sub.outputs}
+            if id(a) not in descendants:
+                descendants[id(a)] = order.descendants(a)
+            reason = _refusal(order, descendants[id(a)], a, b, outputs)
+            if reason is None:
+                _fuse(root, a, b, outputs)
+                drop_disconnected(g)
+                fused += 1
+                break
+            reasons[reason] += 1
+        else:
+            refused.update(reasons)
+            return fused
+
+
+@register
+class FuseIf(Pass):
+    name = "fuse_if"
+    description = "Fuse Ifs of one graph that read the same condition tensor into one If."
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        refused: Counter[str] = Counter()
+        fused = sum(_fuse_in(graph, g, refused) for g in list(iter_graphs(graph)))
+        stats = {"ifs_fused": fused}
+        if refused:
+            stats["refused"] = dict(sorted(refused.items()))
+        return PassResult(fused > 0, stats)

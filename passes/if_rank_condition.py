@@ -1,0 +1,190 @@
+"""Rank tests of If outputs: ``Equal(Size(Shape(y)), k)``, where ``y`` is an If output whose two
+branches give it different static ranks, becomes the If's condition (or its negation, or a
+constant).
+
+ONNX spec: ``Shape`` (opsets 1-21) is the 1-D int64 tensor of its input's dims; from opset 15 the
+attributes ``start`` and ``end`` select dims ``[start, end)``, a negative value counting from the
+back, both clamped to ``[0, r]`` for an input of rank ``r``, an empty slice when ``start >= end``.
+``Size`` (opsets 1-21) is the int64 scalar count of its input's elements. So ``Size(Shape(y))`` is
+``len(r) = max(0, clamp(end) - clamp(start))``, plain ``r`` without the attributes. ``If``
+(opsets 1-21): output ``j`` is output ``j`` of ``then_branch`` when the condition ``c`` (one bool)
+is true, of ``else_branch`` otherwise. With ``r_t`` and ``r_e`` the ranks of the two branch
+outputs ``j``, and ``k`` an initializer of one element (``Equal`` broadcasts; its output has
+``k``'s shape)::
+
+    Equal(Size(Shape(y)), k)  ==  c        if len(r_t) == k != len(r_e)
+                              ==  Not(c)   if len(r_e) == k != len(r_t)
+                              ==  false    if neither is k
+
+for every run, whatever the dims. ``Equal(k, Size(Shape(y)))`` is the same. torch exports an LSTM
+whose input rank is dynamic with ``rank(y) == 2`` tests of this kind, where ``y`` is the If that
+squeezed the input or not: the tests become that If's own condition, and the Ifs they choose can
+then be fused with it (``fuse_if``).
+
+The ranks come from ``passes._util.TensorTypes`` (ONNX shape inference from graph inputs,
+initializers and op semantics; declared value_info and graph output shapes are ignored, since
+real exports get them wrong). ``c`` replaces the Equal's output where every reader is an If
+condition (one element is all an If asks) or where ``c``'s static shape is the Equal's; ``Not(c)``
+takes the Equal's place under the same rule (``fold_not_into_if`` then removes it when only Ifs
+read it); ``false`` is an initializer of ``k``'s shape. The Shape and Size go when nothing else
+reads them.
+
+Refusals (``refused``, per reason): either branch's rank unknown (``branch_rank_unknown``),
+``len(r_t) == len(r_e)`` (``ranks_equal``: the Equal does not depend on ``c``; when the ranks
+are equal the rank of ``y`` is static and ``fold_constants`` folds the test), a malformed If
+(``malformed_branch``), the Equal's output is a graph output (``equal_output_is_a_graph_output``),
+and ``c``'s shape is not known to be the Equal's while something other than an If condition reads
+it (``condition_shape_differs``). Statistics: ``equals_replaced`` per replacement
+(``condition``, ``negated_condition``, ``constant``) and ``nodes_removed``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import (
+    TensorTypes,
+    constant_value,
+    drop_disconnected,
+    drop_if_unused,
+    fresh_name,
+    input_slots,
+    is_default_domain,
+    replace_uses,
+)
+
+
+def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
+    """The default-domain ``op`` node writing ``t``, or None."""
+    if len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    return node if node.op == op and is_default_domain(node) else None
+
+
+def _match(equal: gs.Node) -> tuple[gs.Node, gs.Node, gs.Node, np.ndarray] | None:
+    """``(size, shape, if_node, k)`` when ``equal`` is ``Equal(Size(Shape(y)), k)`` (either
+    order) with ``y`` an If output and ``k`` an initializer of one element, else None."""
+    if len(equal.inputs) != 2 or len(equal.outputs) != 1:
+        return None
+    for probe, other in (equal.inputs, reversed(equal.inputs)):
+        size, k = _producer(probe, "Size"), constant_value(other)
+        if size is None or k is None or np.asarray(k).size != 1 or not size.inputs:
+            continue
+        shape = _producer(size.inputs[0], "Shape")
+        if shape is None or not shape.inputs:
+            continue
+        if_node = _producer(shape.inputs[0], "If")
+        if if_node is not None and if_node.inputs:
+            return size, shape, if_node, np.asarray(k)
+    return None
+
+
+def _shape_length(shape: gs.Node, rank: int) -> int:
+    """``Size(Shape(y))`` for ``y`` of rank ``rank``, with Shape's ``start``/``end`` (opset 15)."""
+    def clamp(axis: int) -> int:
+        return min(max(axis + rank if axis < 0 else axis, 0), rank)
+
+    start = clamp(int(shape.attrs.get("start", 0)))
+    end = clamp(int(shape.attrs.get("end", rank)))
+    return max(0, end - start)
+
+
+def _branch_lengths(types: TensorTypes, shape: gs.Node, if_node: gs.Node
+                    ) -> tuple[int, int] | str:
+    """``Size(Shape(y))`` in the then and else branch, or why it is not known."""
+    j = next(i for i, t in enumerate(if_node.outputs) if t is shape.inputs[0])
+    lengths = []
+    for attr in ("then_branch", "else_branch"):
+        branch = if_node.attrs.get(attr)
+        if not isinstance(branch, gs.Graph) or branch.inputs \
+                or len(branch.outputs) != len(if_node.outputs):
+            return "malformed_branch"
+        rank = types.rank(branch.outputs[j])
+        if rank is None:
+            return "branch_rank_unknown"
+        lengths.append(_shape_length(shape, rank))
+    if lengths[0] == lengths[1]:
+        return "ranks_equal"
+    return lengths[0], lengths[1]
+
+
+def _only_if_conditions(t: gs.Tensor) -> bool:
+    return all(node.op == "If" and is_default_domain(node) and i == 0
+               for node, i in input_slots(t))
+
+
+def _refusal(equal: gs.Node, c: gs.Tensor, lengths: tuple[int, int], k: np.ndarray,
+             types: TensorTypes, outputs: set[int]) -> str | None:
+    """Why the Equal's output cannot be replaced, once the branch lengths are known."""
+    e = equal.outputs[0]
+    if id(e) in outputs:
+        return "equal_output_is_a_graph_output"
+    if int(k.reshape(-1)[0]) in lengths and not _only_if_conditions(e) \
+            and types.static_shape(c) != k.shape:
+        return "condition_shape_differs"
+    return None
+
+
+def _rewrite(root: gs.Graph, equal: gs.Node, c: gs.Tensor, lengths: tuple[int, int],
+             k: np.ndarray) -> str:
+    """Replace the Equal's output (see the module docstring); return which replacement."""
+    e, value = equal.outputs[0], int(k.reshape(-1)[0])
+    if value == lengths[1]:
+        equal.op, equal.attrs = "Not", {}
+        equal.inputs.clear()
+        equal.inputs.append(c)
+        return "negated_condition"
+    if value == lengths[0]:
+        replace_uses(e, c)
+        kind = "condition"
+    else:
+        replace_uses(e, gs.Constant(fresh_name(root, f"{e.name}_false"), np.zeros(k.shape, bool)))
+        kind = "constant"
+    equal.inputs.clear()
+    equal.outputs.clear()
+    return kind
+
+
+@register
+class IfRankCondition(Pass):
+    name = "if_rank_condition"
+    description = ("Replace Equal(Size(Shape(y)), k), y an If output whose branches have "
+                   "different static ranks, by the If's condition, its negation or a constant.")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        graphs = list(iter_graphs(graph))
+        outputs = {id(t) for g in graphs for t in g.outputs}
+        owner = {id(n): g for g in graphs for n in g.nodes}
+        types = None
+        done: Counter[str] = Counter()
+        refused: Counter[str] = Counter()
+        removed = 0
+        for g in graphs:
+            for equal in [n for n in g.nodes if n.op == "Equal" and is_default_domain(n)]:
+                match = _match(equal)
+                if match is None:
+                    continue
+                size, shape, if_node, k = match
+                types = types or TensorTypes.of(graph, ctx)
+                c = if_node.inputs[0]
+                lengths = _branch_lengths(types, shape, if_node)
+                reason = lengths if isinstance(lengths, str) \
+                    else _refusal(equal, c, lengths, k, types, outputs)
+                if reason is not None:
+                    refused[reason] += 1
+                    continue
+                done[_rewrite(graph, equal, c, lengths, k)] += 1
+                removed += not equal.outputs
+                removed += sum(drop_if_unused(owner[id(n)], n) for n in (size, shape))
+        for g in graphs:
+            drop_disconnected(g)
+        stats = {"equals_replaced": dict(sorted(done.items())), "nodes_removed": removed}
+        if refused:
+            stats["refused"] = dict(sorted(refused.items()))
+        return PassResult(bool(done), stats)
