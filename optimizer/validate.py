@@ -18,12 +18,15 @@ all run; each metric keeps its worst value over the feeds.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from optimizer import io
 from optimizer.errors import InputError
 
 # onnxruntime's own messages (unused initializers, kernel errors we report in one line) are not
@@ -56,15 +59,24 @@ def make_session(model: onnx.ModelProto | bytes, what: str) -> ort.InferenceSess
     """An onnxruntime CPU session with graph optimizations off, so the model runs as written.
 
     Args:
-        model: the model, or its serialization (saves serializing it again).
+        model: the model, or its serialization (saves serializing it again). A model over the
+            2 GiB protobuf limit is written to a temporary folder with its tensors as external
+            data, and loaded from there.
 
     Raises:
         InputError: onnxruntime rejects the model (``what`` names it in the message).
     """
-    data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
-        return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
-    except Exception as err:
+        data = model if isinstance(model, bytes) else io.serialize(model)
+        if data is not None:
+            return ort.InferenceSession(data, session_options(),
+                                        providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="onnxopt-", ignore_cleanup_errors=True) as folder:
+            path = os.path.join(folder, "model.onnx")
+            io.save_model(model, path, external_data=True)
+            return ort.InferenceSession(path, session_options(),
+                                        providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 -- onnxruntime raises several types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{what}: onnxruntime cannot load the model: {first}") from None
 

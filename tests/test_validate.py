@@ -213,3 +213,19 @@ def test_constant_outputs_are_warned_about_and_relative_error_ignores_zeros():
     z = compare_models(model, shifted, [{"x": np.array([-1.0, 1.0, 2.0, 3.0], np.float32)}],
                        lossy=True).outputs[1]
     assert z.max_rel == pytest.approx(0.001 / 2, rel=1e-3)  # the exact zero at x=-1 is skipped
+
+
+def test_models_over_the_protobuf_limit_run_from_external_data(monkeypatch):
+    """A model that cannot be serialized in one message (over 2 GiB; simulated) is written to a
+    temporary folder with external data and loaded from there, not refused."""
+    from optimizer import io
+    monkeypatch.setattr(io, "serialize", lambda model: None)
+    weight = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)  # over 1 KiB
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                       [("x", np.float32, [2, 4])], [("y", np.float32, [2, 512])], {"W": weight})
+    feed = {"x": np.ones((2, 4), np.float32)}
+    result = compare_models(model, model, [feed])
+    assert result.passed and result.outputs[0].max_abs == 0.0
+    other = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
+                       [("x", np.float32, [2, 4])], [("y", np.float32, [2, 512])], {"W": -weight})
+    assert not compare_models(model, other, [feed]).passed
