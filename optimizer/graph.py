@@ -157,16 +157,29 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
                                  "not support yet")
     input_names = {i.name for i in model.graph.input}
     defaults = [init for init in model.graph.initializer if init.name in input_names]
-    if defaults:
+    # A value_info entry naming a graph input or output wins over the input's or output's own
+    # type in onnx-graphsurgeon's import; it may say less (no shape), or something else.
+    def declared(g: onnx.GraphProto) -> set[str]:
+        return {i.name for i in g.input} | {o.name for o in g.output}
+
+    shadowing = any(any(v.name in names for v in g.value_info)
+                    for g in graph_protos(model.graph) if (names := declared(g)))
+    if defaults or shadowing:
         stripped = onnx.ModelProto()
         stripped.CopyFrom(model)
-        if model.ir_version < 4:  # listed because IR 3 required it: constants
+        for g in graph_protos(stripped.graph):
+            names = declared(g)
+            kept = [v for v in g.value_info if v.name not in names]
+            if len(kept) != len(g.value_info):
+                del g.value_info[:]
+                g.value_info.extend(kept)
+        if defaults and model.ir_version < 4:  # listed because IR 3 required it: constants
             names = {init.name for init in defaults}
             real = [i for i in stripped.graph.input if i.name not in names]
             del stripped.graph.input[:]
             stripped.graph.input.extend(real)
             defaults = []
-        else:
+        elif defaults:
             keep = [init for init in stripped.graph.initializer if init.name not in input_names]
             del stripped.graph.initializer[:]
             stripped.graph.initializer.extend(keep)

@@ -94,6 +94,12 @@ class _Partial:
     known: np.ndarray
     origin: np.ndarray | None = None
 
+    def __post_init__(self):
+        # numpy indexing and arithmetic turn 0-d arrays into scalars, which onnxruntime refuses
+        self.values, self.known = np.asarray(self.values), np.asarray(self.known)
+        if self.origin is not None:
+            self.origin = np.asarray(self.origin)
+
     def origins(self) -> np.ndarray:
         return np.full(self.values.shape, -1, np.int64) if self.origin is None else self.origin
 
@@ -211,8 +217,8 @@ class _PartialValues:
             if p is None:
                 feeds.append(None)
             elif i in data:
-                feeds.append(offset + np.arange(p.values.size, dtype=np.int64).reshape(
-                    p.values.shape))
+                feeds.append(np.asarray(offset + np.arange(p.values.size, dtype=np.int64)
+                                        .reshape(p.values.shape)))
                 flat_values.append(p.values.ravel())
                 flat_known.append(p.known.ravel())
                 flat_origin.append(p.origins().ravel())

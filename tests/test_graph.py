@@ -251,3 +251,18 @@ def test_initializers_listed_as_inputs_before_ir_4_are_constants():
     assert {i.name for i in out.graph.initializer} <= {i.name for i in out.graph.input}
     feed = {"x": np.ones(3, np.float32)}
     np.testing.assert_array_equal(session(out).run(None, feed)[0], session(model).run(None, feed)[0])
+
+
+def test_value_info_naming_a_graph_output_does_not_replace_its_type():
+    """Exports sometimes list a graph output in value_info too, with less (no shape): the output
+    keeps its own declared type, so the result still passes the checker."""
+    from helpers import run_passes
+    from passes import LOSSLESS_PIPELINE
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", np.float32, [1, 4])],
+                       [("y", np.float32, [1, 4])])
+    model.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    onnx.checker.check_model(model, full_check=True)
+    for out in (round_trip(model), run_passes(model, LOSSLESS_PIPELINE)[0]):
+        onnx.checker.check_model(out, full_check=True)
+        assert out.graph.output[0] == model.graph.output[0]

@@ -151,6 +151,25 @@ def test_reshape_shape_with_dims_of_its_data_becomes_constant():
     assert_same_outputs(model, out, _batch_feeds(model))
 
 
+def test_partial_values_pass_through_scalars():
+    """``Gather(Shape(x), 0)`` with a scalar index is 0-d; the chain after it (Unsqueeze, Concat:
+    PyTorch's ``x.reshape(x.size(0), -1)``) still folds to a constant Reshape target."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+             helper.make_node("Unsqueeze", ["d0", "axes"], ["d0v"]),
+             helper.make_node("Concat", ["d0v", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [2, "n", 4])], [("y", np.float32, [2, None])],
+                       {"i0": np.array(0, np.int64), "axes": np.array([0], np.int64),
+                        "minus1": np.array([-1], np.int64)})
+    out, _ = run_passes(model, FOLD)
+    assert ops(out) == ["Reshape"]
+    assert initializers(out)[out.graph.node[0].input[1]].tolist() == [2, -1]
+    for n in (1, 3):
+        feed = {"x": np.random.default_rng(n).normal(size=(2, n, 4)).astype(np.float32)}
+        assert_same_outputs(model, out, [feed])
+
+
 def test_folds_multi_output_nodes():
     nodes = [helper.make_node("Split", ["W", "sizes"], ["w0", "w1"], axis=0),
              helper.make_node("Add", ["x", "w0"], ["y0"]),
