@@ -42,7 +42,12 @@ def test_pipeline_on_real_model(entry, mode):
     model, report = optimizer.optimize(str(onnx_path), inputs=str(inputs_path), **MODES[mode])
     assert report.validation.passed, report.validation.reason
     assert report.validation.mode == ("lossless" if mode == "default" else "lossy")
-    assert report.after.nodes <= report.before.nodes
+    # int8 weights are read through one DequantizeLinear each (and a Mul below opset 13)
+    added = 0
+    if mode == "quantize":
+        added = sum(report.after.op_counts.get(op, 0) - report.before.op_counts.get(op, 0)
+                    for op in ("DequantizeLinear", "Mul"))
+    assert report.after.nodes - max(added, 0) <= report.before.nodes
     if mode != "quantize":  # DequantizeLinear nodes inside If branches may outnumber the savings
         assert report.after.nodes_total <= report.before.nodes_total
     onnx.checker.check_model(model, full_check=True)

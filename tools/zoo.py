@@ -44,7 +44,7 @@ MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
 DEFAULT_DEST = REPO_ROOT / "models" / "zoo"
 DEFAULT_SEED = 0
 
-DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32}
+DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
 
 
 class ZooError(Exception):
