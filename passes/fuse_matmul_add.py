@@ -1,11 +1,11 @@
-"""MatMul + Add fusion: ``Add(MatMul(A, B), C)`` with 2-D ``A``, ``B`` and a constant bias ``C``
-becomes ``Gemm(A, B, C)``.
+"""MatMul + Add fusion: ``Add(MatMul(A, B), C)`` with 2-D ``A``, ``B`` and a bias ``C`` that
+broadcasts unidirectionally to the product becomes ``Gemm(A, B, C)``.
 
 Gemm (ONNX spec, https://onnx.ai/onnx/operators/onnx__Gemm.html, opset 7 and later) computes
 ``Y = alpha · A' · B' + beta · C`` with ``A'``, ``B'`` the operands transposed or not
 (``transA``/``transB``, default 0) and ``alpha = beta = 1`` by default, for ``A`` of shape
-``(M, K)`` and ``B`` of shape ``(K, N)``; ``C`` is broadcast *unidirectionally* to ``(M, N)``.
-With the defaults::
+``(M, K)`` and ``B`` of shape ``(K, N)``; ``C`` is broadcast *unidirectionally* to ``(M, N)`` and
+may be any tensor, not only an initializer. With the defaults::
 
     Gemm(A, B, C) = A · B + C = Add(MatMul(A, B), C)
 
@@ -21,14 +21,20 @@ provided that
   Add's (multidirectional) output shape to be ``(M, N)`` too, so the Add does not broadcast the
   product up (``[M, N] + [3, M, N]`` or ``[M, N] + [1, 1, N]`` are refused). A dim of ``C`` other
   than 1 needs the matching dim of ``(M, N)`` to be static, since at run time it must match.
+  The shape of an initializer ``C`` is its own; that of any other tensor (another MatMul's
+  output, as in the LSTM cells keras and paddle exporters write out: ``x · W + h · R``, a graph
+  input) comes from ``TensorTypes`` -- graph input types, initializers and op semantics, never
+  declared value_info -- and every dim must be known: an unknown dim might broadcast the product
+  up. Inside a Loop body a loop-carried value has no shape, so such a ``C`` is refused.
 - The dtype is float16, float or double (Gemm-7 accepts these; integer types only from Gemm-9 and
   bfloat16 from Gemm-13, which we leave alone), and ``C`` has the product's dtype.
 - Before opset 7 Gemm broadcasts ``C`` only with ``broadcast=1`` and under other rules: refused.
 
-``C`` must be an initializer (not a graph input); it may be either operand of the Add. The Gemm
-writes the Add's output tensor, so that name survives; the MatMul output disappears, so it must
-have no other reader and not be a graph output. The sum is ``A · B + C`` either way, up to the
-float rounding of the accumulation order. Works in every subgraph.
+``C`` may be either operand of the Add. The Gemm writes the Add's output tensor, so that name
+survives, and takes the Add's place in the node order (``C`` may be computed after the MatMul);
+the MatMul output disappears, so it must have no other reader and not be a graph output. The sum
+is ``A · B + C`` either way, up to the float rounding of the accumulation order. Works in every
+subgraph.
 
 Statistics: ``fused`` and ``skipped`` (per reason).
 """
@@ -74,7 +80,7 @@ def _bias_refusal(c_shape: tuple, mn: tuple) -> str | None:
 @register
 class FuseMatMulAdd(Pass):
     name = "fuse_matmul_add"
-    description = "Fuse MatMul of 2-D operands followed by Add of a constant bias into Gemm."
+    description = "Fuse MatMul of 2-D operands followed by Add of a bias into Gemm."
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         skipped: Counter[str] = Counter()
@@ -82,7 +88,7 @@ class FuseMatMulAdd(Pass):
         types = TensorTypes.of(graph, ctx)  # inferred on the first question
         fused = 0
         for g in iter_graphs(graph):
-            in_graph = {id(n) for n in g.nodes}
+            position = {id(n): i for i, n in enumerate(g.nodes)}
             for matmul in list(g.nodes):
                 if matmul.op != "MatMul" or not is_default_domain(matmul) \
                         or len(matmul.inputs) != 2 or len(matmul.outputs) != 1:
@@ -92,11 +98,11 @@ class FuseMatMulAdd(Pass):
                 if not adds:
                     continue
                 add = adds[0]
-                reason = self._refusal(matmul, add, g, in_graph, types, opset)
+                reason = self._refusal(matmul, add, g, position, types, opset)
                 if reason:
                     skipped[reason] += 1
                     continue
-                self._fuse(matmul, add)
+                self._fuse(matmul, add, g, position)
                 fused += 1
             g.nodes = [n for n in g.nodes if n.outputs]
         stats = {"fused": fused}
@@ -105,7 +111,7 @@ class FuseMatMulAdd(Pass):
         return PassResult(bool(fused), stats)
 
     @staticmethod
-    def _refusal(matmul: gs.Node, add: gs.Node, g: gs.Graph, in_graph: set[int],
+    def _refusal(matmul: gs.Node, add: gs.Node, g: gs.Graph, position: dict[int, int],
                  types: TensorTypes, opset: int) -> str | None:
         if opset < _GEMM_UNIDIRECTIONAL:
             return "opset below 7: Gemm broadcasts C only with broadcast=1"
@@ -114,14 +120,20 @@ class FuseMatMulAdd(Pass):
             return "MatMul output has other consumers"
         if any(t is y for t in g.outputs):
             return "MatMul output is a graph output"
-        if id(add) not in in_graph:
+        if id(add) not in position:
             return "Add in another scope"
         if len(add.inputs) != 2 or len(add.outputs) != 1 or add.inputs[0] is add.inputs[1]:
             return "unexpected Add arity"
         c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-        reason = constant_refusal(c, "bias")
-        if reason:
-            return reason
+        if isinstance(c, gs.Constant):
+            reason = constant_refusal(c, "bias")
+            if reason:
+                return reason
+            c_shape, c_dtype = tuple(c.shape), np.dtype(c.dtype)
+        else:
+            c_shape, c_dtype = types.static_shape(c), types.dtype(c)
+            if c_shape is None:
+                return "bias shape unknown"
         a, b = matmul.inputs
         a_shape, b_shape = _shape(a, types), _shape(b, types)
         if a_shape is None or b_shape is None:
@@ -132,13 +144,14 @@ class FuseMatMulAdd(Pass):
         dtype = types.dtype(a) if dtype is None else dtype
         if dtype is None or dtype.type not in _FLOAT_DTYPES:
             return "dtype is not float16, float or double"
-        if np.dtype(c.dtype) != dtype:
+        if c_dtype != dtype:
             return "bias dtype differs from the product's"
-        return _bias_refusal(tuple(c.shape), (a_shape[0], b_shape[1]))
+        return _bias_refusal(c_shape, (a_shape[0], b_shape[1]))
 
     @staticmethod
-    def _fuse(matmul: gs.Node, add: gs.Node) -> None:
-        """The MatMul becomes the Gemm, in place, so the node order stays topological."""
+    def _fuse(matmul: gs.Node, add: gs.Node, g: gs.Graph, position: dict[int, int]) -> None:
+        """The MatMul becomes the Gemm, in place, and moves to the Add's place in ``g.nodes``:
+        a non-constant ``C`` may be computed between the two."""
         y = matmul.outputs[0]
         c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
         out = add.outputs[0]
@@ -147,3 +160,7 @@ class FuseMatMulAdd(Pass):
         matmul.op = "Gemm"
         matmul.inputs.append(c)
         matmul.outputs[0] = out
+        i, j = position[id(matmul)], position[id(add)]
+        if i < j:
+            g.nodes[i], g.nodes[j] = add, matmul
+            position[id(matmul)], position[id(add)] = j, i

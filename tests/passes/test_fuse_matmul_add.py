@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import assert_same_outputs, make_branch, make_model, ops, run_once
+from helpers import assert_same_outputs, make_branch, make_model, ops, run_once, run_passes
 from helpers import zoo_files as _zoo_files
 from onnx import TensorProto, helper
 
@@ -122,10 +122,146 @@ def test_refused_before_opset_7():
              "opset below 7: Gemm broadcasts C only with broadcast=1", compare=False)
 
 
-def test_refused_bias_not_constant():
+# ----------------------------------------------------------------- a bias that is not constant
+
+def tensor_bias_model(c_shape=(3, N), a_shape=(3, K), declared=None):
+    """a → MatMul(a, B) → t → Add(t, Relu(c)) → y, with ``c`` a graph input declared with
+    ``declared`` (default ``c_shape``; ``"unknown"``: no shape at all): the bias is computed."""
+    declared = c_shape if declared is None else declared
+    b = np.random.default_rng(0).normal(size=(a_shape[-1], N)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["a", "B"], ["t"], name="mm"),
+             helper.make_node("Relu", ["c"], ["rc"]),
+             helper.make_node("Add", ["t", "rc"], ["y"])]
+    y_shape = np.broadcast_shapes(tuple(a_shape[:-1]) + (N,), tuple(c_shape))
+    c_declared = list(c_shape if declared == "unknown" else declared)
+    model = make_model(nodes, [("a", np.float32, list(a_shape)), ("c", np.float32, c_declared)],
+                       [("y", np.float32, list(y_shape))], {"B": b})
+    if declared == "unknown":
+        model.graph.input[1].type.tensor_type.ClearField("shape")
+    return model
+
+
+def _feed(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+TENSOR_FUSED = {
+    "[M,N]": (3, N), "[N]": (N,), "[1,N]": (1, N), "[M,1]": (3, 1), "scalar": (),
+}
+
+
+@pytest.mark.parametrize("c_shape", TENSOR_FUSED.values(), ids=TENSOR_FUSED.keys())
+def test_tensor_bias_fused(c_shape):
+    """``C`` computed by another node (shape from shape inference) is Gemm's C."""
+    model = tensor_bias_model(c_shape)
+    fused, result = run_once(model, "fuse_matmul_add")
+    assert result.stats == {"fused": 1}
+    assert ops(fused) == ["Relu", "Gemm"]
+    assert list(fused.graph.node[1].input) == ["a", "B", "rc"]
+    assert_same_outputs(model, fused)
+
+
+def test_tensor_bias_graph_input_with_default():
+    """An initializer also listed as a graph input (a caller may override it) is no constant,
+    but its declared shape is its type: it is Gemm's C all the same."""
     model = matmul_add_model()
     model.graph.input.append(helper.make_tensor_value_info("C", TensorProto.FLOAT, [N]))
-    _refused(model, "bias is not an initializer")
+    fused, result = run_once(model, "fuse_matmul_add")
+    assert result.stats == {"fused": 1} and ops(fused) == ["Gemm"]
+    c = np.random.default_rng(5).normal(size=N).astype(np.float32)
+    a = np.random.default_rng(6).normal(size=(3, K)).astype(np.float32)
+    assert_same_outputs(model, fused, [{"a": a}, {"a": a, "C": c}])
+
+
+def lstm_gates_model(h_first=False, bias_left=False):
+    """The gate pre-activations of an LSTM cell as keras/paddle exporters write them out:
+    ``Add(MatMul(x[1, K], W[K, 4H]), MatMul(h[1, H], R[H, 4H]))``; ``h_first`` puts the
+    recurrent MatMul first in the node order."""
+    rng = np.random.default_rng(2)
+    hidden = 3
+    inits = {"W": rng.normal(size=(K, 4 * hidden)).astype(np.float32),
+             "R": rng.normal(size=(hidden, 4 * hidden)).astype(np.float32)}
+    mm_x = helper.make_node("MatMul", ["x", "W"], ["xw"])
+    mm_h = helper.make_node("MatMul", ["h", "R"], ["hr"])
+    add = helper.make_node("Add", ["hr", "xw"] if bias_left else ["xw", "hr"], ["y"])
+    return make_model([mm_h, mm_x, add] if h_first else [mm_x, mm_h, add],
+                      [("x", np.float32, [1, K]), ("h", np.float32, [1, hidden])],
+                      [("y", np.float32, [1, 4 * hidden])], inits)
+
+
+@pytest.mark.parametrize("h_first", [False, True])
+@pytest.mark.parametrize("bias_left", [False, True])
+def test_lstm_gates_one_gemm_in_node_order(h_first, bias_left):
+    """The first MatMul in node order becomes the Gemm, reading the other's output: the Gemm
+    takes the Add's place, so the nodes stay sorted without export's toposort."""
+    from onnx_graphsurgeon import export_onnx
+
+    from helpers import is_topologically_sorted
+    from optimizer.graph import import_graph
+    from optimizer.pass_manager import PassContext, get_pass
+
+    model = lstm_gates_model(h_first, bias_left)
+    graph = import_graph(model)
+    result = get_pass("fuse_matmul_add").run(graph, PassContext(template=model))
+    assert result.stats == {"fused": 1}
+    assert [n.op for n in graph.nodes] == ["MatMul", "Gemm"]
+    assert is_topologically_sorted(export_onnx(graph, do_type_check=False).graph)
+    fused, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert sorted(ops(fused)) == ["Gemm", "MatMul"]
+    assert_same_outputs(model, fused)
+
+
+TENSOR_REFUSED = {
+    "C with a dynamic dim": (dict(c_shape=(3, N), declared=("n", N)), "bias shape unknown"),
+    "C rank unknown": (dict(c_shape=(3, N), declared="unknown"), "bias shape unknown"),
+    "C [2,M,N] adds a dimension": (dict(c_shape=(2, 3, N)),
+                                   "Add broadcasts the product to a higher rank"),
+    "C [M,N] with M=1 grows M": (dict(c_shape=(3, N), a_shape=(1, K)),
+                                 "Add broadcasts the product to a larger shape"),
+    "3-D A": (dict(c_shape=(N,), a_shape=(2, 3, K)), "operands are not both 2-D"),
+}
+
+
+@pytest.mark.parametrize("kwargs,reason", TENSOR_REFUSED.values(), ids=TENSOR_REFUSED.keys())
+def test_tensor_bias_refused(kwargs, reason):
+    model = tensor_bias_model(**kwargs)
+    out, result = run_once(model, "fuse_matmul_add")
+    assert result.stats == {"fused": 0, "skipped": {reason: 1}}
+    assert ops(out) == ops(model)
+    shapes = {"a": kwargs.get("a_shape", (3, K)), "c": kwargs["c_shape"]}
+    assert_same_outputs(model, out, [_feed(shapes)])
+
+
+def test_tensor_bias_loop_carried_refused():
+    """Inside a Loop body a loop-carried value has no static shape (it may change from one
+    iteration to the next): ``MatMul(x, W) + h`` with ``h`` carried is refused, while the same
+    sum with an outer-scope ``C`` of known shape fuses."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(K, N)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "h_in"], ["h_out"]),
+         helper.make_node("MatMul", ["x", "W"], ["xw2"]),
+         helper.make_node("Add", ["c", "xw2"], ["z"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [3, N])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [3, N]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, N])])
+    model = make_model([helper.make_node("Loop", ["n", "", "h0"], ["h", "zs"], body=body)],
+                       [("n", np.int64, []), ("x", np.float32, [3, K]),
+                        ("h0", np.float32, [3, N]), ("c", np.float32, [N])],
+                       [("h", np.float32, [3, N]), ("zs", np.float32, ["n", 3, N])], {"W": w})
+    out, result = run_once(model, "fuse_matmul_add")
+    assert result.stats == {"fused": 1, "skipped": {"bias shape unknown": 1}}
+    (body_out,) = [a.g for a in out.graph.node[0].attribute if a.name == "body"]
+    assert sorted(ops(body_out)) == ["Add", "Gemm", "Identity", "MatMul"]
+    feed = {"n": np.array(3, np.int64), **_feed({"x": (3, K), "h0": (3, N), "c": (N,)})}
+    assert_same_outputs(model, out, [feed])
 
 
 def test_refused_matmul_output_read_elsewhere():
