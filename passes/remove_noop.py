@@ -26,9 +26,12 @@ node is then removed and its consumers read ``x``; when ``y`` is a graph output 
 - ``Expand(x, s)``, and ``Add/Sub(x, 0)``, ``Mul/Div(x, 1)`` (the constant on either side for the
   commutative Add and Mul, on the right only for Sub and Div): the output shape is
   ``broadcast(shape(x), s)`` (numpy rule), which is ``shape(x)`` iff ``len(s) <= rank(x)`` and every
-  right-aligned entry of ``s`` is 1 or the static dim of ``x``. The constant of the arithmetic ops
-  must have x's dtype. ``x + 0`` gives ``+0.0`` for ``x = -0.0`` (equal, not bit-identical); every
-  other case is exact in IEEE 754 (NaN stays NaN).
+  right-aligned entry of ``s`` is 1 or the static dim of ``x``. When only a lower bound ``m`` of
+  ``rank(x)`` is known (inside a Loop body, say: an ``Unsqueeze(v, axes)`` output has rank
+  ``rank(v) + len(axes) >= len(axes)`` whatever ``v``), an ``s`` of 1s with ``len(s) <= m`` keeps
+  ``shape(x)`` too: broadcasting a dim ``d`` with 1 gives ``d`` (0 included). The constant of the
+  arithmetic ops must have x's dtype. ``x + 0`` gives ``+0.0`` for ``x = -0.0`` (equal, not
+  bit-identical); every other case is exact in IEEE 754 (NaN stays NaN).
 - ``Squeeze``/``Unsqueeze`` with empty axes (``Squeeze`` without axes removes every 1-dim, so it is
   a no-op only when every dim of ``x`` is static and not 1), and ``Unsqueeze(Squeeze(x, a), a)``,
   ``Squeeze(Unsqueeze(x, a), a)``: both axes lists are normalized by the same rank (the
@@ -141,6 +144,16 @@ class _Facts:
         """Shape of ``t`` (None for an unknown dim), or None when even the rank is unknown."""
         return self.types.shape(t)
 
+    def min_rank(self, t: gs.Tensor) -> int:
+        """A lower bound of ``rank(t)``: the inferred rank, else for an ``Unsqueeze`` output the
+        number of its constant axes plus the bound of its input, else 0."""
+        shape = self.shape(t)
+        if shape is not None:
+            return len(shape)
+        unsqueeze = _producer(t, "Unsqueeze")
+        axes = None if unsqueeze is None else _ints(unsqueeze, self, "axes", 1)
+        return len(axes) + self.min_rank(unsqueeze.inputs[0]) if axes else 0
+
 
 def _onnx_dtype(dtype) -> int | None:
     try:
@@ -168,12 +181,13 @@ def _ints(node: gs.Node, f: _Facts, attr: str, index: int) -> list[int] | None |
     return None
 
 
-def _broadcast_change(shape: tuple | None, other: tuple) -> str | None:
-    """None when ``broadcast(shape, other) == shape``, else why it does not or may not."""
+def _broadcast_change(shape: tuple | None, other: tuple, min_rank: int = 0) -> str | None:
+    """None when ``broadcast(shape, other) == shape``, else why it does not or may not;
+    ``min_rank`` is a lower bound of the rank, for a ``shape`` that is not known."""
     if len(other) == 0:
         return None
     if shape is None:
-        return _NO_SHAPE
+        return None if len(other) <= min_rank and all(d == 1 for d in other) else _NO_SHAPE
     if len(other) > len(shape):
         return "broadcast would grow the rank"
     for d, s in zip(reversed(other), reversed(shape)):
@@ -259,7 +273,8 @@ def _expand(node: gs.Node, f: _Facts) -> Verdict:
     target = f.value(node.inputs[1])
     if target is None:
         return None
-    why = _broadcast_change(f.shape(node.inputs[0]), tuple(int(v) for v in target))
+    why = _broadcast_change(f.shape(node.inputs[0]), tuple(int(v) for v in target),
+                            f.min_rank(node.inputs[0]))
     if why is None:
         return node.inputs[0]
     return None if why in ("broadcast would grow the rank", "broadcast would change a dim") else why
@@ -280,7 +295,7 @@ def _arithmetic(node: gs.Node, f: _Facts) -> Verdict:
         dtype = f.dtype(x)
         if dtype is not None and dtype != _onnx_dtype(value.dtype):
             return "constant dtype differs from the input's"
-        why = _broadcast_change(f.shape(x), value.shape)
+        why = _broadcast_change(f.shape(x), value.shape, f.min_rank(x))
         return x if why is None else why
     return None
 

@@ -102,8 +102,8 @@ REMOVED = [
     ("slice_whole_dynamic", _model([_node("Relu", ["x"], ["r"]),
                                     _node("Slice", ["r", "s", "e", "a", "t"])],
                                    x_shape=("N", "M"),
-                                   inits={"s": np.array([0, 0], I64), "e": np.array([BIG, 2**31 - 1],
-                                                                                    I64),
+                                   inits={"s": np.array([0, 0], I64),
+                                          "e": np.array([BIG, 2**31 - 1], I64),
                                           "a": np.array([0, 1], I64), "t": np.ones(2, I64)}),
      ["Relu"]),
     ("slice_whole_static_negative_start",
@@ -192,7 +192,8 @@ KEPT = [
                                inits={"s": np.array([0], I64), "e": np.array([2], I64)}),
      "Slice: input dim not static"),
     ("resize_tf_crop_and_resize",
-     _model([_node("Resize", ["x", "roi", "s"], coordinate_transformation_mode="tf_crop_and_resize")],
+     _model([_node("Resize", ["x", "roi", "s"],
+                   coordinate_transformation_mode="tf_crop_and_resize")],
             x_shape=(1, 1, 3, 3), inits={"roi": np.array([0, 0, .2, .2, 1, 1, .8, .8], F),
                                          "s": np.ones(4, F)}),
      "Resize: coordinate_transformation_mode tf_crop_and_resize moves the sampling points"),
@@ -292,6 +293,82 @@ def test_loop_carried_shape_is_not_trusted():
     feed = {"x": np.ones((2, 3), F), "m": np.array(2, I64), "v0": np.arange(3, dtype=F)}
     for name, value in run_ort(model, feed).items():
         np.testing.assert_array_equal(run_ort(out, feed)[name], value)
+
+
+def _loop_model(body_nodes, inits, v0_shape=(2, 3), v_dtype=F):
+    """A Loop over ``v`` (loop-carried, initial value ``v0``) whose body computes ``v_next`` from
+    ``v`` with ``body_nodes``: inside the body the rank of ``v`` is not known to the pass (the
+    declared ``[a, b]`` of a body input is not read)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(v_dtype))
+    body = helper.make_graph(
+        list(body_nodes) + [_node("Identity", ["cond"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", TP.INT64, []),
+                 helper.make_tensor_value_info("cond", TP.BOOL, []),
+                 helper.make_tensor_value_info("v", elem, ["a", "b"])],
+        [helper.make_tensor_value_info("cond_out", TP.BOOL, []),
+         helper.make_tensor_value_info("v_next", elem, ["a", "b"])],
+        [onnx.numpy_helper.from_array(np.asarray(v), n) for n, v in inits.items()])
+    return make_model([_node("Loop", ["m", "", "v0"], ["y"], body=body)],
+                      [("v0", v_dtype, list(v0_shape)), ("m", I64, [])],
+                      [("y", v_dtype, ["a", "b"])])
+
+
+def _loop_feed(v_dtype=F):
+    v0 = np.random.default_rng(0).normal(size=(2, 3)) * 5
+    v0[0, 0] = -0.0
+    return {"v0": v0.astype(v_dtype), "m": np.array(3, I64)}
+
+
+def _body(model):
+    return model.graph.node[0].attribute[0].g
+
+
+@pytest.mark.parametrize("op, zero, dtype", [("Add", np.zeros(1, F), F),
+                                             ("Sub", np.zeros(1, F), F),
+                                             ("Add", np.zeros(1, I64), I64),
+                                             ("Add", np.zeros((1, 1), F), F)])
+def test_add_zero_of_rank_known_from_unsqueeze(op, zero, dtype):
+    """paddle2onnx Loop bodies: Unsqueeze(v, [0]) -> Add(., 0[1]) -> Squeeze(., [0]); the rank of
+    v is unknown, but the Unsqueeze output has rank >= 1 (>= 2 for two axes): the zero goes, and
+    then the Squeeze/Unsqueeze pair."""
+    axes = [0] if zero.ndim == 1 else [0, 1]
+    model = _loop_model([_node("Unsqueeze", ["v", "ax"], ["u"]), _node(op, ["u", "zero"], ["a"]),
+                         _node("Squeeze", ["a", "ax"], ["s"]), _node("Neg", ["s"], ["v_next"])],
+                        {"ax": np.array(axes, I64), "zero": zero}, v_dtype=dtype)
+    out, records = run_passes(model, ["remove_noop"])
+    assert ops(_body(out)) == ["Neg", "Identity"]
+    assert records[0].stats["removed"] == {op: 1, "Squeeze": 1, "Unsqueeze": 1}
+    assert_same_outputs(model, out, [_loop_feed(dtype)], rtol=0, atol=0)
+
+
+_UNSQUEEZED = [_node("Unsqueeze", ["v", "ax"], ["u"]), _node("Add", ["u", "zero"], ["a0"]),
+               _node("Squeeze", ["a0", "ax"], ["a"])]
+
+
+@pytest.mark.parametrize("nodes, zero", [
+    ([_node("Add", ["v", "zero"], ["a"])], np.zeros(1, F)),  # rank of v unknown
+    (_UNSQUEEZED, np.zeros((1, 1), F)),  # rank 2 may exceed the Unsqueeze output's (>= 1)
+    (_UNSQUEEZED, np.zeros(2, F)),  # not all 1s: may broadcast a dim
+], ids=["rank_unknown", "zero_of_higher_rank", "zero_not_all_ones"])
+def test_add_zero_rank_not_known_enough_refused(nodes, zero):
+    model = _loop_model(nodes + [_node("Neg", ["a"], ["v_next"])],
+                        {"ax": np.array([0], I64), "zero": zero}, v0_shape=(2, 2))
+    out, result = run_once(model, "remove_noop")
+    assert sorted(ops(_body(out))) == sorted(ops(_body(model)))
+    assert result.stats["refused"] == {"Add: input shape unknown": 1}
+    feed = {"v0": _loop_feed()["v0"][:, :2], "m": np.array(3, I64)}
+    np.testing.assert_array_equal(run_ort(out, feed)["y"], run_ort(model, feed)["y"])
+
+
+def test_expand_ones_of_rank_known_from_unsqueeze():
+    model = _loop_model([_node("Unsqueeze", ["v", "ax"], ["u"]),
+                         _node("Expand", ["u", "ones"], ["e"]),
+                         _node("Squeeze", ["e", "ax"], ["s"]), _node("Neg", ["s"], ["v_next"])],
+                        {"ax": np.array([0, 2], I64), "ones": np.ones(2, I64)})
+    out, records = run_passes(model, ["remove_noop"])
+    assert sorted(ops(_body(out))) == ["Identity", "Neg"]
+    assert records[0].stats["removed"] == {"Expand": 1, "Squeeze": 1, "Unsqueeze": 1}
+    assert_same_outputs(model, out, [_loop_feed()], rtol=0, atol=0)
 
 
 def test_stats_are_json_serializable():
