@@ -268,16 +268,33 @@ class _InferenceModel:
     ONNX's Loop inference gives a body its loop-carried inputs without shape (onnx 1.23; a
     declared one would be believed); Scan gives the shapes of its state variables and of one
     slice of its scan inputs, which the spec keeps the same in every iteration.
+
+    A node whose output sizes ONNX inference may compute differently from onnxruntime
+    (:func:`_disputed_axes`) writes a hidden tensor instead, and a *stand-in* turns it into the
+    real output with those axes unknown: ``Gather(t, i_k, axis=a)`` for each doubtful axis ``a``,
+    where ``i_k`` is a main-graph input of shape ``[i_k]`` (its own symbol, of unknown value).
+    Gather's output shape is ``t.shape[:a] + i_k.shape + t.shape[a+1:]`` (ONNX spec, opset 1 on),
+    so the rank and the other dims -- those inference gets right -- are kept, the doubtful dims
+    become symbols no other dim shares, and no value is propagated (``i_k`` has none). When the
+    doubtful axes cannot be told, the stand-in gathers with indices of unknown rank, which leaves
+    the output without shape, rank included. Inference then treats everything downstream as it
+    treats any unknown dim: a dim computed from a doubtful one is unknown, the others stay known
+    (``Flatten(axis=1)`` of ``[N, C, ?, ?]`` is ``[N, ?]``, a MatMul by a ``[K, M]`` weight ends in
+    ``M``, a Squeeze without axes has no shape). This is exactly as sound as inference is on
+    unknown dims, which is the premise of using it at all.
     """
 
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto):
         #: GraphProto name -> (gs graph, whether it is a Loop/Scan body).
         self.scopes: dict[str, tuple[gs.Graph, bool]] = {}
         self._large: dict[str, gs.Constant] = {}
+        #: The stand-ins' indices (see the class docstring), inputs of the main graph.
+        self._unknowns: list[onnx.ValueInfoProto] = []
         self._main = graph
         main = self._graph(graph, loop_body=False)
         main.input.extend(onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t.dtype), t.shape)
                           for t in self._large.values())
+        main.input.extend(self._unknowns)
         self.model = onnx.helper.make_model(main, opset_imports=list(template.opset_import))
         self.model.ir_version = template.ir_version
 
@@ -296,7 +313,7 @@ class _InferenceModel:
                     self._large[t.name] = t
                 else:
                     initializers.append(OnnxExporter.export_tensor_proto(t))
-            nodes.append(self._node(node))
+            nodes.extend(self._node(node))
         inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in g.inputs]
         if g is not self._main:
             for vi in inputs:
@@ -306,17 +323,40 @@ class _InferenceModel:
         outputs = [onnx.helper.make_empty_tensor_value_info(t.name) for t in g.outputs]
         return onnx.helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
 
-    def _node(self, node: gs.Node) -> onnx.NodeProto:
+    def _node(self, node: gs.Node) -> list[onnx.NodeProto]:
+        """``node`` as NodeProtos: itself, then the stand-ins of its outputs if it is disputed."""
         graphs = {k: v for k, v in node.attrs.items() if isinstance(v, gs.Graph)}
-        proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs],
-                                      [t.name for t in node.outputs], name=node.name,
-                                      domain=node.domain)
+        axes = _disputed_axes(node)
+        outputs = [t.name for t in node.outputs]
+        stand_ins = []
+        if axes != ():
+            for i, name in enumerate(outputs):
+                if name:
+                    outputs[i] = fresh_name(self._main, f"{name}__disputed")
+                    stand_ins.extend(self._stand_in(outputs[i], name, axes))
+        proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs], outputs,
+                                      name=node.name, domain=node.domain)
         proto.attribute.extend(OnnxExporter.export_attributes(
             {k: v for k, v in node.attrs.items() if k not in graphs}))
         proto.attribute.extend(
             onnx.helper.make_attribute(k, self._graph(v, loop_body=node.op in ("Loop", "Scan")))
             for k, v in graphs.items())
-        return proto
+        return [proto] + stand_ins
+
+    def _stand_in(self, hidden: str, output: str, axes: tuple[int, ...] | None
+                  ) -> list[onnx.NodeProto]:
+        """Gathers from ``hidden`` to ``output`` that leave ``axes`` unknown (None: the shape)."""
+        steps = [None] if axes is None else list(axes)
+        nodes, current = [], hidden
+        for k, axis in enumerate(steps):
+            indices = fresh_name(self._main, "__onnxopt_unknown_indices")
+            self._unknowns.append(onnx.helper.make_tensor_value_info(
+                indices, onnx.TensorProto.INT64, None if axis is None else [indices]))
+            target = output if k == len(steps) - 1 else fresh_name(self._main, f"{output}__dim")
+            nodes.append(onnx.helper.make_node("Gather", [current, indices], [target],
+                                               axis=axis or 0))
+            current = target
+        return nodes
 
 
 def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None]:
@@ -360,52 +400,91 @@ def _infer_types(graph: gs.Graph, template: onnx.ModelProto
             if loop_body and vi.name in inputs:
                 shape = None
             types[id(t)] = (t, dtype, shape)
-    _forget_disputed_shapes(graph, types)
     return types
 
 
-def _disputed(node: gs.Node) -> bool:
-    """Whether ONNX shape inference is known to disagree with onnxruntime on ``node``'s output
-    shape (onnx 1.23 vs onnxruntime 1.32): pooling with ``ceil_mode`` (onnxruntime drops a last
-    window that starts in the padding), ``auto_pad`` SAME on pooling and convolutions,
-    ConvTranspose (``output_padding`` and SAME), Resize/Upsample (rounding of scaled sizes), and
-    Slice with a negative or non-constant step (clamping of huge ends)."""
+#: Convolutions and pools: op -> index of the weight input (None: a pool, no weight).
+_WINDOW_OPS = {"MaxPool": None, "AveragePool": None, "LpPool": None, "Conv": 1,
+               "ConvInteger": 1, "QLinearConv": 3, "ConvTranspose": 1}
+
+
+def _disputed_axes(node: gs.Node) -> tuple[int, ...] | None:
+    """The axes (negative: counted from the back) of ``node``'s outputs whose sizes ONNX shape
+    inference is known to compute differently from onnxruntime (onnx 1.23 vs onnxruntime 1.32);
+    ``()`` when there are none, None when the node is disputed but which axes cannot be told.
+
+    - pooling with ``ceil_mode`` (onnxruntime drops a last window that starts in the padding),
+      ``auto_pad`` SAME on pooling and convolutions, ConvTranspose (``output_padding`` and SAME):
+      the spatial axes. Batch and channels are certain: dim 0 is the input's dim 0, dim 1 the
+      input's (pools) or ``M`` of the weight (``W[M, C/group, k...]`` for Conv, ``M/group`` times
+      ``group`` of ``W[C, M/group, k...]`` for ConvTranspose), by the same rule in both;
+    - Resize/Upsample (rounding of scaled sizes): the axes whose scale is not exactly 1
+      (``floor(d · 1) = d``), every axis with ``sizes``;
+    - Slice with a negative or non-constant step (clamping of huge ends): the axes sliced with
+      such a step; the others are the input's dims in both.
+    """
     op, attrs = node.op, node.attrs
-    if node.domain not in (None, "", "ai.onnx"):
-        return False  # inference knows nothing of it: no shape to dispute
-    if op in ("ConvTranspose", "Resize", "Upsample"):
-        return True
-    if op in ("MaxPool", "AveragePool", "LpPool", "Conv", "ConvInteger", "QLinearConv"):
+    if not is_default_domain(node):
+        return ()  # inference knows nothing of it: no shape to dispute
+    if op in _WINDOW_OPS:
         auto_pad = attrs.get("auto_pad", "NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        return bool(attrs.get("ceil_mode", 0)) or auto_pad not in ("NOTSET", "VALID")
+        if op != "ConvTranspose" and not attrs.get("ceil_mode", 0) \
+                and auto_pad in ("NOTSET", "VALID"):
+            return ()
+        spatial = _spatial_rank(node, _WINDOW_OPS[op])
+        return None if spatial is None else tuple(range(-spatial, 0))
+    if op in ("Resize", "Upsample"):
+        return _resize_axes(node)
     if op == "Slice":
         if "steps" in attrs or len(node.inputs) < 5 or node.inputs[4].is_empty():
-            return False
+            return ()
         steps = constant_value(node.inputs[4])
-        return steps is None or bool((np.asarray(steps) < 0).any())
-    return False
+        if steps is not None and not (np.asarray(steps) < 0).any():
+            return ()
+        if len(node.inputs) > 3 and not node.inputs[3].is_empty():
+            axes = constant_value(node.inputs[3])
+        else:  # default axes: 0 .. len(starts) - 1
+            axes = None if steps is None else np.arange(np.size(steps))
+        if axes is None:
+            return None
+        axes = np.ravel(axes)
+        if steps is not None:
+            axes = axes[np.ravel(steps) < 0]
+        return tuple(sorted({int(a) for a in axes}))
+    return ()
 
 
-def _forget_disputed_shapes(graph: gs.Graph, types: dict[int, tuple]) -> None:
-    """Drop the inferred shape (keep the dtype) of every tensor computed from a node whose shape
-    inference is disputed (:func:`_disputed`), and of everything downstream of it: a shape that
-    may be wrong must never be folded into a constant. Graphs are visited outer first, so a
-    subgraph sees its outer-scope values already settled."""
-    doubtful: set[int] = set()
-    for g in iter_graphs(graph):
-        sort_nodes(g)
-        for node in g.nodes:
-            if _disputed(node) or any(id(t) in doubtful for t in node.inputs):
-                for t in node.outputs:
-                    doubtful.add(id(t))
-                    if id(t) in types:
-                        entry = types[id(t)]
-                        types[id(t)] = (entry[0], entry[1], None)
-            for sub in node.subgraphs():
-                # a subgraph reading a doubtful outer value: its own results are doubtful too
-                if any(id(t) in doubtful for t in _outer_reads(sub)):
-                    doubtful.update(id(t) for t in sub.inputs)
+def _spatial_rank(node: gs.Node, weight: int | None) -> int | None:
+    """How many spatial axes a convolution or pool has: from ``kernel_shape``, else from the rank
+    of a constant weight ``W[M, C/group, k...]``; None when neither tells."""
+    if "kernel_shape" in node.attrs:
+        return len(node.attrs["kernel_shape"])
+    if weight is not None and len(node.inputs) > weight \
+            and isinstance(node.inputs[weight], gs.Constant):
+        return len(node.inputs[weight].shape) - 2
+    return None
+
+
+def _resize_axes(node: gs.Node) -> tuple[int, ...] | None:
+    """The doubtful axes of a Resize or Upsample (see :func:`_disputed_axes`)."""
+    if "scales" in node.attrs:  # Upsample-7
+        scales, sizes = np.asarray(node.attrs["scales"]), None
+    else:
+        # Resize-10 and Upsample-9: (X, scales); Resize-11 on: (X, roi, scales, sizes)
+        index = 1 if node.op == "Upsample" or len(node.inputs) == 2 else 2
+        present = [None if len(node.inputs) <= i or node.inputs[i].is_empty()
+                   else node.inputs[i] for i in (index, index + 1)]
+        scales, sizes = [None if t is None else constant_value(t) for t in present]
+        if present[0] is not None and scales is None or present[1] is not None and sizes is None:
+            return None  # computed at run time
+    if scales is not None and np.size(scales) > 0:
+        scales = np.ravel(scales)
+        axes = node.attrs.get("axes", range(-len(scales), 0))
+        return tuple(int(a) for a, s in zip(axes, scales) if s != 1)
+    if sizes is None:
+        return None
+    return tuple(int(a) for a in node.attrs.get("axes", range(-np.size(sizes), 0)))
 
 
 def sort_nodes(g: gs.Graph) -> None:
@@ -446,7 +525,8 @@ class TensorTypes:
     so are the declared shapes of subgraph inputs. Inside a Loop body no shape is derived from a
     loop-carried value's shape (it may change from one iteration to the next); the inputs of a
     Loop or Scan body have no shape (see ``_InferenceModel``). Where ONNX inference is known to
-    disagree with onnxruntime (``_disputed``), the shapes it derives are dropped, downstream too.
+    disagree with onnxruntime (``_disputed_axes``), the dims in question are unknown, and so is
+    every dim inference derives from them; the rank and the certain dims are kept.
     Results are keyed by tensor object, so a subgraph tensor never takes another scope's result;
     tensors created after inference are unknown. Inference is best effort: a model it rejects
     yields only the initializers.
@@ -566,6 +646,18 @@ def scale_conv_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
     group = conv.attrs.get("group", 1)
     grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
     return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+
+
+def per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
+    """``c`` as a float64 vector of length ``m`` if it broadcasts per channel against a rank-
+    ``rank`` tensor with ``m`` channels at axis 1 without changing its shape (``rank(c) <= rank``;
+    aligned from the right, every dim 1 except the channel dim, which is 1 or ``m``), else None."""
+    if c.ndim > rank:
+        return None
+    dims = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(dims) if i != 1) or dims[1] not in (1, m):
+        return None
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (m,))
 
 
 def conv_bias(conv: gs.Node) -> np.ndarray:

@@ -183,3 +183,46 @@ def test_declared_minus_one_dims_are_dynamic_for_shape_inference(node, inits):
     for shape in [(1, 1), (2, 3), (4, 5)]:
         x = np.zeros(shape, np.float32)
         np.testing.assert_array_equal(_run(model, {"x": x})[0], _run(optimized, {"x": x})[0])
+
+
+def _dilated_same_pool_model(tail, outputs, inits=()):
+    """``p = MaxPool(x[N, 2, 5, 5])``, SAME_UPPER with dilations 2: onnx 1.23 infers
+    ``[N, 2, 5, 5]``, onnxruntime 1.32 computes ``[N, 2, 4, 4]``."""
+    pool = oh.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], dilations=[2, 2],
+                        auto_pad="SAME_UPPER")
+    return _model([pool] + tail, [_vi("x", TP.FLOAT, ["N", 2, 5, 5])], outputs, inits)
+
+
+def test_spatial_dims_after_disputed_pooling_are_not_folded_channels_are():
+    """Shape(p)[2] and Shape(Flatten(p)) depend on the disputed spatial dims and stay computed;
+    Shape(p)[1], the channels, is certain and folds."""
+    inits = [nh.from_array(np.array([2]), "two"), nh.from_array(np.array([1]), "one")]
+    tail = [oh.make_node("Shape", ["p"], ["s"]),
+            oh.make_node("Gather", ["s", "two"], ["h"], axis=0),
+            oh.make_node("Gather", ["s", "one"], ["c"], axis=0),
+            oh.make_node("Flatten", ["p"], ["f"], axis=1),
+            oh.make_node("Shape", ["f"], ["fs"]),
+            oh.make_node("Concat", ["h", "c", "fs"], ["y"], axis=0)]
+    model = _dilated_same_pool_model(tail, [_vi("y", TP.INT64, [4])], inits)
+    for n in (1, 3):
+        feed = {"x": np.random.default_rng(n).random((n, 2, 5, 5), np.float32)}
+        optimized = _assert_same(model, feed)
+    assert [n.op_type for n in optimized.graph.node].count("Gather") == 1
+
+
+def test_flatten_after_disputed_pooling_keeps_its_rank_for_gemm():
+    """mtcnn's ONet (keras2onnx): ``MatMul(Flatten(p), W) + b`` after a SAME MaxPool is a Gemm;
+    Flatten(axis=1) of ``[N, 2, ?, ?]`` is ``[N, ?]``, so the operand's rank is known."""
+    inits = [nh.from_array(np.ones((18, 3), np.float32), "w"),
+             nh.from_array(np.arange(3, dtype=np.float32), "b")]
+    nodes = [oh.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2],
+                          auto_pad="SAME_UPPER"),
+             oh.make_node("Flatten", ["p"], ["f"], axis=1),
+             oh.make_node("MatMul", ["f", "w"], ["m"]),
+             oh.make_node("Add", ["m", "b"], ["y"])]
+    model = _model(nodes, [_vi("x", TP.FLOAT, ["N", 2, 6, 6])], [_vi("y", TP.FLOAT, ["N", 3])],
+                   inits)
+    for n in (1, 4):
+        feed = {"x": np.random.default_rng(n).random((n, 2, 6, 6), np.float32)}
+        optimized = _assert_same(model, feed)
+    assert [n.op_type for n in optimized.graph.node] == ["MaxPool", "Flatten", "Gemm"]

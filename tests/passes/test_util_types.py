@@ -6,6 +6,7 @@ large initializers kept out of the inference model."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 import onnx_graphsurgeon as gs
 from helpers import make_branch, make_model
@@ -123,3 +124,75 @@ def test_infer_tensor_types_is_the_main_graph_by_name():
     assert types["x"] == (np.dtype(F), (2, 3)) and types["cond"] == (np.dtype(np.bool_), ())
     assert "t" not in types and "e" not in types
     assert types["y"] == (np.dtype(F), (2, 3))  # declared [7]
+
+
+def _pool(x, y, **attrs):
+    return helper.make_node("MaxPool", [x], [y], kernel_shape=[2, 2], strides=[2, 2], **attrs)
+
+
+_SAME = {"auto_pad": "SAME_UPPER"}
+_WEIGHTS = {"W": np.ones((4, 3, 1, 1), F), "K": np.ones((7, 5), F), "W1d": np.ones((4, 3, 1), F),
+            "WT": np.ones((3, 2, 2, 2), F), "up": np.array([1, 1, 2, 2], F),
+            "sizes": np.array([2, 3, 8, 8], I64), "s": np.array([-1], I64),
+            "e": np.array([-100], I64), "a1": np.array([1], I64), "neg": np.array([-1], I64)}
+
+
+_DISPUTED_CASES = {
+    "pool: batch and channels": ([_pool("x", "y", **_SAME)], ("N", 3, None, None)),
+    "ceil_mode pool": ([_pool("x", "y", ceil_mode=1)], ("N", 3, None, None)),
+    "conv channels from the weight": (
+        [helper.make_node("Conv", ["x", "W"], ["y"], auto_pad="SAME_LOWER", strides=[2, 2])],
+        ("N", 4, None, None)),
+    "conv transpose": ([helper.make_node("ConvTranspose", ["x", "WT"], ["y"], group=3)],
+                       ("N", 6, None, None)),
+    "a valid conv after a disputed pool": (
+        [_pool("x", "p", **_SAME), helper.make_node("Conv", ["p", "W"], ["y"])],
+        ("N", 4, None, None)),
+    "transpose carries the certain dims": (
+        [_pool("x", "p", **_SAME), helper.make_node("Transpose", ["p"], ["y"], perm=[0, 2, 3, 1])],
+        ("N", None, None, 3)),
+    "flatten of unknown spatial dims": (
+        [_pool("x", "p", **_SAME), helper.make_node("Flatten", ["p"], ["y"], axis=1)],
+        ("N", None)),
+    "matmul ends in the weight's dim": (
+        [_pool("x", "p", **_SAME), helper.make_node("MatMul", ["p", "K"], ["y"])],
+        ("N", 3, None, 5)),
+    "elementwise broadcast with a static dim": (
+        [_pool("x", "p", **_SAME), helper.make_node("Add", ["p", "K"], ["y"])],
+        ("N", 3, 7, 5)),
+    "squeeze without axes: no rank": (  # inferred [1, 3, 1, 1] would give [3]
+        [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[6, 6], strides=[6, 6], **_SAME),
+         helper.make_node("ReduceMax", ["p"], ["r"], axes=[0]),
+         helper.make_node("Squeeze", ["r"], ["y"])], None),
+    "resize: the scaled axes": (
+        [helper.make_node("Resize", ["x", "", "up"], ["y"])], ("N", 3, None, None)),
+    "resize to sizes": ([helper.make_node("Resize", ["x", "", "", "sizes"], ["y"])],
+                        (None, None, None, None)),
+    "reversed slice: the sliced axis": (
+        [helper.make_node("Slice", ["x", "s", "e", "a1", "neg"], ["y"])], ("N", None, 6, 6)),
+    "no kernel_shape, weight not constant: no shape": (
+        [helper.make_node("Conv", ["x", "Wx"], ["y"], auto_pad="SAME_UPPER")], None),
+}
+
+
+@pytest.mark.parametrize("nodes,expected", _DISPUTED_CASES.values(), ids=_DISPUTED_CASES)
+def test_disputed_nodes_keep_the_rank_and_the_certain_dims(nodes, expected):
+    """Only the dims ONNX inference may compute differently from onnxruntime are unknown, and
+    those computed from them; ``N`` is a declared symbol (unknown), 6x6 spatial dims would be
+    3x3 if believed."""
+    model = make_model(nodes, [("x", F, ["N", 3, 6, 6]), ("Wx", F, [4, 3, 1, 1])], [("y", F, None)],
+                       _WEIGHTS, check=False)
+    graph = import_graph(model)
+    (y,) = [t for n in graph.nodes for t in n.outputs if t.name == "y"]
+    expected = None if expected is None else tuple(None if d == "N" else d for d in expected)
+    assert TensorTypes(graph, model).shape(y) == expected
+
+
+def test_disputed_node_in_a_branch_keeps_the_certain_dims():
+    model = _if_model([helper.make_node("Unsqueeze", ["x", "axes"], ["u"]),
+                       helper.make_node("Unsqueeze", ["u", "axes"], ["u4"]),
+                       helper.make_node("MaxPool", ["u4"], ["t"], kernel_shape=[1, 2],
+                                        auto_pad="SAME_UPPER")], "t",
+                      [helper.make_node("Neg", ["x"], ["e"])], "e", {"axes": np.array([0], I64)})
+    graph = import_graph(model)
+    assert TensorTypes(graph, model).shape(_tensors(graph, "then")["t"]) == (1, 1, None, None)
