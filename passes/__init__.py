@@ -18,5 +18,6 @@ LOSSLESS_PIPELINE = [
     "sink_into_if", "remove_identity", "remove_noop", "elide_shape_casts", "merge_transpose",
     "merge_reshape", "merge_slice", "fuse_space_to_depth", "fuse_pad", "fuse_conv_affine",
     "fuse_conv_bn",
+    "elide_zero_rnn_inputs",
     "fuse_matmul_add", "cse", "dedup_initializers", "eliminate_dead",
 ]
