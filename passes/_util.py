@@ -648,18 +648,6 @@ def scale_conv_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
     return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
 
 
-def per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
-    """``c`` as a float64 vector of length ``m`` if it broadcasts per channel against a rank-
-    ``rank`` tensor with ``m`` channels at axis 1 without changing its shape (``rank(c) <= rank``;
-    aligned from the right, every dim 1 except the channel dim, which is 1 or ``m``), else None."""
-    if c.ndim > rank:
-        return None
-    dims = (1,) * (rank - c.ndim) + c.shape
-    if any(d != 1 for i, d in enumerate(dims) if i != 1) or dims[1] not in (1, m):
-        return None
-    return np.broadcast_to(c.astype(np.float64).reshape(-1), (m,))
-
-
 def conv_bias(conv: gs.Node) -> np.ndarray:
     """The bias of ``conv`` in float64, zeros when absent."""
     if len(conv.inputs) > 2 and not conv.inputs[2].is_empty():
