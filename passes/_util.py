@@ -282,6 +282,9 @@ class _InferenceModel:
     (``Flatten(axis=1)`` of ``[N, C, ?, ?]`` is ``[N, ?]``, a MatMul by a ``[K, M]`` weight ends in
     ``M``, a Squeeze without axes has no shape). This is exactly as sound as inference is on
     unknown dims, which is the premise of using it at all.
+
+    Contrib ops ONNX inference does not know get a default-domain stand-in with the same output
+    shapes, so that their outputs and what follows are inferred (see :func:`_contrib_stand_in`).
     """
 
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto):
@@ -291,6 +294,8 @@ class _InferenceModel:
         #: The stand-ins' indices (see the class docstring), inputs of the main graph.
         self._unknowns: list[onnx.ValueInfoProto] = []
         self._main = graph
+        self._opset = next((o.version for o in template.opset_import
+                            if o.domain in ("", "ai.onnx")), 0)
         main = self._graph(graph, loop_body=False)
         main.input.extend(onnx.helper.make_tensor_value_info(t.name, onnx_dtype(t.dtype), t.shape)
                           for t in self._large.values())
@@ -324,7 +329,11 @@ class _InferenceModel:
         return onnx.helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
 
     def _node(self, node: gs.Node) -> list[onnx.NodeProto]:
-        """``node`` as NodeProtos: itself, then the stand-ins of its outputs if it is disputed."""
+        """``node`` as NodeProtos: itself, then the stand-ins of its outputs if it is disputed;
+        or the stand-in of a contrib op."""
+        contrib = _contrib_stand_in(node, self._opset)
+        if contrib is not None:
+            return [contrib]
         graphs = {k: v for k, v in node.attrs.items() if isinstance(v, gs.Graph)}
         axes = _disputed_axes(node)
         outputs = [t.name for t in node.outputs]
@@ -371,6 +380,26 @@ def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple | None
                   for d in tt.shape.dim) \
         if tt.HasField("shape") else None
     return dtype, shape
+
+
+def _contrib_stand_in(node: gs.Node, opset: int) -> onnx.NodeProto | None:
+    """A default-domain node with the output shapes of ``node``, a contrib op ONNX inference does
+    not know, for the inference model; None for other nodes.
+
+    ``com.microsoft::DynamicQuantizeLSTM`` (onnxruntime's contrib op schema): ``X[seq_length,
+    batch_size, input_size]`` in, ``Y[seq_length, num_directions, batch_size, hidden_size]``,
+    ``Y_h`` and ``Y_c[num_directions, batch_size, hidden_size]`` out, ``num_directions`` 2 when
+    ``direction`` is bidirectional, else 1 -- the shapes of ONNX's LSTM (layout 0, opset 7 on),
+    whose inference reads only X's shape, ``hidden_size`` and ``direction`` (ONNX's
+    ``RNNShapeInference``); its W and R inputs are given X, of the float type LSTM requires.
+    """
+    if node.domain != "com.microsoft" or node.op != "DynamicQuantizeLSTM" or opset < 7 \
+            or not node.inputs or node.inputs[0].is_empty():
+        return None
+    x = node.inputs[0].name
+    attrs = {k: node.attrs[k] for k in ("hidden_size", "direction") if k in node.attrs}
+    return onnx.helper.make_node("LSTM", [x, x, x], [t.name for t in node.outputs],
+                                 name=node.name, **attrs)
 
 
 def _infer_types(graph: gs.Graph, template: onnx.ModelProto
@@ -646,6 +675,18 @@ def scale_conv_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
     group = conv.attrs.get("group", 1)
     grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
     return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+
+
+def per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
+    """``c`` as a float64 vector of length ``m`` if it broadcasts per channel against a rank-
+    ``rank`` tensor with ``m`` channels at axis 1 without changing its shape (``rank(c) <= rank``;
+    aligned from the right, every dim 1 except the channel dim, which is 1 or ``m``), else None."""
+    if c.ndim > rank:
+        return None
+    dims = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(dims) if i != 1) or dims[1] not in (1, m):
+        return None
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (m,))
 
 
 def conv_bias(conv: gs.Node) -> np.ndarray:

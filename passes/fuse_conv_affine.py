@@ -39,22 +39,11 @@ from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
     absorb_into_conv, constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal,
-    is_default_domain, scale_conv_output_channels)
+    is_default_domain, per_channel, scale_conv_output_channels)
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 _AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-
-
-def _per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
-    """``c`` as a float64 vector of length ``m`` if it broadcasts per channel against a rank-
-    ``rank`` tensor with ``m`` channels at axis 1 without changing its shape, else None."""
-    if c.ndim > rank:
-        return None
-    dims = (1,) * (rank - c.ndim) + c.shape
-    if any(d != 1 for i, d in enumerate(dims) if i != 1) or dims[1] not in (1, m):
-        return None
-    return np.broadcast_to(c.astype(np.float64).reshape(-1), (m,))
 
 
 def _affine_refusal(op: gs.Node, conv: gs.Node
@@ -74,7 +63,8 @@ def _affine_refusal(op: gs.Node, conv: gs.Node
         return reason, None
     if np.dtype(c.dtype) != np.dtype(conv.inputs[1].dtype):
         return "dtypes differ", None
-    vector = _per_channel(np.asarray(c.values), conv.inputs[1].values.ndim, conv_output_channels(conv))
+    vector = per_channel(np.asarray(c.values), conv.inputs[1].values.ndim,
+                         conv_output_channels(conv))
     if vector is None:
         return "constant is not per-channel", None
     if not np.isfinite(vector).all():

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import onnx
 import onnx_graphsurgeon as gs
-from helpers import make_branch, make_model
+from helpers import make_branch, make_model, run_ort
 from onnx import TensorProto as TP
 from onnx import helper
 
+import optimizer
 from optimizer.graph import import_graph, iter_graphs
 from passes._util import TensorTypes, _InferenceModel, infer_tensor_types
 
@@ -196,3 +197,49 @@ def test_disputed_node_in_a_branch_keeps_the_certain_dims():
                       [helper.make_node("Neg", ["x"], ["e"])], "e", {"axes": np.array([0], I64)})
     graph = import_graph(model)
     assert TensorTypes(graph, model).shape(_tensors(graph, "then")["t"]) == (1, 1, None, None)
+
+
+def _dynamic_quantize_lstm_model(direction: str, tail=(), outputs=None):
+    """``com.microsoft::DynamicQuantizeLSTM`` over ``x[T, N, 4]``, hidden size 5, then ``tail``."""
+    dirs, hidden = (2 if direction == "bidirectional" else 1), 5
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.integers(-50, 50, (dirs, 4, 4 * hidden)).astype(np.int8),
+             "R": rng.integers(-50, 50, (dirs, hidden, 4 * hidden)).astype(np.int8),
+             "ws": np.full(dirs, 0.01, F), "rs": np.full(dirs, 0.02, F),
+             "z": np.zeros(dirs, np.int8), "axis": np.array([3], I64)}
+    lstm = helper.make_node("DynamicQuantizeLSTM", ["x", "W", "R", "", "", "", "", "", "ws", "z",
+                                                    "rs", "z"], ["y", "y_h", "y_c"],
+                            domain="com.microsoft", hidden_size=hidden, direction=direction)
+    model = make_model([lstm] + list(tail), [("x", F, ["T", "N", 4])],
+                       outputs or [("y", F, None), ("y_h", F, None), ("y_c", F, None)], inits,
+                       check=False)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+@pytest.mark.parametrize("direction,dirs", [("forward", 1), ("bidirectional", 2)])
+def test_dynamic_quantize_lstm_has_the_shapes_of_lstm(direction, dirs):
+    model = _dynamic_quantize_lstm_model(direction, [
+        helper.make_node("Transpose", ["y"], ["t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Flatten", ["y_h"], ["f"], axis=2)])
+    graph = import_graph(model)
+    types = TensorTypes(graph, model)
+    out = {t.name: t for n in graph.nodes for t in n.outputs}
+    assert types.shape(out["y"]) == (None, dirs, None, 5)
+    assert types.shape(out["y_h"]) == types.shape(out["y_c"]) == (dirs, None, 5)
+    assert types.dtype(out["y"]) == np.float32
+    assert types.shape(out["t"]) == (None, None, dirs, 5)  # downstream inferred too
+    assert types.shape(out["f"]) == (None, 5)
+
+
+def test_shape_of_dynamic_quantize_lstm_output_folds():
+    """Shape(Y)[3] is ``hidden_size``: folded, and the outputs are the original's."""
+    model = _dynamic_quantize_lstm_model("forward", [
+        helper.make_node("Shape", ["y"], ["s"]),
+        helper.make_node("Gather", ["s", "axis"], ["h"], axis=0)], [("h", I64, [1])])
+    optimized, report = optimizer.optimize(model, inputs={"x": np.ones((3, 2, 4), F)})
+    assert report.validation.passed
+    assert [n.op_type for n in optimized.graph.node] == ["Constant"]
+    x = np.random.default_rng(1).random((6, 3, 4), np.float32)
+    assert run_ort(optimized, {"x": x})["h"].tolist() == run_ort(model, {"x": x})["h"].tolist() \
+        == [5]
