@@ -19,5 +19,5 @@ LOSSLESS_PIPELINE = [
     "merge_reshape", "merge_slice", "fuse_space_to_depth", "fuse_pad", "fuse_conv_affine",
     "fuse_conv_input_scale", "fuse_conv_bn",
     "elide_zero_rnn_inputs",
-    "fuse_matmul_add", "cse", "dedup_initializers", "eliminate_dead",
+    "fuse_matmul_add", "fuse_shape_gather", "cse", "dedup_initializers", "eliminate_dead",
 ]

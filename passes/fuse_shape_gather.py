@@ -1,0 +1,115 @@
+"""Shape-slice fusion: ``Unsqueeze(Gather(Shape(x), i), [0])`` becomes
+``Shape(x, start=a, end=a+1)``.
+
+The idiom of traced exports for "dim ``i`` of ``x`` as a 1-element tensor" (to build a target shape
+with ``Concat``). ONNX spec: ``Shape(x, start, end)`` (opset 15+; ``start`` default 0, ``end``
+default ``r``, negative values count from ``r``, both clamped to ``[0, r]``) is the 1-D int64
+tensor of the dims ``a`` in ``range(r)[start:end]``; ``Gather(data, indices)`` on a 1-D ``data``
+with a 0-d ``indices = i`` (``-len <= i < len``, negative counting from the end; out of range is an
+error) is the 0-d element ``data[i]``; ``Unsqueeze`` of a 0-d tensor by ``[0]`` (or ``[-1]``, the
+same axis of the rank-1 output) is the 1-D tensor ``[data[i]]``. With ``a = range(r)[start:end][i]``
+(``0 <= a < r``), ``Shape(x, start=a, end=a+1)`` is ``[dim a of x]``: the same int64 values, for
+any ``x`` of rank ``r``, so the rewrite is exact.
+
+Applied when every reader of the Gather is such an Unsqueeze (each is rewritten in place into the
+new Shape, keeping its output tensor; CSE merges duplicates) and the Gather's output is not a graph
+output: the Gather goes, and the original Shape too when nothing else reads it -- one node fewer at
+least. Needs opset 15 (``start``/``end`` of Shape) and the rank of ``x`` (``passes._util.
+TensorTypes``; an index it makes out of range is left alone: the original fails there). The Gather's
+``axis`` must be 0 (or -1: ``data`` is 1-D) and ``i`` a 0-d integer initializer. Every graph and
+subgraph is handled.
+
+Statistics: ``rewritten`` (Unsqueezes turned into Shapes), ``nodes_removed`` and ``refused`` per
+reason: ``rank_unknown``, ``index_out_of_range``.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.graph import iter_graphs, opset_version
+from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from passes._util import (
+    TensorTypes,
+    constant_value,
+    drop_disconnected,
+    drop_if_unused,
+    int_list,
+    is_default_domain,
+)
+
+
+def _unsqueezes(out: gs.Tensor, g: gs.Graph) -> list[gs.Node] | None:
+    """The readers of ``out`` when every one is ``Unsqueeze(out, [0])`` (or ``[-1]``) and ``out``
+    is not an output of ``g``, else None."""
+    if not out.outputs or any(t is out for t in g.outputs):
+        return None
+    for node in out.outputs:
+        if node.op != "Unsqueeze" or not is_default_domain(node) or node.inputs[0] is not out \
+                or int_list(node, "axes", 1) not in ([0], [-1]):
+            return None
+    return list(out.outputs)
+
+
+def _dim(gather: gs.Node, shape: gs.Node, types: TensorTypes) -> int | str | None:
+    """The axis ``a`` of ``x`` that ``Gather(Shape(x), i)`` reads, a refusal reason, or None when
+    the Gather is not of this form."""
+    index = constant_value(gather.inputs[1])
+    if index is None or np.ndim(index) != 0 or np.asarray(index).dtype.kind not in "iu" \
+            or gather.attrs.get("axis", 0) not in (0, -1):
+        return None
+    rank = types.rank(shape.inputs[0])
+    if rank is None:
+        return "rank_unknown"
+    axes = range(rank)[shape.attrs.get("start", 0):shape.attrs.get("end", rank)]
+    i = int(index)
+    if not -len(axes) <= i < len(axes):
+        return "index_out_of_range"
+    return axes[i]
+
+
+@register
+class FuseShapeGather(Pass):
+    name = "fuse_shape_gather"
+    description = "Turn Unsqueeze(Gather(Shape(x), i), [0]) into Shape(x, start=i, end=i+1)."
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        rewritten = removed = 0
+        refused: collections.Counter[str] = collections.Counter()
+        if opset_version(graph) < 15:
+            return PassResult(False, {"rewritten": 0, "nodes_removed": 0, "refused": {}})
+        types = TensorTypes.of(graph, ctx)
+        graphs = list(iter_graphs(graph))
+        for g in graphs:
+            for gather in list(g.nodes):
+                if gather.op != "Gather" or not is_default_domain(gather) or not gather.outputs:
+                    continue
+                data = gather.inputs[0]
+                shape = data.inputs[0] if len(data.inputs) == 1 else None
+                if shape is None or shape.op != "Shape" or not is_default_domain(shape):
+                    continue
+                readers = _unsqueezes(gather.outputs[0], g)
+                if readers is None:
+                    continue
+                a = _dim(gather, shape, types)
+                if a is None:
+                    continue
+                if isinstance(a, str):
+                    refused[a] += 1
+                    continue
+                for node in readers:
+                    node.op = "Shape"
+                    node.inputs.clear()
+                    node.inputs.append(shape.inputs[0])
+                    node.attrs = {"start": a, "end": a + 1}
+                rewritten += len(readers)
+                gather.inputs.clear()
+                gather.outputs.clear()
+                removed += 1 + any(drop_if_unused(h, shape) for h in graphs)
+        for g in graphs:
+            drop_disconnected(g)
+        stats = {"rewritten": rewritten, "nodes_removed": removed, "refused": dict(refused)}
+        return PassResult(rewritten > 0, stats)
