@@ -277,6 +277,22 @@ def zoo_files(name: str) -> tuple[str, str]:
     return str(onnx_file), str(npz_file)
 
 
+def with_and_without(name: str, pass_name: str, verify_each: bool = False):
+    """The default pipeline on the fetched real model ``name``, without ``pass_name`` and with
+    it: ``((model, report) without, (model, report) with)``; the run with it must validate.
+    Skips as :func:`zoo_files` does."""
+    import optimizer
+    from passes import LOSSLESS_PIPELINE
+
+    onnx_file, npz_file = zoo_files(name)
+    without = optimizer.optimize(onnx_file, inputs=npz_file,
+                                 passes=[p for p in LOSSLESS_PIPELINE if p != pass_name])
+    with_pass = optimizer.optimize(onnx_file, inputs=npz_file, passes=LOSSLESS_PIPELINE,
+                                   verify_each=verify_each)
+    assert with_pass[1].validation.passed, with_pass[1].validation.reason
+    return without, with_pass
+
+
 def initializer_as_input(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     """Also list initializer ``name`` as a graph input (an overridable default)."""
     init = next(i for i in model.graph.initializer if i.name == name)

@@ -14,11 +14,10 @@ from helpers import (
     make_branch,
     make_model,
     run_passes,
-    zoo_files,
+    with_and_without,
 )
 from onnx import helper
 
-from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 
 PASS = ["fold_not_into_if"]
@@ -126,11 +125,7 @@ def test_real_models(name):
     condition of the If that squeezed the LSTM input (Shape, Size, Equal go) and fuse_if joins
     that If and two of the three: five main-graph nodes fewer, six in total (the fused else
     branch loses an Identity)."""
-    onnx_file, npz_file = zoo_files(name)
-    _, base = optimize(onnx_file, inputs=npz_file,
-                       passes=[p for p in LOSSLESS_PIPELINE if p != "fold_not_into_if"])
-    _, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file, verify_each=True)
-    assert report.validation.passed
+    (_, base), (_, report) = with_and_without(name, "fold_not_into_if", verify_each=True)
     assert report.after.nodes == base.after.nodes - 5
     assert report.after.nodes_total == base.after.nodes_total - 6
     stats = [r.stats for r in report.passes if r.name == "fold_not_into_if" and r.modified]

@@ -9,10 +9,9 @@ import numpy as np
 import onnx
 import pytest
 from helpers import (assert_same_outputs, initializer_as_variable, initializers, make_model, ops,
-                     run_once, run_passes, zoo_files)
+                     run_once, run_passes, with_and_without)
 from onnx import TensorProto, helper
 
-from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 
 C, SPATIAL = 4, (5, 5)
@@ -290,10 +289,6 @@ def test_refused_invalid_models(edit, reason):
 @pytest.mark.zoo
 def test_real_model_ppocrv6_det():
     """PP-OCRv6 det small: GELU's ``· 0.5`` before 13 pointwise Convs."""
-    onnx_file, npz = zoo_files("PP-OCRv6_det_small")
-    without = [p for p in LOSSLESS_PIPELINE if p != "fuse_conv_input_scale"]
-    _, before = optimize(onnx_file, passes=without, inputs=npz)
-    _, after = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz)
-    assert after.validation.passed
+    (_, before), (_, after) = with_and_without("PP-OCRv6_det_small", "fuse_conv_input_scale")
     assert sum(r.stats["fused"] for r in after.passes if r.name == "fuse_conv_input_scale") == 13
     assert after.after.nodes == before.after.nodes - 13

@@ -20,12 +20,10 @@ from helpers import (
     make_branch,
     make_model,
     run_passes,
-    zoo_files,
+    with_and_without,
 )
 from onnx import helper
 
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
 
 PASS = ["fuse_if"]
 X = ("x", np.float32, [2, 3])
@@ -324,11 +322,7 @@ def test_real_models(name):
     """torch's LSTM wrapper: the If squeezing the LSTM input or not, the If unsqueezing it and
     the If unsqueezing the initial states become one If (two main-graph nodes fewer; the fused
     else branch's Identity goes too); the If reading the LSTM's outputs stays."""
-    onnx_file, npz_file = zoo_files(name)
-    _, base = optimize(onnx_file, inputs=npz_file,
-                       passes=[p for p in LOSSLESS_PIPELINE if p != "fuse_if"])
-    _, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file, verify_each=True)
-    assert report.validation.passed
+    (_, base), (_, report) = with_and_without(name, "fuse_if", verify_each=True)
     assert report.after.nodes == base.after.nodes - 2
     assert report.after.nodes_total == base.after.nodes_total - 3
     assert sum(r.stats["ifs_fused"] for r in report.passes if r.name == "fuse_if") == 2

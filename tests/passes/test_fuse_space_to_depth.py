@@ -12,11 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from helpers import (all_graphs, assert_same_outputs, make_branch, make_model, ops, run_once,
-                     run_ort, run_passes, zoo_files)
+                     run_ort, run_passes, with_and_without)
 from onnx import TensorProto, helper
 
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
 
 BIG = np.iinfo(np.int64).max
 YOLO = [(0, 0), (1, 0), (0, 1), (1, 1)]  # YOLOv5's order: blocks 0, 2, 1, 3
@@ -231,10 +229,6 @@ def test_not_a_focus_block_is_not_counted():
 @pytest.mark.zoo
 def test_real_model_ddddocr_det():
     """ddddocr's YOLOv5-style detector: its Focus block becomes SpaceToDepth -> Conv."""
-    onnx_file, npz_file = zoo_files("ddddocr_common_det")
-    without = [p for p in LOSSLESS_PIPELINE if p != "fuse_space_to_depth"]
-    _, base = optimize(onnx_file, passes=without, inputs=npz_file)
-    out, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file)
-    assert report.validation.passed
+    (_, base), (out, report) = with_and_without("ddddocr_common_det", "fuse_space_to_depth")
     assert report.after.nodes == base.after.nodes - 4
     assert "SpaceToDepth" in ops(out) and "Slice" not in ops(out)

@@ -16,11 +16,10 @@ from helpers import (
     make_branch,
     make_model,
     run_passes,
-    zoo_files,
+    with_and_without,
 )
 from onnx import TensorProto, helper
 
-from optimizer import optimize
 from passes import LOSSLESS_PIPELINE
 
 PASS = ["if_rank_condition"]
@@ -208,11 +207,7 @@ def test_rank_test_inside_a_branch():
 def test_real_models(name):
     """torch's LSTM wrapper tests ``rank(y) == 2`` for the If that squeezed its input or not:
     Shape, Size and Equal go, and the three Ifs on the test join that If (fuse_if)."""
-    onnx_file, npz_file = zoo_files(name)
-    _, base = optimize(onnx_file, inputs=npz_file,
-                       passes=[p for p in LOSSLESS_PIPELINE if p != "if_rank_condition"])
-    _, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file, verify_each=True)
-    assert report.validation.passed
+    (_, base), (_, report) = with_and_without(name, "if_rank_condition", verify_each=True)
     assert report.after.nodes == base.after.nodes - 4
     assert report.after.nodes_total == base.after.nodes_total - 5
     stats = [r.stats for r in report.passes if r.name == "if_rank_condition" and r.modified]
