@@ -824,15 +824,29 @@ def consecutive_pairs(graph: gs.Graph, second_ops: tuple[str, ...]):
                 yield g, owner[id(first)], first, second
 
 
+def overflows(folded: np.ndarray, dtype, *sources: np.ndarray) -> bool:
+    """True when ``folded`` (computed in float64 from ``sources``) has an infinity or NaN in
+    ``dtype`` while every source is finite: the folded weight would turn outputs that were
+    finite for some inputs (a small x in ``(x * s) * W``) into infinities for all of them."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.asarray(folded).astype(dtype)
+    return not np.isfinite(cast).all() and all(np.isfinite(src).all() for src in sources)
+
+
 def absorb_into_conv(graph: gs.Graph, conv: gs.Node, follower: gs.Node,
-                     weight: np.ndarray | None, bias: np.ndarray) -> None:
+                     weight: np.ndarray | None, bias: np.ndarray, *sources: np.ndarray) -> bool:
     """Make ``conv`` compute what ``follower`` -- the only reader of its output -- computed.
 
     ``conv`` gets new weight (None: the current one is kept) and bias initializers, cast to the
     weight's dtype, and writes ``follower``'s output tensor, so that name survives (it may be a
     graph output); ``follower`` is disconnected (the caller drops it from its graph's nodes).
+    Nothing changes, and False is returned, when the new weight or bias :func:`overflows` the
+    dtype while the current weight and bias and ``sources`` (the follower's constants) are finite.
     """
     dtype = np.dtype(conv.inputs[1].dtype)
+    inputs = [np.asarray(conv.inputs[1].values, np.float64), conv_bias(conv), *sources]
+    if any(overflows(new, dtype, *inputs) for new in (weight, bias) if new is not None):
+        return False
     w = conv.inputs[1] if weight is None else gs.Constant(
         fresh_name(graph, conv.inputs[1].name), weight.astype(dtype))
     b = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_bias"), bias.astype(dtype))
@@ -843,3 +857,4 @@ def absorb_into_conv(graph: gs.Graph, conv: gs.Node, follower: gs.Node,
     conv.inputs.clear()
     conv.inputs.extend([x, w, b])
     conv.outputs[0] = out
+    return True

@@ -95,7 +95,9 @@ class FuseConvAffine(Pass):
                     if reason:
                         skipped[reason] += 1
                         break
-                    self._fuse(graph, conv, ops[0], vector)
+                    if not self._fuse(graph, conv, ops[0], vector):
+                        skipped["folded weights overflow the dtype"] += 1
+                        break
                     fused[ops[0].op] += 1
             g.nodes = [n for n in g.nodes if n.outputs]
         stats = {"fused": sum(fused.values()), "by_op": dict(fused)}
@@ -119,7 +121,9 @@ class FuseConvAffine(Pass):
         return _affine_refusal(op, conv)
 
     @staticmethod
-    def _fuse(graph: gs.Graph, conv: gs.Node, op: gs.Node, c: np.ndarray) -> None:
+    def _fuse(graph: gs.Graph, conv: gs.Node, op: gs.Node, c: np.ndarray) -> bool:
+        """Fold ``op`` (by ``c``) into ``conv``; False (nothing changed) when the result
+        overflows."""
         w = np.asarray(conv.inputs[1].values, dtype=np.float64)
         b = conv_bias(conv)
         if op.op == "Mul":
@@ -130,4 +134,4 @@ class FuseConvAffine(Pass):
             b = b + c
         else:
             b = b - c
-        absorb_into_conv(graph, conv, op, w if op.op in ("Mul", "Div") else None, b)
+        return absorb_into_conv(graph, conv, op, w if op.op in ("Mul", "Div") else None, b, c)

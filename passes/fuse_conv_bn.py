@@ -91,7 +91,9 @@ class FuseConvBn(Pass):
                 if reason:
                     skipped[reason] += 1
                     continue
-                self._fuse(graph, conv, bns[0])
+                if not self._fuse(graph, conv, bns[0]):
+                    skipped["folded weights overflow the dtype"] += 1
+                    continue
                 fused += 1
             g.nodes = [n for n in g.nodes if n.outputs]
         stats = {"fused": fused}
@@ -111,9 +113,10 @@ class FuseConvBn(Pass):
         return conv_weight_refusal(conv) or _bn_refusal(bn, conv, g)
 
     @staticmethod
-    def _fuse(graph: gs.Graph, conv: gs.Node, bn: gs.Node) -> None:
+    def _fuse(graph: gs.Graph, conv: gs.Node, bn: gs.Node) -> bool:
+        """Fold ``bn`` into ``conv``; False (nothing changed) when the result overflows."""
         gamma, beta, mean, var = (np.asarray(t.values, dtype=np.float64) for t in bn.inputs[1:])
         eps = float(bn.attrs.get("epsilon", _DEFAULT_EPSILON))
         s = gamma / np.sqrt(var + eps)
-        absorb_into_conv(graph, conv, bn, scale_conv_output_channels(conv, s),
-                         (conv_bias(conv) - mean) * s + beta)
+        return absorb_into_conv(graph, conv, bn, scale_conv_output_channels(conv, s),
+                                (conv_bias(conv) - mean) * s + beta, gamma, beta, mean, var)

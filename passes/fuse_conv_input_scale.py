@@ -64,7 +64,7 @@ import onnx_graphsurgeon as gs
 from optimizer.graph import iter_graphs
 from optimizer.pass_manager import Pass, PassContext, PassResult, register
 from passes._util import (
-    TensorTypes, constant_refusal, conv_weight_refusal, fresh_name, is_default_domain,
+    TensorTypes, constant_refusal, conv_weight_refusal, fresh_name, is_default_domain, overflows,
     per_channel)
 
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -186,7 +186,11 @@ class FuseConvInputScale(Pass):
             return "data channel dim unknown", None, None
         if value.size > 1 and x_shape[1] != c:
             return "Mul broadcasts the data to more channels", None, None
-        return None, x, (1.0 / vector if op.op == "Div" else vector)
+        vector = 1.0 / vector if op.op == "Div" else vector
+        if any(overflows(scale_conv_input_channels(r, vector), dtype,
+                         np.asarray(r.inputs[1].values, np.float64), value) for r in readers):
+            return "scaled weight overflows the dtype", None, None
+        return None, x, vector
 
     @staticmethod
     def _fuse(graph: gs.Graph, op: gs.Node, x: gs.Tensor, s: np.ndarray) -> int:

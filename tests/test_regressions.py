@@ -226,3 +226,40 @@ def test_flatten_after_disputed_pooling_keeps_its_rank_for_gemm():
         feed = {"x": np.random.default_rng(n).random((n, 2, 6, 6), np.float32)}
         optimized = _assert_same(model, feed)
     assert [n.op_type for n in optimized.graph.node] == ["MaxPool", "Flatten", "Gemm"]
+
+
+def _fp16_conv(first: list, second: list, inits: dict) -> onnx.ModelProto:
+    """A float16 model of the given nodes reading x [1, 1, 2, 2] and writing y."""
+    return _model(first + second, [_vi("x", TP.FLOAT16, [1, 1, 2, 2])],
+                  [_vi("y", TP.FLOAT16, [1, 1, 2, 2])],
+                  [nh.from_array(np.asarray(v, np.float16), k) for k, v in inits.items()])
+
+
+@pytest.mark.parametrize("case", ["input_scale", "output_scale", "batchnorm"])
+def test_a_fold_that_overflows_the_weight_dtype_is_refused(case):
+    """Folding a scale of 300 into a float16 weight of 300 gives 90000 > 65504 = inf: the fused
+    model would answer inf for every x, the original only for large x. On the validation feed
+    (x = 1) both overflow; on x = 1e-3 the original gives 90."""
+    w = {"W": np.full((1, 1, 1, 1), 300)}
+    if case == "input_scale":
+        model = _fp16_conv([oh.make_node("Mul", ["x", "s"], ["xs"])],
+                           [oh.make_node("Conv", ["xs", "W"], ["y"])], {**w, "s": [300]})
+    elif case == "output_scale":
+        model = _fp16_conv([oh.make_node("Conv", ["x", "W"], ["c"])],
+                           [oh.make_node("Mul", ["c", "s"], ["y"])], {**w, "s": [[[300]]]})
+    else:
+        model = _fp16_conv([oh.make_node("Conv", ["x", "W"], ["c"])],
+                           [oh.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])],
+                           {**w, "g": [300], "b": [0], "m": [0], "v": [1]})
+    optimized, report = optimizer.optimize(
+        model, inputs={"x": np.ones((1, 1, 2, 2), np.float16)}, raise_on_failure=False)
+    options = ort.SessionOptions()  # onnxruntime's own Conv fusions make the same overflow
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"]).run(None, small)[0]
+
+    small = {"x": np.full((1, 1, 2, 2), 1e-3, np.float16)}
+    assert np.isfinite(run(model)).all()
+    np.testing.assert_allclose(run(optimized), run(model), rtol=1e-3)
