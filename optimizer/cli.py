@@ -42,12 +42,25 @@ class _Out:
             self.console = Console(highlight=False)
             if not self.console.is_terminal:  # piped or captured: no width to respect
                 self.console.width = max(self.console.width, 160)
+            # rich's default exits with status 1, which is "validation failed" here
+            self.console.on_broken_pipe = self._reader_gone
+
+    def _reader_gone(self) -> None:
+        """stdout's reader went away (``| head``): what is left to print goes nowhere, and the
+        command still finishes its work and returns its own exit code."""
+        if self.console is not None:
+            self.console.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
     def line(self, text: str, head: str = "", style: str = "") -> None:
         """Print ``head`` (in ``style``) then ``text``; neither is read as rich markup, so
         names and messages with brackets print as they are."""
         if self.console is None:
-            print(head + text)
+            try:
+                print(head + text, flush=True)
+            except BrokenPipeError:
+                self._reader_gone()
             return
         from rich.text import Text
 
@@ -86,7 +99,7 @@ def _size_table(before: ModelStats, after: ModelStats, seconds: float | None) ->
     ops = sorted(set(before.op_counts) | set(after.op_counts))
     for op in ops:
         b, a = before.op_counts.get(op, 0), after.op_counts.get(op, 0)
-        table.add_row(op, str(b), str(a), f"{a - b:+d}" if a != b else "")
+        table.add_row(_escape(op), str(b), str(a), f"{a - b:+d}" if a != b else "")
     table.add_section()
 
     def row(label, b, a, fmt=str):
@@ -134,7 +147,7 @@ def _layerwise_tables(report: Report) -> list:
              f"{len(lw.unmatched['candidate'])} of the candidate unmatched, "
              f"{len(lw.skipped)} skipped")
     if lw.reason:
-        return [f"[yellow]{title}[/]: not compared: {lw.reason}"]
+        return [f"[yellow]{title}[/]: not compared: {_escape(lw.reason)}"]
     d = lw.first_divergence
     if d is None:
         shown = [f"[green]{title}[/]: no shared tensor diverges"]
@@ -156,7 +169,7 @@ def _layerwise_tables(report: Report) -> list:
         for col in ("node", "op", "tensor", "input SNR dB", "output SNR dB", "added dB"):
             ranking.add_column(col, justify="right" if "dB" in col else "left")
         for r in lw.ranking:
-            ranking.add_row(_escape(r.node.name), r.node.op, _escape(r.tensor),
+            ranking.add_row(_escape(r.node.name), _escape(r.node.op), _escape(r.tensor),
                             f"{r.input_snr_db:.1f}",
                             f"{r.output_snr_db:.1f}", f"{r.added_db:.1f}")
         shown.append(ranking)
@@ -324,6 +337,8 @@ def _check_output_path(path: str | None, what: str) -> None:
         if ancestor.exists():
             if not ancestor.is_dir():
                 raise UsageError(f"{path}: {ancestor} is not a directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise UsageError(f"{path}: {ancestor} is not writable")
             break
 
 
@@ -354,6 +369,8 @@ def _cmd_optimize(args, out: _Out) -> int:
     passed = (report.validation is None or report.validation.passed) and \
         not (args.strict and report.rolled_back)
     report.before.file_bytes = Path(args.model).stat().st_size
+    if write_report:  # before anything is printed: a reader that goes away stops nothing
+        write_report(report, args.report)
     if not args.quiet:
         out.show(_size_table(report.before, report.after, report.seconds))
         out.show(_pass_table(report))
@@ -361,8 +378,6 @@ def _cmd_optimize(args, out: _Out) -> int:
             out.show(_validation_table(report))
         for shown in _layerwise_tables(report) if report.layerwise else []:
             out.show(shown)
-    if write_report:
-        write_report(report, args.report)
     if not args.quiet or not passed:  # with --strict a rollback is the failure: say which
         for rb in report.rolled_back:
             out.line(f" pass {rb['pass']}: {rb['reason']}", "rolled back", "yellow")
@@ -386,12 +401,12 @@ def _cmd_validate(args, out: _Out) -> int:
                               input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
                               atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
                               lossy=args.lossy, layerwise=args.layerwise)
+    if write_report:  # before anything is printed: a reader that goes away stops nothing
+        write_report(report, args.report)
     if not args.quiet:
         out.show(_validation_table(report))
         for shown in _layerwise_tables(report) if report.layerwise else []:
             out.show(shown)
-    if write_report:
-        write_report(report, args.report)
     _print_input_warnings(report, out)
     _print_verdict(report, out)
     return 0 if report.validation.passed else ValidationFailed.exit_code
@@ -416,7 +431,7 @@ def _cmd_inspect(args, out: _Out) -> int:
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, n in sorted(stats.op_counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        ops.add_row(op, str(n))
+        ops.add_row(_escape(op), str(n))
     out.show(ops)
     out.line(f"nodes: {stats.nodes} in the main graph, {stats.nodes_total} with "
              f"{stats.subgraphs} subgraph(s); parameters: {stats.parameters:,} "
@@ -461,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxopt: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused a read or write (full disk, permissions)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"onnxopt: error: {where}{e.strerror or e}", file=sys.stderr)
+        return UsageError.exit_code
     except Exception as e:  # a bug in onnxopt, not the user's: exit 3, not Python's 1
         if verbose:
             traceback.print_exc()

@@ -16,7 +16,7 @@ from typing import Union
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from optimizer.errors import ModelLoadError, UsageError
 
@@ -133,9 +133,11 @@ def protected_files(model_path: str | os.PathLike,
     the targets already exists inside the model's folder, its external data files (external
     data cannot live elsewhere, so the model is only parsed for them when that can matter)."""
     model_path = Path(model_path)
-    folder = model_path.resolve().parent
+    # external data is read beside the path as given (a symlinked model: beside the link), and
+    # the path may be resolved elsewhere: either folder may hold it
+    folders = {model_path.parent.resolve(), model_path.resolve().parent}
     existing = [Path(t).resolve() for t in targets if t is not None and Path(t).exists()]
-    if any(folder == t.parent or folder in t.parents for t in existing):
+    if any(f == t.parent or f in t.parents for t in existing for f in folders):
         return [model_path, *external_data_files(model_path)]
     return [model_path]
 
@@ -222,6 +224,11 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
             # Marked by hand: onnx's own conversion refuses when a file named like the data file
             # exists in the *current* directory, whatever the target folder.
             for tensor in external_data_helper._get_initializer_tensors(copy):
+                if not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:
+                    # values in float_data, int64_data...: as raw bytes, they can move out too
+                    array = numpy_helper.to_array(tensor)
+                    if array.nbytes >= 1024:
+                        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
                 if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
                     external_data_helper.set_external_data(tensor, data_path.name)
             onnx.save_model(copy, str(tmp_model))

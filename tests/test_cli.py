@@ -297,3 +297,45 @@ def test_messages_with_brackets_print_verbatim(tmp_path, capsys, quiet):
     cand.write_bytes(model(2.0).SerializeToString())
     assert main(["validate", str(ref), str(cand)] + (["--quiet"] if quiet else [])) == 1
     assert "validation FAILED: output 'y[red]'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_reader_that_goes_away_stops_nothing(model_path, tmp_path, quiet):
+    """stdout closed by its reader (``| head``): the run still writes its output and report and
+    exits 0 (rich's own handling would exit 1, the code of a failed validation)."""
+    exe = Path(sys.executable).with_name("onnxopt")
+    if not exe.exists():
+        exe = shutil.which("onnxopt")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = [str(exe), "optimize", str(model_path), "-o", str(out), "--report", str(report)]
+    process = subprocess.Popen(argv + (["--quiet"] if quiet else []), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert out.is_file() and json.loads(report.read_text())["verdict"] == "passed"
+
+
+def test_op_names_with_brackets_print_verbatim_in_tables(tmp_path, capsys):
+    graph = helper.make_graph([helper.make_node("[/oops]", ["x"], ["y"], domain="my[dom]")], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("my[dom]", 1)])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert main(["inspect", str(path)]) == 0
+    assert "my[dom].[/oops]" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
+        model_path, tmp_path, capsys, monkeypatch):
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real_access(p, mode))
+    monkeypatch.setattr("optimizer.api.optimize", lambda *a, **k: pytest.fail("work started"))
+    assert main(["optimize", str(model_path), "-o", str(readonly / "o.onnx")]) == 2
+    assert "is not writable" in _error_line(capsys)
+    assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--report",
+                 str(readonly / "r.json")]) == 2
+    assert not (tmp_path / "o.onnx").exists()

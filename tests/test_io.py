@@ -254,3 +254,35 @@ def test_exit_codes_of_the_error_types():
     for cls in (errors.InputError, errors.ValidationFailed, errors.PassError):
         assert issubclass(cls, errors.OnnxoptError)
     assert errors.ModelLoadError("x").exit_code == 2
+
+
+def test_external_data_also_takes_weights_stored_in_typed_fields(tmp_path):
+    """A weight in ``float_data`` (not ``raw_data``) moves to the data file like any other."""
+    model = _model()
+    w = model.graph.initializer[0]
+    values = numpy_helper.to_array(w)
+    w.ClearField("raw_data")
+    w.float_data.extend(values.ravel().tolist())
+    out = tmp_path / "out.onnx"
+    assert save_model(model, out, external_data=True) == [out, tmp_path / "out.onnx.data"]
+    assert out.stat().st_size < 1024
+    np.testing.assert_array_equal(numpy_helper.to_array(load_model(out).graph.initializer[0]),
+                                  values)
+
+
+def test_data_files_beside_a_symlinked_model_are_protected(tmp_path):
+    """External data is read beside the path given (the link), not beside the link's target:
+    writing over that data file is refused as writing over the model is."""
+    from optimizer.io import protected_files
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").mkdir()
+    save_model(_model(), tmp_path / "link" / "m.onnx", external_data=True)
+    (tmp_path / "link" / "m.onnx").rename(tmp_path / "real" / "m.onnx")
+    (tmp_path / "link" / "m.onnx").symlink_to(tmp_path / "real" / "m.onnx")
+    data = tmp_path / "link" / "m.onnx.data"
+    assert load_model(tmp_path / "link" / "m.onnx")  # the data is found beside the link
+    assert data in protected_files(tmp_path / "link" / "m.onnx", [data])
+    with pytest.raises(errors.UsageError, match="refusing to overwrite"):
+        save_model(_model(), data, protect=tuple(protected_files(tmp_path / "link" / "m.onnx",
+                                                                   [data])))
