@@ -37,6 +37,12 @@ def _describe_source(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<memory>"
 
 
+def _runnable(model: onnx.ModelProto, serialized: bytes | None) -> onnx.ModelProto | bytes:
+    """What the checker and onnxruntime get: the serialization when there is one (serializing
+    again costs as much as the first time), else the model (over the 2 GiB protobuf limit)."""
+    return model if serialized is None else serialized
+
+
 def checker_error(model: onnx.ModelProto | bytes | None) -> str:
     """``onnx.checker``'s complaint about ``model`` (a ModelProto or its serialization) in one
     line, or "" when it passes; models over the 2 GiB protobuf limit (or None, what
@@ -183,7 +189,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     if original_bytes is None and validate:
         original_bytes = io.serialize(original)
     report = Report(_version(), "optimize", _describe_source(model), model_stats(
-        original, None if original_bytes is None else len(original_bytes)))
+        original, original_bytes))
     feeds = None
     if validate:
         feeds, report.inputs = resolve_feeds(original, inputs, input_shapes, seed)
@@ -200,18 +206,17 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         return export_graph(graph, original), records
 
     # The checker judges results only when the input passes it (real exports often do not).
-    original_valid = validate and not checker_error(
-        original if original_bytes is None else original_bytes)
+    original_valid = validate and not checker_error(_runnable(original, original_bytes))
 
     def check(candidate, data, records):
         """Validate ``candidate``, serialized as ``data`` (None over the protobuf limit)."""
         lossy = any(r.modified for r in records if not REGISTRY[r.name].lossless)
-        broken = checker_error(candidate if data is None else data) if original_valid else ""
+        broken = checker_error(_runnable(candidate, data)) if original_valid else ""
         if broken:  # invalid ONNX: fails like a model onnxruntime cannot load
             return ValidationResult(False, "lossy" if lossy else "lossless", atol, rtol,
                                     max_drift, len(feeds), reason=broken)
-        return compare_models(original if original_bytes is None else original_bytes,
-                              candidate if data is None else data, feeds, atol=atol, rtol=rtol,
+        return compare_models(_runnable(original, original_bytes), _runnable(candidate, data),
+                              feeds, atol=atol, rtol=rtol,
                               max_drift=max_drift, lossy=lossy,
                               synthesized=report.inputs["source"] == "synthesized",
                               warnings=report.inputs.get("warnings", []))
@@ -244,7 +249,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
             original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
             lossy=report.validation.mode == "lossy",
             synthesized=report.inputs["source"] == "synthesized")
-    report.after = model_stats(optimized, None if serialized is None else len(serialized))
+    report.after = model_stats(optimized, serialized)
     report.warnings = [w for r in report.passes for w in r.warnings] + (
         report.validation.warnings if report.validation is not None else [])
     failed = report.validation is not None and not report.validation.passed
@@ -284,12 +289,11 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes
     cand_bytes = io.serialize(cand) if cand_bytes is None else cand_bytes
     report = Report(_version(), "validate", _describe_source(reference),
-                    model_stats(ref, None if ref_bytes is None else len(ref_bytes)),
-                    after=model_stats(cand, None if cand_bytes is None else len(cand_bytes)),
+                    model_stats(ref, ref_bytes), after=model_stats(cand, cand_bytes),
                     output=_describe_source(candidate))
     feeds, report.inputs = resolve_feeds(ref, inputs, input_shapes, seed)
     report.validation = compare_models(
-        ref if ref_bytes is None else ref_bytes, cand if cand_bytes is None else cand_bytes,
+        _runnable(ref, ref_bytes), _runnable(cand, cand_bytes),
         feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
         synthesized=report.inputs["source"] == "synthesized",
         warnings=report.inputs.get("warnings", []))

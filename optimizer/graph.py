@@ -323,12 +323,13 @@ def describe_value_infos(values) -> list[dict]:
     return out
 
 
-def model_stats(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelStats:
+def model_stats(model: onnx.ModelProto, serialized: bytes | None = None) -> ModelStats:
     """Count the nodes, op types, subgraphs and parameters of ``model``.
 
     Parameters are the elements of initializers and of Constant node tensors, in every graph.
     ``file_bytes`` is the serialized size of the protobuf (external data included when loaded):
-    pass it when known, measuring costs as much as serializing.
+    pass ``serialized``, the model's serialization, when there is one (measuring costs as much as
+    serializing).
     """
     counts: collections.Counter[str] = collections.Counter()
     total = params = param_bytes = 0
@@ -352,7 +353,7 @@ def model_stats(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelS
     return ModelStats(
         nodes=len(model.graph.node), nodes_total=total, op_counts=dict(sorted(counts.items())),
         subgraphs=len(graphs) - 1, parameters=params, parameter_bytes=param_bytes,
-        file_bytes=model.ByteSize() if file_bytes is None else file_bytes,
+        file_bytes=model.ByteSize() if serialized is None else len(serialized),
         inputs=describe_value_infos(model.graph.input),
         outputs=describe_value_infos(model.graph.output))
 

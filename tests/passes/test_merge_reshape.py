@@ -20,12 +20,10 @@ from helpers import (
     run_once,
     run_ort,
     run_passes,
+    with_and_without,
 )
-from helpers import zoo_files as _zoo_paths
 from onnx import TensorProto, helper
 
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
 
 
 def _out(name, rank):
@@ -403,10 +401,6 @@ def test_real_models(name, fewer, merged):
     Reshape. silero_vad: in the If branches, LSTM state Squeeze(0) -> Squeeze(0) pairs read by
     a nested If become Squeeze([0, 1]) of the LSTM output (the first Squeeze has other readers),
     and the Unsqueezes ``sink_into_if`` appends in If branches merge with the branches' own."""
-    onnx_file, npz_file = _zoo_paths(name)
-    _, base = optimize(onnx_file, passes=[p for p in LOSSLESS_PIPELINE if p != "merge_reshape"],
-                       inputs=npz_file)
-    _, report = optimize(onnx_file, passes=LOSSLESS_PIPELINE, inputs=npz_file)
-    assert report.validation.passed
+    (_, base), (_, report) = with_and_without(name, "merge_reshape")
     assert report.after.nodes == base.after.nodes - fewer
     assert sum(r.stats["merged"] for r in report.passes if r.name == "merge_reshape") == merged
