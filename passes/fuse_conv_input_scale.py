@@ -131,7 +131,11 @@ class FuseConvInputScale(Pass):
                 if reason:
                     skipped[reason] += 1
                     continue
-                convs += self._fuse(graph, op, x, vector)
+                rewritten = self._fuse(graph, op, x, vector)
+                if not rewritten:
+                    skipped["scaled weight overflows the dtype"] += 1
+                    continue
+                convs += rewritten
                 fused += 1
             g.nodes = [n for n in g.nodes if n.outputs]
         stats = {"fused": fused, "convs": convs}
@@ -186,26 +190,28 @@ class FuseConvInputScale(Pass):
             return "data channel dim unknown", None, None
         if value.size > 1 and x_shape[1] != c:
             return "Mul broadcasts the data to more channels", None, None
-        vector = 1.0 / vector if op.op == "Div" else vector
-        if any(overflows(scale_conv_input_channels(r, vector), dtype,
-                         np.asarray(r.inputs[1].values, np.float64), value) for r in readers):
-            return "scaled weight overflows the dtype", None, None
-        return None, x, vector
+        return None, x, (1.0 / vector if op.op == "Div" else vector)
 
     @staticmethod
     def _fuse(graph: gs.Graph, op: gs.Node, x: gs.Tensor, s: np.ndarray) -> int:
         """Every reader Conv reads ``x`` with its weight scaled by ``s``; ``op`` is disconnected.
-        Returns how many Convs were rewritten."""
+        Returns how many Convs were rewritten: 0, and nothing changed, when a scaled weight
+        :func:`passes._util.overflows` its dtype."""
         readers = _readers(op.outputs[0])
-        scaled: dict[tuple, gs.Constant] = {}  # Convs sharing a weight share its scaled copy
+
+        def key(conv: gs.Node) -> tuple:  # Convs sharing a weight share its scaled copy
+            return id(conv.inputs[1]), conv.op, conv.attrs.get("group", 1)
+
+        weights: dict[tuple, gs.Constant] = {}
         for conv in readers:
             w = conv.inputs[1]
-            key = (id(w), conv.op, conv.attrs.get("group", 1))
-            if key not in scaled:
-                scaled[key] = gs.Constant(fresh_name(graph, w.name),
-                                          scale_conv_input_channels(conv, s).astype(w.dtype))
-            conv.inputs[0] = x
-            conv.inputs[1] = scaled[key]
+            if key(conv) not in weights:
+                value = scale_conv_input_channels(conv, s)
+                if overflows(value, w.dtype, np.asarray(w.values, np.float64), s):
+                    return 0
+                weights[key(conv)] = gs.Constant(fresh_name(graph, w.name), value.astype(w.dtype))
+        for conv in readers:
+            conv.inputs[0], conv.inputs[1] = x, weights[key(conv)]
         op.inputs.clear()
         op.outputs.clear()
         return len(readers)
