@@ -1,8 +1,8 @@
 """The Python API: ``optimize`` (load, run passes, validate) and ``validate`` (compare two models).
 
-    load (optimizer.io) -> Graph -> PassManager([passes ...]) -> validate (optimizer.validate) -> save
+    load (onnxopt.io) -> Graph -> PassManager([passes ...]) -> validate (onnxopt.validate) -> save
 
-Both return a :class:`optimizer.report.Report`; neither touches the disk unless given paths.
+Both return a :class:`onnxopt.report.Report`; neither touches the disk unless given paths.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import onnx
 
-from optimizer import io
-from optimizer.errors import UsageError, ValidationFailed
-from optimizer.graph import export_graph, import_graph, model_stats
-from optimizer.inputs import check_feeds, feed_files, input_warnings, load_feed, synthesize_feed
-from optimizer.layerwise import compare_layerwise, first_divergence
-from optimizer.pass_manager import REGISTRY, PassContext, PassManager, PassRecord, get_pass
-from optimizer.report import Report
-from optimizer.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
+from onnxopt import io
+from onnxopt.errors import UsageError, ValidationFailed
+from onnxopt.graph import export_graph, import_graph, model_stats
+from onnxopt.inputs import check_feeds, feed_files, input_warnings, load_feed, synthesize_feed
+from onnxopt.layerwise import compare_layerwise, first_divergence
+from onnxopt.pass_manager import REGISTRY, PassContext, PassManager, PassRecord, get_pass
+from onnxopt.report import Report
+from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
                                 compare_models)
 
 Feeds = Union[str, os.PathLike, dict, Sequence[dict], None]
@@ -29,7 +29,7 @@ QUANTIZE_MODES = {"int8-weight": "quantize_weights"}
 
 
 def _version() -> str:
-    from optimizer import __version__
+    from onnxopt import __version__
     return __version__
 
 
@@ -46,7 +46,7 @@ def _runnable(model: onnx.ModelProto, serialized: bytes | None) -> onnx.ModelPro
 def checker_error(model: onnx.ModelProto | bytes | None) -> str:
     """``onnx.checker``'s complaint about ``model`` (a ModelProto or its serialization) in one
     line, or "" when it passes; models over the 2 GiB protobuf limit (or None, what
-    :func:`optimizer.io.serialize` gives for them) are not checked."""
+    :func:`onnxopt.io.serialize` gives for them) are not checked."""
     if model is None or (not isinstance(model, bytes) and io.needs_external_data(model)):
         return ""
     try:
@@ -70,7 +70,7 @@ def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | No
     """The validation feeds and their description for the report.
 
     ``inputs`` may be a path (``.npz`` file or folder of them), one feed, a list of feeds, or None
-    to synthesize one feed from the model's declared inputs (see ``optimizer.inputs``). Given
+    to synthesize one feed from the model's declared inputs (see ``onnxopt.inputs``). Given
     feeds are checked against the model's inputs (``check_feeds``). Warnings (synthesized values
     that are likely meaningless, ignored keys) are listed under ``"warnings"`` when there are any.
 
@@ -106,7 +106,7 @@ def build_pipeline(passes: Sequence[str] | None, skip: Sequence[str], prune_thre
     Raises:
         UsageError: an unknown pass or quantization mode.
     """
-    from passes import LOSSLESS_PIPELINE
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     names = list(passes) if passes is not None else list(LOSSLESS_PIPELINE)
     if prune_threshold is not None:
@@ -153,9 +153,9 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         raise_on_failure: raise :class:`ValidationFailed` when validation fails.
         strict: with ``raise_on_failure``, also raise when a pass had to be rolled back.
         layerwise: also compare the intermediate tensors of the original and the result
-            (``report.layerwise``, see ``optimizer.layerwise``; needs ``validate``).
+            (``report.layerwise``, see ``onnxopt.layerwise``; needs ``validate``).
         output: also write the result to this path (atomically, see
-            :func:`optimizer.io.save_model`; never over ``model``'s file or its external data)
+            :func:`onnxopt.io.save_model`; never over ``model``'s file or its external data)
             when it passes: validation passed or was off, and with ``strict`` nothing was rolled
             back; with ``keep_invalid`` also when it does not. ``report.output`` names the file
             written. Cheaper than saving afterwards: the serialization made for validation is
@@ -273,11 +273,11 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
              seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
              max_drift: float = DEFAULT_MAX_DRIFT, lossy: bool = False,
              layerwise: bool = False) -> Report:
-    """Compare ``candidate`` with ``reference`` on onnxruntime CPU (see ``optimizer.validate``).
+    """Compare ``candidate`` with ``reference`` on onnxruntime CPU (see ``onnxopt.validate``).
 
     Inputs are synthesized from the reference's declared inputs unless given. With ``layerwise``,
     also compare their intermediate tensors and name the first that diverges (``report.layerwise``,
-    see ``optimizer.layerwise``).
+    see ``onnxopt.layerwise``).
 
     Raises:
         ModelLoadError, InputError, UsageError: bad model, inputs or option.

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
-from optimizer import __version__, api, io
-from optimizer.errors import OnnxoptError, PassError, UsageError, ValidationFailed
-from optimizer.graph import ModelStats, model_stats
-from optimizer.inputs import parse_input_shapes
-from optimizer.report import Report, format_stats, human_bytes, pass_summary
-from optimizer.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
+from onnxopt import __version__, api, io
+from onnxopt.errors import OnnxoptError, PassError, UsageError, ValidationFailed
+from onnxopt.graph import ModelStats, model_stats
+from onnxopt.inputs import parse_input_shapes
+from onnxopt.report import Report, format_stats, human_bytes, pass_summary
+from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -85,7 +85,7 @@ def _escape(text: str) -> str:
 
 
 def _write_html(report: Report, path: str) -> None:
-    from optimizer.html_report import write_html
+    from onnxopt.html_report import write_html
 
     write_html(report, path)
 
@@ -441,8 +441,8 @@ def _cmd_inspect(args, out: _Out) -> int:
 
 
 def _cmd_passes(args, out: _Out) -> int:
-    from optimizer.pass_manager import REGISTRY
-    import passes
+    from onnxopt.pass_manager import REGISTRY
+    import onnxopt.passes
 
     table = _table(title="Passes")
     table.add_column("name")
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnxopt`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    # 2: warnings; 4 (fatal only) is optimizer.validate's default
+    # 2: warnings; 4 (fatal only) is onnxopt.validate's default
     ort.set_default_logger_severity(2 if verbose else 4)
     out = _Out(rich=not (getattr(args, "quiet", False) and not sys.stdout.isatty()))
     commands = {"optimize": _cmd_optimize, "validate": _cmd_validate, "inspect": _cmd_inspect,

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.errors import InputError
+from onnxopt.errors import InputError
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR

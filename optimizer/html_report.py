@@ -5,7 +5,7 @@ before and after (nodes per op type, totals, parameters, file size), the passes 
 statistics, time), the validation (per output: max abs, max rel, mean abs error, cosine
 similarity, SNR in dB), the rolled-back passes, and a drift chart:
 
-* when the layer-wise comparison (``report.layerwise``, see ``optimizer.layerwise``) lists its
+* when the layer-wise comparison (``report.layerwise``, see ``onnxopt.layerwise``) lists its
   compared tensors with their metrics (``compared: [{tensor, metrics...}]``), one point per
   tensor in the order given (topological): its SNR in dB, or its max abs error when no SNR is
   finite; the first divergence is marked;
@@ -27,7 +27,7 @@ import math
 import os
 from typing import Any
 
-from optimizer.report import (
+from onnxopt.report import (
     Report,
     format_stats,
     human_bytes,
@@ -163,7 +163,7 @@ def _layerwise(report: Report) -> dict | None:
     lw = _as_dict(getattr(report, "layerwise", None))
     if not isinstance(lw, dict):
         return None
-    if isinstance(lw.get("tensors"), list):  # optimizer.layerwise: a count and the tensors
+    if isinstance(lw.get("tensors"), list):  # onnxopt.layerwise: a count and the tensors
         lw = dict(lw, compared=lw["tensors"])
     if isinstance(lw.get("compared"), list):
         lw = dict(lw, compared=[_flat(e) for e in lw["compared"]])

@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optimizer.errors import InputError, UsageError
-from optimizer.graph import graph_protos
+from onnxopt.errors import InputError, UsageError
+from onnxopt.graph import graph_protos
 
 #: Value of a dynamic dimension that no ``--input-shape`` fixes.
 DEFAULT_DIM = 1

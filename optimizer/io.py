@@ -18,7 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper, numpy_helper
 
-from optimizer.errors import ModelLoadError, UsageError
+from onnxopt.errors import ModelLoadError, UsageError
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 

@@ -2,7 +2,7 @@
 nodes add the most error.
 
 Both models get their main-graph intermediate tensors as extra graph outputs and run on the same
-feeds (onnxruntime CPU, graph optimizations off, through :func:`optimizer.validate.compare_models`,
+feeds (onnxruntime CPU, graph optimizations off, through :func:`onnxopt.validate.compare_models`,
 so every tensor is judged exactly like an output). A candidate tensor is *matched* with the
 reference tensor of the same name: the passes keep a tensor's name whenever the rewrite keeps its
 value (a fused Conv+BatchNormalization takes over the BatchNormalization's output name), so a
@@ -34,9 +34,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from optimizer.errors import InputError
-from optimizer.graph import graph_protos
-from optimizer.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, OutputMetrics,
+from onnxopt.errors import InputError
+from onnxopt.graph import graph_protos
+from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, OutputMetrics,
                                 compare_models)
 
 #: How many nodes the ranking keeps.

@@ -17,8 +17,8 @@ from typing import Any, Callable, ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.errors import PassError, UsageError
-from optimizer.graph import export_graph
+from onnxopt.errors import PassError, UsageError
+from onnxopt.graph import export_graph
 
 
 @dataclass
@@ -90,7 +90,7 @@ def get_pass(name: str) -> Pass:
     Raises:
         UsageError: no pass has that name.
     """
-    import passes  # noqa: F401  (registers every pass)
+    import onnxopt.passes  # noqa: F401  (registers every pass)
 
     if name not in REGISTRY:
         raise UsageError(f"unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}")

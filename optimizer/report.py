@@ -21,7 +21,7 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
   candidate_node: {name, op}, metrics}`` (``metrics`` as a ``validation`` output, without
   ``name``); ``ranking`` (lossy only, at most 10) is ``[{node: {name, op}, tensor, input_snr_db,
   output_snr_db, added_db}]``, most added error first; ``reason`` is non-empty when the
-  comparison could not run (see ``optimizer.layerwise``);
+  comparison could not run (see ``onnxopt.layerwise``);
 * ``warnings``: list of strings: outputs that are constant on the validation inputs (agreement
   then shows little), lossy passes that changed nothing or left tensors unchanged to stay within
   ``--max-drift``;
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizer.graph import ModelStats
-from optimizer.layerwise import LayerwiseResult
-from optimizer.pass_manager import PassRecord
-from optimizer.validate import ValidationResult
+from onnxopt.graph import ModelStats
+from onnxopt.layerwise import LayerwiseResult
+from onnxopt.pass_manager import PassRecord
+from onnxopt.validate import ValidationResult
 
 SCHEMA_VERSION = 1
 

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from optimizer import io
-from optimizer.errors import InputError
+from onnxopt import io
+from onnxopt.errors import InputError
 
 # onnxruntime's own messages (unused initializers, kernel errors we report in one line) are not
 # shown; sessions inherit this level, which the CLI's --verbose lowers.

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from optimizer.graph import graph_protos, iter_graphs
+from onnxopt.graph import graph_protos, iter_graphs
 
 #: Ops whose output is not a function of their inputs: never folded, never merged by CSE.
 NONDETERMINISTIC_OPS = frozenset({
@@ -757,8 +757,8 @@ def fit_drift_budget(graph: gs.Graph, ctx, replacements: dict[str, tuple[np.ndar
     Raises:
         InputError: onnxruntime cannot run the model on the feeds.
     """
-    from optimizer.graph import export_graph, graph_protos
-    from optimizer.validate import make_session, output_metrics
+    from onnxopt.graph import export_graph, graph_protos
+    from onnxopt.validate import make_session, output_metrics
 
     target = ctx.max_drift + 0.1 * (1.0 - ctx.max_drift)
     originals = {name: pair[0] for name, pair in replacements.items()}

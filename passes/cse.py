@@ -12,9 +12,9 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import NONDETERMINISTIC_OPS, drop_disconnected, replace_uses, sort_nodes
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import NONDETERMINISTIC_OPS, drop_disconnected, replace_uses, sort_nodes
 
 
 def _key(node: gs.Node) -> tuple:

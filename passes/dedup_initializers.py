@@ -13,9 +13,9 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import nbytes, replace_uses
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import nbytes, replace_uses
 
 
 def _bytes(t: gs.Constant) -> bytes:

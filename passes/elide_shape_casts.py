@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import bypass, drop_disconnected, fresh_name, is_default_domain
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import bypass, drop_disconnected, fresh_name, is_default_domain
 
 _INT32, _INT64 = onnx.TensorProto.INT32, onnx.TensorProto.INT64
 #: Ops that move shape values without arithmetic, and the input index that carries the values.

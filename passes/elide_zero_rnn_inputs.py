@@ -32,9 +32,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import is_default_domain
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import is_default_domain
 
 #: Default-domain ops -> {input index: spec name} of the inputs whose omission means zeros.
 _ZERO_DEFAULTS = {

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 
 
 def _census(graph: gs.Graph) -> tuple[int, int]:

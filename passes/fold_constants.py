@@ -59,10 +59,10 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from optimizer.validate import session_options
-from passes._util import NONDETERMINISTIC_OPS, TensorTypes, fresh_name, is_default_domain, nbytes
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.validate import session_options
+from onnxopt.passes._util import NONDETERMINISTIC_OPS, TensorTypes, fresh_name, is_default_domain, nbytes
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 

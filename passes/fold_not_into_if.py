@@ -23,9 +23,9 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import drop_disconnected, input_slots, is_default_domain
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import drop_disconnected, input_slots, is_default_domain
 
 
 def _refusal(negated: gs.Tensor, outputs: set[int]) -> str | None:

@@ -35,9 +35,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import (
     absorb_into_conv, constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal,
     is_default_domain, scale_conv_output_channels)
 

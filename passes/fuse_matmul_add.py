@@ -46,9 +46,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs, opset_version
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import TensorTypes, constant_refusal, is_default_domain
+from onnxopt.graph import iter_graphs, opset_version
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import TensorTypes, constant_refusal, is_default_domain
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 

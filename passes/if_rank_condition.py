@@ -45,9 +45,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import (
     TensorTypes,
     constant_value,
     drop_disconnected,

@@ -23,7 +23,7 @@ Branch tensors whose names clash with a name elsewhere in the model are renamed.
 
 Refusals (counted in the statistics under ``refused``): the condition is not an initializer
 (``condition_not_constant``; a graph input that is also an initializer is imported as a plain input
-by ``optimizer.graph.import_graph``, so it lands here), does not hold exactly one element
+by ``onnxopt.graph.import_graph``, so it lands here), does not hold exactly one element
 (``condition_not_single_element``); the branch declares inputs (``branch_has_inputs``) or a number
 of outputs different from the ``If``'s (``output_count_mismatch``).
 """
@@ -35,9 +35,9 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import (
     constant_value,
     fresh_name,
     is_default_domain,

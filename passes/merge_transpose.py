@@ -66,9 +66,9 @@ import collections
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import (
     TensorTypes, bypass, consecutive_pairs, drop_disconnected, drop_if_unused, fresh_name,
     int_list, is_default_domain)
 

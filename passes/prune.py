@@ -29,7 +29,7 @@ Statistics (JSON-serializable):
 * ``sparsity`` = ``zeros_after / weights`` (0.0 when there are no weights);
 * ``per_tensor``: ``{name: {shape, size, zeros_before, zeros_after, sparsity}}``.
 
-Errors: none of its own; ``ctx.prune_threshold`` is checked (positive) by ``optimizer.api``.
+Errors: none of its own; ``ctx.prune_threshold`` is checked (positive) by ``onnxopt.api``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import fit_drift_budget, lossy_warnings, weight_initializers
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import fit_drift_budget, lossy_warnings, weight_initializers
 
 
 def _sparsity(zeros: int, size: int) -> float:

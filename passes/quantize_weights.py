@@ -72,9 +72,9 @@ import collections
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs, opset_version
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (
+from onnxopt.graph import iter_graphs, opset_version
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import (
     fit_drift_budget, fresh_name, input_slots, is_default_domain, lossy_warnings, nbytes,
     replace_uses)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.graph import iter_graphs
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import bypass, constant_value, drop_disconnected, is_default_domain
+from onnxopt.graph import iter_graphs
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import bypass, constant_value, drop_disconnected, is_default_domain
 
 
 def _is_inference_dropout(node: gs.Node) -> bool:

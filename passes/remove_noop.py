@@ -71,9 +71,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto as TP
 
-from optimizer.graph import iter_graphs, opset_version
-from optimizer.pass_manager import Pass, PassContext, PassResult, register
-from passes._util import (
+from onnxopt.graph import iter_graphs, opset_version
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._util import (
     TensorTypes,
     bypass,
     drop_disconnected,

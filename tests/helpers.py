@@ -10,8 +10,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from optimizer.graph import export_graph, import_graph
-from optimizer.pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
+from onnxopt.graph import export_graph, import_graph
+from onnxopt.pass_manager import Pass, PassContext, PassManager, PassRecord, get_pass
 
 OPSET = 17
 IR_VERSION = 8
@@ -144,7 +144,7 @@ def initializers(graph_or_model) -> dict[str, np.ndarray]:
 
 def all_graphs(graph: onnx.GraphProto):
     """``graph`` and its subgraphs, depth first."""
-    from optimizer.graph import graph_protos
+    from onnxopt.graph import graph_protos
 
     return graph_protos(graph)
 
@@ -281,13 +281,13 @@ def with_and_without(name: str, pass_name: str, verify_each: bool = False):
     """The default pipeline on the fetched real model ``name``, without ``pass_name`` and with
     it: ``((model, report) without, (model, report) with)``; the run with it must validate.
     Skips as :func:`zoo_files` does."""
-    import optimizer
-    from passes import LOSSLESS_PIPELINE
+    import onnxopt
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     onnx_file, npz_file = zoo_files(name)
-    without = optimizer.optimize(onnx_file, inputs=npz_file,
+    without = onnxopt.optimize(onnx_file, inputs=npz_file,
                                  passes=[p for p in LOSSLESS_PIPELINE if p != pass_name])
-    with_pass = optimizer.optimize(onnx_file, inputs=npz_file, passes=LOSSLESS_PIPELINE,
+    with_pass = onnxopt.optimize(onnx_file, inputs=npz_file, passes=LOSSLESS_PIPELINE,
                                    verify_each=verify_each)
     assert with_pass[1].validation.passed, with_pass[1].validation.reason
     return without, with_pass

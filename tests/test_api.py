@@ -9,8 +9,8 @@ import pytest
 from onnx import helper
 
 from helpers import assert_same_outputs, make_model
-from optimizer import UsageError, ValidationFailed, optimize
-from optimizer.pass_manager import REGISTRY, Pass, PassResult
+from onnxopt import UsageError, ValidationFailed, optimize
+from onnxopt.pass_manager import REGISTRY, Pass, PassResult
 
 
 def _model() -> onnx.ModelProto:

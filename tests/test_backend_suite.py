@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from optimizer.errors import InputError
+from onnxopt.errors import InputError
 from tools import backend_suite
 from tools.backend_suite import FAILED, ORT_FAILS, PASSED, REJECTED
 
@@ -93,7 +93,7 @@ def test_wrong_values_fail(monkeypatch):
         broken.graph.node[0].op_type = "Neg"
         return broken, None
 
-    monkeypatch.setattr(backend_suite.optimizer, "optimize", negate)
+    monkeypatch.setattr(backend_suite.onnxopt, "optimize", negate)
     result = backend_suite.evaluate(_identity_case())
     assert result.status == FAILED
     assert "Mismatch" in result.reason or "Not equal" in result.reason
@@ -106,7 +106,7 @@ def test_renamed_output_fails(monkeypatch):
         broken.graph.node[0].output[0] = broken.graph.output[0].name = "renamed"
         return broken, None
 
-    monkeypatch.setattr(backend_suite.optimizer, "optimize", rename)
+    monkeypatch.setattr(backend_suite.onnxopt, "optimize", rename)
     result = backend_suite.evaluate(_identity_case())
     assert result.status == FAILED and "outputs changed" in result.reason
 
@@ -116,7 +116,7 @@ def test_modifying_the_input_fails(monkeypatch):
         model.graph.node[0].name = "touched"
         return model, None
 
-    monkeypatch.setattr(backend_suite.optimizer, "optimize", mutate)
+    monkeypatch.setattr(backend_suite.onnxopt, "optimize", mutate)
     result = backend_suite.evaluate(_identity_case())
     assert result.status == FAILED and "modified the model" in result.reason
 
@@ -128,9 +128,9 @@ def test_exception_fails_and_input_error_is_rejected(monkeypatch):
     def reject(model, **_):
         raise InputError("model.onnx: unusable")
 
-    monkeypatch.setattr(backend_suite.optimizer, "optimize", crash)
+    monkeypatch.setattr(backend_suite.onnxopt, "optimize", crash)
     assert backend_suite.evaluate(_identity_case()).status == FAILED
-    monkeypatch.setattr(backend_suite.optimizer, "optimize", reject)
+    monkeypatch.setattr(backend_suite.onnxopt, "optimize", reject)
     assert backend_suite.evaluate(_identity_case()).status == REJECTED
 
 

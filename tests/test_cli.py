@@ -16,9 +16,9 @@ import pytest
 from onnx import helper
 
 from helpers import assert_same_outputs, make_model, ops
-from optimizer.cli import main
-from optimizer.pass_manager import REGISTRY, Pass, PassResult
-from optimizer.report import SCHEMA_VERSION
+from onnxopt.cli import main
+from onnxopt.pass_manager import REGISTRY, Pass, PassResult
+from onnxopt.report import SCHEMA_VERSION
 
 
 def _model(scale: float = 1.0) -> onnx.ModelProto:
@@ -193,7 +193,7 @@ def test_inspect_and_passes(model_path, capsys):
     assert "model.onnx" in out and "MatMul" in out and "IR version 8" in out
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
-    from passes import LOSSLESS_PIPELINE
+    from onnxopt.passes import LOSSLESS_PIPELINE
     for name in LOSSLESS_PIPELINE:
         assert name in out
 
@@ -264,7 +264,7 @@ def test_console_script(model_path, tmp_path):
 
 
 def test_external_data_option_writes_out_data_and_reloads(model_path, tmp_path):
-    from optimizer.io import load_model
+    from onnxopt.io import load_model
 
     w = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)  # 4 KiB: stored outside
     model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", np.float32, [2, 64])],
@@ -333,7 +333,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
     readonly.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != readonly and real_access(p, mode))
-    monkeypatch.setattr("optimizer.api.optimize", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("onnxopt.api.optimize", lambda *a, **k: pytest.fail("work started"))
     assert main(["optimize", str(model_path), "-o", str(readonly / "o.onnx")]) == 2
     assert "is not writable" in _error_line(capsys)
     assert main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--report",

@@ -13,8 +13,8 @@ import pytest
 from helpers import make_model
 from onnx import helper
 
-from optimizer import api
-from optimizer.cli import main
+from onnxopt import api
+from onnxopt.cli import main
 
 
 @pytest.fixture

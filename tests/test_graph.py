@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from helpers import (all_graphs, all_initializers, assert_same_outputs, is_topologically_sorted,
                      make_branch, make_model, ops)
-from optimizer.graph import export_graph, import_graph, make_names_unique, model_stats
+from onnxopt.graph import export_graph, import_graph, make_names_unique, model_stats
 
 
 def round_trip(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -217,7 +217,7 @@ def test_initializer_that_is_also_a_graph_input_stays_overridable():
     """An initializer listed as a graph input is a default the caller may override (IR >= 4): the
     round trip keeps the input, and the lossless passes must not fold its default value in."""
     from helpers import run_passes, session
-    from passes import LOSSLESS_PIPELINE
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     model = make_model([helper.make_node("Neg", ["W"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])],
                        [("x", np.float32, [3]), ("W", np.float32, [3])], [("y", np.float32, [3])],
@@ -235,7 +235,7 @@ def test_initializers_listed_as_inputs_before_ir_4_are_constants():
     are weights: folding goes through them, and the result lists its initializers as inputs
     again (the IR 3 checker requires it)."""
     from helpers import run_passes, session
-    from passes import LOSSLESS_PIPELINE
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     model = make_model([helper.make_node("Neg", ["W"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])],
                        [("x", np.float32, [3]), ("W", np.float32, [3])], [("y", np.float32, [3])],
@@ -257,7 +257,7 @@ def test_value_info_naming_a_graph_output_does_not_replace_its_type():
     """Exports sometimes list a graph output in value_info too, with less (no shape): the output
     keeps its own declared type, so the result still passes the checker."""
     from helpers import run_passes
-    from passes import LOSSLESS_PIPELINE
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", np.float32, [1, 4])],
                        [("y", np.float32, [1, 4])])

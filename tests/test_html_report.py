@@ -13,8 +13,8 @@ import pytest
 from helpers import make_model
 from onnx import helper
 
-from optimizer import api
-from optimizer.html_report import render_html, write_html
+from onnxopt import api
+from onnxopt.html_report import render_html, write_html
 
 HOSTILE = "<script>alert('x')</script>"
 

@@ -9,9 +9,9 @@ import pytest
 from helpers import make_branch, make_model, run_ort
 from onnx import TensorProto, helper
 
-from optimizer.api import optimize, resolve_feeds
-from optimizer.errors import InputError, UsageError
-from optimizer.inputs import (
+from onnxopt.api import optimize, resolve_feeds
+from onnxopt.errors import InputError, UsageError
+from onnxopt.inputs import (
     DEFAULT_DIM,
     MAX_SYNTHESIZED_BYTES,
     check_feeds,

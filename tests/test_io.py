@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import make_model, run_ort, random_feed
-from optimizer import errors
-from optimizer.io import load_model, save_model
+from onnxopt import errors
+from onnxopt.io import load_model, save_model
 
 
 def _model(weight_elems: int = 4096) -> onnx.ModelProto:
@@ -273,7 +273,7 @@ def test_external_data_also_takes_weights_stored_in_typed_fields(tmp_path):
 def test_data_files_beside_a_symlinked_model_are_protected(tmp_path):
     """External data is read beside the path given (the link), not beside the link's target:
     writing over that data file is refused as writing over the model is."""
-    from optimizer.io import protected_files
+    from onnxopt.io import protected_files
 
     (tmp_path / "real").mkdir()
     (tmp_path / "link").mkdir()

@@ -12,12 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import optimizer
+import onnxopt
 from helpers import make_branch, make_model, run_ort
-from optimizer.cli import main
-from optimizer.layerwise import compare_layerwise
-from optimizer.pass_manager import REGISTRY, Pass, PassResult
-from optimizer.validate import output_metrics
+from onnxopt.cli import main
+from onnxopt.layerwise import compare_layerwise
+from onnxopt.pass_manager import REGISTRY, Pass, PassResult
+from onnxopt.validate import output_metrics
 from tools import zoo
 
 RNG = np.random.default_rng(0)
@@ -201,7 +201,7 @@ def corrupt_pass(monkeypatch):
 
 
 def test_rollback_names_the_first_diverging_tensor(corrupt_pass):
-    _, report = optimizer.optimize(_mlp(), passes=["remove_identity", corrupt_pass],
+    _, report = onnxopt.optimize(_mlp(), passes=["remove_identity", corrupt_pass],
                                    inputs=FEED)
     assert report.validation.passed
     (entry,) = report.rolled_back
@@ -233,7 +233,7 @@ def _first_conv(model: onnx.ModelProto) -> onnx.NodeProto:
 @pytest.mark.zoo
 def test_rollback_on_real_model_names_the_corrupted_conv_output(corrupt_pass):
     path, npz = _zoo(CLS)
-    _, report = optimizer.optimize(path, passes=["remove_identity", corrupt_pass], inputs=npz)
+    _, report = onnxopt.optimize(path, passes=["remove_identity", corrupt_pass], inputs=npz)
     assert report.validation.passed
     (entry,) = report.rolled_back
     conv = _first_conv(onnx.load(path))
@@ -273,7 +273,7 @@ def test_validate_layerwise_finds_a_changed_weight_in_a_real_model(tmp_path, cap
 @pytest.mark.zoo
 def test_quantized_real_model_ranks_a_quantized_matmul_or_conv_first():
     path, npz = _zoo("magika")
-    quantized, _ = optimizer.optimize(path, inputs=npz, quantize="int8-weight")
+    quantized, _ = onnxopt.optimize(path, inputs=npz, quantize="int8-weight")
     feeds = [dict(np.load(npz))]
     result = compare_layerwise(onnx.load(path), quantized, feeds, lossy=True)
     dequantized = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
@@ -291,7 +291,7 @@ def test_optimize_layerwise_lists_every_compared_tensor_for_the_chart():
     """``optimize(..., layerwise=True)`` compares the result with the original tensor by tensor;
     the per-tensor list is what the HTML report's per-layer chart plots."""
     from onnx import TensorProto, helper, numpy_helper
-    import optimizer
+    import onnxopt
 
     rng = np.random.default_rng(0)
     w1, w2 = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
@@ -302,7 +302,7 @@ def test_optimize_layerwise_lists_every_compared_tensor_for_the_chart():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    _, report = optimizer.optimize(model, quantize="int8-weight", layerwise=True,
+    _, report = onnxopt.optimize(model, quantize="int8-weight", layerwise=True,
                                    inputs={"x": rng.standard_normal((4, 16)).astype(np.float32)})
     lw = report.layerwise
     assert lw is not None and lw.mode == "lossy"

@@ -11,9 +11,9 @@ import pytest
 from onnx import helper
 
 from helpers import make_model
-from optimizer.errors import PassError, UsageError
-from optimizer.graph import export_graph, import_graph
-from optimizer.pass_manager import (REGISTRY, Pass, PassContext, PassManager, PassResult,
+from onnxopt.errors import PassError, UsageError
+from onnxopt.graph import export_graph, import_graph
+from onnxopt.pass_manager import (REGISTRY, Pass, PassContext, PassManager, PassResult,
                                     get_pass, verify_model)
 
 
@@ -151,7 +151,7 @@ def test_unknown_pass_name_is_a_usage_error():
 
 
 def test_registry_holds_the_lossless_pipeline():
-    from passes import LOSSLESS_PIPELINE
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     for name in LOSSLESS_PIPELINE:
         p = get_pass(name)

@@ -11,8 +11,8 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-import optimizer
-from optimizer.cli import main
+import onnxopt
+from onnxopt.cli import main
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17):
@@ -32,7 +32,7 @@ def _vi(name, dtype, shape):
 
 
 def _assert_same(model, feed, **kwargs):
-    optimized, report = optimizer.optimize(model, inputs=feed, **kwargs)
+    optimized, report = onnxopt.optimize(model, inputs=feed, **kwargs)
     assert report.validation.passed and not report.rolled_back
     for a, b in zip(_run(model, feed), _run(optimized, feed), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -76,7 +76,7 @@ def test_integer_outputs_must_be_equal_in_lossless_mode():
     wrong = _model(nodes, [_vi("x", TP.INT64, [3])], [_vi("y", TP.INT64, [3])],
                    [nh.from_array(np.array(2, np.int64), "one")])
     feed = {"x": np.array([0, 10_000, 20_000], np.int64)}
-    result = optimizer.api.compare_models(model, wrong, [feed])
+    result = onnxopt.api.compare_models(model, wrong, [feed])
     assert not result.passed
 
 
@@ -146,7 +146,7 @@ def test_output_paths_that_cannot_be_files_exit_2_before_any_work(external_model
 def test_a_pass_producing_invalid_onnx_is_rolled_back(monkeypatch):
     """The safety net also runs the ONNX checker: a lossless pass whose output the checker
     rejects is left out and named."""
-    from optimizer.pass_manager import REGISTRY, Pass, PassResult
+    from onnxopt.pass_manager import REGISTRY, Pass, PassResult
 
     class Duplicate(Pass):
         name = "test_duplicate_output"
@@ -162,7 +162,7 @@ def test_a_pass_producing_invalid_onnx_is_rolled_back(monkeypatch):
     monkeypatch.setitem(REGISTRY, Duplicate.name, Duplicate)
     model = _model([oh.make_node("Neg", ["x"], ["y"])], [_vi("x", TP.FLOAT, [2])],
                    [_vi("y", TP.FLOAT, [2])])
-    optimized, report = optimizer.optimize(
+    optimized, report = onnxopt.optimize(
         model, passes=["remove_identity", Duplicate.name],
         inputs={"x": np.array([1.0, 2.0], np.float32)})
     assert report.validation.passed
@@ -179,7 +179,7 @@ def test_declared_minus_one_dims_are_dynamic_for_shape_inference(node, inits):
     a Shape of the result would be folded to a constant that is wrong for other inputs."""
     model = _model([node, oh.make_node("Shape", ["r"], ["y"])], [_vi("x", TP.FLOAT, [-1, -1])],
                    [_vi("y", TP.INT64, None)], inits)
-    optimized, _ = optimizer.optimize(model)
+    optimized, _ = onnxopt.optimize(model)
     for shape in [(1, 1), (2, 3), (4, 5)]:
         x = np.zeros(shape, np.float32)
         np.testing.assert_array_equal(_run(model, {"x": x})[0], _run(optimized, {"x": x})[0])
@@ -251,7 +251,7 @@ def test_a_fold_that_overflows_the_weight_dtype_is_refused(case):
         model = _fp16_conv([oh.make_node("Conv", ["x", "W"], ["c"])],
                            [oh.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])],
                            {**w, "g": [300], "b": [0], "m": [0], "v": [1]})
-    optimized, report = optimizer.optimize(
+    optimized, report = onnxopt.optimize(
         model, inputs={"x": np.ones((1, 1, 2, 2), np.float16)}, raise_on_failure=False)
     options = ort.SessionOptions()  # onnxruntime's own Conv fusions make the same overflow
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -1,7 +1,7 @@
 """Regression tests of the default pipeline (``passes.LOSSLESS_PIPELINE``) on models with control
 flow: Loop, If and Scan bodies, outer-scope reads, graph outputs that are also consumed or listed
 twice, unsorted models and initializers shared between branches. Every case goes through
-``optimizer.optimize`` (which validates against the original on onnxruntime) and is also compared
+``onnxopt.optimize`` (which validates against the original on onnxruntime) and is also compared
 with the original here, on more than one feed where the input matters."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import (all_graphs, all_initializers, assert_same_outputs, is_topologically_sorted,
                      make_branch, make_model, run_ort, session)
-from optimizer import optimize
+from onnxopt import optimize
 
 X = ("x", np.float32, [2, 3])
 

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from helpers import make_model, run_ort
-from optimizer.errors import InputError
-from optimizer.validate import compare_models
+from onnxopt.errors import InputError
+from onnxopt.validate import compare_models
 
 RNG = np.random.default_rng(0)
 W1 = RNG.normal(size=(4, 3)).astype(np.float32)
@@ -218,7 +218,7 @@ def test_constant_outputs_are_warned_about_and_relative_error_ignores_zeros():
 def test_models_over_the_protobuf_limit_run_from_external_data(monkeypatch):
     """A model that cannot be serialized in one message (over 2 GiB; simulated) is written to a
     temporary folder with external data and loaded from there, not refused."""
-    from optimizer import io
+    from onnxopt import io
     monkeypatch.setattr(io, "serialize", lambda model: None)
     weight = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)  # over 1 KiB
     model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],

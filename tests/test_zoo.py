@@ -11,7 +11,7 @@ import os
 import onnx
 import pytest
 
-import optimizer
+import onnxopt
 from tools import zoo
 
 ENTRIES = zoo.load_manifest()
@@ -39,7 +39,7 @@ def _paths(entry):
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
 def test_pipeline_on_real_model(entry, mode):
     onnx_path, inputs_path = _paths(entry)
-    model, report = optimizer.optimize(str(onnx_path), inputs=str(inputs_path), **MODES[mode])
+    model, report = onnxopt.optimize(str(onnx_path), inputs=str(inputs_path), **MODES[mode])
     assert report.validation.passed, report.validation.reason
     assert report.validation.mode == ("lossless" if mode == "default" else "lossy")
     # int8 weights are read through one DequantizeLinear each (and a Mul below opset 13)

@@ -13,11 +13,11 @@ and expected outputs:
 A case is checked the way ``onnx.backend.test.runner`` checks it: outputs compared with
 ``Runner.assert_similar_outputs`` at the case's own ``rtol``/``atol`` (1e-3/1e-7 unless the case
 or its ``data.json`` says otherwise); sequences are compared element by element. Models run on
-onnxruntime CPU with its graph optimizations off (``optimizer.validate.make_session``), so each
+onnxruntime CPU with its graph optimizations off (``onnxopt.validate.make_session``), so each
 model runs as written.
 
 For each case: if onnxruntime does not pass the original, the case says nothing about onnxopt
-(``ort-fails``). Otherwise ``optimizer.optimize`` runs the default pipeline, validating with the
+(``ort-fails``). Otherwise ``onnxopt.optimize`` runs the default pipeline, validating with the
 case's inputs (so a pass that breaks the model is rolled back, as for a user);
 the optimized model must keep the graph's input and output names in order, must pass the same
 check, and ``optimize`` must not change the model it was given. ``optimize`` raising an
@@ -55,12 +55,12 @@ import onnx
 from onnx import numpy_helper
 from onnx.backend.test.runner import Runner
 
-if __package__ in (None, ""):  # run as a script: make ``optimizer`` and ``tools`` importable
+if __package__ in (None, ""):  # run as a script: make ``tools`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import optimizer
-from optimizer.errors import InputError
-from optimizer.validate import make_session, run_model
+import onnxopt
+from onnxopt.errors import InputError
+from onnxopt.validate import make_session, run_model
 
 DATA_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data"
 MODEL_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
@@ -290,7 +290,7 @@ def check_optimized(case: Case, passes: Sequence[str] | None = None) -> tuple[st
         # onnxruntime is rolled back as it would be for a user (sequence inputs: no validation).
         feeds = [feed for feed, _ in case.data_sets
                  if all(isinstance(v, np.ndarray) for v in feed.values())]
-        optimized, _ = optimizer.optimize(given, passes=passes, validate=bool(feeds),
+        optimized, _ = onnxopt.optimize(given, passes=passes, validate=bool(feeds),
                                           inputs=feeds or None, raise_on_failure=False)
     except InputError as err:
         return REJECTED, f"optimize rejected the model: {_one_line(err)}"
@@ -325,7 +325,7 @@ def blame(case: Case) -> list[str]:
     """What breaks ``case``: ``"import/export"`` if the pipeline with no pass already fails it, and
     every pass of the default pipeline that, run alone, fails it for another reason. When no pass
     fails alone, the passes without which the pipeline passes, as ``"a+b (together)"``."""
-    from passes import LOSSLESS_PIPELINE
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     status, base_reason = check_optimized(case, passes=[])
     culprits = ["import/export"] if status == FAILED else []

@@ -95,10 +95,10 @@ class Tool:
 
 
 TOOLS = (
-    Tool("onnxopt", "onnxopt", "optimizer", "onnxopt",
+    Tool("onnxopt", "onnxopt", "onnxopt", "onnxopt",
          ("onnxopt", "optimize", "IN", "-o", "OUT", "--inputs", "NPZ", "--quiet"),
          refusal_codes=(1,)),
-    Tool("onnxopt-unchecked", "onnxopt --no-validate", "optimizer", "onnxopt",
+    Tool("onnxopt-unchecked", "onnxopt --no-validate", "onnxopt", "onnxopt",
          ("onnxopt", "optimize", "IN", "-o", "OUT", "--no-validate", "--quiet")),
     Tool("onnxsim", "onnxsim", "onnxsim", "onnxsim", ("onnxsim", "IN", "OUT")),
     Tool("onnxslim", "onnxslim", "onnxslim", "onnxslim", ("onnxslim", "IN", "OUT")),
@@ -373,7 +373,7 @@ def select_models(names: list[str] | None) -> list[zoo.ZooModel]:
     return [by_name[name] for name in names]
 
 
-def precompile(packages: tuple[str, ...] = ("optimizer", "passes")) -> None:
+def precompile(packages: tuple[str, ...] = ("onnxopt", "onnxopt.passes")) -> None:
     """Compile onnxopt's modules to bytecode, as ``pip install`` does for every wheel (the peers'
     included): a source checkout installed in editable mode, run with PYTHONDONTWRITEBYTECODE
     set, would otherwise compile them again in every timed run (about 0.15 s)."""

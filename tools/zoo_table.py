@@ -2,7 +2,7 @@
 
     python tools/zoo_table.py [--modes default,prune,quantize] [--models NAME ...]
 
-Runs ``optimizer.optimize`` in-process on each model of ``models/zoo`` with its stored inputs:
+Runs ``onnxopt.optimize`` in-process on each model of ``models/zoo`` with its stored inputs:
 the default (lossless) pipeline, ``--prune-threshold 1e-3`` and ``--quantize int8-weight``, and
 prints a markdown table: main-graph nodes (and with subgraphs where they differ), file size, the
 worst output cosine similarity, the verdict and the wall time of the call (validation included).
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import optimizer  # noqa: E402
-from optimizer.report import human_bytes  # noqa: E402
+import onnxopt  # noqa: E402
+from onnxopt.report import human_bytes  # noqa: E402
 from tools import zoo  # noqa: E402
 
 MODES = {"default": {}, "prune": {"prune_threshold": 1e-3},
@@ -31,7 +31,7 @@ def _nodes(main: int, total: int) -> str:
 
 def row(model: zoo.ZooModel, mode: str) -> str:
     start = time.perf_counter()
-    optimized, report = optimizer.optimize(str(model.onnx_path), inputs=str(model.inputs_path),
+    optimized, report = onnxopt.optimize(str(model.onnx_path), inputs=str(model.inputs_path),
                                            raise_on_failure=False, **MODES[mode])
     seconds = time.perf_counter() - start
     b, a, v = report.before, report.after, report.validation

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-import optimizer
-from passes import LOSSLESS_PIPELINE
+import onnxopt
+from onnxopt.passes import LOSSLESS_PIPELINE
 from tools import zoo
 
 
@@ -45,7 +45,7 @@ def _run(model, x):
 def test_round_trip_removed_and_outputs_equal():
     model = _model()
     x = np.arange(24, dtype=np.float32).reshape(4, 6)
-    optimized, report = optimizer.optimize(model, passes=["elide_shape_casts"], inputs={"x": x})
+    optimized, report = onnxopt.optimize(model, passes=["elide_shape_casts"], inputs={"x": x})
     assert report.validation.passed
     ops = [n.op_type for n in optimized.graph.node]
     assert "Cast" not in ops
@@ -62,7 +62,7 @@ def test_round_trip_removed_and_outputs_equal():
 def test_refused_when_int32_values_escape(consumer):
     model = _model(consumer)
     x = np.ones((2, 6), np.float32)
-    optimized, report = optimizer.optimize(model, passes=["elide_shape_casts"], inputs={"x": x})
+    optimized, report = onnxopt.optimize(model, passes=["elide_shape_casts"], inputs={"x": x})
     assert report.validation.passed
     assert not report.passes[0].modified
     assert [n.op_type for n in optimized.graph.node].count("Cast") == 2
@@ -76,8 +76,8 @@ def test_real_model_magika():
         pytest.skip("magika not fetched (tools/fetch_models.py)")
     without = [p for p in LOSSLESS_PIPELINE if p != "elide_shape_casts"]
     npz = str(zoo.inputs_path(zoo.DEFAULT_DEST, entry["name"]))
-    _, before = optimizer.optimize(str(path), passes=without, inputs=npz)
-    _, after = optimizer.optimize(str(path), passes=without + ["elide_shape_casts"], inputs=npz)
+    _, before = onnxopt.optimize(str(path), passes=without, inputs=npz)
+    _, after = onnxopt.optimize(str(path), passes=without + ["elide_shape_casts"], inputs=npz)
     assert after.validation.passed
     assert after.after.op_counts.get("Cast", 0) <= before.after.op_counts.get("Cast", 0) - 4
     assert after.after.nodes <= before.after.nodes - 4

@@ -11,7 +11,7 @@ from helpers import assert_same_outputs, make_model, ops, random_feed, run_once,
 from onnx import TensorProto as TP
 from onnx import helper
 
-from passes import LOSSLESS_PIPELINE
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 F, I64 = np.float32, np.int64
 T, IN, H = 3, 4, 5  # sequence length, input size, hidden size

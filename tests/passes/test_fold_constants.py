@@ -24,9 +24,9 @@ from helpers import (
 from hypothesis import given, settings
 from onnx import TensorProto, helper
 
-from optimizer import optimize
-from optimizer.pass_manager import PassContext
-from passes import LOSSLESS_PIPELINE, fold_constants
+from onnxopt import optimize
+from onnxopt.pass_manager import PassContext
+from onnxopt.passes import LOSSLESS_PIPELINE, fold_constants
 
 FOLD = ["fold_constants", "eliminate_dead"]
 

@@ -18,7 +18,7 @@ from helpers import (
 )
 from onnx import helper
 
-from passes import LOSSLESS_PIPELINE
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 PASS = ["fold_not_into_if"]
 X = ("x", np.float32, [2, 3])

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 
 from helpers import assert_same_outputs, initializers, make_model, ops, run_once
 from helpers import initializer_as_input, initializer_as_variable
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
+from onnxopt import optimize
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 #: The default pipeline without the fusions, to measure what this pass adds.
 WITHOUT_FUSION = [p for p in LOSSLESS_PIPELINE if p not in ("fuse_conv_bn", "fuse_conv_affine")]

@@ -12,7 +12,7 @@ from helpers import (assert_same_outputs, initializer_as_variable, initializers,
                      run_once, run_passes, with_and_without)
 from onnx import TensorProto, helper
 
-from passes import LOSSLESS_PIPELINE
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 C, SPATIAL = 4, (5, 5)
 

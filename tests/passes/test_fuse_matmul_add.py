@@ -13,8 +13,8 @@ from helpers import assert_same_outputs, make_branch, make_model, ops, run_once,
 from helpers import zoo_files as _zoo_files
 from onnx import TensorProto, helper
 
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
+from onnxopt import optimize
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 K, N = 5, 4
 
@@ -198,8 +198,8 @@ def test_lstm_gates_one_gemm_in_node_order(h_first, bias_left):
     from onnx_graphsurgeon import export_onnx
 
     from helpers import is_topologically_sorted
-    from optimizer.graph import import_graph
-    from optimizer.pass_manager import PassContext, get_pass
+    from onnxopt.graph import import_graph
+    from onnxopt.pass_manager import PassContext, get_pass
 
     model = lstm_gates_model(h_first, bias_left)
     graph = import_graph(model)

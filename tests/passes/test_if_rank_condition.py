@@ -20,7 +20,7 @@ from helpers import (
 )
 from onnx import TensorProto, helper
 
-from passes import LOSSLESS_PIPELINE
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 PASS = ["if_rank_condition"]
 X = ("x", np.float32, [2, 3, 1])

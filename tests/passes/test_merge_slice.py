@@ -11,8 +11,8 @@ from helpers import (all_graphs, assert_same_outputs, initializers, make_branch,
 from helpers import zoo_files
 from onnx import TensorProto, helper
 
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
+from onnxopt import optimize
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 X = ("X", np.float32, [6, 8, 10])
 

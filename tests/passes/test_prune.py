@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer import optimize
-from optimizer.graph import export_graph, import_graph
-from optimizer.pass_manager import PassContext, get_pass
+from onnxopt import optimize
+from onnxopt.graph import export_graph, import_graph
+from onnxopt.pass_manager import PassContext, get_pass
 from tools import zoo
 
 THRESHOLD = 0.05

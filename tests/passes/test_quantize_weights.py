@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer import optimize
-from optimizer.graph import export_graph, import_graph
-from optimizer.pass_manager import PassContext, verify_model
-from passes.quantize_weights import MIN_ELEMENTS, QuantizeWeights
+from onnxopt import optimize
+from onnxopt.graph import export_graph, import_graph
+from onnxopt.pass_manager import PassContext, verify_model
+from onnxopt.passes.quantize_weights import MIN_ELEMENTS, QuantizeWeights
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
 RNG = np.random.default_rng(0)
@@ -173,7 +173,7 @@ def test_weight_is_quantized_per_channel(case, opset):
 @pytest.mark.parametrize("axis", [0, 1])
 def test_matches_onnxruntime_symmetric_int8(axis):
     quant_utils = pytest.importorskip("onnxruntime.quantization.quant_utils")
-    from passes.quantize_weights import quantize
+    from onnxopt.passes.quantize_weights import quantize
 
     w = (RNG.normal(size=(6, 20)) * RNG.uniform(0.01, 3, size=(6, 1))).astype(np.float32)
     q, scale = quantize(w, axis)

@@ -22,8 +22,8 @@ from helpers import zoo_files as _zoo_files
 from onnx import TensorProto as TP
 from onnx import helper
 
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
+from onnxopt import optimize
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 F, I64 = np.float32, np.int64
 BIG = np.iinfo(np.int64).max

@@ -20,8 +20,8 @@ from helpers import (
 )
 from onnx import TensorProto, helper
 
-from optimizer import optimize
-from passes import LOSSLESS_PIPELINE
+from onnxopt import optimize
+from onnxopt.passes import LOSSLESS_PIPELINE
 
 PASS = ["sink_into_if"]
 X = ("x", np.float32, [2, 3])

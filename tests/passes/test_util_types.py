@@ -13,9 +13,9 @@ from helpers import make_branch, make_model, run_ort
 from onnx import TensorProto as TP
 from onnx import helper
 
-import optimizer
-from optimizer.graph import import_graph, iter_graphs
-from passes._util import TensorTypes, _InferenceModel, infer_tensor_types
+import onnxopt
+from onnxopt.graph import import_graph, iter_graphs
+from onnxopt.passes._util import TensorTypes, _InferenceModel, infer_tensor_types
 
 F, I64 = np.float32, np.int64
 
@@ -237,7 +237,7 @@ def test_shape_of_dynamic_quantize_lstm_output_folds():
     model = _dynamic_quantize_lstm_model("forward", [
         helper.make_node("Shape", ["y"], ["s"]),
         helper.make_node("Gather", ["s", "axis"], ["h"], axis=0)], [("h", I64, [1])])
-    optimized, report = optimizer.optimize(model, inputs={"x": np.ones((3, 2, 4), F)})
+    optimized, report = onnxopt.optimize(model, inputs={"x": np.ones((3, 2, 4), F)})
     assert report.validation.passed
     assert [n.op_type for n in optimized.graph.node] == ["Constant"]
     x = np.random.default_rng(1).random((6, 3, 4), np.float32)
