@@ -1,6 +1,7 @@
 """The Python API: ``optimize`` (load, run passes, validate) and ``validate`` (compare two models).
 
-    load (onnxopt.io) -> Graph -> PassManager([passes ...]) -> validate (onnxopt.validate) -> save
+    load (onnxopt.io) -> Graph -> PassManager(pipeline, analyses) -> validate -> save
+                                       +-> drift budget (lossy proposals, against the original)
 
 Both return a :class:`onnxopt.report.Report`; neither touches the disk unless given paths.
 """
@@ -19,13 +20,14 @@ from onnxopt.errors import UsageError, ValidationFailed
 from onnxopt.graph import export_graph, import_graph, model_stats
 from onnxopt.inputs import check_feeds, feed_files, input_warnings, load_feed, synthesize_feed
 from onnxopt.layerwise import compare_layerwise, first_divergence
-from onnxopt.pass_manager import REGISTRY, PassContext, PassManager, PassRecord, get_pass
+from onnxopt.budget import DriftBudget, get_metric
+from onnxopt.pass_manager import PassContext, PassManager, PassRecord
+from onnxopt.pipeline import Pipeline, PassSpec, build_pipeline, load_config
 from onnxopt.report import Report
 from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
                                 compare_models)
 
 Feeds = Union[str, os.PathLike, dict, Sequence[dict], None]
-QUANTIZE_MODES = {"int8-weight": "quantize_weights"}
 
 
 def _version() -> str:
@@ -99,38 +101,42 @@ def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | No
     return feeds, description
 
 
-def build_pipeline(passes: Sequence[str] | None, skip: Sequence[str], prune_threshold: float | None,
-                   quantize: str | None) -> tuple[list, list]:
-    """Split the requested passes into the fixed-point (lossless) and run-once (lossy) lists.
-
-    Raises:
-        UsageError: an unknown pass or quantization mode.
-    """
-    from onnxopt.passes import LOSSLESS_PIPELINE
-
-    names = list(passes) if passes is not None else list(LOSSLESS_PIPELINE)
-    if prune_threshold is not None:
-        if prune_threshold <= 0:
-            raise UsageError(f"--prune-threshold must be positive, got {prune_threshold}")
-        names.append("prune")
-    if quantize is not None:
-        if quantize not in QUANTIZE_MODES:
-            raise UsageError(f"unknown quantization mode '{quantize}'; known: "
-                             f"{', '.join(QUANTIZE_MODES)}")
-        names.append(QUANTIZE_MODES[quantize])
-    for name in skip:
-        get_pass(name)
-    selected = [get_pass(n) for n in dict.fromkeys(names) if n not in set(skip)]
-    return [p for p in selected if p.lossless], [p for p in selected if not p.lossless]
+#: Defaults of the keywords a config file may set (see ``onnxopt.pipeline.load_config``).
+_DEFAULTS = {"validate": True, "inputs": None, "input_shapes": None, "seed": 0,
+             "atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL, "max_drift": DEFAULT_MAX_DRIFT,
+             "metric": "cosine", "layerwise": False, "strict": False, "verify_each": False,
+             "passes": None, "skip": (), "options": None, "max_iterations": 10}
 
 
-def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] = (),
+def _settings(config, given: dict) -> dict:
+    """The run's settings: keywords given explicitly win over ``config``, which wins over the
+    defaults."""
+    from_config = load_config(config) if config is not None else {}
+    return {k: given[k] if given.get(k) is not None else from_config.get(k, default)
+            for k, default in _DEFAULTS.items()}
+
+
+def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContext, *,
+                  verify_each: bool, on_pass) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Import, run the passes, export: the optimization itself."""
+    manager = PassManager(pipeline.lossless, pipeline.lossy,
+                          max_iterations=pipeline.max_iterations, verify_each=verify_each,
+                          on_pass=on_pass)
+    graph = import_graph(original)
+    records = manager.run(graph, ctx)
+    return export_graph(graph, original), records
+
+
+def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[str] | None = None,
+             options: dict[str, dict] | None = None, config=None,
              prune_threshold: float | None = None, quantize: str | None = None,
-             validate: bool = True, inputs: Feeds = None, input_shapes: dict | None = None,
-             seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-             max_drift: float = DEFAULT_MAX_DRIFT, verify_each: bool = False,
-             fold_size_limit: int = 1 << 20, max_iterations: int = 10,
-             raise_on_failure: bool = True, strict: bool = False, layerwise: bool = False,
+             validate: bool | None = None, inputs: Feeds = None,
+             calibration: Feeds = None, input_shapes: dict | None = None,
+             seed: int | None = None, atol: float | None = None, rtol: float | None = None,
+             max_drift: float | None = None, metric: str | None = None,
+             verify_each: bool | None = None, fold_size_limit: int | None = None,
+             max_iterations: int | None = None, raise_on_failure: bool = True,
+             strict: bool | None = None, layerwise: bool | None = None,
              on_pass: Callable[[PassRecord], None] | None = None,
              output: str | os.PathLike | None = None, external_data: bool | None = None,
              keep_invalid: bool = False) -> tuple[onnx.ModelProto, Report]:
@@ -138,18 +144,26 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
 
     Args:
         model: a path, serialized bytes or a ``onnx.ModelProto`` (not modified).
-        passes: pass names to run (default: the lossless pipeline ``passes.LOSSLESS_PIPELINE``).
+        passes: pass names (``"default"``: the lossless pipeline ``LOSSLESS_PIPELINE``) or
+            configured passes (``get_pass("prune", threshold=1e-3)``); default ``["default"]``.
         skip: pass names to leave out.
-        prune_threshold: set weight values with ``|w| < prune_threshold`` to 0 (lossy).
-        quantize: ``"int8-weight"`` for per-channel int8 weights through DequantizeLinear (lossy).
-        validate: compare with the original on onnxruntime CPU.
+        options: per-pass options, ``{pass name: {option: value}}`` (see each pass's
+            ``Options``; ``onnxopt passes`` lists them).
+        config: a TOML file (or the dict it parses to) giving the pipeline and validation
+            settings (see ``onnxopt.pipeline``); keywords given here win over it.
+        prune_threshold: sugar for the ``prune`` pass with that ``threshold`` (lossy).
+        quantize: ``"int8-weight"``: sugar for ``quantize_weights`` (lossy).
+        validate: compare with the original on onnxruntime CPU (default True).
         inputs: validation feeds (see :func:`resolve_feeds`); ``input_shapes`` and ``seed`` shape
-            synthesized ones.
-        atol, rtol: lossless tolerance; ``max_drift``: minimum cosine similarity after lossy passes.
+            synthesized ones. They also measure the drift budget of lossy passes.
+        calibration: feeds for activation statistics (default: ``inputs``); keep them apart
+            from the evaluation inputs when measuring accuracy.
+        atol, rtol: lossless tolerance; ``max_drift``: minimum ``metric`` (default cosine
+            similarity) every output must keep after lossy passes.
         verify_each: run the ONNX checker and an onnxruntime load after every pass that changed
             the graph.
-        fold_size_limit: largest folded tensor in bytes (see ``passes.fold_constants``).
-        max_iterations: bound on the rounds of the lossless passes.
+        fold_size_limit: sugar for ``fold_constants``' ``size_limit`` (bytes).
+        max_iterations: bound on the rounds of the lossless passes (default 10).
         raise_on_failure: raise :class:`ValidationFailed` when validation fails.
         strict: with ``raise_on_failure``, also raise when a pass had to be rolled back.
         layerwise: also compare the intermediate tensors of the original and the result
@@ -171,13 +185,26 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
         The optimized model and the :class:`Report`.
 
     Raises:
-        ModelLoadError, UsageError, InputError: bad model, option or inputs.
+        ModelLoadError, UsageError, InputError: bad model, option, config or inputs.
         ValidationFailed: outputs differ beyond tolerance (with ``raise_on_failure``); the error
             carries ``model`` and ``report``.
         PassError: with ``verify_each``, a pass produced an invalid model.
     """
     start = time.perf_counter()
+    run = _settings(config, dict(
+        validate=validate, inputs=inputs, input_shapes=input_shapes, seed=seed, atol=atol,
+        rtol=rtol, max_drift=max_drift, metric=metric, layerwise=layerwise, strict=strict,
+        verify_each=verify_each, passes=passes, skip=skip, options=options,
+        max_iterations=max_iterations))
+    validate, atol, rtol, max_drift = run["validate"], run["atol"], run["rtol"], run["max_drift"]
     check_criteria(atol, rtol, max_drift)
+    pass_options = {k: dict(v) for k, v in (run["options"] or {}).items()}
+    if fold_size_limit is not None:
+        pass_options.setdefault("fold_constants", {})["size_limit"] = fold_size_limit
+    pipeline = build_pipeline(run["passes"], run["skip"], options=pass_options,
+                              prune_threshold=prune_threshold, quantize=quantize,
+                              max_iterations=run["max_iterations"])
+    metric_used = get_metric(run["metric"])
     protect = []
     if isinstance(model, (str, os.PathLike)) and output is not None:
         protect = io.protected_files(model, [output, f"{output}.data"])
@@ -185,32 +212,29 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     if original is model:  # the caller's object: exporting may touch the protos it shares
         original = onnx.ModelProto()
         original.CopyFrom(model)
-    fixed_point, once = build_pipeline(passes, skip, prune_threshold, quantize)
     if original_bytes is None and validate:
         original_bytes = io.serialize(original)
     report = Report(_version(), "optimize", _describe_source(model), model_stats(
         original, original_bytes))
-    feeds = None
+    feeds = calibration_feeds = None
     if validate:
-        feeds, report.inputs = resolve_feeds(original, inputs, input_shapes, seed)
-    ctx = PassContext(fold_size_limit=fold_size_limit, prune_threshold=prune_threshold,
-                      quantize=quantize, template=original, feeds=feeds, max_drift=max_drift)
-
-    def run_pipeline(excluded: frozenset = frozenset()):
-        manager = PassManager([p for p in fixed_point if p.name not in excluded],
-                              [p for p in once if p.name not in excluded],
-                              max_iterations=max_iterations, verify_each=verify_each,
-                              on_pass=on_pass)
-        graph = import_graph(original)
-        records = manager.run(graph, ctx)
-        return export_graph(graph, original), records
+        feeds, report.inputs = resolve_feeds(original, run["inputs"], run["input_shapes"],
+                                             run["seed"])
+    if calibration is not None:
+        calibration_feeds, _ = resolve_feeds(original, calibration, run["input_shapes"],
+                                             run["seed"])
+    budget = DriftBudget(_runnable(original, original_bytes), feeds, max_drift,
+                         metric_used) if feeds else None
+    ctx = PassContext(template=original, feeds=feeds, calibration=calibration_feeds,
+                      budget=budget)
+    lossy_names = {p.name for p in pipeline.lossy}
 
     # The checker judges results only when the input passes it (real exports often do not).
     original_valid = validate and not checker_error(_runnable(original, original_bytes))
 
     def check(candidate, data, records):
         """Validate ``candidate``, serialized as ``data`` (None over the protobuf limit)."""
-        lossy = any(r.modified for r in records if not REGISTRY[r.name].lossless)
+        lossy = any(r.modified for r in records if r.name in lossy_names)
         broken = checker_error(_runnable(candidate, data)) if original_valid else ""
         if broken:  # invalid ONNX: fails like a model onnxruntime cannot load
             return ValidationResult(False, "lossy" if lossy else "lossless", atol, rtol,
@@ -221,17 +245,20 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
                               synthesized=report.inputs["source"] == "synthesized",
                               warnings=report.inputs.get("warnings", []))
 
-    optimized, report.passes = run_pipeline()
+    def attempt(p: Pipeline):
+        return _run_pipeline(original, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)
+
+    optimized, report.passes = attempt(pipeline)
     serialized = io.serialize(optimized) if validate or output is not None else None
     if validate:
         report.validation = check(optimized, serialized, report.passes)
         if not report.validation.passed:
             # Roll back: the first lossless pass (from the end of the pipeline) without which
             # the result validates is left out, and named in the report.
-            for p in reversed(fixed_point):
+            for p in reversed(pipeline.lossless):
                 if not any(r.name == p.name and r.modified for r in report.passes):
                     continue
-                candidate, records = run_pipeline(frozenset({p.name}))
+                candidate, records = attempt(pipeline.without(p.name))
                 candidate_bytes = io.serialize(candidate)
                 result = check(candidate, candidate_bytes, records)
                 if result.passed:
@@ -244,7 +271,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
                     optimized, report.passes, report.validation = candidate, records, result
                     serialized = candidate_bytes
                     break
-    if validate and layerwise:
+    if validate and run["layerwise"]:
         report.layerwise = compare_layerwise(
             original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
             lossy=report.validation.mode == "lossy",
@@ -253,6 +280,7 @@ def optimize(model, *, passes: Sequence[str] | None = None, skip: Sequence[str] 
     report.warnings = [w for r in report.passes for w in r.warnings] + (
         report.validation.warnings if report.validation is not None else [])
     failed = report.validation is not None and not report.validation.passed
+    strict = report.strict = run["strict"]
     if output is not None and (keep_invalid or not (failed or (strict and report.rolled_back))):
         io.save_model(optimized, output, external_data=external_data, protect=tuple(protect),
                       serialized=serialized)

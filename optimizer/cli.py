@@ -19,6 +19,7 @@ from onnxopt import __version__, api, io
 from onnxopt.errors import OnnxoptError, PassError, UsageError, ValidationFailed
 from onnxopt.graph import ModelStats, model_stats
 from onnxopt.inputs import parse_input_shapes
+from onnxopt.pipeline import QUANTIZE_MODES
 from onnxopt.report import Report, format_stats, human_bytes, pass_summary
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
@@ -199,12 +200,12 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
                    help="shape for synthesized input NAME, e.g. x:1x3x224x224 (repeatable); "
                         "dynamic dims default to 1")
-    p.add_argument("--seed", type=int, default=0, help="seed for synthesized inputs (default 0)")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+    p.add_argument("--seed", type=int, help="seed for synthesized inputs (default 0)")
+    p.add_argument("--atol", type=float,
                    help=f"absolute tolerance of lossless validation (default {DEFAULT_ATOL})")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+    p.add_argument("--rtol", type=float,
                    help=f"tolerance relative to each output's range (default {DEFAULT_RTOL})")
-    p.add_argument("--max-drift", type=float, default=DEFAULT_MAX_DRIFT, metavar="COSINE",
+    p.add_argument("--max-drift", type=float, metavar="COSINE",
                    help="minimum cosine similarity per output after lossy passes "
                         f"(default {DEFAULT_MAX_DRIFT})")
     p.add_argument("--report", metavar="FILE", help="write the report; the extension picks the "
@@ -231,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="leave out a pass (repeatable, or comma-separated)")
     p.add_argument("--prune-threshold", type=float, metavar="T",
                    help="set weight values with |w| < T to zero (lossy)")
-    p.add_argument("--quantize", choices=sorted(api.QUANTIZE_MODES),
+    p.add_argument("--quantize", choices=sorted(QUANTIZE_MODES),
                    help="int8-weight: per-channel int8 weights through DequantizeLinear (lossy)")
     p.add_argument("--no-validate", action="store_true", help="skip validation on onnxruntime")
     p.add_argument("--layerwise", action="store_true",
@@ -246,10 +247,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the ONNX checker and an onnxruntime load after every pass")
     p.add_argument("--external-data", action="store_true",
                    help="store tensors in OUTPUT.data beside the model (automatic over 2 GiB)")
-    p.add_argument("--max-iterations", type=int, default=10,
+    p.add_argument("--max-iterations", type=int,
                    help="bound on rounds of the lossless passes (default 10)")
-    p.add_argument("--fold-size-limit", type=int, default=1 << 20, metavar="BYTES",
-                   help="largest tensor constant folding may create (default 1048576)")
+    p.add_argument("--fold-size-limit", type=int, metavar="BYTES",
+                   help="largest tensor constant folding may create (default 1048576; sugar for "
+                        "fold_constants' size_limit)")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="the pipeline (passes, per-pass options) and validation settings in a "
+                        "TOML file; flags given on the command line win over it")
+    p.add_argument("--calibration", metavar="PATH",
+                   help="feeds for activation statistics (.npz or a folder of them); default: "
+                        "--inputs")
     _common_input_args(p)
 
     p = sub.add_parser("validate", help="compare a candidate model with its reference")
@@ -343,10 +351,6 @@ def _check_output_path(path: str | None, what: str) -> None:
 
 
 def _cmd_optimize(args, out: _Out) -> int:
-    if args.max_iterations < 1:
-        raise UsageError(f"--max-iterations must be at least 1, got {args.max_iterations}")
-    if args.fold_size_limit < 0:
-        raise UsageError(f"--fold-size-limit must not be negative, got {args.fold_size_limit}")
     targets = [args.output, f"{args.output}.data", args.report]
     _refuse_overwriting(list(map(str, io.protected_files(args.model, targets))), targets)
     _check_output_path(args.output, "optimized model")
@@ -357,17 +361,19 @@ def _cmd_optimize(args, out: _Out) -> int:
     passes = _split([args.passes]) if args.passes else None
     with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
         _, report = api.optimize(
-            args.model, passes=passes, skip=_split(args.skip),
+            args.model, passes=passes, skip=_split(args.skip) or None, config=args.config,
             prune_threshold=args.prune_threshold, quantize=args.quantize,
-            validate=not args.no_validate, inputs=args.inputs,
-            input_shapes=parse_input_shapes(args.input_shape), seed=args.seed, atol=args.atol,
-            rtol=args.rtol, max_drift=args.max_drift, verify_each=args.verify_each,
-            fold_size_limit=args.fold_size_limit, max_iterations=args.max_iterations,
-            raise_on_failure=False, strict=args.strict, on_pass=on_pass,
-            layerwise=args.layerwise, output=args.output,
+            validate=False if args.no_validate else None, inputs=args.inputs,
+            calibration=args.calibration,
+            input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
+            seed=args.seed, atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
+            verify_each=args.verify_each or None, fold_size_limit=args.fold_size_limit,
+            max_iterations=args.max_iterations, raise_on_failure=False,
+            strict=args.strict or None, on_pass=on_pass, layerwise=args.layerwise or None,
+            output=args.output,
             external_data=True if args.external_data else None, keep_invalid=args.keep_invalid)
     passed = (report.validation is None or report.validation.passed) and \
-        not (args.strict and report.rolled_back)
+        not (report.strict and report.rolled_back)
     report.before.file_bytes = Path(args.model).stat().st_size
     if write_report:  # before anything is printed: a reader that goes away stops nothing
         write_report(report, args.report)
@@ -393,13 +399,19 @@ def _cmd_optimize(args, out: _Out) -> int:
     return 0
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def _cmd_validate(args, out: _Out) -> int:
     _refuse_overwriting([args.reference, args.candidate], [args.report])
     write_report = _report_writer(args.report)
     with _progress(f"validating {args.candidate} against {args.reference}", args.quiet):
         report = api.validate(args.reference, args.candidate, inputs=args.inputs,
-                              input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
-                              atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
+                              input_shapes=parse_input_shapes(args.input_shape),
+                              seed=_given(args.seed, 0), atol=_given(args.atol, DEFAULT_ATOL),
+                              rtol=_given(args.rtol, DEFAULT_RTOL),
+                              max_drift=_given(args.max_drift, DEFAULT_MAX_DRIFT),
                               lossy=args.lossy, layerwise=args.layerwise)
     if write_report:  # before anything is printed: a reader that goes away stops nothing
         write_report(report, args.report)
@@ -441,17 +453,21 @@ def _cmd_inspect(args, out: _Out) -> int:
 
 
 def _cmd_passes(args, out: _Out) -> int:
+    import dataclasses
+
     from onnxopt.pass_manager import REGISTRY
-    import onnxopt.passes
+    from onnxopt.passes import LOSSLESS_PIPELINE
 
     table = _table(title="Passes")
     table.add_column("name")
     table.add_column("kind")
     table.add_column("default")
+    table.add_column("options")
     table.add_column("description")
     for name, cls in REGISTRY.items():
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
         table.add_row(name, "lossless" if cls.lossless else "lossy",
-                      "yes" if name in passes.LOSSLESS_PIPELINE else "", cls.description)
+                      "yes" if name in LOSSLESS_PIPELINE else "", _escape(opts), cls.description)
     out.show(table)
     return 0
 

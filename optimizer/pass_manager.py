@@ -1,76 +1,132 @@
 """The pass contract, the registry of passes and the pass manager.
 
-A pass is a named unit (``name``, one-line ``description``) whose ``run(graph, ctx)`` edits a
-``gs.Graph`` in place and returns :class:`PassResult` -- whether it changed anything, plus
-statistics such as ``{"nodes_removed": 12}``. Passes never call each other; the manager owns the
-order, the repetition of the lossless passes until nothing changes, timing, and verification after
-each pass (``verify_each``: ``onnx.checker`` -- with the full check when the input model passes
-it -- and an onnxruntime session load).
+A pass is a named unit (``name``, one-line ``description``, an ``Options`` dataclass) whose
+``run(graph, ctx)`` edits a ``gs.Graph`` in place and returns :class:`PassResult` -- whether it
+changed anything, plus statistics such as ``{"rewritten": 12}`` -- or, for a lossy pass,
+proposals for the drift budget (``onnxopt.budget``). Passes never call each other; the manager
+owns the order, the repetition of the lossless passes until nothing changes, the budget's
+decisions, invalidating analyses a pass does not preserve (``onnxopt.analyses``), timing, and
+verification after each pass (``verify_each``: ``onnx.checker`` -- with the full check when the
+input model passes it -- and an onnxruntime session load). Most passes rewrite one node at a
+time and are written as rules (``onnxopt.rewrite.RewritePass``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt.analyses import AnalysisManager
+from onnxopt.budget import DriftBudget, Proposal, accept_all, lossy_warnings
 from onnxopt.errors import PassError, UsageError
-from onnxopt.graph import export_graph
+from onnxopt.graph import export_graph, opset_version
 
 
 @dataclass
 class PassResult:
     """What a pass did: ``modified`` is False only when the graph is exactly as before;
-    ``warnings`` are for the user (a lossy pass that did less than asked, say)."""
+    ``warnings`` are for the user (a lossy pass that did less than asked, say). A lossy pass
+    leaves the graph alone and returns ``proposals`` instead (see ``onnxopt.budget``)."""
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    proposals: list[Proposal] = field(default_factory=list)
 
 
 @dataclass
 class PassContext:
-    """Options every pass may read; a pass ignores those that do not concern it.
+    """The data of one run, shared by every pass (options belong to the passes themselves).
 
     Attributes:
-        fold_size_limit: largest tensor, in bytes, constant folding may materialize unless it
-            replaces at least as many bytes of initializers (default 1 MiB).
-        prune_threshold: magnitude under which weight values are set to 0 (None: no pruning).
-        quantize: quantization mode (``"int8-weight"``) or None.
         template: the original model, for IR version, opsets and metadata when a pass exports.
-        feeds: the validation feeds (``{input name: array}`` each), None when not validating;
-            lossy passes use them to keep within ``max_drift``.
-        max_drift: the minimum cosine similarity per output lossy passes must keep.
+        feeds: the validation feeds (``{input name: array}`` each), None when not validating.
+        calibration: feeds for activation statistics (an iterable consumed once per
+            computation); None: ``feeds``.
+        budget: the run's drift budget, None without feeds (lossy proposals are then all
+            accepted).
+        analyses: the analysis manager of the graph being optimized (created by the pass manager
+            when None).
     """
 
-    fold_size_limit: int = 1 << 20
-    prune_threshold: float | None = None
-    quantize: str | None = None
     template: onnx.ModelProto | None = None
     feeds: list[dict] | None = None
-    max_drift: float = 0.99
-    #: Bumped by the pass manager whenever a pass changes the graph, so that analyses computed
-    #: for an unchanged graph (``passes._util.TensorTypes.of``) can be shared between passes.
-    graph_version: int = 0
+    calibration: Iterable[dict] | None = None
+    budget: DriftBudget | None = None
+    analyses: AnalysisManager | None = None
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a pass that has none."""
 
 
 class Pass:
-    """Base class of every pass. Subclasses set ``name``, ``description`` and ``lossless``."""
+    """Base class of every pass.
+
+    Subclasses set ``name`` and ``description``, and may declare:
+
+    * ``Options``: a frozen dataclass of the pass's options with documented defaults and units;
+      ``Pass(options)`` or ``Pass(**fields)`` configures an instance;
+    * ``lossless`` (False for pruning and quantization, which return proposals) and, for a lossy
+      pass, ``weights``: ``"original"`` to run on the model's own weights, before the lossless
+      passes, or ``"fused"`` to run after them;
+    * ``requires``: run data the pass cannot work without (``"feeds"``);
+    * ``preserves``: the analyses still valid after the pass changed the graph;
+    * ``min_opset`` / ``max_opset``: the default-domain opsets the pass applies to; the pass
+      manager does not run it on other models.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
     #: Lossless passes keep every output value (up to float rounding) and are repeated to a
     #: fixed point; lossy ones (pruning, quantization) run once, when asked.
     lossless: ClassVar[bool] = True
-    #: When a lossy pass runs: "before" the lossless passes (it must see the model's own
-    #: parameters) or "after" them (it should see fused weights).
-    stage: ClassVar[str] = "after"
+    #: Which weights a lossy pass must see: "original" (before the lossless passes) or "fused".
+    weights: ClassVar[str] = "fused"
+    requires: ClassVar[frozenset[str]] = frozenset()
+    preserves: ClassVar[frozenset[type]] = frozenset()
+    min_opset: ClassVar[int] = 1
+    max_opset: ClassVar[int | None] = None
+
+    def __init__(self, options: Any = None, **fields: Any) -> None:
+        if options is None:
+            try:
+                options = self.Options(**fields)
+            except TypeError as err:
+                known = ", ".join(f.name for f in dataclasses.fields(self.Options)) or "none"
+                raise UsageError(f"pass '{self.name}': bad options ({err}); its options: "
+                                 f"{known}") from None
+        elif fields or not isinstance(options, self.Options):
+            raise UsageError(f"pass '{self.name}' takes a {self.Options.__name__} or keywords")
+        check = getattr(options, "check", None)
+        if check is not None:
+            check()
+        self.options = options
+
+    def applies_to(self, opset: int) -> str | None:
+        """Why the pass does not apply to a model of default-domain ``opset``, or None."""
+        if opset < self.min_opset:
+            return f"opset {opset} < {self.min_opset}"
+        if self.max_opset is not None and opset > self.max_opset:
+            return f"opset {opset} > {self.max_opset}"
+        return None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
+
+    def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict[str, Any]:
+        """A lossy pass's statistics once the budget has decided (``accepted`` were applied)."""
+        return {**result.stats, "proposed": len(result.proposals), "accepted": len(accepted)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -84,17 +140,17 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def get_pass(name: str) -> Pass:
-    """Instantiate the registered pass ``name``.
+def get_pass(name: str, options: Any = None, **fields: Any) -> Pass:
+    """An instance of the registered pass ``name``, configured with ``options`` or ``fields``.
 
     Raises:
-        UsageError: no pass has that name.
+        UsageError: no pass has that name, or the options do not fit it.
     """
     import onnxopt.passes  # noqa: F401  (registers every pass)
 
     if name not in REGISTRY:
         raise UsageError(f"unknown pass '{name}'; known passes: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]()
+    return REGISTRY[name](options, **fields)
 
 
 @dataclass
@@ -157,9 +213,11 @@ class PassManager:
     Args:
         fixed_point: passes repeated, in order, until an iteration changes nothing or
             ``max_iterations`` is reached (the lossless part).
-        once: passes run once, in order (the lossy part): those of ``stage`` "before" ahead of
-            the fixed point, the others after it, each followed by more rounds of
-            ``fixed_point`` passes to clean up what it left.
+        once: passes run once, in order (the lossy part): those on the ``"original"`` weights
+            ahead of the fixed point, the others after it. Each lossy pass's proposals go to the
+            run's drift budget (``ctx.budget``) before the next pass runs, so ``prune ->
+            reconstruct -> quantize`` each see what the previous one kept; after a lossy pass
+            changed the graph, more rounds of ``fixed_point`` clean up what it left.
         verify_each: export and verify the model after every pass that changed it.
         on_pass: optional callback invoked with each :class:`PassRecord` (progress display).
     """
@@ -175,21 +233,55 @@ class PassManager:
         self.on_pass = on_pass
         self.records: list[PassRecord] = []
 
+    def run_pass(self, p: Pass, graph: gs.Graph, ctx: PassContext,
+                 iteration: int = 0) -> PassRecord:
+        """Run one pass on ``graph`` (with the budget's decision on a lossy pass's proposals,
+        invalidation of analyses, verification) and return its record."""
+        if ctx.analyses is None or ctx.analyses.graph is not graph:
+            ctx.analyses = AnalysisManager(graph, ctx)
+        self._run_one(p, graph, ctx, iteration)
+        return self.records[-1]
+
     def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext, iteration: int) -> bool:
         start = time.perf_counter()
-        result = p.run(graph, ctx)
-        if result.modified:
-            ctx.graph_version += 1
-        record = PassRecord(p.name, iteration, result.modified, dict(result.stats),
-                            time.perf_counter() - start, list(result.warnings))
+        refusal = p.applies_to(opset_version(graph))
+        if refusal is not None:
+            result = PassResult(False, {"refused": {refusal: 1}})
+        else:
+            if "feeds" in p.requires and not ctx.feeds:
+                raise UsageError(f"pass '{p.name}' needs feeds (inputs or calibration data)")
+            result = p.run(graph, ctx)
+        stats, warnings, modified = dict(result.stats), list(result.warnings), result.modified
+        if not p.lossless and refusal is None:
+            accepted, report = [], None
+            for proposal in result.proposals:
+                proposal.source = p.name
+            if result.proposals and ctx.budget is not None:
+                decision = ctx.budget.decide(graph, ctx.template, result.proposals)
+                accepted, report = decision.accepted, decision.report(p.name)
+            elif result.proposals:
+                accepted = accept_all(result.proposals)
+            stats = p.summarize(result, accepted)
+            if report is not None:
+                stats["drift_budget"] = report
+            modified = result.modified or bool(accepted)
+        if not p.lossless:
+            warnings += lossy_warnings(
+                p.name, modified, stats.get("drift_budget"),
+                ctx.budget.max_drift if ctx.budget else 0.0, stats.get("refused"),
+                ctx.budget.metric.description if ctx.budget else "")
+        if modified:
+            ctx.analyses.invalidate(p.preserves)
+        record = PassRecord(p.name, iteration, modified, stats, time.perf_counter() - start,
+                            warnings)
         self.records.append(record)
         if self.on_pass:
             self.on_pass(record)
-        if self.verify_each and result.modified:
+        if self.verify_each and modified:
             if self._full_check is None:
                 self._full_check = passes_full_check(ctx.template)
             verify_model(export_graph(graph, ctx.template), p.name, self._full_check)
-        return result.modified
+        return modified
 
     def _to_fixed_point(self, graph: gs.Graph, ctx: PassContext, first_iteration: int) -> int:
         iteration = first_iteration
@@ -204,12 +296,14 @@ class PassManager:
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
         """Run the pipeline on ``graph`` in place and return the records of every pass run."""
+        if ctx.analyses is None or ctx.analyses.graph is not graph:
+            ctx.analyses = AnalysisManager(graph, ctx)
         iteration = 0
         for p in self.once:
-            if p.stage == "before":
+            if p.weights == "original":
                 self._run_one(p, graph, ctx, iteration)
         iteration = self._to_fixed_point(graph, ctx, iteration)
         for p in self.once:
-            if p.stage != "before" and self._run_one(p, graph, ctx, iteration):
+            if p.weights != "original" and self._run_one(p, graph, ctx, iteration):
                 iteration = self._to_fixed_point(graph, ctx, iteration + 1)
         return self.records

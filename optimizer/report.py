@@ -62,6 +62,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     layerwise: LayerwiseResult | None = None
     seconds: float = 0.0
+    #: Whether a rolled-back pass fails the run (``strict``, from the keywords or a config).
+    strict: bool = False
 
     @property
     def verdict(self) -> str:

@@ -14,7 +14,8 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import NONDETERMINISTIC_OPS, drop_disconnected, replace_uses, sort_nodes
+from onnxopt.edit import drop_disconnected, replace_uses, sort_nodes
+from onnxopt.ops import NONDETERMINISTIC_OPS
 
 
 def _key(node: gs.Node) -> tuple:

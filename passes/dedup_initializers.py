@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import nbytes, replace_uses
+from onnxopt.edit import nbytes, replace_uses
 
 
 def _bytes(t: gs.Constant) -> bytes:
@@ -28,7 +28,8 @@ class DedupInitializers(Pass):
     name = "dedup_initializers"
     description = "Merge initializers with identical dtype, shape and bytes."
 
-    def __init__(self) -> None:
+    def __init__(self, options=None, **fields) -> None:
+        super().__init__(options, **fields)
         # digest of an initializer's bytes, by array: the pipeline runs this pass every round,
         # and hashing large weights again each time dominated its cost (arrays kept alive here,
         # so an id is never reused for another array)

@@ -27,7 +27,9 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import bypass, drop_disconnected, fresh_name, is_default_domain
+from onnxopt.edit import bypass, drop_disconnected
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
 
 _INT32, _INT64 = onnx.TensorProto.INT32, onnx.TensorProto.INT64
 #: Ops that move shape values without arithmetic, and the input index that carries the values.

@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import is_default_domain
+from onnxopt.ops import is_default_domain
 
 #: Default-domain ops -> {input index: spec name} of the inputs whose omission means zeros.
 _ZERO_DEFAULTS = {

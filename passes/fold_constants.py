@@ -7,7 +7,7 @@ in the main graph and in If/Loop/Scan bodies alike.
 Partial values. Shape computations (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``) are often
 constant although the tensor they start from has dynamic dims: for ``state[2, batch, 128]``,
 ``Gather(Shape(state), [0])`` is ``[2]``. Each small tensor is given a value array and a mask of
-the elements known, derived only from initializers, from the shapes ``passes._util.TensorTypes``
+the elements known, derived only from initializers, from the shapes ``onnxopt.analyses.TensorTypes``
 infers (ONNX shape inference from the graph inputs, initializers and ops; a dim_param or a
 negative declared dim is unknown) and from op semantics:
 
@@ -39,7 +39,7 @@ replaced by initializers. Partial values are tracked for tensors of at most
 ``_PARTIAL_ELEMENTS`` elements.
 
 Values are computed by onnxruntime, one node at a time, so the result is what the runtime would have
-computed. A result of ``ctx.fold_size_limit`` bytes (1 MiB by default) or more is materialized only
+computed. A result of ``size_limit`` bytes (:class:`FoldConstantsOptions`) (1 MiB by default) or more is materialized only
 if it is no larger than the initializers that disappear with the node -- those it alone reads
 (e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic, so that
 ``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file. Sequence and optional values are
@@ -56,13 +56,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.validate import session_options
-from onnxopt.passes._util import NONDETERMINISTIC_OPS, TensorTypes, fresh_name, is_default_domain, nbytes
+from onnxopt.evaluate import evaluate_node
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import nbytes
+from onnxopt.errors import UsageError
+from onnxopt.names import fresh_name
+from onnxopt.ops import NONDETERMINISTIC_OPS, is_default_domain
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
@@ -106,33 +108,6 @@ class _Partial:
     @property
     def complete(self) -> bool:
         return bool(self.known.all())
-
-
-def _evaluate(node: gs.Node, graph: gs.Graph, values: list[np.ndarray | None] | None = None
-              ) -> list[np.ndarray]:
-    """Run one node in onnxruntime and return its outputs. Its inputs are ``values`` (one per
-    input slot, None for an omitted one), by default the values of its constant inputs."""
-    if values is None:
-        values = [None if t.is_empty() else np.asarray(t.values) for t in node.inputs]
-    proto = OnnxExporter.export_node(node)
-    inputs, feeds = [], {}
-    for i, value in enumerate(values):
-        if value is None:
-            proto.input[i] = ""
-            continue
-        # one name per slot: the same tensor may fill several slots with different index arrays
-        proto.input[i] = name = f"in{i}"
-        inputs.append(onnx.helper.make_tensor_value_info(
-            name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
-        feeds[name] = value
-    outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in proto.output if name]
-    model = onnx.helper.make_model(
-        onnx.helper.make_graph([proto], "fold", inputs, outputs),
-        opset_imports=list(graph.import_domains or [onnx.helper.make_opsetid("", graph.opset)]))
-    model.ir_version = min(graph.ir_version or onnx.IR_VERSION, onnx.IR_VERSION)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads=1),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 class _PartialValues:
@@ -230,7 +205,7 @@ class _PartialValues:
         if len({v.dtype for v in flat_values}) != 1:
             return None
         try:
-            (picked,) = _evaluate(node, graph, feeds)
+            (picked,) = evaluate_node(node, graph, feeds)
         except Exception:  # noqa: BLE001 -- onnxruntime rejects the node: nothing known
             return None
         values, known = np.concatenate(flat_values), np.concatenate(flat_known)
@@ -243,7 +218,7 @@ class _PartialValues:
             known = np.logical_and.reduce(np.broadcast_arrays(*[p.known for p in present]))
             feeds = [None if p is None else np.where(p.known, p.values, np.ones((), p.values.dtype))
                      for p in partials]
-            (values,) = _evaluate(node, graph, feeds)
+            (values,) = evaluate_node(node, graph, feeds)
         except Exception:  # noqa: BLE001 -- shapes do not broadcast, or onnxruntime rejects it
             return None
         if not isinstance(values, np.ndarray) or values.shape != known.shape:
@@ -263,14 +238,32 @@ def _absorbed(op: str, partials: list[_Partial], shape: tuple) -> np.ndarray | b
     return np.logical_or.reduce(hits)
 
 
+@dataclass(frozen=True)
+class FoldConstantsOptions:
+    """Options of :class:`FoldConstants`.
+
+    Attributes:
+        size_limit: largest result, in bytes, folding materializes unless it replaces at least
+            as many bytes of initializers (default 1 MiB).
+    """
+
+    size_limit: int = 1 << 20
+
+    def check(self) -> None:
+        if self.size_limit < 0:
+            raise UsageError(f"fold_constants: size_limit must not be negative, got "
+                             f"{self.size_limit}")
+
+
 @register
 class FoldConstants(Pass):
     name = "fold_constants"
     description = ("Evaluate nodes whose inputs are all constant, and shape computations whose "
                    "dims are static.")
+    Options = FoldConstantsOptions
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        types = TensorTypes.of(graph, ctx)
+        types = ctx.analyses.get(TensorTypes)
         partial = _PartialValues(types)
         folded = refused_size = failed = reshapes = 0
         for g in iter_graphs(graph):
@@ -287,7 +280,7 @@ class FoldConstants(Pass):
                 real = [t for t in node.inputs if not t.is_empty()]
                 if real and all(isinstance(t, gs.Constant) for t in real):
                     try:
-                        values = _evaluate(node, g)
+                        values = evaluate_node(node, g)
                     except Exception:  # onnxruntime rejects the node: leave it to the runtime
                         failed += 1
                         continue
@@ -303,7 +296,7 @@ class FoldConstants(Pass):
                          if isinstance(t, gs.Constant) and all(n is node for n in t.outputs)}
                 consumed = sum(nbytes(t) for t in alone.values())
                 produced = sum(v.nbytes for v in values)
-                if produced >= ctx.fold_size_limit and produced > consumed:
+                if produced >= self.options.size_limit and produced > consumed:
                     refused_size += 1
                     continue
                 live = [t for t in node.outputs if not t.is_empty()]

@@ -25,7 +25,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import drop_disconnected, input_slots, is_default_domain
+from onnxopt.edit import drop_disconnected, input_slots
+from onnxopt.ops import is_default_domain
 
 
 def _refusal(negated: gs.Tensor, outputs: set[int]) -> str | None:

@@ -37,9 +37,10 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    absorb_into_conv, constant_refusal, conv_bias, conv_output_channels, conv_weight_refusal,
-    is_default_domain, scale_conv_output_channels)
+from onnxopt.edit import constant_refusal
+from onnxopt.ops import conv_output_channels, is_default_domain
+from onnxopt.passes._conv import (
+    absorb_into_conv, conv_bias, conv_weight_refusal, scale_conv_output_channels)
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)

@@ -25,7 +25,7 @@ receive the bias alone), so ``W'[c] = W[c] · s[c]``. ``Div(x, s)`` is ``Mul(x, 
 ``s`` is per input channel when broadcasting it against ``X`` (rank r = rank of W, channel axis 1)
 keeps ``X``'s shape: ``rank(s) <= r`` and, aligned from the right, every dim of ``s`` is 1 except
 the channel dim, which is 1 or C (scalar, ``[1]``, ``[C, 1, 1]``, ``[1, C, 1, 1]``...). The data
-operand ``x`` must then have the Mul's output shape: its rank (``passes._util.TensorTypes``) must be
+operand ``x`` must then have the Mul's output shape: its rank (``onnxopt.analyses.TensorTypes``) must be
 r, and its channel dim C unless ``s`` is a scalar in effect -- otherwise the Mul broadcasts ``x`` up
 and dropping it would feed the Conv another shape.
 
@@ -63,9 +63,11 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    TensorTypes, constant_refusal, conv_weight_refusal, fresh_name, is_default_domain, overflows,
-    per_channel)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import constant_refusal
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
+from onnxopt.passes._conv import conv_weight_refusal, overflows, per_channel
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 _SCALE_OPS = ("Mul", "Div")
@@ -117,7 +119,7 @@ class FuseConvInputScale(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fused, convs, skipped = 0, 0, Counter()
-        types = TensorTypes.of(graph, ctx)  # inferred on the first question
+        types = ctx.analyses.get(TensorTypes)  # inferred on the first question
         for g in iter_graphs(graph):
             for op in list(g.nodes):
                 if op.op not in _SCALE_OPS or not is_default_domain(op) \
@@ -196,7 +198,7 @@ class FuseConvInputScale(Pass):
     def _fuse(graph: gs.Graph, op: gs.Node, x: gs.Tensor, s: np.ndarray) -> int:
         """Every reader Conv reads ``x`` with its weight scaled by ``s``; ``op`` is disconnected.
         Returns how many Convs were rewritten: 0, and nothing changed, when a scaled weight
-        :func:`passes._util.overflows` its dtype."""
+        :func:`onnxopt.passes._conv.overflows` its dtype."""
         readers = _readers(op.outputs[0])
 
         def key(conv: gs.Node) -> tuple:  # Convs sharing a weight share its scaled copy

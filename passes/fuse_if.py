@@ -48,13 +48,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    drop_disconnected,
-    is_default_domain,
-    node_reads,
-    rename_clashes,
-    sort_nodes,
-)
+from onnxopt.edit import drop_disconnected, node_reads, rename_clashes, sort_nodes
+from onnxopt.ops import is_default_domain
 
 _BRANCHES = ("then_branch", "else_branch")
 

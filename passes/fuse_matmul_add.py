@@ -13,7 +13,7 @@ provided that
 
 - ``A`` and ``B`` are both 2-D: MatMul of other ranks is batched (or vector) matrix product,
   which Gemm does not compute. The ranks come from an initializer's shape or from
-  ``passes._util.TensorTypes`` (ONNX shape inference, subgraphs included; a dim < 0, which some
+  ``onnxopt.analyses.TensorTypes`` (ONNX shape inference, subgraphs included; a dim < 0, which some
   exports declare on their inputs, counts as unknown).
 - ``C`` broadcasts unidirectionally to ``(M, N)``: ``rank(C) <= 2`` and each dim of ``C``,
   aligned from the right, is 1 or equals the matching dim of ``(M, N)`` -- scalar, ``[1]``,
@@ -48,7 +48,9 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs, opset_version
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import TensorTypes, constant_refusal, is_default_domain
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import constant_refusal
+from onnxopt.ops import is_default_domain
 
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -85,7 +87,7 @@ class FuseMatMulAdd(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         skipped: Counter[str] = Counter()
         opset = opset_version(graph)
-        types = TensorTypes.of(graph, ctx)  # inferred on the first question
+        types = ctx.analyses.get(TensorTypes)  # inferred on the first question
         fused = 0
         for g in iter_graphs(graph):
             position = {id(n): i for i, n in enumerate(g.nodes)}

@@ -41,7 +41,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import constant_refusal, is_default_domain
+from onnxopt.edit import constant_refusal
+from onnxopt.ops import is_default_domain
 
 _CONSUMERS = ("Conv", "AveragePool", "MaxPool")
 

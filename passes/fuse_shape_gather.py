@@ -32,14 +32,9 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs, opset_version
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    TensorTypes,
-    constant_value,
-    drop_disconnected,
-    drop_if_unused,
-    int_list,
-    is_default_domain,
-)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import constant_value, drop_disconnected, drop_if_unused, int_list
+from onnxopt.ops import is_default_domain
 
 
 def _unsqueezes(out: gs.Tensor, g: gs.Graph) -> list[gs.Node] | None:
@@ -81,7 +76,7 @@ class FuseShapeGather(Pass):
         refused: collections.Counter[str] = collections.Counter()
         if opset_version(graph) < 15:
             return PassResult(False, {"rewritten": 0, "nodes_removed": 0, "refused": {}})
-        types = TensorTypes.of(graph, ctx)
+        types = ctx.analyses.get(TensorTypes)
         graphs = list(iter_graphs(graph))
         for g in graphs:
             for gather in list(g.nodes):

@@ -35,7 +35,7 @@ forms, all moving values only:
 
 Conditions: a default-domain Concat on axis 1 (or -3) of exactly four Slice outputs of the same
 tensor ``X`` of rank 4 with static even ``H`` and ``W`` (shape inference,
-``passes._util.TensorTypes``); each Slice in input form (opset 10+) with constant
+``onnxopt.analyses.TensorTypes``); each Slice in input form (opset 10+) with constant
 starts/ends/axes/steps, slicing axes 2 and 3 (negative: -2, -1) by step 2 from 0 or 1 to the end
 (an end of at least the dim) and nothing else; the four offsets are the four blocks; each Slice is
 read only by the Concat; ``X``'s dtype is one onnxruntime's CPU ``SpaceToDepth`` implements
@@ -60,14 +60,10 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    TensorTypes,
-    constant_refusal,
-    constant_value,
-    drop_disconnected,
-    fresh_name,
-    is_default_domain,
-)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import constant_refusal, constant_value, drop_disconnected
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
 
 #: Element types onnxruntime's CPU provider implements SpaceToDepth for (1.32).
 _DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.uint8))
@@ -189,7 +185,7 @@ class FuseSpaceToDepth(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fused: collections.Counter[str] = collections.Counter()
         refused: collections.Counter[str] = collections.Counter()
-        types = TensorTypes.of(graph, ctx)
+        types = ctx.analyses.get(TensorTypes)
         removed = 0
         for g in iter_graphs(graph):
             for node in list(g.nodes):

@@ -21,7 +21,7 @@ whose input rank is dynamic with ``rank(y) == 2`` tests of this kind, where ``y`
 squeezed the input or not: the tests become that If's own condition, and the Ifs they choose can
 then be fused with it (``fuse_if``).
 
-The ranks come from ``passes._util.TensorTypes`` (ONNX shape inference from graph inputs,
+The ranks come from ``onnxopt.analyses.TensorTypes`` (ONNX shape inference from graph inputs,
 initializers and op semantics; declared value_info and graph output shapes are ignored, since
 real exports get them wrong). ``c`` replaces the Equal's output where every reader is an If
 condition (one element is all an If asks) or where ``c``'s static shape is the Equal's; ``Not(c)``
@@ -47,16 +47,11 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    TensorTypes,
-    constant_value,
-    drop_disconnected,
-    drop_if_unused,
-    fresh_name,
-    input_slots,
-    is_default_domain,
-    replace_uses,
-)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import (
+    constant_value, drop_disconnected, drop_if_unused, input_slots, replace_uses)
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
 
 
 def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
@@ -171,7 +166,7 @@ class IfRankCondition(Pass):
                 if match is None:
                     continue
                 size, shape, if_node, k = match
-                types = types or TensorTypes.of(graph, ctx)
+                types = types or ctx.analyses.get(TensorTypes)
                 c = if_node.inputs[0]
                 lengths = _branch_lengths(types, shape, if_node)
                 reason = lengths if isinstance(lengths, str) \

@@ -37,13 +37,9 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    constant_value,
-    fresh_name,
-    is_default_domain,
-    rename_clashes,
-    replace_uses,
-)
+from onnxopt.edit import constant_value, rename_clashes, replace_uses
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
 
 
 def _refusal(node: gs.Node) -> str | None:

@@ -37,11 +37,11 @@ Two rewrites, both about ops that move no element (row-major order is kept; ONNX
    A ``Squeeze`` without axes (all size-1 dims) gets explicit axes when the input shape is fully
    static. The result is written in the opset's form: ``axes`` attribute below opset 13, an int64
    ``axes`` initializer input from 13 on. An identity result bypasses the second node (a graph
-   output keeps its name, see ``passes._util.bypass``).
+   output keeps its name, see ``onnxopt.edit.bypass``).
 
 In both rewrites the second node is rewritten in place (it keeps its output tensor), new constants
 are new initializers, and the first node is removed when nothing else reads it. Ranks and shapes
-come from ONNX shape inference of the whole model, subgraphs included (``passes._util.TensorTypes``;
+come from ONNX shape inference of the whole model, subgraphs included (``onnxopt.analyses.TensorTypes``;
 never from declared value_info).
 
 Refused (stats ``refused``): ``shape_not_constant`` (neither an initializer nor ``Shape(T)``),
@@ -62,16 +62,11 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs, opset_version
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    TensorTypes,
-    bypass,
-    consecutive_pairs,
-    constant_value,
-    drop_disconnected,
-    drop_if_unused,
-    fresh_name,
-    is_default_domain,
-)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import bypass, constant_value, drop_disconnected, drop_if_unused
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
+from onnxopt.rewrite import consecutive_pairs
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 _SQUEEZES = ("Squeeze", "Unsqueeze")
@@ -237,7 +232,7 @@ class MergeReshape(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = cancelled = removed = 0
         refused: collections.Counter[str] = collections.Counter()
-        types = TensorTypes.of(graph, ctx)
+        types = ctx.analyses.get(TensorTypes)
         axes_as_input = opset_version(graph) >= 13
         for g, fg, first, second in consecutive_pairs(graph, ("Reshape",) + _SQUEEZES):
             if first.op not in (_SHAPE_ONLY if second.op == "Reshape" else _SQUEEZES):

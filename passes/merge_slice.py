@@ -19,7 +19,7 @@ yields two independent merged nodes. The first Slice is removed when nothing els
 
 Refused (stats ``refused``): ``same_axis`` (the two slices share an axis), ``non_constant``
 (starts/ends/axes/steps not all initializers), ``attribute_form`` (opset < 10 Slice with
-attributes), ``rank_unknown`` (a negative axis when shape inference, ``passes._util.TensorTypes``,
+attributes), ``rank_unknown`` (a negative axis when shape inference, ``onnxopt.analyses.TensorTypes``,
 does not know the rank).
 """
 
@@ -32,14 +32,10 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    consecutive_pairs,
-    TensorTypes,
-    constant_value,
-    drop_disconnected,
-    drop_if_unused,
-    fresh_name,
-)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import constant_value, drop_disconnected, drop_if_unused
+from onnxopt.names import fresh_name
+from onnxopt.rewrite import consecutive_pairs
 
 
 def _params(node: gs.Node) -> list[np.ndarray] | str:
@@ -68,7 +64,7 @@ class MergeSlice(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = removed = 0
         refused: collections.Counter[str] = collections.Counter()
-        types = TensorTypes.of(graph, ctx)
+        types = ctx.analyses.get(TensorTypes)
         for g, fg, first, second in consecutive_pairs(graph, ("Slice",)):
             if first.op != "Slice":
                 continue

@@ -11,7 +11,7 @@ rewrite is exact for any dtype.
        Y2.shape[i] = Y1.shape[p2[i]] = X.shape[p1[p2[i]]]    so    q[i] = p1[p2[i]]
 
    and the elements follow the same index map. When ``q`` is the identity the second node is
-   bypassed (its consumers read ``X``; a graph output keeps its name, see ``passes._util.bypass``)
+   bypassed (its consumers read ``X``; a graph output keeps its name, see ``onnxopt.edit.bypass``)
    -- or, when bypassing would lose a graph output name, it stays as a Transpose with the
    identity ``perm`` reading ``X``. An omitted ``perm`` takes its rank from the other node's
    ``perm``; when both are omitted the two reversals cancel.
@@ -68,9 +68,11 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    TensorTypes, bypass, consecutive_pairs, drop_disconnected, drop_if_unused, fresh_name,
-    int_list, is_default_domain)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import bypass, drop_disconnected, drop_if_unused, int_list
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
+from onnxopt.rewrite import consecutive_pairs
 
 _SQUEEZES = ("Squeeze", "Unsqueeze")
 
@@ -189,7 +191,7 @@ class MergeTranspose(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         merged = cancelled = removed = through = 0
         refused: collections.Counter[str] = collections.Counter()
-        types = TensorTypes.of(graph, ctx)
+        types = ctx.analyses.get(TensorTypes)
         owners = _Owners(graph)
         for g, fg, first, second in consecutive_pairs(graph, ("Transpose",) + _SQUEEZES):
             if first.op != "Transpose":

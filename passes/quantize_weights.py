@@ -51,13 +51,15 @@ a subgraph and elsewhere), graph inputs or outputs, non-float32 weights (Dequant
 float32 before opset 19), sparse initializers, weights with non-finite values, and weights with
 fewer than :data:`MIN_ELEMENTS` elements.
 
-Drift budget: when validation feeds are known (``ctx.feeds``), weights whose quantization alone
-hurts the outputs most stay float until the outputs keep ``ctx.max_drift`` -- see
-``passes._util.fit_drift_budget``. The weights kept float are listed in the statistics.
+Drift budget: each quantized weight is a proposal (its dequantized values, and the rewrite that
+inserts the DequantizeLinear); the run's drift budget (``onnxopt.budget``) leaves the most harmful
+in float until every output keeps ``max_drift`` against the original. The weights kept float are
+listed in the statistics.
 
-Statistics (JSON-serializable): ``tensors_quantized``; ``scheme`` (``"per-channel"``,
-``"per-channel (DequantizeLinear + Mul)"`` below opset 13, or ``"none"`` below opset 10);
-``per_channel`` and ``per_tensor`` (tensors of each kind); ``skipped`` (``{reason: count}``);
+Statistics (JSON-serializable): ``tensors_quantized``; ``scheme`` (``"per-channel"``, or
+``"per-channel (DequantizeLinear + Mul)"`` below opset 13; below opset 10 the pass manager does
+not run the pass and records the refusal); ``proposed`` and ``accepted``; ``per_channel`` and
+``per_tensor`` (tensors of each kind); ``refused`` (``{reason: count}``);
 ``bytes_before`` and ``bytes_after`` (of the quantized weights: float32 data versus int8 data,
 scales and zero points); ``drift_budget`` (``{target, cosine_all, cosine_final, evaluations,
 kept}``, ``kept`` being the weights left float) when feeds were given.
@@ -72,11 +74,13 @@ import collections
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs, opset_version
+from onnxopt.analyses import UseDef
+from onnxopt.budget import Proposal
+from onnxopt.edit import input_slots, nbytes, replace_uses
+from onnxopt.graph import opset_version
+from onnxopt.names import fresh_name
+from onnxopt.ops import output_channel_axis, weight_slot
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    fit_drift_budget, fresh_name, input_slots, is_default_domain, lossy_warnings, nbytes,
-    replace_uses)
 
 #: Weights with fewer elements stay float: the scale and zero point would cost as much as they save.
 MIN_ELEMENTS = 16
@@ -87,27 +91,9 @@ PER_AXIS_OPSET = 13
 #: First opset with DequantizeLinear at all.
 DQ_OPSET = 10
 
-_QUANTIZABLE_SLOTS = frozenset({
-    ("MatMul", 0), ("MatMul", 1), ("Gemm", 0), ("Gemm", 1), ("Conv", 1), ("ConvTranspose", 1),
-})
+#: The weight slots quantized (``onnxopt.ops``): MatMul/Gemm operands and Conv kernels.
+QUANTIZED_KINDS = frozenset({"matrix", "kernel"})
 _FLOAT32 = np.dtype(np.float32)
-
-
-def channel_axis(node: gs.Node, index: int, rank: int) -> int | None:
-    """The output-channel axis of the weight read by ``node`` at input ``index`` (None: per-tensor).
-
-    ``rank`` is the weight's rank; see the module docstring for the rule per op.
-    """
-    if node.op == "MatMul":
-        if rank < 2:
-            return None
-        return rank - 1 if index == 1 else rank - 2
-    if node.op == "Gemm":
-        transposed = node.attrs.get("transB" if index == 1 else "transA", 0)
-        return (1 if index == 1 else 0) ^ int(bool(transposed))
-    if node.op == "Conv":
-        return 0
-    return 1  # ConvTranspose
 
 
 def quantize(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -136,13 +122,14 @@ def _broadcastable(scale: np.ndarray, rank: int, axis: int | None) -> np.ndarray
     return scale.reshape(shape)
 
 
-def _refusal(t: gs.Constant, slots: list, owner: dict, boundary: set) -> str | None:
+def _refusal(t: gs.Constant, slots: list, usedef: UseDef) -> str | None:
     """Why ``t`` must stay float, or None if it can be quantized."""
-    if not all(is_default_domain(n) and (n.op, i) in _QUANTIZABLE_SLOTS for n, i in slots):
+    if not all((w := weight_slot(n, i)) is not None and w.kind in QUANTIZED_KINDS
+               for n, i in slots):
         return "also read outside a weight slot"
-    if len({id(owner[id(n)]) for n, _ in slots}) > 1:
+    if len({id(usedef.owner(n)) for n, _ in slots}) > 1:
         return "readers in more than one graph"
-    if id(t) in boundary:
+    if usedef.on_boundary(t):
         return "graph input or output"
     if np.dtype(t.dtype) != _FLOAT32:
         return "not float32"
@@ -165,71 +152,64 @@ class QuantizeWeights(Pass):
     name = "quantize_weights"
     description = "Symmetric per-channel int8 weights read through DequantizeLinear (weight-only)."
     lossless = False
+    min_opset = DQ_OPSET
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = opset_version(graph)
-        skipped: collections.Counter[str] = collections.Counter()
-        if opset < DQ_OPSET:
-            skipped = {f"opset {opset} < {DQ_OPSET}": 1}
-            return PassResult(False, {"tensors_quantized": 0, "scheme": "none",
-                                      "skipped": skipped},
-                              lossy_warnings(self.name, False, None, ctx.max_drift, skipped))
-        owner: dict[int, gs.Graph] = {}
-        boundary: set[int] = set()
+        refused: collections.Counter[str] = collections.Counter()
+        usedef = ctx.analyses.get(UseDef)
         weights: dict[int, gs.Constant] = {}
-        for g in iter_graphs(graph):
-            boundary.update(id(t) for t in list(g.inputs) + list(g.outputs))
+        for g in usedef.scopes:
             for node in g.nodes:
-                owner[id(node)] = g
-                if not is_default_domain(node):
-                    continue
                 for i, t in enumerate(node.inputs):
-                    if (isinstance(t, gs.Constant) and (node.op, i) in _QUANTIZABLE_SLOTS
+                    w = weight_slot(node, i)
+                    if (isinstance(t, gs.Constant) and w is not None and w.kind in QUANTIZED_KINDS
                             and np.issubdtype(np.dtype(t.dtype), np.floating)):
                         weights.setdefault(id(t), t)
 
         per_axis = opset >= PER_AXIS_OPSET
-        plan = []
+        proposals = []
+        self._axes: dict[int, int | None] = {}
+        self._stored: dict[int, int] = {}
         for t in weights.values():
             slots = input_slots(t)
-            reason = _refusal(t, slots, owner, boundary)
+            reason = _refusal(t, slots, usedef)
             if reason is not None:
-                skipped[reason] += 1
+                refused[reason] += 1
                 continue
-            axes = {channel_axis(n, i, len(t.shape)) for n, i in slots}
+            axes = {output_channel_axis(n, i, len(t.shape)) for n, i in slots}
             axis = axes.pop() if len(axes) == 1 else None
             q, scale = quantize(t.values, axis)
-            plan.append((t, slots, axis, q, scale))
-        budget = None
-        if ctx.feeds and plan:
-            budget = fit_drift_budget(graph, ctx, {
-                t.name: (np.asarray(t.values), _fake_quantized(q, scale, axis))
-                for t, _, axis, q, scale in plan})
-            keep = set(budget["kept"])
-            skipped["kept float: drift budget"] += len(keep)
-            plan = [p for p in plan if p[0].name not in keep]
+            self._axes[id(t)] = axis
+            proposals.append(Proposal(t, _fake_quantized(q, scale, axis), self._rewrite(
+                graph, usedef.owner(slots[0][0]), t, q, scale, axis, per_axis)))
+        self._scheme = "per-channel" if per_axis else "per-channel (DequantizeLinear + Mul)"
+        stats = {"refused": dict(sorted(refused.items()))} if refused else {}
+        return PassResult(False, stats, proposals=proposals)
 
-        counts = collections.Counter()
-        before = after = 0
-        for t, slots, axis, q, scale in plan:
-            g = owner[id(slots[0][0])]
-            out, stored = self._dequantize(graph, g, t, q, scale, axis, per_axis)
-            replace_uses(t, out)
-            counts["per_tensor" if axis is None else "per_channel"] += 1
-            before += nbytes(t)
-            after += stored
-        quantized = counts["per_channel"] + counts["per_tensor"]
-        stats = {
-            "tensors_quantized": quantized,
-            "scheme": "per-channel" if per_axis else "per-channel (DequantizeLinear + Mul)",
+    def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
+        counts = collections.Counter(
+            "per_tensor" if self._axes[id(p.tensor)] is None else "per_channel" for p in accepted)
+        refused = collections.Counter(result.stats.get("refused", {}))
+        kept = len(result.proposals) - len(accepted)
+        if kept:
+            refused["kept float: drift budget"] += kept
+        return {
+            "tensors_quantized": len(accepted), "scheme": self._scheme,
+            "proposed": len(result.proposals), "accepted": len(accepted),
             "per_channel": counts["per_channel"], "per_tensor": counts["per_tensor"],
-            "skipped": dict(sorted(skipped.items())),
-            "bytes_before": before, "bytes_after": after,
+            "refused": dict(sorted(refused.items())),
+            "bytes_before": sum(nbytes(p.tensor) for p in accepted),
+            "bytes_after": sum(self._stored[id(p.tensor)] for p in accepted),
         }
-        if budget is not None:
-            stats["drift_budget"] = budget
-        return PassResult(quantized > 0, stats, lossy_warnings(
-            self.name, quantized > 0, budget, ctx.max_drift, stats["skipped"]))
+
+    def _rewrite(self, root: gs.Graph, g: gs.Graph, t: gs.Constant, q: np.ndarray,
+                 scale: np.ndarray, axis: int | None, per_axis: bool):
+        """The proposal's ``apply``: insert the dequantization and make every reader use it."""
+        def apply() -> None:
+            out, self._stored[id(t)] = self._dequantize(root, g, t, q, scale, axis, per_axis)
+            replace_uses(t, out)
+        return apply
 
     @staticmethod
     def _dequantize(root: gs.Graph, g: gs.Graph, t: gs.Constant, q: np.ndarray,

@@ -4,7 +4,7 @@ At inference, ``Dropout`` (ONNX spec, opsets 1-22) returns its input unchanged: 
 ``training_mode`` is omitted or a constant false, ``output = data``. Its optional ``mask`` output
 must be unused for the node to go. Consumers are rewired to the input; when the removed node
 produces a graph output, the producer of its input is renamed so the output keeps its name (see
-``passes._util.bypass``).
+``onnxopt.edit.bypass``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import bypass, constant_value, drop_disconnected, is_default_domain
+from onnxopt.edit import bypass, constant_value, drop_disconnected
+from onnxopt.ops import is_default_domain
 
 
 def _is_inference_dropout(node: gs.Node) -> bool:

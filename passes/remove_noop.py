@@ -3,7 +3,7 @@
 Each rule below states when ``y = op(x, ...)`` is ``x`` itself -- same dtype, same shape, same
 values -- according to the ONNX operator specification (https://onnx.ai/onnx/operators/). The
 node is then removed and its consumers read ``x``; when ``y`` is a graph output the producer of
-``x`` is renamed instead so the output keeps its name (``passes._util.bypass``; impossible when
+``x`` is renamed instead so the output keeps its name (``onnxopt.edit.bypass``; impossible when
 ``x`` is a graph input, an initializer or from an outer scope, which is a refusal).
 
 - ``Cast(x, to=T)`` with ``dtype(x) == T``; ``CastLike(x, t)`` with ``dtype(x) == dtype(t)``.
@@ -52,7 +52,7 @@ node is then removed and its consumers read ``x``; when ``y`` is a graph output 
 Identity and Dropout are ``remove_identity``'s.
 
 Scope: every graph, If/Loop/Scan bodies included. Dtypes and shapes come from
-``passes._util.TensorTypes`` (ONNX shape inference of the whole model, keyed by tensor object;
+``onnxopt.analyses.TensorTypes`` (ONNX shape inference of the whole model, keyed by tensor object;
 inside a Loop or Scan body nothing is derived from the shapes of the body inputs). Declared
 value_info is never read.
 
@@ -73,13 +73,9 @@ from onnx import TensorProto as TP
 
 from onnxopt.graph import iter_graphs, opset_version
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    TensorTypes,
-    bypass,
-    drop_disconnected,
-    drop_if_unused,
-    is_default_domain,
-)
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import bypass, drop_disconnected, drop_if_unused
+from onnxopt.ops import is_default_domain
 
 _INTEGERS = frozenset({TP.INT8, TP.INT16, TP.INT32, TP.INT64,
                        TP.UINT8, TP.UINT16, TP.UINT32, TP.UINT64})
@@ -464,7 +460,7 @@ class RemoveNoop(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         graphs = list(iter_graphs(graph))
         overridable = frozenset(t.name for g in graphs for t in g.inputs)
-        facts = _Facts(TensorTypes.of(graph, ctx), overridable, opset_version(graph))
+        facts = _Facts(ctx.analyses.get(TensorTypes), overridable, opset_version(graph))
         removed: collections.Counter[str] = collections.Counter()
         refused: collections.Counter[str] = collections.Counter()
         shortened = 0

@@ -48,14 +48,9 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._util import (
-    constant_value,
-    drop_disconnected,
-    fresh_name,
-    input_slots,
-    int_list,
-    is_default_domain,
-)
+from onnxopt.edit import constant_value, drop_disconnected, input_slots, int_list
+from onnxopt.names import fresh_name
+from onnxopt.ops import is_default_domain
 
 #: Ops that may be sunk: one data input (input 0), the others constant, one output.
 _SINKABLE = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Cast"})

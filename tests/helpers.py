@@ -125,11 +125,16 @@ def run_passes(model: onnx.ModelProto, names: Sequence[str] | Sequence[Pass],
     return out, records
 
 
-def run_once(model: onnx.ModelProto, name: str, ctx: PassContext | None = None):
-    """Run one pass once; returns (exported model, PassResult)."""
+def run_once(model: onnx.ModelProto, name: str | Pass, ctx: PassContext | None = None):
+    """Run one pass once through the pass manager (a lossy pass's proposals go to
+    ``ctx.budget``, or are all accepted); returns (exported model, PassRecord)."""
     graph = import_graph(model)
-    result = get_pass(name).run(graph, ctx or PassContext(template=model))
-    return export_graph(graph, model), result
+    ctx = ctx or PassContext(template=model)
+    if ctx.template is None:
+        ctx.template = model
+    record = PassManager([]).run_pass(get_pass(name) if isinstance(name, str) else name,
+                                      graph, ctx)
+    return export_graph(graph, model), record
 
 
 def ops(model_or_graph) -> list[str]:

@@ -15,7 +15,8 @@ from onnx import helper
 
 import onnxopt
 from onnxopt.graph import import_graph, iter_graphs
-from onnxopt.passes._util import TensorTypes, _InferenceModel, infer_tensor_types
+from onnxopt.analyses import infer_tensor_types, TensorTypes
+from onnxopt.analyses.types import _InferenceModel
 
 F, I64 = np.float32, np.int64
 

@@ -1,0 +1,200 @@
+"""Activation statistics from calibration feeds: ranges, histograms and per-channel norms.
+
+What calibration (min/max, percentile, entropy and MSE ranges all read a histogram), activation-
+aware pruning (Wanda: ``|W_ij| · ||x_j||_2``, Sun et al. 2023, "A Simple and Effective Pruning
+Approach for Large Language Models", section 3) and SmoothQuant (``max |X_j|`` per input channel,
+Xiao et al. 2023, section 4) need, collected in one instrumented onnxruntime run: the tensors of
+interest become extra graph outputs, the model runs once per feed, and each feed's values are
+folded into running statistics and dropped, so memory does not grow with the number of feeds.
+
+The tensors collected by default are the float activations read by a weighted op of the main
+graph (the data input of MatMul/Gemm/Conv/ConvTranspose whose weight is an initializer: the
+inputs a quantizer or an activation-aware pruner looks at); the channel axis of each is the axis
+the weight contracts (MatMul/Gemm: the last axis of A, or axis 1 of A^T; Conv: axis 1). Subgraph
+tensors cannot be graph outputs and are not collected.
+
+Histogram: ``bins`` equal bins over ``[-r, r]``, ``r`` the largest magnitude seen so far; when a
+feed exceeds ``r``, ``r`` doubles (as often as needed) and pairs of bins merge, so counts stay
+exact up to bin resolution without a second pass (the streaming scheme of onnxruntime's
+``HistogramCollector``, re-binning by powers of two instead of by interpolation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt.analyses.manager import Analysis
+from onnxopt.errors import UsageError
+from onnxopt.graph import export_graph
+from onnxopt.ops import FLOAT_DTYPES, is_default_domain
+
+#: Bins of each histogram.
+HISTOGRAM_BINS = 2048
+
+_WEIGHTED = {"MatMul": 0, "Gemm": 0, "Conv": 0, "ConvTranspose": 0}
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one activation tensor over the calibration feeds.
+
+    Attributes:
+        name: the tensor's name.
+        channel_axis: the axis ``channel_sq_sum`` is kept along (None: rank 0 or unknown).
+        count: elements seen.
+        minimum, maximum: smallest and largest value seen (float64).
+        histogram: counts (int64, ``[HISTOGRAM_BINS]``) over ``[-range, range]``.
+        range: the histogram's half-width, >= every ``|value|`` seen.
+        channel_sq_sum: ``sum x^2`` per channel over everything else (float64, ``[C]``); its
+            square root is the L2 norm of input feature ``j`` (Wanda's ``||x_j||_2``).
+        channel_absmax: ``max |x|`` per channel (float64, ``[C]``; SmoothQuant's ``max |X_j|``).
+    """
+
+    name: str
+    channel_axis: int | None
+    count: int = 0
+    minimum: float = np.inf
+    maximum: float = -np.inf
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(HISTOGRAM_BINS, np.int64))
+    range: float = 0.0
+    channel_sq_sum: np.ndarray | None = None
+    channel_absmax: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        """Fold the values of one feed into the statistics (non-finite values are skipped)."""
+        x = np.asarray(x, dtype=np.float64)
+        finite = x[np.isfinite(x)]
+        if finite.size == 0:
+            return
+        self.count += int(finite.size)
+        self.minimum = min(self.minimum, float(finite.min()))
+        self.maximum = max(self.maximum, float(finite.max()))
+        self._histogram(finite)
+        if self.channel_axis is not None and x.ndim > self.channel_axis:
+            moved = np.moveaxis(np.where(np.isfinite(x), x, 0.0), self.channel_axis, -1)
+            flat = moved.reshape(-1, moved.shape[-1])
+            sq, amax = (flat * flat).sum(axis=0), np.abs(flat).max(axis=0, initial=0.0)
+            if self.channel_sq_sum is None or self.channel_sq_sum.shape != sq.shape:
+                self.channel_sq_sum, self.channel_absmax = sq, amax
+            else:
+                self.channel_sq_sum = self.channel_sq_sum + sq
+                self.channel_absmax = np.maximum(self.channel_absmax, amax)
+
+    def _histogram(self, finite: np.ndarray) -> None:
+        peak = float(np.abs(finite).max())
+        if self.range == 0.0:
+            self.range = peak if peak > 0 else 1.0
+        while peak > self.range:
+            # double the range: bin k of the new histogram covers old bins 2k-n/2 .. 2k+1-n/2
+            n = HISTOGRAM_BINS
+            merged = self.histogram.reshape(n // 2, 2).sum(axis=1)
+            self.histogram = np.zeros(n, np.int64)
+            self.histogram[n // 4: n // 4 + n // 2] = merged
+            self.range *= 2.0
+        counts, _ = np.histogram(finite, bins=HISTOGRAM_BINS, range=(-self.range, self.range))
+        self.histogram += counts
+
+    @property
+    def channel_norm(self) -> np.ndarray | None:
+        """``||x_j||_2`` per channel (float64, ``[C]``), or None."""
+        return None if self.channel_sq_sum is None else np.sqrt(self.channel_sq_sum)
+
+    def percentile_range(self, percentile: float) -> tuple[float, float]:
+        """The symmetric ``(-a, a)`` holding ``percentile`` % of the values seen (bin
+        resolution: ``2 range / HISTOGRAM_BINS``)."""
+        total = int(self.histogram.sum())
+        if total == 0:
+            return 0.0, 0.0
+        n = HISTOGRAM_BINS
+        centre = n // 2
+        mass = self.histogram[centre:] + self.histogram[:centre][::-1]  # by distance from 0
+        k = int(np.searchsorted(np.cumsum(mass), percentile / 100.0 * total))
+        a = (k + 1) * self.range / centre
+        return -min(a, self.range), min(a, self.range)
+
+
+def activation_inputs(graph: gs.Graph) -> dict[str, int | None]:
+    """The float activations of the main graph read by a weighted op whose weight is an
+    initializer, with the channel axis each contracts: ``{tensor name: axis}``."""
+    out: dict[str, int | None] = {}
+    for node in graph.nodes:
+        index = _WEIGHTED.get(node.op)
+        if index is None or not is_default_domain(node) or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[index], node.inputs[1]
+        if isinstance(x, gs.Constant) or not isinstance(w, gs.Constant) or x.is_empty():
+            continue
+        if x.dtype is not None and np.dtype(x.dtype).type not in FLOAT_DTYPES:
+            continue
+        if node.op == "MatMul":
+            axis = -1
+        elif node.op == "Gemm":
+            axis = 0 if node.attrs.get("transA", 0) else -1
+        else:
+            axis = 1
+        out.setdefault(x.name, axis)
+    return out
+
+
+class ActivationStats(Analysis):
+    """:class:`TensorStats` of activations over the run's calibration feeds.
+
+    Raises (from :meth:`compute`):
+        UsageError: the run has no calibration feeds (give ``inputs`` or ``calibration``).
+        InputError: onnxruntime cannot load or run the instrumented model.
+    """
+
+    def __init__(self, stats: dict[str, TensorStats], feeds: int) -> None:
+        self.tensors = stats
+        self.feeds = feeds
+
+    def __getitem__(self, name: str) -> TensorStats:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    @classmethod
+    def compute(cls, graph: gs.Graph, ctx) -> "ActivationStats":
+        feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
+        if not feeds:
+            raise UsageError("activation statistics need calibration data: give inputs "
+                             "(--inputs) or calibration feeds")
+        return collect(export_graph(graph, ctx.template), activation_inputs(graph), feeds)
+
+
+def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds) -> ActivationStats:
+    """Run ``model`` with ``tensors`` (name -> channel axis) exposed as outputs over ``feeds``
+    (an iterable of ``{input name: array}``, consumed once) and fold each result into
+    :class:`TensorStats`; only one feed's activations are held at a time.
+
+    Raises:
+        InputError: onnxruntime cannot load or run the instrumented model.
+    """
+    from onnxopt.validate import make_session, run_model  # onnxruntime, loaded only when needed
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    names = [n for n in tensors if n not in present] + [n for n in tensors if n in present]
+    exposed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n)
+                                for n in names if n not in present)
+    session = make_session(exposed, "instrumented model (activation statistics)")
+    position = {o.name: i for i, o in enumerate(session.get_outputs())}
+    stats = {n: TensorStats(n, None) for n in tensors}
+    count = 0
+    for feed in feeds:
+        values = run_model(session, feed, "instrumented model (activation statistics)")
+        for name in names:
+            value = np.asarray(values[position[name]])
+            axis = tensors[name]
+            s = stats[name]
+            if s.channel_axis is None and axis is not None and value.ndim:
+                s.channel_axis = axis % value.ndim
+            s.update(value)
+        count += 1
+    return ActivationStats(stats, count)

@@ -1,0 +1,191 @@
+"""Facts about ONNX operators, in one table every pass reads.
+
+For each op: which inputs are learned weights (and, for each weight, its output-channel and
+input-channel axes), and which are shapes, indices, scales, biases or normalization statistics.
+Fusions, pruning (unstructured and by channel) and quantization (per-channel, block-wise) all read
+the axes here, so a rule about a layout is written once.
+
+Axes, from the ONNX operator specs (https://onnx.ai/onnx/operators/):
+
+* MatMul ``A[..., M, K] @ B[..., K, N]``: B's output channels are its last axis (N) and its
+  input channels the one before (K); a constant A (a transposed-weight export) has its output
+  channels at ``rank - 2`` (M) and input channels last (K). A 1-D operand has no channel axis.
+* Gemm ``A'[M, K] @ B'[N...]`` with ``A' = A^T`` when ``transA`` (likewise B): B's output axis is
+  1 (``[K, N]``), 0 when ``transB``; A's output axis is 0, 1 when ``transA``; the input axis is the
+  other one.
+* Conv ``W[M, C/group, k...]``: output channels on axis 0, input channels (within a group) on 1.
+* ConvTranspose ``W[C, M/group, k...]``: input channels on axis 0, output channels (within a group)
+  on axis 1; output channel ``o = g · (M/group) + m`` is column ``m`` of group ``g``'s rows.
+* Gather ``data[V, D...]`` as an embedding table: rows are tokens; quantization groups run along
+  the last axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt.graph import iter_graphs
+
+#: Ops whose output is not a function of their inputs: never folded, never merged by CSE.
+NONDETERMINISTIC_OPS = frozenset({
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+    "Bernoulli",
+})
+
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+#: (node, weight rank) -> axis, or None when the weight has no such axis.
+AxisRule = Callable[[gs.Node, int], "int | None"]
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """A weight input of an op.
+
+    Attributes:
+        kind: ``"matrix"`` (MatMul/Gemm operand), ``"kernel"`` (Conv/ConvTranspose),
+            ``"table"`` (Gather data) or ``"recurrent"`` (RNN/GRU/LSTM W and R).
+        output_axis: the weight's output-channel axis (see the module docstring).
+        input_axis: the weight's input-channel axis.
+    """
+
+    kind: str
+    output_axis: AxisRule
+    input_axis: AxisRule
+
+
+@dataclass(frozen=True)
+class OpFacts:
+    """The roles of an op's inputs, by input index (default domain)."""
+
+    weights: dict[int, WeightSlot] = field(default_factory=dict)
+    shapes: frozenset[int] = frozenset()
+    indices: frozenset[int] = frozenset()
+    scales: frozenset[int] = frozenset()
+    biases: frozenset[int] = frozenset()
+    statistics: frozenset[int] = frozenset()
+
+
+def _last_axis(node: gs.Node, rank: int) -> int | None:
+    return rank - 1 if rank >= 2 else None
+
+
+def _second_last_axis(node: gs.Node, rank: int) -> int | None:
+    return rank - 2 if rank >= 2 else None
+
+
+def _gemm(index: int, output: bool) -> AxisRule:
+    """Gemm operand ``index`` (0: A, 1: B): its output (or input) axis, flipped by transA/B."""
+    def axis(node: gs.Node, rank: int) -> int:
+        flipped = int(bool(node.attrs.get("transA" if index == 0 else "transB", 0)))
+        base = (0 if index == 0 else 1) if output else (1 if index == 0 else 0)
+        return base ^ flipped
+    return axis
+
+
+def _fixed(axis: int | None) -> AxisRule:
+    return lambda node, rank: axis
+
+
+_SHAPES_1 = OpFacts(shapes=frozenset({1}))
+
+#: The table. Ops not listed have no input with a known role.
+OPS: dict[str, OpFacts] = {
+    "MatMul": OpFacts(weights={
+        0: WeightSlot("matrix", _second_last_axis, _last_axis),  # constant A: out M, in K
+        1: WeightSlot("matrix", _last_axis, _second_last_axis)}),
+    "Gemm": OpFacts(weights={
+        0: WeightSlot("matrix", _gemm(0, True), _gemm(0, False)),
+        1: WeightSlot("matrix", _gemm(1, True), _gemm(1, False))}, biases=frozenset({2})),
+    "Conv": OpFacts(weights={1: WeightSlot("kernel", _fixed(0), _fixed(1))},
+                    biases=frozenset({2})),
+    "ConvTranspose": OpFacts(weights={1: WeightSlot("kernel", _fixed(1), _fixed(0))},
+                             biases=frozenset({2})),
+    "Gather": OpFacts(weights={0: WeightSlot("table", _fixed(0), lambda n, r: r - 1)},
+                      indices=frozenset({1})),
+    **{op: OpFacts(weights={1: WeightSlot("recurrent", _fixed(1), _fixed(2)),
+                            2: WeightSlot("recurrent", _fixed(1), _fixed(2))},
+                   biases=frozenset({3}), shapes=frozenset({4}))
+       for op in ("RNN", "GRU", "LSTM")},
+    "GatherElements": OpFacts(indices=frozenset({1})),
+    "GatherND": OpFacts(indices=frozenset({1})),
+    "ScatterElements": OpFacts(indices=frozenset({1})),
+    "ScatterND": OpFacts(indices=frozenset({1})),
+    "BatchNormalization": OpFacts(scales=frozenset({1}), biases=frozenset({2}),
+                                  statistics=frozenset({3, 4})),
+    "InstanceNormalization": OpFacts(scales=frozenset({1}), biases=frozenset({2})),
+    "LayerNormalization": OpFacts(scales=frozenset({1}), biases=frozenset({2})),
+    "QuantizeLinear": OpFacts(scales=frozenset({1, 2})),
+    "DequantizeLinear": OpFacts(scales=frozenset({1, 2})),
+    "Reshape": _SHAPES_1, "Expand": _SHAPES_1, "Tile": _SHAPES_1, "Squeeze": _SHAPES_1,
+    "Unsqueeze": _SHAPES_1, "Split": _SHAPES_1, "TopK": _SHAPES_1, "OneHot": _SHAPES_1,
+    "ConstantOfShape": OpFacts(shapes=frozenset({0})),
+    "Slice": OpFacts(shapes=frozenset({1, 2, 3, 4})),
+    "Pad": OpFacts(shapes=frozenset({1, 3})),
+    "Resize": OpFacts(shapes=frozenset({1, 2, 3})),
+    **{op: _SHAPES_1 for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
+                               "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                               "ReduceLogSumExp", "ReduceSumSquare")},
+}
+
+_NO_FACTS = OpFacts()
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    return node.domain in (None, "", "ai.onnx")
+
+
+def facts(node: gs.Node) -> OpFacts:
+    """The facts of ``node``'s op; no facts for other domains."""
+    return OPS.get(node.op, _NO_FACTS) if is_default_domain(node) else _NO_FACTS
+
+
+def weight_slot(node: gs.Node, index: int) -> WeightSlot | None:
+    """The weight slot of ``node``'s input ``index``, or None."""
+    return facts(node).weights.get(index)
+
+
+def output_channel_axis(node: gs.Node, index: int, rank: int) -> int | None:
+    """The output-channel axis of the weight ``node`` reads at ``index`` (rank ``rank``); None
+    when it has none (a 1-D MatMul operand) or the input is not a weight."""
+    slot = weight_slot(node, index)
+    return None if slot is None else slot.output_axis(node, rank)
+
+
+def input_channel_axis(node: gs.Node, index: int, rank: int) -> int | None:
+    """The input-channel axis of the weight ``node`` reads at ``index``, or None."""
+    slot = weight_slot(node, index)
+    return None if slot is None else slot.input_axis(node, rank)
+
+
+def conv_output_channels(conv: gs.Node) -> int:
+    """M, the output channels of a Conv or ConvTranspose, from its weight's shape."""
+    w = conv.inputs[1]
+    return w.shape[0] if conv.op == "Conv" else w.shape[1] * conv.attrs.get("group", 1)
+
+
+def weight_initializers(graph: gs.Graph, kinds: frozenset[str]) -> list[gs.Constant]:
+    """Float initializers every one of whose reads is a weight slot of one of ``kinds``.
+
+    A MatMul's left operand and Gemm's A count only when constant (a transposed-weight export).
+    Shapes, indices, normalization statistics, scales and biases are never returned, nor is a
+    weight that another op also reads.
+    """
+    seen: dict[int, gs.Constant] = {}
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for t in node.inputs:
+                if (isinstance(t, gs.Constant) and id(t) not in seen
+                        and np.dtype(t.dtype).type in FLOAT_DTYPES):
+                    seen[id(t)] = t
+    out = []
+    for t in seen.values():
+        slots = [(node, i) for node in t.outputs for i, x in enumerate(node.inputs) if x is t]
+        if slots and all((s := weight_slot(n, i)) is not None and s.kind in kinds
+                         for n, i in slots):
+            out.append(t)
+    return out
