@@ -84,8 +84,8 @@ class Scope:
 class RewritePass(Pass):
     """A pass made of one node rule (see the module docstring)."""
 
-    #: The op types the rule looks at.
-    ops: ClassVar[tuple[str, ...]]
+    #: The op types the rule looks at (None: every op).
+    ops: ClassVar[tuple[str, ...] | None]
     #: The rule's domain: "" is the default ONNX domain (also spelled "ai.onnx").
     domain: ClassVar[str] = ""
     #: Walk each scope in topological order (a chain is then seen from its start).
@@ -97,14 +97,22 @@ class RewritePass(Pass):
     def rewrite(self, node: gs.Node, match: Any, scope: Scope) -> str | Refusal | None:
         raise NotImplementedError  # pragma: no cover - interface
 
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Called once before the walk (per-run state, e.g. a cache shared by all matches)."""
+
+    def extra_stats(self) -> dict[str, Any]:
+        """Statistics of the pass beyond the walker's counts (called once after the walk)."""
+        return {}
+
     def _wants(self, node: gs.Node) -> bool:
-        if node.op not in self.ops or not node.outputs:
+        if (self.ops is not None and node.op not in self.ops) or not node.outputs:
             return False
         return is_default_domain(node) if self.domain in ("", "ai.onnx") \
             else node.domain == self.domain
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = opset_version(graph)
+        self.start(graph, ctx)
         kinds: collections.Counter[str] = collections.Counter()
         refused: collections.Counter[str] = collections.Counter()
         rewritten = 0
@@ -129,7 +137,7 @@ class RewritePass(Pass):
                 if outcome:
                     kinds[outcome] += 1
             drop_disconnected(g)
-        stats: dict[str, Any] = {"rewritten": rewritten}
+        stats: dict[str, Any] = {"rewritten": rewritten, **self.extra_stats()}
         if kinds:
             stats["by_kind"] = dict(sorted(kinds.items()))
         if refused:

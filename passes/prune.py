@@ -96,6 +96,8 @@ class Prune(Pass):
         return PassResult(False, {"threshold": float(threshold)}, proposals=proposals)
 
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
+        if self.options.threshold is None:
+            return {}
         done = {id(p.tensor) for p in accepted}
         per_tensor: dict[str, dict] = {}
         weights = zeros_before = zeros_after = 0

@@ -125,6 +125,13 @@ def run_passes(model: onnx.ModelProto, names: Sequence[str] | Sequence[Pass],
     return out, records
 
 
+def run_pass(graph, p: str | Pass, model: onnx.ModelProto, ctx: PassContext | None = None):
+    """Run pass ``p`` (a name or instance) once on an imported ``graph`` through the pass
+    manager; returns its PassRecord (``modified``, ``stats``, ``warnings``)."""
+    ctx = ctx or PassContext(template=model)
+    return PassManager([]).run_pass(get_pass(p) if isinstance(p, str) else p, graph, ctx)
+
+
 def run_once(model: onnx.ModelProto, name: str | Pass, ctx: PassContext | None = None):
     """Run one pass once through the pass manager (a lossy pass's proposals go to
     ``ctx.budget``, or are all accepted); returns (exported model, PassRecord)."""

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from onnx import TensorProto, helper
 
 from onnxopt import optimize
-from onnxopt.pass_manager import PassContext
+from onnxopt.pass_manager import PassContext, get_pass
 from onnxopt.passes import LOSSLESS_PIPELINE, fold_constants
 
 FOLD = ["fold_constants", "eliminate_dead"]
@@ -279,9 +279,9 @@ def test_constant_of_shape_512x512_float_stays_a_node():
 
 def test_fold_size_limit_option_is_respected():
     model = _constant_of_shape_model(16)  # 1 KiB
-    out, _ = run_passes(model, FOLD, PassContext(fold_size_limit=512, template=model))
+    out, _ = run_passes(model, [get_pass("fold_constants", size_limit=512)])
     assert ops(out) == ["ConstantOfShape", "Add"]
-    out, _ = run_passes(model, FOLD, PassContext(fold_size_limit=2048, template=model))
+    out, _ = run_passes(model, [get_pass("fold_constants", size_limit=2048)])
     assert ops(out) == ["Add"]
     assert_same_outputs(model, out)
 

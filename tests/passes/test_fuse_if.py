@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from helpers import (
+    run_pass,
     all_graphs,
     assert_same_outputs,
     is_topologically_sorted,
@@ -249,7 +250,7 @@ def test_clashing_branch_names_are_renamed():
                           else_branch=branch("Sigmoid", "ze"))],
         [X, C], [("y", F, [2, 3]), ("z", F, [2, 3])])
     graph = gs.import_onnx(model)
-    assert get_pass("fuse_if").run(graph, PassContext(template=model)).modified
+    assert run_pass(graph, "fuse_if", model).modified
     out = export_graph(graph, model)
     onnx.checker.check_model(out, full_check=True)
     assert_same_outputs(model, out, _feeds())
@@ -296,7 +297,7 @@ def test_path_is_found_in_a_graph_left_out_of_order():
                         _if("c", "z", "Abs", "Sigmoid", x="r")], [X, C], [("z", F, [2, 3])])
     graph = import_graph(model)
     graph.nodes = [graph.nodes[0], graph.nodes[2], graph.nodes[1]]
-    result = get_pass("fuse_if").run(graph, PassContext(template=model))
+    result = run_pass(graph, "fuse_if", model)
     assert result.stats == {"ifs_fused": 0, "refused": {"path_through_another_node": 1}}
 
 

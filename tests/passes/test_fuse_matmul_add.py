@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import assert_same_outputs, make_branch, make_model, ops, run_once, run_passes
+from helpers import run_pass, assert_same_outputs, make_branch, make_model, ops, run_once, run_passes
 from helpers import zoo_files as _zoo_files
 from onnx import TensorProto, helper
 
@@ -203,7 +203,7 @@ def test_lstm_gates_one_gemm_in_node_order(h_first, bias_left):
 
     model = lstm_gates_model(h_first, bias_left)
     graph = import_graph(model)
-    result = get_pass("fuse_matmul_add").run(graph, PassContext(template=model))
+    result = run_pass(graph, "fuse_matmul_add", model)
     assert result.stats == {"fused": 1}
     assert [n.op for n in graph.nodes] == ["MatMul", "Gemm"]
     assert is_topologically_sorted(export_onnx(graph, do_type_check=False).graph)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from helpers import (all_graphs, all_initializers, assert_same_outputs, make_branch, make_model,
+from helpers import (run_pass, all_graphs, all_initializers, assert_same_outputs, make_branch, make_model,
                      run_passes, session)
 from onnxopt import optimize
 from onnxopt.passes import LOSSLESS_PIPELINE
@@ -224,7 +224,7 @@ def test_outer_tensor_read_by_discarded_branch_loses_that_consumer():
     original = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
                           [X], [("y", np.float32, [1, 3])], {"c": np.array(True)})
     graph = import_graph(original)
-    get_pass("inline_if").run(graph, PassContext(template=original))
+    run_pass(graph, "inline_if", original)
     x = graph.inputs[0]
     assert [n.op for n in x.outputs] == ["Add"]
 
@@ -267,8 +267,8 @@ def test_branch_tensor_whose_name_clashes_is_renamed():
     graph = import_graph(work)
     if_node = next(n for n in graph.nodes if n.op == "If")
     if_node.attrs["then_branch"].nodes[0].inputs[1].name = "z"  # c_then
-    get_pass("fold_constants").run(graph, PassContext(template=original))
-    result = get_pass("inline_if").run(graph, PassContext(template=original))
+    run_pass(graph, "fold_constants", original)
+    result = run_pass(graph, "inline_if", original)
     assert result.stats["ifs_inlined"] == 1
     optimized = export_graph(graph, original)
     assert [i.name for i in optimized.graph.initializer] != ["z"]

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import optimize
 from onnxopt.graph import export_graph, import_graph
-from onnxopt.pass_manager import PassContext, get_pass
+from onnxopt.pass_manager import PassContext, PassManager, get_pass
 from tools import zoo
 
 THRESHOLD = 0.05
@@ -104,7 +104,8 @@ def run_ort(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, 
 
 def run_pass(model: onnx.ModelProto, threshold: float | None):
     graph = import_graph(model)
-    result = get_pass("prune").run(graph, PassContext(prune_threshold=threshold, template=model))
+    result = PassManager([]).run_pass(get_pass("prune", threshold=threshold), graph,
+                                      PassContext(template=model))
     return export_graph(graph, model), result
 
 
@@ -201,7 +202,8 @@ def test_threshold_below_every_magnitude_is_not_a_modification():
     model = build_model()
     graph = import_graph(model)
     arrays = {t.name: t.values for t in graph.tensors().values() if t.name in WEIGHTS}
-    result = get_pass("prune").run(graph, PassContext(prune_threshold=1e-30, template=model))
+    result = PassManager([]).run_pass(get_pass("prune", threshold=1e-30), graph,
+                                      PassContext(template=model))
     assert not result.modified
     assert result.stats["values_pruned"] == 0 and result.stats["tensors_changed"] == 0
     assert result.stats["zeros_after"] == result.stats["zeros_before"] > 0
@@ -215,7 +217,8 @@ def test_original_array_is_not_mutated():
     graph = import_graph(model)
     w = graph.tensors()["W_mm"]
     original, snapshot = w.values, w.values.copy()
-    get_pass("prune").run(graph, PassContext(prune_threshold=THRESHOLD, template=model))
+    PassManager([]).run_pass(get_pass("prune", threshold=THRESHOLD), graph,
+                             PassContext(template=model))
     assert w.values is not original
     np.testing.assert_array_equal(original, snapshot)
     assert np.count_nonzero(w.values == 0) > np.count_nonzero(snapshot == 0)

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import optimize
 from onnxopt.graph import export_graph, import_graph
-from onnxopt.pass_manager import PassContext, verify_model
+from onnxopt.pass_manager import PassContext, PassManager, verify_model
 from onnxopt.passes.quantize_weights import MIN_ELEMENTS, QuantizeWeights
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "zoo"
@@ -51,7 +51,7 @@ def _cosine(a, b):
 
 def _quantize(model):
     graph = import_graph(model)
-    result = QuantizeWeights().run(graph, PassContext(quantize="int8-weight", template=model))
+    result = PassManager([]).run_pass(QuantizeWeights(), graph, PassContext(template=model))
     out = export_graph(graph, model)
     verify_model(out, "quantize_weights")
     return out, result
@@ -203,7 +203,7 @@ def test_shared_with_non_weight_use_is_skipped():
     model = _model(nodes, [_f("x", [32, 32])], [_f("y", None)], [_init("W", w)], 13)
     quantized, result = _quantize(model)
     assert not result.modified
-    assert result.stats["skipped"] == {"also read outside a weight slot": 1}
+    assert result.stats["refused"] == {"also read outside a weight slot": 1}
     assert not any(n.op_type == "DequantizeLinear" for n in quantized.graph.node)
 
 
@@ -217,7 +217,7 @@ def test_gather_table_and_tiny_weight_are_skipped():
                    [_f("y", None)], [_init("T", table), _init("tiny", tiny)], 13)
     _, result = _quantize(model)
     assert not result.modified
-    assert result.stats["skipped"] == {f"fewer than {MIN_ELEMENTS} elements": 1}
+    assert result.stats["refused"] == {f"fewer than {MIN_ELEMENTS} elements": 1}
 
 
 def test_weights_shared_by_two_weight_slots_quantized_once():
@@ -247,7 +247,7 @@ def test_disagreeing_axes_fall_back_to_per_tensor():
 def test_opset_below_10_is_left_alone():
     model, _, _ = _matmul(9)
     _, result = _quantize(model)
-    assert not result.modified and result.stats["scheme"] == "none"
+    assert not result.modified and result.stats["refused"] == {"opset 9 < 10": 1}
 
 
 def _if_model(outer_use: bool):
@@ -281,7 +281,7 @@ def test_weight_read_only_in_a_subgraph_is_quantized_there():
 def test_weight_read_in_two_graphs_is_skipped():
     _, result = _quantize(_if_model(outer_use=True))
     assert not result.modified
-    assert result.stats["skipped"] == {"readers in more than one graph": 1}
+    assert result.stats["refused"] == {"readers in more than one graph": 1}
 
 
 @pytest.mark.parametrize("opset", [13, 11])
