@@ -55,6 +55,8 @@ class Scope:
         self.root, self.graph, self.ctx, self.opset = root, graph, ctx, opset
         self._outputs = {id(t) for t in graph.outputs}
         self._inputs = {id(t) for t in graph.inputs}
+        #: State a rule keeps for the walk of this one graph (CSE's table of seen nodes, say).
+        self.memo: dict[str, Any] = {}
 
     @property
     def types(self) -> TensorTypes:

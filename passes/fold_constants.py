@@ -38,15 +38,18 @@ A tensor with a static shape but no other information enters as all-unknown (so
 replaced by initializers. Partial values are tracked for tensors of at most
 ``_PARTIAL_ELEMENTS`` elements.
 
-Values are computed by onnxruntime, one node at a time, so the result is what the runtime would have
-computed. A result of ``size_limit`` bytes (:class:`FoldConstantsOptions`) (1 MiB by default) or more is materialized only
-if it is no larger than the initializers that disappear with the node -- those it alone reads
+Values are computed by onnxruntime, one node at a time (``onnxopt.evaluate``), so the result is
+what the runtime would have computed. A result of ``size_limit`` bytes or more (an option, 1 MiB
+by default) is materialized only if it is no larger than the initializers that disappear with the node -- those it alone reads
 (e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic, so that
 ``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file. Sequence and optional values are
 never folded.
 
 Never folded: random ops, QuantizeLinear/DequantizeLinear (a QDQ pair is the quantized model's
 storage format), nodes with subgraphs, and ops of non-default domains.
+
+Statistics: ``rewritten``; ``by_kind``: ``folded`` (nodes replaced by initializers) and ``reshape
+target made constant``; ``refused``: ``over the size limit``, ``onnxruntime cannot evaluate it``.
 """
 
 from __future__ import annotations
@@ -57,14 +60,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.evaluate import evaluate_node
 from onnxopt.analyses import TensorTypes
 from onnxopt.edit import nbytes
 from onnxopt.errors import UsageError
-from onnxopt.names import fresh_name
+from onnxopt.evaluate import evaluate_node
 from onnxopt.ops import NONDETERMINISTIC_OPS, is_default_domain
+from onnxopt.pass_manager import PassContext, register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
@@ -140,9 +142,11 @@ class _PartialValues:
             return None
         return _Partial(np.ones(shape, dtype), np.zeros(shape, bool))
 
-    def propagate(self, node: gs.Node, graph: gs.Graph) -> list[_Partial] | None:
-        """The partial values of the outputs of ``node`` (recorded), or None."""
-        outs = self._compute(node, graph)
+    def propagate(self, node: gs.Node, graph: gs.Graph,
+                  inputs: list[gs.Tensor] | None = None) -> list[_Partial] | None:
+        """The partial values of the outputs of ``node`` (recorded), or None; ``inputs`` stand
+        for the node's inputs when given."""
+        outs = self._compute(node, graph, node.inputs if inputs is None else inputs)
         if outs is None or len(outs) != len(node.outputs) \
                 or any(p.values.size > _PARTIAL_ELEMENTS for p in outs):
             return None
@@ -150,7 +154,8 @@ class _PartialValues:
             self._known[id(t)] = p
         return outs
 
-    def _compute(self, node: gs.Node, graph: gs.Graph) -> list[_Partial] | None:
+    def _compute(self, node: gs.Node, graph: gs.Graph, inputs: list[gs.Tensor]
+                 ) -> list[_Partial] | None:
         if not is_default_domain(node) or not node.inputs:
             return None
         if node.op in ("Shape", "Size"):
@@ -162,8 +167,8 @@ class _PartialValues:
             shape = self._types.static_shape(node.outputs[0])
             if shape is None or int(np.prod(shape)) > _PARTIAL_ELEMENTS:
                 return None
-        partials = [self.get(t) for t in node.inputs]
-        if any(p is None for p, t in zip(partials, node.inputs) if not t.is_empty()):
+        partials = [self.get(t) for t in inputs]
+        if any(p is None for p, t in zip(partials, inputs) if not t.is_empty()):
             return None
         if node.op in _ELEMENTWISE_OPS:
             return self._elementwise(node, graph, partials)
@@ -255,74 +260,82 @@ class FoldConstantsOptions:
                              f"{self.size_limit}")
 
 
+@dataclass
+class _Plan:
+    """What folding does to one node: a constant Reshape target (``shape``), the node's output
+    values (``values``), or only the reason it is not folded (``refusal``)."""
+
+    shape: np.ndarray | None = None
+    values: list[np.ndarray] | None = None
+    refusal: Refusal | None = None
+
+
 @register
-class FoldConstants(Pass):
+class FoldConstants(RewritePass):
     name = "fold_constants"
     description = ("Evaluate nodes whose inputs are all constant, and shape computations whose "
                    "dims are static.")
     Options = FoldConstantsOptions
+    ops = None
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        types = ctx.analyses.get(TensorTypes)
-        partial = _PartialValues(types)
-        folded = refused_size = failed = reshapes = 0
-        for g in iter_graphs(graph):
-            outputs = {id(t) for t in g.outputs}
-            for node in list(g.nodes):
-                if not self._foldable(node):
-                    continue
-                if node.op == "Reshape" and len(node.inputs) == 2 \
-                        and not isinstance(node.inputs[1], gs.Constant):
-                    shape = self._reshape_shape(node, partial)
-                    if shape is not None:
-                        node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name), shape)
-                        reshapes += 1
-                real = [t for t in node.inputs if not t.is_empty()]
-                if real and all(isinstance(t, gs.Constant) for t in real):
-                    try:
-                        values = evaluate_node(node, g)
-                    except Exception:  # onnxruntime rejects the node: leave it to the runtime
-                        failed += 1
-                        continue
-                else:
-                    known = partial.propagate(node, g)
-                    if known is None or not all(p.complete for p in known):
-                        continue
-                    values = [p.values for p in known]
-                if not all(isinstance(v, np.ndarray) for v in values):
-                    continue  # a sequence or optional value: not an initializer
-                # Only initializers this node alone reads disappear with it.
-                alone = {id(t): t for t in node.inputs
-                         if isinstance(t, gs.Constant) and all(n is node for n in t.outputs)}
-                consumed = sum(nbytes(t) for t in alone.values())
-                produced = sum(v.nbytes for v in values)
-                if produced >= self.options.size_limit and produced > consumed:
-                    refused_size += 1
-                    continue
-                live = [t for t in node.outputs if not t.is_empty()]
-                if any(id(t) in outputs for t in live):
-                    if len(live) != 1:
-                        continue
-                    partial.set(live[0], np.asarray(values[0]))
-                    node.op, node.domain = "Constant", None
-                    node.attrs = {"value": gs.Constant(live[0].name + "__value", values[0])}
-                    node.inputs.clear()
-                else:
-                    for t, v in zip(live, values):
-                        t.to_constant(np.asarray(v))
-                        t.inputs.clear()
-                    node.inputs.clear()
-                    node.outputs.clear()
-                folded += 1
-            g.nodes = [n for n in g.nodes if n.outputs]
-        stats = {"nodes_folded": folded}
-        if reshapes:
-            stats["reshape_shapes_made_constant"] = reshapes
-        if refused_size:
-            stats["refused_over_size_limit"] = refused_size
-        if failed:
-            stats["evaluation_failed"] = failed
-        return PassResult(folded + reshapes > 0, stats)
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        self._partial = _PartialValues(ctx.analyses.get(TensorTypes))
+
+    def match(self, node: gs.Node, scope: Scope) -> _Plan | Refusal | None:
+        if not self._foldable(node):
+            return None
+        inputs, shape = list(node.inputs), None
+        if node.op == "Reshape" and len(inputs) == 2 and not isinstance(inputs[1], gs.Constant):
+            shape = self._reshape_shape(node, self._partial)
+            if shape is not None:
+                inputs[1] = gs.Constant(inputs[1].name, shape)  # as the rewrite will make it
+        plan = _Plan(shape)
+        real = [t for t in inputs if not t.is_empty()]
+        if real and all(isinstance(t, gs.Constant) for t in real):
+            try:
+                values = evaluate_node(node, scope.graph, [
+                    None if t.is_empty() else np.asarray(t.values) for t in inputs])
+            except Exception:  # noqa: BLE001 -- onnxruntime rejects the node: left to the runtime
+                return _Plan(shape, refusal=refuse("onnxruntime cannot evaluate it"))
+        else:
+            known = self._partial.propagate(node, scope.graph, inputs)
+            if known is None or not all(p.complete for p in known):
+                return plan if shape is not None else None
+            values = [p.values for p in known]
+        if not all(isinstance(v, np.ndarray) for v in values):
+            return plan if shape is not None else None  # a sequence or optional value
+        # Only initializers this node alone reads disappear with it.
+        alone = {id(t): t for t in node.inputs
+                 if isinstance(t, gs.Constant) and all(n is node for n in t.outputs)}
+        consumed = sum(nbytes(t) for t in alone.values())
+        produced = sum(v.nbytes for v in values)
+        if produced >= self.options.size_limit and produced > consumed:
+            return _Plan(shape, refusal=refuse("over the size limit"))
+        live = [t for t in node.outputs if not t.is_empty()]
+        if any(scope.is_output(t) for t in live) and len(live) != 1:
+            return plan if shape is not None else None
+        return _Plan(shape, values)
+
+    def rewrite(self, node: gs.Node, plan: _Plan, scope: Scope) -> str | Refusal:
+        if plan.values is None and plan.shape is None:
+            return plan.refusal
+        if plan.shape is not None:
+            node.inputs[1] = gs.Constant(scope.fresh(node.inputs[1].name), plan.shape)
+        if plan.values is None:
+            return "reshape target made constant"
+        live = [t for t in node.outputs if not t.is_empty()]
+        if any(scope.is_output(t) for t in live):
+            self._partial.set(live[0], np.asarray(plan.values[0]))
+            node.op, node.domain = "Constant", None
+            node.attrs = {"value": gs.Constant(live[0].name + "__value", plan.values[0])}
+            node.inputs.clear()
+        else:
+            for t, v in zip(live, plan.values):
+                t.to_constant(np.asarray(v))
+                t.inputs.clear()
+            node.inputs.clear()
+            node.outputs.clear()
+        return "folded"
 
     @staticmethod
     def _foldable(node: gs.Node) -> bool:

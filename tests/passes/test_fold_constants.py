@@ -43,7 +43,7 @@ def test_folds_a_chain_of_constant_ops():
     out, records = run_passes(model, FOLD)
     assert ops(out) == ["Add"]
     assert list(initializers(out)) == ["k"]
-    assert sum(r.stats.get("nodes_folded", 0) for r in records) == 4
+    assert sum(r.stats.get("by_kind", {}).get("folded", 0) for r in records) == 4
     assert_same_outputs(model, out)
 
 
@@ -143,7 +143,7 @@ def test_reshape_shape_with_dims_of_its_data_becomes_constant():
                        {"i0": np.array([0], np.int64), "twelve": np.array([12], np.int64),
                         "six": np.array([6], np.int64)})
     out, records = run_passes(model, FOLD)
-    assert records[0].stats["reshape_shapes_made_constant"] == 2
+    assert records[0].stats["by_kind"]["reshape target made constant"] == 2
     shapes = {n.output[0]: initializers(out).get(n.input[1]) for n in out.graph.node
               if n.op_type == "Reshape"}
     assert shapes["y"].tolist() == [0, 12] and shapes["y2"].tolist() == [-1, 12]
@@ -266,7 +266,7 @@ def test_constant_of_shape_over_the_size_limit_stays_a_node():
     out, records = run_passes(model, LOSSLESS_PIPELINE)
     assert ops(out) == ["ConstantOfShape", "Add"]
     assert out.ByteSize() < 4096
-    assert any(r.stats.get("refused_over_size_limit") for r in records)
+    assert any(r.stats.get("refused", {}).get("over the size limit") for r in records)
     assert_same_outputs(model, out)
 
 
