@@ -63,3 +63,33 @@ def test_pipeline_on_real_model(entry, mode):
     if mode == "prune":
         stats = next(r.stats for r in report.passes if r.name == "prune")
         assert stats
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
+def test_two_runs_in_one_process_give_identical_bytes(entry, mode):
+    """Names come from the model's own name authority (onnxopt.names), so a second run in the
+    same process -- after every other test's runs -- writes the same bytes."""
+    onnx_path, inputs_path = _paths(entry)
+    first, _ = onnxopt.optimize(str(onnx_path), inputs=str(inputs_path), **MODES[mode])
+    second, _ = onnxopt.optimize(str(onnx_path), inputs=str(inputs_path), **MODES[mode])
+    assert first.SerializeToString() == second.SerializeToString()
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["silero_vad", "ch_PP-OCRv4_det_infer", "minilm_l6"])
+def test_two_processes_give_identical_files(name, tmp_path):
+    """The command line, run twice in fresh processes, writes byte-identical models."""
+    import subprocess
+    import sys
+
+    onnx_path, inputs_path = _paths(next(e for e in ENTRIES if e["name"] == name))
+    outputs = []
+    for k in range(2):
+        out = tmp_path / f"{k}.onnx"
+        subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(onnx_path), "-o",
+                        str(out), "--inputs", str(inputs_path), "--quantize", "int8-weight",
+                        "--quiet"], check=True)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]

@@ -1,4 +1,4 @@
-"""Tests of passes/_util.py's TensorTypes: dtypes and shapes from ONNX shape inference in the main
+"""Tests of optimizer/analyses/types.py's TensorTypes: dtypes and shapes from ONNX shape inference in the main
 graph and in If/Loop bodies, keyed by tensor object (sibling branches reusing a name keep their own
 results), declared value_info and subgraph shapes never believed, loop-carried shapes unknown,
 large initializers kept out of the inference model."""

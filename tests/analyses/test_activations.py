@@ -1,0 +1,95 @@
+"""Tests of optimizer/analyses/activations.py: statistics streamed over calibration feeds equal
+numpy's over all the activations at once (onnxruntime computes the activations)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from helpers import make_model, run_ort
+from onnxopt.analyses import ActivationStats, AnalysisManager, TensorStats
+from onnxopt.analyses.activations import HISTOGRAM_BINS, activation_inputs
+from onnxopt.errors import UsageError
+from onnxopt.graph import import_graph
+from onnxopt.pass_manager import PassContext
+
+
+def _model():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Relu", ["x"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["m"]),
+             helper.make_node("Conv", ["img", "K"], ["c"]),
+             helper.make_node("Add", ["m", "x2"], ["y"])]
+    return make_model(nodes, [("x", np.float32, ["n", 4]), ("x2", np.float32, ["n", 3]),
+                              ("img", np.float32, [1, 2, 5, 5])],
+                      [("y", np.float32, ["n", 3]), ("c", np.float32, [1, 3, 3, 3])],
+                      {"W": rng.normal(size=(4, 3)).astype(np.float32),
+                       "K": rng.normal(size=(3, 2, 3, 3)).astype(np.float32)})
+
+
+def _feeds(k):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.normal(size=(n, 4)).astype(np.float32) * (n + 1),
+             "x2": rng.normal(size=(n, 3)).astype(np.float32),
+             "img": rng.normal(size=(1, 2, 5, 5)).astype(np.float32)}
+            for n in range(1, k + 1)]
+
+
+def test_collected_tensors_are_the_data_inputs_of_weighted_ops():
+    graph = import_graph(_model())
+    assert activation_inputs(graph) == {"h": -1, "img": 1}
+
+
+def test_streamed_statistics_equal_numpy_over_all_feeds():
+    model, feeds = _model(), _feeds(4)
+    graph = import_graph(model)
+    served = []
+
+    def stream():  # a generator: consumed once, one feed at a time
+        for f in feeds:
+            served.append(1)
+            yield f
+
+    ctx = PassContext(template=model, calibration=stream())
+    stats = AnalysisManager(graph, ctx).get(ActivationStats)
+    assert stats.feeds == len(served) == 4
+    h = np.concatenate([np.maximum(f["x"], 0) for f in feeds])
+    s = stats["h"]
+    assert s.count == h.size and s.minimum == h.min() and s.maximum == pytest.approx(h.max())
+    np.testing.assert_allclose(s.channel_norm, np.linalg.norm(h, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(s.channel_absmax, np.abs(h).max(axis=0), rtol=1e-6)
+    assert s.histogram.sum() == h.size
+    img = np.stack([f["img"][0] for f in feeds])  # [feeds, C, H, W]
+    np.testing.assert_allclose(stats["img"].channel_norm,
+                               np.sqrt((img.astype(np.float64) ** 2).sum(axis=(0, 2, 3))),
+                               rtol=1e-6)
+    # the activations really are what onnxruntime computes (Relu output)
+    assert run_ort(model, feeds[0])["y"].shape == (1, 3)
+
+
+def test_histogram_range_doubles_without_losing_counts():
+    s = TensorStats("t", None)
+    s.update(np.array([0.5, -0.25, 1.0]))
+    s.update(np.array([7.9, -3.0]))  # needs the range doubled three times
+    assert s.range == 8.0 and s.histogram.sum() == 5
+    edges = np.linspace(-s.range, s.range, HISTOGRAM_BINS + 1)
+    expected, _ = np.histogram([0.5, -0.25, 1.0, 7.9, -3.0], bins=edges)
+    # re-binned counts stay within one bin of where a single pass puts them
+    assert np.abs(np.cumsum(s.histogram) - np.cumsum(expected)).max() <= 3
+    lo, hi = s.percentile_range(100.0)
+    assert lo == -hi and hi >= 7.9
+
+
+def test_non_finite_values_are_skipped():
+    s = TensorStats("t", 0)
+    s.update(np.array([[1.0, np.inf], [np.nan, -2.0]]))
+    assert s.count == 2 and s.minimum == -2.0 and s.maximum == 1.0
+    np.testing.assert_allclose(s.channel_sq_sum, [1.0, 4.0])
+
+
+def test_without_calibration_data_a_usage_error():
+    model = _model()
+    graph = import_graph(model)
+    with pytest.raises(UsageError, match="calibration"):
+        AnalysisManager(graph, PassContext(template=model)).get(ActivationStats)

@@ -1,0 +1,126 @@
+"""Tests of optimizer/budget.py: lossy proposals are accepted as a set that keeps every output
+within the budget measured against the original model, the most harmful stay out, and decisions
+of successive lossy passes do not compound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from helpers import make_model, random_feed
+from onnxopt.budget import METRICS, DriftBudget, Proposal, get_metric
+from onnxopt.errors import UsageError
+from onnxopt.graph import import_graph
+from onnxopt.pass_manager import Pass, PassContext, PassManager, PassResult
+
+RNG = np.random.default_rng(0)
+W1 = RNG.normal(size=(8, 8)).astype(np.float32)
+W2 = RNG.normal(size=(8, 4)).astype(np.float32)
+
+
+def _model():
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"])]
+    return make_model(nodes, [("x", np.float32, [16, 8])], [("y", np.float32, [16, 4])],
+                      {"W1": W1, "W2": W2})
+
+
+def _feeds(model, k=3):
+    return [random_feed(model, seed) for seed in range(k)]
+
+
+def _weights(graph):
+    return {t.name: t for t in graph.tensors().values() if t.name in ("W1", "W2")}
+
+
+def _propose(t, value):
+    def apply():
+        t.values = value
+    return Proposal(t, value, apply)
+
+
+def test_all_proposals_within_budget_are_accepted_in_one_evaluation():
+    model = _model()
+    graph = import_graph(model)
+    w = _weights(graph)
+    budget = DriftBudget(model, _feeds(model), 0.99)
+    decision = budget.decide(graph, model, [_propose(w["W1"], W1 * 1.001),
+                                            _propose(w["W2"], W2 * 0.999)])
+    assert decision.evaluations == 1 and not decision.kept
+    assert len(decision.accepted) == 2
+    np.testing.assert_array_equal(w["W1"].values, W1 * 1.001)
+
+
+def test_the_harmful_proposal_stays_out_and_is_reported_with_its_cost():
+    model = _model()
+    graph = import_graph(model)
+    w = _weights(graph)
+    harmful = -W2  # flips every output: cosine -1
+    decision = DriftBudget(model, _feeds(model), 0.99).decide(
+        graph, model, [_propose(w["W1"], W1 * 1.001), _propose(w["W2"], harmful)])
+    assert [p.name for p in decision.kept] == ["W2"]
+    assert [p.name for p in decision.accepted] == ["W1"]
+    assert decision.sensitivity["W2"] < 0 < decision.sensitivity["W1"]
+    assert decision.score_final >= decision.target > decision.score_all
+    np.testing.assert_array_equal(w["W2"].values, W2)  # left as it was
+    report = decision.report()
+    assert report["kept"] == ["W2"] and report["sensitivity"]["W2"] < 0
+
+
+def test_budget_is_measured_against_the_original_so_lossy_steps_do_not_compound():
+    model = _model()
+    feeds = _feeds(model)
+    noise = np.random.default_rng(5).normal(size=W1.shape).astype(np.float32)
+    # an earlier lossy step already spent most of the budget on W1
+    graph = import_graph(model)
+    w = _weights(graph)
+    w["W1"].values = (W1 + 0.03 * noise * np.abs(W1).mean()).astype(np.float32)
+    step = (W2 + 0.03 * np.random.default_rng(6).normal(size=W2.shape).astype(np.float32)
+            * np.abs(W2).mean()).astype(np.float32)
+    budget = DriftBudget(model, feeds, 0.999)
+    # against the model as it is now, the second step alone would fit ...
+    from onnxopt.graph import export_graph
+    current = export_graph(import_graph(model), model)
+    for init in current.graph.initializer:
+        if init.name == "W1":
+            init.CopyFrom(helper.make_tensor("W1", 1, W1.shape, w["W1"].values.ravel()))
+    alone = DriftBudget(current, feeds, 0.999).decide(
+        import_graph(current), current, [_propose(_weights(import_graph(current))["W2"], step)])
+    assert not alone.kept
+    # ... but against the original, the two together do not: the step stays out
+    decision = budget.decide(graph, model, [_propose(w["W2"], step)])
+    assert decision.score_all < budget.target
+    assert [p.name for p in decision.kept] == ["W2"]
+
+
+def test_metrics_are_pluggable_and_unknown_ones_refused():
+    assert get_metric("cosine") is METRICS["cosine"]
+    assert get_metric("cosine").score(np.ones(3), np.ones(3)) == pytest.approx(1.0)
+    with pytest.raises(UsageError, match="unknown drift metric 'l2'"):
+        get_metric("l2")
+
+
+class _Negate(Pass):
+    """Proposes the negation of W2 and a tiny change of W1."""
+
+    name = "test_negate"
+    description = "test only"
+    lossless = False
+
+    def run(self, graph, ctx):
+        w = _weights(graph)
+        return PassResult(False, proposals=[_propose(w["W1"], W1 * 1.001),
+                                            _propose(w["W2"], -W2)])
+
+
+def test_the_pass_manager_hands_proposals_to_the_budget_and_reports_its_decision():
+    model = _model()
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=_feeds(model),
+                      budget=DriftBudget(model, _feeds(model), 0.99))
+    (record,) = PassManager([], [_Negate()]).run(graph, ctx)[:1]
+    assert record.modified
+    assert record.stats["proposed"] == 2 and record.stats["accepted"] == 1
+    assert record.stats["drift_budget"]["kept"] == ["W2"]
+    assert any("left 1 tensor(s) unchanged" in w for w in record.warnings)

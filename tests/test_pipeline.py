@@ -1,0 +1,122 @@
+"""Tests of optimizer/pipeline.py: pipelines from names, configured passes and TOML files; the
+flags are sugar for pass options; mistakes are one-line usage errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from helpers import make_model
+from onnxopt import optimize
+from onnxopt.errors import UsageError
+from onnxopt.pass_manager import get_pass
+from onnxopt.passes import LOSSLESS_PIPELINE
+from onnxopt.pipeline import build_pipeline, load_config
+
+
+def _model():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    w[0, 0] = 1e-4
+    nodes = [helper.make_node("Identity", ["x"], ["xi"]),
+             helper.make_node("MatMul", ["xi", "W"], ["y"])]
+    return make_model(nodes, [("x", np.float32, [2, 4])], [("y", np.float32, [2, 3])], {"W": w})
+
+
+def test_default_expands_and_sugar_adds_configured_passes():
+    pipeline = build_pipeline(None, prune_threshold=1e-3, quantize="int8-weight")
+    names = [p.name for p in pipeline.passes]
+    assert names == LOSSLESS_PIPELINE + ["prune", "quantize_weights"]
+    prune = next(p for p in pipeline.passes if p.name == "prune")
+    assert prune.options.threshold == 1e-3
+    assert [p.name for p in pipeline.lossy] == ["prune", "quantize_weights"]
+
+
+def test_configured_pass_objects_and_options_by_name():
+    pipeline = build_pipeline(["default", get_pass("prune", threshold=0.5)],
+                              skip=["cse"], options={"fold_constants": {"size_limit": 64}})
+    by_name = {p.name: p for p in pipeline.passes}
+    assert "cse" not in by_name and by_name["prune"].options.threshold == 0.5
+    assert by_name["fold_constants"].options.size_limit == 64
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"passes": ["nope"]}, "unknown pass 'nope'"),
+    ({"options": {"fold_constants": {"bogus": 1}}}, "pass 'fold_constants': bad options"),
+    ({"options": {"prune": {"threshold": 1.0}}}, "does not run: prune"),
+    ({"prune_threshold": -1.0}, "must be positive"),
+    ({"quantize": "int3"}, "unknown quantization mode"),
+    ({"max_iterations": 0}, "at least 1"),
+])
+def test_mistakes_are_usage_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        build_pipeline(kwargs.pop("passes", None), **kwargs)
+
+
+def test_config_file_gives_the_pipeline_and_validation(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[pipeline]\npasses = ["default", "prune"]\nskip = ["cse"]\n\n'
+                      '[pipeline.options.prune]\nthreshold = 1e-3\n\n'
+                      '[validation]\nmax_drift = 0.95\nseed = 3\n')
+    settings = load_config(config)
+    assert settings["passes"] == ["default", "prune"] and settings["max_drift"] == 0.95
+    _, report = optimize(_model(), config=config)
+    ran = {r.name for r in report.passes}
+    assert "prune" in ran and "cse" not in ran
+    prune = next(r for r in report.passes if r.name == "prune")
+    assert prune.stats["values_pruned"] == 1
+    assert report.validation.max_drift == 0.95 and report.inputs["seed"] == 3
+    # a keyword given explicitly wins over the file
+    _, report = optimize(_model(), config=config, max_drift=0.9)
+    assert report.validation.max_drift == 0.9
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[pipline]\n", "unknown table"),
+    ("[pipeline]\npases = []\n", "unknown key"),
+    ("[validation]\nmax_drif = 1\n", "unknown key"),
+    ("[pipeline\n", "invalid TOML"),
+])
+def test_bad_config_files_are_usage_errors(tmp_path, text, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        load_config(config)
+
+
+def test_cli_config_and_flags_agree(tmp_path):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(_model(), model_path)
+    config = tmp_path / "run.toml"
+    config.write_text('[pipeline]\npasses = ["default", "prune"]\n'
+                      '[pipeline.options.prune]\nthreshold = 1e-3\n')
+    outputs = []
+    for args in (["--config", str(config)], ["--prune-threshold", "1e-3"]):
+        out = tmp_path / f"out{len(outputs)}.onnx"
+        subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(model_path), "-o",
+                        str(out), "--quiet", *args], check=True)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pipeline]\noptions = 3\n")
+    run = subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(model_path), "-o",
+                          str(tmp_path / "x.onnx"), "--config", str(bad)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "options must be a dict" in run.stderr
+
+
+def test_import_does_not_depend_on_the_working_folder(tmp_path):
+    """A training repository's own optimizer.py or passes.py does not shadow onnxopt."""
+    for name in ("optimizer.py", "passes.py"):
+        (tmp_path / name).write_text("raise ImportError('the user\\'s own module')\n")
+    code = ("from onnxopt import optimize, validate; from onnxopt.pass_manager import get_pass; "
+            "get_pass('cse'); print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok"
