@@ -69,7 +69,7 @@ def test_rule_is_applied_in_every_scope_with_refusals_counted():
     assert list(relu.input) == ["x"]
     for c in (True, False):
         feed = {**random_feed(model), "c": np.array(c)}
-        assert_same_outputs(model, out, feed)
+        assert_same_outputs(model, out, [feed])
 
 
 def test_declared_opset_range_is_applied_by_the_pass_manager():
