@@ -2,8 +2,9 @@
 
 Python API::
 
-    from onnxopt import optimize
+    from onnxopt import get_pass, optimize
     model, report = optimize("model.onnx", prune_threshold=1e-3)
+    model, report = optimize("model.onnx", passes=["default", get_pass("prune", threshold=1e-3)])
 """
 
 __version__ = "0.1.0"
@@ -12,6 +13,8 @@ from onnxopt.api import optimize, validate  # noqa: E402
 from onnxopt.errors import (  # noqa: E402
     InputError, ModelLoadError, OnnxoptError, PassError, UsageError, ValidationFailed)
 from onnxopt.io import load_model, save_model  # noqa: E402
+from onnxopt.pass_manager import get_pass  # noqa: E402
 
-__all__ = ["optimize", "validate", "load_model", "save_model", "OnnxoptError", "InputError",
-           "ModelLoadError", "UsageError", "ValidationFailed", "PassError", "__version__"]
+__all__ = ["optimize", "validate", "get_pass", "load_model", "save_model", "OnnxoptError",
+           "InputError", "ModelLoadError", "UsageError", "ValidationFailed", "PassError",
+           "__version__"]
