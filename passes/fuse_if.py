@@ -18,7 +18,7 @@ Placement. ``A`` comes before ``B`` in a topological order. The fused node reads
 (``B``'s reads include the outer-scope values its branches read, recursively) and writes what
 both write; a topological order keeps it exactly when no node other than ``A`` and ``B`` lies on a
 path from ``A``'s outputs to ``B``'s reads -- such a node would have to run both after and before
-the fused If (``path_through_another_node``; the LSTM between torch's rank-dispatch Ifs is one).
+the fused If (``path through another node``; the LSTM between torch's rank-dispatch Ifs is one).
 The graph is then sorted again.
 
 Declared shapes. Where ``B``'s branches read ``A``'s outputs, the outputs of every graph in them
@@ -32,24 +32,25 @@ graph outputs (the same tensors, so their names stay), followed by ``B``'s outpu
 only ``B`` read become tensors inside the branches. Branch tensors whose names another tensor of
 the model uses are renamed. A fused branch binding one tensor to two outputs (``A`` or ``B``
 did already, or their branches return one shared initializer) is refused
-(``branch_output_bound_twice``): onnxruntime 1.32 without graph optimizations returns wrong
+(``branch output bound twice``): onnxruntime 1.32 without graph optimizations returns wrong
 values for such an If. A branch with inputs or with as many outputs as the If has not is
-``malformed_branch``.
+``malformed branch``.
 
-Scope: every graph (If/Loop/Scan bodies too), If nodes only. Statistics: ``ifs_fused`` (one per
-If removed) and ``refused`` (per pair of Ifs on one condition, from the last scan of each graph).
+Scope: every graph (If/Loop/Scan bodies too), If nodes only; each If is fused into the first
+earlier If on its condition that can take it. Statistics: ``rewritten`` (one per If removed) and
+``refused`` (per If that has earlier Ifs on its condition but could join none of them, with the
+first one's reason).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import onnx_graphsurgeon as gs
 
+from onnxopt.edit import node_reads, rename_clashes, sort_nodes
 from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.edit import drop_disconnected, node_reads, rename_clashes, sort_nodes
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 _BRANCHES = ("then_branch", "else_branch")
 
@@ -104,14 +105,14 @@ def _refusal(order: _Order, descendants: set[int], a: gs.Node, b: gs.Node,
              outputs: set[int]) -> str | None:
     """Why ``a`` and ``b`` (``a`` first) cannot be fused, or None."""
     if not _well_formed(a) or not _well_formed(b):
-        return "malformed_branch"
+        return "malformed branch"
     if descendants & order.ancestors(b):
-        return "path_through_another_node"
+        return "path through another node"
     kept = _kept(a, b, outputs)
     for attr in _BRANCHES:
         fused = _fused_outputs(a, b, attr, kept)
         if len({id(t) for t in fused}) != len(fused):
-            return "branch_output_bound_twice"
+            return "branch output bound twice"
     return None
 
 
@@ -143,53 +144,45 @@ def _fuse(root: gs.Graph, a: gs.Node, b: gs.Node, outputs: set[int]) -> None:
     a.outputs.extend(new_outputs)
 
 
-def _pairs(g: gs.Graph):
-    """Yield every pair ``(a, b)`` of Ifs of ``g`` on one condition tensor, ``a`` first in the
-    order of ``g.nodes``."""
-    groups: dict[int, list[gs.Node]] = {}
+def _earlier_on_same_condition(g: gs.Graph, b: gs.Node) -> list[gs.Node]:
+    """The Ifs of ``g`` before ``b`` (in the order of ``g.nodes``) reading ``b``'s condition
+    tensor."""
+    earlier = []
     for n in g.nodes:
-        if n.op == "If" and is_default_domain(n) and n.inputs and n.outputs:
-            groups.setdefault(id(n.inputs[0]), []).append(n)
-    for ifs in groups.values():
-        for i, a in enumerate(ifs):
-            for b in ifs[i + 1:]:
-                yield a, b
-
-
-def _fuse_in(root: gs.Graph, g: gs.Graph, refused: Counter) -> int:
-    """Fuse pairs of Ifs of ``g`` until none is left; return how many Ifs were removed."""
-    fused = 0
-    while True:
-        sort_nodes(g)
-        order, descendants, reasons = None, {}, Counter()
-        for a, b in _pairs(g):
-            if order is None:
-                order = _Order(g)
-                # a graph output of any scope must keep its producer
-                outputs = {id(t) for sub in iter_graphs(root) for t in sub.outputs}
-            if id(a) not in descendants:
-                descendants[id(a)] = order.descendants(a)
-            reason = _refusal(order, descendants[id(a)], a, b, outputs)
-            if reason is None:
-                _fuse(root, a, b, outputs)
-                drop_disconnected(g)
-                fused += 1
-                break
-            reasons[reason] += 1
-        else:
-            refused.update(reasons)
-            return fused
+        if n is b:
+            return earlier
+        if n.op == "If" and is_default_domain(n) and n.inputs and n.outputs \
+                and n.inputs[0] is b.inputs[0]:
+            earlier.append(n)
+    return []
 
 
 @register
-class FuseIf(Pass):
+class FuseIf(RewritePass):
     name = "fuse_if"
     description = "Fuse Ifs of one graph that read the same condition tensor into one If."
+    ops = ("If",)
+    sorted_walk = True
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        refused: Counter[str] = Counter()
-        fused = sum(_fuse_in(graph, g, refused) for g in list(iter_graphs(graph)))
-        stats = {"ifs_fused": fused}
-        if refused:
-            stats["refused"] = dict(sorted(refused.items()))
-        return PassResult(fused > 0, stats)
+    def match(self, b: gs.Node, scope: Scope) -> tuple[gs.Node, set[int]] | Refusal | None:
+        if not b.inputs:
+            return None
+        g = scope.graph
+        sort_nodes(g)  # a fusion earlier in the walk may have left the graph out of order
+        earlier = _earlier_on_same_condition(g, b)
+        if not earlier:
+            return None
+        order = _Order(g)
+        # a graph output of any scope must keep its producer
+        outputs = {id(t) for sub in iter_graphs(scope.root) for t in sub.outputs}
+        reasons = []
+        for a in earlier:
+            reason = _refusal(order, order.descendants(a), a, b, outputs)
+            if reason is None:
+                return a, outputs
+            reasons.append(reason)
+        return refuse(reasons[0])
+
+    def rewrite(self, b: gs.Node, match: tuple[gs.Node, set[int]], scope: Scope) -> None:
+        a, outputs = match
+        _fuse(scope.root, a, b, outputs)
