@@ -76,7 +76,8 @@ class Pass:
     * ``lossless`` (False for pruning and quantization, which return proposals) and, for a lossy
       pass, ``weights``: ``"original"`` to run on the model's own weights, before the lossless
       passes, or ``"fused"`` to run after them;
-    * ``requires``: run data the pass cannot work without (``"feeds"``);
+    * ``requires``: run data the pass cannot work without: ``"feeds"`` (validation inputs) or
+      ``"calibration"`` (feeds for activation statistics, ``onnxopt.analyses.ActivationStats``);
     * ``preserves``: the analyses still valid after the pass changed the graph;
     * ``min_opset`` / ``max_opset``: the default-domain opsets the pass applies to; the pass
       manager does not run it on other models.
@@ -249,7 +250,10 @@ class PassManager:
             result = PassResult(False, {"refused": {refusal: 1}})
         else:
             if "feeds" in p.requires and not ctx.feeds:
-                raise UsageError(f"pass '{p.name}' needs feeds (inputs or calibration data)")
+                raise UsageError(f"pass '{p.name}' needs validation inputs (--inputs)")
+            if "calibration" in p.requires and ctx.calibration is None and not ctx.feeds:
+                raise UsageError(f"pass '{p.name}' needs calibration data (--calibration or "
+                                 "--inputs)")
             result = p.run(graph, ctx)
         stats, warnings, modified = dict(result.stats), list(result.warnings), result.modified
         if not p.lossless and refusal is None:

@@ -157,3 +157,55 @@ def test_registry_holds_the_lossless_pipeline():
         p = get_pass(name)
         assert p.name == name and p.lossless and p.description
     assert not any(name.startswith("test_") for name in REGISTRY)
+
+
+class _Scale(Pass):
+    """Proposes the weight ``W`` times ``factor``, recording the value it saw."""
+
+    lossless = False
+    description = "test only"
+    seen: list = []
+
+    def __init__(self, name, factor, weights="fused", requires=frozenset()):
+        self.name, self.factor, self.weights, self.requires = name, factor, weights, requires
+
+    def run(self, graph, ctx):
+        from onnxopt.budget import Proposal
+
+        w = next(t for t in graph.tensors().values() if t.name == "W")
+        _Scale.seen.append((self.name, float(np.asarray(w.values).ravel()[0])))
+        value = np.asarray(w.values) * self.factor
+
+        def apply():
+            w.values = value
+        return PassResult(False, proposals=[Proposal(w, value, apply)])
+
+
+def _weighted():
+    nodes = [helper.make_node("Identity", ["x"], ["xi"]),
+             helper.make_node("MatMul", ["xi", "W"], ["y"])]
+    return make_model(nodes, [("x", np.float32, [1, 2])], [("y", np.float32, [1, 2])],
+                      {"W": np.ones((2, 2), np.float32)})
+
+
+def test_lossy_stages_run_in_order_each_seeing_what_the_previous_kept():
+    """prune -> reconstruct -> quantize: an "original"-weights pass before the lossless rounds,
+    then the "fused"-weights passes in the order given, each on the result of the previous."""
+    _Scale.seen = []
+    model = _weighted()
+    graph = import_graph(model)
+    records = PassManager([get_pass("remove_identity")],
+                          [_Scale("second", 3.0), _Scale("first", 2.0, "original"),
+                           _Scale("third", 5.0)]).run(graph, PassContext(template=model))
+    assert _Scale.seen == [("first", 1.0), ("second", 2.0), ("third", 6.0)]
+    names = [r.name for r in records]
+    assert names.index("first") < names.index("remove_identity") < names.index("second")
+    assert all(r.stats["accepted"] == 1 for r in records if r.name in ("first", "second",
+                                                                       "third"))
+
+
+def test_a_pass_that_needs_calibration_data_without_any_is_a_usage_error():
+    model = _weighted()
+    with pytest.raises(UsageError, match="needs calibration data"):
+        PassManager([], [_Scale("calibrated", 2.0, requires=frozenset({"calibration"}))]).run(
+            import_graph(model), PassContext(template=model))
