@@ -20,12 +20,12 @@ kind and ``"refused"`` when anything was refused. Reasons are short prose, lower
 from __future__ import annotations
 
 import collections
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes, UseDef
-from onnxopt.edit import drop_disconnected, sort_nodes
+from onnxopt.edit import drop_disconnected, drop_if_unused, sort_nodes
 from onnxopt.graph import iter_graphs, opset_version
 from onnxopt.names import fresh_name
 from onnxopt.ops import is_default_domain
@@ -82,14 +82,31 @@ class Scope:
         """A name no tensor of the model uses (see ``onnxopt.names``)."""
         return fresh_name(self.root, base)
 
+    def drop_if_unused(self, node: gs.Node) -> bool:
+        """Disconnect ``node`` -- a node of this scope's graph or of an enclosing one, as at the
+        start of the pass -- when nothing reads its outputs and none is an output of its graph
+        (``onnxopt.edit.drop_if_unused``). A node of an enclosing graph also leaves that graph's
+        ``nodes`` at once: the walker swept that graph before it came to this one.
+
+        Returns:
+            True if the node was disconnected.
+        """
+        owner = self.usedef.owner(node)
+        if owner is None or not drop_if_unused(owner, node):
+            return False
+        if owner is not self.graph:
+            drop_disconnected(owner)
+        return True
+
 
 class RewritePass(Pass):
     """A pass made of one node rule (see the module docstring)."""
 
     #: The op types the rule looks at (None: every op).
     ops: ClassVar[tuple[str, ...] | None]
-    #: The rule's domain: "" is the default ONNX domain (also spelled "ai.onnx").
-    domain: ClassVar[str] = ""
+    #: The rule's domain: "" is the default ONNX domain (also spelled "ai.onnx"); None: any
+    #: domain (the rule's ``match`` then tells the domains apart).
+    domain: ClassVar[str | None] = ""
     #: Walk each scope in topological order (a chain is then seen from its start).
     sorted_walk: ClassVar[bool] = False
 
@@ -109,6 +126,8 @@ class RewritePass(Pass):
     def _wants(self, node: gs.Node) -> bool:
         if (self.ops is not None and node.op not in self.ops) or not node.outputs:
             return False
+        if self.domain is None:
+            return True
         return is_default_domain(node) if self.domain in ("", "ai.onnx") \
             else node.domain == self.domain
 
@@ -154,25 +173,18 @@ def producer_in_scope(t: gs.Tensor) -> gs.Node | None:
     return t.inputs[0]
 
 
-def consecutive_pairs(graph: gs.Graph, second_ops: tuple[str, ...]
-                      ) -> Iterator[tuple[gs.Graph, gs.Graph, gs.Node, gs.Node]]:
-    """Yield ``(g, first_graph, first, second)`` for every default-domain node ``second`` of an
-    op in ``second_ops`` whose data input (input 0) is the single output of another default-domain
-    node ``first`` -- the shape of every "merge two consecutive ops" rewrite.
+def pair_start(second: gs.Node, scope: Scope, ops: tuple[str, ...]) -> gs.Node | None:
+    """The node ``first`` of a pair ``second(first(X, ...), ...)``: the single producer of
+    ``second``'s data input (input 0) when it is a default-domain node of ``ops`` that was in the
+    model at the start of the pass (in ``scope.graph``, or in an enclosing graph when ``second``
+    reads an outer-scope tensor -- remove it with :meth:`Scope.drop_if_unused`); else None.
 
-    ``g`` holds ``second``; ``first_graph`` holds ``first`` (the same graph, or an enclosing one
-    when ``second`` reads an outer-scope tensor). Each graph is sorted topologically before it is
-    walked, so a chain is seen from its start; pairs are computed lazily, so a rewrite of one
-    pair is seen by the next.
+    With ``sorted_walk`` a chain is seen from its start, so a rewrite of one pair is seen by the
+    next -- the shape of every "merge two consecutive ops" rule, which matches on ``second``.
     """
-    graphs = list(iter_graphs(graph))
-    owner = {id(n): g for g in graphs for n in g.nodes}
-    for g in graphs:
-        sort_nodes(g)
-        for second in list(g.nodes):
-            if second.op not in second_ops or not is_default_domain(second) \
-                    or not second.outputs or not second.inputs:
-                continue
-            first = producer_in_scope(second.inputs[0])
-            if first is not None and id(first) in owner:
-                yield g, owner[id(first)], first, second
+    if not second.inputs:
+        return None
+    first = producer_in_scope(second.inputs[0])
+    if first is None or first.op not in ops or scope.usedef.owner(first) is None:
+        return None
+    return first

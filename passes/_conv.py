@@ -1,18 +1,33 @@
-"""Conv and ConvTranspose weight arithmetic shared by the fusions that rewrite them.
+"""Conv and ConvTranspose weight arithmetic shared by the fusions that rewrite them: scaling a
+weight along its output or input channels, and absorbing the node that follows a Conv into its
+weight and bias.
 
 Layouts (ONNX spec): Conv ``W[M, C/group, k...]``, ConvTranspose ``W[C, M/group, k...]``; the
-output-channel count is ``onnxopt.ops.conv_output_channels``. Arithmetic is float64; results are
-cast to the weight's dtype only when they stay finite where the sources were (:func:`overflows`).
+output-channel count is ``onnxopt.ops.conv_output_channels``, the input-channel count
+:func:`conv_input_channels`. Channel ``o = g · (n/group) + j`` of the axis a weight holds per group
+(Conv's input channels, ConvTranspose's output channels) is column ``j`` of group ``g``'s rows.
+Arithmetic is float64; results are cast to the weight's dtype only when they stay finite where the
+sources were (:func:`overflows`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.edit import constant_refusal
-from onnxopt.names import fresh_name
 from onnxopt.ops import FLOAT_DTYPES, conv_output_channels
+from onnxopt.rewrite import Scope, producer_in_scope
+
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
+def conv_input_channels(conv: gs.Node) -> int:
+    """C, the input channels of a Conv or ConvTranspose, from its weight's shape."""
+    w = conv.inputs[1]
+    return w.shape[1] * conv.attrs.get("group", 1) if conv.op == "Conv" else w.shape[0]
 
 
 def conv_weight_refusal(conv: gs.Node) -> str | None:
@@ -42,19 +57,36 @@ def conv_weight_refusal(conv: gs.Node) -> str | None:
     return None
 
 
-def scale_conv_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
-    """``W · s`` along the output-channel axis of ``conv``, in float64.
+def _scale_rows(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``w · s`` along axis 0."""
+    return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
 
-    Conv ``W[M, C/group, k...]``: axis 0. ConvTranspose ``W[C, M/group, k...]``: output channel
-    ``o = g · (M/group) + m`` is column ``m`` of group ``g``'s rows, so ``W`` is viewed as
-    ``[group, C/group, M/group, k...]`` and ``s`` as ``[group, 1, M/group, 1...]`` (ONNX spec).
-    """
-    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
-    if conv.op == "Conv":
-        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-    group = conv.attrs.get("group", 1)
+
+def _scale_grouped_columns(w: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    """``w · s`` along the channels axis 1 holds per group: ``w`` viewed as
+    ``[group, rows/group, cols, k...]`` times ``s`` viewed as ``[group, 1, cols, 1...]``."""
     grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
     return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+
+
+def scale_conv_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
+    """``W · s`` along the output channels of ``conv`` (``s`` a vector of M), in float64:
+    axis 0 of Conv's ``W[M, C/group, k...]``; for ConvTranspose's ``W[C, M/group, k...]``, ``W``
+    viewed as ``[group, C/group, M/group, k...]`` times ``s`` as ``[group, 1, M/group, 1...]``."""
+    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
+    if conv.op == "Conv":
+        return _scale_rows(w, s)
+    return _scale_grouped_columns(w, s, conv.attrs.get("group", 1))
+
+
+def scale_conv_input_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
+    """``W · s`` along the input channels of ``conv`` (``s`` a vector of C), in float64: Conv's
+    ``W[M, C/group, k...]`` viewed as ``[group, M/group, C/group, k...]`` times ``s`` as
+    ``[group, 1, C/group, 1...]``; axis 0 of ConvTranspose's ``W[C, M/group, k...]``."""
+    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
+    if conv.op == "ConvTranspose":
+        return _scale_rows(w, s)
+    return _scale_grouped_columns(w, s, conv.attrs.get("group", 1))
 
 
 def per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:
@@ -76,7 +108,6 @@ def conv_bias(conv: gs.Node) -> np.ndarray:
     return np.zeros(conv_output_channels(conv))
 
 
-
 def overflows(folded: np.ndarray, dtype, *sources: np.ndarray) -> bool:
     """True when ``folded`` (computed in float64 from ``sources``) has an infinity or NaN in
     ``dtype`` while every source is finite: the folded weight would turn outputs that were
@@ -86,23 +117,45 @@ def overflows(folded: np.ndarray, dtype, *sources: np.ndarray) -> bool:
     return not np.isfinite(cast).all() and all(np.isfinite(src).all() for src in sources)
 
 
-def absorb_into_conv(graph: gs.Graph, conv: gs.Node, follower: gs.Node,
-                     weight: np.ndarray | None, bias: np.ndarray, *sources: np.ndarray) -> bool:
+def conv_producing(t: gs.Tensor) -> gs.Node | None:
+    """The default-domain Conv or ConvTranspose whose output is ``t``, or None."""
+    producer = producer_in_scope(t)
+    return producer if producer is not None and producer.op in CONV_OPS else None
+
+
+def absorb_refusal(conv: gs.Node, follower: gs.Node, scope: Scope) -> str | None:
+    """Why ``follower`` (a node of ``scope.graph`` reading ``conv``'s output) cannot be absorbed
+    into ``conv``, as far as the Conv is concerned, or None: the output has another reader, the
+    Conv is in another scope, the output is a graph output, or :func:`conv_weight_refusal`."""
+    y = conv.outputs[0]
+    if len(y.outputs) != 1:
+        return "conv output has other consumers"
+    if scope.usedef.owner(conv) is not scope.graph:
+        return f"{follower.op} in another scope"
+    if scope.is_output(y):
+        return "conv output is a graph output"
+    return conv_weight_refusal(conv)
+
+
+def absorb_into_conv(conv: gs.Node, follower: gs.Node, weight: np.ndarray | None,
+                     bias: np.ndarray, *sources: np.ndarray,
+                     fresh: Callable[[str], str]) -> bool:
     """Make ``conv`` compute what ``follower`` -- the only reader of its output -- computed.
 
     ``conv`` gets new weight (None: the current one is kept) and bias initializers, cast to the
-    weight's dtype, and writes ``follower``'s output tensor, so that name survives (it may be a
-    graph output); ``follower`` is disconnected (the caller drops it from its graph's nodes).
-    Nothing changes, and False is returned, when the new weight or bias :func:`overflows` the
-    dtype while the current weight and bias and ``sources`` (the follower's constants) are finite.
+    weight's dtype and named by ``fresh`` (``Scope.fresh``), and writes ``follower``'s output
+    tensor, so that name survives (it may be a graph output); ``follower`` is disconnected (the
+    walker drops it from its graph's nodes). Nothing changes, and False is returned, when the new
+    weight or bias :func:`overflows` the dtype while the current weight and bias and ``sources``
+    (the follower's constants) are finite.
     """
     dtype = np.dtype(conv.inputs[1].dtype)
     inputs = [np.asarray(conv.inputs[1].values, np.float64), conv_bias(conv), *sources]
     if any(overflows(new, dtype, *inputs) for new in (weight, bias) if new is not None):
         return False
     w = conv.inputs[1] if weight is None else gs.Constant(
-        fresh_name(graph, conv.inputs[1].name), weight.astype(dtype))
-    b = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_bias"), bias.astype(dtype))
+        fresh(conv.inputs[1].name), weight.astype(dtype))
+    b = gs.Constant(fresh(f"{conv.inputs[1].name}_bias"), bias.astype(dtype))
     out = follower.outputs[0]
     follower.inputs.clear()
     follower.outputs.clear()
@@ -111,4 +164,3 @@ def absorb_into_conv(graph: gs.Graph, conv: gs.Node, follower: gs.Node,
     conv.inputs.extend([x, w, b])
     conv.outputs[0] = out
     return True
-

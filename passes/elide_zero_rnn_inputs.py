@@ -21,20 +21,20 @@ direction in which results may differ. Floating zeros must be +0.0: -0.0 would c
 some zero results. A bias of zeros and no bias give the same sums (``v + 0 = v`` for every v except
 -0.0, whose sum is +0.0: the sign of a zero only).
 
-Only ``initial_h``/``initial_c`` refusals are reported (as ``refused``, with the reason); non-zero
-biases and peepholes are the common case.
+Statistics: ``rewritten`` (nodes with inputs omitted), ``inputs_omitted`` and ``refused``: a node
+where nothing could be omitted, with the reason of its first initial state not proven zero
+(``initial_h is a graph input``, say). Non-zero biases and peepholes are the common case and are
+not reported, nor are the other inputs of a node some of whose inputs were omitted.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import PassContext, register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 #: Default-domain ops -> {input index: spec name} of the inputs whose omission means zeros.
 _ZERO_DEFAULTS = {
@@ -112,31 +112,35 @@ def _zero_defaults(node: gs.Node) -> dict[int, str]:
 
 
 @register
-class ElideZeroRnnInputs(Pass):
+class ElideZeroRnnInputs(RewritePass):
     name = "elide_zero_rnn_inputs"
     description = ("Omit RNN/GRU/LSTM initial states, biases and peepholes that are all zeros "
                    "(the spec's default).")
+    ops = ("RNN", "GRU", "LSTM", "DynamicQuantizeLSTM")
+    domain = None  # RNNs of the default domain and of com.microsoft: see _zero_defaults
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        blanked = 0
-        refused: Counter[str] = Counter()
-        for g in iter_graphs(graph):
-            for node in g.nodes:
-                omitted = 0
-                for i, name in _zero_defaults(node).items():
-                    if i >= len(node.inputs) or node.inputs[i].is_empty():
-                        continue
-                    reason = why_not_zero(node.inputs[i])
-                    if reason is None:
-                        node.inputs[i] = gs.Variable.empty()
-                        omitted += 1
-                    elif name.startswith("initial"):
-                        refused[f"{name} {reason}"] += 1
-                if omitted:
-                    while node.inputs[-1].is_empty():
-                        node.inputs.pop()
-                blanked += omitted
-        stats = {"inputs_omitted": blanked}
-        if refused:
-            stats["refused"] = dict(refused)
-        return PassResult(blanked > 0, stats)
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        self._omitted = 0
+
+    def match(self, node: gs.Node, scope: Scope) -> list[int] | Refusal | None:
+        """The indices of the inputs proven all zeros, else the refusal of an initial state."""
+        zeros, refusal = [], None
+        for i, name in _zero_defaults(node).items():
+            if i >= len(node.inputs) or node.inputs[i].is_empty():
+                continue
+            reason = why_not_zero(node.inputs[i])
+            if reason is None:
+                zeros.append(i)
+            elif refusal is None and name.startswith("initial"):
+                refusal = refuse(f"{name} {reason}")
+        return zeros or refusal
+
+    def rewrite(self, node: gs.Node, zeros: list[int], scope: Scope) -> None:
+        for i in zeros:
+            node.inputs[i] = gs.Variable.empty()
+        while node.inputs[-1].is_empty():
+            node.inputs.pop()
+        self._omitted += len(zeros)
+
+    def extra_stats(self) -> dict[str, int]:
+        return {"inputs_omitted": self._omitted}

@@ -14,62 +14,53 @@ graph or in a subgraph reading it from an outer scope), and its output is no gra
 the main graph or a subgraph); each of those Ifs is then swapped. Otherwise it stays and no If is
 touched: swapping only some readers would keep the Not and gain nothing.
 
-Statistics: ``nots_removed``, ``ifs_swapped`` and ``refused`` (per reason).
+Statistics: ``rewritten`` (Nots removed), ``ifs_swapped`` and ``refused`` per reason (``not
+output is a graph output``, ``not output read by other than an if condition``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import onnx_graphsurgeon as gs
 
+from onnxopt.edit import input_slots
 from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.edit import drop_disconnected, input_slots
 from onnxopt.ops import is_default_domain
-
-
-def _refusal(negated: gs.Tensor, outputs: set[int]) -> str | None:
-    """Why the Not writing ``negated`` must stay, or None when every reader is an If condition."""
-    if id(negated) in outputs:
-        return "not_output_is_a_graph_output"
-    if any(node.op != "If" or not is_default_domain(node) or i != 0 for node, i in input_slots(negated)):
-        return "not_output_read_by_other_than_an_if_condition"
-    return None
+from onnxopt.pass_manager import PassContext, register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 
 @register
-class FoldNotIntoIf(Pass):
+class FoldNotIntoIf(RewritePass):
     name = "fold_not_into_if"
     description = "Remove a Not read only by If conditions, swapping those Ifs' branches."
+    ops = ("Not",)
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        graphs = list(iter_graphs(graph))
-        outputs = {id(t) for g in graphs for t in g.outputs}
-        removed = swapped = 0
-        refused: Counter[str] = Counter()
-        for g in graphs:
-            for node in list(g.nodes):
-                if node.op != "Not" or not is_default_domain(node) or len(node.inputs) != 1 \
-                        or len(node.outputs) != 1:
-                    continue
-                negated = node.outputs[0]
-                if not negated.outputs:
-                    continue  # unused: eliminate_dead's
-                reason = _refusal(negated, outputs)
-                if reason is not None:
-                    refused[reason] += 1
-                    continue
-                for reader, _ in input_slots(negated):
-                    reader.inputs[0] = node.inputs[0]
-                    reader.attrs["then_branch"], reader.attrs["else_branch"] = \
-                        reader.attrs["else_branch"], reader.attrs["then_branch"]
-                    swapped += 1
-                node.inputs.clear()
-                node.outputs.clear()
-                removed += 1
-            drop_disconnected(g)
-        stats = {"nots_removed": removed, "ifs_swapped": swapped}
-        if refused:
-            stats["refused"] = dict(refused)
-        return PassResult(removed > 0, stats)
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        # a subgraph may output an outer-scope value: the outputs of every scope count
+        self._outputs = {id(t) for g in iter_graphs(graph) for t in g.outputs}
+        self._swapped = 0
+
+    def match(self, node: gs.Node, scope: Scope) -> Refusal | bool | None:
+        if len(node.inputs) != 1 or len(node.outputs) != 1:
+            return None
+        negated = node.outputs[0]
+        if not negated.outputs:
+            return None  # unused: eliminate_dead's
+        if id(negated) in self._outputs:
+            return refuse("not output is a graph output")
+        if any(reader.op != "If" or not is_default_domain(reader) or i != 0
+               for reader, i in input_slots(negated)):
+            return refuse("not output read by other than an if condition")
+        return True
+
+    def rewrite(self, node: gs.Node, match: bool, scope: Scope) -> None:
+        for reader, _ in input_slots(node.outputs[0]):
+            reader.inputs[0] = node.inputs[0]
+            reader.attrs["then_branch"], reader.attrs["else_branch"] = \
+                reader.attrs["else_branch"], reader.attrs["then_branch"]
+            self._swapped += 1
+        node.inputs.clear()
+        node.outputs.clear()
+
+    def extra_stats(self) -> dict[str, int]:
+        return {"ifs_swapped": self._swapped}

@@ -43,54 +43,30 @@ the Mul's graph or in a subgraph of it), each of which gets new weight initializ
 stay right for any other reader) and reads the Mul's data operand instead; the Mul is then
 dropped. Works in every subgraph.
 
-Refused (counted under ``skipped`` by reason), for a Mul/Div one of whose readers is a Conv's data
+Refused (counted under ``refused`` by reason), for a Mul/Div one of whose readers is a Conv's data
 input: the output is a graph output or has another reader (another op, a Conv's weight or bias);
 the scale is not an initializer, is the left operand of Div, is not per input channel, is not
 finite, or (Div) has a zero; both operands are initializers (constant folding's work); dtypes
 differ; the data operand's rank is unknown or not the Conv's, or its channel dim is unknown or not
 C; a Conv's weight or bias is not an initializer or not float (``conv_weight_refusal``); the
-weights disagree on C or (Conv) have output channels not divisible by ``group`` (invalid models).
+weights disagree on C or (Conv) have output channels not divisible by ``group`` (invalid models);
+a scaled weight overflows the dtype (``onnxopt.passes._conv.overflows``).
 
-Statistics: ``fused`` (Mul/Div dropped), ``convs`` (weights rewritten), ``skipped``.
+Statistics: ``rewritten`` (Mul/Div dropped), ``convs`` (weights rewritten), ``refused``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.analyses import TensorTypes
 from onnxopt.edit import constant_refusal
-from onnxopt.names import fresh_name
 from onnxopt.ops import is_default_domain
-from onnxopt.passes._conv import conv_weight_refusal, overflows, per_channel
-
-_CONV_OPS = ("Conv", "ConvTranspose")
-_SCALE_OPS = ("Mul", "Div")
-
-
-def conv_input_channels(conv: gs.Node) -> int:
-    """C, the input channels of a Conv or ConvTranspose, from its weight's shape."""
-    w = conv.inputs[1]
-    return w.shape[1] * conv.attrs.get("group", 1) if conv.op == "Conv" else w.shape[0]
-
-
-def scale_conv_input_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
-    """``W · s`` along the input-channel axis of ``conv`` (``s`` a vector of C), in float64.
-
-    Conv ``W[M, C/group, k...]``: viewed as ``[group, M/group, C/group, k...]`` times ``s`` viewed
-    as ``[group, 1, C/group, 1...]``. ConvTranspose ``W[C, M/group, k...]``: axis 0.
-    """
-    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
-    if conv.op == "ConvTranspose":
-        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-    group = conv.attrs.get("group", 1)
-    grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
-    return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
+from onnxopt.pass_manager import PassContext, register
+from onnxopt.passes._conv import (
+    CONV_OPS, conv_input_channels, conv_weight_refusal, overflows, per_channel,
+    scale_conv_input_channels)
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 
 def _readers(z: gs.Tensor) -> list[gs.Node]:
@@ -100,7 +76,7 @@ def _readers(z: gs.Tensor) -> list[gs.Node]:
 
 def _conv_refusal(conv: gs.Node, z: gs.Tensor) -> str | None:
     """Why ``conv``, a reader of the scaled tensor ``z``, cannot take the scale, or None."""
-    if conv.op not in _CONV_OPS or not is_default_domain(conv):
+    if conv.op not in CONV_OPS or not is_default_domain(conv):
         return "output read by another op"
     if conv.inputs[0] is not z or any(t is z for t in conv.inputs[1:]):
         return "output read as a Conv weight or bias"
@@ -112,108 +88,96 @@ def _conv_refusal(conv: gs.Node, z: gs.Tensor) -> str | None:
     return None
 
 
+def _scale_and_data(op: gs.Node, scope: Scope) -> str | tuple[gs.Tensor, np.ndarray]:
+    """Why ``op`` cannot be folded, or its data operand and its scale as a vector of C (``1/s``
+    for a Div)."""
+    z = op.outputs[0]
+    if scope.is_output(z):
+        return "output is a graph output"
+    readers = _readers(z)
+    for conv in readers:
+        reason = _conv_refusal(conv, z)
+        if reason:
+            return reason
+    w = readers[0].inputs[1]
+    rank, c = w.values.ndim, conv_input_channels(readers[0])
+    if any((r.inputs[1].values.ndim, conv_input_channels(r)) != (rank, c) for r in readers):
+        return "Convs disagree on the input channels"
+    x, s = op.inputs
+    if op.op == "Mul" and isinstance(x, gs.Constant):
+        x, s = s, x
+    if isinstance(x, gs.Constant):
+        return "both operands are initializers" if isinstance(s, gs.Constant) \
+            else "scale is the left operand of Div"
+    reason = constant_refusal(s, "scale")
+    if reason:
+        return reason
+    dtype = np.dtype(w.dtype)  # a float (conv_weight_refusal)
+    if any(np.dtype(t.dtype) != dtype for t in [s, *(r.inputs[1] for r in readers)]):
+        return "dtypes differ"
+    value = np.asarray(s.values)
+    vector = per_channel(value, rank, c)
+    if vector is None:
+        return "scale is not per input channel"
+    if not np.isfinite(vector).all():
+        return "scale is not finite"
+    if op.op == "Div" and not vector.all():
+        return "division by zero"
+    x_shape = scope.types.shape(x)
+    if x_shape is None:
+        return "data rank unknown"
+    if len(x_shape) != rank:
+        return "data rank is not the Conv's"
+    if value.size > 1 and x_shape[1] is None:
+        return "data channel dim unknown"
+    if value.size > 1 and x_shape[1] != c:
+        return "Mul broadcasts the data to more channels"
+    return x, (1.0 / vector if op.op == "Div" else vector)
+
+
 @register
-class FuseConvInputScale(Pass):
+class FuseConvInputScale(RewritePass):
     name = "fuse_conv_input_scale"
     description = "Fold Mul/Div by a per-input-channel constant into the Convs that read it."
+    ops = ("Mul", "Div")
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        fused, convs, skipped = 0, 0, Counter()
-        types = ctx.analyses.get(TensorTypes)  # inferred on the first question
-        for g in iter_graphs(graph):
-            for op in list(g.nodes):
-                if op.op not in _SCALE_OPS or not is_default_domain(op) \
-                        or len(op.outputs) != 1 or len(op.inputs) != 2:
-                    continue
-                z = op.outputs[0]
-                if not any(n.op in _CONV_OPS and n.inputs and n.inputs[0] is z
-                           for n in z.outputs):
-                    continue
-                reason, x, vector = self._refusal(op, g, types)
-                if reason:
-                    skipped[reason] += 1
-                    continue
-                rewritten = self._fuse(graph, op, x, vector)
-                if not rewritten:
-                    skipped["scaled weight overflows the dtype"] += 1
-                    continue
-                convs += rewritten
-                fused += 1
-            g.nodes = [n for n in g.nodes if n.outputs]
-        stats = {"fused": fused, "convs": convs}
-        if skipped:
-            stats["skipped"] = dict(sorted(skipped.items()))
-        return PassResult(bool(fused), stats)
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        self._convs = 0
 
-    @staticmethod
-    def _refusal(op: gs.Node, g: gs.Graph, types: TensorTypes
-                 ) -> tuple[str | None, gs.Tensor | None, np.ndarray | None]:
-        """Why ``op`` cannot be folded (or None), its data operand and its scale as a vector of
-        C (``1/s`` for a Div)."""
+    def extra_stats(self) -> dict[str, int]:
+        return {"convs": self._convs}
+
+    def match(self, op: gs.Node, scope: Scope) -> Refusal | tuple[gs.Tensor, np.ndarray] | None:
+        if len(op.outputs) != 1 or len(op.inputs) != 2:
+            return None
         z = op.outputs[0]
-        if any(t is z for t in g.outputs):
-            return "output is a graph output", None, None
-        readers = _readers(z)
-        for conv in readers:
-            reason = _conv_refusal(conv, z)
-            if reason:
-                return reason, None, None
-        w = readers[0].inputs[1]
-        rank, c = w.values.ndim, conv_input_channels(readers[0])
-        if any((r.inputs[1].values.ndim, conv_input_channels(r)) != (rank, c) for r in readers):
-            return "Convs disagree on the input channels", None, None
-        x, s = op.inputs
-        if op.op == "Mul" and isinstance(x, gs.Constant):
-            x, s = s, x
-        if isinstance(x, gs.Constant):
-            reason = "both operands are initializers" if isinstance(s, gs.Constant) \
-                else "scale is the left operand of Div"
-            return reason, None, None
-        reason = constant_refusal(s, "scale")
-        if reason:
-            return reason, None, None
-        dtype = np.dtype(w.dtype)  # a float (conv_weight_refusal)
-        if any(np.dtype(t.dtype) != dtype for t in [s, *(r.inputs[1] for r in readers)]):
-            return "dtypes differ", None, None
-        value = np.asarray(s.values)
-        vector = per_channel(value, rank, c)
-        if vector is None:
-            return "scale is not per input channel", None, None
-        if not np.isfinite(vector).all():
-            return "scale is not finite", None, None
-        if op.op == "Div" and not vector.all():
-            return "division by zero", None, None
-        x_shape = types.shape(x)
-        if x_shape is None:
-            return "data rank unknown", None, None
-        if len(x_shape) != rank:
-            return "data rank is not the Conv's", None, None
-        if value.size > 1 and x_shape[1] is None:
-            return "data channel dim unknown", None, None
-        if value.size > 1 and x_shape[1] != c:
-            return "Mul broadcasts the data to more channels", None, None
-        return None, x, (1.0 / vector if op.op == "Div" else vector)
+        if not any(n.op in CONV_OPS and n.inputs and n.inputs[0] is z for n in z.outputs):
+            return None
+        found = _scale_and_data(op, scope)
+        return refuse(found) if isinstance(found, str) else found
 
-    @staticmethod
-    def _fuse(graph: gs.Graph, op: gs.Node, x: gs.Tensor, s: np.ndarray) -> int:
-        """Every reader Conv reads ``x`` with its weight scaled by ``s``; ``op`` is disconnected.
-        Returns how many Convs were rewritten: 0, and nothing changed, when a scaled weight
-        :func:`onnxopt.passes._conv.overflows` its dtype."""
+    def rewrite(self, op: gs.Node, match: tuple[gs.Tensor, np.ndarray], scope: Scope
+                ) -> Refusal | None:
+        """Every reader Conv reads the data operand with its weight scaled; ``op`` is
+        disconnected. Refused, and nothing changed, when a scaled weight overflows its dtype."""
+        x, s = match
         readers = _readers(op.outputs[0])
 
         def key(conv: gs.Node) -> tuple:  # Convs sharing a weight share its scaled copy
             return id(conv.inputs[1]), conv.op, conv.attrs.get("group", 1)
 
-        weights: dict[tuple, gs.Constant] = {}
+        scaled: dict[tuple, tuple[gs.Constant, np.ndarray]] = {}
         for conv in readers:
-            w = conv.inputs[1]
-            if key(conv) not in weights:
-                value = scale_conv_input_channels(conv, s)
-                if overflows(value, w.dtype, np.asarray(w.values, np.float64), s):
-                    return 0
-                weights[key(conv)] = gs.Constant(fresh_name(graph, w.name), value.astype(w.dtype))
+            if key(conv) not in scaled:
+                scaled[key(conv)] = conv.inputs[1], scale_conv_input_channels(conv, s)
+        if any(overflows(value, w.dtype, np.asarray(w.values, np.float64), s)
+               for w, value in scaled.values()):
+            return refuse("scaled weight overflows the dtype")
+        weights = {k: gs.Constant(scope.fresh(w.name), value.astype(w.dtype))
+                   for k, (w, value) in scaled.items()}
         for conv in readers:
             conv.inputs[0], conv.inputs[1] = x, weights[key(conv)]
         op.inputs.clear()
         op.outputs.clear()
-        return len(readers)
+        self._convs += len(readers)
+        return None

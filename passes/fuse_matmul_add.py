@@ -28,7 +28,8 @@ provided that
   up. Inside a Loop body a loop-carried value has no shape, so such a ``C`` is refused.
 - The dtype is float16, float or double (Gemm-7 accepts these; integer types only from Gemm-9 and
   bfloat16 from Gemm-13, which we leave alone), and ``C`` has the product's dtype.
-- Before opset 7 Gemm broadcasts ``C`` only with ``broadcast=1`` and under other rules: refused.
+- Before opset 7 Gemm broadcasts ``C`` only with ``broadcast=1`` and under other rules: the pass
+  applies from opset 7 (``min_opset``).
 
 ``C`` may be either operand of the Add. The Gemm writes the Add's output tensor, so that name
 survives, and takes the Add's place in the node order (``C`` may be computed after the MatMul);
@@ -36,26 +37,19 @@ the MatMul output disappears, so it must have no other reader and not be a graph
 is ``A · B + C`` either way, up to the float rounding of the accumulation order. Works in every
 subgraph.
 
-Statistics: ``fused`` and ``skipped`` (per reason).
+Statistics: ``rewritten`` (MatMuls turned into Gemm) and ``refused`` (per reason).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs, opset_version
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.analyses import TensorTypes
 from onnxopt.edit import constant_refusal
-from onnxopt.ops import is_default_domain
-
-_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-
-#: First opset whose Gemm broadcasts C unidirectionally without an attribute.
-_GEMM_UNIDIRECTIONAL = 7
+from onnxopt.ops import FLOAT_DTYPES, is_default_domain
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 
 def _shape(t: gs.Tensor, types: TensorTypes) -> tuple | None:
@@ -79,81 +73,63 @@ def _bias_refusal(c_shape: tuple, mn: tuple) -> str | None:
     return None
 
 
+def _refusal(matmul: gs.Node, add: gs.Node, scope: Scope) -> str | None:
+    """Why ``Add(matmul, C)`` cannot become a Gemm, or None."""
+    y = matmul.outputs[0]
+    if len(y.outputs) != 1:
+        return "MatMul output has other consumers"
+    if scope.is_output(y):
+        return "MatMul output is a graph output"
+    if scope.usedef.owner(add) is not scope.graph:
+        return "Add in another scope"
+    if len(add.inputs) != 2 or len(add.outputs) != 1 or add.inputs[0] is add.inputs[1]:
+        return "unexpected Add arity"
+    types = scope.types
+    c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    if isinstance(c, gs.Constant):
+        reason = constant_refusal(c, "bias")
+        if reason:
+            return reason
+        c_shape, c_dtype = tuple(c.shape), np.dtype(c.dtype)
+    else:
+        c_shape, c_dtype = types.static_shape(c), types.dtype(c)
+        if c_shape is None:
+            return "bias shape unknown"
+    a, b = matmul.inputs
+    a_shape, b_shape = _shape(a, types), _shape(b, types)
+    if a_shape is None or b_shape is None:
+        return "operand rank unknown"
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        return "operands are not both 2-D"
+    dtype = types.dtype(b)
+    dtype = types.dtype(a) if dtype is None else dtype
+    if dtype is None or dtype.type not in FLOAT_DTYPES:
+        return "dtype is not float16, float or double"
+    if c_dtype != dtype:
+        return "bias dtype differs from the product's"
+    return _bias_refusal(c_shape, (a_shape[0], b_shape[1]))
+
+
 @register
-class FuseMatMulAdd(Pass):
+class FuseMatMulAdd(RewritePass):
     name = "fuse_matmul_add"
     description = "Fuse MatMul of 2-D operands followed by Add of a bias into Gemm."
+    ops = ("MatMul",)
+    #: First opset whose Gemm broadcasts C unidirectionally without an attribute.
+    min_opset = 7
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        skipped: Counter[str] = Counter()
-        opset = opset_version(graph)
-        types = ctx.analyses.get(TensorTypes)  # inferred on the first question
-        fused = 0
-        for g in iter_graphs(graph):
-            position = {id(n): i for i, n in enumerate(g.nodes)}
-            for matmul in list(g.nodes):
-                if matmul.op != "MatMul" or not is_default_domain(matmul) \
-                        or len(matmul.inputs) != 2 or len(matmul.outputs) != 1:
-                    continue
-                y = matmul.outputs[0]
-                adds = [n for n in y.outputs if n.op == "Add" and is_default_domain(n)]
-                if not adds:
-                    continue
-                add = adds[0]
-                reason = self._refusal(matmul, add, g, position, types, opset)
-                if reason:
-                    skipped[reason] += 1
-                    continue
-                self._fuse(matmul, add, g, position)
-                fused += 1
-            g.nodes = [n for n in g.nodes if n.outputs]
-        stats = {"fused": fused}
-        if skipped:
-            stats["skipped"] = dict(sorted(skipped.items()))
-        return PassResult(bool(fused), stats)
+    def match(self, matmul: gs.Node, scope: Scope) -> Refusal | gs.Node | None:
+        if len(matmul.inputs) != 2 or len(matmul.outputs) != 1:
+            return None
+        adds = [n for n in matmul.outputs[0].outputs if n.op == "Add" and is_default_domain(n)]
+        if not adds:
+            return None
+        reason = _refusal(matmul, adds[0], scope)
+        return refuse(reason) if reason else adds[0]
 
-    @staticmethod
-    def _refusal(matmul: gs.Node, add: gs.Node, g: gs.Graph, position: dict[int, int],
-                 types: TensorTypes, opset: int) -> str | None:
-        if opset < _GEMM_UNIDIRECTIONAL:
-            return "opset below 7: Gemm broadcasts C only with broadcast=1"
-        y = matmul.outputs[0]
-        if len(y.outputs) != 1:
-            return "MatMul output has other consumers"
-        if any(t is y for t in g.outputs):
-            return "MatMul output is a graph output"
-        if id(add) not in position:
-            return "Add in another scope"
-        if len(add.inputs) != 2 or len(add.outputs) != 1 or add.inputs[0] is add.inputs[1]:
-            return "unexpected Add arity"
-        c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-        if isinstance(c, gs.Constant):
-            reason = constant_refusal(c, "bias")
-            if reason:
-                return reason
-            c_shape, c_dtype = tuple(c.shape), np.dtype(c.dtype)
-        else:
-            c_shape, c_dtype = types.static_shape(c), types.dtype(c)
-            if c_shape is None:
-                return "bias shape unknown"
-        a, b = matmul.inputs
-        a_shape, b_shape = _shape(a, types), _shape(b, types)
-        if a_shape is None or b_shape is None:
-            return "operand rank unknown"
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            return "operands are not both 2-D"
-        dtype = types.dtype(b)
-        dtype = types.dtype(a) if dtype is None else dtype
-        if dtype is None or dtype.type not in _FLOAT_DTYPES:
-            return "dtype is not float16, float or double"
-        if c_dtype != dtype:
-            return "bias dtype differs from the product's"
-        return _bias_refusal(c_shape, (a_shape[0], b_shape[1]))
-
-    @staticmethod
-    def _fuse(matmul: gs.Node, add: gs.Node, g: gs.Graph, position: dict[int, int]) -> None:
-        """The MatMul becomes the Gemm, in place, and moves to the Add's place in ``g.nodes``:
-        a non-constant ``C`` may be computed between the two."""
+    def rewrite(self, matmul: gs.Node, add: gs.Node, scope: Scope) -> None:
+        """The MatMul becomes the Gemm, in place, and moves to the Add's place in the graph's
+        nodes: a non-constant ``C`` may be computed between the two."""
         y = matmul.outputs[0]
         c = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
         out = add.outputs[0]
@@ -162,7 +138,11 @@ class FuseMatMulAdd(Pass):
         matmul.op = "Gemm"
         matmul.inputs.append(c)
         matmul.outputs[0] = out
+        nodes = scope.graph.nodes  # the walker changes this list only after the whole scope
+        position = scope.memo.get("position")
+        if position is None:
+            position = scope.memo["position"] = {id(n): i for i, n in enumerate(nodes)}
         i, j = position[id(matmul)], position[id(add)]
         if i < j:
-            g.nodes[i], g.nodes[j] = add, matmul
+            nodes[i], nodes[j] = add, matmul
             position[id(matmul)], position[id(add)] = j, i

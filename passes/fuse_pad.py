@@ -22,27 +22,27 @@ onnxruntime rejects pooling pads not smaller than the kernel, so those are refus
 
 MaxPool is refused: its pads hold -inf, not 0, so a zero Pad is not its padding.
 
-Conditions (each refusal is counted by reason): the Pad is in constant mode (``mode`` absent or
-``constant``); its value is absent or a constant 0; its pads (attribute ``pads`` or ``paddings``
-before opset 11, an initializer input from 11) and ``axes`` (opset 18) are constants; every pad
-is >= 0 and the batch and channel pads are 0; the Pad's output is read only by input 0 of the
-consumer, in the same graph, and is not a graph output; the consumer's ``auto_pad`` is absent or
-``NOTSET``. The consumer then reads the Pad's input; the Pad is removed. Works in every subgraph.
+Conditions (each refusal is counted under ``refused`` by reason): the Pad is in constant mode
+(``mode`` absent or ``constant``); its value is absent or a constant 0; its pads (attribute
+``pads`` or ``paddings`` before opset 11, an initializer input from 11) and ``axes`` (opset 18)
+are constants; every pad is >= 0 and the batch and channel pads are 0; the Pad's output is read
+only by input 0 of the consumer, in the same graph, and is not a graph output; the consumer's
+``auto_pad`` is absent or ``NOTSET``. The consumer then reads the Pad's input; the Pad is removed.
+Works in every subgraph.
 
-Statistics: ``fused`` (total), ``by_op`` and ``skipped`` (per reason).
+Statistics: ``rewritten`` (Pads removed), ``by_kind`` (per consumer op: ``Conv``,
+``AveragePool``), ``refused``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.edit import constant_refusal
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 _CONSUMERS = ("Conv", "AveragePool", "MaxPool")
 
@@ -130,80 +130,66 @@ def _consumer_refusal(node: gs.Node, spatial: int) -> str | None:
     return None
 
 
+def _new_pads(pad: gs.Node, consumer: gs.Node, scope: Scope) -> str | list[int]:
+    """Why the Pad cannot be folded into ``consumer``, or the consumer's new pads."""
+    y = pad.outputs[0]
+    if len(y.outputs) != 1 or sum(t is y for t in consumer.inputs) != 1:
+        return "Pad output has other consumers"
+    if consumer.inputs[0] is not y:
+        return f"Pad output is not the {consumer.op} input X"
+    if scope.is_output(y):
+        return "Pad output is a graph output"
+    if scope.usedef.owner(consumer) is not scope.graph:
+        return f"{consumer.op} in another scope"
+    pads, reason = _pad_amounts(pad, _consumer_rank(consumer))
+    if reason:
+        return reason
+    r = len(pads) // 2
+    if len(pads) != 2 * r or r < 3:
+        return "Pad pads do not cover a spatial input"
+    if any(p < 0 for p in pads):
+        return "negative pads (cropping)"
+    if pads[0] or pads[1] or pads[r] or pads[r + 1]:
+        return "Pad pads the batch or channel axis"
+    rank = _consumer_rank(consumer)
+    if rank is not None and rank != r:
+        return "Pad rank differs from the consumer's"
+    spatial = r - 2
+    reason = _consumer_refusal(consumer, spatial)
+    if reason:
+        return reason
+    old = [int(v) for v in consumer.attrs.get("pads", [0] * 2 * spatial)]
+    new = [o + p for o, p in zip(old, pads[2:r] + pads[r + 2:])]
+    if consumer.op != "Conv":
+        kernel = consumer.attrs["kernel_shape"]
+        if any(p >= kernel[i % spatial] for i, p in enumerate(new)):
+            return "pooling pads would reach the kernel size"
+    return new
+
+
 @register
-class FusePad(Pass):
+class FusePad(RewritePass):
     name = "fuse_pad"
     description = "Fold a zero constant Pad of the spatial axes into the following Conv or " \
                   "AveragePool's pads."
+    ops = ("Pad",)
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        fused, skipped = Counter(), Counter()
-        for g in iter_graphs(graph):
-            in_graph = {id(n) for n in g.nodes}
-            for pad in list(g.nodes):
-                if pad.op != "Pad" or not is_default_domain(pad) or not pad.outputs \
-                        or not pad.inputs:
-                    continue
-                consumers = [n for n in pad.outputs[0].outputs
-                             if n.op in _CONSUMERS and is_default_domain(n)]
-                if not consumers:
-                    continue
-                consumer = consumers[0]
-                reason, new_pads = self._refusal(pad, consumer, g, in_graph)
-                if reason:
-                    skipped[reason] += 1
-                    continue
-                self._fuse(pad, consumer, new_pads)
-                fused[consumer.op] += 1
-            g.nodes = [n for n in g.nodes if n.outputs]
-        stats = {"fused": sum(fused.values()), "by_op": dict(sorted(fused.items()))}
-        if skipped:
-            stats["skipped"] = dict(sorted(skipped.items()))
-        return PassResult(bool(fused), stats)
+    def match(self, pad: gs.Node, scope: Scope) -> Refusal | tuple[gs.Node, list[int]] | None:
+        if not pad.inputs:
+            return None
+        consumers = [n for n in pad.outputs[0].outputs
+                     if n.op in _CONSUMERS and is_default_domain(n)]
+        if not consumers:
+            return None
+        found = _new_pads(pad, consumers[0], scope)
+        return refuse(found) if isinstance(found, str) else (consumers[0], found)
 
-    @staticmethod
-    def _refusal(pad: gs.Node, consumer: gs.Node, g: gs.Graph, in_graph: set[int]
-                 ) -> tuple[str | None, list[int] | None]:
-        """Why the Pad cannot be folded into ``consumer`` (or None) and the consumer's new pads."""
-        y = pad.outputs[0]
-        if len(y.outputs) != 1 or sum(t is y for t in consumer.inputs) != 1:
-            return "Pad output has other consumers", None
-        if consumer.inputs[0] is not y:
-            return f"Pad output is not the {consumer.op} input X", None
-        if any(t is y for t in g.outputs):
-            return "Pad output is a graph output", None
-        if id(consumer) not in in_graph:
-            return f"{consumer.op} in another scope", None
-        pads, reason = _pad_amounts(pad, _consumer_rank(consumer))
-        if reason:
-            return reason, None
-        r = len(pads) // 2
-        if len(pads) != 2 * r or r < 3:
-            return "Pad pads do not cover a spatial input", None
-        if any(p < 0 for p in pads):
-            return "negative pads (cropping)", None
-        if pads[0] or pads[1] or pads[r] or pads[r + 1]:
-            return "Pad pads the batch or channel axis", None
-        rank = _consumer_rank(consumer)
-        if rank is not None and rank != r:
-            return "Pad rank differs from the consumer's", None
-        spatial = r - 2
-        reason = _consumer_refusal(consumer, spatial)
-        if reason:
-            return reason, None
-        old = [int(v) for v in consumer.attrs.get("pads", [0] * 2 * spatial)]
-        new = [o + p for o, p in zip(old, pads[2:r] + pads[r + 2:])]
-        if consumer.op != "Conv":
-            kernel = consumer.attrs["kernel_shape"]
-            if any(p >= kernel[i % spatial] for i, p in enumerate(new)):
-                return "pooling pads would reach the kernel size", None
-        return None, new
-
-    @staticmethod
-    def _fuse(pad: gs.Node, consumer: gs.Node, new_pads: list[int]) -> None:
+    def rewrite(self, pad: gs.Node, match: tuple[gs.Node, list[int]], scope: Scope) -> str:
+        consumer, new_pads = match
         consumer.inputs[0] = pad.inputs[0]
         consumer.attrs["pads"] = new_pads
         if consumer.op == "AveragePool":
             consumer.attrs["count_include_pad"] = 1
         pad.inputs.clear()
         pad.outputs.clear()
+        return consumer.op

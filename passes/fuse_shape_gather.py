@@ -14,33 +14,31 @@ any ``x`` of rank ``r``, so the rewrite is exact.
 Applied when every reader of the Gather is such an Unsqueeze (each is rewritten in place into the
 new Shape, keeping its output tensor; CSE merges duplicates) and the Gather's output is not a graph
 output: the Gather goes, and the original Shape too when nothing else reads it -- one node fewer at
-least. Needs opset 15 (``start``/``end`` of Shape) and the rank of ``x`` (``passes._util.
+least. Needs opset 15 (``start``/``end`` of Shape) and the rank of ``x`` (``onnxopt.analyses.
 TensorTypes``; an index it makes out of range is left alone: the original fails there). The Gather's
 ``axis`` must be 0 (or -1: ``data`` is 1-D) and ``i`` a 0-d integer initializer. Every graph and
 subgraph is handled.
 
-Statistics: ``rewritten`` (Unsqueezes turned into Shapes), ``nodes_removed`` and ``refused`` per
-reason: ``rank_unknown``, ``index_out_of_range``.
+Statistics: ``rewritten`` (Gathers removed, each of their Unsqueezes turned into a Shape) and
+``refused`` per reason: ``rank unknown``, ``index out of range``.
 """
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs, opset_version
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.analyses import TensorTypes
-from onnxopt.edit import constant_value, drop_disconnected, drop_if_unused, int_list
+from onnxopt.edit import constant_value, int_list
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 
-def _unsqueezes(out: gs.Tensor, g: gs.Graph) -> list[gs.Node] | None:
+def _unsqueezes(out: gs.Tensor, scope: Scope) -> list[gs.Node] | None:
     """The readers of ``out`` when every one is ``Unsqueeze(out, [0])`` (or ``[-1]``) and ``out``
-    is not an output of ``g``, else None."""
-    if not out.outputs or any(t is out for t in g.outputs):
+    is not an output of the scope's graph, else None."""
+    if not out.outputs or scope.is_output(out):
         return None
     for node in out.outputs:
         if node.op != "Unsqueeze" or not is_default_domain(node) or node.inputs[0] is not out \
@@ -49,7 +47,7 @@ def _unsqueezes(out: gs.Tensor, g: gs.Graph) -> list[gs.Node] | None:
     return list(out.outputs)
 
 
-def _dim(gather: gs.Node, shape: gs.Node, types: TensorTypes) -> int | str | None:
+def _dim(gather: gs.Node, shape: gs.Node, types: TensorTypes) -> int | Refusal | None:
     """The axis ``a`` of ``x`` that ``Gather(Shape(x), i)`` reads, a refusal reason, or None when
     the Gather is not of this form."""
     index = constant_value(gather.inputs[1])
@@ -58,53 +56,42 @@ def _dim(gather: gs.Node, shape: gs.Node, types: TensorTypes) -> int | str | Non
         return None
     rank = types.rank(shape.inputs[0])
     if rank is None:
-        return "rank_unknown"
+        return refuse("rank unknown")
     axes = range(rank)[shape.attrs.get("start", 0):shape.attrs.get("end", rank)]
     i = int(index)
     if not -len(axes) <= i < len(axes):
-        return "index_out_of_range"
+        return refuse("index out of range")
     return axes[i]
 
 
 @register
-class FuseShapeGather(Pass):
+class FuseShapeGather(RewritePass):
     name = "fuse_shape_gather"
     description = "Turn Unsqueeze(Gather(Shape(x), i), [0]) into Shape(x, start=i, end=i+1)."
+    ops = ("Gather",)
+    min_opset = 15
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        rewritten = removed = 0
-        refused: collections.Counter[str] = collections.Counter()
-        if opset_version(graph) < 15:
-            return PassResult(False, {"rewritten": 0, "nodes_removed": 0, "refused": {}})
-        types = ctx.analyses.get(TensorTypes)
-        graphs = list(iter_graphs(graph))
-        for g in graphs:
-            for gather in list(g.nodes):
-                if gather.op != "Gather" or not is_default_domain(gather) or not gather.outputs:
-                    continue
-                data = gather.inputs[0]
-                shape = data.inputs[0] if len(data.inputs) == 1 else None
-                if shape is None or shape.op != "Shape" or not is_default_domain(shape):
-                    continue
-                readers = _unsqueezes(gather.outputs[0], g)
-                if readers is None:
-                    continue
-                a = _dim(gather, shape, types)
-                if a is None:
-                    continue
-                if isinstance(a, str):
-                    refused[a] += 1
-                    continue
-                for node in readers:
-                    node.op = "Shape"
-                    node.inputs.clear()
-                    node.inputs.append(shape.inputs[0])
-                    node.attrs = {"start": a, "end": a + 1}
-                rewritten += len(readers)
-                gather.inputs.clear()
-                gather.outputs.clear()
-                removed += 1 + any(drop_if_unused(h, shape) for h in graphs)
-        for g in graphs:
-            drop_disconnected(g)
-        stats = {"rewritten": rewritten, "nodes_removed": removed, "refused": dict(refused)}
-        return PassResult(rewritten > 0, stats)
+    def match(self, gather: gs.Node, scope: Scope
+              ) -> tuple[gs.Node, list[gs.Node], int] | Refusal | None:
+        """``(Shape, Unsqueezes reading the Gather, axis of x)``."""
+        data = gather.inputs[0]
+        shape = data.inputs[0] if len(data.inputs) == 1 else None
+        if shape is None or shape.op != "Shape" or not is_default_domain(shape):
+            return None
+        readers = _unsqueezes(gather.outputs[0], scope)
+        if readers is None:
+            return None
+        a = _dim(gather, shape, scope.types)
+        return a if a is None or isinstance(a, Refusal) else (shape, readers, a)
+
+    def rewrite(self, gather: gs.Node, match: tuple[gs.Node, list[gs.Node], int],
+                scope: Scope) -> None:
+        shape, readers, a = match
+        for node in readers:
+            node.op = "Shape"
+            node.inputs.clear()
+            node.inputs.append(shape.inputs[0])
+            node.attrs = {"start": a, "end": a + 1}
+        gather.inputs.clear()
+        gather.outputs.clear()
+        scope.drop_if_unused(shape)

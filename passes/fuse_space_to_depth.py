@@ -44,39 +44,49 @@ read only by the Concat; ``X``'s dtype is one onnxruntime's CPU ``SpaceToDepth``
 The Concat node becomes the ``SpaceToDepth`` (keeping its output tensor, except in the Gather form
 where the new Gather writes it); the Slices are removed. Works in every graph and subgraph.
 
-Statistics: ``fused`` per form (``space_to_depth``, ``into_conv``, ``gather``),
-``nodes_removed``, and ``refused`` per reason: ``slice_not_focus`` (other starts, steps, ends or
-axes, or not constant), ``slice_read_elsewhere``, ``size_unknown`` (rank, ``H`` or ``W`` not
-known), ``odd_size``, ``dtype`` (unknown or not implemented), ``channels_unknown`` (Gather form
-without a static ``C``).
+Statistics: ``rewritten``, ``by_kind`` per form (``space_to_depth``, ``into_conv``, ``gather``),
+and ``refused`` per reason: ``slice is not a focus slice`` (other starts, steps, ends or axes, or
+not constant), ``slice read elsewhere``, ``size unknown`` (rank, ``H`` or ``W`` not known),
+``odd size``, ``dtype not supported`` (unknown or not implemented), ``channels unknown`` (Gather
+form without a static ``C``).
 """
 
 from __future__ import annotations
 
-import collections
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.analyses import TensorTypes
-from onnxopt.edit import constant_refusal, constant_value, drop_disconnected
-from onnxopt.names import fresh_name
+from onnxopt.edit import constant_refusal, constant_value
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 #: Element types onnxruntime's CPU provider implements SpaceToDepth for (1.32).
 _DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.uint8))
 
 
-def _block(node: gs.Node, shape: tuple) -> int | str:
+@dataclass
+class _Focus:
+    """A Focus block: ``slices`` of ``x`` concatenated in channel order ``perm`` of
+    ``SpaceToDepth(x, 2)``; ``conv`` the Conv that alone reads the Concat and can take ``perm``
+    into its weight, or None."""
+
+    x: gs.Tensor
+    slices: list[gs.Node]
+    perm: np.ndarray
+    conv: gs.Node | None
+
+
+def _block(node: gs.Node, shape: tuple) -> int | None:
     """The block ``k = 2·h0 + w0`` a Focus Slice takes from its input of static rank-4 ``shape``,
-    or ``"slice_not_focus"``."""
+    or None when it is not a Focus Slice."""
     if "starts" in node.attrs or not 3 <= len(node.inputs) <= 5:
-        return "slice_not_focus"
+        return None
     values = [None if t.is_empty() else constant_value(t) for t in node.inputs[1:5]]
     if any(v is None and not t.is_empty() for v, t in zip(values, node.inputs[1:5])):
-        return "slice_not_focus"
+        return None
     values += [None] * (4 - len(values))
     starts, ends, axes, steps = (None if v is None else np.asarray(v, np.int64).ravel()
                                  for v in values)
@@ -84,18 +94,18 @@ def _block(node: gs.Node, shape: tuple) -> int | str:
     steps = np.ones(len(starts), np.int64) if steps is None else steps
     if not len(starts) == len(ends) == len(axes) == len(steps) == 2 \
             or any(a < -4 or a > 3 for a in axes) or sorted(int(a) % 4 for a in axes) != [2, 3]:
-        return "slice_not_focus"
+        return None
     offsets = {}
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if step != 2 or start not in (0, 1) or end < shape[int(axis) % 4]:
-            return "slice_not_focus"
+            return None
         offsets[int(axis) % 4] = int(start)
     return 2 * offsets[2] + offsets[3]
 
 
-def _conv_reader(out: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
+def _conv_reader(out: gs.Tensor, scope: Scope) -> gs.Node | None:
     """The Conv that alone reads ``out`` (input 0, group 1, initializer weight of rank 4)."""
-    if len(out.outputs) != 1 or any(t is out for t in graph.outputs):
+    if len(out.outputs) != 1 or scope.is_output(out):
         return None
     conv = out.outputs[0]
     if conv.op != "Conv" or not is_default_domain(conv) or conv.attrs.get("group", 1) != 1 \
@@ -108,98 +118,74 @@ def _conv_reader(out: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
     return conv
 
 
-def _focus(g: gs.Graph, concat: gs.Node, types: TensorTypes) -> dict | str | None:
-    """The plan for a Focus Concat: ``{"x", "slices", "perm", "conv"}``; a refusal reason; None
-    when ``concat`` is not four Slices of one tensor on axis 1 (no Focus at all)."""
-    if len(concat.inputs) != 4 or concat.attrs.get("axis") not in (1, -3):
-        return None
-    slices = []
-    for t in concat.inputs:
-        producer = t.inputs[0] if len(t.inputs) == 1 else None
-        if producer is None or producer.op != "Slice" or not is_default_domain(producer) \
-                or not any(n is producer for n in g.nodes):
-            return None
-        slices.append(producer)
-    x = slices[0].inputs[0]
-    if any(s.inputs[0] is not x for s in slices):
-        return None
-    shape = types.shape(x)
-    if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
-        return "size_unknown"
-    if shape[2] % 2 or shape[3] % 2:
-        return "odd_size"
-    blocks = [_block(s, shape) for s in slices]
-    if any(isinstance(b, str) for b in blocks) or sorted(blocks) != [0, 1, 2, 3]:
-        return "slice_not_focus"
-    outputs = {id(t) for t in g.outputs}
-    for s in slices:
-        out = s.outputs[0]
-        if len(s.outputs) != 1 or len(out.outputs) != 1 or id(out) in outputs:
-            return "slice_read_elsewhere"
-    conv = _conv_reader(concat.outputs[0], g)
-    dtype = types.dtype(x)
-    if dtype is None and conv is not None:
-        dtype = np.dtype(conv.inputs[1].dtype)
-    if dtype is None or np.dtype(dtype) not in _DTYPES:
-        return "dtype"
-    channels = conv.inputs[1].values.shape[1] // 4 if conv is not None else shape[1]
-    if channels is None:
-        return "channels_unknown"
-    perm = np.concatenate([np.arange(channels) + k * channels for k in blocks])
-    return {"x": x, "slices": slices, "perm": perm, "conv": conv}
-
-
-def _rewrite(graph: gs.Graph, g: gs.Graph, concat: gs.Node, plan: dict) -> str:
-    """Apply ``plan`` to ``concat``; return the form used."""
-    out, perm, conv = concat.outputs[0], plan["perm"], plan["conv"]
-    for s in plan["slices"]:
-        s.inputs.clear()
-        s.outputs.clear()
-    concat.op = "SpaceToDepth"
-    concat.attrs = {"blocksize": 2}
-    concat.inputs.clear()
-    concat.inputs.append(plan["x"])
-    if np.array_equal(perm, np.arange(len(perm))):
-        return "space_to_depth"
-    if conv is not None:
-        w = conv.inputs[1]
-        moved = np.empty_like(w.values)
-        moved[:, perm] = w.values
-        conv.inputs[1] = gs.Constant(fresh_name(graph, w.name), moved)
-        return "into_conv"
-    y = gs.Variable(fresh_name(graph, f"{out.name}_space_to_depth"), dtype=out.dtype)
-    concat.outputs[0] = y
-    indices = gs.Constant(fresh_name(graph, f"{out.name}_perm"), perm.astype(np.int64))
-    gather = gs.Node("Gather", name=fresh_name(graph, f"{concat.name or 'focus'}_gather"),
-                     attrs={"axis": 1}, inputs=[y, indices], outputs=[out])
-    g.nodes.insert(next(i for i, n in enumerate(g.nodes) if n is concat) + 1, gather)
-    return "gather"
-
-
 @register
-class FuseSpaceToDepth(Pass):
+class FuseSpaceToDepth(RewritePass):
     name = "fuse_space_to_depth"
     description = ("Replace the YOLOv5 Focus block (four strided Slices concatenated on the "
                    "channels) by SpaceToDepth, the channel order folded into a Conv or a Gather.")
+    ops = ("Concat",)
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        fused: collections.Counter[str] = collections.Counter()
-        refused: collections.Counter[str] = collections.Counter()
-        types = ctx.analyses.get(TensorTypes)
-        removed = 0
-        for g in iter_graphs(graph):
-            for node in list(g.nodes):
-                if node.op != "Concat" or not is_default_domain(node) or not node.outputs:
-                    continue
-                plan = _focus(g, node, types)
-                if plan is None:
-                    continue
-                if isinstance(plan, str):
-                    refused[plan] += 1
-                    continue
-                form = _rewrite(graph, g, node, plan)
-                fused[form] += 1
-                removed += 3 if form == "gather" else 4
-            drop_disconnected(g)
-        stats = {"fused": dict(fused), "nodes_removed": removed, "refused": dict(refused)}
-        return PassResult(bool(fused), stats)
+    def match(self, concat: gs.Node, scope: Scope) -> Refusal | _Focus | None:
+        """None when ``concat`` is not four Slices of one tensor on axis 1 (no Focus at all)."""
+        if len(concat.inputs) != 4 or concat.attrs.get("axis") not in (1, -3):
+            return None
+        slices = []
+        for t in concat.inputs:
+            producer = t.inputs[0] if len(t.inputs) == 1 else None
+            if producer is None or producer.op != "Slice" or not is_default_domain(producer) \
+                    or scope.usedef.owner(producer) is not scope.graph:
+                return None
+            slices.append(producer)
+        x = slices[0].inputs[0]
+        if any(s.inputs[0] is not x for s in slices):
+            return None
+        shape = scope.types.shape(x)
+        if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
+            return refuse("size unknown")
+        if shape[2] % 2 or shape[3] % 2:
+            return refuse("odd size")
+        blocks = [_block(s, shape) for s in slices]
+        if None in blocks or sorted(blocks) != [0, 1, 2, 3]:
+            return refuse("slice is not a focus slice")
+        for s in slices:
+            out = s.outputs[0]
+            if len(s.outputs) != 1 or len(out.outputs) != 1 or scope.is_output(out):
+                return refuse("slice read elsewhere")
+        conv = _conv_reader(concat.outputs[0], scope)
+        dtype = scope.types.dtype(x)
+        if dtype is None and conv is not None:
+            dtype = np.dtype(conv.inputs[1].dtype)
+        if dtype is None or np.dtype(dtype) not in _DTYPES:
+            return refuse("dtype not supported")
+        channels = conv.inputs[1].values.shape[1] // 4 if conv is not None else shape[1]
+        if channels is None:
+            return refuse("channels unknown")
+        perm = np.concatenate([np.arange(channels) + k * channels for k in blocks])
+        return _Focus(x, slices, perm, conv)
+
+    def rewrite(self, concat: gs.Node, focus: _Focus, scope: Scope) -> str:
+        """The Concat becomes the SpaceToDepth; returns the form used."""
+        out, perm, conv = concat.outputs[0], focus.perm, focus.conv
+        for s in focus.slices:
+            s.inputs.clear()
+            s.outputs.clear()
+        concat.op = "SpaceToDepth"
+        concat.attrs = {"blocksize": 2}
+        concat.inputs.clear()
+        concat.inputs.append(focus.x)
+        if np.array_equal(perm, np.arange(len(perm))):
+            return "space_to_depth"
+        if conv is not None:
+            w = conv.inputs[1]
+            moved = np.empty_like(w.values)
+            moved[:, perm] = w.values
+            conv.inputs[1] = gs.Constant(scope.fresh(w.name), moved)
+            return "into_conv"
+        y = gs.Variable(scope.fresh(f"{out.name}_space_to_depth"), dtype=out.dtype)
+        concat.outputs[0] = y
+        indices = gs.Constant(scope.fresh(f"{out.name}_perm"), perm.astype(np.int64))
+        gather = gs.Node("Gather", name=scope.fresh(f"{concat.name or 'focus'}_gather"),
+                         attrs={"axis": 1}, inputs=[y, indices], outputs=[out])
+        nodes = scope.graph.nodes
+        nodes.insert(next(i for i, n in enumerate(nodes) if n is concat) + 1, gather)
+        return "gather"

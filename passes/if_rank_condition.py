@@ -29,29 +29,27 @@ takes the Equal's place under the same rule (``fold_not_into_if`` then removes i
 read it); ``false`` is an initializer of ``k``'s shape. The Shape and Size go when nothing else
 reads them.
 
-Refusals (``refused``, per reason): either branch's rank unknown (``branch_rank_unknown``),
-``len(r_t) == len(r_e)`` (``ranks_equal``: the Equal does not depend on ``c``; when the ranks
-are equal the rank of ``y`` is static and ``fold_constants`` folds the test), a malformed If
-(``malformed_branch``), the Equal's output is a graph output (``equal_output_is_a_graph_output``),
-and ``c``'s shape is not known to be the Equal's while something other than an If condition reads
-it (``condition_shape_differs``). Statistics: ``equals_replaced`` per replacement
-(``condition``, ``negated_condition``, ``constant``) and ``nodes_removed``.
+Every graph and subgraph is handled; the Shape and Size may be in an enclosing graph.
+
+Statistics: ``rewritten``, ``by_kind`` per replacement (``condition``, ``negated condition``,
+``constant``), and ``refused`` per reason: either branch's rank unknown (``branch rank
+unknown``), ``len(r_t) == len(r_e)`` (``ranks equal``: the Equal does not depend on ``c``; when
+the ranks are equal the rank of ``y`` is static and ``fold_constants`` folds the test), a
+malformed If (``malformed branch``), the Equal's output is a graph output (``equal output is a
+graph output``), and ``c``'s shape is not known to be the Equal's while something other than an
+If condition reads it (``condition shape differs``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.analyses import TensorTypes
-from onnxopt.edit import (
-    constant_value, drop_disconnected, drop_if_unused, input_slots, replace_uses)
-from onnxopt.names import fresh_name
+from onnxopt.edit import constant_value, input_slots, replace_uses
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 
 def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
@@ -91,7 +89,7 @@ def _shape_length(shape: gs.Node, rank: int) -> int:
 
 
 def _branch_lengths(types: TensorTypes, shape: gs.Node, if_node: gs.Node
-                    ) -> tuple[int, int] | str:
+                    ) -> tuple[int, int] | Refusal:
     """``Size(Shape(y))`` in the then and else branch, or why it is not known."""
     j = next(i for i, t in enumerate(if_node.outputs) if t is shape.inputs[0])
     lengths = []
@@ -99,13 +97,13 @@ def _branch_lengths(types: TensorTypes, shape: gs.Node, if_node: gs.Node
         branch = if_node.attrs.get(attr)
         if not isinstance(branch, gs.Graph) or branch.inputs \
                 or len(branch.outputs) != len(if_node.outputs):
-            return "malformed_branch"
+            return refuse("malformed branch")
         rank = types.rank(branch.outputs[j])
         if rank is None:
-            return "branch_rank_unknown"
+            return refuse("branch rank unknown")
         lengths.append(_shape_length(shape, rank))
     if lengths[0] == lengths[1]:
-        return "ranks_equal"
+        return refuse("ranks equal")
     return lengths[0], lengths[1]
 
 
@@ -115,18 +113,18 @@ def _only_if_conditions(t: gs.Tensor) -> bool:
 
 
 def _refusal(equal: gs.Node, c: gs.Tensor, lengths: tuple[int, int], k: np.ndarray,
-             types: TensorTypes, outputs: set[int]) -> str | None:
+             scope: Scope) -> Refusal | None:
     """Why the Equal's output cannot be replaced, once the branch lengths are known."""
     e = equal.outputs[0]
-    if id(e) in outputs:
-        return "equal_output_is_a_graph_output"
+    if scope.usedef.is_output(e):
+        return refuse("equal output is a graph output")
     if int(k.reshape(-1)[0]) in lengths and not _only_if_conditions(e) \
-            and types.static_shape(c) != k.shape:
-        return "condition_shape_differs"
+            and scope.types.static_shape(c) != k.shape:
+        return refuse("condition shape differs")
     return None
 
 
-def _rewrite(root: gs.Graph, equal: gs.Node, c: gs.Tensor, lengths: tuple[int, int],
+def _rewrite(scope: Scope, equal: gs.Node, c: gs.Tensor, lengths: tuple[int, int],
              k: np.ndarray) -> str:
     """Replace the Equal's output (see the module docstring); return which replacement."""
     e, value = equal.outputs[0], int(k.reshape(-1)[0])
@@ -134,12 +132,12 @@ def _rewrite(root: gs.Graph, equal: gs.Node, c: gs.Tensor, lengths: tuple[int, i
         equal.op, equal.attrs = "Not", {}
         equal.inputs.clear()
         equal.inputs.append(c)
-        return "negated_condition"
+        return "negated condition"
     if value == lengths[0]:
         replace_uses(e, c)
         kind = "condition"
     else:
-        replace_uses(e, gs.Constant(fresh_name(root, f"{e.name}_false"), np.zeros(k.shape, bool)))
+        replace_uses(e, gs.Constant(scope.fresh(f"{e.name}_false"), np.zeros(k.shape, bool)))
         kind = "constant"
     equal.inputs.clear()
     equal.outputs.clear()
@@ -147,39 +145,30 @@ def _rewrite(root: gs.Graph, equal: gs.Node, c: gs.Tensor, lengths: tuple[int, i
 
 
 @register
-class IfRankCondition(Pass):
+class IfRankCondition(RewritePass):
     name = "if_rank_condition"
     description = ("Replace Equal(Size(Shape(y)), k), y an If output whose branches have "
                    "different static ranks, by the If's condition, its negation or a constant.")
+    ops = ("Equal",)
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        graphs = list(iter_graphs(graph))
-        outputs = {id(t) for g in graphs for t in g.outputs}
-        owner = {id(n): g for g in graphs for n in g.nodes}
-        types = None
-        done: Counter[str] = Counter()
-        refused: Counter[str] = Counter()
-        removed = 0
-        for g in graphs:
-            for equal in [n for n in g.nodes if n.op == "Equal" and is_default_domain(n)]:
-                match = _match(equal)
-                if match is None:
-                    continue
-                size, shape, if_node, k = match
-                types = types or ctx.analyses.get(TensorTypes)
-                c = if_node.inputs[0]
-                lengths = _branch_lengths(types, shape, if_node)
-                reason = lengths if isinstance(lengths, str) \
-                    else _refusal(equal, c, lengths, k, types, outputs)
-                if reason is not None:
-                    refused[reason] += 1
-                    continue
-                done[_rewrite(graph, equal, c, lengths, k)] += 1
-                removed += not equal.outputs
-                removed += sum(drop_if_unused(owner[id(n)], n) for n in (size, shape))
-        for g in graphs:
-            drop_disconnected(g)
-        stats = {"equals_replaced": dict(sorted(done.items())), "nodes_removed": removed}
-        if refused:
-            stats["refused"] = dict(sorted(refused.items()))
-        return PassResult(bool(done), stats)
+    def match(self, node: gs.Node, scope: Scope
+              ) -> tuple[gs.Node, gs.Node, gs.Node, np.ndarray, tuple[int, int]] \
+            | Refusal | None:
+        found = _match(node)
+        if found is None:
+            return None
+        size, shape, if_node, k = found
+        lengths = _branch_lengths(scope.types, shape, if_node)
+        if isinstance(lengths, Refusal):
+            return lengths
+        reason = _refusal(node, if_node.inputs[0], lengths, k, scope)
+        return reason if reason is not None else (size, shape, if_node, k, lengths)
+
+    def rewrite(self, node: gs.Node,
+                match: tuple[gs.Node, gs.Node, gs.Node, np.ndarray, tuple[int, int]],
+                scope: Scope) -> str:
+        size, shape, if_node, k, lengths = match
+        kind = _rewrite(scope, node, if_node.inputs[0], lengths, k)
+        for n in (size, shape):
+            scope.drop_if_unused(n)
+        return kind

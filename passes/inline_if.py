@@ -21,40 +21,43 @@ tensor, an initializer, or a value already bound to another output), an ``Identi
 The branch not taken is disconnected, so that outer tensors no longer list its nodes as consumers.
 Branch tensors whose names clash with a name elsewhere in the model are renamed.
 
-Refusals (counted in the statistics under ``refused``): the condition is not an initializer
-(``condition_not_constant``; a graph input that is also an initializer is imported as a plain input
-by ``onnxopt.graph.import_graph``, so it lands here), does not hold exactly one element
-(``condition_not_single_element``); the branch declares inputs (``branch_has_inputs``) or a number
-of outputs different from the ``If``'s (``output_count_mismatch``).
+Every graph and subgraph is handled. The inlined branch's own Ifs land in the enclosing graph;
+those with a constant condition are inlined with it (depth first, in order).
+
+Statistics: ``rewritten`` (Ifs inlined by the walk), ``nested`` (Ifs of an inlined branch inlined
+with it, when there are any), ``refused`` per reason: ``condition not constant`` (a graph input
+that is also an initializer is imported as a plain input by ``onnxopt.graph.import_graph``, so it
+lands here), ``condition not a single element``; the branch declares inputs (``branch has
+inputs``) or a number of outputs different from the ``If``'s (``output count mismatch``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.edit import constant_value, rename_clashes, replace_uses
-from onnxopt.names import fresh_name
+from onnxopt.graph import iter_graphs
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import PassContext, register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 
-def _refusal(node: gs.Node) -> str | None:
+def _refusal(node: gs.Node) -> Refusal | None:
     """Why the If ``node`` cannot be inlined, or None when it can."""
     cond = node.inputs[0] if node.inputs else None
     value = constant_value(cond) if cond is not None else None
     if value is None:
-        return "condition_not_constant"
+        return refuse("condition not constant")
     if np.asarray(value).size != 1:
-        return "condition_not_single_element"
+        return refuse("condition not a single element")
     branch = _chosen_branch(node)
     if branch.inputs:
-        return "branch_has_inputs"
+        return refuse("branch has inputs")
     if len(branch.outputs) != len(node.outputs):
-        return "output_count_mismatch"
+        return refuse("output count mismatch")
     return None
 
 
@@ -71,14 +74,15 @@ def _disconnect(graph: gs.Graph) -> None:
             n.outputs.clear()
 
 
-def _inline(root: gs.Graph, graph: gs.Graph, position: int) -> int:
-    """Replace the If at ``graph.nodes[position]`` by its chosen branch; return nodes moved."""
-    node = graph.nodes[position]
+def _inline(scope: Scope, node: gs.Node) -> list[gs.Node]:
+    """Replace the If ``node`` of ``scope.graph`` by its chosen branch; return the nodes moved."""
+    graph = scope.graph
+    position = next(i for i, n in enumerate(graph.nodes) if n is node)
     branch = _chosen_branch(node)
     other = node.attrs["else_branch" if branch is node.attrs["then_branch"] else "then_branch"]
     _disconnect(other)
     branch.toposort(recurse_subgraphs=False)
-    rename_clashes(root, branch)
+    rename_clashes(scope.root, branch)
     moved = list(branch.nodes)
     produced_here = {id(t) for n in moved for t in n.outputs}
     if_outputs = list(node.outputs)
@@ -99,38 +103,33 @@ def _inline(root: gs.Graph, graph: gs.Graph, position: int) -> int:
             producer.outputs[producer.outputs.index(source)] = y
             holder[id(b)] = y
         else:
-            extra.append(gs.Node("Identity", name=fresh_name(root, f"{y.name}_inlined"),
+            extra.append(gs.Node("Identity", name=scope.fresh(f"{y.name}_inlined"),
                                  inputs=[source], outputs=[y]))
     branch.nodes = []
     branch.outputs = []
     graph.nodes[position:position + 1] = moved + extra
-    return len(moved)
+    return moved
 
 
 @register
-class InlineIf(Pass):
+class InlineIf(RewritePass):
     name = "inline_if"
     description = "Replace an If whose condition is constant by the branch it selects."
+    ops = ("If",)
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        inlined = moved = 0
-        refused: Counter[str] = Counter()
-        for g in iter_graphs(graph):
-            i = 0
-            while i < len(g.nodes):
-                node = g.nodes[i]
-                if node.op != "If" or not is_default_domain(node):
-                    i += 1
-                    continue
-                reason = _refusal(node)
-                if reason is not None:
-                    refused[reason] += 1
-                    i += 1
-                    continue
-                # the branch's nodes take the If's place and are examined next (a nested If)
-                moved += _inline(graph, g, i)
-                inlined += 1
-        stats = {"ifs_inlined": inlined, "nodes_moved": moved}
-        if refused:
-            stats["refused"] = dict(refused)
-        return PassResult(inlined > 0, stats)
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        self._nested = 0
+
+    def match(self, node: gs.Node, scope: Scope) -> bool | Refusal:
+        reason = _refusal(node)
+        return True if reason is None else reason
+
+    def rewrite(self, node: gs.Node, match: bool, scope: Scope) -> None:
+        for moved in _inline(scope, node):
+            # the walk has passed this position: the branch's Ifs are looked at here
+            if moved.op == "If" and is_default_domain(moved) and _refusal(moved) is None:
+                self._nested += 1
+                self.rewrite(moved, True, scope)
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"nested": self._nested} if self._nested else {}

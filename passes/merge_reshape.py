@@ -40,33 +40,31 @@ Two rewrites, both about ops that move no element (row-major order is kept; ONNX
    output keeps its name, see ``onnxopt.edit.bypass``).
 
 In both rewrites the second node is rewritten in place (it keeps its output tensor), new constants
-are new initializers, and the first node is removed when nothing else reads it. Ranks and shapes
-come from ONNX shape inference of the whole model, subgraphs included (``onnxopt.analyses.TensorTypes``;
-never from declared value_info).
+are new initializers, and the first node is removed when nothing else reads it. Every graph and
+subgraph is handled, each in topological order (a chain is merged from its start); the first node
+may be in an enclosing graph. Ranks and shapes come from ONNX shape inference of the whole model,
+subgraphs included (``onnxopt.analyses.TensorTypes``; never from declared value_info).
 
-Refused (stats ``refused``): ``shape_not_constant`` (neither an initializer nor ``Shape(T)``),
-``zero_copies_unknown_dim``, ``zero_copies_unrelated_dim`` (``Shape(T)`` not proven as above),
-``rank_unknown`` (negative axes whose rank is not known), ``axes_unknown`` (axes not an initializer,
-or an axis-less Squeeze of a shape not fully static), ``not_one_op`` (a Squeeze/Unsqueeze pair that
-is neither an identity nor one op, e.g. ``Squeeze(Unsqueeze(X, [0]), [1])``),
-``graph_output_name_lost`` (an identity pair whose output is a graph output that cannot be
-bypassed).
+Statistics: ``rewritten`` (pairs rewritten), ``by_kind`` (``merged``: one op left;
+``cancelled``: an identity pair bypassed), and ``refused`` per reason: ``shape not constant``
+(neither an initializer nor ``Shape(T)``), ``zero copies unknown dim``, ``zero copies unrelated
+dim`` (``Shape(T)`` not proven as above), ``rank unknown`` (negative axes whose rank is not
+known), ``axes unknown`` (axes not an initializer, or an axis-less Squeeze of a shape not fully
+static), ``not one op`` (a Squeeze/Unsqueeze pair that is neither an identity nor one op, e.g.
+``Squeeze(Unsqueeze(X, [0]), [1])``), ``graph output name lost`` (an identity pair whose output
+is a graph output that cannot be bypassed).
 """
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs, opset_version
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.analyses import TensorTypes
-from onnxopt.edit import bypass, constant_value, drop_disconnected, drop_if_unused
-from onnxopt.names import fresh_name
+from onnxopt.edit import bypass, constant_value
 from onnxopt.ops import is_default_domain
-from onnxopt.rewrite import consecutive_pairs
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, pair_start, refuse
 
 _SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 _SQUEEZES = ("Squeeze", "Unsqueeze")
@@ -92,25 +90,25 @@ def _raw_axes(node: gs.Node) -> list[int] | None | str:
     return "unknown" if value is None else [int(a) for a in np.ravel(value)]
 
 
-def _normalized_axes(node: gs.Node, rank: int | None, shape: tuple | None) -> set[int] | str:
+def _normalized_axes(node: gs.Node, rank: int | None, shape: tuple | None) -> set[int] | Refusal:
     """Non-negative axes of a Squeeze/Unsqueeze whose input has ``rank``, or a refusal reason."""
     axes = _raw_axes(node)
     if axes == "unknown":
-        return "axes_unknown"
+        return refuse("axes unknown")
     if axes is None:  # Squeeze of every size-1 dim (Unsqueeze requires axes)
         if node.op != "Squeeze" or shape is None or any(d is None for d in shape):
-            return "axes_unknown"
+            return refuse("axes unknown")
         return {i for i, d in enumerate(shape) if d == 1}
     if all(a >= 0 for a in axes):
         return set(axes)
     if rank is None:
-        return "rank_unknown"
+        return refuse("rank unknown")
     out_rank = rank + len(axes) if node.op == "Unsqueeze" else rank
     return {a % out_rank for a in axes}
 
 
 def _combine(first: gs.Node, second: gs.Node, types: TensorTypes
-             ) -> tuple[str | None, list[int]] | str:
+             ) -> tuple[str | None, list[int]] | Refusal:
     """The op and axes equivalent to ``second(first(X))`` (op None: the identity), or a reason."""
     x, mid = first.inputs[0], second.inputs[0]
     if first.op == "Squeeze" and second.op == "Unsqueeze" and _raw_axes(first) == _raw_axes(second) \
@@ -120,31 +118,31 @@ def _combine(first: gs.Node, second: gs.Node, types: TensorTypes
                      for a in (_raw_axes(first), _raw_axes(second)))
     rank = types.rank(x) if needs_rank else None
     a = _normalized_axes(first, rank, types.shape(x) if needs_rank else None)
-    if isinstance(a, str):
+    if isinstance(a, Refusal):
         return a
     mid_rank = None if rank is None else rank + len(a) * (1 if first.op == "Unsqueeze" else -1)
     b = _normalized_axes(second, mid_rank, types.shape(mid) if needs_rank else None)
-    if isinstance(b, str):
+    if isinstance(b, Refusal):
         return b
     if first.op == second.op == "Squeeze":
         return "Squeeze", sorted(a | {_nth(a, k) for k in b})
     if first.op == second.op == "Unsqueeze":
         return "Unsqueeze", sorted(b | {_nth(b, k) for k in a})
     if first.op == "Squeeze":
-        return (None, []) if a == b else "not_one_op"
+        return (None, []) if a == b else refuse("not one op")
     if not b <= a:
-        return "not_one_op"
+        return refuse("not one op")
     rest = sorted(k - sum(j < k for j in b) for k in a - b)
     return ("Unsqueeze", rest) if rest else (None, [])
 
 
-def _set_axes(graph: gs.Graph, node: gs.Node, op: str, x: gs.Tensor, axes: list[int],
-              as_input: bool) -> None:
+def _set_axes(scope: Scope, node: gs.Node, op: str, x: gs.Tensor, axes: list[int]) -> None:
+    """Make ``node`` ``op(x, axes)``, axes in the opset's form (an initializer input from 13)."""
     node.op = op
     node.inputs.clear()
     node.attrs.pop("axes", None)
-    if as_input:
-        name = fresh_name(graph, f"{node.outputs[0].name}_axes")
+    if scope.opset >= 13:
+        name = scope.fresh(f"{node.outputs[0].name}_axes")
         node.inputs.extend([x, gs.Constant(name, np.array(axes, np.int64))])
     else:
         node.inputs.append(x)
@@ -198,7 +196,7 @@ def _zeros_copy_same_dims(first: gs.Node, second: gs.Node, t: gs.Tensor,
 
 
 def _resolved_shape(first: gs.Node, second: gs.Node, types: TensorTypes
-                    ) -> np.ndarray | None | str:
+                    ) -> np.ndarray | None | Refusal:
     """The outer Reshape's target shape with its 0 entries resolved (None: keep the target as
     is), or a refusal reason."""
     allowzero = second.attrs.get("allowzero", 0)
@@ -208,9 +206,9 @@ def _resolved_shape(first: gs.Node, second: gs.Node, types: TensorTypes
             return None
         t = _shape_source(second)
         if t is None:
-            return "shape_not_constant"
+            return refuse("shape not constant")
         return None if _zeros_copy_same_dims(first, second, t, types) \
-            else "zero_copies_unrelated_dim"
+            else refuse("zero copies unrelated dim")
     target = np.asarray(target)
     if allowzero or not (target == 0).any():
         return None
@@ -218,53 +216,44 @@ def _resolved_shape(first: gs.Node, second: gs.Node, types: TensorTypes
     resolved = target.copy()
     for i in np.flatnonzero(target == 0):
         if mid_shape is None or i >= len(mid_shape) or not mid_shape[i]:
-            return "zero_copies_unknown_dim"
+            return refuse("zero copies unknown dim")
         resolved[i] = mid_shape[i]
     return resolved
 
 
 @register
-class MergeReshape(Pass):
+class MergeReshape(RewritePass):
     name = "merge_reshape"
     description = ("Merge Reshape/Flatten/Squeeze/Unsqueeze feeding a Reshape, and Squeeze/"
                    "Unsqueeze pairs, into one op.")
+    ops = ("Reshape",) + _SQUEEZES
+    sorted_walk = True
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        merged = cancelled = removed = 0
-        refused: collections.Counter[str] = collections.Counter()
-        types = ctx.analyses.get(TensorTypes)
-        axes_as_input = opset_version(graph) >= 13
-        for g, fg, first, second in consecutive_pairs(graph, ("Reshape",) + _SQUEEZES):
-            if first.op not in (_SHAPE_ONLY if second.op == "Reshape" else _SQUEEZES):
-                continue
-            x = first.inputs[0]
-            if second.op == "Reshape":
-                target = _resolved_shape(first, second, types)
-                if isinstance(target, str):
-                    refused[target] += 1
-                    continue
-                second.inputs[0] = x
-                if target is not None:
-                    second.inputs[1] = gs.Constant(
-                        fresh_name(graph, f"{second.outputs[0].name}_shape"), target)
-                merged += 1
-            else:
-                plan = _combine(first, second, types)
-                if isinstance(plan, str):
-                    refused[plan] += 1
-                    continue
-                op, axes = plan
-                if op is None:
-                    if not bypass(g, second, x, second.outputs[0]):
-                        refused["graph_output_name_lost"] += 1
-                        continue
-                    cancelled += 1
-                else:
-                    _set_axes(graph, second, op, x, axes, axes_as_input)
-                    merged += 1
-            removed += drop_if_unused(fg, first)
-        for g in iter_graphs(graph):
-            drop_disconnected(g)
-        stats = {"merged": merged, "cancelled": cancelled, "nodes_removed": removed + cancelled,
-                 "refused": dict(refused)}
-        return PassResult(merged + cancelled > 0, stats)
+    def match(self, node: gs.Node, scope: Scope
+              ) -> tuple[gs.Node, np.ndarray | None | tuple[str | None, list[int]]] \
+            | Refusal | None:
+        first = pair_start(node, scope, _SHAPE_ONLY if node.op == "Reshape" else _SQUEEZES)
+        if first is None:
+            return None
+        plan = _resolved_shape(first, node, scope.types) if node.op == "Reshape" \
+            else _combine(first, node, scope.types)
+        return plan if isinstance(plan, Refusal) else (first, plan)
+
+    def rewrite(self, node: gs.Node,
+                match: tuple[gs.Node, np.ndarray | None | tuple[str | None, list[int]]],
+                scope: Scope) -> str | Refusal:
+        first, plan = match
+        x = first.inputs[0]
+        kind = "merged"
+        if node.op == "Reshape":
+            node.inputs[0] = x
+            if plan is not None:
+                node.inputs[1] = gs.Constant(scope.fresh(f"{node.outputs[0].name}_shape"), plan)
+        elif plan[0] is not None:
+            _set_axes(scope, node, plan[0], x, plan[1])
+        elif bypass(scope.graph, node, x, node.outputs[0]):
+            kind = "cancelled"
+        else:
+            return refuse("graph output name lost")
+        scope.drop_if_unused(first)
+        return kind

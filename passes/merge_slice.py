@@ -15,38 +15,34 @@ uses a negative axis and the rank is known). Two slices of the same axis are nev
 
 The second Slice is rewritten in place (it keeps its output tensor) and gets four new initializers
 of its own -- constants may be shared by other nodes, and a first Slice read by two sibling Slices
-yields two independent merged nodes. The first Slice is removed when nothing else reads it.
+yields two independent merged nodes. The first Slice is removed when nothing else reads it. Every
+graph and subgraph is handled, each in topological order (a chain is merged from its start).
 
-Refused (stats ``refused``): ``same_axis`` (the two slices share an axis), ``non_constant``
-(starts/ends/axes/steps not all initializers), ``attribute_form`` (opset < 10 Slice with
-attributes), ``rank_unknown`` (a negative axis when shape inference, ``onnxopt.analyses.TensorTypes``,
-does not know the rank).
+Statistics: ``rewritten`` (pairs merged) and ``refused`` per reason: ``same axis`` (the two slices
+share an axis), ``not constant`` (starts/ends/axes/steps not all initializers), ``attribute
+form`` (opset < 10 Slice with attributes), ``rank unknown`` (a negative axis when shape
+inference, ``onnxopt.analyses.TensorTypes``, does not know the rank).
 """
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.analyses import TensorTypes
-from onnxopt.edit import constant_value, drop_disconnected, drop_if_unused
-from onnxopt.names import fresh_name
-from onnxopt.rewrite import consecutive_pairs
+from onnxopt.edit import constant_value
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, pair_start, refuse
 
 
-def _params(node: gs.Node) -> list[np.ndarray] | str:
+def _params(node: gs.Node) -> list[np.ndarray] | Refusal:
     """``[starts, ends, axes, steps]`` as int64 vectors, or the reason they are not known."""
     if "starts" in node.attrs or len(node.inputs) < 3:
-        return "attribute_form"
+        return refuse("attribute form")
     values = []
     for t in node.inputs[1:5]:
         v = None if t.is_empty() else constant_value(t)
         if v is None and not t.is_empty():
-            return "non_constant"
+            return refuse("not constant")
         values.append(v)
     values += [None] * (4 - len(values))
     starts, ends, axes, steps = values
@@ -57,44 +53,39 @@ def _params(node: gs.Node) -> list[np.ndarray] | str:
 
 
 @register
-class MergeSlice(Pass):
+class MergeSlice(RewritePass):
     name = "merge_slice"
     description = "Merge two consecutive Slices on disjoint axes into one Slice."
+    ops = ("Slice",)
+    sorted_walk = True
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        merged = removed = 0
-        refused: collections.Counter[str] = collections.Counter()
-        types = ctx.analyses.get(TensorTypes)
-        for g, fg, first, second in consecutive_pairs(graph, ("Slice",)):
-            if first.op != "Slice":
-                continue
-            p1, p2 = _params(first), _params(second)
-            reason = p1 if isinstance(p1, str) else p2 if isinstance(p2, str) else None
-            if reason:
-                refused[reason] += 1
-                continue
-            axes1, axes2 = p1[2], p2[2]
-            if (axes1 < 0).any() or (axes2 < 0).any():
-                rank = types.rank(second.inputs[0])
-                rank = types.rank(first.inputs[0]) if rank is None else rank  # Slice keeps it
-                if rank is None:
-                    refused["rank_unknown"] += 1
-                    continue
-                axes1, axes2 = axes1 % rank, axes2 % rank
-            if set(axes1.tolist()) & set(axes2.tolist()):
-                refused["same_axis"] += 1
-                continue
-            x = first.inputs[0]
-            combined = [np.concatenate([u, v]) for u, v in
-                        zip((p1[0], p1[1], axes1, p1[3]), (p2[0], p2[1], axes2, p2[3]))]
-            base = second.outputs[0].name
-            second.inputs.clear()
-            second.inputs.extend([x] + [
-                gs.Constant(fresh_name(graph, f"{base}_{part}"), values)
-                for part, values in zip(("starts", "ends", "axes", "steps"), combined)])
-            merged += 1
-            removed += drop_if_unused(fg, first)
-        for g in iter_graphs(graph):
-            drop_disconnected(g)
-        stats = {"merged": merged, "nodes_removed": removed, "refused": dict(refused)}
-        return PassResult(merged > 0, stats)
+    def match(self, node: gs.Node, scope: Scope
+              ) -> tuple[gs.Node, list[np.ndarray]] | Refusal | None:
+        first = pair_start(node, scope, ("Slice",))
+        if first is None:
+            return None
+        p1, p2 = _params(first), _params(node)
+        if isinstance(p1, Refusal) or isinstance(p2, Refusal):
+            return p1 if isinstance(p1, Refusal) else p2
+        axes1, axes2 = p1[2], p2[2]
+        if (axes1 < 0).any() or (axes2 < 0).any():
+            rank = scope.types.rank(node.inputs[0])
+            rank = scope.types.rank(first.inputs[0]) if rank is None else rank  # Slice keeps it
+            if rank is None:
+                return refuse("rank unknown")
+            axes1, axes2 = axes1 % rank, axes2 % rank
+        if set(axes1.tolist()) & set(axes2.tolist()):
+            return refuse("same axis")
+        return first, [np.concatenate([u, v]) for u, v in
+                       zip((p1[0], p1[1], axes1, p1[3]), (p2[0], p2[1], axes2, p2[3]))]
+
+    def rewrite(self, node: gs.Node, match: tuple[gs.Node, list[np.ndarray]],
+                scope: Scope) -> None:
+        first, combined = match
+        x = first.inputs[0]
+        base = node.outputs[0].name
+        node.inputs.clear()
+        node.inputs.extend([x] + [
+            gs.Constant(scope.fresh(f"{base}_{part}"), values)
+            for part, values in zip(("starts", "ends", "axes", "steps"), combined)])
+        scope.drop_if_unused(first)

@@ -48,31 +48,31 @@ rewrite is exact for any dtype.
 
 The second Transpose (or ``S``) is rewritten in place (it keeps its output tensor); the first one is
 removed when nothing else reads it, otherwise it stays for its other consumers (rewrite 1).
-``Transpose`` of an initializer is left to constant folding. Every graph and subgraph is handled;
-the first node may be in an enclosing graph (the rewritten node then reads X from that outer scope).
+``Transpose`` of an initializer is left to constant folding. Every graph and subgraph is handled,
+each in topological order (a chain is merged from its start); the first node may be in an
+enclosing graph (the rewritten node then reads X from that outer scope).
 
-Refused (stats ``refused``): ``graph_output_name_needs_rank`` (two omitted perms cancel, the second
+Statistics: ``rewritten`` (pairs rewritten), ``by_kind`` (``merged``: one Transpose left;
+``cancelled``: the pair bypassed; ``through Squeeze``, ``through Unsqueeze``: rewrite 2), and
+``refused`` per reason: ``graph output name needs rank`` (two omitted perms cancel, the second
 output is a graph output that cannot be bypassed, and the identity ``perm`` to write needs the
-rank); for rewrite 2: ``transpose_read_elsewhere`` (the first Transpose has another reader or is a
-graph output), ``axes_unknown`` (axes not constant, or a Squeeze without axes), ``rank_unknown``
-(an omitted ``perm`` of unknown rank), ``transpose_would_stay`` (a reader that is not a Transpose
-would need one, or the readers need different ``B``).
+rank); for rewrite 2: ``transpose read elsewhere`` (the first Transpose has another reader or is
+a graph output), ``axes unknown`` (axes not constant, or a Squeeze without axes), ``rank
+unknown`` (an omitted ``perm`` of unknown rank), ``transpose would stay`` (a reader that is not
+a Transpose would need one, or the readers need different ``B``).
 """
 
 from __future__ import annotations
 
-import collections
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.analyses import TensorTypes
-from onnxopt.edit import bypass, drop_disconnected, drop_if_unused, int_list
-from onnxopt.names import fresh_name
+from onnxopt.edit import bypass, int_list
 from onnxopt.ops import is_default_domain
-from onnxopt.rewrite import consecutive_pairs
+from onnxopt.pass_manager import register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, pair_start, refuse
 
 _SQUEEZES = ("Squeeze", "Unsqueeze")
 
@@ -123,101 +123,95 @@ def _plan(op: str, src_z: list[int | None], removed: list[int], p2: list[int]
     return b, [k if s is None else positions[s] for k, s in enumerate(src_w)]
 
 
-def _set_axes(graph: gs.Graph, node: gs.Node, axes: list[int]) -> None:
+def _set_axes(scope: Scope, node: gs.Node, axes: list[int]) -> None:
     """Write ``axes`` in the node's own form: attribute, or a new int64 initializer input."""
     if "axes" in node.attrs:
         node.attrs["axes"] = axes
     else:
-        name = fresh_name(graph, f"{node.outputs[0].name}_axes")
+        name = scope.fresh(f"{node.outputs[0].name}_axes")
         node.inputs[1] = gs.Constant(name, np.array(axes, np.int64))
 
 
-class _Owners:
-    """The graph holding each node (for bypassing a reader in a subgraph)."""
+@dataclass
+class _ThroughSqueeze:
+    """Rewrite 2, planned: ``S`` is to read ``X`` with ``axes`` (``B``); each reader Transpose
+    gets its ``q`` from ``perms``."""
 
-    def __init__(self, graph: gs.Graph):
-        self._owner = {id(n): g for g in iter_graphs(graph) for n in g.nodes}
-
-    def __getitem__(self, node: gs.Node) -> gs.Graph:
-        return self._owner[id(node)]
+    axes: list[int]
+    readers: list[gs.Node]
+    perms: list[list[int]]
 
 
-def _through_squeeze(g: gs.Graph, first: gs.Node, second: gs.Node, types: TensorTypes,
-                     owners: _Owners) -> int | str:
-    """Rewrite 2 for ``second(first(X))``, ``second`` a Squeeze/Unsqueeze of ``g``: the number of
-    reader Transposes bypassed, or a refusal reason (nothing changed)."""
+def _plan_through_squeeze(first: gs.Node, second: gs.Node, scope: Scope
+                          ) -> _ThroughSqueeze | Refusal:
+    """Rewrite 2 for ``second(first(X))``, ``second`` a Squeeze/Unsqueeze, or a refusal."""
     mid, z = first.outputs[0], second.outputs[0]
-    if len(mid.outputs) != 1 or any(t is mid for t in g.outputs):
-        return "transpose_read_elsewhere"
+    if len(mid.outputs) != 1 or scope.is_output(mid):
+        return refuse("transpose read elsewhere")
     axes = int_list(second, "axes", 1)
     if not isinstance(axes, list):
-        return "axes_unknown"
+        return refuse("axes unknown")
     x = first.inputs[0]
-    p = _perm(first, len(first.attrs["perm"]) if "perm" in first.attrs else types.rank(x))
+    p = _perm(first, len(first.attrs["perm"]) if "perm" in first.attrs else scope.types.rank(x))
     if p is None:
-        return "rank_unknown"
+        return refuse("rank unknown")
     sources = _sources(second.op, p, axes)
     if sources is None:
-        return "axes_unknown"
+        return refuse("axes unknown")
     src_z, removed = sources
     identity = list(range(len(src_z)))
     readers = [n for n in z.outputs if n.op == "Transpose" and is_default_domain(n)
                and n.inputs[0] is z]
-    others = len(z.outputs) > len(readers) or any(t is z for t in g.outputs)
+    others = len(z.outputs) > len(readers) or scope.is_output(z)
     plans = [_plan(second.op, src_z, removed, _perm(n, len(src_z))) for n in readers]
     if others:
         plans.append(_plan(second.op, src_z, removed, identity))
         if plans[-1][1] != identity:
-            return "transpose_would_stay"
+            return refuse("transpose would stay")
     if not plans or len({tuple(b) for b, _ in plans}) != 1:
-        return "transpose_would_stay"
-    second.inputs[0] = x
-    _set_axes(g, second, plans[0][0])
-    bypassed = 0
-    for reader, (_, q) in zip(readers, plans):
-        if q == identity and bypass(owners[reader], reader, z, reader.outputs[0]):
-            bypassed += 1
-        else:
-            reader.attrs["perm"] = q
-    return bypassed
+        return refuse("transpose would stay")
+    return _ThroughSqueeze(plans[0][0], readers, [q for _, q in plans[:len(readers)]])
 
 
 @register
-class MergeTranspose(Pass):
+class MergeTranspose(RewritePass):
     name = "merge_transpose"
     description = ("Merge consecutive Transposes into one (or none when they cancel), also "
                    "across a Squeeze or Unsqueeze.")
+    ops = ("Transpose",) + _SQUEEZES
+    sorted_walk = True
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        merged = cancelled = removed = through = 0
-        refused: collections.Counter[str] = collections.Counter()
-        types = ctx.analyses.get(TensorTypes)
-        owners = _Owners(graph)
-        for g, fg, first, second in consecutive_pairs(graph, ("Transpose",) + _SQUEEZES):
-            if first.op != "Transpose":
-                continue
-            x = first.inputs[0]
-            if second.op in _SQUEEZES:
-                done = _through_squeeze(g, first, second, types, owners)
-                if isinstance(done, str):
-                    refused[done] += 1
-                    continue
-                through += 1
-                cancelled += done
-            else:
-                q = _compose(first.attrs.get("perm"), second.attrs.get("perm"))
-                if (q is None or q == sorted(q)) and bypass(g, second, x, second.outputs[0]):
-                    cancelled += 1
-                elif q is None:
-                    refused["graph_output_name_needs_rank"] += 1
-                    continue
-                else:
-                    second.inputs[0] = x
-                    second.attrs["perm"] = q
-                    merged += 1
-            removed += drop_if_unused(fg, first)
-        for g in iter_graphs(graph):
-            drop_disconnected(g)
-        stats = {"merged": merged, "cancelled": cancelled, "through_squeeze": through,
-                 "nodes_removed": removed + cancelled, "refused": dict(refused)}
-        return PassResult(merged + cancelled + through > 0, stats)
+    def match(self, node: gs.Node, scope: Scope
+              ) -> tuple[gs.Node, list[int] | None | _ThroughSqueeze] | Refusal | None:
+        first = pair_start(node, scope, ("Transpose",))
+        if first is None:
+            return None
+        if node.op in _SQUEEZES:
+            plan = _plan_through_squeeze(first, node, scope)
+            return plan if isinstance(plan, Refusal) else (first, plan)
+        return first, _compose(first.attrs.get("perm"), node.attrs.get("perm"))
+
+    def rewrite(self, node: gs.Node, match: tuple[gs.Node, list[int] | None | _ThroughSqueeze],
+                scope: Scope) -> str | Refusal:
+        first, plan = match
+        x = first.inputs[0]
+        if isinstance(plan, _ThroughSqueeze):
+            z = node.outputs[0]
+            node.inputs[0] = x
+            _set_axes(scope, node, plan.axes)
+            for reader, q in zip(plan.readers, plan.perms):
+                if not (q == sorted(q) and bypass(scope.usedef.owner(reader), reader, z,
+                                                  reader.outputs[0])):
+                    reader.attrs["perm"] = q
+            kind = f"through {node.op}"
+        elif (plan is None or plan == sorted(plan)) and bypass(scope.graph, node, x,
+                                                                node.outputs[0]):
+            kind = "cancelled"
+        elif plan is None:
+            return refuse("graph output name needs rank")
+        else:
+            node.inputs[0] = x
+            node.attrs["perm"] = plan
+            kind = "merged"
+        scope.drop_if_unused(first)
+        return kind

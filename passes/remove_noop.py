@@ -56,8 +56,10 @@ Scope: every graph, If/Loop/Scan bodies included. Dtypes and shapes come from
 inside a Loop or Scan body nothing is derived from the shapes of the body inputs). Declared
 value_info is never read.
 
-Statistics: ``nodes_removed``, ``removed`` (per op type), ``casts_shortened`` and ``refused``
-(per reason).
+Statistics: ``rewritten`` (no-ops removed and Cast chains shortened), ``by_kind`` (the op of each
+removed no-op, ``Cast chain shortened``), ``producers_removed`` (per op: the producer of the
+removed node's input, when the rewrite left it unread -- the Squeeze of a cancelled
+``Unsqueeze(Squeeze(x))``, say) and ``refused`` (``"op: reason"``).
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto as TP
 
-from onnxopt.graph import iter_graphs, opset_version
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.analyses import TensorTypes
-from onnxopt.edit import bypass, drop_disconnected, drop_if_unused
+from onnxopt.edit import bypass, drop_if_unused
+from onnxopt.graph import iter_graphs
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import PassContext, register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 _INTEGERS = frozenset({TP.INT8, TP.INT16, TP.INT32, TP.INT64,
                        TP.UINT8, TP.UINT16, TP.UINT32, TP.UINT64})
@@ -452,42 +455,37 @@ _CHECKS: dict[str, Callable[[gs.Node, _Facts], Verdict]] = {
 
 
 @register
-class RemoveNoop(Pass):
+class RemoveNoop(RewritePass):
     name = "remove_noop"
     description = ("Remove nodes that return their input unchanged (Cast to the same type, "
                    "identity Reshape/Transpose/Pad/Slice/Resize, x*1, x+0...).")
+    ops = tuple(_CHECKS)
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        graphs = list(iter_graphs(graph))
-        overridable = frozenset(t.name for g in graphs for t in g.inputs)
-        facts = _Facts(ctx.analyses.get(TensorTypes), overridable, opset_version(graph))
-        removed: collections.Counter[str] = collections.Counter()
-        refused: collections.Counter[str] = collections.Counter()
-        shortened = 0
-        for g in graphs:
-            for node in list(g.nodes):
-                check = _CHECKS.get(node.op)
-                if check is None or not is_default_domain(node) or not node.inputs \
-                        or not node.outputs or node.inputs[0].is_empty():
-                    continue
-                verdict = check(node, facts)
-                if verdict is None:
-                    continue
-                if isinstance(verdict, str):
-                    refused[f"{node.op}: {verdict}"] += 1
-                    continue
-                inner = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
-                if isinstance(verdict, _Shorten):
-                    node.inputs[0] = verdict.source
-                    shortened += 1
-                elif bypass(g, node, verdict, node.outputs[0]):
-                    removed[node.op] += 1
-                else:
-                    refused[f"{node.op}: {_OUTPUT_NAME}"] += 1
-                    continue
-                if drop_if_unused(g, inner):
-                    removed[inner.op] += 1
-            drop_disconnected(g)
-        stats = {"nodes_removed": sum(removed.values()), "removed": dict(sorted(removed.items())),
-                 "casts_shortened": shortened, "refused": dict(sorted(refused.items()))}
-        return PassResult(bool(removed) or shortened > 0, stats)
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        self._overridable = frozenset(t.name for g in iter_graphs(graph) for t in g.inputs)
+        self._producers_removed: collections.Counter[str] = collections.Counter()
+
+    def match(self, node: gs.Node, scope: Scope) -> Verdict | Refusal:
+        if not node.inputs or node.inputs[0].is_empty():
+            return None
+        verdict = _CHECKS[node.op](node, _Facts(scope.types, self._overridable, scope.opset))
+        return refuse(f"{node.op}: {verdict}") if isinstance(verdict, str) else verdict
+
+    def rewrite(self, node: gs.Node, verdict: gs.Tensor | _Shorten, scope: Scope
+                ) -> str | Refusal:
+        inner = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
+        if isinstance(verdict, _Shorten):
+            node.inputs[0] = verdict.source
+            kind = "Cast chain shortened"
+        elif bypass(scope.graph, node, verdict, node.outputs[0]):
+            kind = node.op
+        else:
+            return refuse(f"{node.op}: {_OUTPUT_NAME}")
+        if drop_if_unused(scope.graph, inner):
+            self._producers_removed[inner.op] += 1
+        return kind
+
+    def extra_stats(self) -> dict[str, dict[str, int]]:
+        if not self._producers_removed:
+            return {}
+        return {"producers_removed": dict(sorted(self._producers_removed.items()))}

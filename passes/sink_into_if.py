@@ -34,23 +34,32 @@ Cast), reads the If output as its data input (input 0), its other inputs are ini
 is the only reader of that output, which is no graph output. The branch outputs whose value
 changes lose their declared shape (the dtype follows a Cast); ONNX shape inference re-derives it.
 
-Scope: every graph, If/Loop/Scan bodies included. Statistics: ``ops_sunk``, per branch action
-``branch_nodes`` (``replaced``, ``cancelled``, ``appended``), and ``refused`` (per reason).
+Scope: every graph, If/Loop/Scan bodies included; the rule looks at the ops of ``_SINKABLE``. An op
+reading the output of an op sunk in the same run waits for the next run (by then the merge passes
+have folded what the first one left in the branches).
+
+Statistics: ``rewritten`` (ops sunk), ``branch_nodes`` per branch action (``replaced``,
+``cancelled``, ``appended``, ``nested``), and ``refused`` per reason (per op reading an If
+output): ``if output has several readers``, ``if output is a graph output``, ``if output not the
+data input of a node of its graph``, ``other input not an initializer``, ``malformed branch``,
+``branch output bound twice``, ``branch output also read in the branch``, ``branch output not
+computed in the branch``, ``branch output from another domain``, ``branch output from P does not
+merge with N`` (``P`` the op computing the branch output, ``N`` the op to sink).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import iter_graphs
-from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.edit import constant_value, drop_disconnected, input_slots, int_list
-from onnxopt.names import fresh_name
+from onnxopt.edit import constant_value, input_slots, int_list
 from onnxopt.ops import is_default_domain
+from onnxopt.pass_manager import PassContext, register
+from onnxopt.rewrite import Refusal, RewritePass, Scope, producer_in_scope, refuse
 
 #: Ops that may be sunk: one data input (input 0), the others constant, one output.
 _SINKABLE = frozenset({"Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Cast"})
@@ -94,61 +103,57 @@ def _cancels(p: gs.Node, n: gs.Node) -> bool:
         and axes == _axes(n)
 
 
-def _branch_plan(branch: gs.Graph, k: int, n: gs.Node) -> _Step | str:
+def _branch_plan(branch: gs.Graph, k: int, n: gs.Node) -> _Step | Refusal:
     """How ``n`` merges into output ``k`` of ``branch``, or why it cannot."""
     b = branch.outputs[k]
     if sum(t is b for t in branch.outputs) != 1:
-        return "branch_output_bound_twice"
+        return refuse("branch output bound twice")
     if b.outputs:
-        return "branch_output_also_read_in_the_branch"
+        return refuse("branch output also read in the branch")
     if len(b.inputs) != 1 or not any(node is b.inputs[0] for node in branch.nodes):
-        return "branch_output_not_computed_in_the_branch"
+        return refuse("branch output not computed in the branch")
     p = b.inputs[0]
     if not is_default_domain(p):
-        return "branch_output_from_another_domain"
+        return refuse("branch output from another domain")
     if p.op == "Identity":
         return _Step("replaced", branch, k, p)
     if p.op == "If":
         nested = _if_plan(p, next(j for j, t in enumerate(p.outputs) if t is b), n)
-        return nested if isinstance(nested, str) else _Step("nested", branch, k, p, nested)
+        return nested if isinstance(nested, Refusal) else _Step("nested", branch, k, p, nested)
     if _cancels(p, n):
         return _Step("cancelled", branch, k, p)
     if _merges(p, n):
         return _Step("appended", branch, k, p)
-    return f"branch_output_from_{p.op}_does_not_merge_with_{n.op}"
+    return refuse(f"branch output from {p.op} does not merge with {n.op}")
 
 
-def _if_plan(node: gs.Node, k: int, n: gs.Node) -> list[_Step] | str:
+def _if_plan(node: gs.Node, k: int, n: gs.Node) -> list[_Step] | Refusal:
     """The steps sinking ``n`` into output ``k`` of the If ``node``, or why it cannot be sunk."""
     steps = []
     for attr in ("then_branch", "else_branch"):
         branch = node.attrs.get(attr)
         if not isinstance(branch, gs.Graph) or branch.inputs \
                 or len(branch.outputs) != len(node.outputs):
-            return "malformed_branch"
+            return refuse("malformed branch")
         step = _branch_plan(branch, k, n)
-        if isinstance(step, str):
+        if isinstance(step, Refusal):
             return step
         steps.append(step)
     return steps
 
 
-def _reader_refusal(g: gs.Graph, o: gs.Tensor, outputs: set[int]) -> gs.Node | str | None:
-    """The node to sink, the only reader of If output ``o``; a reason when it cannot be sunk;
-    None when ``o`` has no reader of a sinkable op (nothing to report)."""
-    slots = input_slots(o)
-    if not any(node.op in _SINKABLE and is_default_domain(node) for node, _ in slots):
-        return None
-    if len(slots) != 1:
-        return "if_output_has_several_readers"
-    n, i = slots[0]
-    if id(o) in outputs:
-        return "if_output_is_a_graph_output"
-    if i != 0 or len(n.outputs) != 1 or not any(m is n for m in g.nodes):
-        return "if_output_not_the_data_input_of_a_node_of_its_graph"
+def _reader_refusal(n: gs.Node, if_node: gs.Node, scope: Scope) -> Refusal | None:
+    """Why ``n``, reading an output of ``if_node`` as its data input, cannot be sunk into it."""
+    o = n.inputs[0]
+    if len(input_slots(o)) != 1:
+        return refuse("if output has several readers")
+    if scope.usedef.is_output(o):
+        return refuse("if output is a graph output")
+    if len(n.outputs) != 1 or scope.usedef.owner(if_node) is not scope.graph:
+        return refuse("if output not the data input of a node of its graph")
     if not all(t.is_empty() or isinstance(t, gs.Constant) for t in n.inputs[1:]):
-        return "other_input_not_an_initializer"
-    return n
+        return refuse("other input not an initializer")
+    return None
 
 
 def _result_dtype(n: gs.Node, dtype):
@@ -157,15 +162,15 @@ def _result_dtype(n: gs.Node, dtype):
     return dtype
 
 
-def _apply(root: gs.Graph, steps: list[_Step], n: gs.Node, done: Counter) -> None:
+def _apply(scope: Scope, steps: list[_Step], n: gs.Node, done: Counter) -> None:
     """Carry out ``steps``: each branch output now holds ``n`` applied to its former value."""
     for step in steps:
         p, b = step.producer, step.branch.outputs[step.index]
         if step.action == "nested":
-            _apply(root, step.nested, n, done)
+            _apply(scope, step.nested, n, done)
         elif step.action == "replaced":
             v = p.inputs[0]
-            p.op, p.attrs, p.name = n.op, dict(n.attrs), fresh_name(root, n.name or n.op)
+            p.op, p.attrs, p.name = n.op, dict(n.attrs), scope.fresh(n.name or n.op)
             p.inputs.clear()
             p.inputs.extend([v] + list(n.inputs[1:]))
         elif step.action == "cancelled":
@@ -174,9 +179,9 @@ def _apply(root: gs.Graph, steps: list[_Step], n: gs.Node, done: Counter) -> Non
             p.inputs.clear()
             p.inputs.append(v)
         else:
-            b = gs.Variable(fresh_name(root, b.name), dtype=b.dtype)
+            b = gs.Variable(scope.fresh(b.name), dtype=b.dtype)
             step.branch.nodes.append(gs.Node(
-                n.op, name=fresh_name(root, n.name or n.op), attrs=dict(n.attrs),
+                n.op, name=scope.fresh(n.name or n.op), attrs=dict(n.attrs),
                 inputs=[p.outputs[0]] + list(n.inputs[1:]), outputs=[b]))
             step.branch.outputs[step.index] = b
         b.dtype, b.shape = _result_dtype(n, b.dtype), None
@@ -184,35 +189,37 @@ def _apply(root: gs.Graph, steps: list[_Step], n: gs.Node, done: Counter) -> Non
 
 
 @register
-class SinkIntoIf(Pass):
+class SinkIntoIf(RewritePass):
     name = "sink_into_if"
     description = ("Move a shape op reading an If output into both branches, where it merges "
                    "with the node computing the branch output.")
+    ops = tuple(sorted(_SINKABLE))
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        graphs = list(iter_graphs(graph))
-        outputs = {id(t) for g in graphs for t in g.outputs}
-        sunk = 0
-        done: Counter[str] = Counter()
-        refused: Counter[str] = Counter()
-        for g in graphs:
-            for node in [m for m in g.nodes if m.op == "If" and is_default_domain(m)]:
-                for k, o in enumerate(list(node.outputs)):
-                    n = _reader_refusal(g, o, outputs)
-                    if n is None:
-                        continue
-                    plan = n if isinstance(n, str) else _if_plan(node, k, n)
-                    if isinstance(plan, str):
-                        refused[plan] += 1
-                        continue
-                    _apply(graph, plan, n, done)
-                    y = n.outputs[0]
-                    n.inputs.clear()
-                    n.outputs.clear()
-                    node.outputs[k] = y
-                    sunk += 1
-            drop_disconnected(g)
-        stats = {"ops_sunk": sunk, "branch_nodes": dict(sorted(done.items()))}
-        if refused:
-            stats["refused"] = dict(sorted(refused.items()))
-        return PassResult(sunk > 0, stats)
+    def start(self, graph: gs.Graph, ctx: PassContext) -> None:
+        self._done: Counter[str] = Counter()
+        self._sunk: set[int] = set()  # If outputs that a sunk op wrote in this run
+
+    def match(self, node: gs.Node, scope: Scope
+              ) -> tuple[gs.Node, int, list[_Step]] | Refusal | None:
+        if_node = producer_in_scope(node.inputs[0]) if node.inputs else None
+        if if_node is None or if_node.op != "If" or id(node.inputs[0]) in self._sunk:
+            return None
+        reason = _reader_refusal(node, if_node, scope)
+        if reason is not None:
+            return reason
+        k = next(j for j, t in enumerate(if_node.outputs) if t is node.inputs[0])
+        plan = _if_plan(if_node, k, node)
+        return plan if isinstance(plan, Refusal) else (if_node, k, plan)
+
+    def rewrite(self, node: gs.Node, match: tuple[gs.Node, int, list[_Step]],
+                scope: Scope) -> None:
+        if_node, k, plan = match
+        _apply(scope, plan, node, self._done)
+        y = node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        if_node.outputs[k] = y
+        self._sunk.add(id(y))
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"branch_nodes": dict(sorted(self._done.items()))}

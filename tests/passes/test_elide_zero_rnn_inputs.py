@@ -142,9 +142,18 @@ def test_non_zero_bias_is_kept_zero_bias_goes():
     assert not result.modified
     zero_b = _rnn_model("RNN", ["B0"], (), {"B0": np.zeros((1, 2 * H), F)})
     optimized, result = run_once(zero_b, "elide_zero_rnn_inputs")
-    assert result.stats == {"inputs_omitted": 1}
+    assert result.stats == {"rewritten": 1, "inputs_omitted": 1}
     assert _rnn_inputs(optimized) == ["x", "W", "R"]
     assert_same_outputs(zero_b, optimized, _feeds(zero_b))
+
+
+def test_zero_bias_goes_next_to_a_refused_initial_state():
+    """Only a node where nothing can be omitted reports the refusal of its initial state."""
+    model = _rnn_model("GRU", ["B0", "", "h_in"], (), {"B0": np.zeros((1, 6 * H), F)})
+    optimized, result = run_once(model, "elide_zero_rnn_inputs")
+    assert result.stats == {"rewritten": 1, "inputs_omitted": 1}
+    assert _rnn_inputs(optimized) == ["x", "W", "R", "", "", "h_in"]
+    assert_same_outputs(model, optimized, _feeds(model))
 
 
 def test_dynamic_quantize_lstm_initial_states():

@@ -4,6 +4,7 @@ refusal is refused and counted."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from helpers import assert_same_outputs, initializers, make_model, ops, run_once
+from helpers import assert_same_outputs, initializers, make_branch, make_model, ops, run_once
 from helpers import initializer_as_input, initializer_as_variable
 from onnxopt import optimize
 from onnxopt.passes import LOSSLESS_PIPELINE
@@ -78,7 +79,8 @@ def test_fused_outputs_equal(kwargs):
     model = conv_affine_model(**kwargs)
     fused, result = run_once(model, "fuse_conv_affine")
     steps = kwargs["steps"]
-    assert result.modified and result.stats["fused"] == len(steps)
+    assert result.modified and result.stats["rewritten"] == len(steps)
+    assert result.stats["by_kind"] == dict(Counter(kind for kind, _, _ in steps))
     assert ops(fused) == [kwargs.get("op", "Conv")]
     node = fused.graph.node[0]
     assert node.output == ["y"] and len(node.input) == 3
@@ -92,7 +94,7 @@ def test_shared_weight_and_bias_are_not_edited():
     model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, M, 5, 5]))
     before = initializers(model)
     fused, result = run_once(model, "fuse_conv_affine")
-    assert result.stats["fused"] == 1 and ops(fused) == ["Conv", "Conv"]
+    assert result.stats["rewritten"] == 1 and ops(fused) == ["Conv", "Conv"]
     after = initializers(fused)
     for name in ("W", "B"):
         np.testing.assert_array_equal(after[name], before[name])
@@ -115,7 +117,7 @@ def test_inside_if_branch():
                        [("out", np.float32, shape)],
                        {"starts": np.array([0]), "ends": np.array([M]), "axes": np.array([1])})
     fused, result = run_once(model, "fuse_conv_affine")
-    assert result.stats["fused"] == 2
+    assert result.stats["rewritten"] == 2
     (then_fused,) = [a.g for a in fused.graph.node[0].attribute if a.name == "then_branch"]
     assert ops(then_fused) == ["Conv"]
     x = np.random.default_rng(0).normal(size=(1, C, 5, 5)).astype(np.float32)
@@ -125,7 +127,7 @@ def test_inside_if_branch():
 def _refused(model, reason):
     out, result = run_once(model, "fuse_conv_affine")
     assert not result.modified
-    assert result.stats["fused"] == 0 and result.stats["skipped"] == {reason: 1}
+    assert result.stats["rewritten"] == 0 and result.stats["refused"] == {reason: 1}
     assert len(out.graph.node) == len(model.graph.node)
 
 
@@ -182,6 +184,27 @@ def test_refused_other_consumer_and_graph_output():
     _refused(model, "conv output is a graph output")
 
 
+@pytest.mark.parametrize("else_reads,reason", [("z", "Mul in another scope"),
+                                                 ("c", "conv output has other consumers")])
+def test_refused_op_in_another_scope(else_reads, reason):
+    """A Mul in an If branch reading the outer Conv's output stays: the Conv would have to write
+    a tensor of the branch."""
+    then_graph = make_branch([helper.make_node("Mul", ["c", "k"], ["ty"])],
+                             [("ty", np.float32, [1, M, 5, 5])],
+                             {"k": np.full((M, 1, 1), 2.0, np.float32)})
+    else_graph = make_branch([helper.make_node("Neg", [else_reads], ["ey"])],
+                             [("ey", np.float32, [1, M, 5, 5])])
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("Conv", ["x", "W"], ["c"]),
+                        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph,
+                                         else_branch=else_graph)],
+                       [("x", np.float32, [1, C, 5, 5]), ("cond", np.bool_, [])],
+                       [("y", np.float32, [1, M, 5, 5])],
+                       {"W": rng.normal(size=(M, C, 1, 1)).astype(np.float32),
+                        "z": rng.normal(size=(1, M, 5, 5)).astype(np.float32)})
+    _refused(model, reason)
+
+
 def test_refused_dtypes_differ():
     """An invalid model on purpose (Mul of float32 by float64): the pass must not guess."""
     model = conv_affine_model([("Mul", (M, 1, 1), True)])
@@ -202,7 +225,7 @@ def test_real_model_det():
     _, after = optimize(str(onnx_file), passes=WITHOUT_FUSION + ["fuse_conv_affine"],
                         inputs=str(npz))
     assert after.validation.passed
-    assert sum(r.stats["fused"] for r in after.passes if r.name == "fuse_conv_affine") == 58
+    assert sum(r.stats["rewritten"] for r in after.passes if r.name == "fuse_conv_affine") == 58
     assert after.after.nodes == before.after.nodes - 58
     _, both = optimize(str(onnx_file),
                        passes=WITHOUT_FUSION + ["fuse_conv_affine", "fuse_conv_bn"],

@@ -78,7 +78,7 @@ CASES = {
 def test_fused_outputs_equal(kwargs):
     model = conv_bn_model(**kwargs)
     fused, result = run_once(model, "fuse_conv_bn")
-    assert result.modified and result.stats == {"fused": 1}
+    assert result.modified and result.stats == {"rewritten": 1}
     assert ops(fused) == [kwargs.get("op", "Conv")]
     node = fused.graph.node[0]
     assert node.output == ["y"] and len(node.input) == 3
@@ -110,7 +110,7 @@ def test_shared_weight_gets_a_new_initializer():
     model = make_model(nodes, [("x", np.float32, [1, 4, 5, 5])],
                        [("y", np.float32, [1, 4, 5, 5]), ("z", np.float32, [1, 4, 5, 5])], inits)
     fused, result = run_once(model, "fuse_conv_bn")
-    assert result.stats == {"fused": 1} and ops(fused) == ["Conv", "Conv"]
+    assert result.stats == {"rewritten": 1} and ops(fused) == ["Conv", "Conv"]
     np.testing.assert_array_equal(initializers(fused)["W"], inits["W"])
     _assert_close(model, fused)
 
@@ -137,7 +137,7 @@ def test_inside_if_branch():
                        [("cond", np.bool_, []), ("x", np.float32, [1, 4, 5, 5])],
                        [("out", np.float32, shape)])
     fused, result = run_once(model, "fuse_conv_bn")
-    assert result.stats == {"fused": 1}
+    assert result.stats == {"rewritten": 1}
     (then_fused,) = [a.g for a in fused.graph.node[0].attribute if a.name == "then_branch"]
     assert ops(then_fused) == ["Conv"]
     x = np.random.default_rng(0).normal(size=(1, 4, 5, 5)).astype(np.float32)
@@ -147,7 +147,7 @@ def test_inside_if_branch():
 def _refused(model, reason):
     out, result = run_once(model, "fuse_conv_bn")
     assert not result.modified
-    assert result.stats == {"fused": 0, "skipped": {reason: 1}}
+    assert result.stats == {"rewritten": 0, "refused": {reason: 1}}
     assert "BatchNormalization" in ops(out)
 
 
@@ -191,7 +191,7 @@ def test_unused_extra_outputs_are_fine():
     model = conv_bn_model(opset=9)
     model.graph.node[1].output.extend(["running_mean", "running_var"])
     fused, result = run_once(model, "fuse_conv_bn")
-    assert result.stats == {"fused": 1} and ops(fused) == ["Conv"]
+    assert result.stats == {"rewritten": 1} and ops(fused) == ["Conv"]
 
 
 def test_refused_dtypes_differ():
@@ -216,4 +216,4 @@ def test_real_models(name, bn_count):
     assert after.validation.passed
     assert "BatchNormalization" not in after.after.op_counts
     assert after.after.nodes == before.after.nodes - bn_count
-    assert sum(r.stats["fused"] for r in after.passes if r.name == "fuse_conv_bn") == bn_count
+    assert sum(r.stats["rewritten"] for r in after.passes if r.name == "fuse_conv_bn") == bn_count

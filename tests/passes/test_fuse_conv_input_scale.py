@@ -74,7 +74,7 @@ def test_fused_outputs_equal(kwargs):
     model = scale_conv_model(**kwargs)
     fused, result = run_once(model, "fuse_conv_input_scale")
     convs = kwargs.get("convs", (("Conv", 6, 1),))
-    assert result.stats == {"fused": 1, "convs": len(convs)}
+    assert result.stats == {"rewritten": 1, "convs": len(convs)}
     assert ops(fused) == [op for op, _, _ in convs]
     assert all(node.input[0] == "x" for node in fused.graph.node)
     assert "s" not in initializers(fused)
@@ -85,7 +85,7 @@ def test_zero_in_scale_is_folded():
     s = np.array([1.5, 0.0, -2.0, 0.5], np.float32).reshape(1, C, 1, 1)
     model = scale_conv_model(s_value=s, convs=(("Conv", 6, 2),))
     fused, result = run_once(model, "fuse_conv_input_scale")
-    assert result.stats == {"fused": 1, "convs": 1}
+    assert result.stats == {"rewritten": 1, "convs": 1}
     assert_same_outputs(model, fused, rtol=1e-5, atol=1e-5)
 
 
@@ -101,7 +101,7 @@ def test_shared_weight():
     model = make_model(nodes, [("x", np.float32, [1, C, 5, 5])],
                        [(f"y{i}", np.float32, None) for i in range(3)], inits, check=False)
     fused, result = run_once(model, "fuse_conv_input_scale")
-    assert result.stats == {"fused": 1, "convs": 2}
+    assert result.stats == {"rewritten": 1, "convs": 2}
     w0, w1, w2 = (node.input[1] for node in fused.graph.node)
     assert w0 == w1 != w2 == "W"
     np.testing.assert_array_equal(initializers(fused)["W"], inits["W"])
@@ -126,8 +126,8 @@ def test_gelu_half_before_pointwise_conv_in_pipeline():
     fused, records = run_passes(model, LOSSLESS_PIPELINE)
     assert ops(fused) == ["Div", "Erf", "Add", "Mul", "Conv"]
     stats = [r.stats for r in records if r.name == "fuse_conv_input_scale"]
-    assert stats[0] == {"fused": 1, "convs": 1}
-    assert stats[1] == {"fused": 0, "convs": 0, "skipped": {"scale is not an initializer": 1}}
+    assert stats[0] == {"rewritten": 1, "convs": 1}
+    assert stats[1] == {"rewritten": 0, "convs": 0, "refused": {"scale is not an initializer": 1}}
     x = rng.normal(size=(2, C, 3, 4)).astype(np.float32)
     assert_same_outputs(model, fused, [{"x": x}], rtol=1e-5, atol=1e-5)
 
@@ -149,7 +149,7 @@ def test_inside_if_branch():
                        [("cond", np.bool_, []), ("x", np.float32, [1, C, 5, 5])],
                        [("y", np.float32, None)], {"W_out": consts["W"]}, check=False)
     fused, result = run_once(model, "fuse_conv_input_scale")
-    assert result.stats == {"fused": 1, "convs": 1}
+    assert result.stats == {"rewritten": 1, "convs": 1}
     (then_fused,) = [a.g for a in fused.graph.node[0].attribute if a.name == "then_branch"]
     assert ops(then_fused) == ["Conv"]
     x = rng.normal(size=(1, C, 5, 5)).astype(np.float32)
@@ -173,7 +173,7 @@ def test_conv_in_a_branch_reads_the_outer_scaled_tensor():
         [("y0", np.float32, None), ("y1", np.float32, None)],
         {"s": _scale((1, C, 1, 1), rng), "W": w, "Wb_out": w}, check=False)
     fused, result = run_once(model, "fuse_conv_input_scale")
-    assert result.stats == {"fused": 1, "convs": 2}
+    assert result.stats == {"rewritten": 1, "convs": 2}
     assert ops(fused) == ["Conv", "If"]
     x = rng.normal(size=(1, C, 5, 5)).astype(np.float32)
     assert_same_outputs(model, fused, [{"cond": np.array(True), "x": x}], rtol=1e-5, atol=1e-5)
@@ -182,7 +182,7 @@ def test_conv_in_a_branch_reads_the_outer_scaled_tensor():
 def _refused(model, reason, feed=None):
     out, result = run_once(model, "fuse_conv_input_scale")
     assert not result.modified
-    assert result.stats == {"fused": 0, "convs": 0, "skipped": {reason: 1}}
+    assert result.stats == {"rewritten": 0, "convs": 0, "refused": {reason: 1}}
     assert ops(out) == ops(model)
     assert_same_outputs(model, out, feed and [feed])
 
@@ -282,7 +282,7 @@ def test_refused_invalid_models(edit, reason):
     """Invalid models on purpose (onnxruntime refuses them): the pass must not guess."""
     model = edit(scale_conv_model(convs=(("Conv", 6, 1), ("Conv", 6, 2))))
     out, result = run_once(model, "fuse_conv_input_scale")
-    assert result.stats == {"fused": 0, "convs": 0, "skipped": {reason: 1}}
+    assert result.stats == {"rewritten": 0, "convs": 0, "refused": {reason: 1}}
     assert ops(out) == ops(model)
 
 
@@ -290,5 +290,6 @@ def test_refused_invalid_models(edit, reason):
 def test_real_model_ppocrv6_det():
     """PP-OCRv6 det small: GELU's ``· 0.5`` before 13 pointwise Convs."""
     (_, before), (_, after) = with_and_without("PP-OCRv6_det_small", "fuse_conv_input_scale")
-    assert sum(r.stats["fused"] for r in after.passes if r.name == "fuse_conv_input_scale") == 13
+    assert sum(r.stats["rewritten"] for r in after.passes
+               if r.name == "fuse_conv_input_scale") == 13
     assert after.after.nodes == before.after.nodes - 13

@@ -60,7 +60,7 @@ def pad_model(consumer="Conv", spatial=(6, 6), pads=None, consumer_attrs=None, o
 
 def _fused(model, pads, count_include_pad=None):
     out, result = run_once(model, "fuse_pad")
-    assert result.modified and result.stats["fused"] == 1 and "skipped" not in result.stats
+    assert result.modified and result.stats["rewritten"] == 1 and "refused" not in result.stats
     assert ops(out) == [n.op_type for n in model.graph.node if n.op_type != "Pad"]
     node = out.graph.node[0]
     assert node.input[0] == "x" and node.output[0] == "y"
@@ -100,7 +100,7 @@ FUSED = {
 @pytest.mark.parametrize("kwargs,pads", FUSED.values(), ids=FUSED.keys())
 def test_conv_fused(kwargs, pads):
     _, result = _fused(pad_model(**kwargs), pads)
-    assert result.stats["by_op"] == {"Conv": 1}
+    assert result.stats["by_kind"] == {"Conv": 1}
 
 
 @pytest.mark.parametrize("count_include_pad", [0, 1])
@@ -109,7 +109,7 @@ def test_average_pool_fused_counts_the_pads(count_include_pad):
     model = pad_model("AveragePool", pads=[0, 0, 1, 2, 0, 0, 2, 1],
                       consumer_attrs={"count_include_pad": count_include_pad, "strides": [2, 2]})
     _, result = _fused(model, [1, 2, 2, 1], count_include_pad=1)
-    assert result.stats["by_op"] == {"AveragePool": 1}
+    assert result.stats["by_kind"] == {"AveragePool": 1}
 
 
 def test_average_pool_with_counted_own_pads():
@@ -126,7 +126,7 @@ def test_average_pool_1d():
 def _refused(model, reason):
     out, result = run_once(model, "fuse_pad")
     assert not result.modified
-    assert result.stats == {"fused": 0, "by_op": {}, "skipped": {reason: 1}}
+    assert result.stats == {"rewritten": 0, "refused": {reason: 1}}
     assert ops(out) == ops(model)
     x = np.random.default_rng(3).uniform(1.0, 2.0, size=(1, C, *model_x_spatial(model)))
     assert_same_outputs(model, out, [{"x": x.astype(np.float32)}])
@@ -203,7 +203,7 @@ def test_inside_if_branch():
                        [("out", np.float32, shape)],
                        {"W2": np.ones((M, C, 3, 3), np.float32)})
     out, result = run_once(model, "fuse_pad")
-    assert result.stats["fused"] == 1
+    assert result.stats["rewritten"] == 1
     (then_fused,) = [a.g for a in out.graph.node[0].attribute if a.name == "then_branch"]
     assert ops(then_fused) == ["Conv"]
     x = np.random.default_rng(0).normal(size=(1, C, 6, 6)).astype(np.float32)

@@ -49,7 +49,7 @@ def test_becomes_one_shape(index, shape_attrs, axes):
     model = _chain(index, shape_attrs, axes)
     out, records = run_passes(model, ["fuse_shape_gather"])
     assert ops(out) == ["Shape", "Concat", "Reshape"]
-    assert records[0].stats["rewritten"] == 1 and records[0].stats["nodes_removed"] == 2
+    assert records[0].stats == {"rewritten": 1}
     assert_same_outputs(model, out, FEEDS, rtol=0, atol=0)
 
 
@@ -65,6 +65,7 @@ def test_opset_below_15_untouched():
     model = _chain(1, opset=12)
     out, result = run_once(model, "fuse_shape_gather")
     assert not result.modified and ops(out) == ops(model)
+    assert result.stats == {"refused": {"opset 12 < 15": 1}}
 
 
 def test_two_unsqueeze_readers_and_a_shape_with_other_readers():
@@ -78,7 +79,7 @@ def test_two_unsqueeze_readers_and_a_shape_with_other_readers():
     out, records = run_passes(model, ["fuse_shape_gather"])
     assert sorted(ops(out)) == sorted(["Shape", "Shape", "Shape", "Concat", "Reshape", "Gather",
                                        "Cast"])
-    assert records[0].stats["rewritten"] == 2 and records[0].stats["nodes_removed"] == 1
+    assert records[0].stats == {"rewritten": 1}  # one Gather, its two Unsqueezes now Shapes
     assert_same_outputs(model, out, FEEDS, rtol=0, atol=0)
 
 
@@ -86,14 +87,14 @@ def test_gather_with_another_reader_untouched():
     extra = [helper.make_node("Cast", ["g"], ["c"], to=TensorProto.INT64)]
     model = _chain(0, extra=extra)
     out, result = run_once(model, "fuse_shape_gather")
-    assert not result.modified and result.stats["refused"] == {}
+    assert not result.modified and result.stats == {"rewritten": 0}
     assert sorted(ops(out)) == sorted(ops(model))
 
 
 def test_rank_unknown_refused():
     model = _chain(0, x_shape=None)
     out, result = run_once(model, "fuse_shape_gather")
-    assert result.stats["refused"] == {"rank_unknown": 1} and ops(out) == ops(model)
+    assert result.stats["refused"] == {"rank unknown": 1} and ops(out) == ops(model)
     assert_same_outputs(model, out, FEEDS, rtol=0, atol=0)
 
 
@@ -101,7 +102,7 @@ def test_index_out_of_range_refused():
     """Index 3 of a rank-3 shape: the original fails at run time; the rewrite would not."""
     model = _chain(3)
     out, result = run_once(model, "fuse_shape_gather")
-    assert result.stats["refused"] == {"index_out_of_range": 1} and ops(out) == ops(model)
+    assert result.stats["refused"] == {"index out of range": 1} and ops(out) == ops(model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

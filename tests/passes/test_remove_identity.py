@@ -24,7 +24,7 @@ def test_removes_identity_chain_and_inference_dropout():
                        {"ratio": np.array(0.5, np.float32), "training": np.array(False)})
     out, records = run_passes(model, PASS)
     assert ops(out) == ["Relu", "Neg"]
-    assert records[0].stats["nodes_removed"] == 5
+    assert records[0].stats == {"rewritten": 5, "by_kind": {"Dropout": 2, "Identity": 3}}
     assert_same_outputs(model, out)
 
 
@@ -44,8 +44,9 @@ def test_identity_from_graph_input_to_graph_output_stays():
     nodes = [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])]
     model = make_model(nodes, [("x", np.float32, [4])], [("y", np.float32, [4]),
                                                           ("z", np.float32, [4])])
-    out, _ = run_passes(model, PASS)
+    out, records = run_passes(model, PASS)
     assert sorted(ops(out)) == ["Identity", "Neg"]
+    assert records[0].stats["refused"] == {"graph output name cannot be kept": 1}
     assert [o.name for o in out.graph.output] == ["y", "z"]
     assert_same_outputs(model, out)
 
@@ -54,8 +55,9 @@ def test_identity_between_two_graph_outputs_stays():
     nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"])]
     model = make_model(nodes, [("x", np.float32, [4])], [("a", np.float32, [4]),
                                                           ("b", np.float32, [4])])
-    out, _ = run_passes(model, PASS)
+    out, records = run_passes(model, PASS)
     assert ops(out) == ["Relu", "Identity"]
+    assert records[0].stats["refused"] == {"graph output name cannot be kept": 1}
     assert_same_outputs(model, out)
 
 
@@ -87,8 +89,10 @@ def test_dropout_with_a_used_mask_stays(mask_is_output):
         nodes.append(helper.make_node("Cast", ["mask"], ["m"], to=1))
         outputs.append(("m", np.float32, [4]))
     model = make_model(nodes, [("x", np.float32, [4])], outputs)
-    out, _ = run_passes(model, PASS)
+    out, records = run_passes(model, PASS)
     assert "Dropout" in ops(out)
+    reason = "mask is a graph output" if mask_is_output else "mask is read"
+    assert records[0].stats["refused"] == {reason: 1}
     assert_same_outputs(model, out)
 
 
@@ -111,8 +115,9 @@ def test_dropout_in_training_mode_stays(training):
     nodes = [helper.make_node("Dropout", ["x", "ratio", "training"], ["d"]),
              helper.make_node("Relu", ["d"], ["y"])]
     model = make_model(nodes, inputs, [("y", np.float32, [4])], inits)
-    out, _ = run_passes(model, PASS)
+    out, records = run_passes(model, PASS)
     assert ops(out) == ["Dropout", "Relu"]
+    assert records[0].stats["refused"] == {"training mode may be on": 1}
 
 
 def test_identity_in_a_branch_reading_an_outer_tensor_to_the_branch_output_stays_valid():
