@@ -188,3 +188,17 @@ def constant_refusal(t: gs.Tensor, what: str) -> str | None:
     return None
 
 
+
+
+#: The branch attributes of If (ONNX spec, opsets 1-21).
+IF_BRANCHES = ("then_branch", "else_branch")
+
+
+def if_branches(node: gs.Node) -> tuple[gs.Graph, gs.Graph] | None:
+    """The ``(then_branch, else_branch)`` of an If when both are well formed -- graphs without
+    inputs, with as many outputs as the If -- else None."""
+    branches = tuple(node.attrs.get(attr) for attr in IF_BRANCHES)
+    if all(isinstance(b, gs.Graph) and not b.inputs and len(b.outputs) == len(node.outputs)
+           for b in branches):
+        return branches
+    return None

@@ -10,8 +10,9 @@ Synthesis (all from one ``numpy.random.default_rng(seed)``):
 * integers (every width, signed or not) are uniform in [0, 10), except indices: an input whose
   values reach (through Cast, Reshape, Squeeze, Concat, ...) the indices of a Gather,
   GatherElements or GatherND stays in [0, size) of the indexed axis whenever that size is known
-  (an initializer, a Constant, the synthesized shape of a graph input, or shape inference). Uses
-  inside If/Loop bodies count, read through outer scope or as Loop-carried values;
+  (an initializer, a Constant, or the :class:`~onnxopt.analyses.TensorTypes` analysis run with
+  the graph inputs at their synthesized shapes). Uses inside If/Loop bodies count, read through
+  outer scope or as Loop-carried values;
 * strings, bfloat16 and the float8/int4 family (no numpy dtype onnxruntime's Python API takes)
   and non-tensor inputs (sequence, optional, map) are refused.
 
@@ -19,7 +20,12 @@ Synthesis (all from one ``numpy.random.default_rng(seed)``):
 decide an If condition or a Loop, and integer scalars compared with a constant (a sample rate, a
 mode). :func:`check_feeds` checks given feeds against the model's declared inputs.
 
-Value names are looked up model-wide, subgraphs included: ONNX requires them to be unique (SSA).
+Reads are followed on the model imported by :func:`onnxopt.graph.import_graph`, through
+onnx-graphsurgeon's links (:func:`onnxopt.analyses.readers`; subgraph readers of outer-scope
+values included). Messages name inputs and nodes as the model does: the import renames only
+subgraph tensors whose names clash, never graph inputs or nodes. A model onnxopt cannot import
+(optional or map graph inputs or outputs) gets neither index ranges nor the warnings about
+settings.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_graphsurgeon as gs
 
+from onnxopt.analyses import TensorTypes, readers
 from onnxopt.errors import InputError, UsageError
-from onnxopt.graph import graph_protos
+from onnxopt.graph import import_graph
+from onnxopt.ops import is_default_domain
 
 #: Value of a dynamic dimension that no ``--input-shape`` fixes.
 DEFAULT_DIM = 1
@@ -142,134 +151,78 @@ def _numpy_dtype(inp: onnx.ValueInfoProto) -> np.dtype:
     return dtype
 
 
-class _Uses:
-    """Who reads each value, over the main graph and every subgraph, and the constant tensors."""
+def _imported(model: onnx.ModelProto) -> gs.Graph | None:
+    """``model`` as the graph the analyses read; None when onnxopt cannot import it (optional
+    or map graph inputs or outputs: :func:`import_graph`'s InputError)."""
+    try:
+        return import_graph(model)
+    except InputError:
+        return None
 
-    def __init__(self, model: onnx.ModelProto):
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        self.constants: dict[str, onnx.TensorProto] = {}
-        for graph in graph_protos(model.graph):
-            self.constants.update((t.name, t) for t in graph.initializer)
-            for node in graph.node:
-                for name in filter(None, node.input):
-                    self.consumers.setdefault(name, []).append(node)
-                if node.op_type == "Constant" and _is_onnx(node) and node.output:
-                    value = _constant_attribute(node)
-                    if value is not None:
-                        self.constants[node.output[0]] = value
 
-    def reach(self, start: str, through: frozenset[str] = frozenset()):
-        """Yield ``(node, name)`` for every read of ``start``'s values as ``name``: directly,
-        through the first input of :data:`_PASS_THROUGH` ops, any input of Concat and of the ops
-        in ``through``, and Loop-carried values into the body."""
-        frontier, seen = [start], set()
-        while frontier:
-            name = frontier.pop()
-            if name in seen:
+def _reach(start: gs.Tensor, through: frozenset[str] = frozenset()
+           ) -> Iterator[tuple[gs.Node, int]]:
+    """Yield ``(node, index)`` for every read of ``start``'s values, in any scope: ``node`` reads
+    them as its input ``index``, directly, through the first input of :data:`_PASS_THROUGH` ops,
+    any input of Concat and of the ops in ``through``, and as Loop-carried values in the body."""
+    frontier, seen = [start], set()
+    while frontier:
+        t = frontier.pop()
+        if id(t) in seen or t.is_empty():
+            continue
+        seen.add(id(t))
+        for node, index in readers(t):
+            yield node, index
+            if not is_default_domain(node):
                 continue
-            seen.add(name)
-            for node in self.consumers.get(name, []):
-                yield node, name
-                if not _is_onnx(node):
-                    continue
-                if (node.op_type in _PASS_THROUGH and node.input[0] == name) \
-                        or node.op_type == "Concat" or node.op_type in through:
-                    frontier.extend(node.output)
-                elif node.op_type == "Loop":
-                    body = next((a.g for a in node.attribute if a.name == "body"), None)
-                    carried = list(body.input[2:]) if body is not None else []
-                    frontier.extend(carried[k - 2].name for k, n in enumerate(node.input)
-                                    if k >= 2 and n == name and k - 2 < len(carried))
+            if (node.op in _PASS_THROUGH and index == 0) or node.op == "Concat" \
+                    or node.op in through:
+                frontier.extend(node.outputs)
+            elif node.op == "Loop" and index >= 2:
+                # Loop inputs (M, cond, v...) bind to body inputs (iteration, cond, v...)
+                body = node.attrs.get("body")
+                if isinstance(body, gs.Graph) and index < len(body.inputs):
+                    frontier.append(body.inputs[index])
 
 
-def _is_onnx(node: onnx.NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx")
+def _label(node: gs.Node) -> str:
+    return f"{node.op} '{node.name}'" if node.name else f"an unnamed {node.op} node"
 
 
-def _constant_attribute(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
-        if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
-            return numpy_helper.from_array(np.asarray(onnx.helper.get_attribute_value(attr)))
-    return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return f"{node.op_type} '{node.name}'" if node.name else f"an unnamed {node.op_type} node"
-
-
-class _Shapes:
-    """Shapes (lists of int or None) of values: constants, the synthesized inputs, and, computed
-    only when first needed, onnx shape inference run with the inputs at their synthesized shapes."""
-
-    def __init__(self, model: onnx.ModelProto, uses: _Uses, inputs: dict[str, list[int]]):
-        self._model, self._inputs, self._inferred = model, inputs, None
-        self._known = {name: list(t.dims) for name, t in uses.constants.items()}
-
-    def __call__(self, name: str) -> list[int | None] | None:
-        if name in self._known:
-            return self._known[name]
-        if name in self._inputs:
-            return self._inputs[name]
-        if self._inferred is None:
-            self._inferred = self._infer()
-        return self._inferred.get(name)
-
-    def _infer(self) -> dict[str, list[int | None]]:
-        model = onnx.ModelProto()
-        model.CopyFrom(self._model)
-        for inp in model.graph.input:
-            if inp.name in self._inputs:
-                shape = inp.type.tensor_type.shape
-                shape.Clear()
-                for d in self._inputs[inp.name]:
-                    shape.dim.add().dim_value = d
-        try:
-            model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # noqa: BLE001 -- best effort (custom ops, > 2 GiB): sizes stay unknown
-            return {}
-        shapes = {}
-        for graph in graph_protos(model.graph):
-            for v in list(graph.value_info) + list(graph.output) + list(graph.input):
-                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                    shapes[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
-                                      else None for d in v.type.tensor_type.shape.dim]
-        return shapes
-
-
-def _indexed_size(node: onnx.NodeProto, shape_of: _Shapes) -> int | None:
+def _indexed_size(node: gs.Node, types: TensorTypes) -> int | None:
     """Size of the axis (smallest of the axes, for GatherND) that ``node``'s indices select in."""
-    data = shape_of(node.input[0])
+    data = types.shape(node.inputs[0])
     if data is None:
         return None
-    if node.op_type == "GatherND":
-        batch = _attr(node, "batch_dims", 0)
-        indices = shape_of(node.input[1])
+    if node.op == "GatherND":
+        batch = node.attrs.get("batch_dims", 0)
+        indices = types.shape(node.inputs[1])
         depth = indices[-1] if indices and indices[-1] is not None else len(data) - batch
         dims = data[batch:batch + depth]
         return min(dims) if dims and None not in dims else None
-    axis = _attr(node, "axis", 0)
+    axis = node.attrs.get("axis", 0)
     return data[axis] if -len(data) <= axis < len(data) else None
 
 
-def _index_bounds(model: onnx.ModelProto, uses: _Uses, names: list[str],
+def _index_bounds(model: onnx.ModelProto, names: list[str],
                   shapes: dict[str, list[int]]) -> dict[str, int]:
     """For the inputs ``names`` used as Gather/GatherElements/GatherND indices: the smallest size
-    of an axis they index (see :func:`_indexed_size`), where known."""
-    shape_of = _Shapes(model, uses, shapes)
+    of an axis they index (see :func:`_indexed_size`), where known, with the inputs at
+    ``shapes``."""
+    graph = _imported(model)
+    if graph is None:
+        return {}
+    inputs = {t.name: t for t in graph.inputs}
+    for name, shape in shapes.items():
+        inputs[name].shape = list(shape)  # inference starts from the synthesized shapes
+    types = TensorTypes(graph, model)
     bounds: dict[str, int] = {}
-    for start in names:
-        for node, name in uses.reach(start):
-            if node.op_type in _INDEXING and _is_onnx(node) and len(node.input) > 1 \
-                    and node.input[1] == name:
-                size = _indexed_size(node, shape_of)
+    for name in names:
+        for node, index in _reach(inputs[name]):
+            if node.op in _INDEXING and is_default_domain(node) and index == 1:
+                size = _indexed_size(node, types)
                 if size is not None:
-                    bounds[start] = min(bounds.get(start, size), size)
+                    bounds[name] = min(bounds.get(name, size), size)
     return bounds
 
 
@@ -362,7 +315,7 @@ def synthesize_feed(model: onnx.ModelProto, shapes: dict[str, list[int]] | None 
                              "pass it with --inputs")
         concrete[inp.name] = _synthesized_shape(inp, shapes)
     integers = [name for name, dtype in dtypes.items() if dtype.kind in "iu"]
-    bounds = _index_bounds(model, _Uses(model), integers, concrete) if integers else {}
+    bounds = _index_bounds(model, integers, concrete) if integers else {}
     rng = np.random.default_rng(seed)
     feed = {}
     for name, dtype in dtypes.items():
@@ -380,10 +333,10 @@ def synthesize_feed(model: onnx.ModelProto, shapes: dict[str, list[int]] | None 
     return feed
 
 
-def _constant_text(tensor: onnx.TensorProto) -> str:
-    if math.prod(tensor.dims) > 4:
+def _constant_text(tensor: gs.Constant) -> str:
+    if math.prod(tensor.shape) > 4:
         return "a constant"
-    value = numpy_helper.to_array(tensor).ravel().tolist()
+    value = np.asarray(tensor.values).ravel().tolist()
     return str(value[0] if len(value) == 1 else value)
 
 
@@ -402,27 +355,32 @@ def input_warnings(model: onnx.ModelProto, shapes: dict[str, list[int]] | None =
     at all are :func:`synthesize_feed`'s errors, not warnings.
     """
     shapes = shapes or {}
-    uses = _Uses(model)
+    graph = _imported(model)
+    tensors = {t.name: t for t in graph.inputs} if graph is not None else {}
     warnings = []
     for inp in _feedable_inputs(model):
         if inp.type.WhichOneof("value") != "tensor_type":
             continue
         reasons = []
-        for node, name in uses.reach(inp.name, frozenset(_COMPARISONS | _LOGICAL)):
-            if node.op_type == "If" and node.input[0] == name:
+        start = tensors.get(inp.name)
+        deciding = () if start is None else _reach(start, frozenset(_COMPARISONS | _LOGICAL))
+        for node, index in deciding:
+            if node.op == "If" and index == 0:
                 reasons.append(f"decides the condition of {_label(node)}")
-            elif node.op_type == "Loop" and name in node.input[:2]:
+            elif node.op == "Loop" and index < 2:
                 reasons.append(f"sets the trip count or condition of {_label(node)}")
         tt = inp.type.tensor_type
         declared = _declared_dims(tt)
         scalar = declared is not None and declared in ([], [1])
-        if scalar and tt.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
-            for node, name in uses.reach(inp.name):
-                if node.op_type in _COMPARISONS and _is_onnx(node):
-                    other = [n for n in node.input if n != name and n in uses.constants]
+        if scalar and start is not None \
+                and tt.elem_type in (onnx.TensorProto.INT32, onnx.TensorProto.INT64):
+            for node, index in _reach(start):
+                if node.op in _COMPARISONS and is_default_domain(node):
+                    other = [x for i, x in enumerate(node.inputs)
+                             if i != index and isinstance(x, gs.Constant)]
                     if other:
-                        value = _constant_text(uses.constants[other[0]])
-                        reasons.append(f"is compared with {value} by {_label(node)}")
+                        reasons.append(f"is compared with {_constant_text(other[0])} by "
+                                       f"{_label(node)}")
         if reasons:
             warnings.append(f"input '{inp.name}' looks like a setting, not data "
                             f"({'; '.join(dict.fromkeys(reasons))}): a synthesized value is "

@@ -8,8 +8,14 @@ reference tensor of the same name: the passes keep a tensor's name whenever the 
 value (a fused Conv+BatchNormalization takes over the BatchNormalization's output name), so a
 rewrite that renames or fuses a value leaves it *unmatched*, and it is listed as such, never
 guessed. Not exposed, and listed as *skipped*: tensors inside subgraphs (If/Loop/Scan bodies)
-and values that are not tensors (sequences, optionals, maps). Outputs of ``Constant`` nodes are
-parameters, like initializers, and are not compared.
+and values that are not tensors (sequences, optionals, maps), as the
+:class:`~onnxopt.analyses.TensorTypes` analysis finds them (a value whose kind it cannot tell is
+tried as a tensor). Outputs of ``Constant`` nodes are parameters, like initializers, and are not
+compared.
+
+Everything else is read from the ModelProtos as given: they are what runs, with extra outputs,
+and what the report names -- their node order and names, and subgraph tensors by the names the
+model gives them (the imported graph renames subgraph tensors whose names clash).
 
 Matched pairs are compared in the topological (node) order of the candidate; the first whose
 drift exceeds the tolerance is the *first divergence* -- lossless: ``max_abs > atol + rtol *
@@ -34,8 +40,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxopt.analyses import TensorTypes
 from onnxopt.errors import InputError
-from onnxopt.graph import graph_protos
+from onnxopt.graph import graph_protos, import_graph
 from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, OutputMetrics,
                                 compare_models)
 
@@ -128,16 +135,20 @@ class _Tensors:
 
 
 def _non_tensor_values(model: onnx.ModelProto) -> dict[str, str]:
-    """Main-graph values whose inferred type is not a tensor: name -> kind ("sequence", ...)."""
+    """Main-graph node outputs that :meth:`TensorTypes.kind` finds are not tensors: name -> kind
+    ("sequence", "optional", "map", "sparse tensor"). A hint: a model onnxopt cannot import
+    (optional or map graph inputs or outputs) yields none, and every value is tried."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 -- inference is a hint; without it every value is tried
+        graph = import_graph(model)  # keeps the main graph's tensor names
+    except InputError:
         return {}
+    types = TensorTypes(graph, model)
     kinds = {}
-    for v in list(inferred.value_info) + list(inferred.output):
-        kind = v.type.WhichOneof("value")
-        if kind not in ("tensor_type", None):
-            kinds[v.name] = kind.replace("_type", "").replace("_", " ")
+    for node in graph.nodes:
+        for t in node.outputs:
+            kind = types.kind(t)
+            if kind not in ("tensor", None):
+                kinds[t.name] = kind
     return kinds
 
 

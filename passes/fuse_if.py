@@ -46,19 +46,11 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxopt.edit import node_reads, rename_clashes, sort_nodes
+from onnxopt.edit import IF_BRANCHES, if_branches, node_reads, rename_clashes, sort_nodes
 from onnxopt.graph import iter_graphs
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
-
-_BRANCHES = ("then_branch", "else_branch")
-
-
-def _well_formed(node: gs.Node) -> bool:
-    return all(isinstance(node.attrs.get(attr), gs.Graph) and not node.attrs[attr].inputs
-               and len(node.attrs[attr].outputs) == len(node.outputs) for attr in _BRANCHES)
-
 
 class _Order:
     """Reachability between the nodes of a sorted graph, reads of subgraphs included."""
@@ -89,7 +81,7 @@ class _Order:
 
 def _kept(a: gs.Node, b: gs.Node, outputs: set[int]) -> list[int]:
     """Indices of ``a``'s outputs read by something other than ``b`` or that are graph outputs."""
-    inside = {id(n) for attr in _BRANCHES for sub in iter_graphs(b.attrs[attr]) for n in sub.nodes}
+    inside = {id(n) for attr in IF_BRANCHES for sub in iter_graphs(b.attrs[attr]) for n in sub.nodes}
     return [i for i, o in enumerate(a.outputs)
             if id(o) in outputs or any(id(n) not in inside for n in o.outputs)]
 
@@ -104,12 +96,12 @@ def _fused_outputs(a: gs.Node, b: gs.Node, attr: str, kept: list[int]) -> list[g
 def _refusal(order: _Order, descendants: set[int], a: gs.Node, b: gs.Node,
              outputs: set[int]) -> str | None:
     """Why ``a`` and ``b`` (``a`` first) cannot be fused, or None."""
-    if not _well_formed(a) or not _well_formed(b):
+    if if_branches(a) is None or if_branches(b) is None:
         return "malformed branch"
     if descendants & order.ancestors(b):
         return "path through another node"
     kept = _kept(a, b, outputs)
-    for attr in _BRANCHES:
+    for attr in IF_BRANCHES:
         fused = _fused_outputs(a, b, attr, kept)
         if len({id(t) for t in fused}) != len(fused):
             return "branch output bound twice"
@@ -119,7 +111,7 @@ def _refusal(order: _Order, descendants: set[int], a: gs.Node, b: gs.Node,
 def _fuse(root: gs.Graph, a: gs.Node, b: gs.Node, outputs: set[int]) -> None:
     """Make ``a`` compute ``b``'s outputs too and disconnect ``b`` (see the module docstring)."""
     kept = _kept(a, b, outputs)
-    for attr in _BRANCHES:
+    for attr in IF_BRANCHES:
         mine, theirs = a.attrs[attr], b.attrs[attr]
         rename_clashes(root, theirs)
         fused = _fused_outputs(a, b, attr, kept)

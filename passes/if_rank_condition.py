@@ -46,7 +46,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
-from onnxopt.edit import constant_value, input_slots, replace_uses
+from onnxopt.edit import constant_value, if_branches, input_slots, replace_uses
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
@@ -92,12 +92,11 @@ def _branch_lengths(types: TensorTypes, shape: gs.Node, if_node: gs.Node
                     ) -> tuple[int, int] | Refusal:
     """``Size(Shape(y))`` in the then and else branch, or why it is not known."""
     j = next(i for i, t in enumerate(if_node.outputs) if t is shape.inputs[0])
+    branches = if_branches(if_node)
+    if branches is None:
+        return refuse("malformed branch")
     lengths = []
-    for attr in ("then_branch", "else_branch"):
-        branch = if_node.attrs.get(attr)
-        if not isinstance(branch, gs.Graph) or branch.inputs \
-                or len(branch.outputs) != len(if_node.outputs):
-            return refuse("malformed branch")
+    for branch in branches:
         rank = types.rank(branch.outputs[j])
         if rank is None:
             return refuse("branch rank unknown")

@@ -56,7 +56,7 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.edit import constant_value, input_slots, int_list
+from onnxopt.edit import constant_value, if_branches, input_slots, int_list
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import PassContext, register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, producer_in_scope, refuse
@@ -129,12 +129,11 @@ def _branch_plan(branch: gs.Graph, k: int, n: gs.Node) -> _Step | Refusal:
 
 def _if_plan(node: gs.Node, k: int, n: gs.Node) -> list[_Step] | Refusal:
     """The steps sinking ``n`` into output ``k`` of the If ``node``, or why it cannot be sunk."""
+    branches = if_branches(node)
+    if branches is None:
+        return refuse("malformed branch")
     steps = []
-    for attr in ("then_branch", "else_branch"):
-        branch = node.attrs.get(attr)
-        if not isinstance(branch, gs.Graph) or branch.inputs \
-                or len(branch.outputs) != len(node.outputs):
-            return refuse("malformed branch")
+    for branch in branches:
         step = _branch_plan(branch, k, n)
         if isinstance(step, Refusal):
             return step

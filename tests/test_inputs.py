@@ -346,6 +346,27 @@ def test_indices_read_inside_if_branches_through_outer_scope():
         run_ort(model, {**feed, "flag": np.array(flag)})
 
 
+def test_sibling_branches_reusing_a_name_bound_their_own_indices():
+    """Both branches name a value ``c``: each Gather is bounded by the table its own ``c``
+    indexes (4 rows for ``idx``, 2 for ``j``), not by the other branch's."""
+    def branch(name, index, rows):
+        return make_branch([helper.make_node("Cast", [index], ["c"], to=TensorProto.INT64),
+                            helper.make_node("Gather", [f"{name}_table", "c"], [f"{name}_y"])],
+                           [(f"{name}_y", np.float32, [500, 2])],
+                           {f"{name}_table": np.ones((rows, 2), np.float32)}, name)
+
+    model = make_model([helper.make_node("If", ["flag"], ["y"], then_branch=branch("t", "idx", 4),
+                                         else_branch=branch("e", "j", 2))],
+                       [("flag", np.bool_, []), ("idx", np.int32, [500]), ("j", np.int32, [500])],
+                       [("y", np.float32, [500, 2])])
+    feed = synthesize_feed(model)
+    _assert_indices_in(feed["idx"], 4)
+    assert feed["idx"].max() == 3
+    _assert_indices_in(feed["j"], 2)
+    for flag in (True, False):
+        run_ort(model, {**feed, "flag": np.array(flag)})
+
+
 def test_indices_carried_into_a_loop_body():
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]),

@@ -1,6 +1,7 @@
 """Analyses: facts about the graph, computed on demand and cached by :class:`AnalysisManager`.
 
-* :class:`TensorTypes` -- dtypes and shapes from ONNX shape inference over every scope;
+* :class:`TensorTypes` -- dtypes and shapes from ONNX shape inference over every scope, and
+  which values are not tensors (sequences, optionals, maps);
 * :class:`UseDef` -- the scope of every node and the interface of every scope;
 * :class:`ActivationStats` -- ranges, histograms and per-channel norms of activations, from one
   instrumented onnxruntime run that streams over the calibration feeds.

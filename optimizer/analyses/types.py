@@ -21,6 +21,11 @@ from onnxopt.ops import is_default_domain
 #: Initializers with more elements than this are given to shape inference as typed inputs only.
 _SHAPE_INFERENCE_VALUE_LIMIT = 1024
 
+#: The kinds of value ONNX types (TypeProto's ``value`` field), as :meth:`TensorTypes.kind`
+#: names them.
+_KINDS = {"tensor_type": "tensor", "sparse_tensor_type": "sparse tensor",
+          "sequence_type": "sequence", "optional_type": "optional", "map_type": "map"}
+
 
 def _clear_shapes(type_proto: onnx.TypeProto) -> None:
     """Remove every shape from ``type_proto`` (tensor, or the elements of a sequence/optional)."""
@@ -191,9 +196,11 @@ def _contrib_stand_in(node: gs.Node, opset: int) -> onnx.NodeProto | None:
 
 
 def _infer_types(graph: gs.Graph, template: onnx.ModelProto
-                 ) -> dict[int, tuple[gs.Tensor, np.dtype | None, tuple | None]]:
-    """``{id(tensor): (tensor, dtype, shape)}`` for the graph inputs and node outputs of ``graph``
-    and of every subgraph, from ONNX shape inference (``data_prop``) of an ``_InferenceModel``.
+                 ) -> dict[int, tuple[gs.Tensor, str, np.dtype | None, tuple | None]]:
+    """``{id(tensor): (tensor, kind, dtype, shape)}`` for the graph inputs and node outputs of
+    ``graph`` and of every subgraph, from ONNX shape inference (``data_prop``) of an
+    ``_InferenceModel``; ``kind`` as :meth:`TensorTypes.kind` names it, dtype and shape None
+    unless it is "tensor".
 
     Each GraphProto's value_info is read only for the tensors that graph itself produces (its
     inputs and its nodes' outputs), so no tensor takes a result from another scope. Loop/Scan
@@ -211,12 +218,13 @@ def _infer_types(graph: gs.Graph, template: onnx.ModelProto
         inputs = {t.name: t for t in g.inputs}
         for vi in itertools.chain(proto.input, proto.value_info, proto.output):
             t = produced.get(vi.name) or inputs.get(vi.name)
-            if t is None or t.is_empty() or not vi.type.HasField("tensor_type"):
+            kind = _KINDS.get(vi.type.WhichOneof("value"))
+            if t is None or t.is_empty() or kind is None:
                 continue
-            dtype, shape = _tensor_type(vi)
+            dtype, shape = _tensor_type(vi) if kind == "tensor" else (None, None)
             if loop_body and vi.name in inputs:
                 shape = None
-            types[id(t)] = (t, dtype, shape)
+            types[id(t)] = (t, kind, dtype, shape)
     return types
 
 
@@ -322,7 +330,12 @@ class TensorTypes(Analysis):
     yields only the initializers.
 
     Shapes are tuples of ints, with None for an unknown dim; a shape is None when even the rank
-    is unknown.
+    is unknown. :meth:`kind` tells a tensor from the values that are not one (sequences,
+    optionals, maps, sparse tensors), whose dtype and shape are None.
+
+    To ask about other input shapes than the declared ones (the synthesized shapes of
+    ``onnxopt.inputs``), set the shapes of the main graph's input tensors before the first
+    question: they are the shapes inference starts from.
     """
 
     def __init__(self, graph: gs.Graph, template: onnx.ModelProto):
@@ -334,22 +347,28 @@ class TensorTypes(Analysis):
         """The analysis for the analysis manager: inferred on the first question."""
         return cls(graph, ctx.template)
 
-    def _lookup(self, t: gs.Tensor) -> tuple[np.dtype | None, tuple | None]:
+    def _lookup(self, t: gs.Tensor) -> tuple[str | None, np.dtype | None, tuple | None]:
         if isinstance(t, gs.Constant):
             try:
-                return np.dtype(t.dtype), tuple(t.shape)
+                return "tensor", np.dtype(t.dtype), tuple(t.shape)
             except TypeError:
-                return None, tuple(t.shape)
+                return "tensor", None, tuple(t.shape)
         if self._types is None:
             self._types = _infer_types(self._graph, self._template)
         entry = self._types.get(id(t))
-        return (entry[1], entry[2]) if entry is not None and entry[0] is t else (None, None)
+        return entry[1:] if entry is not None and entry[0] is t else (None, None, None)
 
-    def dtype(self, t: gs.Tensor) -> np.dtype | None:
+    def kind(self, t: gs.Tensor) -> str | None:
+        """What ``t`` holds: ``"tensor"``, ``"sparse tensor"``, ``"sequence"``, ``"optional"`` or
+        ``"map"`` (the kinds of ONNX's TypeProto); None when inference does not tell (an op it
+        does not know, a model it rejects, a tensor created since)."""
         return self._lookup(t)[0]
 
-    def shape(self, t: gs.Tensor) -> tuple | None:
+    def dtype(self, t: gs.Tensor) -> np.dtype | None:
         return self._lookup(t)[1]
+
+    def shape(self, t: gs.Tensor) -> tuple | None:
+        return self._lookup(t)[2]
 
     def rank(self, t: gs.Tensor) -> int | None:
         shape = self.shape(t)

@@ -48,5 +48,7 @@ class UseDef(Analysis):
 
 
 def readers(t: gs.Tensor) -> list[tuple[gs.Node, int]]:
-    """Every (node, input index) reading ``t``, in any scope."""
-    return [(node, i) for node in t.outputs for i, x in enumerate(node.inputs) if x is t]
+    """Every (node, input index) reading ``t``, in any scope, each once (``t.outputs`` lists a
+    node once per input it reads ``t`` at), in the order onnx-graphsurgeon linked them."""
+    nodes = {id(node): node for node in t.outputs}.values()
+    return [(node, i) for node in nodes for i, x in enumerate(node.inputs) if x is t]

@@ -1,7 +1,7 @@
 """Tests of optimizer/analyses/types.py's TensorTypes: dtypes and shapes from ONNX shape inference in the main
 graph and in If/Loop bodies, keyed by tensor object (sibling branches reusing a name keep their own
 results), declared value_info and subgraph shapes never believed, loop-carried shapes unknown,
-large initializers kept out of the inference model."""
+large initializers kept out of the inference model, sequences and optionals told from tensors."""
 
 from __future__ import annotations
 
@@ -126,6 +126,39 @@ def test_infer_tensor_types_is_the_main_graph_by_name():
     assert types["x"] == (np.dtype(F), (2, 3)) and types["cond"] == (np.dtype(np.bool_), ())
     assert "t" not in types and "e" not in types
     assert types["y"] == (np.dtype(F), (2, 3))  # declared [7]
+
+
+def test_kind_tells_tensors_from_sequences_and_optionals_in_every_scope():
+    """Values that are not tensors have a kind and no dtype or shape; a custom op's output has
+    no kind (inference does not know the op)."""
+    then = make_branch([helper.make_node("SequenceConstruct", ["x", "x"], ["branch_seq"]),
+                        helper.make_node("SequenceAt", ["branch_seq", "i"], ["then_y"])],
+                       [("then_y", F, [2, 3])], name="then")
+    other = make_branch([helper.make_node("Neg", ["x"], ["else_y"])], [("else_y", F, [2, 3])],
+                        name="else")
+    model = make_model(
+        [helper.make_node("SequenceConstruct", ["x", "x"], ["seq"]),
+         helper.make_node("SequenceAt", ["seq", "i"], ["at"]),
+         helper.make_node("Optional", ["x"], ["opt"]),
+         helper.make_node("OptionalGetElement", ["opt"], ["got"]),
+         helper.make_node("Foo", ["x"], ["custom"], domain="test.custom"),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+        [("x", F, [2, 3]), ("cond", np.bool_, [])],
+        [("at", F, None), ("got", F, None), ("custom", F, None), ("y", F, None)],
+        {"i": np.array(1, I64)}, opset=18, check=False)
+    model.opset_import.append(helper.make_opsetid("test.custom", 1))
+    graph = import_graph(model)
+    types = TensorTypes(graph, model)
+    out = {t.name: t for n in graph.nodes for t in n.outputs}
+    assert types.kind(out["seq"]) == "sequence" and types.kind(out["opt"]) == "optional"
+    assert types.dtype(out["seq"]) is None and types.shape(out["opt"]) is None
+    assert types.kind(out["at"]) == types.kind(out["got"]) == "tensor"
+    assert types.shape(out["got"]) == (2, 3) and types.dtype(out["at"]) == np.float32
+    assert types.kind(graph.inputs[0]) == "tensor"
+    assert types.kind(gs.Constant("k", np.zeros(2, F))) == "tensor"
+    assert types.kind(out["custom"]) is None
+    branch = _tensors(graph, "then")
+    assert types.kind(branch["branch_seq"]) == "sequence" and types.kind(branch["then_y"]) == "tensor"
 
 
 def _pool(x, y, **attrs):

@@ -1,4 +1,5 @@
-"""Tests of optimizer/analyses/usedef.py: owner graphs of nodes and the interface of each scope."""
+"""Tests of optimizer/analyses/usedef.py: owner graphs of nodes, the interface of each scope, and
+readers (each read once)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ def test_owner_outputs_and_readers_across_scopes():
     assert usedef.on_boundary(x)
     # x is read by the Relu and, from the outer scope, by both branches
     assert sorted(n.op for n, _ in readers(x)) == ["Abs", "Neg", "Relu"]
+
+
+def test_readers_list_each_read_once():
+    """A node reading a tensor at two inputs is one reader per input, not per link."""
+    model = make_model([helper.make_node("Mul", ["x", "x"], ["y"]),
+                        helper.make_node("Relu", ["x"], ["r"])],
+                       [("x", np.float32, [2])],
+                       [("y", np.float32, [2]), ("r", np.float32, [2])])
+    graph = import_graph(model)
+    assert [(n.op, i) for n, i in readers(graph.inputs[0])] == [("Mul", 0), ("Mul", 1),
+                                                                 ("Relu", 0)]

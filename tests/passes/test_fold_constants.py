@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from onnx import TensorProto, helper
 
 from onnxopt import optimize
-from onnxopt.pass_manager import PassContext, get_pass
+from onnxopt.pass_manager import get_pass
 from onnxopt.passes import LOSSLESS_PIPELINE, fold_constants
 
 FOLD = ["fold_constants", "eliminate_dead"]

@@ -236,7 +236,6 @@ def test_clashing_branch_names_are_renamed():
     """Sibling branches may reuse a name (``t`` in both then branches); the import makes names
     unique, so the pass is run on a graph imported without that step."""
     from onnxopt.graph import export_graph
-    from onnxopt.pass_manager import PassContext, get_pass
 
     def branch(op, out):
         return make_branch([helper.make_node(op, ["x"], ["t"]),
@@ -291,7 +290,6 @@ def test_path_is_found_in_a_graph_left_out_of_order():
     """A previous pass may leave nodes out of order (here the Relu between the Ifs is moved to
     the end): the graph is sorted before paths are looked for."""
     from onnxopt.graph import import_graph
-    from onnxopt.pass_manager import PassContext, get_pass
 
     model = make_model([_if("c", "y"), helper.make_node("Relu", ["y"], ["r"]),
                         _if("c", "z", "Abs", "Sigmoid", x="r")], [X, C], [("z", F, [2, 3])])

@@ -218,7 +218,6 @@ def test_condition_that_is_a_graph_input_initializer_is_refused():
 def test_outer_tensor_read_by_discarded_branch_loses_that_consumer():
     """After inlining, an outer tensor no longer lists the discarded branch's nodes as consumers."""
     from onnxopt.graph import import_graph
-    from onnxopt.pass_manager import PassContext, get_pass
 
     then, other = _branches()
     original = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
@@ -259,7 +258,6 @@ def test_branch_tensor_whose_name_clashes_is_renamed():
     """A branch tensor named like a main-graph tensor (possible only after a rewrite, import makes
     names unique) is renamed when the branch moves into the main graph."""
     from onnxopt.graph import export_graph, import_graph
-    from onnxopt.pass_manager import PassContext, get_pass
 
     original = shape_condition_model()
     work = onnx.ModelProto()
