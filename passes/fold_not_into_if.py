@@ -23,7 +23,6 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxopt.edit import input_slots
-from onnxopt.graph import iter_graphs
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import PassContext, register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
@@ -36,8 +35,6 @@ class FoldNotIntoIf(RewritePass):
     ops = ("Not",)
 
     def start(self, graph: gs.Graph, ctx: PassContext) -> None:
-        # a subgraph may output an outer-scope value: the outputs of every scope count
-        self._outputs = {id(t) for g in iter_graphs(graph) for t in g.outputs}
         self._swapped = 0
 
     def match(self, node: gs.Node, scope: Scope) -> Refusal | bool | None:
@@ -46,7 +43,8 @@ class FoldNotIntoIf(RewritePass):
         negated = node.outputs[0]
         if not negated.outputs:
             return None  # unused: eliminate_dead's
-        if id(negated) in self._outputs:
+        # a subgraph may output an outer-scope value: the outputs of every scope count
+        if scope.usedef.is_output(negated):
             return refuse("not output is a graph output")
         if any(reader.op != "If" or not is_default_domain(reader) or i != 0
                for reader, i in input_slots(negated)):
