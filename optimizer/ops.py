@@ -168,6 +168,12 @@ def conv_output_channels(conv: gs.Node) -> int:
     return w.shape[0] if conv.op == "Conv" else w.shape[1] * conv.attrs.get("group", 1)
 
 
+def conv_input_channels(conv: gs.Node) -> int:
+    """C, the input channels of a Conv or ConvTranspose, from its weight's shape."""
+    w = conv.inputs[1]
+    return w.shape[1] * conv.attrs.get("group", 1) if conv.op == "Conv" else w.shape[0]
+
+
 def weight_initializers(graph: gs.Graph, kinds: frozenset[str]) -> list[gs.Constant]:
     """Float initializers every one of whose reads is a weight slot of one of ``kinds``.
 

@@ -3,9 +3,10 @@ weight along its output or input channels, and absorbing the node that follows a
 weight and bias.
 
 Layouts (ONNX spec): Conv ``W[M, C/group, k...]``, ConvTranspose ``W[C, M/group, k...]``; the
-output-channel count is ``onnxopt.ops.conv_output_channels``, the input-channel count
-:func:`conv_input_channels`. Channel ``o = g · (n/group) + j`` of the axis a weight holds per group
-(Conv's input channels, ConvTranspose's output channels) is column ``j`` of group ``g``'s rows.
+channel counts are ``onnxopt.ops.conv_output_channels`` and ``conv_input_channels``, the axes
+those of the op facts table. Channel ``o = g · (n/group) + j`` of the axis a weight holds per
+group (Conv's input channels, ConvTranspose's output channels) is column ``j`` of group ``g``'s
+rows.
 Arithmetic is float64; results are cast to the weight's dtype only when they stay finite where the
 sources were (:func:`overflows`).
 """
@@ -18,16 +19,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.edit import constant_refusal
-from onnxopt.ops import FLOAT_DTYPES, conv_output_channels
+from onnxopt.ops import (FLOAT_DTYPES, conv_output_channels, input_channel_axis,
+                         output_channel_axis)
 from onnxopt.rewrite import Scope, producer_in_scope
 
 CONV_OPS = ("Conv", "ConvTranspose")
-
-
-def conv_input_channels(conv: gs.Node) -> int:
-    """C, the input channels of a Conv or ConvTranspose, from its weight's shape."""
-    w = conv.inputs[1]
-    return w.shape[1] * conv.attrs.get("group", 1) if conv.op == "Conv" else w.shape[0]
 
 
 def conv_weight_refusal(conv: gs.Node) -> str | None:
@@ -69,24 +65,29 @@ def _scale_grouped_columns(w: np.ndarray, s: np.ndarray, group: int) -> np.ndarr
     return (grouped * s.reshape((group, 1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape)
 
 
+def _scale_along(conv: gs.Node, s: np.ndarray, axis: int) -> np.ndarray:
+    """``W · s`` along weight ``axis`` as the op facts give it (``onnxopt.ops``): axis 0 holds
+    all the channels, axis 1 the channels of one group."""
+    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
+    if axis == 0:
+        return _scale_rows(w, s)
+    return _scale_grouped_columns(w, s, conv.attrs.get("group", 1))
+
+
 def scale_conv_output_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
     """``W · s`` along the output channels of ``conv`` (``s`` a vector of M), in float64:
     axis 0 of Conv's ``W[M, C/group, k...]``; for ConvTranspose's ``W[C, M/group, k...]``, ``W``
     viewed as ``[group, C/group, M/group, k...]`` times ``s`` as ``[group, 1, M/group, 1...]``."""
-    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
-    if conv.op == "Conv":
-        return _scale_rows(w, s)
-    return _scale_grouped_columns(w, s, conv.attrs.get("group", 1))
+    rank = len(conv.inputs[1].shape)
+    return _scale_along(conv, s, output_channel_axis(conv, 1, rank))
 
 
 def scale_conv_input_channels(conv: gs.Node, s: np.ndarray) -> np.ndarray:
     """``W · s`` along the input channels of ``conv`` (``s`` a vector of C), in float64: Conv's
     ``W[M, C/group, k...]`` viewed as ``[group, M/group, C/group, k...]`` times ``s`` as
     ``[group, 1, C/group, 1...]``; axis 0 of ConvTranspose's ``W[C, M/group, k...]``."""
-    w = np.asarray(conv.inputs[1].values, dtype=np.float64)
-    if conv.op == "ConvTranspose":
-        return _scale_rows(w, s)
-    return _scale_grouped_columns(w, s, conv.attrs.get("group", 1))
+    rank = len(conv.inputs[1].shape)
+    return _scale_along(conv, s, input_channel_axis(conv, 1, rank))
 
 
 def per_channel(c: np.ndarray, rank: int, m: int) -> np.ndarray | None:

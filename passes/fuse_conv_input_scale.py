@@ -61,11 +61,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.edit import constant_refusal
-from onnxopt.ops import is_default_domain
+from onnxopt.ops import conv_input_channels, is_default_domain
 from onnxopt.pass_manager import PassContext, register
 from onnxopt.passes._conv import (
-    CONV_OPS, conv_input_channels, conv_weight_refusal, overflows, per_channel,
-    scale_conv_input_channels)
+    CONV_OPS, conv_weight_refusal, overflows, per_channel, scale_conv_input_channels)
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 
