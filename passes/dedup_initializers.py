@@ -13,6 +13,7 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.edit import nbytes, replace_uses
@@ -27,6 +28,8 @@ def _bytes(t: gs.Constant) -> bytes:
 class DedupInitializers(Pass):
     name = "dedup_initializers"
     description = "Merge initializers with identical dtype, shape and bytes."
+    # readers move to an equal initializer: no type, shape or node changes scope
+    preserves = frozenset({TensorTypes, UseDef})
 
     def __init__(self, options=None, **fields) -> None:
         super().__init__(options, **fields)

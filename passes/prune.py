@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.budget import Proposal
 from onnxopt.errors import UsageError
 from onnxopt.ops import weight_initializers
@@ -76,6 +77,8 @@ class Prune(Pass):
     Options = PruneOptions
     lossless = False
     weights = "original"
+    # values of weights change, never shapes or the graph's structure
+    preserves = frozenset({TensorTypes, UseDef})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         threshold = self.options.threshold

@@ -49,7 +49,7 @@ Skipped, with the reason counted in the statistics: weights read by any other sl
 table, an Add operand, ...), weights read from more than one graph (an outer-scope constant read in
 a subgraph and elsewhere), graph inputs or outputs, non-float32 weights (DequantizeLinear outputs
 float32 before opset 19), sparse initializers, weights with non-finite values, and weights with
-fewer than :data:`MIN_ELEMENTS` elements.
+fewer than ``min_elements`` elements (an option, default :data:`MIN_ELEMENTS`).
 
 Drift budget: each quantized weight is a proposal (its dequantized values, and the rewrite that
 inserts the DequantizeLinear); the run's drift budget (``onnxopt.budget``) leaves the most harmful
@@ -70,6 +70,7 @@ Errors: none of its own.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -77,6 +78,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.analyses import UseDef
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes, replace_uses
+from onnxopt.errors import UsageError
 from onnxopt.graph import opset_version
 from onnxopt.names import fresh_name
 from onnxopt.ops import output_channel_axis, weight_slot
@@ -122,7 +124,24 @@ def _broadcastable(scale: np.ndarray, rank: int, axis: int | None) -> np.ndarray
     return scale.reshape(shape)
 
 
-def _refusal(t: gs.Constant, slots: list, usedef: UseDef) -> str | None:
+@dataclass(frozen=True)
+class QuantizeWeightsOptions:
+    """Options of :class:`QuantizeWeights`.
+
+    Attributes:
+        min_elements: weights with fewer elements stay float (their scale and zero point would
+            cost about as much as they save).
+    """
+
+    min_elements: int = MIN_ELEMENTS
+
+    def check(self) -> None:
+        if self.min_elements < 1:
+            raise UsageError(f"quantize_weights: min_elements must be at least 1, got "
+                             f"{self.min_elements}")
+
+
+def _refusal(t: gs.Constant, slots: list, usedef: UseDef, min_elements: int) -> str | None:
     """Why ``t`` must stay float, or None if it can be quantized."""
     if not all((w := weight_slot(n, i)) is not None and w.kind in QUANTIZED_KINDS
                for n, i in slots):
@@ -135,8 +154,8 @@ def _refusal(t: gs.Constant, slots: list, usedef: UseDef) -> str | None:
         return "not float32"
     if not isinstance(t.values, np.ndarray):
         return "sparse initializer"
-    if t.values.size < MIN_ELEMENTS:
-        return f"fewer than {MIN_ELEMENTS} elements"
+    if t.values.size < min_elements:
+        return f"fewer than {min_elements} elements"
     if not np.isfinite(t.values).all():
         return "non-finite values"
     return None
@@ -151,6 +170,7 @@ def _fake_quantized(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.nd
 class QuantizeWeights(Pass):
     name = "quantize_weights"
     description = "Symmetric per-channel int8 weights read through DequantizeLinear (weight-only)."
+    Options = QuantizeWeightsOptions
     lossless = False
     min_opset = DQ_OPSET
 
@@ -173,7 +193,7 @@ class QuantizeWeights(Pass):
         self._stored: dict[int, int] = {}
         for t in weights.values():
             slots = input_slots(t)
-            reason = _refusal(t, slots, usedef)
+            reason = _refusal(t, slots, usedef, self.options.min_elements)
             if reason is not None:
                 refused[reason] += 1
                 continue

@@ -359,3 +359,13 @@ def test_drift_budget_keeps_the_sensitive_weight_float():
     assert budget["cosine_all"] < 0.99 <= budget["cosine_final"]
     assert budget["kept"] and len(budget["kept"]) <= 2
     assert min(o.cosine for o in report.validation.outputs) >= 0.99
+
+
+def test_min_elements_is_an_option():
+    model, _, _ = _matmul(13)
+    graph = import_graph(model)
+    size = next(i for i in model.graph.initializer if i.name == "W").dims
+    big = int(np.prod(size)) + 1
+    record = PassManager([]).run_pass(QuantizeWeights(min_elements=big), graph,
+                                      PassContext(template=model))
+    assert not record.modified and record.stats["refused"] == {f"fewer than {big} elements": 1}
