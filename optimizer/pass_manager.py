@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -106,6 +108,7 @@ class Pass:
                                  f"{known}") from None
         elif fields or not isinstance(options, self.Options):
             raise UsageError(f"pass '{self.name}' takes a {self.Options.__name__} or keywords")
+        _check_types(self.name, options)
         check = getattr(options, "check", None)
         if check is not None:
             check()
@@ -128,6 +131,25 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
+
+
+def _check_types(name: str, options: Any) -> None:
+    """Raise UsageError when an option's value does not have its declared type (an int is a
+    valid float; ``X | None`` admits None)."""
+    hints = typing.get_type_hints(type(options))
+    for f in dataclasses.fields(options):
+        value, hint = getattr(options, f.name), hints.get(f.name, Any)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if Any in allowed:
+            continue
+        kinds = tuple(float if a is float else a for a in allowed if isinstance(a, type))
+        ok = isinstance(value, kinds) or (float in kinds and isinstance(value, int)) \
+            or (value is None and type(None) in allowed)
+        if not ok or (isinstance(value, bool) and bool not in kinds):
+            wanted = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a))
+                                 for a in allowed)
+            raise UsageError(f"pass '{name}': option {f.name} must be {wanted}, got "
+                             f"{value!r}")
 
 
 REGISTRY: dict[str, type[Pass]] = {}

@@ -50,6 +50,8 @@ def test_configured_pass_objects_and_options_by_name():
     ({"options": {"fold_constants": {"bogus": 1}}}, "pass 'fold_constants': bad options"),
     ({"options": {"prune": {"threshold": 1.0}}}, "does not run: prune"),
     ({"prune_threshold": -1.0}, "must be positive"),
+    ({"prune_threshold": "0.1"}, "option threshold must be float or None, got '0.1'"),
+    ({"options": {"fold_constants": {"size_limit": 1.5}}}, "size_limit must be int, got 1.5"),
     ({"quantize": "int3"}, "unknown quantization mode"),
     ({"max_iterations": 0}, "at least 1"),
 ])
