@@ -40,8 +40,11 @@ def nbytes(tensor: gs.Constant) -> int:
 
 
 def input_slots(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
-    """Every (consumer node, input index) reading ``tensor``, in any graph or subgraph."""
-    return [(node, i) for node in tensor.outputs for i, t in enumerate(node.inputs) if t is tensor]
+    """Every (reader node, input index) reading ``tensor``, in any graph or subgraph, each once
+    (``tensor.outputs`` lists a node once per input it reads ``tensor`` at), in the order
+    onnx-graphsurgeon linked them."""
+    nodes = {id(node): node for node in tensor.outputs}.values()
+    return [(node, i) for node in nodes for i, t in enumerate(node.inputs) if t is tensor]
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:

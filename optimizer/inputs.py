@@ -21,7 +21,7 @@ decide an If condition or a Loop, and integer scalars compared with a constant (
 mode). :func:`check_feeds` checks given feeds against the model's declared inputs.
 
 Reads are followed on the model imported by :func:`onnxopt.graph.import_graph`, through
-onnx-graphsurgeon's links (:func:`onnxopt.analyses.readers`; subgraph readers of outer-scope
+onnx-graphsurgeon's links (:func:`onnxopt.edit.input_slots`; subgraph readers of outer-scope
 values included). Messages name inputs and nodes as the model does: the import renames only
 subgraph tensors whose names clash, never graph inputs or nodes. A model onnxopt cannot import
 (optional or map graph inputs or outputs) gets neither index ranges nor the warnings about
@@ -39,7 +39,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.analyses import TensorTypes, readers
+from onnxopt.analyses import TensorTypes
+from onnxopt.edit import input_slots
 from onnxopt.errors import InputError, UsageError
 from onnxopt.graph import import_graph
 from onnxopt.ops import is_default_domain
@@ -171,7 +172,7 @@ def _reach(start: gs.Tensor, through: frozenset[str] = frozenset()
         if id(t) in seen or t.is_empty():
             continue
         seen.add(id(t))
-        for node, index in readers(t):
+        for node, index in input_slots(t):
             yield node, index
             if not is_default_domain(node):
                 continue

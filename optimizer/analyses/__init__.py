@@ -10,7 +10,7 @@
 from onnxopt.analyses.activations import ActivationStats, TensorStats
 from onnxopt.analyses.manager import Analysis, AnalysisManager
 from onnxopt.analyses.types import TensorTypes, infer_tensor_types
-from onnxopt.analyses.usedef import UseDef, readers
+from onnxopt.analyses.usedef import UseDef
 
 __all__ = ["Analysis", "AnalysisManager", "ActivationStats", "TensorStats", "TensorTypes",
-           "UseDef", "infer_tensor_types", "readers"]
+           "UseDef", "infer_tensor_types"]

@@ -2,8 +2,8 @@
 inputs or outputs of which scope.
 
 Readers and producers of a tensor are onnx-graphsurgeon's live links (``tensor.outputs`` and
-``tensor.inputs``, subgraph readers of outer-scope values included); this analysis adds what those
-links do not say: the scope a node belongs to and each scope's interface.
+``tensor.inputs``, subgraph readers of outer-scope values included; ``onnxopt.edit.input_slots``
+lists the reads); this analysis adds what those links do not say: the scope a node belongs to and each scope's interface.
 """
 
 from __future__ import annotations
@@ -45,10 +45,3 @@ class UseDef(Analysis):
     def on_boundary(self, t: gs.Tensor) -> bool:
         """Whether ``t`` is an input or output of any scope."""
         return id(t) in self._boundary
-
-
-def readers(t: gs.Tensor) -> list[tuple[gs.Node, int]]:
-    """Every (node, input index) reading ``t``, in any scope, each once (``t.outputs`` lists a
-    node once per input it reads ``t`` at), in the order onnx-graphsurgeon linked them."""
-    nodes = {id(node): node for node in t.outputs}.values()
-    return [(node, i) for node in nodes for i, x in enumerate(node.inputs) if x is t]

@@ -1,5 +1,5 @@
-"""Tests of optimizer/analyses/usedef.py: owner graphs of nodes, the interface of each scope, and
-readers (each read once)."""
+"""Tests of optimizer/analyses/usedef.py: owner graphs of nodes and the interface of each scope;
+and of onnxopt.edit.input_slots, the reads it leaves to onnx-graphsurgeon's links (each once)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 from onnx import helper
 
 from helpers import make_branch, make_model
-from onnxopt.analyses import UseDef, readers
+from onnxopt.analyses import UseDef
+from onnxopt.edit import input_slots
 from onnxopt.graph import import_graph
 
 
@@ -30,7 +31,7 @@ def test_owner_outputs_and_readers_across_scopes():
     x = graph.inputs[0]
     assert usedef.on_boundary(x)
     # x is read by the Relu and, from the outer scope, by both branches
-    assert sorted(n.op for n, _ in readers(x)) == ["Abs", "Neg", "Relu"]
+    assert sorted(n.op for n, _ in input_slots(x)) == ["Abs", "Neg", "Relu"]
 
 
 def test_readers_list_each_read_once():
@@ -40,5 +41,5 @@ def test_readers_list_each_read_once():
                        [("x", np.float32, [2])],
                        [("y", np.float32, [2]), ("r", np.float32, [2])])
     graph = import_graph(model)
-    assert [(n.op, i) for n, i in readers(graph.inputs[0])] == [("Mul", 0), ("Mul", 1),
+    assert [(n.op, i) for n, i in input_slots(graph.inputs[0])] == [("Mul", 0), ("Mul", 1),
                                                                  ("Relu", 0)]
