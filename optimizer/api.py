@@ -61,6 +61,9 @@ def checker_error(model: onnx.ModelProto | bytes | None) -> str:
 
 def check_criteria(atol: float, rtol: float, max_drift: float) -> None:
     """Raise UsageError for tolerances that cannot mean anything."""
+    for name, value in (("atol", atol), ("rtol", rtol), ("max_drift", max_drift)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{name} must be a number, got {value!r}")
     if atol < 0 or rtol < 0:
         raise UsageError(f"tolerances must not be negative (atol {atol}, rtol {rtol})")
     if not -1.0 <= max_drift <= 1.0:
@@ -102,7 +105,8 @@ def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | No
 
 
 #: Defaults of the keywords a config file may set (see ``onnxopt.pipeline.load_config``).
-_DEFAULTS = {"validate": True, "inputs": None, "input_shapes": None, "seed": 0,
+_DEFAULTS = {"validate": True, "inputs": None, "calibration": None, "input_shapes": None,
+             "seed": 0,
              "atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL, "max_drift": DEFAULT_MAX_DRIFT,
              "metric": "cosine", "layerwise": False, "strict": False, "verify_each": False,
              "passes": None, "skip": (), "options": None, "max_iterations": 10}
@@ -110,10 +114,12 @@ _DEFAULTS = {"validate": True, "inputs": None, "input_shapes": None, "seed": 0,
 
 def _settings(config, given: dict) -> dict:
     """The run's settings: keywords given explicitly win over ``config``, which wins over the
-    defaults."""
+    defaults; ``skip`` names from both are left out."""
     from_config = load_config(config) if config is not None else {}
-    return {k: given[k] if given.get(k) is not None else from_config.get(k, default)
-            for k, default in _DEFAULTS.items()}
+    run = {k: given[k] if given.get(k) is not None else from_config.get(k, default)
+           for k, default in _DEFAULTS.items()}
+    run["skip"] = list(dict.fromkeys([*from_config.get("skip", ()), *(given["skip"] or ())]))
+    return run
 
 
 def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContext, *,
@@ -192,7 +198,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     """
     start = time.perf_counter()
     run = _settings(config, dict(
-        validate=validate, inputs=inputs, input_shapes=input_shapes, seed=seed, atol=atol,
+        validate=validate, inputs=inputs, calibration=calibration, input_shapes=input_shapes,
+        seed=seed, atol=atol,
         rtol=rtol, max_drift=max_drift, metric=metric, layerwise=layerwise, strict=strict,
         verify_each=verify_each, passes=passes, skip=skip, options=options,
         max_iterations=max_iterations))
@@ -220,8 +227,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     if validate:
         feeds, report.inputs = resolve_feeds(original, run["inputs"], run["input_shapes"],
                                              run["seed"])
-    if calibration is not None:
-        calibration_feeds, _ = resolve_feeds(original, calibration, run["input_shapes"],
+    if run["calibration"] is not None:
+        calibration_feeds, _ = resolve_feeds(original, run["calibration"], run["input_shapes"],
                                              run["seed"])
     budget = DriftBudget(_runnable(original, original_bytes), feeds, max_drift,
                          metric_used) if feeds else None

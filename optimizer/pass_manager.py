@@ -73,7 +73,8 @@ class Pass:
 
     Subclasses set ``name`` and ``description``, and may declare:
 
-    * ``Options``: a frozen dataclass of the pass's options with documented defaults and units;
+    * ``Options``: a frozen dataclass of the pass's options with documented defaults and units,
+      and optionally a ``check()`` method returning why the values are invalid (or None);
       ``Pass(options)`` or ``Pass(**fields)`` configures an instance;
     * ``lossless`` (False for pruning and quantization, which return proposals) and, for a lossy
       pass, ``weights``: ``"original"`` to run on the model's own weights, before the lossless
@@ -100,18 +101,19 @@ class Pass:
 
     def __init__(self, options: Any = None, **fields: Any) -> None:
         if options is None:
-            try:
-                options = self.Options(**fields)
-            except TypeError as err:
-                known = ", ".join(f.name for f in dataclasses.fields(self.Options)) or "none"
-                raise UsageError(f"pass '{self.name}': bad options ({err}); its options: "
-                                 f"{known}") from None
+            known = [f.name for f in dataclasses.fields(self.Options)]
+            unknown = sorted(set(fields) - set(known))
+            if unknown:
+                raise UsageError(f"pass '{self.name}' has no option {', '.join(unknown)}; its "
+                                 f"options: {', '.join(known) or 'none'}")
+            options = self.Options(**fields)
         elif fields or not isinstance(options, self.Options):
             raise UsageError(f"pass '{self.name}' takes a {self.Options.__name__} or keywords")
         _check_types(self.name, options)
         check = getattr(options, "check", None)
-        if check is not None:
-            check()
+        reason = check() if check is not None else None
+        if reason:
+            raise UsageError(f"pass '{self.name}': {reason}")
         self.options = options
 
     def applies_to(self, opset: int) -> str | None:

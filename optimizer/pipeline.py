@@ -18,11 +18,17 @@ the whole run in a file (stdlib ``tomllib``)::
     size_limit = 1048576
 
     [validation]                        # optional; the keywords of ``onnxopt.optimize``
-    inputs = "feeds.npz"
+    inputs = "feeds.npz"                # relative to this file's folder
+    calibration = "calibration/"        # feeds for activation statistics
     max_drift = 0.99
     metric = "cosine"
 
-Options of a pass the pipeline does not run are an error, so a typo cannot be silently ignored.
+    [validation.input_shapes]           # dims of synthesized inputs
+    x = [1, 3, 224, 224]
+
+Options of a pass the pipeline does not run are an error, so a typo cannot be silently ignored;
+so are unknown keys and values of the wrong type. Keywords (and command-line flags) given
+explicitly win over the file, except ``skip``, whose names are added to the file's.
 """
 
 from __future__ import annotations
@@ -39,11 +45,6 @@ PassSpec = Union[str, Pass]
 
 #: ``--quantize`` modes and the pass each one runs.
 QUANTIZE_MODES = {"int8-weight": "quantize_weights"}
-
-#: Keys of the ``[validation]`` table (keywords of ``onnxopt.optimize``).
-VALIDATION_KEYS = frozenset({"validate", "inputs", "input_shapes", "seed", "atol", "rtol",
-                             "max_drift", "metric", "layerwise", "strict", "verify_each"})
-
 
 @dataclass
 class Pipeline:
@@ -128,18 +129,40 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     return Pipeline([p for name, p in built.items() if name not in set(skip)], max_iterations)
 
 
+#: The keys of each table and their TOML types (an integer is a valid float).
+_SCHEMA: dict[str, dict[str, type]] = {
+    "pipeline": {"passes": list, "skip": list, "options": dict, "max_iterations": int},
+    "validation": {"validate": bool, "inputs": str, "calibration": str, "input_shapes": dict,
+                   "seed": int, "atol": float, "rtol": float, "max_drift": float,
+                   "metric": str, "layerwise": bool, "strict": bool, "verify_each": bool},
+}
+_TOML_TYPES = {list: "an array", dict: "a table", int: "an integer", float: "a number",
+               bool: "true or false", str: "a string"}
+
+
+def _typed(where: str, table: str, key: str, value: Any, kind: type) -> Any:
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise UsageError(f"{where}: [{table}] {key} must be {_TOML_TYPES[kind]}, got {value!r}")
+    return value
+
+
 def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
     """Read a TOML run configuration (see the module docstring) into ``onnxopt.optimize``
     keywords: ``passes``, ``skip``, ``options``, ``max_iterations`` and the ``[validation]``
-    keys.
+    keys. Relative ``inputs`` and ``calibration`` paths are relative to the file's folder.
 
     Raises:
-        UsageError: unreadable or invalid TOML, unknown tables or keys.
+        UsageError: unreadable or invalid TOML, unknown tables or keys, values of the wrong
+            type, options a pass does not have (the message names the file).
     """
+    folder = None
     if isinstance(source, dict):
         data, where = source, "config"
     else:
-        where = str(source)
+        where, folder = str(source), os.path.dirname(os.path.abspath(source))
         try:
             with open(source, "rb") as f:
                 data = tomllib.load(f)
@@ -147,19 +170,37 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
             raise UsageError(f"{where}: cannot read the config: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
             raise UsageError(f"{where}: invalid TOML: {err}") from None
-    unknown = sorted(set(data) - {"pipeline", "validation"})
+    unknown = sorted(set(data) - set(_SCHEMA))
     if unknown:
-        raise UsageError(f"{where}: unknown table(s) {', '.join(unknown)}; known: pipeline, "
-                         "validation")
-    pipeline = dict(data.get("pipeline", {}))
-    bad = sorted(set(pipeline) - {"passes", "skip", "options", "max_iterations"})
-    if bad:
-        raise UsageError(f"{where}: unknown key(s) in [pipeline]: {', '.join(bad)}")
-    validation = dict(data.get("validation", {}))
-    bad = sorted(set(validation) - VALIDATION_KEYS)
-    if bad:
-        raise UsageError(f"{where}: unknown key(s) in [validation]: {', '.join(bad)}")
-    for key, kind in (("passes", list), ("skip", list), ("options", dict)):
-        if key in pipeline and not isinstance(pipeline[key], kind):
-            raise UsageError(f"{where}: [pipeline] {key} must be a {kind.__name__}")
-    return {**pipeline, **validation}
+        raise UsageError(f"{where}: unknown table(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(_SCHEMA)}")
+    settings: dict[str, Any] = {}
+    for table, keys in _SCHEMA.items():
+        values = data.get(table, {})
+        if not isinstance(values, dict):
+            raise UsageError(f"{where}: {table} must be a table ([{table}])")
+        bad = sorted(set(values) - set(keys))
+        if bad:
+            raise UsageError(f"{where}: unknown key(s) in [{table}]: {', '.join(bad)}; known: "
+                             f"{', '.join(keys)}")
+        for key, value in values.items():
+            settings[key] = _typed(where, table, key, value, keys[key])
+    for key in ("passes", "skip"):
+        if not all(isinstance(v, str) for v in settings.get(key, [])):
+            raise UsageError(f"{where}: [pipeline] {key} must be an array of pass names")
+    for name, opts in settings.get("options", {}).items():
+        if not isinstance(opts, dict):
+            raise UsageError(f"{where}: [pipeline.options.{name}] must be a table of options")
+        try:
+            get_pass(name, **opts)
+        except UsageError as err:
+            raise UsageError(f"{where}: {err}") from None
+    shapes = settings.get("input_shapes", {})
+    if not all(isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                           and d >= 0 for d in v) for v in shapes.values()):
+        raise UsageError(f"{where}: [validation.input_shapes] maps input names to arrays of "
+                         "dims (non-negative integers)")
+    for key in ("inputs", "calibration"):
+        if key in settings and folder is not None:
+            settings[key] = os.path.join(folder, settings[key])
+    return settings

@@ -131,7 +131,11 @@ def pass_summary(records: list[PassRecord]) -> list[tuple[str, int, dict, float]
 
 
 def format_stats(stats: dict) -> str:
-    """``key=value, ...`` of a pass's statistics, leaving out lists and dicts (details); floats
-    with four significant digits."""
+    """``key=value, ...`` of a pass's statistics, leaving out lists and dicts (details) but for
+    the number of refusals (``refused``, the reasons are in the JSON report); floats with four
+    significant digits."""
+    shown = {k: v for k, v in stats.items() if not isinstance(v, (list, dict))}
+    if isinstance(stats.get("refused"), dict) and stats["refused"]:
+        shown["refused"] = sum(v for v in stats["refused"].values() if isinstance(v, int))
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in stats.items() if not isinstance(v, (list, dict)))
+                     for k, v in shown.items())

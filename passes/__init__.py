@@ -1,6 +1,6 @@
 """The passes of onnxopt, one per module; importing this package registers them all.
 
-See ``onnxopt.pass_manager`` for the contract. Every module of this package except ``_util``
+See ``onnxopt.pass_manager`` for the contract. Every module of this package but the private ones (``_conv``)
 is imported, so a new pass only needs its module; to run by default it must also be named in
 ``LOSSLESS_PIPELINE``, whose order is the order of each round.
 """

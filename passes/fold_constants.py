@@ -61,7 +61,6 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
 from onnxopt.edit import nbytes
-from onnxopt.errors import UsageError
 from onnxopt.evaluate import evaluate_node
 from onnxopt.ops import NONDETERMINISTIC_OPS, is_default_domain
 from onnxopt.pass_manager import PassContext, register
@@ -253,10 +252,10 @@ class FoldConstantsOptions:
 
     size_limit: int = 1 << 20
 
-    def check(self) -> None:
+    def check(self) -> str | None:
         if self.size_limit < 0:
-            raise UsageError(f"fold_constants: size_limit must not be negative, got "
-                             f"{self.size_limit}")
+            return f"option size_limit must not be negative, got {self.size_limit}"
+        return None
 
 
 @dataclass

@@ -42,7 +42,6 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.budget import Proposal
-from onnxopt.errors import UsageError
 from onnxopt.ops import weight_initializers
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 
@@ -61,9 +60,10 @@ class PruneOptions:
 
     threshold: float | None = None
 
-    def check(self) -> None:
-        if self.threshold is not None and not self.threshold > 0:
-            raise UsageError(f"--prune-threshold must be positive, got {self.threshold}")
+    def check(self) -> str | None:
+        if self.threshold is not None and not 0 < self.threshold < float("inf"):
+            return f"option threshold must be positive and finite, got {self.threshold}"
+        return None
 
 
 def _sparsity(zeros: int, size: int) -> float:

@@ -78,7 +78,6 @@ import onnx_graphsurgeon as gs
 from onnxopt.analyses import UseDef
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes, replace_uses
-from onnxopt.errors import UsageError
 from onnxopt.graph import opset_version
 from onnxopt.names import fresh_name
 from onnxopt.ops import output_channel_axis, weight_slot
@@ -135,10 +134,10 @@ class QuantizeWeightsOptions:
 
     min_elements: int = MIN_ELEMENTS
 
-    def check(self) -> None:
+    def check(self) -> str | None:
         if self.min_elements < 1:
-            raise UsageError(f"quantize_weights: min_elements must be at least 1, got "
-                             f"{self.min_elements}")
+            return f"option min_elements must be at least 1, got {self.min_elements}"
+        return None
 
 
 def _refusal(t: gs.Constant, slots: list, usedef: UseDef, min_elements: int) -> str | None:

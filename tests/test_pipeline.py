@@ -47,7 +47,7 @@ def test_configured_pass_objects_and_options_by_name():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"passes": ["nope"]}, "unknown pass 'nope'"),
-    ({"options": {"fold_constants": {"bogus": 1}}}, "pass 'fold_constants': bad options"),
+    ({"options": {"fold_constants": {"bogus": 1}}}, "pass 'fold_constants' has no option bogus"),
     ({"options": {"prune": {"threshold": 1.0}}}, "does not run: prune"),
     ({"prune_threshold": -1.0}, "must be positive"),
     ({"prune_threshold": "0.1"}, "option threshold must be float or None, got '0.1'"),
@@ -83,12 +83,39 @@ def test_config_file_gives_the_pipeline_and_validation(tmp_path):
     ("[pipeline]\npases = []\n", "unknown key"),
     ("[validation]\nmax_drif = 1\n", "unknown key"),
     ("[pipeline\n", "invalid TOML"),
+    ("pipeline = 3\n", "pipeline must be a table"),
+    ("[pipeline]\nmax_iterations = 2.5\n", r"\[pipeline\] max_iterations must be an integer"),
+    ("[pipeline]\npasses = \"default\"\n", "passes must be an array"),
+    ("[pipeline]\npasses = [1]\n", "array of pass names"),
+    ("[pipeline.options]\nprune = 3\n", r"\[pipeline.options.prune\] must be a table"),
+    ("[pipeline.options.prune]\nthreshhold = 1\n", "bad.toml: pass 'prune' has no option"),
+    ("[pipeline.options.prune]\nthreshold = -1\n", "bad.toml: pass 'prune': option threshold"),
+    ("[validation]\nmax_drift = \"high\"\n", "max_drift must be a number"),
+    ("[validation]\nvalidate = \"no\"\n", "validate must be true or false"),
+    ("[validation]\nseed = \"zero\"\n", "seed must be an integer"),
+    ("[validation]\ninputs = 5\n", "inputs must be a string"),
+    ("[validation]\ninput_shapes = \"x:1x3\"\n", "input_shapes must be a table"),
+    ("[validation.input_shapes]\nx = [1, -3]\n", "arrays of dims"),
 ])
 def test_bad_config_files_are_usage_errors(tmp_path, text, message):
     config = tmp_path / "bad.toml"
     config.write_text(text)
     with pytest.raises(UsageError, match=message):
         load_config(config)
+
+
+def test_config_paths_are_relative_to_the_file_and_skip_adds_up(tmp_path, monkeypatch):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    model = _model()
+    np.savez(folder / "feeds.npz", x=np.ones((2, 4), np.float32))
+    (folder / "run.toml").write_text('[pipeline]\nskip = ["cse"]\n'
+                                     '[validation]\ninputs = "feeds.npz"\n')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    _, report = optimize(model, config=folder / "run.toml", skip=["fold_constants"])
+    assert report.inputs["source"] == str(folder / "feeds.npz")
+    ran = {r.name for r in report.passes}
+    assert not ran & {"cse", "fold_constants"}
 
 
 def test_cli_config_and_flags_agree(tmp_path):
@@ -109,7 +136,7 @@ def test_cli_config_and_flags_agree(tmp_path):
     run = subprocess.run([sys.executable, "-m", "onnxopt.cli", "optimize", str(model_path), "-o",
                           str(tmp_path / "x.onnx"), "--config", str(bad)],
                          capture_output=True, text=True)
-    assert run.returncode == 2 and "options must be a dict" in run.stderr
+    assert run.returncode == 2 and "[pipeline] options must be a table, got 3" in run.stderr
 
 
 def test_import_does_not_depend_on_the_working_folder(tmp_path):
