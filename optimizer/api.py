@@ -8,6 +8,7 @@ Both return a :class:`onnxopt.report.Report`; neither touches the disk unless gi
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable, Sequence, Union
@@ -59,15 +60,25 @@ def checker_error(model: onnx.ModelProto | bytes | None) -> str:
     return ""
 
 
-def check_criteria(atol: float, rtol: float, max_drift: float) -> None:
-    """Raise UsageError for tolerances that cannot mean anything."""
+def check_criteria(atol: float, rtol: float, max_drift: float, seed: int = 0,
+                   input_shapes: dict | None = None) -> None:
+    """Raise UsageError for settings that cannot mean anything (a NaN tolerance would pass
+    every comparison)."""
     for name, value in (("atol", atol), ("rtol", rtol), ("max_drift", max_drift)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{name} must be a number, got {value!r}")
-    if atol < 0 or rtol < 0:
-        raise UsageError(f"tolerances must not be negative (atol {atol}, rtol {rtol})")
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
+        raise UsageError(f"tolerances must be finite and not negative (atol {atol}, rtol {rtol})")
     if not -1.0 <= max_drift <= 1.0:
-        raise UsageError(f"--max-drift is a cosine similarity, in [-1, 1]; got {max_drift}")
+        raise UsageError(f"max drift (--max-drift) is a cosine similarity, in [-1, 1]; got "
+                         f"{max_drift}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+    for name, dims in (input_shapes or {}).items():
+        if not isinstance(dims, (list, tuple)) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise UsageError(f"input shape of '{name}' must be a list of non-negative integers, "
+                             f"got {dims!r}")
 
 
 def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | None,
@@ -204,7 +215,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         verify_each=verify_each, passes=passes, skip=skip, options=options,
         max_iterations=max_iterations))
     validate, atol, rtol, max_drift = run["validate"], run["atol"], run["rtol"], run["max_drift"]
-    check_criteria(atol, rtol, max_drift)
+    check_criteria(atol, rtol, max_drift, run["seed"], run["input_shapes"])
     pass_options = {k: dict(v) for k, v in (run["options"] or {}).items()}
     if fold_size_limit is not None:
         pass_options.setdefault("fold_constants", {})["size_limit"] = fold_size_limit
@@ -318,7 +329,7 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
         ModelLoadError, InputError, UsageError: bad model, inputs or option.
     """
     start = time.perf_counter()
-    check_criteria(atol, rtol, max_drift)
+    check_criteria(atol, rtol, max_drift, seed, input_shapes)
     ref, ref_bytes = io.load_model_and_bytes(reference)
     cand, cand_bytes = io.load_model_and_bytes(candidate)
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes

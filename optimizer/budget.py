@@ -69,23 +69,36 @@ class DriftMetric:
     #: What the user's threshold means, for messages ("cosine similarity").
     description = ""
 
-    def score(self, reference: np.ndarray, candidate: np.ndarray) -> float:  # pragma: no cover
+    def score(self, reference, candidate) -> float:  # pragma: no cover - interface
+        """The score of one output on one feed (arrays, or lists of arrays for sequences)."""
         raise NotImplementedError
 
 
 class CosineMetric(DriftMetric):
-    """Cosine similarity of the flattened outputs (see ``onnxopt.validate.output_metrics``)."""
+    """Cosine similarity of the flattened outputs (``onnxopt.validate.output_metrics``), judged
+    as validation judges a lossy result: an output whose dtype, shape or sequence layout changed,
+    whose strings differ, or whose NaNs or infinities moved scores -1 (fails any budget)."""
 
     name = "cosine"
     description = "cosine similarity"
 
-    def score(self, reference: np.ndarray, candidate: np.ndarray) -> float:
-        from onnxopt.validate import output_metrics
+    def score(self, reference, candidate) -> float:
+        from onnxopt.validate import flatten_sequence, layout, output_metrics
 
-        return output_metrics(np.asarray(reference), np.asarray(candidate))["cosine"]
+        if (isinstance(reference, list) or isinstance(candidate, list)) \
+                and layout(reference) != layout(candidate):
+            return -1.0
+        r, c = flatten_sequence(reference), flatten_sequence(candidate)
+        if r.dtype != c.dtype or r.shape != c.shape:
+            return -1.0
+        if r.dtype.kind in "OSU":
+            return 1.0 if np.array_equal(r, c) else -1.0
+        with np.errstate(all="ignore"):
+            m = output_metrics(r, c)
+        return -1.0 if m["nan_mismatch"] else m["cosine"]
 
 
-#: Metrics by name; ``optimize(metric=...)`` and ``--metric`` pick one.
+#: Metrics by name; ``optimize(metric=...)`` and ``metric`` in a config file pick one.
 METRICS: dict[str, DriftMetric] = {m.name: m for m in (CosineMetric(),)}
 
 
@@ -196,6 +209,8 @@ class DriftBudget:
                 out = session.run(None, {n: values[n] for n in inputs})
                 for r, c in zip(ref, out):
                     worst = min(worst, self.metric.score(r, c))
+                    if worst == -1.0:
+                        return worst
             return worst
 
         names = list(by_name)
@@ -239,15 +254,16 @@ def accept_all(proposals: list[Proposal]) -> list[Proposal]:
 
 def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, max_drift: float,
                    refused: dict | None = None, metric: str = "cosine similarity") -> list[str]:
-    """What a lossy pass tells the user when it did less than asked: nothing at all (with the
-    ``refused`` reasons), or not every tensor because of the drift budget (``decision["kept"]``,
-    see :meth:`Decision.report`)."""
+    """What a lossy pass tells the user when it did less than asked: the tensors the drift
+    budget left unchanged (``decision["kept"]``, see :meth:`Decision.report`), and when nothing
+    changed at all, the ``refused`` reasons."""
+    kept = decision["kept"] if decision else []
+    warnings = []
+    if kept:
+        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+        warnings.append(f"{pass_name} left {len(kept)} tensor(s) unchanged to keep every "
+                        f"output's {metric} >= {max_drift}: {shown}")
     if not modified:
         why = ", ".join(f"{k}: {v}" for k, v in (refused or {}).items())
-        return [f"{pass_name} changed nothing" + (f" ({why})" if why else "")]
-    kept = decision["kept"] if decision else []
-    if not kept:
-        return []
-    shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
-    return [f"{pass_name} left {len(kept)} tensor(s) unchanged to keep every output's {metric} "
-            f">= {max_drift}: {shown}"]
+        warnings.insert(0, f"{pass_name} changed nothing" + (f" ({why})" if why else ""))
+    return warnings

@@ -95,8 +95,13 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     Raises:
         UsageError: an unknown pass, mode or option, or options for a pass not run.
     """
-    if max_iterations < 1:
-        raise UsageError(f"--max-iterations must be at least 1, got {max_iterations}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) \
+            or max_iterations < 1:
+        raise UsageError(f"max_iterations must be an integer of at least 1, got "
+                         f"{max_iterations!r}")
+    if not isinstance(options or {}, dict) or not all(
+            isinstance(v, dict) for v in (options or {}).values()):
+        raise UsageError("options must map pass names to {option: value} tables")
     options = {k: dict(v) for k, v in (options or {}).items()}
     specs: list[PassSpec] = []
     for spec in (["default"] if passes is None else list(passes)):
@@ -111,14 +116,25 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
         specs.append(QUANTIZE_MODES[quantize])
     for name in skip:
         get_pass(name)  # unknown names are an error
+    # A pass asked for with options, as a configured object or by a flag, and also skipped or
+    # configured a second time, is a contradiction: refused rather than settled silently.
+    configured = [s.name for s in specs if isinstance(s, Pass)]
+    twice = sorted({n for n in configured if configured.count(n) > 1}
+                   | (set(configured) & set(options)))
+    if twice:
+        raise UsageError(f"pass(es) configured twice: {', '.join(twice)} (give one configured "
+                         "pass, or options, per pass)")
+    asked = (set(options) | set(configured) | ({"prune"} if prune_threshold is not None else set())
+             | ({QUANTIZE_MODES[quantize]} if quantize is not None else set()))
+    contradicted = sorted(asked & set(skip))
+    if contradicted:
+        raise UsageError(f"pass(es) both asked for and skipped: {', '.join(contradicted)}")
     built: dict[str, Pass] = {}
     for spec in specs:
         if isinstance(spec, Pass):
-            built.setdefault(spec.name, spec)
+            built[spec.name] = spec
         elif spec not in built:
             built[spec] = get_pass(spec, **options.get(spec, {}))
-        else:
-            continue
     unused = sorted(set(options) - set(built))
     if unused:
         for name in unused:

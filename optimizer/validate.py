@@ -184,16 +184,16 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
                 cosine=cosine, snr_db=snr, range=rng, nan_mismatch=nan_mismatch)
 
 
-def _flatten_sequence(value) -> np.ndarray:
+def flatten_sequence(value) -> np.ndarray:
     """A sequence output (a list of tensors) as the concatenation of its raveled elements, so the
     drift metrics apply to it; a tensor output is returned as is. Layouts are compared apart,
-    by :func:`_layout`."""
+    by :func:`layout`."""
     if not isinstance(value, list):
         return np.asarray(value)
     return np.concatenate([np.asarray(v).ravel() for v in value]) if value else np.zeros(0)
 
 
-def _layout(value) -> tuple:
+def layout(value) -> tuple:
     """Dtype and shape of a tensor output, or of every element of a sequence output."""
     if isinstance(value, list):
         return ("sequence",) + tuple((str(np.asarray(v).dtype), np.shape(v)) for v in value)
@@ -249,12 +249,12 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
             result.passed, result.reason = False, str(err)
             return result
         for i, (name, r, c) in enumerate(zip(ref_names, ref_out, cand_out)):
-            if (isinstance(r, list) or isinstance(c, list)) and _layout(r) != _layout(c):
+            if (isinstance(r, list) or isinstance(c, list)) and layout(r) != layout(c):
                 if len(metrics) <= i:
                     metrics.append(OutputMetrics(name, "sequence", [], "sequence", []))
                 metrics[i].passed, metrics[i].reason = False, "sequence layouts differ"
                 continue
-            r, c = _flatten_sequence(r), _flatten_sequence(c)
+            r, c = flatten_sequence(r), flatten_sequence(c)
             if r.size < 2 or not (r.dtype.kind in "biuf" and (r == r.flat[0]).all()):
                 constant.discard(name)
             if len(metrics) <= i:

@@ -78,3 +78,15 @@ def test_without_output_nothing_is_written(tmp_path, monkeypatch):
     _, report = optimize(_model())
     assert report.output is None and list(tmp_path.iterdir()) == []
     assert report.after.file_bytes > 0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"atol": float("nan")}, "tolerances must be finite"),
+    ({"rtol": float("inf")}, "tolerances must be finite"),
+    ({"max_drift": float("nan")}, "cosine similarity"),
+    ({"seed": -1}, "seed must be a non-negative integer"),
+    ({"input_shapes": {"x": [-1, 4]}}, "non-negative integers"),
+])
+def test_settings_that_cannot_mean_anything_are_usage_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        optimize(_model(), **kwargs)

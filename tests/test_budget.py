@@ -124,3 +124,30 @@ def test_the_pass_manager_hands_proposals_to_the_budget_and_reports_its_decision
     assert record.stats["proposed"] == 2 and record.stats["accepted"] == 1
     assert record.stats["drift_budget"]["kept"] == ["W2"]
     assert any("left 1 tensor(s) unchanged" in w for w in record.warnings)
+
+
+def test_the_metric_judges_as_validation_does():
+    m = get_metric("cosine")
+    assert m.score(np.array(["a", "b"]), np.array(["a", "b"])) == 1.0
+    assert m.score(np.array(["a", "b"]), np.array(["a", "c"])) == -1.0
+    ragged = [np.ones(2, np.float32), np.ones(3, np.float32)]
+    assert m.score(ragged, [v.copy() for v in ragged]) == pytest.approx(1.0)
+    assert m.score(ragged, [np.ones(3, np.float32), np.ones(2, np.float32)]) == -1.0
+    assert m.score(np.array([1.0, 2.0]), np.array([1.0, np.inf])) == -1.0
+    assert m.score(np.ones(3, np.float32), np.ones(4, np.float32)) == -1.0
+
+
+def test_a_proposal_that_makes_outputs_infinite_stays_out():
+    """y = 1 / (x @ W): pruning every weight makes every output inf, which no cosine over the
+    finite values shows; the budget must keep W."""
+    from onnxopt import optimize
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Reciprocal", ["h"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [4, 8])], [("y", np.float32, [4, 4])],
+                       {"W": W2})
+    _, report = optimize(model, passes=[], prune_threshold=1e9, inputs=random_feed(model))
+    assert report.validation.passed
+    prune = next(r for r in report.passes if r.name == "prune")
+    assert prune.stats["drift_budget"]["kept"] == ["W"] and not prune.modified
+    assert any("left 1 tensor(s) unchanged" in w for w in report.warnings)

@@ -54,6 +54,16 @@ def test_configured_pass_objects_and_options_by_name():
     ({"options": {"fold_constants": {"size_limit": 1.5}}}, "size_limit must be int, got 1.5"),
     ({"quantize": "int3"}, "unknown quantization mode"),
     ({"max_iterations": 0}, "at least 1"),
+    ({"max_iterations": "3"}, "must be an integer"),
+    ({"options": [("prune", {})]}, "options must map pass names"),
+    ({"passes": ["default", get_pass("prune", threshold=0.1)], "prune_threshold": 0.5},
+     "configured twice: prune"),
+    ({"passes": [get_pass("prune", threshold=0.1), get_pass("prune", threshold=0.2)]},
+     "configured twice: prune"),
+    ({"passes": ["default", get_pass("prune", threshold=0.1)],
+      "options": {"prune": {"threshold": 0.2}}}, "configured twice: prune"),
+    ({"prune_threshold": 0.1, "skip": ["prune"]}, "both asked for and skipped: prune"),
+    ({"quantize": "int8-weight", "skip": ["quantize_weights"]}, "both asked for and skipped"),
 ])
 def test_mistakes_are_usage_errors(kwargs, message):
     with pytest.raises(UsageError, match=message):
