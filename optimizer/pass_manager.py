@@ -281,18 +281,7 @@ class PassManager:
             result = p.run(graph, ctx)
         stats, warnings, modified = dict(result.stats), list(result.warnings), result.modified
         if not p.lossless and refusal is None:
-            accepted, report = [], None
-            for proposal in result.proposals:
-                proposal.source = p.name
-            if result.proposals and ctx.budget is not None:
-                decision = ctx.budget.decide(graph, ctx.template, result.proposals)
-                accepted, report = decision.accepted, decision.report(p.name)
-            elif result.proposals:
-                accepted = accept_all(result.proposals)
-            stats = p.summarize(result, accepted)
-            if report is not None:
-                stats["drift_budget"] = report
-            modified = result.modified or bool(accepted)
+            stats, modified = self._decide(p, result, graph, ctx)
         if not p.lossless:
             warnings += lossy_warnings(
                 p.name, modified, stats.get("drift_budget"),
@@ -310,6 +299,24 @@ class PassManager:
                 self._full_check = passes_full_check(ctx.template)
             verify_model(export_graph(graph, ctx.template), p.name, self._full_check)
         return modified
+
+    @staticmethod
+    def _decide(p: Pass, result: PassResult, graph: gs.Graph, ctx: PassContext
+                ) -> tuple[dict[str, Any], bool]:
+        """Hand a lossy pass's proposals to the drift budget (all are accepted without one) and
+        return the pass's final statistics and whether the graph changed."""
+        accepted, report = [], None
+        for proposal in result.proposals:
+            proposal.source = p.name
+        if result.proposals and ctx.budget is not None:
+            decision = ctx.budget.decide(graph, ctx.template, result.proposals)
+            accepted, report = decision.accepted, decision.report(p.name)
+        elif result.proposals:
+            accepted = accept_all(result.proposals)
+        stats = p.summarize(result, accepted)
+        if report is not None:
+            stats["drift_budget"] = report
+        return stats, result.modified or bool(accepted)
 
     def _to_fixed_point(self, graph: gs.Graph, ctx: PassContext, first_iteration: int) -> int:
         iteration = first_iteration
