@@ -23,7 +23,7 @@ from onnxopt.inputs import check_feeds, feed_files, input_warnings, load_feed, s
 from onnxopt.layerwise import compare_layerwise, first_divergence
 from onnxopt.budget import DriftBudget, get_metric
 from onnxopt.pass_manager import PassContext, PassManager, PassRecord
-from onnxopt.pipeline import Pipeline, PassSpec, build_pipeline, load_config
+from onnxopt.pipeline import SETTINGS, Pipeline, PassSpec, build_pipeline, load_config
 from onnxopt.report import Report
 from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
                                 compare_models)
@@ -115,20 +115,12 @@ def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | No
     return feeds, description
 
 
-#: Defaults of the keywords a config file may set (see ``onnxopt.pipeline.load_config``).
-_DEFAULTS = {"validate": True, "inputs": None, "calibration": None, "input_shapes": None,
-             "seed": 0,
-             "atol": DEFAULT_ATOL, "rtol": DEFAULT_RTOL, "max_drift": DEFAULT_MAX_DRIFT,
-             "metric": "cosine", "layerwise": False, "strict": False, "verify_each": False,
-             "passes": None, "skip": (), "options": None, "max_iterations": 10}
-
-
 def _settings(config, given: dict) -> dict:
     """The run's settings: keywords given explicitly win over ``config``, which wins over the
     defaults; ``skip`` names from both are left out."""
     from_config = load_config(config) if config is not None else {}
     run = {k: given[k] if given.get(k) is not None else from_config.get(k, default)
-           for k, default in _DEFAULTS.items()}
+           for k, (_, _, default) in SETTINGS.items()}
     run["skip"] = list(dict.fromkeys([*from_config.get("skip", ()), *(given["skip"] or ())]))
     return run
 

@@ -399,19 +399,16 @@ def _cmd_optimize(args, out: _Out) -> int:
     return 0
 
 
-def _given(value, default):
-    return default if value is None else value
-
-
 def _cmd_validate(args, out: _Out) -> int:
     _refuse_overwriting([args.reference, args.candidate], [args.report])
     write_report = _report_writer(args.report)
     with _progress(f"validating {args.candidate} against {args.reference}", args.quiet):
         report = api.validate(args.reference, args.candidate, inputs=args.inputs,
                               input_shapes=parse_input_shapes(args.input_shape),
-                              seed=_given(args.seed, 0), atol=_given(args.atol, DEFAULT_ATOL),
-                              rtol=_given(args.rtol, DEFAULT_RTOL),
-                              max_drift=_given(args.max_drift, DEFAULT_MAX_DRIFT),
+                              **{k: v for k, v in (("seed", args.seed), ("atol", args.atol),
+                                                   ("rtol", args.rtol),
+                                                   ("max_drift", args.max_drift))
+                                 if v is not None},
                               lossy=args.lossy, layerwise=args.layerwise)
     if write_report:  # before anything is printed: a reader that goes away stops nothing
         write_report(report, args.report)

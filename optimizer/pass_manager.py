@@ -135,19 +135,24 @@ class Pass:
         return f"{type(self).__name__}({self.options!r})"
 
 
+def fits_type(value: Any, kinds: tuple) -> bool:
+    """Whether ``value`` is of one of ``kinds``: an int is a valid float, a bool is only a bool,
+    ``type(None)`` admits None."""
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+
+
 def _check_types(name: str, options: Any) -> None:
-    """Raise UsageError when an option's value does not have its declared type (an int is a
-    valid float; ``X | None`` admits None)."""
+    """Raise UsageError when an option's value does not have its declared type (``X | None``
+    admits None)."""
     hints = typing.get_type_hints(type(options))
     for f in dataclasses.fields(options):
         value, hint = getattr(options, f.name), hints.get(f.name, Any)
         allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         if Any in allowed:
             continue
-        kinds = tuple(float if a is float else a for a in allowed if isinstance(a, type))
-        ok = isinstance(value, kinds) or (float in kinds and isinstance(value, int)) \
-            or (value is None and type(None) in allowed)
-        if not ok or (isinstance(value, bool) and bool not in kinds):
+        if not fits_type(value, tuple(a for a in allowed if isinstance(a, type))):
             wanted = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a))
                                  for a in allowed)
             raise UsageError(f"pass '{name}': option {f.name} must be {wanted}, got "

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
 from onnxopt.errors import UsageError
-from onnxopt.pass_manager import REGISTRY, Pass, get_pass
+from onnxopt.pass_manager import REGISTRY, Pass, fits_type, get_pass
+from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
 PassSpec = Union[str, Pass]
 
@@ -145,24 +146,22 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     return Pipeline([p for name, p in built.items() if name not in set(skip)], max_iterations)
 
 
-#: The keys of each table and their TOML types (an integer is a valid float).
-_SCHEMA: dict[str, dict[str, type]] = {
-    "pipeline": {"passes": list, "skip": list, "options": dict, "max_iterations": int},
-    "validation": {"validate": bool, "inputs": str, "calibration": str, "input_shapes": dict,
-                   "seed": int, "atol": float, "rtol": float, "max_drift": float,
-                   "metric": str, "layerwise": bool, "strict": bool, "verify_each": bool},
+#: Every setting of a run a config file may give: key -> (its table, its TOML type (an integer
+#: is a valid float), the default of ``onnxopt.optimize``).
+SETTINGS: dict[str, tuple[str, type, Any]] = {
+    "passes": ("pipeline", list, None), "skip": ("pipeline", list, ()),
+    "options": ("pipeline", dict, None), "max_iterations": ("pipeline", int, 10),
+    "validate": ("validation", bool, True), "inputs": ("validation", str, None),
+    "calibration": ("validation", str, None), "input_shapes": ("validation", dict, None),
+    "seed": ("validation", int, 0), "atol": ("validation", float, DEFAULT_ATOL),
+    "rtol": ("validation", float, DEFAULT_RTOL),
+    "max_drift": ("validation", float, DEFAULT_MAX_DRIFT),
+    "metric": ("validation", str, "cosine"), "layerwise": ("validation", bool, False),
+    "strict": ("validation", bool, False), "verify_each": ("validation", bool, False),
 }
+_TABLES = ("pipeline", "validation")
 _TOML_TYPES = {list: "an array", dict: "a table", int: "an integer", float: "a number",
                bool: "true or false", str: "a string"}
-
-
-def _typed(where: str, table: str, key: str, value: Any, kind: type) -> Any:
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
-    if not ok:
-        raise UsageError(f"{where}: [{table}] {key} must be {_TOML_TYPES[kind]}, got {value!r}")
-    return value
 
 
 def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
@@ -186,21 +185,26 @@ def load_config(source: str | os.PathLike | dict) -> dict[str, Any]:
             raise UsageError(f"{where}: cannot read the config: {err.strerror}") from None
         except tomllib.TOMLDecodeError as err:
             raise UsageError(f"{where}: invalid TOML: {err}") from None
-    unknown = sorted(set(data) - set(_SCHEMA))
+    unknown = sorted(set(data) - set(_TABLES))
     if unknown:
         raise UsageError(f"{where}: unknown table(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(_SCHEMA)}")
+                         f"{', '.join(_TABLES)}")
     settings: dict[str, Any] = {}
-    for table, keys in _SCHEMA.items():
+    for table in _TABLES:
         values = data.get(table, {})
         if not isinstance(values, dict):
             raise UsageError(f"{where}: {table} must be a table ([{table}])")
+        keys = [k for k, (t, _, _) in SETTINGS.items() if t == table]
         bad = sorted(set(values) - set(keys))
         if bad:
             raise UsageError(f"{where}: unknown key(s) in [{table}]: {', '.join(bad)}; known: "
                              f"{', '.join(keys)}")
         for key, value in values.items():
-            settings[key] = _typed(where, table, key, value, keys[key])
+            kind = SETTINGS[key][1]
+            if not fits_type(value, (kind,)):
+                raise UsageError(f"{where}: [{table}] {key} must be {_TOML_TYPES[kind]}, got "
+                                 f"{value!r}")
+            settings[key] = float(value) if kind is float else value
     for key in ("passes", "skip"):
         if not all(isinstance(v, str) for v in settings.get(key, [])):
             raise UsageError(f"{where}: [pipeline] {key} must be an array of pass names")

@@ -53,8 +53,6 @@ class Scope:
 
     def __init__(self, root: gs.Graph, graph: gs.Graph, ctx: PassContext, opset: int) -> None:
         self.root, self.graph, self.ctx, self.opset = root, graph, ctx, opset
-        self._outputs = {id(t) for t in graph.outputs}
-        self._inputs = {id(t) for t in graph.inputs}
         #: State a rule keeps for the walk of this one graph (CSE's table of seen nodes, say).
         self.memo: dict[str, Any] = {}
 
@@ -71,12 +69,13 @@ class Scope:
         return self.ctx.analyses.get(UseDef)
 
     def is_output(self, t: gs.Tensor) -> bool:
-        """Whether ``t`` is an output of this scope's graph."""
-        return id(t) in self._outputs or any(o is t for o in self.graph.outputs)
+        """Whether ``t`` is an output of this scope's graph (as it is now: rules may change
+        a subgraph's outputs)."""
+        return any(o is t for o in self.graph.outputs)
 
     def is_input(self, t: gs.Tensor) -> bool:
         """Whether ``t`` is an input of this scope's graph."""
-        return id(t) in self._inputs
+        return any(i is t for i in self.graph.inputs)
 
     def fresh(self, base: str) -> str:
         """A name no tensor of the model uses (see ``onnxopt.names``)."""

@@ -89,15 +89,14 @@ def _inline(scope: Scope, node: gs.Node) -> list[gs.Node]:
     node.inputs.clear()
     node.outputs.clear()
 
-    graph_outputs = {id(t) for t in graph.outputs}
     holder: dict[int, gs.Tensor] = {}  # branch output -> the tensor now carrying its value
     extra: list[gs.Node] = []
     for y, b in zip(if_outputs, branch.outputs):
         source = holder.get(id(b), b)
-        if id(y) not in graph_outputs:
+        if not scope.is_output(y):
             replace_uses(y, source)
             continue
-        if id(source) in produced_here and id(source) not in graph_outputs and source is b:
+        if id(source) in produced_here and not scope.is_output(source) and source is b:
             producer = source.inputs[0]
             replace_uses(source, y)
             producer.outputs[producer.outputs.index(source)] = y

@@ -35,7 +35,7 @@ class AnalysisManager:
     def __init__(self, graph: gs.Graph, ctx) -> None:
         self.graph, self.ctx = graph, ctx
         self._cache: dict[type, Analysis] = {}
-        #: How many times each analysis was computed (tests and ``--verbose`` read it).
+        #: How many times each analysis was computed (how well caching works).
         self.computed: dict[str, int] = {}
 
     def get(self, kind: type[A]) -> A:
@@ -46,10 +46,6 @@ class AnalysisManager:
             self._cache[kind] = cached
             self.computed[kind.__name__] = self.computed.get(kind.__name__, 0) + 1
         return cached
-
-    def cached(self, kind: type[A]) -> A | None:
-        """The analysis ``kind`` if it is cached, without computing it."""
-        return self._cache.get(kind)
 
     def invalidate(self, preserved: frozenset[type] = frozenset()) -> None:
         """Drop every cached analysis not in ``preserved`` (the graph changed)."""

@@ -390,7 +390,3 @@ def infer_tensor_types(graph: gs.Graph, template: onnx.ModelProto
     types = TensorTypes(graph, template)
     return {name: (types.dtype(t), types.shape(t)) for name, t in graph.tensors().items()
             if not t.is_empty()}
-
-
-# Conv and ConvTranspose weights, for the fusions that rewrite them.
-
