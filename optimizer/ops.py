@@ -38,6 +38,19 @@ NONDETERMINISTIC_OPS = frozenset({
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 
+#: Ops whose presence means a model is already quantized (QDQ, integer kernels, and the
+#: com.microsoft quantized contrib ops): quantization passes refuse such a model rather than
+#: quantize it twice.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+    "ConvInteger", "QLinearMatMul", "QLinearConv",
+    # com.microsoft
+    "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QGemm",
+    "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax", "QOrderedMatMul",
+    "GatherBlockQuantized", "DynamicQuantizeLSTM", "QuantizeBFP", "DequantizeBFP",
+})
+
 #: (node, weight rank) -> axis, or None when the weight has no such axis.
 AxisRule = Callable[[gs.Node, int], "int | None"]
 

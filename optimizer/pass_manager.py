@@ -26,7 +26,8 @@ import onnx_graphsurgeon as gs
 from onnxopt.analyses import AnalysisManager
 from onnxopt.budget import DriftBudget, Proposal, accept_all, lossy_warnings
 from onnxopt.errors import PassError, UsageError
-from onnxopt.graph import export_graph, opset_version
+from onnxopt.graph import export_graph, graph_protos, opset_version
+from onnxopt.ops import QUANTIZED_OPS
 
 
 @dataclass
@@ -83,7 +84,10 @@ class Pass:
       ``"calibration"`` (feeds for activation statistics, ``onnxopt.analyses.ActivationStats``);
     * ``preserves``: the analyses still valid after the pass changed the graph;
     * ``min_opset`` / ``max_opset``: the default-domain opsets the pass applies to; the pass
-      manager does not run it on other models.
+      manager does not run it on other models;
+    * ``quantizes``: True for a quantization pass, which the pass manager does not run on a model
+      that was already quantized when the run started (``onnxopt.ops.QUANTIZED_OPS``), so that
+      nothing is quantized twice (a later pass of the same run still runs after an earlier one).
     """
 
     name: ClassVar[str]
@@ -98,6 +102,7 @@ class Pass:
     preserves: ClassVar[frozenset[type]] = frozenset()
     min_opset: ClassVar[int] = 1
     max_opset: ClassVar[int | None] = None
+    quantizes: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **fields: Any) -> None:
         if options is None:
@@ -275,6 +280,11 @@ class PassManager:
     def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext, iteration: int) -> bool:
         start = time.perf_counter()
         refusal = p.applies_to(opset_version(graph))
+        if refusal is None and p.quantizes and ctx.template is not None:
+            found = sorted({n.op_type for g in graph_protos(ctx.template.graph) for n in g.node
+                            if n.op_type in QUANTIZED_OPS})
+            if found:
+                refusal = f"model already quantized ({', '.join(found)})"
         if refusal is not None:
             result = PassResult(False, {"refused": {refusal: 1}})
         else:

@@ -44,8 +44,16 @@ from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
 PassSpec = Union[str, Pass]
 
-#: ``--quantize`` modes and the pass each one runs.
-QUANTIZE_MODES = {"int8-weight": "quantize_weights"}
+#: ``--quantize`` modes: the passes each one runs, in order, with the options the mode sets
+#: (options the user gives for the same pass win). Embedding tables (Gather data) are quantized
+#: in every integer mode.
+QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
+    "int8-weight": {"quantize_weights": {}, "quantize_embeddings": {}},
+    "int8-dynamic": {"quantize_dynamic": {}, "quantize_embeddings": {}},
+    "int8-static": {"quantize_static": {}, "quantize_embeddings": {}},
+    "int4-weight": {"quantize_int4": {}, "quantize_embeddings": {"bits": 4}},
+    "float16": {"convert_float16": {}},
+}
 
 @dataclass
 class Pipeline:
@@ -80,6 +88,8 @@ def _default() -> list[str]:
 def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str] = (), *,
                    options: dict[str, dict[str, Any]] | None = None,
                    prune_threshold: float | None = None, quantize: str | None = None,
+                   quantize_exclude: Sequence[str] | None = None,
+                   quantize_ops: Sequence[str] | None = None,
                    max_iterations: int = 10) -> Pipeline:
     """The pipeline for the given passes and options.
 
@@ -90,7 +100,11 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
         options: ``{pass name: {option: value}}``; a named pass not yet in ``passes`` is added
             only by the sugar below, otherwise its options are an error.
         prune_threshold: sugar for ``prune`` with ``threshold`` (added to the pipeline).
-        quantize: sugar for the pass of a ``QUANTIZE_MODES`` mode (added to the pipeline).
+        quantize: sugar for the passes of a ``QUANTIZE_MODES`` mode (added to the pipeline with
+            the mode's options, under the user's).
+        quantize_exclude, quantize_ops: sugar for the ``exclude`` / ``ops`` options of every
+            pass of the ``quantize`` mode (op types or node names left float / op types
+            quantized).
         max_iterations: bound on the rounds of the lossless passes (at least 1).
 
     Raises:
@@ -114,7 +128,18 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
         if quantize not in QUANTIZE_MODES:
             raise UsageError(f"unknown quantization mode '{quantize}'; known: "
                              f"{', '.join(QUANTIZE_MODES)}")
-        specs.append(QUANTIZE_MODES[quantize])
+        for name, defaults in QUANTIZE_MODES[quantize].items():
+            given = options.get(name, {})
+            mode_options = {**defaults, **given}
+            if quantize_exclude is not None:
+                mode_options["exclude"] = list(quantize_exclude)
+            if quantize_ops is not None:
+                mode_options["ops"] = list(quantize_ops)
+            if mode_options:
+                options[name] = mode_options
+            specs.append(name)
+    elif quantize_exclude is not None or quantize_ops is not None:
+        raise UsageError("quantize_exclude and quantize_ops need a quantization mode (quantize)")
     for name in skip:
         get_pass(name)  # unknown names are an error
     # A pass asked for with options, as a configured object or by a flag, and also skipped or
@@ -126,7 +151,7 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
         raise UsageError(f"pass(es) configured twice: {', '.join(twice)} (give one configured "
                          "pass, or options, per pass)")
     asked = (set(options) | set(configured) | ({"prune"} if prune_threshold is not None else set())
-             | ({QUANTIZE_MODES[quantize]} if quantize is not None else set()))
+             | (set(QUANTIZE_MODES[quantize]) if quantize is not None else set()))
     contradicted = sorted(asked & set(skip))
     if contradicted:
         raise UsageError(f"pass(es) both asked for and skipped: {', '.join(contradicted)}")

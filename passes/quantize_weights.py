@@ -82,11 +82,11 @@ from onnxopt.graph import opset_version
 from onnxopt.names import fresh_name
 from onnxopt.ops import output_channel_axis, weight_slot
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._quant import (QuantizeOptions, broadcastable, dequantize, excluded,
+                                   quantize_symmetric)
 
 #: Weights with fewer elements stay float: the scale and zero point would cost as much as they save.
 MIN_ELEMENTS = 16
-#: Largest magnitude of the symmetric int8 grid (see the module docstring for why not 128).
-QMAX = 127
 #: First opset whose DequantizeLinear takes a 1-D scale and an ``axis``.
 PER_AXIS_OPSET = 13
 #: First opset with DequantizeLinear at all.
@@ -98,34 +98,15 @@ _FLOAT32 = np.dtype(np.float32)
 
 
 def quantize(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 quantization of ``values`` per channel along ``axis`` (None: per tensor).
-
-    Returns:
-        ``(q, scale)``: ``q`` int8 with the shape of ``values``; ``scale`` float32 of shape
-        ``[values.shape[axis]]``, or a 0-d array when ``axis`` is None.
-    """
-    w = np.asarray(values, dtype=np.float64)
-    reduce = tuple(a for a in range(w.ndim) if a != axis) if axis is not None else None
-    amax = np.abs(w).max(axis=reduce)
-    scale = (amax / QMAX).astype(np.float32)
-    scale = np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
-    q = np.clip(np.rint(w / _broadcastable(scale, w.ndim, axis)), -QMAX, QMAX).astype(np.int8)
-    return q, scale
-
-
-def _broadcastable(scale: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
-    """``scale`` reshaped to ``[1, .., C, .., 1]``, broadcasting along ``axis`` of a tensor of rank
-    ``rank`` (unchanged when per-tensor)."""
-    if axis is None:
-        return scale
-    shape = [1] * rank
-    shape[axis] = scale.size
-    return scale.reshape(shape)
+    """Symmetric int8 quantization of ``values`` per channel along ``axis`` (None: per tensor);
+    see :func:`onnxopt.passes._quant.quantize_symmetric`."""
+    return quantize_symmetric(values, axis)
 
 
 @dataclass(frozen=True)
-class QuantizeWeightsOptions:
-    """Options of :class:`QuantizeWeights`.
+class QuantizeWeightsOptions(QuantizeOptions):
+    """Options of :class:`QuantizeWeights` (and ``exclude`` / ``ops``, see
+    :class:`~onnxopt.passes._quant.QuantizeOptions`).
 
     Attributes:
         min_elements: weights with fewer elements stay float (their scale and zero point would
@@ -137,11 +118,16 @@ class QuantizeWeightsOptions:
     def check(self) -> str | None:
         if self.min_elements < 1:
             return f"option min_elements must be at least 1, got {self.min_elements}"
-        return None
+        return super().check()
 
 
-def _refusal(t: gs.Constant, slots: list, usedef: UseDef, min_elements: int) -> str | None:
+def _refusal(t: gs.Constant, slots: list, usedef: UseDef,
+             options: QuantizeWeightsOptions) -> str | None:
     """Why ``t`` must stay float, or None if it can be quantized."""
+    for n, _ in slots:
+        if (reason := excluded(n, options)) is not None:
+            return reason
+    min_elements = options.min_elements
     if not all((w := weight_slot(n, i)) is not None and w.kind in QUANTIZED_KINDS
                for n, i in slots):
         return "also read outside a weight slot"
@@ -160,17 +146,13 @@ def _refusal(t: gs.Constant, slots: list, usedef: UseDef, min_elements: int) -> 
     return None
 
 
-def _fake_quantized(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
-    """What DequantizeLinear computes: ``float32(q) * scale`` broadcast along ``axis``."""
-    return q.astype(np.float32) * _broadcastable(scale, q.ndim, axis)
-
-
 @register
 class QuantizeWeights(Pass):
     name = "quantize_weights"
     description = "Symmetric per-channel int8 weights read through DequantizeLinear (weight-only)."
     Options = QuantizeWeightsOptions
     lossless = False
+    quantizes = True
     min_opset = DQ_OPSET
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -192,7 +174,7 @@ class QuantizeWeights(Pass):
         self._stored: dict[int, int] = {}
         for t in weights.values():
             slots = input_slots(t)
-            reason = _refusal(t, slots, usedef, self.options.min_elements)
+            reason = _refusal(t, slots, usedef, self.options)
             if reason is not None:
                 refused[reason] += 1
                 continue
@@ -200,7 +182,7 @@ class QuantizeWeights(Pass):
             axis = axes.pop() if len(axes) == 1 else None
             q, scale = quantize(t.values, axis)
             self._axes[id(t)] = axis
-            proposals.append(Proposal(t, _fake_quantized(q, scale, axis), self._rewrite(
+            proposals.append(Proposal(t, dequantize(q, scale, axis), self._rewrite(
                 graph, usedef.owner(slots[0][0]), t, q, scale, axis, per_axis)))
         self._scheme = "per-channel" if per_axis else "per-channel (DequantizeLinear + Mul)"
         stats = {"refused": dict(sorted(refused.items()))} if refused else {}
@@ -255,7 +237,7 @@ class QuantizeWeights(Pass):
                                inputs=list(added), outputs=[dq_out]))
         if by_mul:
             added.append(gs.Constant(name("channel_scale"),
-                                     _broadcastable(scale, len(t.shape), axis)))
+                                     broadcastable(scale, len(t.shape), axis)))
             g.nodes.append(gs.Node("Mul", name=name("scale_Mul"), inputs=[dq_out, added[-1]],
                                    outputs=[out]))
         return out, sum(c.values.nbytes for c in added)

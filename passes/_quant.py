@@ -1,0 +1,115 @@
+"""Quantization arithmetic and options shared by the quantization passes (private module).
+
+Integer grids, from the ONNX ``QuantizeLinear`` / ``DequantizeLinear`` specs
+(https://onnx.ai/onnx/operators/onnx__QuantizeLinear.html)::
+
+    q = saturate(round_half_even(x / scale) + zero_point)      x' = (q - zero_point) * scale
+
+Symmetric int8 weights use the grid ``[-127, 127]`` with zero point 0 (see
+``quantize_weights``' docstring for why not -128); asymmetric activations use the whole
+``[qmin, qmax]`` of their type with a zero point that represents 0.0 exactly (Jacob et al., 2018,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
+CVPR, section 2.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+#: Largest magnitude of the symmetric int8 weight grid.
+QMAX = 127
+#: ``(qmin, qmax)`` of each integer type.
+QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
+          "int4": (-8, 7), "uint4": (0, 15)}
+
+
+def broadcastable(scale: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
+    """``scale`` reshaped to ``[1, .., C, .., 1]``, broadcasting along ``axis`` of a tensor of rank
+    ``rank`` (unchanged when per-tensor)."""
+    if axis is None:
+        return scale
+    shape = [1] * rank
+    shape[axis] = scale.size
+    return scale.reshape(shape)
+
+
+def quantize_symmetric(values: np.ndarray, axis: int | None,
+                       qmax: int = QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization of ``values`` per channel along ``axis`` (None: per tensor) onto
+    ``[-qmax, qmax]`` with zero point 0: ``scale_c = max |W_c| / qmax`` (1.0 when that is below
+    float32's smallest normal, e.g. an all-zero channel: q is then 0 anyway).
+
+    Returns:
+        ``(q, scale)``: ``q`` int8 with the shape of ``values``; ``scale`` float32 of shape
+        ``[values.shape[axis]]``, or a 0-d array when ``axis`` is None.
+    """
+    w = np.asarray(values, dtype=np.float64)
+    reduce = tuple(a for a in range(w.ndim) if a != axis) if axis is not None else None
+    amax = np.abs(w).max(axis=reduce)
+    scale = (amax / qmax).astype(np.float32)
+    scale = np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(w / broadcastable(scale, w.ndim, axis)), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None,
+               zero_point: np.ndarray | None = None) -> np.ndarray:
+    """What DequantizeLinear computes: ``float32(q - zero_point) * scale`` broadcast along
+    ``axis`` (float32, the shape of ``q``)."""
+    x = q.astype(np.float32)
+    if zero_point is not None:
+        x = x - broadcastable(np.asarray(zero_point).astype(np.float32), q.ndim, axis)
+    return x * broadcastable(np.asarray(scale, np.float32), q.ndim, axis)
+
+
+def scale_zero_point(rmin: float, rmax: float, dtype: np.dtype,
+                     symmetric: bool = False) -> tuple[np.float32, np.ndarray]:
+    """Scale and zero point mapping the real range ``[rmin, rmax]`` (widened to hold 0.0) onto
+    the integer type ``dtype`` (int8 or uint8); symmetric: zero point at the grid's centre
+    (0 for int8, 128 for uint8) and ``scale = max(|rmin|, |rmax|) / (qmax - zp)``.
+
+    Returns:
+        ``(scale, zero_point)``: float32 scalar; 0-d array of ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    qmin, qmax = QRANGE[dtype]
+    rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    if symmetric:
+        zp = 0 if qmin < 0 else (qmax + 1) // 2
+        peak = max(abs(rmin), abs(rmax))
+        scale = peak / (qmax - zp) if peak > 0 else 1.0
+    else:
+        scale = (rmax - rmin) / (qmax - qmin) if rmax > rmin else 1.0
+        zp = int(np.clip(np.rint(qmin - rmin / scale), qmin, qmax))
+    scale = np.float32(scale if scale >= np.finfo(np.float32).tiny else 1.0)
+    return scale, np.array(zp, dtype)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Options every quantization pass has (``--quantize-exclude``, ``--quantize-ops``).
+
+    Attributes:
+        exclude: op types or node names left in float.
+        ops: when given, only nodes of these op types are quantized.
+    """
+
+    exclude: tuple | list = ()
+    ops: tuple | list | None = None
+
+    def check(self) -> str | None:
+        if not all(isinstance(x, str) for x in list(self.exclude) + list(self.ops or [])):
+            return "options exclude and ops must be lists of op types or node names"
+        return None
+
+
+def excluded(node: gs.Node, options: QuantizeOptions) -> str | None:
+    """Why ``node`` must stay float by the user's choice (``exclude``, ``ops``), or None."""
+    if node.op in options.exclude or (node.name and node.name in options.exclude):
+        return "excluded by the user"
+    if options.ops is not None and node.op not in options.ops:
+        return "op type not selected (ops)"
+    return None
