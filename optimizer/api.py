@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import onnx
@@ -19,9 +19,12 @@ import onnx
 from onnxopt import io
 from onnxopt.errors import UsageError, ValidationFailed
 from onnxopt.graph import export_graph, import_graph, model_stats
-from onnxopt.inputs import check_feeds, feed_files, input_warnings, load_feed, synthesize_feed
+from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
+                            synthesize_feed)
 from onnxopt.layerwise import compare_layerwise, first_divergence
-from onnxopt.budget import DriftBudget, get_metric
+from onnxopt.budget import DriftBudget
+from onnxopt.metrics import Criterion, as_setting, parse_criteria
+from onnxopt.opset import OpsetUpgradeError, default_opset, upgrade
 from onnxopt.pass_manager import PassContext, PassManager, PassRecord
 from onnxopt.pipeline import SETTINGS, Pipeline, PassSpec, build_pipeline, load_config
 from onnxopt.report import Report
@@ -29,6 +32,10 @@ from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, Val
                                 compare_models)
 
 Feeds = Union[str, os.PathLike, dict, Sequence[dict], None]
+#: Lossy criteria: a threshold of ``metric``, ``"cosine=0.999,max-abs=0.05"``, a mapping
+#: ``{metric: threshold}`` (names, ``DriftMetric`` objects or callables) or criteria
+#: (``onnxopt.metrics.parse_criteria``).
+MaxDrift = Union[float, str, dict, Sequence[Criterion]]
 
 
 def _version() -> str:
@@ -60,18 +67,16 @@ def checker_error(model: onnx.ModelProto | bytes | None) -> str:
     return ""
 
 
-def check_criteria(atol: float, rtol: float, max_drift: float, seed: int = 0,
-                   input_shapes: dict | None = None) -> None:
-    """Raise UsageError for settings that cannot mean anything (a NaN tolerance would pass
-    every comparison)."""
-    for name, value in (("atol", atol), ("rtol", rtol), ("max_drift", max_drift)):
+def check_criteria(atol: float, rtol: float, max_drift: MaxDrift, seed: int = 0,
+                   input_shapes: dict | None = None, metric="cosine") -> list[Criterion]:
+    """The lossy criteria of ``max_drift`` and ``metric``; raise UsageError for settings that
+    cannot mean anything (a NaN tolerance would pass every comparison)."""
+    for name, value in (("atol", atol), ("rtol", rtol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{name} must be a number, got {value!r}")
     if not (0 <= atol < math.inf and 0 <= rtol < math.inf):
         raise UsageError(f"tolerances must be finite and not negative (atol {atol}, rtol {rtol})")
-    if not -1.0 <= max_drift <= 1.0:
-        raise UsageError(f"max drift (--max-drift) is a cosine similarity, in [-1, 1]; got "
-                         f"{max_drift}")
+    criteria = parse_criteria(max_drift, metric, where="max drift (--max-drift)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     for name, dims in (input_shapes or {}).items():
@@ -79,6 +84,7 @@ def check_criteria(atol: float, rtol: float, max_drift: float, seed: int = 0,
                 isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
             raise UsageError(f"input shape of '{name}' must be a list of non-negative integers, "
                              f"got {dims!r}")
+    return criteria
 
 
 def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | None,
@@ -125,6 +131,29 @@ def _settings(config, given: dict) -> dict:
     return run
 
 
+def _upgrade_for(model: onnx.ModelProto, pipeline: Pipeline
+                 ) -> tuple[onnx.ModelProto, dict | None, str | None]:
+    """The model the pipeline runs on: ``model`` converted to the highest ``upgrade_opset`` of
+    the passes that do not apply to its opset but would to that one (``onnxopt.opset``).
+
+    Returns:
+        The model (``model`` itself when no conversion is needed or possible), the record
+        ``{"from": 11, "to": 13}`` of a conversion (None without one), and why the conversion
+        failed (None when it did not).
+    """
+    source = default_opset(model)
+    wanted = [p.upgrade_opset for p in pipeline.passes
+              if p.upgrade_opset is not None and p.upgrade_opset > source
+              and p.applies_to(source) is not None and p.applies_to(p.upgrade_opset) is None]
+    if not wanted:
+        return model, None, None
+    target = max(wanted)
+    try:
+        return upgrade(model, target), {"from": source, "to": target}, None
+    except OpsetUpgradeError as err:
+        return model, None, str(err)
+
+
 def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContext, *,
                   verify_each: bool, on_pass) -> tuple[onnx.ModelProto, list[PassRecord]]:
     """Import, run the passes, export: the optimization itself."""
@@ -139,10 +168,13 @@ def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContex
 def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[str] | None = None,
              options: dict[str, dict] | None = None, config=None,
              prune_threshold: float | None = None, quantize: str | None = None,
+             quantize_exclude: Sequence[str] | None = None,
+             quantize_ops: Sequence[str] | None = None,
              validate: bool | None = None, inputs: Feeds = None,
-             calibration: Feeds = None, input_shapes: dict | None = None,
+             calibration: Feeds | Iterable[dict] | Callable[[], Iterable[dict]] = None,
+             input_shapes: dict | None = None,
              seed: int | None = None, atol: float | None = None, rtol: float | None = None,
-             max_drift: float | None = None, metric: str | None = None,
+             max_drift: MaxDrift | None = None, metric: str | Callable | None = None,
              verify_each: bool | None = None, fold_size_limit: int | None = None,
              max_iterations: int | None = None, raise_on_failure: bool = True,
              strict: bool | None = None, layerwise: bool | None = None,
@@ -161,14 +193,25 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         config: a TOML file (or the dict it parses to) giving the pipeline and validation
             settings (see ``onnxopt.pipeline``); keywords given here win over it.
         prune_threshold: sugar for the ``prune`` pass with that ``threshold`` (lossy).
-        quantize: ``"int8-weight"``: sugar for ``quantize_weights`` (lossy).
+        quantize: a mode of ``onnxopt.pipeline.QUANTIZE_MODES`` (``"int8-weight"``,
+            ``"int8-static"``, ...): sugar for its passes (lossy). A pass of the mode whose opset
+            the model is below, and that declares ``upgrade_opset``, gets the model converted
+            first (``report.opset_upgrade``; validation compares with the original).
+        quantize_exclude, quantize_ops: op types or node names the mode's passes leave in float
+            / the only op types they quantize.
         validate: compare with the original on onnxruntime CPU (default True).
         inputs: validation feeds (see :func:`resolve_feeds`); ``input_shapes`` and ``seed`` shape
             synthesized ones. They also measure the drift budget of lossy passes.
-        calibration: feeds for activation statistics (default: ``inputs``); keep them apart
-            from the evaluation inputs when measuring accuracy.
-        atol, rtol: lossless tolerance; ``max_drift``: minimum ``metric`` (default cosine
-            similarity) every output must keep after lossy passes.
+        calibration: feeds for activation statistics (default: ``inputs``), streamed: an
+            ``.npz`` file, a folder of them (read one file at a time, each time a pass iterates),
+            a feed, an iterable of feeds, or a function returning a fresh iterable (see
+            ``onnxopt.inputs.FeedStream``); keep them apart from the evaluation inputs when
+            measuring accuracy.
+        atol, rtol: lossless tolerance; ``max_drift``: the criteria every output must meet
+            after lossy passes: a threshold of ``metric`` (default cosine similarity; a name, a
+            ``DriftMetric`` or a callable ``fn(reference, candidate) -> float``, higher better),
+            ``"cosine=0.999,max-abs=0.05"``, ``{"cosine": 0.999, "max-abs": 0.05}`` or
+            criteria (see ``onnxopt.metrics``).
         verify_each: run the ONNX checker and an onnxruntime load after every pass that changed
             the graph.
         fold_size_limit: sugar for ``fold_constants``' ``size_limit`` (bytes).
@@ -205,16 +248,19 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         seed=seed, atol=atol,
         rtol=rtol, max_drift=max_drift, metric=metric, layerwise=layerwise, strict=strict,
         verify_each=verify_each, passes=passes, skip=skip, options=options,
-        max_iterations=max_iterations))
-    validate, atol, rtol, max_drift = run["validate"], run["atol"], run["rtol"], run["max_drift"]
-    check_criteria(atol, rtol, max_drift, run["seed"], run["input_shapes"])
+        max_iterations=max_iterations, quantize=quantize, quantize_exclude=quantize_exclude,
+        quantize_ops=quantize_ops))
+    validate, atol, rtol = run["validate"], run["atol"], run["rtol"]
+    max_drift = check_criteria(atol, rtol, run["max_drift"], run["seed"], run["input_shapes"],
+                               run["metric"])
     pass_options = {k: dict(v) for k, v in (run["options"] or {}).items()}
     if fold_size_limit is not None:
         pass_options.setdefault("fold_constants", {})["size_limit"] = fold_size_limit
     pipeline = build_pipeline(run["passes"], run["skip"], options=pass_options,
-                              prune_threshold=prune_threshold, quantize=quantize,
+                              prune_threshold=prune_threshold, quantize=run["quantize"],
+                              quantize_exclude=run["quantize_exclude"],
+                              quantize_ops=run["quantize_ops"],
                               max_iterations=run["max_iterations"])
-    metric_used = get_metric(run["metric"])
     protect = []
     if isinstance(model, (str, os.PathLike)) and output is not None:
         protect = io.protected_files(model, [output, f"{output}.data"])
@@ -231,12 +277,13 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         feeds, report.inputs = resolve_feeds(original, run["inputs"], run["input_shapes"],
                                              run["seed"])
     if run["calibration"] is not None:
-        calibration_feeds, _ = resolve_feeds(original, run["calibration"], run["input_shapes"],
-                                             run["seed"])
-    budget = DriftBudget(_runnable(original, original_bytes), feeds, max_drift,
-                         metric_used) if feeds else None
-    ctx = PassContext(template=original, feeds=feeds, calibration=calibration_feeds,
-                      budget=budget)
+        calibration_feeds = FeedStream(run["calibration"], original)
+    budget = DriftBudget(_runnable(original, original_bytes), feeds, max_drift) \
+        if feeds else None
+    working, report.opset_upgrade, upgrade_failure = _upgrade_for(original, pipeline)
+    ctx = PassContext(template=working, feeds=feeds, calibration=calibration_feeds,
+                      budget=budget, upgrade_failure=upgrade_failure,
+                      synthesized=bool(feeds) and report.inputs.get("source") == "synthesized")
     lossy_names = {p.name for p in pipeline.lossy}
 
     # The checker judges results only when the input passes it (real exports often do not).
@@ -248,7 +295,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         broken = checker_error(_runnable(candidate, data)) if original_valid else ""
         if broken:  # invalid ONNX: fails like a model onnxruntime cannot load
             return ValidationResult(False, "lossy" if lossy else "lossless", atol, rtol,
-                                    max_drift, len(feeds), reason=broken)
+                                    as_setting(max_drift), len(feeds), reason=broken)
         return compare_models(_runnable(original, original_bytes), _runnable(candidate, data),
                               feeds, atol=atol, rtol=rtol,
                               max_drift=max_drift, lossy=lossy,
@@ -256,7 +303,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                               warnings=report.inputs.get("warnings", []))
 
     def attempt(p: Pipeline):
-        return _run_pipeline(original, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)
+        return _run_pipeline(working, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)
 
     optimized, report.passes = attempt(pipeline)
     serialized = io.serialize(optimized) if validate or output is not None else None
@@ -288,6 +335,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             synthesized=report.inputs["source"] == "synthesized")
     report.after = model_stats(optimized, serialized)
     report.warnings = [w for r in report.passes for w in r.warnings] + (
+        calibration_feeds.warnings if calibration_feeds is not None else []) + (
         report.validation.warnings if report.validation is not None else [])
     failed = report.validation is not None and not report.validation.passed
     strict = report.strict = run["strict"]
@@ -309,11 +357,12 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
 
 def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict | None = None,
              seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-             max_drift: float = DEFAULT_MAX_DRIFT, lossy: bool = False,
-             layerwise: bool = False) -> Report:
+             max_drift: MaxDrift = DEFAULT_MAX_DRIFT, metric: str | Callable = "cosine",
+             lossy: bool = False, layerwise: bool = False) -> Report:
     """Compare ``candidate`` with ``reference`` on onnxruntime CPU (see ``onnxopt.validate``).
 
-    Inputs are synthesized from the reference's declared inputs unless given. With ``layerwise``,
+    Inputs are synthesized from the reference's declared inputs unless given; ``max_drift`` and
+    ``metric`` are the lossy criteria, as in :func:`optimize`. With ``layerwise``,
     also compare their intermediate tensors and name the first that diverges (``report.layerwise``,
     see ``onnxopt.layerwise``).
 
@@ -321,7 +370,7 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
         ModelLoadError, InputError, UsageError: bad model, inputs or option.
     """
     start = time.perf_counter()
-    check_criteria(atol, rtol, max_drift, seed, input_shapes)
+    max_drift = check_criteria(atol, rtol, max_drift, seed, input_shapes, metric)
     ref, ref_bytes = io.load_model_and_bytes(reference)
     cand, cand_bytes = io.load_model_and_bytes(candidate)
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes

@@ -1,33 +1,57 @@
 """The drift budget: lossy passes propose, the budget decides, against the original model.
 
 A lossy pass (pruning, quantization) does not change the graph itself: it returns
-:class:`Proposal` objects -- "initializer ``t`` would compute as ``value``, and ``apply()`` makes it
-so" (a pruned array, or a DequantizeLinear subgraph whose float result is ``value``). The pass
-manager hands them to :meth:`DriftBudget.decide`, which accepts the strongest set that keeps every
-output of the model within the budget *of the original model*, applies it, and reports what stayed
-in float and why. Because every decision compares with the original's outputs, computed once, the
-drift of successive lossy passes never compounds: a later pass only gets what earlier ones left.
+:class:`Proposal` objects, of two kinds:
 
-Decision, for proposals ``P`` with the metric ``m`` (higher is better) and target
-``τ = max_drift + margin · (1 − max_drift)`` (a margin over the validation criterion, so that
-the validated result passes on the same feeds):
+* a **weight** proposal -- "initializer ``t`` would compute as ``value``, and ``apply()`` makes it
+  so" (a pruned array, or a DequantizeLinear subgraph whose float result is ``value``);
+* a **simulated** proposal -- "activation ``x`` would be replaced, for ``readers``, by what
+  ``simulate(graph, x)`` computes" (QuantizeLinear -> DequantizeLinear, Cast to float16 and back),
+  and ``apply()`` makes the real edit.
 
-1. apply all of ``P``; if ``m ≥ τ`` on every output and feed, accept all (one evaluation);
-2. otherwise find a 1-minimal set ``K`` of proposals to leave out -- every proposal of ``K`` is
-   needed: putting any one back breaks the budget -- by delta debugging (Zeller and Hildebrandt,
-   2002, "Simplifying and Isolating Failure-Inducing Input", TSE): starting from leaving all out,
-   ever smaller groups are put back while ``m ≥ τ`` holds. Groups, not single proposals, are
-   tried first because harm often shows only in combination (a weight whose error a later layer
-   amplifies): on slanet_en no weight costs more than 3e-5 of cosine alone, all together 0.56;
-3. measure each kept proposal's *sensitivity*: ``m`` with the accepted set plus that one
-   proposal -- what applying it too would cost, the reason it stays out (``|K|`` evaluations).
+Proposals sharing a ``group`` (a node's weight and its input activations, for per-node mixed
+precision) are accepted or left out together; a proposal without one is its own group, named by
+its tensor. The pass manager hands them to :meth:`DriftBudget.decide`, which accepts the
+strongest set of groups that keeps every output of the model within the budget *of the original
+model*, applies it (in the order the proposals were given), and reports what stayed in float and
+why. Because every decision compares with the original's outputs, computed once, the drift of
+successive lossy passes never compounds: a later pass only gets what earlier ones left.
 
-This is the mixed-precision fallback of accuracy-aware quantizers (NNCF's accuracy control,
-onnxruntime.quantization's ``nodes_to_exclude``), chosen here by measurement; cost about
-``2 |K| log2 |P| + |K|`` model runs per feed when ``K`` is not empty, one when it is.
+The budget is a list of criteria (``onnxopt.metrics``: ``cosine >= 0.999``, ``max-abs <= 0.05``,
+...), each tightened to a target by a margin (:meth:`onnxopt.metrics.DriftMetric.target`: the
+fraction of the allowed error kept in reserve, so that the validated result passes on the same
+feeds). A set of groups is *within budget* when every criterion's target holds on every output
+and feed. For groups ``G``:
 
-Evaluating a mix needs no new session per mix: the proposed initializers become graph inputs of
-one session and each evaluation feeds original or proposed values.
+1. apply all of ``G``; if within budget, accept all (one evaluation);
+2. otherwise find a 1-minimal set ``K`` of groups to leave float -- every group of ``K`` is
+   needed: putting any one back breaks the budget. Up to :data:`RANKED_MAX_GROUPS` groups, by
+   sensitivity ranking (:func:`ranked_kept`): rank the groups by what leaving each one float
+   gains with all others applied, bisect for the shortest prefix of the ranking that, left
+   float, brings the rest within budget, then put back what is not needed. Above, by delta
+   debugging (Zeller and Hildebrandt, 2002, "Simplifying and Isolating Failure-Inducing Input",
+   TSE; :func:`minimal_kept`), cheaper when few of many groups must stay float. Harm often
+   shows only in combination (a weight whose error a later layer amplifies: on slanet_en no
+   weight costs more than 3e-5 of cosine alone, all together 0.56), which is why the ranking
+   measures each group against all the others applied, not alone;
+3. each kept group's *sensitivity* -- every criterion's value with the accepted set plus that
+   group, the reason it stays out -- is measured (by the ranking's last check, or once more
+   after delta debugging).
+
+This is the sensitivity-ranked mixed-precision fallback of accuracy-aware quantizers (NNCF's
+accuracy control, onnxruntime.quantization's ``nodes_to_exclude``), chosen here by measurement;
+cost ``|G| + log2 |G| + |K| + 2`` model runs per feed by ranking, about ``2 |K| log2 |G| + |K|``
+by delta debugging, when ``K`` is not empty; one when it is
+(a run stops at the first feed on which a worst-feed criterion fails). The evaluation session
+runs with onnxruntime's graph optimizations on (the budget estimates; validation, with them
+off, decides).
+
+Evaluating a mix needs no new session per mix. Weight proposals: the proposed initializers
+become graph inputs of one session, fed original or proposed values. Simulated proposals: for
+each, ``simulate`` appends its nodes to the live graph, a ``Where(gate, simulated, x)`` picks the
+simulated or the float value by a boolean scalar graph input per group, and ``readers`` read the
+``Where``; the model is exported, and every edit is undone (nodes, graph inputs, consumer lists,
+the name authority), so the graph is exactly as before.
 """
 
 from __future__ import annotations
@@ -39,110 +63,87 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import UsageError
 from onnxopt.graph import export_graph, graph_protos
+from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
+                             get_metric, parse_criteria)
+from onnxopt.names import fresh_name
+
+__all__ = ["Proposal", "Decision", "DriftBudget", "DriftMetric", "CosineMetric", "METRICS",
+           "get_metric", "ranked_kept", "minimal_kept", "accept_all", "lossy_warnings"]
 
 
 @dataclass
 class Proposal:
-    """A lossy replacement a pass proposes.
+    """A lossy replacement a pass proposes (see the module docstring).
 
     Attributes:
-        tensor: the initializer whose value changes (float; any shape).
-        value: what the model computes with in its place (same shape and dtype as ``tensor``):
-            the pruned array, or the dequantized values of a quantized weight.
+        tensor: a weight proposal's initializer (a ``gs.Constant``, float, any shape), or a
+            simulated proposal's activation (a ``gs.Variable`` of the main graph).
+        value: a weight proposal's values the model computes with in its place (same shape and
+            dtype as ``tensor``): the pruned array, or the dequantized values of a quantized
+            weight; None for a simulated proposal.
         apply: makes the change in the graph (called only when the budget accepts it).
         source: the proposing pass's name (set by the pass manager).
+        group: proposals of one group are accepted or left out together; None: its own group,
+            named by the tensor.
+        simulate: a simulated proposal's ``fn(graph, x) -> gs.Variable``, which appends to
+            ``graph`` the nodes computing what the changed model computes in place of ``x``
+            (``tensor``) and returns their output.
+        readers: ``(node, input index)`` pairs of the main graph that read the simulated value;
+            None: every reader of ``x`` in the main graph.
     """
 
-    tensor: gs.Constant
-    value: np.ndarray
+    tensor: gs.Tensor
+    value: np.ndarray | None
     apply: Callable[[], None]
     source: str = ""
+    group: str | None = None
+    simulate: Callable[[gs.Graph, gs.Variable], gs.Variable] | None = None
+    readers: list[tuple[gs.Node, int]] | None = None
 
     @property
     def name(self) -> str:
         return self.tensor.name
 
-
-class DriftMetric:
-    """How close a candidate output is to the reference: higher is better, 1.0 is identical."""
-
-    name = ""
-    #: What the user's threshold means, for messages ("cosine similarity").
-    description = ""
-
-    def score(self, reference, candidate) -> float:  # pragma: no cover - interface
-        """The score of one output on one feed (arrays, or lists of arrays for sequences)."""
-        raise NotImplementedError
-
-
-class CosineMetric(DriftMetric):
-    """Cosine similarity of the flattened outputs (``onnxopt.validate.output_metrics``), judged
-    as validation judges a lossy result: an output whose dtype, shape or sequence layout changed,
-    whose strings differ, or whose NaNs or infinities moved scores -1 (fails any budget)."""
-
-    name = "cosine"
-    description = "cosine similarity"
-
-    def score(self, reference, candidate) -> float:
-        from onnxopt.validate import flatten_sequence, layout, output_metrics
-
-        if (isinstance(reference, list) or isinstance(candidate, list)) \
-                and layout(reference) != layout(candidate):
-            return -1.0
-        r, c = flatten_sequence(reference), flatten_sequence(candidate)
-        if r.dtype != c.dtype or r.shape != c.shape:
-            return -1.0
-        if r.dtype.kind in "OSU":
-            return 1.0 if np.array_equal(r, c) else -1.0
-        with np.errstate(all="ignore"):
-            m = output_metrics(r, c)
-        return -1.0 if m["nan_mismatch"] else m["cosine"]
-
-
-#: Metrics by name; ``optimize(metric=...)`` and ``metric`` in a config file pick one.
-METRICS: dict[str, DriftMetric] = {m.name: m for m in (CosineMetric(),)}
-
-
-def get_metric(metric: str | DriftMetric) -> DriftMetric:
-    """The metric ``metric`` names (or ``metric`` itself).
-
-    Raises:
-        UsageError: no metric has that name.
-    """
-    if isinstance(metric, DriftMetric):
-        return metric
-    if metric not in METRICS:
-        raise UsageError(f"unknown drift metric '{metric}'; known: {', '.join(METRICS)}")
-    return METRICS[metric]
+    @property
+    def key(self) -> str:
+        """The group the budget decides this proposal with."""
+        return self.group if self.group is not None else self.tensor.name
 
 
 @dataclass
 class Decision:
     """What :meth:`DriftBudget.decide` accepted, with its measurements.
 
-    ``kept`` are the proposals left out (their tensors stay as they were), most harmful first;
-    ``sensitivity`` the score each kept proposal would give if applied with the accepted ones
-    (why it stays out).
+    ``kept`` are the proposals left out (their tensors stay as they were), ``kept_groups`` their
+    groups, most harmful first; ``target``, ``score_all`` and ``score_final`` map each criterion's
+    metric name to its target and to its worst value with every group applied and with the
+    accepted ones; ``sensitivity`` maps each kept group to every criterion's value if it were
+    applied with the accepted ones (why it stays out).
     """
 
     accepted: list[Proposal]
     kept: list[Proposal]
-    target: float
-    score_all: float
-    score_final: float
+    target: dict[str, float]
+    score_all: dict[str, float]
+    score_final: dict[str, float]
     evaluations: int
-    sensitivity: dict[str, float] = field(default_factory=dict)
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    kept_groups: list[str] = field(default_factory=list)
 
     def report(self, source: str | None = None) -> dict:
-        """The JSON-serializable record, for the proposals of ``source`` (None: all)."""
-        kept = [p for p in self.kept if source is None or p.source == source]
-        return {"target": self.target, "cosine_all": self.score_all,
-                "cosine_final": self.score_final, "evaluations": self.evaluations,
-                "kept": [p.name for p in kept],
-                "sensitivity": {p.name: self.sensitivity[p.name] for p in kept
-                                if p.name in self.sensitivity}}
+        """The JSON-serializable record, for the proposals of ``source`` (None: all):
+        ``target``, ``<metric>_all`` and ``<metric>_final`` per criterion, ``evaluations``,
+        ``kept`` (the groups left out) and ``sensitivity`` (``{group: {metric: value}}``)."""
+        mine = {p.key for p in self.kept if source is None or p.source == source}
+        kept = [g for g in self.kept_groups if g in mine]
+        record = {"target": dict(self.target), "evaluations": self.evaluations}
+        for name in self.target:
+            record[f"{name}_all"] = self.score_all[name]
+            record[f"{name}_final"] = self.score_final[name]
+        record["kept"] = kept
+        record["sensitivity"] = {g: self.sensitivity[g] for g in kept if g in self.sensitivity}
+        return record
 
 
 class DriftBudget:
@@ -152,17 +153,42 @@ class DriftBudget:
         original: the original model (or its serialization); its outputs on ``feeds`` are the
             reference, computed once.
         feeds: the feeds the budget is measured on (``{input name: array}`` each).
-        max_drift: the threshold of ``metric`` every output must keep (validation's criterion).
-        metric: a :class:`DriftMetric` or its name (default cosine similarity).
-        margin: fraction of ``1 - max_drift`` kept in reserve (see the module docstring).
+        max_drift: the criteria every output must keep (validation's): a number (a threshold of
+            ``metric``), a string ``"cosine=0.999,max-abs=0.05"``, a mapping or criteria (see
+            ``onnxopt.metrics.parse_criteria``).
+        metric: the metric a bare number means (a name, a :class:`DriftMetric` or a callable;
+            default cosine similarity).
+        margin: fraction of each criterion's allowed error kept in reserve (see the module
+            docstring).
+
+    Raises:
+        UsageError: invalid criteria.
     """
 
-    def __init__(self, original: onnx.ModelProto | bytes, feeds: list[dict], max_drift: float,
-                 metric: str | DriftMetric = "cosine", margin: float = 0.1) -> None:
-        self.original, self.feeds, self.max_drift = original, list(feeds), max_drift
-        self.metric = get_metric(metric)
-        self.target = max_drift + margin * (1.0 - max_drift)
+    def __init__(self, original: onnx.ModelProto | bytes, feeds: list[dict], max_drift,
+                 metric: str | DriftMetric | Callable = "cosine", margin: float = 0.1) -> None:
+        self.original, self.feeds = original, list(feeds)
+        self.criteria: list[Criterion] = parse_criteria(max_drift, metric)
+        self.targets = {c.name: c.metric.target(c.threshold, margin) for c in self.criteria}
         self._references: list[list[np.ndarray]] | None = None
+
+    def describe(self) -> str:
+        """The criteria for messages (``cosine >= 0.99, max-abs <= 0.05``)."""
+        return describe(self.criteria)
+
+    def within(self, scores: dict[str, float], pooled: bool = True) -> bool:
+        """Whether ``scores`` (metric name -> worst value) meet every criterion's target
+        (without ``pooled``: of the criteria that are not pooled over feeds, or that failed)."""
+        return all(c.metric.meets(scores[c.name], self.targets[c.name]) for c in self.criteria
+                   if pooled or not c.metric.pooled or scores[c.name] == c.metric.failure)
+
+    def _worst(self, tallies: dict[tuple[str, int], "Tally"]) -> dict[str, float]:
+        """Each criterion's worst value over the outputs."""
+        worst: dict[str, float] = {}
+        for (name, _), tally in tallies.items():
+            worst[name] = tally.value if name not in worst else tally.metric.worst(
+                worst[name], tally.value)
+        return worst
 
     def references(self) -> list[list[np.ndarray]]:
         """The original model's outputs on every feed (computed on first use).
@@ -179,60 +205,194 @@ class DriftBudget:
 
     def decide(self, graph: gs.Graph, template: onnx.ModelProto,
                proposals: list[Proposal]) -> Decision:
-        """Choose the proposals to accept (see the module docstring) and apply them.
+        """Choose the groups of proposals to accept (see the module docstring) and apply their
+        proposals, in the order given. The graph is otherwise left as it was.
 
         Raises:
             InputError: onnxruntime cannot run the model on the feeds.
         """
         from onnxopt.validate import make_session
 
-        by_name: dict[str, Proposal] = {}
+        weights: dict[str, Proposal] = {}
+        chosen: list[Proposal] = []
         for p in proposals:
-            by_name.setdefault(p.name, p)
-        proposals = list(by_name.values())
-        originals = {p.name: np.asarray(p.tensor.values) for p in proposals}
-        model = export_graph(graph, template)
+            if p.simulate is None:
+                if p.name in weights:
+                    continue  # one value per initializer: the first proposal's
+                weights[p.name] = p
+            chosen.append(p)
+        groups = list(dict.fromkeys(p.key for p in chosen))
+        originals = {n: np.asarray(p.tensor.values) for n, p in weights.items()}
+        model, gates = _evaluation_model(graph, template,
+                                         [p for p in chosen if p.simulate is not None])
         for g in graph_protos(model.graph):
             moved = [init for init in g.initializer if init.name in originals]
             for init in moved:
                 g.initializer.remove(init)
                 model.graph.input.append(onnx.helper.make_tensor_value_info(
                     init.name, init.data_type, list(init.dims)))
-        session = make_session(model, "model with lossy proposals")
+        session = make_session(model, "model with lossy proposals", optimized=True)
         inputs = [i.name for i in session.get_inputs()]
         references = self.references()
         evaluations = 0
 
-        def score(applied: set[str]) -> float:
+        def score(applied: set[str]) -> dict[str, float]:
             nonlocal evaluations
             evaluations += 1
-            weights = {n: by_name[n].value if n in applied else v for n, v in originals.items()}
-            worst = 1.0
+            values = {n: weights[n].value if weights[n].key in applied else v
+                      for n, v in originals.items()}
+            values.update({gate: np.array(key in applied) for key, gate in gates.items()})
+            tallies: dict[tuple[str, int], Tally] = {}
             for feed, ref in zip(self.feeds, references):
-                values = {**feed, **weights}
-                out = session.run(None, {n: values[n] for n in inputs})
-                for r, c in zip(ref, out):
-                    worst = min(worst, self.metric.score(r, c))
-                    if worst == -1.0:
-                        return worst
-            return worst
+                run = {**feed, **values}
+                out = session.run(None, {n: run[n] for n in inputs})
+                for i, (r, c) in enumerate(zip(ref, out)):
+                    for crit in self.criteria:
+                        tally = tallies.setdefault((crit.name, i), Tally(crit.metric))
+                        tally.add(crit.metric.score(r, c), r)
+                if not self.within(self._worst(tallies), pooled=False):
+                    break  # a worst-feed criterion already fails: the other feeds cannot help
+            return self._worst(tallies)
 
-        names = list(by_name)
-        score_all = score(set(names))
+        score_all = score(set(groups))
         kept: list[str] = []
-        sensitivity: dict[str, float] = {}
+        sensitivity: dict[str, dict[str, float]] = {}
         score_final = score_all
-        if score_all < self.target:
-            kept = minimal_kept(names, lambda keep: score(set(names) - set(keep)) >= self.target)
-            accepted = set(names) - set(kept)
-            sensitivity = {n: score(accepted | {n}) for n in kept}
-            kept.sort(key=lambda n: sensitivity[n])  # most harmful first
-            score_final = score(accepted)
-        accepted = [by_name[n] for n in names if n not in kept]
+        if not self.within(score_all):
+            first = self.criteria[0]
+            sign = 1.0 if first.metric.higher_is_better else -1.0
+
+            def without(leave_out: set[str]) -> tuple[bool, dict[str, float]]:
+                measured = score(set(groups) - leave_out)
+                return self.within(measured), measured
+
+            if len(groups) <= RANKED_MAX_GROUPS:
+                kept, sensitivity = ranked_kept(
+                    groups, lambda g: sign * score(set(groups) - {g})[first.name], without)
+            else:
+                kept = minimal_kept(groups, lambda keep: without(set(keep))[0])
+                accepted_groups = set(groups) - set(kept)
+                sensitivity = {g: score(accepted_groups | {g}) for g in kept}
+            # most harmful first (nothing is measured when even leaving all float fails)
+            kept.sort(key=lambda g: sign * sensitivity.get(g, {}).get(first.name, 0.0))
+            score_final = score(set(groups) - set(kept))
+        accepted = [p for p in chosen if p.key not in kept]
         for p in accepted:
             p.apply()
-        return Decision(accepted, [by_name[n] for n in kept], self.target, score_all,
-                        score_final, evaluations, sensitivity)
+        return Decision(accepted, [p for p in chosen if p.key in kept], dict(self.targets),
+                        score_all, score_final, evaluations, sensitivity, kept)
+
+
+def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: list[Proposal]
+                      ) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``graph`` exported with every simulated proposal gated (see the module docstring), and
+    the gate input of each group; the graph is restored exactly before returning."""
+    if not simulated:
+        return export_graph(graph, template), {}
+    from onnxopt.names import _ATTR
+
+    nodes, inputs = list(graph.nodes), list(graph.inputs)
+    links = [(t, list(t.inputs), list(t.outputs)) for t in graph.tensors().values()]
+    authority = vars(graph).get(_ATTR)
+    names = (set(authority._used), dict(authority._next)) if authority is not None else None
+    known = {id(n) for n in nodes}
+    rerouted: list[tuple[gs.Node, int, gs.Tensor]] = []
+    gates: dict[str, gs.Variable] = {}
+    try:
+        for p in simulated:
+            x = p.tensor
+            readers = p.readers if p.readers is not None else [
+                (n, i) for n in list(x.outputs) if id(n) in known
+                for i, t in enumerate(n.inputs) if t is x]
+            if p.key not in gates:
+                gates[p.key] = gs.Variable(fresh_name(graph, "budget_gate"), dtype=np.bool_,
+                                           shape=[])
+                graph.inputs.append(gates[p.key])
+            gate = gates[p.key]
+            simulated_x = p.simulate(graph, x)
+            picked = gs.Variable(fresh_name(graph, f"{x.name}_budget"), dtype=x.dtype,
+                                 shape=x.shape)
+            graph.nodes.append(gs.Node("Where", fresh_name(graph, "budget_where"),
+                                       inputs=[gate, simulated_x, x], outputs=[picked]))
+            for node, index in readers:
+                rerouted.append((node, index, node.inputs[index]))
+                node.inputs[index] = picked
+        return export_graph(graph, template), {k: g.name for k, g in gates.items()}
+    finally:
+        # Raw list operations: gs's synchronized lists remove by equality, and two simulation
+        # nodes may compare equal; every link of a tensor that existed is restored below.
+        for node in graph.nodes:
+            if id(node) not in known:
+                list.clear(node.inputs)
+                list.clear(node.outputs)
+        for node, index, tensor in reversed(rerouted):
+            list.__setitem__(node.inputs, index, tensor)
+        graph.nodes, graph.inputs = nodes, inputs
+        for t, producers, consumers in links:  # the order of each tensor's links, too
+            list.clear(t.inputs)
+            list.extend(t.inputs, producers)
+            list.clear(t.outputs)
+            list.extend(t.outputs, consumers)
+        if names is None:
+            vars(graph).pop(_ATTR, None)
+        else:
+            authority._used, authority._next = names
+
+
+#: Up to this many groups, the kept set is found by ranking (:func:`ranked_kept`, ``|G|``
+#: evaluations up front); above, by delta debugging (:func:`minimal_kept`, ``2 |K| log2 |G|``),
+#: which is cheaper when few of many groups must stay float (slanet_en: 5 of 120 weights).
+RANKED_MAX_GROUPS = 64
+
+
+def ranked_kept(groups: list[str], gain: Callable[[str], float],
+                within: Callable[[set[str]], tuple[bool, dict]]) -> tuple[list[str], dict]:
+    """The groups to leave float, by sensitivity ranking, and the cost of each.
+
+    1. rank the groups by ``gain(g)`` -- the first criterion's value with every group applied but
+       ``g`` (higher: leaving ``g`` float helps more), ``|G|`` evaluations;
+    2. find by bisection the shortest prefix of the ranking whose groups, left float, bring the
+       rest within budget (``log2 |G|`` evaluations; the budget is close to monotone in the
+       prefix, and step 3 repairs where it is not);
+    3. make the set 1-minimal: put each kept group back, least gain first, when the budget still
+       holds (``|K|`` evaluations); the value measured for a group that must stay float is its
+       *sensitivity*: every criterion with the accepted set plus that group.
+
+    Ranking first is the mixed-precision search of accuracy-aware quantizers (NNCF's accuracy
+    control ranks layers by their contribution); putting back one at a time guarantees that every
+    kept group is needed. Cost ``|G| + log2 |G| + |K|`` evaluations, against
+    ``2 |K| log2 |G|`` for delta debugging, which is slower when many groups must stay float.
+
+    Args:
+        groups: the group names.
+        gain: scalar to rank by (called once per group).
+        within: ``within(leave_out) -> (holds, measured criteria)``.
+
+    Returns:
+        ``(kept, sensitivity)``: the groups left float, in ranking order, and their measured
+        criteria. When even leaving every group float does not hold, all are kept.
+    """
+    ranking = sorted(groups, key=lambda g: -gain(g))
+    holds, _ = within(set(ranking))
+    if not holds:
+        return ranking, {}
+    low, high = 0, len(ranking)  # the prefix of length ``high`` holds
+    while low < high:
+        mid = (low + high) // 2
+        if mid > 0 and within(set(ranking[:mid]))[0]:
+            high = mid
+        else:
+            low = mid + 1
+    kept = ranking[:high]
+    sensitivity: dict[str, dict] = {}
+    for g in reversed(list(kept)):
+        trial = set(kept) - {g}
+        holds, measured = within(trial)
+        if holds:
+            kept.remove(g)
+        else:
+            sensitivity[g] = measured
+    return kept, sensitivity
 
 
 def minimal_kept(names: list[str], within_budget: Callable[[list[str]], bool]) -> list[str]:
@@ -264,17 +424,18 @@ def accept_all(proposals: list[Proposal]) -> list[Proposal]:
     return proposals
 
 
-def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, max_drift: float,
-                   refused: dict | None = None, metric: str = "cosine similarity") -> list[str]:
-    """What a lossy pass tells the user when it did less than asked: the tensors the drift
-    budget left unchanged (``decision["kept"]``, see :meth:`Decision.report`), and when nothing
-    changed at all, the ``refused`` reasons."""
+def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criteria: str,
+                   refused: dict | None = None) -> list[str]:
+    """What a lossy pass tells the user when it did less than asked: the groups the drift
+    budget left unchanged (``decision["kept"]``, see :meth:`Decision.report`) to keep
+    ``criteria`` (:meth:`DriftBudget.describe`), and when nothing changed at all, the
+    ``refused`` reasons."""
     kept = decision["kept"] if decision else []
     warnings = []
     if kept:
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
-        warnings.append(f"{pass_name} left {len(kept)} tensor(s) unchanged to keep every "
-                        f"output's {metric} >= {max_drift}: {shown}")
+        warnings.append(f"{pass_name} left {len(kept)} tensor(s) or group(s) unchanged to keep "
+                        f"every output's {criteria}: {shown}")
     if not modified:
         why = ", ".join(f"{k}: {v}" for k, v in (refused or {}).items())
         warnings.insert(0, f"{pass_name} changed nothing" + (f" ({why})" if why else ""))

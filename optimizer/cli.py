@@ -19,6 +19,7 @@ from onnxopt import __version__, api, io
 from onnxopt.errors import OnnxoptError, PassError, UsageError, ValidationFailed
 from onnxopt.graph import ModelStats, model_stats
 from onnxopt.inputs import parse_input_shapes
+from onnxopt.metrics import describe_setting
 from onnxopt.pipeline import QUANTIZE_MODES
 from onnxopt.report import Report, format_stats, human_bytes, pass_summary
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
@@ -129,15 +130,24 @@ def _pass_table(report: Report) -> Table:
 
 
 def _validation_table(report: Report) -> Table:
+    """Every metric of every output; argmax and top-5 agreement (and criteria on metrics
+    without a column of their own) in lossy validations."""
     v = report.validation
     table = _table(title=f"Validation ({v.mode}, {v.feeds} feed{'s' if v.feeds != 1 else ''})")
-    for col in ("output", "shape", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "ok"):
-        table.add_column(col, justify="left" if col in ("output", "shape") else "right")
+    columns = [("max abs", "max_abs", ".3g"), ("max rel", "max_rel", ".3g"),
+               ("mean abs", "mean_abs", ".3g"), ("cosine", "cosine", ".6f"),
+               ("SNR dB", "snr_db", ".1f"), ("rel L2", "rel_l2", ".3g")]
+    if any(m.argmax is not None for m in v.outputs):
+        columns += [("argmax", "argmax", ".4f"), ("top-5", "top_k", ".4f")]
+    extra = list(dict.fromkeys(k for m in v.outputs for k in m.extra))
+    for col in ["output", "shape"] + [c[0] for c in columns] + extra + ["ok"]:
+        table.add_column(_escape(col), justify="left" if col in ("output", "shape") else "right")
     for m in v.outputs:
-        table.add_row(_escape(m.name), _escape(f"{m.dtype}{m.shape}"), f"{m.max_abs:.3g}",
-                      f"{m.max_rel:.3g}",
-                      f"{m.mean_abs:.3g}", f"{m.cosine:.6f}", f"{m.snr_db:.1f}",
-                      "yes" if m.passed else f"NO: {m.reason}")
+        values = [getattr(m, attr) for _, attr, _ in columns] + [m.extra.get(k) for k in extra]
+        formats = [f for _, _, f in columns] + [".4g"] * len(extra)
+        table.add_row(_escape(m.name), _escape(f"{m.dtype}{m.shape}"),
+                      *("-" if x is None else format(x, f) for x, f in zip(values, formats)),
+                      "yes" if m.passed else _escape(f"NO: {m.reason}"))
     return table
 
 
@@ -187,7 +197,7 @@ def _print_verdict(report: Report, out: _Out) -> None:
     if v is None:
         out.line(" (--no-validate)", "not validated", "yellow")
     elif v.passed:
-        crit = (f"cosine >= {v.max_drift}" if v.mode == "lossy"
+        crit = (describe_setting(v.max_drift) if v.mode == "lossy"
                 else f"atol {v.atol:g} + rtol {v.rtol:g} of range")
         out.line(f" ({crit})", "validation passed", "green")
     else:
@@ -205,9 +215,13 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
                    help=f"absolute tolerance of lossless validation (default {DEFAULT_ATOL})")
     p.add_argument("--rtol", type=float,
                    help=f"tolerance relative to each output's range (default {DEFAULT_RTOL})")
-    p.add_argument("--max-drift", type=float, metavar="COSINE",
-                   help="minimum cosine similarity per output after lossy passes "
-                        f"(default {DEFAULT_MAX_DRIFT})")
+    p.add_argument("--max-drift", metavar="CRITERIA",
+                   help="what every output must keep after lossy passes: a minimum cosine "
+                        f"similarity (default {DEFAULT_MAX_DRIFT}), or METRIC=VALUE,... all "
+                        "required, e.g. cosine=0.999,max-abs=0.05; metrics: cosine, snr (dB), "
+                        "max-abs, rel-l2, argmax, top-5 (agreement over the last axis)")
+    p.add_argument("--metric", metavar="NAME",
+                   help="the metric a bare --max-drift number means (default cosine)")
     p.add_argument("--report", metavar="FILE", help="write the report; the extension picks the "
                    "format: .json (JSON), .html or .htm (a self-contained HTML page)")
     p.add_argument("--quiet", action="store_true",
@@ -233,7 +247,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-threshold", type=float, metavar="T",
                    help="set weight values with |w| < T to zero (lossy)")
     p.add_argument("--quantize", choices=sorted(QUANTIZE_MODES),
-                   help="int8-weight: per-channel int8 weights through DequantizeLinear (lossy)")
+                   help="quantization mode (lossy): " + "; ".join(
+                       f"{mode}: {', '.join(passes)}" for mode, passes in QUANTIZE_MODES.items()))
+    p.add_argument("--quantize-exclude", action="append", metavar="OPS_OR_NODES",
+                   help="op types or node names the quantization leaves in float "
+                        "(comma-separated, repeatable)")
+    p.add_argument("--quantize-ops", action="append", metavar="OPS",
+                   help="the only op types quantized (comma-separated, repeatable)")
     p.add_argument("--no-validate", action="store_true", help="skip validation on onnxruntime")
     p.add_argument("--layerwise", action="store_true",
                    help="also compare intermediate tensors with the original (first divergence, "
@@ -255,16 +275,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml",
                    help="the pipeline (passes, per-pass options) and validation settings in a "
                         "TOML file; flags given on the command line win over it")
-    p.add_argument("--calibration", metavar="PATH",
-                   help="feeds for activation statistics (.npz or a folder of them); default: "
-                        "--inputs")
+    p.add_argument("--calibration-data", "--calibration", dest="calibration", metavar="PATH",
+                   help="feeds for activation statistics: an .npz (one feed) or a folder of "
+                        ".npz (one feed per file, read one at a time); default: --inputs")
     _common_input_args(p)
 
     p = sub.add_parser("validate", help="compare a candidate model with its reference")
     p.add_argument("reference")
     p.add_argument("candidate")
     p.add_argument("--lossy", action="store_true",
-                   help="judge by --max-drift (cosine similarity) instead of --atol/--rtol")
+                   help="judge by --max-drift (cosine similarity, or the criteria given) "
+                        "instead of --atol/--rtol")
     p.add_argument("--layerwise", action="store_true",
                    help="also compare intermediate tensors: name the first that diverges and, "
                         "with --lossy, the nodes adding the most error")
@@ -363,11 +384,13 @@ def _cmd_optimize(args, out: _Out) -> int:
         _, report = api.optimize(
             args.model, passes=passes, skip=_split(args.skip) or None, config=args.config,
             prune_threshold=args.prune_threshold, quantize=args.quantize,
+            quantize_exclude=_split(args.quantize_exclude) if args.quantize_exclude else None,
+            quantize_ops=_split(args.quantize_ops) if args.quantize_ops else None,
             validate=False if args.no_validate else None, inputs=args.inputs,
             calibration=args.calibration,
             input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
             seed=args.seed, atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
-            verify_each=args.verify_each or None, fold_size_limit=args.fold_size_limit,
+            metric=args.metric, verify_each=args.verify_each or None, fold_size_limit=args.fold_size_limit,
             max_iterations=args.max_iterations, raise_on_failure=False,
             strict=args.strict or None, on_pass=on_pass, layerwise=args.layerwise or None,
             output=args.output,
@@ -380,6 +403,10 @@ def _cmd_optimize(args, out: _Out) -> int:
     if not args.quiet:
         out.show(_size_table(report.before, report.after, report.seconds))
         out.show(_pass_table(report))
+        if report.opset_upgrade:
+            out.line(f" {report.opset_upgrade['from']} -> {report.opset_upgrade['to']} (for the "
+                     "passes that need it; validated against the original)", "opset upgraded",
+                     "cyan")
         if report.validation is not None:
             out.show(_validation_table(report))
         for shown in _layerwise_tables(report) if report.layerwise else []:
@@ -407,7 +434,8 @@ def _cmd_validate(args, out: _Out) -> int:
                               input_shapes=parse_input_shapes(args.input_shape),
                               **{k: v for k, v in (("seed", args.seed), ("atol", args.atol),
                                                    ("rtol", args.rtol),
-                                                   ("max_drift", args.max_drift))
+                                                   ("max_drift", args.max_drift),
+                                                   ("metric", args.metric))
                                  if v is not None},
                               lossy=args.lossy, layerwise=args.layerwise)
     if write_report:  # before anything is printed: a reader that goes away stops nothing

@@ -2,8 +2,9 @@
 
 Sections, top to bottom: the header (tool version, command, model, verdict, run time), the model
 before and after (nodes per op type, totals, parameters, file size), the passes (runs, summed
-statistics, time), the validation (per output: max abs, max rel, mean abs error, cosine
-similarity, SNR in dB), the rolled-back passes, and a drift chart:
+statistics, time; an opset upgrade), the validation (per output: max abs, max rel, mean abs
+error, cosine similarity, SNR in dB, relative L2 error; lossy: argmax and top-5 agreement and the
+criteria's other metrics), the rolled-back passes, and a drift chart:
 
 * when the layer-wise comparison (``report.layerwise``, see ``onnxopt.layerwise``) lists its
   compared tensors with their metrics (``compared: [{tensor, metrics...}]``), one point per
@@ -27,6 +28,7 @@ import math
 import os
 from typing import Any
 
+from onnxopt.metrics import describe_setting
 from onnxopt.report import (
     Report,
     format_stats,
@@ -35,7 +37,9 @@ from onnxopt.report import (
     write_text_atomically,
 )
 
-_METRICS = ("max_abs", "max_rel", "mean_abs", "cosine", "snr_db")
+_METRICS = ("max_abs", "max_rel", "mean_abs", "cosine", "snr_db", "rel_l2")
+_HEADS = {"max_abs": "max abs", "max_rel": "max rel", "mean_abs": "mean abs", "cosine": "cosine",
+          "snr_db": "SNR dB", "rel_l2": "rel L2", "argmax": "argmax", "top_k": "top-5"}
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
@@ -117,7 +121,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def _fmt_metric(key: str, value: Any) -> str:
-    return _fmt(value, {"cosine": ".6f", "snr_db": ".1f"}.get(key, ".3g"))
+    return _fmt(value, {"cosine": ".6f", "snr_db": ".1f", "argmax": ".4f",
+                        "top_k": ".4f"}.get(key, ".3g"))
 
 
 def _as_dict(obj: Any) -> Any:
@@ -203,7 +208,7 @@ def _header(report: Report) -> str:
         meta.append(("inputs", f"{source}, {feeds} feed{'s' if feeds != 1 else ''}"))
     v = report.validation
     if v is not None:
-        crit = (f"cosine ≥ {v.max_drift:g} per output" if v.mode == "lossy"
+        crit = (f"{describe_setting(v.max_drift)} per output" if v.mode == "lossy"
                 else f"max abs ≤ {v.atol:g} + {v.rtol:g} × range per output")
         meta.append(("validation", f"{v.mode}: {crit}"))
         if v.reason:
@@ -282,7 +287,10 @@ def _passes_section(report: Report) -> str:
     total = sum(secs for *_, secs in summary)
     rows.append(_row(["total", str(len(report.passes)), "", f"{total * 1000:.0f} ms"], {1, 3},
                      cls="total"))
-    return ("<section>\n<h2>Passes</h2>\n"
+    upgrade = report.opset_upgrade
+    note = (f"<p>Opset upgraded {upgrade['from']} → {upgrade['to']} for the passes that need it "
+            "(validated against the original).</p>\n" if upgrade else "")
+    return ("<section>\n<h2>Passes</h2>\n" + note
             + _table(["pass", "runs", "statistics", "time"], rows, {1, 3}) + "\n</section>")
 
 
@@ -291,18 +299,22 @@ def _validation_section(report: Report) -> str:
     if v is None:
         return ("<section>\n<h2>Validation</h2>\n<p class=\"muted\">Not validated "
                 "(--no-validate).</p>\n</section>")
-    num = {2, 3, 4, 5, 6}
+    keys = list(_METRICS)
+    if any(m.argmax is not None for m in v.outputs):  # measured in lossy validations
+        keys += ["argmax", "top_k"]
+    extra = list(dict.fromkeys(k for m in v.outputs for k in m.extra))
+    num = set(range(2, 2 + len(keys) + len(extra)))
     rows = []
     for m in v.outputs:
         shape = f"{m.dtype}{m.shape}"
         if (m.candidate_dtype, m.candidate_shape) != (m.dtype, m.shape):
             shape += f" → {m.candidate_dtype}{m.candidate_shape}"
         ok = "yes" if m.passed else f"NO: {m.reason}"
-        rows.append(_row([_e(m.name), _e(shape)] + [_fmt_metric(k, getattr(m, k))
-                                                     for k in _METRICS] + [_e(ok)],
+        rows.append(_row([_e(m.name), _e(shape)] + [_fmt_metric(k, getattr(m, k)) for k in keys]
+                         + [_fmt(m.extra.get(k), ".4g") for k in extra] + [_e(ok)],
                          num, cls="" if m.passed else "bad"))
     feeds = f"{v.feeds} feed{'s' if v.feeds != 1 else ''}"
-    head = ["output", "dtype and shape", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "ok"]
+    head = ["output", "dtype and shape"] + [_HEADS[k] for k in keys] + extra + ["ok"]
     body = _table(head, rows, num) if rows else f'<p class="muted">{_e(v.reason)}</p>'
     return (f"<section>\n<h2>Validation ({_e(v.mode)}, {feeds}, worst case over feeds)</h2>\n"
             f"{body}\n</section>")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -452,3 +452,74 @@ def check_feeds(model: onnx.ModelProto, feeds: list[dict], labels: list[str] | N
             elif key not in names:
                 warnings.append(f"{label}: '{key}' names no model input; ignored")
     return warnings
+
+
+class FeedStream:
+    """Feeds read lazily, one at a time, every time they are iterated: calibration data whose
+    memory does not grow with the number of samples.
+
+    Args:
+        source: an ``.npz`` file or a folder of them (one feed per file, sorted by name; a file
+            is read when the iteration reaches it), one feed (a dict), a sequence of feeds, a
+            re-iterable collection, or a function returning a fresh iterable of feeds each time
+            it is called. A one-shot iterator (a generator) can be iterated once: a second
+            iteration raises UsageError.
+        model: each feed is checked against its inputs as it is read (:func:`check_feeds`).
+        what: how messages name the data (``calibration``).
+
+    ``warnings`` collects what :func:`check_feeds` says about the feeds read so far (keys that
+    name no input), once per feed label.
+
+    Raises (when iterated):
+        InputError: an unreadable file, or a feed that lacks an input or has a wrong dtype,
+            rank or static dim (the message names the file, or the feed's index).
+    """
+
+    def __init__(self, source: str | Path | dict | Iterable[dict] | Callable[[], Iterable[dict]],
+                 model: onnx.ModelProto | None = None, what: str = "calibration") -> None:
+        self.model, self.what, self.warnings = model, what, []
+        self._files: list[Path] | None = None
+        self._source = source
+        self._consumed = False
+        if isinstance(source, (str, Path)):
+            self._files = feed_files(source)  # raises now: a missing folder is a usage mistake
+        elif isinstance(source, dict):
+            self._source = [source]
+        elif not callable(source) and not isinstance(source, Iterable):
+            raise UsageError(f"{what}: expected a path, a feed, an iterable of feeds or a "
+                             f"function returning one, got {type(source).__name__}")
+
+    def __len__(self) -> int:
+        """The number of feeds, when known without reading them (files, sequences)."""
+        if self._files is not None:
+            return len(self._files)
+        return len(self._source)  # TypeError for iterators, as for any iterable without one
+
+    def __repr__(self) -> str:
+        return f"FeedStream({self._source!r})"
+
+    def _labelled(self) -> Iterator[tuple[str, dict]]:
+        if self._files is not None:
+            for f in self._files:
+                yield str(f), load_feed(f)
+            return
+        fresh = callable(self._source)
+        source = self._source() if fresh else self._source
+        if not fresh and iter(source) is source:  # a one-shot iterator
+            if self._consumed:
+                raise UsageError(f"{self.what}: the iterator of feeds was already consumed; "
+                                 "give a list, a folder or a function returning an iterator")
+            self._consumed = True
+        for i, feed in enumerate(source):
+            if not isinstance(feed, dict):
+                raise InputError(f"{self.what} feed {i}: expected {{input name: array}}, got "
+                                 f"{type(feed).__name__}")
+            yield f"{self.what} feed {i}", feed
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for label, feed in self._labelled():
+            if self.model is not None:
+                for w in check_feeds(self.model, [feed], [label]):
+                    if w not in self.warnings:
+                        self.warnings.append(w)
+            yield feed

@@ -19,7 +19,8 @@ model gives them (the imported graph renames subgraph tensors whose names clash)
 
 Matched pairs are compared in the topological (node) order of the candidate; the first whose
 drift exceeds the tolerance is the *first divergence* -- lossless: ``max_abs > atol + rtol *
-range(reference tensor)``, lossy: ``cosine < max_drift``; a dtype or shape mismatch, or NaN in
+range(reference tensor)``, lossy: a criterion of ``max_drift`` fails (``cosine < 0.99`` by
+default, see ``onnxopt.metrics``); a dtype or shape mismatch, or NaN in
 different places, diverges too. It is reported with the node producing it in each model.
 
 For a lossy comparison (a pruned or quantized model) nodes are also ranked by the error they add:
@@ -76,7 +77,8 @@ class Divergence:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["metrics"] = {k: _json_float(v) for k, v in d["metrics"].items() if k != "name"}
+        d["metrics"] = {k: {e: _json_float(x) for e, x in v.items()} if isinstance(v, dict)
+                        else _json_float(v) for k, v in d["metrics"].items() if k != "name"}
         return d
 
 
@@ -207,16 +209,17 @@ def _rank(candidate: onnx.ModelProto, snr: dict[str, float]) -> list[NodeError]:
 
 def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                       feeds: list[dict[str, np.ndarray]], *, atol: float = DEFAULT_ATOL,
-                      rtol: float = DEFAULT_RTOL, max_drift: float = DEFAULT_MAX_DRIFT,
-                      lossy: bool = False, synthesized: bool = False) -> LayerwiseResult:
+                      rtol: float = DEFAULT_RTOL, max_drift=DEFAULT_MAX_DRIFT,
+                      metric="cosine", lossy: bool = False,
+                      synthesized: bool = False) -> LayerwiseResult:
     """Compare every main-graph tensor the two models share, in the candidate's node order.
 
     Args:
         reference, candidate: the original and the optimized model (not modified); their nodes
             are in topological order, as ONNX requires.
         feeds: input feeds, ``{input name: array}``.
-        atol, rtol, max_drift, lossy: the criterion, as in :func:`compare_models`; ``lossy`` also
-            ranks nodes by added error.
+        atol, rtol, max_drift, metric, lossy: the criterion, as in :func:`compare_models`;
+            ``lossy`` also ranks nodes by added error.
         synthesized: the feeds were synthesized (an error then suggests real inputs).
 
     Raises:
@@ -239,7 +242,8 @@ def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     if not matched:
         return result
     check = compare_models(_exposing(reference, matched), _exposing(candidate, matched), feeds,
-                           atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
+                           atol=atol, rtol=rtol, max_drift=max_drift, metric=metric,
+                           lossy=lossy,
                            synthesized=synthesized)
     if not check.outputs:  # the candidate did not load or run
         result.reason = check.reason

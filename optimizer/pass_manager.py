@@ -49,19 +49,26 @@ class PassContext:
     Attributes:
         template: the original model, for IR version, opsets and metadata when a pass exports.
         feeds: the validation feeds (``{input name: array}`` each), None when not validating.
-        calibration: feeds for activation statistics (an iterable consumed once per
-            computation); None: ``feeds``.
+        calibration: feeds for activation statistics, iterated once per computation (from
+            ``onnxopt.optimize``, an ``onnxopt.inputs.FeedStream`` that reads a folder one file
+            at a time on every iteration); None: ``feeds``.
         budget: the run's drift budget, None without feeds (lossy proposals are then all
             accepted).
+        synthesized: ``feeds`` were synthesized from the declared inputs (random values: never
+            used for calibration).
         analyses: the analysis manager of the graph being optimized (created by the pass manager
             when None).
+        upgrade_failure: why the model could not be converted to a pass's ``upgrade_opset``
+            (added to that pass's refusal), None when no conversion failed.
     """
 
     template: onnx.ModelProto | None = None
     feeds: list[dict] | None = None
     calibration: Iterable[dict] | None = None
     budget: DriftBudget | None = None
+    synthesized: bool = False
     analyses: AnalysisManager | None = None
+    upgrade_failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,14 @@ class Pass:
     * ``preserves``: the analyses still valid after the pass changed the graph;
     * ``min_opset`` / ``max_opset``: the default-domain opsets the pass applies to; the pass
       manager does not run it on other models;
+    * ``upgrade_opset``: the opset a model the pass does not apply to (``applies_to``) may be
+      converted to so that it does (``onnxopt.opset.upgrade``, by ``onnxopt.optimize`` before
+      the pipeline runs; validation still compares with the original); None: never convert. When
+      conversion fails, the pass is refused with the converter's reason;
+    * ``joins_next``: True for a lossy pass whose proposals the drift budget decides together
+      with those of the next lossy pass of the pipeline (which then runs before they are
+      applied): for passes that touch tensors no other pass touches (embedding tables), so that
+      both compete for the same allowed drift instead of the first taking it all;
     * ``quantizes``: True for a quantization pass, which the pass manager does not run on a model
       that was already quantized when the run started (``onnxopt.ops.QUANTIZED_OPS``), so that
       nothing is quantized twice (a later pass of the same run still runs after an earlier one).
@@ -102,7 +117,9 @@ class Pass:
     preserves: ClassVar[frozenset[type]] = frozenset()
     min_opset: ClassVar[int] = 1
     max_opset: ClassVar[int | None] = None
+    upgrade_opset: ClassVar[int | None] = None
     quantizes: ClassVar[bool] = False
+    joins_next: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **fields: Any) -> None:
         if options is None:
@@ -278,60 +295,96 @@ class PassManager:
         return self.records[-1]
 
     def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext, iteration: int) -> bool:
-        start = time.perf_counter()
+        return self._run_joint([p], graph, ctx, iteration)
+
+    def _refusal(self, p: Pass, graph: gs.Graph, ctx: PassContext) -> str | None:
+        """Why ``p`` does not run on this model (opset, already quantized), or None."""
         refusal = p.applies_to(opset_version(graph))
+        if refusal is not None and p.upgrade_opset is not None and ctx.upgrade_failure:
+            refusal = f"{refusal}; {ctx.upgrade_failure}"
         if refusal is None and p.quantizes and ctx.template is not None:
             found = sorted({n.op_type for g in graph_protos(ctx.template.graph) for n in g.node
                             if n.op_type in QUANTIZED_OPS})
             if found:
                 refusal = f"model already quantized ({', '.join(found)})"
-        if refusal is not None:
-            result = PassResult(False, {"refused": {refusal: 1}})
-        else:
-            if "feeds" in p.requires and not ctx.feeds:
-                raise UsageError(f"pass '{p.name}' needs validation inputs (--inputs)")
-            if "calibration" in p.requires and ctx.calibration is None and not ctx.feeds:
-                raise UsageError(f"pass '{p.name}' needs calibration data (--calibration or "
-                                 "--inputs)")
-            result = p.run(graph, ctx)
-        stats, warnings, modified = dict(result.stats), list(result.warnings), result.modified
-        if not p.lossless and refusal is None:
-            stats, modified = self._decide(p, result, graph, ctx)
-        if not p.lossless:
-            warnings += lossy_warnings(
-                p.name, modified, stats.get("drift_budget"),
-                ctx.budget.max_drift if ctx.budget else 0.0, stats.get("refused"),
-                ctx.budget.metric.description if ctx.budget else "")
-        if modified:
-            ctx.analyses.invalidate(p.preserves)
-        record = PassRecord(p.name, iteration, modified, stats, time.perf_counter() - start,
-                            warnings)
-        self.records.append(record)
-        if self.on_pass:
-            self.on_pass(record)
-        if self.verify_each and modified:
-            if self._full_check is None:
-                self._full_check = passes_full_check(ctx.template)
-            verify_model(export_graph(graph, ctx.template), p.name, self._full_check)
-        return modified
+        return refusal
 
     @staticmethod
-    def _decide(p: Pass, result: PassResult, graph: gs.Graph, ctx: PassContext
-                ) -> tuple[dict[str, Any], bool]:
-        """Hand a lossy pass's proposals to the drift budget (all are accepted without one) and
-        return the pass's final statistics and whether the graph changed."""
-        accepted, report = [], None
-        for proposal in result.proposals:
-            proposal.source = p.name
-        if result.proposals and ctx.budget is not None:
-            decision = ctx.budget.decide(graph, ctx.template, result.proposals)
-            accepted, report = decision.accepted, decision.report(p.name)
-        elif result.proposals:
-            accepted = accept_all(result.proposals)
-        stats = p.summarize(result, accepted)
-        if report is not None:
-            stats["drift_budget"] = report
-        return stats, result.modified or bool(accepted)
+    def _execute(p: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if "feeds" in p.requires and not ctx.feeds:
+            raise UsageError(f"pass '{p.name}' needs validation inputs (--inputs)")
+        if "calibration" in p.requires and ctx.calibration is None and (
+                not ctx.feeds or ctx.synthesized):
+            raise UsageError(f"pass '{p.name}' needs calibration data (--calibration-data, "
+                             "or real --inputs): synthesized random inputs are not "
+                             "calibration data")
+        return p.run(graph, ctx)
+
+    def _run_joint(self, batch: list[Pass], graph: gs.Graph, ctx: PassContext,
+                   iteration: int) -> bool:
+        """Run ``batch`` -- one pass, or lossy passes joined by ``joins_next``, each run on the
+        same graph -- and hand all their proposals to the drift budget in one decision, so that
+        the budget spends the allowed drift where it buys the most (an embedding table of one
+        pass against a MatMul weight of another), not first come, first served."""
+        runs = []
+        for p in batch:
+            start = time.perf_counter()
+            refusal = self._refusal(p, graph, ctx)
+            result = (PassResult(False, {"refused": {refusal: 1}}) if refusal is not None
+                      else self._execute(p, graph, ctx))
+            for proposal in result.proposals:
+                proposal.source = p.name
+            runs.append((p, result, refusal, time.perf_counter() - start))
+        start = time.perf_counter()
+        deciding = [(p, result) for p, result, refusal, _ in runs
+                    if not p.lossless and refusal is None]
+        decided = self._decide(deciding, graph, ctx) if deciding else {}
+        shared = (time.perf_counter() - start) / max(len(deciding), 1)
+        changed = False
+        for p, result, refusal, seconds in runs:
+            stats, warnings, modified = dict(result.stats), list(result.warnings), result.modified
+            if p.name in decided:
+                stats, modified = decided[p.name]
+                seconds += shared
+            if not p.lossless:
+                warnings += lossy_warnings(
+                    p.name, modified, stats.get("drift_budget"),
+                    ctx.budget.describe() if ctx.budget else "", stats.get("refused"))
+            if modified:
+                ctx.analyses.invalidate(p.preserves)
+            record = PassRecord(p.name, iteration, modified, stats, seconds, warnings)
+            self.records.append(record)
+            if self.on_pass:
+                self.on_pass(record)
+            changed |= modified
+        if self.verify_each and changed:
+            if self._full_check is None:
+                self._full_check = passes_full_check(ctx.template)
+            verify_model(export_graph(graph, ctx.template), "+".join(p.name for p in batch),
+                         self._full_check)
+        return changed
+
+    @staticmethod
+    def _decide(runs: list[tuple[Pass, PassResult]], graph: gs.Graph, ctx: PassContext
+                ) -> dict[str, tuple[dict[str, Any], bool]]:
+        """Hand the lossy passes' proposals to the drift budget in one decision (all are
+        accepted without one) and return each pass's final statistics and whether the graph
+        changed, by pass name."""
+        proposals = [proposal for _, result in runs for proposal in result.proposals]
+        decision = None
+        if proposals and ctx.budget is not None:
+            decision = ctx.budget.decide(graph, ctx.template, proposals)
+            accepted = decision.accepted
+        else:
+            accepted = accept_all(proposals)
+        out = {}
+        for p, result in runs:
+            mine = [a for a in accepted if a.source == p.name]
+            stats = p.summarize(result, mine)
+            if decision is not None and result.proposals:
+                stats["drift_budget"] = decision.report(p.name)
+            out[p.name] = (stats, result.modified or bool(mine))
+        return out
 
     def _to_fixed_point(self, graph: gs.Graph, ctx: PassContext, first_iteration: int) -> int:
         iteration = first_iteration
@@ -353,7 +406,15 @@ class PassManager:
             if p.weights == "original":
                 self._run_one(p, graph, ctx, iteration)
         iteration = self._to_fixed_point(graph, ctx, iteration)
+        batches: list[list[Pass]] = []
         for p in self.once:
-            if p.weights != "original" and self._run_one(p, graph, ctx, iteration):
+            if p.weights == "original":
+                continue
+            if batches and batches[-1][-1].joins_next:
+                batches[-1].append(p)
+            else:
+                batches.append([p])
+        for batch in batches:
+            if self._run_joint(batch, graph, ctx, iteration):
                 iteration = self._to_fixed_point(graph, ctx, iteration + 1)
         return self.records

@@ -7,11 +7,16 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
 * ``before`` / ``after``: ``{nodes, nodes_total, op_counts, subgraphs, parameters,
   parameter_bytes, file_bytes, inputs, outputs}`` (``after`` null for ``validate``);
 * ``passes``: list of ``{name, iteration, modified, stats, seconds}``;
+* ``opset_upgrade`` (only when the model was converted for a pass, ``onnxopt.opset``):
+  ``{from, to}`` default-domain opsets;
 * ``inputs``: ``{source: "synthesized"|path, seed, feeds: [{name: {shape, dtype}}]}``;
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
   warnings,
   outputs: [{name, dtype, shape, candidate_dtype, candidate_shape, max_abs, max_rel, mean_abs,
-  cosine, snr_db, tolerance, passed, reason}]}``;
+  cosine, snr_db, rel_l2, argmax, top_k, extra, tolerance, passed, reason}]}``; ``max_drift`` is
+  the cosine threshold, or ``{metric: threshold}`` for other or several criteria; ``argmax`` and
+  ``top_k`` (top-5 agreement) are null in a lossless validation; ``extra`` holds ``{metric:
+  value}`` of criteria without a key of their own (``onnxopt.metrics``);
 * ``rolled_back``: list of ``{pass, reason, first_divergence}``: passes left out because the
   result with them failed validation (``reason`` is that failure; ``first_divergence`` the first
   tensor of that failing result that diverged, as in ``layerwise``, or null);
@@ -64,6 +69,8 @@ class Report:
     seconds: float = 0.0
     #: Whether a rolled-back pass fails the run (``strict``, from the keywords or a config).
     strict: bool = False
+    #: ``{"from": 11, "to": 13}`` when the model was converted for a pass (``onnxopt.opset``).
+    opset_upgrade: dict | None = None
 
     @property
     def verdict(self) -> str:
@@ -77,7 +84,9 @@ class Report:
             "command": self.command, "model": self.model, "output": self.output,
             "before": self.before.to_dict(),
             "after": self.after.to_dict() if self.after else None,
-            "passes": [p.to_dict() for p in self.passes], "inputs": self.inputs,
+            "passes": [p.to_dict() for p in self.passes],
+            **({"opset_upgrade": self.opset_upgrade} if self.opset_upgrade else {}),
+            "inputs": self.inputs,
             "validation": self.validation.to_dict() if self.validation else None,
             "rolled_back": self.rolled_back, "warnings": self.warnings,
             **({"layerwise": self.layerwise.to_dict()} if self.layerwise else {}),

@@ -6,13 +6,19 @@ Metrics per output (reference ``r``, candidate ``c``, both flattened to float64)
 * ``max_rel`` = max |c - r| / |r| over the elements where |r| exceeds 1e-6 of max |r| (elsewhere
   a relative error only measures how close to zero the reference is);
 * ``cosine`` = <c, r> / (|c| |r|) (1.0 when both are all zeros);
-* ``snr_db`` = 10 log10(sum r^2 / sum (c - r)^2) (infinite when equal).
+* ``snr_db`` = 10 log10(sum r^2 / sum (c - r)^2) (infinite when equal);
+* ``rel_l2`` = |c - r| / |r| (L2 norms);
+* lossy only: ``argmax`` and ``top_k`` agreement over the last axis (``onnxopt.metrics``; None
+  when not measured).
 
 A lossless result passes when names, order, dtypes and shapes match and, for every output,
 ``max_abs <= atol + rtol * (max(r) - min(r))`` (NaN in the same places); integer and boolean
 outputs must be equal. A lossy result (pruned or
-quantized model) passes when shapes and dtypes match and ``cosine >= max_drift``. Several feeds are
-all run; each metric keeps its worst value over the feeds.
+quantized model) passes when shapes and dtypes match and every criterion of ``max_drift`` holds
+(``cosine >= 0.99`` by default; ``cosine=0.999,max-abs=0.05`` and others, see
+``onnxopt.metrics``); a criterion on a metric without a column here is listed under ``extra``.
+Several feeds are all run; each metric keeps its worst value over the feeds, but for the
+agreement metrics, pooled over every position of every feed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ import onnxruntime as ort
 
 from onnxopt import io
 from onnxopt.errors import InputError
+from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence, layout,
+                             output_metrics, parse_criteria)
+
+__all__ = ["compare_models", "make_session", "run_model", "session_options", "OutputMetrics",
+           "ValidationResult", "output_metrics", "flatten_sequence", "layout"]
 
 # onnxruntime's own messages (unused initializers, kernel errors we report in one line) are not
 # shown; sessions inherit this level, which the CLI's --verbose lowers.
@@ -38,7 +49,7 @@ DEFAULT_RTOL = 1e-4
 DEFAULT_MAX_DRIFT = 0.99
 
 
-def session_options(threads: int = 0) -> ort.SessionOptions:
+def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOptions:
     """Options for onnxopt's own onnxruntime sessions: graph optimizations off, so a model runs as
     written, and worker threads that sleep instead of spinning when idle (spinning costs a
     session tens of milliseconds of CPU, and slows the process it shares the machine with).
@@ -46,17 +57,22 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     Args:
         threads: intra-op threads; 0 lets onnxruntime choose (one per physical core), 1 creates
             no thread pool (cheapest for the tiny one-node models of constant folding).
+        optimized: turn onnxruntime's graph optimizations on (for estimates that run a model
+            many times, such as the drift budget's).
     """
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else
+                                     ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
-def make_session(model: onnx.ModelProto | bytes, what: str) -> ort.InferenceSession:
-    """An onnxruntime CPU session with graph optimizations off, so the model runs as written.
+def make_session(model: onnx.ModelProto | bytes, what: str,
+                 optimized: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session with graph optimizations off, so the model runs as written
+    (on with ``optimized``, see :func:`session_options`).
 
     Args:
         model: the model, or its serialization (saves serializing it again). A model over the
@@ -69,12 +85,12 @@ def make_session(model: onnx.ModelProto | bytes, what: str) -> ort.InferenceSess
     try:
         data = model if isinstance(model, bytes) else io.serialize(model)
         if data is not None:
-            return ort.InferenceSession(data, session_options(),
+            return ort.InferenceSession(data, session_options(optimized=optimized),
                                         providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="onnxopt-", ignore_cleanup_errors=True) as folder:
             path = os.path.join(folder, "model.onnx")
             io.save_model(model, path, external_data=True)
-            return ort.InferenceSession(path, session_options(),
+            return ort.InferenceSession(path, session_options(optimized=optimized),
                                         providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 -- onnxruntime raises several types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -113,6 +129,10 @@ class OutputMetrics:
     mean_abs: float = 0.0
     cosine: float = 1.0
     snr_db: float = math.inf
+    rel_l2: float = 0.0
+    argmax: float | None = None
+    top_k: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
     tolerance: float = 0.0
     passed: bool = True
     reason: str = ""
@@ -126,7 +146,8 @@ class ValidationResult:
     mode: str
     atol: float
     rtol: float
-    max_drift: float
+    #: The lossy criteria: a cosine threshold, or ``{metric: threshold}`` (``metrics.as_setting``).
+    max_drift: float | dict[str, float]
     feeds: int
     outputs: list[OutputMetrics] = field(default_factory=list)
     reason: str = ""
@@ -135,75 +156,24 @@ class ValidationResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         for o in d["outputs"]:
-            for k in ("snr_db", "max_rel", "max_abs", "mean_abs", "cosine"):
-                if isinstance(o[k], float) and not math.isfinite(o[k]):
-                    o[k] = None if math.isnan(o[k]) else ("inf" if o[k] > 0 else "-inf")
+            for values in (o, o["extra"]):
+                for k, v in values.items():
+                    if isinstance(v, float) and not math.isfinite(v):
+                        values[k] = json_float(v)
         return d
 
 
-def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
-    """Drift metrics of one output (see the module docstring), plus ``range`` (max - min of the
-    finite reference values) and ``nan_mismatch`` (NaN, or infinities, in different places)."""
-    r = np.asarray(ref, dtype=np.float64).ravel()
-    c = np.asarray(cand, dtype=np.float64).ravel()
-    if r.size == 0:
-        return dict(max_abs=0.0, max_rel=0.0, mean_abs=0.0, cosine=1.0, snr_db=math.inf,
-                    range=0.0, nan_mismatch=False)
-    nan_r, nan_c = np.isnan(r), np.isnan(c)
-    # NaN in different places, or an infinity the other side does not have (same sign)
-    nan_mismatch = bool((nan_r != nan_c).any()) or bool(
-        ((np.isinf(r) | np.isinf(c)) & ~(nan_r | nan_c) & (r != c)).any())
-    ok = ~(nan_r | nan_c)
-    r, c = r[ok], c[ok]
-    with np.errstate(all="ignore"):
-        inf_same = (r == c)
-        diff = np.where(inf_same, 0.0, np.abs(c - r))
-        diff = np.nan_to_num(diff, nan=np.inf)
-        # relative error where the reference is not (nearly) zero: elsewhere it is meaningless
-        magnitude = np.abs(r)
-        floor = max(np.finfo(np.float64).tiny, 1e-6 * float(magnitude[np.isfinite(magnitude)].max()
-                                                          if np.isfinite(magnitude).any() else 0))
-        significant = magnitude > floor
-        rel = diff[significant] / magnitude[significant]
-        finite = np.isfinite(r) & np.isfinite(c)
-        rf, cf = r[finite], c[finite]
-        nr, nc = np.linalg.norm(rf), np.linalg.norm(cf)
-        if nr == 0 and nc == 0:
-            cosine = 1.0
-        elif nr == 0 or nc == 0:
-            cosine = 0.0
-        else:
-            cosine = float(np.dot(rf, cf) / (nr * nc))
-        noise = float(np.sum((cf - rf) ** 2))
-        signal = float(np.sum(rf ** 2))
-        snr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
-        rng = float(rf.max() - rf.min()) if rf.size else 0.0
-    return dict(max_abs=float(diff.max()) if diff.size else 0.0,
-                max_rel=float(rel.max()) if rel.size else 0.0,
-                mean_abs=float(diff.mean()) if diff.size else 0.0,
-                cosine=cosine, snr_db=snr, range=rng, nan_mismatch=nan_mismatch)
-
-
-def flatten_sequence(value) -> np.ndarray:
-    """A sequence output (a list of tensors) as the concatenation of its raveled elements, so the
-    drift metrics apply to it; a tensor output is returned as is. Layouts are compared apart,
-    by :func:`layout`."""
-    if not isinstance(value, list):
-        return np.asarray(value)
-    return np.concatenate([np.asarray(v).ravel() for v in value]) if value else np.zeros(0)
-
-
-def layout(value) -> tuple:
-    """Dtype and shape of a tensor output, or of every element of a sequence output."""
-    if isinstance(value, list):
-        return ("sequence",) + tuple((str(np.asarray(v).dtype), np.shape(v)) for v in value)
-    return (str(np.asarray(value).dtype), np.shape(value))
+def json_float(v: float) -> float | str | None:
+    """A float for JSON: infinities as "inf"/"-inf", NaN as None."""
+    if math.isfinite(v):
+        return v
+    return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
 
 
 def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProto | bytes,
                    feeds: list[dict[str, np.ndarray]], *, atol: float = DEFAULT_ATOL,
-                   rtol: float = DEFAULT_RTOL, max_drift: float = DEFAULT_MAX_DRIFT,
-                   lossy: bool = False, synthesized: bool = False,
+                   rtol: float = DEFAULT_RTOL, max_drift=DEFAULT_MAX_DRIFT,
+                   metric="cosine", lossy: bool = False, synthesized: bool = False,
                    warnings: list[str] = ()) -> ValidationResult:
     """Run both models on every feed and compare their outputs.
 
@@ -212,7 +182,9 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
             serialization.
         feeds: input feeds, ``{input name: array}``; inputs a model does not declare are ignored.
         atol, rtol: lossless tolerance, ``max_abs <= atol + rtol * range(reference output)``.
-        max_drift: lossy criterion, minimum cosine similarity per output.
+        max_drift, metric: lossy criteria (``onnxopt.metrics.parse_criteria``): a threshold of
+            ``metric`` (default cosine similarity), ``"cosine=0.999,max-abs=0.05"``, a mapping or
+            criteria; every one must hold on every output.
         lossy: judge by ``max_drift`` instead of ``atol``/``rtol``.
         synthesized: the feeds were synthesized (an error then suggests real inputs, adding
             ``warnings`` about inputs that look like settings).
@@ -221,10 +193,12 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
 
     Raises:
         InputError: the reference cannot be loaded or run on the feeds.
+        UsageError: invalid criteria.
     """
+    criteria = parse_criteria(max_drift, metric)
     ref_sess = make_session(reference, "reference model")
-    result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol, max_drift,
-                              len(feeds))
+    result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol,
+                              as_setting(criteria), len(feeds))
     try:
         cand_sess = make_session(candidate, "candidate model")
     except InputError as err:  # a broken candidate is a failed validation, not bad input
@@ -237,6 +211,7 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
         result.reason = f"outputs differ: reference {ref_names}, candidate {cand_names}"
         return result
     metrics: list[OutputMetrics] = []
+    tallies: dict[int, dict[str, Tally]] = {}  # per output: the metrics pooled over feeds
     constant = set(ref_names)  # outputs whose reference values are all equal, in every feed
     for feed in feeds:
         ref_out = run_model(ref_sess, feed, "reference model", hint=(
@@ -276,17 +251,28 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
             m.mean_abs = max(m.mean_abs, s["mean_abs"])
             m.cosine = min(m.cosine, s["cosine"])
             m.snr_db = min(m.snr_db, s["snr_db"])
+            m.rel_l2 = max(m.rel_l2, s["rel_l2"])
+            values = {"cosine": s["cosine"], "snr": s["snr_db"], "max-abs": s["max_abs"],
+                      "rel-l2": s["rel_l2"]}
+            if lossy:
+                _agreement(m, r, c, values, criteria, tallies.setdefault(i, {}))
             # integers and booleans are exact: a lossless rewrite never changes one
             tol = 0.0 if r.dtype.kind in "biu" else atol + rtol * s["range"]
             m.tolerance = tol if not m.tolerance else min(m.tolerance, tol)
             if s["nan_mismatch"]:
                 m.passed, m.reason = False, "NaN or infinities in different places"
-            elif lossy and s["cosine"] < max_drift:
-                m.passed = False
-                m.reason = f"cosine similarity {s['cosine']:.6f} < max drift {max_drift}"
             elif not lossy and s["max_abs"] > tol:
                 m.passed = False
                 m.reason = f"max abs error {s['max_abs']:.3g} > tolerance {tol:.3g}"
+    for i, m in enumerate(metrics):
+        if not (lossy and m.passed and i in tallies):
+            continue
+        # judged on the aggregates over all feeds: the reason shows the value in the table
+        values = {k.name: getattr(m, k.metric.field) if k.metric.field else m.extra[k.name]
+                  for k in criteria}
+        broken = next((k for k in criteria if not k.meets(values[k.name])), None)
+        if broken is not None:
+            m.passed, m.reason = False, _failure(broken, values[broken.name])
     result.outputs = metrics
     result.warnings = [f"output '{m.name}' is constant on these inputs: agreeing on it shows "
                        "little; give inputs the model responds to with --inputs"
@@ -296,3 +282,29 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
         bad = next(m for m in metrics if not m.passed)
         result.reason = f"output '{bad.name}': {bad.reason}"
     return result
+
+
+def _agreement(m: OutputMetrics, r: np.ndarray, c: np.ndarray, values: dict[str, float],
+               criteria: list[Criterion], tallies: dict[str, Tally]) -> None:
+    """Measure on one feed the argmax and top-5 agreement of a lossy result, and the criteria
+    whose metric has no column (into ``m.extra``); keep each one's aggregate over the feeds so
+    far in ``m`` (``onnxopt.metrics.Tally``) and this feed's value in ``values``."""
+    with np.errstate(all="ignore"):
+        wanted = [(METRICS["argmax"], "argmax"), (METRICS["top-5"], "top_k")] + [
+            (k.metric, None) for k in criteria if k.name not in values
+            and k.name not in ("argmax", "top-5")]
+        for metric, attr in wanted:
+            values[metric.name] = float(metric.value(r, c))
+            total = tallies.setdefault(metric.name, Tally(metric)).add(values[metric.name], r)
+            if attr is not None:
+                setattr(m, attr, total)
+            else:
+                m.extra[metric.name] = total
+
+
+def _failure(criterion: Criterion, value: float) -> str:
+    """Why an output fails ``criterion`` with ``value``, for the report."""
+    metric = criterion.metric
+    shown = f"{value:.6f}" if metric.name == "cosine" else f"{value:.4g}"
+    return (f"{metric.description} {shown} {'<' if metric.higher_is_better else '>'} "
+            f"max drift {criterion.threshold:g}")

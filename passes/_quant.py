@@ -113,3 +113,18 @@ def excluded(node: gs.Node, options: QuantizeOptions) -> str | None:
     if options.ops is not None and node.op not in options.ops:
         return "op type not selected (ops)"
     return None
+
+
+# --- Model-level helpers for passes that emit contrib ops (added for quantize_embeddings) ---
+
+def import_domain(graph: gs.Graph, domain: str, version: int) -> None:
+    """Make the model of ``graph`` import ``domain`` at ``version`` if it does not yet (the
+    default domain is kept at the graph's opset)."""
+    import onnx
+
+    from onnxopt.graph import opset_version
+
+    domains = list(graph.import_domains or [onnx.helper.make_opsetid("", opset_version(graph))])
+    if not any(d.domain == domain for d in domains):
+        domains.append(onnx.helper.make_opsetid(domain, version))
+    graph.import_domains = domains

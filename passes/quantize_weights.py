@@ -52,9 +52,10 @@ float32 before opset 19), sparse initializers, weights with non-finite values, a
 fewer than ``min_elements`` elements (an option, default :data:`MIN_ELEMENTS`).
 
 Drift budget: each quantized weight is a proposal (its dequantized values, and the rewrite that
-inserts the DequantizeLinear); the run's drift budget (``onnxopt.budget``) leaves the most harmful
-in float until every output keeps ``max_drift`` against the original. The weights kept float are
-listed in the statistics.
+inserts the DequantizeLinear) in the group of its reader node (named by the node, for per-node
+mixed precision; a weight read by several nodes is its own group); the run's drift budget
+(``onnxopt.budget``) leaves the most harmful in float until every output keeps ``max_drift``
+against the original. The groups kept float are listed in the statistics.
 
 Statistics (JSON-serializable): ``tensors_quantized``; ``scheme`` (``"per-channel"``, or
 ``"per-channel (DequantizeLinear + Mul)"`` below opset 13; below opset 10 the pass manager does
@@ -182,8 +183,12 @@ class QuantizeWeights(Pass):
             axis = axes.pop() if len(axes) == 1 else None
             q, scale = quantize(t.values, axis)
             self._axes[id(t)] = axis
-            proposals.append(Proposal(t, dequantize(q, scale, axis), self._rewrite(
-                graph, usedef.owner(slots[0][0]), t, q, scale, axis, per_axis)))
+            readers = {id(n): n for n, _ in slots}
+            node = next(iter(readers.values()))
+            proposals.append(Proposal(
+                tensor=t, value=dequantize(q, scale, axis),
+                apply=self._rewrite(graph, usedef.owner(node), t, q, scale, axis, per_axis),
+                group=node.name if len(readers) == 1 and node.name else None))
         self._scheme = "per-channel" if per_axis else "per-channel (DequantizeLinear + Mul)"
         stats = {"refused": dict(sorted(refused.items()))} if refused else {}
         return PassResult(False, stats, proposals=proposals)

@@ -10,6 +10,7 @@ from onnx import helper
 
 from helpers import make_model, random_feed
 from onnxopt.budget import METRICS, DriftBudget, Proposal, get_metric
+from onnxopt.graph import export_graph
 from onnxopt.errors import UsageError
 from onnxopt.graph import import_graph
 from onnxopt.pass_manager import Pass, PassContext, PassManager, PassResult
@@ -62,11 +63,13 @@ def test_the_harmful_proposal_stays_out_and_is_reported_with_its_cost():
     assert [p.name for p in decision.kept] == ["W2"]
     assert [p.name for p in decision.accepted] == ["W1"]
     # why W2 stays out: applied with the accepted W1 it would flip the outputs
-    assert list(decision.sensitivity) == ["W2"] and decision.sensitivity["W2"] < 0
-    assert decision.score_final >= decision.target > decision.score_all
+    assert list(decision.sensitivity) == ["W2"] and decision.sensitivity["W2"]["cosine"] < 0
+    assert decision.score_final["cosine"] >= decision.target["cosine"] \
+        > decision.score_all["cosine"]
     np.testing.assert_array_equal(w["W2"].values, W2)  # left as it was
     report = decision.report()
-    assert report["kept"] == ["W2"] and report["sensitivity"]["W2"] < 0
+    assert report["kept"] == ["W2"] and report["sensitivity"]["W2"]["cosine"] < 0
+    assert report["cosine_all"] < 0.99 <= report["cosine_final"]
 
 
 def test_budget_is_measured_against_the_original_so_lossy_steps_do_not_compound():
@@ -91,7 +94,7 @@ def test_budget_is_measured_against_the_original_so_lossy_steps_do_not_compound(
     assert not alone.kept
     # ... but against the original, the two together do not: the step stays out
     decision = budget.decide(graph, model, [_propose(w["W2"], step)])
-    assert decision.score_all < budget.target
+    assert decision.score_all["cosine"] < budget.targets["cosine"]
     assert [p.name for p in decision.kept] == ["W2"]
 
 
@@ -124,7 +127,7 @@ def test_the_pass_manager_hands_proposals_to_the_budget_and_reports_its_decision
     assert record.modified
     assert record.stats["proposed"] == 2 and record.stats["accepted"] == 1
     assert record.stats["drift_budget"]["kept"] == ["W2"]
-    assert any("left 1 tensor(s) unchanged" in w for w in record.warnings)
+    assert any("left 1 tensor(s) or group(s) unchanged" in w for w in record.warnings)
 
 
 def test_the_metric_judges_as_validation_does():
@@ -151,4 +154,124 @@ def test_a_proposal_that_makes_outputs_infinite_stays_out():
     assert report.validation.passed
     prune = next(r for r in report.passes if r.name == "prune")
     assert prune.stats["drift_budget"]["kept"] == ["W"] and not prune.modified
-    assert any("left 1 tensor(s) unchanged" in w for w in report.warnings)
+    assert any("left 1 tensor(s) or group(s) unchanged" in w for w in report.warnings)
+
+
+# -- groups and simulated (activation) proposals ------------------------------------------------
+
+def _tensor(graph, name):
+    return graph.tensors()[name]
+
+
+def _simulated(graph, name, op, group=None, readers=None, applied=None):
+    """A simulated proposal on activation ``name``: ``op`` is "round" (a float16 round trip,
+    harmless) or "negate" (harmful); ``apply`` records that it was called."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.names import fresh_name
+
+    def simulate(g, x):
+        out = gs.Variable(fresh_name(g, f"{x.name}_sim_{op}"), dtype=x.dtype, shape=x.shape)
+        if op == "negate":
+            g.nodes.append(gs.Node("Neg", inputs=[x], outputs=[out]))
+        else:
+            half = gs.Variable(fresh_name(g, f"{x.name}_half"), dtype=np.float16, shape=x.shape)
+            g.nodes.append(gs.Node("Cast", inputs=[x], outputs=[half], attrs={"to": 10}))
+            g.nodes.append(gs.Node("Cast", inputs=[half], outputs=[out], attrs={"to": 1}))
+        return out
+
+    def apply():
+        applied.append(name)
+
+    return Proposal(_tensor(graph, name), None, apply, group=group, simulate=simulate,
+                    readers=readers)
+
+
+def _snapshot(graph, model):
+    return export_graph(graph, model).SerializeToString(), {
+        n: [id(c) for c in t.outputs] for n, t in graph.tensors().items()}
+
+
+def test_a_weight_and_a_simulated_activation_of_one_group_are_decided_together():
+    model = _model()
+    graph = import_graph(model)
+    w = _weights(graph)
+    applied = []
+    # group "n2": W2 negated (harmful) with the harmless float16 round trip of h: both stay out
+    proposals = [_propose(w["W1"], W1 * 1.001),
+                 _simulated(graph, "h", "round", group="n2", applied=applied),
+                 Proposal(w["W2"], -W2, lambda: applied.append("W2"), group="n2")]
+    decision = DriftBudget(model, _feeds(model), 0.99).decide(graph, model, proposals)
+    assert decision.kept_groups == ["n2"] and applied == []
+    assert [p.name for p in decision.kept] == ["h", "W2"]
+    assert decision.report()["kept"] == ["n2"]
+    assert set(decision.report()["sensitivity"]["n2"]) == {"cosine"}
+    np.testing.assert_array_equal(w["W1"].values, W1 * 1.001)
+    # the same group without the harmful weight is accepted, both proposals applied in order
+    graph = import_graph(model)
+    w = _weights(graph)
+    applied = []
+    proposals = [_simulated(graph, "h", "round", group="n2", applied=applied),
+                 Proposal(w["W2"], W2 * 1.001, lambda: applied.append("W2"), group="n2")]
+    decision = DriftBudget(model, _feeds(model), 0.99).decide(graph, model, proposals)
+    assert not decision.kept and applied == ["h", "W2"] and decision.evaluations == 1
+
+
+def test_a_harmful_simulated_proposal_stays_float_and_the_graph_is_restored_exactly():
+    model = _model()
+    graph = import_graph(model)
+    before = _snapshot(graph, model)
+    applied = []
+    proposals = [_simulated(graph, "h", "negate", applied=applied)]
+    budget = DriftBudget(model, _feeds(model), "cosine=0.99,max-abs=1e3")
+    decision = budget.decide(graph, model, proposals)
+    assert decision.kept_groups == ["h"] and applied == []
+    assert decision.sensitivity["h"]["cosine"] == pytest.approx(-1.0, abs=1e-5)
+    assert set(decision.report()["target"]) == {"cosine", "max-abs"}
+    assert _snapshot(graph, model) == before
+    assert not [i for i in graph.inputs if "gate" in i.name]
+
+
+def test_the_simulation_reaches_only_the_given_readers():
+    """``y = h @ W2`` and ``z = h + 0``: negating h for the Add only leaves y intact."""
+    import onnx_graphsurgeon as gs
+
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"]),
+             helper.make_node("Relu", ["h"], ["z"])]
+    model = make_model(nodes, [("x", np.float32, [16, 8])],
+                       [("y", np.float32, [16, 4]), ("z", np.float32, [16, 8])],
+                       {"W1": W1, "W2": W2})
+    feeds = _feeds(model)
+    graph = import_graph(model)
+    before = _snapshot(graph, model)
+    relu = next(n for n in graph.nodes if n.op == "Relu")
+    matmul = next(n for n in graph.nodes if n.op == "MatMul" and n.inputs[0].name == "h")
+    applied = []
+    only_relu = _simulated(graph, "h", "negate", readers=[(relu, 0)], applied=applied)
+    only_matmul = _simulated(graph, "h", "negate", readers=[(matmul, 0)], applied=applied,
+                             group="mm")
+    # the max-abs criterion alone: z = relu(-h) differs from relu(h) wherever h != 0
+    decision = DriftBudget(model, feeds, {"max-abs": 1e-6}).decide(
+        graph, model, [only_relu, only_matmul])
+    assert decision.kept_groups and _snapshot(graph, model) == before
+    assert isinstance(graph, gs.Graph)
+    cost = decision.sensitivity
+    assert set(cost) == {"h", "mm"}
+    assert all(c["max-abs"] > 1e-3 for c in cost.values())
+
+
+def test_criteria_are_each_checked_and_targets_follow_the_metric_direction():
+    model = _model()
+    budget = DriftBudget(model, _feeds(model), "cosine=0.99,max-abs=0.5,snr=20,argmax=0.9")
+    assert budget.targets["cosine"] == pytest.approx(0.991)
+    assert budget.targets["max-abs"] == pytest.approx(0.45)
+    assert budget.targets["snr"] == pytest.approx(20 - 10 * np.log10(0.9))
+    assert budget.targets["argmax"] == pytest.approx(0.91)
+    graph = import_graph(model)
+    w = _weights(graph)
+    # a 1 % scale keeps cosine at 1 but moves outputs by more than 0.45: max-abs refuses it
+    big = W2 * 1.2
+    decision = budget.decide(graph, model, [_propose(w["W2"], big)])
+    assert decision.kept_groups == ["W2"]
+    assert decision.score_all["cosine"] > 0.999 and decision.score_all["max-abs"] > 0.45

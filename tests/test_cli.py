@@ -88,7 +88,9 @@ def test_optimize_report_has_the_documented_keys(model_path, tmp_path):
     assert v["passed"] is True and v["mode"] == "lossless"
     assert set(v["outputs"][0]) == {"name", "dtype", "shape", "candidate_dtype", "candidate_shape",
                                     "max_abs", "max_rel", "mean_abs", "cosine", "snr_db",
-                                    "tolerance", "passed", "reason"}
+                                    "rel_l2", "argmax", "top_k", "extra", "tolerance", "passed",
+                                    "reason"}
+    assert v["outputs"][0]["argmax"] is None  # agreement is measured in lossy validations
     assert isinstance(data["seconds"], float)
     assert [f.name for f in report.parent.iterdir()] == ["r.json"]
 

@@ -577,3 +577,85 @@ def test_extra_feed_keys_are_warnings(tmp_path):
         + " ignored"]
     _, report = optimize(model, inputs=tmp_path)
     assert report.validation.passed and len(report.inputs["warnings"]) == 2
+
+
+# -- calibration feeds stream ------------------------------------------------------------------
+
+def _stream_model():
+    from onnx import helper as h
+
+    from helpers import make_model
+
+    return make_model([h.make_node("Relu", ["x"], ["y"])], [("x", np.float32, [2, 3])],
+                      [("y", np.float32, [2, 3])])
+
+
+def test_a_folder_of_calibration_feeds_is_read_one_file_at_a_time_each_iteration(
+        tmp_path, monkeypatch):
+    import onnxopt.inputs as inputs_module
+    from onnxopt.inputs import FeedStream
+
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", x=np.full((2, 3), i, np.float32))
+    reads = []
+    real = inputs_module.load_feed
+    monkeypatch.setattr(inputs_module, "load_feed", lambda f: reads.append(f) or real(f))
+    stream = FeedStream(tmp_path, _stream_model())
+    assert len(stream) == 3 and reads == []
+    it = iter(stream)
+    assert next(it)["x"][0, 0] == 0 and len(reads) == 1  # lazily: one file read so far
+    assert [f["x"][0, 0] for f in stream] == [0, 1, 2]  # re-iterable: read again
+    assert len(reads) == 4
+
+
+def test_a_streamed_feed_is_checked_when_read(tmp_path):
+    from onnxopt.inputs import FeedStream
+
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 3), np.float32))
+    np.savez(tmp_path / "b.npz", x=np.zeros((2, 3), np.int64))
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 3), np.float32), extra=np.zeros(1))
+    stream = FeedStream(tmp_path, _stream_model())
+    it = iter(stream)
+    next(it)
+    with pytest.raises(InputError, match=r"b\.npz: input 'x' is int64"):
+        next(it)
+    with pytest.raises(InputError, match="no such file"):
+        FeedStream(tmp_path / "missing", _stream_model())
+
+
+def test_iterables_of_feeds_stream_and_a_generator_is_consumed_once():
+    from onnxopt.inputs import FeedStream
+
+    feed = {"x": np.ones((2, 3), np.float32)}
+    twice = FeedStream(lambda: (dict(feed) for _ in range(2)), _stream_model())
+    assert len(list(twice)) == 2 and len(list(twice)) == 2
+    once = FeedStream((dict(feed) for _ in range(2)), _stream_model())
+    assert len(list(once)) == 2
+    with pytest.raises(UsageError, match="already consumed"):
+        list(once)
+    assert len(list(FeedStream(feed, _stream_model()))) == 1
+    with pytest.raises(InputError, match="calibration feed 0: expected"):
+        list(FeedStream([3], _stream_model()))
+
+
+def test_optimize_hands_passes_a_streaming_calibration(tmp_path):
+    from onnxopt import optimize
+    from onnxopt.inputs import FeedStream
+    from onnxopt.pass_manager import Pass, PassResult
+
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", x=np.full((2, 3), i, np.float32))
+    seen = []
+
+    class Reads(Pass):
+        name = "test_reads_calibration"
+        description = "test only"
+        requires = frozenset({"calibration"})
+
+        def run(self, graph, ctx):
+            seen.append((type(ctx.calibration), [f["x"][0, 0] for f in ctx.calibration],
+                         len(list(ctx.calibration))))
+            return PassResult(False)
+
+    optimize(_stream_model(), passes=[Reads()], calibration=tmp_path)
+    assert seen == [(FeedStream, [0, 1, 2], 3)]

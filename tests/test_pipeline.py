@@ -16,7 +16,7 @@ from onnxopt import optimize
 from onnxopt.errors import UsageError
 from onnxopt.pass_manager import get_pass
 from onnxopt.passes import LOSSLESS_PIPELINE
-from onnxopt.pipeline import build_pipeline, load_config
+from onnxopt.pipeline import QUANTIZE_MODES, build_pipeline, load_config
 
 
 def _model():
@@ -31,10 +31,10 @@ def _model():
 def test_default_expands_and_sugar_adds_configured_passes():
     pipeline = build_pipeline(None, prune_threshold=1e-3, quantize="int8-weight")
     names = [p.name for p in pipeline.passes]
-    assert names == LOSSLESS_PIPELINE + ["prune", "quantize_weights"]
+    assert names == LOSSLESS_PIPELINE + ["prune", *QUANTIZE_MODES["int8-weight"]]
     prune = next(p for p in pipeline.passes if p.name == "prune")
     assert prune.options.threshold == 1e-3
-    assert [p.name for p in pipeline.lossy] == ["prune", "quantize_weights"]
+    assert [p.name for p in pipeline.lossy] == ["prune", *QUANTIZE_MODES["int8-weight"]]
 
 
 def test_configured_pass_objects_and_options_by_name():
@@ -100,7 +100,7 @@ def test_config_file_gives_the_pipeline_and_validation(tmp_path):
     ("[pipeline.options]\nprune = 3\n", r"\[pipeline.options.prune\] must be a table"),
     ("[pipeline.options.prune]\nthreshhold = 1\n", "bad.toml: pass 'prune' has no option"),
     ("[pipeline.options.prune]\nthreshold = -1\n", "bad.toml: pass 'prune': option threshold"),
-    ("[validation]\nmax_drift = \"high\"\n", "max_drift must be a number"),
+    ("[validation]\nmax_drift = \"high\"\n", "max_drift .high.: expected a number"),
     ("[validation]\nvalidate = \"no\"\n", "validate must be true or false"),
     ("[validation]\nseed = \"zero\"\n", "seed must be an integer"),
     ("[validation]\ninputs = 5\n", "inputs must be a string"),
@@ -159,3 +159,41 @@ def test_import_does_not_depend_on_the_working_folder(tmp_path):
                          text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "ok"
+
+
+def test_quantize_exclude_and_ops_reach_every_pass_of_the_mode_from_api_cli_and_config(tmp_path):
+    from onnx import helper
+
+    from helpers import make_model, random_feed
+    from onnxopt.cli import main
+
+    w = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+                       [("x", np.float32, [2, 8])], [("y", np.float32, [2, 8])], {"W": w})
+    feed = random_feed(model)
+
+    def refused(report):
+        return next(r for r in report.passes if r.name == "quantize_weights").stats["refused"]
+
+    _, report = optimize(model, passes=[], quantize="int8-weight", quantize_exclude=["mm"],
+                         inputs=feed)
+    assert "excluded by the user" in refused(report)
+    _, report = optimize(model, passes=[], quantize="int8-weight", quantize_ops=["Gemm"],
+                         inputs=feed)
+    assert "op type not selected (ops)" in refused(report)
+    config = tmp_path / "run.toml"
+    config.write_text('[pipeline]\npasses = []\nquantize = "int8-weight"\n'
+                      'quantize_exclude = ["MatMul"]\n')
+    _, report = optimize(model, config=config, inputs=feed)
+    assert "excluded by the user" in refused(report)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = tmp_path / "r.json"
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--quiet", "--passes",
+                 "", "--quantize", "int8-weight", "--quantize-exclude", "Conv,mm",
+                 "--report", str(out)]) == 0
+    stats = next(p for p in __import__("json").loads(out.read_text())["passes"]
+                 if p["name"] == "quantize_weights")["stats"]
+    assert "excluded by the user" in stats["refused"]
+    with pytest.raises(UsageError, match="need a quantization mode"):
+        optimize(model, quantize_ops=["MatMul"])

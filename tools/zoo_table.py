@@ -1,11 +1,14 @@
 """The README's table of onnxopt on every fetched real model, in each mode.
 
-    python tools/zoo_table.py [--modes default,prune,quantize] [--models NAME ...]
+    python tools/zoo_table.py [--modes default,prune,int8-weight] [--models NAME ...]
 
 Runs ``onnxopt.optimize`` in-process on each model of ``models/zoo`` with its stored inputs:
-the default (lossless) pipeline, ``--prune-threshold 1e-3`` and ``--quantize int8-weight``, and
-prints a markdown table: main-graph nodes (and with subgraphs where they differ), file size, the
-worst output cosine similarity, the verdict and the wall time of the call (validation included).
+the default (lossless) pipeline, ``--prune-threshold 1e-3``, and each ``--quantize`` mode
+(``int8-weight``, ``int8-dynamic``, ``int8-static``, ``int4-weight``, ``float16``; calibration
+from ``models/data/<model>/calibration`` when ``tools/calibration_data.py`` built it, else the
+stored inputs), and prints a markdown table: main-graph nodes (and with subgraphs where they
+differ), file size, the worst output cosine similarity, the verdict and the wall time of the call
+(validation included).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnxopt  # noqa: E402
+from onnxopt.pipeline import QUANTIZE_MODES  # noqa: E402
 from onnxopt.report import human_bytes  # noqa: E402
 from tools import zoo  # noqa: E402
 
 MODES = {"default": {}, "prune": {"prune_threshold": 1e-3},
-         "quantize": {"quantize": "int8-weight"}}
+         **{mode: {"quantize": mode} for mode in QUANTIZE_MODES}}
+DATA = Path(__file__).resolve().parent.parent / "models" / "data"
 
 
 def _nodes(main: int, total: int) -> str:
@@ -31,8 +36,11 @@ def _nodes(main: int, total: int) -> str:
 
 def row(model: zoo.ZooModel, mode: str) -> str:
     start = time.perf_counter()
+    calibration = DATA / model.name / "calibration"
+    extra = ({"calibration": str(calibration)} if "quantize" in MODES[mode]
+             and calibration.is_dir() else {})
     optimized, report = onnxopt.optimize(str(model.onnx_path), inputs=str(model.inputs_path),
-                                           raise_on_failure=False, **MODES[mode])
+                                           raise_on_failure=False, **MODES[mode], **extra)
     seconds = time.perf_counter() - start
     b, a, v = report.before, report.after, report.validation
     cosine = min((o.cosine for o in v.outputs), default=1.0)
@@ -46,7 +54,7 @@ def row(model: zoo.ZooModel, mode: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default="default,prune,int8-weight")
     parser.add_argument("--models", nargs="+")
     args = parser.parse_args(argv)
     models = [m for m in zoo.zoo_models() if not args.models or m.name in args.models]

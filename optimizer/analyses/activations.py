@@ -1,4 +1,5 @@
-"""Activation statistics from calibration feeds: ranges, histograms and per-channel norms.
+"""Activation statistics from calibration feeds: ranges, histograms, per-channel norms and,
+on request, Gram matrices.
 
 What calibration (min/max, percentile, entropy and MSE ranges all read a histogram), activation-
 aware pruning (Wanda: ``|W_ij| · ||x_j||_2``, Sun et al. 2023, "A Simple and Effective Pruning
@@ -17,11 +18,22 @@ Histogram: ``bins`` equal bins over ``[-r, r]``, ``r`` the largest magnitude see
 feed exceeds ``r``, ``r`` doubles (as often as needed) and pairs of bins merge, so counts stay
 exact up to bin resolution without a second pass (the streaming scheme of onnxruntime's
 ``HistogramCollector``, re-binning by powers of two instead of by interpolation).
+
+Gram matrices (opt-in: the analysis :class:`ActivationGrams`): for the input ``X`` of a MatMul or
+Gemm, flattened to rows ``[n, K]`` along its contracted axis, ``G = X^T X`` (float64, ``[K, K]``)
+summed over the feeds, for ``K <=`` :data:`GRAM_MAX_CHANNELS`. GPTQ's layer Hessian is ``H = 2 G``
+(Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR, section 3); with it the output error of any weight change ``dW`` over the
+calibration rows is ``||X dW||^2 = tr(dW^T G dW)`` without holding ``X``. The mean ``|x_j|`` per
+channel is AWQ's activation salience (Lin et al. 2024, "AWQ: Activation-aware Weight
+Quantization", MLSys, section 3.2). Each feed adds its rows to the running sums and is dropped:
+memory is ``O(K^2)`` per tensor, independent of the number of feeds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -34,8 +46,12 @@ from onnxopt.ops import FLOAT_DTYPES, is_default_domain
 
 #: Bins of each histogram.
 HISTOGRAM_BINS = 2048
+#: Largest contracted dimension ``K`` whose Gram matrix is collected (8192^2 float64 = 512 MiB).
+GRAM_MAX_CHANNELS = 8192
 
 _WEIGHTED = {"MatMul": 0, "Gemm": 0, "Conv": 0, "ConvTranspose": 0}
+#: Ops whose input gets a Gram matrix (their contracted axis is the channel axis).
+_GRAM_OPS = frozenset({"MatMul", "Gemm"})
 
 
 @dataclass
@@ -52,6 +68,11 @@ class TensorStats:
         channel_sq_sum: ``sum x^2`` per channel over everything else (float64, ``[C]``); its
             square root is the L2 norm of input feature ``j`` (Wanda's ``||x_j||_2``).
         channel_absmax: ``max |x|`` per channel (float64, ``[C]``; SmoothQuant's ``max |X_j|``).
+        channel_abs_sum: ``sum |x|`` per channel (float64, ``[C]``; see ``channel_abs_mean``).
+        rows: how many vectors along the channel axis were seen (the divisor of the means).
+        gram: ``X^T X`` over every row seen (float64, ``[C, C]``) when ``wants_gram`` and
+            ``C <=`` :data:`GRAM_MAX_CHANNELS`, else None.
+        wants_gram: whether ``update`` accumulates ``gram``.
     """
 
     name: str
@@ -63,9 +84,14 @@ class TensorStats:
     range: float = 0.0
     channel_sq_sum: np.ndarray | None = None
     channel_absmax: np.ndarray | None = None
+    channel_abs_sum: np.ndarray | None = None
+    rows: int = 0
+    gram: np.ndarray | None = None
+    wants_gram: bool = False
 
     def update(self, x: np.ndarray) -> None:
-        """Fold the values of one feed into the statistics (non-finite values are skipped)."""
+        """Fold the values of one feed into the statistics (non-finite values are skipped; in
+        the per-channel sums and the Gram matrix they count as 0)."""
         x = np.asarray(x, dtype=np.float64)
         finite = x[np.isfinite(x)]
         if finite.size == 0:
@@ -78,11 +104,19 @@ class TensorStats:
             moved = np.moveaxis(np.where(np.isfinite(x), x, 0.0), self.channel_axis, -1)
             flat = moved.reshape(-1, moved.shape[-1])
             sq, amax = (flat * flat).sum(axis=0), np.abs(flat).max(axis=0, initial=0.0)
+            asum = np.abs(flat).sum(axis=0)
+            gram = flat.T @ flat if self.wants_gram and flat.shape[1] <= GRAM_MAX_CHANNELS \
+                else None
             if self.channel_sq_sum is None or self.channel_sq_sum.shape != sq.shape:
                 self.channel_sq_sum, self.channel_absmax = sq, amax
+                self.channel_abs_sum, self.gram, self.rows = asum, gram, flat.shape[0]
             else:
                 self.channel_sq_sum = self.channel_sq_sum + sq
                 self.channel_absmax = np.maximum(self.channel_absmax, amax)
+                self.channel_abs_sum = self.channel_abs_sum + asum
+                self.rows += flat.shape[0]
+                if gram is not None and self.gram is not None:
+                    self.gram += gram
 
     def _histogram(self, finite: np.ndarray) -> None:
         peak = float(np.abs(finite).max())
@@ -103,6 +137,13 @@ class TensorStats:
         """``||x_j||_2`` per channel (float64, ``[C]``), or None."""
         return None if self.channel_sq_sum is None else np.sqrt(self.channel_sq_sum)
 
+    @property
+    def channel_abs_mean(self) -> np.ndarray | None:
+        """Mean ``|x_j|`` per channel over the rows seen (float64, ``[C]``), or None."""
+        if self.channel_abs_sum is None or self.rows == 0:
+            return None
+        return self.channel_abs_sum / self.rows
+
     def percentile_range(self, percentile: float) -> tuple[float, float]:
         """The symmetric ``(-a, a)`` holding ``percentile`` % of the values seen (bin
         resolution: ``2 range / HISTOGRAM_BINS``)."""
@@ -117,11 +158,14 @@ class TensorStats:
         return -min(a, self.range), min(a, self.range)
 
 
-def activation_inputs(graph: gs.Graph) -> dict[str, int | None]:
-    """The float activations of the main graph read by a weighted op whose weight is an
-    initializer, with the channel axis each contracts: ``{tensor name: axis}``."""
+def activation_inputs(graph: gs.Graph, ops=_WEIGHTED) -> dict[str, int | None]:
+    """The float activations of the main graph read by a weighted op (of ``ops``, default
+    MatMul, Gemm, Conv, ConvTranspose) whose weight is an initializer, with the channel axis
+    each contracts: ``{tensor name: axis}``."""
     out: dict[str, int | None] = {}
     for node in graph.nodes:
+        if node.op not in ops:
+            continue
         index = _WEIGHTED.get(node.op)
         if index is None or not is_default_domain(node) or len(node.inputs) < 2:
             continue
@@ -148,6 +192,9 @@ class ActivationStats(Analysis):
         InputError: onnxruntime cannot load or run the instrumented model.
     """
 
+    #: Whether :meth:`compute` also collects the Gram matrices of MatMul/Gemm inputs.
+    grams = False
+
     def __init__(self, stats: dict[str, TensorStats], feeds: int) -> None:
         self.tensors = stats
         self.feeds = feeds
@@ -164,13 +211,28 @@ class ActivationStats(Analysis):
         if not feeds:
             raise UsageError("activation statistics need calibration data: give inputs "
                              "(--inputs) or calibration feeds")
-        return collect(export_graph(graph, ctx.template), activation_inputs(graph), feeds)
+        grams = activation_inputs(graph, _GRAM_OPS) if cls.grams else {}
+        return collect(export_graph(graph, ctx.template), activation_inputs(graph), feeds,
+                       grams=grams)
 
 
-def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds) -> ActivationStats:
+class ActivationGrams(ActivationStats):
+    """:class:`ActivationStats` plus the Gram matrix ``X^T X`` of every MatMul/Gemm input with at
+    most :data:`GRAM_MAX_CHANNELS` channels (``TensorStats.gram``), from the same streaming run
+    (GPTQ and AWQ ask for this analysis; the others do not pay for the matrices)."""
+
+    grams = True
+
+
+def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
+            grams: Iterable[str] = ()) -> ActivationStats:
     """Run ``model`` with ``tensors`` (name -> channel axis) exposed as outputs over ``feeds``
     (an iterable of ``{input name: array}``, consumed once) and fold each result into
     :class:`TensorStats`; only one feed's activations are held at a time.
+
+    Args:
+        grams: names of ``tensors`` whose ``X^T X`` is accumulated too (float64 ``[K, K]``,
+            ``K <=`` :data:`GRAM_MAX_CHANNELS`; see :class:`ActivationGrams`).
 
     Raises:
         InputError: onnxruntime cannot load or run the instrumented model.
@@ -185,7 +247,8 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds) -> Ac
                                 for n in names if n not in present)
     session = make_session(exposed, "instrumented model (activation statistics)")
     position = {o.name: i for i, o in enumerate(session.get_outputs())}
-    stats = {n: TensorStats(n, None) for n in tensors}
+    wanted = set(grams)
+    stats = {n: TensorStats(n, None, wants_gram=n in wanted) for n in tensors}
     count = 0
     for feed in feeds:
         values = run_model(session, feed, "instrumented model (activation statistics)")

@@ -93,3 +93,56 @@ def test_without_calibration_data_a_usage_error():
     graph = import_graph(model)
     with pytest.raises(UsageError, match="calibration"):
         AnalysisManager(graph, PassContext(template=model)).get(ActivationStats)
+
+
+def _gemm_model():
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]),
+             helper.make_node("Gemm", ["xt", "V"], ["g"], transA=1),
+             helper.make_node("Conv", ["img", "K"], ["c"])]
+    return make_model(nodes, [("x", np.float32, [2, "t", 5]), ("xt", np.float32, [3, "n"]),
+                              ("img", np.float32, [1, 2, 5, 5])],
+                      [("m", np.float32, [2, "t", 4]), ("g", np.float32, ["n", 2]),
+                       ("c", np.float32, [1, 3, 3, 3])],
+                      {"W": rng.normal(size=(5, 4)).astype(np.float32),
+                       "V": rng.normal(size=(3, 2)).astype(np.float32),
+                       "K": rng.normal(size=(3, 2, 3, 3)).astype(np.float32)})
+
+
+def _gemm_feeds(k):
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(5, 5))  # correlated channels
+    return [{"x": (rng.normal(size=(2, t, 5)) @ base).astype(np.float32),
+             "xt": rng.normal(size=(3, t + 1)).astype(np.float32),
+             "img": rng.normal(size=(1, 2, 5, 5)).astype(np.float32)} for t in range(1, k + 1)]
+
+
+def test_gram_matrices_equal_numpy_over_all_feeds_and_only_when_asked():
+    from onnxopt.analyses.activations import ActivationGrams
+
+    model, feeds = _gemm_model(), _gemm_feeds(5)
+    graph = import_graph(model)
+    stats = AnalysisManager(graph, PassContext(template=model, calibration=iter(feeds))).get(
+        ActivationGrams)
+    x = np.concatenate([f["x"].reshape(-1, 5) for f in feeds]).astype(np.float64)
+    np.testing.assert_allclose(stats["x"].gram, x.T @ x, rtol=1e-9)
+    assert stats["x"].rows == x.shape[0]
+    np.testing.assert_allclose(stats["x"].channel_abs_mean, np.abs(x).mean(axis=0), rtol=1e-9)
+    xt = np.concatenate([f["xt"].T for f in feeds]).astype(np.float64)  # Gemm transA: A^T rows
+    np.testing.assert_allclose(stats["xt"].gram, xt.T @ xt, rtol=1e-9)
+    assert stats["img"].gram is None  # Conv inputs get no Gram matrix
+    plain = AnalysisManager(graph, PassContext(template=model, feeds=feeds)).get(ActivationStats)
+    assert plain["x"].gram is None
+    np.testing.assert_allclose(plain["x"].channel_abs_mean, np.abs(x).mean(axis=0), rtol=1e-9)
+
+
+def test_gram_not_collected_above_the_channel_limit(monkeypatch):
+    import onnxopt.analyses.activations as activations
+
+    monkeypatch.setattr(activations, "GRAM_MAX_CHANNELS", 4)
+    s = TensorStats("t", 1, wants_gram=True)
+    s.update(np.ones((3, 5)))
+    assert s.gram is None and s.rows == 3
+    s = TensorStats("t", 1, wants_gram=True)
+    s.update(np.ones((3, 4)))
+    np.testing.assert_array_equal(s.gram, np.full((4, 4), 3.0))

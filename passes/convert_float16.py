@@ -1,0 +1,478 @@
+"""Float16 storage and compute: float32 regions of the main graph become float16, float32 kept at
+the graph's inputs and outputs and wherever measurement says float16 overflows or loses too much.
+
+IEEE 754 binary16 (``float16``) has a 10-bit mantissa (relative rounding error ``2^-11 ≈ 4.9e-4``)
+and an exponent range whose largest finite value is 65504 and smallest normal ``2^-14 ≈ 6.1e-5``;
+smaller magnitudes are subnormal (precision falls off) and below ``2^-24 ≈ 6e-8`` they flush to 0.
+Converting a node means every float32 input and output that its ONNX type constraint allows in
+float16 (``onnx.defs`` schema at the model's opset) becomes float16, and its float32 initializers
+are stored as ``float16(w)`` (a Cast converts by its ``to``, a ConstantOfShape by its fill
+value) -- half the bytes, ``|w - float16(w)| <= 2^-11 |w|`` in the normal range.
+
+Which nodes, decided per node and then by the drift budget:
+
+1. *Type constraints*: a node converts only when every float32 type parameter it binds admits
+   ``tensor(float16)`` at the model's opset; inputs of fixed type ``tensor(float)`` (Resize
+   ``scales``) and parameters bound only to shape-like inputs (``onnxopt.ops`` facts: Resize
+   ``roi``) stay float32.
+2. *Blocklist* (:data:`BLOCKLIST`): ops known to be unsafe in float16 whatever the data
+   (recurrent state and long accumulations: RNN/GRU/LSTM, CumSum, STFT/DFT; box and index ops
+   whose results hinge on exact comparisons: NonMaxSuppression, TopK, RoiAlign; Range; random
+   generators), plus ops of other domains and nodes of subgraphs (If/Loop/Scan bodies stay
+   float32: their outer-scope reads would need a Cast per body, and the If/Loop node itself is
+   left alone).
+3. *Range* (measured): the float32 activations each candidate reads or writes are collected over
+   the calibration feeds (``onnxopt.analyses.activations.collect``); a node whose inputs or
+   outputs reach ``FLOAT16_MAX / headroom`` (``headroom`` an option, default 2: calibration does
+   not see every input) stays float32 -- e.g. the ``Pow`` of a LayerNorm on large activations, an
+   attention mask of ``-3.4e38``, the ``Exp`` of unnormalized logits; initializers with
+   magnitudes beyond ``FLOAT16_MAX`` likewise. Non-finite values (masks of ``-inf``) are not
+   ranges and are preserved by float16.
+4. *Drift budget*: every remaining node is a group of proposals (``group`` = the node's name):
+   a simulated proposal per float32 output, computing ``Cast(float32)(Cast(float16)(y))`` in its
+   place, a simulated proposal per float32 input that comes from outside the candidates (the
+   same rounding, for that node only), and a weight proposal per float32 initializer whose value
+   is ``float32(float16(w))``. The budget keeps the harmful groups float32 (loss of precision in
+   the subnormal range, e.g. variances below 6e-5, shows up here).
+5. *Cost*: a connected region of candidates that reads no initializer stays float32 (its Casts
+   would cost time and nothing would shrink), and a node that writes no float (Shape, a
+   comparison) converts only when all its float inputs are float16 already.
+
+The Cast explosion is avoided by construction. Accepted nodes are converted one at a time and
+share one table ``float32 tensor -> its float16 twin``: a tensor written by a converted node has
+its float16 output as twin (readers that convert later read it directly: no
+``Cast(float32) -> Cast(float16)`` chain), any other tensor gets one ``Cast(to=FLOAT16)`` shared by
+all converted readers, and a converted node's output keeps its name and float32 type for
+unconverted readers and graph outputs through one ``Cast(to=FLOAT)``. Casts nobody reads are then
+removed, and a boundary Cast reading a Cast reads that Cast's input instead (``Cast(int64 ->
+float16) -> Cast(float32)`` becomes ``Cast(int64 -> float32)``, what the original computed), so
+Casts remain exactly on the boundaries of maximal connected float16 regions.
+Initializers become float16 copies (no Cast on weights), renamed back to their own name once no
+float32 reader is left; a ``Cast`` node that itself produces float32 converts by its ``to``.
+
+Speed: onnxruntime's CPU provider implements few ops in float16 (:data:`ORT_CPU_FLOAT16_OPS`,
+onnxruntime 1.32: no MatMul, Conv, Add, Mul...); it runs the others in float32 between Casts it
+inserts, and cancels the Cast pairs that meet (float16 values reach memory only around ops with a
+float16 kernel), so on CPU this mode halves storage at about the float32 latency (measured
+0.8-1.1x on MiniLM, PP-OCRv4 rec, NudeNet, silero-vad) and is more accurate there than on
+float16 hardware; the budget's simulation (explicit Cast pairs) measures the float16 rounding of
+every converted tensor, the stricter case. ``ort_cpu_inserted_casts`` in the statistics counts
+the converted nodes of that kind.
+
+The peer: onnxconverter-common's ``float16.convert_float_to_float16`` converts every node outside
+a fixed op blocklist without measuring, inserts a Cast pair per blocked node (Cast chains), clamps
+small values to 1e-7, and keeps the model's stale value_info (its outputs fail to load in
+onnxruntime on models where an op's output type is fixed).
+
+Statistics: ``nodes_converted``, ``regions`` (connected float16 regions), ``casts_added``,
+``ort_cpu_inserted_casts`` (``{op: count}``), ``refused`` (``{reason: count}``, the budget's
+``kept float: drift budget`` included), ``kept_float32`` (names of nodes kept by the budget),
+``bytes_before`` / ``bytes_after`` of the converted initializers (``bytes_after`` includes the
+float32 originals still read by float32 nodes: ``initializers_stored_twice``),
+``proposed``/``accepted``.
+
+Errors: none of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import SparseValues
+
+from onnxopt.analyses import TensorTypes
+from onnxopt.analyses.activations import collect
+from onnxopt.budget import Proposal
+from onnxopt.edit import input_slots, nbytes
+from onnxopt.graph import export_graph, iter_graphs, opset_version
+from onnxopt.names import fresh_name
+from onnxopt.ops import facts, is_default_domain
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._quant import QuantizeOptions, excluded
+
+#: Largest finite float16.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+_F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
+
+#: Ops left float32 whatever the data, with the reason.
+BLOCKLIST: dict[str, str] = {
+    **{op: "recurrent state accumulates float16 error" for op in ("RNN", "GRU", "LSTM")},
+    "CumSum": "long accumulation", "STFT": "long accumulation", "DFT": "long accumulation",
+    "NonMaxSuppression": "box comparisons", "RoiAlign": "box coordinates",
+    "TopK": "index ties", "Range": "loop counts from float values",
+    **{op: "random generator" for op in ("RandomNormal", "RandomNormalLike", "RandomUniform",
+                                         "RandomUniformLike", "Multinomial", "Bernoulli")},
+    "EyeLike": "output dtype set by attribute",
+}
+
+#: Default-domain ops with a float16 kernel in onnxruntime's CPU provider (onnxruntime 1.32,
+#: ``onnxruntime.capi._pybind_state.get_all_opkernel_def()``); other converted ops run there
+#: between Casts onnxruntime inserts.
+ORT_CPU_FLOAT16_OPS = frozenset({
+    "Cast", "Celu", "Clip", "Compress", "Concat", "ConstantOfShape", "Dropout", "Expand",
+    "Flatten", "Gather", "GatherElements", "GatherND", "Identity", "IsInf", "IsNaN",
+    "LayerNormalization", "Max", "Min", "Mod", "Reshape", "ReverseSequence", "Round", "Scatter",
+    "ScatterElements", "ScatterND", "Shape", "Shrink", "Sign", "Slice", "Split", "Squeeze",
+    "Transpose", "Unsqueeze", "RMSNormalization",
+})
+
+
+@dataclass(frozen=True)
+class ConvertFloat16Options(QuantizeOptions):
+    """Options of :class:`ConvertFloat16` (and ``exclude`` / ``ops``, see
+    :class:`~onnxopt.passes._quant.QuantizeOptions`).
+
+    Attributes:
+        headroom: a node stays float32 when a calibration value it reads or writes reaches
+            ``FLOAT16_MAX / headroom`` (unitless, >= 1; default 2: values unseen in calibration
+            may be larger).
+    """
+
+    headroom: float = 2.0
+
+    def check(self) -> str | None:
+        if not self.headroom >= 1.0:
+            return f"option headroom must be at least 1, got {self.headroom}"
+        return super().check()
+
+
+@dataclass
+class _Plan:
+    """What converting a node changes: the input and output slots that become float16."""
+
+    node: gs.Node
+    inputs: list[int]
+    outputs: list[int]
+    #: the drift budget's group of the node's proposals (its name)
+    group: str = ""
+
+
+def _is_f32(t: gs.Tensor, types: TensorTypes) -> bool:
+    if t.is_empty():
+        return False
+    if isinstance(t, gs.Constant):
+        return np.dtype(t.dtype) == _F32 and not isinstance(t.values, SparseValues)
+    dtype = types.dtype(t) or t.dtype  # inferred first: an export's value_info may be stale
+    return dtype is not None and np.dtype(dtype) == _F32
+
+
+def _formal(params, index: int):
+    """The schema's formal parameter of actual position ``index`` (the last one is variadic)."""
+    if index < len(params):
+        return params[index]
+    last = params[-1] if params else None
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    return last if last is not None and last.option == variadic else None
+
+
+def plan(node: gs.Node, opset: int, types: TensorTypes) -> _Plan | str:
+    """The slots of ``node`` that become float16, or why it stays float32 (from the ONNX schema
+    at ``opset`` and the tensors' dtypes)."""
+    if node.op in BLOCKLIST:
+        return BLOCKLIST[node.op]
+    if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+        return "has subgraphs"
+    if node.op == "Constant":
+        return "Constant node (a graph output)"
+    if "dtype" in node.attrs:
+        return "output dtype set by attribute"
+    try:
+        schema = onnx.defs.get_schema(node.op, opset, "")
+    except onnx.defs.SchemaError:
+        return "no ONNX schema"
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    shape_slots = facts(node).shapes
+    bound: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    for kind, tensors, params in (("in", node.inputs, schema.inputs),
+                                  ("out", node.outputs, schema.outputs)):
+        for i, t in enumerate(tensors):
+            formal = _formal(params, i)
+            if formal is None:
+                return "more inputs than its schema"
+            if _is_f32(t, types):
+                bound[formal.type_str].append((kind, i))
+    plan_ = _Plan(node, [], [])
+    for param, slots in bound.items():
+        if param not in allowed:  # a fixed type such as tensor(float): stays
+            continue
+        if all(kind == "in" and i in shape_slots for kind, i in slots):
+            continue
+        if "tensor(float16)" not in allowed[param]:
+            return f"type {param} of {node.op}-{schema.since_version} excludes float16"
+        for kind, i in slots:
+            (plan_.inputs if kind == "in" else plan_.outputs).append(i)
+    if node.op == "Cast":  # converts by its ``to`` (float32 -> float16), other targets stay
+        plan_.outputs = [0] if node.attrs.get("to") == onnx.TensorProto.FLOAT else []
+    elif node.op != "ConstantOfShape" and "value" in node.attrs and plan_.outputs:
+        return "output dtype set by attribute"
+    if not plan_.inputs and not plan_.outputs:
+        return "no float32 data"
+    return plan_
+
+
+@register
+class ConvertFloat16(Pass):
+    name = "convert_float16"
+    description = ("Float16 weights and compute in maximal regions, float32 kept at the graph's "
+                   "inputs/outputs and where calibration or the drift budget says so.")
+    Options = ConvertFloat16Options
+    lossless = False
+    quantizes = True
+    min_opset = 1
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opset = opset_version(graph)
+        types = ctx.analyses.get(TensorTypes)
+        refused: collections.Counter[str] = collections.Counter()
+        plans: dict[int, _Plan] = {}
+        for node in graph.nodes:
+            reason = (excluded(node, self.options)
+                      or (None if is_default_domain(node) else "not a default-domain op"))
+            result = plan(node, opset, types) if reason is None else reason
+            if isinstance(result, str):
+                if result != "no float32 data":
+                    refused[result] += 1
+            else:
+                plans[id(node)] = result
+        for reason in self._overflows(graph, ctx, plans):
+            refused[reason] += 1
+        for region in _components(list(plans.values())):
+            if not any(isinstance(t, gs.Constant) for p in region for t in _slot_tensors(p)):
+                refused["region without weights (its Casts would cost, nothing shrinks)"] += \
+                    len(region)
+                for p in region:
+                    del plans[id(p.node)]
+        subgraph_nodes = sum(len(g.nodes) for g in _subgraphs(graph))
+        if subgraph_nodes:
+            refused["in a subgraph (If/Loop/Scan bodies stay float32)"] += subgraph_nodes
+
+        self._graph, self._plans = graph, plans
+        self._twin: dict[int, gs.Tensor] = {}
+        self._casts: list[gs.Node] = []
+        self._copies: dict[int, tuple[gs.Constant, gs.Constant]] = {}
+        self._converted: dict[int, gs.Node] = {}
+        self._sinks: list[gs.Node] = []
+        self._sinks_done: list[gs.Node] = []
+        proposals = []
+        for p in plans.values():
+            proposals += self._proposals(p)
+        stats = {"refused": dict(sorted(refused.items()))} if refused else {}
+        return PassResult(False, stats, proposals=proposals)
+
+    def _overflows(self, graph: gs.Graph, ctx: PassContext, plans: dict[int, _Plan]) -> list[str]:
+        """Remove from ``plans`` the nodes whose float32 values reach ``FLOAT16_MAX / headroom``
+        (initializers, and activations over the calibration feeds); return a reason per node."""
+        limit = FLOAT16_MAX / self.options.headroom
+        watched: dict[str, None] = {}
+        reasons = []
+        for key, p in list(plans.items()):
+            for t in _slot_tensors(p):
+                if isinstance(t, gs.Constant):
+                    finite = t.values[np.isfinite(t.values)]
+                    if finite.size and float(np.abs(finite).max()) >= limit:
+                        del plans[key]
+                        reasons.append("weight beyond float16's range")
+                        break
+                else:
+                    watched[t.name] = None
+        feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
+        if not feeds or not watched:
+            return reasons
+        stats = collect(export_graph(graph, ctx.template), dict.fromkeys(watched), feeds)
+        for key, p in list(plans.items()):
+            for t in _slot_tensors(p):
+                s = stats.tensors.get(t.name) if isinstance(t, gs.Variable) else None
+                if s is not None and s.count and max(-s.minimum, s.maximum) >= limit:
+                    del plans[key]
+                    reasons.append("calibration values beyond float16's range")
+                    break
+        return reasons
+
+    def _proposals(self, p: _Plan) -> list[Proposal]:
+        node = p.node
+        p.group = node.name or fresh_name(self._graph, node.op)
+        group, apply = p.group, lambda: self._convert(node)
+        out = []
+        for i in p.inputs:
+            t = node.inputs[i]
+            if isinstance(t, gs.Constant):
+                value = t.values.astype(_F16).astype(_F32)
+                out.append(Proposal(tensor=t, value=value, apply=apply, group=group))
+            elif not (t.inputs and id(t.inputs[0]) in self._plans):
+                out.append(Proposal(tensor=t, value=None, apply=apply, group=group,
+                                    simulate=round_trip, readers=[(node, i)]))
+        for i in p.outputs:
+            out.append(Proposal(tensor=node.outputs[i], value=None, apply=apply, group=group,
+                                simulate=round_trip))
+        if not out:  # e.g. a Shape of a converted tensor: its own rounded input, to be decided
+            i = p.inputs[0]
+            out.append(Proposal(tensor=node.inputs[i], value=None, apply=apply, group=group,
+                                simulate=round_trip, readers=[(node, i)]))
+        return out
+
+    # -- the rewrite, one accepted node at a time -------------------------------------------
+
+    def _convert(self, node: gs.Node) -> None:
+        if id(node) in self._converted:
+            return
+        p = self._plans[id(node)]
+        if not p.outputs:  # a sink (Shape, a comparison): converts only inside a region
+            self._sinks.append(node)
+            return
+        self._converted[id(node)] = node
+        for i in p.inputs:
+            node.inputs[i] = self._half(node.inputs[i])
+        for i in p.outputs:
+            y = node.outputs[i]
+            y16 = gs.Variable(fresh_name(self._graph, f"{y.name}_fp16"), _F16, y.shape)
+            node.outputs[i] = y16
+            self._cast(y16, y, onnx.TensorProto.FLOAT)
+            earlier = self._twin.get(id(y))
+            if earlier is not None:  # converted readers read a Cast(float16) of y: read y16
+                cast = earlier.inputs[0]
+                for reader, j in input_slots(earlier):
+                    reader.inputs[j] = y16
+                cast.inputs.clear()
+                cast.outputs.clear()
+            self._twin[id(y)] = y16
+        if node.op == "Cast" and p.outputs:
+            node.attrs["to"] = onnx.TensorProto.FLOAT16
+        elif node.op == "ConstantOfShape":  # the fill value (default 0.0) sets the dtype
+            value = node.attrs.get("value")
+            fill = np.asarray(value.values if value is not None else [0.0]).astype(_F16)
+            node.attrs["value"] = gs.Constant(fresh_name(self._graph, f"{node.name}_value"),
+                                              fill)
+
+    def _half(self, t: gs.Tensor) -> gs.Tensor:
+        """The float16 twin of float32 ``t`` (created on first request)."""
+        twin = self._twin.get(id(t))
+        if twin is None:
+            if isinstance(t, gs.Constant):
+                twin = gs.Constant(fresh_name(self._graph, f"{t.name}_fp16"),
+                                   np.asarray(t.values).astype(_F16))
+                self._copies[id(t)] = (t, twin)
+            else:
+                twin = gs.Variable(fresh_name(self._graph, f"{t.name}_fp16"), _F16, t.shape)
+                self._cast(t, twin, onnx.TensorProto.FLOAT16)
+            self._twin[id(t)] = twin
+        return twin
+
+    def _cast(self, x: gs.Tensor, y: gs.Variable, to: int) -> None:
+        cast = gs.Node("Cast", name=fresh_name(self._graph, f"{y.name}_Cast"),
+                       attrs={"to": to}, inputs=[x], outputs=[y])
+        self._graph.nodes.append(cast)
+        self._casts.append(cast)
+
+    def _finish(self) -> None:
+        """Convert the deferred sinks whose float inputs are all float16 already, merge Cast
+        chains, drop the Casts nobody reads, and give each float16 initializer its original's
+        name once no float32 reader is left."""
+        for node in self._sinks:
+            p = self._plans[id(node)]
+            if all(self._inside(node.inputs[i]) for i in p.inputs):
+                self._sinks_done.append(node)
+                for i in p.inputs:
+                    node.inputs[i] = self._twin[id(node.inputs[i])]
+        outputs = {id(t) for t in self._graph.outputs}
+        casts = self._casts + [n for n in self._converted.values() if n.op == "Cast"]
+        for c in self._casts:
+            source = c.inputs[0].inputs[0] if c.inputs[0].inputs else None
+            if source is not None and source.op == "Cast" and source.inputs:
+                # Cast(a -> b) -> Cast(b -> c) becomes Cast(a -> c): what the original computed
+                c.inputs[0] = source.inputs[0]
+        dead = True
+        while dead:
+            dead = [c for c in casts if c.outputs and not c.outputs[0].outputs
+                    and id(c.outputs[0]) not in outputs]
+            for c in dead:
+                c.inputs.clear()
+                c.outputs.clear()
+        self._graph.nodes = [n for n in self._graph.nodes if n.outputs or n.op != "Cast"]
+        self._casts = [c for c in self._casts if c.outputs]
+        for original, twin in self._copies.values():
+            if not original.outputs and id(original) not in outputs:
+                name = original.name
+                original.name = fresh_name(self._graph, f"{name}_float32")
+                twin.name = name
+
+    def _inside(self, t: gs.Tensor) -> bool:
+        """Whether float32 ``t`` has a float16 twin written by a converted node or stored."""
+        twin = self._twin.get(id(t))
+        return twin is not None and (isinstance(twin, gs.Constant) or not twin.inputs
+                                     or id(twin.inputs[0]) in self._converted)
+
+    def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
+        self._finish()
+        converted = list(self._converted.values()) + self._sinks_done
+        refused = collections.Counter(result.stats.get("refused", {}))
+        sinks = {id(n) for n in self._sinks}
+        kept = [p.group for p in self._plans.values()
+                if id(p.node) not in self._converted and id(p.node) not in sinks]
+        if kept:
+            refused["kept float: drift budget"] += len(kept)
+        outside = len(self._sinks) - len(self._sinks_done)
+        if outside:
+            refused["reads float32 only, writes no float (a Cast for nothing)"] += outside
+        copies = list(self._copies.values())
+        both = [o for o, _ in copies if o.outputs]  # also read by float32 nodes: stored twice
+        return {
+            "nodes_converted": len(converted),
+            "regions": len(_components([self._plans[id(n)] for n in converted])),
+            "casts_added": len(self._casts),
+            "ort_cpu_inserted_casts": dict(sorted(collections.Counter(
+                n.op for n in converted if n.op not in ORT_CPU_FLOAT16_OPS).items())),
+            "proposed": len(result.proposals), "accepted": len(accepted),
+            "refused": dict(sorted(refused.items())),
+            "kept_float32": kept,
+            "bytes_before": sum(nbytes(o) for o, _ in copies),
+            "bytes_after": sum(nbytes(t) for _, t in copies) + sum(nbytes(o) for o in both),
+            "initializers_stored_twice": len(both),
+        }
+
+
+def round_trip(graph: gs.Graph, x: gs.Variable) -> gs.Variable:
+    """Append ``Cast(float32)(Cast(float16)(x))`` to ``graph`` and return its output: what a
+    float32 reader of a float16 value sees (the simulation of a converted tensor)."""
+    half = gs.Variable(fresh_name(graph, f"{x.name}_sim_fp16"), _F16, x.shape)
+    back = gs.Variable(fresh_name(graph, f"{x.name}_sim_fp32"), _F32, x.shape)
+    graph.nodes.append(gs.Node("Cast", name=fresh_name(graph, f"{x.name}_sim_Cast"),
+                               attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[x],
+                               outputs=[half]))
+    graph.nodes.append(gs.Node("Cast", name=fresh_name(graph, f"{x.name}_sim_Cast"),
+                               attrs={"to": onnx.TensorProto.FLOAT}, inputs=[half],
+                               outputs=[back]))
+    return back
+
+
+def _slot_tensors(p: _Plan) -> list[gs.Tensor]:
+    return [p.node.inputs[i] for i in p.inputs] + [p.node.outputs[i] for i in p.outputs]
+
+
+def _subgraphs(graph: gs.Graph) -> list[gs.Graph]:
+    return [g for g in iter_graphs(graph) if g is not graph]
+
+
+def _components(plans: list[_Plan]) -> list[list[_Plan]]:
+    """Connected components of the planned nodes, linked by the tensors one writes and another
+    reads."""
+    parent = {id(p.node): id(p.node) for p in plans}
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for p in plans:
+        for t in p.node.outputs:
+            for reader in t.outputs:
+                if id(reader) in parent:
+                    parent[find(id(reader))] = find(id(p.node))
+    groups: dict[int, list[_Plan]] = collections.defaultdict(list)
+    for p in plans:
+        groups[find(id(p.node))].append(p)
+    return list(groups.values())

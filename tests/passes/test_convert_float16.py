@@ -1,0 +1,253 @@
+"""Tests of passes/convert_float16.py: float16 regions with float32 at the boundaries, compared
+with onnxruntime on the original model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_model, run_ort, run_once, zoo_files
+from onnx import TensorProto, helper
+
+from onnxopt.budget import DriftBudget
+from onnxopt.pass_manager import PassContext, verify_model
+from onnxopt.passes.convert_float16 import ConvertFloat16
+
+RNG = np.random.default_rng(0)
+F16 = TensorProto.FLOAT16
+
+
+def _w(*shape, scale=0.1):
+    return (RNG.normal(size=shape) * scale).astype(np.float32)
+
+
+def _convert(model, calibration, feeds=None, max_drift=None, **options):
+    ctx = PassContext(template=model, feeds=feeds, calibration=calibration,
+                      budget=DriftBudget(model, feeds, max_drift) if max_drift else None)
+    out, record = run_once(model, ConvertFloat16(**options), ctx)
+    verify_model(out, "convert_float16")
+    return out, record
+
+
+def _casts(model):
+    return [n for n in model.graph.node if n.op_type == "Cast"]
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _cosine(a, b):
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _mlp():
+    """x[N, 8] -> MatMul W1 -> Add b1 -> Relu -> MatMul W2 -> y[N, 4]."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")]
+    return make_model(nodes, [("x", np.float32, ["N", 8])], [("y", np.float32, ["N", 4])],
+                      {"W1": _w(8, 16), "b1": _w(16), "W2": _w(16, 4)})
+
+
+def test_boundary_casts_keep_names_and_float32_io():
+    model = _mlp()
+    feed = {"x": RNG.normal(size=(3, 8)).astype(np.float32)}
+    out, record = _convert(model, [feed])
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert [(o.name, o.type.tensor_type.elem_type) for o in out.graph.output] == \
+        [("y", TensorProto.FLOAT)]
+    # one region: a Cast in, a Cast out, nothing else
+    casts = _casts(out)
+    assert sorted(c.attribute[0].i for c in casts) == [TensorProto.FLOAT, F16]
+    assert record.stats["nodes_converted"] == 4 and record.stats["regions"] == 1
+    # weights stored in float16 under their own names, no Cast on them
+    inits = {i.name: i.data_type for i in out.graph.initializer}
+    assert inits == {"W1": F16, "b1": F16, "W2": F16}
+    assert record.stats["bytes_after"] * 2 == record.stats["bytes_before"]
+    ref, got = run_ort(model, feed)["y"], run_ort(out, feed)["y"]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
+    assert not np.array_equal(got, ref)  # it did compute in float16
+
+
+def test_overflow_in_calibration_stays_float32():
+    """MatMul outputs of 120000 (beyond float16's 65504): measured on calibration, the MatMul and
+    the Concat reading it stay float32; calibration that does not reach those values lets them
+    convert, and the model then overflows to inf -- the measurement is what keeps it right."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W"], ["big"], name="mm"),
+             # Concat has a float16 kernel on onnxruntime CPU, so float16 values reach memory
+             # (ops run between inserted Casts compute in float32 and hide the overflow)
+             helper.make_node("Concat", ["big", "big"], ["y"], axis=0, name="concat")]
+    model = make_model(nodes, [("x", np.float32, ["N", 8])], [("y", np.float32, ["M", 4])],
+                       {"W": np.full((8, 4), 500.0, np.float32)})
+    feed = {"x": np.full((2, 8), 30.0, np.float32)}  # MatMul: 8 * 30 * 500 = 120000
+    ref = run_ort(model, feed)["y"]
+
+    out, record = _convert(model, [feed])
+    assert record.stats["refused"]["calibration values beyond float16's range"] == 2
+    got = run_ort(out, feed)["y"]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=1e-3)
+
+    small = {"x": np.full((2, 8), 0.01, np.float32)}
+    blind, _ = _convert(model, [small])
+    assert np.isinf(run_ort(blind, feed)["y"]).all()
+
+
+def test_no_cast_chains_around_a_blocked_op():
+    """int64 n -> Cast(float) -> Range (blocked, float32) -> Add W -> MatMul: the Cast into the
+    Range is not Cast(int64 -> float16) -> Cast(float16 -> float32); the Range output enters the
+    region through one Cast."""
+    nodes = [helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Range", ["zero", "nf", "one"], ["r"], name="range"),
+             helper.make_node("Unsqueeze", ["r", "axes"], ["r2"], name="unsq"),
+             helper.make_node("Add", ["r2", "b"], ["a"], name="add"),
+             helper.make_node("Add", ["nf", "a"], ["a2"], name="add_n"),
+             helper.make_node("MatMul", ["a2", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [("n", np.int64, [])], [("y", np.float32, ["K", 3])],
+                       {"zero": np.array(0.0, np.float32), "one": np.array(1.0, np.float32),
+                        "axes": np.array([1], np.int64), "b": _w(1, 8), "W": _w(8, 3)},
+                       check=False)
+    feed = {"n": np.array(5, np.int64)}
+    out, record = _convert(model, [feed])
+    assert record.stats["refused"]["loop counts from float values"] == 1
+    producers = _producers(out)
+    for cast in _casts(out):
+        source = producers.get(cast.input[0])
+        assert source is None or source.op_type != "Cast", "Cast chain"
+    np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_shared_readers_get_one_cast():
+    nodes = [helper.make_node("MatMul", ["x", f"W{k}"], [f"h{k}"], name=f"mm{k}")
+             for k in range(3)]
+    nodes.append(helper.make_node("Sum", ["h0", "h1", "h2"], ["y"], name="sum"))
+    model = make_model(nodes, [("x", np.float32, ["N", 8])], [("y", np.float32, ["N", 4])],
+                       {f"W{k}": _w(8, 4) for k in range(3)})
+    feed = {"x": RNG.normal(size=(2, 8)).astype(np.float32)}
+    out, _ = _convert(model, [feed])
+    readers_of_x = [n for n in out.graph.node if "x" in n.input]
+    assert [n.op_type for n in readers_of_x] == ["Cast"]
+    assert len(_casts(out)) == 2
+
+
+def test_dynamic_batch_zero():
+    model = _mlp()
+    out, _ = _convert(model, [{"x": RNG.normal(size=(4, 8)).astype(np.float32)}])
+    got = run_ort(out, {"x": np.zeros((0, 8), np.float32)})["y"]
+    assert got.shape == (0, 4) and got.dtype == np.float32
+
+
+def test_drift_budget_keeps_harmful_node_float32():
+    """x ~ 1000.00x: float16's step near 1000 is 0.5, so x - 1000 loses everything in float16;
+    the budget keeps that Sub float32 and converts the MatMul after it."""
+    nodes = [helper.make_node("Sub", ["x", "c"], ["d"], name="sub"),
+             helper.make_node("MatMul", ["d", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [("x", np.float32, ["N", 8])], [("y", np.float32, ["N", 4])],
+                       {"c": np.array(1000.0, np.float32), "W": _w(8, 4)})
+    feeds = [{"x": (1000.0 + RNG.uniform(0, 0.1, size=(4, 8))).astype(np.float32)}
+             for _ in range(2)]
+    out, record = _convert(model, feeds, feeds=feeds, max_drift=0.99)
+    assert record.stats["kept_float32"] == ["sub"]
+    assert {i.name: i.data_type for i in out.graph.initializer}["W"] == F16
+    for feed in feeds:
+        assert _cosine(run_ort(out, feed)["y"], run_ort(model, feed)["y"]) > 0.99
+    # without the budget the Sub converts, and float16 arithmetic breaks it (onnxruntime CPU
+    # would hide it: it has no float16 Sub, and cancels the Cast pair it inserts around it)
+    blind, _ = _convert(model, feeds)
+    assert "sub" in [n.name for n in blind.graph.node]
+    assert "x" not in [n.input[0] for n in blind.graph.node if n.name == "sub"]
+    x, w = feeds[0]["x"], onnx.numpy_helper.to_array(model.graph.initializer[1])
+    in_float16 = (x.astype(np.float16) - np.float16(1000)) @ w.astype(np.float16)
+    assert not in_float16.any() and run_ort(model, feeds[0])["y"].all()  # all lost
+
+
+def test_subgraphs_stay_float32_with_a_reason():
+    then = helper.make_graph([helper.make_node("Mul", ["h", "k"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+                             [onnx.numpy_helper.from_array(np.array(2.0, np.float32), "k")])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("If", ["cond"], ["z"], then_branch=then, else_branch=other,
+                              name="if"),
+             helper.make_node("Add", ["z", "b"], ["y"], name="add")]
+    model = make_model(nodes, [("x", np.float32, [2, 8]), ("cond", np.bool_, [])],
+                       [("y", np.float32, [2, 4])], {"W": _w(8, 4), "b": _w(4)}, check=False)
+    feed = {"x": RNG.normal(size=(2, 8)).astype(np.float32), "cond": np.array(True)}
+    out, record = _convert(model, [feed])
+    assert record.stats["refused"]["has subgraphs"] == 1
+    assert record.stats["refused"]["in a subgraph (If/Loop/Scan bodies stay float32)"] == 2
+    for flag in (True, False):
+        f = {**feed, "cond": np.array(flag)}
+        np.testing.assert_allclose(run_ort(out, f)["y"], run_ort(model, f)["y"],
+                                   rtol=1e-2, atol=1e-2)
+
+
+def test_resize_scales_stay_float32():
+    """Resize converts with its scales float32 (the spec's type), in one region with the Conv:
+    one Cast in, one out."""
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], name="conv"),
+             helper.make_node("Resize", ["c", "", "scales"], ["y"], mode="nearest",
+                              name="resize")]
+    model = make_model(nodes, [("x", np.float32, [1, 2, 4, 4])],
+                       [("y", np.float32, [1, 3, 8, 8])],
+                       {"K": _w(3, 2, 1, 1), "scales": np.array([1, 1, 2, 2], np.float32)})
+    feed = {"x": RNG.normal(size=(1, 2, 4, 4)).astype(np.float32)}
+    out, record = _convert(model, [feed])
+    inits = {i.name: i.data_type for i in out.graph.initializer}
+    assert inits == {"K": F16, "scales": TensorProto.FLOAT}
+    assert record.stats["nodes_converted"] == 2 and len(_casts(out)) == 2
+    np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
+                               rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.zoo
+def test_minilm_float16_validates_at_half_size():
+    onnx_file, npz_file = zoo_files("minilm_l6")
+    model = onnx.load(onnx_file)
+    feeds = [dict(np.load(npz_file))]
+    out, record = _convert(model, feeds)
+    ref, got = run_ort(model, feeds[0]), run_ort(out, feeds[0])
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype == np.float32
+        assert _cosine(got[name], ref[name]) >= 0.99, name
+    size = len(out.SerializeToString()) / os.path.getsize(onnx_file)
+    assert 0.45 < size < 0.55
+    producers = _producers(out)
+    assert not [c for c in _casts(out) if producers.get(c.input[0]) is not None
+                and producers[c.input[0]].op_type == "Cast"]
+
+
+def test_constant_of_shape_converts_by_its_fill_value():
+    fill = helper.make_tensor("fill", TensorProto.FLOAT, [1], [0.5])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Shape", ["h"], ["s"], name="shape"),
+             helper.make_node("ConstantOfShape", ["s"], ["half"], value=fill, name="fill"),
+             helper.make_node("Add", ["h", "half"], ["y"], name="add")]
+    model = make_model(nodes, [("x", np.float32, ["N", 8])], [("y", np.float32, ["N", 4])],
+                       {"W": _w(8, 4)})
+    feed = {"x": RNG.normal(size=(3, 8)).astype(np.float32)}
+    out, record = _convert(model, [feed])
+    assert record.stats["nodes_converted"] == 4 and len(_casts(out)) == 2
+    np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_excluded_node_stays_float32():
+    model = _mlp()
+    feed = {"x": RNG.normal(size=(3, 8)).astype(np.float32)}
+    out, record = _convert(model, [feed], exclude=["mm2"])
+    assert record.stats["refused"] == {"excluded by the user": 1}
+    inits = {i.name: i.data_type for i in out.graph.initializer}
+    assert inits == {"W1": F16, "b1": F16, "W2": TensorProto.FLOAT}
+    assert [n.op_type for n in out.graph.node if "W2" in n.input] == ["MatMul"]
+    np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
+                               rtol=1e-2, atol=1e-2)
