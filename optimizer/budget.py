@@ -236,14 +236,14 @@ class DriftBudget:
         references = self.references()
         evaluations = 0
 
-        def score(applied: set[str]) -> dict[str, float]:
+        def score(applied: set[str], feeds: int | None = None) -> dict[str, float]:
             nonlocal evaluations
             evaluations += 1
             values = {n: weights[n].value if weights[n].key in applied else v
                       for n, v in originals.items()}
             values.update({gate: np.array(key in applied) for key, gate in gates.items()})
             tallies: dict[tuple[str, int], Tally] = {}
-            for feed, ref in zip(self.feeds, references):
+            for feed, ref in zip(self.feeds[:feeds], references[:feeds]):
                 run = {**feed, **values}
                 out = session.run(None, {n: run[n] for n in inputs})
                 for i, (r, c) in enumerate(zip(ref, out)):
@@ -268,7 +268,8 @@ class DriftBudget:
 
             if len(groups) <= RANKED_MAX_GROUPS:
                 kept, sensitivity = ranked_kept(
-                    groups, lambda g: sign * score(set(groups) - {g})[first.name], without)
+                    groups, lambda g: sign * score(set(groups) - {g}, RANKING_FEEDS)[first.name],
+                    without)
             else:
                 kept = minimal_kept(groups, lambda keep: without(set(keep))[0])
                 accepted_groups = set(groups) - set(kept)
@@ -343,6 +344,9 @@ def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: lis
 #: evaluations up front); above, by delta debugging (:func:`minimal_kept`, ``2 |K| log2 |G|``),
 #: which is cheaper when few of many groups must stay float (slanet_en: 5 of 120 weights).
 RANKED_MAX_GROUPS = 64
+#: Feeds the ranking measures each group on (the order is what matters; the bisection and the
+#: 1-minimal check that follow run every feed).
+RANKING_FEEDS = 4
 
 
 def ranked_kept(groups: list[str], gain: Callable[[str], float],
@@ -350,7 +354,8 @@ def ranked_kept(groups: list[str], gain: Callable[[str], float],
     """The groups to leave float, by sensitivity ranking, and the cost of each.
 
     1. rank the groups by ``gain(g)`` -- the first criterion's value with every group applied but
-       ``g`` (higher: leaving ``g`` float helps more), ``|G|`` evaluations;
+       ``g`` (higher: leaving ``g`` float helps more), ``|G|`` evaluations (on the first
+       :data:`RANKING_FEEDS` feeds, in :meth:`DriftBudget.decide`);
     2. find by bisection the shortest prefix of the ranking whose groups, left float, bring the
        rest within budget (``log2 |G|`` evaluations; the budget is close to monotone in the
        prefix, and step 3 repairs where it is not);

@@ -128,3 +128,42 @@ def import_domain(graph: gs.Graph, domain: str, version: int) -> None:
     if not any(d.domain == domain for d in domains):
         domains.append(onnx.helper.make_opsetid(domain, version))
     graph.import_domains = domains
+
+
+# -- refusals shared by the passes that quantize initializers ------------------------------------
+
+def weight_refusal(t: gs.Constant, slots: list, usedef, options, accepts, what: str,
+                   ndim: int | None = None) -> str | None:
+    """Why the float initializer ``t``, read at ``slots`` (``[(node, input index)]``), must stay
+    float, or None. In order: a reader excluded by the user (``options.exclude`` / ``ops``); a
+    read that ``accepts(node, index)`` refuses (the reason is ``what``); readers in more than one
+    graph (``usedef``: an :class:`~onnxopt.analyses.UseDef`); a graph input or output; not
+    float32 (DequantizeLinear outputs float32 before opset 19); a sparse initializer; rank other
+    than ``ndim``; fewer than ``options.min_elements`` elements; non-finite values."""
+    for n, _ in slots:
+        if (reason := excluded(n, options)) is not None:
+            return reason
+    if not all(accepts(n, i) for n, i in slots):
+        return what
+    if len({id(usedef.owner(n)) for n, _ in slots}) > 1:
+        return "readers in more than one graph"
+    if usedef.on_boundary(t):
+        return "graph input or output"
+    if np.dtype(t.dtype) != np.float32:
+        return "not float32"
+    if not isinstance(t.values, np.ndarray):
+        return "sparse initializer"
+    if ndim is not None and t.values.ndim != ndim:
+        return f"not {ndim}-D"
+    if t.values.size < options.min_elements:
+        return f"fewer than {options.min_elements} elements"
+    if not np.isfinite(t.values).all():
+        return "non-finite values"
+    return None
+
+
+def spread(magnitudes: np.ndarray) -> float:
+    """``max / median`` of per-channel magnitudes (the outlier ratio SmoothQuant and cross-layer
+    equalization reduce); infinite when the median is 0."""
+    median = float(np.median(magnitudes))
+    return float(magnitudes.max() / median) if median > 0 else float("inf")

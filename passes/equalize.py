@@ -49,6 +49,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.analyses import UseDef
 from onnxopt.names import fresh_name
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._quant import spread
 
 #: Ops commuting with a positive per-channel scale ``s`` of their NCHW input
 #: (``f(x / s) = f(x) / s``), and Clip with min 0 and no max. Pooling is a max or a mean
@@ -161,11 +162,6 @@ def _ranges(w1: np.ndarray, w2: np.ndarray, slices) -> tuple[np.ndarray, np.ndar
     return r1, r2
 
 
-def _spread(r: np.ndarray) -> float:
-    median = float(np.median(r))
-    return float(r.max() / median) if median > 0 else float("inf")
-
-
 @register
 class Equalize(Pass):
     name = "equalize"
@@ -197,7 +193,7 @@ class Equalize(Pass):
         biases = {id(c1): c1.inputs[2].values.astype(np.float64) for c1, _, _ in pairs
                   if len(c1.inputs) > 2 and not c1.inputs[2].is_empty()}
         slices = {id(c2): _input_slices(c2, c1.inputs[1].shape[0]) for c1, c2, _ in pairs}
-        before = [_spread(r) for c1, c2, _ in pairs
+        before = [spread(r) for c1, c2, _ in pairs
                   for r in _ranges(weights[id(c1)], weights[id(c2)], slices[id(c2)])]
         for _ in range(self.options.iterations):
             for conv1, conv2, _ in pairs:
@@ -211,7 +207,7 @@ class Equalize(Pass):
                     biases[id(conv1)] /= s
                 for i, (rows, col) in enumerate(slices[id(conv2)]):
                     w2[rows, col] *= s[i]
-        after = [_spread(r) for c1, c2, _ in pairs
+        after = [spread(r) for c1, c2, _ in pairs
                  for r in _ranges(weights[id(c1)], weights[id(c2)], slices[id(c2)])]
         for conv in {id(c): c for p in pairs for c in p[:2]}.values():
             conv.inputs[1] = gs.Constant(fresh_name(graph, f"{conv.inputs[1].name}_equalized"),

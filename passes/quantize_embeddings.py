@@ -69,8 +69,8 @@ from onnxopt.edit import input_slots, nbytes
 from onnxopt.names import fresh_name
 from onnxopt.ops import weight_slot
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import (QuantizeOptions, dequantize, excluded, import_domain,
-                                   quantize_symmetric)
+from onnxopt.passes._quant import (QuantizeOptions, dequantize, import_domain,
+                                   quantize_symmetric, weight_refusal)
 
 #: Tables with fewer elements stay float.
 MIN_ELEMENTS = 16
@@ -161,34 +161,18 @@ def dequantize_int4_blocks(packed: np.ndarray, scale: np.ndarray,
 def _refusal(t: gs.Constant, slots: list, usedef: UseDef,
              options: QuantizeEmbeddingsOptions, ranks) -> str | None:
     """Why table ``t`` must stay float, or None."""
-    for n, _ in slots:
-        if (reason := excluded(n, options)) is not None:
-            return reason
-    if not all(n.op == "Gather" and i == 0 and weight_slot(n, i) is not None
-               for n, i in slots):
-        return "also read outside a Gather table slot"
-    if any(n.attrs.get("axis", 0) != 0 for n, _ in slots):
-        return "Gather axis is not 0"
-    if len({id(usedef.owner(n)) for n, _ in slots}) > 1:
-        return "readers in more than one graph"
-    if usedef.on_boundary(t):
-        return "graph input or output"
-    if np.dtype(t.dtype) != _FLOAT32:
-        return "not float32"
-    if len(t.shape) != 2:
-        return "not a 2-D table"
-    if not isinstance(t.values, np.ndarray):
-        return "sparse initializer"
-    if t.values.size < options.min_elements:
-        return f"fewer than {options.min_elements} elements"
-    if options.bits == 4:
+    reason = weight_refusal(
+        t, slots, usedef, options,
+        lambda n, i: n.op == "Gather" and i == 0 and weight_slot(n, i) is not None,
+        "also read outside a Gather table slot", ndim=2)
+    if reason is None and any(n.attrs.get("axis", 0) != 0 for n, _ in slots):
+        reason = "Gather axis is not 0"
+    if reason is None and options.bits == 4:
         if t.shape[1] % options.block_size:
-            return "embedding dimension not a multiple of block_size"
-        if not options.contrib_ops and any(ranks(n.inputs[1]) is None for n, _ in slots):
-            return "indices of unknown rank"
-    if not np.isfinite(t.values).all():
-        return "non-finite values"
-    return None
+            reason = "embedding dimension not a multiple of block_size"
+        elif not options.contrib_ops and any(ranks(n.inputs[1]) is None for n, _ in slots):
+            reason = "indices of unknown rank"
+    return reason
 
 
 @register

@@ -95,7 +95,7 @@ from onnxopt.edit import input_slots
 from onnxopt.names import fresh_name
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import QuantizeOptions, excluded, import_domain
+from onnxopt.passes._quant import QuantizeOptions, import_domain, weight_refusal
 
 #: Block sizes offered (onnxruntime's MatMulNBits returned zeros at 512).
 BLOCK_SIZES = (32, 64, 128)
@@ -495,26 +495,10 @@ class QuantizeInt4(Pass):
 
     def _refusal(self, t: gs.Constant, slots: list, usedef: UseDef) -> str | None:
         """Why ``t`` stays float, or None."""
-        for n, _ in slots:
-            if (reason := excluded(n, self.options)) is not None:
-                return reason
-        if not all(n.op == "MatMul" and i == 1 and is_default_domain(n) for n, i in slots):
-            return "also read other than as MatMul's B"
-        if len({id(usedef.owner(n)) for n, _ in slots}) > 1:
-            return "readers in more than one graph"
-        if usedef.on_boundary(t):
-            return "graph input or output"
-        if not isinstance(t.values, np.ndarray):
-            return "sparse initializer"
-        if t.values.dtype != np.float32:
-            return "not float32"
-        if t.values.ndim != 2:
-            return "not 2-D"
-        if t.values.size < self.options.min_elements:
-            return f"fewer than {self.options.min_elements} elements"
-        if not np.isfinite(t.values).all():
-            return "non-finite values"
-        return None
+        return weight_refusal(
+            t, slots, usedef, self.options,
+            lambda n, i: n.op == "MatMul" and i == 1 and is_default_domain(n),
+            "also read other than as MatMul's B", ndim=2)
 
     def _eight_bit_set(self, chosen: list) -> set[int]:
         """Ids of the weights left at 8 bits: the most harmful at 4 bits (``chosen[i][-1]``)

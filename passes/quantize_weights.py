@@ -83,8 +83,8 @@ from onnxopt.graph import opset_version
 from onnxopt.names import fresh_name
 from onnxopt.ops import output_channel_axis, weight_slot
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import (QuantizeOptions, broadcastable, dequantize, excluded,
-                                   quantize_symmetric)
+from onnxopt.passes._quant import (QuantizeOptions, broadcastable, dequantize,
+                                   quantize_symmetric, weight_refusal)
 
 #: Weights with fewer elements stay float: the scale and zero point would cost as much as they save.
 MIN_ELEMENTS = 16
@@ -125,26 +125,10 @@ class QuantizeWeightsOptions(QuantizeOptions):
 def _refusal(t: gs.Constant, slots: list, usedef: UseDef,
              options: QuantizeWeightsOptions) -> str | None:
     """Why ``t`` must stay float, or None if it can be quantized."""
-    for n, _ in slots:
-        if (reason := excluded(n, options)) is not None:
-            return reason
-    min_elements = options.min_elements
-    if not all((w := weight_slot(n, i)) is not None and w.kind in QUANTIZED_KINDS
-               for n, i in slots):
-        return "also read outside a weight slot"
-    if len({id(usedef.owner(n)) for n, _ in slots}) > 1:
-        return "readers in more than one graph"
-    if usedef.on_boundary(t):
-        return "graph input or output"
-    if np.dtype(t.dtype) != _FLOAT32:
-        return "not float32"
-    if not isinstance(t.values, np.ndarray):
-        return "sparse initializer"
-    if t.values.size < min_elements:
-        return f"fewer than {min_elements} elements"
-    if not np.isfinite(t.values).all():
-        return "non-finite values"
-    return None
+    return weight_refusal(
+        t, slots, usedef, options,
+        lambda n, i: (w := weight_slot(n, i)) is not None and w.kind in QUANTIZED_KINDS,
+        "also read outside a weight slot")
 
 
 @register

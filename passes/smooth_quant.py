@@ -57,7 +57,7 @@ from onnxopt.edit import input_slots
 from onnxopt.names import fresh_name
 from onnxopt.ops import input_channel_axis
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import QuantizeOptions, excluded
+from onnxopt.passes._quant import QuantizeOptions, excluded, spread
 
 #: Bounds of the smoothing factors (a channel that never fires would otherwise get s = 0).
 S_MIN, S_MAX = 1e-5, 1e5
@@ -163,12 +163,6 @@ def _difficulty(absmax: np.ndarray, weights: list) -> float:
     return float(absmax.max() * np.concatenate(steps).mean())
 
 
-def _spread(absmax: np.ndarray) -> float:
-    """``max / median`` of per-channel magnitudes (the outlier ratio)."""
-    median = float(np.median(absmax))
-    return float(absmax.max() / median) if median > 0 else float("inf")
-
-
 @register
 class SmoothQuant(Pass):
     name = "smooth_quant"
@@ -223,8 +217,8 @@ class SmoothQuant(Pass):
                     node.inputs[i] = restored
                 compensated += 1
             smoothed += 1
-            before.append(_spread(absmax))
-            after.append(_spread(absmax / s))
+            before.append(spread(absmax))
+            after.append(spread(absmax / s))
         result = {"smoothed": smoothed, "weights_scaled": scaled, "compensated": compensated,
                   "alpha": self.options.alpha, "refused": dict(sorted(refused.items()))}
         if before:
