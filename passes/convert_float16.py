@@ -282,7 +282,8 @@ class ConvertFloat16(Pass):
         feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
         if not feeds or not watched:
             return reasons
-        stats = collect(export_graph(graph, ctx.template), dict.fromkeys(watched), feeds)
+        stats = collect(export_graph(graph, ctx.template), dict.fromkeys(watched), feeds,
+                        histograms=False)
         for key, p in list(plans.items()):
             for t in _slot_tensors(p):
                 s = stats.tensors.get(t.name) if isinstance(t, gs.Variable) else None

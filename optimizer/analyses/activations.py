@@ -73,6 +73,8 @@ class TensorStats:
         gram: ``X^T X`` over every row seen (float64, ``[C, C]``) when ``wants_gram`` and
             ``C <=`` :data:`GRAM_MAX_CHANNELS`, else None.
         wants_gram: whether ``update`` accumulates ``gram``.
+        wants_histogram: whether ``update`` accumulates ``histogram`` (a range-only user, such
+            as float16 conversion, saves most of the cost).
     """
 
     name: str
@@ -88,6 +90,7 @@ class TensorStats:
     rows: int = 0
     gram: np.ndarray | None = None
     wants_gram: bool = False
+    wants_histogram: bool = True
 
     def update(self, x: np.ndarray) -> None:
         """Fold the values of one feed into the statistics (non-finite values are skipped; in
@@ -99,7 +102,8 @@ class TensorStats:
         self.count += int(finite.size)
         self.minimum = min(self.minimum, float(finite.min()))
         self.maximum = max(self.maximum, float(finite.max()))
-        self._histogram(finite)
+        if self.wants_histogram:
+            self._histogram(finite)
         if self.channel_axis is not None and x.ndim > self.channel_axis:
             moved = np.moveaxis(np.where(np.isfinite(x), x, 0.0), self.channel_axis, -1)
             flat = moved.reshape(-1, moved.shape[-1])
@@ -225,7 +229,7 @@ class ActivationGrams(ActivationStats):
 
 
 def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
-            grams: Iterable[str] = ()) -> ActivationStats:
+            grams: Iterable[str] = (), histograms: bool = True) -> ActivationStats:
     """Run ``model`` with ``tensors`` (name -> channel axis) exposed as outputs over ``feeds``
     (an iterable of ``{input name: array}``, consumed once) and fold each result into
     :class:`TensorStats`; only one feed's activations are held at a time.
@@ -233,6 +237,7 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
     Args:
         grams: names of ``tensors`` whose ``X^T X`` is accumulated too (float64 ``[K, K]``,
             ``K <=`` :data:`GRAM_MAX_CHANNELS`; see :class:`ActivationGrams`).
+        histograms: False to keep only counts, ranges and per-channel sums.
 
     Raises:
         InputError: onnxruntime cannot load or run the instrumented model.
@@ -248,7 +253,8 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
     session = make_session(exposed, "instrumented model (activation statistics)")
     position = {o.name: i for i, o in enumerate(session.get_outputs())}
     wanted = set(grams)
-    stats = {n: TensorStats(n, None, wants_gram=n in wanted) for n in tensors}
+    stats = {n: TensorStats(n, None, wants_gram=n in wanted, wants_histogram=histograms)
+             for n in tensors}
     count = 0
     for feed in feeds:
         values = run_model(session, feed, "instrumented model (activation statistics)")
