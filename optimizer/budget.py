@@ -172,6 +172,13 @@ class DriftBudget:
         self.targets = {c.name: c.metric.target(c.threshold, margin) for c in self.criteria}
         self._references: list[list[np.ndarray]] | None = None
 
+    def tightened(self, margin: float) -> "DriftBudget":
+        """The same budget with ``margin`` of the allowed error in reserve (the original's
+        outputs are not computed again)."""
+        other = DriftBudget(self.original, self.feeds, self.criteria, margin=margin)
+        other._references = self._references
+        return other
+
     def describe(self) -> str:
         """The criteria for messages (``cosine >= 0.99, max-abs <= 0.05``)."""
         return describe(self.criteria)
