@@ -110,7 +110,8 @@ class QuantizeDynamicOptions(QuantizeOptions):
     Attributes:
         per_channel: one weight scale per output channel (True) or one per tensor.
         reduce_range: 7-bit weights (``[-63, 63]``) so that x86 AVX2 u8s8 kernels never
-            saturate; costs weight resolution (see the module docstring).
+            saturate; costs weight resolution (see the module docstring); without effect on
+            ``uint8_weights``, whose kernels never saturate.
         conv: also quantize Conv kernels (ConvInteger); off because it ran slower than float on
             onnxruntime CPU (module docstring).
         uint8_weights: store MatMul/Gemm weights as uint8 with zero point 128 (u8u8 kernels:
@@ -188,7 +189,7 @@ def _plan(node: gs.Node, graph: gs.Graph, options: QuantizeDynamicOptions) -> _P
     """Quantize the weight of an accepted ``node``."""
     x, w = node.inputs[0], node.inputs[1]
     values = w.values
-    qmax = REDUCED_QMAX if options.reduce_range else QMAX
+    qmax = REDUCED_QMAX if options.reduce_range and not options.uint8_weights else QMAX
     transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
     axis = (0 if node.op == "Conv" or transposed else 1) if options.per_channel else None
     q, scale = quantize_symmetric(values, axis, qmax)

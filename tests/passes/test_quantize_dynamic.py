@@ -82,13 +82,13 @@ def _matmul_model(x_shape, bias_first=True):
     return _model(nodes, [_f("x", x_shape)], [_f("y", None)], [_init("W", w), _init("b", b)])
 
 
-def _expected(model, x):
-    """The quantized model's exact result: per-channel int8 W and DynamicQuantizeLinear x, in
-    float64 (no kernel saturation or rounding)."""
+def _expected(model, x, qmax=127):
+    """The quantized model's exact result: per-channel W on ``[-qmax, qmax]`` and
+    DynamicQuantizeLinear x, in float64 (no kernel saturation or rounding)."""
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     w, b = inits["W"].astype(np.float64), inits["b"]
-    sw = np.abs(w).max(axis=0) / 127
-    wq = np.clip(np.rint(w / sw), -127, 127)
+    sw = np.abs(w).max(axis=0) / qmax
+    wq = np.clip(np.rint(w / sw), -qmax, qmax)
     q, s, zp = _dynamic_quantize(x)
     return ((q - zp) * s) @ (wq * sw) + b
 
@@ -100,8 +100,9 @@ def _expected(model, x):
     (["batch", "seq", K], (3, 1, K)),        # another sequence length
 ])
 def test_matmul_matches_exact_integer_arithmetic(x_shape, feed_shape):
-    """uint8 weights (u8u8 kernels) compute the quantized operands' product exactly; the default
-    int8 weights (u8s8) agree except where AVX2's VPMADDUBSW saturates a pair sum."""
+    """Both weight forms compute the quantized operands' product exactly: uint8 weights (u8u8
+    kernels, full grid) and the default 7-bit int8 weights, which AVX2's VPMADDUBSW cannot
+    saturate."""
     model = _matmul_model(x_shape)
     x = RNG.normal(size=feed_shape).astype(np.float32)
     reference = _session(model).run(None, {"x": x})[0]
@@ -113,8 +114,8 @@ def test_matmul_matches_exact_integer_arithmetic(x_shape, feed_shape):
         assert got.shape == reference.shape
         if not x.size:
             continue
-        if uint8_weights:
-            np.testing.assert_allclose(got, _expected(model, x), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got, _expected(model, x, 127 if uint8_weights else 63),
+                                   rtol=1e-4, atol=1e-4)
         assert output_metrics(reference, got)["cosine"] > 0.99
 
 
