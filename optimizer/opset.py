@@ -53,8 +53,10 @@ def upgrade(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         raise OpsetUpgradeError(f"cannot convert opset {source} to {target}: {first}") from None
     # The converter keeps the IR version; newer opsets (and their types: int4 needs IR 10) need
     # the IR version that introduced them.
+    # (only the default domain: the helper knows no contrib domains such as com.microsoft)
+    default = [o for o in converted.opset_import if o.domain in ("", "ai.onnx")]
     converted.ir_version = max(converted.ir_version,
-                               onnx.helper.find_min_ir_version_for(list(converted.opset_import)))
+                               onnx.helper.find_min_ir_version_for(default))
     if default_opset(converted) != target:
         raise OpsetUpgradeError(f"cannot convert opset {source} to {target}: the converter "
                                 f"produced opset {default_opset(converted)}")

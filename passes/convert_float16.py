@@ -280,7 +280,7 @@ class ConvertFloat16(Pass):
                 else:
                     watched[t.name] = None
         feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
-        if not feeds or not watched:
+        if feeds is None or (isinstance(feeds, list) and not feeds) or not watched:
             return reasons
         stats = collect(export_graph(graph, ctx.template), dict.fromkeys(watched), feeds,
                         histograms=False)

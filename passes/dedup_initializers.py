@@ -11,12 +11,25 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.edit import nbytes, replace_uses
+
+
+#: Sub-byte types onnx stores packed (two values a byte): numpy has no such dtype, so their
+#: values are not compared (reading them unpacks the data, which export would then mislabel).
+_PACKED = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                     *([onnx.TensorProto.FLOAT4E2M1] if hasattr(onnx.TensorProto, "FLOAT4E2M1")
+                       else [])})
+
+
+def _packed(t: gs.Constant) -> bool:
+    tensor = getattr(t._values, "tensor", None)
+    return tensor is not None and tensor.data_type in _PACKED
 
 
 def _bytes(t: gs.Constant) -> bytes:
@@ -54,7 +67,7 @@ class DedupInitializers(Pass):
             for node in g.nodes:
                 for t in node.inputs:
                     if isinstance(t, gs.Constant) and id(t) not in graph_inputs \
-                            and id(t) not in seen:
+                            and id(t) not in seen and not _packed(t):
                         seen.add(id(t))
                         key = (np.dtype(t.dtype).str, tuple(t.shape))
                         by_layout.setdefault(key, []).append(t)

@@ -408,6 +408,12 @@ class QuantizeInt4(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         refused: collections.Counter[str] = collections.Counter()
+        self._errors: dict[str, list[float]] = {o.method: [], "rtn": []}
+        self._alphas: list[float] = []
+        self._stored: dict[int, int] = {}
+        self._muls: dict[tuple[int, bytes], gs.Variable] = {}
+        self._fallback = collections.Counter()
+        self._eight_bit: set[int] = set()
         if not o.contrib_ops and ctx.template is not None \
                 and ctx.template.ir_version < INT4_IR_VERSION:
             refused[f"IR version {ctx.template.ir_version} < {INT4_IR_VERSION} (int4)"] += 1
@@ -428,11 +434,6 @@ class QuantizeInt4(Pass):
                 refused[reason] += 1
                 continue
             plans.append((t, [n for n, _ in slots]))
-        self._errors: dict[str, list[float]] = {o.method: [], "rtn": []}
-        self._alphas: list[float] = []
-        self._stored: dict[int, int] = {}
-        self._muls: dict[tuple[int, bytes], gs.Variable] = {}
-        self._fallback = collections.Counter()
         awq = self._awq_plan(plans, stats) if o.method == "awq" else {}
         chosen = []
         for t, readers in plans:

@@ -212,7 +212,7 @@ class ActivationStats(Analysis):
     @classmethod
     def compute(cls, graph: gs.Graph, ctx) -> "ActivationStats":
         feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
-        if not feeds:
+        if feeds is None or (isinstance(feeds, list) and not feeds):
             raise UsageError("activation statistics need calibration data: give inputs "
                              "(--inputs) or calibration feeds")
         grams = activation_inputs(graph, _GRAM_OPS) if cls.grams else {}

@@ -303,3 +303,31 @@ def test_minilm_int4_both_forms():
     cosine = float(np.sum(got["dq"] * reference) / np.linalg.norm(got["dq"])
                    / np.linalg.norm(reference))
     assert cosine > 0.95
+
+
+def test_mode_with_projections_of_one_input_saves_and_runs():
+    """Q/K/V-like MatMuls of equal shape reading one input, through ``optimize`` (opset 17 ->
+    21, and the lossless rounds after quantization): the int4 initializers stay packed (a pass
+    that reads their values must not unpack them: dedup_initializers did), the model loads and
+    matches the original within the budget."""
+    from onnxopt import optimize
+
+    rng = np.random.default_rng(3)
+    names = ["Wq", "Wk", "Wv"]
+    nodes = [helper.make_node("MatMul", ["x", w], [f"y{i}"], name=f"mm{i}")
+             for i, w in enumerate(names)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", 32]) for i in range(3)],
+        [numpy_helper.from_array(rng.normal(size=(64, 32)).astype(np.float32), w)
+         for w in names])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = [{"x": rng.normal(size=(8, 64)).astype(np.float32)} for _ in range(4)]
+    optimized, report = optimize(model, quantize="int4-weight", inputs=feeds, calibration=feeds,
+                                 max_drift=0.9)
+    assert report.validation.passed
+    types = {i.data_type for i in optimized.graph.initializer}
+    assert TensorProto.UINT4 in types
+    got = _run(optimized, {"x": feeds[0]["x"][:0]})  # batch 0 runs too
+    assert got[0].shape == (0, 32)
