@@ -339,13 +339,14 @@ class PassManager:
         deciding = [(p, result) for p, result, refusal, _ in runs
                     if not p.lossless and refusal is None]
         decided = self._decide(deciding, graph, ctx) if deciding else {}
-        shared = (time.perf_counter() - start) / max(len(deciding), 1)
+        proposing = [p.name for p, result in deciding if result.proposals]
+        shared = (time.perf_counter() - start) / max(len(proposing), 1)
         changed = False
         for p, result, refusal, seconds in runs:
             stats, warnings, modified = dict(result.stats), list(result.warnings), result.modified
             if p.name in decided:
                 stats, modified = decided[p.name]
-                seconds += shared
+                seconds += shared if p.name in proposing else 0.0
             if not p.lossless:
                 warnings += lossy_warnings(
                     p.name, modified, stats.get("drift_budget"),
