@@ -78,6 +78,7 @@ from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTIL
 from onnxopt.budget import Proposal
 from onnxopt.edit import nbytes
 from onnxopt.graph import export_graph
+from onnxopt.errors import UsageError
 from onnxopt.names import fresh_name
 from onnxopt.ops import FLOAT_DTYPES, is_default_domain, output_channel_axis
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
@@ -271,6 +272,19 @@ class QuantizeStatic(Pass):
         stats = collect(export_graph(graph, ctx.template),
                         {n: channel.get(n) for n in sorted(names)}, feeds)
         self._stats = stats
+        # A tensor the calibration feeds never gave a finite value of has no range: its node
+        # stays float (quantizing it with scale 1.0 would be a guess); none at all is bad data.
+        unseen = sorted(n for n in names if stats[n].count == 0)
+        if unseen and len(unseen) == len(names):
+            raise UsageError(f"calibration data gave no finite value of any tensor to quantize "
+                             f"(e.g. '{unseen[0]}'): all NaN, infinite or empty feeds?")
+        for site in [s for s in sites if stats[s.x.name].count == 0]:
+            refused["no finite calibration value"] += 1
+            self._float[_group(site.node)] = "no finite calibration value"
+            sites.remove(site)
+        for site in sites:
+            if site.output is not None and stats[site.output.name].count == 0:
+                site.output = None
         self._ranges = {n: tensor_range(stats[n], o.calibration, o.percentile, dtype)
                         for n in names}
         self._calibration = {"method": o.calibration, "feeds": stats.feeds,

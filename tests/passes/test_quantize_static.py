@@ -256,3 +256,26 @@ def test_gemm_output_is_quantized_so_it_fuses_into_qgemm(tmp_path):
     assert fused["QGemm"] == 1 and fused["Gemm"] == 0
     ref, quant = _session(model), _session(out)
     assert min(_cosine(ref.run(None, f)[0], quant.run(None, f)[0]) for f in feeds) > 0.999
+
+
+def test_calibration_without_finite_values_is_refused_not_guessed():
+    """All-NaN calibration feeds give no range: a clear UsageError (exit 2), never QDQ with a
+    guessed scale of 1.0; a tensor that only some feeds leave non-finite is calibrated."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxopt import UsageError, optimize
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16])],
+        [numpy_helper.from_array(rng.normal(size=(32, 16)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    good = [{"x": rng.normal(size=(4, 32)).astype(np.float32)} for _ in range(2)]
+    nan = [{"x": np.full((4, 32), np.nan, np.float32)}]
+    with pytest.raises(UsageError, match="no finite value"):
+        optimize(model, quantize="int8-static", inputs=good, calibration=nan)
+    _, report = optimize(model, quantize="int8-static", inputs=good, calibration=good + nan)
+    stats = next(r.stats for r in report.passes if r.name == "quantize_static")
+    assert stats["nodes_quantized"] == 1 and report.validation.passed
