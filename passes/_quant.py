@@ -14,10 +14,13 @@ CVPR, section 2.1).
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxopt.edit import nbytes
 
 #: Largest magnitude of the symmetric int8 weight grid.
 QMAX = 127
@@ -167,3 +170,21 @@ def spread(magnitudes: np.ndarray) -> float:
     equalization reduce); infinite when the median is 0."""
     median = float(np.median(magnitudes))
     return float(magnitudes.max() / median) if median > 0 else float("inf")
+
+
+def weight_summary(result, accepted: list, scheme: str, stored: dict[int, int]) -> dict:
+    """The statistics every initializer-quantizing pass reports once the drift budget decided:
+    ``tensors_quantized``, ``scheme``, ``proposed``, ``accepted``, ``refused`` (with the
+    proposals the budget kept float), ``bytes_before`` (float data of the accepted tensors) and
+    ``bytes_after`` (what replaced them: ``stored`` by ``id`` of the tensor)."""
+    refused = collections.Counter(result.stats.get("refused", {}))
+    kept = len(result.proposals) - len(accepted)
+    if kept:
+        refused["kept float: drift budget"] += kept
+    return {
+        "tensors_quantized": len(accepted), "scheme": scheme,
+        "proposed": len(result.proposals), "accepted": len(accepted),
+        "refused": dict(sorted(refused.items())),
+        "bytes_before": sum(nbytes(p.tensor) for p in accepted),
+        "bytes_after": sum(stored.get(id(p.tensor), 0) for p in accepted),
+    }

@@ -65,12 +65,12 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.budget import Proposal
-from onnxopt.edit import input_slots, nbytes
+from onnxopt.edit import input_slots
 from onnxopt.names import fresh_name
 from onnxopt.ops import weight_slot
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.passes._quant import (QuantizeOptions, dequantize, import_domain,
-                                   quantize_symmetric, weight_refusal)
+                                   quantize_symmetric, weight_refusal, weight_summary)
 
 #: Tables with fewer elements stay float.
 MIN_ELEMENTS = 16
@@ -234,17 +234,7 @@ class QuantizeEmbeddings(Pass):
                "Gather"
 
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
-        refused = collections.Counter(result.stats.get("refused", {}))
-        kept = len(result.proposals) - len(accepted)
-        if kept:
-            refused["kept float: drift budget"] += kept
-        return {
-            "tensors_quantized": len(accepted), "scheme": self.scheme,
-            "proposed": len(result.proposals), "accepted": len(accepted),
-            "refused": dict(sorted(refused.items())),
-            "bytes_before": sum(nbytes(p.tensor) for p in accepted),
-            "bytes_after": sum(self._stored[id(p.tensor)] for p in accepted),
-        }
+        return weight_summary(result, accepted, self.scheme, self._stored)
 
     def _rewrite(self, root: gs.Graph, g: gs.Graph, t: gs.Constant, q: np.ndarray,
                  scale: np.ndarray, zero_point: np.ndarray | None):

@@ -95,7 +95,8 @@ from onnxopt.edit import input_slots
 from onnxopt.names import fresh_name
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import QuantizeOptions, import_domain, weight_refusal
+from onnxopt.passes._quant import (QuantizeOptions, import_domain, weight_refusal,
+                                   weight_summary)
 
 #: Block sizes offered (onnxruntime's MatMulNBits returned zeros at 512).
 BLOCK_SIZES = (32, 64, 128)
@@ -468,21 +469,11 @@ class QuantizeInt4(Pass):
 
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         o = self.options
-        refused = collections.Counter(result.stats.get("refused", {}))
-        kept = len(result.proposals) - len(accepted)
-        if kept:
-            refused["kept float: drift budget"] += kept
         form = "MatMulNBits" if o.contrib_ops else "DequantizeLinear"
-        stats = {
-            "tensors_quantized": len(accepted),
-            "scheme": f"{'int4 symmetric' if o.symmetric else 'uint4 asymmetric'}, "
-                      f"block {o.block_size} along K, {form}",
-            "method": o.method, "block_size": o.block_size,
-            "proposed": len(result.proposals), "accepted": len(accepted),
-            "refused": dict(sorted(refused.items())),
-            "bytes_before": sum(int(p.tensor.values.nbytes) for p in accepted),
-            "bytes_after": sum(self._stored.get(id(p.tensor), 0) for p in accepted),
-        }
+        scheme = (f"{'int4 symmetric' if o.symmetric else 'uint4 asymmetric'}, "
+                  f"block {o.block_size} along K, {form}")
+        stats = {**weight_summary(result, accepted, scheme, self._stored),
+                 "method": o.method, "block_size": o.block_size}
         eight = [p.name for p in accepted if id(p.tensor) in self._eight_bit]
         if eight:
             stats["eight_bit"] = eight

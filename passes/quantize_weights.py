@@ -78,13 +78,13 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import UseDef
 from onnxopt.budget import Proposal
-from onnxopt.edit import input_slots, nbytes, replace_uses
+from onnxopt.edit import input_slots, replace_uses
 from onnxopt.graph import opset_version
 from onnxopt.names import fresh_name
 from onnxopt.ops import output_channel_axis, weight_slot
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.passes._quant import (QuantizeOptions, broadcastable, dequantize,
-                                   quantize_symmetric, weight_refusal)
+                                   quantize_symmetric, weight_refusal, weight_summary)
 
 #: Weights with fewer elements stay float: the scale and zero point would cost as much as they save.
 MIN_ELEMENTS = 16
@@ -180,18 +180,8 @@ class QuantizeWeights(Pass):
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         counts = collections.Counter(
             "per_tensor" if self._axes[id(p.tensor)] is None else "per_channel" for p in accepted)
-        refused = collections.Counter(result.stats.get("refused", {}))
-        kept = len(result.proposals) - len(accepted)
-        if kept:
-            refused["kept float: drift budget"] += kept
-        return {
-            "tensors_quantized": len(accepted), "scheme": self._scheme,
-            "proposed": len(result.proposals), "accepted": len(accepted),
-            "per_channel": counts["per_channel"], "per_tensor": counts["per_tensor"],
-            "refused": dict(sorted(refused.items())),
-            "bytes_before": sum(nbytes(p.tensor) for p in accepted),
-            "bytes_after": sum(self._stored[id(p.tensor)] for p in accepted),
-        }
+        return {**weight_summary(result, accepted, self._scheme, self._stored),
+                "per_channel": counts["per_channel"], "per_tensor": counts["per_tensor"]}
 
     def _rewrite(self, root: gs.Graph, g: gs.Graph, t: gs.Constant, q: np.ndarray,
                  scale: np.ndarray, axis: int | None, per_axis: bool):

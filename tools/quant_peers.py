@@ -96,25 +96,37 @@ def to_opset13(model: onnx.ModelProto, notes: list[str],
     return fold_initializer_casts(model, notes) if fold_casts else model
 
 
-def constants_to_initializers(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-    """Move the tensors of main-graph Constant nodes into initializers (in place)."""
-    moved = 0
-    kept = []
+def _nodes_to_initializers(model: onnx.ModelProto, notes: list[str], lift, note: str
+                           ) -> onnx.ModelProto:
+    """Replace each main-graph node for which ``lift(node)`` returns a TensorProto (named as the
+    node's output) by that initializer (in place); ``note`` gets the count."""
+    kept, lifted = [], 0
     for node in model.graph.node:
-        value = next((a for a in node.attribute if a.name == "value"), None)
-        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value.t)
-            tensor.name = node.output[0]
-            model.graph.initializer.append(tensor)
-            moved += 1
-        else:
+        tensor = lift(node)
+        if tensor is None:
             kept.append(node)
-    if moved:
+        else:
+            model.graph.initializer.append(tensor)
+            lifted += 1
+    if lifted:
         del model.graph.node[:]
         model.graph.node.extend(kept)
-        notes.append(f"moved {moved} Constant-node tensors to initializers by hand")
+        notes.append(note.format(lifted))
     return model
+
+
+def constants_to_initializers(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """Move the tensors of main-graph Constant nodes into initializers (in place)."""
+    def lift(node):
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type != "Constant" or value is None or len(node.attribute) != 1:
+            return None
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value.t)
+        tensor.name = node.output[0]
+        return tensor
+    return _nodes_to_initializers(model, notes, lift,
+                                  "moved {} Constant-node tensors to initializers by hand")
 
 
 def fold_initializer_casts(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
@@ -123,22 +135,16 @@ def fold_initializer_casts(model: onnx.ModelProto, notes: list[str]) -> onnx.Mod
     from onnx import numpy_helper
 
     initializers = {t.name: t for t in model.graph.initializer}
-    kept, folded = [], 0
-    for node in model.graph.node:
-        if node.op_type == "Cast" and node.input[0] in initializers:
-            to = onnx.helper.get_attribute_value(node.attribute[0])
-            value = numpy_helper.to_array(initializers[node.input[0]])
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(to)
-            model.graph.initializer.append(numpy_helper.from_array(value.astype(dtype),
-                                                                   node.output[0]))
-            folded += 1
-        else:
-            kept.append(node)
-    if folded:
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
-        notes.append(f"folded {folded} Cast nodes of initializers by hand (NNCF crashes on them)")
-    return model
+
+    def lift(node):
+        if node.op_type != "Cast" or node.input[0] not in initializers:
+            return None
+        to = onnx.helper.get_attribute_value(node.attribute[0])
+        value = numpy_helper.to_array(initializers[node.input[0]])
+        return numpy_helper.from_array(value.astype(onnx.helper.tensor_dtype_to_np_dtype(to)),
+                                       node.output[0])
+    return _nodes_to_initializers(model, notes, lift, "folded {} Cast nodes of initializers by "
+                                  "hand (NNCF crashes on them)")
 
 
 # --- onnxopt (project venv) -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import zoo_files
+from helpers import zoo_files, session
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import optimize
@@ -32,11 +32,7 @@ def _model(nodes, initializers, opset=17):
 
 
 def _run(model, feed):
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feed)[0]
+    return session(model).run(None, feed)[0]
 
 
 def _feeds(n=4):
