@@ -73,10 +73,6 @@ class Scope:
         a subgraph's outputs)."""
         return any(o is t for o in self.graph.outputs)
 
-    def is_input(self, t: gs.Tensor) -> bool:
-        """Whether ``t`` is an input of this scope's graph."""
-        return any(i is t for i in self.graph.inputs)
-
     def fresh(self, base: str) -> str:
         """A name no tensor of the model uses (see ``onnxopt.names``)."""
         return fresh_name(self.root, base)
