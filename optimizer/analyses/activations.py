@@ -69,6 +69,8 @@ class TensorStats:
             square root is the L2 norm of input feature ``j`` (Wanda's ``||x_j||_2``).
         channel_absmax: ``max |x|`` per channel (float64, ``[C]``; SmoothQuant's ``max |X_j|``).
         channel_abs_sum: ``sum |x|`` per channel (float64, ``[C]``; see ``channel_abs_mean``).
+        channel_sum: ``sum x`` per channel (float64, ``[C]``; see ``channel_mean``: the input
+            mean that bias correction propagates through a changed weight).
         rows: how many vectors along the channel axis were seen (the divisor of the means).
         gram: ``X^T X`` over every row seen (float64, ``[C, C]``) when ``wants_gram`` and
             ``C <=`` :data:`GRAM_MAX_CHANNELS`, else None.
@@ -87,6 +89,7 @@ class TensorStats:
     channel_sq_sum: np.ndarray | None = None
     channel_absmax: np.ndarray | None = None
     channel_abs_sum: np.ndarray | None = None
+    channel_sum: np.ndarray | None = None
     rows: int = 0
     gram: np.ndarray | None = None
     wants_gram: bool = False
@@ -108,16 +111,18 @@ class TensorStats:
             moved = np.moveaxis(np.where(np.isfinite(x), x, 0.0), self.channel_axis, -1)
             flat = moved.reshape(-1, moved.shape[-1])
             sq, amax = (flat * flat).sum(axis=0), np.abs(flat).max(axis=0, initial=0.0)
-            asum = np.abs(flat).sum(axis=0)
+            asum, total = np.abs(flat).sum(axis=0), flat.sum(axis=0)
             gram = flat.T @ flat if self.wants_gram and flat.shape[1] <= GRAM_MAX_CHANNELS \
                 else None
             if self.channel_sq_sum is None or self.channel_sq_sum.shape != sq.shape:
                 self.channel_sq_sum, self.channel_absmax = sq, amax
                 self.channel_abs_sum, self.gram, self.rows = asum, gram, flat.shape[0]
+                self.channel_sum = total
             else:
                 self.channel_sq_sum = self.channel_sq_sum + sq
                 self.channel_absmax = np.maximum(self.channel_absmax, amax)
                 self.channel_abs_sum = self.channel_abs_sum + asum
+                self.channel_sum = self.channel_sum + total
                 self.rows += flat.shape[0]
                 if gram is not None and self.gram is not None:
                     self.gram += gram
@@ -147,6 +152,13 @@ class TensorStats:
         if self.channel_abs_sum is None or self.rows == 0:
             return None
         return self.channel_abs_sum / self.rows
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean ``x_j`` per channel over the rows seen (float64, ``[C]``), or None."""
+        if self.channel_sum is None or self.rows == 0:
+            return None
+        return self.channel_sum / self.rows
 
     def percentile_range(self, percentile: float) -> tuple[float, float]:
         """The symmetric ``(-a, a)`` holding ``percentile`` % of the values seen (bin
