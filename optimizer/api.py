@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import zlib
 from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
@@ -25,8 +26,9 @@ from onnxopt.layerwise import compare_layerwise, first_divergence
 from onnxopt.budget import DriftBudget
 from onnxopt.metrics import Criterion, as_setting, parse_criteria
 from onnxopt.opset import OpsetUpgradeError, default_opset, upgrade
-from onnxopt.pass_manager import PassContext, PassManager, PassRecord
-from onnxopt.pipeline import SETTINGS, Pipeline, PassSpec, build_pipeline, load_config
+from onnxopt.pass_manager import PassContext, PassManager, PassRecord, is_auto
+from onnxopt.pipeline import (SETTINGS, STRENGTH_OPTIONS, Pipeline, PassSpec, build_pipeline,
+                              load_config)
 from onnxopt.report import Report
 from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
                                 compare_models)
@@ -41,6 +43,30 @@ MaxDrift = Union[float, str, dict, Sequence[Criterion]]
 #: Margin of a second budget decision when the first one's result fails validation (see
 #: ``onnxopt.budget``; the first uses 0.1).
 BUDGET_RETRY_MARGIN = 0.5
+
+#: zlib level of the compressed sizes in the report of a pruning or clustering run (gzip's
+#: default).
+COMPRESSION_LEVEL = 6
+
+
+def _compressed_size(path: str | os.PathLike | None, data: bytes | None) -> int | None:
+    """zlib-compressed bytes (:data:`COMPRESSION_LEVEL`) of the model file at ``path`` (with its
+    external data file ``<path>.data``, if any), else of ``data``; None when neither is at
+    hand."""
+    compressor = zlib.compressobj(COMPRESSION_LEVEL)
+    size = 0
+    if path is not None:
+        for name in (str(path), f"{path}.data"):
+            if os.path.exists(name):
+                with open(name, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        size += len(compressor.compress(chunk))
+    elif data is not None:
+        size += len(compressor.compress(data))
+    else:
+        return None
+    return size + len(compressor.flush())
+
 
 def _version() -> str:
     from onnxopt import __version__
@@ -127,11 +153,12 @@ def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | No
 
 def _settings(config, given: dict) -> dict:
     """The run's settings: keywords given explicitly win over ``config``, which wins over the
-    defaults; ``skip`` names from both are left out."""
+    defaults; ``skip`` names from both are left out; ``explicit``: the keys not defaulted."""
     from_config = load_config(config) if config is not None else {}
     run = {k: given[k] if given.get(k) is not None else from_config.get(k, default)
            for k, (_, _, default) in SETTINGS.items()}
     run["skip"] = list(dict.fromkeys([*from_config.get("skip", ()), *(given["skip"] or ())]))
+    run["explicit"] = {k for k in SETTINGS if given.get(k) is not None or k in from_config}
     return run
 
 
@@ -148,7 +175,8 @@ def _upgrade_for(model: onnx.ModelProto, pipeline: Pipeline
     source = default_opset(model)
     wanted = [p.upgrade_opset for p in pipeline.passes
               if p.upgrade_opset is not None and p.upgrade_opset > source
-              and p.applies_to(source) is not None and p.applies_to(p.upgrade_opset) is None]
+              and p.applies_to(source) is not None and p.applies_to(p.upgrade_opset) is None
+              and p.wants_upgrade(model)]
     if not wanted:
         return model, None, None
     target = max(wanted)
@@ -171,7 +199,7 @@ def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContex
 
 def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[str] | None = None,
              options: dict[str, dict] | None = None, config=None,
-             prune_threshold: float | None = None, quantize: str | None = None,
+             quantize: str | None = None,
              quantize_exclude: Sequence[str] | None = None,
              quantize_ops: Sequence[str] | None = None,
              validate: bool | None = None, inputs: Feeds = None,
@@ -184,7 +212,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
              strict: bool | None = None, layerwise: bool | None = None,
              on_pass: Callable[[PassRecord], None] | None = None,
              output: str | os.PathLike | None = None, external_data: bool | None = None,
-             keep_invalid: bool = False) -> tuple[onnx.ModelProto, Report]:
+             keep_invalid: bool = False, **sugar) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and check it still computes the same outputs.
 
     Args:
@@ -196,7 +224,14 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             ``Options``; ``onnxopt passes`` lists them).
         config: a TOML file (or the dict it parses to) giving the pipeline and validation
             settings (see ``onnxopt.pipeline``); keywords given here win over it.
-        prune_threshold: sugar for the ``prune`` pass with that ``threshold`` (lossy).
+        sugar: option sugar for the pruning and clustering passes
+            (``onnxopt.pipeline.OPTION_SUGAR``): ``prune_threshold``, ``prune_relative``,
+            ``prune_sparsity`` (a fraction or ``"auto"``), ``prune_scope``, ``prune_pattern``
+            (``"2:4"``), ``prune_importance``, ``prune_reconstruct``, ``prune_allocation``,
+            ``sparse_storage``, ``prune_channels`` (FLOP fraction or ``"auto"``),
+            ``cluster_weights`` (K or ``"auto"``), ``cluster_per_channel``; each adds its pass.
+            A strength ``"auto"`` is searched against ``max_drift``, which must then be given
+            (see ``onnxopt.strength``).
         quantize: a mode of ``onnxopt.pipeline.QUANTIZE_MODES`` (``"int8-weight"``,
             ``"int8-static"``, ...): sugar for its passes (lossy). A pass of the mode whose opset
             the model is below, and that declares ``upgrade_opset``, gets the model converted
@@ -261,10 +296,14 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     if fold_size_limit is not None:
         pass_options.setdefault("fold_constants", {})["size_limit"] = fold_size_limit
     pipeline = build_pipeline(run["passes"], run["skip"], options=pass_options,
-                              prune_threshold=prune_threshold, quantize=run["quantize"],
+                              quantize=run["quantize"],
                               quantize_exclude=run["quantize_exclude"],
                               quantize_ops=run["quantize_ops"],
-                              max_iterations=run["max_iterations"])
+                              max_iterations=run["max_iterations"], **sugar)
+    searched = [p.name for p in pipeline.lossy if is_auto(p)]
+    if searched and not (validate and "max_drift" in run["explicit"]):
+        raise UsageError(f"{', '.join(searched)}: a strength of 'auto' is searched against the "
+                         "drift you accept: give --max-drift (max_drift) and validation inputs")
     protect = []
     if isinstance(model, (str, os.PathLike)) and output is not None:
         protect = io.protected_files(model, [output, f"{output}.data"])
@@ -364,6 +403,13 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                       serialized=serialized)
         report.output = str(output)
         report.after.file_bytes = os.path.getsize(output)
+    if any(r.modified and r.name in STRENGTH_OPTIONS for r in report.passes):
+        # zeros and shared values pay off only under compression: measured once, at the end
+        report.compressed = {
+            "level": COMPRESSION_LEVEL,
+            "before": _compressed_size(model if isinstance(model, (str, os.PathLike))
+                                       else None, original_bytes),
+            "after": _compressed_size(report.output, serialized)}
     report.seconds = time.perf_counter() - start
     if raise_on_failure and (failed or (strict and report.rolled_back)):
         reason = (report.validation.reason if failed else

@@ -210,13 +210,16 @@ class DriftBudget:
             self._references = [run_model(session, f, "original model") for f in self.feeds]
         return self._references
 
-    def decide(self, graph: gs.Graph, template: onnx.ModelProto,
-               proposals: list[Proposal]) -> Decision:
-        """Choose the groups of proposals to accept (see the module docstring) and apply their
-        proposals, in the order given. The graph is otherwise left as it was.
+    def _scorer(self, graph: gs.Graph, template: onnx.ModelProto, proposals: list[Proposal],
+                fallback: list[Proposal] = ()) -> tuple[Callable, list[Proposal], list[str],
+                                                        Callable[[], int]]:
+        """The evaluation machinery of a set of proposals (see the module docstring).
 
-        Raises:
-            InputError: onnxruntime cannot run the model on the feeds.
+        Returns ``(score, chosen, groups, evaluations)``: ``score(applied, feeds=None)`` gives
+        each criterion's worst value with the groups ``applied`` (names) and the others at their
+        base value -- the ``fallback`` proposal's value for its tensor, else the current one;
+        ``chosen`` are the proposals decided (one per initializer: the first), ``groups`` their
+        group names in order, ``evaluations()`` the number of scores so far.
         """
         from onnxopt.validate import make_session
 
@@ -229,11 +232,16 @@ class DriftBudget:
                 weights[p.name] = p
             chosen.append(p)
         groups = list(dict.fromkeys(p.key for p in chosen))
-        originals = {n: np.asarray(p.tensor.values) for n, p in weights.items()}
+        base = {p.name: p.value for p in fallback if p.simulate is None}
+        originals = {n: base[n] if n in base else np.asarray(p.tensor.values)
+                     for n, p in weights.items()}
+        # A fallback tensor no proposal replaces is fed its fallback value as well.
+        extra = {n: v for n, v in base.items() if n not in originals}
         model, gates = _evaluation_model(graph, template,
                                          [p for p in chosen if p.simulate is not None])
         for g in graph_protos(model.graph):
-            moved = [init for init in g.initializer if init.name in originals]
+            moved = [init for init in g.initializer
+                     if init.name in originals or init.name in extra]
             for init in moved:
                 g.initializer.remove(init)
                 model.graph.input.append(onnx.helper.make_tensor_value_info(
@@ -241,13 +249,14 @@ class DriftBudget:
         session = make_session(model, "model with lossy proposals", optimized=True)
         inputs = [i.name for i in session.get_inputs()]
         references = self.references()
-        evaluations = 0
+        count = 0
 
         def score(applied: set[str], feeds: int | None = None) -> dict[str, float]:
-            nonlocal evaluations
-            evaluations += 1
+            nonlocal count
+            count += 1
             values = {n: weights[n].value if weights[n].key in applied else v
                       for n, v in originals.items()}
+            values.update(extra)
             values.update({gate: np.array(key in applied) for key, gate in gates.items()})
             tallies: dict[tuple[str, int], Tally] = {}
             for feed, ref in zip(self.feeds[:feeds], references[:feeds]):
@@ -261,6 +270,41 @@ class DriftBudget:
                     break  # a worst-feed criterion already fails: the other feeds cannot help
             return self._worst(tallies)
 
+        return score, chosen, groups, lambda: count
+
+    def evaluate(self, graph: gs.Graph, template: onnx.ModelProto,
+                 proposals: list[Proposal]) -> tuple[dict[str, float], bool]:
+        """Each criterion's worst value over outputs and feeds with every proposal applied (the
+        graph is left as it was), and whether that is within budget (the targets, margin
+        included). Used by the strength search (``onnxopt.pass_manager``) to score a setting.
+
+        Raises:
+            InputError: onnxruntime cannot run the model on the feeds.
+        """
+        score, _, groups, _ = self._scorer(graph, template, proposals)
+        scores = score(set(groups))
+        return scores, self.within(scores)
+
+    def decide(self, graph: gs.Graph, template: onnx.ModelProto,
+               proposals: list[Proposal], fallback: list[Proposal] = (),
+               apply: bool = True) -> Decision:
+        """Choose the groups of proposals to accept (see the module docstring) and apply their
+        proposals, in the order given. The graph is otherwise left as it was.
+
+        Args:
+            fallback: weight proposals standing for the state of a group left out (instead of
+                the current value): the strength search's weaker setting, so that a tensor whose
+                stronger proposal harms stays at the weaker one. Accepted proposals replace the
+                fallback of their tensors; the returned ``accepted`` lists the fallback proposals
+                still in force after them (a fallback group is in force only when none of its
+                tensors is replaced; the caller offers only groups that replace whole fallback
+                groups). Fallback proposals are applied too.
+            apply: False leaves the graph alone (the caller applies ``accepted``).
+
+        Raises:
+            InputError: onnxruntime cannot run the model on the feeds.
+        """
+        score, chosen, groups, evaluations = self._scorer(graph, template, proposals, fallback)
         score_all = score(set(groups))
         kept: list[str] = []
         sensitivity: dict[str, dict[str, float]] = {}
@@ -285,10 +329,13 @@ class DriftBudget:
             kept.sort(key=lambda g: sign * sensitivity.get(g, {}).get(first.name, 0.0))
             score_final = score(set(groups) - set(kept))
         accepted = [p for p in chosen if p.key not in kept]
-        for p in accepted:
+        replaced = {p.name for p in accepted}
+        dropped = {p.key for p in fallback if p.name in replaced}
+        accepted = [p for p in fallback if p.key not in dropped] + accepted
+        for p in accepted if apply else ():
             p.apply()
         return Decision(accepted, [p for p in chosen if p.key in kept], dict(self.targets),
-                        score_all, score_final, evaluations, sensitivity, kept)
+                        score_all, score_final, evaluations(), sensitivity, kept)
 
 
 def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: list[Proposal]

@@ -92,7 +92,8 @@ def _write_html(report: Report, path: str) -> None:
     write_html(report, path)
 
 
-def _size_table(before: ModelStats, after: ModelStats, seconds: float | None) -> Table:
+def _size_table(before: ModelStats, after: ModelStats, seconds: float | None,
+                compressed: dict | None = None) -> Table:
     table = _table(title="Model before and after", show_lines=False)
     table.add_column("")
     table.add_column("before", justify="right")
@@ -113,6 +114,9 @@ def _size_table(before: ModelStats, after: ModelStats, seconds: float | None) ->
     row("parameters", before.parameters, after.parameters, lambda v: f"{v:,}")
     row("parameter bytes", before.parameter_bytes, after.parameter_bytes, human_bytes)
     row("file size", before.file_bytes, after.file_bytes, human_bytes)
+    if compressed and compressed.get("before") is not None and compressed.get("after") is not None:
+        row(f"compressed file (zlib {compressed['level']})", compressed["before"],
+            compressed["after"], human_bytes)
     if seconds is not None:
         table.add_row("time", "", f"{seconds:.2f} s", "")
     return table
@@ -126,6 +130,31 @@ def _pass_table(report: Report) -> Table:
     table.add_column("time", justify="right")
     for name, runs, stats, secs in pass_summary(report.passes):
         table.add_row(name, str(runs), _escape(format_stats(stats)), f"{secs * 1000:.0f} ms")
+    return table
+
+
+def _search_table(name: str, search: dict) -> Table:
+    """The path of a strength search (``onnxopt.strength``): one row per setting tried."""
+    path = search.get("path", [])
+    metrics = [k for k in dict.fromkeys(k for row in path for k in row)
+               if k not in ("setting", "within", "size_bytes", "compressed_bytes", "proposals")]
+    ratio = search.get("latency_ratio")
+    upgraded = search.get("per_layer", {})
+    table = _table(title=f"Strength search of {name} ({search.get('option')}): chose "
+                         f"{search.get('chosen')}"
+                         + (f", {len(upgraded)} group(s) one or more settings stronger"
+                            if upgraded else "")
+                         + (f"; latency x{ratio:.3f} (noisy)" if ratio is not None else "")
+                         + ("" if search.get("met_budget", True) else "; no setting met the budget"))
+    for col in ("setting", *metrics, "within", "size", "compressed (zlib 1)"):
+        table.add_column(_escape(col), justify="right")
+    for row in sorted(path, key=lambda r: search.get("ladder", []).index(r["setting"])
+                      if r["setting"] in search.get("ladder", []) else 0):
+        chosen = row["setting"] == search.get("chosen")
+        table.add_row(f"{row['setting']}" + (" *" if chosen else ""),
+                      *("-" if row.get(m) is None else f"{row[m]:.6g}" for m in metrics), "yes" if row["within"] else "no",
+                      human_bytes(row.get("size_bytes", 0)),
+                      human_bytes(row.get("compressed_bytes", 0)))
     return table
 
 
@@ -244,8 +273,36 @@ def _parser() -> argparse.ArgumentParser:
                                     "lossless pipeline (see `onnxopt passes`)")
     p.add_argument("--skip", action="append", default=[], metavar="PASS",
                    help="leave out a pass (repeatable, or comma-separated)")
-    p.add_argument("--prune-threshold", type=float, metavar="T",
-                   help="set weight values with |w| < T to zero (lossy)")
+    g = p.add_argument_group(
+        "pruning and clustering (lossy; a strength of 'auto' is searched for the strongest "
+        "setting within --max-drift)")
+    g.add_argument("--prune-threshold", type=float, metavar="T",
+                   help="set weight values with |w| < T to zero")
+    g.add_argument("--prune-relative", type=float, metavar="R",
+                   help="set weight values below R times a per-tensor scale to zero")
+    g.add_argument("--prune-sparsity", type=_or_auto(float), metavar="S|auto",
+                   help="fraction of each weight's values set to zero (see --prune-scope)")
+    g.add_argument("--prune-scope", choices=("tensor", "row", "global"),
+                   help="where --prune-sparsity is counted: per tensor, per output row, or "
+                        "across all weights")
+    g.add_argument("--prune-pattern", metavar="N:M",
+                   help="semi-structured sparsity: N zeros in every M values (e.g. 2:4)")
+    g.add_argument("--prune-importance", choices=("magnitude", "activation"),
+                   help="what ranks the values: |w|, or |w| x the input feature's norm over "
+                        "the calibration data (Wanda)")
+    g.add_argument("--prune-reconstruct", action="store_true", default=None,
+                   help="refit each pruned layer's remaining weights by least squares to the "
+                        "original layer's outputs on calibration data (SparseGPT-style)")
+    g.add_argument("--prune-allocation", choices=("uniform", "sensitivity"),
+                   help="sparsity per layer: the same everywhere, or by measured sensitivity")
+    g.add_argument("--sparse-storage", action="store_true", default=None,
+                   help="store large sparse initializers as ONNX sparse tensors")
+    g.add_argument("--prune-channels", type=_or_auto(float), metavar="FLOPS|auto",
+                   help="remove whole channels: the fraction of the weighted ops' FLOPs to cut")
+    g.add_argument("--cluster-weights", type=_or_auto(int), metavar="K|auto",
+                   help="k-means clustering of each large weight into K <= 256 shared values")
+    g.add_argument("--cluster-per-channel", action="store_true", default=None,
+                   help="one codebook per output channel instead of per tensor")
     p.add_argument("--quantize", choices=sorted(QUANTIZE_MODES),
                    help="quantization mode (lossy): " + "; ".join(
                        f"{mode}: {', '.join(passes)}" for mode, passes in QUANTIZE_MODES.items()))
@@ -296,6 +353,28 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("passes", help="list the registered passes")
     return parser
+
+
+def _or_auto(kind: type):
+    """An argparse type: a number of ``kind`` (float or int), or ``auto`` (the strength
+    search)."""
+    def parse(text: str):
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return kind(text)
+        except ValueError:
+            wanted = "a number" if kind is float else "an integer"
+            raise argparse.ArgumentTypeError(f"expected {wanted} or 'auto', got {text!r}") from None
+    return parse
+
+
+def _sugar(args) -> dict:
+    """The option-sugar flags given (``--prune-sparsity`` ...) as keywords of
+    ``onnxopt.optimize`` (``onnxopt.pipeline.OPTION_SUGAR``: the flags' ``args`` names)."""
+    from onnxopt.pipeline import OPTION_SUGAR
+
+    return {k: getattr(args, k) for k in OPTION_SUGAR if getattr(args, k, None) is not None}
 
 
 def _split(values: list[str]) -> list[str]:
@@ -383,7 +462,7 @@ def _cmd_optimize(args, out: _Out) -> int:
     with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
         _, report = api.optimize(
             args.model, passes=passes, skip=_split(args.skip) or None, config=args.config,
-            prune_threshold=args.prune_threshold, quantize=args.quantize,
+            quantize=args.quantize,
             quantize_exclude=_split(args.quantize_exclude) if args.quantize_exclude else None,
             quantize_ops=_split(args.quantize_ops) if args.quantize_ops else None,
             validate=False if args.no_validate else None, inputs=args.inputs,
@@ -394,15 +473,19 @@ def _cmd_optimize(args, out: _Out) -> int:
             max_iterations=args.max_iterations, raise_on_failure=False,
             strict=args.strict or None, on_pass=on_pass, layerwise=args.layerwise or None,
             output=args.output,
-            external_data=True if args.external_data else None, keep_invalid=args.keep_invalid)
+            external_data=True if args.external_data else None, keep_invalid=args.keep_invalid,
+            **_sugar(args))
     passed = (report.validation is None or report.validation.passed) and \
         not (report.strict and report.rolled_back)
     report.before.file_bytes = Path(args.model).stat().st_size
     if write_report:  # before anything is printed: a reader that goes away stops nothing
         write_report(report, args.report)
     if not args.quiet:
-        out.show(_size_table(report.before, report.after, report.seconds))
+        out.show(_size_table(report.before, report.after, report.seconds, report.compressed))
         out.show(_pass_table(report))
+        for record in report.passes:
+            if isinstance(record.stats.get("search"), dict):
+                out.show(_search_table(record.name, record.stats["search"]))
         if report.opset_upgrade:
             out.line(f" {report.opset_upgrade['from']} -> {report.opset_upgrade['to']} (for the "
                      "passes that need it; validated against the original)", "opset upgraded",

@@ -1,7 +1,8 @@
 """The report of a run as one self-contained HTML page (inline CSS and SVG; no script, no assets).
 
 Sections, top to bottom: the header (tool version, command, model, verdict, run time), the model
-before and after (nodes per op type, totals, parameters, file size), the passes (runs, summed
+before and after (nodes per op type, totals, parameters, file size, and after pruning or
+clustering the compressed file size), the passes (runs, summed
 statistics, time; an opset upgrade), the validation (per output: max abs, max rel, mean abs
 error, cosine similarity, SNR in dB, relative L2 error; lossy: argmax and top-5 agreement and the
 criteria's other metrics), the rolled-back passes, and a drift chart:
@@ -11,6 +12,11 @@ criteria's other metrics), the rolled-back passes, and a drift chart:
   tensor in the order given (topological): its SNR in dB, or its max abs error when no SNR is
   finite; the first divergence is marked;
 * otherwise one horizontal bar per output: its SNR in dB, labelled with the cosine similarity.
+
+A pass whose strength was searched (``stats.search``, see ``onnxopt.strength``) gets a section
+of its own: the path of the search as a table (setting, each criterion's worst value, within the
+budget or not, sizes) and a line chart of the first criterion against the setting, in ladder
+order, with the budget's target as a dashed line and the chosen setting marked.
 
 A layer-wise comparison also gets its own section: the first diverging tensor with the node
 producing it in each model, and (lossy) the nodes adding the most error.
@@ -85,7 +91,7 @@ def render_html(report: Report) -> str:
     """The HTML page of ``report`` (see the module docstring)."""
     sections = [_header(report), _model_section(report), _passes_section(report),
                 _validation_section(report), _rolled_back_section(report),
-                _layerwise_section(report), _chart_section(report)]
+                _layerwise_section(report), _chart_section(report), _search_section(report)]
     title = f"onnxopt {report.command}: {os.path.basename(report.model)} — {report.verdict}"
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
@@ -266,6 +272,10 @@ def _model_section(report: Report) -> str:
               ("parameters", before.parameters, after.parameters, lambda n: f"{n:,}"),
               ("parameter bytes", before.parameter_bytes, after.parameter_bytes, human_bytes),
               ("file size", before.file_bytes, after.file_bytes, human_bytes)]
+    packed = getattr(report, "compressed", None)
+    if packed and packed.get("before") is not None and packed.get("after") is not None:
+        totals.append((f"compressed file (zlib {packed['level']})", packed["before"],
+                       packed["after"], human_bytes))
     totals = [_row([_e(label), _e(fmt(b)), _e(fmt(a)), _change(b, a, relative=True)], num)
               for label, b, a, fmt in totals]
     title = "Model" if report.command == "validate" else "Model before and after"
@@ -475,6 +485,107 @@ def _layer_chart(lw: dict) -> str:
         notes.append(f"First divergence (dashed line): {first}.")
     legend = f'<p class="muted">{_e(" ".join(notes))}</p>' if notes else ""
     return "\n".join(parts) + "\n" + legend
+
+
+def _search_section(report: Report) -> str:
+    """The strength searches of the run: table and chart per searched pass."""
+    parts = []
+    for record in report.passes:
+        search = record.stats.get("search") if isinstance(record.stats, dict) else None
+        if not isinstance(search, dict) or not search.get("path"):
+            continue
+        ladder = list(search.get("ladder") or [])
+        path = sorted(search["path"], key=lambda r: ladder.index(r["setting"])
+                      if r["setting"] in ladder else len(ladder))
+        metrics = [k for k in dict.fromkeys(k for row in path for k in row)
+                   if k not in ("setting", "within", "size_bytes", "compressed_bytes",
+                                "proposals")]
+        rows = [_row([_e(row["setting"]) + (" (chosen)" if row["setting"] == search.get("chosen")
+                                             else "")]
+                     + [_fmt(row.get(m), ".6g") for m in metrics]
+                     + ["yes" if row.get("within") else "no",
+                        human_bytes(row.get("size_bytes", 0)),
+                        human_bytes(row.get("compressed_bytes", 0))],
+                     set(range(1, len(metrics) + 4)), cls="" if row.get("within") else "bad")
+                for row in path]
+        table = _table(["setting", *metrics, "within", "size", "compressed (zlib 1)"], rows,
+                       set(range(1, len(metrics) + 4)))
+        target = None
+        budget = record.stats.get("drift_budget")
+        if metrics and isinstance(budget, dict) and isinstance(budget.get("target"), dict):
+            target = _num(budget["target"].get(metrics[0]))
+        chart = _search_chart(path, metrics[0], target, search.get("chosen")) if metrics else ""
+        notes = [f"Chose {search.get('option')} = {search.get('chosen')}"
+                 + ("" if search.get("met_budget", True) else " (no setting met the budget)")
+                 + "; drift assumed monotone in the setting (bisection)."]
+        if search.get("per_layer"):
+            notes.append(f"{len(search['per_layer'])} group(s) moved to a stronger setting "
+                         "(per-layer strengths).")
+        if search.get("latency_ratio") is not None:
+            notes.append(f"Latency after / before: {search['latency_ratio']:.3f} "
+                         f"({search.get('latency_note', 'noisy')}).")
+        parts.append(f"<h3>{_e(record.name)}</h3>\n<p>{_e(' '.join(notes))}</p>\n{table}\n"
+                     f"{chart}")
+    if not parts:
+        return ""
+    return "<section>\n<h2>Strength search</h2>\n" + "\n".join(parts) + "\n</section>"
+
+
+def _search_chart(path: list[dict], metric: str, target: float | None, chosen: Any) -> str:
+    """A line chart of ``metric`` against the settings of ``path`` (in order, evenly spaced)."""
+    values = [_num(row.get(metric)) for row in path]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return ""
+    low, high = min(finite + ([target] if target is not None else [])), max(
+        finite + ([target] if target is not None else []))
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    pad = (high - low) * 0.1
+    low, high = low - pad, high + pad
+    width, height, left, right, upper, lower = 640, 260, 72, 16, 16, 44
+    plot_w, plot_h = width - left - right, height - upper - lower
+    n = len(path)
+
+    def x(i: int) -> float:
+        return left + plot_w * (i + 0.5) / n
+
+    def y(v: float) -> float:
+        return upper + plot_h * (1 - (v - low) / (high - low))
+
+    parts = [_svg_open(width, height, f"{metric} per setting")]
+    for t in (low + (high - low) * k / 4 for k in range(5)):
+        parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(t):.1f}" '
+                     f'y2="{y(t):.1f}"/><text x="{left - 6}" y="{y(t) + 4:.1f}" '
+                     f'text-anchor="end">{_e(_fmt(t, ".4g"))}</text>')
+    parts.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{upper}" y2="{upper + plot_h}"/>'
+                 f'<line class="axis" x1="{left}" x2="{width - right}" y1="{upper + plot_h}" '
+                 f'y2="{upper + plot_h}"/>')
+    parts.append(f'<text x="14" y="{upper + plot_h / 2:.0f}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {upper + plot_h / 2:.0f})">{_e(metric)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+                 'setting (weakest first)</text>')
+    if target is not None:
+        parts.append(f'<line class="marker" x1="{left}" x2="{width - right}" '
+                     f'y1="{y(target):.1f}" y2="{y(target):.1f}"><title>target '
+                     f'{_e(_fmt(target, ".6g"))}</title></line>')
+    line, points = [], []
+    for i, (row, v) in enumerate(zip(path, values)):
+        parts.append(f'<text x="{x(i):.1f}" y="{upper + plot_h + 16}" text-anchor="middle">'
+                     f'{_e(row["setting"])}</text>')
+        if v is None or not math.isfinite(v):
+            continue
+        cls = "pt" + ("" if row.get("within") else " bad") + (
+            " exact" if row["setting"] == chosen else "")
+        line.append(f"{x(i):.1f},{y(v):.1f}")
+        points.append(f'<circle class="{cls}" cx="{x(i):.1f}" cy="{y(v):.1f}" '
+                      f'r="{5 if row["setting"] == chosen else 3}"><title>{_e(row["setting"])}: '
+                      f'{_e(metric)} {_e(_fmt(v, ".6g"))}</title></circle>')
+    parts.append(f'<polyline class="line" points="{" ".join(line)}"/>')
+    parts += points
+    parts.append("</svg>")
+    return "\n".join(parts) + ('\n<p class="muted">Dashed: the budget\'s target; red: '
+                               'outside the budget; large green: the chosen setting.</p>')
 
 
 def _output_bars(report: Report) -> str:

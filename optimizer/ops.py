@@ -208,3 +208,79 @@ def weight_initializers(graph: gs.Graph, kinds: frozenset[str]) -> list[gs.Const
                          for n, i in slots):
             out.append(t)
     return out
+
+
+# --- Channel-wise ops (structured pruning, passes/prune_channels.py) -------------------------
+# Ops that act on each channel independently when every other operand is a scalar or a
+# per-channel constant (or the same activation), so removing a channel commutes with them; and a
+# numpy evaluation of each, used to check what a silenced (all-zero) or constant channel becomes.
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    import math
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def _clip(node: gs.Node, x: np.ndarray, low, high) -> np.ndarray:
+    low = node.attrs.get("min", -np.inf) if low is None else low
+    high = node.attrs.get("max", np.inf) if high is None else high
+    return np.minimum(np.maximum(x, low), high)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+_UNARY: dict[str, Callable] = {
+    "Relu": lambda n, x: np.maximum(x, 0.0),
+    "Sigmoid": lambda n, x: _sigmoid(x),
+    "HardSigmoid": lambda n, x: np.clip(n.attrs.get("alpha", 0.2) * x
+                                        + n.attrs.get("beta", 0.5), 0.0, 1.0),
+    "HardSwish": lambda n, x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "Tanh": lambda n, x: np.tanh(x),
+    "Erf": lambda n, x: _erf(x),
+    "LeakyRelu": lambda n, x: np.where(x >= 0, x, n.attrs.get("alpha", 0.01) * x),
+    "Identity": lambda n, x: x,
+    "Neg": lambda n, x: -x,
+    "Abs": lambda n, x: np.abs(x),
+    "Exp": lambda n, x: np.exp(x),
+    "Softplus": lambda n, x: np.log1p(np.exp(x)),
+    "Elu": lambda n, x: np.where(x >= 0, x, n.attrs.get("alpha", 1.0) * (np.exp(x) - 1.0)),
+    "Sqrt": lambda n, x: np.sqrt(x),
+}
+_BINARY: dict[str, Callable] = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+    "Max": np.maximum, "Min": np.minimum, "Pow": np.power,
+}
+#: Elementwise ops a channel passes through unchanged in number (see :func:`probe`).
+PROBE_OPS = frozenset(_UNARY) | frozenset(_BINARY) | {"Clip"}
+
+
+def probe(node: gs.Node, inputs: list) -> np.ndarray:
+    """``node``'s output (float64) for numpy ``inputs`` (None for an omitted input): the ops of
+    :data:`PROBE_OPS`, BatchNormalization (channel axis 1) and a depthwise Conv on a constant
+    image (each channel times the sum of its kernel, plus bias: exact away from padded borders).
+
+    Raises:
+        KeyError: another op.
+    """
+    op = node.op
+    if op in _UNARY:
+        with np.errstate(all="ignore"):
+            return _UNARY[op](node, inputs[0])
+    if op in _BINARY:
+        with np.errstate(all="ignore"):
+            return _BINARY[op](inputs[0], inputs[1])
+    if op == "Clip":
+        bounds = (inputs + [None, None])[1:3]
+        return _clip(node, inputs[0], *bounds)
+    x = inputs[0]
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if op == "BatchNormalization":
+        scale, bias, mean, var = (v.reshape(shape) for v in inputs[1:5])
+        return (x - mean) / np.sqrt(var + node.attrs.get("epsilon", 1e-5)) * scale + bias
+    if op == "Conv":
+        w = inputs[1]
+        out = x * w.reshape(w.shape[0], -1).sum(axis=1).reshape(shape)
+        return out + inputs[2].reshape(shape) if len(inputs) > 2 and inputs[2] is not None \
+            else out
+    raise KeyError(op)

@@ -7,8 +7,9 @@ proposals for the drift budget (``onnxopt.budget``). Passes never call each othe
 owns the order, the repetition of the lossless passes until nothing changes, the budget's
 decisions, invalidating analyses a pass does not preserve (``onnxopt.analyses``), timing, and
 verification after each pass (``verify_each``: ``onnx.checker`` -- with the full check when the
-input model passes it -- and an onnxruntime session load). Most passes rewrite one node at a
-time and are written as rules (``onnxopt.rewrite.RewritePass``).
+input model passes it -- and an onnxruntime session load), and the search of a lossy pass's
+strength when its strength option is ``"auto"`` (``onnxopt.strength``). Most passes rewrite one
+node at a time and are written as rules (``onnxopt.rewrite.RewritePass``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from onnxopt.analyses import AnalysisManager
 from onnxopt.budget import DriftBudget, Proposal, accept_all, lossy_warnings
 from onnxopt.errors import PassError, UsageError
 from onnxopt.graph import export_graph, graph_protos, opset_version
+from onnxopt.strength import search_strength
 from onnxopt.ops import QUANTIZED_OPS
 
 
@@ -60,6 +62,9 @@ class PassContext:
             when None).
         upgrade_failure: why the model could not be converted to a pass's ``upgrade_opset``
             (added to that pass's refusal), None when no conversion failed.
+        lossy_pending: a lossy pass on the fused weights is still to run (set by
+            :meth:`PassManager.run` during the first lossless rounds): a rewrite that would hide
+            a weight from it (a weight read through a shared Transpose) waits.
     """
 
     template: onnx.ModelProto | None = None
@@ -69,6 +74,7 @@ class PassContext:
     synthesized: bool = False
     analyses: AnalysisManager | None = None
     upgrade_failure: str | None = None
+    lossy_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,13 @@ class Pass:
       both compete for the same allowed drift instead of the first taking it all;
     * ``quantizes``: True for a quantization pass, which the pass manager does not run on a model
       that was already quantized when the run started (``onnxopt.ops.QUANTIZED_OPS``), so that
-      nothing is quantized twice (a later pass of the same run still runs after an earlier one).
+      nothing is quantized twice (a later pass of the same run still runs after an earlier one);
+    * ``strength`` and ``ladder``, for a lossy pass with a strength: the name of the option that
+      is its strength (``"sparsity"``, ``"clusters"``) and its candidate values, weakest first.
+      That option also accepts ``"auto"``: the pass manager then searches the ladder for the
+      strongest value whose drift meets the run's budget, and offers the next stronger value
+      per tensor (:func:`search_strength`); ``run`` never sees ``"auto"`` and must be callable
+      several times on the same unchanged graph.
     """
 
     name: ClassVar[str]
@@ -120,6 +132,9 @@ class Pass:
     upgrade_opset: ClassVar[int | None] = None
     quantizes: ClassVar[bool] = False
     joins_next: ClassVar[bool] = False
+    #: The option that is the pass's strength (None: it has none), and its values, weakest first.
+    strength: ClassVar[str | None] = None
+    ladder: ClassVar[tuple] = ()
 
     def __init__(self, options: Any = None, **fields: Any) -> None:
         if options is None:
@@ -131,7 +146,7 @@ class Pass:
             options = self.Options(**fields)
         elif fields or not isinstance(options, self.Options):
             raise UsageError(f"pass '{self.name}' takes a {self.Options.__name__} or keywords")
-        _check_types(self.name, options)
+        _check_types(self.name, options, auto=self.strength)
         check = getattr(options, "check", None)
         reason = check() if check is not None else None
         if reason:
@@ -145,6 +160,11 @@ class Pass:
         if self.max_opset is not None and opset > self.max_opset:
             return f"opset {opset} > {self.max_opset}"
         return None
+
+    def wants_upgrade(self, model: onnx.ModelProto) -> bool:
+        """Whether converting ``model`` to ``upgrade_opset`` could let the pass change anything
+        (a cheap look at the graph, no data); True unless the pass knows better."""
+        return True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -165,20 +185,29 @@ def fits_type(value: Any, kinds: tuple) -> bool:
     return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
 
 
-def _check_types(name: str, options: Any) -> None:
+def _check_types(name: str, options: Any, auto: str | None = None) -> None:
     """Raise UsageError when an option's value does not have its declared type (``X | None``
-    admits None)."""
+    admits None); the strength option ``auto`` (``Pass.strength``) also admits ``"auto"``."""
     hints = typing.get_type_hints(type(options))
     for f in dataclasses.fields(options):
         value, hint = getattr(options, f.name), hints.get(f.name, Any)
         allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        if Any in allowed:
+        if Any in allowed or (f.name == auto and isinstance(value, str) and value == AUTO):
             continue
         if not fits_type(value, tuple(a for a in allowed if isinstance(a, type))):
             wanted = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a))
                                  for a in allowed)
             raise UsageError(f"pass '{name}': option {f.name} must be {wanted}, got "
                              f"{value!r}")
+
+
+#: The value of a strength option that asks the pass manager to search it.
+AUTO = "auto"
+
+
+def is_auto(p: Pass) -> bool:
+    """Whether ``p``'s strength option is ``"auto"`` (to be searched)."""
+    return p.strength is not None and getattr(p.options, p.strength, None) == AUTO
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -327,18 +356,26 @@ class PassManager:
         the budget spends the allowed drift where it buys the most (an embedding table of one
         pass against a MatMul weight of another), not first come, first served."""
         runs = []
+        searched: dict[str, tuple[dict[str, Any], bool]] = {}
         for p in batch:
             start = time.perf_counter()
             refusal = self._refusal(p, graph, ctx)
-            result = (PassResult(False, {"refused": {refusal: 1}}) if refusal is not None
-                      else self._execute(p, graph, ctx))
+            if refusal is None and is_auto(p):
+                # the search decides and applies on its own (see onnxopt.strength)
+                outcome = search_strength(p, graph, ctx, self._execute)
+                searched[p.name] = (outcome.stats, outcome.modified)
+                result = PassResult(False, outcome.stats, outcome.warnings)
+            else:
+                result = (PassResult(False, {"refused": {refusal: 1}}) if refusal is not None
+                          else self._execute(p, graph, ctx))
             for proposal in result.proposals:
                 proposal.source = p.name
             runs.append((p, result, refusal, time.perf_counter() - start))
         start = time.perf_counter()
         deciding = [(p, result) for p, result, refusal, _ in runs
-                    if not p.lossless and refusal is None]
+                    if not p.lossless and refusal is None and p.name not in searched]
         decided = self._decide(deciding, graph, ctx) if deciding else {}
+        decided.update(searched)
         proposing = [p.name for p, result in deciding if result.proposals]
         shared = (time.perf_counter() - start) / max(len(proposing), 1)
         changed = False
@@ -406,7 +443,6 @@ class PassManager:
         for p in self.once:
             if p.weights == "original":
                 self._run_one(p, graph, ctx, iteration)
-        iteration = self._to_fixed_point(graph, ctx, iteration)
         batches: list[list[Pass]] = []
         for p in self.once:
             if p.weights == "original":
@@ -415,7 +451,13 @@ class PassManager:
                 batches[-1].append(p)
             else:
                 batches.append([p])
-        for batch in batches:
-            if self._run_joint(batch, graph, ctx, iteration):
-                iteration = self._to_fixed_point(graph, ctx, iteration + 1)
+        ctx.lossy_pending = bool(batches)
+        iteration = self._to_fixed_point(graph, ctx, iteration)
+        for i, batch in enumerate(batches):
+            changed = self._run_joint(batch, graph, ctx, iteration)
+            ctx.lossy_pending = i + 1 < len(batches)
+            # after the last lossy pass, the rewrites that waited for it run (one more round
+            # even when it changed nothing)
+            if changed or not ctx.lossy_pending:
+                iteration = self._to_fixed_point(graph, ctx, iteration + int(changed))
         return self.records

@@ -3,6 +3,7 @@
 A pipeline is a list of configured passes (``Pass`` instances, each holding its ``Options``).
 The Python API accepts pass names, configured passes, or both; ``"default"`` stands for the
 lossless pipeline (``onnxopt.passes.LOSSLESS_PIPELINE``). The CLI's flags (``--prune-threshold``,
+``--prune-sparsity``, ``--cluster-weights`` and the others of :data:`OPTION_SUGAR`,
 ``--quantize``, ``--fold-size-limit``) are sugar for pass options, and ``--config FILE.toml`` gives
 the whole run in a file (stdlib ``tomllib``)::
 
@@ -74,6 +75,27 @@ QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
     "float16": {"convert_float16": {}},
 }
 
+#: Keywords of ``build_pipeline`` / ``onnxopt.optimize`` (and the CLI's flags of the same names,
+#: ``--prune-sparsity``...) that are sugar for one option of a pruning or clustering pass:
+#: keyword -> (pass, option). Any of them adds the pass; a strength option takes ``"auto"`` to
+#: have it searched against the drift budget (``onnxopt.strength``).
+OPTION_SUGAR: dict[str, tuple[str, str]] = {
+    "prune_threshold": ("prune", "threshold"), "prune_relative": ("prune", "relative"),
+    "prune_sparsity": ("prune", "sparsity"), "prune_scope": ("prune", "scope"),
+    "prune_pattern": ("prune", "pattern"), "prune_importance": ("prune", "importance"),
+    "prune_reconstruct": ("prune", "reconstruct"), "prune_allocation": ("prune", "allocation"),
+    "sparse_storage": ("prune", "sparse_storage"),
+    "prune_channels": ("prune_channels", "flops"),
+    "cluster_weights": ("cluster_weights", "clusters"),
+    "cluster_per_channel": ("cluster_weights", "per_channel"),
+}
+#: The options giving each of these passes its strength: with none of them set it would change
+#: nothing, which is refused rather than run silently.
+STRENGTH_OPTIONS: dict[str, tuple[str, ...]] = {
+    "prune": ("threshold", "relative", "sparsity", "pattern"),
+    "prune_channels": ("flops", "threshold"), "cluster_weights": ("clusters",)}
+
+
 @dataclass
 class Pipeline:
     """Configured passes in order, and the bound on lossless rounds.
@@ -106,10 +128,10 @@ def _default() -> list[str]:
 
 def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str] = (), *,
                    options: dict[str, dict[str, Any]] | None = None,
-                   prune_threshold: float | None = None, quantize: str | None = None,
+                   quantize: str | None = None,
                    quantize_exclude: Sequence[str] | None = None,
                    quantize_ops: Sequence[str] | None = None,
-                   max_iterations: int = 10) -> Pipeline:
+                   max_iterations: int = 10, **sugar: Any) -> Pipeline:
     """The pipeline for the given passes and options.
 
     Args:
@@ -118,7 +140,9 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
         skip: names of passes to leave out.
         options: ``{pass name: {option: value}}``; a named pass not yet in ``passes`` is added
             only by the sugar below, otherwise its options are an error.
-        prune_threshold: sugar for ``prune`` with ``threshold`` (added to the pipeline).
+        sugar: keywords of :data:`OPTION_SUGAR` (``prune_threshold=1e-3``,
+            ``prune_sparsity="auto"``, ``cluster_weights=16``...), each setting one option of
+            its pass (added to the pipeline); None: not given. They win over ``options``.
         quantize: sugar for the passes of a ``QUANTIZE_MODES`` mode (added to the pipeline with
             the mode's options, under the user's).
         quantize_exclude, quantize_ops: sugar for the ``exclude`` / ``ops`` options of every
@@ -127,7 +151,8 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
         max_iterations: bound on the rounds of the lossless passes (at least 1).
 
     Raises:
-        UsageError: an unknown pass, mode or option, or options for a pass not run.
+        UsageError: an unknown pass, mode, option or keyword, options for a pass not run, or a
+            pass of :data:`STRENGTH_OPTIONS` without a strength (it would change nothing).
     """
     if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) \
             or max_iterations < 1:
@@ -140,9 +165,18 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     specs: list[PassSpec] = []
     for spec in (["default"] if passes is None else list(passes)):
         specs.extend(_default() if spec == "default" else [spec])
-    if prune_threshold is not None:
-        options.setdefault("prune", {})["threshold"] = prune_threshold
-        specs.append("prune")
+    unknown = sorted(set(sugar) - set(OPTION_SUGAR))
+    if unknown:
+        raise UsageError(f"unknown keyword(s) {', '.join(unknown)}; option sugar: "
+                         f"{', '.join(OPTION_SUGAR)}")
+    sugared: list[str] = []
+    for key, value in sugar.items():
+        if value is not None:
+            name, option = OPTION_SUGAR[key]
+            options.setdefault(name, {})[option] = value
+            if name not in sugared:
+                sugared.append(name)
+    specs.extend(sugared)
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
             raise UsageError(f"unknown quantization mode '{quantize}'; known: "
@@ -169,7 +203,7 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     if twice:
         raise UsageError(f"pass(es) configured twice: {', '.join(twice)} (give one configured "
                          "pass, or options, per pass)")
-    asked = (set(options) | set(configured) | ({"prune"} if prune_threshold is not None else set())
+    asked = (set(options) | set(configured) | set(sugared)
              | (set(QUANTIZE_MODES[quantize]) if quantize is not None else set()))
     contradicted = sorted(asked & set(skip))
     if contradicted:
@@ -187,6 +221,15 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
                 get_pass(name)  # raises: unknown pass
         raise UsageError(f"options given for pass(es) the pipeline does not run: "
                          f"{', '.join(unused)}")
+    for name, p in built.items():
+        if name in skip:
+            continue
+        strengths = [o for o in STRENGTH_OPTIONS.get(name, ()) if hasattr(p.options, o)]
+        if strengths and all(getattr(p.options, o) is None for o in strengths):
+            flags = [f"--{k.replace('_', '-')}" for k, (n, o) in OPTION_SUGAR.items()
+                     if n == name and o in strengths]
+            raise UsageError(f"pass '{name}' would change nothing: give its strength "
+                             f"({' or '.join(strengths)}; {', '.join(flags)})")
     return Pipeline([p for name, p in built.items() if name not in set(skip)], max_iterations)
 
 

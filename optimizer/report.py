@@ -6,9 +6,18 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
 * ``model`` (str: path or "<memory>"), ``output`` (str or null);
 * ``before`` / ``after``: ``{nodes, nodes_total, op_counts, subgraphs, parameters,
   parameter_bytes, file_bytes, inputs, outputs}`` (``after`` null for ``validate``);
-* ``passes``: list of ``{name, iteration, modified, stats, seconds}``;
+* ``passes``: list of ``{name, iteration, modified, stats, seconds}``; a pass whose strength was
+  searched (``"auto"``) has ``stats.search``: ``{option, ladder, chosen, met_budget,
+  monotone_assumed, path: [{setting, <metric>..., within, size_bytes, compressed_bytes,
+  proposals}], per_layer: {group: setting}, upgrade_steps: [{setting, offered, moved,
+  evaluations}], latency_ratio, latency_ms,
+  latency_note}`` (see ``onnxopt.strength``);
 * ``opset_upgrade`` (only when the model was converted for a pass, ``onnxopt.opset``):
   ``{from, to}`` default-domain opsets;
+* ``compressed`` (only when a pruning or clustering pass changed the model): ``{level, before,
+  after}``: the zlib-compressed size (that level, gzip's default 6) of the input and output
+  files (external data included; the serialized model when no file was written), since zeros
+  and shared values only pay off under compression;
 * ``inputs``: ``{source: "synthesized"|path, seed, feeds: [{name: {shape, dtype}}]}``;
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
   warnings,
@@ -71,6 +80,9 @@ class Report:
     strict: bool = False
     #: ``{"from": 11, "to": 13}`` when the model was converted for a pass (``onnxopt.opset``).
     opset_upgrade: dict | None = None
+    #: ``{"level": 6, "before": bytes, "after": bytes}``: zlib-compressed file sizes, measured
+    #: after a pruning or clustering pass changed the model (zeros pay off only compressed).
+    compressed: dict | None = None
 
     @property
     def verdict(self) -> str:
@@ -86,6 +98,7 @@ class Report:
             "after": self.after.to_dict() if self.after else None,
             "passes": [p.to_dict() for p in self.passes],
             **({"opset_upgrade": self.opset_upgrade} if self.opset_upgrade else {}),
+            **({"compressed": self.compressed} if self.compressed else {}),
             "inputs": self.inputs,
             "validation": self.validation.to_dict() if self.validation else None,
             "rolled_back": self.rolled_back, "warnings": self.warnings,

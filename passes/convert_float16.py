@@ -20,7 +20,9 @@ Which nodes, decided per node and then by the drift budget:
    whose results hinge on exact comparisons: NonMaxSuppression, TopK, RoiAlign; Range; random
    generators), plus ops of other domains and nodes of subgraphs (If/Loop/Scan bodies stay
    float32: their outer-scope reads would need a Cast per body, and the If/Loop node itself is
-   left alone).
+   left alone). ONNX inference gives no dtype to what a contrib op (com.microsoft FusedMatMul,
+   BiasGelu...) writes; a tensor of unknown dtype that shares a type parameter with a float32
+   one is float32 (one parameter binds one dtype), so it enters a region through a Cast.
 3. *Range* (measured): the float32 activations each candidate reads or writes are collected over
    the calibration feeds (``onnxopt.analyses.activations.collect``); a node whose inputs or
    outputs reach ``FLOAT16_MAX / headroom`` (``headroom`` an option, default 2: calibration does
@@ -151,13 +153,21 @@ class _Plan:
     group: str = ""
 
 
-def _is_f32(t: gs.Tensor, types: TensorTypes) -> bool:
+def _is_f32(t: gs.Tensor, types: TensorTypes, derived: set[int] = frozenset()) -> bool:
     if t.is_empty():
         return False
+    if id(t) in derived:
+        return True
     if isinstance(t, gs.Constant):
         return np.dtype(t.dtype) == _F32 and not isinstance(t.values, SparseValues)
-    dtype = types.dtype(t) or t.dtype  # inferred first: an export's value_info may be stale
+    dtype = _dtype(t, types)
     return dtype is not None and np.dtype(dtype) == _F32
+
+
+def _dtype(t: gs.Tensor, types: TensorTypes):
+    if isinstance(t, gs.Constant):
+        return t.dtype
+    return types.dtype(t) or t.dtype  # inferred first: an export's value_info may be stale
 
 
 def _formal(params, index: int):
@@ -169,9 +179,14 @@ def _formal(params, index: int):
     return last if last is not None and last.option == variadic else None
 
 
-def plan(node: gs.Node, opset: int, types: TensorTypes) -> _Plan | str:
+def plan(node: gs.Node, opset: int, types: TensorTypes, derived: set[int]) -> _Plan | str:
     """The slots of ``node`` that become float16, or why it stays float32 (from the ONNX schema
-    at ``opset`` and the tensors' dtypes)."""
+    at ``opset`` and the tensors' dtypes).
+
+    A tensor of unknown dtype (ONNX inference stops at contrib ops such as com.microsoft's
+    FusedMatMul) bound to the same type parameter as a float32 tensor is float32 -- one parameter
+    binds one dtype; such outputs are added to ``derived`` (tensor ids), which later calls read,
+    so a float32 chain after a contrib op is still known (nodes in topological order)."""
     if node.op in BLOCKLIST:
         return BLOCKLIST[node.op]
     if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
@@ -187,14 +202,21 @@ def plan(node: gs.Node, opset: int, types: TensorTypes) -> _Plan | str:
     allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
     shape_slots = facts(node).shapes
     bound: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    unknown: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     for kind, tensors, params in (("in", node.inputs, schema.inputs),
                                   ("out", node.outputs, schema.outputs)):
         for i, t in enumerate(tensors):
             formal = _formal(params, i)
             if formal is None:
                 return "more inputs than its schema"
-            if _is_f32(t, types):
+            if _is_f32(t, types, derived):
                 bound[formal.type_str].append((kind, i))
+            elif _dtype(t, types) is None and not t.is_empty():
+                unknown[formal.type_str].append((kind, i))
+    for param, slots in unknown.items():
+        if param in bound:
+            bound[param] += slots
+            derived.update(id(node.outputs[i]) for kind, i in slots if kind == "out")
     plan_ = _Plan(node, [], [])
     for param, slots in bound.items():
         if param not in allowed:  # a fixed type such as tensor(float): stays
@@ -229,10 +251,11 @@ class ConvertFloat16(Pass):
         types = ctx.analyses.get(TensorTypes)
         refused: collections.Counter[str] = collections.Counter()
         plans: dict[int, _Plan] = {}
+        derived: set[int] = set()
         for node in graph.nodes:
             reason = (excluded(node, self.options)
                       or (None if is_default_domain(node) else "not a default-domain op"))
-            result = plan(node, opset, types) if reason is None else reason
+            result = plan(node, opset, types, derived) if reason is None else reason
             if isinstance(result, str):
                 if result != "no float32 data":
                     refused[result] += 1

@@ -1,14 +1,38 @@
-"""Duplicate-initializer merge: initializers with the same dtype, shape and bytes become one.
+"""Parameter sharing: initializers that hold the same values are stored once.
 
-Candidates are grouped by (dtype, shape) without reading their data, then by a hash of the bytes,
-and confirmed by a full byte comparison. Every reader of a duplicate reads the first copy instead
-(main graph first, then subgraphs in order); a constant shared between subgraphs is stored once,
-in the main graph, on export.
+- **Exact duplicates** (same dtype, shape and bytes) become one. Candidates are grouped by
+  (dtype, shape) without reading their data, then by a hash of the bytes, and confirmed by a full
+  byte comparison. Every reader of a duplicate reads the first copy instead (main graph first,
+  then subgraphs in order); a constant shared between subgraphs is stored once, in the main
+  graph, on export.
+- **Transposes** (rank 2 only): an initializer ``B[b, a]`` equal to ``A^T`` for another
+  initializer ``A[a, b]`` of the same dtype -- tied embeddings exported as a Gather table
+  ``E[V, D]`` and an LM head reading ``E^T[D, V]``, say -- is replaced by ``Transpose(A)``, one
+  node in the main graph (``perm=[1, 0]``; ``Transpose(A)[i, j] = A[j, i]``, ONNX spec, so the
+  readers see the same values, bit for bit). The first of the two in the order above is kept.
+  Candidates are matched by their first row against the first column of the ``[b, a]``
+  initializers and confirmed byte for byte. Only tensors of at least ``transpose_min_bytes``
+  (default 1 MiB) are shared: the saving must outweigh a node that runtimes evaluate, and
+  ``fold_constants`` folds a result below its ``size_limit`` (also 1 MiB by default) back into
+  an initializer when nothing else frees bytes (``A`` keeps its other readers). With a
+  ``size_limit`` above ``transpose_min_bytes`` the two passes would undo each other every round:
+  keep ``transpose_min_bytes >= size_limit``. onnxruntime constant-folds the Transpose when the
+  session loads (graph optimizations on), so only the file shrinks, not the memory at run time.
+  A quantization pass would see a weight read through a Transpose as computed, not as an
+  initializer, and leave it float; so while a lossy pass is still to run
+  (``PassContext.lossy_pending``, when the pass manager sets it) sharing waits for the rounds
+  after it, where per-channel int8 of ``E`` and of ``E^T`` (same per-token scales) are
+  themselves a transposed pair. Measured on a tied-embedding export (V=4096, D=256, 10.5 MB):
+  default pipeline 6.30 MB instead of 10.49 MB; int8-weight 1.63 MB instead of 2.67 MB.
+
+Statistics: ``initializers_merged`` (exact duplicates), ``transposes_shared`` (initializers
+replaced by a Transpose of another) and ``bytes_saved`` (both, in bytes of initializer data).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -18,6 +42,7 @@ from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.edit import nbytes, replace_uses
+from onnxopt.names import fresh_name
 
 
 #: Sub-byte types onnx stores packed (two values a byte): numpy has no such dtype, so their
@@ -37,11 +62,37 @@ def _bytes(t: gs.Constant) -> bytes:
     return np.asarray(t.values).tobytes()
 
 
+def _transposed_bytes(t: gs.Constant) -> bytes:
+    return np.ascontiguousarray(np.asarray(t.values).T).tobytes()
+
+
+@dataclass(frozen=True)
+class DedupInitializersOptions:
+    """Options of :class:`DedupInitializers`.
+
+    Attributes:
+        transpose_min_bytes: smallest initializer, in bytes, replaced by the Transpose of another
+            (default 1 MiB; see the module docstring for why it should not be below
+            ``fold_constants``' ``size_limit``).
+    """
+
+    transpose_min_bytes: int = 1 << 20
+
+    def check(self) -> str | None:
+        if self.transpose_min_bytes < 0:
+            return f"option transpose_min_bytes must not be negative, got " \
+                   f"{self.transpose_min_bytes}"
+        return None
+
+
 @register
 class DedupInitializers(Pass):
     name = "dedup_initializers"
-    description = "Merge initializers with identical dtype, shape and bytes."
-    # readers move to an equal initializer: no type, shape or node changes scope
+    description = ("Store equal initializers once: exact duplicates merged, a rank-2 initializer "
+                   "equal to another's transpose read through a Transpose.")
+    Options = DedupInitializersOptions
+    # readers move to an equal initializer: no type, shape or node changes scope (a shared
+    # transpose adds a node: the run then drops every analysis itself)
     preserves = frozenset({TensorTypes, UseDef})
 
     def __init__(self, options=None, **fields) -> None:
@@ -62,6 +113,7 @@ class DedupInitializers(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         by_layout: dict[tuple, list[gs.Constant]] = {}
         seen: set[int] = set()
+        ordered: list[tuple[tuple, gs.Constant]] = []
         for g in iter_graphs(graph):
             graph_inputs = {id(t) for t in g.inputs}
             for node in g.nodes:
@@ -71,6 +123,7 @@ class DedupInitializers(Pass):
                         seen.add(id(t))
                         key = (np.dtype(t.dtype).str, tuple(t.shape))
                         by_layout.setdefault(key, []).append(t)
+                        ordered.append((key, t))
         merged = saved = 0
         for candidates in by_layout.values():
             if len(candidates) < 2:
@@ -86,4 +139,46 @@ class DedupInitializers(Pass):
                 replace_uses(t, twin)
                 merged += 1
                 saved += nbytes(t)
-        return PassResult(merged > 0, {"initializers_merged": merged, "bytes_saved": saved})
+        # While a lossy pass is still to run (``PassContext.lossy_pending``), sharing waits: a
+        # weight read through a Transpose is no initializer to quantize, and the quantized pair
+        # (int8 per-channel of E and of E^T) is itself a transposed pair, shared afterwards.
+        shared, shared_bytes = (0, 0) if getattr(ctx, "lossy_pending", False) \
+            else self._share_transposes(graph, ordered)
+        if shared and ctx.analyses is not None:
+            ctx.analyses.invalidate()  # a new node and tensor: types and use-def are stale
+        return PassResult(merged + shared > 0, {"initializers_merged": merged,
+                                                "transposes_shared": shared,
+                                                "bytes_saved": saved + shared_bytes})
+
+    def _share_transposes(self, graph: gs.Graph, ordered: list[tuple[tuple, gs.Constant]]
+                          ) -> tuple[int, int]:
+        """Replace each rank-2 initializer of ``ordered`` ((dtype, shape) key, initializer) equal
+        to the transpose of an earlier one by a Transpose of it; return how many and the bytes
+        saved."""
+        outputs = {id(t) for g in iter_graphs(graph) for t in g.outputs}
+        # keyed by (dtype, shape, first row): a partner of t[a, b] has t's first column as its
+        # first row, so only O(a + b) bytes are read before a full comparison
+        by_row: dict[tuple, list[gs.Constant]] = {}
+        shared = saved = 0
+        transposes: list[gs.Node] = []
+        for (dtype, shape), t in ordered:
+            if len(shape) != 2 or 0 in shape or not t.outputs or id(t) in outputs \
+                    or nbytes(t) < self.options.transpose_min_bytes \
+                    or not isinstance(t.values, np.ndarray):
+                continue  # merged above (no reader left), a graph output, small or sparse
+            values = np.asarray(t.values)
+            column = np.ascontiguousarray(values[:, 0]).tobytes()
+            partners = by_row.get((dtype, shape[::-1], column), [])
+            source = next((p for p in partners if _bytes(p) == _transposed_bytes(t)), None)
+            if source is None:
+                by_row.setdefault((dtype, shape, values[0].tobytes()), []).append(t)
+                continue
+            value = gs.Variable(fresh_name(graph, f"{source.name}__transposed"), t.dtype,
+                                list(t.shape))
+            replace_uses(t, value)
+            transposes.append(gs.Node("Transpose", fresh_name(graph, f"{t.name}__shared"),
+                                      {"perm": [1, 0]}, [source], [value]))
+            shared += 1
+            saved += nbytes(t)
+        graph.nodes[0:0] = transposes
+        return shared, saved

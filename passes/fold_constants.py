@@ -42,14 +42,17 @@ Values are computed by onnxruntime, one node at a time (``onnxopt.evaluate``), s
 what the runtime would have computed. A result of ``size_limit`` bytes or more (an option, 1 MiB
 by default) is materialized only if it is no larger than the initializers that disappear with the node -- those it alone reads
 (e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic, so that
-``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file. Sequence and optional values are
-never folded.
+``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file; and no fold adds more than
+``growth_limit`` bytes (64 KiB by default) to the initializers, so that a compressed storage form
+(clustered weights ``Gather(codebook, indices)``) is not decompressed into the file. Sequence and
+optional values are never folded.
 
 Never folded: random ops, QuantizeLinear/DequantizeLinear (a QDQ pair is the quantized model's
 storage format), nodes with subgraphs, and ops of non-default domains.
 
 Statistics: ``rewritten``; ``by_kind``: ``folded`` (nodes replaced by initializers) and ``reshape
-target made constant``; ``refused``: ``over the size limit``, ``onnxruntime cannot evaluate it``.
+target made constant``; ``refused``: ``over the size limit``, ``would grow the initializers``, ``onnxruntime cannot
+evaluate it``.
 """
 
 from __future__ import annotations
@@ -248,13 +251,20 @@ class FoldConstantsOptions:
     Attributes:
         size_limit: largest result, in bytes, folding materializes unless it replaces at least
             as many bytes of initializers (default 1 MiB).
+        growth_limit: most bytes one fold may add to the initializers (its result minus the
+            initializers that disappear with it; default 64 KiB), so that a compressed storage
+            form -- clustered weights ``Gather(codebook, indices)``, packed 4-bit indices -- is
+            not expanded back into the float tensor it encodes.
     """
 
     size_limit: int = 1 << 20
+    growth_limit: int = 64 << 10
 
     def check(self) -> str | None:
         if self.size_limit < 0:
             return f"option size_limit must not be negative, got {self.size_limit}"
+        if self.growth_limit < 0:
+            return f"option growth_limit must not be negative, got {self.growth_limit}"
         return None
 
 
@@ -309,6 +319,8 @@ class FoldConstants(RewritePass):
         produced = sum(v.nbytes for v in values)
         if produced >= self.options.size_limit and produced > consumed:
             return _Plan(shape, refusal=refuse("over the size limit"))
+        if produced - consumed > self.options.growth_limit:
+            return _Plan(shape, refusal=refuse("would grow the initializers"))
         live = [t for t in node.outputs if not t.is_empty()]
         if any(scope.is_output(t) for t in live) and len(live) != 1:
             return plan if shape is not None else None

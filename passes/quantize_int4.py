@@ -92,10 +92,11 @@ from onnxopt.analyses import UseDef
 from onnxopt.analyses.activations import ActivationGrams
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots
+from onnxopt.graph import import_graph, iter_graphs
 from onnxopt.names import fresh_name
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import (QuantizeOptions, import_domain, weight_refusal,
+from onnxopt.passes._quant import (QuantizeOptions, excluded, import_domain, weight_refusal,
                                    weight_summary)
 
 #: Block sizes offered (onnxruntime's MatMulNBits returned zeros at 512).
@@ -405,6 +406,36 @@ class QuantizeInt4(Pass):
             return (f"opset {opset} < {BLOCK_DQ_OPSET} (block-wise DequantizeLinear; "
                     "contrib_ops=True uses MatMulNBits)")
         return None
+
+    def wants_upgrade(self, model: onnx.ModelProto) -> bool:
+        """Whether converting ``model`` to ``upgrade_opset`` could let the pass quantize
+        anything, from the graph alone (no data, no conversion), for the API to ask before it
+        upgrades: a default-domain MatMul the user does not exclude whose B is a 2-D float32
+        initializer of at least ``min_elements`` elements, or is computed from constants only
+        (the lossless passes may fold it into one). False for a model with no such MatMul, which
+        the upgrade (opset and IR version, output dims renamed by the converter's inference)
+        would change for nothing."""
+        graph = import_graph(model)
+        return any(node.op == "MatMul" and is_default_domain(node) and len(node.inputs) == 2
+                   and excluded(node, self.options) is None
+                   and self._may_be_weight(node.inputs[1])
+                   for g in iter_graphs(graph) for node in g.nodes)
+
+    def _may_be_weight(self, t: gs.Tensor) -> bool:
+        """Whether ``t`` is, or the lossless passes may fold into, a weight this pass takes."""
+        if isinstance(t, gs.Constant):
+            return (np.dtype(t.dtype) == np.float32 and len(t.shape) == 2
+                    and int(np.prod(t.shape)) >= self.options.min_elements)
+        seen, stack = set(), [t]
+        while stack:  # every value it is computed from is a constant
+            v = stack.pop()
+            if isinstance(v, gs.Constant) or id(v) in seen:
+                continue
+            seen.add(id(v))
+            if not v.inputs:  # a graph input (or a value of an outer scope)
+                return False
+            stack.extend(i for i in v.inputs[0].inputs if not i.is_empty())
+        return True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -200,6 +200,19 @@ def activation_inputs(graph: gs.Graph, ops=_WEIGHTED) -> dict[str, int | None]:
     return out
 
 
+def calibration_feeds(ctx, who: str):
+    """The run's calibration feeds (``ctx.calibration``, else the validation feeds).
+
+    Raises:
+        UsageError: the run has none (the message names ``who`` needs them).
+    """
+    feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
+    if feeds is None or (isinstance(feeds, list) and not feeds):
+        raise UsageError(f"{who} need calibration data: give --calibration-data or real "
+                         "--inputs")
+    return feeds
+
+
 class ActivationStats(Analysis):
     """:class:`TensorStats` of activations over the run's calibration feeds.
 
@@ -223,10 +236,7 @@ class ActivationStats(Analysis):
 
     @classmethod
     def compute(cls, graph: gs.Graph, ctx) -> "ActivationStats":
-        feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
-        if feeds is None or (isinstance(feeds, list) and not feeds):
-            raise UsageError("activation statistics need calibration data: give inputs "
-                             "(--inputs) or calibration feeds")
+        feeds = calibration_feeds(ctx, "activation statistics")
         grams = activation_inputs(graph, _GRAM_OPS) if cls.grams else {}
         return collect(export_graph(graph, ctx.template), activation_inputs(graph), feeds,
                        grams=grams)

@@ -251,3 +251,34 @@ def test_excluded_node_stays_float32():
     assert [n.op_type for n in out.graph.node if "W2" in n.input] == ["MatMul"]
     np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
                                rtol=1e-2, atol=1e-2)
+
+
+def test_contrib_producer_and_reader_stay_float32_behind_casts():
+    """x -> com.microsoft FusedMatMul -> Add b -> Relu -> com.microsoft Gelu -> MatMul W2 -> y.
+    ONNX inference does not know the contrib ops, so the Add's first input and everything after
+    have no inferred dtype; the Add's float32 bias binds its type parameter, so the FusedMatMul
+    output enters the float16 region through a Cast and the Gelu reads float32 through one --
+    the contrib ops stay float32 and the model is valid (it used to mix float and float16 in
+    one type parameter)."""
+    nodes = [helper.make_node("FusedMatMul", ["x", "W1"], ["h"], alpha=1.0, name="fmm",
+                              domain="com.microsoft"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("Gelu", ["r"], ["g"], name="gelu", domain="com.microsoft"),
+             helper.make_node("MatMul", ["g", "W2"], ["y"], name="mm2")]
+    model = make_model(nodes, [("x", np.float32, ["N", 8])], [("y", np.float32, ["N", 4])],
+                       {"W1": _w(8, 16), "b1": _w(16), "W2": _w(16, 4)}, check=False)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    feed = {"x": RNG.normal(size=(3, 8)).astype(np.float32)}
+    out, record = _convert(model, [feed])
+    onnx.checker.check_model(out)
+    assert record.stats["refused"] == {"not a default-domain op": 2}
+    assert record.stats["nodes_converted"] == 3
+    inits = {i.name: i.data_type for i in out.graph.initializer}
+    assert inits == {"W1": TensorProto.FLOAT, "b1": F16, "W2": F16}
+    producers = _producers(out)
+    for contrib in ("fmm", "gelu"):
+        node = next(n for n in out.graph.node if n.name == contrib)
+        assert all(producers[i].op_type == "Cast" for i in node.input if i in producers)
+    np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
+                               rtol=1e-2, atol=1e-2)

@@ -27,7 +27,8 @@ def test_equal_initializers_are_merged():
     model = _two_adds(w, w.copy())
     out, records = run_passes(model, PASS)
     assert [i.name for i in all_initializers(out)] == ["A"]
-    assert records[0].stats == {"initializers_merged": 1, "bytes_saved": 12}
+    assert records[0].stats == {"initializers_merged": 1, "transposes_shared": 0,
+                                "bytes_saved": 12}
     assert_same_outputs(model, out)
 
 
@@ -128,3 +129,118 @@ def test_generated_graphs_through_dedup_match_the_original(model):
     values = [numpy_helper.to_array(i) for i in all_initializers(out)]
     keys = [(v.dtype.str, v.shape, v.tobytes()) for v in values]
     assert len(keys) == len(set(keys))
+
+
+# ------------------------------------------------------------------ a weight beside its transpose
+
+_V, _D = 1024, 256  # E[V, D] float32: exactly 1 MiB, the default transpose_min_bytes
+
+
+def _tied_embeddings(head_first: bool = False, v: int = _V, d: int = _D, seed: int = 4):
+    """ids -> Gather(E) -> Relu -> MatMul(., E^T) -> logits: tied embeddings stored twice (E and
+    its transpose, as exporters write them); with ``head_first`` the MatMul weight is W[D, V]
+    and the table is W^T, read after it."""
+    e = np.random.default_rng(seed).normal(size=(v, d)).astype(np.float32)
+    table, head = ("E", "H") if not head_first else ("T", "W")
+    nodes = [helper.make_node("Gather", [table, "ids"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", head], ["logits"])]
+    inits = {table: e, head: np.ascontiguousarray(e.T)}
+    if head_first:  # the head's weight is read first: it is kept, the table is its transpose
+        nodes = [helper.make_node("MatMul", ["x", head], ["first"]), *nodes]
+    inputs = [("ids", np.int64, ["B", "S"])] + ([("x", np.float32, ["B", d])] if head_first else [])
+    outputs = [("logits", np.float32, ["B", "S", v])]
+    if head_first:
+        outputs.append(("first", np.float32, ["B", v]))
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _feeds(model, v: int = _V):
+    rng = np.random.default_rng(5)
+    feeds = []
+    for b, s in ((1, 3), (2, 1), (0, 2)):
+        feed = {"ids": rng.integers(0, v, size=(b, s)).astype(np.int64)}
+        if any(i.name == "x" for i in model.graph.input):
+            feed["x"] = rng.normal(size=(b, _D)).astype(np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def test_tied_embeddings_stored_once_through_the_default_pipeline():
+    from onnxopt.passes import LOSSLESS_PIPELINE
+
+    model = _tied_embeddings()
+    out, records = run_passes(model, LOSSLESS_PIPELINE)
+    assert [i.name for i in all_initializers(out)] == ["E"]
+    assert [n.op_type for n in out.graph.node].count("Transpose") == 1
+    assert out.ByteSize() < model.ByteSize() - _V * _D * 4 + 1024
+    dedup = [r.stats for r in records if r.name == "dedup_initializers" and r.modified]
+    assert dedup == [{"initializers_merged": 0, "transposes_shared": 1,
+                      "bytes_saved": _V * _D * 4}]
+    folded = [r.stats.get("refused", {}) for r in records if r.name == "fold_constants"]
+    assert any("over the size limit" in r for r in folded)  # the Transpose stays a node
+    # same weights bit for bit, but onnxruntime prepacks a constant MatMul weight and not a
+    # computed one: the sums over D terms are ordered differently
+    assert_same_outputs(model, out, _feeds(model), rtol=1e-5, atol=1e-4)
+
+
+def test_matmul_weight_first_keeps_it_and_the_table_reads_its_transpose():
+    model = _tied_embeddings(head_first=True)
+    out, records = run_passes(model, PASS)
+    assert [i.name for i in all_initializers(out)] == ["W"]
+    assert records[0].stats["transposes_shared"] == 1
+    assert_same_outputs(model, out, _feeds(model), rtol=1e-5, atol=1e-4)
+
+
+def test_transpose_below_the_threshold_is_kept_unless_asked():
+    from onnxopt.pass_manager import get_pass
+
+    model = _tied_embeddings(v=64, d=16)
+    out, result = run_once(model, "dedup_initializers")
+    assert not result.modified and len(all_initializers(out)) == 2
+    out, result = run_once(model, get_pass("dedup_initializers", transpose_min_bytes=1024))
+    assert result.stats["transposes_shared"] == 1
+    assert result.stats["bytes_saved"] == 64 * 16 * 4
+    assert_same_outputs(model, out, _feeds(model, v=64), rtol=0, atol=0)
+
+
+def test_square_transposes_and_other_permutations():
+    from onnxopt.pass_manager import get_pass
+
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(8, 8)).astype(np.float32)
+    sym = (a + a.T).astype(np.float32)
+    cube = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", n], [f"y{n}"]) for n in ("A", "AT", "S", "ST")]
+    nodes += [helper.make_node("Add", ["c", n], [f"y{n}"]) for n in ("C", "CT")]
+    outputs = [(f"y{n}", np.float32, [2, 8]) for n in ("A", "AT", "S", "ST")]
+    outputs += [("yC", np.float32, [2, 3, 4]), ("yCT", np.float32, [4, 3, 2])]
+    model = make_model(nodes, [("x", np.float32, [2, 8]), ("c", np.float32, [])], outputs,
+                       {"A": a, "AT": np.ascontiguousarray(a.T), "S": sym,
+                        "ST": np.ascontiguousarray(sym.T), "C": cube,
+                        "CT": np.ascontiguousarray(cube.transpose(2, 1, 0))})
+    out, result = run_once(model, get_pass("dedup_initializers", transpose_min_bytes=0))
+    # a symmetric matrix is its own duplicate; A^T is a transpose; rank 3 is never shared
+    assert result.stats == {"initializers_merged": 1, "transposes_shared": 1,
+                            "bytes_saved": 2 * 8 * 8 * 4}
+    assert sorted(i.name for i in all_initializers(out)) == ["A", "C", "CT", "S"]
+    assert_same_outputs(model, out)
+
+
+def test_overridable_initializer_is_not_shared():
+    from onnxopt.pass_manager import get_pass
+
+    model = _tied_embeddings(v=64, d=16)
+    model.graph.input.append(helper.make_tensor_value_info("H", 1, [16, 64]))
+    out, result = run_once(model, get_pass("dedup_initializers", transpose_min_bytes=0))
+    assert not result.modified
+
+
+def test_sharing_waits_while_a_lossy_pass_is_pending():
+    from onnxopt.pass_manager import PassContext, get_pass
+
+    model = _tied_embeddings(v=64, d=16)
+    ctx = PassContext(template=model)
+    ctx.lossy_pending = True  # set by the pass manager before a quantization pass runs
+    out, result = run_once(model, get_pass("dedup_initializers", transpose_min_bytes=0), ctx)
+    assert result.stats["transposes_shared"] == 0 and len(all_initializers(out)) == 2

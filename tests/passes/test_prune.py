@@ -299,3 +299,297 @@ def test_real_model_ppocr_cls():
     assert record.modified
     assert record.stats["sparsity"] > 0
     assert record.stats["zeros_after"] > record.stats["zeros_before"]
+
+
+# -- sparsity, N:M, activation importance, reconstruction (issue 10) ----------------------------
+
+def chain_model(k: int = 16, n: int = 8, seed: int = 0, hidden: int | None = None
+                ) -> onnx.ModelProto:
+    """``Y = ((X @ W1 + b1) @ W2) + b2``: two MatMul layers, each followed by an Add of a bias
+    initializer (X is [rows, k], W1 [k, hidden], W2 [hidden, n])."""
+    rng = np.random.default_rng(seed)
+    hidden = hidden or k
+    inits = {"W1": rng.normal(size=(k, hidden)).astype(np.float32),
+             "b1": rng.normal(size=hidden).astype(np.float32),
+             "W2": rng.normal(size=(hidden, n)).astype(np.float32),
+             "b2": rng.normal(size=n).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["h"]),
+             helper.make_node("Add", ["h", "b1"], ["H"]),
+             helper.make_node("MatMul", ["H", "W2"], ["y"]),
+             helper.make_node("Add", ["y", "b2"], ["Y"])]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(v, name) for name, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def correlated_feeds(k: int = 16, count: int = 4, rows: int = 64, seed: int = 2,
+                     scales: np.ndarray | None = None, mean: float = 0.0) -> list[dict]:
+    """Feeds ``X = Z A + noise`` (features strongly correlated), times ``scales`` per feature,
+    plus ``mean``."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(4, k))
+    scales = np.ones(k) if scales is None else scales
+    return [{"X": ((rng.normal(size=(rows, 4)) @ mix + 0.1 * rng.normal(size=(rows, k)))
+                   * scales + mean).astype(np.float32)} for _ in range(count)]
+
+
+def propose(model: onnx.ModelProto, calibration=None, feeds=None, synthesized=False,
+            **options):
+    """Run the pass on ``model`` and return ``({tensor: proposed value}, proposals, stats)``
+    (the graph is not edited; the summary assumes every proposal is accepted)."""
+    graph = import_graph(model)
+    ctx = PassContext(template=model, calibration=calibration, feeds=feeds,
+                      synthesized=synthesized)
+    p = get_pass("prune", **options)
+    result = p.run(graph, ctx)
+    values = {pr.tensor.name: pr.value for pr in result.proposals}
+    return values, result.proposals, p.summarize(result, result.proposals)
+
+
+def outputs(model: onnx.ModelProto, feeds: list[dict], values=None, name: str = "Y"):
+    """``name`` on every feed (stacked), with ``values`` replacing initializers; ``name`` may be
+    an intermediate tensor."""
+    m = with_initializers(model, values or {})
+    if name not in {o.name for o in m.graph.output}:
+        m.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return np.concatenate([run_ort(m, f)[name] for f in feeds])
+
+
+def test_wanda_prunes_by_weight_times_input_norm():
+    model = chain_model()
+    scales = np.geomspace(0.01, 100.0, 16)  # input norms differ by 4 orders of magnitude
+    cal = correlated_feeds(scales=scales)
+    values, _, stats = propose(model, cal, sparsity=0.5, scope="row", importance="activation")
+    w1 = _initializers(model)["W1"]
+    norms = np.sqrt(sum((f["X"].astype(np.float64) ** 2).sum(axis=0) for f in cal))
+    score = np.abs(w1) * norms[:, None]
+    expected_keep = score >= np.median(score, axis=0, keepdims=True)  # per output column
+    np.testing.assert_array_equal(values["W1"] != 0, expected_keep)
+    np.testing.assert_array_equal(values["W1"][expected_keep], w1[expected_keep])
+    magnitude_keep = np.abs(w1) >= np.median(np.abs(w1), axis=0, keepdims=True)
+    assert (magnitude_keep != expected_keep).sum() > 20  # the criterion matters here
+    assert stats["per_tensor"]["W1"]["sparsity"] == 0.5 and stats["importance"] == "activation"
+    # onnxruntime computes with the proposed values what numpy does
+    x = cal[0]["X"]
+    got = outputs(model, cal[:1], values, "h")
+    np.testing.assert_allclose(got, x @ values["W1"], rtol=1e-4, atol=1e-3)
+
+
+def test_two_four_pattern_along_the_input_dimension():
+    rng = np.random.default_rng(3)
+    w_mm = rng.normal(size=(8, 6)).astype(np.float32)
+    w_conv = rng.normal(size=(3, 8, 3, 3)).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W_mm"], ["Y"]),
+         helper.make_node("Conv", ["IMG", "W_conv"], ["C"], pads=[1, 1, 1, 1])], "nm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 8]),
+         helper.make_tensor_value_info("IMG", TensorProto.FLOAT, [1, 8, 5, 5])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 6]),
+         helper.make_tensor_value_info("C", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [numpy_helper.from_array(w_mm, "W_mm"), numpy_helper.from_array(w_conv, "W_conv")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    values, _, stats = propose(model, pattern="2:4")
+    mm = values["W_mm"].reshape(2, 4, 6)  # groups of 4 consecutive inputs of each output
+    assert np.all((mm != 0).sum(axis=1) == 2)
+    top2 = np.sort(np.abs(w_mm.reshape(2, 4, 6)), axis=1)[:, 2:, :]
+    np.testing.assert_array_equal(np.sort(np.abs(mm), axis=1)[:, 2:, :], top2)
+    conv = values["W_conv"].reshape(3, 2, 4, 3, 3)  # input channels on axis 1
+    assert np.all((conv != 0).sum(axis=2) == 2)
+    assert stats["sparsity"] == 0.5 and stats["pattern"] == "2:4"
+    x = {"X": rng.normal(size=(2, 8)).astype(np.float32),
+         "IMG": rng.normal(size=(1, 8, 5, 5)).astype(np.float32)}
+    got = run_ort(with_initializers(model, values), x)
+    np.testing.assert_allclose(got["Y"], x["X"] @ values["W_mm"], rtol=1e-4, atol=1e-4)
+
+
+def test_pattern_refuses_input_dimension_not_a_multiple():
+    model = chain_model(k=6, n=8, hidden=8)  # W1 has 6 input features, W2 8
+    values, _, stats = propose(model, pattern="2:4")
+    assert set(values) == {"W2"}
+    assert stats["refused"] == {"pattern: input features not a multiple of 4": 1}
+
+
+def _layer_error(model, cal, values) -> float:
+    """``||X W1 - X W1'||^2`` on ``cal`` (the first layer, as onnxruntime computes it)."""
+    return float(((outputs(model, cal, None, "h") - outputs(model, cal, values, "h")) ** 2).sum())
+
+
+def test_reconstruction_reduces_the_layer_output_error():
+    model = chain_model()
+    cal = correlated_feeds()
+    plain, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation")
+    refit, _, stats = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                              reconstruct=True, bias_correction=False)
+    assert np.all((refit["W1"] == 0).sum(axis=0) == 8)  # still half of each output's weights
+    assert stats["reconstruct"] and stats["sparsity"] == 0.5
+    e_plain, e_refit = _layer_error(model, cal, plain), _layer_error(model, cal, refit)
+    assert e_refit < 0.2 * e_plain, (e_refit, e_plain)
+    # the kept weights were refit, not only masked
+    assert not np.allclose(refit["W1"][refit["W1"] != 0],
+                           _initializers(model)["W1"][refit["W1"] != 0])
+
+
+def test_bias_correction_removes_the_mean_shift():
+    model = chain_model()
+    cal = correlated_feeds(mean=3.0)  # inputs far from zero mean: pruning shifts the output
+    plain, _, _ = propose(model, cal, sparsity=0.5)
+    corrected, proposals, stats = propose(model, cal, sparsity=0.5, bias_correction=True)
+    assert set(corrected) == {"W1", "b1", "W2", "b2"}
+    np.testing.assert_array_equal(corrected["W1"], plain["W1"])  # the weights are the same
+    groups = {p.tensor.name: p.group for p in proposals}
+    assert groups["W1"] == groups["b1"] != groups["W2"] == groups["b2"]
+    assert stats["biases_corrected"] == 2
+    # the first layer sees the original's inputs: its mean output is restored exactly
+    ref = outputs(model, cal, None, "H").mean(axis=0)
+    shift_plain = np.abs(outputs(model, cal, {"W1": plain["W1"]}, "H").mean(axis=0) - ref)
+    shift = np.abs(outputs(model, cal, {"W1": corrected["W1"], "b1": corrected["b1"]}, "H")
+                   .mean(axis=0) - ref)
+    assert shift_plain.max() > 0.5
+    assert shift.max() < 1e-3 * shift_plain.max() + 1e-4
+
+
+def test_bias_correction_without_a_bias_is_refused_with_a_reason():
+    model = chain_model()
+    del model.graph.node[3]  # Y = H @ W2: no bias after the second MatMul
+    model.graph.node[2].output[0] = "Y"
+    model.graph.initializer.pop()
+    cal = correlated_feeds()
+    values, _, stats = propose(model, cal, sparsity=0.5, bias_correction=True)
+    assert "b1" in values and "W2" in values
+    assert stats["refused"] == {"bias correction: no bias (MatMul not followed by one Add)": 1}
+
+
+def test_sequential_statistics_come_from_the_pruned_model():
+    from onnxopt.passes._sparse import sparsegpt
+
+    model = chain_model()
+    cal = correlated_feeds()
+    values, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                           reconstruct=True, bias_correction=False, target="pruned")
+    w2 = _initializers(model)["W2"]
+
+    def gram(of: dict | None, *other: dict | None) -> np.ndarray:
+        a = outputs(model, cal, of, "H").astype(np.float64)
+        b = outputs(model, cal, other[0], "H").astype(np.float64) if other else a
+        return a.T @ b
+
+    pruned_inputs = sparsegpt(w2, gram({"W1": values["W1"]}), 0.5, "row")
+    original_inputs = sparsegpt(w2, gram(None), 0.5, "row")
+    np.testing.assert_allclose(values["W2"], pruned_inputs.astype(np.float32), rtol=1e-3,
+                               atol=1e-4)
+    assert not np.allclose(values["W2"], original_inputs, rtol=1e-3, atol=1e-4)
+    # the default target: the original model's outputs, through the cross Gram X~^T X
+    taught, _, stats = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                               reconstruct=True, bias_correction=False)
+    assert stats["target"] == "original"
+    # the first layer sees X itself: the same mask, the same refit (to float32 Gram rounding)
+    np.testing.assert_array_equal(taught["W1"] == 0, values["W1"] == 0)
+    np.testing.assert_allclose(taught["W1"], values["W1"], rtol=1e-3, atol=1e-4)
+    cross = sparsegpt(w2, gram({"W1": values["W1"]}), 0.5, "row",
+                      cross=gram({"W1": values["W1"]}, None))
+    np.testing.assert_allclose(taught["W2"], cross.astype(np.float32), rtol=1e-3, atol=1e-4)
+
+
+def test_original_target_recovers_the_original_output():
+    """With the first layer pruned, refitting the second to the original model's outputs
+    (``X~^T X`` target) recovers them better than refitting it to its own dense outputs on
+    the pruned inputs (``X~ W2``, the old target), on the calibration data and on other data
+    from the same distribution."""
+    model = chain_model(k=16, hidden=16, n=16)
+    feeds = correlated_feeds(count=12)  # one mixing matrix: one distribution
+    cal, held_out = feeds[:8], feeds[8:]
+    ref_cal, ref_out = outputs(model, cal), outputs(model, held_out)
+    errors = {}
+    for target in ("original", "pruned"):
+        values, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                               reconstruct=True, target=target)
+        errors[target] = (float(((outputs(model, cal, values) - ref_cal) ** 2).sum()),
+                          float(((outputs(model, held_out, values) - ref_out) ** 2).sum()))
+    assert errors["original"][0] < 0.5 * errors["pruned"][0], errors
+    assert errors["original"][1] < errors["pruned"][1], errors
+
+
+def test_global_scope_uses_one_threshold_across_tensors():
+    model = chain_model()
+    w = _initializers(model)
+    w["W1"] = w["W1"] * 10  # W2's weights are smaller: pruned more under one threshold
+    model = with_initializers(model, {"W1": w["W1"]})
+    values, _, stats = propose(model, sparsity=0.5, scope="global")
+    both = np.concatenate([np.abs(w["W1"]).ravel(), np.abs(w["W2"]).ravel()])
+    threshold = np.sort(both)[both.size // 2 - 1]
+    for name in ("W1", "W2"):
+        np.testing.assert_array_equal(values[name] == 0, np.abs(w[name]) <= threshold)
+    assert stats["sparsity"] == 0.5
+    assert stats["per_tensor"]["W2"]["allocated"] > 0.9 > stats["per_tensor"]["W1"]["allocated"]
+
+
+def test_sensitivity_allocation_meets_the_global_target():
+    model = chain_model(k=16, n=16, hidden=64)
+    w1 = _initializers(model)["W1"]
+    outliers = np.random.default_rng(5).random(w1.shape) < 0.2
+    # W1's energy is in a few large weights: pruning half of it costs little, W2's much more
+    model = with_initializers(model, {"W1": np.where(outliers, w1 * 30, w1)})
+    cal = correlated_feeds()
+    values, _, stats = propose(model, cal, sparsity=0.5, allocation="sensitivity",
+                               importance="activation")
+    allocated = {n: stats["per_tensor"][n]["allocated"] for n in ("W1", "W2")}
+    assert allocated["W1"] > 0.5 > allocated["W2"]
+    assert stats["sparsity"] == pytest.approx(0.5, abs=0.05)
+    for name, s in allocated.items():
+        assert stats["per_tensor"][name]["sparsity"] == pytest.approx(s, abs=1 / 64)
+
+
+def test_relative_threshold_uses_the_tensor_rms():
+    model = chain_model()
+    values, _, stats = propose(model, relative=0.5)
+    for name in ("W1", "W2"):
+        w = _initializers(model)[name]
+        rms = np.sqrt(np.mean(w.astype(np.float64) ** 2))
+        np.testing.assert_array_equal(values[name], np.where(np.abs(w) < 0.5 * rms, 0, w))
+    assert stats["relative"] == 0.5
+
+
+def test_auto_strength_never_reaches_run():
+    from onnxopt.errors import UsageError
+
+    p = get_pass("prune", sparsity="auto")
+    assert type(p).strength == "sparsity" and type(p).ladder[0] == 0.1
+    assert list(type(p).ladder) == sorted(type(p).ladder)
+    with pytest.raises(UsageError, match="auto"):
+        p.run(import_graph(chain_model()), PassContext(template=chain_model()))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": "half"}, "sparsity"),
+    ({"sparsity": 0.5, "threshold": 0.1}, "exclude"), ({"pattern": "4:2"}, "N:M"),
+    ({"pattern": "2-4"}, "N:M"), ({"sparsity": 0.5, "scope": "column"}, "scope"),
+    ({"sparsity": 0.5, "importance": "hessian"}, "importance"),
+    ({"threshold": 0.1, "reconstruct": True}, "needs sparsity"),
+    ({"pattern": "2:4", "scope": "global"}, "pattern"),
+    ({"sparsity": 0.5, "allocation": "sensitivity", "scope": "global"}, "exclude"),
+    ({"sparsity": 0.5, "damp": 0.0}, "damp"), ({"relative": -1.0}, "relative")])
+def test_invalid_options_are_refused(options, message):
+    from onnxopt.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        get_pass("prune", **options)
+
+
+def test_data_driven_options_refuse_synthesized_feeds():
+    from onnxopt.errors import UsageError
+
+    model = chain_model()
+    for options in ({"importance": "activation"}, {"reconstruct": True}):
+        with pytest.raises(UsageError, match="calibration data"):
+            propose(model, feeds=correlated_feeds(), synthesized=True, sparsity=0.5, **options)
+    values, _, _ = propose(model, feeds=correlated_feeds(), synthesized=True, sparsity=0.5)
+    assert set(values) == {"W1", "W2"}  # magnitude needs no data
+
+
+def test_sparse_storage_is_refused_with_a_reason():
+    _, _, stats = propose(chain_model(), sparsity=0.5, sparse_storage=True)
+    assert any(reason.startswith("sparse storage") for reason in stats["refused"])

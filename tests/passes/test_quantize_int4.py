@@ -331,3 +331,44 @@ def test_mode_with_projections_of_one_input_saves_and_runs():
     assert TensorProto.UINT4 in types
     got = _run(optimized, {"x": feeds[0]["x"][:0]})  # batch 0 runs too
     assert got[0].shape == (0, 32)
+
+
+def _opset17(nodes, initializers, inputs=("x",)):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, ["b", 64])
+                     for i in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", None])],
+        [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_upgrade_wanted_only_when_a_matmul_weight_may_be_quantized():
+    """The opset 21 upgrade (and IR 10) is worth it only for a MatMul whose B is, or folds into,
+    a 2-D float32 initializer the options accept."""
+    w = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    matmul = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
+    folded = [helper.make_node("Transpose", ["W"], ["Wt"]),
+              helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm")]
+    rtn = QuantizeInt4(method="rtn")
+    assert rtn.wants_upgrade(_opset17(matmul, {"W": w}))
+    assert rtn.wants_upgrade(_opset17(folded, {"W": w.T.copy()}))
+    assert not rtn.wants_upgrade(_opset17([helper.make_node("MatMul", ["x", "z"], ["y"])], {},
+                                          ("x", "z")))
+    assert not rtn.wants_upgrade(_opset17([helper.make_node("Relu", ["x"], ["y"])], {}))
+    assert not QuantizeInt4(method="rtn", exclude=["mm"]).wants_upgrade(
+        _opset17(matmul, {"W": w}))
+    assert not QuantizeInt4(method="rtn", min_elements=4096).wants_upgrade(
+        _opset17(matmul, {"W": w}))
+
+
+def test_int4_mode_keeps_the_opset_of_a_model_it_cannot_quantize():
+    from onnxopt import optimize
+
+    model = _opset17([helper.make_node("Relu", ["x"], ["y"])], {})
+    out, report = optimize(model, quantize="int4-weight",
+                           options={"quantize_int4": {"method": "rtn"}})
+    assert report.opset_upgrade is None
+    assert [o.version for o in out.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert out.ir_version == 8

@@ -210,7 +210,9 @@ def test_one_proposal_group_per_node_weight_and_simulated_activation():
     for ps in groups.values():
         weights = [p for p in ps if p.value is not None]
         simulated = [p for p in ps if p.value is None]
-        assert len(weights) == 1 and simulated and all(p.simulate for p in simulated)
+        assert simulated and all(p.simulate for p in simulated)
+        # the Conv's group holds its weight and bias, the MatMul's its weight
+        assert sorted(p.tensor.name for p in weights) in (["B", "W"], ["W2"])
 
 
 def test_per_tensor_weights_option(tmp_path):
@@ -279,3 +281,77 @@ def test_calibration_without_finite_values_is_refused_not_guessed():
     _, report = optimize(model, quantize="int8-static", inputs=good, calibration=good + nan)
     stats = next(r.stats for r in report.passes if r.name == "quantize_static")
     assert stats["nodes_quantized"] == 1 and report.validation.passed
+
+
+def _biased_layer(op):
+    """A MatMul -> Add(b) or a Conv(b) whose input has a mean of 2 per channel, and a coarse
+    per-tensor weight grid (one outlier weight): quantizing the weight shifts the output mean."""
+    w = RNG.normal(size=(8, 32)).astype(np.float32) * 0.1
+    w[0, 0] = 4.0
+    b = RNG.normal(size=8).astype(np.float32)
+    if op == "MatMul":
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                 helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+        return _model(nodes, [_f("x", [16, 32])], [_f("y", [16, 8])], {"W": w.T, "b": b}), \
+            (16, 32), -1
+    # no padding: the correction assumes every kernel tap reads the input's mean
+    nodes = [helper.make_node("Conv", ["x", "W", "b"], ["y"], name="conv")]
+    w3 = np.repeat(w[:, :, None, None], 3, axis=2).repeat(3, axis=3) / 9
+    return _model(nodes, [_f("x", [1, 32, 8, 8])], [_f("y", [1, 8, 6, 6])],
+                  {"W": w3, "b": b}), (1, 32, 8, 8), 1
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Conv"])
+def test_bias_correction_removes_the_output_mean_shift(op):
+    """Nagel et al. 2019, section 4.2: b' = b - (W' - W) E[x]. On held-out feeds of the same
+    distribution the mean output error per channel shrinks to what activation rounding leaves;
+    the drift budget sees the corrected bias (it is in the node's proposal group)."""
+    model, shape, axis = _biased_layer(op)
+
+    def feeds(n):
+        return [{"x": (2.0 + 0.5 * RNG.normal(size=shape)).astype(np.float32)}
+                for _ in range(n)]
+
+    calibration, evaluation = feeds(16), feeds(16)
+    ref = _session(model, optimize=False)
+    reduce = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    shifts = {}
+    for correct in (False, True):
+        out, stats = _quantize(model, calibration, per_channel=False, calibration="minmax",
+                               bias_correction=correct)
+        quant = _session(out, optimize=False)
+        errors = [quant.run(None, f)[0] - ref.run(None, f)[0] for f in evaluation]
+        shifts[correct] = np.abs(np.mean(errors, axis=0).mean(axis=reduce)).max()
+        if correct:
+            assert stats["bias_correction"] == {"corrected": 1, "not corrected": {}}
+    assert shifts[True] < 0.05 * shifts[False], shifts
+
+    graph = import_graph(model)
+    result = QuantizeStatic(per_channel=False, bias_correction=True).run(
+        graph, _ctx(graph, model, calibration))
+    assert "b" in [p.tensor.name for p in result.proposals if p.value is not None]
+
+
+def test_proposed_values_are_what_the_saved_model_computes():
+    """Every initializer apply replaces is proposed with the value the saved model computes in
+    its place -- the weight's and the int32 bias's DequantizeLinear outputs -- so that the drift
+    budget measures the saved model, not a neighbour of it (a bias rounded differently flips
+    roundings of the next QuantizeLinear; the budget then fits its choice to the wrong model)."""
+    model = _conv_pool_matmul()
+    feeds = _feeds((1, 3, 8, 8))
+    graph = import_graph(model)
+    proposed = {p.tensor.name: p.value for p in
+                QuantizeStatic().run(graph, _ctx(graph, model, feeds)).proposals
+                if p.value is not None}
+    assert set(proposed) == {"W", "B", "W2"}
+    out, _ = _quantize(model, feeds)
+    readers = {n.op_type: n for n in out.graph.node if n.op_type in ("Conv", "MatMul")}
+    wanted = {"W": readers["Conv"].input[1], "B": readers["Conv"].input[2],
+              "W2": readers["MatMul"].input[1]}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(out)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted.values())
+    computed = dict(zip(wanted, _session(probe, optimize=False).run(None, feeds[0])))
+    for name, value in proposed.items():
+        np.testing.assert_array_equal(computed[name], value, err_msg=name)

@@ -217,6 +217,28 @@ def test_not_removed(model, reason):
     assert_same_outputs(model, out, feeds, rtol=0, atol=0)
 
 
+_IDENTITY_ALGEBRA = [c for c in REMOVED if c[0] in (
+    "mul_ones_broadcast", "mul_one_left_dynamic", "add_zero_int", "sub_zero_right",
+    "div_one_right")] + [
+    ("add_zero_left_symbolic", _model([_node("Relu", ["x"], ["r"]), _node("Add", ["c", "r"])],
+                                      x_shape=("N", "M", 4), inits={"c": np.zeros((1, 4), F)}),
+     ["Relu"]),
+    ("div_ones_symbolic", _model([_node("Relu", ["x"], ["r"]), _node("Div", ["r", "c"])],
+                                 x_shape=("N", 4), inits={"c": np.ones((1, 1), F)}), ["Relu"]),
+]
+
+
+@pytest.mark.parametrize("model, expected", [c[1:] for c in _IDENTITY_ALGEBRA],
+                         ids=[c[0] for c in _IDENTITY_ALGEBRA])
+def test_identity_algebra_for_every_value_of_the_symbolic_dims(model, expected):
+    """x + 0, 0 + x, x - 0, x * 1, x / 1 removed: the same outputs with each symbolic dim 0, 1
+    and 3 (a batch of 0 included), exactly; -0.0 + 0 = +0.0 compares equal."""
+    out, _ = run_passes(model, ["remove_noop"])
+    assert ops(out) == expected
+    feeds = [random_feed(model, seed, dim=dim) for seed, dim in enumerate((0, 1, 3))]
+    assert_same_outputs(model, out, feeds, rtol=0, atol=0)
+
+
 def test_output_name_survives():
     model = _model([_node("Relu", ["x"], ["r"]), _node("Transpose", ["r"], perm=[0, 1])])
     out, result = run_once(model, "remove_noop")

@@ -1,0 +1,458 @@
+"""Weight sharing by k-means: each large weight stored as cluster indices plus a float codebook.
+
+Deep Compression's weight sharing (Han et al., 2016, "Deep Compression: Compressing Deep Neural
+Networks with Pruning, Trained Quantization and Huffman Coding", ICLR, section 3): the values of a
+weight tensor ``W`` (``n`` elements) are clustered into ``K`` clusters by 1-D k-means,
+
+    minimize  sum_i  a_i (w_i - c_{k(i)})^2   over the codebook c[K] and the assignment k(i),
+
+and ``W`` is stored as the indices ``k(i)`` (``log2 K`` bits each) and the codebook. Lloyd
+iterations refine initial centroids; in one dimension the nearest centroid of ``w`` is found by a
+binary search among the midpoints of the sorted centroids, so an iteration costs ``O(n log K)``.
+Initialization: the paper's *linear* one (``init="linear"``: evenly spaced between ``min W`` and
+``max W``, section 3.1, chosen there because it keeps the few large weights that retraining then
+tunes) leaves most centroids in the sparse tails of a bell-shaped weight distribution, and Lloyd
+iterations move them out only slowly; without retraining the default is the *companded*
+initialization (``init="companded"``): centroids at the quantiles of ``p^(1/3)``, ``p`` the
+(weighted) histogram of the values, the point density of the mean-square-optimal quantizer at
+high resolution (Panter and Dite, 1951, "Quantization distortion in pulse-count modulation with
+nonuniform spacing of levels", Proc. IRE; Gersho and Gray, "Vector Quantization and Signal
+Compression", section 6.3), which keeps centroids in the tails too. Measured on MiniLM-L6 (30
+iterations), the relative error ``||W' - W|| / ||W||`` at K = 256 / 16: word embedding 0.031 /
+0.145 linear, 0.0077 / 0.103 companded; an FFN output matrix 0.046 / 0.187 linear, 0.028 /
+0.159 companded. A codebook of more than ``4 B`` elements (an embedding table; ``B`` =
+:data:`BINS` for one codebook, ``max(BINS / C, MIN_ROW_BINS)`` for ``C``) is first reduced to a
+histogram of ``B`` bins (each bin its weighted mean and total weight) on which the Lloyd
+iterations run; a final exact assignment, centroid update and assignment on
+every element follow. The weights ``a_i`` are 1, or with ``weighted`` the squared norm
+``||x_j||^2`` over the calibration feeds of the input channel ``j`` the element multiplies
+(``TensorStats.channel_norm`` of the node's input): ``sum_rows ||X dW||^2`` is approximated by
+its diagonal ``sum_ij ||x_j||^2 dW_ij^2``, so the error goes where inputs are small (the
+diagonal of the layer Hessian, the salience of Wanda, Sun et al. 2023, and of GPTQ/AWQ). The
+weighted run initializes from the weighted histogram, so centroids start where the weight
+mass is (from the linear initialization, Lloyd iterations cannot pull them there).
+
+Per-channel codebooks (``per_channel``): one codebook per output channel of a MatMul/Gemm weight
+or Conv kernel (``onnxopt.ops`` output axis; ``C`` codebooks of ``K`` values), each clustered on
+its own channel; for a Gather table ``[V, D]``, one per embedding dimension (its last axis: a
+codebook per row would outweigh the table). A tensor whose codebooks would take more than half
+the bytes of its indices gets one codebook (K = 256 on a 384 x 384 matrix: 393 kB of codebooks
+for 147 kB of indices; on MiniLM's 30522 x 384 word embedding, 393 kB for 11.7 MB).
+
+Runtime form, standard ops only, folded by onnxruntime into a float initializer at session
+initialization (measured: the session's optimized graph holds only the consumer, so inference
+runs at fp32 speed); the file holds the indices and the codebook::
+
+    K > 16 :  idx  uint8 [shape of W]
+              W' = Gather(codebook[K], Cast<int32>(idx))
+    K <= 16:  two 4-bit indices per byte; flat index i (of n, padded to 2m, m = ceil(n / 2))
+              is the low nibble of byte i for i < m and the high nibble of byte i - m after:
+              P  uint8 [m]
+              i  = Cast<int32>(Reshape(Slice(Concat(Mod(P, 16), BitShift(P, 4, RIGHT)), 0, n),
+                                       shape of W))
+              W' = Gather(codebook[K], i)
+
+Per-channel, the codebook is flattened to ``[C K]`` and channel ``c``'s indices are offset by
+``c K`` (an int32 ``Add`` with a constant ``[1, .., C, .., 1]`` of ``c K``) before the same
+``Gather``: an ordinary 1-D Gather, which onnxruntime folds like the per-tensor one
+(GatherElements would need the codebook broadcast to the weight's shape). BitShift is opset 11,
+Mod on integers opset 10, so the pass applies from opset 11 (BitwiseAnd would need opset 18).
+Storage (float32): ``n`` (or ``ceil(n / 2)``) bytes plus ``4 K`` (per-channel: ``4 C K`` and
+``4 C`` of offsets) against ``4 n``.
+
+The proposal's value is ``codebook[idx]`` in W's dtype: exactly what the model computes.
+
+Drift budget: each tensor is one proposal (its own group). Statistics: ``clusters``,
+``per_channel``, ``weighted``; ``unweighted``: tensors clustered without weights although
+``weighted`` was asked (Gather tables, weights whose input has no statistics);
+``one_codebook``: tensors given one codebook although ``per_channel`` was asked (see above); ``tensors_clustered``, ``proposed``/``accepted``; ``bytes_before``/
+``bytes_after`` (of the accepted tensors); ``refused`` (``{reason: count}``); ``per_tensor``:
+``{name: {shape, clusters, bytes_before, bytes_after, relative_error}}`` for every proposal
+(``relative_error`` = ``||W' - W|| / ||W||``; ``accepted`` says whether the budget took it).
+
+Errors: :class:`onnxopt.errors.UsageError` when ``weighted`` is asked without calibration data.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt.analyses import UseDef
+from onnxopt.analyses.activations import ActivationStats
+from onnxopt.budget import Proposal
+from onnxopt.edit import input_slots
+from onnxopt.errors import UsageError
+from onnxopt.names import fresh_name
+from onnxopt.ops import conv_input_channels, input_channel_axis, output_channel_axis, \
+    weight_initializers, weight_slot
+from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+
+#: The weight slots clustered (``onnxopt.ops``): MatMul/Gemm operands, Conv kernels, Gather tables.
+CLUSTERED_KINDS = frozenset({"matrix", "kernel", "table"})
+#: Largest K whose indices are packed two per byte.
+NIBBLE_CLUSTERS = 16
+#: Bins of the histograms of all codebooks of a tensor together (at least MIN_ROW_BINS each);
+#: a codebook of more than 4 times its bins' elements is clustered on its histogram first.
+BINS = 1 << 16
+MIN_ROW_BINS = 1024
+
+
+@dataclass(frozen=True)
+class ClusterWeightsOptions:
+    """Options of :class:`ClusterWeights`.
+
+    Attributes:
+        clusters: K, the codebook size (2..256; up to 16 stores 4-bit indices), or ``"auto"``
+            (the pass manager's strength search picks it from ``ClusterWeights.ladder``).
+        per_channel: one codebook per output channel of MatMul/Gemm weights and Conv kernels,
+            per embedding dimension of Gather tables, where the codebooks take at most half
+            the bytes of the indices.
+        weighted: weight each element by the squared norm of its input channel over the
+            calibration data (needs calibration data).
+        min_size: tensors with fewer elements stay as they are.
+        iterations: Lloyd iterations of k-means.
+        init: initial centroids: ``"companded"`` (quantiles of ``p^(1/3)``, default) or
+            ``"linear"`` (Deep Compression's linear initialization).
+    """
+
+    clusters: int | str = 256
+    per_channel: bool = False
+    weighted: bool = False
+    min_size: int = 4096
+    iterations: int = 30
+    init: str = "companded"
+
+    def check(self) -> str | None:
+        if self.clusters != "auto" and (isinstance(self.clusters, str)
+                                        or not 2 <= self.clusters <= 256):
+            return f"option clusters must be an integer from 2 to 256 or 'auto', got " \
+                   f"{self.clusters!r}"
+        if self.min_size < 1:
+            return f"option min_size must be at least 1, got {self.min_size}"
+        if self.init not in ("companded", "linear"):
+            return f"option init must be 'companded' or 'linear', got {self.init!r}"
+        if self.iterations < 0:
+            return f"option iterations must not be negative, got {self.iterations}"
+        return None
+
+
+def _assign(values: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid of each value: ``values`` [C, n], sorted ``centers``
+    [C, K] (float64) -> int64 [C, n]. Rows are made disjoint by mapping row ``c`` into
+    ``[2c, 2c + 1]`` so one binary search serves every row."""
+    c, k = centers.shape
+    lo = np.minimum(values.min(axis=1, initial=np.inf), centers[:, 0])[:, None]
+    span = np.maximum(values.max(axis=1, initial=-np.inf), centers[:, -1])[:, None] - lo
+    span = np.where(span > 0, span, 1.0)
+    shift = 2.0 * np.arange(c)[:, None]
+    v = (values - lo) / span + shift
+    m = ((centers - lo) / span + shift).ravel()
+    index = np.searchsorted((m[1:] + m[:-1]) / 2, v.ravel()).reshape(v.shape)
+    return index - k * np.arange(c)[:, None]
+
+
+def _update(values: np.ndarray, weights: np.ndarray, index: np.ndarray,
+            centers: np.ndarray) -> np.ndarray:
+    """Weighted mean of each cluster (an empty cluster keeps its centroid), sorted per row."""
+    c, k = centers.shape
+    flat = (index + k * np.arange(c)[:, None]).ravel()
+    total = np.bincount(flat, weights.ravel(), c * k).reshape(c, k)
+    moment = np.bincount(flat, (weights * values).ravel(), c * k).reshape(c, k)
+    new = np.where(total > 0, moment / np.where(total > 0, total, 1.0), centers)
+    return np.sort(new, axis=1)
+
+
+def _companded_centers(values: np.ndarray, weights: np.ndarray, k: int, bins: int
+                       ) -> np.ndarray:
+    """Initial centroids at the quantiles ``(i + 1/2) / k`` of the density ``p^(1/3)`` (``p``
+    the weighted histogram of each row, ``bins`` bins): sorted float64 ``[C, k]``."""
+    c = values.shape[0]
+    lo, hi = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    b = np.minimum(((values - lo) / span * bins).astype(np.int64), bins - 1)
+    mass = np.bincount((b + bins * np.arange(c)[:, None]).ravel(), weights.ravel(),
+                       c * bins).reshape(c, bins)
+    cdf = np.cumsum(np.cbrt(mass), axis=1)
+    cdf /= np.where(cdf[:, -1:] > 0, cdf[:, -1:], 1.0)
+    q = (np.arange(k) + 0.5) / k
+    edges = np.arange(1, bins + 1) / bins  # bin i ends at fraction (i + 1) / bins of the span
+    frac = np.stack([np.interp(q, cdf[r], edges) for r in range(c)])
+    return np.sort(lo + span * frac, axis=1)
+
+
+def kmeans_1d(values: np.ndarray, k: int, iterations: int,
+              weights: np.ndarray | None = None, init: str = "companded"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted 1-D k-means of each row (see the module docstring).
+
+    Args:
+        values: ``[C, n]`` finite floats (one codebook per row).
+        k: clusters per row.
+        iterations: Lloyd iterations (on each row's histogram for long rows).
+        weights: non-negative ``[C, n]`` element weights, None for 1.
+        init: ``"companded"`` (quantiles of ``p^(1/3)``) or ``"linear"`` (evenly spaced
+            between the row's minimum and maximum).
+
+    Returns:
+        ``(codebook, indices)``: float64 ``[C, k]`` sorted per row, int64 ``[C, n]`` in
+        ``0..k-1``.
+    """
+    values = np.asarray(values, np.float64)
+    weights = np.ones_like(values) if weights is None else np.asarray(weights, np.float64)
+    lo, hi = values.min(axis=1), values.max(axis=1)
+    if init == "linear":
+        centers = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, k)[None, :]
+    else:
+        centers = _companded_centers(values, weights, k, min(
+            max(MIN_ROW_BINS, BINS // values.shape[0]), max(4 * k, values.shape[1] // 4)))
+    c, n = values.shape
+    bins = max(MIN_ROW_BINS, BINS // c)
+    if n > 4 * bins:  # Lloyd iterations on each row's histogram: bin means, bin weights
+        span = np.where(hi > lo, hi - lo, 1.0)[:, None]
+        b = np.minimum(((values - lo[:, None]) / span * bins).astype(np.int64), bins - 1)
+        b += bins * np.arange(c)[:, None]
+        point_weights = np.bincount(b.ravel(), weights.ravel(), c * bins).reshape(c, bins)
+        moment = np.bincount(b.ravel(), (weights * values).ravel(), c * bins).reshape(c, bins)
+        middle = lo[:, None] + span * (np.arange(bins) + 0.5) / bins
+        points = np.where(point_weights > 0, moment / np.where(point_weights > 0,
+                                                                point_weights, 1.0), middle)
+    else:
+        points, point_weights = values, weights
+    for _ in range(iterations):
+        centers = _update(points, point_weights, _assign(points, centers), centers)
+    if points is not values:
+        centers = _update(values, weights, _assign(values, centers), centers)
+    return centers, _assign(values, centers)
+
+
+def pack_nibbles(indices: np.ndarray) -> np.ndarray:
+    """Flat indices (0..15, any shape, ``n`` values) as ``ceil(n / 2)`` bytes: index ``i`` in
+    the low nibble of byte ``i`` for ``i < m``, in the high nibble of byte ``i - m`` after."""
+    flat = indices.astype(np.uint8).ravel()
+    m = (flat.size + 1) // 2
+    padded = np.zeros(2 * m, np.uint8)
+    padded[:flat.size] = flat
+    return padded[:m] | (padded[m:] << 4)
+
+
+def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of :func:`pack_nibbles`: the ``n`` flat indices (uint8)."""
+    return np.concatenate([packed & 15, packed >> 4])[:n]
+
+
+@dataclass
+class _Plan:
+    """One tensor's clustering: codebook ``[C, K]`` (W's dtype), indices (uint8, W's shape,
+    into the codebook of the element's channel), the channel axis (None: one codebook), the
+    value the model computes with, ``||W' - W|| / ||W||`` and the bytes stored."""
+
+    tensor: gs.Constant
+    codebook: np.ndarray
+    indices: np.ndarray
+    axis: int | None
+    value: np.ndarray
+    relative_error: float
+    bytes_after: int
+
+
+def _channel_weights(t: gs.Constant, slots, stats: ActivationStats) -> np.ndarray | None:
+    """``sum over readers of ||x_j||^2`` broadcast to W's shape (float64), None when a reader's
+    input has no statistics (a Gather table, a weight read in a subgraph)."""
+    total = np.zeros(t.shape, np.float64)
+    for node, index in slots:
+        slot = weight_slot(node, index)
+        if slot.kind == "table" or node.op not in ("MatMul", "Gemm", "Conv"):
+            return None
+        x = node.inputs[1 - index] if node.op in ("MatMul", "Gemm") else node.inputs[0]
+        if x.name not in stats or stats[x.name].channel_norm is None:
+            return None
+        norm_sq = stats[x.name].channel_norm ** 2
+        if node.op == "Conv":
+            group, out = node.attrs.get("group", 1), t.shape[0]
+            per_group = t.shape[1]
+            if norm_sq.size != conv_input_channels(node):
+                return None
+            channel = (np.arange(out)[:, None] // (out // group)) * per_group \
+                + np.arange(per_group)[None, :]
+            shape = (out, per_group) + (1,) * (len(t.shape) - 2)
+            total = total + norm_sq[channel].reshape(shape)
+            continue
+        axis = input_channel_axis(node, index, len(t.shape))
+        if axis is None or norm_sq.size != t.shape[axis]:
+            return None
+        shape = [1] * len(t.shape)
+        shape[axis] = norm_sq.size
+        total = total + norm_sq.reshape(shape)
+    return total
+
+
+@register
+class ClusterWeights(Pass):
+    name = "cluster_weights"
+    description = "Weight sharing: k-means clusters of each large weight, stored as uint8 (or " \
+                  "4-bit) indices and a float codebook (Deep Compression)."
+    Options = ClusterWeightsOptions
+    lossless = False
+    weights = "original"
+    min_opset = 11
+    strength: ClassVar[str | None] = "clusters"
+    ladder: ClassVar[tuple] = (256, 128, 64, 32, 16, 8, 4)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        k = self.options.clusters
+        if k == "auto":
+            raise UsageError("pass 'cluster_weights': clusters 'auto' is resolved by the pass "
+                             "manager's strength search (give max_drift)")
+        stats = None
+        if self.options.weighted:
+            if ctx.calibration is None and (not ctx.feeds or ctx.synthesized):
+                raise UsageError("pass 'cluster_weights': weighted needs calibration data "
+                                 "(--calibration-data, or real --inputs)")
+            stats = ctx.analyses.get(ActivationStats)
+        usedef = ctx.analyses.get(UseDef)
+        refused: collections.Counter[str] = collections.Counter()
+        self._plans: dict[int, _Plan] = {}
+        self._unweighted = self._one_codebook = 0
+        proposals = []
+        for t in weight_initializers(graph, CLUSTERED_KINDS):
+            reason, plan = self._plan(t, usedef, stats)
+            if reason is not None:
+                refused[reason] += 1
+                continue
+            self._plans[id(t)] = plan
+            g = usedef.owner(input_slots(t)[0][0])
+            proposals.append(Proposal(tensor=t, value=plan.value,
+                                      apply=self._rewrite(graph, g, plan)))
+        result = {"clusters": k, "per_channel": self.options.per_channel,
+                  "weighted": self.options.weighted}
+        if refused:
+            result["refused"] = dict(sorted(refused.items()))
+        if self._unweighted:
+            result["unweighted"] = self._unweighted
+        if self._one_codebook:
+            result["one_codebook"] = self._one_codebook
+        return PassResult(False, result, proposals=proposals)
+
+    def _plan(self, t: gs.Constant, usedef: UseDef, stats: ActivationStats | None
+              ) -> tuple[str | None, _Plan | None]:
+        """Why ``t`` stays as it is, or its clustering."""
+        w = t.values
+        if not isinstance(w, np.ndarray):
+            return "sparse initializer", None
+        if w.size < self.options.min_size:
+            return "smaller than min_size", None
+        if not np.isfinite(w).all():
+            return "non-finite values", None
+        slots = input_slots(t)
+        if len({id(usedef.owner(n)) for n, _ in slots}) != 1:
+            return "read in several graphs", None
+        axis = None
+        if self.options.per_channel:
+            axes = {input_channel_axis(n, i, w.ndim) if weight_slot(n, i).kind == "table"
+                    else output_channel_axis(n, i, w.ndim) for n, i in slots}
+            if len(axes) != 1 or None in axes:
+                return "no common output-channel axis", None
+            axis = axes.pop()
+            index_bytes = (w.size + 1) // 2 if self.options.clusters <= NIBBLE_CLUSTERS \
+                else w.size
+            if w.shape[axis] * self.options.clusters * w.itemsize > index_bytes // 2:
+                axis = None
+                self._one_codebook += 1
+        a = None
+        if stats is not None:
+            a = _channel_weights(t, slots, stats)
+            if a is None:
+                self._unweighted += 1
+            else:
+                a = a + 1e-12 * max(float(a.mean()), 1e-30)  # channels never active count
+        moved = np.moveaxis(w, axis, 0) if axis is not None else w.reshape(1, -1)
+        rows = moved.reshape(moved.shape[0], -1)
+        a_rows = None if a is None else (
+            np.moveaxis(np.broadcast_to(a, w.shape), axis, 0) if axis is not None
+            else a).reshape(rows.shape)
+        k = self.options.clusters
+        centers, index = kmeans_1d(rows, k, self.options.iterations, a_rows,
+                                  self.options.init)
+        codebook = centers.astype(w.dtype)
+        gathered = np.take_along_axis(codebook, index, axis=1).reshape(moved.shape)
+        value = np.moveaxis(gathered, 0, axis) if axis is not None else gathered.reshape(w.shape)
+        index = index.astype(np.uint8).reshape(moved.shape)
+        index = np.ascontiguousarray(np.moveaxis(index, 0, axis)) if axis is not None \
+            else index.reshape(w.shape)
+        norm = float(np.linalg.norm(w.astype(np.float64)))
+        error = float(np.linalg.norm(value.astype(np.float64) - w)) / norm if norm else 0.0
+        index_bytes = (w.size + 1) // 2 if k <= NIBBLE_CLUSTERS else w.size
+        offset_bytes = 0 if axis is None else 4 * codebook.shape[0]
+        return None, _Plan(t, codebook, index, axis, value, error,
+                           index_bytes + codebook.nbytes + offset_bytes)
+
+    def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
+        done = {id(p.tensor) for p in accepted}
+        per_tensor = {}
+        before = after = 0
+        for key, plan in self._plans.items():
+            size = int(plan.value.nbytes)
+            per_tensor[plan.tensor.name] = {
+                "shape": [int(d) for d in plan.value.shape],
+                "clusters": int(plan.codebook.shape[1]),
+                "codebooks": int(plan.codebook.shape[0]), "bytes_before": size,
+                "bytes_after": plan.bytes_after, "relative_error": plan.relative_error,
+                "accepted": key in done}
+            if key in done:
+                before += size
+                after += plan.bytes_after
+        return {**result.stats, "tensors_clustered": len(accepted),
+                "proposed": len(result.proposals), "accepted": len(accepted),
+                "bytes_before": before, "bytes_after": after, "per_tensor": per_tensor}
+
+    def _rewrite(self, root: gs.Graph, g: gs.Graph, plan: _Plan):
+        """The proposal's ``apply``: every reader of the tensor reads the rebuilt weight."""
+        def apply() -> None:
+            t, w = plan.tensor, plan.value
+            nodes: list[gs.Node] = []
+
+            def name(suffix: str) -> str:
+                return fresh_name(root, f"{t.name}_{suffix}")
+
+            def node(op: str, inputs: list, dtype, **attrs) -> gs.Variable:
+                out = gs.Variable(name(f"{op}_output"), dtype=dtype)
+                nodes.append(gs.Node(op, name=name(op), attrs=attrs, inputs=inputs,
+                                     outputs=[out]))
+                return out
+
+            c, k = plan.codebook.shape
+            if k <= NIBBLE_CLUSTERS:
+                packed = gs.Constant(name("packed_indices"), pack_nibbles(plan.indices))
+                low = node("Mod", [packed, gs.Constant(name("sixteen"), np.array(16, np.uint8))],
+                           np.uint8)
+                high = node("BitShift", [packed, gs.Constant(name("four"),
+                                                             np.array(4, np.uint8))],
+                            np.uint8, direction="RIGHT")
+                flat = node("Concat", [low, high], np.uint8, axis=0)
+                if w.size % 2:
+                    flat = node("Slice", [flat, gs.Constant(name("start"), np.array([0])),
+                                          gs.Constant(name("end"), np.array([w.size]))],
+                                np.uint8)
+                codes = node("Reshape", [flat, gs.Constant(name("shape"),
+                                                            np.array(w.shape, np.int64))],
+                             np.uint8)
+            else:
+                codes = gs.Constant(name("indices"), plan.indices)
+            index = node("Cast", [codes], np.int32, to=onnx.TensorProto.INT32)
+            if plan.axis is not None:
+                offsets = (np.arange(c, dtype=np.int32) * k).reshape(
+                    [c if i == plan.axis else 1 for i in range(w.ndim)])
+                index = node("Add", [index, gs.Constant(name("offsets"), offsets)], np.int32)
+            book = gs.Constant(name("codebook"), plan.codebook.ravel())
+            rebuilt = node("Gather", [book, index], w.dtype, axis=0)
+            rebuilt.shape = list(w.shape)
+            for reader, i in input_slots(t):
+                reader.inputs[i] = rebuilt
+            g.nodes[0:0] = nodes
+        return apply

@@ -1,0 +1,287 @@
+"""Tests of passes/prune_channels.py: the sliced model computes what the proposed equivalent
+(silenced channels, folded bias) computes, on onnxruntime; refusals; bias folding;
+reconstruction."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_model, run_ort
+
+from onnxopt.analyses import AnalysisManager
+from onnxopt.graph import export_graph, import_graph
+from onnxopt.pass_manager import PassContext, get_pass
+
+RNG = np.random.default_rng(0)
+F = np.float32
+
+
+def _w(*shape, scale=0.3):
+    return RNG.normal(0, scale, size=shape).astype(F)
+
+
+def propose(model, feeds, **options):
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=feeds, calibration=feeds)
+    ctx.analyses = AnalysisManager(graph, ctx)
+    p = get_pass("prune_channels", **options)
+    return graph, p, p.run(graph, ctx)
+
+
+def equivalent_and_sliced(model, feeds, **options):
+    """(equivalent model, sliced model, statistics) with every proposal applied."""
+    graph, p, result = propose(model, feeds, **options)
+    assert result.proposals, result.stats
+    originals = {id(x.tensor): x.tensor.values for x in result.proposals}
+    for x in result.proposals:
+        assert x.value.shape == x.tensor.values.shape and x.value.dtype == x.tensor.values.dtype
+        x.tensor.values = x.value
+    equivalent = export_graph(graph, model)
+    for x in result.proposals:
+        x.tensor.values = originals[id(x.tensor)]
+    for x in result.proposals:
+        x.apply()
+    sliced = export_graph(graph, model)
+    onnx.checker.check_model(sliced, full_check=True)
+    return equivalent, sliced, p.summarize(result, result.proposals)
+
+
+def assert_same(a, b, feeds, atol=1e-5):
+    for feed in feeds:
+        ra, rb = run_ort(a, feed), run_ort(b, feed)
+        for k in ra:
+            np.testing.assert_allclose(ra[k], rb[k], atol=atol, rtol=1e-5)
+
+
+def conv_model(middle=("bn", "relu"), depthwise=False, tail=None, c=8, inputs=(), k2=1):
+    """x[1,3,6,6] -> Conv(c) -> [BN] -> act -> [depthwise Conv + BN + HardSwish] -> Conv(4) -> y,
+    with ``tail`` extra nodes reading the activation ``a``."""
+    inits = {"W1": _w(c, 3, 3, 3), "B1": _w(c), "W2": _w(4, c, k2, k2), "B2": _w(4)}
+    nodes = [onnx.helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1])]
+    last = "c1"
+    if "bn" in middle:
+        inits.update(s=np.abs(_w(c)) + 0.5, b=_w(c), m=_w(c), v=np.abs(_w(c)) + 0.5)
+        nodes.append(onnx.helper.make_node("BatchNormalization", [last, "s", "b", "m", "v"],
+                                           ["bn"]))
+        last = "bn"
+    if "relu" in middle:
+        nodes.append(onnx.helper.make_node("Relu", [last], ["a"]))
+        last = "a"
+    if depthwise:
+        inits.update(Wd=_w(c, 1, 3, 3), Bd=_w(c), s2=np.abs(_w(c)) + 0.5, b2=_w(c), m2=_w(c),
+                     v2=np.abs(_w(c)) + 0.5, three=np.array(3, F), six=np.array(6, F),
+                     zero=np.array(0, F))
+        nodes += [
+            onnx.helper.make_node("Conv", [last, "Wd", "Bd"], ["d"], group=c, pads=[1, 1, 1, 1]),
+            onnx.helper.make_node("BatchNormalization", ["d", "s2", "b2", "m2", "v2"], ["dn"]),
+            onnx.helper.make_node("Add", ["dn", "three"], ["h1"]),
+            onnx.helper.make_node("Clip", ["h1", "zero", "six"], ["h2"]),
+            onnx.helper.make_node("Mul", ["dn", "h2"], ["h3"]),
+            onnx.helper.make_node("Div", ["h3", "six"], ["h"]),
+        ]
+        last = "h"
+    nodes.append(onnx.helper.make_node("Conv", [last, "W2", "B2"], ["y"],
+                                       pads=[k2 // 2] * 4))
+    outputs = [("y", F, [1, 4, 6, 6])]
+    for node, extra_inits, extra_out in tail or []:
+        nodes.append(node)
+        inits.update(extra_inits)
+        outputs += extra_out
+    return make_model(nodes, [("x", F, [1, 3, 6, 6]), *inputs], outputs, inits)
+
+
+def feeds(n=8, shape=(1, 3, 6, 6), name="x"):
+    return [{name: RNG.normal(size=shape).astype(F)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_conv_bn_relu_conv_removed_equals_silenced(depthwise):
+    model = conv_model(depthwise=depthwise, k2=3)
+    fs = feeds()
+    equivalent, sliced, stats = equivalent_and_sliced(model, fs, flops=0.3)
+    assert stats["channels_removed"] > 0 and stats["flops_after"] < stats["flops_before"]
+    w2 = {i.name: i for i in sliced.graph.initializer}["W2"]
+    assert w2.dims[1] == 8 - stats["channels_removed"]
+    if depthwise:
+        dw = next(n for n in sliced.graph.node if len(n.input) > 1 and n.input[1] == "Wd")
+        assert [a.i for a in dw.attribute if a.name == "group"] == [w2.dims[1]]
+    assert_same(equivalent, sliced, fs)
+    # and it is a real change from the original
+    assert not np.allclose(run_ort(model, fs[0])["y"], run_ort(sliced, fs[0])["y"])
+
+
+def ffn_model(hidden=16, inner=32, erf_gelu=True):
+    """MiniLM's FFN: MatMul W1 + b1 -> GELU (Div, Erf, Add, Mul, Mul) -> MatMul W2 + b2."""
+    inits = {"W1": _w(hidden, inner), "b1": _w(inner), "W2": _w(inner, hidden), "b2": _w(hidden),
+             "sqrt2": np.array(1.4142135, F), "one": np.array(1, F), "half": np.array(0.5, F)}
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "W1"], ["m1"]),
+        onnx.helper.make_node("Add", ["b1", "m1"], ["h"]),
+        onnx.helper.make_node("Div", ["h", "sqrt2"], ["g1"]),
+        onnx.helper.make_node("Erf", ["g1"], ["g2"]),
+        onnx.helper.make_node("Add", ["g2", "one"], ["g3"]),
+        onnx.helper.make_node("Mul", ["h", "g3"], ["g4"]),
+        onnx.helper.make_node("Mul", ["g4", "half"], ["g"]),
+        onnx.helper.make_node("MatMul", ["g", "W2"], ["m2"]),
+        onnx.helper.make_node("Add", ["m2", "b2"], ["y"]),
+    ]
+    return make_model(nodes, [("x", F, [2, 5, hidden])], [("y", F, [2, 5, hidden])], inits)
+
+
+def test_ffn_neurons_removed_equals_silenced():
+    model = ffn_model()
+    fs = feeds(shape=(2, 5, 16))
+    equivalent, sliced, stats = equivalent_and_sliced(model, fs, flops=0.25,
+                                                      importance="activation")
+    init = {i.name: i for i in sliced.graph.initializer}
+    kept = 32 - stats["channels_removed"]
+    assert list(init["W1"].dims) == [16, kept] and list(init["W2"].dims) == [kept, 16]
+    assert list(init["b1"].dims) == [kept]
+    assert abs(stats["flops_removed"] - 0.25) < 0.05
+    assert_same(equivalent, sliced, fs)
+
+
+def test_constant_channel_folds_exactly():
+    """A Conv row of zeros makes its channel the constant Relu(BN(bias)): removing it and folding
+    into the next (1x1) Conv's bias changes nothing."""
+    model = conv_model()
+    w1 = {i.name: i for i in model.graph.initializer}["W1"]
+    values = onnx.numpy_helper.to_array(w1).copy()
+    values[[2, 5]] = 0
+    w1.CopyFrom(onnx.numpy_helper.from_array(values, "W1"))
+    fs = feeds()
+    _, sliced, stats = equivalent_and_sliced(model, fs, threshold=1e-9)
+    assert stats["channels_removed"] == 2
+    assert_same(model, sliced, fs)
+
+
+def _refusal(model, fs):
+    _, _, result = propose(model, fs, flops=0.3)
+    return result.stats["refused"], result.proposals
+
+
+@pytest.mark.parametrize("tail, reason", [
+    ([(onnx.helper.make_node("Add", ["a", "x4"], ["r"]), {}, [("r", F, [1, 8, 6, 6])])],
+     "residual Add"),
+    ([(onnx.helper.make_node("Concat", ["a", "a"], ["r"], axis=1), {}, [("r", F, [1, 16, 6, 6])])],
+     "Concat"),
+    ([(onnx.helper.make_node("Reshape", ["a", "shape"], ["r"]),
+       {"shape": np.array([1, -1], np.int64)}, [("r", F, [1, 288])])], "Reshape"),
+    ([], "channel reaches a graph output"),
+])
+def test_refusals(tail, reason):
+    model = conv_model(tail=tail, inputs=[("x4", F, [1, 8, 6, 6])] * (reason == "residual Add"))
+    if reason == "channel reaches a graph output":
+        model.graph.output.append(onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT,
+                                                                     [1, 8, 6, 6]))
+    fs = feeds()
+    if reason == "residual Add":
+        for f in fs:
+            f["x4"] = RNG.normal(size=(1, 8, 6, 6)).astype(F)
+    refused, proposals = _refusal(model, fs)
+    # the last Conv's output is the graph output: refused in every variant
+    expected = {"channel reaches a graph output": 1}
+    expected[reason] = expected.get(reason, 0) + 1
+    assert refused == expected and not proposals
+
+
+def _sigmoid_model(k2):
+    model = conv_model(middle=("bn",), k2=k2)
+    for n in model.graph.node:
+        if n.op_type == "Conv" and n.input[0] == "bn":
+            n.input[0] = "sg"
+    model.graph.node.insert(2, onnx.helper.make_node("Sigmoid", ["bn"], ["sg"]))
+    return model
+
+
+def test_region_not_mapping_zero_refused_before_padded_conv():
+    """Sigmoid(0) = 0.5: a silenced channel is 0.5 at the consumer, which a padded 3x3 Conv does
+    not see as a constant (the borders)."""
+    refused, proposals = _refusal(_sigmoid_model(3), feeds())
+    assert refused == {"region does not map 0 to 0": 1, "channel reaches a graph output": 1}
+    assert not proposals
+
+
+def test_region_mapping_zero_to_constant_before_pointwise_conv():
+    """Before a 1x1 Conv the silenced 0.5 is folded out of the bias: still exact."""
+    fs = feeds()
+    equivalent, sliced, stats = equivalent_and_sliced(_sigmoid_model(1), fs, flops=0.3)
+    assert stats["channels_removed"] > 0
+    assert_same(equivalent, sliced, fs)
+
+
+def test_reconstruct_beats_plain_removal_on_correlated_inputs():
+    """Inner neurons that are near copies of each other: refitting W2 on the kept ones recovers
+    what the removed ones carried."""
+    hidden, inner = 8, 32
+    model = ffn_model(hidden, inner)
+    init = {i.name: i for i in model.graph.initializer}
+    base = _w(hidden, inner // 4)
+    w1 = np.concatenate([base + 0.01 * _w(hidden, inner // 4) for _ in range(4)], axis=1)
+    init["W1"].CopyFrom(onnx.numpy_helper.from_array(w1.astype(F), "W1"))
+    fs = feeds(n=16, shape=(2, 5, hidden))
+    errors = {}
+    for reconstruct in (False, True):
+        _, sliced, _ = equivalent_and_sliced(model, fs, flops=0.3, importance="activation",
+                                             reconstruct=reconstruct)
+        errors[reconstruct] = np.mean([np.linalg.norm(run_ort(model, f)["y"]
+                                                      - run_ort(sliced, f)["y"]) for f in fs])
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_activation_without_data_is_a_usage_error():
+    from onnxopt.errors import UsageError
+    with pytest.raises(UsageError):
+        propose(ffn_model(), None, flops=0.2, importance="activation")
+
+
+@pytest.mark.zoo
+def test_rec_model_zero_channels_removed_exactly():
+    """PP-OCRv4 rec has Conv rows of zeros: removing those channels (threshold 0+) is exact on
+    the real model, and the sliced model equals its proposed equivalent."""
+    from helpers import zoo_files
+    onnx_file, npz_file = zoo_files("ch_PP-OCRv4_rec_infer")
+    model = onnx.load(onnx_file)
+    feed = dict(np.load(npz_file))
+    equivalent, sliced, stats = equivalent_and_sliced(model, [feed], threshold=1e-12)
+    assert stats["channels_removed"] > 0 and stats["flops_after"] < stats["flops_before"]
+    assert_same(model, sliced, [feed], atol=1e-4)
+    assert_same(equivalent, sliced, [feed], atol=1e-4)
+
+
+def test_chain_groups_apply_in_any_order_and_alone():
+    """Conv -> BN -> Relu -> Conv -> BN -> Relu -> Conv: two groups (the second Conv's mean takes
+    the first fold, its BN scale the silencing). Each alone, and both in reverse order, give the
+    model their equivalents compute."""
+    inits = {"W1": _w(8, 3, 3, 3), "W2": _w(6, 8, 1, 1), "W3": _w(4, 6, 3, 3), "B3": _w(4)}
+    nodes = [onnx.helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1])]
+    for i, (inp, c) in enumerate((("c1", 8), ("c2", 6)), start=1):
+        inits.update({f"s{i}": np.abs(_w(c)) + 0.5, f"b{i}": _w(c), f"m{i}": _w(c),
+                      f"v{i}": np.abs(_w(c)) + 0.5})
+        nodes += [onnx.helper.make_node("BatchNormalization",
+                                        [inp, f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"n{i}"]),
+                  onnx.helper.make_node("Relu", [f"n{i}"], [f"a{i}"])]
+        if i == 1:
+            nodes.append(onnx.helper.make_node("Conv", ["a1", "W2"], ["c2"]))
+    nodes.append(onnx.helper.make_node("Conv", ["a2", "W3", "B3"], ["y"], pads=[1, 1, 1, 1]))
+    model = make_model(nodes, [("x", F, [1, 3, 6, 6])], [("y", F, [1, 4, 6, 6])], inits)
+    fs = feeds()
+    for order in ([0], [1], [1, 0]):
+        graph, p, result = propose(model, fs, flops=0.3)
+        groups = list(dict.fromkeys(x.group for x in result.proposals))
+        assert len(groups) == 2
+        chosen = [x for x in result.proposals if x.group in {groups[i] for i in order}]
+        originals = {id(x.tensor): x.tensor.values for x in chosen}
+        for x in chosen:
+            x.tensor.values = x.value
+        equivalent = export_graph(graph, model)
+        for x in chosen:
+            x.tensor.values = originals[id(x.tensor)]
+        for i in order:
+            for x in chosen:
+                if x.group == groups[i]:
+                    x.apply()
+        sliced = export_graph(graph, model)
+        onnx.checker.check_model(sliced, full_check=True)
+        assert_same(equivalent, sliced, fs)
