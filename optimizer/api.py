@@ -301,9 +301,12 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                               quantize_ops=run["quantize_ops"],
                               max_iterations=run["max_iterations"], **sugar)
     searched = [p.name for p in pipeline.lossy if is_auto(p)]
-    if searched and not (validate and "max_drift" in run["explicit"]):
+    if searched and not validate:
+        raise UsageError(f"{', '.join(searched)}: a strength of 'auto' is searched by measuring "
+                         "the drift on validation inputs: drop --no-validate (validate=False)")
+    if searched and "max_drift" not in run["explicit"]:
         raise UsageError(f"{', '.join(searched)}: a strength of 'auto' is searched against the "
-                         "drift you accept: give --max-drift (max_drift) and validation inputs")
+                         "drift you accept: give --max-drift (max_drift)")
     protect = []
     if isinstance(model, (str, os.PathLike)) and output is not None:
         protect = io.protected_files(model, [output, f"{output}.data"])

@@ -260,8 +260,17 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
                         "shows warnings")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other usage error of the
+    command (``onnxopt: error: ...``, exit 2); ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(UsageError.exit_code, f"onnxopt: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxopt", description="Optimize ONNX models and prove they compute the same thing.")
     parser.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -377,6 +386,17 @@ def _sugar(args) -> dict:
     return {k: getattr(args, k) for k in OPTION_SUGAR if getattr(args, k, None) is not None}
 
 
+def _check_auto(args) -> None:
+    """Raise UsageError when a strength flag says ``auto`` but --no-validate is given: the
+    search measures each candidate's drift on the validation inputs."""
+    auto = [f"--{k.replace('_', '-')}" for k, v in _sugar(args).items() if v == "auto"]
+    if auto and args.no_validate:
+        more = "" if args.max_drift is not None else " and give --max-drift"
+        raise UsageError(f"{' '.join(auto)} auto searches the strongest setting whose drift, "
+                         f"measured by validation, is within --max-drift: drop --no-validate"
+                         f"{more}")
+
+
 def _split(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
@@ -458,6 +478,7 @@ def _cmd_optimize(args, out: _Out) -> int:
     if args.report and Path(args.report).resolve() == Path(args.output).resolve():
         raise UsageError(f"{args.report}: the report and the model output are the same file")
     write_report = _report_writer(args.report)
+    _check_auto(args)
     passes = _split([args.passes]) if args.passes else None
     with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
         _, report = api.optimize(
@@ -582,7 +603,10 @@ def _cmd_passes(args, out: _Out) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``onnxopt`` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a one-line usage error (_Parser)
+        return done.code if isinstance(done.code, int) else UsageError.exit_code
     verbose = getattr(args, "verbose", False)
     # 2: warnings; 4 (fatal only) is onnxopt.validate's default
     ort.set_default_logger_severity(2 if verbose else 4)

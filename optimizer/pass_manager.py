@@ -65,6 +65,12 @@ class PassContext:
         lossy_pending: a lossy pass on the fused weights is still to run (set by
             :meth:`PassManager.run` during the first lossless rounds): a rewrite that would hide
             a weight from it (a weight read through a shared Transpose) waits.
+        storage: names of tensors computed by a compressed storage form -- the decompression
+            subgraph of a weight (clustered indices unpacked and looked up in a codebook, a
+            weight shared as the Transpose of another) -- which, like DequantizeLinear, the
+            lossless passes must not fold back into a larger initializer. The pass that builds
+            such a subgraph adds the output name of every node it creates; the lossless passes
+            keep tensor names, so the mark lasts the run.
     """
 
     template: onnx.ModelProto | None = None
@@ -75,6 +81,7 @@ class PassContext:
     analyses: AnalysisManager | None = None
     upgrade_failure: str | None = None
     lossy_pending: bool = False
+    storage: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,7 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     contradicted = sorted(asked & set(skip))
     if contradicted:
         raise UsageError(f"pass(es) both asked for and skipped: {', '.join(contradicted)}")
+    _check_sugar_strengths(sugar, options, skip)
     built: dict[str, Pass] = {}
     for spec in specs:
         if isinstance(spec, Pass):
@@ -231,6 +232,62 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
             raise UsageError(f"pass '{name}' would change nothing: give its strength "
                              f"({' or '.join(strengths)}; {', '.join(flags)})")
     return Pipeline([p for name, p in built.items() if name not in set(skip)], max_iterations)
+
+
+def _flags(name: str, options: Sequence[str]) -> list[str]:
+    """The flags of :data:`OPTION_SUGAR` setting ``options`` of pass ``name``."""
+    return [f"--{k.replace('_', '-')}" for k, (n, o) in OPTION_SUGAR.items()
+            if n == name and o in options]
+
+
+def _check_sugar_strengths(sugar: dict[str, Any], options: dict[str, dict[str, Any]],
+                           skip: Sequence[str]) -> None:
+    """Refuse a pass added by sugar flags none of which gives it a strength (its options from
+    ``options`` or its defaults): it would change nothing, and its own option check would
+    blame options the user meant for another pass (``--prune-reconstruct`` beside
+    ``--prune-channels``, which only ``prune`` takes).
+
+    Raises:
+        UsageError: naming the flags given, the strength flags of their pass and, when another
+            pass has a strength by sugar, that those flags do not apply to it.
+    """
+    import dataclasses
+
+    import onnxopt.passes  # noqa: F401  (registers every pass)
+
+    given_by: dict[str, list[str]] = {}
+    for key, value in sugar.items():
+        if value is not None:
+            given_by.setdefault(OPTION_SUGAR[key][0], []).append(f"--{key.replace('_', '-')}")
+    sugared = list(given_by)
+
+    def strengthless(name: str) -> bool:
+        if name not in STRENGTH_OPTIONS or name in skip or name not in REGISTRY:
+            return False
+        defaults = {f.name: f.default for f in dataclasses.fields(REGISTRY[name].Options)}
+        given = options.get(name, {})
+        mine = [o for o in STRENGTH_OPTIONS[name] if o in defaults]
+        return bool(mine) and all(given.get(o, defaults[o]) is None for o in mine)
+
+    for name in sugared:
+        if not strengthless(name):
+            continue
+        strengths = [o for o in STRENGTH_OPTIONS[name]
+                     if any(f.name == o for f in dataclasses.fields(REGISTRY[name].Options))]
+        given = ", ".join(given_by[name])
+        strength = f"{' or '.join(strengths)}; {', '.join(_flags(name, strengths))}"
+        others = [o for o in sugared if o != name and not strengthless(o)]
+        if others:
+            verb = "applies" if len(given_by[name]) == 1 else "apply"
+            message = (f"{given} {verb} to pass '{name}' (strength: {strength}), not to "
+                       f"{', '.join(f for o in others for f in given_by[o])}: set the options "
+                       f"of pass {', '.join(repr(o) for o in others)} with --config (or the "
+                       f"options keyword); without a strength pass '{name}' would change "
+                       "nothing")
+        else:
+            message = (f"pass '{name}' would change nothing: {given} set its options but not "
+                       f"its strength ({strength})")
+        raise UsageError(message)
 
 
 #: Every setting of a run a config file may give: key -> (its table, its TOML type or types (an

@@ -18,7 +18,10 @@ option is ``"auto"`` is run by :func:`search_strength` instead of once:
    chosen value (not dense) and the others move up. This repeats :data:`UPGRADE_STEPS` times,
    each time offering the next value only to the groups that moved up. A stronger group is
    offered only when it replaces whole groups of the fallback (a structural edit touching a
-   weight and the next layer's input must change together).
+   weight and the next layer's input must change together). A pass whose proposals change
+   shapes when applied (removed channels: each setting's ``apply`` slices tensors that groups of
+   other settings also cut) declares ``per_layer_strengths = False``; it is not offered per-layer
+   strengths, the chosen setting is decided as usual, and ``per_layer_note`` says why.
    When no setting meets the budget, the weakest one is decided as usual (the harmful groups stay
    as they were).
 
@@ -33,7 +36,7 @@ on which it failed: scoring stops there), whether it is within budget, the model
 with the proposals' values) and the zlib-compressed size of those initializers (level 1; a fast
 estimate of what zeros and shared values buy), and the proposals' count; then the chosen value,
 the per-layer upgrades (``per_layer``: group -> setting; ``upgrade_steps``: groups offered and
-moved per round), and the latency of the result against the model before the pass
+moved per round; ``per_layer_note`` when the pass is not offered any), and the latency of the result against the model before the pass
 measured in onnxruntime (interleaved runs on the first validation feed: noisy on a shared
 machine). Points tried are not timed: until applied, a candidate has the original's shapes
 (a pruned channel is zeroed, not removed), so its latency is the original's by construction.
@@ -127,7 +130,11 @@ def search_strength(p: "Pass", graph: gs.Graph, ctx: "PassContext",
     inst, result = run_at(chosen)
     settings = {q.key: ladder[chosen] for q in result.proposals}
     steps: list[dict[str, Any]] = []
-    if low < 0 or low == len(ladder) - 1:
+    per_layer_note = None
+    if not getattr(p, "per_layer_strengths", True):
+        per_layer_note = (f"not offered: {p.name}'s proposals change shapes when applied, so "
+                          "groups of two settings cannot be mixed")
+    if low < 0 or low == len(ladder) - 1 or per_layer_note is not None:
         decision = ctx.budget.decide(graph, ctx.template, result.proposals)
     else:
         decision = _upgrade(run_at, ladder, chosen, result.proposals, settings, steps, graph,
@@ -141,6 +148,8 @@ def search_strength(p: "Pass", graph: gs.Graph, ctx: "PassContext",
         "met_budget": low >= 0, "monotone_assumed": True, "path": path,
         "per_layer": upgraded, "upgrade_steps": steps,
     }
+    if per_layer_note is not None:
+        search["per_layer_note"] = per_layer_note
     search.update(_latency(graph, ctx))
     stats["search"] = search
     stats["drift_budget"] = decision.report(p.name)

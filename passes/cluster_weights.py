@@ -58,7 +58,17 @@ Per-channel, the codebook is flattened to ``[C K]`` and channel ``c``'s indices 
 (GatherElements would need the codebook broadcast to the weight's shape). BitShift is opset 11,
 Mod on integers opset 10, so the pass applies from opset 11 (BitwiseAnd would need opset 18).
 Storage (float32): ``n`` (or ``ceil(n / 2)``) bytes plus ``4 K`` (per-channel: ``4 C K`` and
-``4 C`` of offsets) against ``4 n``.
+``4 C`` of offsets) against ``4 n``, plus the unpacking's constants (16, 4, the shape, the slice
+bounds: ``2 + 8 rank`` bytes, 16 more for odd ``n``); ``bytes_after`` counts all of them, which
+is what the file holds. Every node the pass creates has its output named in
+``PassContext.storage`` (compressed storage, like DequantizeLinear): ``fold_constants`` does not
+fold it back -- its 64 KiB growth limit alone let it unpack the 4 bits one step at a time (a
+256 x 256 weight stored as 64 kB of uint8 indices, not 32 kB) and decompress small tables into
+floats.
+
+A tensor with at most ``K`` distinct values (per codebook) is stored exactly: its codebook is
+those values, without k-means (which could leave a centroid where no value is and merge two
+close values).
 
 The proposal's value is ``codebook[idx]`` in W's dtype: exactly what the model computes.
 
@@ -201,7 +211,8 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int,
 
     Returns:
         ``(codebook, indices)``: float64 ``[C, k]`` sorted per row, int64 ``[C, n]`` in
-        ``0..k-1``.
+        ``0..k-1``. A row of at most ``k`` distinct values gets exactly those values as its
+        codebook (the last repeated to fill ``k``), without k-means: no error.
     """
     values = np.asarray(values, np.float64)
     weights = np.ones_like(values) if weights is None else np.asarray(weights, np.float64)
@@ -224,11 +235,29 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int,
                                                                 point_weights, 1.0), middle)
     else:
         points, point_weights = values, weights
-    for _ in range(iterations):
+    few = _few_values(values, k)
+    for _ in range(iterations if len(few) < c else 0):
         centers = _update(points, point_weights, _assign(points, centers), centers)
-    if points is not values:
+    if points is not values and len(few) < c:
         centers = _update(values, weights, _assign(values, centers), centers)
-    return centers, _assign(values, centers)
+    index = _assign(values, centers)
+    for r, distinct in few.items():  # the codebook is the row's values: exact
+        centers[r] = np.concatenate([distinct, np.full(k - distinct.size, distinct[-1])])
+        index[r] = np.searchsorted(distinct, values[r])
+    return centers, index
+
+
+def _few_values(values: np.ndarray, k: int) -> dict[int, np.ndarray]:
+    """The rows of ``values`` [C, n] with at most ``k`` distinct values: ``{row: its sorted
+    distinct values}``. A row whose first ``4 k + 1`` elements already hold more is not sorted."""
+    few = {}
+    for r, row in enumerate(values):
+        if np.unique(row[:4 * k + 1]).size > k:
+            continue
+        distinct = np.unique(row)
+        if distinct.size <= k:
+            few[r] = distinct
+    return few
 
 
 def pack_nibbles(indices: np.ndarray) -> np.ndarray:
@@ -292,6 +321,18 @@ def _channel_weights(t: gs.Constant, slots, stats: ActivationStats) -> np.ndarra
     return total
 
 
+def _stored_bytes(shape: tuple, k: int, codebook: np.ndarray, axis: int | None) -> int:
+    """Bytes of the initializers the runtime form of a weight of ``shape`` holds (see the
+    module docstring and ``ClusterWeights._rewrite``): indices, codebook, offsets, and the small
+    constants of the unpacking (16, 4, the slice bounds, the shape)."""
+    n = int(np.prod(shape))
+    if k <= NIBBLE_CLUSTERS:
+        index = (n + 1) // 2 + 2 + (16 if n % 2 else 0) + 8 * len(shape)
+    else:
+        index = n
+    return index + codebook.nbytes + (0 if axis is None else 4 * codebook.shape[0])
+
+
 @register
 class ClusterWeights(Pass):
     name = "cluster_weights"
@@ -328,7 +369,7 @@ class ClusterWeights(Pass):
             self._plans[id(t)] = plan
             g = usedef.owner(input_slots(t)[0][0])
             proposals.append(Proposal(tensor=t, value=plan.value,
-                                      apply=self._rewrite(graph, g, plan)))
+                                      apply=self._rewrite(graph, g, plan, ctx)))
         result = {"clusters": k, "per_channel": self.options.per_channel,
                   "weighted": self.options.weighted}
         if refused:
@@ -387,10 +428,8 @@ class ClusterWeights(Pass):
             else index.reshape(w.shape)
         norm = float(np.linalg.norm(w.astype(np.float64)))
         error = float(np.linalg.norm(value.astype(np.float64) - w)) / norm if norm else 0.0
-        index_bytes = (w.size + 1) // 2 if k <= NIBBLE_CLUSTERS else w.size
-        offset_bytes = 0 if axis is None else 4 * codebook.shape[0]
         return None, _Plan(t, codebook, index, axis, value, error,
-                           index_bytes + codebook.nbytes + offset_bytes)
+                           _stored_bytes(w.shape, k, codebook, axis))
 
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         done = {id(p.tensor) for p in accepted}
@@ -411,8 +450,10 @@ class ClusterWeights(Pass):
                 "proposed": len(result.proposals), "accepted": len(accepted),
                 "bytes_before": before, "bytes_after": after, "per_tensor": per_tensor}
 
-    def _rewrite(self, root: gs.Graph, g: gs.Graph, plan: _Plan):
-        """The proposal's ``apply``: every reader of the tensor reads the rebuilt weight."""
+    def _rewrite(self, root: gs.Graph, g: gs.Graph, plan: _Plan, ctx: PassContext):
+        """The proposal's ``apply``: every reader of the tensor reads the rebuilt weight, and
+        the outputs of the nodes rebuilding it are marked as compressed storage
+        (``ctx.storage``), which the lossless passes do not fold back."""
         def apply() -> None:
             t, w = plan.tensor, plan.value
             nodes: list[gs.Node] = []
@@ -455,4 +496,5 @@ class ClusterWeights(Pass):
             for reader, i in input_slots(t):
                 reader.inputs[i] = rebuilt
             g.nodes[0:0] = nodes
+            ctx.storage.update(out.name for n in nodes for out in n.outputs)
         return apply

@@ -12,11 +12,12 @@
   readers see the same values, bit for bit). The first of the two in the order above is kept.
   Candidates are matched by their first row against the first column of the ``[b, a]``
   initializers and confirmed byte for byte. Only tensors of at least ``transpose_min_bytes``
-  (default 1 MiB) are shared: the saving must outweigh a node that runtimes evaluate, and
-  ``fold_constants`` folds a result below its ``size_limit`` (also 1 MiB by default) back into
-  an initializer when nothing else frees bytes (``A`` keeps its other readers). With a
-  ``size_limit`` above ``transpose_min_bytes`` the two passes would undo each other every round:
-  keep ``transpose_min_bytes >= size_limit``. onnxruntime constant-folds the Transpose when the
+  (default 1 MiB) are shared: the saving must outweigh a node that runtimes evaluate. The
+  Transpose's output is marked as compressed storage (``PassContext.storage``), so
+  ``fold_constants`` never folds it back into an initializer -- without the mark it would fold
+  every result of at most its ``growth_limit`` (64 KiB; ``A`` keeps its other readers, so
+  nothing else frees bytes) and the two passes would undo each other every round. Any
+  threshold is therefore consistent. onnxruntime constant-folds the Transpose when the
   session loads (graph optimizations on), so only the file shrinks, not the memory at run time.
   A quantization pass would see a weight read through a Transpose as computed, not as an
   initializer, and leave it float; so while a lossy pass is still to run
@@ -72,8 +73,7 @@ class DedupInitializersOptions:
 
     Attributes:
         transpose_min_bytes: smallest initializer, in bytes, replaced by the Transpose of another
-            (default 1 MiB; see the module docstring for why it should not be below
-            ``fold_constants``' ``size_limit``).
+            (default 1 MiB: below, the saving hardly outweighs a node the runtime evaluates).
     """
 
     transpose_min_bytes: int = 1 << 20
@@ -143,17 +143,18 @@ class DedupInitializers(Pass):
         # weight read through a Transpose is no initializer to quantize, and the quantized pair
         # (int8 per-channel of E and of E^T) is itself a transposed pair, shared afterwards.
         shared, shared_bytes = (0, 0) if getattr(ctx, "lossy_pending", False) \
-            else self._share_transposes(graph, ordered)
+            else self._share_transposes(graph, ordered, getattr(ctx, "storage", None))
         if shared and ctx.analyses is not None:
             ctx.analyses.invalidate()  # a new node and tensor: types and use-def are stale
         return PassResult(merged + shared > 0, {"initializers_merged": merged,
                                                 "transposes_shared": shared,
                                                 "bytes_saved": saved + shared_bytes})
 
-    def _share_transposes(self, graph: gs.Graph, ordered: list[tuple[tuple, gs.Constant]]
-                          ) -> tuple[int, int]:
+    def _share_transposes(self, graph: gs.Graph, ordered: list[tuple[tuple, gs.Constant]],
+                          storage: set[str] | None) -> tuple[int, int]:
         """Replace each rank-2 initializer of ``ordered`` ((dtype, shape) key, initializer) equal
-        to the transpose of an earlier one by a Transpose of it; return how many and the bytes
+        to the transpose of an earlier one by a Transpose of it, whose output is marked in
+        ``storage`` (``PassContext.storage``; None: not marked); return how many and the bytes
         saved."""
         outputs = {id(t) for g in iter_graphs(graph) for t in g.outputs}
         # keyed by (dtype, shape, first row): a partner of t[a, b] has t's first column as its
@@ -176,6 +177,8 @@ class DedupInitializers(Pass):
             value = gs.Variable(fresh_name(graph, f"{source.name}__transposed"), t.dtype,
                                 list(t.shape))
             replace_uses(t, value)
+            if storage is not None:
+                storage.add(value.name)
             transposes.append(gs.Node("Transpose", fresh_name(graph, f"{t.name}__shared"),
                                       {"perm": [1, 0]}, [source], [value]))
             shared += 1

@@ -44,15 +44,22 @@ by default) is materialized only if it is no larger than the initializers that d
 (e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic, so that
 ``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file; and no fold adds more than
 ``growth_limit`` bytes (64 KiB by default) to the initializers, so that a compressed storage form
-(clustered weights ``Gather(codebook, indices)``) is not decompressed into the file. Sequence and
+(clustered weights ``Gather(codebook, indices)``) of a model loaded from a file, which no pass of
+this run marked (below), is not decompressed into the file. Sequence and
 optional values are never folded.
 
 Never folded: random ops, QuantizeLinear/DequantizeLinear (a QDQ pair is the quantized model's
-storage format), nodes with subgraphs, and ops of non-default domains.
+storage format), nodes with subgraphs, ops of non-default domains, and the nodes of a compressed
+storage form -- nodes with an output named in ``PassContext.storage``: the decompression subgraph
+of a weight that a lossy pass built (cluster_weights' unpacking of 4-bit indices and codebook
+lookup) or a shared transpose (dedup_initializers). The growth limit alone does not protect them:
+the 4-bit unpacking of a 256 x 256 weight is a chain of steps of at most 64 KiB each, folded one
+by one back into uint8 indices twice the size, and a small table is decompressed into floats.
 
 Statistics: ``rewritten``; ``by_kind``: ``folded`` (nodes replaced by initializers) and ``reshape
-target made constant``; ``refused``: ``over the size limit``, ``would grow the initializers``, ``onnxruntime cannot
-evaluate it``.
+target made constant``; ``refused``: ``over the size limit``, ``would grow the initializers``,
+``onnxruntime cannot evaluate it``, ``compressed storage`` (a storage node whose inputs are all
+constant, counted each round).
 """
 
 from __future__ import annotations
@@ -253,8 +260,9 @@ class FoldConstantsOptions:
             as many bytes of initializers (default 1 MiB).
         growth_limit: most bytes one fold may add to the initializers (its result minus the
             initializers that disappear with it; default 64 KiB), so that a compressed storage
-            form -- clustered weights ``Gather(codebook, indices)``, packed 4-bit indices -- is
-            not expanded back into the float tensor it encodes.
+            form that no pass of the run marked in ``PassContext.storage`` -- clustered weights
+            ``Gather(codebook, indices)`` of a model loaded so -- is not expanded back into the
+            float tensor it encodes.
     """
 
     size_limit: int = 1 << 20
@@ -292,6 +300,11 @@ class FoldConstants(RewritePass):
     def match(self, node: gs.Node, scope: Scope) -> _Plan | Refusal | None:
         if not self._foldable(node):
             return None
+        storage = getattr(scope.ctx, "storage", None)
+        if storage and any(t.name in storage for t in node.outputs):
+            # a compressed storage form (PassContext.storage): refused where it would fold
+            constant = all(isinstance(t, gs.Constant) for t in node.inputs if not t.is_empty())
+            return refuse("compressed storage") if constant else None
         inputs, shape = list(node.inputs), None
         if node.op == "Reshape" and len(inputs) == 2 and not isinstance(inputs[1], gs.Constant):
             shape = self._reshape_shape(node, self._partial)

@@ -12,14 +12,16 @@ depthwise kernels ``r``, and the consumers' input channel ``r`` (Conv ``W2[:, r]
 ``W2[r, :]``). MiniLM's FFN ``MatMul W1 [384, 1536] + b1 -> GELU -> MatMul W2 [1536, 384]`` is
 such a layer: its channels are the intermediate neurons. A region is refused, with a reason, when
 a channel meets an op that needs every channel (a residual Add or other elementwise op with an
-unrelated activation, Concat, Reshape, Flatten, a graph output, an unknown reader): then all
+unrelated activation, Concat, Reshape, Flatten, a graph output, an unknown reader, a node of an
+If/Loop/Scan body reading the tensor from the outer scope: "read inside a subgraph"): then all
 branches would have to agree.
 
 **Bias folding.** When channel ``r`` is removed, the consumer sees ``x_r`` replaced by 0; with a
 fold value ``c_r`` the consumer's bias gets ``b2 += sum_k W2[:, r, k] c_r`` (Conv) or
-``b2 += c_r W2[r, :]`` (MatMul), i.e. ``x_r`` is replaced by ``c_r``. ``c_r`` is the channel's
-exact value when it is constant (a producer row of zeros: the channel is ``f(bias)`` after BN and
-activation; exact for MatMul and for 1x1 / unpadded Conv consumers) and, with calibration
+``b2 += c_r W2[r, :]`` (MatMul), i.e. ``x_r`` is replaced by ``c_r``; a consumer Gemm computes
+``alpha H W2 + beta C``, so its ``C`` gets ``alpha / beta`` times that (nothing with ``beta = 0``).
+``c_r`` is the channel's exact value when it is constant (a producer row of zeros: the channel is
+``f(bias)`` after BN and activation, ``f(beta C)`` for a Gemm producer; exact for MatMul and for 1x1 / unpadded Conv consumers) and, with calibration
 statistics, its mean over the calibration data (the least-squares constant, as in bias
 correction). Without a bias to fold into (a Conv without bias and BN), nothing is folded.
 
@@ -43,8 +45,9 @@ layer (found by bisection); ``min_channels`` keeps a floor per layer.
 **Proposals.** Each layer is one budget group, proposed as its *equivalent* model with the same
 shapes: the removed channels silenced -- the last per-channel affine op of the region (BN scale
 and bias, else the depthwise kernel and bias, else the producer's row and bias) set to 0 so that
-the channel is exactly 0 where the consumers read it (the region must map 0 to 0, which is
-checked numerically; where it maps 0 to a constant ``z``, as PP-LCNet's learnable affine
+the channel is exactly 0 where the consumers read it (a Gemm producer's scalar ``C`` is not
+silenced: its channel starts at ``beta C``; the region must map that to 0, which is
+checked numerically; where it maps it to a constant ``z``, as PP-LCNet's learnable affine
 ``a x + b`` does, every consumer must be pointwise with a bias, which absorbs ``- z W2``) -- and
 the consumers' bias folded (or weights refit). ``apply`` writes those values (without the ``z``
 correction) and slices every tensor: producer rows and bias, BN parameters, per-channel
@@ -220,10 +223,14 @@ def _consumer_axis(node: gs.Node, x: gs.Tensor, kind: str) -> int | None:
     return None
 
 
-def _bias_of(node: gs.Node) -> tuple[gs.Constant | None, str | None]:
-    """The tensor a consumer's output bias can be folded into: its own bias input, the Add of
-    a MatMul, or the mean of a BatchNormalization right after a Conv without bias."""
+def _bias_of(node: gs.Node, main: set[int]) -> tuple[gs.Constant | None, str | None]:
+    """The tensor a consumer's output bias can be folded into: its own bias input (not a Gemm's
+    with ``beta = 0``), the Add of a MatMul, or the mean of a BatchNormalization right after a
+    Conv without bias; ``main`` holds the ids of the main graph's nodes (a reader inside a
+    subgraph may not run)."""
     out = node.outputs[0]
+    if node.op == "Gemm" and node.attrs.get("beta", 1.0) == 0:
+        return None, None
     if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and _const(node.inputs[2]):
         b = node.inputs[2]
         n = node.inputs[1].values.shape[0 if node.op == "Conv" or node.attrs.get("transB", 0)
@@ -232,7 +239,7 @@ def _bias_of(node: gs.Node) -> tuple[gs.Constant | None, str | None]:
             return b, "add"
         return None, None
     readers = list(out.outputs)
-    if len(readers) == 1 and is_default_domain(readers[0]):
+    if len(readers) == 1 and is_default_domain(readers[0]) and id(readers[0]) in main:
         r = readers[0]
         if node.op == "MatMul" and r.op == "Add":
             b = r.inputs[1] if r.inputs[0] is out else r.inputs[0]
@@ -244,8 +251,30 @@ def _bias_of(node: gs.Node) -> tuple[gs.Constant | None, str | None]:
     return None, None
 
 
-def find_layer(graph_outputs: set[int], node: gs.Node) -> Layer:
-    """The :class:`Layer` of producer ``node``. Raises :class:`Refused` with the reason."""
+def _fold_scale(node: gs.Node) -> float:
+    """What a consumer's bias tensor must get per unit of output change: a Gemm computes
+    ``alpha A B + beta C``, so replacing input channel ``r`` by ``c`` adds ``alpha c B[r]`` to
+    the output, i.e. ``alpha / beta c B[r]`` to ``C``; 1 for other ops."""
+    if node.op == "Gemm":
+        return float(node.attrs.get("alpha", 1.0)) / float(node.attrs.get("beta", 1.0))
+    return 1.0
+
+
+def _producer_bias_output(node: gs.Node) -> float:
+    """What a Gemm producer with a scalar (broadcast) bias ``C`` outputs on a channel whose
+    weights are zero: ``beta C`` (its bias is not per-channel, so silencing leaves it); 0
+    otherwise."""
+    if node.op == "Gemm" and len(node.inputs) > 2 and _const(node.inputs[2]) \
+            and node.inputs[2].values.size == 1:
+        return float(node.attrs.get("beta", 1.0)) * float(node.inputs[2].values.reshape(-1)[0])
+    return 0.0
+
+
+def find_layer(graph_outputs: set[int], node: gs.Node, main: set[int]) -> Layer:
+    """The :class:`Layer` of producer ``node``; ``main`` holds the ids of the main graph's
+    nodes: a region read by a node of a subgraph (If/Loop/Scan bodies read outer tensors
+    directly) is refused, as slicing it would change what the subgraph computes.
+    Raises :class:`Refused` with the reason."""
     found = _producer(node)
     if found is None:
         raise Refused("not a prunable producer")
@@ -270,6 +299,8 @@ def find_layer(graph_outputs: set[int], node: gs.Node) -> Layer:
             silence_last.append((b, b.values.ndim - 1))
     if node.op == "MatMul":
         readers = list(out.outputs)
+        if any(id(r) not in main for r in readers):
+            raise Refused("read inside a subgraph")
         if len(readers) == 1 and readers[0].op == "Add" and id(out) not in graph_outputs:
             add = readers[0]
             b = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
@@ -301,6 +332,8 @@ def find_layer(graph_outputs: set[int], node: gs.Node) -> Layer:
         for r in list(t.outputs):
             if id(r) in members:
                 continue
+            if id(r) not in main:
+                raise Refused("read inside a subgraph")
             op = r.op if is_default_domain(r) else f"{r.domain}.{r.op}"
             if _consumer_axis(r, t, kind) is not None:
                 if r is node:
@@ -374,7 +407,7 @@ def find_layer(graph_outputs: set[int], node: gs.Node) -> Layer:
             raise Refused("consumer weight is shared")
         if cw.values.shape[_consumer_axis(c, c.inputs[0], kind)] != channels:
             raise Refused("consumer channels do not match")
-        bias, how = _bias_of(c)
+        bias, how = _bias_of(c, main)
         folds.append((c, cw, _consumer_axis(c, c.inputs[0], kind), bias, how))
         slices.append((cw, _consumer_axis(c, c.inputs[0], kind)))
     layer = Layer(node, channels, kind, region, consumers, slices, silence, folds, variables,
@@ -431,10 +464,11 @@ def _check_silence(layer: Layer) -> None:
     shape = (1, c, 1, 1) if layer.rank_kind == "conv" else (1, c)
     rng = np.random.default_rng(0)
     override = {id(t): np.zeros_like(t.values) for t, _ in layer.silence}
-    # a silenced producer outputs 0; else the silenced op must hide what it outputs
+    # a silenced producer outputs 0 (``beta C`` with a Gemm's scalar bias, which silencing
+    # leaves); else the silenced op must hide what it outputs
     producer_silenced = any(t is layer.slices[0][0] for t, _ in layer.silence)
-    runs = [_evaluate(layer, (0.0 if producer_silenced else 1.0)
-                      * (rng.normal(size=shape) * scale + 1.0), override)
+    runs = [_evaluate(layer, np.full(shape, _producer_bias_output(layer.producer))
+                      if producer_silenced else rng.normal(size=shape) * scale + 1.0, override)
             for scale in (1.0, 3.0)]
     silenced = runs[0][id(layer.terminal_inputs[0])]
     for t in layer.terminal_inputs:
@@ -455,7 +489,8 @@ def _fold_constants(layer: Layer) -> np.ndarray:
     shape = (1, c, 1, 1) if layer.rank_kind == "conv" else (1, c)
     start = np.zeros(c)
     if p.op in ("Conv", "Gemm") and len(p.inputs) > 2 and _const(p.inputs[2]):
-        start = start + p.inputs[2].values.reshape(-1).astype(np.float64)
+        beta = float(p.attrs.get("beta", 1.0)) if p.op == "Gemm" else 1.0
+        start = start + beta * p.inputs[2].values.reshape(-1).astype(np.float64)
     values = _evaluate(layer, start.reshape(shape))
     return values[id(layer.terminal_inputs[0])].reshape(-1)
 
@@ -526,12 +561,13 @@ class ChannelGrams(ChannelStatistics):
 def discover(graph: gs.Graph) -> tuple[list[Layer], dict[str, int]]:
     """Every prunable layer of the main graph and the refusals ``{reason: count}``."""
     outputs = {id(t) for t in graph.outputs}
+    main = {id(n) for n in graph.nodes}
     layers, refused = [], {}
     for node in graph.nodes:
         if _producer(node) is None:
             continue
         try:
-            layers.append(find_layer(outputs, node))
+            layers.append(find_layer(outputs, node, main))
         except Refused as why:
             refused[str(why)] = refused.get(str(why), 0) + 1
     return layers, refused
@@ -598,6 +634,10 @@ class PruneChannels(Pass):
     preserves = frozenset()  # shapes change
     strength = "flops"
     ladder = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+    #: The strength search offers no per-layer strengths: the applies of two settings' groups
+    #: slice shared tensors (a consumer's input channels are the next producer's output ones)
+    #: each from its own original shapes, so mixing them gives an invalid model.
+    per_layer_strengths = False
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
@@ -754,8 +794,9 @@ class PruneChannels(Pass):
             if bias is None or not (np.any(fold) or np.any(silenced)):
                 continue
             # the sliced consumer sees nothing where the equivalent model sees ``silenced``
-            _add_bias(working(bias), _project(fold - silenced, w, axis, removed), how)
-            _add_bias(working(bias, True), _project(fold, w, axis, removed), how)
+            k = _fold_scale(c)
+            _add_bias(working(bias), k * _project(fold - silenced, w, axis, removed), how)
+            _add_bias(working(bias, True), k * _project(fold, w, axis, removed), how)
 
     def _refit(self, la, c, cw, axis, bias, how, ts, working) -> None:
         """Least-squares refit of consumer ``c`` on its kept input channels with a bias."""
@@ -776,8 +817,9 @@ class PruneChannels(Pass):
             cv = working(cw, final)
             cv[...] = np.moveaxis(new.reshape(shape), 0, axis).astype(cv.dtype)
         # the equivalent model still reads ``silenced`` through the original rows
-        _add_bias(working(bias), sol[-1] - la.silenced[la.removed] @ w[la.removed], how)
-        _add_bias(working(bias, True), sol[-1], how)
+        k = _fold_scale(c)
+        _add_bias(working(bias), k * (sol[-1] - la.silenced[la.removed] @ w[la.removed]), how)
+        _add_bias(working(bias, True), k * sol[-1], how)
 
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         if "layers" not in result.stats:

@@ -152,6 +152,67 @@ def test_auto_without_max_drift_is_a_usage_error_naming_it(stand_in, files, caps
     assert "--max-drift" in capsys.readouterr().err
 
 
+def test_auto_with_no_validate_says_to_drop_it(stand_in, files, capsys):
+    """--max-drift was given: the message must not ask for it, but name --no-validate."""
+    base = ["optimize", str(files / "m.onnx"), "-o", str(files / "o.onnx"),
+            "--prune-sparsity", "auto", "--inputs", str(files / "feeds.npz"), "--no-validate"]
+    assert main([*base, "--max-drift", "0.99"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "drop --no-validate" in err
+    assert "give --max-drift" not in err and "--prune-sparsity auto" in err
+    assert main(base) == 2
+    assert "drop --no-validate and give --max-drift" in capsys.readouterr().err
+    assert not (files / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("flag", [["--prune-reconstruct"], ["--prune-importance", "activation"],
+                                  ["--prune-scope", "row"]])
+def test_prune_flags_beside_prune_channels_name_the_pass_they_feed(stand_in, files, capsys, flag):
+    """These flags set options of ``prune`` only: beside --prune-channels the message says so
+    (it blamed "pass 'prune': option reconstruct=True needs sparsity or pattern")."""
+    code = main(["optimize", str(files / "m.onnx"), "-o", str(files / "o.onnx"),
+                 "--prune-channels", "0.3", *flag])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (files / "o.onnx").exists()
+    assert err.startswith(f"onnxopt: error: {flag[0]} applies to pass 'prune'")
+    assert "not to --prune-channels" in err and "--config" in err
+    assert "--prune-sparsity" in err and "needs sparsity" not in err
+
+
+def test_the_real_prune_checks_see_the_same_message():
+    """Without the stand-in: the real pass's option check is not what the user reads."""
+    with pytest.raises(UsageError, match="--prune-reconstruct applies to pass 'prune'.*not to "
+                                         "--prune-channels"):
+        build_pipeline([], prune_channels=0.3, prune_reconstruct=True)
+    # with a strength of its own, prune takes the flag
+    pipeline = build_pipeline([], prune_channels=0.3, prune_sparsity=0.5,
+                              prune_reconstruct=True)
+    assert sorted(p.name for p in pipeline.passes) == ["prune", "prune_channels"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--cluster-weights", "16.5"], "argument --cluster-weights: expected an integer or 'auto', "
+                                    "got '16.5'"),
+    (["--prune-scope", "bogus", "--prune-sparsity", "0.5"], "argument --prune-scope: invalid "
+                                                            "choice: 'bogus'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_argument_errors_are_one_line(files, capsys, argv, expected):
+    """Like every other usage error: one ``onnxopt: error:`` line (no usage dump), exit 2."""
+    assert main(["optimize", str(files / "m.onnx"), "-o", str(files / "o.onnx"), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("onnxopt: error: ")
+    assert expected in captured.err and "usage:" not in captured.err
+    assert not (files / "o.onnx").exists()
+
+
+def test_help_still_prints_the_usage(capsys):
+    assert main(["optimize", "--help"]) == 0
+    assert "--cluster-weights K|auto" in capsys.readouterr().out
+
+
 def test_a_searched_run_reports_its_path_in_the_cli_json_and_html(stand_in, files, capsys):
     out = files / "o.onnx"
     base = ["optimize", str(files / "m.onnx"), "-o", str(out), "--prune-sparsity", "auto",

@@ -237,3 +237,59 @@ def test_statistics_of_mixed_settings_merge_per_tensor_entries_and_recount_total
     assert stats["zeros"] == 8 and stats["sparsity"] == pytest.approx(0.4)
     assert stats["zeros_before"] == 2 and stats["pruned"] == 6
     assert stats["accepted"] == 2
+
+
+class ShapeChanging(Noise):
+    """:class:`Noise` declaring that its proposals change shapes when applied."""
+
+    name = "test_noise_shapes"
+    per_layer_strengths = False
+
+
+def test_a_pass_declaring_no_per_layer_strengths_stays_at_the_chosen_rung():
+    model = _model()
+    feeds = _feeds(model)
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=feeds, budget=DriftBudget(model, feeds, 0.99))
+    record = PassManager([], [ShapeChanging(level="auto")]).run(graph, ctx)[-1]
+    search = record.stats["search"]
+    # the same search lets Noise's tolerant layers move up (the test above): here none moves
+    assert search["per_layer"] == {} and search["upgrade_steps"] == []
+    assert search["per_layer_note"].startswith("not offered")
+    for t in graph.tensors().values():
+        if t.name in WEIGHTS:
+            np.testing.assert_array_equal(t.values, noisy(t.name, search["chosen"]))
+
+
+def test_prune_channels_auto_gives_a_valid_model_of_one_setting():
+    """Conv -> Relu -> Conv -> Relu -> Conv: the two layers' groups both cut W2 (input and output
+    channels). Mixing their groups from two settings (per-layer strengths) wrote one setting's
+    full-size W2 over the other's cut one: an invalid model. The search keeps one setting."""
+    import onnxopt
+
+    rng = np.random.default_rng(2)
+
+    def w(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+
+    w1, w2 = w(16, 3, 1, 1), w(16, 16, 1, 1)
+    w2[rng.choice(16, 6, replace=False)] *= 1e-2
+    w1[rng.choice(16, 3, replace=False)] *= 0.05
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["c1"]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "W2"], ["c2"]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "W3", "b3"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, ["N", 3, 8, 8])], [("y", np.float32, ["N", 4, 8, 8])],
+                       {"W1": w1, "b1": np.full(16, 0.1, np.float32), "W2": w2,
+                        "W3": w(4, 16, 1, 1), "b3": w(4)})
+    feeds = [{"x": w(2, 3, 8, 8)} for _ in range(3)]
+    out, report = onnxopt.optimize(model, inputs=feeds, max_drift=0.999, prune_channels="auto",
+                                   raise_on_failure=False)
+    search = [p for p in report.passes if p.name == "prune_channels"][-1].stats["search"]
+    assert search["per_layer"] == {} and "per_layer_note" in search
+    assert report.verdict == "passed"
+    dims = {i.name: list(i.dims) for i in out.graph.initializer}
+    assert dims["W1"][0] == dims["W2"][1] and dims["W2"][0] == dims["W3"][1]
+    assert dims["W1"][0] < 16  # something was pruned: the search did run
+    session(out).run(None, feeds[0])

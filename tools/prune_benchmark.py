@@ -537,7 +537,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default minilm_l6)")
     parser.add_argument("--sparsities", default=",".join(SPARSITIES),
                         help="strengths of the sparsity section, comma-separated, of "
-                             + ",".join(SPARSITIES) + " (default all)")
+                             + ",".join(SPARSITIES).replace("%", "%%") + " (default all)")
     parser.add_argument("--families", default="numpy,onnxsim,onnxopt",
                         help="rows of the sparsity section: numpy, onnxsim, onnxopt (default all)")
     parser.add_argument("--quick", action="store_true",

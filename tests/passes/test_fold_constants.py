@@ -253,6 +253,31 @@ def test_dequantize_linear_of_constants_is_kept():
     assert_same_outputs(model, out)
 
 
+def test_compressed_storage_marked_in_the_context_is_kept():
+    """A node whose output is named in ``PassContext.storage`` (a weight's decompression that a
+    lossy pass built) is refused even though every fold is tiny; its unmarked consumer chain
+    and the same graph without the mark fold."""
+    from onnxopt.pass_manager import PassContext
+
+    nodes = [helper.make_node("Cast", ["idx"], ["i32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["book", "i32"], ["w"], axis=0),
+             helper.make_node("Add", ["A", "B"], ["ab"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Add", ["h", "ab"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [1, 4])], [("y", np.float32, [1, 2])],
+                       {"idx": np.array([[0, 1], [1, 0], [2, 2], [0, 0]], np.uint8),
+                        "book": np.array([-1.0, 0.5, 2.0], np.float32),
+                        "A": np.ones(2, np.float32), "B": np.ones(2, np.float32)})
+    ctx = PassContext(storage={"i32", "w"})
+    out, records = run_passes(model, FOLD, ctx)
+    assert ops(out) == ["Cast", "Gather", "MatMul", "Add"]  # Add(A, B) folded
+    refused = [r.stats.get("refused", {}) for r in records if r.name == "fold_constants"]
+    assert refused[0] == {"compressed storage": 1}  # Gather waits for Cast: one refusal
+    assert_same_outputs(model, out)
+    out, _ = run_passes(model, FOLD)
+    assert ops(out) == ["MatMul", "Add"]
+
+
 def _constant_of_shape_model(n: int) -> onnx.ModelProto:
     nodes = [helper.make_node("ConstantOfShape", ["s"], ["c"],
                               value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.25])),

@@ -285,3 +285,106 @@ def test_chain_groups_apply_in_any_order_and_alone():
         sliced = export_graph(graph, model)
         onnx.checker.check_model(sliced, full_check=True)
         assert_same(equivalent, sliced, fs)
+
+
+def _if_model(then_nodes, else_nodes, tail_inits, outputs):
+    """x -> MatMul W1 + b1 -> Relu -> h, then an If on ``c`` whose branches read ``h``."""
+    vi = onnx.helper.make_tensor_value_info
+    then_g = onnx.helper.make_graph(then_nodes, "then", [], [vi("t", onnx.TensorProto.FLOAT, None)])
+    else_g = onnx.helper.make_graph(else_nodes, "else", [], [vi("e", onnx.TensorProto.FLOAT, None)])
+    nodes = [onnx.helper.make_node("MatMul", ["x", "W1"], ["m1"]),
+             onnx.helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             onnx.helper.make_node("Relu", ["a1"], ["h"]),
+             onnx.helper.make_node("If", ["c"], ["z"], then_branch=then_g, else_branch=else_g)]
+    return make_model(nodes + tail_inits[0], [("x", F, [5, 8]), ("c", np.bool_, [])], outputs,
+                      {"W1": _w(8, 16), "b1": _w(16), **tail_inits[1]}, check=False)
+
+
+@pytest.mark.parametrize("consumers_in_branches", [False, True])
+def test_a_region_read_inside_a_subgraph_is_refused(consumers_in_branches):
+    """A tensor of the region read by a node of an If branch (an outer-scope read): slicing it
+    would change the branch's output shape (or crash on the branch MatMuls' FLOPs)."""
+    if consumers_in_branches:  # the next-layer MatMuls live in the branches
+        model = _if_model([onnx.helper.make_node("MatMul", ["h", "W3"], ["t"])],
+                          [onnx.helper.make_node("MatMul", ["h", "W4"], ["e"])],
+                          ([], {"W3": _w(16, 4), "W4": _w(16, 4)}), [("z", F, None)])
+    else:  # a main-graph consumer, and elementwise readers in the branches
+        model = _if_model([onnx.helper.make_node("Sigmoid", ["h"], ["t"])],
+                          [onnx.helper.make_node("Neg", ["h"], ["e"])],
+                          ([onnx.helper.make_node("MatMul", ["h", "W2"], ["y"])],
+                           {"W2": _w(16, 4)}), [("y", F, None), ("z", F, None)])
+    fs = [{"x": RNG.normal(size=(5, 8)).astype(F), "c": np.array(v)} for v in (True, False)]
+    _, _, result = propose(model, fs, flops=0.3)
+    assert result.stats["refused"]["read inside a subgraph"] == 1 and not result.proposals
+
+
+def _gemm_chain(producer, consumer, zero_rows=(1, 4, 6, 9, 12), scalar_bias=False):
+    """x[3, 8] -> (MatMul + Add | Gemm transB with alpha/beta) -> Relu -> (MatMul + Add | Gemm)
+    -> y, the producer's channels ``zero_rows`` with all-zero weights."""
+    c, nodes = 16, []
+    w1 = _w(c, 8)
+    w1[list(zero_rows)] = 0
+    inits = {"b1": np.array(0.7, F) if scalar_bias else np.abs(_w(c)) + 0.5}
+    if producer == "matmul":
+        inits["W1"] = np.ascontiguousarray(w1.T)
+        nodes += [onnx.helper.make_node("MatMul", ["x", "W1"], ["m1"]),
+                  onnx.helper.make_node("Add", ["m1", "b1"], ["a1"])]
+    else:
+        alpha, beta = producer
+        inits["W1"] = w1
+        nodes.append(onnx.helper.make_node("Gemm", ["x", "W1", "b1"], ["a1"], transB=1,
+                                           alpha=alpha, beta=beta))
+    nodes.append(onnx.helper.make_node("Relu", ["a1"], ["h"]))
+    if consumer == "matmul":
+        inits.update(W2=_w(c, 4), b2=_w(4))
+        nodes += [onnx.helper.make_node("MatMul", ["h", "W2"], ["m2"]),
+                  onnx.helper.make_node("Add", ["m2", "b2"], ["y"])]
+    else:
+        alpha, beta = consumer
+        inits.update(W2=_w(4, c), b2=_w(4))
+        nodes.append(onnx.helper.make_node("Gemm", ["h", "W2", "b2"], ["y"], transB=1,
+                                           alpha=alpha, beta=beta))
+    return make_model(nodes, [("x", F, [3, 8])], [("y", F, [3, 4])], inits)
+
+
+@pytest.mark.parametrize("producer", ["matmul", (1.0, 2.0), (0.7, 1.3)])
+@pytest.mark.parametrize("consumer", ["matmul", (1.5, 0.5), (1.7, 0.4), (1.0, 1.0)])
+def test_zero_weight_channels_of_gemm_layers_are_removed_exactly(producer, consumer):
+    """Channels with all-zero producer weights are the constants ``Relu(beta C[r])``; removing
+    them and folding ``alpha / beta * c W2[r]`` into the consumer Gemm's ``C`` (which it scales
+    by beta) changes nothing, whatever alpha and beta."""
+    model = _gemm_chain(producer, consumer)
+    fs = [{"x": RNG.normal(size=(3, 8)).astype(F)} for _ in range(4)]
+    equivalent, sliced, stats = equivalent_and_sliced(model, fs, threshold=1e-9)
+    assert stats["channels_removed"] == 5
+    assert_same(model, equivalent, fs, atol=1e-4)
+    assert_same(model, sliced, fs, atol=1e-4)
+
+
+def test_consumer_gemm_with_beta_zero_gets_no_fold():
+    """``beta = 0``: the consumer's C is ignored, nothing can be folded into it; what the
+    proposal measures is what apply writes."""
+    model = _gemm_chain((1.0, 1.0), (1.5, 0.0))
+    fs = [{"x": RNG.normal(size=(3, 8)).astype(F)} for _ in range(4)]
+    equivalent, sliced, stats = equivalent_and_sliced(model, fs, threshold=1e-9)
+    assert stats["channels_removed"] == 5
+    b2 = onnx.numpy_helper.to_array({i.name: i for i in sliced.graph.initializer}["b2"])
+    assert np.all(np.isfinite(b2))  # no alpha / beta fold scale
+    assert_same(equivalent, sliced, fs, atol=1e-4)
+
+
+@pytest.mark.parametrize("consumer", ["matmul", (1.5, 0.5)])
+def test_gemm_producer_with_a_scalar_bias_removed_equals_silenced(consumer):
+    """A Gemm producer with a scalar (broadcast) C: a silenced channel (weights zeroed) still
+    outputs ``beta C``, the Relu passes it on; the equivalent model must account for it, so the
+    sliced model computes what the budget measured (and zero-weight channels go exactly)."""
+    model = _gemm_chain((1.0, 2.0), consumer, zero_rows=(3,), scalar_bias=True)
+    w1 = {i.name: i for i in model.graph.initializer}["W1"]
+    values = onnx.numpy_helper.to_array(w1).copy()
+    values[[1, 4, 6]] *= 1e-3  # near-dead: removed, not exact
+    w1.CopyFrom(onnx.numpy_helper.from_array(values, "W1"))
+    fs = [{"x": RNG.normal(size=(3, 8)).astype(F)} for _ in range(4)]
+    equivalent, sliced, stats = equivalent_and_sliced(model, fs, threshold=1e-2)
+    assert stats["channels_removed"] == 4
+    assert_same(equivalent, sliced, fs, atol=1e-4)
+    assert_same(model, sliced, fs, atol=0.05)  # folded means of nearly constant channels
