@@ -18,6 +18,9 @@ over the calibration rows ``X[n, K]`` (``onnxopt.analyses.activations.TensorStat
   (Hassibi and Stork 1993, "Optimal Brain Surgeon"), and pruning feature ``j`` of an output
   adds ``-(w_j / U_jj) U_j,j+1:`` to that output's not yet visited weights -- the least-squares
   refit of the remaining weights to the layer's outputs on ``X``.
+* :func:`refit_target`: the dense weight a layer fed the pruned model's inputs ``X~`` needs to
+  reproduce the original outputs ``X w`` (ridge toward ``w``); :func:`sparsegpt` prunes it when
+  given the cross Gram ``X~^T X`` (GPTAQ's asymmetric calibration, Li et al. 2025).
 * :func:`relative_error`: ``tr(dW^T G dW) / tr(W^T G W)``, the calibration output error of a
   change ``dW`` relative to the layer's output energy (no activations held: ``||X dW||^2``).
 * :func:`allocate`: per-layer sparsities under one global target (fraction of all weights):
@@ -115,7 +118,8 @@ def damped_hessian(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarra
 def sparsegpt(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.0, scope: str = "tensor",
               pattern: tuple[int, int] | None = None, damp: float = 0.01,
               saliency: str = "obs", block: int = SPARSEGPT_BLOCK,
-              cross: np.ndarray | None = None) -> np.ndarray:
+              cross: np.ndarray | None = None, target_damp: float | None = None
+              ) -> np.ndarray:
     """SparseGPT (module docstring) of ``w`` (float ``[K, N]``) given ``gram`` (``[K, K]``).
 
     Args:
@@ -143,7 +147,8 @@ def sparsegpt(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.0, scope: str
     h, dead = damped_hessian(gram, damp)
     work = np.array(w, np.float64).T  # [N, K]: one row per output, as in the paper
     if cross is not None:
-        work = np.ascontiguousarray(refit_target(w, gram, cross, damp).T)
+        work = np.ascontiguousarray(refit_target(
+            w, gram, cross, damp if target_damp is None else target_damp).T)
     work[:, dead] = 0.0
     u = _inverse_upper(h)  # upper: H^-1 = U^T U
     if pattern is not None:
@@ -197,8 +202,7 @@ def refit_target(w: np.ndarray, gram: np.ndarray, cross: np.ndarray,
     Hessian, ``||X~ w' - X w||^2 + λ ||w' - w||^2 = (w' - w*)^T H (w' - w*) + const``: pruning
     ``w*`` by SparseGPT on ``H`` minimizes the error to the original outputs."""
     w = np.asarray(w, np.float64)
-    import os  # EXPERIMENT
-    h, _ = damped_hessian(gram, float(os.environ.get("PRUNE_XDAMP", damp)))
+    h, _ = damped_hessian(gram, damp)
     change = (np.asarray(cross, np.float64) - np.asarray(gram, np.float64)) @ w
     return w + _cholesky_solve(np.linalg.cholesky(h), change)
 

@@ -490,7 +490,7 @@ def test_sequential_statistics_come_from_the_pruned_model():
     np.testing.assert_array_equal(taught["W1"] == 0, values["W1"] == 0)
     np.testing.assert_allclose(taught["W1"], values["W1"], rtol=1e-3, atol=1e-4)
     cross = sparsegpt(w2, gram({"W1": values["W1"]}), 0.5, "row",
-                      cross=gram({"W1": values["W1"]}, None))
+                      cross=gram({"W1": values["W1"]}, None), target_damp=0.5)
     np.testing.assert_allclose(taught["W2"], cross.astype(np.float32), rtol=1e-3, atol=1e-4)
 
 
@@ -504,13 +504,16 @@ def test_original_target_recovers_the_original_output():
     cal, held_out = feeds[:8], feeds[8:]
     ref_cal, ref_out = outputs(model, cal), outputs(model, held_out)
     errors = {}
-    for target in ("original", "pruned"):
+    for label, options in (("original", {}), ("original, light ridge", {"target_damp": 0.01}),
+                           ("pruned", {"target": "pruned"})):
         values, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
-                               reconstruct=True, target=target)
-        errors[target] = (float(((outputs(model, cal, values) - ref_cal) ** 2).sum()),
-                          float(((outputs(model, held_out, values) - ref_out) ** 2).sum()))
-    assert errors["original"][0] < 0.5 * errors["pruned"][0], errors
-    assert errors["original"][1] < errors["pruned"][1], errors
+                               reconstruct=True, **options)
+        errors[label] = (float(((outputs(model, cal, values) - ref_cal) ** 2).sum()),
+                         float(((outputs(model, held_out, values) - ref_out) ** 2).sum()))
+    assert errors["original, light ridge"][0] < 0.5 * errors["pruned"][0], errors
+    assert errors["original, light ridge"][1] < 0.5 * errors["pruned"][1], errors
+    assert errors["original"][0] < 0.8 * errors["pruned"][0], errors  # the default ridge: less
+    assert errors["original"][1] < 0.9 * errors["pruned"][1], errors
 
 
 def test_global_scope_uses_one_threshold_across_tensors():
