@@ -331,6 +331,10 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                       budget=budget, upgrade_failure=upgrade_failure,
                       synthesized=bool(feeds) and report.inputs.get("source") == "synthesized")
     lossy_names = {p.name for p in pipeline.lossy}
+    if searched and ctx.synthesized:
+        raise UsageError(f"{', '.join(searched)}: a strength of 'auto' is chosen by the drift it "
+                         "causes on real data: give --inputs (and --calibration-data); "
+                         "synthesized random inputs cannot judge it")
 
     # The checker judges results only when the input passes it (real exports often do not).
     original_valid = validate and not checker_error(_runnable(original, original_bytes))

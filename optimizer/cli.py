@@ -295,7 +295,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="where --prune-sparsity is counted: per tensor, per output row, or "
                         "across all weights")
     g.add_argument("--prune-pattern", metavar="N:M",
-                   help="semi-structured sparsity: N zeros in every M values (e.g. 2:4)")
+                   help="semi-structured sparsity: N values kept in every M consecutive "
+                        "input weights of each output (e.g. 2:4)")
     g.add_argument("--prune-importance", choices=("magnitude", "activation"),
                    help="what ranks the values: |w|, or |w| x the input feature's norm over "
                         "the calibration data (Wanda)")

@@ -119,7 +119,8 @@ class ClusterWeightsOptions:
 
     Attributes:
         clusters: K, the codebook size (2..256; up to 16 stores 4-bit indices), or ``"auto"``
-            (the pass manager's strength search picks it from ``ClusterWeights.ladder``).
+            (the pass manager's strength search picks it from ``ClusterWeights.ladder``); None
+            (the default) clusters nothing, and the pipeline refuses the pass without it.
         per_channel: one codebook per output channel of MatMul/Gemm weights and Conv kernels,
             per embedding dimension of Gather tables, where the codebooks take at most half
             the bytes of the indices.
@@ -131,7 +132,7 @@ class ClusterWeightsOptions:
             ``"linear"`` (Deep Compression's linear initialization).
     """
 
-    clusters: int | str = 256
+    clusters: int | str | None = None
     per_channel: bool = False
     weighted: bool = False
     min_size: int = 4096
@@ -139,8 +140,8 @@ class ClusterWeightsOptions:
     init: str = "companded"
 
     def check(self) -> str | None:
-        if self.clusters != "auto" and (isinstance(self.clusters, str)
-                                        or not 2 <= self.clusters <= 256):
+        if self.clusters is not None and self.clusters != "auto" and (
+                isinstance(self.clusters, str) or not 2 <= self.clusters <= 256):
             return f"option clusters must be an integer from 2 to 256 or 'auto', got " \
                    f"{self.clusters!r}"
         if self.min_size < 1:
@@ -340,13 +341,17 @@ class ClusterWeights(Pass):
                   "4-bit) indices and a float codebook (Deep Compression)."
     Options = ClusterWeightsOptions
     lossless = False
-    weights = "original"
+    # after the lossless passes, on the weights that run (a BatchNormalization folded into a
+    # Conv after clustering would rescale every value and undo the sharing)
+    weights = "fused"
     min_opset = 11
     strength: ClassVar[str | None] = "clusters"
     ladder: ClassVar[tuple] = (256, 128, 64, 32, 16, 8, 4)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         k = self.options.clusters
+        if k is None:
+            return PassResult(False, {"clusters": None})
         if k == "auto":
             raise UsageError("pass 'cluster_weights': clusters 'auto' is resolved by the pass "
                              "manager's strength search (give max_drift)")

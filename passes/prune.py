@@ -195,6 +195,8 @@ class PruneOptions:
             return f"option damp must be in (0, 1), got {self.damp}"
         if not 0 < self.target_damp < float("inf"):
             return f"option target_damp must be positive and finite, got {self.target_damp}"
+        if self.sparse_storage:
+            return f"option sparse_storage is not supported: {SPARSE_STORAGE_REFUSAL}"
         targeted = self.sparsity is not None or self.pattern is not None
         if not targeted:
             for name, default in (("importance", "magnitude"), ("reconstruct", False),
