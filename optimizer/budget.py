@@ -265,7 +265,7 @@ class DriftBudget:
                 for i, (r, c) in enumerate(zip(ref, out)):
                     for crit in self.criteria:
                         tally = tallies.setdefault((crit.name, i), Tally(crit.metric))
-                        tally.add(crit.metric.score(r, c), r)
+                        tally.add(crit.metric.score(r, c), r, c)
                 if not self.within(self._worst(tallies), pooled=False):
                     break  # a worst-feed criterion already fails: the other feeds cannot help
             return self._worst(tallies)

@@ -281,6 +281,17 @@ class TopKMetric(DriftMetric):
         return float(np.mean(shared / k))
 
 
+def pooled_cosine(dots: np.ndarray) -> float:
+    """Cosine similarity from the sums ``(r.c, r.r, c.c)`` (1.0 when both are all zeros, 0.0
+    when only one is)."""
+    rc, rr, cc = (float(x) for x in dots)
+    if rr == 0.0 and cc == 0.0:
+        return 1.0
+    if rr == 0.0 or cc == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, rc / math.sqrt(rr * cc)))
+
+
 class Tally:
     """One metric of one output over several feeds: the worst feed, or for a ``pooled`` metric
     the fraction over every position of every feed; an output that could not be compared on
@@ -290,11 +301,27 @@ class Tally:
         self.metric = metric
         self.value: float | None = None
         self._agreed = self._positions = 0.0
+        self._dots = np.zeros(3)  # sum r*c, r*r, c*c over the one-value feeds (cosine)
+        self._rest: float | None = None  # the worst cosine of the other feeds
 
-    def add(self, value: float, reference=None) -> float:
+    def add(self, value: float, reference=None, candidate=None) -> float:
         """Count one feed's ``value`` (of the output whose reference is ``reference``, which
-        pooled metrics need for the number of positions); returns the aggregate so far."""
+        pooled metrics need for the number of positions); returns the aggregate so far.
+
+        The cosine of a one-value output is 1 whenever the signs agree, whatever the values:
+        given ``candidate``, such an output's cosine is taken over the vector of its values on
+        every feed so far (:func:`pooled_cosine`)."""
         m = self.metric
+        if isinstance(m, CosineMetric) and candidate is not None and m.failure not in (
+                value, self.value):
+            r, c = flatten_sequence(reference), flatten_sequence(candidate)
+            if r.size == 1 and c.size == 1:
+                a, b = float(r.flat[0]), float(c.flat[0])
+                self._dots += (a * b, a * a, b * b)
+                self.value = pooled_cosine(self._dots) if self._rest is None else min(
+                    self._rest, pooled_cosine(self._dots))
+                return self.value
+            self._rest = value if self._rest is None else min(self._rest, value)
         if self.value == m.failure or value == m.failure or not m.pooled:
             self.value = value if self.value is None else m.worst(self.value, value)
             return self.value

@@ -35,7 +35,7 @@ import onnxruntime as ort
 from onnxopt import io
 from onnxopt.errors import InputError
 from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence, layout,
-                             output_metrics, parse_criteria)
+                             output_metrics, parse_criteria, pooled_cosine)
 
 __all__ = ["compare_models", "make_session", "run_model", "session_options", "OutputMetrics",
            "ValidationResult", "output_metrics", "flatten_sequence", "layout"]
@@ -213,6 +213,10 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     metrics: list[OutputMetrics] = []
     tallies: dict[int, dict[str, Tally]] = {}  # per output: the metrics pooled over feeds
     constant = set(ref_names)  # outputs whose reference values are all equal, in every feed
+    # The cosine of a one-value output is 1 whenever the signs agree: such an output's cosine
+    # is taken over the vector of its values on all feeds (onnxopt.metrics.pooled_cosine).
+    single: dict[int, np.ndarray] = {}
+    several: set[int] = set()
     for feed in feeds:
         ref_out = run_model(ref_sess, feed, "reference model", hint=(
             " (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
@@ -246,6 +250,11 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
                     m.passed, m.reason = False, "string values differ"
                 continue
             s = output_metrics(r, c)
+            if r.size == 1:  # see below: pooled over the feeds
+                a, b = float(r.flat[0]), float(c.flat[0])
+                single[i] = single.get(i, np.zeros(3)) + (a * b, a * a, b * b)
+            else:
+                several.add(i)
             m.max_abs = max(m.max_abs, s["max_abs"])
             m.max_rel = max(m.max_rel, s["max_rel"])
             m.mean_abs = max(m.mean_abs, s["mean_abs"])
@@ -264,6 +273,9 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
             elif not lossy and s["max_abs"] > tol:
                 m.passed = False
                 m.reason = f"max abs error {s['max_abs']:.3g} > tolerance {tol:.3g}"
+    for i, dots in single.items():
+        if i not in several and len(feeds) > 1:
+            metrics[i].cosine = pooled_cosine(dots)
     for i, m in enumerate(metrics):
         if not (lossy and m.passed and i in tallies):
             continue

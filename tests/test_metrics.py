@@ -212,3 +212,34 @@ def test_agreement_is_pooled_over_feeds_and_the_other_metrics_take_the_worst_fee
     assert not failed.passed and "argmax agreement 0.75 < max drift 0.8" in failed.reason
     cosines = [get_metric("cosine").score(f["x"], f["x"] * np.float32([0.5, 1])) for f in feeds]
     assert passed.outputs[0].cosine == pytest.approx(min(cosines))
+
+
+def test_cosine_of_a_one_value_output_is_pooled_over_the_feeds():
+    """Per feed, the cosine of one value is 1 whenever the signs agree; over the feeds' values a
+    candidate that ignores its input is far from the reference."""
+    from onnx import TensorProto, helper
+
+    from onnxopt.budget import DriftBudget  # noqa: F401  (the budget's tally is the same)
+    from onnxopt.metrics import METRICS, Tally
+    from onnxopt.validate import compare_models
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    ref = helper.make_model(helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"])], "r", [x], [y], [axes]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    cand = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["one"], ["y"])], "c", [x], [y], [one]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    feeds = [{"x": np.full(4, v, np.float32)} for v in (0.025, 1.25, 2.5)]
+    result = compare_models(ref, cand, feeds, lossy=True, max_drift=0.99)
+    rs, cs = np.array([0.1, 5.0, 10.0]), np.ones(3)
+    expected = rs @ cs / np.linalg.norm(rs) / np.linalg.norm(cs)
+    assert result.outputs[0].cosine == pytest.approx(expected, rel=1e-5)
+    assert not result.passed
+    tally = Tally(METRICS["cosine"])
+    for r in rs:
+        tally.add(1.0, np.array([r]), np.array([1.0]))
+    assert tally.value == pytest.approx(expected, rel=1e-6)
