@@ -146,14 +146,15 @@ def _search_table(name: str, search: dict) -> Table:
                             if upgraded else "")
                          + (f"; latency x{ratio:.3f} (noisy)" if ratio is not None else "")
                          + ("" if search.get("met_budget", True) else "; no setting met the budget"))
-    for col in ("setting", *metrics, "within", "size", "compressed (zlib 1)"):
+    # the weights' bytes with each setting's values compressed: zeros and shared values only
+    # pay off compressed (the dense size is the same at every setting)
+    for col in ("setting", *metrics, "within", "weights, zlib 1"):
         table.add_column(_escape(col), justify="right")
     for row in sorted(path, key=lambda r: search.get("ladder", []).index(r["setting"])
                       if r["setting"] in search.get("ladder", []) else 0):
         chosen = row["setting"] == search.get("chosen")
         table.add_row(f"{row['setting']}" + (" *" if chosen else ""),
                       *("-" if row.get(m) is None else f"{row[m]:.6g}" for m in metrics), "yes" if row["within"] else "no",
-                      human_bytes(row.get("size_bytes", 0)),
                       human_bytes(row.get("compressed_bytes", 0)))
     return table
 

@@ -504,12 +504,11 @@ def _search_section(report: Report) -> str:
                                              else "")]
                      + [_fmt(row.get(m), ".6g") for m in metrics]
                      + ["yes" if row.get("within") else "no",
-                        human_bytes(row.get("size_bytes", 0)),
                         human_bytes(row.get("compressed_bytes", 0))],
-                     set(range(1, len(metrics) + 4)), cls="" if row.get("within") else "bad")
+                     set(range(1, len(metrics) + 3)), cls="" if row.get("within") else "bad")
                 for row in path]
-        table = _table(["setting", *metrics, "within", "size", "compressed (zlib 1)"], rows,
-                       set(range(1, len(metrics) + 4)))
+        table = _table(["setting", *metrics, "within", "weights, zlib 1"], rows,
+                       set(range(1, len(metrics) + 3)))
         target = None
         budget = record.stats.get("drift_budget")
         if metrics and isinstance(budget, dict) and isinstance(budget.get("target"), dict):

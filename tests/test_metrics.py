@@ -219,7 +219,6 @@ def test_cosine_of_a_one_value_output_is_pooled_over_the_feeds():
     candidate that ignores its input is far from the reference."""
     from onnx import TensorProto, helper
 
-    from onnxopt.budget import DriftBudget  # noqa: F401  (the budget's tally is the same)
     from onnxopt.metrics import METRICS, Tally
     from onnxopt.validate import compare_models
 
