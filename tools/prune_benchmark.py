@@ -83,6 +83,9 @@ ONNXOPT_PRUNE = {"magnitude": {"scope": "row", "importance": "magnitude"},
                  "+ reconstruct": {"reconstruct": True},
                  "+ sensitivity allocation": {"allocation": "sensitivity"}}
 STRUCTURED_FLOPS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+#: prune_channels' options beside the FLOP cut: channels ranked by their calibration activations
+#: (magnitude ranking loses far more: rec CER 0.12 against 0.01 at 5 %), next layer refit.
+STRUCTURED_OPTIONS = {"importance": "activation", "reconstruct": True}
 SEARCH_DRIFT = {"cosine": 0.99}
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01
@@ -417,7 +420,7 @@ def section_structured(bench: Bench, repeat: int, quick: bool) -> list[Row]:
     for flops in (0.1, 0.3) if quick else STRUCTURED_FLOPS:
         row = Row("structured", bench.name, "onnxopt prune_channels", f"flops={flops:g}")
         _progress(f"{bench.name}: {row.method} {row.setting}")
-        path = onnxopt_row(bench, row, "prune_channels", {"flops": flops})
+        path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS})
         row.flops_removed = flops_removed(row.stats)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
