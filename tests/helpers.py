@@ -319,3 +319,13 @@ def initializer_as_variable(model: onnx.ModelProto, name: str) -> onnx.ModelProt
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     return model
+
+
+def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold those arrays."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
+    return out

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from helpers import make_model, random_feed, session
+from helpers import make_model, random_feed, session, with_initializers
 from onnxopt.budget import DriftBudget, Proposal
 from onnxopt.errors import UsageError
 from onnxopt.graph import export_graph, import_graph
@@ -79,12 +79,7 @@ def _feeds(model):
 def _cosine(model, feeds, values):
     """Worst cosine over the feeds of ``model`` with initializers replaced by ``values``,
     run in onnxruntime."""
-    changed = type(model)()
-    changed.CopyFrom(model)
-    for init in changed.graph.initializer:
-        if init.name in values:
-            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
-    ref, cand = session(model), session(changed)
+    ref, cand = session(model), session(with_initializers(model, values))
     return min(output_metrics(ref.run(None, f)[0], cand.run(None, f)[0])["cosine"]
                for f in feeds)
 

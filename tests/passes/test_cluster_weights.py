@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import with_initializers
 from onnxopt import optimize
 from onnxopt.errors import UsageError
 from onnxopt.graph import export_graph, import_graph
@@ -36,16 +37,6 @@ def _f(name, shape=None):
 def _run(model, feed):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feed)[0]
-
-
-def _with(model, values):
-    """``model`` with initializers replaced by ``values`` (``{name: array}``)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for init in out.graph.initializer:
-        if init.name in values:
-            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
-    return out
 
 
 def _cluster(model, calibration=None, **options):
@@ -90,7 +81,7 @@ def test_model_computes_with_codebook_indices(clusters, per_channel, gemm):
     out, stats, proposed = _cluster(model, clusters=clusters, per_channel=per_channel,
                                     min_size=16)
     assert stats["accepted"] == 1
-    expected = _run(_with(model, proposed), feed)
+    expected = _run(with_initializers(model, proposed), feed)
     np.testing.assert_array_equal(_run(out, feed), expected)
     value = proposed["W"]
     assert not np.array_equal(value, numpy_helper.to_array(model.graph.initializer[0]))
@@ -112,7 +103,7 @@ def test_conv_per_channel_exact():
     out, stats, proposed = _cluster(model, clusters=4, per_channel=True, min_size=16)
     assert stats["per_tensor"]["W"]["codebooks"] == 6
     feed = {"x": rng.normal(size=(1, 16, 5, 5)).astype(np.float32)}
-    np.testing.assert_array_equal(_run(out, feed), _run(_with(model, proposed), feed))
+    np.testing.assert_array_equal(_run(out, feed), _run(with_initializers(model, proposed), feed))
     assert max(np.unique(c).size for c in proposed["W"]) <= 4
 
 
@@ -264,7 +255,7 @@ def test_4_bit_weight_stays_packed_and_bytes_after_is_the_file(shape):
     refused = [p.stats.get("refused", {}) for p in report.passes if p.name == "fold_constants"]
     assert any("compressed storage" in r for r in refused)
     _, _, proposed = _cluster(model, clusters=16)
-    np.testing.assert_allclose(_run(out, feed), _run(_with(model, proposed), feed),
+    np.testing.assert_allclose(_run(out, feed), _run(with_initializers(model, proposed), feed),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -339,6 +330,6 @@ def test_per_channel_only_where_codebooks_are_small():
     out, stats, proposed = _cluster(model, clusters=16, per_channel=True, min_size=16)
     assert stats["per_tensor"]["E"]["codebooks"] == 64
     assert max(np.unique(c).size for c in proposed["E"].T) <= 16
-    np.testing.assert_array_equal(_run(out, feed), _run(_with(model, proposed), feed))
+    np.testing.assert_array_equal(_run(out, feed), _run(with_initializers(model, proposed), feed))
     _, stats, _ = _cluster(model, clusters=256, per_channel=True, min_size=16)
     assert stats["one_codebook"] == 2 and stats["per_tensor"]["W"]["codebooks"] == 1

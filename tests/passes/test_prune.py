@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import with_initializers
 from onnxopt import optimize
 from onnxopt.errors import UsageError
 from onnxopt.graph import export_graph, import_graph
@@ -108,15 +109,6 @@ def run_pass(model: onnx.ModelProto, threshold: float | None):
     result = PassManager([]).run_pass(get_pass("prune", threshold=threshold), graph,
                                       PassContext(template=model))
     return export_graph(graph, model), result
-
-
-def with_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for init in out.graph.initializer:
-        if init.name in values:
-            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
-    return out
 
 
 def test_prunes_exactly_the_small_weight_values():
