@@ -8,16 +8,19 @@ Both return a :class:`onnxopt.report.Report`; neither touches the disk unless gi
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 import os
 import time
 import zlib
+from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import onnx
 
-from onnxopt import io
+from onnxopt import external, io
 from onnxopt.errors import UsageError, ValidationFailed
 from onnxopt.graph import export_graph, import_graph, model_stats
 from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
@@ -90,7 +93,10 @@ def checker_error(model: onnx.ModelProto | bytes | None) -> str:
     if model is None or (not isinstance(model, bytes) and io.needs_external_data(model)):
         return ""
     try:
-        onnx.checker.check_model(model)
+        if external.current_folder() is None:
+            onnx.checker.check_model(model)
+        else:
+            external.check_with_references(model)
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid model"
         return f"candidate model: onnx checker: {first}"
@@ -197,6 +203,23 @@ def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContex
     return export_graph(graph, original), records
 
 
+def _own_context(fn):
+    """Run ``fn`` in a copy of the current context: the external-data folder it sets for its
+    model (``onnxopt.external``) ends with the call."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return contextvars.copy_context().run(fn, *args, **kwargs)
+    return run
+
+
+def _use_model_folder(source, model: onnx.ModelProto) -> None:
+    """Make the folder of ``source`` the run's external-data folder when ``model`` (loaded
+    from it lazily) refers to external data."""
+    if isinstance(source, (str, os.PathLike)) and external.has_external_data(model):
+        external.use_folder(Path(source).parent)
+
+
+@_own_context
 def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[str] | None = None,
              options: dict[str, dict] | None = None, config=None,
              quantize: str | None = None,
@@ -272,11 +295,18 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     pipeline first); the first run that validates is returned, and the pass it left out is listed
     in ``report.rolled_back`` with the failure it caused.
 
+    A model file with external data is never loaded whole (``onnxopt.external``): weights stay
+    in their files, memory-mapped when a pass reads them, and ``output`` gets them streamed
+    from the input's data files. The returned model then refers to the input's external data
+    (locations relative to the input's folder) for the tensors no pass changed; load
+    ``output`` to get a self-contained one.
+
     Returns:
         The optimized model and the :class:`Report`.
 
     Raises:
-        ModelLoadError, UsageError, InputError: bad model, option, config or inputs.
+        ModelLoadError, UsageError, InputError: bad model, option, config or inputs; a
+            ModelProto that refers to external data (its folder is unknown: pass its path).
         ValidationFailed: outputs differ beyond tolerance (with ``raise_on_failure``); the error
             carries ``model`` and ``report``.
         PassError: with ``verify_each``, a pass produced an invalid model.
@@ -310,7 +340,11 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     protect = []
     if isinstance(model, (str, os.PathLike)) and output is not None:
         protect = io.protected_files(model, [output, f"{output}.data"])
-    original, original_bytes = io.load_model_and_bytes(model)
+    original, original_bytes = io.load_model_and_bytes(model, lazy=True)
+    _use_model_folder(model, original)
+    if isinstance(model, onnx.ModelProto) and external.has_external_data(model):
+        raise UsageError("the model refers to external data, whose folder a ModelProto does not "
+                         "tell: pass the model's path, or load it with its data")
     if original is model:  # the caller's object: exporting may touch the protos it shares
         original = onnx.ModelProto()
         original.CopyFrom(model)
@@ -406,10 +440,10 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     failed = report.validation is not None and not report.validation.passed
     strict = report.strict = run["strict"]
     if output is not None and (keep_invalid or not (failed or (strict and report.rolled_back))):
-        io.save_model(optimized, output, external_data=external_data, protect=tuple(protect),
-                      serialized=serialized)
+        written = io.save_model(optimized, output, external_data=external_data,
+                                protect=tuple(protect), serialized=serialized)
         report.output = str(output)
-        report.after.file_bytes = os.path.getsize(output)
+        report.after.file_bytes = sum(os.path.getsize(f) for f in written)
     if any(r.modified and r.name in STRENGTH_OPTIONS for r in report.passes):
         # zeros and shared values pay off only under compression: measured once, at the end
         report.compressed = {
@@ -428,6 +462,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     return optimized, report
 
 
+@_own_context
 def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict | None = None,
              seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
              max_drift: MaxDrift = DEFAULT_MAX_DRIFT, metric: str | Callable = "cosine",
@@ -444,16 +479,21 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     """
     start = time.perf_counter()
     max_drift = check_criteria(atol, rtol, max_drift, seed, input_shapes, metric)
-    ref, ref_bytes = io.load_model_and_bytes(reference)
-    cand, cand_bytes = io.load_model_and_bytes(candidate)
+    ref, ref_bytes = io.load_model_and_bytes(reference, lazy=True)
+    cand, cand_bytes = io.load_model_and_bytes(candidate, lazy=True)
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes
     cand_bytes = io.serialize(cand) if cand_bytes is None else cand_bytes
+    # models with external data run from their files (each from its own folder); the
+    # layer-wise comparison reads the reference's folder
+    ref_run = str(reference) if external.has_external_data(ref) else _runnable(ref, ref_bytes)
+    cand_run = str(candidate) if external.has_external_data(cand) else _runnable(cand, cand_bytes)
+    _use_model_folder(reference, ref)
     report = Report(_version(), "validate", _describe_source(reference),
                     model_stats(ref, ref_bytes), after=model_stats(cand, cand_bytes),
                     output=_describe_source(candidate))
     feeds, report.inputs = resolve_feeds(ref, inputs, input_shapes, seed)
     report.validation = compare_models(
-        _runnable(ref, ref_bytes), _runnable(cand, cand_bytes),
+        ref_run, cand_run,
         feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
         synthesized=report.inputs["source"] == "synthesized",
         warnings=report.inputs.get("warnings", []))

@@ -500,7 +500,9 @@ def _cmd_optimize(args, out: _Out) -> int:
             **_sugar(args))
     passed = (report.validation is None or report.validation.passed) and \
         not (report.strict and report.rolled_back)
-    report.before.file_bytes = Path(args.model).stat().st_size
+    report.before.file_bytes = sum(  # the file as stored, with its external data files
+        f.stat().st_size for f in [Path(args.model), *io.external_data_files(args.model)]
+        if f.is_file())
     if write_report:  # before anything is printed: a reader that goes away stops nothing
         write_report(report, args.report)
     if not args.quiet:

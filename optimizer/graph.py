@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.errors import InputError
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
@@ -185,6 +186,9 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
             stripped.graph.initializer.extend(keep)
         model = stripped
     graph = gs.import_onnx(model)
+    folder = external.current_folder()
+    if folder is not None:
+        external.attach(graph, folder)
     setattr(graph, _INPUT_DEFAULTS, defaults)
     make_names_unique(graph)
     lower_constant_nodes(graph)
@@ -245,6 +249,7 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     IR version 4, the main graph's initializers are listed as inputs too, as that IR requires.
     """
     graph.toposort(recurse_subgraphs=True)
+    external.restore_references(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     model.graph.initializer.extend(getattr(graph, _INPUT_DEFAULTS, []))
     _hoist_outer_initializers(model.graph, _shared_constants(graph))
@@ -327,7 +332,7 @@ def model_stats(model: onnx.ModelProto, serialized: bytes | None = None) -> Mode
     """Count the nodes, op types, subgraphs and parameters of ``model``.
 
     Parameters are the elements of initializers and of Constant node tensors, in every graph.
-    ``file_bytes`` is the serialized size of the protobuf (external data included when loaded):
+    ``file_bytes`` is the serialized size of the protobuf plus the external data it refers to:
     pass ``serialized``, the model's serialization, when there is one (measuring costs as much as
     serializing).
     """
@@ -353,9 +358,19 @@ def model_stats(model: onnx.ModelProto, serialized: bytes | None = None) -> Mode
     return ModelStats(
         nodes=len(model.graph.node), nodes_total=total, op_counts=dict(sorted(counts.items())),
         subgraphs=len(graphs) - 1, parameters=params, parameter_bytes=param_bytes,
-        file_bytes=model.ByteSize() if serialized is None else len(serialized),
+        file_bytes=(_proto_bytes(model) if serialized is None else len(serialized))
+        + external.external_bytes(model),
         inputs=describe_value_infos(model.graph.input),
         outputs=describe_value_infos(model.graph.output))
+
+
+def _proto_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of ``model``; past the 2 GiB protobuf limit, where ``ByteSize`` fails, the
+    sum of its tensors' sizes (the rest is negligible there)."""
+    try:
+        return model.ByteSize()
+    except Exception:  # noqa: BLE001 -- protobuf raises EncodeError or ValueError past 2 GiB
+        return sum(t.ByteSize() for t in external.all_tensors(model))
 
 
 def _itemsize(data_type: int) -> int:

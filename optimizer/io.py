@@ -18,6 +18,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper, numpy_helper
 
+from onnxopt import external
 from onnxopt.errors import ModelLoadError, UsageError
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -51,23 +52,29 @@ def _check_external_locations(model: onnx.ModelProto, base_dir: Path, source: st
                 f"{source}: external data file '{location}' of tensor '{tensor.name}' not found")
 
 
-def load_model(source: ModelSource) -> onnx.ModelProto:
-    """Load an ONNX model with all its external data in memory.
+def load_model(source: ModelSource, lazy: bool = False) -> onnx.ModelProto:
+    """Load an ONNX model with all its external data in memory (``lazy``: left in its files).
 
     Args:
         source: a file path, the serialized bytes of a ModelProto, or a ModelProto (returned as is).
 
+        lazy: keep external data in its files: tensors keep their references, relative to the
+            model's folder (``onnxopt.external``: the run's external-data folder must be that
+            folder wherever the model is used).
+
     Returns:
-        The model, with external data (if any) loaded into the tensors.
+        The model, with external data (if any) loaded into the tensors unless ``lazy``.
 
     Raises:
-        ModelLoadError: the file is missing or not an ONNX model, or an external-data location is
-            absolute, escapes the model's folder, or is missing; bytes refer to external data.
+        ModelLoadError: the file is missing, a folder or not an ONNX model, or an external-data
+            location is absolute, escapes the model's folder, is missing or too short; bytes
+            refer to external data.
     """
-    return load_model_and_bytes(source)[0]
+    return load_model_and_bytes(source, lazy)[0]
 
 
-def load_model_and_bytes(source: ModelSource) -> tuple[onnx.ModelProto, bytes | None]:
+def load_model_and_bytes(source: ModelSource, lazy: bool = False
+                         ) -> tuple[onnx.ModelProto, bytes | None]:
     """:func:`load_model`, also returning the serialized model when it is at hand without
     serializing: the bytes given, or the file read (None for a ModelProto, or a file with
     external data, whose bytes are not the whole model).
@@ -88,6 +95,8 @@ def load_model_and_bytes(source: ModelSource) -> tuple[onnx.ModelProto, bytes | 
                                  "folder: load it from a path instead")
         return model, data
     path = Path(source)
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an ONNX model file")
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     try:
@@ -101,6 +110,9 @@ def load_model_and_bytes(source: ModelSource) -> tuple[onnx.ModelProto, bytes | 
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
     if _external_tensors(model):
         _check_external_locations(model, path.parent, str(path))
+        external.check_ranges(model, path.parent, str(path))
+        if lazy:
+            return model, None
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (ValueError, OSError) as err:
@@ -150,21 +162,22 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _tensor_payload_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of tensor data in ``model`` (all graphs), from field lengths alone: serializing
-    to measure (``ByteSize``) costs as much as writing the model."""
-    total = 0
-    for t in external_data_helper._get_all_tensors(model):
-        total += (len(t.raw_data) + 8 * (len(t.float_data) + len(t.int32_data) + len(t.int64_data)
-                                         + len(t.double_data) + len(t.uint64_data))
-                  + sum(len(s) for s in t.string_data))
-    return total
+    """The serialized bytes of the tensors in ``model`` (all graphs), tensor by tensor: the
+    whole model's ``ByteSize`` fails past the 2 GiB protobuf limit."""
+    return sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model))
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
     """True when the serialized model would not fit in one protobuf message (2 GiB limit)."""
-    if _tensor_payload_bytes(model) < PROTOBUF_LIMIT // 2:  # the rest of a model is far smaller
+    payload = _tensor_payload_bytes(model)
+    if payload < PROTOBUF_LIMIT // 2:  # the rest of a model is far smaller
         return False
-    return model.ByteSize() > PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN
+    if payload > PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN:
+        return True
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN
+    except (ValueError, EncodeError):
+        return True
 
 
 def serialize(model: onnx.ModelProto) -> bytes | None:
@@ -185,22 +198,30 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
                serialized: bytes | None = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically.
 
+    A model that refers to external data (loaded lazily, see :func:`load_model`) is written with
+    external data: the bytes of its tensors are streamed from the run's external-data folder
+    (``onnxopt.external.current_folder``) to ``<name>.data``, never held in memory.
+
     Args:
-        model: the model; it is not modified.
-        path: target ``.onnx`` file. With external data, tensors go to ``<name>.data`` beside it.
+        model: the model; it is not modified (tensors moved out while writing are put back).
+        path: target ``.onnx`` file. With external data, tensors of 1 KiB or more go to
+            ``<name>.data`` beside it, at page-aligned offsets.
         external_data: True to always store tensors of 1 KiB or more outside the protobuf, False to
-            never, None (default) to do so only when the model exceeds the 2 GiB protobuf limit.
+            never, None (default) to do so only when the model exceeds the 2 GiB protobuf limit
+            or refers to external data.
         protect: files that must not be overwritten (the input model and its external data:
             see :func:`external_data_files`).
         serialized: ``model`` already serialized (by :func:`serialize`), written as is unless
-            ``external_data`` is True; it must be the serialization of ``model``.
+            the model is written with external data; it must be the serialization of ``model``.
 
     Returns:
         The files written.
 
     Raises:
-        UsageError: ``path`` is one of ``protect`` (or its external data file would be), or the
-            model is over 2 GiB and ``external_data`` is False.
+        UsageError: ``path`` is one of ``protect`` (or its external data file would be), the
+            model is over 2 GiB or refers to external data and ``external_data`` is False, or
+            the folder cannot be written to.
+        ModelLoadError: external data the model refers to cannot be read.
     """
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
@@ -208,44 +229,44 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
         for target in (path, data_path):
             if _same_file(target, Path(p)):
                 raise UsageError(f"{target}: refusing to overwrite the input model")
+    referring = external.has_external_data(model)
     if external_data is None:
-        external_data = serialized is None and needs_external_data(model)
-    elif not external_data and needs_external_data(model):
-        raise UsageError(f"{path}: the model exceeds the 2 GiB protobuf limit; "
-                         "save it with external data")
+        external_data = referring or (serialized is None and needs_external_data(model))
+    elif not external_data and (referring or needs_external_data(model)):
+        raise UsageError(f"{path}: the model exceeds the 2 GiB protobuf limit or refers to "
+                         "external data; save it with external data")
     folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    except OSError as err:
+        raise UsageError(f"{path}: cannot write to the folder {folder} "
+                         f"({err.strerror or err})") from None
     try:
         tmp_model = tmp_dir / path.name
-        if external_data:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            # Marked by hand: onnx's own conversion refuses when a file named like the data file
-            # exists in the *current* directory, whatever the target folder.
-            for tensor in external_data_helper._get_initializer_tensors(copy):
-                if not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:
-                    # values in float_data, int64_data...: as raw bytes, they can move out too
-                    array = numpy_helper.to_array(tensor)
-                    if array.nbytes >= 1024:
-                        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-                    external_data_helper.set_external_data(tensor, data_path.name)
-            onnx.save_model(copy, str(tmp_model))
-            written = [path]
-        else:
-            with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString() if serialized is None else serialized)
-                f.flush()
-                os.fsync(f.fileno())
-            written = [path]
-        for f in (tmp_model, tmp_dir / data_path.name):
+        tmp_data = tmp_dir / data_path.name
+        undo = external.write_external(model, tmp_data, external.current_folder()) \
+            if external_data else []
+        try:
+            data = model.SerializeToString() if external_data or serialized is None \
+                else serialized
+        finally:
+            external.undo_external(undo, tmp_data)
+        with open(tmp_model, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        del data
+        written = [path]
+        for f in (tmp_model, tmp_data):
             if f.exists():
                 os.chmod(f, 0o666 & ~_umask())  # mkstemp-style 0600 is not for a model file
-        if (tmp_dir / data_path.name).exists():
-            os.replace(tmp_dir / data_path.name, data_path)
+        if tmp_data.exists() and tmp_data.stat().st_size:
+            os.replace(tmp_data, data_path)
             written.append(data_path)
         os.replace(tmp_model, path)
         return written
+    except OSError as err:
+        raise UsageError(f"{path}: cannot write the model ({err.strerror or err})") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxopt import io
+from onnxopt import external, io
 from onnxopt.errors import InputError
 from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence, layout,
                              output_metrics, parse_criteria, pooled_cosine)
@@ -66,16 +66,22 @@ def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOpt
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimized:
+        # pre-packing copies every MatMul weight into the kernel's layout: for a model run once
+        # or twice, time and a second copy of the weights in memory for nothing
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts
 
 
-def make_session(model: onnx.ModelProto | bytes, what: str,
+def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
                  optimized: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimizations off, so the model runs as written
     (on with ``optimized``, see :func:`session_options`).
 
     Args:
-        model: the model, or its serialization (saves serializing it again). A model over the
+        model: the model, its serialization (saves serializing it again) or its file. External
+            data the model refers to is read from the run's external-data folder
+            (``onnxopt.external.current_folder``), memory-mapped by onnxruntime. A model over the
             2 GiB protobuf limit is written to a temporary folder with its tensors as external
             data, and loaded from there.
 
@@ -83,10 +89,17 @@ def make_session(model: onnx.ModelProto | bytes, what: str,
         InputError: onnxruntime rejects the model (``what`` names it in the message).
     """
     try:
+        if isinstance(model, (str, os.PathLike)):
+            return ort.InferenceSession(str(model), session_options(optimized=optimized),
+                                        providers=["CPUExecutionProvider"])
         data = model if isinstance(model, bytes) else io.serialize(model)
         if data is not None:
-            return ort.InferenceSession(data, session_options(optimized=optimized),
-                                        providers=["CPUExecutionProvider"])
+            opts = session_options(optimized=optimized)
+            folder = external.current_folder()
+            if folder is not None:
+                opts.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(folder))
+            return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="onnxopt-", ignore_cleanup_errors=True) as folder:
             path = os.path.join(folder, "model.onnx")
             io.save_model(model, path, external_data=True)
@@ -196,7 +209,14 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
         UsageError: invalid criteria.
     """
     criteria = parse_criteria(max_drift, metric)
+    # one model in memory at a time: the reference's outputs on every feed, then the candidate
     ref_sess = make_session(reference, "reference model")
+    ref_names = [o.name for o in ref_sess.get_outputs()]
+    hint = (" (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
+            "with --input-shape" + "".join(f"; {w}" for w in warnings) + ")"
+            if synthesized else "")
+    ref_outs = [run_model(ref_sess, feed, "reference model", hint=hint) for feed in feeds]
+    del ref_sess
     result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol,
                               as_setting(criteria), len(feeds))
     try:
@@ -204,7 +224,6 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     except InputError as err:  # a broken candidate is a failed validation, not bad input
         result.passed, result.reason = False, str(err)
         return result
-    ref_names = [o.name for o in ref_sess.get_outputs()]
     cand_names = [o.name for o in cand_sess.get_outputs()]
     if ref_names != cand_names:
         result.passed = False
@@ -217,11 +236,7 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     # is taken over the vector of its values on all feeds (onnxopt.metrics.pooled_cosine).
     single: dict[int, np.ndarray] = {}
     several: set[int] = set()
-    for feed in feeds:
-        ref_out = run_model(ref_sess, feed, "reference model", hint=(
-            " (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
-            "with --input-shape" + "".join(f"; {w}" for w in warnings) + ")"
-            if synthesized else ""))
+    for feed, ref_out in zip(feeds, ref_outs):
         try:
             cand_out = run_model(cand_sess, feed, "candidate model")
         except InputError as err:

@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
@@ -60,11 +61,11 @@ def _packed(t: gs.Constant) -> bool:
 
 def _bytes(t: gs.Constant) -> bytes:
     # np.asarray, not ascontiguousarray: the latter turns a scalar into shape (1,)
-    return np.asarray(t.values).tobytes()
+    return np.asarray(external.peek(t)).tobytes()
 
 
 def _transposed_bytes(t: gs.Constant) -> bytes:
-    return np.ascontiguousarray(np.asarray(t.values).T).tobytes()
+    return np.ascontiguousarray(np.asarray(external.peek(t)).T).tobytes()
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ class DedupInitializers(Pass):
         self._digests: dict[int, tuple[np.ndarray, bytes]] = {}
 
     def _digest(self, t: gs.Constant) -> bytes:
+        source = external.source_of(t._values)
+        if source is not None:  # read from the file in chunks, never mapped
+            return source.digest()
         values = t.values
         cached = self._digests.get(id(values))
         if cached is None or cached[0] is not values:
@@ -125,20 +129,16 @@ class DedupInitializers(Pass):
                         by_layout.setdefault(key, []).append(t)
                         ordered.append((key, t))
         merged = saved = 0
-        for candidates in by_layout.values():
-            if len(candidates) < 2:
-                continue
-            kept: dict[bytes, list[gs.Constant]] = {}
-            for t in candidates:
-                bucket = kept.setdefault(self._digest(t), [])
-                # equal digests: confirm byte for byte (only then are the bytes copied)
-                twin = next((c for c in bucket if _bytes(c) == _bytes(t)), None)
-                if twin is None:
-                    bucket.append(t)
-                    continue
-                replace_uses(t, twin)
-                merged += 1
-                saved += nbytes(t)
+        for layout in by_layout.values():
+            # external weights are told apart by a few sampled pages first: hashing all of a
+            # large model's weights would read every byte of it
+            groups: dict[bytes, list[gs.Constant]] = {}
+            for t in layout if len(layout) > 1 else ():
+                groups.setdefault(self._sketch(t), []).append(t)
+            for candidates in groups.values():
+                if len(candidates) > 1:
+                    merged_here, saved_here = self._merge(candidates)
+                    merged, saved = merged + merged_here, saved + saved_here
         # While a lossy pass is still to run (``PassContext.lossy_pending``), sharing waits: a
         # weight read through a Transpose is no initializer to quantize, and the quantized pair
         # (int8 per-channel of E and of E^T) is itself a transposed pair, shared afterwards.
@@ -149,6 +149,29 @@ class DedupInitializers(Pass):
         return PassResult(merged + shared > 0, {"initializers_merged": merged,
                                                 "transposes_shared": shared,
                                                 "bytes_saved": saved + shared_bytes})
+
+    def _sketch(self, t: gs.Constant) -> bytes:
+        """A key equal for equal initializers: sampled pages of an external one, else the
+        digest."""
+        source = external.source_of(t._values)
+        return source.sketch() if source is not None else self._digest(t)
+
+    def _merge(self, candidates: list[gs.Constant]) -> tuple[int, int]:
+        """Point the readers of each of ``candidates`` (of one layout) equal to an earlier one
+        at that one; return how many were merged and their bytes."""
+        merged = saved = 0
+        kept: dict[bytes, list[gs.Constant]] = {}
+        for t in candidates:
+            bucket = kept.setdefault(self._digest(t), [])
+            # equal digests: confirm byte for byte (only then are the bytes copied)
+            twin = next((c for c in bucket if _bytes(c) == _bytes(t)), None)
+            if twin is None:
+                bucket.append(t)
+                continue
+            replace_uses(t, twin)
+            merged += 1
+            saved += nbytes(t)
+        return merged, saved
 
     def _share_transposes(self, graph: gs.Graph, ordered: list[tuple[tuple, gs.Constant]],
                           storage: set[str] | None) -> tuple[int, int]:
@@ -165,9 +188,9 @@ class DedupInitializers(Pass):
         for (dtype, shape), t in ordered:
             if len(shape) != 2 or 0 in shape or not t.outputs or id(t) in outputs \
                     or nbytes(t) < self.options.transpose_min_bytes \
-                    or not isinstance(t.values, np.ndarray):
+                    or not isinstance(external.peek(t), np.ndarray):
                 continue  # merged above (no reader left), a graph output, small or sparse
-            values = np.asarray(t.values)
+            values = np.asarray(external.peek(t))  # an external weight: mapped only here
             column = np.ascontiguousarray(values[:, 0]).tobytes()
             partners = by_row.get((dtype, shape[::-1], column), [])
             source = next((p for p in partners if _bytes(p) == _transposed_bytes(t)), None)

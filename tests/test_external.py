@@ -1,0 +1,150 @@
+"""Tests of optimizer/external.py: models with external data stay in their files through a run.
+
+The models are small MatMul chains from ``tools/gen_chain.py`` (the large-model benchmark's
+generator); every result is run on onnxruntime against the original from its own folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxopt
+from onnxopt import errors, external, io
+from tools.gen_chain import generate
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.fixture
+def chain(tmp_path) -> Path:
+    return generate(tmp_path / "in" / "chain.onnx", layers=3, dim=64)
+
+
+def _feeds(dim: int = 64) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((b, dim), dtype=np.float32) for b in (1, 3, 0)]
+
+
+def test_default_run_streams_unchanged_weights_and_keeps_the_input(chain, tmp_path):
+    before = {p.name: _digest(p) for p in chain.parent.iterdir()}
+    out = tmp_path / "out" / "chain.opt.onnx"
+    model, report = onnxopt.optimize(chain, output=out)
+    assert report.validation.passed
+    assert {p.name: _digest(p) for p in chain.parent.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["chain.opt.onnx",
+                                                          "chain.opt.onnx.data"]
+    for x in _feeds():
+        np.testing.assert_array_equal(_run(out, x), _run(chain, x))
+    saved = onnx.load(str(out), load_external_data=False)
+    weights = [t for t in saved.graph.initializer if t.name.startswith("W")]
+    assert weights and all(external.is_external(t) for t in weights)
+    for t in weights:  # page-aligned, so onnxruntime maps them
+        info = onnx.external_data_helper.ExternalDataInfo(t)
+        assert info.location == "chain.opt.onnx.data" and int(info.offset) % 4096 == 0
+    assert report.after.file_bytes == out.stat().st_size + Path(f"{out}.data").stat().st_size
+    assert report.before.file_bytes >= external.external_bytes(io.load_model(chain, lazy=True))
+    # the returned model refers to the input's data, by the input's locations
+    assert all(onnx.external_data_helper.ExternalDataInfo(t).location == "chain.onnx.data"
+               for t in model.graph.initializer if external.is_external(t))
+
+
+def test_changed_weights_are_written_and_validated(chain, tmp_path):
+    out = tmp_path / "q.onnx"
+    _, report = onnxopt.optimize(chain, output=out, quantize="int8-weight", max_drift=0.99)
+    assert report.validation.passed and report.validation.mode == "lossy"
+    reference = onnx.load(str(chain))
+    quantized = onnx.load(str(out))  # loads its external data from the output's folder
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in quantized.graph.initializer)
+    x = _feeds()[1]
+    ref = ort.InferenceSession(reference.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = _run(out, x)
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.99
+
+
+def test_weights_read_by_a_pass_are_not_copied_into_the_output_protobuf(chain, tmp_path):
+    """dedup reads every weight (sketches, digests): they must still leave as references."""
+    model, _ = onnxopt.optimize(chain, validate=False)
+    inline = [t.name for t in model.graph.initializer
+              if not external.is_external(t) and t.name.startswith("W")]
+    assert inline == []
+
+
+def _duplicated(tmp_path: Path, middle_differs: bool) -> Path:
+    """A model adding two external [64, 64] weights that are equal, or differ in one element
+    in the middle (outside the sampled windows of ``ExternalValues.sketch``)."""
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    v = w.copy()
+    if middle_differs:
+        v[40, 3] += 1  # byte 10252: between the sketch windows of a 16 KiB tensor
+    inits = [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(v, "v")]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["a"]),
+         onnx.helper.make_node("Add", ["a", "v"], ["y"])], "dup",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 64])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    path = tmp_path / "dup" / "dup.onnx"
+    io.save_model(model, path, external_data=True)
+    return path
+
+
+@pytest.mark.parametrize("middle_differs", [False, True])
+def test_external_duplicates_are_merged_only_when_equal(tmp_path, middle_differs):
+    path = _duplicated(tmp_path, middle_differs)
+    # 64 x 64 float32 is 16 KiB: sketch windows are 4 KiB at 0, 1/3, 2/3 and the end
+    _, report = onnxopt.optimize(path, output=tmp_path / "o.onnx")
+    record = next(r for r in report.passes if r.name == "dedup_initializers")
+    assert record.stats["initializers_merged"] == (0 if middle_differs else 1)
+    x = np.ones((64, 64), np.float32)
+    np.testing.assert_array_equal(_run(tmp_path / "o.onnx", x), _run(path, x))
+
+
+def test_short_external_data_is_refused_naming_the_tensor(chain):
+    data = Path(f"{chain}.data")
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(errors.ModelLoadError, match="too short for tensor 'W0'"):
+        onnxopt.optimize(chain)
+
+
+def test_saving_in_memory_model_with_external_data_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    weights = {"a": rng.standard_normal((33, 17)).astype(np.float32),
+               "b": rng.integers(0, 9, (300,)).astype(np.int64),
+               "small": np.ones(3, np.float32)}
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", [n], [f"{n}_out"]) for n in weights], "g", [],
+        [onnx.helper.make_tensor_value_info(f"{n}_out", onnx.helper.np_dtype_to_tensor_dtype(
+            v.dtype), list(v.shape)) for n, v in weights.items()],
+        [onnx.numpy_helper.from_array(v, n) for n, v in weights.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    written = io.save_model(model, tmp_path / "m.onnx", external_data=True)
+    assert model.SerializeToString() == before  # put back as it was
+    assert [p.name for p in written] == ["m.onnx", "m.onnx.data"]
+    loaded = onnx.load(str(tmp_path / "m.onnx"))
+    for t in loaded.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), weights[t.name])
+    lazy = io.load_model(tmp_path / "m.onnx", lazy=True)
+    assert {t.name for t in lazy.graph.initializer if external.is_external(t)} == {"a", "b"}
+
+
+def test_validate_api_runs_models_from_their_own_folders(chain, tmp_path):
+    out = tmp_path / "elsewhere" / "c.onnx"
+    onnxopt.optimize(chain, output=out)
+    report = onnxopt.validate(chain, out)
+    assert report.validation.passed
