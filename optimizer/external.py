@@ -237,13 +237,24 @@ class ExternalValues(LazyValues):
         window = 4096
         if self.length <= 4 * window:
             return self.read()
-        starts = (0, self.length // 3, 2 * self.length // 3, self.length - window)
+        # starts at multiples of 16 bytes, so the windows hold whole elements (see sample)
+        starts = (0, self.length // 48 * 16, self.length // 24 * 16, self.length - window)
         with open(self.path, "rb") as f:
             parts = []
             for start in starts:
                 f.seek(self.offset + start)
                 parts.append(f.read(window))
         return b"".join(parts)
+
+    def sample(self) -> np.ndarray | None:
+        """The elements of :meth:`sketch` (a flat array of the tensor's dtype), or None for types
+        numpy cannot hold: enough to tell that a weight is not all zeros without reading it."""
+        if self.tensor.data_type in _PACKED_4BIT or self.tensor.data_type in (
+                onnx.TensorProto.STRING, getattr(onnx.TensorProto, "BFLOAT16", -1)):
+            return None
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type).newbyteorder("<")
+        data = self.sketch()
+        return np.frombuffer(data[:len(data) // dtype.itemsize * dtype.itemsize], dtype)
 
     def renamed(self, name: str) -> "ExternalValues":
         """The same reference under another tensor name (export writes the name into the
@@ -321,9 +332,8 @@ def peek(constant: gs.Constant) -> np.ndarray:
     """The values of ``constant`` without caching them in it: an external tensor is mapped
     afresh, and unmapped when the caller drops the array (reading every weight of a large model
     through ``constant.values`` would keep them all mapped, and resident)."""
-    if isinstance(constant._values, ExternalValues):
-        return constant._values.load()
-    return constant.values
+    source = source_of(constant._values)
+    return source.load() if source is not None else constant.values
 
 
 def write_external(model: onnx.ModelProto, data_path: Path, source: Path | None,

@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses import AnalysisManager
 from onnxopt.budget import DriftBudget, Proposal, accept_all, lossy_warnings
 from onnxopt.errors import PassError, UsageError
@@ -354,7 +355,12 @@ class PassManager:
             raise UsageError(f"pass '{p.name}' needs calibration data (--calibration-data, "
                              "or real --inputs): synthesized random inputs are not "
                              "calibration data")
-        return p.run(graph, ctx)
+        result = p.run(graph, ctx)
+        if external.current_folder() is not None:
+            # weights the pass mapped and left unchanged: unmapped, so their pages leave this
+            # process's resident memory (a pass reading every weight once stays bounded)
+            external.restore_references(graph)
+        return result
 
     def _run_joint(self, batch: list[Pass], graph: gs.Graph, ctx: PassContext,
                    iteration: int) -> bool:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses import TensorTypes
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import PassContext, register
@@ -100,8 +101,12 @@ class _Facts:
 
     def zero(self, t: gs.Tensor) -> np.ndarray | None:
         """The value of ``t`` when it is a constant that is all zeros, else None."""
-        if t.is_empty() or not isinstance(t, gs.Constant) or t.name in self.overridable \
-                or not isinstance(t.values, np.ndarray):
+        if t.is_empty() or not isinstance(t, gs.Constant) or t.name in self.overridable:
+            return None
+        source = external.source_of(t._values)
+        if source is not None and (sample := source.sample()) is not None and np.any(sample):
+            return None  # an external weight: a few sampled pages say it is not zero
+        if not isinstance(t.values, np.ndarray):
             return None
         value = np.asarray(t.values)
         if value.dtype.kind not in "fiu" or np.any(value):
