@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
-from onnxopt import __version__, api, io
-from onnxopt.errors import OnnxoptError, PassError, UsageError, ValidationFailed
+from onnxopt import __version__, api, io, progress
+from onnxopt.errors import (SYNTHESIZED_INPUTS_HINT, InputError, OnnxoptError, PassError,
+                            UsageError, ValidationFailed)
 from onnxopt.graph import ModelStats, model_stats
 from onnxopt.inputs import parse_input_shapes
 from onnxopt.metrics import describe_setting
@@ -349,8 +350,9 @@ def _parser() -> argparse.ArgumentParser:
     _common_input_args(p)
 
     p = sub.add_parser("validate", help="compare a candidate model with its reference")
-    p.add_argument("reference")
-    p.add_argument("candidate")
+    p.add_argument("reference", help="the .onnx model whose outputs are the reference (the "
+                                     "original)")
+    p.add_argument("candidate", help="the .onnx model compared with it (e.g. the optimized one)")
     p.add_argument("--lossy", action="store_true",
                    help="judge by --max-drift (cosine similarity, or the criteria given) "
                         "instead of --atol/--rtol")
@@ -360,7 +362,7 @@ def _parser() -> argparse.ArgumentParser:
     _common_input_args(p)
 
     p = sub.add_parser("inspect", help="show versions, inputs, outputs, ops and parameters")
-    p.add_argument("model")
+    p.add_argument("model", help="input .onnx model")
 
     sub.add_parser("passes", help="list the registered passes")
     return parser
@@ -407,7 +409,9 @@ _REPORT_WRITERS = {".json": Report.write_json, ".html": _write_html, ".htm": _wr
 
 
 def _report_writer(path: str | None):
-    """The function writing a report to ``path``, chosen by its extension (None without a path).
+    """The function ``write(report)`` writing a report to ``path`` in the format its extension
+    picks (None without a path); it raises UsageError naming ``path`` when the file system
+    refuses the write.
 
     Raises:
         UsageError: an extension other than .json, .html or .htm.
@@ -417,7 +421,36 @@ def _report_writer(path: str | None):
     suffix = Path(path).suffix.lower()
     if suffix not in _REPORT_WRITERS:
         raise UsageError(f"{path}: unknown report format '{suffix}'; use .json, .html or .htm")
-    return _REPORT_WRITERS[suffix]
+
+    def write(report: Report) -> None:
+        try:
+            _REPORT_WRITERS[suffix](report, path)
+        except OSError as err:  # named by its temporary file otherwise
+            raise UsageError(f"{path}: cannot write the report ({err.strerror or err})") from None
+    return write
+
+
+def _print_report_path(args, out: _Out) -> None:
+    if args.report and not args.quiet:
+        out.line(f"wrote report {args.report}")
+
+
+#: How onnxopt.validate and onnxopt.budget name the original model in their errors when
+#: onnxruntime cannot load or run it (the ``what`` of ``make_session`` and ``run_model``).
+_ORIGINAL_MODEL = ("reference model:", "original model:")
+
+
+def _original_model_hint(err: InputError, args) -> InputError:
+    """``err`` with the ways out added when it says onnxruntime cannot load or run the original
+    model, so validation cannot run: real inputs when they were synthesized and the model failed
+    on them, and --no-validate; any other error as it is."""
+    message = " ".join(str(err).split())
+    if not message.startswith(_ORIGINAL_MODEL):
+        return err
+    if args.inputs is None and "failed to run" in message and \
+            SYNTHESIZED_INPUTS_HINT not in message:
+        message += f" ({SYNTHESIZED_INPUTS_HINT})"
+    return InputError(f"{message}; --no-validate writes the optimized model without validation")
 
 
 @contextlib.contextmanager
@@ -433,17 +466,21 @@ def _progress(description: str, quiet: bool):
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     from rich.console import Console
 
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=None)
+    with Progress(*columns, console=Console(stderr=True), transient=True) as shown:
+        task = shown.add_task(description, total=None)
         runs = 0
+
+        def listener(step: str, done: int | None, total: int | None) -> None:
+            """What runs now (``onnxopt.progress``), with bytes for the steps that count them."""
+            amount = f" {human_bytes(done)} of {human_bytes(total)}" if total else ""
+            shown.update(task, description=f"{description} ({runs} pass runs): {step}{amount}")
 
         def on_pass(record) -> None:
             nonlocal runs
             runs += 1
-            progress.update(task, description=f"{description}: {runs} pass runs, last "
-                                              f"{record.name} (round {record.iteration + 1})")
 
-        yield on_pass
+        with progress.listening(listener):
+            yield on_pass
 
 
 def _refuse_overwriting(inputs: list[str], outputs: list[str | None]) -> None:
@@ -483,28 +520,32 @@ def _cmd_optimize(args, out: _Out) -> int:
     _check_auto(args)
     passes = _split([args.passes]) if args.passes else None
     with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
-        _, report = api.optimize(
-            args.model, passes=passes, skip=_split(args.skip) or None, config=args.config,
-            quantize=args.quantize,
-            quantize_exclude=_split(args.quantize_exclude) if args.quantize_exclude else None,
-            quantize_ops=_split(args.quantize_ops) if args.quantize_ops else None,
-            validate=False if args.no_validate else None, inputs=args.inputs,
-            calibration=args.calibration,
-            input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
-            seed=args.seed, atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
-            metric=args.metric, verify_each=args.verify_each or None, fold_size_limit=args.fold_size_limit,
-            max_iterations=args.max_iterations, raise_on_failure=False,
-            strict=args.strict or None, on_pass=on_pass, layerwise=args.layerwise or None,
-            output=args.output,
-            external_data=True if args.external_data else None, keep_invalid=args.keep_invalid,
-            **_sugar(args))
+        try:
+            _, report = api.optimize(
+                args.model, passes=passes, skip=_split(args.skip) or None, config=args.config,
+                quantize=args.quantize,
+                quantize_exclude=_split(args.quantize_exclude) if args.quantize_exclude else None,
+                quantize_ops=_split(args.quantize_ops) if args.quantize_ops else None,
+                validate=False if args.no_validate else None, inputs=args.inputs,
+                calibration=args.calibration,
+                input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
+                seed=args.seed, atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
+                metric=args.metric, verify_each=args.verify_each or None,
+                fold_size_limit=args.fold_size_limit,
+                max_iterations=args.max_iterations, raise_on_failure=False,
+                strict=args.strict or None, on_pass=on_pass, layerwise=args.layerwise or None,
+                output=args.output,
+                external_data=True if args.external_data else None, keep_invalid=args.keep_invalid,
+                **_sugar(args))
+        except InputError as err:
+            raise _original_model_hint(err, args) from None
     passed = (report.validation is None or report.validation.passed) and \
         not (report.strict and report.rolled_back)
     report.before.file_bytes = sum(  # the file as stored, with its external data files
         f.stat().st_size for f in [Path(args.model), *io.external_data_files(args.model)]
         if f.is_file())
     if write_report:  # before anything is printed: a reader that goes away stops nothing
-        write_report(report, args.report)
+        write_report(report)
     if not args.quiet:
         out.show(_size_table(report.before, report.after, report.seconds, report.compressed))
         out.show(_pass_table(report))
@@ -524,6 +565,7 @@ def _cmd_optimize(args, out: _Out) -> int:
             out.line(f" pass {rb['pass']}: {rb['reason']}", "rolled back", "yellow")
     _print_input_warnings(report, out)
     _print_verdict(report, out)
+    _print_report_path(args, out)
     if not passed:
         if not args.quiet:
             fate = "written anyway (--keep-invalid)" if args.keep_invalid else "not written"
@@ -536,6 +578,7 @@ def _cmd_optimize(args, out: _Out) -> int:
 
 def _cmd_validate(args, out: _Out) -> int:
     _refuse_overwriting([args.reference, args.candidate], [args.report])
+    _check_output_path(args.report, "report")
     write_report = _report_writer(args.report)
     with _progress(f"validating {args.candidate} against {args.reference}", args.quiet):
         report = api.validate(args.reference, args.candidate, inputs=args.inputs,
@@ -547,13 +590,14 @@ def _cmd_validate(args, out: _Out) -> int:
                                  if v is not None},
                               lossy=args.lossy, layerwise=args.layerwise)
     if write_report:  # before anything is printed: a reader that goes away stops nothing
-        write_report(report, args.report)
+        write_report(report)
     if not args.quiet:
         out.show(_validation_table(report))
         for shown in _layerwise_tables(report) if report.layerwise else []:
             out.show(shown)
     _print_input_warnings(report, out)
     _print_verdict(report, out)
+    _print_report_path(args, out)
     return 0 if report.validation.passed else ValidationFailed.exit_code
 
 

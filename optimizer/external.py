@@ -37,6 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import external_data_helper
 
+from onnxopt import progress
 from onnxopt.errors import ModelLoadError
 
 #: Offsets of tensors in written data files are multiples of this (the page size).
@@ -350,9 +351,17 @@ def write_external(model: onnx.ModelProto, data_path: Path, source: Path | None,
     """
     undo = []
     handles: dict[str, object] = {}
+    tensors = all_tensors(model)
+    total = sum(_location(t)[2] if is_external(t) else t.ByteSize() for t in tensors)
+    done = 0
+    progress.report(f"writing {data_path.name}", done, total)
     try:
         with open(data_path, "wb") as out:
-            for tensor in all_tensors(model):
+            for tensor in tensors:
+                step = _location(tensor)[2] if is_external(tensor) else tensor.ByteSize()
+                if step >= _CHUNK:  # the large ones, as they go
+                    progress.report(f"writing {data_path.name}", done, total)
+                done += step
                 if is_external(tensor):
                     location, offset, length = _location(tensor)
                     if source is None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import external
+from onnxopt import external, progress
 from onnxopt.analyses import AnalysisManager
 from onnxopt.budget import DriftBudget, Proposal, accept_all, lossy_warnings
 from onnxopt.errors import PassError, UsageError
@@ -332,6 +332,7 @@ class PassManager:
         return self.records[-1]
 
     def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext, iteration: int) -> bool:
+        progress.report(f"pass {p.name} (round {iteration + 1})")
         return self._run_joint([p], graph, ctx, iteration)
 
     def _refusal(self, p: Pass, graph: gs.Graph, ctx: PassContext) -> str | None:

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxopt import external, io
+from onnxopt import external, io, progress
 from onnxopt.errors import InputError
 from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence, layout,
                              output_metrics, parse_criteria, pooled_cosine)
@@ -210,13 +210,19 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     """
     criteria = parse_criteria(max_drift, metric)
     # one model in memory at a time: the reference's outputs on every feed, then the candidate
+    progress.report("validation: loading the reference model")
     ref_sess = make_session(reference, "reference model")
     ref_names = [o.name for o in ref_sess.get_outputs()]
     hint = (" (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
             "with --input-shape" + "".join(f"; {w}" for w in warnings) + ")"
             if synthesized else "")
-    ref_outs = [run_model(ref_sess, feed, "reference model", hint=hint) for feed in feeds]
+    ref_outs = []
+    for i, feed in enumerate(feeds):
+        progress.report(f"validation: running the reference model (feed {i + 1} of "
+                        f"{len(feeds)})")
+        ref_outs.append(run_model(ref_sess, feed, "reference model", hint=hint))
     del ref_sess
+    progress.report("validation: loading the candidate model")
     result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol,
                               as_setting(criteria), len(feeds))
     try:

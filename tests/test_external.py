@@ -148,3 +148,15 @@ def test_validate_api_runs_models_from_their_own_folders(chain, tmp_path):
     onnxopt.optimize(chain, output=out)
     report = onnxopt.validate(chain, out)
     assert report.validation.passed
+
+
+def test_long_steps_report_progress(chain, tmp_path):
+    from onnxopt import progress
+    steps = []
+    with progress.listening(lambda step, done, total: steps.append((step, done, total))):
+        onnxopt.optimize(chain, output=tmp_path / "p.onnx")
+    names = [s for s, _, _ in steps]
+    assert "pass remove_identity (round 1)" in names
+    assert "validation: loading the reference model" in names
+    writing = [(d, t) for s, d, t in steps if s == "writing p.onnx.data"]
+    assert writing and writing[0][0] == 0 and writing[0][1] >= 3 * 64 * 64 * 4
