@@ -12,7 +12,9 @@ import contextvars
 import functools
 import math
 import os
+import re
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
@@ -20,8 +22,8 @@ from typing import Callable, Iterable, Sequence, Union
 import numpy as np
 import onnx
 
-from onnxopt import external, io
-from onnxopt.errors import UsageError, ValidationFailed
+from onnxopt import checks, external, io
+from onnxopt.errors import OnnxoptWarning, UsageError, ValidationFailed
 from onnxopt.graph import export_graph, import_graph, model_stats
 from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
                             synthesize_feed)
@@ -203,6 +205,33 @@ def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContex
     return export_graph(graph, original), records
 
 
+#: CLI wording in warnings -> the keyword of the Python API (see :func:`api_terms`).
+_API_TERMS = ((re.compile(r"--input-shape (\S+?):((?:\d+x)*\d+|DxD\.\.\.)"),
+               lambda m: f"input_shapes={{'{m[1]}': "
+                         f"{[int(d) for d in m[2].split('x')] if m[2][0].isdigit() else '[...]'}}}"),
+              (re.compile(r"--input-shape\b"), lambda m: "input_shapes="),
+              (re.compile(r"--inputs\b"), lambda m: "inputs="),
+              (re.compile(r"--calibration-data\b"), lambda m: "calibration="),
+              (re.compile(r"--no-validate\b"), lambda m: "validate=False"),
+              (re.compile(r"--max-drift\b"), lambda m: "max_drift="))
+
+
+def api_terms(text: str) -> str:
+    """``text`` (a warning worded for the CLI) with each CLI option replaced by the API keyword
+    that does the same (``--input-shape x:2x3`` -> ``input_shapes={'x': [2, 3]}``)."""
+    for pattern, replacement in _API_TERMS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _warn(report: Report) -> None:
+    """Emit the warnings of ``report`` (about its inputs, then the others) as Python warnings
+    (:class:`OnnxoptWarning`), in API terms, to the caller of the API function."""
+    for text in [*(report.inputs or {}).get("warnings", []), *report.warnings]:
+        # optimize/validate -> their context wrapper -> the caller
+        warnings.warn(api_terms(text), OnnxoptWarning, stacklevel=4)
+
+
 def _own_context(fn):
     """Run ``fn`` in a copy of the current context: the external-data folder it sets for its
     model (``onnxopt.external``) ends with the call."""
@@ -261,7 +290,11 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             first (``report.opset_upgrade``; validation compares with the original).
         quantize_exclude, quantize_ops: op types or node names the mode's passes leave in float
             / the only op types they quantize.
-        validate: compare with the original on onnxruntime CPU (default True).
+        validate: compare with the original on onnxruntime CPU (default True). A result that
+            fails is optimized again without lossless passes until it validates (one at a time,
+            then sets of them: at most k + 2L reruns of the pipeline, k the lossless passes that
+            changed the model, L those of the pipeline); ``report.rolled_back`` names those
+            left out.
         inputs: validation feeds (see :func:`resolve_feeds`); ``input_shapes`` and ``seed`` shape
             synthesized ones. They also measure the drift budget of lossy passes.
         calibration: feeds for activation statistics (default: ``inputs``), streamed: an
@@ -341,6 +374,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     if isinstance(model, (str, os.PathLike)) and output is not None:
         protect = io.protected_files(model, [output, f"{output}.data"])
     original, original_bytes = io.load_model_and_bytes(model, lazy=True)
+    checks.check_model_structure(original, _describe_source(model), validating=validate)
     _use_model_folder(model, original)
     if isinstance(model, onnx.ModelProto) and external.has_external_data(model):
         raise UsageError("the model refers to external data, whose folder a ModelProto does not "
@@ -410,24 +444,53 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                 optimized, report.passes, report.validation = candidate, records, result
                 serialized = candidate_bytes
         if not report.validation.passed:
-            # Roll back: the first lossless pass (from the end of the pipeline) without which
-            # the result validates is left out, and named in the report.
-            for p in reversed(pipeline.lossless):
-                if not any(r.name == p.name and r.modified for r in report.passes):
-                    continue
-                candidate, records = attempt(pipeline.without(p.name))
+            # Roll back lossless passes. First each one that changed the model, alone, from
+            # the end of the pipeline. When no single one is the culprit (two passes making the
+            # same breaking rewrite: leaving out either, the other makes it), a set grows from
+            # the end, doubling, by the passes that changed the model in its last failing
+            # attempt, until the result validates; then each pass of the set is put back when
+            # the result still validates without it. Reruns: at most k + 2L (k passes changed
+            # the model, L lossless passes in the pipeline); every pass left out is named.
+            def changed(records: list[PassRecord]) -> list[str]:
+                return [p.name for p in reversed(pipeline.lossless)
+                        if any(r.name == p.name and r.modified for r in records)]
+
+            failures: dict[frozenset, list[PassRecord]] = {}  # left out -> records, failed
+
+            def leave_out(names: list[str]):
+                """The attempt without ``names`` when it validates, else None."""
+                if frozenset(names) in failures:
+                    return None
+                candidate, records = attempt(functools.reduce(Pipeline.without, names, pipeline))
                 candidate_bytes = io.serialize(candidate)
                 result = check(candidate, candidate_bytes, records)
                 if result.passed:
-                    # Name the first tensor that went wrong in the failing candidate.
-                    diverged = first_divergence(
-                        original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
-                        lossy=report.validation.mode == "lossy")
-                    report.rolled_back.append({"pass": p.name, "reason": report.validation.reason,
-                                               "first_divergence": diverged})
-                    optimized, report.passes, report.validation = candidate, records, result
-                    serialized = candidate_bytes
+                    return names, candidate, records, candidate_bytes, result
+                failures[frozenset(names)] = records
+                return None
+
+            found = next(filter(None, (leave_out([n]) for n in changed(report.passes))), None)
+            left, records = [], report.passes
+            while found is None:
+                more = [n for n in changed(records) if n not in left][:max(1, len(left))]
+                if not more:
                     break
+                left = left + more
+                found = leave_out(left)
+                records = failures.get(frozenset(left))
+            for name in list(found[0]) if found is not None else []:
+                if len(found[0]) > 1:
+                    found = leave_out([n for n in found[0] if n != name]) or found
+            if found is not None:
+                names, candidate, records, candidate_bytes, result = found
+                # Name the first tensor that went wrong in the failing candidate.
+                diverged = first_divergence(
+                    original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
+                    lossy=report.validation.mode == "lossy")
+                report.rolled_back.extend({"pass": n, "reason": report.validation.reason,
+                                           "first_divergence": diverged} for n in names)
+                optimized, report.passes, report.validation = candidate, records, result
+                serialized = candidate_bytes
     if validate and run["layerwise"]:
         report.layerwise = compare_layerwise(
             original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
@@ -452,6 +515,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                                        else None, original_bytes),
             "after": _compressed_size(report.output, serialized)}
     report.seconds = time.perf_counter() - start
+    _warn(report)
     if raise_on_failure and (failed or (strict and report.rolled_back)):
         reason = (report.validation.reason if failed else
                   f"pass '{report.rolled_back[0]['pass']}' was rolled back (--strict): "
@@ -481,6 +545,8 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     max_drift = check_criteria(atol, rtol, max_drift, seed, input_shapes, metric)
     ref, ref_bytes = io.load_model_and_bytes(reference, lazy=True)
     cand, cand_bytes = io.load_model_and_bytes(candidate, lazy=True)
+    for loaded, source in ((ref, reference), (cand, candidate)):
+        checks.check_model_structure(loaded, _describe_source(source), validating=True)
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes
     cand_bytes = io.serialize(cand) if cand_bytes is None else cand_bytes
     # models with external data run from their files (each from its own folder); the
@@ -503,4 +569,5 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
             ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
             synthesized=report.inputs["source"] == "synthesized")
     report.seconds = time.perf_counter() - start
+    _warn(report)
     return report

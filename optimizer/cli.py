@@ -9,15 +9,17 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
 from onnxopt import __version__, api, io, progress
-from onnxopt.errors import (SYNTHESIZED_INPUTS_HINT, InputError, OnnxoptError, PassError,
-                            UsageError, ValidationFailed)
+from onnxopt.errors import (SYNTHESIZED_INPUTS_HINT, InputError, OnnxoptError, OnnxoptWarning,
+                            PassError, UsageError, ValidationFailed)
 from onnxopt.graph import ModelStats, model_stats
 from onnxopt.inputs import parse_input_shapes
 from onnxopt.metrics import describe_setting
@@ -239,7 +241,8 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", metavar="PATH",
                    help=".npz whose keys are input names, or a folder of .npz files (one feed each)")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
-                   help="shape for synthesized input NAME, e.g. x:1x3x224x224 (repeatable); "
+                   help="shape for synthesized input NAME, e.g. x:1x3x224x224 (or x:1,3,224,224 "
+                        "or x:[1,3,224,224]; repeatable); "
                         "dynamic dims default to 1")
     p.add_argument("--seed", type=int, help="seed for synthesized inputs (default 0)")
     p.add_argument("--atol", type=float,
@@ -493,20 +496,27 @@ def _refuse_overwriting(inputs: list[str], outputs: list[str | None]) -> None:
 
 
 def _check_output_path(path: str | None, what: str) -> None:
-    """Raise UsageError unless ``path`` can be written as a file (checked before any work)."""
+    """Raise UsageError unless ``path`` can be written as a file (checked before any work).
+
+    The folder (or its nearest existing ancestor, where the missing folders would be made) is
+    probed by creating and removing a file in it: permission bits do not tell for root, a
+    read-only mount or an immutable folder."""
     if path is None:
         return
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{path}: is a directory; the {what} needs a file name")
     parent = p.parent if str(p.parent) else Path(".")
-    for ancestor in (parent, *parent.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise UsageError(f"{path}: {ancestor} is not a directory")
-            if not os.access(ancestor, os.W_OK | os.X_OK):
-                raise UsageError(f"{path}: {ancestor} is not writable")
-            break
+    ancestor = next(a for a in (parent, *parent.parents) if a.exists())
+    if not ancestor.is_dir():
+        raise UsageError(f"{path}: {ancestor} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=ancestor)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot write to the folder {ancestor} "
+                         f"({err.strerror or err})") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def _cmd_optimize(args, out: _Out) -> int:
@@ -602,7 +612,7 @@ def _cmd_validate(args, out: _Out) -> int:
 
 
 def _cmd_inspect(args, out: _Out) -> int:
-    model = io.load_model(args.model)
+    model = io.load_model(args.model, lazy=True)  # external data stays in its files
     stats = model_stats(model)
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
     out.line(f": IR version {model.ir_version}; opsets: {opsets}; "
@@ -625,7 +635,9 @@ def _cmd_inspect(args, out: _Out) -> int:
     out.line(f"nodes: {stats.nodes} in the main graph, {stats.nodes_total} with "
              f"{stats.subgraphs} subgraph(s); parameters: {stats.parameters:,} "
              f"({human_bytes(stats.parameter_bytes)}); file: "
-             f"{human_bytes(Path(args.model).stat().st_size)}")
+             f"{human_bytes(Path(args.model).stat().st_size)}"
+             + "".join(f" + {human_bytes(f.stat().st_size)} of external data in {f.name}"
+                       for f in io.external_data_files(args.model) if f.is_file()))
     return 0
 
 
@@ -656,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version, or a one-line usage error (_Parser)
         return done.code if isinstance(done.code, int) else UsageError.exit_code
     verbose = getattr(args, "verbose", False)
+    # the API's warnings, in API terms: the CLI prints the same ones in its own
+    warnings.filterwarnings("ignore", category=OnnxoptWarning)
     # 2: warnings; 4 (fatal only) is onnxopt.validate's default
     ort.set_default_logger_severity(2 if verbose else 4)
     out = _Out(rich=not (getattr(args, "quiet", False) and not sys.stdout.isatty()))

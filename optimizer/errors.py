@@ -10,6 +10,11 @@ tensor concerned. ``exit_code`` is what the CLI returns for it:
 
 from __future__ import annotations
 
+#: The advice when onnxruntime fails to run a model on inputs onnxopt synthesized (random values
+#: that can index out of range, dynamic dims set to 1).
+SYNTHESIZED_INPUTS_HINT = ("the inputs were synthesized: give real ones with --inputs, or fix "
+                           "dynamic dims with --input-shape")
+
 
 class OnnxoptError(Exception):
     """Base class of every error onnxopt raises on purpose."""
@@ -41,3 +46,9 @@ class PassError(OnnxoptError):
     """A pass left the graph in a state that fails verification (a bug in onnxopt)."""
 
     exit_code = 3
+
+
+class OnnxoptWarning(UserWarning):
+    """What the Python API warns about (synthesized inputs that make an output constant, a
+    drift estimate that missed, ...), worded in API terms; the CLI prints the same warnings in
+    its own terms instead."""

@@ -62,15 +62,22 @@ _KINDS = {"sequence_type": "a sequence", "optional_type": "an optional", "map_ty
 def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     """Parse ``["name:1x3x224x224", "scalar:"]`` into ``{"name": [1, 3, 224, 224], "scalar": []}``.
 
+    Dims may also be written as onnxsim's ``--overwrite-input-shape`` takes them
+    (``name:1,3,224,224``) and as Polygraphy's ``--input-shapes`` does (``name:[1,3,224,224]``).
+
     Raises:
-        UsageError: a spec is not ``NAME:DxDx...`` with non-negative integer dims.
+        UsageError: a spec is not ``NAME:DxDx...`` (or one of the other two) with non-negative
+            integer dims.
     """
     shapes = {}
     for spec in specs or []:
         name, sep, dims = spec.rpartition(":")
-        if not sep or not name or not re.fullmatch(r"(\d+(x\d+)*)?", dims):
-            raise UsageError(f"--input-shape '{spec}': expected NAME:DxDx... such as x:1x3x224x224")
-        shapes[name] = [int(d) for d in dims.split("x")] if dims else []
+        if dims.startswith("[") and dims.endswith("]"):
+            dims = dims[1:-1]
+        if not sep or not name or not re.fullmatch(r"(\d+(x\d+)*|\d+(,\d+)*)?", dims):
+            raise UsageError(f"--input-shape '{spec}': expected NAME:DxDx... such as "
+                             "x:1x3x224x224 (or x:1,3,224,224 or x:[1,3,224,224])")
+        shapes[name] = [int(d) for d in re.split("[x,]", dims)] if dims else []
     return shapes
 
 

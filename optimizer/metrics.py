@@ -60,13 +60,14 @@ from onnxopt.errors import UsageError
 def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     """The error statistics of one output (``onnxopt.validate``'s module docstring):
     ``max_abs``, ``max_rel``, ``mean_abs``, ``cosine``, ``snr_db``, ``rel_l2``, plus ``range``
-    (max - min of the finite reference values) and ``nan_mismatch`` (NaN, or infinities, in
-    different places). Arrays of any shape and numeric dtype; compared as float64."""
+    (max - min of the finite reference values), ``magnitude`` (max |r| over the finite reference
+    values) and ``nan_mismatch`` (NaN, or infinities, in different places). Arrays of any shape
+    and numeric dtype; compared as float64."""
     r = np.asarray(ref, dtype=np.float64).ravel()
     c = np.asarray(cand, dtype=np.float64).ravel()
     if r.size == 0:
         return dict(max_abs=0.0, max_rel=0.0, mean_abs=0.0, cosine=1.0, snr_db=math.inf,
-                    rel_l2=0.0, range=0.0, nan_mismatch=False)
+                    rel_l2=0.0, range=0.0, magnitude=0.0, nan_mismatch=False)
     nan_r, nan_c = np.isnan(r), np.isnan(c)
     # NaN in different places, or an infinity the other side does not have (same sign)
     nan_mismatch = bool((nan_r != nan_c).any()) or bool(
@@ -79,8 +80,9 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
         diff = np.nan_to_num(diff, nan=np.inf)
         # relative error where the reference is not (nearly) zero: elsewhere it is meaningless
         magnitude = np.abs(r)
-        floor = max(np.finfo(np.float64).tiny, 1e-6 * float(magnitude[np.isfinite(magnitude)].max()
-                                                          if np.isfinite(magnitude).any() else 0))
+        largest = (float(magnitude[np.isfinite(magnitude)].max())
+                   if np.isfinite(magnitude).any() else 0.0)
+        floor = max(np.finfo(np.float64).tiny, 1e-6 * largest)
         significant = magnitude > floor
         rel = diff[significant] / magnitude[significant]
         finite = np.isfinite(r) & np.isfinite(c)
@@ -100,7 +102,8 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     return dict(max_abs=float(diff.max()) if diff.size else 0.0,
                 max_rel=float(rel.max()) if rel.size else 0.0,
                 mean_abs=float(diff.mean()) if diff.size else 0.0,
-                cosine=cosine, snr_db=snr, rel_l2=rel_l2, range=rng, nan_mismatch=nan_mismatch)
+                cosine=cosine, snr_db=snr, rel_l2=rel_l2, range=rng, magnitude=largest,
+                nan_mismatch=nan_mismatch)
 
 
 def flatten_sequence(value) -> np.ndarray:

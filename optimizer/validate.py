@@ -12,13 +12,49 @@ Metrics per output (reference ``r``, candidate ``c``, both flattened to float64)
   when not measured).
 
 A lossless result passes when names, order, dtypes and shapes match and, for every output,
-``max_abs <= atol + rtol * (max(r) - min(r))`` (NaN in the same places); integer and boolean
-outputs must be equal. A lossy result (pruned or
+``max_abs <= max(atol + rtol * (max(r) - min(r)), ULPS * ulp(max |r|))`` (NaN in the same
+places); integer and boolean outputs must be equal. ``ulp(m)`` is the spacing of the output's
+floating-point dtype at magnitude ``m``, ``eps * 2^floor(log2 m)`` with ``eps`` = 2^-10 for
+float16, 2^-7 for bfloat16, 2^-23 for float32 and 2^-52 for float64, and ``ULPS`` is 4. Why: a
+lossless rewrite may legitimately change the rounding of a result -- onnxruntime computes a
+float16 BatchNormalization differently once a dead Squeeze before it is gone, and one float16
+step at magnitude 4 is 2^-8, far above the default ``atol`` 1e-5 + ``rtol`` 1e-4 of the range --
+and a few ulps at the output's largest magnitude leave room for two or three roundings of
+intermediate values, while a real bug (a wrong weight, a wrong axis) changes values by far
+more. For float32 ``4 ulp(m)`` is about ``5e-7 m``, below ``rtol * range`` whenever the range is
+not tiny against the magnitude, so float32 tolerances are unchanged in practice. A lossy result (pruned or
 quantized model) passes when shapes and dtypes match and every criterion of ``max_drift`` holds
 (``cosine >= 0.99`` by default; ``cosine=0.999,max-abs=0.05`` and others, see
 ``onnxopt.metrics``); a criterion on a metric without a column here is listed under ``extra``.
 Several feeds are all run; each metric keeps its worst value over the feeds, but for the
 agreement metrics, pooled over every position of every feed.
+
+A second look, only when some output fails on its values (never when the result passes, so a
+passing validation costs nothing more; nor when an output's dtype, shape or layout differ, which
+fails whatever else is found):
+
+* Nondeterministic outputs. The original is loaded once more and run twice on the first feed an
+  output failed on (the first feed in lossy mode); an output whose values differ between those
+  runs and the first one (beyond the tolerance above) is random -- RandomNormal, RandomUniform,
+  their ``Like`` forms, Multinomial, Bernoulli, Dropout in training mode, in any subgraph or
+  custom op alike. Running twice in one session is needed: onnxruntime seeds a session's random
+  ops the same way each time it loads a model, and draws new values on every run. Such an
+  output's dtype and shape were compared; its values cannot be, so it is listed in
+  ``not_compared`` (and a warning) instead of failing. Cost: one load and two runs of the
+  original per failed validation (a rollback, which validates each attempt, pays it per
+  attempt that fails). Detecting by op types instead would need the model parsed (the reference
+  may be the serialization or the file of a multi-GiB model) and would miss custom ops.
+* Lossless mode only, "onnxruntime computes the original wrongly". When the original is small
+  enough (at most ``REFERENCE_MAX_NODES`` nodes in all its graphs and ``REFERENCE_MAX_BYTES``
+  serialized, without external data), it is run by onnx's reference implementation
+  (``onnx.reference.ReferenceEvaluator``, pure numpy, slow and not complete: bounded so, and
+  skipped when it raises) on every feed an output failed on. An output on which the candidate
+  agrees with the reference implementation within the tolerance above while the original on
+  onnxruntime does not, on every such feed, is onnxruntime's error on the original, not the
+  rewrite's: it passes, is listed in ``original_miscomputed`` with its reason, and a warning
+  says that on onnxruntime the result will differ from the original where onnxruntime computed
+  the original wrongly. Passing is what a user wants: two implementations agree that the result
+  computes what the ONNX specification says. When the cross-check cannot run, a warning says why.
 """
 
 from __future__ import annotations
@@ -34,6 +70,7 @@ import onnxruntime as ort
 
 from onnxopt import external, io, progress
 from onnxopt.errors import InputError
+from onnxopt.graph import graph_protos
 from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence, layout,
                              output_metrics, parse_criteria, pooled_cosine)
 
@@ -47,6 +84,17 @@ ort.set_default_logger_severity(4)
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
 DEFAULT_MAX_DRIFT = 0.99
+
+#: Units in the last place of an output's dtype a lossless result may differ by (module
+#: docstring).
+ULPS = 4
+#: Machine epsilon (the spacing of values in [1, 2)) of the floating-point dtypes, by name.
+_EPSILON = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23,
+            "float64": 2.0 ** -52}
+#: Bounds on the original for the cross-check with onnx's reference implementation: node count
+#: over every graph, and serialized bytes.
+REFERENCE_MAX_NODES = 500
+REFERENCE_MAX_BYTES = 16 << 20
 
 
 def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOptions:
@@ -165,6 +213,12 @@ class ValidationResult:
     outputs: list[OutputMetrics] = field(default_factory=list)
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    #: Outputs whose values could not be compared: the original computes different values on
+    #: the same inputs (random ops); only their dtypes and shapes were.
+    not_compared: list[str] = field(default_factory=list)
+    #: Outputs onnxruntime computes wrongly on the original: the candidate agrees with onnx's
+    #: reference implementation there, the original on onnxruntime does not.
+    original_miscomputed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -194,7 +248,9 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
         reference, candidate: the original and the optimized model, each a ModelProto or its
             serialization.
         feeds: input feeds, ``{input name: array}``; inputs a model does not declare are ignored.
-        atol, rtol: lossless tolerance, ``max_abs <= atol + rtol * range(reference output)``.
+        atol, rtol: lossless tolerance, ``max_abs <= atol + rtol * range(reference output)``,
+            at least :data:`ULPS` units in the last place of the output's dtype (module
+            docstring).
         max_drift, metric: lossy criteria (``onnxopt.metrics.parse_criteria``): a threshold of
             ``metric`` (default cosine similarity), ``"cosine=0.999,max-abs=0.05"``, a mapping or
             criteria; every one must hold on every output.
@@ -203,6 +259,9 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
             ``warnings`` about inputs that look like settings).
 
     A candidate that onnxruntime cannot load or run fails the validation (``reason`` says why).
+    When outputs fail on their values, a second look (module docstring) tells random outputs
+    (``not_compared``) and onnxruntime's errors on the original (``original_miscomputed``) from
+    a broken candidate.
 
     Raises:
         InputError: the reference cannot be loaded or run on the feeds.
@@ -242,7 +301,10 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     # is taken over the vector of its values on all feeds (onnxopt.metrics.pooled_cosine).
     single: dict[int, np.ndarray] = {}
     several: set[int] = set()
-    for feed, ref_out in zip(feeds, ref_outs):
+    structural: set[int] = set()  # outputs whose layout, dtype or shape differ
+    failed_on: dict[int, list[int]] = {}  # output -> the feeds its values failed on
+    cand_failing: dict[int, list] = {}  # feed -> the candidate's outputs, on those feeds
+    for k, (feed, ref_out) in enumerate(zip(feeds, ref_outs)):
         try:
             cand_out = run_model(cand_sess, feed, "candidate model")
         except InputError as err:
@@ -253,6 +315,7 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
                 if len(metrics) <= i:
                     metrics.append(OutputMetrics(name, "sequence", [], "sequence", []))
                 metrics[i].passed, metrics[i].reason = False, "sequence layouts differ"
+                structural.add(i)
                 continue
             r, c = flatten_sequence(r), flatten_sequence(c)
             if r.size < 2 or not (r.dtype.kind in "biuf" and (r == r.flat[0]).all()):
@@ -265,10 +328,13 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
                 m.passed = False
                 m.reason = f"reference {r.dtype}{list(r.shape)}, candidate {c.dtype}{list(c.shape)}"
                 m.candidate_dtype, m.candidate_shape = str(c.dtype), list(c.shape)
+                structural.add(i)
                 continue
             if r.dtype.kind in "OSU":
                 if not np.array_equal(r, c):
                     m.passed, m.reason = False, "string values differ"
+                    failed_on.setdefault(i, []).append(k)
+                    cand_failing[k] = cand_out
                 continue
             s = output_metrics(r, c)
             if r.size == 1:  # see below: pooled over the feeds
@@ -286,14 +352,18 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
                       "rel-l2": s["rel_l2"]}
             if lossy:
                 _agreement(m, r, c, values, criteria, tallies.setdefault(i, {}))
-            # integers and booleans are exact: a lossless rewrite never changes one
-            tol = 0.0 if r.dtype.kind in "biu" else atol + rtol * s["range"]
+            tol = lossless_tolerance(r.dtype, s, atol, rtol)
             m.tolerance = tol if not m.tolerance else min(m.tolerance, tol)
             if s["nan_mismatch"]:
                 m.passed, m.reason = False, "NaN or infinities in different places"
             elif not lossy and s["max_abs"] > tol:
                 m.passed = False
                 m.reason = f"max abs error {s['max_abs']:.3g} > tolerance {tol:.3g}"
+            else:
+                continue
+            failed_on.setdefault(i, []).append(k)
+            cand_failing[k] = cand_out
+    del cand_sess
     for i, dots in single.items():
         if i not in several and len(feeds) > 1:
             metrics[i].cosine = pooled_cosine(dots)
@@ -310,11 +380,142 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     result.warnings = [f"output '{m.name}' is constant on these inputs: agreeing on it shows "
                        "little; give inputs the model responds to with --inputs"
                        for m in metrics if m.name in constant]
+    failed = [i for i, m in enumerate(metrics) if not m.passed]
+    if failed and not structural.intersection(failed):
+        _second_look(result, reference, feeds, ref_outs, cand_failing,
+                     {i: failed_on.get(i, [0]) for i in failed})
     result.passed = all(m.passed for m in metrics)
     if not result.passed:
         bad = next(m for m in metrics if not m.passed)
         result.reason = f"output '{bad.name}': {bad.reason}"
     return result
+
+
+def lossless_tolerance(dtype: np.dtype, stats: dict[str, float], atol: float,
+                       rtol: float) -> float:
+    """The largest max-abs error a lossless result may have on an output of ``dtype``:
+    ``max(atol + rtol * range, ULPS * ulp(magnitude))`` (module docstring), 0 for integers and
+    booleans (a lossless rewrite never changes one).
+
+    Args:
+        dtype: the reference output's dtype.
+        stats: ``onnxopt.metrics.output_metrics`` of the output (its ``range`` and
+            ``magnitude``).
+    """
+    if dtype.kind in "biu":
+        return 0.0
+    tol = atol + rtol * stats["range"]
+    eps, magnitude = _EPSILON.get(str(dtype)), stats["magnitude"]
+    if eps is not None and 0 < magnitude < math.inf:
+        tol = max(tol, ULPS * eps * 2.0 ** math.floor(math.log2(magnitude)))
+    return tol
+
+
+def _agrees(reference, candidate, atol: float, rtol: float) -> bool:
+    """Whether ``candidate`` (an output: a tensor or a sequence) equals ``reference`` within the
+    lossless tolerance of ``reference``'s dtype and values."""
+    if layout(reference) != layout(candidate):
+        return False
+    r, c = flatten_sequence(reference), flatten_sequence(candidate)
+    if r.dtype.kind in "OSU":
+        return bool(np.array_equal(r, c))
+    s = output_metrics(r, c)
+    return not s["nan_mismatch"] and s["max_abs"] <= lossless_tolerance(r.dtype, s, atol, rtol)
+
+
+def _second_look(result: ValidationResult, reference, feeds: list[dict[str, np.ndarray]],
+                 ref_outs: list[list], cand_failing: dict[int, list],
+                 failed_on: dict[int, list[int]]) -> None:
+    """Tell random outputs and onnxruntime's errors on the original from a broken candidate
+    (module docstring), updating ``result``'s outputs, lists and warnings.
+
+    Args:
+        reference: the original, as given to :func:`compare_models`.
+        ref_outs: the original's outputs on every feed; ``cand_failing``: the candidate's on
+            every feed some output's values failed on.
+        failed_on: the failed outputs (by index) and the feeds their values failed on (feed 0
+            for a lossy criterion, judged over all feeds).
+    """
+    metrics = result.outputs
+    k = min(f for feeds_of in failed_on.values() for f in feeds_of)
+    progress.report("validation: running the original twice more (random outputs?)")
+    session = make_session(reference, "reference model")
+    runs = [run_model(session, feeds[k], "reference model") for _ in range(2)]
+    del session
+    for i in list(failed_on):
+        if all(_agrees(ref_outs[k][i], run[i], result.atol, result.rtol) for run in runs):
+            continue
+        m = metrics[i]
+        m.passed = True
+        m.reason = ("values not compared: the original computes different values on the same "
+                    "inputs")
+        result.not_compared.append(m.name)
+        result.warnings.append(
+            f"output '{m.name}' is random (the original gives other values on each run: random "
+            "ops, or Dropout in training mode): its dtype and shape were compared, its values "
+            "could not be")
+        del failed_on[i]
+    if not failed_on or result.mode == "lossy":
+        return
+    spec: dict[int, list] = {}
+    for f in sorted({f for feeds_of in failed_on.values() for f in feeds_of}):
+        outs, why = _reference_implementation(reference, feeds[f])
+        if outs is None:
+            result.warnings.append("not cross-checked with onnx's reference implementation "
+                                   f"(onnx.reference): {why}")
+            return
+        spec[f] = outs
+    for i, feeds_of in failed_on.items():
+        if all(_agrees(spec[f][i], cand_failing[f][i], result.atol, result.rtol)
+               and not _agrees(spec[f][i], ref_outs[f][i], result.atol, result.rtol)
+               for f in feeds_of):
+            m = metrics[i]
+            m.passed = True
+            m.reason = ("onnxruntime computes the original wrongly: the candidate agrees with "
+                        "onnx's reference implementation, the original on onnxruntime does not")
+            result.original_miscomputed.append(m.name)
+            result.warnings.append(
+                f"output '{m.name}': onnxruntime computes the original wrongly (onnx's reference "
+                "implementation agrees with the optimized model): on onnxruntime the optimized "
+                "model gives other values than the original there, the ones the ONNX "
+                "specification defines")
+
+
+def _reference_implementation(reference, feed: dict[str, np.ndarray]
+                              ) -> tuple[list | None, str]:
+    """The outputs of ``reference`` (a ModelProto, its serialization or its file) on ``feed``
+    computed by ``onnx.reference.ReferenceEvaluator``, or None and why not: the model is over
+    :data:`REFERENCE_MAX_NODES` or :data:`REFERENCE_MAX_BYTES`, refers to external data, or the
+    evaluator raises (an op it does not implement, say)."""
+    if isinstance(reference, (str, os.PathLike)):
+        size = os.path.getsize(reference)
+    elif isinstance(reference, bytes):
+        size = len(reference)
+    else:
+        size = None
+    if size is not None and size > REFERENCE_MAX_BYTES:
+        return None, f"the model has {size} bytes (at most {REFERENCE_MAX_BYTES} are checked)"
+    if isinstance(reference, bytes):
+        model = onnx.load_from_string(reference)
+    elif isinstance(reference, (str, os.PathLike)):
+        model = onnx.load(os.fspath(reference), load_external_data=False)
+    else:
+        model = reference
+    if external.has_external_data(model):
+        return None, "the model refers to external data"
+    nodes = sum(len(g.node) for g in graph_protos(model.graph))
+    if nodes > REFERENCE_MAX_NODES:
+        return None, f"the model has {nodes} nodes (at most {REFERENCE_MAX_NODES} are checked)"
+    from onnx.reference import ReferenceEvaluator  # numpy kernels, loaded only when needed
+
+    progress.report("validation: running the original on onnx's reference implementation")
+    try:
+        evaluator = ReferenceEvaluator(model)
+        return list(evaluator.run(None, {n: feed[n] for n in evaluator.input_names
+                                         if n in feed})), ""
+    except Exception as err:  # noqa: BLE001 -- the evaluator raises anything an op raises
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return None, f"it cannot run the model: {first}"
 
 
 def _agreement(m: OutputMetrics, r: np.ndarray, c: np.ndarray, values: dict[str, float],

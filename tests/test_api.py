@@ -127,3 +127,24 @@ def test_a_budget_estimate_that_misses_is_decided_again_with_more_in_reserve():
     stats = report.passes[-1].stats
     assert stats["accepted"] == 1 and stats["drift_budget"]["kept"] == ["A"]
     assert any("estimate missed" in w for w in report.warnings)
+
+
+def test_api_warns_in_api_terms_about_synthesized_inputs(tmp_path):
+    from onnxopt.errors import OnnxoptWarning
+    from tools.gen_chain import generate
+    path = generate(tmp_path / "chain.onnx", layers=1, dim=8)
+    with pytest.warns(OnnxoptWarning, match=r"input_shapes=\{'x': \[\.\.\.\]\} or give inputs=") \
+            as caught:
+        optimize(path)
+    assert all("--" not in str(w.message) for w in caught)
+    assert caught[0].filename == __file__  # attributed to the caller
+
+
+def test_cli_prints_warnings_once_in_cli_terms(tmp_path, capsys):
+    from onnxopt.cli import main
+    from tools.gen_chain import generate
+    path = generate(tmp_path / "chain.onnx", layers=1, dim=8)
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert text.count("dynamic dim(s)") == 1 and "--input-shape x:DxD..." in text

@@ -29,13 +29,14 @@ from onnxopt.inputs import (
     (["x:5", "scalar:"], {"x": [5], "scalar": []}),
     (["ns:input:0:2x0"], {"ns:input:0": [2, 0]}),
     (["x:1", "x:2"], {"x": [2]}),
+    (["x:2,10,64", "y:[2,10,64]", "s:[]"], {"x": [2, 10, 64], "y": [2, 10, 64], "s": []}),
 ])
 def test_parse_input_shapes(specs, expected):
     assert parse_input_shapes(specs) == expected
 
 
-@pytest.mark.parametrize("spec", ["x", ":1x2", "x:1x", "x:x1", "x:1xx2", "x:-1", "x:1,2", "x:a",
-                                  "x:1.5", "x: 1"])
+@pytest.mark.parametrize("spec", ["x", ":1x2", "x:1x", "x:x1", "x:1xx2", "x:-1", "x:1,", "x:a",
+                                  "x:1.5", "x: 1", "x:1x2,3", "x:[1,2", "x:(1,2)"])
 def test_parse_input_shapes_errors(spec):
     with pytest.raises(UsageError, match="--input-shape"):
         parse_input_shapes([spec])

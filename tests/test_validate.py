@@ -229,3 +229,179 @@ def test_models_over_the_protobuf_limit_run_from_external_data(monkeypatch):
     other = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])],
                        [("x", np.float32, [2, 4])], [("y", np.float32, [2, 512])], {"W": -weight})
     assert not compare_models(model, other, [feed]).passed
+
+
+# --- random outputs: the original disagrees with itself ------------------------------------------
+
+def _random_model(op: str, front: bool) -> onnx.ModelProto:
+    """Output ``r`` computed by the random ``op`` (from ``x``, through an Identity when
+    ``front``: removing it is the harmless rewrite), output ``z`` = x * x, deterministic."""
+    src = "x"
+    nodes, inits = [], {}
+    if front:
+        nodes.append(helper.make_node("Identity", ["x"], ["xi"]))
+        src = "xi"
+    r_type = np.float32
+    if op == "Dropout":
+        inits = {"ratio": np.array(0.5, np.float32), "training": np.array(True)}
+        nodes.append(helper.make_node("Dropout", [src, "ratio", "training"], ["r"]))
+    elif op == "Bernoulli":
+        nodes += [helper.make_node("Sigmoid", [src], ["p"]),
+                  helper.make_node("Bernoulli", ["p"], ["r"])]
+    elif op == "Multinomial":
+        nodes.append(helper.make_node("Multinomial", [src], ["r"], sample_size=64))
+        r_type = np.int32
+    elif op in ("RandomNormal", "RandomUniform"):
+        nodes += [helper.make_node(op, [], ["noise"], shape=[4, 64]),
+                  helper.make_node("Add", [src, "noise"], ["r"])]
+    else:  # RandomNormalLike, RandomUniformLike
+        nodes.append(helper.make_node(op, [src], ["r"]))
+    nodes.append(helper.make_node("Mul", ["x", "x"], ["z"]))
+    return make_model(nodes, [("x", np.float32, [4, 64])],
+                      [("r", r_type, [4, 64]), ("z", np.float32, [4, 64])], inits)
+
+
+RANDOM_OPS = ["RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+              "Multinomial", "Bernoulli", "Dropout"]
+
+
+@pytest.mark.parametrize("op", RANDOM_OPS)
+def test_random_outputs_are_listed_as_not_compared_and_the_rest_is_compared(op):
+    original, candidate = _random_model(op, front=True), _random_model(op, front=False)
+    feed = {"x": np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)}
+    first, second = run_ort(original, feed)["r"], run_ort(candidate, feed)["r"]
+    assert not np.array_equal(first, second)  # what failed validation before
+    result = compare_models(original, candidate, [feed])
+    assert result.passed, result.reason
+    assert result.not_compared == ["r"] and result.original_miscomputed == []
+    assert any("'r' is random" in w for w in result.warnings)
+    by_name = {m.name: m for m in result.outputs}
+    assert by_name["r"].reason.startswith("values not compared")
+    assert by_name["z"].passed and by_name["z"].max_abs == 0 and by_name["z"].reason == ""
+    assert result.to_dict()["not_compared"] == ["r"]
+
+
+def test_random_outputs_still_have_their_dtype_and_shape_and_the_others_their_values_compared():
+    original = _random_model("RandomNormalLike", front=True)
+    wrong_z = _random_model("RandomNormalLike", front=False)
+    wrong_z.graph.node[-1].op_type = "Add"
+    feed = {"x": np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)}
+    assert not np.allclose(run_ort(original, feed)["z"], run_ort(wrong_z, feed)["z"])
+    result = compare_models(original, wrong_z, [feed])
+    assert not result.passed and "'z'" in result.reason and result.not_compared == ["r"]
+    wrong_dtype = _random_model("RandomNormalLike", front=False)
+    wrong_dtype.graph.node[0].attribute.append(helper.make_attribute("dtype", TensorProto.DOUBLE))
+    wrong_dtype.graph.output[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    result = compare_models(original, wrong_dtype, [feed])
+    assert not result.passed and "'r'" in result.reason and "float64" in result.reason
+    assert result.not_compared == []
+
+
+def test_random_outputs_pass_optimize_on_the_cli_and_the_api(tmp_path):
+    from onnxopt import optimize
+    from onnxopt.cli import main
+
+    original = _random_model("Dropout", front=True)
+    _, report = optimize(original)
+    assert report.validation.passed and report.validation.not_compared == ["r"]
+    assert not report.rolled_back and any("'r' is random" in w for w in report.warnings)
+    path, out = tmp_path / "random.onnx", tmp_path / "random.opt.onnx"
+    path.write_bytes(original.SerializeToString())
+    assert main(["optimize", str(path), "-o", str(out), "--quiet",
+                 "--report", str(tmp_path / "report.json")]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["validation"]["not_compared"] == ["r"] and out.exists()
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Dropout", "Mul"]
+
+
+# --- tolerances respect the output dtype's precision ---------------------------------------------
+
+def _float16_sum(folded: bool) -> onnx.ModelProto:
+    """y = (x + a) + b in float16, or x + (a + b) with a + b folded (exact in the reals)."""
+    a, b = np.float16(0.3), np.float16(0.7)
+    nodes = ([helper.make_node("Add", ["x", "ab"], ["y"])] if folded else
+             [helper.make_node("Add", ["x", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["y"])])
+    inits = {"ab": np.array(a + b, np.float16)} if folded else {
+        "a": np.array(a, np.float16), "b": np.array(b, np.float16)}
+    return make_model(nodes, [("x", np.float16, [256])], [("y", np.float16, [256])], inits)
+
+
+def test_float16_outputs_may_differ_by_a_few_units_in_the_last_place():
+    feed = {"x": np.random.default_rng(0).uniform(2, 4, size=256).astype(np.float16)}
+    ref = run_ort(_float16_sum(False), feed)["y"]
+    cand = run_ort(_float16_sum(True), feed)["y"]
+    ulp = np.spacing(np.abs(ref).max())  # float16 spacing at the outputs' magnitude
+    diff = np.abs(ref.astype(np.float64) - cand).max()
+    assert 0 < diff <= ulp  # one float16 step: the rounding of the intermediate sum moved
+    assert diff > 1e-5 + 1e-4 * (ref.max() - ref.min())  # beyond the float32-minded default
+    result = compare_models(_float16_sum(False), _float16_sum(True), [feed])
+    assert result.passed, result.reason
+    assert result.outputs[0].tolerance == pytest.approx(4 * float(ulp))
+    broken = _float16_sum(True)
+    broken.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
+        np.array(np.float16(1.0) + np.float16(0.05), np.float16), "ab"))
+    result = compare_models(_float16_sum(False), broken, [feed])
+    assert not result.passed and "tolerance" in result.reason
+
+
+def test_float32_tolerance_is_atol_plus_rtol_of_the_range():
+    feed = _feed()
+    result = compare_models(_model(), _model(), [feed])
+    y1 = run_ort(_model(), feed)["y1"]
+    assert result.outputs[0].tolerance == pytest.approx(1e-5 + 1e-4 * float(y1.max() - y1.min()))
+
+
+# --- onnxruntime computes the original wrongly ---------------------------------------------------
+
+def _if_twice(copy: bool) -> onnx.ModelProto:
+    """An If whose branches return one tensor as both outputs (onnxruntime 1.32 gives zeros for
+    the first), or, with ``copy``, the tensor and an Identity copy of it."""
+    def branch(op, name):
+        nodes = [helper.make_node(op, ["x", "x"], ["a"])]
+        second = "a"
+        if copy:
+            nodes.append(helper.make_node("Identity", ["a"], ["a2"]))
+            second = "a2"
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(n, 1, [2])
+                                                   for n in ("a", second)])
+    nodes = [helper.make_node("If", ["c"], ["y1", "y2"], then_branch=branch("Add", "then"),
+                              else_branch=branch("Mul", "else"))]
+    return make_model(nodes, [("c", np.bool_, []), ("x", np.float32, [2])],
+                      [("y1", np.float32, [2]), ("y2", np.float32, [2])])
+
+
+def _if_feed():
+    return {"c": np.array(True), "x": np.array([1.5, 2.0], np.float32)}
+
+
+def test_an_original_onnxruntime_computes_wrongly_is_told_apart_and_passes():
+    from onnx.reference import ReferenceEvaluator
+
+    feed = _if_feed()
+    original, fixed = _if_twice(False), _if_twice(True)
+    spec = ReferenceEvaluator(original).run(None, feed)
+    on_ort = run_ort(original, feed)
+    if np.allclose(on_ort["y1"], spec[0]):
+        pytest.skip("this onnxruntime computes the If right")
+    np.testing.assert_allclose(run_ort(fixed, feed)["y1"], spec[0])
+    result = compare_models(original, fixed, [feed])
+    assert result.passed, result.reason
+    assert result.original_miscomputed == ["y1"] and result.not_compared == []
+    assert result.outputs[0].reason.startswith("onnxruntime computes the original wrongly")
+    assert any("onnxruntime computes the original wrongly" in w for w in result.warnings)
+    # a candidate that disagrees with the reference implementation too is broken
+    wrong = _if_twice(True)
+    wrong.graph.node[0].attribute[0].g.node[0].op_type = "Sub"
+    result = compare_models(original, wrong, [feed])
+    assert not result.passed and result.original_miscomputed == [] and "'y1'" in result.reason
+
+
+def test_the_cross_check_is_skipped_with_a_warning_for_large_models(monkeypatch):
+    import onnxopt.validate as validate
+
+    monkeypatch.setattr(validate, "REFERENCE_MAX_NODES", 0)
+    result = compare_models(_if_twice(False), _if_twice(True), [_if_feed()])
+    if result.passed:
+        pytest.skip("this onnxruntime computes the If right")
+    assert result.original_miscomputed == []
+    assert any("not cross-checked" in w and "nodes" in w for w in result.warnings)
