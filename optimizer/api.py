@@ -36,7 +36,7 @@ from onnxopt.pipeline import (SETTINGS, STRENGTH_OPTIONS, Pipeline, PassSpec, bu
                               load_config)
 from onnxopt.report import Report
 from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
-                                compare_models)
+                              compare_models, reference_outputs)
 
 Feeds = Union[str, os.PathLike, dict, Sequence[dict], None]
 #: Lossy criteria: a threshold of ``metric``, ``"cosine=0.999,max-abs=0.05"``, a mapping
@@ -392,8 +392,14 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                                              run["seed"])
     if run["calibration"] is not None:
         calibration_feeds = FeedStream(run["calibration"], original)
-    budget = DriftBudget(_runnable(original, original_bytes), feeds, max_drift) \
-        if feeds else None
+    # The original runs once, before the passes, so that a large model is never in memory
+    # beside its optimized copy; every validation and the drift budget compare with these.
+    references = reference_outputs(
+        _runnable(original, original_bytes), feeds,
+        synthesized=report.inputs["source"] == "synthesized",
+        warnings=report.inputs.get("warnings", [])) if validate else None
+    budget = DriftBudget(_runnable(original, original_bytes), feeds, max_drift,
+                         references=references.outputs) if feeds else None
     working, report.opset_upgrade, upgrade_failure = _upgrade_for(original, pipeline)
     ctx = PassContext(template=working, feeds=feeds, calibration=calibration_feeds,
                       budget=budget, upgrade_failure=upgrade_failure,
@@ -418,7 +424,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                               feeds, atol=atol, rtol=rtol,
                               max_drift=max_drift, lossy=lossy,
                               synthesized=report.inputs["source"] == "synthesized",
-                              warnings=report.inputs.get("warnings", []))
+                              warnings=report.inputs.get("warnings", []), computed=references)
 
     def attempt(p: Pipeline):
         return _run_pipeline(working, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)

@@ -56,6 +56,7 @@ the name authority), so the graph is exactly as before.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -63,6 +64,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.graph import export_graph, graph_protos
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, parse_criteria)
@@ -81,7 +83,9 @@ class Proposal:
             simulated proposal's activation (a ``gs.Variable`` of the main graph).
         value: a weight proposal's values the model computes with in its place (same shape and
             dtype as ``tensor``): the pruned array, or the dequantized values of a quantized
-            weight; None for a simulated proposal.
+            weight, or a function computing them when asked (:meth:`array`: a large model's
+            passes keep only the quantized weights, not a dequantized copy of each); None for a
+            simulated proposal.
         apply: makes the change in the graph (called only when the budget accepts it).
         source: the proposing pass's name (set by the pass manager).
         group: proposals of one group are accepted or left out together; None: its own group,
@@ -104,6 +108,10 @@ class Proposal:
     @property
     def name(self) -> str:
         return self.tensor.name
+
+    def array(self) -> np.ndarray | None:
+        """``value``, computed now when the pass gave a function."""
+        return self.value() if callable(self.value) else self.value
 
     @property
     def key(self) -> str:
@@ -160,17 +168,20 @@ class DriftBudget:
             default cosine similarity).
         margin: fraction of each criterion's allowed error kept in reserve (see the module
             docstring).
+        references: the original's outputs on each feed, when already computed (see
+            :meth:`references`).
 
     Raises:
         UsageError: invalid criteria.
     """
 
     def __init__(self, original: onnx.ModelProto | bytes, feeds: list[dict], max_drift,
-                 metric: str | DriftMetric | Callable = "cosine", margin: float = 0.1) -> None:
+                 metric: str | DriftMetric | Callable = "cosine", margin: float = 0.1,
+                 references: list[list[np.ndarray]] | None = None) -> None:
         self.original, self.feeds = original, list(feeds)
         self.criteria: list[Criterion] = parse_criteria(max_drift, metric)
         self.targets = {c.name: c.metric.target(c.threshold, margin) for c in self.criteria}
-        self._references: list[list[np.ndarray]] | None = None
+        self._references = references
 
     def tightened(self, margin: float) -> "DriftBudget":
         """The same budget with ``margin`` of the allowed error in reserve (the original's
@@ -232,8 +243,11 @@ class DriftBudget:
                 weights[p.name] = p
             chosen.append(p)
         groups = list(dict.fromkeys(p.key for p in chosen))
-        base = {p.name: p.value for p in fallback if p.simulate is None}
-        originals = {n: base[n] if n in base else np.asarray(p.tensor.values)
+        base = {p.name: p for p in fallback if p.simulate is None}
+        # every value is made for each run and dropped after it: an external weight is mapped
+        # afresh (onnxopt.external.peek), a lazy proposal computed, so that a large model holds
+        # one set of weights at a time, not the originals and every proposal's values at once
+        originals = {n: base[n].array if n in base else functools.partial(external.peek, p.tensor)
                      for n, p in weights.items()}
         # A fallback tensor no proposal replaces is fed its fallback value as well.
         extra = {n: v for n, v in base.items() if n not in originals}
@@ -254,9 +268,9 @@ class DriftBudget:
         def score(applied: set[str], feeds: int | None = None) -> dict[str, float]:
             nonlocal count
             count += 1
-            values = {n: weights[n].value if weights[n].key in applied else v
-                      for n, v in originals.items()}
-            values.update(extra)
+            values = {n: weights[n].array() if weights[n].key in applied else original()
+                      for n, original in originals.items()}
+            values.update({n: p.array() for n, p in extra.items()})
             values.update({gate: np.array(key in applied) for key, gate in gates.items()})
             tallies: dict[tuple[str, int], Tally] = {}
             for feed, ref in zip(self.feeds[:feeds], references[:feeds]):

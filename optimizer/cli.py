@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -22,9 +23,10 @@ from onnxopt.errors import (SYNTHESIZED_INPUTS_HINT, InputError, OnnxoptError, O
                             PassError, UsageError, ValidationFailed)
 from onnxopt.graph import ModelStats, model_stats
 from onnxopt.inputs import parse_input_shapes
-from onnxopt.metrics import describe_setting
+from onnxopt.metrics import (describe_setting, format_comparison, format_threshold,
+                             setting_criteria)
 from onnxopt.pipeline import QUANTIZE_MODES
-from onnxopt.report import Report, format_stats, human_bytes, pass_summary
+from onnxopt.report import Report, format_stats, human_bytes, pass_summary, percent_change
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
 if TYPE_CHECKING:
@@ -39,12 +41,12 @@ class _Out:
     """Where a command prints: a rich Console (tables, colours), or plain ``print`` for a
     --quiet run whose output is not a terminal (rich is then never imported)."""
 
-    def __init__(self, rich: bool) -> None:
+    def __init__(self, rich: bool, stderr: bool = False) -> None:
         self.console: Console | None = None
         if rich:
             from rich.console import Console
 
-            self.console = Console(highlight=False)
+            self.console = Console(highlight=False, stderr=stderr)
             if not self.console.is_terminal:  # piped or captured: no width to respect
                 self.console.width = max(self.console.width, 160)
             # rich's default exits with status 1, which is "validation failed" here
@@ -62,14 +64,18 @@ class _Out:
         """Print ``head`` (in ``style``) then ``text``; neither is read as rich markup, so
         names and messages with brackets print as they are."""
         if self.console is None:
-            try:
-                print(head + text, flush=True)
-            except BrokenPipeError:
-                self._reader_gone()
+            self.raw(head + text)
             return
         from rich.text import Text
 
         self.console.print(Text(head, style=style) + Text(text))
+
+    def raw(self, text: str) -> None:
+        """Print ``text`` as it is, never wrapped or styled (a JSON line)."""
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            self._reader_gone()
 
     def show(self, renderable) -> None:
         """Print a rich renderable (a table); only for runs that are not --quiet."""
@@ -109,8 +115,7 @@ def _size_table(before: ModelStats, after: ModelStats, seconds: float | None,
     table.add_section()
 
     def row(label, b, a, fmt=str):
-        change = "" if b == a else (f"{(a - b) / b:+.1%}" if b else "")
-        table.add_row(label, fmt(b), fmt(a), change)
+        table.add_row(label, fmt(b), fmt(a), percent_change(b, a))
 
     row("nodes (main graph)", before.nodes, after.nodes)
     row("nodes (with subgraphs)", before.nodes_total, after.nodes_total)
@@ -125,15 +130,26 @@ def _size_table(before: ModelStats, after: ModelStats, seconds: float | None,
     return table
 
 
-def _pass_table(report: Report) -> Table:
+def _pass_table(report: Report, verbose: bool) -> tuple[Table | None, str]:
+    """The passes that changed the model, or have refusals or warnings to show (every pass run
+    when ``verbose``; None when there is none to show), and a line counting the passes left out
+    ("" when none is)."""
+    shown = {r.name for r in report.passes
+             if verbose or r.modified or r.warnings or r.stats.get("refused")}
+    rows = [row for row in pass_summary(report.passes) if row[0] in shown]
+    hidden = len({r.name for r in report.passes} - shown)
+    note = (f"{hidden}{' other' if rows else ''} pass{'es' if hidden != 1 else ''} changed "
+            f"nothing (--verbose lists {'them' if hidden != 1 else 'it'})" if hidden else "")
+    if not rows:
+        return None, note
     table = _table(title="Passes")
-    table.add_column("pass")
+    table.add_column("pass", overflow="fold")
     table.add_column("runs", justify="right")
     table.add_column("statistics")
     table.add_column("time", justify="right")
-    for name, runs, stats, secs in pass_summary(report.passes):
+    for name, runs, stats, secs in rows:
         table.add_row(name, str(runs), _escape(format_stats(stats)), f"{secs * 1000:.0f} ms")
-    return table
+    return table, note
 
 
 def _search_table(name: str, search: dict) -> Table:
@@ -162,26 +178,119 @@ def _search_table(name: str, search: dict) -> Table:
     return table
 
 
-def _validation_table(report: Report) -> Table:
-    """Every metric of every output; argmax and top-5 agreement (and criteria on metrics
-    without a column of their own) in lossy validations."""
+#: The validation table's metric columns: ``OutputMetrics`` attribute -> (header, format), in
+#: the order they are shown; ``_METRIC_PRIORITY``: the order in which they stay on a narrow
+#: terminal (after the criteria of a lossy validation).
+_METRIC_COLUMNS = {"max_abs": ("max abs", ".3g"), "max_rel": ("max rel", ".3g"),
+                   "mean_abs": ("mean abs", ".3g"), "cosine": ("cosine", ".6f"),
+                   "snr_db": ("SNR dB", ".1f"), "rel_l2": ("rel L2", ".3g"),
+                   "argmax": ("argmax", ".4f"), "top_k": ("top-5", ".4f")}
+_METRIC_PRIORITY = ["max_abs", "cosine", "snr_db", "argmax", "top_k", "max_rel", "rel_l2",
+                    "mean_abs"]
+#: The widest the output, shape and ok columns get; longer text folds onto more lines.
+_NAME_WIDTH, _SHAPE_WIDTH, _OK_WIDTH = 48, 28, 16
+
+
+def _validation_table(report: Report, width: int) -> Table:
+    """Every output's metrics, as many as fit in ``width`` characters (the most telling ones
+    first, ``_METRIC_PRIORITY``; the caption names those left out). A lossy validation's criteria
+    come first, headed by their thresholds; a value failing its criterion is red, and the ok
+    column names the criteria failed."""
+    from rich.text import Text
+
     v = report.validation
-    table = _table(title=f"Validation ({v.mode}, {v.feeds} feed{'s' if v.feeds != 1 else ''})")
-    columns = [("max abs", "max_abs", ".3g"), ("max rel", "max_rel", ".3g"),
-               ("mean abs", "mean_abs", ".3g"), ("cosine", "cosine", ".6f"),
-               ("SNR dB", "snr_db", ".1f"), ("rel L2", "rel_l2", ".3g")]
-    if any(m.argmax is not None for m in v.outputs):
-        columns += [("argmax", "argmax", ".4f"), ("top-5", "top_k", ".4f")]
-    extra = list(dict.fromkeys(k for m in v.outputs for k in m.extra))
-    for col in ["output", "shape"] + [c[0] for c in columns] + extra + ["ok"]:
-        table.add_column(_escape(col), justify="left" if col in ("output", "shape") else "right")
-    for m in v.outputs:
-        values = [getattr(m, attr) for _, attr, _ in columns] + [m.extra.get(k) for k in extra]
-        formats = [f for _, _, f in columns] + [".4g"] * len(extra)
-        table.add_row(_escape(m.name), _escape(f"{m.dtype}{m.shape}"),
-                      *("-" if x is None else format(x, f) for x, f in zip(values, formats)),
-                      "yes" if m.passed else _escape(f"NO: {m.reason}"))
+    criteria = {c.metric.field or c.name: c for c in
+                (setting_criteria(v.max_drift) if v.mode == "lossy" else [])}
+    keys = list(criteria) + [k for k in _METRIC_COLUMNS if k not in criteria and (
+        k not in ("argmax", "top_k") or any(getattr(m, k) is not None for m in v.outputs))]
+    keys += [k for k in dict.fromkeys(k for m in v.outputs for k in m.extra) if k not in keys]
+    heads = [_METRIC_COLUMNS.get(k, (k,))[0] + (
+        f"\n{'>=' if c.metric.higher_is_better else '<='} {format_threshold(c.threshold)}"
+        if (c := criteria.get(k)) else "") for k in keys]
+    rows = [_validation_row(m, keys, criteria) for m in v.outputs]
+    apart, keep = _fitting(keys, heads, rows, width, len(criteria))
+    left_out = [heads[i].split("\n")[0] for i in range(len(keys)) if i not in keep]
+    table = _table(title=f"Validation ({v.mode}, {v.feeds} feed{'s' if v.feeds != 1 else ''})",
+                   caption=f"not shown at this width: {', '.join(left_out)} (see --report)"
+                   if left_out else None)
+    # _fitting makes the columns fit unless the criteria alone are too wide; then rich narrows
+    # the widest wrapping columns first: names and shapes fold, numbers are never cut
+    table.add_column("output" if apart else "output\nshape", overflow="fold",
+                     max_width=_NAME_WIDTH)
+    if apart:
+        table.add_column("shape", overflow="fold", max_width=_SHAPE_WIDTH)
+    for i in keep:
+        table.add_column(_escape(heads[i]), justify="right", no_wrap=True)
+    table.add_column("ok", justify="right", max_width=_OK_WIDTH)
+    for name, shape, cells, ok in rows:
+        table.add_row(*((Text(name), Text(shape)) if apart else
+                        (Text(name) + Text(f"\n{shape}", style="dim"),)),
+                      *(cells[i] for i in keep), Text(ok))
     return table
+
+
+def _validation_row(m, keys: list[str], criteria: dict) -> list:
+    """``[name, shape, cells, ok]`` of one output (``OutputMetrics``) in the validation table:
+    the cells of the metrics ``keys`` (``OutputMetrics`` attributes or ``extra`` keys), those
+    of ``criteria`` (by key) with the digits telling them from their thresholds, a failing one
+    in red; the ok column names the criteria failed."""
+    from rich.text import Text
+
+    cells, failed = [], []
+    for k in keys:
+        x = getattr(m, k) if k in _METRIC_COLUMNS else m.extra.get(k)
+        fmt, c = _METRIC_COLUMNS.get(k, ("", ".4g"))[1], criteria.get(k)
+        if x is None or c is None:
+            cells.append("-" if x is None else format(x, fmt))
+            continue
+        shown = format_comparison(x, c.threshold, fmt)[0]
+        if c.meets(x):
+            cells.append(shown)
+            continue
+        failed.append(c.name if x != c.metric.failure else "")
+        cells.append(Text(shown, style="bold red"))
+    # an output that could not be compared (a changed shape) fails every criterion: say why
+    ok = "yes" if m.passed else f"NO: {', '.join(failed)}" if failed and all(failed) \
+        else f"NO: {m.reason}"
+    return [m.name, f"{m.dtype}{m.shape}", cells, ok]
+
+
+def _fitting(keys: list[str], heads: list[str], rows: list, width: int,
+             required: int) -> tuple[bool, list[int]]:
+    """How the validation table fits in ``width`` characters: whether the shapes have a column
+    of their own (else they go under the names), and the indices (in order) of the metric
+    columns shown: the first ``required`` (the criteria), at least one, then as many more as fit
+    in ``_METRIC_PRIORITY`` order. ``rows``: ``[name, shape, cells, ok]`` per output. A metric
+    column needs its longest header line or cell, the others their longest text up to their
+    maximum width (they wrap); each three characters more for padding and rule."""
+    need = [3 + max(len(line) for text in [heads[i]] + [str(r[2][i]) for r in rows]
+                    for line in text.split("\n")) for i in range(len(keys))]
+    order = list(range(required)) + sorted(
+        range(required, len(keys)), key=lambda i: _METRIC_PRIORITY.index(keys[i])
+        if keys[i] in _METRIC_PRIORITY else len(_METRIC_PRIORITY))
+    keep = order[:max(required, 1)]
+
+    def room(*columns: tuple[int, list[str]]) -> int:
+        return width - 1 - sum(need[i] for i in keep) - sum(
+            3 + min(cap, max(map(len, texts))) for cap, texts in columns)
+
+    def more(left: int) -> list[int]:
+        taken = []
+        for i in order[len(keep):]:
+            if need[i] > left:
+                break
+            taken.append(i)
+            left -= need[i]
+        return taken
+
+    names = (_NAME_WIDTH, ["output"] + [r[0] for r in rows])
+    shapes = (_SHAPE_WIDTH, ["shape"] + [r[1] for r in rows])
+    oks = (_OK_WIDTH, ["ok"] + [r[3] for r in rows])
+    # the shapes in a column of their own if that shows as many metrics as under the names
+    apart, together = room(names, shapes, oks), room((_NAME_WIDTH, names[1] + shapes[1]), oks)
+    if apart >= 0 and len(more(apart)) >= len(more(together)):
+        return True, sorted(keep + more(apart))
+    return False, sorted(keep + more(together))
 
 
 def _layerwise_tables(report: Report) -> list:
@@ -201,7 +310,7 @@ def _layerwise_tables(report: Report) -> list:
         for col in ("tensor", "reference node", "candidate node", "shape", "max abs", "cosine",
                     "SNR dB", "reason"):
             table.add_column(col, justify="right" if col in ("max abs", "cosine", "SNR dB")
-                             else "left")
+                             else "left", overflow="fold")
         table.add_row(_escape(d.tensor),
                       _escape(f"{d.reference_node.name} ({d.reference_node.op})"),
                       _escape(f"{d.candidate_node.name} ({d.candidate_node.op})"),
@@ -211,7 +320,7 @@ def _layerwise_tables(report: Report) -> list:
     if lw.ranking:
         ranking = _table(title="Nodes adding the most error (SNR drop from worst input to output)")
         for col in ("node", "op", "tensor", "input SNR dB", "output SNR dB", "added dB"):
-            ranking.add_column(col, justify="right" if "dB" in col else "left")
+            ranking.add_column(col, justify="right" if "dB" in col else "left", overflow="fold")
         for r in lw.ranking:
             ranking.add_row(_escape(r.node.name), _escape(r.node.op), _escape(r.tensor),
                             f"{r.input_snr_db:.1f}",
@@ -262,7 +371,7 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
                    help="print only the verdict line (no tables, no progress)")
     p.add_argument("--verbose", action="store_true",
                    help="print tracebacks of internal errors; onnxruntime's default logger "
-                        "shows warnings")
+                        "shows warnings; optimize lists the passes that changed nothing")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -281,8 +390,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("optimize", help="optimize a model and validate the result")
-    p.add_argument("model", help="input .onnx model")
-    p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
+    p.add_argument("model", nargs="+", help="input .onnx model; several models or folders (their "
+                   "*.onnx) are a batch, optimized in parallel, see --jobs")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .onnx path (never the input); for a batch, the output folder "
+                        "(the inputs' names, and their folder structure with --recursive)")
+    b = p.add_argument_group("batch (several models, a folder, or --recursive)")
+    b.add_argument("--recursive", action="store_true",
+                   help="also optimize the .onnx files of the folders' subfolders")
+    b.add_argument("--jobs", type=int, metavar="N",
+                   help="models optimized at once (default: the number of CPUs; models larger "
+                        "than a quarter of the available memory run alone)")
+    b.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="worker processes on this machine, or Ray tasks (pip install "
+                        "'onnxopt[ray]')")
+    b.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster to use (default $RAY_ADDRESS, else a local one)")
+    b.add_argument("--summary", metavar="FILE.jsonl",
+                   help="write the JSON line of each model there instead of stdout")
     p.add_argument("--passes", help="comma-separated passes to run instead of the default "
                                     "lossless pipeline (see `onnxopt passes`)")
     p.add_argument("--skip", action="append", default=[], metavar="PASS",
@@ -519,7 +644,61 @@ def _check_output_path(path: str | None, what: str) -> None:
     os.remove(probe)
 
 
+def _optimize_options(args) -> dict:
+    """The keywords of ``onnxopt.optimize`` that the optimize command's flags give (all but
+    the model, ``output`` and ``on_pass``)."""
+    return dict(
+        passes=_split([args.passes]) if args.passes else None, skip=_split(args.skip) or None,
+        config=args.config, quantize=args.quantize,
+        quantize_exclude=_split(args.quantize_exclude) if args.quantize_exclude else None,
+        quantize_ops=_split(args.quantize_ops) if args.quantize_ops else None,
+        validate=False if args.no_validate else None, inputs=args.inputs,
+        calibration=args.calibration,
+        input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
+        seed=args.seed, atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
+        metric=args.metric, verify_each=args.verify_each or None,
+        fold_size_limit=args.fold_size_limit, max_iterations=args.max_iterations,
+        raise_on_failure=False, strict=args.strict or None, layerwise=args.layerwise or None,
+        external_data=True if args.external_data else None, keep_invalid=args.keep_invalid,
+        **_sugar(args))
+
+
+def _cmd_optimize_many(args, out: _Out) -> int:
+    """A batch (``onnxopt.batch``): one JSON line per model, in input order, on stdout or in
+    --summary; then the summary table, on stderr when the lines are on stdout. The exit code is
+    the most severe model's (``batch.EXIT_SEVERITY``: 3, then 1, then 2)."""
+    from onnxopt import batch
+
+    if args.report:
+        raise UsageError("--report writes one model's report; a batch writes each model's as a "
+                         "JSON line (on stdout, or in --summary FILE.jsonl)")
+    _check_auto(args)
+    _check_output_path(args.summary, "summary")
+    results = batch.optimize_many(args.model, args.output, jobs=args.jobs,
+                                  executor=args.executor, ray_address=args.ray_address,
+                                  recursive=args.recursive, **_optimize_options(args))
+    codes, rows = [], []
+    with (open(args.summary, "w", encoding="utf-8") if args.summary
+          else contextlib.nullcontext(None)) as summary:
+        for result in results:
+            line = json.dumps(result.to_dict())
+            if summary is not None:
+                summary.write(line + "\n")
+                summary.flush()
+            else:
+                out.raw(line)
+            codes.append(result.exit_code)
+            rows.append(batch.summary_row(result))
+    if not args.quiet:
+        (out if summary is not None else _Out(rich=True, stderr=True)).show(
+            batch.summary_table(rows))
+    return batch.worst_exit_code(codes)
+
+
 def _cmd_optimize(args, out: _Out) -> int:
+    if len(args.model) > 1 or args.recursive or Path(args.model[0]).is_dir():
+        return _cmd_optimize_many(args, out)
+    args.model = args.model[0]
     targets = [args.output, f"{args.output}.data", args.report]
     _refuse_overwriting(list(map(str, io.protected_files(args.model, targets))), targets)
     _check_output_path(args.output, "optimized model")
@@ -528,25 +707,10 @@ def _cmd_optimize(args, out: _Out) -> int:
         raise UsageError(f"{args.report}: the report and the model output are the same file")
     write_report = _report_writer(args.report)
     _check_auto(args)
-    passes = _split([args.passes]) if args.passes else None
     with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
         try:
-            _, report = api.optimize(
-                args.model, passes=passes, skip=_split(args.skip) or None, config=args.config,
-                quantize=args.quantize,
-                quantize_exclude=_split(args.quantize_exclude) if args.quantize_exclude else None,
-                quantize_ops=_split(args.quantize_ops) if args.quantize_ops else None,
-                validate=False if args.no_validate else None, inputs=args.inputs,
-                calibration=args.calibration,
-                input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
-                seed=args.seed, atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
-                metric=args.metric, verify_each=args.verify_each or None,
-                fold_size_limit=args.fold_size_limit,
-                max_iterations=args.max_iterations, raise_on_failure=False,
-                strict=args.strict or None, on_pass=on_pass, layerwise=args.layerwise or None,
-                output=args.output,
-                external_data=True if args.external_data else None, keep_invalid=args.keep_invalid,
-                **_sugar(args))
+            _, report = api.optimize(args.model, on_pass=on_pass, output=args.output,
+                                     **_optimize_options(args))
         except InputError as err:
             raise _original_model_hint(err, args) from None
     passed = (report.validation is None or report.validation.passed) and \
@@ -558,7 +722,11 @@ def _cmd_optimize(args, out: _Out) -> int:
         write_report(report)
     if not args.quiet:
         out.show(_size_table(report.before, report.after, report.seconds, report.compressed))
-        out.show(_pass_table(report))
+        passes, left_out = _pass_table(report, args.verbose)
+        if passes is not None:
+            out.show(passes)
+        if left_out:
+            out.line(left_out)
         for record in report.passes:
             if isinstance(record.stats.get("search"), dict):
                 out.show(_search_table(record.name, record.stats["search"]))
@@ -567,7 +735,7 @@ def _cmd_optimize(args, out: _Out) -> int:
                      "passes that need it; validated against the original)", "opset upgraded",
                      "cyan")
         if report.validation is not None:
-            out.show(_validation_table(report))
+            out.show(_validation_table(report, out.console.width))
         for shown in _layerwise_tables(report) if report.layerwise else []:
             out.show(shown)
     if not args.quiet or not passed:  # with --strict a rollback is the failure: say which
@@ -602,7 +770,7 @@ def _cmd_validate(args, out: _Out) -> int:
     if write_report:  # before anything is printed: a reader that goes away stops nothing
         write_report(report)
     if not args.quiet:
-        out.show(_validation_table(report))
+        out.show(_validation_table(report, out.console.width))
         for shown in _layerwise_tables(report) if report.layerwise else []:
             out.show(shown)
     _print_input_warnings(report, out)
@@ -619,7 +787,7 @@ def _cmd_inspect(args, out: _Out) -> int:
              f"producer: {model.producer_name or '-'} {model.producer_version}", args.model, "bold")
     io_table = _table(title="Inputs and outputs")
     for col in ("", "name", "dtype", "shape"):
-        io_table.add_column(col)
+        io_table.add_column(col, overflow="fold")
     for kind, values in (("input", stats.inputs), ("output", stats.outputs)):
         for v in values:
             shape = "?" if v["shape"] is None else "[" + ", ".join(
@@ -641,22 +809,43 @@ def _cmd_inspect(args, out: _Out) -> int:
     return 0
 
 
+def _passes_in_order() -> dict[str, str]:
+    """Every registered pass, ``{name: what runs it}``, in the order a run would: the default
+    lossless pipeline (``onnxopt.passes.LOSSLESS_PIPELINE``), the passes of the --quantize modes
+    (``QUANTIZE_MODES``, in the modes' order), the passes of the pruning and clustering flags
+    (``OPTION_SUGAR``), then the rest (``--passes`` only) as registered."""
+    from onnxopt.pass_manager import REGISTRY
+    from onnxopt.passes import LOSSLESS_PIPELINE
+    from onnxopt.pipeline import OPTION_SUGAR, STRENGTH_OPTIONS
+
+    order = {name: "default pipeline" for name in LOSSLESS_PIPELINE}
+    for mode, passes in QUANTIZE_MODES.items():
+        for name in passes:
+            order[name] = (f"{order[name]}, {mode}" if name in order
+                           else f"--quantize {mode}")
+    for flag, (name, option) in OPTION_SUGAR.items():
+        if option in STRENGTH_OPTIONS.get(name, ()):
+            shown = f"--{flag.replace('_', '-')}"
+            order[name] = f"{order[name]}, {shown}" if name in order else shown
+    return {**order, **{name: "--passes" for name in REGISTRY if name not in order}}
+
+
 def _cmd_passes(args, out: _Out) -> int:
     import dataclasses
 
     from onnxopt.pass_manager import REGISTRY
-    from onnxopt.passes import LOSSLESS_PIPELINE
 
-    table = _table(title="Passes")
-    table.add_column("name")
+    table = _table(title="Passes, in the order a run takes them")
+    table.add_column("name", overflow="fold")
     table.add_column("kind")
-    table.add_column("default")
+    table.add_column("run by")
     table.add_column("options")
     table.add_column("description")
-    for name, cls in REGISTRY.items():
+    for name, run_by in _passes_in_order().items():
+        cls = REGISTRY[name]
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
-        table.add_row(name, "lossless" if cls.lossless else "lossy",
-                      "yes" if name in LOSSLESS_PIPELINE else "", _escape(opts), cls.description)
+        table.add_row(name, "lossless" if cls.lossless else "lossy", _escape(run_by),
+                      _escape(opts), cls.description)
     out.show(table)
     return 0
 

@@ -40,6 +40,7 @@ from onnxopt.report import (
     format_stats,
     human_bytes,
     pass_summary,
+    percent_change,
     write_text_atomically,
 )
 
@@ -239,7 +240,8 @@ def _headline(report: Report) -> str:
                 f"candidate {after.nodes_total} nodes, {human_bytes(after.file_bytes)}")
 
     def change(b: int, a: int) -> str:
-        return f" ({(a - b) / b:+.1%})" if b else ""
+        text = percent_change(b, a)
+        return f" ({text})" if text else ""
 
     return (f"{before.nodes_total} → {after.nodes_total} nodes"
             f"{change(before.nodes_total, after.nodes_total)}, "
@@ -252,7 +254,7 @@ def _change(before: float, after: float, relative: bool) -> str:
         return ""
     cls = "down" if after < before else "up"
     if relative:
-        text = f"{(after - before) / before:+.1%}" if before else ""
+        text = percent_change(before, after)
     else:
         text = f"{after - before:+d}"
     return f'<span class="{cls}">{_e(text)}</span>'

@@ -391,7 +391,8 @@ class Criterion:
         return self.metric.meets(value, self.threshold)
 
     def __str__(self) -> str:
-        return f"{self.name} {'>=' if self.metric.higher_is_better else '<='} {self.threshold:g}"
+        return f"{self.name} {'>=' if self.metric.higher_is_better else '<='} " \
+               f"{format_threshold(self.threshold)}"
 
 
 def _threshold(metric: DriftMetric, value: Any, where: str) -> float:
@@ -475,15 +476,53 @@ def as_setting(criteria: list[Criterion]) -> float | dict[str, float]:
 
 
 def describe_setting(setting: float | dict[str, float]) -> str:
-    """:func:`describe` for criteria as reports keep them (:func:`as_setting`); a metric that
-    is not built in (a callable's name) reads as higher-is-better."""
-    if not isinstance(setting, dict):
-        return f"cosine >= {setting:g}"
-    parts = []
-    for name, threshold in setting.items():
+    """:func:`describe` for criteria as reports keep them (:func:`as_setting`)."""
+    return describe(setting_criteria(setting))
+
+
+def setting_criteria(setting: float | dict[str, float]) -> list[Criterion]:
+    """The criteria of a setting as reports keep it (:func:`as_setting`), in its order; a metric
+    that is not built in (a user callable, of which a report keeps the name) is higher-is-better
+    and cannot be measured again."""
+    pairs = setting.items() if isinstance(setting, dict) else [("cosine", setting)]
+    criteria = []
+    for name, threshold in pairs:
         try:
-            lower = not get_metric(name).higher_is_better
+            metric = get_metric(name)
         except UsageError:
-            lower = False
-        parts.append(f"{name} {'<=' if lower else '>='} {threshold:g}")
-    return ", ".join(parts)
+            metric = CallableMetric(_known_by_name_only, name)
+        criteria.append(Criterion(metric, threshold))
+    return criteria
+
+
+def _known_by_name_only(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The function of a user metric of which only the name is known (:func:`setting_criteria`)."""
+    raise UsageError("a user metric read back from a report cannot be measured again")
+
+
+def format_threshold(threshold: float) -> str:
+    """``threshold`` as ``:g`` prints it (``0.999``, ``1e-05``), or every digit when that would
+    round it (a cosine threshold ``0.9999999`` is not ``1``)."""
+    short = f"{threshold:g}"
+    return short if float(short) == threshold or math.isnan(threshold) else repr(float(threshold))
+
+
+def format_comparison(value: float, threshold: float, spec: str = ".4g",
+                      threshold_spec: str | None = None) -> tuple[str, str]:
+    """``value`` (as ``spec`` formats it) and ``threshold`` (as ``threshold_spec`` does, or
+    :func:`format_threshold`) for a message comparing them, with as many more significant digits
+    as it takes for the printed numbers to compare as the numbers do: ``("0.9999997", "1")``,
+    not ``("1.000000", "1")``."""
+    shown = format(value, spec)
+    limit = format_threshold(threshold) if threshold_spec is None else format(threshold,
+                                                                              threshold_spec)
+    digits = 7
+    while _side(float(shown), float(limit)) != _side(value, threshold) and digits <= 17:
+        shown, limit = format(value, f".{digits}g"), format(threshold, f".{digits}g")
+        digits += 1
+    return shown, limit
+
+
+def _side(a: float, b: float) -> int:
+    """-1, 0 or 1 as ``a`` is below, equal to (or NaN against) or above ``b``."""
+    return (a > b) - (a < b)

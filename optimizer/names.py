@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from typing import Iterable
+
 from onnxopt.graph import iter_graphs
 
 #: Attribute of a main ``gs.Graph`` holding its :class:`NameAuthority`.
@@ -69,6 +71,32 @@ def _all_names(graph: gs.Graph) -> set[str]:
             if node.name:
                 names.add(node.name)
     return names
+
+
+def rename_node_clashes(root: gs.Graph, nodes: Iterable[gs.Node], into: gs.Graph) -> int:
+    """Rename each of ``nodes`` -- nodes about to move into the graph ``into`` of ``root``'s model
+    (an If branch inlined into the graph holding the If, two branches fused into one) -- whose
+    name another node of ``into`` uses; the new name is fresh in the whole model
+    (``f"{name}__{k}"``, see :class:`NameAuthority`). Returns how many were renamed.
+
+    ONNX lets the nodes of different graphs (an If's branches and the graph around them) share
+    names, and exporters write them so (``/Add`` in every branch); onnxruntime refuses a graph in
+    which two nodes share one ("two nodes with same node name"). Unnamed nodes stay unnamed.
+    ``root`` must be the main graph.
+    """
+    nodes = list(nodes)
+    moving = {id(n) for n in nodes}
+    taken = {n.name for n in into.nodes if n.name and id(n) not in moving}
+    authority = NameAuthority.of(root)
+    renamed = 0
+    for n in nodes:
+        if n.name and n.name in taken:
+            base = n.name
+            while n.name in taken:
+                n.name = authority.fresh(base)
+            renamed += 1
+        taken.add(n.name)
+    return renamed
 
 
 def fresh_name(graph: gs.Graph, base: str) -> str:

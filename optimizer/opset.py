@@ -17,6 +17,7 @@ from __future__ import annotations
 import onnx
 import onnx.version_converter
 
+from onnxopt import external
 from onnxopt.errors import ModelLoadError
 
 
@@ -45,7 +46,10 @@ def upgrade(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         return copy
     try:
         converted = onnx.version_converter.convert_version(copy, target)
-        onnx.checker.check_model(converted)
+        if external.has_external_data(converted):  # data left in its files: check beside them
+            external.check_with_references(converted)
+        else:
+            onnx.checker.check_model(converted)
     except Exception as err:  # the converter raises RuntimeError, ValidationError, IndexError...
         text = str(err).strip()
         first = next((line.strip() for line in text.splitlines() if line.strip()),

@@ -137,6 +137,16 @@ def human_bytes(n: int) -> str:
         n /= 1024
 
 
+def percent_change(before: float, after: float) -> str:
+    """The change from ``before`` to ``after`` in percent of ``before``, one decimal, signed
+    (``+12.5%``, ``-3.0%``); ``0.0%`` when it rounds to zero (never ``-0.0%``); empty when the
+    two are equal or ``before`` is 0."""
+    if before == after or not before:
+        return ""
+    text = f"{(after - before) / before:+.1%}"
+    return "0.0%" if float(text[:-1]) == 0 else text
+
+
 def pass_summary(records: list[PassRecord]) -> list[tuple[str, int, dict, float]]:
     """Per pass name: times run, summed numeric statistics, total seconds (first-run order)."""
     rows: dict[str, list] = {}

@@ -280,7 +280,7 @@ class _Sizes:
         return len(zlib.compress(np.ascontiguousarray(values).tobytes(), 1))
 
     def of(self, proposals: list[Proposal]) -> dict[str, int]:
-        proposed = {q.name: q.value for q in proposals if q.value is not None}
+        proposed = {q.name: q.array() for q in proposals if q.value is not None}
         raw = packed = 0
         for name, t in self.constants.items():
             values = proposed.get(name)

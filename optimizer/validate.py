@@ -71,11 +71,13 @@ import onnxruntime as ort
 from onnxopt import external, io, progress
 from onnxopt.errors import InputError
 from onnxopt.graph import graph_protos
-from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence, layout,
-                             output_metrics, parse_criteria, pooled_cosine)
+from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence,
+                             format_comparison, layout, output_metrics, parse_criteria,
+                             pooled_cosine)
 
-__all__ = ["compare_models", "make_session", "run_model", "session_options", "OutputMetrics",
-           "ValidationResult", "output_metrics", "flatten_sequence", "layout"]
+__all__ = ["compare_models", "reference_outputs", "ReferenceOutputs", "make_session", "run_model",
+           "session_options", "OutputMetrics", "ValidationResult", "output_metrics",
+           "flatten_sequence", "layout"]
 
 # onnxruntime's own messages (unused initializers, kernel errors we report in one line) are not
 # shown; sessions inherit this level, which the CLI's --verbose lowers.
@@ -237,11 +239,43 @@ def json_float(v: float) -> float | str | None:
     return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
 
 
+@dataclass
+class ReferenceOutputs:
+    """The reference model's output names and its outputs on each feed (a list per feed), as
+    :func:`reference_outputs` computes them once for every validation of one run."""
+
+    names: list[str]
+    outputs: list[list]
+
+
+def reference_outputs(reference, feeds: list[dict[str, np.ndarray]], synthesized: bool = False,
+                      warnings: list[str] = ()) -> ReferenceOutputs:
+    """Run ``reference`` (a ModelProto, its serialization or its file) on every feed, with one
+    session that is released before returning: a large model is in memory only while it runs.
+
+    Raises:
+        InputError: the reference cannot be loaded or run on the feeds (with a hint about
+            synthesized inputs when ``synthesized``).
+    """
+    progress.report("validation: loading the reference model")
+    session = make_session(reference, "reference model")
+    hint = (" (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
+            "with --input-shape" + "".join(f"; {w}" for w in warnings) + ")"
+            if synthesized else "")
+    outputs = []
+    for i, feed in enumerate(feeds):
+        progress.report(f"validation: running the reference model (feed {i + 1} of "
+                        f"{len(feeds)})")
+        outputs.append(run_model(session, feed, "reference model", hint=hint))
+    return ReferenceOutputs([o.name for o in session.get_outputs()], outputs)
+
+
 def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProto | bytes,
                    feeds: list[dict[str, np.ndarray]], *, atol: float = DEFAULT_ATOL,
                    rtol: float = DEFAULT_RTOL, max_drift=DEFAULT_MAX_DRIFT,
                    metric="cosine", lossy: bool = False, synthesized: bool = False,
-                   warnings: list[str] = ()) -> ValidationResult:
+                   warnings: list[str] = (),
+                   computed: ReferenceOutputs | None = None) -> ValidationResult:
     """Run both models on every feed and compare their outputs.
 
     Args:
@@ -257,6 +291,8 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
         lossy: judge by ``max_drift`` instead of ``atol``/``rtol``.
         synthesized: the feeds were synthesized (an error then suggests real inputs, adding
             ``warnings`` about inputs that look like settings).
+        computed: the reference's outputs on ``feeds`` (:func:`reference_outputs`), when a run
+            validates several candidates: the reference then runs only for a second look.
 
     A candidate that onnxruntime cannot load or run fails the validation (``reason`` says why).
     When outputs fail on their values, a second look (module docstring) tells random outputs
@@ -269,18 +305,8 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     """
     criteria = parse_criteria(max_drift, metric)
     # one model in memory at a time: the reference's outputs on every feed, then the candidate
-    progress.report("validation: loading the reference model")
-    ref_sess = make_session(reference, "reference model")
-    ref_names = [o.name for o in ref_sess.get_outputs()]
-    hint = (" (the inputs were synthesized: give real ones with --inputs, or fix dynamic dims "
-            "with --input-shape" + "".join(f"; {w}" for w in warnings) + ")"
-            if synthesized else "")
-    ref_outs = []
-    for i, feed in enumerate(feeds):
-        progress.report(f"validation: running the reference model (feed {i + 1} of "
-                        f"{len(feeds)})")
-        ref_outs.append(run_model(ref_sess, feed, "reference model", hint=hint))
-    del ref_sess
+    computed = computed or reference_outputs(reference, feeds, synthesized, warnings)
+    ref_names, ref_outs = computed.names, computed.outputs
     progress.report("validation: loading the candidate model")
     result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol,
                               as_setting(criteria), len(feeds))
@@ -358,7 +384,8 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
                 m.passed, m.reason = False, "NaN or infinities in different places"
             elif not lossy and s["max_abs"] > tol:
                 m.passed = False
-                m.reason = f"max abs error {s['max_abs']:.3g} > tolerance {tol:.3g}"
+                m.reason = "max abs error {} > tolerance {}".format(
+                    *format_comparison(s["max_abs"], tol, ".3g", ".3g"))
             else:
                 continue
             failed_on.setdefault(i, []).append(k)
@@ -423,11 +450,33 @@ def _agrees(reference, candidate, atol: float, rtol: float) -> bool:
     return not s["nan_mismatch"] and s["max_abs"] <= lossless_tolerance(r.dtype, s, atol, rtol)
 
 
+#: Why a failed output passes after the second look: the ValidationResult list naming it, its
+#: reason and its warning.
+_EXCUSES = {
+    "original_miscomputed": (
+        "onnxruntime computes the original wrongly: the candidate agrees with onnx's reference "
+        "implementation, the original on onnxruntime does not",
+        "output '{name}': onnxruntime computes the original wrongly (onnx's reference "
+        "implementation agrees with the optimized model): on onnxruntime the optimized model "
+        "gives other values than the original there, the ones the ONNX specification defines"),
+    "not_compared": (
+        "values not compared: the original computes different values on the same inputs",
+        "output '{name}' is random (the original gives other values on each run: random ops, "
+        "or Dropout in training mode): its dtype and shape were compared, its values could "
+        "not be"),
+}
+
+
 def _second_look(result: ValidationResult, reference, feeds: list[dict[str, np.ndarray]],
                  ref_outs: list[list], cand_failing: dict[int, list],
                  failed_on: dict[int, list[int]]) -> None:
     """Tell random outputs and onnxruntime's errors on the original from a broken candidate
     (module docstring), updating ``result``'s outputs, lists and warnings.
+
+    An output that onnxruntime computes differently on each run is random only when onnx's
+    reference implementation, where it can run, does too: onnxruntime reading memory it never
+    wrote also gives other values on each run, and the candidate is then judged by the
+    reference implementation.
 
     Args:
         reference: the original, as given to :func:`compare_models`.
@@ -436,86 +485,114 @@ def _second_look(result: ValidationResult, reference, feeds: list[dict[str, np.n
         failed_on: the failed outputs (by index) and the feeds their values failed on (feed 0
             for a lossy criterion, judged over all feeds).
     """
-    metrics = result.outputs
+    atol, rtol = result.atol, result.rtol
     k = min(f for feeds_of in failed_on.values() for f in feeds_of)
     progress.report("validation: running the original twice more (random outputs?)")
     session = make_session(reference, "reference model")
     runs = [run_model(session, feeds[k], "reference model") for _ in range(2)]
     del session
-    for i in list(failed_on):
-        if all(_agrees(ref_outs[k][i], run[i], result.atol, result.rtol) for run in runs):
-            continue
-        m = metrics[i]
-        m.passed = True
-        m.reason = ("values not compared: the original computes different values on the same "
-                    "inputs")
-        result.not_compared.append(m.name)
-        result.warnings.append(
-            f"output '{m.name}' is random (the original gives other values on each run: random "
-            "ops, or Dropout in training mode): its dtype and shape were compared, its values "
-            "could not be")
-        del failed_on[i]
-    if not failed_on or result.mode == "lossy":
-        return
-    spec: dict[int, list] = {}
-    for f in sorted({f for feeds_of in failed_on.values() for f in feeds_of}):
-        outs, why = _reference_implementation(reference, feeds[f])
-        if outs is None:
-            result.warnings.append("not cross-checked with onnx's reference implementation "
-                                   f"(onnx.reference): {why}")
-            return
-        spec[f] = outs
+    varies = {i for i in failed_on
+              if not all(_agrees(ref_outs[k][i], run[i], atol, rtol) for run in runs)}
+    spec = None if result.mode == "lossy" else _ReferenceImplementation(reference, feeds)
     for i, feeds_of in failed_on.items():
-        if all(_agrees(spec[f][i], cand_failing[f][i], result.atol, result.rtol)
-               and not _agrees(spec[f][i], ref_outs[f][i], result.atol, result.rtol)
-               for f in feeds_of):
-            m = metrics[i]
-            m.passed = True
-            m.reason = ("onnxruntime computes the original wrongly: the candidate agrees with "
-                        "onnx's reference implementation, the original on onnxruntime does not")
-            result.original_miscomputed.append(m.name)
-            result.warnings.append(
-                f"output '{m.name}': onnxruntime computes the original wrongly (onnx's reference "
-                "implementation agrees with the optimized model): on onnxruntime the optimized "
-                "model gives other values than the original there, the ones the ONNX "
-                "specification defines")
+        m, random = result.outputs[i], i in varies
+        if random and spec is not None and spec.usable:  # by the specification too?
+            random = spec.varies(k, i, atol, rtol) or not spec.usable
+        if not random and spec is not None and spec.miscomputed(
+                i, {f: (ref_outs[f], cand_failing[f]) for f in feeds_of}, atol, rtol):
+            excuse = "original_miscomputed"
+        elif random:
+            excuse = "not_compared"
+        else:
+            continue
+        reason, warning = _EXCUSES[excuse]
+        m.passed, m.reason = True, reason
+        getattr(result, excuse).append(m.name)
+        result.warnings.append(warning.format(name=m.name))
+    if spec is not None and not spec.usable:
+        result.warnings.append("not cross-checked with onnx's reference implementation "
+                               f"(onnx.reference): {spec.why}")
 
 
-def _reference_implementation(reference, feed: dict[str, np.ndarray]
-                              ) -> tuple[list | None, str]:
-    """The outputs of ``reference`` (a ModelProto, its serialization or its file) on ``feed``
-    computed by ``onnx.reference.ReferenceEvaluator``, or None and why not: the model is over
-    :data:`REFERENCE_MAX_NODES` or :data:`REFERENCE_MAX_BYTES`, refers to external data, or the
-    evaluator raises (an op it does not implement, say)."""
-    if isinstance(reference, (str, os.PathLike)):
-        size = os.path.getsize(reference)
-    elif isinstance(reference, bytes):
-        size = len(reference)
-    else:
-        size = None
-    if size is not None and size > REFERENCE_MAX_BYTES:
-        return None, f"the model has {size} bytes (at most {REFERENCE_MAX_BYTES} are checked)"
-    if isinstance(reference, bytes):
-        model = onnx.load_from_string(reference)
-    elif isinstance(reference, (str, os.PathLike)):
-        model = onnx.load(os.fspath(reference), load_external_data=False)
-    else:
-        model = reference
-    if external.has_external_data(model):
-        return None, "the model refers to external data"
-    nodes = sum(len(g.node) for g in graph_protos(model.graph))
-    if nodes > REFERENCE_MAX_NODES:
-        return None, f"the model has {nodes} nodes (at most {REFERENCE_MAX_NODES} are checked)"
-    from onnx.reference import ReferenceEvaluator  # numpy kernels, loaded only when needed
+class _ReferenceImplementation:
+    """The original run by ``onnx.reference.ReferenceEvaluator`` (numpy kernels), on demand and
+    once per feed. Not ``usable`` (``why`` says why) when the model is over
+    :data:`REFERENCE_MAX_NODES` or :data:`REFERENCE_MAX_BYTES`, refers to external data, or
+    the evaluator raises (an op it does not implement, say)."""
 
-    progress.report("validation: running the original on onnx's reference implementation")
-    try:
-        evaluator = ReferenceEvaluator(model)
-        return list(evaluator.run(None, {n: feed[n] for n in evaluator.input_names
-                                         if n in feed})), ""
-    except Exception as err:  # noqa: BLE001 -- the evaluator raises anything an op raises
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return None, f"it cannot run the model: {first}"
+    def __init__(self, reference, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds, self._outputs, self._evaluator, self.why = feeds, {}, None, ""
+        self.why = self._load(reference)
+
+    @property
+    def usable(self) -> bool:
+        return self._evaluator is not None
+
+    def _load(self, reference) -> str:
+        if isinstance(reference, (str, os.PathLike)):
+            size = os.path.getsize(reference)
+        else:
+            size = len(reference) if isinstance(reference, bytes) else None
+        if size is not None and size > REFERENCE_MAX_BYTES:
+            return f"the model has {size} bytes (at most {REFERENCE_MAX_BYTES} are checked)"
+        if isinstance(reference, bytes):
+            model = onnx.load_from_string(reference)
+        elif isinstance(reference, (str, os.PathLike)):
+            model = onnx.load(os.fspath(reference), load_external_data=False)
+        else:
+            model = reference
+        if external.has_external_data(model):
+            return "the model refers to external data"
+        nodes = sum(len(g.node) for g in graph_protos(model.graph))
+        if nodes > REFERENCE_MAX_NODES:
+            return f"the model has {nodes} nodes (at most {REFERENCE_MAX_NODES} are checked)"
+        from onnx.reference import ReferenceEvaluator  # loaded only when needed
+
+        return self._guard(lambda: setattr(self, "_evaluator", ReferenceEvaluator(model)))
+
+    def _guard(self, action) -> str:
+        """Run ``action``; when it raises, the evaluator is unusable and why is returned."""
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 -- the evaluator raises what any kernel raises
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self._evaluator = None
+            self.why = f"it cannot run the model: {first}"
+        return self.why if self._evaluator is None else ""
+
+    def _run(self, f: int) -> list | None:
+        """The outputs on feed ``f``, None when the evaluator raised (it is then unusable)."""
+        feed, found = self._feeds[f], []
+        progress.report("validation: running the original on onnx's reference implementation")
+        if self.usable:
+            self._guard(lambda: found.append(list(self._evaluator.run(
+                None, {n: feed[n] for n in self._evaluator.input_names if n in feed}))))
+        return found[0] if found else None
+
+    def outputs(self, f: int) -> list | None:
+        """The outputs on feed ``f`` (run once), None when the evaluator cannot tell."""
+        if f not in self._outputs:
+            self._outputs[f] = self._run(f)
+        return self._outputs[f]
+
+    def varies(self, f: int, i: int, atol: float, rtol: float) -> bool:
+        """Whether output ``i`` differs between two runs on feed ``f`` (random by the
+        specification); False when the evaluator cannot tell."""
+        first, second = self.outputs(f), self._run(f)
+        return first is not None and second is not None and not _agrees(first[i], second[i],
+                                                                         atol, rtol)
+
+    def miscomputed(self, i: int, outputs: dict[int, tuple[list, list]], atol: float,
+                    rtol: float) -> bool:
+        """Whether, on every feed ``f`` of ``outputs`` (``{f: (onnxruntime's outputs of the
+        original, the candidate's)}``), output ``i`` of the candidate agrees with the evaluator
+        and the original's does not; False when the evaluator cannot tell."""
+        for f, (original, candidate) in outputs.items():
+            spec = self.outputs(f)
+            if spec is None or not _agrees(spec[i], candidate[i], atol, rtol) \
+                    or _agrees(spec[i], original[i], atol, rtol):
+                return False
+        return True
 
 
 def _agreement(m: OutputMetrics, r: np.ndarray, c: np.ndarray, values: dict[str, float],
@@ -539,6 +616,7 @@ def _agreement(m: OutputMetrics, r: np.ndarray, c: np.ndarray, values: dict[str,
 def _failure(criterion: Criterion, value: float) -> str:
     """Why an output fails ``criterion`` with ``value``, for the report."""
     metric = criterion.metric
-    shown = f"{value:.6f}" if metric.name == "cosine" else f"{value:.4g}"
+    shown, limit = format_comparison(value, criterion.threshold,
+                                     ".6f" if metric.name == "cosine" else ".4g")
     return (f"{metric.description} {shown} {'<' if metric.higher_is_better else '>'} "
-            f"max drift {criterion.threshold:g}")
+            f"max drift {limit}")

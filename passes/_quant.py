@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.edit import nbytes
 
 #: Largest magnitude of the symmetric int8 weight grid.
@@ -154,13 +155,14 @@ def weight_refusal(t: gs.Constant, slots: list, usedef, options, accepts, what: 
         return "graph input or output"
     if np.dtype(t.dtype) != np.float32:
         return "not float32"
-    if not isinstance(t.values, np.ndarray):
+    values = external.peek(t)  # an external weight: mapped for this check only
+    if not isinstance(values, np.ndarray):
         return "sparse initializer"
-    if ndim is not None and t.values.ndim != ndim:
+    if ndim is not None and values.ndim != ndim:
         return f"not {ndim}-D"
-    if t.values.size < options.min_elements:
+    if values.size < options.min_elements:
         return f"fewer than {options.min_elements} elements"
-    if not np.isfinite(t.values).all():
+    if not np.isfinite(values).all():
         return "non-finite values"
     return None
 

@@ -39,14 +39,26 @@ replaced by initializers. Partial values are tracked for tensors of at most
 ``_PARTIAL_ELEMENTS`` elements.
 
 Values are computed by onnxruntime, one node at a time (``onnxopt.evaluate``), so the result is
-what the runtime would have computed. A result of ``size_limit`` bytes or more (an option, 1 MiB
-by default) is materialized only if it is no larger than the initializers that disappear with the node -- those it alone reads
-(e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic, so that
-``ConstantOfShape``/``Tile``/``Expand`` cannot inflate the file; and no fold adds more than
-``growth_limit`` bytes (64 KiB by default) to the initializers, so that a compressed storage form
-(clustered weights ``Gather(codebook, indices)``) of a model loaded from a file, which no pass of
-this run marked (below), is not decompressed into the file. Sequence and
-optional values are never folded.
+what the runtime would have computed. Size bounds, so that a small generator
+(``ConstantOfShape``, ``Tile``, ``Expand``, ``Range`` of constants) is not materialized into a
+large tensor:
+
+- a result of ``size_limit`` bytes or more (an option, 1 MiB by default) is materialized only if
+  it is no larger than the initializers that disappear with the node -- those it alone reads
+  (e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic;
+- no fold adds more than ``growth_limit`` bytes (64 KiB by default) to the initializers, so that
+  a compressed storage form (clustered weights ``Gather(codebook, indices)``) of a model loaded
+  from a file, which no pass of this run marked (below), is not decompressed into the file;
+- unless ``size_limit`` is given (``--fold-size-limit``: the user asked for large folds), the
+  model keeps its size class: all folds of the run together leave the tensors (initializers and
+  Constant values, in every graph) at most ``max(growth_limit, 10% of the original file)`` bytes
+  larger than the original's. Each fold is under the per-fold limits, but there can be hundreds:
+  the ONNX ``light_*`` test models generate every weight with a ``ConstantOfShape``, and folding
+  them grew ``light_resnet50`` from 78 KiB to 291 KiB (193 folds of at most 64 KiB; 2.89 MiB
+  before dedup_initializers merged the equal ones). Folds are accepted in graph order while they
+  fit; the refused ones are counted, with the bytes they would have added, in a warning.
+
+Sequence and optional values are never folded.
 
 Never folded: random ops, QuantizeLinear/DequantizeLinear (a QDQ pair is the quantized model's
 storage format), nodes with subgraphs, ops of non-default domains, and the nodes of a compressed
@@ -58,12 +70,13 @@ by one back into uint8 indices twice the size, and a small table is decompressed
 
 Statistics: ``rewritten``; ``by_kind``: ``folded`` (nodes replaced by initializers) and ``reshape
 target made constant``; ``refused``: ``over the size limit``, ``would grow the initializers``,
-``onnxruntime cannot evaluate it``, ``compressed storage`` (a storage node whose inputs are all
-constant, counted each round).
+``would grow the model past its size class``, ``onnxruntime cannot evaluate it``, ``compressed
+storage`` (a storage node whose inputs are all constant, counted each round).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +85,19 @@ import onnx_graphsurgeon as gs
 from onnxopt.analyses import TensorTypes
 from onnxopt.edit import nbytes
 from onnxopt.evaluate import evaluate_node
+from onnxopt.graph import iter_graphs, model_stats
 from onnxopt.ops import NONDETERMINISTIC_OPS, is_default_domain
-from onnxopt.pass_manager import PassContext, register
+from onnxopt.pass_manager import PassContext, PassResult, register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
 _NEVER_FOLD = NONDETERMINISTIC_OPS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+#: ``size_limit`` when none is given (bytes).
+DEFAULT_SIZE_LIMIT = 1 << 20
+#: Fraction of the original file all folds together may add to the tensors when no
+#: ``size_limit`` is given (at least ``growth_limit``; module docstring).
+MODEL_GROWTH = 0.1
+_SIZE_CLASS = "would grow the model past its size class"
 
 #: Largest tensor (in elements) whose partial value is tracked: shape computations are tiny.
 _PARTIAL_ELEMENTS = 64
@@ -257,7 +278,9 @@ class FoldConstantsOptions:
 
     Attributes:
         size_limit: largest result, in bytes, folding materializes unless it replaces at least
-            as many bytes of initializers (default 1 MiB).
+            as many bytes of initializers; None: :data:`DEFAULT_SIZE_LIMIT` (1 MiB), and all
+            folds together keep the model's size class (module docstring), which a given
+            limit lifts.
         growth_limit: most bytes one fold may add to the initializers (its result minus the
             initializers that disappear with it; default 64 KiB), so that a compressed storage
             form that no pass of the run marked in ``PassContext.storage`` -- clustered weights
@@ -265,11 +288,11 @@ class FoldConstantsOptions:
             float tensor it encodes.
     """
 
-    size_limit: int = 1 << 20
+    size_limit: int | None = None
     growth_limit: int = 64 << 10
 
     def check(self) -> str | None:
-        if self.size_limit < 0:
+        if self.size_limit is not None and self.size_limit < 0:
             return f"option size_limit must not be negative, got {self.size_limit}"
         if self.growth_limit < 0:
             return f"option growth_limit must not be negative, got {self.growth_limit}"
@@ -284,6 +307,8 @@ class _Plan:
     shape: np.ndarray | None = None
     values: list[np.ndarray] | None = None
     refusal: Refusal | None = None
+    #: Bytes folding adds to the tensors (the values minus the initializers that disappear).
+    growth: int = 0
 
 
 @register
@@ -294,8 +319,40 @@ class FoldConstants(RewritePass):
     Options = FoldConstantsOptions
     ops = None
 
+    _baseline: tuple = (None, 0, 0)  # (template, its tensor bytes, its file bytes)
+    _warned = None  # weak reference to the graph the size-class warning was given for
+
     def start(self, graph: gs.Graph, ctx: PassContext) -> None:
         self._partial = _PartialValues(ctx.analyses.get(TensorTypes))
+        #: Bytes the folds of this round may still add (None: no whole-model bound).
+        self._room = None
+        self._refused = [0, 0]  # folds refused for the size class, and the bytes they add
+        if self.options.size_limit is None:
+            now = _tensor_bytes(graph)
+            if ctx.template is None:  # no original to measure: bound the growth from here
+                self._baseline = (None, now, now)
+            elif self._baseline[0] is not ctx.template:
+                stats = model_stats(ctx.template)
+                self._baseline = (ctx.template, stats.parameter_bytes, stats.file_bytes)
+            _, tensors, file_bytes = self._baseline
+            self._allowed = max(self.options.growth_limit, int(MODEL_GROWTH * file_bytes))
+            self._room = tensors + self._allowed - now
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = super().run(graph, ctx)
+        count, size = self._refused
+        # Said once per graph, in the first round that folds nothing: earlier rounds' counts
+        # shrink as other passes free room (dedup_initializers) or merge nodes (cse).
+        if count and not result.modified and not (self._warned is not None
+                                                  and self._warned() is graph):
+            self._warned = weakref.ref(graph)
+            result.warnings.append(
+                f"fold_constants: {count} folds refused to keep the model's size class: they "
+                f"would add {size} bytes, and by default all folds together add at most "
+                f"{self._allowed} bytes (the larger of growth_limit and {MODEL_GROWTH:.0%} of "
+                "the original file); give --fold-size-limit BYTES (fold_constants' size_limit) "
+                "to fold them")
+        return result
 
     def match(self, node: gs.Node, scope: Scope) -> _Plan | Refusal | None:
         if not self._foldable(node):
@@ -311,8 +368,18 @@ class FoldConstants(RewritePass):
             if shape is not None:
                 inputs[1] = gs.Constant(inputs[1].name, shape)  # as the rewrite will make it
         plan = _Plan(shape)
+        # Only initializers this node alone reads disappear with it.
+        alone = {id(t): t for t in node.inputs
+                 if isinstance(t, gs.Constant) and all(n is node for n in t.outputs)}
+        consumed = sum(nbytes(t) for t in alone.values())
         real = [t for t in inputs if not t.is_empty()]
         if real and all(isinstance(t, gs.Constant) for t in real):
+            # sized before it is computed: a ConstantOfShape of a 400 MB weight is refused
+            # without materializing it
+            expected = self._inferred_bytes(node, scope.types)
+            refusal = None if expected is None else self._size_refusal(expected, consumed)
+            if refusal is not None:
+                return _Plan(shape, refusal=refusal)
             try:
                 values = evaluate_node(node, scope.graph, [
                     None if t.is_empty() else np.asarray(t.values) for t in inputs])
@@ -325,19 +392,42 @@ class FoldConstants(RewritePass):
             values = [p.values for p in known]
         if not all(isinstance(v, np.ndarray) for v in values):
             return plan if shape is not None else None  # a sequence or optional value
-        # Only initializers this node alone reads disappear with it.
-        alone = {id(t): t for t in node.inputs
-                 if isinstance(t, gs.Constant) and all(n is node for n in t.outputs)}
-        consumed = sum(nbytes(t) for t in alone.values())
-        produced = sum(v.nbytes for v in values)
-        if produced >= self.options.size_limit and produced > consumed:
-            return _Plan(shape, refusal=refuse("over the size limit"))
-        if produced - consumed > self.options.growth_limit:
-            return _Plan(shape, refusal=refuse("would grow the initializers"))
         live = [t for t in node.outputs if not t.is_empty()]
         if any(scope.is_output(t) for t in live) and len(live) != 1:
             return plan if shape is not None else None
-        return _Plan(shape, values)
+        produced = sum(v.nbytes for v in values)
+        refusal = self._size_refusal(produced, consumed)
+        if refusal is not None:
+            return _Plan(shape, refusal=refusal)
+        return _Plan(shape, values, growth=produced - consumed)
+
+    def _size_refusal(self, produced: int, consumed: int) -> Refusal | None:
+        """Why a fold producing ``produced`` bytes in place of ``consumed`` bytes of
+        initializers is refused for its size (module docstring), or None; a refusal for the
+        model's size class is counted."""
+        size_limit = (DEFAULT_SIZE_LIMIT if self.options.size_limit is None
+                      else self.options.size_limit)
+        if produced >= size_limit and produced > consumed:
+            return refuse("over the size limit")
+        if produced - consumed > self.options.growth_limit:
+            return refuse("would grow the initializers")
+        if self._room is not None and produced - consumed > max(self._room, 0):
+            self._refused[0] += 1
+            self._refused[1] += produced - consumed
+            return refuse(_SIZE_CLASS)
+        return None
+
+    @staticmethod
+    def _inferred_bytes(node: gs.Node, types: TensorTypes) -> int | None:
+        """Bytes of the outputs of ``node`` by their inferred static shapes and dtypes, None
+        when one is not known."""
+        total = 0
+        for t in node.outputs:
+            shape, dtype = types.static_shape(t), types.dtype(t)
+            if shape is None or dtype is None:
+                return None
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return total
 
     def rewrite(self, node: gs.Node, plan: _Plan, scope: Scope) -> str | Refusal:
         if plan.values is None and plan.shape is None:
@@ -346,6 +436,8 @@ class FoldConstants(RewritePass):
             node.inputs[1] = gs.Constant(scope.fresh(node.inputs[1].name), plan.shape)
         if plan.values is None:
             return "reshape target made constant"
+        if self._room is not None:
+            self._room -= plan.growth
         live = [t for t in node.outputs if not t.is_empty()]
         if any(scope.is_output(t) for t in live):
             self._partial.set(live[0], np.asarray(plan.values[0]))
@@ -391,3 +483,10 @@ class FoldConstants(RewritePass):
         elif len(unknown) > 1:
             return None
         return values
+
+
+def _tensor_bytes(graph: gs.Graph) -> int:
+    """Bytes of the constant tensors of ``graph`` and its subgraphs, each counted once."""
+    constants = {id(t): t for g in iter_graphs(graph) for t in g.tensors().values()
+                 if isinstance(t, gs.Constant)}
+    return sum(nbytes(t) for t in constants.values())

@@ -30,7 +30,9 @@ re-derives them from the ops.
 Outputs. The fused If writes ``A``'s outputs that something other than ``B`` reads, or that are
 graph outputs (the same tensors, so their names stay), followed by ``B``'s outputs; ``A``'s outputs
 only ``B`` read become tensors inside the branches. Branch tensors whose names another tensor of
-the model uses are renamed. A fused branch binding one tensor to two outputs (``A`` or ``B``
+the model uses are renamed, and so are ``B``'s branch nodes whose names another node uses
+(``A``'s branches and the graph around them may repeat names; onnxruntime refuses a graph with
+two nodes of one name). A fused branch binding one tensor to two outputs (``A`` or ``B``
 did already, or their branches return one shared initializer) is refused
 (``branch output bound twice``): onnxruntime 1.32 without graph optimizations returns wrong
 values for such an If. A branch with inputs or with as many outputs as the If has not is
@@ -48,6 +50,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.edit import IF_BRANCHES, if_branches, node_reads, rename_clashes, sort_nodes
 from onnxopt.graph import iter_graphs
+from onnxopt.names import rename_node_clashes
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
@@ -126,6 +129,7 @@ def _fuse(root: gs.Graph, a: gs.Node, b: gs.Node, outputs: set[int]) -> None:
         if rebound:
             for t in (t for sub in subs for t in sub.outputs):
                 t.shape = None
+        rename_node_clashes(root, theirs.nodes, mine)
         mine.nodes.extend(theirs.nodes)
         mine.outputs = fused
         theirs.nodes, theirs.outputs = [], []

@@ -19,7 +19,9 @@ branch output instead. Where it is, its name must survive: the branch node produ
 made to write ``y_i``; when the branch output is not produced by a branch node (an outer-scope
 tensor, an initializer, or a value already bound to another output), an ``Identity`` writes ``y_i``.
 The branch not taken is disconnected, so that outer tensors no longer list its nodes as consumers.
-Branch tensors whose names clash with a name elsewhere in the model are renamed.
+Branch tensors whose names clash with a name elsewhere in the model are renamed, and so are branch
+nodes whose names another node uses (exporters repeat node names across scopes; onnxruntime
+refuses a graph with two nodes of one name).
 
 Every graph and subgraph is handled. The inlined branch's own Ifs land in the enclosing graph;
 those with a constant condition are inlined with it (depth first, in order).
@@ -40,6 +42,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.edit import constant_value, rename_clashes, replace_uses
 from onnxopt.graph import iter_graphs
+from onnxopt.names import rename_node_clashes
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import PassContext, register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
@@ -83,6 +86,7 @@ def _inline(scope: Scope, node: gs.Node) -> list[gs.Node]:
     _disconnect(other)
     branch.toposort(recurse_subgraphs=False)
     rename_clashes(scope.root, branch)
+    rename_node_clashes(scope.root, branch.nodes, graph)
     moved = list(branch.nodes)
     produced_here = {id(t) for n in moved for t in n.outputs}
     if_outputs = list(node.outputs)

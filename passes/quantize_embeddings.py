@@ -57,12 +57,14 @@ Errors: none of its own.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots
@@ -209,14 +211,14 @@ class QuantizeEmbeddings(Pass):
                 continue
             g = usedef.owner(slots[0][0])
             if self.options.bits == 8:
-                q, scale = quantize_symmetric(t.values, 0)
+                q, scale = quantize_symmetric(external.peek(t), 0)
                 scale = scale.reshape(-1, 1)
-                value = dequantize(q, scale, None)
+                value = functools.partial(dequantize, q, scale, None)
                 zero_point = None
             else:
-                q, scale, zero_point = quantize_int4_blocks(t.values, self.options.block_size,
+                q, scale, zero_point = quantize_int4_blocks(external.peek(t), self.options.block_size,
                                                             self.options.symmetric)
-                value = dequantize_int4_blocks(q, scale, zero_point)
+                value = functools.partial(dequantize_int4_blocks, q, scale, zero_point)
             proposals.append(Proposal(tensor=t, value=value,
                                       apply=self._rewrite(graph, g, t, q, scale, zero_point)))
         stats = {"refused": dict(sorted(refused.items()))} if refused else {}

@@ -81,6 +81,7 @@ Errors: none of its own.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxopt import external
 from onnxopt.analyses import UseDef
 from onnxopt.analyses.activations import ActivationGrams
 from onnxopt.budget import Proposal
@@ -383,6 +385,15 @@ def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
     return pack_nibbles(codes) if bits == 4 else np.ascontiguousarray(codes, np.uint8)
 
 
+
+def _dequantized(quantized, scale: np.ndarray | None) -> np.ndarray:
+    """The float32 values ``quantized`` (a block-quantized weight) stands for, with an AWQ
+    input-channel ``scale`` (per row of the [K, N] weight) undone."""
+    value = quantized.dequantize()
+    if scale is not None:
+        value = value / scale[:, None]
+    return value.astype(np.float32)
+
 @register
 class QuantizeInt4(Pass):
     name = "quantize_int4"
@@ -469,30 +480,31 @@ class QuantizeInt4(Pass):
         awq = self._awq_plan(plans, stats) if o.method == "awq" else {}
         chosen = []
         for t, readers in plans:
-            w = np.asarray(t.values, np.float64)
+            w = np.asarray(external.peek(t), np.float64)  # an external weight: mapped here only
             gram = self._gram(readers, stats)
             scale = awq.get(id(t))
             quantized = self._quantize(w, gram, scale)
-            value = quantized.dequantize()
-            if scale is not None:
-                value = value / scale[:, None]
+            value = _dequantized(quantized, scale)
             harm = output_error(w, value, gram) if gram is not None else \
                 float(np.sum((w - value) ** 2) / max(np.sum(w * w), 1e-30))
-            chosen.append([t, readers, quantized, value, scale, gram, harm])
+            chosen.append([t, readers, quantized, scale, gram, harm])
         self._eight_bit = self._eight_bit_set(chosen)
         proposals = []
-        for t, readers, quantized, value, scale, gram, harm in chosen:
-            w = np.asarray(t.values, np.float64)
+        for t, readers, quantized, scale, gram, harm in chosen:
             if id(t) in self._eight_bit:
+                w = np.asarray(external.peek(t), np.float64)
                 quantized, scale = quantize_rtn(w, o.block_size, o.symmetric, bits=8), None
-                value = quantized.dequantize()
             elif gram is not None:
                 self._errors[o.method].append(harm)
                 if o.method != "rtn":
+                    w = np.asarray(external.peek(t), np.float64)
                     rtn = quantize_rtn(w, o.block_size, o.symmetric).dequantize()
                     self._errors["rtn"].append(output_error(w, rtn, gram))
+            # the values the budget measures, computed when it runs the model: a large model
+            # keeps only the packed weights, not a float copy of each
             proposals.append(Proposal(
-                tensor=t, value=value.astype(np.float32), group=readers[0].name or t.name,
+                tensor=t, value=functools.partial(_dequantized, quantized, scale),
+                group=readers[0].name or t.name,
                 apply=self._rewrite(graph, usedef.owner(readers[0]), t, readers, quantized,
                                     scale)))
         result_stats = {"refused": dict(sorted(refused.items()))} if refused else {}

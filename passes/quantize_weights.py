@@ -71,11 +71,13 @@ Errors: none of its own.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses import UseDef
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, replace_uses
@@ -165,12 +167,12 @@ class QuantizeWeights(Pass):
                 continue
             axes = {output_channel_axis(n, i, len(t.shape)) for n, i in slots}
             axis = axes.pop() if len(axes) == 1 else None
-            q, scale = quantize(t.values, axis)
+            q, scale = quantize(external.peek(t), axis)  # an external weight: mapped here only
             self._axes[id(t)] = axis
             readers = {id(n): n for n, _ in slots}
             node = next(iter(readers.values()))
             proposals.append(Proposal(
-                tensor=t, value=dequantize(q, scale, axis),
+                tensor=t, value=functools.partial(dequantize, q, scale, axis),
                 apply=self._rewrite(graph, usedef.owner(node), t, q, scale, axis, per_axis),
                 group=node.name if len(readers) == 1 and node.name else None))
         self._scheme = "per-channel" if per_axis else "per-channel (DequantizeLinear + Mul)"

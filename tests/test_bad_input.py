@@ -107,11 +107,17 @@ def test_unreadable_model_file_is_refused(tmp_path, capsys, kind, make, expected
 
 
 def test_a_directory_as_input_is_named_as_a_directory(tmp_path, capsys):
+    """The API names the folder; the CLI takes a folder as a batch (onnxopt.batch), and says
+    it holds no model."""
     folder = tmp_path / "model.onnx"
     folder.mkdir()
-    line = _optimize_refused(folder, tmp_path / "o.onnx", capsys)
+    untouched = _Untouched(tmp_path)
+    line = _refused(["optimize", str(folder), "-o", str(tmp_path / "o.onnx")], capsys)
     assert str(folder) in line and "no such file" not in line
-    assert "directory" in line or "folder" in line
+    assert "no .onnx files in this folder" in line
+    with pytest.raises(InputError, match="is a folder, not an ONNX model file"):
+        optimize(str(folder), output=str(tmp_path / "o.onnx"))
+    untouched.check()
 
 
 # ------------------------------------------------------------------ external data

@@ -328,3 +328,21 @@ def test_op_names_with_brackets_print_verbatim_in_tables(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     assert "my[dom].[/oops]" in capsys.readouterr().out
 
+
+
+def test_passes_are_listed_in_the_order_a_run_takes_them(capsys):
+    from onnxopt.passes import LOSSLESS_PIPELINE
+    from onnxopt.pipeline import QUANTIZE_MODES
+
+    assert main(["passes"]) == 0
+    rows = [line.split("│") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│")]
+    listed = [cells[1].strip() for cells in rows if cells[1].strip()]  # first line of each row
+    assert sorted(listed) == sorted(REGISTRY)
+    assert listed[:len(LOSSLESS_PIPELINE)] == LOSSLESS_PIPELINE
+    quantizing = list(dict.fromkeys(p for passes in QUANTIZE_MODES.values() for p in passes))
+    assert listed[len(LOSSLESS_PIPELINE):][:len(quantizing)] == quantizing
+    run_by = {cells[1].strip(): cells[3].strip() for cells in rows if cells[1].strip()}
+    assert all(run_by[name] == "default pipeline" for name in LOSSLESS_PIPELINE)
+    assert run_by["quantize_static"] == "--quantize int8-static"
+    assert run_by["prune"].startswith("--prune-threshold")

@@ -51,7 +51,7 @@ def test_configured_pass_objects_and_options_by_name():
     ({"options": {"prune": {"threshold": 1.0}}}, "does not run: prune"),
     ({"prune_threshold": -1.0}, "must be positive"),
     ({"prune_threshold": "0.1"}, "option threshold must be float or None, got '0.1'"),
-    ({"options": {"fold_constants": {"size_limit": 1.5}}}, "size_limit must be int, got 1.5"),
+    ({"options": {"fold_constants": {"size_limit": 1.5}}}, "size_limit must be int or None, got 1.5"),
     ({"quantize": "int3"}, "unknown quantization mode"),
     ({"max_iterations": 0}, "at least 1"),
     ({"max_iterations": "3"}, "must be an integer"),

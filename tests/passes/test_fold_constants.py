@@ -478,3 +478,80 @@ def test_real_model_state_offset_is_folded(monkeypatch):
     assert report.validation.passed
     assert report.after.nodes == base.after.nodes - 3
     assert base.after.op_counts["Mul"] == 1 and "Mul" not in report.after.op_counts
+
+
+# --- the model keeps its size class ---------------------------------------------------------------
+
+def _light_resnet50() -> str:
+    import os
+
+    import onnx.backend.test
+
+    return os.path.join(os.path.dirname(onnx.backend.test.__file__), "data", "light",
+                        "light_resnet50.onnx")
+
+
+def test_many_small_folds_do_not_grow_the_model_past_its_size_class(tmp_path):
+    """light_resnet50 (78 KiB) generates every weight with a ConstantOfShape; each fold is under
+    the per-fold limits, all of them together grew the file to 291 KiB."""
+    path = _light_resnet50()
+    out = tmp_path / "default.opt.onnx"
+    _, report = optimize(path, output=out)
+    assert report.validation.passed
+    allowed = max(64 << 10, report.before.file_bytes // 10)
+    assert report.after.parameter_bytes <= report.before.parameter_bytes + allowed
+    assert out.stat().st_size <= report.before.file_bytes + allowed
+    refused = [w for w in report.warnings if "folds refused to keep the model's size class" in w]
+    assert len(refused) == 1 and "--fold-size-limit" in refused[0]
+    records = [r for r in report.passes if r.name == "fold_constants"]
+    assert all(r.stats.get("refused", {}).get("would grow the model past its size class")
+               for r in records)
+    # asked for: a given size limit lifts the bound, and the model grows
+    big = tmp_path / "big.opt.onnx"
+    _, asked = optimize(path, output=big, fold_size_limit=100 << 20)
+    assert asked.validation.passed
+    assert big.stat().st_size > out.stat().st_size + allowed
+    assert not any("size class" in w for w in asked.warnings)
+    folded = sum(r.stats.get("by_kind", {}).get("folded", 0) for r in records)
+    assert sum(r.stats.get("by_kind", {}).get("folded", 0) for r in asked.passes
+               if r.name == "fold_constants") > folded
+    for result in (out, big):
+        assert_same_outputs(onnx.load(path), onnx.load(str(result)))
+
+
+def test_the_size_class_bound_adds_up_folds_and_counts_the_refused():
+    """Eight 16 KiB ConstantOfShape weights of a model of a few hundred bytes: the first four
+    fit in the 64 KiB all folds may add (a fifth would pass it), the others are refused."""
+    nodes, outs = [], []
+    for i in range(8):
+        nodes += [helper.make_node("ConstantOfShape", ["s"], [f"c{i}"],
+                                   value=helper.make_tensor("v", TensorProto.FLOAT, [1], [i + 1.0])),
+                  helper.make_node("Add", ["x", f"c{i}"], [f"y{i}"])]
+        outs.append((f"y{i}", np.float32, [64, 64]))
+    model = make_model(nodes, [("x", np.float32, [1, 64])], outs,
+                       {"s": np.array([64, 64], np.int64)})
+    out, records = run_passes(model, [get_pass("fold_constants")])
+    assert ops(out).count("ConstantOfShape") == 4
+    first = records[0]
+    assert first.stats["refused"]["would grow the model past its size class"] == 4
+    (warning,) = [w for r in records for w in r.warnings]
+    assert "4 folds refused" in warning and f"{4 * 64 * 64 * 4} bytes" in warning
+    assert_same_outputs(model, out)
+    out, records = run_passes(model, [get_pass("fold_constants", size_limit=1 << 20)])
+    assert "ConstantOfShape" not in ops(out) and not any(r.warnings for r in records)
+    assert_same_outputs(model, out)
+
+
+def test_a_constant_of_shape_over_the_size_limit_is_refused_before_it_is_computed(monkeypatch):
+    computed = []
+    real = fold_constants.evaluate_node
+
+    def spy(node, *args, **kwargs):
+        computed.append(node.op)
+        return real(node, *args, **kwargs)
+
+    monkeypatch.setattr(fold_constants, "evaluate_node", spy)
+    model = _constant_of_shape_model(600)
+    out, records = run_passes(model, [get_pass("fold_constants")])
+    assert ops(out) == ["ConstantOfShape", "Add"] and "ConstantOfShape" not in computed
+    assert records[0].stats["refused"] == {"over the size limit": 1}

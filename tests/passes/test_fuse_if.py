@@ -255,6 +255,25 @@ def test_clashing_branch_names_are_renamed():
     assert_same_outputs(model, out, _feeds())
 
 
+def test_branch_nodes_named_like_the_other_ifs_are_renamed():
+    """Exporters name nodes per scope, so both Ifs' branches hold a node ``/Neg``: after the
+    fusion the fused branch must not hold two (onnxruntime refuses "two nodes with same node
+    name"). Found by the differential fuzzer (tests/fuzz)."""
+    def named(cond, out):
+        node = _if(cond, out)
+        for branch in _branches(node).values():
+            branch.node[0].name = "/Neg"
+        return node
+
+    model = make_model([named("c", "y"), named("c", "z")], [X, C],
+                       [("y", F, [2, 3]), ("z", F, [2, 3])])
+    out, records = _check(model)
+    assert records[0].stats == {"rewritten": 1}
+    for branch in _branches(out.graph.node[0]).values():
+        names = [n.name for n in branch.node]
+        assert len(set(names)) == 2 and names[0] == "/Neg", names
+
+
 def _refused(model, reason, feeds=None):
     out, records = _check(model, feeds=feeds)
     assert records[0].stats["rewritten"] == 0

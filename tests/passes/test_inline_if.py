@@ -273,3 +273,21 @@ def test_branch_tensor_whose_name_clashes_is_renamed():
     assert [o.name for o in optimized.graph.output] == ["y", "z"]
     onnx.checker.check_model(optimized, full_check=True)
     assert_same_outputs(original, optimized, _feeds())
+
+
+def test_branch_node_named_like_an_outer_node_is_renamed():
+    """Exporters name nodes per scope: the chosen branch's ``/Add`` moves into a graph that has
+    its own ``/Add``, and onnxruntime refuses a graph with two nodes of one name. Found by the
+    differential fuzzer (tests/fuzz)."""
+    then, other = _branches()
+    then.node[0].name = other.node[0].name = "/Add"
+    model = make_model(
+        [helper.make_node("Add", ["x", "x"], ["x2"], name="/Add"),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other),
+         helper.make_node("Mul", ["y", "x2"], ["z"], name="/Mul")],
+        [X], [("z", np.float32, [1, 3])], {"cond": np.array(True)})
+    optimized, records = run_passes(model, ["inline_if"])
+    assert records[0].stats == {"rewritten": 1}
+    names = [n.name for n in optimized.graph.node]
+    assert len(set(names)) == len(names) == 3 and "/Add" in names, names
+    assert_same_outputs(model, optimized)
