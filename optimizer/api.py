@@ -416,7 +416,9 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     def check(candidate, data, records):
         """Validate ``candidate``, serialized as ``data`` (None over the protobuf limit)."""
         lossy = any(r.modified for r in records if r.name in lossy_names)
-        broken = checker_error(_runnable(candidate, data)) if original_valid else ""
+        # a model referring to external data is checked from its proto (never serialized whole)
+        broken = checker_error(candidate if external.current_folder() is not None
+                               else _runnable(candidate, data)) if original_valid else ""
         if broken:  # invalid ONNX: fails like a model onnxruntime cannot load
             return ValidationResult(False, "lossy" if lossy else "lossless", atol, rtol,
                                     as_setting(max_drift), len(feeds), reason=broken)

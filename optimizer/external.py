@@ -149,24 +149,59 @@ def check_with_references(model: onnx.ModelProto | bytes) -> None:
     """``onnx.checker.check_model`` on a model that refers to external data: the checker wants
     each location to name a file beside the model, so the model is checked from a temporary
     folder holding it and an empty file per location (the data itself is not checked, as the
-    checker does not read it either).
+    checker does not read it either). The main graph's initializers of 1 KiB or more are
+    checked as such references too (:func:`_without_data`): a large model is never serialized
+    whole to be checked.
 
     Raises:
         onnx.checker.ValidationError: as the checker.
     """
     if isinstance(model, bytes):
-        data, model = model, onnx.load_model_from_string(model)
-    else:
-        data = model.SerializeToString()
-    locations = {_location(t)[0] for t in all_tensors(model) if is_external(t)}
+        model = onnx.load_model_from_string(model)
+    stub = _without_data(model)
+    locations = {_location(t)[0] for t in all_tensors(stub) if is_external(t)}
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as folder:
         for location in locations:
             placeholder = Path(folder, location)
             placeholder.parent.mkdir(parents=True, exist_ok=True)
             placeholder.touch()
         path = Path(folder, "model.onnx")
-        path.write_bytes(data)
+        path.write_bytes(stub.SerializeToString())
         onnx.checker.check_model(str(path))
+
+
+#: Location the data-less copies of :func:`_without_data` point their large tensors at.
+_STUB_LOCATION = "onnxopt-stub.data"
+
+
+def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers of ``EXTERNAL_THRESHOLD`` bytes or more
+    refer to external data (their own location, or an empty stand-in) instead of holding it:
+    what the checker sees of them (name, type, dims, location) is unchanged."""
+    stub = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            _copy_field(stub, descriptor, value)
+    for descriptor, value in model.graph.ListFields():
+        if descriptor.name != "initializer":
+            _copy_field(stub.graph, descriptor, value)
+    for tensor in model.graph.initializer:
+        if is_external(tensor) or tensor.ByteSize() < EXTERNAL_THRESHOLD:
+            stub.graph.initializer.add().CopyFrom(tensor)
+            continue
+        light = stub.graph.initializer.add(name=tensor.name, data_type=tensor.data_type,
+                                           dims=tensor.dims)
+        _point(light, _STUB_LOCATION, 0, _expected_bytes(tensor) or 0)
+    return stub
+
+
+def _copy_field(target, descriptor, value) -> None:
+    if isinstance(value, (list, tuple)) or hasattr(value, "extend"):  # a repeated field
+        getattr(target, descriptor.name).extend(value)
+    elif descriptor.type == descriptor.TYPE_MESSAGE:
+        getattr(target, descriptor.name).CopyFrom(value)
+    else:
+        setattr(target, descriptor.name, value)
 
 
 class ExternalValues(LazyValues):

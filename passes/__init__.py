@@ -16,7 +16,7 @@ for _module in pkgutil.iter_modules(__path__):
 LOSSLESS_PIPELINE = [
     "fold_constants", "inline_if", "if_rank_condition", "fold_not_into_if", "fuse_if",
     "sink_into_if", "remove_identity", "remove_noop", "fold_zero", "elide_shape_casts",
-    "merge_transpose",
+    "sink_transpose", "merge_transpose", "reshape_from_shape",
     "merge_reshape", "merge_slice", "fuse_space_to_depth", "fuse_pad", "fuse_conv_affine",
     "fuse_conv_input_scale", "fuse_conv_bn",
     "elide_zero_rnn_inputs",

@@ -208,3 +208,15 @@ def test_every_pass_gives_the_same_result_on_external_data():
             assert_same_outputs(model, onnx.load(str(Path(folder, "out", "m.onnx"))))
 
     check()
+
+
+def test_checker_of_models_with_external_data_still_rejects_invalid_ones(chain):
+    model = io.load_model(chain, lazy=True)
+    external.check_with_references(model)  # valid: the data files need not be at hand
+    model.graph.node[0].input[0] = "undefined"
+    with pytest.raises(onnx.checker.ValidationError, match="undefined"):
+        external.check_with_references(model)
+    inline = io.load_model(chain)  # in-memory weights are checked as references too
+    inline.graph.node[1].op_type = "NoSuchOp"
+    with pytest.raises(onnx.checker.ValidationError, match="NoSuchOp"):
+        external.check_with_references(inline)
