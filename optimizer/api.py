@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from onnxopt import checks, external, io
-from onnxopt.errors import OnnxoptWarning, UsageError, ValidationFailed
+from onnxopt.errors import OnnxoptWarning, UnsupportedModel, UsageError, ValidationFailed
 from onnxopt.graph import export_graph, import_graph, model_stats
 from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
                             synthesize_feed)
@@ -241,6 +241,14 @@ def _own_context(fn):
     return run
 
 
+def _check_folder_known(source, model: onnx.ModelProto) -> None:
+    """Raise UsageError when ``source`` is a ModelProto referring to external data (loaded with
+    ``load_external_data=False``): nothing tells the folder its data is in."""
+    if isinstance(source, onnx.ModelProto) and external.has_external_data(model):
+        raise UsageError("the model refers to external data, whose folder a ModelProto does not "
+                         "tell: pass the model's path, or load it with its data")
+
+
 def _use_model_folder(source, model: onnx.ModelProto) -> None:
     """Make the folder of ``source`` the run's external-data folder when ``model`` (loaded
     from it lazily) refers to external data."""
@@ -375,10 +383,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         protect = io.protected_files(model, [output, f"{output}.data"])
     original, original_bytes = io.load_model_and_bytes(model, lazy=True)
     checks.check_model_structure(original, _describe_source(model), validating=validate)
+    _check_folder_known(model, original)
     _use_model_folder(model, original)
-    if isinstance(model, onnx.ModelProto) and external.has_external_data(model):
-        raise UsageError("the model refers to external data, whose folder a ModelProto does not "
-                         "tell: pass the model's path, or load it with its data")
     if original is model:  # the caller's object: exporting may touch the protos it shares
         original = onnx.ModelProto()
         original.CopyFrom(model)
@@ -431,9 +437,13 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     def attempt(p: Pipeline):
         return _run_pipeline(working, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)
 
-    optimized, report.passes = attempt(pipeline)
-    serialized = io.serialize(optimized) if validate or output is not None else None
     budget_warnings: list[str] = []
+    try:
+        optimized, report.passes = attempt(pipeline)
+    except UnsupportedModel as err:  # valid, but not ours to rewrite: passed through
+        optimized, report.passes = original, []
+        budget_warnings.append(f"{err}: the model is written unchanged")
+    serialized = io.serialize(optimized) if validate or output is not None else None
     if validate:
         report.validation = check(optimized, serialized, report.passes)
         if (not report.validation.passed and budget is not None
@@ -554,6 +564,7 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     ref, ref_bytes = io.load_model_and_bytes(reference, lazy=True)
     cand, cand_bytes = io.load_model_and_bytes(candidate, lazy=True)
     for loaded, source in ((ref, reference), (cand, candidate)):
+        _check_folder_known(source, loaded)
         checks.check_model_structure(loaded, _describe_source(source), validating=True)
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes
     cand_bytes = io.serialize(cand) if cand_bytes is None else cand_bytes

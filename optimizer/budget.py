@@ -64,7 +64,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import external
+from onnxopt import external, progress
 from onnxopt.graph import export_graph, graph_protos
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, parse_criteria)
@@ -268,6 +268,8 @@ class DriftBudget:
         def score(applied: set[str], feeds: int | None = None) -> dict[str, float]:
             nonlocal count
             count += 1
+            progress.report(f"drift budget: evaluation {count} ({len(applied)} of "
+                            f"{len(groups)} groups applied)")
             values = {n: weights[n].array() if weights[n].key in applied else original()
                       for n, original in originals.items()}
             values.update({n: p.array() for n, p in extra.items()})

@@ -583,32 +583,28 @@ def _original_model_hint(err: InputError, args) -> InputError:
 
 @contextlib.contextmanager
 def _progress(description: str, quiet: bool):
-    """A transient spinner with ``description`` and the elapsed time on stderr, when stderr is a
-    terminal and not ``quiet``; yields the ``on_pass`` callback that names each pass run, or
-    None when nothing is shown."""
+    """A transient spinner, the elapsed time and what runs now (``onnxopt.progress``: the pass,
+    the drift budget's evaluations, validation runs, bytes written) with ``description``, on
+    stderr, when stderr is a terminal and not ``quiet``."""
     if quiet or not sys.stderr.isatty():
-        yield None
+        yield
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    # the elapsed time before the text: on a narrow terminal the text is what gets cut
+    columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
     from rich.console import Console
 
     with Progress(*columns, console=Console(stderr=True), transient=True) as shown:
         task = shown.add_task(description, total=None)
-        runs = 0
 
         def listener(step: str, done: int | None, total: int | None) -> None:
             """What runs now (``onnxopt.progress``), with bytes for the steps that count them."""
             amount = f" {human_bytes(done)} of {human_bytes(total)}" if total else ""
-            shown.update(task, description=f"{description} ({runs} pass runs): {step}{amount}")
-
-        def on_pass(record) -> None:
-            nonlocal runs
-            runs += 1
+            shown.update(task, description=f"{step}{amount} -- {description}")
 
         with progress.listening(listener):
-            yield on_pass
+            yield
 
 
 def _refuse_overwriting(inputs: list[str], outputs: list[str | None]) -> None:
@@ -646,7 +642,7 @@ def _check_output_path(path: str | None, what: str) -> None:
 
 def _optimize_options(args) -> dict:
     """The keywords of ``onnxopt.optimize`` that the optimize command's flags give (all but
-    the model, ``output`` and ``on_pass``)."""
+    the model and ``output``)."""
     return dict(
         passes=_split([args.passes]) if args.passes else None, skip=_split(args.skip) or None,
         config=args.config, quantize=args.quantize,
@@ -664,8 +660,9 @@ def _optimize_options(args) -> dict:
 
 
 def _cmd_optimize_many(args, out: _Out) -> int:
-    """A batch (``onnxopt.batch``): one JSON line per model, in input order, on stdout or in
-    --summary; then the summary table, on stderr when the lines are on stdout. The exit code is
+    """A batch (``onnxopt.batch``): one JSON line per model, in input order, in --summary or on
+    stdout when it is not a terminal; then the summary table, on stderr when the lines are on
+    stdout. The exit code is
     the most severe model's (``batch.EXIT_SEVERITY``: 3, then 1, then 2)."""
     from onnxopt import batch
 
@@ -674,6 +671,9 @@ def _cmd_optimize_many(args, out: _Out) -> int:
                          "JSON line (on stdout, or in --summary FILE.jsonl)")
     _check_auto(args)
     _check_output_path(args.summary, "summary")
+    if Path(args.output).suffix == ".onnx" and not Path(args.output).is_dir():
+        raise UsageError(f"{args.output}: a batch writes into a folder, and this names a model "
+                         "file; give the output folder")
     results = batch.optimize_many(args.model, args.output, jobs=args.jobs,
                                   executor=args.executor, ray_address=args.ray_address,
                                   recursive=args.recursive, **_optimize_options(args))
@@ -685,7 +685,7 @@ def _cmd_optimize_many(args, out: _Out) -> int:
             if summary is not None:
                 summary.write(line + "\n")
                 summary.flush()
-            else:
+            elif not sys.stdout.isatty():  # for a program reading them; a person gets the table
                 out.raw(line)
             codes.append(result.exit_code)
             rows.append(batch.summary_row(result))
@@ -699,6 +699,9 @@ def _cmd_optimize(args, out: _Out) -> int:
     if len(args.model) > 1 or args.recursive or Path(args.model[0]).is_dir():
         return _cmd_optimize_many(args, out)
     args.model = args.model[0]
+    if args.output.endswith(("/", os.sep)) or Path(args.output).is_dir():
+        raise UsageError(f"{args.output}: is a folder; give the output model's file name "
+                         "(several input models are written into a folder)")
     targets = [args.output, f"{args.output}.data", args.report]
     _refuse_overwriting(list(map(str, io.protected_files(args.model, targets))), targets)
     _check_output_path(args.output, "optimized model")
@@ -707,9 +710,9 @@ def _cmd_optimize(args, out: _Out) -> int:
         raise UsageError(f"{args.report}: the report and the model output are the same file")
     write_report = _report_writer(args.report)
     _check_auto(args)
-    with _progress(f"optimizing {args.model}", args.quiet) as on_pass:
+    with _progress(f"optimizing {Path(args.model).name}", args.quiet):
         try:
-            _, report = api.optimize(args.model, on_pass=on_pass, output=args.output,
+            _, report = api.optimize(args.model, output=args.output,
                                      **_optimize_options(args))
         except InputError as err:
             raise _original_model_hint(err, args) from None
@@ -775,6 +778,9 @@ def _cmd_validate(args, out: _Out) -> int:
             out.show(shown)
     _print_input_warnings(report, out)
     _print_verdict(report, out)
+    if not report.validation.passed and not args.lossy:
+        out.line("hint: a candidate made by a lossy step (quantized, pruned) is judged with "
+                 "--lossy --max-drift CRITERIA")
     _print_report_path(args, out)
     return 0 if report.validation.passed else ValidationFailed.exit_code
 

@@ -34,9 +34,17 @@ def int_list(node: gs.Node, attr: str, index: int) -> list[int] | None | str:
     return "unknown" if value is None else [int(v) for v in np.ravel(value)]
 
 
+def numpy_dtype(tensor: gs.Tensor) -> np.dtype:
+    """The numpy dtype of a tensor with a known type, also for the ONNX types onnx-graphsurgeon
+    gives as the ONNX type number (bfloat16, float8: ml_dtypes' types)."""
+    if isinstance(tensor.dtype, int):
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype))
+    return np.dtype(tensor.dtype)
+
+
 def nbytes(tensor: gs.Constant) -> int:
     """Size of an initializer's data in bytes (without loading lazily stored values)."""
-    return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+    return int(np.prod(tensor.shape, dtype=np.int64)) * numpy_dtype(tensor).itemsize
 
 
 def input_slots(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:

@@ -32,6 +32,11 @@ class ModelLoadError(InputError):
     """A model cannot be read: missing file, invalid protobuf, unsafe or missing external data."""
 
 
+class UnsupportedModel(InputError):
+    """The model is valid, but holds something onnxopt's graph cannot represent (optional or map
+    types): ``optimize`` writes it unchanged, with a warning."""
+
+
 class UsageError(InputError):
     """An option or a combination of options is invalid (unknown pass, malformed shape, ...)."""
 

@@ -95,7 +95,7 @@ def external_bytes(model: onnx.ModelProto) -> int:
 def _location(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     """(location, offset, length) of an external tensor; length -1 when not given."""
     info = external_data_helper.ExternalDataInfo(tensor)
-    return info.location, int(info.offset or 0), int(info.length) if info.length else -1
+    return info.location, int(info.offset or 0), -1 if info.length is None else int(info.length)
 
 
 def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
@@ -314,11 +314,12 @@ def source_of(values) -> ExternalValues | None:
 
 
 def attach(graph: gs.Graph, folder: Path) -> None:
-    """Give every external constant of ``graph`` (and its subgraphs) :class:`ExternalValues`
-    reading from ``folder``."""
+    """Give every external constant of ``graph`` (and its subgraphs), tensor attributes
+    included, :class:`ExternalValues` reading from ``folder``."""
     from onnxopt.graph import iter_graphs
     for g in iter_graphs(graph):
-        for tensor in g.tensors().values():
+        attributes = [v for n in g.nodes for v in n.attrs.values()]  # Constant nodes' values
+        for tensor in [*g.tensors().values(), *attributes]:
             if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues \
                     and is_external(tensor._values.tensor):
                 tensor._values = ExternalValues(tensor._values.tensor, folder)
@@ -367,9 +368,14 @@ def _copy_range(src, dst, offset: int, length: int) -> None:
 def peek(constant: gs.Constant) -> np.ndarray:
     """The values of ``constant`` without caching them in it: an external tensor is mapped
     afresh, and unmapped when the caller drops the array (reading every weight of a large model
-    through ``constant.values`` would keep them all mapped, and resident)."""
+    through ``constant.values`` would keep them all mapped, and resident); a tensor not loaded
+    yet stays so (onnx-graphsurgeon writes loaded 4-bit values wrongly, one byte each)."""
     source = source_of(constant._values)
-    return source.load() if source is not None else constant.values
+    if source is not None:
+        return source.load()
+    if isinstance(constant._values, LazyValues):
+        return constant._values.load()
+    return constant.values
 
 
 def write_external(model: onnx.ModelProto, data_path: Path, source: Path | None,

@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import external
-from onnxopt.errors import InputError
+from onnxopt.errors import UnsupportedModel
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
@@ -53,7 +53,7 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     if name not in _CONSTANT_VALUE_ATTRS or isinstance(value, gs.Node.AttributeRef):
         return None
     if isinstance(value, gs.Constant):
-        return value.values
+        return external.peek(value)
     if name in ("value_float", "value_floats"):
         return np.array(value, dtype=np.float32)
     return np.array(value, dtype=np.int64)
@@ -77,10 +77,14 @@ def lower_constant_nodes(graph: gs.Graph) -> int:
             out = node.outputs[0]
             if id(out) in outputs:
                 continue
-            value = _constant_node_value(node)
-            if value is None:
-                continue
-            out.to_constant(np.asarray(value))
+            value = node.attrs.get("value")
+            if isinstance(getattr(value, "_values", None), external.ExternalValues):
+                out.to_constant(value._values)  # stays a reference to its file
+            else:
+                value = _constant_node_value(node)
+                if value is None:
+                    continue
+                out.to_constant(np.asarray(value))
             out.inputs.clear()
             node.outputs.clear()
             lowered += 1
@@ -146,14 +150,14 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     initializers as inputs again (ONNX IR spec, docs/IR.md, "Graphs").
 
     Raises:
-        InputError: a graph input or output has a type onnx-graphsurgeon cannot represent
+        UnsupportedModel: a graph input or output has a type onnx-graphsurgeon cannot represent
             (optional, map).
     """
     for g in graph_protos(model.graph):
         for v in list(g.input) + list(g.output):
             kind = v.type.WhichOneof("value")
             if kind not in ("tensor_type", "sequence_type", "sparse_tensor_type", None):
-                raise InputError(f"graph '{g.name}' {('input', 'output')[v in g.output]} "
+                raise UnsupportedModel(f"graph '{g.name}' {('input', 'output')[v in g.output]} "
                                  f"'{v.name}' has {kind.replace('_', ' ')}, which onnxopt does "
                                  "not support yet")
     input_names = {i.name for i in model.graph.input}

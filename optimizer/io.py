@@ -16,7 +16,7 @@ from typing import Union
 
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
 from onnxopt import external
 from onnxopt.errors import ModelLoadError, UsageError
@@ -36,7 +36,11 @@ def _external_tensors(model: onnx.ModelProto):
 def _check_external_locations(model: onnx.ModelProto, base_dir: Path, source: str) -> None:
     base = base_dir.resolve()
     for tensor in _external_tensors(model):
-        info = external_data_helper.ExternalDataInfo(tensor)
+        try:
+            info = external_data_helper.ExternalDataInfo(tensor)
+        except ValueError as err:  # an offset or length that is no non-negative integer
+            raise ModelLoadError(f"{source}: tensor '{tensor.name}' has invalid external data "
+                                 f"({err})") from None
         location = info.location
         if not location or os.path.isabs(location) or Path(location).is_absolute():
             raise ModelLoadError(
@@ -133,9 +137,10 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
+        files = {external_data_helper.ExternalDataInfo(t).location
+                 for t in _external_tensors(model)}
     except Exception:  # noqa: BLE001 -- not a model: it has no data files to protect
         return []
-    files = {external_data_helper.ExternalDataInfo(t).location for t in _external_tensors(model)}
     return [path.parent / f for f in sorted(files) if f]
 
 

@@ -373,6 +373,8 @@ class PassManager:
         searched: dict[str, tuple[dict[str, Any], bool]] = {}
         for p in batch:
             start = time.perf_counter()
+            if len(batch) > 1:
+                progress.report(f"pass {p.name} (round {iteration + 1})")
             refusal = self._refusal(p, graph, ctx)
             if refusal is None and is_auto(p):
                 # the search decides and applies on its own (see onnxopt.strength)
@@ -388,6 +390,9 @@ class PassManager:
         start = time.perf_counter()
         deciding = [(p, result) for p, result, refusal, _ in runs
                     if not p.lossless and refusal is None and p.name not in searched]
+        if any(result.proposals for _, result in deciding):
+            progress.report(f"drift budget: deciding {sum(len(r.proposals) for _, r in deciding)}"
+                            f" proposals of {', '.join(p.name for p, _ in deciding)}")
         decided = self._decide(deciding, graph, ctx) if deciding else {}
         decided.update(searched)
         proposing = [p.name for p, result in deciding if result.proposals]

@@ -43,7 +43,7 @@ from onnxopt import external
 from onnxopt.analyses import TensorTypes, UseDef
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.edit import nbytes, replace_uses
+from onnxopt.edit import nbytes, numpy_dtype, replace_uses
 from onnxopt.names import fresh_name
 
 
@@ -52,6 +52,11 @@ from onnxopt.names import fresh_name
 _PACKED = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
                      *([onnx.TensorProto.FLOAT4E2M1] if hasattr(onnx.TensorProto, "FLOAT4E2M1")
                        else [])})
+
+
+#: Elements of a weight's first row and column compared before two weights are compared in full
+#: as transposes of each other.
+_PREFIX = 8
 
 
 def _packed(t: gs.Constant) -> bool:
@@ -125,7 +130,9 @@ class DedupInitializers(Pass):
                     if isinstance(t, gs.Constant) and id(t) not in graph_inputs \
                             and id(t) not in seen and not _packed(t):
                         seen.add(id(t))
-                        key = (np.dtype(t.dtype).str, tuple(t.shape))
+                        # by name: ml_dtypes' types share their ``str`` ('<V1': int4, uint4,
+                        # float8e4m3fn)
+                        key = (numpy_dtype(t).name, tuple(t.shape))
                         by_layout.setdefault(key, []).append(t)
                         ordered.append((key, t))
         merged = saved = 0
@@ -180,8 +187,8 @@ class DedupInitializers(Pass):
         ``storage`` (``PassContext.storage``; None: not marked); return how many and the bytes
         saved."""
         outputs = {id(t) for g in iter_graphs(graph) for t in g.outputs}
-        # keyed by (dtype, shape, first row): a partner of t[a, b] has t's first column as its
-        # first row, so only O(a + b) bytes are read before a full comparison
+        # keyed by (dtype, shape, start of the first row): a partner of t[a, b] starts its first
+        # row as t's first column starts, so a few elements are read before a full comparison
         by_row: dict[tuple, list[gs.Constant]] = {}
         shared = saved = 0
         transposes: list[gs.Node] = []
@@ -191,11 +198,13 @@ class DedupInitializers(Pass):
                     or not isinstance(external.peek(t), np.ndarray):
                 continue  # merged above (no reader left), a graph output, small or sparse
             values = np.asarray(external.peek(t))  # an external weight: mapped only here
-            column = np.ascontiguousarray(values[:, 0]).tobytes()
+            # the first _PREFIX elements of the first column and row are the keys: a whole
+            # column touches a page of every row, and a full comparison confirms a match anyway
+            column = np.ascontiguousarray(values[:_PREFIX, 0]).tobytes()
             partners = by_row.get((dtype, shape[::-1], column), [])
             source = next((p for p in partners if _bytes(p) == _transposed_bytes(t)), None)
             if source is None:
-                by_row.setdefault((dtype, shape, values[0].tobytes()), []).append(t)
+                by_row.setdefault((dtype, shape, values[0, :_PREFIX].tobytes()), []).append(t)
                 continue
             value = gs.Variable(fresh_name(graph, f"{source.name}__transposed"), t.dtype,
                                 list(t.shape))

@@ -84,6 +84,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
 from onnxopt.edit import nbytes
+from onnxopt.external import peek
 from onnxopt.evaluate import evaluate_node
 from onnxopt.graph import iter_graphs, model_stats
 from onnxopt.ops import NONDETERMINISTIC_OPS, is_default_domain
@@ -98,6 +99,8 @@ DEFAULT_SIZE_LIMIT = 1 << 20
 #: ``size_limit`` is given (at least ``growth_limit``; module docstring).
 MODEL_GROWTH = 0.1
 _SIZE_CLASS = "would grow the model past its size class"
+#: numpy (ml_dtypes) names of the 4-bit types ONNX packs two to a byte.
+_PACKED_NAMES = frozenset({"int4", "uint4", "float4_e2m1fn"})
 
 #: Largest tensor (in elements) whose partial value is tracked: shape computations are tiny.
 _PARTIAL_ELEMENTS = 64
@@ -162,9 +165,12 @@ class _PartialValues:
         if id(t) in self._known:
             return self._known[id(t)]
         if isinstance(t, gs.Constant):
-            if not isinstance(t.values, np.ndarray) or t.values.size > _PARTIAL_ELEMENTS:
+            if int(np.prod(t.shape, dtype=np.int64)) > _PARTIAL_ELEMENTS:
                 return None
-            value = np.asarray(t.values)
+            value = peek(t)
+            if not isinstance(value, np.ndarray):
+                return None
+            value = np.asarray(value)
             return _Partial(value, np.ones(value.shape, bool))
         shape, dtype = self._types.static_shape(t), self._types.dtype(t)
         if shape is None or dtype is None or int(np.prod(shape)) > _PARTIAL_ELEMENTS:
@@ -382,7 +388,7 @@ class FoldConstants(RewritePass):
                 return _Plan(shape, refusal=refusal)
             try:
                 values = evaluate_node(node, scope.graph, [
-                    None if t.is_empty() else np.asarray(t.values) for t in inputs])
+                    None if t.is_empty() else np.asarray(peek(t)) for t in inputs])
             except Exception:  # noqa: BLE001 -- onnxruntime rejects the node: left to the runtime
                 return _Plan(shape, refusal=refuse("onnxruntime cannot evaluate it"))
         else:
@@ -392,6 +398,10 @@ class FoldConstants(RewritePass):
             values = [p.values for p in known]
         if not all(isinstance(v, np.ndarray) for v in values):
             return plan if shape is not None else None  # a sequence or optional value
+        if any(v.dtype.kind in "OSU" or v.dtype.name in _PACKED_NAMES for v in values):
+            # onnx-graphsurgeon writes an array's bytes as they are in memory: strings and
+            # 4-bit types (one byte per element in numpy) would be written wrongly
+            return _Plan(shape, refusal=refuse("string or 4-bit values"))
         live = [t for t in node.outputs if not t.is_empty()]
         if any(scope.is_output(t) for t in live) and len(live) != 1:
             return plan if shape is not None else None

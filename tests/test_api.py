@@ -148,3 +148,17 @@ def test_cli_prints_warnings_once_in_cli_terms(tmp_path, capsys):
     printed = capsys.readouterr()
     text = printed.out + printed.err
     assert text.count("dynamic dim(s)") == 1 and "--input-shape x:DxD..." in text
+
+
+def test_a_model_with_optional_types_is_written_unchanged_with_a_warning(tmp_path):
+    from onnxopt.errors import OnnxoptWarning
+    optional = helper.make_optional_type_proto(
+        helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [2]))
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Identity", ["i"], ["y"])],
+        "g", [helper.make_value_info("x", optional)], [helper.make_value_info("y", optional)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    with pytest.warns(OnnxoptWarning, match="optional.*written unchanged"):
+        result, report = optimize(model, validate=False, output=tmp_path / "o.onnx")
+    assert result.graph == model.graph and report.passes == []
+    assert onnx.load(str(tmp_path / "o.onnx")).graph == model.graph

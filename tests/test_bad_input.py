@@ -112,12 +112,21 @@ def test_a_directory_as_input_is_named_as_a_directory(tmp_path, capsys):
     folder = tmp_path / "model.onnx"
     folder.mkdir()
     untouched = _Untouched(tmp_path)
-    line = _refused(["optimize", str(folder), "-o", str(tmp_path / "o.onnx")], capsys)
+    line = _refused(["optimize", str(folder), "-o", str(tmp_path / "out")], capsys)
     assert str(folder) in line and "no such file" not in line
     assert "no .onnx files in this folder" in line
     with pytest.raises(InputError, match="is a folder, not an ONNX model file"):
         optimize(str(folder), output=str(tmp_path / "o.onnx"))
     untouched.check()
+
+
+def test_output_paths_of_the_wrong_kind_are_refused(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_valid_model().SerializeToString())
+    line = _refused(["optimize", str(model), "-o", str(tmp_path / "newdir") + "/"], capsys)
+    assert "is a folder" in line and not (tmp_path / "newdir").exists()
+    line = _refused(["optimize", str(model), str(model), "-o", str(tmp_path / "x.onnx")], capsys)
+    assert "names a model file" in line and not (tmp_path / "x.onnx").exists()
 
 
 # ------------------------------------------------------------------ external data

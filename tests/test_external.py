@@ -220,3 +220,81 @@ def test_checker_of_models_with_external_data_still_rejects_invalid_ones(chain):
     inline.graph.node[1].op_type = "NoSuchOp"
     with pytest.raises(onnx.checker.ValidationError, match="NoSuchOp"):
         external.check_with_references(inline)
+
+
+def _external(tensor: onnx.TensorProto, location: str) -> onnx.TensorProto:
+    """``tensor`` stored at offset 0 of ``location`` (the caller writes the file)."""
+    stored = onnx.TensorProto()
+    stored.CopyFrom(tensor)
+    stored.ClearField("raw_data")
+    stored.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"),
+                       ("length", str(len(tensor.raw_data)))):
+        entry = stored.external_data.add()
+        entry.key, entry.value = key, value
+    return stored
+
+
+def test_constant_nodes_with_external_data_in_the_main_graph_and_a_branch(tmp_path):
+    """A Constant node's value may be stored outside too (onnx's writer moves tensor
+    attributes out): it is lowered to an initializer that stays a reference."""
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    (tmp_path / "w.bin").write_bytes(w.tobytes())
+    value = _external(onnx.numpy_helper.from_array(w, "c"), "w.bin")
+    h = onnx.helper
+    branch = h.make_graph(
+        [h.make_node("Constant", [], ["e"], value=value),
+         h.make_node("MatMul", ["b", "e"], ["t"])], "then", [], [h.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [2, 16])])
+    other = h.make_graph([h.make_node("Neg", ["b"], ["f"])], "else", [],
+                         [h.make_tensor_value_info("f", onnx.TensorProto.FLOAT, [2, 16])])
+    graph = h.make_graph(
+        [h.make_node("Constant", [], ["c"], value=value), h.make_node("MatMul", ["x", "c"], ["b"]),
+         h.make_node("ReduceSum", ["b"], ["s"], keepdims=0),
+         h.make_node("Greater", ["s", "zero"], ["cond"]),
+         h.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other)], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+        [onnx.numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    path = tmp_path / "m.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    out = tmp_path / "out" / "m.onnx"
+    model, report = onnxopt.optimize(path, output=out)
+    assert report.validation.passed
+    weights = [t for t in external.all_tensors(model) if list(t.dims) == [16, 16]]
+    assert weights and all(external.is_external(t) for t in weights)  # never read in
+    x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)
+    for feed in (x, -x):  # both branches
+        np.testing.assert_array_equal(_run(out, feed), _run(path, feed))
+
+
+def test_empty_and_scalar_tensors_stored_outside_keep_their_length(tmp_path):
+    """onnx's writer stores an empty tensor with length 0: it must not come out as -1."""
+    h = onnx.helper
+    values = {"empty": np.zeros((0, 4), np.float32), "scalar": np.array(3, np.int64),
+              "matrix": np.arange(6, dtype=np.int32).reshape(2, 3)}
+    graph = h.make_graph(
+        [h.make_node("Identity", [n], [f"{n}_out"]) for n in values] +
+        [h.make_node("Identity", ["x"], ["y"])], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [h.make_tensor_value_info(f"{n}_out", onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
+                                  list(v.shape)) for n, v in values.items()] +
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        [onnx.numpy_helper.from_array(v, n) for n, v in values.items()])
+    path = tmp_path / "in" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path),
+                    save_as_external_data=True, size_threshold=0, location="m.bin")
+    out = tmp_path / "out" / "m.onnx"
+    onnxopt.optimize(path, output=out, validate=False, passes=["eliminate_dead"])
+    saved = onnx.load(str(out))  # onnx refuses a negative length
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in saved.graph.initializer}
+    for name, v in values.items():
+        np.testing.assert_array_equal(got[name], v)
+
+
+def test_model_proto_without_its_external_data_is_refused_by_validate(chain):
+    model = onnx.load(str(chain), load_external_data=False)
+    with pytest.raises(errors.UsageError, match="whose folder a ModelProto does not tell"):
+        onnxopt.validate(model, model)
+    with pytest.raises(errors.UsageError, match="whose folder a ModelProto does not tell"):
+        onnxopt.validate(chain, model)

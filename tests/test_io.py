@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import make_model, run_ort, random_feed
 from onnxopt import errors
-from onnxopt.io import load_model, save_model
+from onnxopt.io import external_data_files, load_model, save_model
 
 
 def _model(weight_elems: int = 4096) -> onnx.ModelProto:
@@ -138,6 +138,21 @@ def test_truncated_external_data_file_is_refused(tmp_path):
     path.write_bytes(_with_external_location("w.bin").SerializeToString())
     with pytest.raises(errors.ModelLoadError):
         load_model(path)
+
+
+@pytest.mark.parametrize("key,value", [("offset", "-4"), ("offset", "abc"), ("length", "-1"),
+                                       ("length", "1e3")])
+def test_invalid_external_data_offset_or_length_is_refused(tmp_path, key, value):
+    (tmp_path / "w.bin").write_bytes(np.ones(64, np.float32).tobytes())
+    model = _with_external_location("w.bin")
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == key:
+            entry.value = value
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(errors.ModelLoadError, match="tensor .W. has invalid external data"):
+        load_model(path, lazy=True)
+    assert external_data_files(path) == []  # no crash when looking for files to protect
 
 
 # ----------------------------------------------------------------------------- saving
