@@ -393,9 +393,13 @@ def test_a_graph_breaking_the_ir_rules_is_refused_naming_the_tensor(tmp_path, ca
 
 _DRIVER = textwrap.dedent('''
     """`onnxopt` with a hook that says on stdout when a phase starts, then waits for a signal."""
-    import os, sys, time
+    import os, signal, sys, time
 
     from onnxopt import cli
+
+    # a parent that ignores SIGINT (a Ray test of the same session, a background job) passes
+    # that on; a user's Ctrl-C reaches an onnxopt that handles it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from onnxopt.pass_manager import REGISTRY, Pass, PassResult
 
 
