@@ -392,6 +392,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         original_bytes = io.serialize(original)
     report = Report(_version(), "optimize", _describe_source(model), model_stats(
         original, original_bytes))
+    if isinstance(model, (str, os.PathLike)):  # as stored, with its external data files
+        report.before.file_bytes = io.stored_bytes(model)
     feeds = calibration_feeds = None
     if validate:
         feeds, report.inputs = resolve_feeds(original, run["inputs"], run["input_shapes"],

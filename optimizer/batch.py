@@ -75,7 +75,7 @@ from onnxopt.errors import OnnxoptError, OnnxoptWarning, PassError, UsageError, 
 from onnxopt.report import human_bytes, percent_change
 
 __all__ = ["ModelResult", "optimize_many", "optimize_one", "plan", "memory_budget",
-           "stored_bytes", "worst_exit_code", "summary_row", "summary_table", "without_timings",
+           "worst_exit_code", "summary_row", "summary_table", "without_timings",
            "EXIT_SEVERITY", "TIMING_KEYS"]
 
 #: Exit codes from least to most severe: the exit code of a batch is its most severe model's. An
@@ -130,8 +130,6 @@ def optimize_one(model: str, output: str, options: dict) -> ModelResult:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OnnxoptWarning)
         report, code, error = _optimize_caught(model, output, options)
-    if report is not None:
-        report.before.file_bytes = stored_bytes(Path(model))  # with its external data
     return ModelResult(model, report.output if report is not None else None,
                        report.to_dict() if report is not None else None, error, code,
                        time.perf_counter() - start,
@@ -156,13 +154,6 @@ def _optimize_caught(model: str, output: str, options: dict):
                  "message": " ".join(str(err).split()) or type(err).__name__, "exit_code": code,
                  "traceback": traceback.format_exc()}
     return report, code, error
-
-
-def stored_bytes(model: Path, data: list[Path] | None = None) -> int:
-    """Bytes of the model file and its external data files (``data``; None: read from the
-    model, ``onnxopt.io.external_data_files``)."""
-    files = [model, *(io.external_data_files(model) if data is None else data)]
-    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def worst_exit_code(codes) -> int:
@@ -285,7 +276,7 @@ def optimize_many(models: Sequence[str | os.PathLike], output_dir: str | os.Path
     if executor == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError("the Ray executor needs ray: pip install 'onnxopt[ray]'")
     planned = plan(models, output_dir, recursive)
-    work = [_Job(str(m), str(o), stored_bytes(m, data),
+    work = [_Job(str(m), str(o), io.stored_bytes(m, data),
                  {**optimize_kwargs, **(model_options(m) if model_options else {})})
             for m, o, data in planned]
     for job in work:

@@ -718,9 +718,6 @@ def _cmd_optimize(args, out: _Out) -> int:
             raise _original_model_hint(err, args) from None
     passed = (report.validation is None or report.validation.passed) and \
         not (report.strict and report.rolled_back)
-    report.before.file_bytes = sum(  # the file as stored, with its external data files
-        f.stat().st_size for f in [Path(args.model), *io.external_data_files(args.model)]
-        if f.is_file())
     if write_report:  # before anything is printed: a reader that goes away stops nothing
         write_report(report)
     if not args.quiet:

@@ -144,6 +144,13 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     return [path.parent / f for f in sorted(files) if f]
 
 
+def stored_bytes(path: str | os.PathLike, data: list[Path] | None = None) -> int:
+    """Bytes of the model file at ``path`` and of its external data files (``data``; None: read
+    from the model, :func:`external_data_files`), as stored on disk."""
+    files = [Path(path), *(external_data_files(path) if data is None else data)]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
 def protected_files(model_path: str | os.PathLike,
                     targets: list[str | os.PathLike | None]) -> list[Path]:
     """The files that writing ``targets`` must not overwrite: the model file and, when one of
