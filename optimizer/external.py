@@ -19,6 +19,14 @@ tensors keep their references, relative to the model's folder, for the whole run
 Offsets in files this module writes are multiples of :data:`ALIGNMENT`, so onnxruntime can
 memory-map the tensors instead of reading them (it maps an external tensor whose offset is a
 multiple of the page size).
+
+What passes *make* for such a model follows the same rule (:func:`spill`): a large array a pass
+computes (quantized codes, a calibration Gram matrix) is written to the run's *spill file* -- an
+unlinked temporary file, gone with the process whatever happens -- and kept as
+:class:`SpilledValues`, mapped only while it is read. Without it, a pass quantizing every weight
+of a 4 GiB decoder holds the 1 GiB of codes in memory beside the 4 GiB of float values the drift
+budget feeds onnxruntime, and GPTQ holds 7.7 GiB of Gram matrices (22 layers of 5632 x 5632 and
+2048 x 2048, float64) before it quantizes the first weight.
 """
 
 from __future__ import annotations
@@ -71,6 +79,168 @@ def use_folder(folder: str | os.PathLike | None) -> None:
 def current_folder() -> Path | None:
     """The external-data folder of the run (see :func:`external_folder`), or None."""
     return _FOLDER.get()
+
+
+#: Arrays of this many bytes or more go to the spill file (see :func:`spill`).
+SPILL_THRESHOLD = 1 << 20
+
+_SPILL: contextvars.ContextVar["_SpillFile | None"] = contextvars.ContextVar(
+    "onnxopt_spill", default=None)
+
+
+class _SpillFile:
+    """The run's spill file: an unlinked temporary file (``TMPDIR``) arrays are appended to, at
+    offsets that are multiples of :data:`ALIGNMENT`."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile(prefix="onnxopt-spill-")
+        self.end = 0
+
+    def append(self, data) -> int:
+        """Write ``data`` (a buffer) at the next aligned offset; returns the offset."""
+        offset = -(-self.end // ALIGNMENT) * ALIGNMENT
+        self.file.seek(offset)
+        self.file.write(data)
+        self.file.flush()
+        self.end = offset + memoryview(data).nbytes
+        return offset
+
+
+class SpilledValues(LazyValues):
+    """An array kept in the run's spill file (see :func:`spill`): onnx-graphsurgeon lazy values
+    whose ``load`` maps it afresh, read-only.
+
+    Attributes:
+        shape, dtype: the tensor's (onnx-graphsurgeon's dtype for the ONNX type ``data_type``).
+        nbytes: bytes stored (a 4-bit tensor: two values a byte).
+        data_type: the ONNX element type of the exported TensorProto.
+    """
+
+    def __init__(self, spill: _SpillFile, offset: int, nbytes: int, shape: tuple[int, ...],
+                 data_type: int) -> None:
+        from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype
+
+        # not LazyValues.__init__: there is no TensorProto until export asks for one
+        self._spill, self._offset, self.nbytes = spill, offset, nbytes
+        self.shape, self.data_type = tuple(int(d) for d in shape), data_type
+        self._digest: bytes | None = None
+        stub = onnx.TensorProto(data_type=data_type, dims=self.shape)
+        self.dtype = get_onnx_tensor_dtype(stub)
+
+    def load(self) -> np.ndarray:
+        """A read-only ``numpy.memmap`` of the array (unmapped when dropped).
+
+        Raises:
+            TypeError: a 4-bit tensor (numpy has no such type; export writes its bytes).
+        """
+        if self.data_type in _PACKED_4BIT:
+            raise TypeError("4-bit spilled values have no numpy form")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.data_type)
+        if self.nbytes == 0:
+            return np.zeros(self.shape, dtype)
+        array = np.memmap(self._spill.file, dtype=dtype, mode="r", offset=self._offset,
+                          shape=self.shape if self.shape else (1,))
+        if not self.shape:
+            array = array.reshape(())
+        array._onnxopt_spilled = self  # see restore_references
+        return array
+
+    def add(self, delta: np.ndarray) -> None:
+        """Add ``delta`` (same shape) to the stored array in place: an accumulator's update,
+        mapped for the update only."""
+        array = np.memmap(self._spill.file, dtype=onnx.helper.tensor_dtype_to_np_dtype(
+            self.data_type), mode="r+", offset=self._offset, shape=self.shape)
+        array += delta
+        array.flush()
+        del array
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        """What onnx-graphsurgeon exports: a TensorProto without data, marked so that
+        :func:`fill_spilled` writes the bytes into the finished model. Protobuf arenas keep
+        every copy of a message alive as long as the model they were merged into, so bytes
+        passed through gs's intermediate protos would stay resident three times."""
+        return onnx.TensorProto(data_type=self.data_type, dims=self.shape,
+                                doc_string=f"{_SPILL_MARK}{self._offset}:{self.nbytes}")
+
+    def digest(self) -> bytes:
+        """BLAKE2b digest (16 bytes) of the stored bytes, read in chunks (see
+        :meth:`ExternalValues.digest`)."""
+        if self._digest is None:
+            self._digest = _file_digest(self._spill.file, self._offset, self.nbytes)
+        return self._digest
+
+    def __str__(self) -> str:
+        return f"SpilledValues (shape={self.shape}, dtype={self.dtype})"
+
+
+_SPILL_MARK = "onnxopt-spilled:"
+
+
+def fill_spilled(model: onnx.ModelProto) -> None:
+    """Write the bytes of every spilled tensor of ``model`` (exported from
+    :class:`SpilledValues`) into it, in place.
+
+    Raises:
+        RuntimeError: a marked tensor but no spill file in this context (a model exported in
+            one run and filled in another).
+    """
+    for tensor in all_tensors(model):
+        if not tensor.doc_string.startswith(_SPILL_MARK):
+            continue
+        store = _SPILL.get()
+        if store is None:
+            raise RuntimeError(f"tensor '{tensor.name}': its spilled data belongs to another run")
+        offset, nbytes = (int(v) for v in tensor.doc_string[len(_SPILL_MARK):].split(":"))
+        store.file.seek(offset)
+        tensor.raw_data = store.file.read(nbytes)
+        tensor.ClearField("doc_string")
+
+
+def spilling() -> bool:
+    """Whether large arrays passes make go to the spill file: in a run whose model keeps its
+    data in external files (:func:`current_folder`), that is a model too large to hold twice."""
+    return current_folder() is not None
+
+
+def spill(array: np.ndarray, data_type: int | None = None,
+          shape: tuple[int, ...] | None = None):
+    """``array`` kept in the run's spill file when :func:`spilling` and it holds
+    :data:`SPILL_THRESHOLD` bytes or more (a :class:`SpilledValues`), else ``array`` itself.
+
+    Args:
+        array: the values (a numeric numpy array; a 4-bit tensor as its packed uint8 bytes,
+            with ``data_type`` and ``shape``).
+        data_type: the ONNX element type of the exported tensor (default: ``array``'s).
+        shape: the tensor's shape when it is not ``array``'s (4-bit).
+    """
+    array = np.asarray(array)
+    if not spilling() or array.nbytes < SPILL_THRESHOLD or array.dtype.kind not in "biuf":
+        return array
+    store = _SPILL.get()
+    if store is None:
+        store = _SpillFile()
+        _SPILL.set(store)
+    offset = store.append(np.ascontiguousarray(array).data)
+    return SpilledValues(store, offset, array.nbytes, array.shape if shape is None else shape,
+                         onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+                         if data_type is None else data_type)
+
+
+def accumulate(total, delta: np.ndarray):
+    """``total + delta``, in place: ``total`` an array or a :class:`SpilledValues` (updated in
+    its file); returns ``total``."""
+    if isinstance(total, SpilledValues):
+        total.add(delta)
+    else:
+        total += delta
+    return total
+
+
+def unspill(values) -> np.ndarray:
+    """The array of ``values``: a :class:`SpilledValues` mapped (drop it to unmap), an array
+    returned as is."""
+    return values.load() if isinstance(values, SpilledValues) else values
 
 
 def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -254,17 +424,8 @@ class ExternalValues(LazyValues):
         """BLAKE2b digest (16 bytes) of the tensor's bytes, read in chunks (not mapped: the pages
         read stay in the page cache, out of this process's resident memory)."""
         if self._digest is None:
-            h = hashlib.blake2b(digest_size=16)
             with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                left = self.length
-                while left > 0:
-                    chunk = f.read(min(_CHUNK, left))
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    left -= len(chunk)
-            self._digest = h.digest()
+                self._digest = _file_digest(f, self.offset, self.length)
         return self._digest
 
     def sketch(self) -> bytes:
@@ -303,6 +464,33 @@ class ExternalValues(LazyValues):
         return values
 
 
+def _file_digest(f, offset: int, length: int) -> bytes:
+    """BLAKE2b digest (16 bytes) of ``length`` bytes of open file ``f`` at ``offset``, read in
+    chunks (the pages read stay in the page cache, out of this process's resident memory)."""
+    h = hashlib.blake2b(digest_size=16)
+    f.seek(offset)
+    left = length
+    while left > 0:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.digest()
+
+
+def stored_digest(values) -> bytes | None:
+    """The digest of ``values`` read from their file -- an unchanged external tensor's
+    (:meth:`ExternalValues.digest`) or a spilled array's (:meth:`SpilledValues.digest`), loaded
+    or not -- or None for values held in memory."""
+    source = source_of(values)
+    if source is not None:
+        return source.digest()
+    spilled = values if isinstance(values, SpilledValues) else \
+        getattr(values, "_onnxopt_spilled", None)
+    return spilled.digest() if spilled is not None else None
+
+
 def source_of(values) -> ExternalValues | None:
     """The external tensor ``values`` are the unchanged, mapped data of, or None."""
     if isinstance(values, ExternalValues):
@@ -328,11 +516,16 @@ def attach(graph: gs.Graph, folder: Path) -> None:
 def restore_references(graph: gs.Graph) -> None:
     """Before export: a constant whose values are an unchanged external tensor's mapping is
     written as that reference again; a constant with new values loses the external marking
-    onnx-graphsurgeon would otherwise copy onto it."""
+    onnx-graphsurgeon would otherwise copy onto it. A spilled array's mapping is unmapped (the
+    constant holds its :class:`SpilledValues` again)."""
     from onnxopt.graph import iter_graphs
     for g in iter_graphs(graph):
         for tensor in g.tensors().values():
             if not isinstance(tensor, gs.Constant):
+                continue
+            spilled = getattr(tensor._values, "_onnxopt_spilled", None)
+            if spilled is not None and tensor._values.shape == spilled.shape:
+                tensor._values = spilled
                 continue
             source = source_of(tensor._values)
             if source is not None:

@@ -255,6 +255,7 @@ def export_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     graph.toposort(recurse_subgraphs=True)
     external.restore_references(graph)
     model = gs.export_onnx(graph, do_type_check=False)
+    external.fill_spilled(model)
     model.graph.initializer.extend(getattr(graph, _INPUT_DEFAULTS, []))
     _hoist_outer_initializers(model.graph, _shared_constants(graph))
     _strip_value_info(model.graph)

@@ -59,10 +59,12 @@ def quantize_symmetric(values: np.ndarray, axis: int | None,
     return q, scale
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None,
+def dequantize(q, scale: np.ndarray, axis: int | None,
                zero_point: np.ndarray | None = None) -> np.ndarray:
     """What DequantizeLinear computes: ``float32(q - zero_point) * scale`` broadcast along
-    ``axis`` (float32, the shape of ``q``)."""
+    ``axis`` (float32, the shape of ``q``; ``q`` an integer array or its
+    ``onnxopt.external.SpilledValues``, mapped for this call only)."""
+    q = external.unspill(q)
     x = q.astype(np.float32)
     if zero_point is not None:
         x = x - broadcastable(np.asarray(zero_point).astype(np.float32), q.ndim, axis)

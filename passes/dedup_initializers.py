@@ -109,9 +109,9 @@ class DedupInitializers(Pass):
         self._digests: dict[int, tuple[np.ndarray, bytes]] = {}
 
     def _digest(self, t: gs.Constant) -> bytes:
-        source = external.source_of(t._values)
-        if source is not None:  # read from the file in chunks, never mapped
-            return source.digest()
+        stored = external.stored_digest(t._values)
+        if stored is not None:  # read from the file in chunks, never mapped
+            return stored
         values = t.values
         cached = self._digests.get(id(values))
         if cached is None or cached[0] is not values:

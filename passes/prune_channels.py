@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses.activations import calibration_feeds, collect
 from onnxopt.analyses.manager import Analysis
 from onnxopt.budget import Proposal
@@ -801,7 +802,7 @@ class PruneChannels(Pass):
     def _refit(self, la, c, cw, axis, bias, how, ts, working) -> None:
         """Least-squares refit of consumer ``c`` on its kept input channels with a bias."""
         keep = np.setdiff1d(np.arange(la.channels), la.removed)
-        g, s, n = ts.gram, ts.channel_sum, float(ts.rows)
+        g, s, n = external.unspill(ts.gram), ts.channel_sum, float(ts.rows)
         w = np.moveaxis(cw.values.astype(np.float64), axis, 0).reshape(la.channels, -1)
         a = np.zeros((len(keep) + 1, len(keep) + 1))
         a[:-1, :-1] = g[np.ix_(keep, keep)]

@@ -178,7 +178,8 @@ class BlockQuantized:
     """A ``[K, N]`` weight quantized in blocks of ``block_size`` rows.
 
     Attributes:
-        codes: uint8 ``[K, N]`` in ``[0, 2^bits - 1]`` (symmetric codes are ``q + 2^(bits-1)``).
+        codes: uint8 ``[K, N]`` in ``[0, 2^bits - 1]`` (symmetric codes are ``q + 2^(bits-1)``);
+            in a large model's run ``onnxopt.external.SpilledValues`` (see :meth:`spilled`).
         scale: float32 ``[n_blocks, N]``.
         zero_point: uint8 ``[n_blocks, N]`` (``2^(bits-1)`` everywhere when symmetric).
         block_size: rows per block.
@@ -196,10 +197,22 @@ class BlockQuantized:
     def dequantize(self) -> np.ndarray:
         """``(codes - zero_point) * scale`` per block (float32 ``[K, N]``), as DequantizeLinear
         and MatMulNBits compute it."""
-        k = self.codes.shape[0]
+        codes = external.unspill(self.codes)
+        k = codes.shape[0]
         z = np.repeat(self.zero_point, self.block_size, axis=0)[:k].astype(np.float32)
         s = np.repeat(self.scale, self.block_size, axis=0)[:k]
-        return (self.codes.astype(np.float32) - z) * s
+        return (codes.astype(np.float32) - z) * s
+
+    def spilled(self) -> "BlockQuantized":
+        """This weight with its codes in the run's spill file when the run spills (see
+        ``onnxopt.external.spill``): a decoder's codes wait there for the budget's decision."""
+        self.codes = external.spill(self.codes)
+        return self
+
+    @property
+    def size(self) -> int:
+        """Number of codes (``K * N``)."""
+        return int(np.prod(self.codes.shape, dtype=np.int64))
 
 
 def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
@@ -371,13 +384,16 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 def _code_constant(name: str, codes: np.ndarray, signed: bool, bits: int) -> gs.Constant:
     """An int4/int8 (``codes - 2^(bits-1)``) or uint4/uint8 (``codes``) initializer of
     ``codes``' shape."""
+    codes = external.unspill(codes)
     data = (np.asarray(codes, np.int16) - (2 ** (bits - 1) if signed else 0)).astype(np.uint8)
     if bits == 8:
-        return gs.Constant(name, data.view(np.int8) if signed else data)
-    proto = onnx.helper.make_tensor(
-        name, onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4, list(codes.shape),
-        pack_nibbles(data.ravel()).tobytes(), raw=True)
-    return gs.Constant(name, LazyValues(proto))
+        return gs.Constant(name, external.spill(data.view(np.int8) if signed else data))
+    kind = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    packed = external.spill(pack_nibbles(data.ravel()), kind, codes.shape)
+    if isinstance(packed, external.SpilledValues):
+        return gs.Constant(name, packed)
+    return gs.Constant(name, LazyValues(onnx.helper.make_tensor(
+        name, kind, list(codes.shape), packed.tobytes(), raw=True)))
 
 
 def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -481,25 +497,28 @@ class QuantizeInt4(Pass):
         chosen = []
         for t, readers in plans:
             w = np.asarray(external.peek(t), np.float64)  # an external weight: mapped here only
-            gram = self._gram(readers, stats)
+            stored_gram = self._gram(readers, stats)
+            gram = external.unspill(stored_gram)  # mapped while this weight is quantized
             scale = awq.get(id(t))
             quantized = self._quantize(w, gram, scale)
             value = _dequantized(quantized, scale)
             harm = output_error(w, value, gram) if gram is not None else \
                 float(np.sum((w - value) ** 2) / max(np.sum(w * w), 1e-30))
-            chosen.append([t, readers, quantized, scale, gram, harm])
+            chosen.append([t, readers, quantized.spilled(), scale, stored_gram, harm])
+            del w, gram, value
         self._eight_bit = self._eight_bit_set(chosen)
         proposals = []
         for t, readers, quantized, scale, gram, harm in chosen:
             if id(t) in self._eight_bit:
                 w = np.asarray(external.peek(t), np.float64)
-                quantized, scale = quantize_rtn(w, o.block_size, o.symmetric, bits=8), None
+                quantized = quantize_rtn(w, o.block_size, o.symmetric, bits=8).spilled()
+                scale = None
             elif gram is not None:
                 self._errors[o.method].append(harm)
                 if o.method != "rtn":
                     w = np.asarray(external.peek(t), np.float64)
                     rtn = quantize_rtn(w, o.block_size, o.symmetric).dequantize()
-                    self._errors["rtn"].append(output_error(w, rtn, gram))
+                    self._errors["rtn"].append(output_error(w, rtn, external.unspill(gram)))
             # the values the budget measures, computed when it runs the model: a large model
             # keeps only the packed weights, not a float copy of each
             proposals.append(Proposal(
@@ -538,13 +557,13 @@ class QuantizeInt4(Pass):
     def _eight_bit_set(self, chosen: list) -> set[int]:
         """Ids of the weights left at 8 bits: the most harmful at 4 bits (``chosen[i][-1]``)
         until they hold ``1 - ratio`` of the elements."""
-        budget = (1.0 - self.options.ratio) * sum(c[0].values.size for c in chosen)
+        budget = (1.0 - self.options.ratio) * sum(c[2].size for c in chosen)
         out: set[int] = set()
-        for t, *_, harm in sorted(chosen, key=lambda c: -c[-1]):
+        for t, _, quantized, *_, harm in sorted(chosen, key=lambda c: -c[-1]):
             if budget <= 0:
                 break
             out.add(id(t))
-            budget -= t.values.size
+            budget -= quantized.size
         return out
 
     def _gram(self, readers: list[gs.Node], stats) -> np.ndarray | None:
@@ -586,7 +605,8 @@ class QuantizeInt4(Pass):
             if s is None or s.gram is None or s.channel_abs_mean is None:
                 continue
             scale, alpha = awq_scales([np.asarray(t.values, np.float64) for t, _ in group],
-                                      s.gram, s.channel_abs_mean, self.options.block_size,
+                                      external.unspill(s.gram), s.channel_abs_mean,
+                                      self.options.block_size,
                                       self.options.symmetric)
             self._alphas.append(alpha)
             if alpha > 0:
@@ -638,7 +658,7 @@ class QuantizeInt4(Pass):
                                inputs=inputs, outputs=[out]))
         for node, i in input_slots(t):
             node.inputs[i] = out
-        return (quantized.codes.size * bits + 7) // 8 + quantized.scale.nbytes \
+        return (quantized.size * bits + 7) // 8 + quantized.scale.nbytes \
             + (0 if sym else (quantized.zero_point.size * bits + 7) // 8)
 
     def _matmul_nbits(self, root: gs.Graph, g: gs.Graph, t: gs.Constant,
@@ -651,7 +671,7 @@ class QuantizeInt4(Pass):
         bs = quantized.block_size
         nb = quantized.scale.shape[0]
         padded = np.zeros((nb * bs, n), np.uint8)
-        padded[:k] = quantized.codes
+        padded[:k] = external.unspill(quantized.codes)
         bits = quantized.bits
         blob = _packed(padded.reshape(nb, bs, n).transpose(2, 0, 1), bits)  # [N, nb, bs*bits/8]
         inputs = [gs.Constant(name("quantized"), blob),

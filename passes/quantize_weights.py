@@ -168,6 +168,7 @@ class QuantizeWeights(Pass):
             axes = {output_channel_axis(n, i, len(t.shape)) for n, i in slots}
             axis = axes.pop() if len(axes) == 1 else None
             q, scale = quantize(external.peek(t), axis)  # an external weight: mapped here only
+            q = external.spill(q)  # a large model's codes wait on disk for the budget's decision
             self._axes[id(t)] = axis
             readers = {id(n): n for n, _ in slots}
             node = next(iter(readers.values()))

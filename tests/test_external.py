@@ -298,3 +298,105 @@ def test_model_proto_without_its_external_data_is_refused_by_validate(chain):
         onnxopt.validate(model, model)
     with pytest.raises(errors.UsageError, match="whose folder a ModelProto does not tell"):
         onnxopt.validate(chain, model)
+
+
+def _mlp(tmp_path: Path) -> Path:
+    """``Relu(x W1) W2`` with x ``[batch, 4, 64]`` (3-D: int4's MatMuls stay MatMuls), W1
+    ``[64, 128]``, W2 ``[128, 64]``, stored outside."""
+    rng = np.random.default_rng(1)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) / 8, n)
+             for n, shape in (("W1", (64, 128)), ("W2", (128, 64)))]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W1"], ["h"]),
+         onnx.helper.make_node("Relu", ["h"], ["r"]),
+         onnx.helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4, 64])],
+        inits)
+    path = tmp_path / "in" / "mlp.onnx"
+    io.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+                  path, external_data=True)
+    return path
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("int8-weight", None),
+    ("int4-weight", {"quantize_int4": {"method": "gptq", "ratio": 1.0}}),
+])
+def test_large_model_codes_and_grams_wait_in_the_spill_file(tmp_path, monkeypatch, mode,
+                                                            options):
+    """Quantized codes (and GPTQ's Gram matrices) of a model with external data go to the spill
+    file, mapped only while read; the written model holds the same tensors as the in-memory
+    run's and computes the same outputs."""
+    model = _mlp(tmp_path)
+    monkeypatch.setattr(external, "SPILL_THRESHOLD", 1024)
+    spilled = []
+    make = external.SpilledValues.__init__
+
+    def counted(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        spilled.append(self.data_type)
+
+    monkeypatch.setattr(external.SpilledValues, "__init__", counted)
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((b, 4, 64), dtype=np.float32)} for b in (1, 3, 0)]
+    calibration = feeds[:2]
+    run = dict(quantize=mode, max_drift=0.99, inputs=calibration[1], calibration=calibration,
+               options=options)
+    out = tmp_path / "out" / "q.onnx"
+    _, report = onnxopt.optimize(model, output=out, **run)
+    assert report.validation.passed and report.validation.mode == "lossy"
+    codes = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4} if mode == "int4-weight" \
+        else {onnx.TensorProto.INT8}
+    assert codes & set(spilled)
+    if mode == "int4-weight":
+        assert onnx.TensorProto.DOUBLE in spilled  # the Gram matrices
+    from_file = len(spilled)
+    in_memory, _ = onnxopt.optimize(onnx.load(str(model)), **run)
+    assert len(spilled) == from_file  # a model held in memory spills nothing
+    written = {t.name: onnx.numpy_helper.to_array(t)
+               for t in onnx.load(str(out)).graph.initializer}
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    assert written.keys() == expected.keys()
+    assert any(t.data_type in codes for t in in_memory.graph.initializer)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    session = ort.InferenceSession(in_memory.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        np.testing.assert_array_equal(_run(out, feed["x"]), session.run(None, feed)[0])
+
+
+def test_spilled_weights_are_digested_from_the_file_not_kept_mapped(tmp_path, monkeypatch):
+    """dedup_initializers merges equal spilled arrays by their stored bytes; its digest cache
+    holds no mapping of them (a decoder's 1 GiB of codes stayed resident through it)."""
+    import contextvars
+
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.pass_manager import PassContext, get_pass
+
+    monkeypatch.setattr(external, "SPILL_THRESHOLD", 1024)
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+
+    def run():
+        external.use_folder(tmp_path)
+        a, b = external.spill(w), external.spill(w.copy())
+        assert isinstance(a, external.SpilledValues) and a is not b
+        x = gs.Variable("x", np.float32, [64, 64])
+        y, z = gs.Variable("y", np.float32, [64, 64]), gs.Variable("z", np.float32, [64, 64])
+        graph = gs.Graph(nodes=[gs.Node("Add", "add", inputs=[x, gs.Constant("a", a)],
+                                        outputs=[y]),
+                                gs.Node("Add", "add2", inputs=[y, gs.Constant("b", b)],
+                                        outputs=[z])],
+                         inputs=[x], outputs=[z], opset=17)
+        dedup = get_pass("dedup_initializers")
+        result = dedup.run(graph, PassContext())
+        assert result.stats["initializers_merged"] == 1
+        assert dedup._digests == {}
+        model = gs.export_onnx(graph)  # the stand-in of the one weight left, then its bytes
+        assert not model.graph.initializer[0].raw_data
+        external.fill_spilled(model)
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), w)
+
+    contextvars.copy_context().run(run)

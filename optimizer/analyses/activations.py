@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses.manager import Analysis
 from onnxopt.errors import UsageError
 from onnxopt.graph import export_graph
@@ -73,7 +74,9 @@ class TensorStats:
             mean that bias correction propagates through a changed weight).
         rows: how many vectors along the channel axis were seen (the divisor of the means).
         gram: ``X^T X`` over every row seen (float64, ``[C, C]``) when ``wants_gram`` and
-            ``C <=`` :data:`GRAM_MAX_CHANNELS`, else None.
+            ``C <=`` :data:`GRAM_MAX_CHANNELS`, else None. In the run of a model with external
+            data it is an ``onnxopt.external.SpilledValues`` (a decoder's Gram matrices
+            outweigh its weights): ``onnxopt.external.unspill`` maps it.
         wants_gram: whether ``update`` accumulates ``gram``.
         wants_histogram: whether ``update`` accumulates ``histogram`` (a range-only user, such
             as float16 conversion, saves most of the cost).
@@ -116,7 +119,8 @@ class TensorStats:
                 else None
             if self.channel_sq_sum is None or self.channel_sq_sum.shape != sq.shape:
                 self.channel_sq_sum, self.channel_absmax = sq, amax
-                self.channel_abs_sum, self.gram, self.rows = asum, gram, flat.shape[0]
+                self.channel_abs_sum, self.rows = asum, flat.shape[0]
+                self.gram = None if gram is None else external.spill(gram)
                 self.channel_sum = total
             else:
                 self.channel_sq_sum = self.channel_sq_sum + sq
@@ -125,7 +129,7 @@ class TensorStats:
                 self.channel_sum = self.channel_sum + total
                 self.rows += flat.shape[0]
                 if gram is not None and self.gram is not None:
-                    self.gram += gram
+                    self.gram = external.accumulate(self.gram, gram)
 
     def _histogram(self, finite: np.ndarray) -> None:
         peak = float(np.abs(finite).max())
