@@ -25,16 +25,22 @@ Executors:
   the models it was running are run again one at a time: the one that kills its worker alone is
   reported as an internal error (exit 3), the others get their ordinary results.
 * ``"ray"``: the same jobs as Ray tasks (one CPU each, no retries: a failure is the model's
-  result). ``ray.init(address=ray_address or $RAY_ADDRESS)`` connects to an existing cluster,
-  or starts a local one (no dashboard) that is shut down at the end. Ray is an optional extra
-  (``pip install 'onnxopt[ray]'``). On a cluster of several machines the models and the output
-  folder must be on a file system every node sees, under the same absolute paths.
+  result), on the cluster at ``ray_address`` or ``$RAY_ADDRESS``, or the one this process is
+  connected to, or a local one listening on loopback only, without dashboard, shut down at the
+  end (``onnxopt.ray_cluster``). Ray is an optional extra (``pip install 'onnxopt[ray]'``). On a
+  cluster of several machines the models and the output folder must be on a file system every
+  node sees, under the same absolute paths.
 
-A strength search (``"auto"``, ``onnxopt.strength``) runs inside its model's job: its candidate
-evaluations are not distributed. They are a bisection of the ladder, each candidate chosen by
-the verdict on the previous one, and each evaluation runs the pass and the drift budget on the
-live graph (proposals are closures over it), so a remote task would have to import the model
-again for every candidate; a batch keeps the workers busy with whole models instead.
+A strength search (``"auto"``, ``onnxopt.strength``) runs inside its model's job, with the
+batch's executor: on Ray its candidate evaluations are Ray tasks of their own (the job's CPU is
+lent to them while it waits), locally they run in the job's worker.
+
+Timeout: with ``timeout``, a job still running that many seconds after it was handed to its
+worker is stopped and fails alone: exit code :data:`TIMEOUT_EXIT_CODE`, and an error naming the
+limit. A Ray task is cancelled (its worker process is ended). A worker process of the local pool
+cannot be stopped alone: the pool's processes are ended, and the other jobs they were running
+start again from the beginning (their results are those of a full run; only their ``seconds``
+count the restart).
 
 Threads: worker processes start with ``OMP_NUM_THREADS=1`` unless it is set, as Ray does for
 its one-CPU tasks: numpy's BLAS then runs one thread per worker (``jobs`` workers on as many cores
@@ -58,7 +64,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import importlib.util
 import multiprocessing
 import os
 import time
@@ -69,19 +74,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from onnxopt import io
+from onnxopt import io, ray_cluster
 from onnxopt.api import optimize
 from onnxopt.errors import OnnxoptError, OnnxoptWarning, PassError, UsageError, ValidationFailed
 from onnxopt.report import human_bytes, percent_change
 
 __all__ = ["ModelResult", "optimize_many", "optimize_one", "plan", "memory_budget",
-           "worst_exit_code", "summary_row", "summary_table", "without_timings",
-           "EXIT_SEVERITY", "TIMING_KEYS"]
+           "worst_exit_code", "summary_row", "summary_table", "without_timings", "cpu_count",
+           "EXIT_SEVERITY", "TIMEOUT_EXIT_CODE", "TIMING_KEYS"]
+
+#: The exit code of a model stopped by the batch's ``timeout`` (that of coreutils' ``timeout``).
+TIMEOUT_EXIT_CODE = 124
 
 #: Exit codes from least to most severe: the exit code of a batch is its most severe model's. An
-#: internal error (3) is a bug in onnxopt and is never hidden; a failed validation (1) means a
-#: readable model could not be optimized safely; a bad input or usage (2) is the user's to fix.
-EXIT_SEVERITY = (0, 2, 1, 3)
+#: internal error (3) is a bug in onnxopt and is never hidden; a model over the time limit (124)
+#: was not judged; a failed validation (1) means a readable model could not be optimized safely;
+#: a bad input or usage (2) is the user's to fix.
+EXIT_SEVERITY = (0, 2, 1, TIMEOUT_EXIT_CODE, 3)
 
 #: Keywords of ``onnxopt.optimize`` that the batch sets per model itself.
 _RESERVED = ("output", "on_pass")
@@ -238,7 +247,8 @@ def optimize_many(models: Sequence[str | os.PathLike], output_dir: str | os.Path
                   jobs: int | None = None, executor: str = "local",
                   ray_address: str | None = None, recursive: bool = False,
                   model_options: Callable[[Path], dict] | None = None,
-                  memory: int | None = None, **optimize_kwargs) -> Iterator[ModelResult]:
+                  memory: int | None = None, timeout: float | None = None,
+                  **optimize_kwargs) -> Iterator[ModelResult]:
     """Optimize every model of ``models`` into ``output_dir``, one job per model (see the module
     docstring); the inputs are checked now, the jobs run as the iterator is consumed.
 
@@ -248,12 +258,14 @@ def optimize_many(models: Sequence[str | os.PathLike], output_dir: str | os.Path
         output_dir: the folder the results are written to (created as needed).
         jobs: models run at once: worker processes (``"local"``; default: the CPUs this process
             may use) or Ray tasks in flight (``"ray"``; default: the cluster's CPUs).
-        executor: ``"local"`` or ``"ray"``.
+        executor: ``"local"`` or ``"ray"``; also where each model's strength search scores its
+            candidates (``onnxopt.optimize(executor=)``).
         ray_address: the Ray cluster to connect to (default ``$RAY_ADDRESS``, else a local one).
         model_options: ``fn(model path) -> dict`` of keywords for that model over
             ``optimize_kwargs`` (e.g. its own ``inputs``), called here, not in the workers.
         memory: the memory budget in bytes (default :func:`memory_budget`).
-        optimize_kwargs: keywords of ``onnxopt.optimize`` for every model (not ``output`` or
+        timeout: seconds a model's job may run (None: no limit); see the module docstring.
+        optimize_kwargs: keywords of ``onnxopt.optimize`` for every model (not ``output``,
             ``on_pass``; ``raise_on_failure`` defaults to False).
 
     Returns:
@@ -263,40 +275,42 @@ def optimize_many(models: Sequence[str | os.PathLike], output_dir: str | os.Path
         spawned, and import the script's module again.
 
     Raises:
-        UsageError: see :func:`plan`; an unknown executor, ``jobs`` below 1, a reserved keyword;
-            ray not installed.
+        UsageError: see :func:`plan`; an unknown executor, ``jobs`` below 1, ``timeout`` not
+            above 0, a reserved keyword; ray not installed; ``ray_address`` without
+            ``executor="ray"``.
     """
-    if executor not in ("local", "ray"):
-        raise UsageError(f"unknown executor '{executor}'; use 'local' or 'ray'")
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise UsageError(f"jobs must be a positive integer, got {jobs!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise UsageError(f"timeout must be a number of seconds above 0, got {timeout!r}")
     reserved = [k for k in _RESERVED if k in optimize_kwargs]
     if reserved:
         raise UsageError(f"optimize_many sets {', '.join(reserved)} itself for each model")
-    if executor == "ray" and importlib.util.find_spec("ray") is None:
-        raise UsageError("the Ray executor needs ray: pip install 'onnxopt[ray]'")
+    ray_cluster.check_executor(executor, ray_address)
     planned = plan(models, output_dir, recursive)
     work = [_Job(str(m), str(o), io.stored_bytes(m, data),
-                 {**optimize_kwargs, **(model_options(m) if model_options else {})})
+                 {**optimize_kwargs, **(model_options(m) if model_options else {}),
+                  "executor": executor})
             for m, o, data in planned]
     for job in work:
         Path(job.output).parent.mkdir(parents=True, exist_ok=True)
     budget = memory if memory is not None else memory_budget()
-    return _run(work, executor, jobs, ray_address, budget)
+    return _run(work, executor, jobs, ray_address, budget, timeout)
 
 
 def _run(work: list[_Job], executor: str, jobs: int | None, ray_address: str | None,
-         budget: int | None) -> Iterator[ModelResult]:
+         budget: int | None, timeout: float | None) -> Iterator[ModelResult]:
     """The jobs' results in order; the executor starts with the first result asked for."""
     runner = _RayRunner(ray_address, jobs) if executor == "ray" else _LocalRunner(jobs, len(work))
     with runner:
-        for result in _in_order(work, runner, budget):
+        for result in _in_order(work, runner, budget, timeout):
             for message in result.warnings:
                 warnings.warn(f"{result.model}: {message}", OnnxoptWarning, stacklevel=2)
             yield result
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     """The CPUs this process may use (``os.process_cpu_count``, Python 3.13; before it, the
     affinity mask, else every CPU)."""
     if hasattr(os, "process_cpu_count"):
@@ -310,7 +324,7 @@ class _LocalRunner:
     """Worker processes on this machine (``spawn``), restarted when one dies."""
 
     def __init__(self, jobs: int | None, count: int) -> None:
-        self.slots = max(1, min(jobs or _cpu_count(), count))
+        self.slots = max(1, min(jobs or cpu_count(), count))
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "_LocalRunner":
@@ -342,6 +356,16 @@ class _LocalRunner:
             self._drop_pool()
         return True
 
+    def stop(self, future: cf.Future) -> bool:
+        """End the job of ``future`` (over its time limit): a pool's worker cannot be ended
+        alone, so its processes are all ended (the pool is replaced at the next submission);
+        True: the other running jobs were stopped too."""
+        if self._pool is not None:
+            for process in list(self._pool._processes.values()):  # noqa: SLF001 -- no public
+                process.kill()
+            self._drop_pool()
+        return True
+
     def _drop_pool(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
@@ -362,42 +386,46 @@ def _one_blas_thread():
 
 
 class _RayRunner:
-    """Ray tasks, on the cluster at ``address`` or a local one started here."""
+    """Ray tasks, on a cluster of ``onnxopt.ray_cluster.connected(address)``."""
 
     def __init__(self, address: str | None, jobs: int | None) -> None:
-        import ray
-
-        self._ray = ray
-        self._started = False
-        if not ray.is_initialized():
-            address = address or os.environ.get("RAY_ADDRESS") or None
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False,
-                     **({} if address else {"include_dashboard": False}))
-            self._started = True
+        self._connection = contextlib.ExitStack()
+        self._ray = ray = self._connection.enter_context(ray_cluster.connected(address))
         self.slots = jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
         # one CPU each, no retries: a task that fails or whose worker dies is the model's result
         self._task = ray.remote(num_cpus=1, max_retries=0)(optimize_one)
+        self._refs: dict[cf.Future, Any] = {}
 
     def __enter__(self) -> "_RayRunner":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._started:
-            self._ray.shutdown()
+        self._connection.close()
 
     def submit(self, job: _Job) -> cf.Future:
-        return self._task.remote(job.model, job.output, job.options).future()
+        ref = self._task.remote(job.model, job.output, job.options)
+        future = ref.future()
+        self._refs[future] = ref
+        return future
 
     def died(self, err: BaseException) -> bool:
         return False  # Ray isolates tasks: the error is the model's own
 
+    def stop(self, future: cf.Future) -> bool:
+        """End the task of ``future`` (its worker process); the others run on."""
+        self._ray.cancel(self._refs.pop(future), force=True)
+        return False
 
-def _in_order(work: list[_Job], runner, budget: int | None) -> Iterator[ModelResult]:
-    """Run ``work`` through ``runner`` (``slots``, ``submit(job) -> Future``, ``died(err)``)
-    under the memory rule of the module docstring; yield the results in the order of ``work``."""
+
+def _in_order(work: list[_Job], runner, budget: int | None,
+              timeout: float | None = None) -> Iterator[ModelResult]:
+    """Run ``work`` through ``runner`` (``slots``, ``submit(job) -> Future``, ``died(err)``,
+    ``stop(future) -> whether every running job was stopped``) under the memory rule and the
+    ``timeout`` of the module docstring; yield the results in the order of ``work``."""
     alone = {i for i, job in enumerate(work) if budget is not None and job.size > budget}
     pending = deque(range(len(work)))
     running: dict[cf.Future, int] = {}
+    deadline: dict[cf.Future, float] = {}
     done: dict[int, ModelResult] = {}
     emitted = 0
 
@@ -413,10 +441,15 @@ def _in_order(work: list[_Job], runner, budget: int | None) -> Iterator[ModelRes
     while emitted < len(work):
         while pending and fits(pending[0]):
             i = pending.popleft()
-            running[runner.submit(work[i])] = i
-        finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            future = runner.submit(work[i])
+            running[future] = i
+            if timeout is not None:
+                deadline[future] = time.monotonic() + timeout
+        wait = max(0.0, min(deadline.values()) - time.monotonic()) if deadline else None
+        finished, _ = cf.wait(running, timeout=wait, return_when=cf.FIRST_COMPLETED)
         retry = []
         for future in finished:
+            deadline.pop(future, None)
             i = running.pop(future)
             err = future.exception()
             if err is None:
@@ -428,10 +461,28 @@ def _in_order(work: list[_Job], runner, budget: int | None) -> Iterator[ModelRes
                 retry.append(i)
             else:
                 done[i] = _died(work[i], err)
+        for future in [f for f, end in deadline.items() if end <= time.monotonic()]:
+            if future not in running:  # ended with another job's (local pool)
+                continue
+            i = running.pop(future)
+            del deadline[future]
+            done[i] = _timed_out(work[i], timeout)
+            if runner.stop(future):  # the others are run again, as they were
+                retry += running.values()
+                running.clear()
+                deadline.clear()
         pending.extendleft(sorted(retry, reverse=True))
         while emitted in done:
             yield done.pop(emitted)
             emitted += 1
+
+
+def _timed_out(job: _Job, timeout: float) -> ModelResult:
+    """The result of a job stopped at its time limit."""
+    return ModelResult(job.model, None, None, {
+        "type": "Timeout", "message": f"stopped after {timeout:g} s (the batch's time limit for "
+        "one model; see --timeout)", "exit_code": TIMEOUT_EXIT_CODE}, TIMEOUT_EXIT_CODE,
+        float(timeout))
 
 
 def _died(job: _Job, err: BaseException) -> ModelResult:

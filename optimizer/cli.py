@@ -395,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="output .onnx path (never the input); for a batch, the output folder "
                         "(the inputs' names, and their folder structure with --recursive)")
-    b = p.add_argument_group("batch (several models, a folder, or --recursive)")
+    b = p.add_argument_group("batch (several models, a folder, or --recursive) and executors")
     b.add_argument("--recursive", action="store_true",
                    help="also optimize the .onnx files of the folders' subfolders")
     b.add_argument("--jobs", type=int, metavar="N",
@@ -403,7 +403,10 @@ def _parser() -> argparse.ArgumentParser:
                         "than a quarter of the available memory run alone)")
     b.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="worker processes on this machine, or Ray tasks (pip install "
-                        "'onnxopt[ray]')")
+                        "'onnxopt[ray]'): a batch's models, and the candidate evaluations of a "
+                        "strength search ('auto'), also for one model")
+    b.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop a batch's model after this long (it fails alone, exit code 124)")
     b.add_argument("--ray-address", metavar="ADDRESS",
                    help="the Ray cluster to use (default $RAY_ADDRESS, else a local one)")
     b.add_argument("--summary", metavar="FILE.jsonl",
@@ -676,7 +679,8 @@ def _cmd_optimize_many(args, out: _Out) -> int:
                          "file; give the output folder")
     results = batch.optimize_many(args.model, args.output, jobs=args.jobs,
                                   executor=args.executor, ray_address=args.ray_address,
-                                  recursive=args.recursive, **_optimize_options(args))
+                                  recursive=args.recursive, timeout=args.timeout,
+                                  **_optimize_options(args))
     codes, rows = [], []
     with (open(args.summary, "w", encoding="utf-8") if args.summary
           else contextlib.nullcontext(None)) as summary:
@@ -699,6 +703,9 @@ def _cmd_optimize(args, out: _Out) -> int:
     if len(args.model) > 1 or args.recursive or Path(args.model[0]).is_dir():
         return _cmd_optimize_many(args, out)
     args.model = args.model[0]
+    if args.timeout is not None:
+        raise UsageError("--timeout limits each model of a batch (several models or a folder); "
+                         "one model runs in this process, which it cannot stop")
     if args.output.endswith(("/", os.sep)) or Path(args.output).is_dir():
         raise UsageError(f"{args.output}: is a folder; give the output model's file name "
                          "(several input models are written into a folder)")
@@ -712,8 +719,8 @@ def _cmd_optimize(args, out: _Out) -> int:
     _check_auto(args)
     with _progress(f"optimizing {Path(args.model).name}", args.quiet):
         try:
-            _, report = api.optimize(args.model, output=args.output,
-                                     **_optimize_options(args))
+            _, report = api.optimize(args.model, output=args.output, executor=args.executor,
+                                     ray_address=args.ray_address, **_optimize_options(args))
         except InputError as err:
             raise _original_model_hint(err, args) from None
     passed = (report.validation is None or report.validation.passed) and \

@@ -422,7 +422,8 @@ def parse_criteria(spec, metric: str | DriftMetric | Callable = "cosine",
 
     Raises:
         UsageError: an unknown metric, a metric given twice, a threshold out of its range or
-            not a number, an empty or malformed string.
+            not a number, an empty or malformed string, an empty criterion (a trailing or
+            doubled comma).
     """
     if isinstance(spec, Criterion):
         return [spec]
@@ -438,7 +439,11 @@ def parse_criteria(spec, metric: str | DriftMetric | Callable = "cosine",
             pairs = [(metric, float(text))]
         except ValueError:
             pairs = []
-            for item in filter(None, (s.strip() for s in text.split(","))):
+            items = [s.strip() for s in text.split(",")] if text else []
+            if "" in items:  # "cosine=0.999," may have lost a criterion: not guessed
+                raise UsageError(f"{where} '{spec}': an empty criterion (a stray comma); "
+                                 "expected METRIC=VALUE,... such as cosine=0.999,max-abs=0.05")
+            for item in items:
                 name, sep, value = item.partition("=")
                 try:
                     pairs.append((name.strip(), float(value)))

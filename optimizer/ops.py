@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
 from onnxopt.graph import iter_graphs
 
@@ -146,6 +147,39 @@ OPS: dict[str, OpFacts] = {
 }
 
 _NO_FACTS = OpFacts()
+
+# --- Output element types of ai.onnx.ml ops ---------------------------------------------------
+# The ai.onnx.ml operator spec (https://onnx.ai/onnx/operators/#ai-onnx-ml) fixes these outputs'
+# types, but ONNX type inference (onnx 1.23) reports none for Scaler, Normalizer,
+# LinearRegressor, SVMRegressor, FeatureVectorizer, Imputer and SVMClassifier's scores, so a
+# converter's Cast to that same type looks like a real conversion. By output index.
+
+#: Output types: an ONNX element type, ``"input"`` (input 0's type), or ``"labels"`` (int64 with
+#: an integer class-label attribute, string with ``classlabels_strings``).
+ML_OUTPUT_TYPES: dict[str, tuple[int | str, ...]] = {
+    **{op: (TensorProto.FLOAT,)
+       for op in ("Scaler", "Normalizer", "LinearRegressor", "SVMRegressor",
+                  "TreeEnsembleRegressor", "FeatureVectorizer", "OneHotEncoder")},
+    **{op: ("labels", TensorProto.FLOAT)
+       for op in ("LinearClassifier", "SVMClassifier", "TreeEnsembleClassifier")},
+    **{op: ("input",) for op in ("Imputer", "Binarizer", "ArrayFeatureExtractor", "TreeEnsemble")},
+}
+
+
+def ml_output_type(node: gs.Node, index: int, input_type: int | None) -> int | None:
+    """The ONNX element type of output ``index`` of an ai.onnx.ml ``node`` per
+    :data:`ML_OUTPUT_TYPES` (``input_type``: the type of its input 0, None when unknown); None
+    for other nodes or when the spec leaves it open."""
+    if node.domain != "ai.onnx.ml" or index >= len(ML_OUTPUT_TYPES.get(node.op, ())):
+        return None
+    rule = ML_OUTPUT_TYPES[node.op][index]
+    if rule == "input":
+        return input_type
+    if rule == "labels":
+        if any(a in node.attrs for a in ("classlabels_ints", "classlabels_int64s")):
+            return TensorProto.INT64
+        return TensorProto.STRING if "classlabels_strings" in node.attrs else None
+    return rule
 
 
 def is_default_domain(node: gs.Node) -> bool:

@@ -42,12 +42,16 @@ explicitly win over the file, except ``skip``, whose names are added to the file
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
+import onnx
+
 from onnxopt.errors import UsageError
+from onnxopt.graph import graph_protos
 from onnxopt.metrics import parse_criteria
 from onnxopt.pass_manager import REGISTRY, Pass, fits_type, get_pass
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
@@ -231,7 +235,88 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
                      if n == name and o in strengths]
             raise UsageError(f"pass '{name}' would change nothing: give its strength "
                              f"({' or '.join(strengths)}; {', '.join(flags)})")
-    return Pipeline([p for name, p in built.items() if name not in set(skip)], max_iterations)
+    kept = [p for name, p in built.items() if name not in set(skip)]
+    _check_quantizers(kept, quantize)
+    return Pipeline(kept, max_iterations)
+
+
+def _option_flag(p: Pass, option: str) -> str:
+    """`` (--quantize-exclude)`` / `` (--quantize-ops)`` for option ``exclude`` / ``ops`` of a
+    pass of a ``--quantize`` mode (which those flags set), else ""."""
+    moded = any(p.name in passes for passes in QUANTIZE_MODES.values())
+    return f" (--quantize-{option})" if moded else ""
+
+
+def _check_quantizers(passes: Sequence[Pass], quantize: str | None) -> None:
+    """Refuse two quantization passes in one pipeline (``--passes quantize_static --quantize
+    int8-weight``): each would quantize the weights the other does, the second the first's
+    output. Passes decided jointly with the next one (``Pass.joins_next``: the embedding tables
+    every integer mode quantizes beside its main pass) do not count. Also refuse ``exclude`` /
+    ``ops`` options that contradict each other (an op type both excluded and the only one
+    quantized), and an empty ``ops`` (nothing would be quantized).
+
+    Raises:
+        UsageError: naming the passes (and the mode that brought one) or the op types.
+    """
+    mode = set(QUANTIZE_MODES.get(quantize, ()))
+    main = [p for p in passes if p.quantizes and not p.joins_next]
+    if len(main) > 1:
+        shown = [p.name + (f" (--quantize {quantize})" if p.name in mode else "") for p in main]
+        raise UsageError(f"two quantization passes: {', '.join(shown)}; each quantizes the "
+                         "weights the other does: give one (--quantize MODE, or one of them in "
+                         "--passes)")
+    for p in passes:
+        ops = getattr(p.options, "ops", None)
+        if ops is None:
+            continue
+        if not ops:
+            raise UsageError(f"pass '{p.name}': option ops{_option_flag(p, 'ops')} is empty: "
+                             "it would quantize nothing")
+        both = sorted(set(ops) & set(getattr(p.options, "exclude", ())))
+        if both:
+            raise UsageError(f"pass '{p.name}': {', '.join(both)} both quantized (option ops"
+                             f"{_option_flag(p, 'ops')}) and excluded (option exclude"
+                             f"{_option_flag(p, 'exclude')})")
+
+
+def check_targets(pipeline: Pipeline, model: onnx.ModelProto, source: str) -> None:
+    """Refuse ``exclude`` / ``ops`` options (``--quantize-exclude`` / ``--quantize-ops``) naming
+    nothing in ``model`` (node names and op types of every graph; ``source`` names the model in
+    messages): an ``exclude`` entry that is neither a node's name nor the op type of a node of
+    the model nor an ONNX op type (``onnx.defs``; one the model lacks is harmless, so a list
+    serves several models), an ``ops`` entry that is neither an op type of the model nor of
+    ONNX, and ``ops`` of which no entry occurs in the model: a typo would otherwise quantize (or
+    keep float) what the user meant otherwise, silently.
+
+    Raises:
+        UsageError: naming the model, the pass, the option (and its flag), the entry and the
+            closest names of the model.
+    """
+    nodes = [n for g in graph_protos(model.graph) for n in g.node]
+    op_types, names = {n.op_type for n in nodes}, {n.name for n in nodes if n.name}
+
+    def known(op: str) -> bool:
+        return op in op_types or onnx.defs.has(op)
+
+    def unknown(entry: str, option: str, p: Pass, what: str) -> UsageError:
+        near = difflib.get_close_matches(entry, sorted(op_types | names), n=3)
+        hint = f"; closest in the model: {', '.join(near)}" if near else ""
+        return UsageError(f"{source}: pass '{p.name}' option {option}{_option_flag(p, option)}: "
+                          f"'{entry}' is {what}{hint}")
+
+    for p in pipeline.passes:
+        for entry in getattr(p.options, "exclude", ()):
+            if entry not in names and not known(entry):
+                raise unknown(entry, "exclude", p, "neither an op type nor a node name of "
+                              "the model")
+        ops = getattr(p.options, "ops", None)
+        for entry in ops or ():
+            if not known(entry):
+                raise unknown(entry, "ops", p, "not an op type (of ONNX or of the model)")
+        if ops and not op_types & set(ops):
+            raise UsageError(f"{source}: pass '{p.name}' option ops{_option_flag(p, 'ops')}: "
+                             f"the model has no node of type {', '.join(ops)}: nothing would "
+                             "be quantized")
 
 
 def _flags(name: str, options: Sequence[str]) -> list[str]:

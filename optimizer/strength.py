@@ -40,21 +40,56 @@ moved per round; ``per_layer_note`` when the pass is not offered any), and the l
 measured in onnxruntime (interleaved runs on the first validation feed: noisy on a shared
 machine). Points tried are not timed: until applied, a candidate has the original's shapes
 (a pruned channel is zeroed, not removed), so its latency is the original's by construction.
+
+**Candidate evaluations on Ray.** With the Ray executor (:func:`use_executor`: ``onnxopt
+optimize --executor ray``, ``onnxopt.optimize(executor="ray")``, and each model's job of a batch
+on Ray), the bisection's scores are Ray tasks, several at once: a *speculative bisection*. The
+points of the bisection's decision tree below the current interval are taken breadth first
+(the next point, then the two points that may follow it, ...) and kept in flight, up to the
+cluster's CPUs and :data:`CANDIDATE_COPIES` copies of the model's weights each within
+``onnxopt.batch.memory_budget()``. The pass still runs in this process, one setting at a time
+(proposals are closures over the live graph); what a task gets is self-contained: the graph
+before the pass serialized once per search and shared by every task (the Ray object store),
+and the candidate's proposed values (``{initializer: array}``). The task imports the graph again,
+makes the proposals anew (``export_graph`` of the imported graph is the same model byte for
+byte) and scores them with the run's drift budget, references included, by
+:meth:`~onnxopt.budget.DriftBudget.evaluate`: the code of the local run, on the same model, with
+the same numpy BLAS thread settings (:func:`_blas_env`; the cosine's dot products sum in an
+order that depends on them), so the scores are the local run's to the last bit. The decisions
+are then replayed in the sequential order: a point's verdict is read only when the sequential
+bisection would visit it, the path records exactly the points it would visit, and a point that
+falls out of the interval is cancelled, its result unread (an error too: it is raised only when
+its point is visited). The chosen setting, the path, the per-layer upgrades (the budget's
+decisions, run here as before) and the output are those of the local run. Proposals that
+simulate (a gated subgraph, not a value) and models whose graph cannot be serialized in one
+protobuf (over 2 GiB without external data) are scored in this process. A local Ray cluster
+started for a search (no ``RAY_ADDRESS``, Ray not initialized) lives for that search, on
+loopback only (``onnxopt.ray_cluster``). On a cluster of several machines, every node needs
+onnxopt and the model's external data files under the same path, and a node with another CPU
+count may score differently in the last bits (the BLAS threads follow this process's).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextvars
+import copy
 import dataclasses
+import os
 import statistics
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Callable
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external, io, ray_cluster
 from onnxopt.budget import Decision, Proposal
-from onnxopt.errors import UsageError
+from onnxopt.errors import OnnxoptError, UsageError
+from onnxopt.graph import export_graph, import_graph, iter_graphs
 
 if TYPE_CHECKING:
     from onnxopt.pass_manager import Pass, PassContext, PassResult
@@ -63,6 +98,29 @@ if TYPE_CHECKING:
 UPGRADE_STEPS = 2
 #: Timed runs of each model (interleaved) for the latency ratio.
 LATENCY_RUNS = 5
+#: Copies of the model's weights one candidate evaluation on Ray holds (its proposed values in
+#: the object store, the task's imported graph, its session's): with the cluster's CPUs, this
+#: bounds the evaluations in flight to ``memory_budget() // (CANDIDATE_COPIES * weights)``.
+CANDIDATE_COPIES = 3
+
+#: The executor of this context's strength searches: ``(kind, Ray address)``, see
+#: :func:`use_executor`.
+_EXECUTOR: contextvars.ContextVar[tuple[str, str | None]] = contextvars.ContextVar(
+    "onnxopt_strength_executor", default=("local", None))
+
+
+def use_executor(executor: str = "local", ray_address: str | None = None) -> None:
+    """Make the strength searches of the current context score their candidates in this process
+    (``"local"``) or as Ray tasks (``"ray"``, on the cluster at ``ray_address``, else
+    ``$RAY_ADDRESS``, else the one this process is connected to, else a local one started for
+    each search), see the module docstring. The API runs each call in a context of its own.
+
+    Raises:
+        UsageError: an unknown executor; Ray is not installed; a Ray address for the local
+            executor.
+    """
+    ray_cluster.check_executor(executor, ray_address)
+    _EXECUTOR.set((executor, ray_address))
 
 
 @dataclasses.dataclass
@@ -98,7 +156,6 @@ def search_strength(p: "Pass", graph: gs.Graph, ctx: "PassContext",
         raise UsageError(f"pass '{p.name}' has no ladder of {p.strength} values to search")
     runs: dict[int, tuple[Pass, PassResult]] = {}
     sizes = _Sizes(graph)
-    path: list[dict[str, Any]] = []
 
     def run_at(i: int) -> tuple["Pass", "PassResult"]:
         if i not in runs:
@@ -109,23 +166,13 @@ def search_strength(p: "Pass", graph: gs.Graph, ctx: "PassContext",
             runs[i] = (inst, result)
         return runs[i]
 
-    def within(i: int) -> bool:
-        _, result = run_at(i)
-        scores, ok = ctx.budget.evaluate(graph, ctx.template, result.proposals)
-        path.append({"setting": ladder[i], **{k: float(v) for k, v in scores.items()},
-                     "within": bool(ok), **sizes.of(result.proposals),
-                     "proposals": len(result.proposals)})
-        return ok
-
-    low, high = -1, len(ladder)  # ladder[low] meets the budget (-1: none), ladder[high] not
-    while high - low > 1:
-        mid = (low + high) // 2
-        if within(mid):
-            low = mid
-        else:
-            high = mid
-        for i in [i for i in runs if i < low or i > high + 1]:
-            del runs[i]  # proposals hold whole weight arrays: keep what may still be needed
+    kind, address = _EXECUTOR.get()
+    if kind == "ray":
+        with ray_cluster.connected(address) as ray:
+            low, high, path = _bisect(ladder, run_at, runs, sizes,
+                                      _OnRay(ray, graph, ctx, sizes))
+    else:
+        low, high, path = _bisect(ladder, run_at, runs, sizes, _InProcess(graph, ctx))
     chosen = max(low, 0)
     inst, result = run_at(chosen)
     settings = {q.key: ladder[chosen] for q in result.proposals}
@@ -161,6 +208,197 @@ def search_strength(p: "Pass", graph: gs.Graph, ctx: "PassContext",
                         f"{ctx.budget.describe()} with every tensor changed; the weakest, "
                         f"{ladder[0]}, was decided per tensor")
     return SearchOutcome(stats, decision, result.modified or bool(decision.accepted), warnings)
+
+
+def _bisect(ladder: tuple, run_at, runs: dict, sizes: "_Sizes", evaluations
+            ) -> tuple[int, int, list[dict[str, Any]]]:
+    """Bisect ``ladder`` for the strongest setting within budget (``ladder[low]``; -1: none;
+    ``ladder[high]`` is not), scoring candidates with ``evaluations`` (``width`` in flight,
+    ``submit(proposals) -> Future of (scores, within)``, ``wait(futures)`` until one is done,
+    ``cancel(future)``); return ``low``, ``high`` and the path (see the module docstring: the
+    decisions are the sequential bisection's, whatever ``width``)."""
+    path: list[dict[str, Any]] = []
+    scored: dict[int, cf.Future] = {}
+    flight: dict[int, cf.Future] = {}
+    rows: dict[int, dict[str, Any]] = {}
+
+    def submit(i: int) -> None:
+        try:
+            _, result = run_at(i)
+        except OnnxoptError as err:  # raised when (and if) the bisection visits this point
+            scored[i] = cf.Future()
+            scored[i].set_exception(err)
+            return
+        rows[i] = {**sizes.of(result.proposals), "proposals": len(result.proposals)}
+        flight[i] = evaluations.submit(result.proposals)
+
+    low, high = -1, len(ladder)
+    try:
+        while high - low > 1:
+            mid = (low + high) // 2
+            if mid not in scored and mid not in flight:
+                submit(mid)
+            for i in _bisection_points(low, high):
+                if len(flight) >= evaluations.width:
+                    break
+                if i not in scored and i not in flight:
+                    submit(i)
+            while mid not in scored:
+                evaluations.wait(list(flight.values()))
+                for i in [i for i, f in flight.items() if f.done()]:
+                    scored[i] = flight.pop(i)
+            scores, ok = scored[mid].result()
+            path.append({"setting": ladder[mid], **{k: float(v) for k, v in scores.items()},
+                         "within": bool(ok), **rows[mid]})
+            if ok:
+                low = mid
+            else:
+                high = mid
+            for i in [i for i in flight if not low < i < high]:
+                evaluations.cancel(flight.pop(i))
+            for i in [i for i in runs if i < low or i > high + 1]:
+                del runs[i]  # proposals hold whole weight arrays: keep what may still be needed
+    finally:
+        for future in flight.values():
+            evaluations.cancel(future)
+    return low, high, path
+
+
+def _bisection_points(low: int, high: int) -> Iterator[int]:
+    """The points the bisection of the open interval ``(low, high)`` may visit, breadth first:
+    its next point, then the next points of both halves, and so on."""
+    queue = deque([(low, high)])
+    while queue:
+        lo, hi = queue.popleft()
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            yield mid
+            queue.extend([(lo, mid), (mid, hi)])
+
+
+class _InProcess:
+    """Candidates scored here, one at a time, when submitted (the local executor)."""
+
+    width = 1
+
+    def __init__(self, graph: gs.Graph, ctx: "PassContext") -> None:
+        self.graph, self.ctx = graph, ctx
+
+    def submit(self, proposals: list[Proposal]) -> cf.Future:
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(self.ctx.budget.evaluate(self.graph, self.ctx.template,
+                                                       proposals))
+        except OnnxoptError as err:
+            future.set_exception(err)
+        return future
+
+    def wait(self, futures: list[cf.Future]) -> None:
+        cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+
+    def cancel(self, future: cf.Future) -> None:
+        pass
+
+
+class _OnRay:
+    """Candidates scored as Ray tasks (:func:`_evaluate_candidate`), see the module docstring.
+
+    Args:
+        ray: the connected ``ray`` module (``onnxopt.ray_cluster.connected``).
+        sizes: the graph's initializers (their bytes bound the evaluations in flight).
+    """
+
+    def __init__(self, ray, graph: gs.Graph, ctx: "PassContext", sizes: "_Sizes") -> None:
+        from onnxopt.batch import memory_budget
+
+        self._ray, self._here = ray, _InProcess(graph, ctx)
+        base = io.serialize(export_graph(graph, ctx.template))
+        self._refs: dict[cf.Future, Any] = {}
+        if base is None:  # over the protobuf limit in one piece: scored here
+            self.width, self._base = 1, None
+            return
+        ctx.budget.references()  # computed once, here, and shipped with the budget
+        budget = copy.copy(ctx.budget)
+        budget.original = None  # the references stand for it
+        self._budget, self._base = ray.put(budget), ray.put(base)
+        folder = external.current_folder()
+        self._folder = None if folder is None else str(folder)
+        weights = max(1, sum(t.values.nbytes for t in sizes.constants.values()))
+        memory = memory_budget()
+        self.width = max(1, min(int(ray.cluster_resources().get("CPU", 1)),
+                                memory // (CANDIDATE_COPIES * weights) if memory else 1 << 30))
+        self._task = ray.remote(num_cpus=1, runtime_env={"env_vars": _blas_env()})(
+            _evaluate_candidate)
+
+    def submit(self, proposals: list[Proposal]) -> cf.Future:
+        if self._base is None or any(q.simulate is not None for q in proposals):
+            return self._here.submit(proposals)
+        values: dict[str, np.ndarray] = {}
+        for q in proposals:  # one value per initializer: the first proposal's (the budget's)
+            if q.name not in values:
+                values[q.name] = q.array()
+        future: cf.Future = cf.Future()
+        self._refs[future] = self._task.remote(self._budget, self._base, self._folder, values)
+        return future
+
+    def wait(self, futures: list[cf.Future]) -> None:
+        """Until one of ``futures`` is done, in ``ray.wait``: a task waiting there (a batch's
+        model job on Ray) lends its CPU to the evaluations it waits for."""
+        if any(f.done() for f in futures):
+            return
+        ready, _ = self._ray.wait([self._refs[f] for f in futures], num_returns=1)
+        for future in [f for f in futures if self._refs[f] in ready]:
+            ref = self._refs.pop(future)
+            try:
+                outcome = self._ray.get(ref)
+            except Exception as err:  # noqa: BLE001 -- the task's failure is this candidate's
+                outcome = err
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    def cancel(self, future: cf.Future) -> None:
+        ref = self._refs.pop(future, None)
+        if ref is not None:
+            self._ray.cancel(ref)
+
+
+def _blas_env() -> dict[str, str]:
+    """This process's BLAS thread settings, for the evaluation tasks' workers (Ray starts a
+    one-CPU task's worker with ``OMP_NUM_THREADS=1``; numpy's OpenBLAS here uses one thread per
+    CPU unless told otherwise)."""
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                      "MKL_NUM_THREADS") if k in os.environ}
+    from onnxopt.batch import cpu_count
+
+    env.setdefault("OMP_NUM_THREADS", str(cpu_count()))
+    return env
+
+
+def _evaluate_candidate(budget, base: bytes, folder: str | None,
+                        values: dict[str, np.ndarray]):
+    """A Ray task: ``budget.evaluate`` of the graph serialized in ``base`` with its
+    initializers ``values`` proposed (``(scores, within)``), or the OnnxoptError it raised
+    (returned, so that the caller raises it with its own message). ``folder``: the run's
+    external-data folder."""
+    def score():
+        external.use_folder(folder)
+        model = onnx.ModelProto.FromString(base)
+        graph = import_graph(model)
+        tensors = {t.name: t for g in iter_graphs(graph) for t in g.tensors().values()}
+        proposals = [Proposal(tensors[name], value, _never_applied)
+                     for name, value in values.items()]
+        try:
+            return budget.evaluate(graph, model, proposals)
+        except OnnxoptError as err:
+            return err
+
+    return contextvars.copy_context().run(score)
+
+
+def _never_applied() -> None:
+    raise AssertionError("a candidate scored on Ray is never applied there")
 
 
 def _upgrade(run_at, ladder: tuple, chosen: int, base: list[Proposal], settings: dict,
@@ -303,9 +541,9 @@ def _latency(graph: gs.Graph, ctx: "PassContext") -> dict[str, Any]:
     from onnxopt.graph import export_graph
     from onnxopt.validate import make_session
 
-    sessions = [make_session(ctx.template, "model before the pass", optimized=True),
+    sessions = [make_session(ctx.template, "model before the pass", optimized=True, timed=True),
                 make_session(export_graph(graph, ctx.template), "model after the pass",
-                             optimized=True)]
+                             optimized=True, timed=True)]
     times: list[list[float]] = [[], []]
     for i in range(LATENCY_RUNS + 1):
         for k, session in enumerate(sessions):

@@ -29,6 +29,30 @@ quantized model) passes when shapes and dtypes match and every criterion of ``ma
 Several feeds are all run; each metric keeps its worst value over the feeds, but for the
 agreement metrics, pooled over every position of every feed.
 
+Sessions. The candidate runs in an onnxruntime session with graph optimizations off, so the
+model runs as written. A lossy result also runs in one with them on (``ORT_ENABLE_ALL``,
+onnxruntime's default: how users run it), and each output is judged by the worse of the two
+sessions: the one failing a criterion, else the one with the worse value of the first criterion
+on which they differ (``worse_session``; ``by_session`` keeps both sessions' values, and a
+failure the optimized session alone causes says so). Why: onnxruntime's fusions change what a
+quantized or float16 model computes by as much as the criteria allow. QDQ pairs around a Conv
+become QLinearConv, whose x86 u8s8 kernels without VNNI saturate int16 pair sums (8-bit weights
+with ``reduce_range=false``: cosine 0.99994 unfused, 0.99671 fused on a 32-channel Conv with a
+Sigmoid), and float16 chains fuse into kernels that round elsewhere (romanizer_decoder in
+``float16``: max abs 0.00879 unfused, 0.00942 fused, over a 0.0092 bound). The reference stays
+the original run once with optimizations off (:func:`reference_outputs`): what the model
+computes as written is the truth the drift is measured against. A lossless result is judged in
+the unoptimized session only: its tolerance is a few units in the last place, and onnxruntime's
+fusions move the original's own rounding by as much (LayerNorm, Gelu, MatMul+Add fusions
+evaluate in another order), so comparing the fused candidate with the unfused original would
+blame the rewrite for onnxruntime's rounding, while comparing like with like would run the
+original a second time (the large-model path runs it once, before the passes, so that it is
+never in memory beside its optimized copy) for a difference that is onnxruntime's rounding,
+not the rewrite's error. Cost: one more load and run over the feeds
+of the candidate per lossy validation, the two sessions one after the other (one candidate in
+memory at a time; the optimized one pre-packs weights, a second copy of the MatMul weights while
+it runs).
+
 A second look, only when some output fails on its values (never when the result passes, so a
 passing validation costs nothing more; nor when an output's dtype, shape or layout differ, which
 fails whatever else is found):
@@ -93,13 +117,18 @@ ULPS = 4
 #: Machine epsilon (the spacing of values in [1, 2)) of the floating-point dtypes, by name.
 _EPSILON = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23,
             "float64": 2.0 ** -52}
+#: The onnxruntime sessions a candidate runs in: graph optimizations off (the model as written,
+#: every lossless and lossy result) and on (``ORT_ENABLE_ALL``, onnxruntime's default; lossy
+#: results only). See the module docstring.
+SESSIONS = ("unoptimized", "optimized")
 #: Bounds on the original for the cross-check with onnx's reference implementation: node count
 #: over every graph, and serialized bytes.
 REFERENCE_MAX_NODES = 500
 REFERENCE_MAX_BYTES = 16 << 20
 
 
-def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOptions:
+def session_options(threads: int = 0, optimized: bool = False,
+                    timed: bool = False) -> ort.SessionOptions:
     """Options for onnxopt's own onnxruntime sessions: graph optimizations off, so a model runs as
     written, and worker threads that sleep instead of spinning when idle (spinning costs a
     session tens of milliseconds of CPU, and slows the process it shares the machine with).
@@ -109,6 +138,7 @@ def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOpt
             no thread pool (cheapest for the tiny one-node models of constant folding).
         optimized: turn onnxruntime's graph optimizations on (for estimates that run a model
             many times, such as the drift budget's).
+        timed: a session whose latency is measured: pre-packing stays on, as users run it.
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else
@@ -116,17 +146,19 @@ def session_options(threads: int = 0, optimized: bool = False) -> ort.SessionOpt
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimized:
-        # pre-packing copies every MatMul weight into the kernel's layout: for a model run once
-        # or twice, time and a second copy of the weights in memory for nothing
+    # pre-packing copies every constant MatMul weight into the kernel's layout: for a model run
+    # a few times, time and a second copy of the weights in memory for nothing (the kernels
+    # pack on the fly otherwise; validating a 1 B decoder quantized int8-weight peaked at
+    # 5.02 GiB with it in the optimized session, 4.72 GiB without)
+    if not timed:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts
 
 
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
-                 optimized: bool = False) -> ort.InferenceSession:
+                 optimized: bool = False, timed: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimizations off, so the model runs as written
-    (on with ``optimized``, see :func:`session_options`).
+    (on with ``optimized``; ``timed`` for latency measurements: see :func:`session_options`).
 
     Args:
         model: the model, its serialization (saves serializing it again) or its file. External
@@ -140,11 +172,12 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
     """
     try:
         if isinstance(model, (str, os.PathLike)):
-            return ort.InferenceSession(str(model), session_options(optimized=optimized),
+            return ort.InferenceSession(str(model),
+                                        session_options(optimized=optimized, timed=timed),
                                         providers=["CPUExecutionProvider"])
         data = model if isinstance(model, bytes) else io.serialize(model)
         if data is not None:
-            opts = session_options(optimized=optimized)
+            opts = session_options(optimized=optimized, timed=timed)
             folder = external.current_folder()
             if folder is not None:
                 opts.add_session_config_entry(
@@ -153,7 +186,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
         with tempfile.TemporaryDirectory(prefix="onnxopt-", ignore_cleanup_errors=True) as folder:
             path = os.path.join(folder, "model.onnx")
             io.save_model(model, path, external_data=True)
-            return ort.InferenceSession(path, session_options(optimized=optimized),
+            return ort.InferenceSession(path, session_options(optimized=optimized, timed=timed),
                                         providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 -- onnxruntime raises several types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -199,6 +232,11 @@ class OutputMetrics:
     tolerance: float = 0.0
     passed: bool = True
     reason: str = ""
+    #: Lossy only (judged in both :data:`SESSIONS`): the session whose values are shown --
+    #: "optimized" or "unoptimized" when that one was worse, "neither" when they agree.
+    worse_session: str | None = None
+    #: Lossy only: each session's value of every criterion, ``{session: {metric: value}}``.
+    by_session: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,11 +259,13 @@ class ValidationResult:
     #: Outputs onnxruntime computes wrongly on the original: the candidate agrees with onnx's
     #: reference implementation there, the original on onnxruntime does not.
     original_miscomputed: list[str] = field(default_factory=list)
+    #: The onnxruntime sessions the candidate was judged in (:data:`SESSIONS`).
+    sessions: list[str] = field(default_factory=lambda: ["unoptimized"])
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for o in d["outputs"]:
-            for values in (o, o["extra"]):
+            for values in (o, o["extra"], *o["by_session"].values()):
                 for k, v in values.items():
                     if isinstance(v, float) and not math.isfinite(v):
                         values[k] = json_float(v)
@@ -288,7 +328,8 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
         max_drift, metric: lossy criteria (``onnxopt.metrics.parse_criteria``): a threshold of
             ``metric`` (default cosine similarity), ``"cosine=0.999,max-abs=0.05"``, a mapping or
             criteria; every one must hold on every output.
-        lossy: judge by ``max_drift`` instead of ``atol``/``rtol``.
+        lossy: judge by ``max_drift`` instead of ``atol``/``rtol``, in both :data:`SESSIONS`
+            (each output by the worse; module docstring).
         synthesized: the feeds were synthesized (an error then suggests real inputs, adding
             ``warnings`` about inputs that look like settings).
         computed: the reference's outputs on ``feeds`` (:func:`reference_outputs`), when a run
@@ -307,35 +348,88 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     # one model in memory at a time: the reference's outputs on every feed, then the candidate
     computed = computed or reference_outputs(reference, feeds, synthesized, warnings)
     ref_names, ref_outs = computed.names, computed.outputs
-    progress.report("validation: loading the candidate model")
     result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol,
                               as_setting(criteria), len(feeds))
+    runs = []
+    for session in SESSIONS[:2 if lossy else 1]:
+        run = _measure(candidate, computed, feeds, criteria, lossy, atol, rtol, session)
+        runs.append(run)
+        result.sessions = list(SESSIONS[:len(runs)])
+        if run.reason:
+            result.passed, result.reason = False, run.reason
+            return result
+    run = runs[0] if len(runs) == 1 else _worse(*runs, criteria)
+    metrics = result.outputs = run.metrics
+    constant = [name for i, name in enumerate(ref_names) if all(
+        _is_constant(flatten_sequence(out[i])) for out in ref_outs)]
+    result.warnings = [f"output '{name}' is constant on these inputs: agreeing on it shows "
+                       "little; give inputs the model responds to with --inputs"
+                       for name in constant]
+    failed = [i for i, m in enumerate(metrics) if not m.passed]
+    if failed and not run.structural.intersection(failed):
+        _second_look(result, reference, feeds, ref_outs, run.cand_failing,
+                     {i: run.failed_on.get(i, [0]) for i in failed})
+    result.passed = all(m.passed for m in metrics)
+    if not result.passed:
+        bad = next(m for m in metrics if not m.passed)
+        result.reason = f"output '{bad.name}': {bad.reason}"
+    return result
+
+
+def _is_constant(r: np.ndarray) -> bool:
+    """Whether the output value ``r`` holds one number repeated (at least two elements)."""
+    return r.size >= 2 and r.dtype.kind in "biuf" and bool((r == r.flat[0]).all())
+
+
+@dataclass
+class _Run:
+    """The candidate run in one onnxruntime session and compared on every feed
+    (:func:`_measure`)."""
+
+    #: Per output, its metrics and verdict in this session.
+    metrics: list[OutputMetrics] = field(default_factory=list)
+    #: Outputs whose layout, dtype or shape differ.
+    structural: set[int] = field(default_factory=set)
+    #: Output -> the feeds its values failed on.
+    failed_on: dict[int, list[int]] = field(default_factory=dict)
+    #: Feed -> the candidate's outputs, on the feeds some output failed on.
+    cand_failing: dict[int, list] = field(default_factory=dict)
+    #: Why the candidate could not be compared at all (cannot load or run, other outputs).
+    reason: str = ""
+
+
+def _measure(candidate, computed: ReferenceOutputs, feeds: list[dict[str, np.ndarray]],
+             criteria: list[Criterion], lossy: bool, atol: float, rtol: float,
+             session: str) -> _Run:
+    """Run ``candidate`` in the onnxruntime ``session`` (one of :data:`SESSIONS`) on every feed
+    and compare its outputs with ``computed``; every output is judged (lossless tolerance, or
+    the ``criteria`` on the aggregates over the feeds when ``lossy``)."""
+    optimized = session == "optimized"
+    what = "candidate model" + (" (onnxruntime graph optimizations on)" if optimized else "")
+    progress.report(f"validation: loading the {what}")
+    run = _Run()
     try:
-        cand_sess = make_session(candidate, "candidate model")
+        cand_sess = make_session(candidate, what, optimized=optimized)
     except InputError as err:  # a broken candidate is a failed validation, not bad input
-        result.passed, result.reason = False, str(err)
-        return result
-    cand_names = [o.name for o in cand_sess.get_outputs()]
+        run.reason = str(err)
+        return run
+    ref_names, cand_names = computed.names, [o.name for o in cand_sess.get_outputs()]
     if ref_names != cand_names:
-        result.passed = False
-        result.reason = f"outputs differ: reference {ref_names}, candidate {cand_names}"
-        return result
-    metrics: list[OutputMetrics] = []
+        run.reason = f"outputs differ: reference {ref_names}, candidate {cand_names}"
+        return run
+    metrics, structural, failed_on, cand_failing = (run.metrics, run.structural, run.failed_on,
+                                                    run.cand_failing)
     tallies: dict[int, dict[str, Tally]] = {}  # per output: the metrics pooled over feeds
-    constant = set(ref_names)  # outputs whose reference values are all equal, in every feed
     # The cosine of a one-value output is 1 whenever the signs agree: such an output's cosine
     # is taken over the vector of its values on all feeds (onnxopt.metrics.pooled_cosine).
     single: dict[int, np.ndarray] = {}
     several: set[int] = set()
-    structural: set[int] = set()  # outputs whose layout, dtype or shape differ
-    failed_on: dict[int, list[int]] = {}  # output -> the feeds its values failed on
-    cand_failing: dict[int, list] = {}  # feed -> the candidate's outputs, on those feeds
-    for k, (feed, ref_out) in enumerate(zip(feeds, ref_outs)):
+    for k, (feed, ref_out) in enumerate(zip(feeds, computed.outputs)):
         try:
-            cand_out = run_model(cand_sess, feed, "candidate model")
+            cand_out = run_model(cand_sess, feed, what)
         except InputError as err:
-            result.passed, result.reason = False, str(err)
-            return result
+            run.reason = str(err)
+            return run
         for i, (name, r, c) in enumerate(zip(ref_names, ref_out, cand_out)):
             if (isinstance(r, list) or isinstance(c, list)) and layout(r) != layout(c):
                 if len(metrics) <= i:
@@ -344,8 +438,6 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
                 structural.add(i)
                 continue
             r, c = flatten_sequence(r), flatten_sequence(c)
-            if r.size < 2 or not (r.dtype.kind in "biuf" and (r == r.flat[0]).all()):
-                constant.discard(name)
             if len(metrics) <= i:
                 metrics.append(OutputMetrics(name, str(r.dtype), list(r.shape), str(c.dtype),
                                              list(c.shape)))
@@ -398,24 +490,54 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
         if not (lossy and m.passed and i in tallies):
             continue
         # judged on the aggregates over all feeds: the reason shows the value in the table
-        values = {k.name: getattr(m, k.metric.field) if k.metric.field else m.extra[k.name]
-                  for k in criteria}
+        values = _criteria_values(m, criteria)
         broken = next((k for k in criteria if not k.meets(values[k.name])), None)
         if broken is not None:
             m.passed, m.reason = False, _failure(broken, values[broken.name])
-    result.outputs = metrics
-    result.warnings = [f"output '{m.name}' is constant on these inputs: agreeing on it shows "
-                       "little; give inputs the model responds to with --inputs"
-                       for m in metrics if m.name in constant]
-    failed = [i for i, m in enumerate(metrics) if not m.passed]
-    if failed and not structural.intersection(failed):
-        _second_look(result, reference, feeds, ref_outs, cand_failing,
-                     {i: failed_on.get(i, [0]) for i in failed})
-    result.passed = all(m.passed for m in metrics)
-    if not result.passed:
-        bad = next(m for m in metrics if not m.passed)
-        result.reason = f"output '{bad.name}': {bad.reason}"
-    return result
+    return run
+
+
+def _criteria_values(m: OutputMetrics, criteria: list[Criterion]) -> dict[str, float | None]:
+    """The value of each criterion's metric on output ``m`` (None when not measured: an output
+    that could not be compared)."""
+    return {k.name: getattr(m, k.metric.field) if k.metric.field else m.extra.get(k.name)
+            for k in criteria}
+
+
+def _worse(plain: _Run, fused: _Run, criteria: list[Criterion]) -> _Run:
+    """Per output, the measurement of the worse of the two sessions (module docstring): the
+    one failing when only one fails, else the one with the worse value of the first criterion
+    (in the order given) on which they differ; the unoptimized one when they agree. The chosen
+    metrics say which it was (``worse_session``) and keep both sessions' criterion values
+    (``by_session``)."""
+    chosen = _Run(structural=plain.structural | fused.structural,
+                  cand_failing={**plain.cand_failing, **fused.cand_failing})
+    for i, (p, f) in enumerate(zip(plain.metrics, fused.metrics)):
+        vp, vf = _criteria_values(p, criteria), _criteria_values(f, criteria)
+        order = (p.passed - f.passed) or next(
+            (o for k in criteria if (o := _compare(k, vp[k.name], vf[k.name]))), 0)
+        m, run = (f, fused) if order > 0 else (p, plain)
+        m.worse_session = "optimized" if order > 0 else "unoptimized" if order < 0 else "neither"
+        m.by_session = {"unoptimized": vp, "optimized": vf}
+        if order > 0 and not m.passed and i not in chosen.structural:
+            shown = ", ".join(f"{k} {format(v, '.6f' if k == 'cosine' else '.4g')}"
+                              for k, v in vp.items() if v is not None)
+            m.reason += (" with onnxruntime's graph optimizations on (its default, as users "
+                         f"run the model; off: {shown})")
+        chosen.metrics.append(m)
+        if i in run.failed_on:
+            chosen.failed_on[i] = run.failed_on[i]
+    return chosen
+
+
+def _compare(criterion: Criterion, a: float | None, b: float | None) -> int:
+    """1 when the value ``b`` is worse than ``a`` for ``criterion``, -1 when ``a`` is, 0 when
+    they are equal or not both measured (NaN is worst)."""
+    if a is None or b is None or a == b or (math.isnan(a) and math.isnan(b)):
+        return 0
+    if math.isnan(a) or math.isnan(b):
+        return -1 if math.isnan(a) else 1
+    return 1 if criterion.metric.worst(a, b) == b else -1
 
 
 def lossless_tolerance(dtype: np.dtype, stats: dict[str, float], atol: float,

@@ -17,8 +17,8 @@ LOSSLESS_PIPELINE = [
     "fold_constants", "inline_if", "if_rank_condition", "fold_not_into_if", "fuse_if",
     "sink_into_if", "remove_identity", "remove_noop", "fold_zero", "elide_shape_casts",
     "sink_transpose", "merge_transpose", "reshape_from_shape",
-    "merge_reshape", "merge_slice", "fuse_space_to_depth", "fuse_pad", "fuse_conv_affine",
-    "fuse_conv_input_scale", "fuse_conv_bn",
+    "merge_reshape", "merge_concat", "merge_slice", "merge_scalar_mul", "fuse_space_to_depth",
+    "fuse_pad", "fuse_conv_affine", "fuse_conv_input_scale", "fuse_conv_bn",
     "elide_zero_rnn_inputs",
     "fuse_matmul_add", "fuse_shape_gather", "cse", "dedup_initializers", "eliminate_dead",
 ]

@@ -45,7 +45,9 @@ large tensor:
 
 - a result of ``size_limit`` bytes or more (an option, 1 MiB by default) is materialized only if
   it is no larger than the initializers that disappear with the node -- those it alone reads
-  (e.g. ``Transpose(W)`` of a W used nowhere else); otherwise the node stays symbolic;
+  (e.g. ``Transpose(W)`` of a W used nowhere else), and an equal share of those all of whose
+  readers fold too (the Slices cutting one weight into an LSTM's gates); otherwise the node stays
+  symbolic;
 - no fold adds more than ``growth_limit`` bytes (64 KiB by default) to the initializers, so that
   a compressed storage form (clustered weights ``Gather(codebook, indices)``) of a model loaded
   from a file, which no pass of this run marked (below), is not decompressed into the file;
@@ -374,10 +376,8 @@ class FoldConstants(RewritePass):
             if shape is not None:
                 inputs[1] = gs.Constant(inputs[1].name, shape)  # as the rewrite will make it
         plan = _Plan(shape)
-        # Only initializers this node alone reads disappear with it.
-        alone = {id(t): t for t in node.inputs
-                 if isinstance(t, gs.Constant) and all(n is node for n in t.outputs)}
-        consumed = sum(nbytes(t) for t in alone.values())
+        consumed = sum(self._share(t, node) for t in
+                       {id(t): t for t in node.inputs if isinstance(t, gs.Constant)}.values())
         real = [t for t in inputs if not t.is_empty()]
         if real and all(isinstance(t, gs.Constant) for t in real):
             # sized before it is computed: a ConstantOfShape of a 400 MB weight is refused
@@ -410,6 +410,19 @@ class FoldConstants(RewritePass):
         if refusal is not None:
             return _Plan(shape, refusal=refusal)
         return _Plan(shape, values, growth=produced - consumed)
+
+    def _share(self, t: gs.Constant, node: gs.Node) -> int:
+        """Bytes of initializer ``t`` that disappear with ``node``: all of them when ``node``
+        alone reads it; an equal share when every reader is itself a fold of constants (they
+        go together: the Slices cutting an LSTM's [512, 128] weight into gates each add 64 KiB
+        but free the weight between them); else none."""
+        readers = list({id(n): n for n in t.outputs}.values())
+        if all(n is node for n in readers):
+            return nbytes(t)
+        if all(self._foldable(n) and all(isinstance(i, gs.Constant) for i in n.inputs
+                                         if not i.is_empty()) for n in readers):
+            return nbytes(t) // len(readers)
+        return 0
 
     def _size_refusal(self, produced: int, consumed: int) -> Refusal | None:
         """Why a fold producing ``produced`` bytes in place of ``consumed`` bytes of

@@ -1,7 +1,8 @@
 """Reshape merging: a chain of shape-only ops becomes one op.
 
-Two rewrites, both about ops that move no element (row-major order is kept; ONNX spec of
-``Reshape`` opsets 5-21, ``Flatten`` 1-21, ``Squeeze``/``Unsqueeze`` 1-21):
+Three rewrites, all about ops that move no element (row-major order is kept; ONNX spec of
+``Reshape`` opsets 5-21, ``Flatten`` 1-21, ``Squeeze``/``Unsqueeze`` 1-21, ``Transpose`` 1-21 of
+size-1 dims only):
 
 1. ``Reshape(R(X), s)`` with ``R`` one of ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``
    becomes ``Reshape(X, s)``. ``R`` keeps the elements and their order, so the outer Reshape's
@@ -39,7 +40,29 @@ Two rewrites, both about ops that move no element (row-major order is kept; ONNX
    ``axes`` initializer input from 13 on. An identity result bypasses the second node (a graph
    output keeps its name, see ``onnxopt.edit.bypass``).
 
-In both rewrites the second node is rewritten in place (it keeps its output tensor), new constants
+3. ``op(Reshape(X, s), ...)`` with ``op`` a ``Squeeze``, ``Unsqueeze`` or ``Transpose`` and ``s``
+   an initializer becomes ``Reshape(X, s')``. The three ops move no element when they only add,
+   remove or move dims of size 1, so the result is the Reshape of ``X`` to the output shape
+   ``s'``, written in ``s``'s terms (``r = len(s)``, axes normalized as in rewrite 2):
+
+   - ``Unsqueeze(axes a)``: ``s'`` is ``s`` with a ``1`` inserted at each position of ``a``
+     (positions of the output, rank ``r + |a|``); ``-1`` entries are kept.
+   - ``Squeeze(axes a)``: ``s'`` is ``s`` without the entries at ``a``, each of which must be a
+     literal ``1`` (a ``-1``, or a ``0`` copying a dim, is not provably 1). Without axes every
+     entry must be a literal (no ``-1``, no copying ``0``): the ``1`` entries are removed.
+   - ``Transpose(perm)`` (default: the reversed axes): ``s' = [s[perm[j]] for j]``, a Reshape
+     when the entries that are not a literal ``1`` keep their order in ``perm`` (the output's
+     row-major order is then the input's).
+
+   With ``allowzero = 0`` an entry ``s[i] = 0`` copies dim ``i`` of ``X``. Kept as is when it
+   stays at position ``i`` in ``s'`` (it copies the same dim, ``-1`` entries resolve the same);
+   else replaced by ``X``'s dim ``i`` when shape inference knows it and it is positive (a ``0``
+   moved as is would copy another dim), else the node is refused. With ``allowzero = 1`` the
+   ``0`` is literal and kept.
+   The new Reshape keeps the first one's ``allowzero``. Below opset 5 (``shape`` an attribute)
+   nothing is done.
+
+In every rewrite the second node is rewritten in place (it keeps its output tensor), new constants
 are new initializers, and the first node is removed when nothing else reads it. Every graph and
 subgraph is handled, each in topological order (a chain is merged from its start); the first node
 may be in an enclosing graph. Ranks and shapes come from ONNX shape inference of the whole model,
@@ -52,7 +75,10 @@ dim`` (``Shape(T)`` not proven as above), ``rank unknown`` (negative axes whose 
 known), ``axes unknown`` (axes not an initializer, or an axis-less Squeeze of a shape not fully
 static), ``not one op`` (a Squeeze/Unsqueeze pair that is neither an identity nor one op, e.g.
 ``Squeeze(Unsqueeze(X, [0]), [1])``), ``graph output name lost`` (an identity pair whose output
-is a graph output that cannot be bypassed).
+is a graph output that cannot be bypassed), ``squeezed dim not provably 1``, ``moves a dim not
+provably 1`` (a Transpose that reorders only ``-1`` or copied ``0`` entries, a Reshape if they are
+1; one that reorders a literal dim other than 1, or follows a computed Reshape, is not counted).
+Rewrite 3 counts under ``by_kind`` as ``<op> absorbed`` (``Unsqueeze absorbed``...).
 """
 
 from __future__ import annotations
@@ -149,6 +175,68 @@ def _set_axes(scope: Scope, node: gs.Node, op: str, x: gs.Tensor, axes: list[int
         node.attrs["axes"] = axes
 
 
+def _copied_zeros(target: np.ndarray, copies: dict[int, int], source: gs.Tensor,
+                  types: TensorTypes) -> np.ndarray | Refusal:
+    """``target`` with each entry ``j`` of ``copies`` (a 0 copying dim ``copies[j]`` of
+    ``source``) replaced by that dim when shape inference knows it and it is positive, else a
+    refusal."""
+    shape = types.shape(source)
+    resolved = target.copy()
+    for j, i in copies.items():
+        if shape is None or i >= len(shape) or not shape[i]:
+            return refuse("zero copies unknown dim")
+        resolved[j] = shape[i]
+    return resolved
+
+
+def _absorbed_target(reshape: gs.Node, node: gs.Node, opset: int, types: TensorTypes
+                     ) -> np.ndarray | Refusal | None:
+    """The target ``s'`` of ``Reshape(X, s')`` equal to ``node(Reshape(X, s))`` for ``node`` a
+    Squeeze, Unsqueeze or Transpose (rewrite 3 of the module docstring), a refusal reason, or
+    None when the pair is not valid ONNX (left to fail as it would)."""
+    s = constant_value(reshape.inputs[1]) if opset >= 5 and len(reshape.inputs) == 2 else None
+    if s is None:  # a Transpose is most often a real one: not counted
+        return None if node.op == "Transpose" else refuse("shape not constant")
+    s = np.asarray(s, np.int64).reshape(-1)
+    r = len(s)
+    literal = [bool(v > 0 or (v == 0 and reshape.attrs.get("allowzero", 0))) for v in s]
+    if node.op == "Transpose":
+        perm = [int(p) for p in node.attrs.get("perm", range(r - 1, -1, -1))]
+        if sorted(perm) != list(range(r)):
+            return None
+        moved = [p for p in perm if not (literal[p] and s[p] == 1)]
+        inversions = [(p, q) for i, p in enumerate(moved) for q in moved[i + 1:] if p > q]
+        if inversions:
+            # a literal dim other than 1 out of order: a real transposition, not a case
+            return None if any(literal[p] or literal[q] for p, q in inversions) \
+                else refuse("moves a dim not provably 1")
+        source = perm
+    else:
+        axes = _raw_axes(node)
+        if axes == "unknown" or (axes is None and node.op == "Unsqueeze"):
+            return refuse("axes unknown")
+        out_rank = r + len(axes) if node.op == "Unsqueeze" else r
+        if axes is not None and (not all(-out_rank <= a < out_rank for a in axes)
+                                 or len({a % out_rank for a in axes}) != len(axes)):
+            return None
+        if axes is None and not all(literal):
+            return refuse("squeezed dim not provably 1")
+        axes = {i for i in range(r) if s[i] == 1} if axes is None \
+            else {a % out_rank for a in axes}
+        if node.op == "Squeeze":
+            if not all(literal[a] and s[a] == 1 for a in axes):
+                return refuse("squeezed dim not provably 1")
+            source = [i for i in range(r) if i not in axes]
+        else:
+            kept = iter(range(r))
+            source = [-1 if j in axes else next(kept) for j in range(out_rank)]
+    target = np.array([1 if i < 0 else s[i] for i in source], np.int64)
+    moved_zeros = {j: i for j, i in enumerate(source) if i >= 0 and s[i] == 0
+                   and not literal[i] and i != j}
+    return _copied_zeros(target, moved_zeros, reshape.inputs[0], types) if moved_zeros \
+        else target
+
+
 def _same_dim(a: gs.Tensor, b: gs.Tensor, i: int, types: TensorTypes) -> bool:
     """Whether dim ``i`` of ``a`` is dim ``i`` of ``b`` at run time (``i < rank(b)``): the same
     tensor, equal static dims, or ``a = Gather(data, indices=b, axis=0)``."""
@@ -212,31 +300,34 @@ def _resolved_shape(first: gs.Node, second: gs.Node, types: TensorTypes
     target = np.asarray(target)
     if allowzero or not (target == 0).any():
         return None
-    mid_shape = types.shape(second.inputs[0])
-    resolved = target.copy()
-    for i in np.flatnonzero(target == 0):
-        if mid_shape is None or i >= len(mid_shape) or not mid_shape[i]:
-            return refuse("zero copies unknown dim")
-        resolved[i] = mid_shape[i]
-    return resolved
+    return _copied_zeros(target, {int(i): int(i) for i in np.flatnonzero(target == 0)},
+                         second.inputs[0], types)
 
 
 @register
 class MergeReshape(RewritePass):
     name = "merge_reshape"
-    description = ("Merge Reshape/Flatten/Squeeze/Unsqueeze feeding a Reshape, and Squeeze/"
-                   "Unsqueeze pairs, into one op.")
-    ops = ("Reshape",) + _SQUEEZES
+    description = ("Merge Reshape/Flatten/Squeeze/Unsqueeze feeding a Reshape, Squeeze/Unsqueeze "
+                   "pairs, and a Squeeze/Unsqueeze/size-1 Transpose after a Reshape, into one op.")
+    ops = ("Reshape",) + _SQUEEZES + ("Transpose",)
     sorted_walk = True
 
     def match(self, node: gs.Node, scope: Scope
               ) -> tuple[gs.Node, np.ndarray | None | tuple[str | None, list[int]]] \
             | Refusal | None:
-        first = pair_start(node, scope, _SHAPE_ONLY if node.op == "Reshape" else _SQUEEZES)
+        firsts = {"Reshape": _SHAPE_ONLY, "Transpose": ("Reshape",)}.get(
+            node.op, _SQUEEZES + ("Reshape",))
+        first = pair_start(node, scope, firsts)
         if first is None:
             return None
-        plan = _resolved_shape(first, node, scope.types) if node.op == "Reshape" \
-            else _combine(first, node, scope.types)
+        if node.op == "Reshape":
+            plan = _resolved_shape(first, node, scope.types)
+        elif first.op == "Reshape":
+            plan = _absorbed_target(first, node, scope.opset, scope.types)
+            if plan is None:
+                return None
+        else:
+            plan = _combine(first, node, scope.types)
         return plan if isinstance(plan, Refusal) else (first, plan)
 
     def rewrite(self, node: gs.Node,
@@ -249,6 +340,14 @@ class MergeReshape(RewritePass):
             node.inputs[0] = x
             if plan is not None:
                 node.inputs[1] = gs.Constant(scope.fresh(f"{node.outputs[0].name}_shape"), plan)
+        elif first.op == "Reshape":
+            kind = f"{node.op} absorbed"
+            node.op = "Reshape"
+            node.attrs.clear()
+            node.attrs.update({k: v for k, v in first.attrs.items() if k == "allowzero"})
+            node.inputs.clear()
+            node.inputs.extend([x, gs.Constant(scope.fresh(f"{node.outputs[0].name}_shape"),
+                                               plan)])
         elif plan[0] is not None:
             _set_axes(scope, node, plan[0], x, plan[1])
         elif bypass(scope.graph, node, x, node.outputs[0]):

@@ -7,6 +7,10 @@ node is then removed and its consumers read ``x``; when ``y`` is a graph output 
 ``x`` is a graph input, an initializer or from an outer scope, which is a refusal).
 
 - ``Cast(x, to=T)`` with ``dtype(x) == T``; ``CastLike(x, t)`` with ``dtype(x) == dtype(t)``.
+  The type of an ai.onnx.ml op's output is the one its spec fixes (``onnxopt.ops.ML_OUTPUT_TYPES``:
+  float for Scaler, Normalizer, the regressors and classifier scores, the label type of the
+  classifiers, the input's for Imputer...), which ONNX type inference does not always report,
+  so that a converter's Cast to that type is seen to be one.
 - Cast chains ``Cast(Cast(x: A, to=B), to=C)`` where B represents every value of A exactly
   (table ``_EXACT``: integer and float widenings whose significand holds every value of A, e.g.
   int32→int64, uint8→float16, float16→float32; bool→any standard numeric type). Then
@@ -76,7 +80,7 @@ from onnx import TensorProto as TP
 from onnxopt.analyses import TensorTypes
 from onnxopt.edit import bypass, drop_if_unused
 from onnxopt.graph import iter_graphs
-from onnxopt.ops import is_default_domain
+from onnxopt.ops import is_default_domain, ml_output_type
 from onnxopt.pass_manager import PassContext, register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
@@ -131,11 +135,18 @@ class _Facts:
         return None
 
     def dtype(self, t: gs.Tensor) -> int | None:
-        """ONNX element type of ``t``: of a constant, of a Cast's output, or inferred."""
+        """ONNX element type of ``t``: of a constant, of a Cast's output, of an ai.onnx.ml op's
+        output whose type the spec fixes (``onnxopt.ops.ml_output_type``), or inferred."""
         if isinstance(t, gs.Constant):
             return _onnx_dtype(t.dtype)
         if len(t.inputs) == 1 and t.inputs[0].op == "Cast" and is_default_domain(t.inputs[0]):
             return int(t.inputs[0].attrs["to"])
+        if len(t.inputs) == 1 and t.inputs[0].domain == "ai.onnx.ml":
+            node = t.inputs[0]
+            index = next(i for i, o in enumerate(node.outputs) if o is t)
+            ml = ml_output_type(node, index, self.dtype(node.inputs[0]) if node.inputs else None)
+            if ml is not None:
+                return ml
         dtype = self.types.dtype(t)
         return _onnx_dtype(dtype) if dtype is not None else None
 

@@ -27,9 +27,16 @@ other) that are recognized, ``k`` being the position where a part starts:
   ``onnxopt.analyses.TensorTypes``; only the rank is read, never a dim).
 
 ``Shape`` here is a default-domain node reading the Reshape's own data tensor ``x`` (the same
-tensor object). Any other part, a dim at another position, or a target that is not a Concat of
-such parts is left alone. The Concat, Gathers and Shapes are left to ``eliminate_dead`` (other
-readers may keep them).
+tensor object). The Concat, Gathers and Shapes are left to ``eliminate_dead`` (other readers may
+keep them).
+
+When these parts are not recognized (dims of another tensor, as every attention block of a
+torch export reshapes ``query(h)`` by ``h``'s dims), the target's value is read from
+``TensorTypes.shape_value``: its entries are ints and *symbols* (dims of any tensor, equal for
+every input wherever they are the same symbol; see ``_symbolic_target``). An entry that is the
+symbol of ``x``'s own dim at its position is a copy, as above; any other symbolic entry is left
+alone. That path also takes allowzero 1 targets, whose ``-1`` the analysis proves to be a
+number (they become allowzero 0 targets without a ``-1``).
 
 Statistics: ``rewritten`` (Reshapes given a constant target), ``refused`` (``allowzero``,
 ``rank unknown`` for a ``Shape`` range or a negative index, ``dim at another position``,
@@ -41,6 +48,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.analyses import TensorTypes
 from onnxopt.edit import constant_value, int_list
 from onnxopt.pass_manager import register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, producer_in_scope, refuse
@@ -110,6 +118,44 @@ class _Target:
         return self.copy(list(range(rank))[start:end])
 
 
+def _symbolic_target(node: gs.Node, types: TensorTypes) -> list[int] | Refusal | None:
+    """A constant target for ``Reshape(x, target)`` from the symbolic value of ``target``
+    (``TensorTypes.shape_value``: entries that are dims of any tensor, not only of ``x``), or a
+    refusal, or None when the value is not known.
+
+    An entry that is the same symbol as dim ``k`` of ``x`` at its own position ``k`` becomes 0
+    (a copy, allowzero 0: the argument of the module docstring, the symbol standing for the
+    same number as ``x``'s dim for every input); ints stay. With allowzero 1 every entry is
+    literal: the target can be given allowzero 0 only when it has no literal 0 (it would become
+    a copy) and no ``-1``, which is then replaced by the value the analysis proves for it
+    (``TensorTypes`` resolves a ``-1`` whose symbols cancel: ``[s, 400, 384]`` to
+    ``[s, -1, 6, 64]`` has dim 400): allowzero 0 with a ``-1`` beside a copied 0 fails when a
+    dim is 0, where onnxruntime's allowzero 1 divides the non-zero dims. With allowzero 0 a
+    ``-1`` is kept: both targets resolve every other entry to the same dims first.
+    """
+    value, x = types.shape_value(node.inputs[1]), types.symbolic_shape(node.inputs[0])
+    if value is None or x is None or any(v is None for v in value):
+        return None
+    allowzero = bool(node.attrs.get("allowzero", 0))
+    out = types.shape(node.outputs[0])
+    values, copied = [], 0
+    for k, v in enumerate(value):
+        if isinstance(v, str):
+            if k >= len(x) or x[k] != v:
+                return refuse("dim at another position")
+            values.append(0)
+            copied += 1
+        elif allowzero and v == 0:
+            return refuse("allowzero")
+        elif allowzero and v == -1:
+            if out is None or len(out) != len(value) or out[k] is None:
+                return refuse("allowzero")
+            values.append(out[k])
+        else:
+            values.append(v)
+    return values if copied else None
+
+
 @register
 class ReshapeFromShape(RewritePass):
     name = "reshape_from_shape"
@@ -118,20 +164,21 @@ class ReshapeFromShape(RewritePass):
     ops = ("Reshape",)
 
     def match(self, node: gs.Node, scope: Scope) -> list[int] | Refusal | None:
-        if len(node.inputs) != 2:
+        if len(node.inputs) != 2 or isinstance(node.inputs[1], gs.Constant):
             return None
         concat = producer_in_scope(node.inputs[1])
-        if concat is None or concat.op != "Concat" or concat.attrs.get("axis") not in (0, -1):
-            return None
-        if node.attrs.get("allowzero", 0):
-            return refuse("allowzero")
-        target = _Target(node.inputs[0], scope)
-        for part in concat.inputs:
-            reason = target.part(part)
-            if reason is not None:
-                return reason
-        return target.values if target.copied else None
+        reason = None
+        if concat is not None and concat.op == "Concat" and concat.attrs.get("axis") in (0, -1) \
+                and not node.attrs.get("allowzero", 0):
+            target = _Target(node.inputs[0], scope)
+            reason = next(filter(None, map(target.part, concat.inputs)), None)
+            if reason is None:
+                return target.values if target.copied else None
+        symbolic = _symbolic_target(node, scope.types)
+        return symbolic if isinstance(symbolic, list) or reason is None else reason
 
     def rewrite(self, node: gs.Node, values: list[int], scope: Scope) -> None:
         name = scope.fresh(f"{node.outputs[0].name}_shape")
         node.inputs[1] = gs.Constant(name, np.array(values, np.int64))
+        if node.attrs.get("allowzero", 0):  # the attribute exists from opset 14 only
+            node.attrs["allowzero"] = 0

@@ -5,9 +5,11 @@ worker, two, and Ray tasks on a local cluster; the memory rule of the scheduler.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import importlib.util
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -21,8 +23,8 @@ from helpers import assert_same_outputs, make_model
 from test_cli import _CorruptValuesLossy, _model  # a lossy pass failing validation; a model
 from onnxopt import UsageError, optimize_many
 from onnxopt.errors import OnnxoptWarning
-from onnxopt.batch import (EXIT_SEVERITY, ModelResult, _in_order, _Job, plan, without_timings,
-                           worst_exit_code)
+from onnxopt.batch import (EXIT_SEVERITY, TIMEOUT_EXIT_CODE, ModelResult, _in_order, _Job, plan,
+                           without_timings, worst_exit_code)
 from onnxopt.cli import main
 from onnxopt.pass_manager import Pass
 
@@ -109,6 +111,37 @@ class _KillWorker(Pass):
         os._exit(70)
 
 
+class _Hang(Pass):
+    """Test-only pass that does not return in any time a test waits."""
+
+    name = "test_batch_hang"
+    description = "sleeps"
+
+    def run(self, graph, ctx):
+        time.sleep(600)
+
+
+def test_a_model_over_the_timeout_fails_alone_with_its_exit_code(batch_dir, tmp_path):
+    """Worker processes: the hanging model's pool is ended at the limit; the models beside it
+    run again and pass; the batch's exit code is the timeout's."""
+    out_dir = tmp_path / "out"
+    start = time.monotonic()
+    results = {os.path.relpath(r.model, batch_dir): r for r in optimize_many(
+        [batch_dir / "a.onnx", batch_dir / "b.onnx", batch_dir / "sub" / "c.onnx"], out_dir,
+        jobs=2, timeout=20,
+        model_options=lambda path: {"passes": [_Hang()]} if path.name == "a.onnx" else {})}
+    assert time.monotonic() - start < 120
+    hung = results["a.onnx"]
+    assert (hung.exit_code, hung.output, hung.error["type"]) == (TIMEOUT_EXIT_CODE, None,
+                                                                 "Timeout")
+    assert hung.error["message"] == ("stopped after 20 s (the batch's time limit for one model; "
+                                     "see --timeout)")
+    for name in ("b.onnx", "sub/c.onnx"):
+        assert results[name].exit_code == 0 and results[name].report["verdict"] == "passed"
+    assert sorted(p.name for p in out_dir.rglob("*.onnx")) == ["b.onnx", "c.onnx"]
+    assert worst_exit_code(r.exit_code for r in results.values()) == TIMEOUT_EXIT_CODE
+
+
 def test_failures_stay_with_their_model(batch_dir, tmp_path):
     """A failed validation (exit 1) and a worker that dies (exit 3, the pool restarted) are
     their models' results; the other models are optimized as usual."""
@@ -160,6 +193,13 @@ def test_cli_batch_prints_json_lines_and_a_table(batch_dir, tmp_path, capsys):
         [0, 0, 2, 0, 0]  # a, b, broken, sub/c, wide
 
 
+def test_timeout_of_one_model_is_a_usage_error(batch_dir, tmp_path, capsys):
+    assert main(["optimize", str(batch_dir / "a.onnx"), "-o", str(tmp_path / "a.onnx"),
+                 "--timeout", "5"]) == 2
+    assert "--timeout limits each model of a batch" in capsys.readouterr().err
+    assert not (tmp_path / "a.onnx").exists()
+
+
 def test_plan_refuses_clashes_and_overwrites(batch_dir, tmp_path):
     with pytest.raises(UsageError, match="would both be written"):
         plan([batch_dir / "a.onnx", batch_dir / "sub" / ".." / "a.onnx"], tmp_path / "out")
@@ -183,6 +223,7 @@ def test_plan_refuses_clashes_and_overwrites(batch_dir, tmp_path):
 def test_usage_errors_come_before_any_work(batch_dir, tmp_path):
     for kwargs, message in (({"executor": "dask"}, "unknown executor"),
                             ({"jobs": 0}, "positive integer"),
+                            ({"timeout": 0}, "timeout must be a number of seconds above 0"),
                             ({"output": "x.onnx"}, "sets output")):
         with pytest.raises(UsageError, match=message):
             optimize_many([batch_dir], tmp_path / "out", **kwargs)
@@ -198,10 +239,11 @@ def test_ray_executor_without_ray_is_a_usage_error(batch_dir, tmp_path, monkeypa
 
 
 def test_exit_code_of_a_batch_is_the_most_severe():
-    assert EXIT_SEVERITY == (0, 2, 1, 3)
+    assert EXIT_SEVERITY == (0, 2, 1, TIMEOUT_EXIT_CODE, 3) and TIMEOUT_EXIT_CODE == 124
     assert worst_exit_code([0, 2, 0]) == 2
     assert worst_exit_code([2, 1, 0]) == 1
-    assert worst_exit_code([1, 3, 2]) == 3
+    assert worst_exit_code([1, 124, 2]) == 124
+    assert worst_exit_code([1, 3, 124]) == 3
     assert worst_exit_code([]) == 0
 
 
@@ -233,6 +275,35 @@ class _ThreadRunner:
     def died(self, err: BaseException) -> bool:
         return False
 
+    def stop(self, future: cf.Future) -> bool:
+        """As the local pool: every running job is stopped (the threads sleep on, unread)."""
+        self.stops += 1
+        with self.lock:
+            self.running.clear()
+        return True
+
+    stops = 0
+
+
+def test_a_job_over_the_timeout_fails_alone_and_the_others_it_stopped_run_again():
+    # limit 0.3 s: "slow" is over it; "a" starts at 0.15 s (after "x"), is still running when
+    # "slow" is stopped (with every running job, as in the local pool), and runs again
+    sleeps = {"slow": 5.0, "x": 0.15, "a": 0.25, "b": 0.05}
+    work = [_Job(name, f"out/{name}", 1, {"sleep": sleep}) for name, sleep in sleeps.items()]
+    runner = _ThreadRunner(slots=2)
+    submitted = []
+    submit = runner.submit
+    runner.submit = lambda job: submitted.append(job.model) or submit(job)
+    start = time.monotonic()
+    results = list(_in_order(work, runner, budget=None, timeout=0.3))
+    assert time.monotonic() - start < 3  # nothing waited for the slow job
+    assert [r.model for r in results] == list(sleeps)
+    slow = results[0]
+    assert (slow.exit_code, slow.output, slow.report) == (TIMEOUT_EXIT_CODE, None, None)
+    assert slow.error["type"] == "Timeout" and "after 0.3 s" in slow.error["message"]
+    assert [r.exit_code for r in results[1:]] == [0, 0, 0]
+    assert runner.stops == 1 and submitted.count("a") == 2 and submitted.count("slow") == 1
+
 
 def test_scheduler_keeps_input_order_and_runs_large_models_alone():
     # sizes against a budget of 100: "big" is over it and runs alone; c and d (60 + 50) do not
@@ -250,20 +321,73 @@ def test_scheduler_keeps_input_order_and_runs_large_models_alone():
     assert max(len(v) for k, v in runner.beside.items() if k != "big") <= 2  # 3 slots
 
 
+def _listening(pids: set[int]) -> list[str]:
+    """The addresses of the TCP sockets the processes ``pids`` listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        with open(f"/proc/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                    address = fields[1].split(":")[0]
+                    raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1]
+                                   for i in range(0, len(address), 8))
+                    found.append(socket.inet_ntop(family, raw))
+    return found
+
+
+def _descendants() -> set[int]:
+    """This process and every process below it."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    family, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in family} - family
+        family |= more
+        grew = bool(more)
+    return family
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                     reason="ray is not installed (pip install 'onnxopt[ray]')")
 def test_ray_executor_gives_the_local_outputs(batch_dir, tmp_path):
-    """Ray tasks on a local cluster started here (2 CPUs, no dashboard) give the same outputs
-    and reports as local worker processes."""
-    import ray
+    """Ray tasks on the local cluster onnxopt starts (this machine's CPUs, loopback only, no
+    dashboard) give the same outputs and reports as local worker processes; a model's strength
+    search inside its Ray task scores its candidates as Ray tasks of its own (two such models
+    at once hold every CPU of the cluster: they lend them to their evaluations while waiting)."""
+    from test_strength import _wide_model
+    from onnxopt import ray_cluster
 
+    model, feeds = _wide_model()
+    searched = {}
+    for name in ("pruned.onnx", "pruned2.onnx"):
+        onnx.save(model, str(batch_dir / name))
+        searched[batch_dir / name] = {"inputs": feeds, "max_drift": "cosine=0.99",
+                                      "prune_sparsity": "auto"}
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
-    local = list(optimize_many([batch_dir], local_dir, jobs=2, recursive=True))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    try:
-        remote = list(optimize_many([batch_dir], ray_dir, executor="ray", recursive=True))
-    finally:
-        ray.shutdown()
-    _check_batch(remote, batch_dir, ray_dir)
+    local = list(optimize_many([batch_dir], local_dir, jobs=2, recursive=True,
+                               model_options=lambda path: searched.get(path, {})))
+    with ray_cluster.connected():
+        remote = list(optimize_many([batch_dir], ray_dir, executor="ray", recursive=True,
+                                    model_options=lambda path: searched.get(path, {})))
+        addresses = _listening(_descendants())
+    assert addresses and set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1"}, addresses
     assert [_comparable(r, ray_dir) for r in remote] == [_comparable(r, local_dir) for r in local]
     assert _outputs(ray_dir) == _outputs(local_dir)
+    pruned = [r for r in remote if Path(r.model).name.startswith("pruned")]
+    assert [r.exit_code for r in pruned] == [0, 0] and pruned[0].report["verdict"] == "passed"
+    prune = [p for p in pruned[0].report["passes"] if p["name"] == "prune"][-1]["stats"]
+    assert prune["search"]["met_budget"] and len(prune["search"]["path"]) >= 3
+    _check_batch([r for r in remote if r not in pruned], batch_dir, ray_dir)

@@ -84,12 +84,12 @@ def test_optimize_report_has_the_documented_keys(model_path, tmp_path):
                               "feeds": [{"x": {"shape": [5, 4], "dtype": "float32"}}]}
     v = data["validation"]
     assert set(v) == {"passed", "mode", "atol", "rtol", "max_drift", "feeds", "reason", "outputs",
-                      "warnings", "not_compared", "original_miscomputed"}
-    assert v["passed"] is True and v["mode"] == "lossless"
+                      "warnings", "not_compared", "original_miscomputed", "sessions"}
+    assert v["passed"] is True and v["mode"] == "lossless" and v["sessions"] == ["unoptimized"]
     assert set(v["outputs"][0]) == {"name", "dtype", "shape", "candidate_dtype", "candidate_shape",
                                     "max_abs", "max_rel", "mean_abs", "cosine", "snr_db",
                                     "rel_l2", "argmax", "top_k", "extra", "tolerance", "passed",
-                                    "reason"}
+                                    "reason", "worse_session", "by_session"}
     assert v["outputs"][0]["argmax"] is None  # agreement is measured in lossy validations
     assert isinstance(data["seconds"], float)
     assert [f.name for f in report.parent.iterdir()] == ["r.json"]

@@ -165,6 +165,17 @@ def test_auto_with_no_validate_says_to_drop_it(stand_in, files, capsys):
     assert not (files / "o.onnx").exists()
 
 
+def test_a_ray_address_without_the_ray_executor_is_a_one_line_usage_error(stand_in, files,
+                                                                          capsys):
+    argv = ["optimize", str(files / "m.onnx"), "-o", str(files / "o.onnx"), "--prune-sparsity",
+            "auto", "--inputs", str(files / "feeds.npz"), "--max-drift", "0.99",
+            "--ray-address", "127.0.0.1:6379"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "give --executor ray" in err
+    assert not (files / "o.onnx").exists()
+
+
 @pytest.mark.parametrize("flag", [["--prune-reconstruct"], ["--prune-importance", "activation"],
                                   ["--prune-scope", "row"]])
 def test_prune_flags_beside_prune_channels_name_the_pass_they_feed(stand_in, files, capsys, flag):

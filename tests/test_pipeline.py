@@ -168,7 +168,8 @@ def test_quantize_exclude_and_ops_reach_every_pass_of_the_mode_from_api_cli_and_
     from onnxopt.cli import main
 
     w = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
-    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+                        helper.make_node("Relu", ["h"], ["y"])],
                        [("x", np.float32, [2, 8])], [("y", np.float32, [2, 8])], {"W": w})
     feed = random_feed(model)
 
@@ -178,7 +179,7 @@ def test_quantize_exclude_and_ops_reach_every_pass_of_the_mode_from_api_cli_and_
     _, report = optimize(model, passes=[], quantize="int8-weight", quantize_exclude=["mm"],
                          inputs=feed)
     assert "excluded by the user" in refused(report)
-    _, report = optimize(model, passes=[], quantize="int8-weight", quantize_ops=["Gemm"],
+    _, report = optimize(model, passes=[], quantize="int8-weight", quantize_ops=["Relu"],
                          inputs=feed)
     assert "op type not selected (ops)" in refused(report)
     config = tmp_path / "run.toml"

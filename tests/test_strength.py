@@ -5,7 +5,9 @@ records its path. Expected values come from onnxruntime runs of the changed mode
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -288,3 +290,143 @@ def test_prune_channels_auto_gives_a_valid_model_of_one_setting():
     assert dims["W1"][0] == dims["W2"][1] and dims["W2"][0] == dims["W3"][1]
     assert dims["W1"][0] < 16  # something was pruned: the search did run
     session(out).run(None, feeds[0])
+
+
+class _Verdicts:
+    """A stand-in for the strength search's evaluations: ``width`` in flight, each scored in a
+    thread after a delay that makes later submissions finish first; a setting is within budget
+    up to ``last_within`` (index), and scoring ``failing`` raises an InputError."""
+
+    def __init__(self, width: int, last_within: int, failing: int | None = None) -> None:
+        import concurrent.futures as cf
+        self.width, self.last_within, self.failing = width, last_within, failing
+        self.pool = cf.ThreadPoolExecutor(8)
+        self.submitted: list[int] = []
+        self.cancelled: list[int] = []
+        self.futures: dict = {}
+
+    def submit(self, proposals):
+        from onnxopt.errors import InputError
+
+        (i,) = proposals
+        self.submitted.append(i)
+
+        def score():
+            time.sleep(0.02 * (self.width - len(self.submitted) % self.width))
+            if i == self.failing:
+                raise InputError(f"setting {i}: onnxruntime cannot run it")
+            return {"cosine": 1.0 - i / 100}, i <= self.last_within
+
+        future = self.pool.submit(score)
+        self.futures[future] = i
+        return future
+
+    def wait(self, futures):
+        import concurrent.futures as cf
+        cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+
+    def cancel(self, future):
+        self.cancelled.append(self.futures[future])
+
+
+def _bisect_with(width: int, ladder_size: int, last_within: int, failing: int | None = None):
+    from onnxopt.strength import _bisect
+
+    class Sizes:
+        def of(self, proposals):
+            return {"size_bytes": 0}
+
+    runs: dict = {}
+
+    def run_at(i):
+        runs[i] = (None, PassResult(False, proposals=[i]))
+        return runs[i]
+
+    verdicts = _Verdicts(width, last_within, failing)
+    ladder = tuple(range(ladder_size))
+    return _bisect(ladder, run_at, runs, Sizes(), verdicts), verdicts, runs
+
+
+@pytest.mark.parametrize("ladder_size", [1, 2, 7, 9])
+def test_speculative_bisection_makes_the_decisions_of_the_sequential_one(ladder_size):
+    """With several candidates in flight, finishing out of order, the bisection visits the
+    points the one-at-a-time bisection visits, in its order, and ends on the same interval;
+    points that fall out of the interval are cancelled, unread."""
+    for last_within in range(-1, ladder_size):
+        sequential, one, _ = _bisect_with(1, ladder_size, last_within)
+        speculative, many, runs = _bisect_with(3, ladder_size, last_within)
+        assert speculative == sequential
+        (low, high, path) = sequential
+        assert (low, high) == (last_within, last_within + 1)
+        assert one.submitted == [row["setting"] for row in path] and one.cancelled == []
+        assert set(many.submitted) >= set(one.submitted)
+        assert all(not low < i < high for i in many.cancelled)
+        assert all(low <= i <= high + 1 for i in runs)  # kept only what may still be needed
+        if ladder_size > 2:
+            assert len(many.submitted) > len(one.submitted)  # it did speculate
+
+
+def test_an_error_of_a_point_the_bisection_never_visits_is_not_raised():
+    from onnxopt.errors import InputError
+
+    # 9 settings, all within: the bisection visits 4, 6, 7, 8; 1 and 2 are speculated on
+    (low, high, path), verdicts, _ = _bisect_with(3, 9, 8, failing=1)
+    assert (low, high) == (8, 9) and 1 in verdicts.submitted
+    with pytest.raises(InputError, match="setting 4"):
+        _bisect_with(3, 9, 8, failing=4)
+
+
+def _wide_model():
+    """Two MatMuls with a [256, 256] output: large enough that numpy's BLAS sums the cosine's dot
+    product in several threads, so a thread count other than this process's shows in the last
+    bits of the scores."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "B"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, ["N", 64])], [("y", np.float32, ["N", 256])],
+                       {"A": rng.normal(size=(64, 64)).astype(np.float32),
+                        "B": rng.normal(size=(64, 256)).astype(np.float32)})
+    feeds = [{"x": rng.normal(size=(256, 64)).astype(np.float32)} for _ in range(3)]
+    return model, feeds
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'onnxopt[ray]')")
+def test_ray_candidate_evaluations_give_the_local_output_and_report(monkeypatch):
+    """``prune_sparsity="auto"`` with the Ray executor (a local cluster started for the search,
+    on loopback): candidates scored as Ray tasks, several in flight, give the local run's output
+    byte for byte and its report (timings aside), the path's scores to the last bit."""
+    import onnxopt
+    from onnxopt import strength
+    from onnxopt.batch import cpu_count, without_timings
+
+    model, feeds = _wide_model()
+    shipped = []
+    submit = strength._OnRay.submit
+
+    def counting(self, proposals):
+        shipped.append(self.width)
+        return submit(self, proposals)
+
+    monkeypatch.setattr(strength._OnRay, "submit", counting)
+    runs = {}
+    for executor in ("local", "ray"):
+        out, report = onnxopt.optimize(model, inputs=feeds, max_drift="cosine=0.99",
+                                       prune_sparsity="auto", executor=executor)
+        runs[executor] = (out.SerializeToString(), without_timings(report.to_dict()))
+    assert runs["ray"][0] == runs["local"][0]
+    assert runs["ray"][1] == runs["local"][1]
+    search = [p for p in runs["ray"][1]["passes"] if p["name"] == "prune"][-1]["stats"]["search"]
+    assert len(search["path"]) >= 3 and search["met_budget"]
+    # speculative (more candidates than the path visits), several in flight on a multi-core
+    # machine (the local cluster has this machine's CPUs)
+    assert len(shipped) > len(search["path"]) and min(shipped) >= min(2, cpu_count())
+
+
+def test_an_unknown_executor_is_a_usage_error_before_any_work():
+    import onnxopt
+
+    with pytest.raises(UsageError, match="unknown executor 'dask'"):
+        onnxopt.optimize(_model(), executor="dask")
+    with pytest.raises(UsageError, match="a Ray address is for the Ray executor"):
+        onnxopt.optimize(_model(), ray_address="127.0.0.1:6379")

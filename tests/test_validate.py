@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
@@ -432,3 +433,138 @@ def test_the_cross_check_is_skipped_with_a_warning_for_large_models(monkeypatch,
     result = compare_models(_model(), _model(), [_feed()])
     assert not result.passed and result.original_miscomputed == []
     assert any("not cross-checked" in w and "2 nodes (at most 1" in w for w in result.warnings)
+
+
+# --- lossy results judged also as users run them (onnxruntime's graph optimizations on) --------
+
+def _optimized_sessions_run(monkeypatch, model: onnx.ModelProto) -> list:
+    """Make the validation's sessions with graph optimizations on run ``model`` instead of the
+    candidate (a stand-in for a fusion that changes what the candidate computes); returns the
+    list of models the optimized sessions were asked for."""
+    module = importlib.import_module("onnxopt.validate")
+    real, asked = module.make_session, []
+
+    def make_session(candidate, what, optimized=False):
+        if optimized:
+            asked.append(candidate)
+            return real(model, what, optimized=True)
+        return real(candidate, what)
+
+    monkeypatch.setattr(module, "make_session", make_session)
+    return asked
+
+
+def _cosine(model_a: onnx.ModelProto, model_b: onnx.ModelProto, feed: dict, name: str) -> float:
+    a = run_ort(model_a, feed)[name].ravel().astype(np.float64)
+    b = run_ort(model_b, feed)[name].ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_a_lossy_result_is_judged_by_the_worse_session(monkeypatch):
+    candidate = _model(w2=W2 + 0.01)
+    fused = _model(w2=W2 + np.random.default_rng(5).normal(size=W2.shape).astype(np.float32))
+    asked = _optimized_sessions_run(monkeypatch, fused)
+    feeds = [_feed(), _feed(seed=2)]
+    plain = min(_cosine(_model(), candidate, f, "y2") for f in feeds)
+    worse = min(_cosine(_model(), fused, f, "y2") for f in feeds)
+    threshold = (plain + worse) / 2
+    assert worse < threshold < plain
+    result = compare_models(_model(), candidate, feeds, lossy=True, max_drift=threshold)
+    assert len(asked) == 1 and result.sessions == ["unoptimized", "optimized"]
+    assert not result.passed and "'y2'" in result.reason
+    assert "graph optimizations on" in result.reason and f"{plain:.6f}" in result.reason
+    y1, y2 = result.outputs
+    assert y2.worse_session == "optimized" and y2.cosine == pytest.approx(worse)
+    assert y2.by_session["unoptimized"]["cosine"] == pytest.approx(plain)
+    assert y2.by_session["optimized"]["cosine"] == pytest.approx(worse)
+    assert y1.passed and y1.worse_session == "neither"
+    json.dumps(result.to_dict())
+    # the worse session is the unoptimized one when it is the candidate as written that drifts
+    monkeypatch.undo()
+    asked = _optimized_sessions_run(monkeypatch, candidate)
+    result = compare_models(_model(), fused, feeds, lossy=True, max_drift=threshold)
+    assert not result.passed and result.outputs[1].worse_session == "unoptimized"
+    assert "graph optimizations" not in result.reason
+    assert compare_models(_model(), candidate, feeds, lossy=True, max_drift=worse - 1e-6).passed
+
+
+def test_a_lossless_result_is_judged_as_written_only(monkeypatch):
+    """onnxruntime's fusions move the original's rounding as much as a lossless tolerance: a
+    lossless candidate runs in the unoptimized session only (validate's module docstring)."""
+    asked = _optimized_sessions_run(monkeypatch, _model(w2=W2 + 1.0))
+    result = compare_models(_model(), _model(), [_feed()])
+    assert result.passed and asked == [] and result.sessions == ["unoptimized"]
+    assert all(m.worse_session is None and m.by_session == {} for m in result.outputs)
+
+
+def test_a_candidate_onnxruntime_cannot_load_optimized_fails(monkeypatch):
+    module = importlib.import_module("onnxopt.validate")
+    real = module.make_session
+
+    def make_session(candidate, what, optimized=False):
+        if optimized:
+            raise InputError(f"{what}: onnxruntime cannot load the model: fusion failed")
+        return real(candidate, what)
+
+    monkeypatch.setattr(module, "make_session", make_session)
+    result = compare_models(_model(), _model(), [_feed()], lossy=True)
+    assert not result.passed
+    assert result.reason.startswith("candidate model (onnxruntime graph optimizations on)")
+    assert result.sessions == ["unoptimized", "optimized"]
+
+
+def _qdq_conv(reference: onnx.ModelProto, feed: dict) -> onnx.ModelProto:
+    """``reference`` (Conv -> Sigmoid, uint8-range input) with QDQ around the Conv as static
+    quantization writes it: uint8 activations, int8 per-channel weights on the full 8-bit grid
+    (no ``reduce_range``), the output quantized over its range on ``feed``. onnxruntime fuses
+    it into QLinearConv when graph optimizations are on."""
+    w = onnx.numpy_helper.to_array(reference.graph.initializer[0])
+    w_scale = (np.abs(w).reshape(len(w), -1).max(axis=1) / 127).astype(np.float32)
+    w_q = np.clip(np.rint(w / w_scale[:, None, None, None]), -127, 127).astype(np.int8)
+    conv = make_model([helper.make_node("Conv", ["x", "W"], ["h"], pads=[1, 1, 1, 1])],
+                      [("x", np.float32, [1, 32, 8, 8])], [("h", np.float32, [1, 16, 8, 8])],
+                      {"W": w})
+    h = run_ort(conv, feed)["h"]
+    h_scale = np.float32((h.max() - min(h.min(), 0)) / 255)
+    h_zero = np.uint8(np.clip(np.rint(-min(h.min(), 0) / h_scale), 0, 255))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["Wd"], axis=0),
+             helper.make_node("Conv", ["xd", "Wd"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["h", "hs", "hz"], ["hq"]),
+             helper.make_node("DequantizeLinear", ["hq", "hs", "hz"], ["hd"]),
+             helper.make_node("Sigmoid", ["hd"], ["y"])]
+    return make_model(nodes, [("x", np.float32, [1, 32, 8, 8])],
+                      [("y", np.float32, [1, 16, 8, 8])],
+                      {"xs": np.float32(1 / 255), "xz": np.uint8(0), "Wq": w_q, "Ws": w_scale,
+                       "Wz": np.zeros(16, np.int8), "hs": h_scale, "hz": h_zero})
+
+
+def test_a_qdq_model_is_judged_as_onnxruntime_fuses_it():
+    """QLinearConv's x86 u8s8 kernels without VNNI saturate int16 pair sums with 8-bit weights
+    (what validation missed when it ran the QDQ pairs unfused only); wherever the fused kernel
+    computes otherwise, the verdict follows the worse of the two sessions."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-1, 1, size=(16, 32, 3, 3)).astype(np.float32)
+    reference = make_model([helper.make_node("Conv", ["x", "W"], ["h"], pads=[1, 1, 1, 1]),
+                            helper.make_node("Sigmoid", ["h"], ["y"])],
+                           [("x", np.float32, [1, 32, 8, 8])], [("y", np.float32, [1, 16, 8, 8])],
+                           {"W": w})
+    feed = {"x": rng.uniform(0, 1, size=(1, 32, 8, 8)).astype(np.float32)}
+    candidate = _qdq_conv(reference, feed)
+    ref = run_ort(reference, feed)["y"].ravel().astype(np.float64)
+    cosines = {}
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        sess = ort.InferenceSession(candidate.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        c = sess.run(None, feed)[0].ravel().astype(np.float64)
+        cosines[level] = float(ref @ c / np.linalg.norm(ref) / np.linalg.norm(c))
+    plain, fused = cosines["ORT_DISABLE_ALL"], cosines["ORT_ENABLE_ALL"]
+    threshold = (plain + fused) / 2 if plain != fused else plain
+    result = compare_models(reference, candidate, [feed], lossy=True, max_drift=threshold)
+    assert result.outputs[0].cosine == pytest.approx(min(plain, fused))
+    assert result.passed == (min(plain, fused) >= threshold)
+    assert result.outputs[0].worse_session == (
+        "optimized" if fused < plain else "unoptimized" if plain < fused else "neither")

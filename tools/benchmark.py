@@ -3,6 +3,7 @@
     pip install onnxsim onnxslim onnxoptimizer        # or: pip install -r tools/bench_peers.txt
     python tools/benchmark.py [--models NAME ...] [--tools onnxopt,onnxslim,...] [--repeat 3]
                               [--timeout 300] [--json results.json] [--output-dir DIR]
+                              [--latency-budget 10] [--threads 1]
 
 The peers are benchmark-only: they are never dependencies of onnxopt, and a peer that is not
 installed shows as "n/a". Each tool runs as a whole process, so interpreter start and imports are
@@ -15,7 +16,8 @@ inside the measured wall time; the median over ``--repeat`` runs is reported. Th
                  ``certify`` needs z3-solver, which it does not depend on).
 * onnxslim:      ``onnxslim IN OUT`` (no check: ``--model-check`` is off by default).
 * onnxoptimizer: ``python -m onnxoptimizer IN OUT`` (its fuse-and-elimination passes, no check).
-* ort-basic:     onnxruntime saving its ORT_ENABLE_BASIC graph (``optimized_model_filepath``).
+* ort-basic:     onnxruntime saving its ORT_ENABLE_BASIC graph (``optimized_model_filepath``,
+                 initializers of 1 KiB or more in ``OUT.data``).
 
 A non-zero exit or a missing output is "crash", except onnxopt's exit 1, which means its own
 validation refused the result and is shown as "refused"; a run over ``--timeout`` seconds is
@@ -25,9 +27,22 @@ with ``models/zoo/<name>.inputs.npz``; "pass" when output names, shapes and dtyp
 output is allclose (atol 1e-4, rtol 1e-3), "fail" otherwise (also when the output cannot run), and
 "load error" when onnxruntime cannot load it.
 
-The markdown table goes to stdout, progress to stderr. Below it: the median over models of
-onnxopt time / onnxslim time, and the models where onnxopt leaves more nodes (total) than the
-best peer whose output passed the drift check.
+Inference latency of the outputs: the original and every output that passed the drift check
+run in onnxruntime CPU sessions with the default graph optimizations (``ORT_ENABLE_ALL``),
+``--threads`` intra-op threads, on the model's stored inputs. The runs are interleaved (one run
+of each model per round, in an order shuffled per round, after two warm-up runs each), so a
+change in machine load falls on all of them alike and no model keeps a slot the rhythm of the
+load favours; rounds go on until ``--latency-budget`` seconds are spent (at least 5,
+at most 200), and the fastest run per model is reported as a ratio to the original's (the
+median is in the JSON; on a shared machine it measures the wait for a core more than the model).
+
+Two markdown tables go to stdout, progress to stderr. The first: per tool, nodes, wall time and
+drift verdict. The second: per model, the nodes onnxopt leaves against every peer's, onnxopt's
+latency as a ratio to the original, and per peer onnxopt's latency over that peer output's
+(above 1: the peer's output runs faster). Below them: the median over models of onnxopt time /
+onnxslim time, the models where onnxopt leaves more nodes (total) than a drift-passing peer, and
+those where a peer's output runs more than ``LATENCY_NOISE`` faster, each with the difference in
+op counts between onnxopt's output and that peer's.
 """
 
 from __future__ import annotations
@@ -36,12 +51,14 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,11 +72,18 @@ from tools import zoo  # noqa: E402  (needs the repo root on sys.path when run a
 
 ATOL, RTOL = 1e-4, 1e-3
 DEFAULT_TIMEOUT = 300.0
+#: Latency differences below this fraction are within the noise of a shared 2-core machine.
+LATENCY_NOISE = 0.05
+WARMUP_RUNS, MIN_ROUNDS, MAX_ROUNDS = 2, 5, 200
+# The initializers go to OUT.data beside the output: otherwise the output of a model with
+# external data refers to the input's data file by a path relative to the output's folder.
 ORT_BASIC_SCRIPT = (
-    "import sys, onnxruntime as ort\n"
+    "import os, sys, onnxruntime as ort\n"
     "options = ort.SessionOptions()\n"
     "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC\n"
     "options.optimized_model_filepath = sys.argv[2]\n"
+    "options.add_session_config_entry('session.optimized_model_external_initializers_file_name',"
+    " os.path.basename(sys.argv[2]) + '.data')\n"
     "ort.InferenceSession(sys.argv[1], options, providers=['CPUExecutionProvider'])\n"
 )
 
@@ -137,7 +161,10 @@ class Run:
     median_seconds: float | None = None
     nodes: int | None = None
     total_nodes: int | None = None
+    ops: dict[str, int] = field(default_factory=dict)
     drift: Drift | None = None
+    latency_ms: float | None = None  # fastest interleaved run (measure_latency)
+    latency_median_ms: float | None = None
     detail: str = ""
 
     @property
@@ -151,29 +178,96 @@ class ModelResult:
     nodes: int
     total_nodes: int
     runs: dict[str, Run]
+    ops: dict[str, int] = field(default_factory=dict)
+    latency_ms: float | None = None  # fastest interleaved run (measure_latency)
+    latency_median_ms: float | None = None
+    latency_rounds: int = 0
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    found = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            found.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attribute.graphs)
+    return found
 
 
 def count_nodes(graph: onnx.GraphProto) -> tuple[int, int]:
     """(nodes of ``graph``, nodes of ``graph`` plus every nested subgraph, e.g. If/Loop bodies)."""
     total = len(graph.node)
     for node in graph.node:
-        for attribute in node.attribute:
-            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []
-            if attribute.type == onnx.AttributeProto.GRAPHS:
-                subgraphs = list(attribute.graphs)
-            total += sum(count_nodes(subgraph)[1] for subgraph in subgraphs)
+        total += sum(count_nodes(subgraph)[1] for subgraph in _subgraphs(node))
     return len(graph.node), total
 
 
-def model_node_counts(path: Path) -> tuple[int, int]:
-    return count_nodes(onnx.load(str(path), load_external_data=False).graph)
+def count_ops(graph: onnx.GraphProto) -> Counter:
+    """Nodes per op type (``domain::op`` outside the default domain), subgraphs included."""
+    counts = Counter(f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx")
+                     else node.op_type for node in graph.node)
+    for node in graph.node:
+        for subgraph in _subgraphs(node):
+            counts += count_ops(subgraph)
+    return counts
 
 
-def session_for(path: Path) -> ort.InferenceSession:
-    """A CPU session on ``path``; warnings (e.g. unused initializers) would drown the progress."""
+def model_node_counts(path: Path) -> tuple[int, int, dict[str, int]]:
+    """(main-graph nodes, nodes with subgraphs, nodes per op type) of the model at ``path``."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return (*count_nodes(graph), dict(count_ops(graph)))
+
+
+def session_for(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session on ``path`` with onnxruntime's default graph optimizations; ``threads``
+    intra-op threads (0: onnxruntime's default). Warnings (e.g. unused initializers) would
+    drown the progress, so only errors are logged."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def measure_latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], budget: float,
+                    threads: int) -> tuple[dict[str, tuple[float, float]], int]:
+    """(fastest, median) milliseconds per run of each model in ``paths`` (keyed by any label),
+    and the number of rounds.
+
+    Runs are interleaved: each round runs every model once, in an order shuffled per round
+    (fixed seed), so load on the machine falls on all of them alike, whatever its rhythm;
+    rounds go on until ``budget`` seconds of runs are spent (``MIN_ROUNDS`` to ``MAX_ROUNDS``),
+    after ``WARMUP_RUNS`` untimed runs each. A model onnxruntime cannot load or run is left out
+    of the result. On a machine shared with other work, the median carries the time the
+    process waited for a core (a 1.7 ms run had a median of 25 ms at load 10 on 2 cores); the
+    fastest run does not, and is what the tables compare.
+    """
+    runners = {}
+    for label, path in paths.items():
+        try:
+            session = session_for(path, threads)
+            feed = {i.name: feeds[i.name] for i in session.get_inputs()}
+            for _ in range(WARMUP_RUNS):
+                session.run(None, feed)
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            _progress(f"  latency: {label} left out: {_one_line(exc)}")
+            continue
+        runners[label] = (session, feed)
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    order, shuffle = list(runners), random.Random(0).shuffle
+    spent, rounds = 0.0, 0
+    while runners and rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or spent < budget):
+        shuffle(order)
+        for label in order:
+            session, feed = runners[label]
+            started = time.perf_counter()
+            session.run(None, feed)
+            elapsed = time.perf_counter() - started
+            times[label].append(elapsed)
+            spent += elapsed
+        rounds += 1
+    return {label: (min(values) * 1e3, statistics.median(values) * 1e3)
+            for label, values in times.items()}, rounds
 
 
 def run_on_ort(session: ort.InferenceSession,
@@ -253,8 +347,9 @@ def time_tool(tool: Tool, model: zoo.ZooModel, output: Path, repeat: int,
 
 
 def benchmark_model(model: zoo.ZooModel, tools: list[Tool], available: dict[str, str | None],
-                    output_dir: Path, repeat: int, timeout: float) -> ModelResult:
-    nodes, total = model_node_counts(model.onnx_path)
+                    output_dir: Path, repeat: int, timeout: float, latency_budget: float,
+                    threads: int) -> ModelResult:
+    nodes, total, ops = model_node_counts(model.onnx_path)
     feeds = model.load_inputs()
     reference = run_on_ort(session_for(model.onnx_path), feeds)
     runs = {}
@@ -267,11 +362,25 @@ def benchmark_model(model: zoo.ZooModel, tools: list[Tool], available: dict[str,
         output.parent.mkdir(parents=True, exist_ok=True)
         run = time_tool(tool, model, output, repeat, timeout)
         if run.status == "ok":
-            run.nodes, run.total_nodes = model_node_counts(output)
+            run.nodes, run.total_nodes, run.ops = model_node_counts(output)
             run.drift = compare(reference, output, feeds)
         runs[tool.name] = run
         _progress(f"  {_cell(run)}" + (f"  [{run.detail}]" if run.detail else ""))
-    return ModelResult(model.name, nodes, total, runs)
+    result = ModelResult(model.name, nodes, total, runs, ops)
+    if latency_budget > 0:
+        # one output per distinct tool command: onnxopt-unchecked writes what onnxopt writes
+        paths = {"original": model.onnx_path}
+        paths.update({name: output_dir / name / f"{model.name}.onnx" for name, run in runs.items()
+                      if run.passed and name != "onnxopt-unchecked"})
+        _progress(f"{model.name}: latency of {', '.join(paths)}")
+        latency, result.latency_rounds = measure_latency(paths, feeds, latency_budget, threads)
+        result.latency_ms, result.latency_median_ms = latency.get("original", (None, None))
+        for name, run in runs.items():
+            run.latency_ms, run.latency_median_ms = latency.get(name, (None, None))
+        _progress(f"  {result.latency_rounds} rounds, fastest/median: " + ", ".join(
+            f"{label} {fastest:.2f}/{median:.2f} ms"
+            for label, (fastest, median) in latency.items()))
+    return result
 
 
 def _progress(message: str) -> None:
@@ -299,6 +408,82 @@ def markdown_table(results: list[ModelResult], tools: list[Tool]) -> str:
         cells += [_cell(result.runs[tool.name]) for tool in tools]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+PEER_LABELS = {"onnxsim": "onnxsim", "onnxslim": "onnxslim", "onnxoptimizer": "onnxoptimizer",
+               "ort-basic": "ORT basic"}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return "—" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
+
+
+def _failure(run: Run) -> str:
+    """Why ``run`` has no output worth timing: its status, or its drift verdict."""
+    return run.status if run.status != "ok" else run.drift.verdict
+
+
+def _peers(result: ModelResult) -> list[Run]:
+    return [run for name, run in result.runs.items() if name in PEER_LABELS]
+
+
+def nodes_latency_table(results: list[ModelResult], tools: list[Tool]) -> str:
+    """Per model: onnxopt's total nodes and latency / original; per peer, its total nodes and
+    onnxopt's latency / that peer output's ("—": the output failed or was not timed)."""
+    peers = [tool.name for tool in tools if tool.name in PEER_LABELS]
+    header = (["model", "original nodes · latency", "onnxopt nodes · latency / original"]
+              + [f"{PEER_LABELS[name]} nodes · onnxopt latency / its" for name in peers])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        ours = result.runs.get("onnxopt")
+        original = (f"{result.total_nodes} · {result.latency_ms:.2f} ms"
+                    if result.latency_ms is not None else str(result.total_nodes))
+        cells = [result.model, original]
+        cells.append(f"{ours.total_nodes} · {_ratio(ours.latency_ms, result.latency_ms)}"
+                     if ours is not None and ours.passed else (_failure(ours) if ours else "n/a"))
+        for name in peers:
+            run = result.runs[name]
+            if not run.passed:
+                cells.append(_failure(run))
+                continue
+            mark = "**" if ours is not None and ours.passed and run.total_nodes < ours.total_nodes \
+                else ""
+            cells.append(f"{mark}{run.total_nodes}{mark} · "
+                         f"{_ratio(ours.latency_ms if ours else None, run.latency_ms)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def op_diff(ours: dict[str, int], theirs: dict[str, int]) -> str:
+    """``Reshape +3, Unsqueeze -1``: ops onnxopt's output has more (+) or fewer (-) of."""
+    keys = sorted(set(ours) | set(theirs), key=lambda op: (-abs(ours.get(op, 0)
+                                                                - theirs.get(op, 0)), op))
+    parts = [f"{op} {ours.get(op, 0) - theirs.get(op, 0):+d}" for op in keys
+             if ours.get(op, 0) != theirs.get(op, 0)]
+    return ", ".join(parts) or "same ops"
+
+
+def gaps(results: list[ModelResult]) -> list[str]:
+    """One line per (model, peer) where the peer's drift-passing output has fewer total nodes
+    than onnxopt's, or runs more than ``LATENCY_NOISE`` faster, with the op-count difference."""
+    lines = []
+    for result in results:
+        ours = result.runs.get("onnxopt")
+        if ours is None or not ours.passed:
+            continue
+        for peer in _peers(result):
+            if not peer.passed:
+                continue
+            reasons = []
+            if peer.total_nodes < ours.total_nodes:
+                reasons.append(f"{ours.total_nodes} vs {peer.total_nodes} nodes")
+            if (ours.latency_ms is not None and peer.latency_ms is not None
+                    and ours.latency_ms > peer.latency_ms * (1 + LATENCY_NOISE)):
+                reasons.append(f"latency {ours.latency_ms / peer.latency_ms:.2f}x the peer's")
+            if reasons:
+                lines.append(f"- {result.model} vs {peer.tool}: {'; '.join(reasons)} "
+                             f"(onnxopt minus {peer.tool}: {op_diff(ours.ops, peer.ops)})")
+    return lines
 
 
 def summary(results: list[ModelResult], tools: list[Tool]) -> list[str]:
@@ -352,6 +537,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     parser.add_argument("--output-dir", type=Path,
                         help="keep the optimized models here (default: a temp dir, removed)")
+    parser.add_argument("--latency-budget", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds of interleaved inference runs per model (0: no latency; "
+                             "default 10)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime intra-op threads for the latency runs (0: its default; "
+                             "default 1)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.tools.split(",")) - set(TOOLS_BY_NAME))
     if unknown:
@@ -388,7 +579,7 @@ def precompile(packages: tuple[str, ...] = ("onnxopt", "onnxopt.passes")) -> Non
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tools = [TOOLS_BY_NAME[name] for name in args.tools.split(",")]
-    if any(tool.module == "optimizer" for tool in tools):
+    if any(tool.module == "onnxopt" for tool in tools):
         precompile()
     try:
         models = select_models(args.models)
@@ -401,17 +592,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxopt-bench-") as scratch:
         output_dir = args.output_dir or Path(scratch)
         results = [benchmark_model(model, tools, available, output_dir, args.repeat,
-                                   args.timeout) for model in models]
+                                   args.timeout, args.latency_budget, args.threads)
+                   for model in models]
     print(markdown_table(results, tools))
     print()
     print(f"Cells: nodes (main/total with subgraphs when they differ) · median wall time of "
           f"{args.repeat} runs · drift verdict (atol {ATOL:g}, rtol {RTOL:g}).")
     for line in summary(results, tools):
         print(line)
+    if args.latency_budget > 0:
+        print()
+        print(nodes_latency_table(results, tools))
+        print()
+        print(f"Cells: total nodes (subgraphs included; bold where fewer than onnxopt's) · "
+              f"latency ratio of the fastest of the interleaved runs (onnxruntime "
+              f"{ort.__version__}, default optimizations, CPU, {args.threads} intra-op "
+              f"thread(s), {args.latency_budget:g} s of runs per model).")
+        print(f"Where a peer leaves fewer nodes or its output runs more than "
+              f"{LATENCY_NOISE:.0%} faster:")
+        for line in gaps(results) or ["- none"]:
+            print(line)
     print("Versions: " + ", ".join(f"{name} {version or 'n/a'}"
                                    for name, version in available.items()))
     if args.json:
         payload = {"repeat": args.repeat, "timeout": args.timeout, "atol": ATOL, "rtol": RTOL,
+                   "latency_budget": args.latency_budget, "threads": args.threads,
                    "versions": available, "python": sys.version.split()[0],
                    "results": [asdict(result) for result in results]}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

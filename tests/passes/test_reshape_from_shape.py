@@ -114,9 +114,11 @@ def test_refusals(case, reason):
     inits = {"p_j": np.array([1 if case == "position" else 0], np.int64),
              "rest": np.array([-1], np.int64)}
     extra, inputs = _gather(0, "p"), [X]
-    if case == "other tensor":
+    if case == "other tensor":  # of other dims: Z's dim 0 is not X's
         extra[0] = helper.make_node("Shape", ["Z"], ["S"])
-        inputs.append(("Z", np.float32, ["n", 6, 4]))
+        inputs.append(("Z", np.float32, ["k", 6, 4]))
+    if case == "allowzero":  # the -1 (m * 4) is not a number: no allowzero 0 target
+        inputs = [("X", np.float32, ["n", "m", 4])]
     if case == "negative unknown rank":
         inits["p_j"] = np.array([-3], np.int64)
         extra, inputs = [_GELU, *extra], [A]
@@ -124,3 +126,56 @@ def test_refusals(case, reason):
                            allowzero=1 if case == "allowzero" else None)
     _, record = run_once(model, "reshape_from_shape")
     assert record.stats == {"rewritten": 0, "refused": {reason: 1}}
+
+
+def _attention_model(allowzero, h_shape=("b", "s", 8)):
+    """``q = MatMul(h, W)`` reshaped to ``[Shape(h)[0], Shape(h)[1], -1, 4]`` (the dims of
+    another tensor than the Reshape's input, as in every attention block of a torch export)."""
+    nodes = [helper.make_node("MatMul", ["h", "W"], ["q"]),
+             helper.make_node("Shape", ["h"], ["b1"], start=0, end=1),
+             helper.make_node("Shape", ["h"], ["s1"], start=1, end=2),
+             helper.make_node("Concat", ["b1", "s1", "rest"], ["target"], axis=0),
+             helper.make_node("Reshape", ["q", "target"], ["Y"], allowzero=allowzero)]
+    inits = {"W": np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32),
+             "rest": np.array([-1, 4], np.int64)}
+    return make_model(nodes, [("h", np.float32, list(h_shape))],
+                      [("Y", np.float32, ["y0", "y1", "y2", "y3"])], inits)
+
+
+def _feeds(*shapes):
+    rng = np.random.default_rng(0)
+    return [{"h": rng.normal(size=(*s, 8)).astype(np.float32)} for s in shapes]
+
+
+@pytest.mark.parametrize("allowzero", [0, 1])
+def test_dims_of_another_tensor_with_the_same_symbols(allowzero):
+    """``h`` and ``q`` have dims ``b, s``: the target is ``[0, 0, -1, 4]`` (allowzero 0), or
+    ``[0, 0, 2, 4]`` with allowzero 0 (allowzero 1: the -1 is proved to be 2; a -1 beside a
+    copied 0 would fail at batch 0, where allowzero 1 gives [0, s, 2, 4]). Batch 0 and empty
+    sequences: the same outputs, or both fail."""
+    model = _attention_model(allowzero)
+    out, record = run_once(model, "reshape_from_shape")
+    assert record.stats == {"rewritten": 1}
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    assert list(initializers(out)[reshape.input[1]]) == [0, 0, 2 if allowzero else -1, 4]
+    assert helper.get_attribute_value(reshape.attribute[0]) == 0
+    for feed in _feeds((2, 3), (0, 3), (2, 0), (0, 0), (1, 1)):
+        try:
+            ref = run_ort(model, feed)
+        except Exception:  # noqa: BLE001 -- the original fails: so must the rewrite
+            assert not allowzero  # allowzero 1 runs on every size
+            with pytest.raises(Exception):
+                run_ort(out, feed)
+            continue
+        assert_same_outputs(model, out, [feed])
+        assert ref
+
+
+def test_dims_of_another_tensor_refused():
+    """``h[b, s, 8]`` but ``q = MatMul(h', W)`` of ``h'[b, t, 8]``: dim 1 differs (the parts are
+    not dims of ``q`` itself either)."""
+    model = _attention_model(0)
+    model.graph.input.append(helper.make_tensor_value_info("h2", 1, ["b", "t", 8]))
+    model.graph.node[0].input[0] = "h2"
+    _, record = run_once(model, "reshape_from_shape")
+    assert record.stats == {"rewritten": 0, "refused": {"part not recognized": 1}}
