@@ -283,7 +283,7 @@ def optimize_many(models: Sequence[str | os.PathLike], output_dir: str | os.Path
         raise UsageError(f"jobs must be a positive integer, got {jobs!r}")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not timeout > 0):
-        raise UsageError(f"timeout must be a number of seconds above 0, got {timeout!r}")
+        raise UsageError(f"timeout (--timeout) must be a number of seconds above 0, got {timeout!r}")
     reserved = [k for k in _RESERVED if k in optimize_kwargs]
     if reserved:
         raise UsageError(f"optimize_many sets {', '.join(reserved)} itself for each model")

@@ -196,7 +196,8 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
                 options[name] = mode_options
             specs.append(name)
     elif quantize_exclude is not None or quantize_ops is not None:
-        raise UsageError("quantize_exclude and quantize_ops need a quantization mode (quantize)")
+        raise UsageError("quantize_exclude and quantize_ops (--quantize-exclude, "
+                         "--quantize-ops) need a quantization mode (quantize, --quantize)")
     for name in skip:
         get_pass(name)  # unknown names are an error
     # A pass asked for with options, as a configured object or by a flag, and also skipped or

@@ -223,7 +223,7 @@ def test_plan_refuses_clashes_and_overwrites(batch_dir, tmp_path):
 def test_usage_errors_come_before_any_work(batch_dir, tmp_path):
     for kwargs, message in (({"executor": "dask"}, "unknown executor"),
                             ({"jobs": 0}, "positive integer"),
-                            ({"timeout": 0}, "timeout must be a number of seconds above 0"),
+                            ({"timeout": 0}, r"timeout \(--timeout\) must be a number of seconds above 0"),
                             ({"output": "x.onnx"}, "sets output")):
         with pytest.raises(UsageError, match=message):
             optimize_many([batch_dir], tmp_path / "out", **kwargs)
