@@ -87,7 +87,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
-from onnxopt.edit import bypass, constant_value
+from onnxopt.edit import bypass, constant_value, int_list
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, pair_start, refuse
@@ -106,19 +106,9 @@ def _nth(excluded: set[int], k: int) -> int:
     return i
 
 
-def _raw_axes(node: gs.Node) -> list[int] | None | str:
-    """The node's axes as written, None when omitted, ``"unknown"`` when not an initializer."""
-    if "axes" in node.attrs:
-        return [int(a) for a in node.attrs["axes"]]
-    if len(node.inputs) < 2 or node.inputs[1].is_empty():
-        return None
-    value = constant_value(node.inputs[1])
-    return "unknown" if value is None else [int(a) for a in np.ravel(value)]
-
-
 def _normalized_axes(node: gs.Node, rank: int | None, shape: tuple | None) -> set[int] | Refusal:
     """Non-negative axes of a Squeeze/Unsqueeze whose input has ``rank``, or a refusal reason."""
-    axes = _raw_axes(node)
+    axes = int_list(node, "axes", 1)
     if axes == "unknown":
         return refuse("axes unknown")
     if axes is None:  # Squeeze of every size-1 dim (Unsqueeze requires axes)
@@ -137,11 +127,11 @@ def _combine(first: gs.Node, second: gs.Node, types: TensorTypes
              ) -> tuple[str | None, list[int]] | Refusal:
     """The op and axes equivalent to ``second(first(X))`` (op None: the identity), or a reason."""
     x, mid = first.inputs[0], second.inputs[0]
-    if first.op == "Squeeze" and second.op == "Unsqueeze" and _raw_axes(first) == _raw_axes(second) \
-            and isinstance(_raw_axes(first), list):
+    written = int_list(first, "axes", 1), int_list(second, "axes", 1)
+    if first.op == "Squeeze" and second.op == "Unsqueeze" and written[0] == written[1] \
+            and isinstance(written[0], list):
         return None, []  # same length, so negative axes normalize against the same rank
-    needs_rank = any(isinstance(a, list) and min(a, default=0) < 0 or a is None
-                     for a in (_raw_axes(first), _raw_axes(second)))
+    needs_rank = any(isinstance(a, list) and min(a, default=0) < 0 or a is None for a in written)
     rank = types.rank(x) if needs_rank else None
     a = _normalized_axes(first, rank, types.shape(x) if needs_rank else None)
     if isinstance(a, Refusal):
@@ -212,7 +202,7 @@ def _absorbed_target(reshape: gs.Node, node: gs.Node, opset: int, types: TensorT
                 else refuse("moves a dim not provably 1")
         source = perm
     else:
-        axes = _raw_axes(node)
+        axes = int_list(node, "axes", 1)
         if axes == "unknown" or (axes is None and node.op == "Unsqueeze"):
             return refuse("axes unknown")
         out_rank = r + len(axes) if node.op == "Unsqueeze" else r
