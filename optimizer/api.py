@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 
 from onnxopt import checks, external, io
 from onnxopt.errors import OnnxoptWarning, UnsupportedModel, UsageError, ValidationFailed
@@ -260,6 +261,20 @@ def _use_model_folder(source, model: onnx.ModelProto) -> None:
         external.use_folder(Path(source).parent)
 
 
+def _self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the external data it refers to read into it, when the whole fits in one
+    protobuf (what ``onnx.load`` returns): a caller gets a ModelProto it can save, run or
+    serialize anywhere. A larger model keeps its references, relative to the run's folder
+    (``onnxopt.save_model(model, path, base_dir=<the input's folder>)`` writes it)."""
+    folder = external.current_folder()
+    if folder is None or not external.has_external_data(model):
+        return model
+    if external.external_bytes(model) > io.PROTOBUF_LIMIT // 2:
+        return model
+    onnx.external_data_helper.load_external_data_for_model(model, str(folder))
+    return model
+
+
 @_own_context
 def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[str] | None = None,
              options: dict[str, dict] | None = None, config=None,
@@ -367,9 +382,11 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
 
     A model file with external data is never loaded whole (``onnxopt.external``): weights stay
     in their files, memory-mapped when a pass reads them, and ``output`` gets them streamed
-    from the input's data files. The returned model then refers to the input's external data
-    (locations relative to the input's folder) for the tensors no pass changed; load
-    ``output`` to get a self-contained one.
+    from the input's data files. Without ``output``, the returned model holds its tensors'
+    data when it fits in one protobuf (up to 1 GiB of external data); otherwise it refers to
+    the input's external data (locations relative to the input's folder) for the tensors no
+    pass changed: save it with ``onnxopt.save_model(model, path, base_dir=<the input's
+    folder>)``, or load ``output``.
 
     Returns:
         The optimized model and the :class:`Report`.
@@ -598,6 +615,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             "before": _compressed_size(model if isinstance(model, (str, os.PathLike))
                                        else None, original_bytes),
             "after": _compressed_size(report.output, serialized)}
+    if output is None:  # the caller wants the ModelProto itself
+        optimized = _self_contained(optimized)
     report.seconds = time.perf_counter() - start
     _warn(report)
     if raise_on_failure and (failed or (strict and report.rolled_back)):

@@ -600,7 +600,8 @@ def write_external(model: onnx.ModelProto, data_path: Path, source: Path | None,
                     location, offset, length = _location(tensor)
                     if source is None:
                         raise ModelLoadError(f"tensor '{tensor.name}' refers to external data "
-                                             f"'{location}' and the model's folder is unknown")
+                                             f"'{location}' and the model's folder is unknown: pass "
+                                             "base_dir (the folder of the model it came from)")
                     if location not in handles:
                         handles[location] = open(source / location, "rb")
                     out.write(b"\0" * (-out.tell() % ALIGNMENT))

@@ -207,12 +207,14 @@ def serialize(model: onnx.ModelProto) -> bytes | None:
 def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
                external_data: bool | None = None,
                protect: tuple[Union[str, os.PathLike], ...] = (),
-               serialized: bytes | None = None) -> list[Path]:
+               serialized: bytes | None = None,
+               base_dir: Union[str, os.PathLike, None] = None) -> list[Path]:
     """Write ``model`` to ``path`` atomically.
 
     A model that refers to external data (loaded lazily, see :func:`load_model`) is written with
-    external data: the bytes of its tensors are streamed from the run's external-data folder
-    (``onnxopt.external.current_folder``) to ``<name>.data``, never held in memory.
+    external data: the bytes of its tensors are streamed from the folder its locations are
+    relative to (``base_dir``, or the run's external-data folder
+    ``onnxopt.external.current_folder``) to ``<name>.data``, never held in memory.
 
     Args:
         model: the model; it is not modified (tensors moved out while writing are put back).
@@ -225,6 +227,8 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
             see :func:`external_data_files`).
         serialized: ``model`` already serialized (by :func:`serialize`), written as is unless
             the model is written with external data; it must be the serialization of ``model``.
+        base_dir: the folder the external data locations of ``model`` are relative to (the
+            folder of the model file it was loaded from); default: the run's folder.
 
     Returns:
         The files written.
@@ -233,7 +237,8 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
         UsageError: ``path`` is one of ``protect`` (or its external data file would be), the
             model is over 2 GiB or refers to external data and ``external_data`` is False, or
             the folder cannot be written to.
-        ModelLoadError: external data the model refers to cannot be read.
+        ModelLoadError: external data the model refers to cannot be read, or its folder is
+            unknown (no ``base_dir`` outside a run).
     """
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
@@ -257,7 +262,8 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
     try:
         tmp_model = tmp_dir / path.name
         tmp_data = tmp_dir / data_path.name
-        undo = external.write_external(model, tmp_data, external.current_folder()) \
+        undo = external.write_external(
+            model, tmp_data, external.current_folder() if base_dir is None else Path(base_dir)) \
             if external_data else []
         try:
             data = model.SerializeToString() if external_data or serialized is None \

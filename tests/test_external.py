@@ -61,6 +61,29 @@ def test_default_run_streams_unchanged_weights_and_keeps_the_input(chain, tmp_pa
                for t in model.graph.initializer if external.is_external(t))
 
 
+def test_returned_model_is_self_contained_or_saved_with_its_base_dir(chain, tmp_path):
+    """Export pipelines take the ModelProto out: without ``output`` it holds its data (it fits
+    in one protobuf) and runs and saves anywhere; with ``output`` it refers to the input's
+    data, and saving it elsewhere needs the input's folder."""
+    model, _ = onnxopt.optimize(chain, validate=False)
+    assert not external.has_external_data(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for x in _feeds():
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0], _run(chain, x))
+    onnxopt.save_model(model, tmp_path / "a" / "m.onnx")
+    np.testing.assert_array_equal(_run(tmp_path / "a" / "m.onnx", _feeds()[1]),
+                                  _run(chain, _feeds()[1]))
+
+    model, _ = onnxopt.optimize(chain, validate=False, output=tmp_path / "b" / "m.onnx")
+    assert external.has_external_data(model)
+    with pytest.raises(errors.ModelLoadError, match="folder is unknown: pass base_dir"):
+        onnxopt.save_model(model, tmp_path / "c" / "m.onnx")
+    assert not (tmp_path / "c" / "m.onnx").exists()
+    onnxopt.save_model(model, tmp_path / "c" / "m.onnx", base_dir=chain.parent)
+    np.testing.assert_array_equal(_run(tmp_path / "c" / "m.onnx", _feeds()[1]),
+                                  _run(chain, _feeds()[1]))
+
+
 def test_changed_weights_are_written_and_validated(chain, tmp_path):
     out = tmp_path / "q.onnx"
     _, report = onnxopt.optimize(chain, output=out, quantize="int8-weight", max_drift=0.99)
@@ -78,7 +101,7 @@ def test_changed_weights_are_written_and_validated(chain, tmp_path):
 
 def test_weights_read_by_a_pass_are_not_copied_into_the_output_protobuf(chain, tmp_path):
     """dedup reads every weight (sketches, digests): they must still leave as references."""
-    model, _ = onnxopt.optimize(chain, validate=False)
+    model, _ = onnxopt.optimize(chain, validate=False, output=tmp_path / "o.onnx")
     inline = [t.name for t in model.graph.initializer
               if not external.is_external(t) and t.name.startswith("W")]
     assert inline == []
