@@ -47,7 +47,11 @@ runs with onnxruntime's graph optimizations on (the budget estimates; validation
 off, decides).
 
 Evaluating a mix needs no new session per mix. Weight proposals: the proposed initializers
-become graph inputs of one session, fed original or proposed values. Simulated proposals: for
+become graph inputs of one session, fed original or proposed values. A quantized weight that
+gives its :class:`Dequantized` form is fed as its codes instead (one byte per element, not
+four): ``If(gate)`` computes it by DequantizeLinear, or passes the original through, so an
+evaluation of a large model never holds a float copy of every accepted weight (the 1 B decoder:
+1 GiB of codes, not 4 GiB of floats). Simulated proposals: for
 each, ``simulate`` appends its nodes to the live graph, a ``Where(gate, simulated, x)`` picks the
 simulated or the float value by a boolean scalar graph input per group, and ``readers`` read the
 ``Where``; the model is exported, and every edit is undone (nodes, graph inputs, consumer lists,
@@ -57,6 +61,7 @@ the name authority), so the graph is exactly as before.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,9 +74,55 @@ from onnxopt.graph import export_graph, graph_protos
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, parse_criteria)
 from onnxopt.names import fresh_name
+from onnxopt.opset import default_opset
 
 __all__ = ["Proposal", "Decision", "DriftBudget", "DriftMetric", "CosineMetric", "METRICS",
            "get_metric", "ranked_kept", "minimal_kept", "accept_all", "lossy_warnings"]
+
+
+#: First opset of DequantizeLinear with ``axis`` (per-axis) and with ``block_size`` (blocked).
+_PER_AXIS_OPSET, _BLOCKED_OPSET = 13, 21
+
+
+@dataclass
+class Dequantized:
+    """A quantized weight proposal's value in the form ONNX DequantizeLinear computes it
+    (operator spec, opsets 13 and 21): ``(codes - zero_point) * scale``, the scale and zero
+    point broadcast per tensor, per ``axis`` or per block of ``block_size`` along ``axis``;
+    divided by ``row_divisor`` per row when given (an input-channel scale folded into the
+    weight, AWQ). Equals the proposal's float ``value`` (up to the rounding of that division).
+
+    Attributes:
+        codes: int8 or uint8 array of the weight's shape (or its
+            ``onnxopt.external.SpilledValues``, mapped while a run reads it).
+        scale: float32: a scalar, ``[C]`` along ``axis``, or ``[ceil(K / block_size), ...]``.
+        zero_point: the codes' dtype, the scale's shape; None: zero.
+        axis: the quantization axis; None: per tensor.
+        block_size: rows per block along ``axis`` (0: not blocked).
+        row_divisor: float32 ``[K]`` for a ``[K, N]`` weight, or None.
+    """
+
+    codes: object
+    scale: np.ndarray
+    zero_point: np.ndarray | None = None
+    axis: int | None = None
+    block_size: int = 0
+    row_divisor: np.ndarray | None = None
+
+    def min_opset(self) -> int:
+        """The first opset whose DequantizeLinear computes this form."""
+        return _BLOCKED_OPSET if self.block_size else _PER_AXIS_OPSET if self.axis is not None \
+            else 10
+
+    def feeds(self) -> list[np.ndarray]:
+        """The arrays the evaluation model's DequantizeLinear reads: codes, scale, zero point
+        (when given), row divisor as ``[K, 1]`` (when given)."""
+        arrays = [external.unspill(self.codes), np.asarray(self.scale, np.float32)]
+        if self.zero_point is not None:
+            arrays.append(np.asarray(self.zero_point, arrays[0].dtype))
+        if self.row_divisor is not None:
+            arrays.append(np.asarray(self.row_divisor, np.float32)[:, None])
+        return arrays
 
 
 @dataclass
@@ -95,6 +146,8 @@ class Proposal:
             (``tensor``) and returns their output.
         readers: ``(node, input index)`` pairs of the main graph that read the simulated value;
             None: every reader of ``x`` in the main graph.
+        dequantized: a quantized weight proposal's :class:`Dequantized` form (equal to
+            ``value``), which evaluations feed instead of the float values.
     """
 
     tensor: gs.Tensor
@@ -104,6 +157,7 @@ class Proposal:
     group: str | None = None
     simulate: Callable[[gs.Graph, gs.Variable], gs.Variable] | None = None
     readers: list[tuple[gs.Node, int]] | None = None
+    dequantized: Dequantized | None = None
 
     @property
     def name(self) -> str:
@@ -253,13 +307,21 @@ class DriftBudget:
         extra = {n: v for n, v in base.items() if n not in originals}
         model, gates = _evaluation_model(graph, template,
                                          [p for p in chosen if p.simulate is not None])
+        opset = default_opset(model)
+        forms = {n: p.dequantized for n, p in weights.items()
+                 if n not in base and p.dequantized is not None
+                 and p.dequantized.min_opset() <= opset}
         for g in graph_protos(model.graph):
             moved = [init for init in g.initializer
                      if init.name in originals or init.name in extra]
             for init in moved:
                 g.initializer.remove(init)
+                if init.name in forms and init.data_type == onnx.TensorProto.FLOAT:
+                    continue  # fed by _dequantized_inputs below
+                forms.pop(init.name, None)
                 model.graph.input.append(onnx.helper.make_tensor_value_info(
                     init.name, init.data_type, list(init.dims)))
+        fed = _dequantized_inputs(model, forms)
         session = make_session(model, "model with lossy proposals", optimized=True)
         inputs = [i.name for i in session.get_inputs()]
         references = self.references()
@@ -271,7 +333,14 @@ class DriftBudget:
             progress.report(f"drift budget: evaluation {count} ({len(applied)} of "
                             f"{len(groups)} groups applied)")
             values = {n: weights[n].array() if weights[n].key in applied else original()
-                      for n, original in originals.items()}
+                      for n, original in originals.items() if n not in fed}
+            for n, (gate, original, names) in fed.items():
+                on = weights[n].key in applied
+                values[gate] = np.array(on)
+                values[original] = _EMPTY[np.float32] if on else originals[n]()
+                arrays = forms[n].feeds()
+                values.update({name: a if on else _EMPTY[a.dtype.type]
+                               for name, a in zip(names, arrays)})
             values.update({n: p.array() for n, p in extra.items()})
             values.update({gate: np.array(key in applied) for key, gate in gates.items()})
             tallies: dict[tuple[str, int], Tally] = {}
@@ -352,6 +421,71 @@ class DriftBudget:
             p.apply()
         return Decision(accepted, [p for p in chosen if p.key in kept], dict(self.targets),
                         score_all, score_final, evaluations(), sensitivity, kept)
+
+
+#: The value fed to an evaluation model's input that the run does not read (the branch of
+#: ``If`` not taken).
+_EMPTY = {t: np.empty((0,), t) for t in (np.float32, np.int8, np.uint8)}
+
+
+def _dequantized_inputs(model: onnx.ModelProto, forms: dict[str, Dequantized]
+                        ) -> dict[str, tuple[str, str, list[str]]]:
+    """Replace each weight ``name`` of ``forms`` (removed from the initializers) by
+    ``If(gate)``: DequantizeLinear of fed codes, scale and zero point (divided by a fed row
+    divisor), or the original fed as a float input; both branches' inputs are graph inputs of
+    undeclared shape, the branch not taken fed empty (:data:`_EMPTY`).
+
+    Returns ``{name: (gate input, original input, [codes, scale, zero point?, divisor?
+    inputs])}``.
+    """
+    taken = {n for g in graph_protos(model.graph) for n in itertools.chain(
+        (i.name for i in g.input), (i.name for i in g.initializer),
+        (o for node in g.node for o in node.output))}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    fed: dict[str, tuple[str, str, list[str]]] = {}
+    nodes = []
+    for name, form in forms.items():
+        gate, original = fresh(f"{name}_budget_gate"), fresh(f"{name}_budget_original")
+        parts = ["codes", "scale"] + ["zero_point"] * (form.zero_point is not None)
+        names = [fresh(f"{name}_budget_{part}") for part in parts]
+        codes_type = getattr(form.codes, "data_type", None) or \
+            onnx.helper.np_dtype_to_tensor_dtype(np.dtype(form.codes.dtype))
+        types = [codes_type, onnx.TensorProto.FLOAT, codes_type][:len(names)]
+        attrs = {} if form.axis is None else {"axis": form.axis}
+        if form.block_size:
+            attrs["block_size"] = form.block_size
+        dq = fresh(f"{name}_budget_dequantized")
+        then = [onnx.helper.make_node("DequantizeLinear", names, [dq], **attrs)]
+        if form.row_divisor is not None:
+            names.append(fresh(f"{name}_budget_divisor"))
+            types.append(onnx.TensorProto.FLOAT)
+            then.append(onnx.helper.make_node("Div", [dq, names[-1]],
+                                              [dq := fresh(f"{name}_budget_divided")]))
+        passed = fresh(f"{name}_budget_passed")
+        branch = [onnx.helper.make_graph(body, f"{name}_{which}", [], [
+            onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)])
+            for body, out, which in ((then, dq, "dequantized"), (
+                [onnx.helper.make_node("Identity", [original], [passed])], passed, "original"))]
+        nodes.append(onnx.helper.make_node("If", [gate], [name], then_branch=branch[0],
+                                           else_branch=branch[1]))
+        model.graph.input.extend(
+            [onnx.helper.make_tensor_value_info(gate, onnx.TensorProto.BOOL, []),
+             onnx.helper.make_tensor_value_info(original, onnx.TensorProto.FLOAT, None)]
+            + [onnx.helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)])
+        fed[name] = (gate, original, names)
+    if nodes:  # first: they read graph inputs only (repeated fields take no slice assignment)
+        rest = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes + rest)
+    return fed
 
 
 def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: list[Proposal]

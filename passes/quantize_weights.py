@@ -79,7 +79,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import external
 from onnxopt.analyses import UseDef
-from onnxopt.budget import Proposal
+from onnxopt.budget import Dequantized, Proposal
 from onnxopt.edit import input_slots, replace_uses
 from onnxopt.graph import opset_version
 from onnxopt.names import fresh_name
@@ -174,6 +174,7 @@ class QuantizeWeights(Pass):
             node = next(iter(readers.values()))
             proposals.append(Proposal(
                 tensor=t, value=functools.partial(dequantize, q, scale, axis),
+                dequantized=Dequantized(q, scale, axis=axis),
                 apply=self._rewrite(graph, usedef.owner(node), t, q, scale, axis, per_axis),
                 group=node.name if len(readers) == 1 and node.name else None))
         self._scheme = "per-channel" if per_axis else "per-channel (DequantizeLinear + Mul)"

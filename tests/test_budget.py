@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from helpers import make_model, random_feed
-from onnxopt.budget import METRICS, DriftBudget, Proposal, get_metric
+from onnxopt.budget import METRICS, Dequantized, DriftBudget, Proposal, get_metric
 from onnxopt.graph import export_graph
 from onnxopt.errors import UsageError
 from onnxopt.graph import import_graph
@@ -275,3 +275,71 @@ def test_criteria_are_each_checked_and_targets_follow_the_metric_direction():
     decision = budget.decide(graph, model, [_propose(w["W2"], big)])
     assert decision.kept_groups == ["W2"]
     assert decision.score_all["cosine"] > 0.999 and decision.score_all["max-abs"] > 0.45
+
+
+def _blocked(w: np.ndarray, block: int, divisor: np.ndarray):
+    """``w * divisor`` (rows) as uint8 codes in blocks of ``block`` rows, and the float value
+    the proposal stands for: ``DequantizeLinear(codes) / divisor``."""
+    scaled = w * divisor[:, None]
+    blocks = scaled.reshape(-1, block, w.shape[1])
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    scale = ((hi - lo) / 15).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
+    codes = np.clip(np.rint(blocks / scale[:, None]) + zp[:, None], 0, 15).astype(np.uint8)
+    codes = codes.reshape(w.shape)
+    value = ((codes.astype(np.float32) - np.repeat(zp, block, 0)) * np.repeat(scale, block, 0)
+             / divisor[:, None].astype(np.float32))
+    return Dequantized(codes, scale, zp, axis=0, block_size=block, row_divisor=divisor), value
+
+
+def test_quantized_proposals_are_fed_as_codes_and_score_as_their_float_values(monkeypatch):
+    """An evaluation feeds a quantized weight's codes to DequantizeLinear inside If (not a float
+    copy of every weight): the scores equal feeding the float values, for every mix."""
+    from onnxopt import budget as budget_module
+
+    model = _model()
+    model.opset_import[0].version = 21
+    divisor = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    form1, value1 = _blocked(W1, 4, divisor)
+    scale2 = (np.abs(W2).max(axis=0) / 127).astype(np.float32)
+    codes2 = np.rint(W2 / scale2).astype(np.int8)
+    form2, value2 = Dequantized(codes2, scale2, axis=1), codes2.astype(np.float32) * scale2
+    harmful = Dequantized(-codes2, scale2, axis=1)  # flips every output
+    fed = []
+    real = budget_module._dequantized_inputs
+    monkeypatch.setattr(budget_module, "_dequantized_inputs",
+                        lambda m, forms: fed.append(sorted(forms)) or real(m, forms))
+    budget = DriftBudget(model, _feeds(model), 0.99)
+    for forms in ((form1, form2), (form1, harmful)):
+        scores = []
+        for compact in (True, False):
+            graph = import_graph(model)
+            w = _weights(graph)
+            values = (value1, value2 if forms[1] is form2 else -value2)
+            proposals = [_propose(w[n], v) for n, v in zip(("W1", "W2"), values)]
+            for p, form in zip(proposals, forms):
+                p.dequantized = form if compact else None
+            score, _, groups, _ = budget._scorer(graph, model, proposals)
+            scores.append([score(set(applied)) for applied in
+                           ([], groups[:1], groups[1:], groups)])
+        for a, b in zip(*scores):
+            assert a == pytest.approx(b, abs=1e-6)
+        assert scores[0][3]["cosine"] < 0 if forms[1] is harmful else scores[0][3]["cosine"] > 0.95
+    assert fed[0] == ["W1", "W2"] and fed[1] == []  # the form path ran, then the float path
+
+
+def test_forms_the_opset_cannot_express_are_fed_as_floats(monkeypatch):
+    """Blocked DequantizeLinear needs opset 21: below, the budget feeds the float values."""
+    from onnxopt import budget as budget_module
+
+    model = _model()  # the helpers' opset, below 21
+    form1, value1 = _blocked(W1, 4, np.ones(8, np.float32))
+    graph = import_graph(model)
+    proposal = _propose(_weights(graph)["W1"], value1)
+    proposal.dequantized = form1
+    fed = []
+    real = budget_module._dequantized_inputs
+    monkeypatch.setattr(budget_module, "_dequantized_inputs",
+                        lambda m, forms: fed.append(sorted(forms)) or real(m, forms))
+    decision = DriftBudget(model, _feeds(model), 0.99).decide(graph, model, [proposal])
+    assert fed == [[]] and decision.evaluations >= 1
