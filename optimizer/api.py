@@ -309,7 +309,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             ``prune_sparsity`` (a fraction or ``"auto"``), ``prune_scope``, ``prune_pattern``
             (``"2:4"``), ``prune_importance``, ``prune_reconstruct``, ``prune_allocation``,
             ``sparse_storage``, ``prune_channels`` (FLOP fraction or ``"auto"``),
-            ``cluster_weights`` (K or ``"auto"``), ``cluster_per_channel``; each adds its pass.
+            ``cluster_weights`` (K or ``"auto"``), ``cluster_per_channel``, ``cluster_method``; each adds its pass.
             A strength ``"auto"`` is searched against ``max_drift``, which must then be given
             (see ``onnxopt.strength``).
         quantize: a mode of ``onnxopt.pipeline.QUANTIZE_MODES`` (``"int8-weight"``,

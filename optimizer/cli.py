@@ -446,6 +446,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="k-means clustering of each large weight into K <= 256 shared values")
     g.add_argument("--cluster-per-channel", action="store_true", default=None,
                    help="one codebook per output channel instead of per tensor")
+    g.add_argument("--cluster-method", choices=("kmeans", "gptvq"),
+                   help="assignment to the codebook: nearest value (kmeans, default) or "
+                        "Hessian-compensated from calibration data (gptvq)")
     p.add_argument("--quantize", choices=sorted(QUANTIZE_MODES),
                    help="quantization mode (lossy): " + "; ".join(
                        f"{mode}: {', '.join(passes)}" for mode, passes in QUANTIZE_MODES.items()))

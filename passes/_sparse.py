@@ -150,7 +150,7 @@ def sparsegpt(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.0, scope: str
         work = np.ascontiguousarray(refit_target(
             w, gram, cross, damp if target_damp is None else target_damp).T)
     work[:, dead] = 0.0
-    u = _inverse_upper(h)  # upper: H^-1 = U^T U
+    u = inverse_upper(h)  # upper: H^-1 = U^T U
     if pattern is not None:
         block = block - block % pattern[1] or pattern[1]
     for start in range(0, k, block):
@@ -187,7 +187,7 @@ def _cholesky_solve(lower: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inv.T @ (inv @ b)
 
 
-def _inverse_upper(h: np.ndarray) -> np.ndarray:
+def inverse_upper(h: np.ndarray) -> np.ndarray:
     """``U`` upper triangular with ``H^-1 = U^T U``: from ``H = L L^T``, ``H^-1 = L^-T L^-1``,
     and the upper Cholesky factor of that is ``chol(H^-1)^T``."""
     return np.linalg.cholesky(np.linalg.inv(h)).T

@@ -32,6 +32,26 @@ diagonal of the layer Hessian, the salience of Wanda, Sun et al. 2023, and of GP
 weighted run initializes from the weighted histogram, so centroids start where the weight
 mass is (from the linear initialization, Lloyd iterations cannot pull them there).
 
+Hessian-compensated assignment (``method="gptvq"``; van Baalen et al., 2024, "GPTVQ: The
+Blessing of Dimensionality for LLM Quantization", section 3, with 1-D codebooks): nearest-centroid
+assignment minimizes ``||W' - W||``, not the layer's output error ``||X (W' - W)||^2 =
+tr(dW^T H dW)``, ``H = X^T X`` over the calibration inputs (``ActivationGrams``). For a
+MatMul/Gemm weight viewed as ``W[K, N]`` (``y = x W``) the codebook comes from the weighted
+k-means above (weights ``diag H``, also without ``weighted``); then the input features are
+visited in order of decreasing ``H_kk`` (GPTQ's act-order), each feature's N weights go to their
+nearest centroids, and the error is spread over the features not yet visited with the upper
+Cholesky factor ``U`` of the damped ``H^-1`` (``H + damp · mean diag H``): ``W[j] -= U_kj (W[k]
+- Q[k]) / U_kk`` for ``j`` after ``k`` -- GPTQ (Frantar et al., 2023, "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers", ICLR, Algorithm 1) with the
+grid replaced by the codebook. A feature whose weights are all centroids spreads no error, so a
+tensor stored exactly stays exact. Weights without a Gram matrix (tables, Conv kernels,
+weights read by several nodes) keep the k-means assignment, and the statistics say why.
+Measured on MiniLM-L6 at K = 16 with ``per_channel`` (calibration and evaluation sets apart;
+masked cosine of ``last_hidden_state``; file 14.4 % of fp32): weighted k-means 0.9713, GPTVQ
+0.9786. With only the MatMul weights clustered: weighted k-means 0.9709, GPTVQ 0.9810 (one
+codebook per tensor: 0.9492 and 0.9545); GPTVQ's least-squares codebook update after the
+assignment 0.9816 at twice the time (not done), without act-order 0.9805, damp 0.1 0.9818.
+
 Per-channel codebooks (``per_channel``): one codebook per output channel of a MatMul/Gemm weight
 or Conv kernel (``onnxopt.ops`` output axis; ``C`` codebooks of ``K`` values), each clustered on
 its own channel; for a Gather table ``[V, D]``, one per embedding dimension (its last axis: a
@@ -73,14 +93,18 @@ close values).
 The proposal's value is ``codebook[idx]`` in W's dtype: exactly what the model computes.
 
 Drift budget: each tensor is one proposal (its own group). Statistics: ``clusters``,
-``per_channel``, ``weighted``; ``unweighted``: tensors clustered without weights although
-``weighted`` was asked (Gather tables, weights whose input has no statistics);
-``one_codebook``: tensors given one codebook although ``per_channel`` was asked (see above); ``tensors_clustered``, ``proposed``/``accepted``; ``bytes_before``/
-``bytes_after`` (of the accepted tensors); ``refused`` (``{reason: count}``); ``per_tensor``:
-``{name: {shape, clusters, bytes_before, bytes_after, relative_error}}`` for every proposal
-(``relative_error`` = ``||W' - W|| / ||W||``; ``accepted`` says whether the budget took it).
+``per_channel``, ``weighted``, ``method``; with ``"gptvq"``, ``compensated`` (tensors whose
+assignment was compensated) and ``uncompensated`` (``{reason: count}``); ``unweighted``:
+tensors clustered without weights although ``weighted`` or ``"gptvq"`` was asked (Gather
+tables, weights whose input has no statistics); ``one_codebook``: tensors given one codebook
+although ``per_channel`` was asked (see above); ``tensors_clustered``,
+``proposed``/``accepted``; ``bytes_before``/``bytes_after`` (of the accepted tensors);
+``refused`` (``{reason: count}``); ``per_tensor``: ``{name: {shape, clusters, bytes_before,
+bytes_after, relative_error}}`` for every proposal (``relative_error`` = ``||W' - W|| /
+||W||``; ``accepted`` says whether the budget took it).
 
-Errors: :class:`onnxopt.errors.UsageError` when ``weighted`` is asked without calibration data.
+Errors: :class:`onnxopt.errors.UsageError` when ``weighted`` or ``"gptvq"`` is asked without
+calibration data.
 """
 
 from __future__ import annotations
@@ -93,8 +117,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses import UseDef
-from onnxopt.analyses.activations import ActivationStats
+from onnxopt.analyses.activations import ActivationGrams, ActivationStats
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots
 from onnxopt.errors import UsageError
@@ -102,6 +127,7 @@ from onnxopt.names import fresh_name
 from onnxopt.ops import conv_input_channels, input_channel_axis, output_channel_axis, \
     weight_initializers, weight_slot
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._sparse import damped_hessian, inverse_upper
 
 #: The weight slots clustered (``onnxopt.ops``): MatMul/Gemm operands, Conv kernels, Gather tables.
 CLUSTERED_KINDS = frozenset({"matrix", "kernel", "table"})
@@ -111,6 +137,10 @@ NIBBLE_CLUSTERS = 16
 #: a codebook of more than 4 times its bins' elements is clustered on its histogram first.
 BINS = 1 << 16
 MIN_ROW_BINS = 1024
+METHODS = ("kmeans", "gptvq")
+#: Input features whose assignment errors are spread at once before the rest of the weight is
+#: updated (GPTQ's lazy batch, Frantar et al. 2023, section 4 step 2).
+GPTVQ_BATCH = 128
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,12 @@ class ClusterWeightsOptions:
         iterations: Lloyd iterations of k-means.
         init: initial centroids: ``"companded"`` (quantiles of ``p^(1/3)``, default) or
             ``"linear"`` (Deep Compression's linear initialization).
+        method: ``"kmeans"`` (each value to its nearest centroid) or ``"gptvq"`` (the
+            assignment of MatMul/Gemm weights with a Gram matrix compensated through the
+            inverse Hessian of the calibration inputs, GPTVQ; needs calibration data; the
+            codebook comes from the weighted k-means).
+        damp: with ``"gptvq"``, the dampening added to the Hessian's diagonal, a fraction of
+            its mean.
     """
 
     clusters: int | str | None = None
@@ -138,6 +174,8 @@ class ClusterWeightsOptions:
     min_size: int = 4096
     iterations: int = 30
     init: str = "companded"
+    method: str = "kmeans"
+    damp: float = 0.01
 
     def check(self) -> str | None:
         if self.clusters is not None and self.clusters != "auto" and (
@@ -150,6 +188,10 @@ class ClusterWeightsOptions:
             return f"option init must be 'companded' or 'linear', got {self.init!r}"
         if self.iterations < 0:
             return f"option iterations must not be negative, got {self.iterations}"
+        if self.method not in METHODS:
+            return f"option method must be one of {', '.join(METHODS)}, got {self.method!r}"
+        if not 0 < self.damp < 1:
+            return f"option damp must be in (0, 1), got {self.damp}"
         return None
 
 
@@ -248,6 +290,54 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int,
     return centers, index
 
 
+def hessian_assign(matrix: np.ndarray, gram: np.ndarray, codebook: np.ndarray,
+                   damp: float = 0.01, batch: int = GPTVQ_BATCH) -> np.ndarray:
+    """GPTVQ's assignment (module docstring) of ``matrix`` to ``codebook``.
+
+    Args:
+        matrix: float ``[K, N]``, the layer computing ``y = x @ matrix`` for an input row
+            ``x[K]``.
+        gram: ``X^T X`` (``[K, K]``) of the calibration inputs; never-active features (zero
+            diagonal) get ``H_kk = 1`` (``passes/_sparse.damped_hessian``).
+        codebook: sorted float64 ``[C, k]``: one codebook (``C = 1``) or one per output
+            (``C = N``).
+        damp: added to the diagonal, a fraction of its mean.
+        batch: input features whose errors are spread together (the result depends on it
+            only through rounding).
+
+    Returns:
+        int64 ``[K, N]``: each weight's index into its output's codebook.
+
+    Raises:
+        numpy.linalg.LinAlgError: the damped Hessian is not positive definite (cannot happen
+            for a Gram matrix with ``damp > 0``).
+    """
+    k, n = matrix.shape
+    h, _ = damped_hessian(gram, damp)
+    order = np.argsort(-np.diag(h), kind="stable")  # GPTQ's act-order: salient inputs first
+    u = inverse_upper(h[np.ix_(order, order)])  # upper: H^-1 = U^T U
+    work = np.array(matrix, np.float64)[order]
+    index = np.zeros((k, n), np.int64)
+    per_output = codebook.shape[0] > 1
+    columns = np.arange(n)
+    for start in range(0, k, batch):
+        stop = min(start + batch, k)
+        errors = np.zeros((stop - start, n))
+        for i in range(start, stop):
+            row = work[i]
+            if per_output:
+                j = _assign(row[:, None], codebook)[:, 0]
+                err = (row - codebook[columns, j]) / u[i, i]
+            else:
+                j = _assign(row[None, :], codebook)[0]
+                err = (row - codebook[0, j]) / u[i, i]
+            work[i + 1:stop] -= np.outer(u[i, i + 1:stop], err)
+            errors[i - start] = err
+            index[order[i]] = j
+        work[stop:] -= u[start:stop, stop:].T @ errors
+    return index
+
+
 def _few_values(values: np.ndarray, k: int) -> dict[int, np.ndarray]:
     """The rows of ``values`` [C, n] with at most ``k`` distinct values: ``{row: its sorted
     distinct values}``. A row whose first ``4 k + 1`` elements already hold more is not sorted."""
@@ -322,6 +412,24 @@ def _channel_weights(t: gs.Constant, slots, stats: ActivationStats) -> np.ndarra
     return total
 
 
+def _hessian(t: gs.Constant, slots, stats: ActivationStats) -> tuple[int, object] | str:
+    """``(input axis, X^T X of the input)`` of a 2-D weight that one MatMul/Gemm applies to an
+    activation ``X`` (the Gram matrix as stored: an array or ``external.SpilledValues``), or
+    why its assignment is not compensated."""
+    if len(slots) != 1:
+        return "weight read by several nodes"
+    node, index = slots[0]
+    if node.op not in ("MatMul", "Gemm") or index != 1 or len(t.shape) != 2:
+        return "not the 2-D weight of a MatMul or Gemm"
+    x = node.inputs[0]
+    if x.name not in stats or stats[x.name].gram is None:
+        return "no Gram matrix of the input"
+    axis = input_channel_axis(node, index, 2)
+    if stats[x.name].gram.shape != (t.shape[axis],) * 2:
+        return "Gram matrix does not match the weight's input features"
+    return axis, stats[x.name].gram
+
+
 def _stored_bytes(shape: tuple, k: int, codebook: np.ndarray, axis: int | None) -> int:
     """Bytes of the initializers the runtime form of a weight of ``shape`` holds (see the
     module docstring and ``ClusterWeights._rewrite``): indices, codebook, offsets, and the small
@@ -356,15 +464,17 @@ class ClusterWeights(Pass):
             raise UsageError("pass 'cluster_weights': clusters 'auto' is resolved by the pass "
                              "manager's strength search (give max_drift)")
         stats = None
-        if self.options.weighted:
+        gptvq = self.options.method == "gptvq"
+        if self.options.weighted or gptvq:
             if ctx.calibration is None and (not ctx.feeds or ctx.synthesized):
-                raise UsageError("pass 'cluster_weights': weighted needs calibration data "
-                                 "(--calibration-data, or real --inputs)")
-            stats = ctx.analyses.get(ActivationStats)
+                raise UsageError("pass 'cluster_weights': weighted and method 'gptvq' need "
+                                 "calibration data (--calibration-data, or real --inputs)")
+            stats = ctx.analyses.get(ActivationGrams if gptvq else ActivationStats)
         usedef = ctx.analyses.get(UseDef)
         refused: collections.Counter[str] = collections.Counter()
         self._plans: dict[int, _Plan] = {}
-        self._unweighted = self._one_codebook = 0
+        self._unweighted = self._one_codebook = self._compensated = 0
+        self._uncompensated: collections.Counter[str] = collections.Counter()
         proposals = []
         for t in weight_initializers(graph, CLUSTERED_KINDS):
             reason, plan = self._plan(t, usedef, stats)
@@ -376,7 +486,11 @@ class ClusterWeights(Pass):
             proposals.append(Proposal(tensor=t, value=plan.value,
                                       apply=self._rewrite(graph, g, plan, ctx)))
         result = {"clusters": k, "per_channel": self.options.per_channel,
-                  "weighted": self.options.weighted}
+                  "weighted": self.options.weighted, "method": self.options.method}
+        if gptvq:
+            result["compensated"] = self._compensated
+            if self._uncompensated:
+                result["uncompensated"] = dict(sorted(self._uncompensated.items()))
         if refused:
             result["refused"] = dict(sorted(refused.items()))
         if self._unweighted:
@@ -425,6 +539,19 @@ class ClusterWeights(Pass):
         k = self.options.clusters
         centers, index = kmeans_1d(rows, k, self.options.iterations, a_rows,
                                   self.options.init)
+        if self.options.method == "gptvq":
+            found = _hessian(t, slots, stats)
+            if isinstance(found, str):
+                self._uncompensated[found] += 1
+            else:
+                inputs, gram = found
+                matrix = w if inputs == 0 else w.T  # [K, N]
+                assigned = hessian_assign(matrix, external.unspill(gram), centers,
+                                          self.options.damp)
+                assigned = assigned if inputs == 0 else assigned.T
+                index = (np.moveaxis(assigned, axis, 0) if axis is not None
+                         else assigned).reshape(index.shape)
+                self._compensated += 1
         codebook = centers.astype(w.dtype)
         gathered = np.take_along_axis(codebook, index, axis=1).reshape(moved.shape)
         value = np.moveaxis(gathered, 0, axis) if axis is not None else gathered.reshape(w.shape)

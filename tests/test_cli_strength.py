@@ -95,8 +95,8 @@ FLAGS = [
       "prune_allocation": "sensitivity", "sparse_storage": True}),
     (["--prune-channels", "0.2"], {"prune_channels": 0.2}),
     (["--prune-channels", "auto"], {"prune_channels": "auto"}),
-    (["--cluster-weights", "16", "--cluster-per-channel"],
-     {"cluster_weights": 16, "cluster_per_channel": True}),
+    (["--cluster-weights", "16", "--cluster-per-channel", "--cluster-method", "gptvq"],
+     {"cluster_weights": 16, "cluster_per_channel": True, "cluster_method": "gptvq"}),
     (["--cluster-weights", "auto"], {"cluster_weights": "auto"}),
 ]
 

@@ -23,7 +23,8 @@ saying so, never a crash of the run):
     that strength.
   Quality on the evaluation feeds; size and zlib-compressed size (level 6) of each file (dense
   kernels: pruning alone buys no latency in onnxruntime, so none is timed).
-* ``cluster``: ``cluster_weights`` at 256 and 16 clusters (and onnxsim's 4-bit k-means, which
+* ``cluster``: ``cluster_weights`` at 256 and 16 clusters, and at 16 with per-channel codebooks
+  and the GPTVQ assignment (``CLUSTER_ROWS``; and onnxsim's 4-bit k-means, which
   folds the codebook back into float32): quality, file size and compressed size as % of fp32,
   latency ratio.
 * ``structured``: ``prune_channels`` at FLOP cuts of its ladder: FLOPs removed (the pass's
@@ -87,6 +88,11 @@ STRUCTURED_FLOPS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 #: (magnitude ranking loses far more: rec CER 0.12 against 0.01 at 5 %), next layer refit.
 STRUCTURED_OPTIONS = {"importance": "activation", "reconstruct": True}
 SEARCH_DRIFT = {"cosine": 0.99}
+#: cluster_weights' rows: setting -> options (the defaults, then the 4-bit recipe with one
+#: codebook per output and the Hessian-compensated assignment on the calibration feeds).
+CLUSTER_ROWS = {"K=256": {"clusters": 256}, "K=16": {"clusters": 16},
+                "K=16 per-channel gptvq": {"clusters": 16, "per_channel": True,
+                                           "method": "gptvq"}}
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01
 ZLIB_LEVEL = 6
@@ -385,10 +391,10 @@ def section_sparsity(bench: Bench, strengths: list[str], families: list[str],
 
 def section_cluster(bench: Bench, repeat: int, timeout: float) -> list[Row]:
     rows, paths = [], {}
-    for clusters in (256, 16):
-        row = Row("cluster", bench.name, "onnxopt cluster_weights", f"K={clusters}")
+    for setting, options in CLUSTER_ROWS.items():
+        row = Row("cluster", bench.name, "onnxopt cluster_weights", setting)
         _progress(f"{bench.name}: {row.method} {row.setting}")
-        path = onnxopt_row(bench, row, "cluster_weights", {"clusters": clusters})
+        path = onnxopt_row(bench, row, "cluster_weights", options)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
         rows.append(row)

@@ -6,7 +6,8 @@ Runs ``onnxopt.optimize`` in-process on each model of ``models/zoo`` with its st
 the default (lossless) pipeline, ``--prune-threshold 1e-3``, and each ``--quantize`` mode
 (``int8-weight``, ``int8-dynamic``, ``int8-static``, ``int4-weight``, ``float16``; calibration
 from ``models/data/<model>/calibration`` when ``tools/calibration_data.py`` built it, else the
-stored inputs), and prints a markdown table: main-graph nodes (and with subgraphs where they
+stored inputs), ``prune-auto`` / ``cluster-auto`` (``--prune-sparsity auto`` /
+``--cluster-weights auto`` searched against ``--max-drift 0.99``), and prints a markdown table: main-graph nodes (and with subgraphs where they
 differ), file size (external data files included), the worst output cosine similarity, the
 verdict and the wall time of the call (validation included).
 """
@@ -26,7 +27,10 @@ from onnxopt.report import human_bytes  # noqa: E402
 from tools import zoo  # noqa: E402
 
 MODES = {"default": {}, "prune": {"prune_threshold": 1e-3},
-         **{mode: {"quantize": mode} for mode in QUANTIZE_MODES}}
+         **{mode: {"quantize": mode} for mode in QUANTIZE_MODES},
+         # the strength searched against the drift the user accepts (issue 10)
+         "prune-auto": {"prune_sparsity": "auto", "max_drift": 0.99},
+         "cluster-auto": {"cluster_weights": "auto", "max_drift": 0.99}}
 DATA = Path(__file__).resolve().parent.parent / "models" / "data"
 
 
@@ -37,7 +41,7 @@ def _nodes(main: int, total: int) -> str:
 def row(model: zoo.ZooModel, mode: str) -> str:
     start = time.perf_counter()
     calibration = DATA / model.name / "calibration"
-    extra = ({"calibration": str(calibration)} if "quantize" in MODES[mode]
+    extra = ({"calibration": str(calibration)} if MODES[mode].keys() - {"prune_threshold"}
              and calibration.is_dir() else {})
     _, report = onnxopt.optimize(str(model.onnx_path), inputs=str(model.inputs_path),
                                  raise_on_failure=False, **MODES[mode], **extra)

@@ -333,3 +333,98 @@ def test_per_channel_only_where_codebooks_are_small():
     np.testing.assert_array_equal(_run(out, feed), _run(with_initializers(model, proposed), feed))
     _, stats, _ = _cluster(model, clusters=256, per_channel=True, min_size=16)
     assert stats["one_codebook"] == 2 and stats["per_tensor"]["W"]["codebooks"] == 1
+
+
+def _correlated_layer(rng, gemm=False, k=64, n=48, rows=64):
+    """A layer whose inputs are strongly correlated (a few latent factors plus a little noise),
+    with calibration and held-out evaluation feeds from the same distribution."""
+    mixing = rng.normal(size=(6, k))
+    w = rng.normal(scale=0.2, size=(n, k) if gemm else (k, n)).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "W"], ["y"], transB=1) if gemm \
+        else helper.make_node("MatMul", ["x", "W"], ["y"])
+    model = _model([node], [_f("x", [rows, k])], [_f("y", [rows, n])], {"W": w})
+
+    def feed():
+        x = rng.normal(size=(rows, 6)) @ mixing + 0.05 * rng.normal(size=(rows, k))
+        return {"x": x.astype(np.float32)}
+    return model, [feed() for _ in range(4)], [feed() for _ in range(4)]
+
+
+@pytest.mark.parametrize("per_channel, gemm", [(False, False), (True, False), (True, True)])
+def test_gptvq_beats_kmeans_on_correlated_inputs(per_channel, gemm):
+    """The Hessian-compensated assignment (same codebook) cuts the output error on held-out
+    inputs; the clustered model runs in onnxruntime and computes with its own proposed
+    weight, at most K values per codebook."""
+    rng = np.random.default_rng(11)
+    shape = {"k": 256, "n": 16} if per_channel else {}  # per-output codebooks small enough
+    model, calibration, evaluation = _correlated_layer(rng, gemm, **shape)
+    errors = {}
+    for method in ("kmeans", "gptvq"):
+        out, stats, proposed = _cluster(model, calibration=calibration, clusters=8,
+                                        per_channel=per_channel, weighted=True,
+                                        method=method, min_size=16)
+        assert stats["method"] == method
+        for f in evaluation:
+            np.testing.assert_allclose(_run(out, f), _run(with_initializers(model, proposed), f),
+                                       rtol=1e-5, atol=1e-5)
+        value = proposed["W"]
+        channels = [value] if not per_channel else (list(value) if gemm else list(value.T))
+        assert max(np.unique(c).size for c in channels) <= 8
+        assert stats["per_tensor"]["W"]["codebooks"] == len(channels)
+        errors[method] = sum(float(np.linalg.norm(_run(out, f) - _run(model, f)))
+                             for f in evaluation)
+    assert stats["compensated"] == 1 and "uncompensated" not in stats
+    assert errors["gptvq"] < 0.5 * errors["kmeans"]
+
+
+def test_gptvq_keeps_exact_values_and_counts_uncompensated():
+    """A weight of at most K distinct values stays exact (every assignment error is 0, so
+    nothing is spread); a table and a Conv kernel are clustered by k-means, with the reason."""
+    rng = np.random.default_rng(12)
+    model, calibration, evaluation = _correlated_layer(rng)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    exact = rng.choice(np.linspace(-1, 1, 5), size=w.shape).astype(np.float32)
+    _, stats, proposed = _cluster(with_initializers(model, {"W": exact}), calibration=calibration,
+                                  clusters=8, method="gptvq", min_size=16)
+    np.testing.assert_array_equal(proposed["W"], exact)
+    model, feed = _embedding_and_matmul(rng, (64, 80))
+    _, stats, proposed = _cluster(model, calibration=[feed], clusters=8, method="gptvq",
+                                  min_size=16)
+    assert set(proposed) == {"E", "W"} and stats["compensated"] == 1
+    assert stats["uncompensated"] == {"not the 2-D weight of a MatMul or Gemm": 1}
+
+
+def test_gptvq_needs_calibration_and_valid_options():
+    model, _ = _matmul((64, 64), np.random.default_rng(13))
+    with pytest.raises(UsageError, match="calibration"):
+        _cluster(model, clusters=8, method="gptvq")
+    for bad in ({"method": "gptq"}, {"damp": 0.0}, {"damp": 1.5}):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            ClusterWeights(clusters=8, **bad)
+
+
+def test_gptvq_through_default_pipeline(tmp_path):
+    """After the lossless passes (MatMul + Add may become a Gemm) the weight still finds its
+    input's Gram matrix: compensated, validated, and closer to the original on held-out
+    inputs than k-means."""
+    rng = np.random.default_rng(14)
+    model, calibration, evaluation = _correlated_layer(rng, k=128, n=64)
+    model.graph.node[0].output[0] = "xw"
+    model.graph.node.append(helper.make_node("Add", ["xw", "b"], ["y"]))
+    model.graph.initializer.append(numpy_helper.from_array(
+        rng.normal(size=64).astype(np.float32), "b"))
+    source = tmp_path / "model.onnx"
+    onnx.save(model, source)
+    errors = {}
+    for method in ("kmeans", "gptvq"):
+        out, report = optimize(str(source), passes=["default", "cluster_weights"],
+                               options={"cluster_weights": {"clusters": 16, "method": method,
+                                                            "min_size": 16}},
+                               inputs=evaluation[0], calibration=calibration, max_drift=0.5)
+        assert report.verdict == "passed"
+        stats = next(p.stats for p in report.passes if p.name == "cluster_weights")
+        assert stats["accepted"] == 1
+        errors[method] = sum(float(np.linalg.norm(_run(out, f) - _run(model, f)))
+                             for f in evaluation)
+    assert stats["compensated"] == 1
+    assert errors["gptvq"] < 0.5 * errors["kmeans"]
