@@ -92,6 +92,7 @@ OPTION_SUGAR: dict[str, tuple[str, str]] = {
     "prune_channels": ("prune_channels", "flops"),
     "cluster_weights": ("cluster_weights", "clusters"),
     "cluster_per_channel": ("cluster_weights", "per_channel"),
+    "cluster_method": ("cluster_weights", "method"),
 }
 #: The options giving each of these passes its strength: with none of them set it would change
 #: nothing, which is refused rather than run silently.
