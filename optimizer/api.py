@@ -261,6 +261,20 @@ def _use_model_folder(source, model: onnx.ModelProto) -> None:
         external.use_folder(Path(source).parent)
 
 
+def _drift_mask(name: str | None, model: onnx.ModelProto) -> str | None:
+    """``name``, checked to be an input of ``model`` (the drift mask, see
+    ``onnxopt.metrics.kept_positions``).
+
+    Raises:
+        UsageError: the model has no such input.
+    """
+    inputs = [i.name for i in model.graph.input]
+    if name is not None and name not in inputs:
+        raise UsageError(f"drift mask '{name}' is not an input of the model (inputs: "
+                         f"{', '.join(inputs)})")
+    return name
+
+
 def _self_contained(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with the external data it refers to read into it, when the whole fits in one
     protobuf (what ``onnx.load`` returns): a caller gets a ModelProto it can save, run or
@@ -286,6 +300,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
              input_shapes: dict | None = None,
              seed: int | None = None, atol: float | None = None, rtol: float | None = None,
              max_drift: MaxDrift | None = None, metric: str | Callable | None = None,
+             drift_mask: str | None = None,
              verify_each: bool | None = None, fold_size_limit: int | None = None,
              max_iterations: int | None = None, raise_on_failure: bool = True,
              strict: bool | None = None, layerwise: bool | None = None,
@@ -337,6 +352,11 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             ``DriftMetric`` or a callable ``fn(reference, candidate) -> float``, higher better),
             ``"cosine=0.999,max-abs=0.05"``, ``{"cosine": 0.999, "max-abs": 0.05}`` or
             criteria (see ``onnxopt.metrics``).
+        drift_mask: an input of the model (a tokenizer's ``attention_mask``, ``[batch,
+            sequence]``): the lossy criteria, in the drift budget and in validation, judge only
+            the positions where it is non-zero, in outputs whose leading dimensions are its
+            shape (``onnxopt.metrics.kept_positions``); padding positions compute values no
+            reader uses. A lossless validation still compares every position.
         verify_each: run the ONNX checker and an onnxruntime load after every pass that changed
             the graph.
         fold_size_limit: sugar for ``fold_constants``' ``size_limit`` (bytes).
@@ -403,7 +423,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     run = _settings(config, dict(
         validate=validate, inputs=inputs, calibration=calibration, input_shapes=input_shapes,
         seed=seed, atol=atol,
-        rtol=rtol, max_drift=max_drift, metric=metric, layerwise=layerwise, strict=strict,
+        rtol=rtol, max_drift=max_drift, metric=metric, drift_mask=drift_mask,
+        layerwise=layerwise, strict=strict,
         verify_each=verify_each, passes=passes, skip=skip, options=options,
         max_iterations=max_iterations, quantize=quantize, quantize_exclude=quantize_exclude,
         quantize_ops=quantize_ops))
@@ -454,8 +475,9 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         _runnable(original, original_bytes), feeds,
         synthesized=report.inputs["source"] == "synthesized",
         warnings=report.inputs.get("warnings", [])) if validate else None
+    mask = _drift_mask(run["drift_mask"], original)
     budget = DriftBudget(_runnable(original, original_bytes), feeds, max_drift,
-                         references=references.outputs) if feeds else None
+                         references=references.outputs, mask=mask) if feeds else None
     working, report.opset_upgrade, upgrade_failure = _upgrade_for(original, pipeline)
     ctx = PassContext(template=working, feeds=feeds, calibration=calibration_feeds,
                       budget=budget, upgrade_failure=upgrade_failure,
@@ -482,7 +504,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                               feeds, atol=atol, rtol=rtol,
                               max_drift=max_drift, lossy=lossy,
                               synthesized=report.inputs["source"] == "synthesized",
-                              warnings=report.inputs.get("warnings", []), computed=references)
+                              warnings=report.inputs.get("warnings", []), computed=references,
+                              mask=mask)
 
     def attempt(p: Pipeline):
         return _run_pipeline(working, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)
@@ -633,11 +656,13 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
 def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict | None = None,
              seed: int = 0, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
              max_drift: MaxDrift = DEFAULT_MAX_DRIFT, metric: str | Callable = "cosine",
-             lossy: bool = False, layerwise: bool = False) -> Report:
+             drift_mask: str | None = None, lossy: bool = False,
+             layerwise: bool = False) -> Report:
     """Compare ``candidate`` with ``reference`` on onnxruntime CPU (see ``onnxopt.validate``).
 
-    Inputs are synthesized from the reference's declared inputs unless given; ``max_drift`` and
-    ``metric`` are the lossy criteria, as in :func:`optimize`. With ``layerwise``,
+    Inputs are synthesized from the reference's declared inputs unless given; ``max_drift``,
+    ``metric`` and ``drift_mask`` are the lossy criteria, as in :func:`optimize`. With
+    ``layerwise``,
     also compare their intermediate tensors and name the first that diverges (``report.layerwise``,
     see ``onnxopt.layerwise``).
 
@@ -666,7 +691,7 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
         ref_run, cand_run,
         feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
         synthesized=report.inputs["source"] == "synthesized",
-        warnings=report.inputs.get("warnings", []))
+        warnings=report.inputs.get("warnings", []), mask=_drift_mask(drift_mask, ref))
     report.warnings = list(report.validation.warnings)
     if layerwise:
         report.layerwise = compare_layerwise(

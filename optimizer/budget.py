@@ -72,7 +72,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import external, progress
 from onnxopt.graph import export_graph, graph_protos
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
-                             get_metric, parse_criteria)
+                             get_metric, kept_positions, parse_criteria)
 from onnxopt.names import fresh_name
 from onnxopt.opset import default_opset
 
@@ -224,6 +224,8 @@ class DriftBudget:
             docstring).
         references: the original's outputs on each feed, when already computed (see
             :meth:`references`).
+        mask: an input whose non-zero positions are the ones compared
+            (``onnxopt.metrics.kept_positions``; None: every position).
 
     Raises:
         UsageError: invalid criteria.
@@ -231,8 +233,9 @@ class DriftBudget:
 
     def __init__(self, original: onnx.ModelProto | bytes, feeds: list[dict], max_drift,
                  metric: str | DriftMetric | Callable = "cosine", margin: float = 0.1,
-                 references: list[list[np.ndarray]] | None = None) -> None:
-        self.original, self.feeds = original, list(feeds)
+                 references: list[list[np.ndarray]] | None = None,
+                 mask: str | None = None) -> None:
+        self.original, self.feeds, self.mask = original, list(feeds), mask
         self.criteria: list[Criterion] = parse_criteria(max_drift, metric)
         self.targets = {c.name: c.metric.target(c.threshold, margin) for c in self.criteria}
         self._references = references
@@ -240,7 +243,8 @@ class DriftBudget:
     def tightened(self, margin: float) -> "DriftBudget":
         """The same budget with ``margin`` of the allowed error in reserve (the original's
         outputs are not computed again)."""
-        other = DriftBudget(self.original, self.feeds, self.criteria, margin=margin)
+        other = DriftBudget(self.original, self.feeds, self.criteria, margin=margin,
+                            mask=self.mask)
         other._references = self._references
         return other
 
@@ -348,6 +352,7 @@ class DriftBudget:
                 run = {**feed, **values}
                 out = session.run(None, {n: run[n] for n in inputs})
                 for i, (r, c) in enumerate(zip(ref, out)):
+                    r, c = kept_positions(r, c, feed.get(self.mask))
                     for crit in self.criteria:
                         tally = tallies.setdefault((crit.name, i), Tally(crit.metric))
                         tally.add(crit.metric.score(r, c), r, c)

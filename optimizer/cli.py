@@ -341,6 +341,8 @@ def _print_verdict(report: Report, out: _Out) -> None:
     elif v.passed:
         crit = (describe_setting(v.max_drift) if v.mode == "lossy"
                 else f"atol {v.atol:g} + rtol {v.rtol:g} of range")
+        if v.mask is not None:
+            crit += f", where {v.mask} != 0"
         out.line(f" ({crit})", "validation passed", "green")
     else:
         out.line(f": {v.reason}", "validation FAILED", "red")
@@ -365,6 +367,9 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
                         "max-abs, rel-l2, argmax, top-5 (agreement over the last axis)")
     p.add_argument("--metric", metavar="NAME",
                    help="the metric a bare --max-drift number means (default cosine)")
+    p.add_argument("--drift-mask", metavar="INPUT",
+                   help="judge --max-drift only where this input is non-zero, e.g. "
+                        "attention_mask: padding tokens left out of outputs shaped like it")
     p.add_argument("--report", metavar="FILE", help="write the report; the extension picks the "
                    "format: .json (JSON), .html or .htm (a self-contained HTML page)")
     p.add_argument("--quiet", action="store_true",
@@ -658,7 +663,7 @@ def _optimize_options(args) -> dict:
         calibration=args.calibration,
         input_shapes=parse_input_shapes(args.input_shape) if args.input_shape else None,
         seed=args.seed, atol=args.atol, rtol=args.rtol, max_drift=args.max_drift,
-        metric=args.metric, verify_each=args.verify_each or None,
+        metric=args.metric, drift_mask=args.drift_mask, verify_each=args.verify_each or None,
         fold_size_limit=args.fold_size_limit, max_iterations=args.max_iterations,
         raise_on_failure=False, strict=args.strict or None, layerwise=args.layerwise or None,
         external_data=True if args.external_data else None, keep_invalid=args.keep_invalid,
@@ -774,7 +779,8 @@ def _cmd_validate(args, out: _Out) -> int:
                               **{k: v for k, v in (("seed", args.seed), ("atol", args.atol),
                                                    ("rtol", args.rtol),
                                                    ("max_drift", args.max_drift),
-                                                   ("metric", args.metric))
+                                                   ("metric", args.metric),
+                                                   ("drift_mask", args.drift_mask))
                                  if v is not None},
                               lossy=args.lossy, layerwise=args.layerwise)
     if write_report:  # before anything is printed: a reader that goes away stops nothing

@@ -115,6 +115,24 @@ def flatten_sequence(value) -> np.ndarray:
     return np.concatenate([np.asarray(v).ravel() for v in value]) if value else np.zeros(0)
 
 
+def kept_positions(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of two outputs a drift mask keeps (``--drift-mask``): where ``mask`` (an
+    input of the feed, e.g. a tokenizer's ``attention_mask`` ``[batch, sequence]``) is non-zero,
+    for an output whose leading dimensions are the mask's shape (``last_hidden_state``
+    ``[batch, sequence, hidden]`` -> ``[kept tokens, hidden]``); other outputs (a pooled
+    ``[batch, hidden]``), no mask, or a mask keeping nothing: the outputs whole. Padding
+    positions compute values no reader uses, yet their activations set quantization ranges
+    and dilute or dominate a metric."""
+    if mask is None or reference.ndim < mask.ndim or reference.shape[:mask.ndim] != mask.shape \
+            or candidate.shape != reference.shape:
+        return reference, candidate
+    keep = mask.astype(bool)
+    if not keep.any():
+        return reference, candidate
+    return reference[keep], candidate[keep]
+
+
 def layout(value) -> tuple:
     """Dtype and shape of a tensor output, or of every element of a sequence output."""
     if isinstance(value, list):

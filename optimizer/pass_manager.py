@@ -84,6 +84,11 @@ class PassContext:
     lossy_pending: bool = False
     storage: set[str] = field(default_factory=set)
 
+    def has_calibration(self) -> bool:
+        """Whether activation statistics can be computed: calibration data, or real (not
+        synthesized) validation inputs."""
+        return self.calibration is not None or bool(self.feeds) and not self.synthesized
+
 
 @dataclass(frozen=True)
 class NoOptions:
@@ -351,8 +356,7 @@ class PassManager:
     def _execute(p: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if "feeds" in p.requires and not ctx.feeds:
             raise UsageError(f"pass '{p.name}' needs validation inputs (--inputs)")
-        if "calibration" in p.requires and ctx.calibration is None and (
-                not ctx.feeds or ctx.synthesized):
+        if "calibration" in p.requires and not ctx.has_calibration():
             raise UsageError(f"pass '{p.name}' needs calibration data (--calibration-data, "
                              "or real --inputs): synthesized random inputs are not "
                              "calibration data")

@@ -96,8 +96,8 @@ from onnxopt import external, io, progress
 from onnxopt.errors import InputError
 from onnxopt.graph import graph_protos
 from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence,
-                             format_comparison, layout, output_metrics, parse_criteria,
-                             pooled_cosine)
+                             format_comparison, kept_positions, layout, output_metrics,
+                             parse_criteria, pooled_cosine)
 
 __all__ = ["compare_models", "reference_outputs", "ReferenceOutputs", "make_session", "run_model",
            "session_options", "OutputMetrics", "ValidationResult", "output_metrics",
@@ -261,6 +261,9 @@ class ValidationResult:
     original_miscomputed: list[str] = field(default_factory=list)
     #: The onnxruntime sessions the candidate was judged in (:data:`SESSIONS`).
     sessions: list[str] = field(default_factory=lambda: ["unoptimized"])
+    #: Lossy only: the input whose non-zero positions the criteria were judged on
+    #: (``onnxopt.metrics.kept_positions``); None: every position.
+    mask: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -315,7 +318,8 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
                    rtol: float = DEFAULT_RTOL, max_drift=DEFAULT_MAX_DRIFT,
                    metric="cosine", lossy: bool = False, synthesized: bool = False,
                    warnings: list[str] = (),
-                   computed: ReferenceOutputs | None = None) -> ValidationResult:
+                   computed: ReferenceOutputs | None = None,
+                   mask: str | None = None) -> ValidationResult:
     """Run both models on every feed and compare their outputs.
 
     Args:
@@ -334,6 +338,9 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
             ``warnings`` about inputs that look like settings).
         computed: the reference's outputs on ``feeds`` (:func:`reference_outputs`), when a run
             validates several candidates: the reference then runs only for a second look.
+        mask: with ``lossy``, an input whose non-zero positions are the ones judged (padding
+            left out: ``onnxopt.metrics.kept_positions``); a lossless comparison keeps every
+            position.
 
     A candidate that onnxruntime cannot load or run fails the validation (``reason`` says why).
     When outputs fail on their values, a second look (module docstring) tells random outputs
@@ -349,10 +356,11 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     computed = computed or reference_outputs(reference, feeds, synthesized, warnings)
     ref_names, ref_outs = computed.names, computed.outputs
     result = ValidationResult(True, "lossy" if lossy else "lossless", atol, rtol,
-                              as_setting(criteria), len(feeds))
+                              as_setting(criteria), len(feeds), mask=mask if lossy else None)
     runs = []
     for session in SESSIONS[:2 if lossy else 1]:
-        run = _measure(candidate, computed, feeds, criteria, lossy, atol, rtol, session)
+        run = _measure(candidate, computed, feeds, criteria, lossy, atol, rtol, session,
+                       result.mask)
         runs.append(run)
         result.sessions = list(SESSIONS[:len(runs)])
         if run.reason:
@@ -400,10 +408,11 @@ class _Run:
 
 def _measure(candidate, computed: ReferenceOutputs, feeds: list[dict[str, np.ndarray]],
              criteria: list[Criterion], lossy: bool, atol: float, rtol: float,
-             session: str) -> _Run:
+             session: str, mask: str | None = None) -> _Run:
     """Run ``candidate`` in the onnxruntime ``session`` (one of :data:`SESSIONS`) on every feed
     and compare its outputs with ``computed``; every output is judged (lossless tolerance, or
-    the ``criteria`` on the aggregates over the feeds when ``lossy``)."""
+    the ``criteria`` on the aggregates over the feeds when ``lossy``, at the positions the
+    ``mask`` input keeps)."""
     optimized = session == "optimized"
     what = "candidate model" + (" (onnxruntime graph optimizations on)" if optimized else "")
     progress.report(f"validation: loading the {what}")
@@ -454,6 +463,7 @@ def _measure(candidate, computed: ReferenceOutputs, feeds: list[dict[str, np.nda
                     failed_on.setdefault(i, []).append(k)
                     cand_failing[k] = cand_out
                 continue
+            r, c = kept_positions(r, c, feed.get(mask))
             s = output_metrics(r, c)
             if r.size == 1:  # see below: pooled over the feeds
                 a, b = float(r.flat[0]), float(c.flat[0])

@@ -31,6 +31,12 @@ Scales (option ``method``):
   from the block's rows as updated when the block starts (the paper's ``groupsize``). Row ``k``
   of ``U`` is read, not column ``k`` (which is zero below the diagonal): reading the column is why
   onnxruntime's and Neural Compressor's numpy GPTQ never compensates and equals round to nearest.
+  Option ``act_order`` (the reference implementation's ``--act-order``, IST-DASLab/gptq, with
+  ``--static-groups``): rows in decreasing ``H_kk``, so the input channels with the largest
+  activations are quantized first, while the most rows are left to absorb their error; the
+  blocks' scales are then fixed from the original rows beforehand, since a block's rows are no
+  longer quantized together. On MiniLM-L6 (evaluation sentences, masked cosine, the mode's other
+  settings) it adds about 0.0002.
 * ``awq``: Lin et al. 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression and
   Acceleration" (MLSys), section 3.2. Per input tensor ``X`` (shared by the MatMuls that read
   it), per-channel scales ``s_j = mean|x_j|^α`` (normalized by ``sqrt(max s · min s)``), ``α`` in
@@ -57,8 +63,21 @@ Forms:
   (default 4: int8 activations in the kernel, 2.3x faster on CPU than the float kernel of level
   0). Block sizes are limited to 32/64/128 (onnxruntime's MatMulNBits returned zeros at 512).
 
-Mixed precision (option ``ratio`` < 1): the weights with the largest 4-bit error are stored in 8
-bits instead (same blocks and form: int8/uint8 DequantizeLinear, MatMulNBits ``bits = 8``).
+Mixed precision (option ``ratio`` < 1): the weights with the largest 4-bit harm per element are
+stored in 8 bits instead (same blocks and form: int8/uint8 DequantizeLinear, MatMulNBits
+``bits = 8``), greedily while they fit in ``1 - ratio`` of the elements (NNCF's mixed int4/int8
+``ratio``). The harm (option ``ranking``):
+
+* ``error``: the weight's relative output error (calibration Gram) or, without calibration
+  data, its relative weight error -- a local measure, blind to what follows the MatMul;
+* ``measured``: the drift of the model's outputs (the run's first drift criterion, on
+  :data:`SENSITIVITY_FEEDS` of the budget's feeds) with that weight alone at 4 bits: the
+  leave-one-in sensitivity of mixed-precision search (Dong et al. 2019, "HAWQ", section 3,
+  ranks layers by measured sensitivity; the drift budget's own ranking does the same). It sees
+  the graph around the weight: on MiniLM-L6 a value projection at 4 bits costs 5-10 times the
+  cosine of the query or key projection reading the same input (softmax damps those), which
+  the local error cannot tell apart. Without a drift budget, or with more than
+  :data:`SENSITIVITY_MAX_WEIGHTS` weights (one evaluation each), ``error`` is used.
 
 Refused, with the reason counted: weights read other than as MatMul's ``B`` (Gemm, Gather, ...),
 not 2-D, not float32, graph inputs or outputs, with non-finite values, fewer than ``min_elements``
@@ -73,7 +92,8 @@ Statistics: ``tensors_quantized``, ``scheme``, ``method``, ``block_size``, ``pro
 versus codes, scales and zero points of the accepted weights), ``output_error`` (with
 calibration: ``{method: ..., "rtn": ...}``, mean over the 4-bit weights of the relative output
 error), ``awq_alpha`` (mean chosen α), ``eight_bit`` (weights left at 8 bits by ``ratio``),
-``round_to_nearest`` (why ``gptq``/``awq`` rounded some weights to nearest).
+``round_to_nearest`` (why ``gptq``/``awq`` rounded some weights to nearest), ``ranking`` (the
+harm that chose the 8-bit weights, and why ``measured`` fell back to ``error``).
 
 Errors: none of its own.
 """
@@ -92,7 +112,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxopt import external
 from onnxopt.analyses import UseDef
 from onnxopt.analyses.activations import ActivationGrams
-from onnxopt.budget import Proposal
+from onnxopt.budget import Dequantized, DriftBudget, Proposal
 from onnxopt.edit import input_slots
 from onnxopt.graph import import_graph, iter_graphs
 from onnxopt.names import fresh_name
@@ -116,6 +136,12 @@ CLIP_RATIOS = np.linspace(1.0, 0.5, 20)
 AWQ_ALPHAS = np.linspace(0.0, 1.0, 11)
 #: GPTQ's lazy batch (rows updated together; a multiple of every block size).
 GPTQ_BATCH = 128
+RANKINGS = ("error", "measured")
+#: Budget feeds the ``measured`` ranking runs per weight.
+SENSITIVITY_FEEDS = 4
+#: More 4-bit candidates than this: the ``measured`` ranking (one evaluation each) falls back to
+#: ``error``.
+SENSITIVITY_MAX_WEIGHTS = 64
 _CALIBRATED = ("gptq", "awq")
 
 
@@ -140,9 +166,11 @@ class QuantizeInt4Options(QuantizeOptions):
         act_order: under ``gptq``, quantize the rows by decreasing ``H_kk`` with scales fixed
             beforehand (see :func:`quantize_gptq`).
         ratio: fraction of the quantized weights' elements stored in 4 bits; the rest -- the
-            weights whose 4-bit error is largest (calibration output error under ``gptq`` and
-            ``awq``, relative weight error otherwise) -- in 8 bits, block-wise in the same form
-            (NNCF's mixed int4/int8 ``ratio``).
+            weights whose 4-bit harm per element is largest (see ``ranking``) -- in 8 bits,
+            block-wise in the same form (NNCF's mixed int4/int8 ``ratio``).
+        ranking: the harm ranking the 8-bit weights under ``ratio`` < 1: ``error`` (output
+            error on the calibration Gram, or weight error) or ``measured`` (drift of the
+            model's outputs with the weight alone at 4 bits); see the module docstring.
         min_elements: weights with fewer elements stay float.
     """
 
@@ -155,6 +183,7 @@ class QuantizeInt4Options(QuantizeOptions):
     clip_search: bool = False
     act_order: bool = False
     ratio: float = 1.0
+    ranking: str = "error"
     min_elements: int = MIN_ELEMENTS
 
     def check(self) -> str | None:
@@ -166,6 +195,8 @@ class QuantizeInt4Options(QuantizeOptions):
             return f"option accuracy_level must be 0 to 4, got {self.accuracy_level}"
         if not 0.0 < self.damp < 1.0:
             return f"option damp must be in (0, 1), got {self.damp}"
+        if self.ranking not in RANKINGS:
+            return f"option ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}"
         if not 0.0 <= self.ratio <= 1.0:
             return f"option ratio must be in [0, 1], got {self.ratio}"
         if self.min_elements < 1:
@@ -402,6 +433,18 @@ def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 
+def _proposal(t: gs.Constant, quantized: BlockQuantized, scale: np.ndarray | None,
+              **fields) -> Proposal:
+    """The proposal of ``t``'s block-quantized value (AWQ ``scale`` undone), computed when the
+    budget runs the model (a large model keeps only the packed weights, not a float copy of
+    each) and fed as its codes (``Dequantized``); ``fields``: ``apply``, ``group``."""
+    return Proposal(tensor=t, value=functools.partial(_dequantized, quantized, scale),
+                    dequantized=Dequantized(quantized.codes, quantized.scale,
+                                            quantized.zero_point, axis=0,
+                                            block_size=quantized.block_size,
+                                            row_divisor=scale), **fields)
+
+
 def _dequantized(quantized, scale: np.ndarray | None) -> np.ndarray:
     """The float32 values ``quantized`` (a block-quantized weight) stands for, with an AWQ
     input-channel ``scale`` (per row of the [K, N] weight) undone."""
@@ -506,7 +549,7 @@ class QuantizeInt4(Pass):
                 float(np.sum((w - value) ** 2) / max(np.sum(w * w), 1e-30))
             chosen.append([t, readers, quantized.spilled(), scale, stored_gram, harm])
             del w, gram, value
-        self._eight_bit = self._eight_bit_set(chosen)
+        self._eight_bit = self._eight_bit_set(chosen, graph, ctx)
         proposals = []
         for t, readers, quantized, scale, gram, harm in chosen:
             if id(t) in self._eight_bit:
@@ -519,11 +562,8 @@ class QuantizeInt4(Pass):
                     w = np.asarray(external.peek(t), np.float64)
                     rtn = quantize_rtn(w, o.block_size, o.symmetric).dequantize()
                     self._errors["rtn"].append(output_error(w, rtn, external.unspill(gram)))
-            # the values the budget measures, computed when it runs the model: a large model
-            # keeps only the packed weights, not a float copy of each
-            proposals.append(Proposal(
-                tensor=t, value=functools.partial(_dequantized, quantized, scale),
-                group=readers[0].name or t.name,
+            proposals.append(_proposal(
+                t, quantized, scale, group=readers[0].name or t.name,
                 apply=self._rewrite(graph, usedef.owner(readers[0]), t, readers, quantized,
                                     scale)))
         result_stats = {"refused": dict(sorted(refused.items()))} if refused else {}
@@ -539,6 +579,8 @@ class QuantizeInt4(Pass):
         eight = [p.name for p in accepted if id(p.tensor) in self._eight_bit]
         if eight:
             stats["eight_bit"] = eight
+        if o.ratio < 1:
+            stats["ranking"] = self._ranking
         if self._fallback:
             stats["round_to_nearest"] = dict(sorted(self._fallback.items()))
         if self._errors[o.method]:
@@ -554,17 +596,48 @@ class QuantizeInt4(Pass):
             lambda n, i: n.op == "MatMul" and i == 1 and is_default_domain(n),
             "also read other than as MatMul's B", ndim=2)
 
-    def _eight_bit_set(self, chosen: list) -> set[int]:
-        """Ids of the weights left at 8 bits: the most harmful at 4 bits (``chosen[i][-1]``)
-        until they hold ``1 - ratio`` of the elements."""
-        budget = (1.0 - self.options.ratio) * sum(c[2].size for c in chosen)
+    def _eight_bit_set(self, chosen: list, graph: gs.Graph, ctx: PassContext) -> set[int]:
+        """Ids of the weights left at 8 bits: by decreasing harm per element at 4 bits
+        (``chosen[i][-1]``, or measured, see :meth:`_measured_harm`), each one that still fits
+        in ``1 - ratio`` of the elements (ties: the order of ``chosen``)."""
+        self._ranking = "error"
+        if self.options.ratio >= 1.0 or not chosen:
+            return set()
+        harms = [c[-1] for c in chosen]
+        if self.options.ranking == "measured":
+            if ctx.budget is None:
+                self._ranking = "error (no drift budget to measure with)"
+            elif len(chosen) > SENSITIVITY_MAX_WEIGHTS:
+                self._ranking = (f"error ({len(chosen)} weights > {SENSITIVITY_MAX_WEIGHTS} "
+                                 "to measure)")
+            else:
+                harms = self._measured_harm(chosen, graph, ctx)
+                self._ranking = "measured"
+        left = (1.0 - self.options.ratio) * sum(c[2].size for c in chosen)
         out: set[int] = set()
-        for t, _, quantized, *_, harm in sorted(chosen, key=lambda c: -c[-1]):
-            if budget <= 0:
-                break
-            out.add(id(t))
-            budget -= quantized.size
+        for i in sorted(range(len(chosen)), key=lambda i: -harms[i] / chosen[i][2].size):
+            if chosen[i][2].size <= left:
+                out.add(id(chosen[i][0]))
+                left -= chosen[i][2].size
         return out
+
+    def _measured_harm(self, chosen: list, graph: gs.Graph, ctx: PassContext) -> list[float]:
+        """Per weight of ``chosen``, how much the run's first drift criterion worsens on
+        :data:`SENSITIVITY_FEEDS` of the budget's feeds when that weight alone takes its 4-bit
+        value (the others as they are; one ``DriftBudget.evaluate`` each), against the graph
+        with none taken. The budget's feeds are the validation feeds, as for its own ranking."""
+        budget = ctx.budget
+        few = DriftBudget(budget.original, budget.feeds[:SENSITIVITY_FEEDS], budget.criteria,
+                          references=budget.references()[:SENSITIVITY_FEEDS])
+        first = budget.criteria[0]
+        sign = 1.0 if first.metric.higher_is_better else -1.0
+
+        def score(proposals: list[Proposal]) -> float:
+            return sign * few.evaluate(graph, ctx.template, proposals)[0][first.name]
+
+        base = score([])
+        return [base - score([_proposal(t, quantized, scale, apply=lambda: None)])
+                for t, _, quantized, scale, *_ in chosen]
 
     def _gram(self, readers: list[gs.Node], stats) -> np.ndarray | None:
         """The Gram matrix of ``readers``' input (one reader), or None, counting why."""

@@ -343,3 +343,22 @@ def test_forms_the_opset_cannot_express_are_fed_as_floats(monkeypatch):
                         lambda m, forms: fed.append(sorted(forms)) or real(m, forms))
     decision = DriftBudget(model, _feeds(model), 0.99).decide(graph, model, [proposal])
     assert fed == [[]] and decision.evaluations >= 1
+
+
+def test_a_drift_mask_leaves_padding_positions_out_of_the_budget():
+    """Rows of ``y`` [16, 4] where the mask is 0 are padding: a proposal that only harms them
+    (the kept rows' inputs are 0, so both models give 0 there) is within the budget with the
+    mask and outside it without."""
+    model = _model()
+    feed = random_feed(model, 0)
+    mask = (np.arange(16) % 2).astype(np.int64)
+    feed["x"][mask == 1] = 0.0
+    feed["attention_mask"] = mask  # not a model input: the budget reads it from the feed
+    graph = import_graph(model)
+    flipped = [_propose(_weights(graph)["W2"], -W2)]
+    masked = DriftBudget(model, [feed], 0.99, mask="attention_mask")
+    scores, within = masked.evaluate(graph, model, flipped)
+    assert within and scores["cosine"] == pytest.approx(1.0)
+    assert masked.tightened(0.5).mask == "attention_mask"
+    scores, within = DriftBudget(model, [feed], 0.99).evaluate(graph, model, flipped)
+    assert not within and scores["cosine"] < -0.99

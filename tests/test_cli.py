@@ -84,7 +84,7 @@ def test_optimize_report_has_the_documented_keys(model_path, tmp_path):
                               "feeds": [{"x": {"shape": [5, 4], "dtype": "float32"}}]}
     v = data["validation"]
     assert set(v) == {"passed", "mode", "atol", "rtol", "max_drift", "feeds", "reason", "outputs",
-                      "warnings", "not_compared", "original_miscomputed", "sessions"}
+                      "warnings", "not_compared", "original_miscomputed", "sessions", "mask"}
     assert v["passed"] is True and v["mode"] == "lossless" and v["sessions"] == ["unoptimized"]
     assert set(v["outputs"][0]) == {"name", "dtype", "shape", "candidate_dtype", "candidate_shape",
                                     "max_abs", "max_rel", "mean_abs", "cosine", "snr_db",

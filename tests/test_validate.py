@@ -568,3 +568,52 @@ def test_a_qdq_model_is_judged_as_onnxruntime_fuses_it():
     assert result.passed == (min(plain, fused) >= threshold)
     assert result.outputs[0].worse_session == (
         "optimized" if fused < plain else "unoptimized" if plain < fused else "neither")
+
+
+def _masked_model(padding_offset: float) -> onnx.ModelProto:
+    """``y[b, s, :] = x[b, s, :] @ W + padding_offset`` where ``attention_mask[b, s] == 0``,
+    and a pooled output ``p = mean over s of y`` (not shaped like the mask)."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["one", "mf"], ["pad"]),
+             helper.make_node("Mul", ["pad", "offset"], ["shift"]),
+             helper.make_node("Unsqueeze", ["shift", "axis"], ["shift3"]),
+             helper.make_node("Add", ["h", "shift3"], ["y"]),
+             helper.make_node("ReduceMean", ["y"], ["p"], axes=[1], keepdims=0)]
+    return make_model(
+        nodes, [("x", np.float32, [2, 5, 8]), ("attention_mask", np.int64, [2, 5])],
+        [("y", np.float32, [2, 5, 8]), ("p", np.float32, [2, 8])],
+        {"W": rng.normal(size=(8, 8)).astype(np.float32), "one": np.float32(1.0),
+         "offset": np.float32(padding_offset), "axis": np.array([-1], np.int64)})
+
+
+def test_drift_mask_judges_only_the_kept_positions_of_outputs_shaped_like_it():
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.int64)
+    feed = {"x": np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32),
+            "attention_mask": mask}
+    reference, padded_differs = _masked_model(0.0), _masked_model(100.0)
+    # p mixes padding in: only y is masked, so p still fails
+    result = compare_models(reference, padded_differs, [feed], lossy=True, max_drift=0.99,
+                            mask="attention_mask")
+    assert not result.passed and result.reason.startswith("output 'p'"), result.reason
+    y = next(o for o in result.outputs if o.name == "y")
+    assert y.passed and y.cosine == pytest.approx(1.0) and y.max_abs == 0.0
+    assert result.to_dict()["mask"] == "attention_mask"
+    unmasked = compare_models(reference, padded_differs, [feed], lossy=True, max_drift=0.99)
+    y = next(o for o in unmasked.outputs if o.name == "y")
+    assert not y.passed and y.max_abs > 99
+    # a lossless comparison keeps every position
+    lossless = compare_models(reference, padded_differs, [feed], mask="attention_mask")
+    assert not lossless.passed and lossless.mask is None
+
+
+def test_a_drift_mask_that_is_not_an_input_is_a_usage_error():
+    import onnxopt
+    from onnxopt.errors import UsageError
+
+    with pytest.raises(UsageError, match="drift mask 'mask' is not an input of the model "
+                                         r"\(inputs: x, attention_mask\)"):
+        onnxopt.optimize(_masked_model(0.0), drift_mask="mask")
+    with pytest.raises(UsageError, match="drift mask 'mask'"):
+        onnxopt.validate(_masked_model(0.0), _masked_model(0.0), drift_mask="mask", lossy=True)

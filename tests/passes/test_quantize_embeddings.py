@@ -16,6 +16,7 @@ from onnxopt import optimize
 from onnxopt.errors import UsageError
 from onnxopt.graph import export_graph, import_graph
 from onnxopt.pass_manager import PassContext, PassManager, verify_model
+from onnxopt.passes._quant import quantize_symmetric
 from onnxopt.passes.quantize_embeddings import (QuantizeEmbeddings, dequantize_int4_blocks,
                                                 quantize_int4_blocks)
 
@@ -107,6 +108,43 @@ def test_int4_blocks_match_onnxruntime(block_size, symmetric):
     np.testing.assert_allclose(np.maximum(value[feed["ids"]], 0), got, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("contrib_ops", [False, True])
+def test_small_tables_stay_int8_under_int4(contrib_ops):
+    """A word table (300 rows) and a position table (16 rows) summed as in a transformer's
+    embeddings: with ``eight_bit_rows=64`` the position table is stored as int8 rows and the
+    word table as int4 blocks; onnxruntime's outputs equal the original run with the
+    tables replaced by those values, and the int8 table's error is below int4's."""
+    words = RNG.normal(size=(300, 64)).astype(np.float32)
+    positions = RNG.normal(size=(16, 64)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["w"]),
+             helper.make_node("Gather", ["P", "pos"], ["p"]),
+             helper.make_node("Add", ["w", "p"], ["y"])]
+    model = _model(nodes, [_ids("ids", [2, 16]), _ids("pos", [16])], [_f("y")],
+                   {"W": words, "P": positions})
+    feed = {"ids": RNG.integers(0, 300, size=(2, 16)).astype(np.int64),
+            "pos": np.arange(16, dtype=np.int64)}
+    quantized, record = _quantize(model, bits=4, symmetric=False, eight_bit_rows=64,
+                                  contrib_ops=contrib_ops)
+    assert record.stats["tensors_quantized"] == 2
+    assert "tables of at most 64 rows int8" in record.stats["scheme"] or contrib_ops
+    assert not _float_initializers(quantized)
+    types = {i.data_type for i in quantized.graph.initializer}
+    assert TensorProto.INT8 in types  # the position table's codes
+    q, scale = quantize_symmetric(positions, 0)
+    hat = {"W": dequantize_int4_blocks(*quantize_int4_blocks(words, 32, False)),
+           "P": q.astype(np.float32) * scale[:, None]}
+    replaced = onnx.ModelProto()
+    replaced.CopyFrom(model)
+    del replaced.graph.initializer[:]
+    replaced.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in hat.items())
+    got, = _run(quantized, feed)
+    np.testing.assert_allclose(got, _run(replaced, feed)[0], rtol=0, atol=1e-5)
+    four_bit = dequantize_int4_blocks(*quantize_int4_blocks(positions, 32, False))
+    assert np.abs(hat["P"] - positions).max() < 0.2 * np.abs(four_bit - positions).max()
+    _, all_four = _quantize(model, bits=4, symmetric=False)
+    assert all_four.stats["bytes_after"] < record.stats["bytes_after"]
+
+
 def test_asymmetric_int4_is_closer_on_skewed_rows():
     table = RNG.uniform(0.0, 1.0, size=(20, 64)).astype(np.float32)  # one-signed blocks
     errors = [np.abs(dequantize_int4_blocks(*quantize_int4_blocks(table, 32, sym)) - table).max()
@@ -154,10 +192,14 @@ def test_exclude_and_block_size_refusals():
     assert record.stats["refused"] == {"excluded by the user": 1}
     _, record = _quantize(model, bits=4, block_size=32)
     assert record.stats["refused"] == {"embedding dimension not a multiple of block_size": 1}
+    # stored in 8 bits (eight_bit_rows), the table needs no whole int4 block
+    _, record = _quantize(model, bits=4, block_size=32, eight_bit_rows=50)
+    assert record.stats["tensors_quantized"] == 1
 
 
 @pytest.mark.parametrize("options", [{"bits": 2}, {"block_size": 7}, {"min_elements": 0},
-                                     {"bits": 4, "block_size": 24, "contrib_ops": True}])
+                                     {"bits": 4, "block_size": 24, "contrib_ops": True},
+                                     {"eight_bit_rows": -1}])
 def test_invalid_options(options):
     with pytest.raises(UsageError):
         QuantizeEmbeddings(**options)

@@ -132,16 +132,20 @@ def test_both_forms_compute_the_dequantized_weights(contrib_ops, symmetric):
 
 @pytest.mark.parametrize("contrib_ops", [False, True])
 def test_ratio_leaves_the_most_harmful_weight_at_8_bits(contrib_ops):
-    """W1 holds 2400 of 3360 elements: ratio 0.5 leaves exactly the weight with the larger 4-bit
-    error at 8 bits (int8 DequantizeLinear / MatMulNBits bits=8), as onnxruntime computes."""
+    """W1 holds 2400 of 3360 elements, W2 960: ratio 0.25 (2520 elements may take 8 bits, not
+    both) leaves exactly the weight with the larger 4-bit error per element at 8 bits (int8
+    DequantizeLinear / MatMulNBits bits=8), as onnxruntime computes; at ratio 0.5 W1 never
+    fits (the 8-bit share is a cap)."""
     model = _model(opset=17 if contrib_ops else 21)
     w1, w2 = _weight(model, "W1"), _weight(model, "W2")
-    out, stats = _quantize(model, contrib_ops=contrib_ops, symmetric=False, ratio=0.5,
+    out, stats = _quantize(model, contrib_ops=contrib_ops, symmetric=False, ratio=0.25,
                            accuracy_level=0, min_elements=16)
     rel = {name: np.sum((quantize_rtn(w, 32, False).dequantize() - w) ** 2) / np.sum(w * w)
-           for name, w in (("W1", w1), ("W2", w2))}
+           / w.size for name, w in (("W1", w1), ("W2", w2))}
     worse = max(rel, key=rel.get)
     assert stats["eight_bit"] == [worse]
+    assert _quantize(model, contrib_ops=contrib_ops, symmetric=False, ratio=0.5,
+                     accuracy_level=0, min_elements=16)[1]["eight_bit"] == ["W2"]
     hat = {name: quantize_rtn(w, 32, False, bits=8 if name == worse else 4).dequantize()
            for name, w in (("W1", w1), ("W2", w2))}
     feed = _feeds(count=1)[0]
@@ -151,6 +155,55 @@ def test_ratio_leaves_the_most_harmful_weight_at_8_bits(contrib_ops):
             == [4, 8]
     else:
         assert TensorProto.UINT8 in {i.data_type for i in out.graph.initializer}
+
+
+def _damped_model(k=128, n=64):
+    """``y = MatMul(x, W1) * 1e-5 + MatMul(x, W2)``: W1 (rows of scales spread over e^+-4,
+    the larger 4-bit error) barely reaches the output, W2 (Gaussian) does."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.normal(size=(k, n)) * np.exp(2 * rng.normal(size=(k, 1)))).astype(np.float32)
+    w2 = rng.normal(size=(k, n)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"], name="mm1"),
+             helper.make_node("Mul", ["a", "damp"], ["d"]),
+             helper.make_node("MatMul", ["x", "W2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["d", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "t", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "t", n])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+         numpy_helper.from_array(np.float32(1e-5), "damp")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_measured_ranking_keeps_the_weight_that_reaches_the_output_at_8_bits():
+    """Half the elements at 8 bits: the local output error picks W1, whose output is damped
+    1e5 times; the measured ranking picks W2, and onnxruntime's outputs of that model are closer to
+    the original's on fresh inputs."""
+    from onnxopt.budget import DriftBudget
+
+    def feeds(count, seed):  # uncorrelated channels: GPTQ cannot hide 4-bit error in them
+        rng = np.random.default_rng(seed)
+        return [{"x": rng.normal(size=(2, 16, 128)).astype(np.float32)} for _ in range(count)]
+
+    model, calibration = _damped_model(), feeds(6, 1)
+    outs = {}
+    for ranking in ("error", "measured"):
+        graph = import_graph(model)
+        ctx = PassContext(template=model, calibration=calibration, feeds=calibration,
+                          budget=DriftBudget(model, calibration, 0.5))
+        record = PassManager([]).run_pass(
+            QuantizeInt4(method="gptq", ratio=0.5, ranking=ranking, min_elements=16), graph, ctx)
+        outs[ranking] = export_graph(graph, model)
+        assert record.stats["eight_bit"] == ["W1" if ranking == "error" else "W2"]
+        assert record.stats["ranking"] == ranking
+    err = {r: np.mean([_rel(_run(m, f)[0], _run(model, f)[0]) for f in feeds(2, 7)])
+           for r, m in outs.items()}
+    assert err["measured"] < 0.5 * err["error"]
+    _, stats = _quantize(model, calibration, method="gptq", ratio=0.5, ranking="measured",
+                         min_elements=16)
+    assert stats["ranking"] == "error (no drift budget to measure with)"
 
 
 def test_onnxruntime_fusion_of_block_dequantize_linear_stays_within_int8_activation_error():
@@ -211,6 +264,27 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
         fresh_gram = fresh.T @ fresh
         assert output_error(w, gptq.dequantize(), fresh_gram) < output_error(
             w, rtn.dequantize(), fresh_gram)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_gptq_beats_plain_gptq_with_outlier_features_last(symmetric):
+    """Six outlier input channels (30x) at the end of K: in order, GPTQ quantizes them last,
+    with no rows left to take their error; act-order (largest ``H_kk`` first, static groups)
+    quantizes them first. Its output error must be far lower on calibration and fresh rows."""
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    w = rng.normal(size=(k, n))
+
+    def activations(r, rows):
+        x = _correlated(r, rows, k).astype(np.float64)
+        x[:, 250:] *= 30.0
+        return x
+
+    calib, fresh = activations(rng, 2048), activations(np.random.default_rng(9), 1024)
+    for gram in (calib.T @ calib, fresh.T @ fresh):
+        plain = quantize_gptq(w, calib.T @ calib, 32, symmetric).dequantize()
+        ordered = quantize_gptq(w, calib.T @ calib, 32, symmetric, act_order=True).dequantize()
+        assert output_error(w, ordered, gram) < 0.1 * output_error(w, plain, gram)
 
 
 def test_gptq_pass_beats_rtn_against_onnxruntime():
@@ -276,6 +350,8 @@ def test_options_are_checked():
         QuantizeInt4(block_size=512)
     with pytest.raises(UsageError, match="method"):
         QuantizeInt4(method="hqq")
+    with pytest.raises(UsageError, match="ranking"):
+        QuantizeInt4(ranking="hessian")
 
 
 @pytest.mark.zoo
@@ -303,6 +379,36 @@ def test_minilm_int4_both_forms():
     cosine = float(np.sum(got["dq"] * reference) / np.linalg.norm(got["dq"])
                    / np.linalg.norm(reference))
     assert cosine > 0.95
+
+
+@pytest.mark.zoo
+@pytest.mark.slow
+def test_minilm_int4_mode_meets_the_goal_on_held_out_sentences():
+    """Issue 9's goal for ``int4-weight``: MiniLM-L6 calibrated on the license texts, measured on
+    the stdlib docstrings (tools/calibration_data.py, kept apart): masked cosine of
+    ``last_hidden_state`` against onnxruntime on the original >= 0.99 at <= 20 % of the file."""
+    from helpers import run_ort
+
+    from onnxopt import optimize
+    from tools import tasks
+    from tools.quant_peers import load_feeds
+
+    path = ZOO / "minilm_l6.onnx"
+    data = ZOO.parent / "data" / "minilm_l6"
+    if not path.exists() or not (data / "evaluation").is_dir():
+        pytest.skip("minilm_l6 or its calibration data not fetched")
+    optimized, report = optimize(str(path), quantize="int4-weight",
+                                 inputs=str(data / "calibration"),
+                                 calibration=str(data / "calibration"))
+    assert report.validation.passed, report.validation.reason
+    assert optimized.ByteSize() <= 0.20 * path.stat().st_size
+    original = onnx.load(str(path))
+    feeds = load_feeds(data / "evaluation", ["input_ids", "attention_mask", "token_type_ids"])
+    pairs = [(run_ort(original, f)["last_hidden_state"], run_ort(optimized, f)[
+        "last_hidden_state"], f["attention_mask"].astype(bool)) for f in feeds]
+    reference = np.concatenate([r[m] for r, _, m in pairs])
+    got = np.concatenate([c[m] for _, c, m in pairs])
+    assert tasks.masked_cosine(reference, got, np.ones(reference.shape[:-1], bool)) >= 0.99
 
 
 def test_mode_with_projections_of_one_input_saves_and_runs():

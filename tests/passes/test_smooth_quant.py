@@ -189,3 +189,59 @@ def test_minilm_exact_and_smoother():
     for expected, got in zip(ort.InferenceSession(base.SerializeToString()).run(None, feed),
                              ort.InferenceSession(smoothed.SerializeToString()).run(None, feed)):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def _erf_gelu_then_reshape():
+    """x * big + bias -> exported erf-GELU (Div, Erf, Add, Mul, Mul 0.5) -> MatMul, and x
+    through a Reshape into a second MatMul (a producer that cannot absorb s)."""
+    nodes = [helper.make_node("Mul", ["x", "big"], ["xs"]),
+             helper.make_node("Add", ["xs", "bias"], ["xb"]),
+             helper.make_node("Div", ["xb", "sqrt2"], ["d"]),
+             helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]),
+             helper.make_node("Mul", ["xb", "e1"], ["g"]),
+             helper.make_node("Mul", ["g", "half"], ["a"]),
+             helper.make_node("MatMul", ["a", "W"], ["h"]),
+             helper.make_node("Constant", [], ["shape"],
+                              value=numpy_helper.from_array(np.array([4, 6, C], np.int64))),
+             helper.make_node("Reshape", ["x", "shape"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["h2"]),
+             helper.make_node("Add", ["h", "h2"], ["y"])]
+    big = np.ones(C)
+    big[5] = 30.0
+    return _model(nodes, {"big": big, "bias": RNG.normal(size=C), "sqrt2": np.sqrt(2.0),
+                          "one": 1.0, "half": 0.5,
+                          "W": RNG.normal(size=(C, 8)), "W2": RNG.normal(size=(C, 8))})
+
+
+def _gelu_fused(model, tmp_path):
+    """Whether onnxruntime's optimized graph of ``model`` runs a fused Gelu/BiasGelu kernel."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    return bool(ops & {"Gelu", "BiasGelu"})
+
+
+def test_explicit_mul_keeps_onnxruntime_gelu_fusion_and_reaches_any_producer(tmp_path):
+    """explicit_mul: a scalar GELU constant stays scalar (onnxruntime still fuses Gelu) and a
+    Reshape output is smoothed too, each through one inserted Mul; the outputs are unchanged."""
+    model = _erf_gelu_then_reshape()
+    x = np.zeros((4, 6, C), np.float32)
+    x[..., 2] = 20.0  # the Reshape-read activation gets an outlier channel as well
+    feeds = [{"x": (f["x"] + x).astype(np.float32)} for f in _feeds()]
+    assert _gelu_fused(model, tmp_path)
+    folded, record = _smooth(model, feeds, alpha=0.75)
+    assert record.stats["refused"] == {"produced by Reshape": 1}
+    assert not _gelu_fused(folded, tmp_path)  # 0.5 became a vector
+    smoothed, record = _smooth(model, feeds, alpha=0.75, explicit_mul=True)
+    assert record.stats["smoothed"] == record.stats["inserted"] == 2, record.stats
+    assert record.stats["compensated"] == 0
+    assert _gelu_fused(smoothed, tmp_path)
+    for feed in feeds + _feeds(2):
+        expected, got = _run(model, feed), _run(smoothed, feed)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    for name in ("a", "r"):
+        reader = next(n for n in smoothed.graph.node
+                      if n.op_type == "MatMul" and n.input[0].startswith(f"{name}_smoothed"))
+        assert _spread(smoothed, feeds, reader.input[0]) < _spread(model, feeds, name) / 2
