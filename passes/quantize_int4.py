@@ -112,7 +112,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxopt import external
 from onnxopt.analyses import UseDef
 from onnxopt.analyses.activations import ActivationGrams
-from onnxopt.budget import Dequantized, DriftBudget, Proposal
+from onnxopt.budget import Dequantized, Proposal
 from onnxopt.edit import input_slots
 from onnxopt.graph import import_graph, iter_graphs
 from onnxopt.names import fresh_name
@@ -624,20 +624,17 @@ class QuantizeInt4(Pass):
     def _measured_harm(self, chosen: list, graph: gs.Graph, ctx: PassContext) -> list[float]:
         """Per weight of ``chosen``, how much the run's first drift criterion worsens on
         :data:`SENSITIVITY_FEEDS` of the budget's feeds when that weight alone takes its 4-bit
-        value (the others as they are; one ``DriftBudget.evaluate`` each), against the graph
-        with none taken. The budget's feeds are the validation feeds, as for its own ranking."""
-        budget = ctx.budget
-        few = DriftBudget(budget.original, budget.feeds[:SENSITIVITY_FEEDS], budget.criteria,
-                          references=budget.references()[:SENSITIVITY_FEEDS])
-        first = budget.criteria[0]
+        value (the others as they are), against the graph with none taken
+        (``DriftBudget.alone``: one session). The budget's feeds are the validation feeds, as
+        for its own ranking."""
+        first = ctx.budget.criteria[0]
         sign = 1.0 if first.metric.higher_is_better else -1.0
-
-        def score(proposals: list[Proposal]) -> float:
-            return sign * few.evaluate(graph, ctx.template, proposals)[0][first.name]
-
-        base = score([])
-        return [base - score([_proposal(t, quantized, scale, apply=lambda: None)])
-                for t, _, quantized, scale, *_ in chosen]
+        proposals = [_proposal(t, quantized, scale, apply=lambda: None)
+                     for t, _, quantized, scale, *_ in chosen]
+        for i, p in enumerate(proposals):
+            p.group = str(i)  # one group per weight, whatever the readers
+        base, alone = ctx.budget.alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
+        return [sign * (base[first.name] - alone[p.group][first.name]) for p in proposals]
 
     def _gram(self, readers: list[gs.Node], stats) -> np.ndarray | None:
         """The Gram matrix of ``readers``' input (one reader), or None, counting why."""
