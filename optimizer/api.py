@@ -84,14 +84,6 @@ def _describe_source(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<memory>"
 
 
-def _serialized(model: onnx.ModelProto) -> bytes | None:
-    """``model`` serialized for validation and saving, or None: over the protobuf limit, or in
-    an external-data run, where onnxruntime loads a large candidate from a file it maps
-    (``onnxopt.validate.make_session``) and saving streams the tensors anyway: the bytes would
-    only be another copy of the model in memory."""
-    return None if external.current_folder() is not None else io.serialize(model)
-
-
 def _runnable(model: onnx.ModelProto, serialized: bytes | None) -> onnx.ModelProto | bytes:
     """What the checker and onnxruntime get: the serialization when there is one (serializing
     again costs as much as the first time), else the model (over the 2 GiB protobuf limit)."""
@@ -524,7 +516,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     except UnsupportedModel as err:  # valid, but not ours to rewrite: passed through
         optimized, report.passes = original, []
         budget_warnings.append(f"{err}: the model is written unchanged")
-    serialized = _serialized(optimized) if validate or output is not None else None
+    serialized = io.serialize(optimized) if validate or output is not None else None
     if validate:
         report.validation = check(optimized, serialized, report.passes)
         if (not report.validation.passed and budget is not None
@@ -533,7 +525,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             # result misses, decide once more with half the allowed error in reserve.
             ctx.budget = budget.tightened(BUDGET_RETRY_MARGIN)
             candidate, records = attempt(pipeline)
-            candidate_bytes = _serialized(candidate)
+            candidate_bytes = io.serialize(candidate)
             result = check(candidate, candidate_bytes, records)
             budget_warnings.append(
                 f"the drift budget's estimate missed ({report.validation.reason}); decided "
@@ -563,7 +555,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             if lossy_failure and changed(records):
                 base = Pipeline(pipeline.lossless, pipeline.max_iterations)
                 failing, records = attempt(base)
-                result = check(failing, _serialized(failing), records)
+                result = check(failing, io.serialize(failing), records)
                 alone = None if result.passed else result
                 lossless = ("the lossless passes alone validate" if result.passed else
                             f"the lossless passes alone fail too: {result.reason}")
@@ -575,7 +567,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                 if frozenset(names) in failures:
                     return None
                 candidate, records = attempt(functools.reduce(Pipeline.without, names, base))
-                candidate_bytes = _serialized(candidate)
+                candidate_bytes = io.serialize(candidate)
                 result = check(candidate, candidate_bytes, records)
                 if result.passed:
                     return names, candidate, records, candidate_bytes, result
@@ -608,7 +600,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                 if lossy_failure:  # the lossy passes once more, on the repaired pipeline
                     candidate, records = attempt(functools.reduce(Pipeline.without, names,
                                                                   pipeline))
-                    candidate_bytes = _serialized(candidate)
+                    candidate_bytes = io.serialize(candidate)
                     result = check(candidate, candidate_bytes, records)
                 optimized, report.passes, report.validation = candidate, records, result
                 serialized = candidate_bytes

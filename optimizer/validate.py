@@ -155,21 +155,6 @@ def session_options(threads: int = 0, optimized: bool = False,
     return opts
 
 
-#: Bytes of tensor data held in a ModelProto of an external-data run above which a session
-#: loads it from a temporary file with external data (:func:`make_session`): from serialized
-#: bytes, onnxruntime keeps a parsed copy and copies of the initializers (the 1 B decoder's int8
-#: candidate: 3.4 GiB resident for 1.1 GB of codes).
-INLINE_LIMIT = 64 * 2**20
-
-
-def _load_from_files(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` is loaded from a temporary file with external data (see
-    :data:`INLINE_LIMIT`)."""
-    return external.current_folder() is not None and sum(
-        len(t.raw_data) for t in external.all_tensors(model)
-        if not external.is_external(t)) > INLINE_LIMIT
-
-
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
                  optimized: bool = False, timed: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimizations off, so the model runs as written
@@ -180,9 +165,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
             data the model refers to is read from the run's external-data folder
             (``onnxopt.external.current_folder``), memory-mapped by onnxruntime. A model over the
             2 GiB protobuf limit is written to a temporary folder with its tensors as external
-            data, and loaded from there; so is a model of an external-data run holding more
-            than :data:`INLINE_LIMIT` bytes of tensors in its protobuf (quantized weights):
-            onnxruntime maps them from the file instead of copying the serialization.
+            data, and loaded from there.
 
     Raises:
         InputError: onnxruntime rejects the model (``what`` names it in the message).
@@ -192,8 +175,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
             return ort.InferenceSession(str(model),
                                         session_options(optimized=optimized, timed=timed),
                                         providers=["CPUExecutionProvider"])
-        data = model if isinstance(model, bytes) else \
-            None if _load_from_files(model) else io.serialize(model)
+        data = model if isinstance(model, bytes) else io.serialize(model)
         if data is not None:
             opts = session_options(optimized=optimized, timed=timed)
             folder = external.current_folder()

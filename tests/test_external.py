@@ -423,27 +423,3 @@ def test_spilled_weights_are_digested_from_the_file_not_kept_mapped(tmp_path, mo
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), w)
 
     contextvars.copy_context().run(run)
-
-
-def test_a_large_quantized_candidate_is_validated_from_a_file_not_bytes(chain, tmp_path,
-                                                                        monkeypatch):
-    """In an external-data run, a candidate holding quantized weights in its protobuf is
-    loaded by onnxruntime from a temporary file with external data (mapped), not from its
-    serialization (copied): validated all the same."""
-    import importlib
-
-    validate_module = importlib.import_module("onnxopt.validate")
-    monkeypatch.setattr(validate_module, "INLINE_LIMIT", 0)
-    loaded = []
-    real = ort.InferenceSession
-
-    def spy(model, *args, **kwargs):
-        loaded.append(type(model).__name__)
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(validate_module.ort, "InferenceSession", spy)
-    out = tmp_path / "q.onnx"
-    _, report = onnxopt.optimize(chain, output=out, quantize="int8-weight", max_drift=0.99)
-    assert report.validation.passed and report.validation.mode == "lossy"
-    # the reference from bytes; the candidate, in both sessions, from a file
-    assert loaded.count("str") >= 2, loaded
