@@ -168,6 +168,10 @@ def onnxopt_mode(mode: str, max_drift: float | None = None) -> Callable:
                         "output": str(output)}
         if max_drift is not None:
             kwargs["max_drift"] = max_drift
+        inputs = [i.name for i in onnx.load(str(model), load_external_data=False).graph.input]
+        if "attention_mask" in inputs:  # padding tokens are not judged (as the task metric)
+            kwargs["drift_mask"] = "attention_mask"
+            notes.append("--drift-mask attention_mask")
         if missing:
             from onnxopt.pass_manager import get_pass
 
