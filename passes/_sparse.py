@@ -21,6 +21,9 @@ over the calibration rows ``X[n, K]`` (``onnxopt.analyses.activations.TensorStat
 * :func:`refit_target`: the dense weight a layer fed the pruned model's inputs ``X~`` needs to
   reproduce the original outputs ``X w`` (ridge toward ``w``); :func:`sparsegpt` prunes it when
   given the cross Gram ``X~^T X`` (GPTAQ's asymmetric calibration, Li et al. 2025).
+* :func:`refit_masked`: with the mask fixed, the least-squares optimum of the kept weights (Boža
+  2024, "Fast and Effective Weight Update for Pruned Large Language Models"), by conjugate
+  gradients, after SparseGPT's one-way updates.
 * :func:`relative_error`: ``tr(dW^T G dW) / tr(W^T G W)``, the calibration output error of a
   change ``dW`` relative to the layer's output energy (no activations held: ``||X dW||^2``).
 * :func:`allocate`: per-layer sparsities under one global target (fraction of all weights):
@@ -118,8 +121,8 @@ def damped_hessian(gram: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarra
 def sparsegpt(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.0, scope: str = "tensor",
               pattern: tuple[int, int] | None = None, damp: float = 0.01,
               saliency: str = "obs", block: int = SPARSEGPT_BLOCK,
-              cross: np.ndarray | None = None, target_damp: float | None = None
-              ) -> np.ndarray:
+              cross: np.ndarray | None = None, target_damp: float | None = None,
+              offset: np.ndarray | None = None, refine: int = 0) -> np.ndarray:
     """SparseGPT (module docstring) of ``w`` (float ``[K, N]``) given ``gram`` (``[K, K]``).
 
     Args:
@@ -128,10 +131,15 @@ def sparsegpt(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.0, scope: str
             refit then targets the original outputs ``X w`` instead of ``X~ w``. Since
             ``||X~ w' - X w||^2 = ||X~ (w' - w*)||^2 + const`` with ``w* = H^-1 C w`` (the
             least-squares weight, damped ``H``), SparseGPT prunes ``w*`` (see :func:`refit_target`).
+        offset: ``X~^T D`` (``[K, N]``, with ``cross``): the refit also makes up for an error
+            ``D = R - R~`` (rows ``[n, N]``) of the stream the layer's output is added to,
+            e.g. the residual stream (:func:`refit_target`).
         sparsity: fraction of each block's weights pruned, of the whole block (``scope=
             "tensor"``) or of each output (``"row"``); ignored with ``pattern``.
         pattern: ``(n, m)``: keep ``n`` of every ``m`` consecutive input features per output.
         saliency: ``"obs"`` (``w^2 / U_jj^2``) or ``"magnitude"`` (``w^2``) chooses the mask.
+        refine: iterations of :func:`refit_masked` (on the same damped ``H``) after the pass
+            over the features (0: none).
 
     Returns:
         The pruned and refit weight (float64 ``[K, N]``); weights of never-active features are 0.
@@ -148,8 +156,9 @@ def sparsegpt(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.0, scope: str
     work = np.array(w, np.float64).T  # [N, K]: one row per output, as in the paper
     if cross is not None:
         work = np.ascontiguousarray(refit_target(
-            w, gram, cross, damp if target_damp is None else target_damp).T)
+            w, gram, cross, damp if target_damp is None else target_damp, offset).T)
     work[:, dead] = 0.0
+    goal = work.T.copy() if refine else None
     u = inverse_upper(h)  # upper: H^-1 = U^T U
     if pattern is not None:
         block = block - block % pattern[1] or pattern[1]
@@ -176,7 +185,41 @@ def sparsegpt(w: np.ndarray, gram: np.ndarray, sparsity: float = 0.0, scope: str
             errors[:, i] = err
         work[:, start:stop] = w1
         work[:, stop:] -= errors @ u[start:stop, stop:]
+    if refine:
+        return refit_masked(work.T, goal, h, work.T != 0, refine)
     return work.T
+
+
+def refit_masked(start: np.ndarray, goal: np.ndarray, h: np.ndarray, keep: np.ndarray,
+                 iterations: int) -> np.ndarray:
+    """The weight ``w'[K, N]`` zero outside ``keep`` minimizing ``(w' - goal)^T H (w' - goal)``
+    per output, approached from ``start`` by ``iterations`` steps of conjugate gradients with
+    the Jacobi preconditioner (every output column at once; each step lowers the error).
+
+    SparseGPT's updates refit a weight only from the features not yet visited, so with the mask
+    fixed the result is not the least-squares optimum; solving the masked problem afterwards
+    is the weight update of Boža 2024 ("Fast and Effective Weight Update for Pruned Large
+    Language Models", TMLR 2024, there by ADMM). Weights zero in ``start`` stay zero (the
+    mask, N:M patterns included, is kept). Float64 throughout."""
+    keep = np.asarray(keep, bool)
+    w = np.where(keep, start, 0.0)
+    inv_diag = 1.0 / np.diag(h)[:, None]
+    r = np.where(keep, h @ (goal - w), 0.0)
+    z = r * inv_diag
+    p = z.copy()
+    rz = np.sum(r * z, axis=0)
+    for _ in range(iterations):
+        hp = np.where(keep, h @ p, 0.0)
+        curvature = np.sum(p * hp, axis=0)
+        alpha = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 0)
+        w += alpha * p
+        r -= alpha * hp
+        z = r * inv_diag
+        rz_next = np.sum(r * z, axis=0)
+        beta = np.divide(rz_next, rz, out=np.zeros_like(rz), where=rz > 0)
+        p = z + beta * p
+        rz = rz_next
+    return w
 
 
 def _cholesky_solve(lower: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -194,16 +237,24 @@ def inverse_upper(h: np.ndarray) -> np.ndarray:
 
 
 def refit_target(w: np.ndarray, gram: np.ndarray, cross: np.ndarray,
-                 damp: float = 0.01) -> np.ndarray:
+                 damp: float = 0.01, offset: np.ndarray | None = None) -> np.ndarray:
     """The dense weight whose outputs on the pruned model's inputs ``X~`` best match the
     original outputs ``X w`` (float64 ``[K, N]``): ``argmin ||X~ w' - X w||^2 + λ ||w' - w||^2
     = w + (X~^T X~ + λ I)^-1 (X~^T X - X~^T X~) w`` (``λ`` as in :func:`damped_hessian`,
     regularizing toward ``w``: when ``X~ = X``, ``w*`` is ``w`` itself). With ``H`` that damped
     Hessian, ``||X~ w' - X w||^2 + λ ||w' - w||^2 = (w' - w*)^T H (w' - w*) + const``: pruning
-    ``w*`` by SparseGPT on ``H`` minimizes the error to the original outputs."""
+    ``w*`` by SparseGPT on ``H`` minimizes the error to the original outputs.
+
+    ``offset = X~^T D`` (float ``[K, N]``) widens the target to ``X w + D``: when the layer's
+    output is added to a stream ``R`` (a residual connection), ``D = R - R~`` is the error the
+    earlier layers left in that stream in the pruned model, and the refit makes up for the part
+    of it its inputs predict (``w* = w + H^-1 ((X~^T X - X~^T X~) w + X~^T D)``): GPTAQ's
+    asymmetric target (Li et al. 2025) carried across the residual Add."""
     w = np.asarray(w, np.float64)
     h, _ = damped_hessian(gram, damp)
     change = (np.asarray(cross, np.float64) - np.asarray(gram, np.float64)) @ w
+    if offset is not None:
+        change = change + np.asarray(offset, np.float64)
     return w + _cholesky_solve(np.linalg.cholesky(h), change)
 
 

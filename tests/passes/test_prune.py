@@ -462,7 +462,7 @@ def test_sequential_statistics_come_from_the_pruned_model():
     model = chain_model()
     cal = correlated_feeds()
     values, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
-                           reconstruct=True, bias_correction=False, target="pruned")
+                           reconstruct=True, bias_correction=False, target="pruned", refine=0)
     w2 = _initializers(model)["W2"]
 
     def gram(of: dict | None, *other: dict | None) -> np.ndarray:
@@ -477,7 +477,7 @@ def test_sequential_statistics_come_from_the_pruned_model():
     assert not np.allclose(values["W2"], original_inputs, rtol=1e-3, atol=1e-4)
     # the default target: the original model's outputs, through the cross Gram X~^T X
     taught, _, stats = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
-                               reconstruct=True, bias_correction=False)
+                               reconstruct=True, bias_correction=False, refine=0)
     assert stats["target"] == "original"
     # the first layer sees X itself: the same mask, the same refit (to float32 Gram rounding)
     np.testing.assert_array_equal(taught["W1"] == 0, values["W1"] == 0)
@@ -491,7 +491,7 @@ def test_original_target_recovers_the_original_output():
     """With the first layer pruned, refitting the second to the original model's outputs
     (``X~^T X`` target) recovers them better than refitting it to its own dense outputs on
     the pruned inputs (``X~ W2``, the old target), on the calibration data and on other data
-    from the same distribution."""
+    from the same distribution (SparseGPT's updates alone: ``refine=0``)."""
     model = chain_model(k=16, hidden=16, n=16)
     feeds = correlated_feeds(count=12)  # one mixing matrix: one distribution
     cal, held_out = feeds[:8], feeds[8:]
@@ -500,7 +500,7 @@ def test_original_target_recovers_the_original_output():
     for label, options in (("original", {}), ("original, light ridge", {"target_damp": 0.01}),
                            ("pruned", {"target": "pruned"})):
         values, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
-                               reconstruct=True, **options)
+                               reconstruct=True, refine=0, **options)
         errors[label] = (float(((outputs(model, cal, values) - ref_cal) ** 2).sum()),
                          float(((outputs(model, held_out, values) - ref_out) ** 2).sum()))
     assert errors["original, light ridge"][0] < 0.5 * errors["pruned"][0], errors
@@ -567,7 +567,10 @@ def test_auto_strength_never_reaches_run():
     ({"threshold": 0.1, "reconstruct": True}, "needs sparsity"),
     ({"pattern": "2:4", "scope": "global"}, "pattern"),
     ({"sparsity": 0.5, "allocation": "sensitivity", "scope": "global"}, "exclude"),
-    ({"sparsity": 0.5, "damp": 0.0}, "damp"), ({"relative": -1.0}, "relative")])
+    ({"sparsity": 0.5, "damp": 0.0}, "damp"), ({"relative": -1.0}, "relative"),
+    ({"sparsity": 0.5, "reconstruct": True, "refine": -1}, "refine"),
+    ({"sparsity": 0.5, "reconstruct": True, "refine": 2.5}, "refine"),
+    ({"sparsity": 0.5, "rows": "attention_mask"}, "needs reconstruct")])
 def test_invalid_options_are_refused(options, message):
     from onnxopt.errors import UsageError
 
@@ -589,3 +592,124 @@ def test_data_driven_options_refuse_synthesized_feeds():
 def test_sparse_storage_is_refused_with_a_reason():
     with pytest.raises(UsageError, match="sparse_storage is not supported: sparse storage"):
         get_pass("prune", sparsity=0.5, sparse_storage=True)
+
+
+def residual_model() -> onnx.ModelProto:
+    """:func:`chain_model` with its output added to the first layer's: ``Y = (H @ W2 + b2) + H``
+    (``H = X @ W1 + b1``, the stream W2's output is added to: a residual connection; W2 scaled
+    by 0.3, so that the stream dominates as in a transformer block)."""
+    model = chain_model(n=16)
+    model.graph.node[3].output[0] = "y_b"
+    model.graph.node.append(helper.make_node("Add", ["y_b", "H"], ["Y"]))
+    return with_initializers(model, {"W2": 0.3 * _initializers(model)["W2"]})
+
+
+def test_residual_stream_error_is_made_up_for():
+    """With W1 pruned, the stream H that W2's output is added to differs from the original;
+    refitting W2 to ``H W2 + (H - H~)`` (``residual``) brings Y closer to the original model's
+    than refitting W2's own output, on the calibration data and on held-out data, and the bias
+    correction restores Y's mean."""
+    model = residual_model()
+    feeds = correlated_feeds(count=12, mean=1.0)
+    cal, held_out = feeds[:8], feeds[8:]
+    errors, values = {}, {}
+    for residual in (False, True):
+        values[residual], _, stats = propose(model, cal, sparsity=0.5, scope="row",
+                                             importance="activation", reconstruct=True,
+                                             residual=residual, refine=0)
+        errors[residual] = [float(((outputs(model, f, values[residual]) - outputs(model, f))
+                                   ** 2).sum()) for f in (cal, held_out)]
+    assert "refused" not in stats
+    np.testing.assert_array_equal(values[True]["W1"], values[False]["W1"])  # first: no stream
+    assert np.all((values[True]["W2"] == 0).sum(axis=0) == 8)
+    assert errors[True][0] < 0.85 * errors[False][0], errors  # measured 0.78
+    assert errors[True][1] < 0.9 * errors[False][1], errors  # measured 0.84
+    # without a bias the first layer's mean shift stays in the stream; W2's bias takes it out
+    model = residual_model()
+    del model.graph.node[1]  # H = X @ W1
+    model.graph.node[0].output[0] = "H"
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "b1"))
+    shifts = {}
+    for residual in (False, True):
+        found, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                              reconstruct=True, residual=residual, refine=0)
+        shifts[residual] = np.abs(outputs(model, cal, found).mean(axis=0)
+                                  - outputs(model, cal).mean(axis=0)).max()
+    assert shifts[True] < 1e-3 * shifts[False], shifts
+
+
+def test_residual_without_a_stream_changes_nothing():
+    model = chain_model()  # Y = H @ W2 + b2: no residual Add
+    cal = correlated_feeds()
+    plain, _, _ = propose(model, cal, sparsity=0.5, reconstruct=True, importance="activation")
+    residual, _, stats = propose(model, cal, sparsity=0.5, reconstruct=True,
+                                 importance="activation", residual=True)
+    for name in plain:
+        np.testing.assert_array_equal(residual[name], plain[name])
+    assert "refused" not in stats
+
+
+def test_refine_lowers_the_layer_error_with_the_same_mask():
+    from onnxopt.passes._sparse import damped_hessian, refit_masked, sparsegpt
+
+    model = chain_model()
+    cal = correlated_feeds()
+    once, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                         reconstruct=True, bias_correction=False, refine=0)
+    refined, _, stats = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                                reconstruct=True, bias_correction=False, refine=40)
+    np.testing.assert_array_equal(refined["W1"] == 0, once["W1"] == 0)
+    assert stats["sparsity"] == 0.5 and stats["refine"] == 40
+    again, _, _ = propose(model, cal, sparsity=0.5, scope="row", importance="activation",
+                          reconstruct=True, bias_correction=False, refine=40)
+    for name in refined:  # deterministic: the same run gives the same bytes
+        assert again[name].tobytes() == refined[name].tobytes()
+    e_once, e_refined = _layer_error(model, cal, once), _layer_error(model, cal, refined)
+    assert e_refined < 0.9 * e_once, (e_refined, e_once)
+    y = outputs(model, cal)  # and the model's output, through both refit layers
+    assert ((outputs(model, cal, refined) - y) ** 2).sum() < \
+        0.5 * ((outputs(model, cal, once) - y) ** 2).sum()
+    # the masked least-squares optimum, by a direct solve per output on the damped Hessian
+    x = np.concatenate([f["X"] for f in cal]).astype(np.float64)
+    h, _ = damped_hessian(x.T @ x, 0.01)
+    w1 = _initializers(model)["W1"].astype(np.float64)
+    keep = once["W1"] != 0
+    best = np.zeros_like(w1)
+    for j in range(w1.shape[1]):
+        s = keep[:, j]
+        best[s, j] = np.linalg.solve(h[np.ix_(s, s)], (h @ w1[:, j])[s])
+    got = refit_masked(sparsegpt(w1, x.T @ x, 0.5, "row"), w1, h, keep, 40)
+    np.testing.assert_allclose(got, best, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(refined["W1"], best.astype(np.float32), rtol=1e-3, atol=1e-4)
+
+
+def test_rows_leave_out_the_masked_calibration_positions():
+    """``rows="M"``: the reconstruction's statistics come from the rows where the fed mask is
+    1 only -- the same result as calibrating on those rows alone -- and the rows it leaves out
+    (here from another distribution) do not pull the refit away from them."""
+    model = chain_model()
+    model.graph.input.append(helper.make_tensor_value_info("M", TensorProto.INT64, ["rows"]))
+    cal = correlated_feeds(count=4, mean=1.0)
+    other = correlated_feeds(count=4, seed=9)  # padding-like rows of another distribution
+    masked, kept = [], []
+    for i, (f, g) in enumerate(zip(cal, other)):
+        mask = (np.arange(64) % 2 == i % 2).astype(np.int64)
+        x = np.where(mask[:, None] == 1, f["X"], 10 * g["X"]).astype(np.float32)
+        masked.append({"X": x, "M": mask})
+        kept.append({"X": x[mask == 1]})
+    options = dict(sparsity=0.5, scope="row", importance="activation", reconstruct=True,
+                   residual=False)
+    with_rows, _, stats = propose(model, masked, rows="M", **options)
+    alone, _, _ = propose(chain_model(), kept, **options)
+    every, _, _ = propose(model, masked, **options)
+    assert stats["rows"] == "M" and "refused" not in stats
+    for name in ("W2", "b2"):  # W1's mask is by Wanda's norms over every row
+        np.testing.assert_allclose(with_rows[name], alone[name], rtol=1e-4, atol=1e-5)
+
+    def error(values):
+        plain = chain_model()
+        return float(((outputs(plain, kept, values) - outputs(plain, kept)) ** 2).sum())
+    assert error(with_rows) < error(every)
+    _, _, refused = propose(model, masked, rows="absent", **options)
+    assert refused["refused"] == {"rows: 'absent' is not fed or does not match the rows of a "
+                                  "layer input; every row used": 2}
