@@ -73,7 +73,7 @@ from onnxopt import external, progress
 from onnxopt.graph import export_graph, graph_protos
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, kept_positions, parse_criteria)
-from onnxopt.names import fresh_name
+from onnxopt.names import NameAuthority, fresh_name
 from onnxopt.opset import default_opset
 
 __all__ = ["Proposal", "Decision", "DriftBudget", "DriftMetric", "CosineMetric", "METRICS",
@@ -456,17 +456,9 @@ def _dequantized_inputs(model: onnx.ModelProto, forms: dict[str, Dequantized]
     Returns ``{name: (gate input, original input, [codes, scale, zero point?, divisor?
     inputs])}``.
     """
-    taken = {n for g in graph_protos(model.graph) for n in itertools.chain(
+    fresh = NameAuthority({n for g in graph_protos(model.graph) for n in itertools.chain(
         (i.name for i in g.input), (i.name for i in g.initializer),
-        (o for node in g.node for o in node.output))}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+        (o for node in g.node for o in node.output))}).fresh
 
     fed: dict[str, tuple[str, str, list[str]]] = {}
     nodes = []

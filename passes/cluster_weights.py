@@ -466,7 +466,7 @@ class ClusterWeights(Pass):
         stats = None
         gptvq = self.options.method == "gptvq"
         if self.options.weighted or gptvq:
-            if ctx.calibration is None and (not ctx.feeds or ctx.synthesized):
+            if not ctx.has_calibration():
                 raise UsageError("pass 'cluster_weights': weighted and method 'gptvq' need "
                                  "calibration data (--calibration-data, or real --inputs)")
             stats = ctx.analyses.get(ActivationGrams if gptvq else ActivationStats)

@@ -356,7 +356,7 @@ class Prune(Pass):
         needs_data = (o.importance == "activation" or o.reconstruct or correct
                       or o.allocation == "sensitivity")
         feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
-        if needs_data and ctx.calibration is None and (not ctx.feeds or ctx.synthesized):
+        if needs_data and not ctx.has_calibration():
             raise UsageError("pass 'prune': activation importance, reconstruction, sensitivity "
                              "allocation and bias correction need calibration data "
                              "(--calibration-data, or real --inputs): synthesized random "
