@@ -51,6 +51,14 @@ MaxDrift = Union[float, str, dict, Sequence[Criterion]]
 #: ``onnxopt.budget``; the first uses 0.1).
 BUDGET_RETRY_MARGIN = 0.5
 
+#: A result holding at least this many bytes of tensors in memory, to be written to ``output``,
+#: is validated from its file (``_validate_staged``): written first beside the target, its
+#: ModelProto and serialization released, onnxruntime loading the file, put in place when it
+#: passes. onnxruntime's session of a quantized model takes several times its size while it
+#: fuses and prepacks (1 B decoder, int8-weight: 3.4 GiB for 1.03 GiB of weights), on top of
+#: what the process holds.
+STAGE_BYTES = 256 * 2**20
+
 #: zlib level of the compressed sizes in the report of a pruning or clustering run (gzip's
 #: default).
 COMPRESSION_LEVEL = 6
@@ -90,14 +98,14 @@ def _runnable(model: onnx.ModelProto, serialized: bytes | None) -> onnx.ModelPro
     return model if serialized is None else serialized
 
 
-def checker_error(model: onnx.ModelProto | bytes | None) -> str:
-    """``onnx.checker``'s complaint about ``model`` (a ModelProto or its serialization) in one
-    line, or "" when it passes; models over the 2 GiB protobuf limit (or None, what
+def checker_error(model: onnx.ModelProto | bytes | Path | None) -> str:
+    """``onnx.checker``'s complaint about ``model`` (a ModelProto, its serialization or its file)
+    in one line, or "" when it passes; models over the 2 GiB protobuf limit (or None, what
     :func:`onnxopt.io.serialize` gives for them) are not checked."""
-    if model is None or (not isinstance(model, bytes) and io.needs_external_data(model)):
+    if model is None or (isinstance(model, onnx.ModelProto) and io.needs_external_data(model)):
         return ""
     try:
-        if external.current_folder() is None:
+        if external.current_folder() is None or isinstance(model, Path):
             onnx.checker.check_model(model)
         else:
             external.check_with_references(model)
@@ -492,7 +500,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     original_valid = validate and not checker_error(_runnable(original, original_bytes))
 
     def check(candidate, data, records):
-        """Validate ``candidate``, serialized as ``data`` (None over the protobuf limit)."""
+        """Validate ``candidate``, serialized as ``data`` (None over the protobuf limit), or the
+        model file ``candidate`` (with ``data`` None)."""
         lossy = any(r.modified for r in records if r.name in lossy_names)
         # a model referring to external data is checked from its proto (never serialized whole)
         broken = checker_error(candidate if external.current_folder() is not None
@@ -517,8 +526,22 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         optimized, report.passes = original, []
         budget_warnings.append(f"{err}: the model is written unchanged")
     serialized = io.serialize(optimized) if validate or output is not None else None
+    written = None  # the files of output, once in place
     if validate:
-        report.validation = check(optimized, serialized, report.passes)
+        if (output is not None and serialized is not None and len(serialized) >= STAGE_BYTES
+                and not external.has_external_data(optimized)):
+            staged = io.stage_model(optimized, output, external_data=external_data,
+                                    protect=tuple(protect), serialized=serialized)
+            optimized = serialized = None  # released: onnxruntime loads the staged file
+            report.validation = check(staged.path, None, report.passes)
+            optimized, serialized = io.load_model_and_bytes(staged.path)
+            if report.validation.passed:  # what the write below would do, from the same bytes
+                written = staged.commit()
+            else:  # the search below works on the ModelProto
+                staged.discard()
+                serialized = serialized or io.serialize(optimized)
+        else:
+            report.validation = check(optimized, serialized, report.passes)
         if (not report.validation.passed and budget is not None
                 and any(r.modified for r in report.passes if r.name in lossy_names)):
             # The budget estimates (optimized session, simulated quantization); when the exact
@@ -626,9 +649,11 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         report.validation.warnings if report.validation is not None else [])
     failed = report.validation is not None and not report.validation.passed
     strict = report.strict = run["strict"]
-    if output is not None and (keep_invalid or not (failed or (strict and report.rolled_back))):
+    if written is None and output is not None and (
+            keep_invalid or not (failed or (strict and report.rolled_back))):
         written = io.save_model(optimized, output, external_data=external_data,
                                 protect=tuple(protect), serialized=serialized)
+    if written is not None:
         report.output = str(output)
         report.after.file_bytes = sum(os.path.getsize(f) for f in written)
     if any(r.modified and r.name in STRENGTH_OPTIONS for r in report.passes):

@@ -9,7 +9,6 @@ file: everything is written to a temporary file (or folder) beside the target, t
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -209,7 +208,8 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
                protect: tuple[Union[str, os.PathLike], ...] = (),
                serialized: bytes | None = None,
                base_dir: Union[str, os.PathLike, None] = None) -> list[Path]:
-    """Write ``model`` to ``path`` atomically.
+    """Write ``model`` to ``path`` atomically: :func:`stage_model`, then
+    :meth:`StagedModel.commit`.
 
     A model that refers to external data (loaded lazily, see :func:`load_model`) is written with
     external data: the bytes of its tensors are streamed from the folder its locations are
@@ -240,6 +240,72 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
         ModelLoadError: external data the model refers to cannot be read, or its folder is
             unknown (no ``base_dir`` outside a run).
     """
+    return stage_model(model, path, external_data=external_data, protect=protect,
+                       serialized=serialized, base_dir=base_dir).commit()
+
+
+class StagedModel:
+    """A model written in full to a hidden temporary folder beside its target
+    (:func:`stage_model`), not yet in place: ``path`` loads as a model file (its external data,
+    if any, beside it), :meth:`commit` renames it to the target, :meth:`discard` removes it. The
+    folder is removed when the object is collected or the interpreter exits, whichever comes
+    first (``tempfile.TemporaryDirectory``), so an interrupted run leaves no partial output."""
+
+    def __init__(self, target: Path, external_data: bool):
+        folder = target.parent if str(target.parent) else Path(".")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".tmp",
+                                                    dir=folder, ignore_cleanup_errors=True)
+        except OSError as err:
+            raise UsageError(f"{target}: cannot write to the folder {folder} "
+                             f"({err.strerror or err})") from None
+        self.target = target
+        #: The staged model file.
+        self.path = Path(self._tmp.name) / target.name
+        #: Its external data file (written only when ``external_data``).
+        self.data_path = Path(self._tmp.name) / (target.name + ".data")
+        self.external_data = external_data
+
+    def commit(self) -> list[Path]:
+        """Rename the staged files to the target (the data file first, so the model file never
+        refers to missing data) and remove the temporary folder.
+
+        Returns:
+            The files written: the model, then its external data file if any.
+
+        Raises:
+            UsageError: a rename fails.
+        """
+        written = [self.target]
+        try:
+            if self.data_path.exists() and self.data_path.stat().st_size:
+                data_target = self.target.with_name(self.target.name + ".data")
+                os.replace(self.data_path, data_target)
+                written.append(data_target)
+            os.replace(self.path, self.target)
+        except OSError as err:
+            raise UsageError(f"{self.target}: cannot write the model ({err.strerror or err})") \
+                from None
+        finally:
+            self.discard()
+        return written
+
+    def discard(self) -> None:
+        """Remove the temporary folder and whatever is still in it."""
+        self._tmp.cleanup()
+
+
+def stage_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
+                external_data: bool | None = None,
+                protect: tuple[Union[str, os.PathLike], ...] = (),
+                serialized: bytes | None = None,
+                base_dir: Union[str, os.PathLike, None] = None) -> StagedModel:
+    """Write ``model`` in full to a temporary folder beside ``path``, to be put in place by
+    :meth:`StagedModel.commit` (arguments and errors as :func:`save_model`, which is this and
+    the commit). What onnxruntime loads from the staged file is byte for byte what the commit
+    puts at ``path``: a result can be validated from its file before it is in place, without
+    holding its serialization in memory."""
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
     for p in protect:
@@ -252,39 +318,29 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
     elif not external_data and (referring or needs_external_data(model)):
         raise UsageError(f"{path}: the model exceeds the 2 GiB protobuf limit or refers to "
                          "external data; save it with external data")
-    folder = path.parent if str(path.parent) else Path(".")
+    staged = StagedModel(path, external_data)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
-    except OSError as err:
-        raise UsageError(f"{path}: cannot write to the folder {folder} "
-                         f"({err.strerror or err})") from None
-    try:
-        tmp_model = tmp_dir / path.name
-        tmp_data = tmp_dir / data_path.name
         undo = external.write_external(
-            model, tmp_data, external.current_folder() if base_dir is None else Path(base_dir)) \
+            model, staged.data_path,
+            external.current_folder() if base_dir is None else Path(base_dir)) \
             if external_data else []
         try:
             data = model.SerializeToString() if external_data or serialized is None \
                 else serialized
         finally:
-            external.undo_external(undo, tmp_data)
-        with open(tmp_model, "wb") as f:
+            external.undo_external(undo, staged.data_path)
+        with open(staged.path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         del data
-        written = [path]
-        for f in (tmp_model, tmp_data):
+        for f in (staged.path, staged.data_path):
             if f.exists():
                 os.chmod(f, 0o666 & ~_umask())  # mkstemp-style 0600 is not for a model file
-        if tmp_data.exists() and tmp_data.stat().st_size:
-            os.replace(tmp_data, data_path)
-            written.append(data_path)
-        os.replace(tmp_model, path)
-        return written
+        return staged
     except OSError as err:
+        staged.discard()
         raise UsageError(f"{path}: cannot write the model ({err.strerror or err})") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    except BaseException:
+        staged.discard()
+        raise

@@ -3,6 +3,9 @@ the bytes validation ran, only when it passes (or ``keep_invalid``), never over 
 
 from __future__ import annotations
 
+import gc
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -11,6 +14,8 @@ from onnx import helper
 from helpers import assert_same_outputs, make_model
 from onnxopt import UsageError, ValidationFailed, optimize
 from onnxopt.pass_manager import REGISTRY, Pass, PassResult
+
+VALIDATE = sys.modules["onnxopt.validate"]  # the package's ``validate`` is the function
 
 
 def _model() -> onnx.ModelProto:
@@ -37,8 +42,17 @@ class _Corrupt(Pass):
         return PassResult(True, {})
 
 
+@pytest.fixture(params=["in memory", "staged"])
+def staging(request, monkeypatch):
+    """Both ways a result to be written is validated: from its serialization, or (``staged``,
+    what a result of ``onnxopt.api.STAGE_BYTES`` or more gets) from its file, written first."""
+    if request.param == "staged":
+        monkeypatch.setattr("onnxopt.api.STAGE_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("source", ["path", "proto"])
-def test_output_is_the_returned_model_and_named_in_the_report(tmp_path, source):
+def test_output_is_the_returned_model_and_named_in_the_report(tmp_path, source, staging):
     path = tmp_path / "in.onnx"
     path.write_bytes(_model().SerializeToString())
     out = tmp_path / "sub" / "out.onnx"
@@ -51,17 +65,63 @@ def test_output_is_the_returned_model_and_named_in_the_report(tmp_path, source):
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["in.onnx", "sub", "out.onnx"])
 
 
-def test_failed_validation_writes_nothing_unless_keep_invalid(tmp_path, monkeypatch):
+def test_failed_validation_writes_nothing_unless_keep_invalid(tmp_path, monkeypatch, staging):
     monkeypatch.setitem(REGISTRY, _Corrupt.name, _Corrupt)
     out = tmp_path / "out.onnx"
-    with pytest.raises(ValidationFailed, match="cosine"):
+    with pytest.raises(ValidationFailed, match="cosine") as raised:
         optimize(_model(), passes=[_Corrupt.name], output=out)
-    assert not out.exists()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert_same_outputs(raised.value.model, _Corrupt_applied())
     _, report = optimize(_model(), passes=[_Corrupt.name], output=out, raise_on_failure=False)
-    assert not out.exists() and report.output is None
-    _, report = optimize(_model(), passes=[_Corrupt.name], output=out, raise_on_failure=False,
-                         keep_invalid=True)
+    assert not out.exists() and report.output is None and list(tmp_path.iterdir()) == []
+    model, report = optimize(_model(), passes=[_Corrupt.name], output=out,
+                             raise_on_failure=False, keep_invalid=True)
     assert out.exists() and report.output == str(out) and not report.validation.passed
+    assert out.read_bytes() == model.SerializeToString() and list(tmp_path.iterdir()) == [out]
+
+
+def _Corrupt_applied() -> onnx.ModelProto:
+    """What :class:`_Corrupt` makes of :func:`_model`."""
+    model = _model()
+    for t in model.graph.initializer:
+        t.raw_data = (-onnx.numpy_helper.to_array(t)).tobytes()
+    return model
+
+
+def test_a_large_result_is_validated_from_its_file_before_it_is_in_place(tmp_path, monkeypatch):
+    """Above ``STAGE_BYTES`` onnxruntime loads the result from a file in a hidden folder beside
+    the output (never from bytes in memory), and the output appears only after validation."""
+    monkeypatch.setattr("onnxopt.api.STAGE_BYTES", 0)
+    out = tmp_path / "out.onnx"
+    loaded = []
+    real = VALIDATE.make_session
+
+    def spy(model, what, **kwargs):
+        if what.startswith("candidate"):
+            loaded.append((type(model), model, out.exists()))
+        return real(model, what, **kwargs)
+
+    monkeypatch.setattr(VALIDATE, "make_session", spy)
+    model, report = optimize(_model(), output=out)
+    assert loaded and all(kind is not bytes and not written for kind, _, written in loaded)
+    staged = {p for _, p, _ in loaded}
+    assert all(p.parent.parent == tmp_path and p.parent.name.startswith(".out.onnx.")
+               for p in staged)
+    assert not any(p.exists() for p in staged) and list(tmp_path.iterdir()) == [out]
+    assert out.read_bytes() == model.SerializeToString() and report.validation.passed
+
+
+def test_an_interrupted_validation_leaves_no_staged_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("onnxopt.api.STAGE_BYTES", 0)
+
+    def interrupted(model, what, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VALIDATE, "make_session", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(_model(), output=tmp_path / "out.onnx")
+    gc.collect()  # the traceback held the run's frame until here
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_never_overwrites_the_input(tmp_path):

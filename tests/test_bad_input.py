@@ -5,6 +5,7 @@ process where a signal is needed) and, where it applies, the Python API (``onnxo
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import signal
@@ -205,11 +206,12 @@ def unwritable(tmp_path, monkeypatch) -> Path:
 
 def _refusing_in(folder: Path, real):
     """``real`` (``tempfile.mkstemp`` or ``mkdtemp``), failing in ``folder`` as the OS does."""
-    def make(*args, dir=None, **kwargs):
+    def make(*args, **kwargs):
+        dir = inspect.signature(real).bind(*args, **kwargs).arguments.get("dir")
         if dir is not None and Path(dir).resolve() == folder.resolve():
             raise PermissionError(errno.EACCES, "Permission denied",
                                   os.path.join(dir, ".hidden.tmp"))
-        return real(*args, dir=dir, **kwargs)
+        return real(*args, **kwargs)
     return make
 
 
