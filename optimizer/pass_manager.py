@@ -89,6 +89,12 @@ class PassContext:
         synthesized) validation inputs."""
         return self.calibration is not None or bool(self.feeds) and not self.synthesized
 
+    def drift_mask(self) -> str | None:
+        """The input whose non-zero positions the run's lossy criteria judge (``--drift-mask``,
+        ``onnxopt.metrics.kept_positions``), None when the run has none: calibration positions
+        the result is not judged on (padding) need not be fitted either."""
+        return None if self.budget is None else self.budget.mask
+
 
 @dataclass(frozen=True)
 class NoOptions:

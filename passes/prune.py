@@ -171,7 +171,8 @@ class PruneOptions:
         refine: with ``reconstruct``, conjugate-gradient iterations of the masked refit after
             SparseGPT (0: none).
         rows: name of a model input whose 0 entries mark calibration rows (positions) left out
-            of reconstruction (an ``attention_mask``); None: every row.
+            of reconstruction (an ``attention_mask``); None: the run's drift mask
+            (``--drift-mask``, ``PassContext.drift_mask``) when it has one, else every row.
         damp: SparseGPT's dampening, a fraction of the mean diagonal of ``X^T X``.
         sparse_storage: store sparse initializers as ONNX sparse tensors (refused, see above).
     """
@@ -288,6 +289,7 @@ class Prune(Pass):
         self._refused: Counter = Counter()
         self._allocated: dict[str, float] = {}
         self._biases: set[str] = set()
+        self._rows = o.rows if o.rows is not None else ctx.drift_mask()
         if o.sparsity == "auto":
             raise UsageError("pass 'prune': sparsity 'auto' is chosen by the pass manager's "
                              "strength search, not by the pass")
@@ -315,7 +317,7 @@ class Prune(Pass):
                 "reconstruct": o.reconstruct, "target": o.target if o.reconstruct else None,
                 "residual": o.reconstruct and o.target == "original" and o.residual,
                 "refine": o.refine if o.reconstruct else 0,
-                "rows": o.rows if o.reconstruct else None,
+                "rows": self._rows if o.reconstruct else None,
                 "bias_correction": self._bias_correction(),
                 "allocation": o.allocation}
 
@@ -531,9 +533,9 @@ class Prune(Pass):
                                                      reference.advance(x) if teacher else
                                                      repeat(None), feeds):
                 sums.update(values, original_values,
-                            None if o.rows is None else feed.get(o.rows, np.empty(0)))
+                            None if self._rows is None else feed.get(self._rows, np.empty(0)))
             if sums.unmasked:
-                self._refused[f"rows: '{o.rows}' is not fed or does not match the rows of a "
+                self._refused[f"rows: '{self._rows}' is not fed or does not match the rows of a "
                               "layer input; every row used"] += 1
             mean_original = sums.mean_original if teacher else original[x].channel_mean
             for layer, target in batch:

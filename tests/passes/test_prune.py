@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers import with_initializers
 from onnxopt import optimize
+from onnxopt.budget import DriftBudget
 from onnxopt.errors import UsageError
 from onnxopt.graph import export_graph, import_graph
 from onnxopt.pass_manager import PassContext, PassManager, get_pass
@@ -331,12 +332,15 @@ def correlated_feeds(k: int = 16, count: int = 4, rows: int = 64, seed: int = 2,
 
 
 def propose(model: onnx.ModelProto, calibration=None, feeds=None, synthesized=False,
-            **options):
+            drift_mask=None, **options):
     """Run the pass on ``model`` and return ``({tensor: proposed value}, proposals, stats)``
-    (the graph is not edited; the summary assumes every proposal is accepted)."""
+    (the graph is not edited; the summary assumes every proposal is accepted); ``drift_mask``:
+    the run's (its drift budget's, on ``feeds`` or ``calibration``)."""
     graph = import_graph(model)
+    budget = None if drift_mask is None else DriftBudget(
+        model, feeds or calibration, 0.99, mask=drift_mask)
     ctx = PassContext(template=model, calibration=calibration, feeds=feeds,
-                      synthesized=synthesized)
+                      synthesized=synthesized, budget=budget)
     p = get_pass("prune", **options)
     result = p.run(graph, ctx)
     values = {pr.tensor.name: pr.value for pr in result.proposals}
@@ -705,6 +709,10 @@ def test_rows_leave_out_the_masked_calibration_positions():
     assert stats["rows"] == "M" and "refused" not in stats
     for name in ("W2", "b2"):  # W1's mask is by Wanda's norms over every row
         np.testing.assert_allclose(with_rows[name], alone[name], rtol=1e-4, atol=1e-5)
+    # without the option, the run's drift mask (--drift-mask) is what rows default to
+    by_mask, _, stats = propose(model, masked, drift_mask="M", **options)
+    assert stats["rows"] == "M" and all(np.array_equal(by_mask[n], with_rows[n])
+                                        for n in with_rows)
 
     def error(values):
         plain = chain_model()
