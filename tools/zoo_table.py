@@ -31,6 +31,9 @@ MODES = {"default": {}, "prune": {"prune_threshold": 1e-3},
          # the strength searched against the drift the user accepts (issue 10)
          "prune-auto": {"prune_sparsity": "auto", "max_drift": 0.99},
          "cluster-auto": {"cluster_weights": "auto", "max_drift": 0.99}}
+#: Modes whose passes read activation statistics: they get the model's calibration set when
+#: ``tools/calibration_data.py`` built one (the others need none).
+CALIBRATED = {mode for mode in MODES if mode not in ("default", "prune")}
 DATA = Path(__file__).resolve().parent.parent / "models" / "data"
 
 
@@ -41,8 +44,8 @@ def _nodes(main: int, total: int) -> str:
 def row(model: zoo.ZooModel, mode: str) -> str:
     start = time.perf_counter()
     calibration = DATA / model.name / "calibration"
-    extra = ({"calibration": str(calibration)} if MODES[mode].keys() - {"prune_threshold"}
-             and calibration.is_dir() else {})
+    extra = {"calibration": str(calibration)} if mode in CALIBRATED and calibration.is_dir() \
+        else {}
     _, report = onnxopt.optimize(str(model.onnx_path), inputs=str(model.inputs_path),
                                  raise_on_failure=False, **MODES[mode], **extra)
     seconds = time.perf_counter() - start
