@@ -526,136 +526,140 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         optimized, report.passes = original, []
         budget_warnings.append(f"{err}: the model is written unchanged")
     serialized = io.serialize(optimized) if validate or output is not None else None
-    written = None  # the files of output, once in place
-    if validate:
-        if (output is not None and serialized is not None and len(serialized) >= STAGE_BYTES
-                and not external.has_external_data(optimized)):
-            staged = io.stage_model(optimized, output, external_data=external_data,
-                                    protect=tuple(protect), serialized=serialized)
-            optimized = serialized = None  # released: onnxruntime loads the staged file
-            report.validation = check(staged.path, None, report.passes)
-            optimized, serialized = io.load_model_and_bytes(staged.path)
-            if report.validation.passed:  # what the write below would do, from the same bytes
-                written = staged.commit()
-            else:  # the search below works on the ModelProto
-                staged.discard()
-                serialized = serialized or io.serialize(optimized)
-        else:
-            report.validation = check(optimized, serialized, report.passes)
-        if (not report.validation.passed and budget is not None
-                and any(r.modified for r in report.passes if r.name in lossy_names)):
-            # The budget estimates (optimized session, simulated quantization); when the exact
-            # result misses, decide once more with half the allowed error in reserve.
-            ctx.budget = budget.tightened(BUDGET_RETRY_MARGIN)
-            candidate, records = attempt(pipeline)
-            candidate_bytes = io.serialize(candidate)
-            result = check(candidate, candidate_bytes, records)
-            budget_warnings.append(
-                f"the drift budget's estimate missed ({report.validation.reason}); decided "
-                f"again with {BUDGET_RETRY_MARGIN:.0%} of the allowed drift in reserve: "
-                + ("passed" if result.passed else "still failed"))
-            # passed or not, the second decision's result: a failure names its drift
-            optimized, report.passes, report.validation = candidate, records, result
-            serialized = candidate_bytes
-        if not report.validation.passed:
-            # Roll back lossless passes. First each one that changed the model, alone, from
-            # the end of the pipeline. When no single one is the culprit (two passes making the
-            # same breaking rewrite: leaving out either, the other makes it), a set grows from
-            # the end, doubling, by the passes that changed the model in its last failing
-            # attempt, until the result validates; then each pass of the set is put back when
-            # the result still validates without it. Reruns: at most k + 2L (k passes changed
-            # the model, L lossless passes in the pipeline); every pass left out is named.
-            # A lossy result is searched so only when the lossless passes alone fail too, on
-            # attempts without the lossy passes (no calibration, no budget); see the docstring.
-            def changed(records: list[PassRecord]) -> list[str]:
-                return [p.name for p in reversed(pipeline.lossless)
-                        if any(r.name == p.name and r.modified for r in records)]
-
-            lossy_failure = report.validation.mode == "lossy"
-            base, failing, records = pipeline, optimized, report.passes
-            alone = None  # in a lossy run, the lossless passes' own failure
-            lossless = "no lossless pass changed the model"
-            if lossy_failure and changed(records):
-                base = Pipeline(pipeline.lossless, pipeline.max_iterations)
-                failing, records = attempt(base)
-                result = check(failing, io.serialize(failing), records)
-                alone = None if result.passed else result
-                lossless = ("the lossless passes alone validate" if result.passed else
-                            f"the lossless passes alone fail too: {result.reason}")
-
-            failures: dict[frozenset, list[PassRecord]] = {}  # left out -> records, failed
-
-            def leave_out(names: list[str]):
-                """The attempt of ``base`` without ``names`` when it validates, else None."""
-                if frozenset(names) in failures:
-                    return None
-                candidate, records = attempt(functools.reduce(Pipeline.without, names, base))
+    staged = None  # the result written beside output to be validated from there, not yet in place
+    try:
+        if validate:
+            if (output is not None and serialized is not None and len(serialized) >= STAGE_BYTES
+                    and not external.has_external_data(optimized)):
+                staged = io.stage_model(optimized, output, external_data=external_data,
+                                        protect=tuple(protect), serialized=serialized)
+                optimized = serialized = None  # released: onnxruntime loads the staged file
+                report.validation = check(staged.path, None, report.passes)
+                optimized, serialized = io.load_model_and_bytes(staged.path)
+                if not report.validation.passed:  # the search below works on the ModelProto
+                    staged.discard()
+                    staged = None
+                    serialized = serialized or io.serialize(optimized)
+            else:
+                report.validation = check(optimized, serialized, report.passes)
+            if (not report.validation.passed and budget is not None
+                    and any(r.modified for r in report.passes if r.name in lossy_names)):
+                # The budget estimates (optimized session, simulated quantization); when the exact
+                # result misses, decide once more with half the allowed error in reserve.
+                ctx.budget = budget.tightened(BUDGET_RETRY_MARGIN)
+                candidate, records = attempt(pipeline)
                 candidate_bytes = io.serialize(candidate)
                 result = check(candidate, candidate_bytes, records)
-                if result.passed:
-                    return names, candidate, records, candidate_bytes, result
-                failures[frozenset(names)] = records
-                return None
-
-            found = None
-            if not lossy_failure or alone is not None:
-                found = next(filter(None, (leave_out([n]) for n in changed(records))), None)
-                left = []
-                while found is None:
-                    more = [n for n in changed(records) if n not in left][:max(1, len(left))]
-                    if not more:
-                        break
-                    left = left + more
-                    found = leave_out(left)
-                    records = failures.get(frozenset(left))
-                for name in list(found[0]) if found is not None else []:
-                    if len(found[0]) > 1:
-                        found = leave_out([n for n in found[0] if n != name]) or found
-            if found is not None:
-                names, candidate, records, candidate_bytes, result = found
-                failed = alone or report.validation
-                # Name the first tensor that went wrong in the failing candidate.
-                diverged = first_divergence(
-                    original, failing, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
-                    lossy=failed.mode == "lossy")
-                report.rolled_back.extend({"pass": n, "reason": failed.reason,
-                                           "first_divergence": diverged} for n in names)
-                if lossy_failure:  # the lossy passes once more, on the repaired pipeline
-                    candidate, records = attempt(functools.reduce(Pipeline.without, names,
-                                                                  pipeline))
-                    candidate_bytes = io.serialize(candidate)
-                    result = check(candidate, candidate_bytes, records)
+                budget_warnings.append(
+                    f"the drift budget's estimate missed ({report.validation.reason}); decided "
+                    f"again with {BUDGET_RETRY_MARGIN:.0%} of the allowed drift in reserve: "
+                    + ("passed" if result.passed else "still failed"))
+                # passed or not, the second decision's result: a failure names its drift
                 optimized, report.passes, report.validation = candidate, records, result
                 serialized = candidate_bytes
-            if lossy_failure and not report.validation.passed:
-                lossy = list(dict.fromkeys(r.name for r in report.passes if r.modified
-                                           and r.name in lossy_names)) or sorted(lossy_names)
-                report.validation.reason = (
-                    f"lossy pass{'es' if len(lossy) > 1 else ''} {', '.join(lossy)}: drift "
-                    "beyond the criteria even after the drift budget's second decision "
-                    f"({lossless}): {report.validation.reason}")
-                budget_warnings.append(
-                    f"{', '.join(lossy)} cannot be kept within the criteria: loosen --max-drift, "
-                    "leave the nodes --layerwise ranks first in float (--quantize-exclude), or "
-                    "choose another --quantize mode")
-    if validate and run["layerwise"]:
-        report.layerwise = compare_layerwise(
-            original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
-            lossy=report.validation.mode == "lossy",
-            synthesized=report.inputs["source"] == "synthesized")
-    report.after = model_stats(optimized, serialized)
-    report.warnings = budget_warnings + [w for r in report.passes for w in r.warnings] + (
-        calibration_feeds.warnings if calibration_feeds is not None else []) + (
-        report.validation.warnings if report.validation is not None else [])
-    failed = report.validation is not None and not report.validation.passed
-    strict = report.strict = run["strict"]
-    if written is None and output is not None and (
-            keep_invalid or not (failed or (strict and report.rolled_back))):
-        written = io.save_model(optimized, output, external_data=external_data,
-                                protect=tuple(protect), serialized=serialized)
-    if written is not None:
-        report.output = str(output)
-        report.after.file_bytes = sum(os.path.getsize(f) for f in written)
+            if not report.validation.passed:
+                # Roll back lossless passes. First each one that changed the model, alone, from
+                # the end of the pipeline. When no single one is the culprit (two passes making the
+                # same breaking rewrite: leaving out either, the other makes it), a set grows from
+                # the end, doubling, by the passes that changed the model in its last failing
+                # attempt, until the result validates; then each pass of the set is put back when
+                # the result still validates without it. Reruns: at most k + 2L (k passes changed
+                # the model, L lossless passes in the pipeline); every pass left out is named.
+                # A lossy result is searched so only when the lossless passes alone fail too, on
+                # attempts without the lossy passes (no calibration, no budget); see the docstring.
+                def changed(records: list[PassRecord]) -> list[str]:
+                    return [p.name for p in reversed(pipeline.lossless)
+                            if any(r.name == p.name and r.modified for r in records)]
+
+                lossy_failure = report.validation.mode == "lossy"
+                base, failing, records = pipeline, optimized, report.passes
+                alone = None  # in a lossy run, the lossless passes' own failure
+                lossless = "no lossless pass changed the model"
+                if lossy_failure and changed(records):
+                    base = Pipeline(pipeline.lossless, pipeline.max_iterations)
+                    failing, records = attempt(base)
+                    result = check(failing, io.serialize(failing), records)
+                    alone = None if result.passed else result
+                    lossless = ("the lossless passes alone validate" if result.passed else
+                                f"the lossless passes alone fail too: {result.reason}")
+
+                failures: dict[frozenset, list[PassRecord]] = {}  # left out -> records, failed
+
+                def leave_out(names: list[str]):
+                    """The attempt of ``base`` without ``names`` when it validates, else None."""
+                    if frozenset(names) in failures:
+                        return None
+                    candidate, records = attempt(functools.reduce(Pipeline.without, names, base))
+                    candidate_bytes = io.serialize(candidate)
+                    result = check(candidate, candidate_bytes, records)
+                    if result.passed:
+                        return names, candidate, records, candidate_bytes, result
+                    failures[frozenset(names)] = records
+                    return None
+
+                found = None
+                if not lossy_failure or alone is not None:
+                    found = next(filter(None, (leave_out([n]) for n in changed(records))), None)
+                    left = []
+                    while found is None:
+                        more = [n for n in changed(records) if n not in left][:max(1, len(left))]
+                        if not more:
+                            break
+                        left = left + more
+                        found = leave_out(left)
+                        records = failures.get(frozenset(left))
+                    for name in list(found[0]) if found is not None else []:
+                        if len(found[0]) > 1:
+                            found = leave_out([n for n in found[0] if n != name]) or found
+                if found is not None:
+                    names, candidate, records, candidate_bytes, result = found
+                    failed = alone or report.validation
+                    # Name the first tensor that went wrong in the failing candidate.
+                    diverged = first_divergence(
+                        original, failing, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
+                        lossy=failed.mode == "lossy")
+                    report.rolled_back.extend({"pass": n, "reason": failed.reason,
+                                               "first_divergence": diverged} for n in names)
+                    if lossy_failure:  # the lossy passes once more, on the repaired pipeline
+                        candidate, records = attempt(functools.reduce(Pipeline.without, names,
+                                                                      pipeline))
+                        candidate_bytes = io.serialize(candidate)
+                        result = check(candidate, candidate_bytes, records)
+                    optimized, report.passes, report.validation = candidate, records, result
+                    serialized = candidate_bytes
+                if lossy_failure and not report.validation.passed:
+                    lossy = list(dict.fromkeys(r.name for r in report.passes if r.modified
+                                               and r.name in lossy_names)) or sorted(lossy_names)
+                    report.validation.reason = (
+                        f"lossy pass{'es' if len(lossy) > 1 else ''} {', '.join(lossy)}: drift "
+                        "beyond the criteria even after the drift budget's second decision "
+                        f"({lossless}): {report.validation.reason}")
+                    budget_warnings.append(
+                        f"{', '.join(lossy)} cannot be kept within the criteria: loosen "
+                        "--max-drift, leave the nodes --layerwise ranks first in float "
+                        "(--quantize-exclude), or choose another --quantize mode")
+        if validate and run["layerwise"]:
+            report.layerwise = compare_layerwise(
+                original, optimized, feeds, atol=atol, rtol=rtol, max_drift=max_drift,
+                lossy=report.validation.mode == "lossy",
+                synthesized=report.inputs["source"] == "synthesized")
+        report.after = model_stats(optimized, serialized)
+        report.warnings = budget_warnings + [w for r in report.passes for w in r.warnings] + (
+            calibration_feeds.warnings if calibration_feeds is not None else []) + (
+            report.validation.warnings if report.validation is not None else [])
+        failed = report.validation is not None and not report.validation.passed
+        strict = report.strict = run["strict"]
+        if output is not None and (keep_invalid or not (failed or (strict and report.rolled_back))):
+            # staged: it passed, with nothing rolled back; committed last, so an interruption
+            # before here leaves no output
+            written = staged.commit() if staged is not None else io.save_model(
+                optimized, output, external_data=external_data, protect=tuple(protect),
+                serialized=serialized)
+            report.output = str(output)
+            report.after.file_bytes = sum(os.path.getsize(f) for f in written)
+    finally:  # an exception or interruption before the commit: nothing is left
+        if staged is not None:
+            staged.discard()
     if any(r.modified and r.name in STRENGTH_OPTIONS for r in report.passes):
         # zeros and shared values pay off only under compression: measured once, at the end
         report.compressed = {

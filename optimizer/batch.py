@@ -217,9 +217,12 @@ def plan(models: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
         if path.is_dir():
             found = sorted(path.rglob("*.onnx") if recursive else path.glob("*.onnx"))
             # a previous run's outputs in an output folder inside the input folder are not
-            # inputs (the output folder being the input folder is refused below)
+            # inputs (the output folder being the input folder is refused below), nor is what
+            # hides below the folder: a killed run's staged result (``.<name>.XXXX.tmp/``),
+            # version control's and editors' folders
             inside = path in out_dir.parents
-            found = [f for f in found if f.is_file() and not (inside and out_dir in f.parents)]
+            found = [f for f in found if f.is_file() and not (inside and out_dir in f.parents)
+                     and not any(part.startswith(".") for part in f.relative_to(path).parts)]
             if not found:
                 raise UsageError(f"{given}: no .onnx files in this folder"
                                  + ("" if recursive else " (--recursive searches subfolders)"))
@@ -447,7 +450,7 @@ def _in_order(work: list[_Job], runner, budget: int | None,
                 deadline[future] = time.monotonic() + timeout
         wait = max(0.0, min(deadline.values()) - time.monotonic()) if deadline else None
         finished, _ = cf.wait(running, timeout=wait, return_when=cf.FIRST_COMPLETED)
-        retry = []
+        retry, stopped = [], []
         for future in finished:
             deadline.pop(future, None)
             i = running.pop(future)
@@ -461,16 +464,20 @@ def _in_order(work: list[_Job], runner, budget: int | None,
                 retry.append(i)
             else:
                 done[i] = _died(work[i], err)
+                stopped.append(i)
         for future in [f for f, end in deadline.items() if end <= time.monotonic()]:
             if future not in running:  # ended with another job's (local pool)
                 continue
             i = running.pop(future)
             del deadline[future]
             done[i] = _timed_out(work[i], timeout)
+            stopped.append(i)
             if runner.stop(future):  # the others are run again, as they were
                 retry += running.values()
                 running.clear()
                 deadline.clear()
+        for i in stopped + retry:  # killed mid-run: what they staged beside their output stayed
+            io.remove_stale_staging(work[i].output)
         pending.extendleft(sorted(retry, reverse=True))
         while emitted in done:
             yield done.pop(emitted)

@@ -9,8 +9,10 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -643,7 +645,7 @@ def _check_output_path(path: str | None, what: str) -> None:
     if not ancestor.is_dir():
         raise UsageError(f"{path}: {ancestor} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=ancestor)
+        fd, probe = tempfile.mkstemp(prefix=io.staging_prefix(p), suffix=".tmp", dir=ancestor)
     except OSError as err:
         raise UsageError(f"{path}: cannot write to the folder {ancestor} "
                          f"({err.strerror or err})") from None
@@ -883,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
     out = _Out(rich=not (getattr(args, "quiet", False) and not sys.stdout.isatty()))
     commands = {"optimize": _cmd_optimize, "validate": _cmd_validate, "inspect": _cmd_inspect,
                 "passes": _cmd_passes}
+    previous = _raise_on_termination()
     try:
         return commands[args.command](args, out)
     except OnnxoptError as e:
@@ -891,9 +894,11 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())
         print(f"onnxopt: error: {message}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("onnxopt: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or _Terminated
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print("onnxopt: interrupted" if signum == signal.SIGINT else
+              f"onnxopt: terminated ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except OSError as e:  # the file system refused a read or write (full disk, permissions)
         where = f"{e.filename}: " if e.filename else ""
         print(f"onnxopt: error: {where}{e.strerror or e}", file=sys.stderr)
@@ -905,6 +910,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxopt: internal error: {type(e).__name__}: {message}"
               f"{'' if verbose else ' (--verbose prints the traceback)'}", file=sys.stderr)
         return PassError.exit_code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``timeout``, a container's stop, a closed terminal), raised in the
+    main thread: the run unwinds as on Ctrl-C -- a result staged beside the output and
+    temporary files are removed -- and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_on_termination() -> dict:
+    """Make SIGTERM and SIGHUP raise :class:`_Terminated`; returns the previous handlers (none
+    changed outside the main thread, where Python cannot set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def terminate(signum, frame):
+        raise _Terminated(signum)
+
+    return {signum: signal.signal(signum, terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def console_main() -> None:

@@ -8,7 +8,10 @@ file: everything is written to a temporary file (or folder) beside the target, t
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -120,6 +123,11 @@ def load_model_and_bytes(source: ModelSource, lazy: bool = False
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (ValueError, OSError) as err:
             raise ModelLoadError(f"{path}: cannot read external data ({err})") from None
+        for tensor in external_data_helper._get_all_tensors(model):
+            # loaded, a tensor is as if it had never been external (onnx sets the default)
+            if tensor.HasField("data_location") \
+                    and tensor.data_location == onnx.TensorProto.DEFAULT:
+                tensor.ClearField("data_location")
         return model, None
     return model, data
 
@@ -244,20 +252,45 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
                        serialized=serialized, base_dir=base_dir).commit()
 
 
+#: Characters of the target's name in its staging folder's name: a name near the file
+#: system's 255-byte limit still gets a folder (the file inside keeps the whole name).
+_STAGING_NAME_CHARS = 64
+
+
+def staging_prefix(target: Union[str, os.PathLike]) -> str:
+    """The name prefix of a hidden temporary file or folder beside ``target`` (``tempfile``'s
+    ``prefix``): a dot and the start of the target's name."""
+    return f".{Path(target).name[:_STAGING_NAME_CHARS]}."
+
+
+def remove_stale_staging(target: Union[str, os.PathLike]) -> None:
+    """Remove the staging folders of ``target`` (:class:`StagedModel`) that a process killed
+    before it could (SIGKILL: a batch's time limit, the out-of-memory killer) left beside it.
+    Only for a target no other process is writing."""
+    target = Path(target)
+    for folder in target.parent.glob(glob.escape(staging_prefix(target)) + "*.tmp"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class StagedModel:
     """A model written in full to a hidden temporary folder beside its target
     (:func:`stage_model`), not yet in place: ``path`` loads as a model file (its external data,
-    if any, beside it), :meth:`commit` renames it to the target, :meth:`discard` removes it. The
-    folder is removed when the object is collected or the interpreter exits, whichever comes
-    first (``tempfile.TemporaryDirectory``), so an interrupted run leaves no partial output."""
+    if any, beside it), :meth:`commit` renames it to the target, :meth:`discard` removes it and
+    the folders made for it. Should neither be called, the temporary folder is removed when the
+    object is collected or the interpreter exits (``tempfile.TemporaryDirectory``)."""
 
     def __init__(self, target: Path, external_data: bool):
         folder = target.parent if str(target.parent) else Path(".")
+        #: Folders made for the target, deepest first: removed again unless committed.
+        self._made = [f for f in (folder, *folder.parents) if not f.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self._tmp = tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".tmp",
-                                                    dir=folder, ignore_cleanup_errors=True)
+            self._tmp = tempfile.TemporaryDirectory(
+                prefix=staging_prefix(target), suffix=".tmp", dir=folder,
+                ignore_cleanup_errors=True)
         except OSError as err:
+            self._remove_made()
             raise UsageError(f"{target}: cannot write to the folder {folder} "
                              f"({err.strerror or err})") from None
         self.target = target
@@ -268,8 +301,12 @@ class StagedModel:
         self.external_data = external_data
 
     def commit(self) -> list[Path]:
-        """Rename the staged files to the target (the data file first, so the model file never
-        refers to missing data) and remove the temporary folder.
+        """Rename the staged files to the target and remove the temporary folder. With external
+        data, the data file goes first (the model never refers to missing data); an existing
+        data file of the target is kept aside until the model is in place and put back when the
+        model's rename fails, so a failed commit leaves the old output whole (between the two
+        renames a killed process leaves the new data beside the old model: POSIX renames one
+        file at a time).
 
         Returns:
             The files written: the model, then its external data file if any.
@@ -278,22 +315,41 @@ class StagedModel:
             UsageError: a rename fails.
         """
         written = [self.target]
+        data_target = self.target.with_name(self.target.name + ".data")
+        previous = self.data_path.with_name(".previous.data")
+        aside = False
         try:
             if self.data_path.exists() and self.data_path.stat().st_size:
-                data_target = self.target.with_name(self.target.name + ".data")
+                if data_target.exists():
+                    os.replace(data_target, previous)
+                    aside = True
                 os.replace(self.data_path, data_target)
                 written.append(data_target)
             os.replace(self.path, self.target)
         except OSError as err:
+            with contextlib.suppress(OSError):  # the old output as it was
+                if aside:
+                    os.replace(previous, data_target)
+                elif len(written) > 1:
+                    os.unlink(data_target)
+            self.discard()
             raise UsageError(f"{self.target}: cannot write the model ({err.strerror or err})") \
                 from None
-        finally:
-            self.discard()
+        self._made = []
+        self._tmp.cleanup()
         return written
 
     def discard(self) -> None:
-        """Remove the temporary folder and whatever is still in it."""
+        """Remove the temporary folder, whatever is still in it, and the folders made for the
+        target when they are empty."""
         self._tmp.cleanup()
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:
+            with contextlib.suppress(OSError):  # not empty: something else was put there
+                folder.rmdir()
+        self._made = []
 
 
 def stage_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxopt import io
 from onnxopt.graph import ModelStats
 from onnxopt.layerwise import LayerwiseResult
 from onnxopt.pass_manager import PassRecord
@@ -116,7 +117,7 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     rename, so that ``path`` is never seen half-written; creates missing folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=io.staging_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -21,7 +21,7 @@ from onnx import helper
 
 from helpers import assert_same_outputs, make_model
 from test_cli import _CorruptValuesLossy, _model  # a lossy pass failing validation; a model
-from onnxopt import UsageError, optimize_many
+from onnxopt import UsageError, io, optimize_many
 from onnxopt.errors import OnnxoptWarning
 from onnxopt.batch import (EXIT_SEVERITY, TIMEOUT_EXIT_CODE, ModelResult, _in_order, _Job, plan,
                            without_timings, worst_exit_code)
@@ -267,9 +267,14 @@ class _ThreadRunner:
                 self.beside.setdefault(other, set()).add(job.model)
             self.beside.setdefault(job.model, set()).update(self.running)
             self.running.add(job.model)
+        staged = None
+        if job.options.get("stage"):  # as a large result: staged beside the output meanwhile
+            staged = io.stage_model(onnx.ModelProto(), job.output)
         time.sleep(job.options["sleep"])
         with self.lock:
             self.running.discard(job.model)
+        if staged is not None:
+            staged.commit()
         return ModelResult(job.model, job.output, None, None, 0, job.options["sleep"])
 
     def died(self, err: BaseException) -> bool:
@@ -285,11 +290,12 @@ class _ThreadRunner:
     stops = 0
 
 
-def test_a_job_over_the_timeout_fails_alone_and_the_others_it_stopped_run_again():
+def test_a_job_over_the_timeout_fails_alone_and_the_others_it_stopped_run_again(tmp_path):
     # limit 0.3 s: "slow" is over it; "a" starts at 0.15 s (after "x"), is still running when
     # "slow" is stopped (with every running job, as in the local pool), and runs again
     sleeps = {"slow": 5.0, "x": 0.15, "a": 0.25, "b": 0.05}
-    work = [_Job(name, f"out/{name}", 1, {"sleep": sleep}) for name, sleep in sleeps.items()]
+    work = [_Job(name, str(tmp_path / name), 1, {"sleep": sleep, "stage": True})
+            for name, sleep in sleeps.items()]
     runner = _ThreadRunner(slots=2)
     submitted = []
     submit = runner.submit
@@ -303,6 +309,8 @@ def test_a_job_over_the_timeout_fails_alone_and_the_others_it_stopped_run_again(
     assert slow.error["type"] == "Timeout" and "after 0.3 s" in slow.error["message"]
     assert [r.exit_code for r in results[1:]] == [0, 0, 0]
     assert runner.stops == 1 and submitted.count("a") == 2 and submitted.count("slow") == 1
+    # what the stopped jobs staged is removed (their processes are killed: nothing else would)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "x"]
 
 
 def test_scheduler_keeps_input_order_and_runs_large_models_alone():
