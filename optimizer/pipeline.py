@@ -71,7 +71,16 @@ PassSpec = Union[str, Pass]
 #: int8-static 0.9944 -> 0.9972 with the full 8-bit grid as uint8 MatMul weights (exact u8u8
 #: kernels; 0.9960 with ``mse`` calibration, 0.9970 ``minmax``, 0.9972 ``percentile``), at a
 #: latency cost on CPUs without VNNI (0.83x fp32 instead of 0.72x; ``uint8_weights = false``
-#: gives the faster 7-bit int8 weights, cosine 0.9954).
+#: gives the faster 7-bit int8 weights, cosine 0.9954). ``quantize_static``'s
+#: ``latency_guided`` leaves float the sites onnxruntime runs faster in float, timed on the
+#: machine that quantizes; it is off here, as its choice depends on the machine's timings (two
+#: runs can write different models; ``[pipeline.options.quantize_static] latency_guided =
+#: true`` turns it on). Measured with it at load 4-10 on 2 cores (latency ratios to fp32, the
+#: before and after models timed side by side three times): PP-OCRv4 angle classifier
+#: 1.39-1.80x -> 0.86-0.94x (no placement with integer sites ran faster than float: the model
+#: stays float, argmax agreement 1.0); PP-OCRv4 rec 0.80-0.94x -> 0.78-0.89x (22 of 47 sites
+#: faster alone in integer form, 11 quantized after the drift budget; CER 0.0013 -> 0.0027,
+#: size 66 % -> 60 %; one of seven rec runs failed validation, cosine 0.9757).
 QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
     "int8-weight": {"quantize_embeddings": {}, "quantize_weights": {}},
     "int8-dynamic": {"smooth_quant": {"alpha": 0.75, "explicit_mul": True,

@@ -74,11 +74,54 @@ DequantizeLinear with the calibrated parameters and routed to that node only. Th
 the most harmful nodes float (sensitivity-ranked mixed precision); the statistics list the nodes
 quantized, those left float and why.
 
+Latency-guided placement (option ``latency_guided``): QDQ is worth it only where onnxruntime's
+integer kernel, with the Q/DQ the placement adds around it, beats the float kernel; on small
+CNNs it often does not (the angle classifier: QLinearConv 2.5 ms against float NCHWc Conv
+0.9 ms per run for the same 50 convolutions in onnxruntime's profile, plus 3.1 ms of
+QuantizeLinear/DequantizeLinear left around the hard-swish and squeeze-excitation ops between
+them: 1.66x fp32 with every site quantized). Measured on this machine, in two steps, with
+onnxruntime's graph optimizations on and its per-node profiler (``onnxopt.kernel_timing``: the
+sum of each kernel's shortest time in ``latency_rounds`` interleaved runs):
+
+1. each site -- the quantized readers of one activation, which share its QuantizeLinear -- is
+   timed alone, as a small model in its integer form (``Q -> DQ`` of the input, or the codes when
+   a QLinearConv produces it; DQ of the weight and int32 bias; ``Q`` of the output when the
+   placement quantizes it: what onnxruntime fuses into QLinearConv, QGemm or
+   MatMulIntegerToFloat) and in its float form, on the input's real shape (from the first
+   calibration feed); the layout conversions onnxruntime puts around a lone kernel (NCHWc
+   ``Reorder*``, NHWC ``Transpose``) are left out of both, as a whole model pays them once per
+   run of same-layout ops. A site stays float when ``integer > float * (1 + latency_margin)``.
+   TensorRT's builder chooses a layer's precision the same way, among those allowed, by timing
+   the layer's kernels (with reformatting layers between precisions); and unlike a whole-model
+   profile it needs no mapping from onnxruntime's fused and renamed nodes back to the sites;
+2. the whole model confirms: the sites step 1 kept, every site, and no site quantized, each
+   built and timed; the placement is the first of them within the margin of the fastest and
+   not slower than the float model. Step 1 cannot see what a placement costs between sites
+   (a Q/DQ and two layout conversions at every integer/float boundary): on the angle classifier
+   it kept 5 to 16 of 54 sites (nine runs at load 5-10), and with them the whole model took
+   2.7-3.2 ms of kernel time against 2.2-2.6 ms in float (six runs).
+
+Shortest kernel times and a margin make two runs agree on a quiet machine; on a loaded one a
+site within a few per cent of the margin can go either way (the statistics give both times):
+at load 5-10 on 2 cores, five quantizations of the angle classifier wrote the same model, and
+two of PP-OCRv4 rec chose the same whole-model candidate but disagreed on one 30 us Conv and a
+few 50-70 us MatMuls alone -- and the drift budget, deciding among different sites, then
+left a different set float.
+
+The drift budget then decides among the sites kept. Off by default, in the pass and in the
+``int8-static`` mode: with it, the output depends on the machine that quantizes and, near the
+margin, on its load (measured faster on both OCR models: ``optimizer/pipeline.py`` has the
+figures). Cost: one short run of two small models per site and ``latency_rounds`` runs
+of three whole models (PP-OCRv4 rec: 22 s of a 120 s pass at load 5-6).
+
 Statistics: ``nodes_quantized``, ``nodes_float`` (``{node: reason}``), ``refused``
 (``{reason: count}``), ``scheme``, ``calibration`` (method, feeds), ``activation_type``,
 ``bias_quantized``, ``bias_scale_raised`` (overflow guard), ``bias_correction`` (``off``, or
 ``corrected`` nodes among those quantized and ``not corrected`` ``{reason: count}``),
-``bytes_before``/``bytes_after`` (of the quantized weights), ``qdq_pairs``.
+``bytes_before``/``bytes_after`` (of the quantized weights), ``qdq_pairs``, ``latency``
+(``off``, or ``rounds``, ``margin``, ``float_faster`` and ``integer_kept`` ``{sites: {integer_us,
+float_us}}`` of step 1, their sums ``integer_us``/``float_us``, ``whole_model_us`` per candidate
+placement, the ``chosen`` one, and the ``seconds`` all this took).
 
 Errors: UsageError for invalid options (from the pass manager's checks).
 """
@@ -87,9 +130,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
@@ -98,13 +143,13 @@ from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTIL
                                           tensor_range)
 from onnxopt.budget import Proposal
 from onnxopt.edit import nbytes
-from onnxopt.graph import export_graph
+from onnxopt.graph import export_graph, import_graph, opset_version
 from onnxopt.errors import UsageError
 from onnxopt.names import fresh_name
 from onnxopt.ops import FLOAT_DTYPES, is_default_domain, output_channel_axis
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import (QMAX, QuantizeOptions, broadcastable, dequantize, excluded,
-                                   quantize_symmetric, scale_zero_point)
+from onnxopt.passes._quant import (QMAX, QRANGE, QuantizeOptions, broadcastable, dequantize,
+                                   excluded, quantize_symmetric, scale_zero_point)
 
 #: Weights with fewer elements stay float.
 MIN_ELEMENTS = 16
@@ -114,6 +159,16 @@ REDUCED_QMAX = 63
 UINT8_ZERO_POINT = 128
 #: Largest int32 bias magnitude.
 INT32_MAX = 2**31 - 1
+#: Layout conversions onnxruntime inserts around a lone kernel (NCHWc float Conv, NHWC
+#: QLinearConv): in a whole model they are paid once per run of same-layout ops, not per op, so
+#: the latency comparison leaves them out of both forms.
+LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput", "Transpose"})
+#: Default relative margin of the latency comparison (``latency_margin``): two quantizations
+#: of PP-OCRv4 rec at load 6 on 2 cores disagreed on 5 MatMuls of 50-70 us alone (up to 16 %
+#: apart) with 0.05 and 20 rounds; its Convs and the whole-model choice agreed.
+LATENCY_MARGIN = 0.1
+#: Default timed runs of each form (``latency_rounds``).
+LATENCY_ROUNDS = 50
 #: The weighted ops quantized, with the index of their activation input.
 QUANTIZED_OPS = {"MatMul": 0, "Gemm": 0, "Conv": 0}
 #: Ops whose integer kernel in onnxruntime needs a QuantizeLinear on the output (QLinearConv,
@@ -148,6 +203,13 @@ class QuantizeStaticOptions(QuantizeOptions):
             never saturate (module docstring); ``reduce_range`` then does not apply to them.
             Gemm and Conv weights stay int8 (QGemm/QLinearConv).
         min_elements: weights with fewer elements stay float.
+        latency_guided: time every quantized site (the readers of one activation tensor, which
+            share its QuantizeLinear) on onnxruntime in integer and in float form, and leave it
+            float when the integer form is slower by more than ``latency_margin`` (module
+            docstring, "Latency-guided placement").
+        latency_margin: relative noise margin of that comparison: a site stays integer unless
+            ``integer > float * (1 + latency_margin)``.
+        latency_rounds: timed runs of each form (each kernel's shortest time counts).
     """
 
     calibration: str = "mse"
@@ -158,6 +220,9 @@ class QuantizeStaticOptions(QuantizeOptions):
     reduce_range: bool = True
     uint8_weights: bool = False
     min_elements: int = MIN_ELEMENTS
+    latency_guided: bool = False
+    latency_margin: float = LATENCY_MARGIN
+    latency_rounds: int = LATENCY_ROUNDS
 
     def check(self) -> str | None:
         if self.calibration not in CALIBRATION_METHODS:
@@ -169,6 +234,10 @@ class QuantizeStaticOptions(QuantizeOptions):
             return f"option activation_type must be uint8 or int8, got {self.activation_type!r}"
         if self.min_elements < 1:
             return f"option min_elements must be at least 1, got {self.min_elements}"
+        if not 0.0 <= self.latency_margin < 1.0:
+            return f"option latency_margin must be in [0, 1), got {self.latency_margin}"
+        if self.latency_rounds < 1:
+            return f"option latency_rounds must be at least 1, got {self.latency_rounds}"
         return super().check()
 
 
@@ -194,6 +263,8 @@ class _Site:
     bias: gs.Constant | None
     chain: list = dataclasses.field(default_factory=list)
     output: gs.Variable | None = None
+    #: the output a QLinearConv / QGemm quantizes (``output`` unless a consumer's chain does)
+    quantizable_output: gs.Variable | None = None
     #: a MatMul's bias: the float32 constant of the Add that alone reads its output
     bias_add: gs.Constant | None = None
 
@@ -271,6 +342,51 @@ def _input_channels(node: gs.Node, w: gs.Constant) -> int:
     return w.shape[0]
 
 
+def _settle_outputs(sites: list[_Site], unranged: set[str]) -> None:
+    """Set each site's ``output``: its quantizable output, unless a site's chain already
+    quantizes that tensor (a consumer's propagated QDQ) or it has no calibrated range."""
+    chained = {id(t) for s in sites for t, _, _ in s.chain}
+    for s in sites:
+        y = s.quantizable_output
+        s.output = y if y is not None and id(y) not in chained and y.name not in unranged \
+            else None
+
+
+def _by_input(sites: list[_Site]) -> dict[str, list[_Site]]:
+    """The sites by the name of the activation they read (the readers of one QuantizeLinear),
+    in graph order."""
+    groups: dict[str, list[_Site]] = collections.defaultdict(list)
+    for site in sites:
+        groups[site.x.name].append(site)
+    return groups
+
+
+def _stored(q: np.ndarray, scale: np.ndarray, unsigned: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The weight codes as stored and their zero point: int8 ``q`` with zero point 0, or
+    (``unsigned``) ``q + 128`` as uint8 with zero point 128, one per element of ``scale``."""
+    if unsigned:
+        return ((q.astype(np.int16) + UINT8_ZERO_POINT).astype(np.uint8),
+                np.full_like(scale, UINT8_ZERO_POINT, np.uint8))
+    return q, np.zeros_like(scale, np.int8)
+
+
+def float_faster(times: dict[str, tuple[float, float]], margin: float) -> set[str]:
+    """The keys of ``times`` (``{site group: (integer us, float us)}``) whose integer form is
+    slower than ``float * (1 + margin)``: within the margin a site stays integer (smaller, and
+    the difference is not told apart from noise)."""
+    return {k for k, (t_int, t_float) in times.items() if t_int > t_float * (1.0 + margin)}
+
+
+def whole_model_choice(times: dict[str, float], margin: float, float_model: str) -> str:
+    """The placement to keep among ``times`` (``{placement: us}`` in order of preference: the
+    sites measured faster alone, every site, none; ``float_model`` names the one without
+    integer sites): the first within ``margin`` of the fastest and not slower than the float
+    model. The whole model overrules the sites' own timings only beyond the noise margin, and
+    integer sites never make the model slower than fp32 as measured."""
+    bound = min(min(times.values()) * (1.0 + margin), times[float_model])
+    return next(name for name, t in times.items() if t <= bound)
+
+
 @register
 class QuantizeStatic(Pass):
     name = "quantize_static"
@@ -313,14 +429,13 @@ class QuantizeStatic(Pass):
             _propagate(site.x, node, 0, types, site.chain)
             y = node.outputs[0]
             if node.op in QUANTIZED_OUTPUT and y.name not in outputs and _is_float(y, types):
-                site.output = y  # QLinearConv / QGemm need DQ -> Conv/Gemm -> Q
+                site.quantizable_output = y  # QLinearConv / QGemm need DQ -> Conv/Gemm -> Q
             sites.append(site)
 
-        chained = {id(t) for s in sites for t, _, _ in s.chain}
-        for s in sites:
-            if s.output is not None and id(s.output) in chained:
-                s.output = None  # a consumer's propagated QDQ already quantizes it
+        _settle_outputs(sites, set())
         names = {s.x.name for s in sites} | {s.output.name for s in sites if s.output}
+        if o.latency_guided:  # a site left float may leave its producer's output unquantized
+            names |= {s.quantizable_output.name for s in sites if s.quantizable_output}
         feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
         channel = {s.x.name: (1 if s.node.op == "Conv" else -1) for s in sites} \
             if o.bias_correction else {}
@@ -336,25 +451,33 @@ class QuantizeStatic(Pass):
             refused["no finite calibration value"] += 1
             self._float[_group(site.node)] = "no finite calibration value"
             sites.remove(site)
-        for site in sites:
-            if site.output is not None and stats[site.output.name].count == 0:
-                site.output = None
+        unranged = {n for n in names if stats[n].count == 0}
+        _settle_outputs(sites, unranged)
         self._ranges = {n: tensor_range(stats[n], o.calibration, o.percentile, dtype)
-                        for n in names}
+                        for n in names if n not in unranged}
+        self._latency: dict | None = None
+        if o.latency_guided and sites:
+            sites = self._place_by_latency(graph, ctx.template, sites, next(iter(feeds)), stats,
+                                           dtype, unranged, refused)
         self._calibration = {"method": o.calibration, "feeds": stats.feeds,
                              **({"percentile": o.percentile}
                                 if o.calibration == "percentile" else {})}
-        self._qdq: dict[tuple, gs.Variable] = {}
-        self._stored: dict[str, int] = {}
-        self._raised = self._biases = 0
-        self._corrected: set[str] = set()
-        self._uncorrected: collections.Counter[str] = collections.Counter()
+        self._reset_tallies()
         proposals = []
         for site in sites:
             proposals.extend(self._site_proposals(graph, site, stats, dtype))
         self._sites = {_group(s.node): s for s in sites}
         return PassResult(False, {"refused": dict(sorted(refused.items()))} if refused else {},
                           proposals=proposals)
+
+    def _reset_tallies(self) -> None:
+        """Forget what building and applying proposals counted (QDQ pairs, stored bytes, biases,
+        corrections): the tallies of the proposals the pass returns start from here."""
+        self._qdq: dict[tuple, gs.Variable] = {}
+        self._stored: dict[str, int] = {}
+        self._raised = self._biases = 0
+        self._corrected: set[str] = set()
+        self._uncorrected: collections.Counter[str] = collections.Counter()
 
     def _params(self, name: str, dtype: np.dtype) -> tuple[np.float32, np.ndarray]:
         lo, hi = self._ranges[name]
@@ -363,8 +486,7 @@ class QuantizeStatic(Pass):
     def _site_proposals(self, graph: gs.Graph, site: _Site, stats, dtype) -> list[Proposal]:
         o, node, w = self.options, site.node, site.weight
         s_x, z_x = self._params(site.x.name, dtype)
-        unsigned = o.uint8_weights and node.op == "MatMul"
-        qmax = REDUCED_QMAX if o.reduce_range and not unsigned else QMAX
+        unsigned, qmax = self._grid(node)
         q, scale = quantize_symmetric(w.values, site.axis, qmax)
         bias_q = None
         out_axis = output_channel_axis(node, 1, len(w.shape))
@@ -417,11 +539,7 @@ class QuantizeStatic(Pass):
                 return fresh_name(graph, f"{w.name}_{suffix}")
             attrs = {"axis": site.axis} if site.axis is not None else {}
             out = gs.Variable(name("dequantized"), np.float32, w.shape)
-            if unsigned:
-                stored = (q.astype(np.int16) + UINT8_ZERO_POINT).astype(np.uint8)
-                zero_point = np.full_like(scale, UINT8_ZERO_POINT, np.uint8)
-            else:
-                stored, zero_point = q, np.zeros_like(scale, np.int8)
+            stored, zero_point = _stored(q, scale, unsigned)
             added = [gs.Constant(name("quantized"), stored), gs.Constant(name("scale"), scale),
                      gs.Constant(name("zero_point"), zero_point)]
             graph.nodes.append(gs.Node("DequantizeLinear", name("DequantizeLinear"), attrs,
@@ -457,6 +575,196 @@ class QuantizeStatic(Pass):
                      if t is y]
             proposals.append(self._activation(graph, y, params, None, chain, group))
         return proposals
+
+    def _grid(self, node: gs.Node) -> tuple[bool, int]:
+        """``(unsigned, qmax)`` of ``node``'s weight: uint8 codes (``uint8_weights``, MatMul
+        only) and the largest code magnitude."""
+        unsigned = self.options.uint8_weights and node.op == "MatMul"
+        return unsigned, REDUCED_QMAX if self.options.reduce_range and not unsigned else QMAX
+
+    def _place_by_latency(self, graph: gs.Graph, template, sites: list[_Site], feed: dict,
+                          stats, dtype: np.dtype, unranged: set[str],
+                          refused: collections.Counter) -> list[_Site]:
+        """The sites to quantize when onnxruntime's speed decides (module docstring,
+        "Latency-guided placement"); the others are recorded as float, with their times.
+
+        Raises:
+            InputError: onnxruntime cannot run the model or a timing model.
+        """
+        from onnxopt.kernel_timing import kernel_times
+
+        o = self.options
+        start = time.perf_counter()
+        measured = self._time_sites(graph, template, sites, feed, dtype)
+        slower = float_faster(measured, o.latency_margin)
+        kept = [s for s in sites if s.x.name not in slower]
+        _settle_outputs(kept, unranged)
+        # the whole model confirms: isolated timings miss what a placement costs between its
+        # sites (layout conversions, Q/DQ at every integer/float boundary)
+        candidates = {"measured": kept, "every site": sites, "none": []}
+        models, placed = {}, {}
+        for name, chosen in candidates.items():
+            key = frozenset(id(s) for s in chosen)
+            if key not in placed:  # not the placement of an earlier candidate
+                placed[key] = name
+                models[name] = self._placed_model(graph, template, chosen, stats, dtype,
+                                                  unranged)
+        times = kernel_times(models, {name: feed for name in models}, o.latency_rounds)
+        choice = whole_model_choice(times, o.latency_margin, placed[frozenset()])
+        groups = _by_input(sites)
+
+        def listing(keys):
+            return {", ".join(_group(s.node) for s in groups[x]):
+                    {"integer_us": measured[x][0], "float_us": measured[x][1]} for x in keys}
+
+        self._latency = {
+            "rounds": o.latency_rounds, "margin": o.latency_margin,
+            "float_faster": listing(x for x in groups if x in slower),
+            "integer_kept": listing(x for x in groups if x not in slower),
+            "integer_us": sum(t for t, _ in measured.values()),
+            "float_us": sum(t for _, t in measured.values()),
+            "whole_model_us": times, "chosen": choice,
+            "seconds": round(time.perf_counter() - start, 2)}
+        chosen = candidates[choice]
+        with_kept = times["measured"]
+        quantized = {id(s) for s in chosen}
+        for site in sites:
+            if id(site) in quantized:
+                continue
+            refused["kept float: faster than integer"] += 1
+            t_int, t_float = measured[site.x.name]
+            self._float[_group(site.node)] = (
+                f"float faster ({t_float:.0f} us, integer {t_int:.0f} us)"
+                if site.x.name in slower else
+                f"float faster in the whole model ({times[choice]:.0f} us, {with_kept:.0f} us "
+                f"with the sites faster alone in integer form)")
+        _settle_outputs(chosen, unranged)
+        return chosen
+
+    def _placed_model(self, graph: gs.Graph, template, sites: list[_Site], stats,
+                      dtype: np.dtype, unranged: set[str]) -> onnx.ModelProto:
+        """The model with every proposal of ``sites`` applied, built on a copy of ``graph``
+        (the pass's graph is left as it was; its tallies are reset before its own proposals)."""
+        model = export_graph(graph, template)
+        if not sites:
+            return model
+        copy = import_graph(model)
+        tensors = copy.tensors()
+        producers = {n.outputs[0].name: n for n in copy.nodes if n.outputs}
+
+        def tensor(t):
+            return None if t is None else tensors[t.name]
+
+        def node(n):
+            return producers[n.outputs[0].name]
+
+        moved = [_Site(node(s.node), tensor(s.x), tensor(s.weight), s.axis, tensor(s.bias),
+                       [(tensor(t), node(r), i) for t, r, i in s.chain], tensor(s.output),
+                       tensor(s.quantizable_output), tensor(s.bias_add)) for s in sites]
+        _settle_outputs(moved, unranged)
+        self._reset_tallies()
+        for site in moved:
+            for proposal in self._site_proposals(copy, site, stats, dtype):
+                proposal.apply()
+        copy.cleanup().toposort()
+        return export_graph(copy, template)
+
+    def _time_sites(self, graph: gs.Graph, template, sites: list[_Site], feed: dict,
+                    dtype: np.dtype) -> dict[str, tuple[float, float]]:
+        """``{activation: (integer us, float us)}``: the sites reading each activation, timed
+        alone in both forms (:meth:`_timing_models`) on its shape when the model runs on
+        ``feed``, layout conversions left out."""
+        from onnxopt.kernel_timing import kernel_times, tensor_shapes
+
+        groups = _by_input(sites)
+        shapes = tensor_shapes(export_graph(graph, template), sorted(groups), feed)
+        opset, ir_version = opset_version(graph), max(template.ir_version, 7)
+        coded = ({id(s.output) for s in sites if s.output is not None}
+                 | {id(t) for s in sites for t, _, _ in s.chain})
+        site_nodes = {id(s.node) for s in sites}
+        models, feeds = {}, {}
+        for x, members in groups.items():
+            pair = self._timing_models(members, shapes[x], coded, site_nodes, dtype, opset,
+                                       ir_version)
+            for form, (m, f) in zip(("integer", "float"), pair):
+                models[(x, form)], feeds[(x, form)] = m, f
+        times = kernel_times(models, feeds, self.options.latency_rounds, skip=LAYOUT_OPS)
+        return {x: (times[(x, "integer")], times[(x, "float")]) for x in groups}
+
+    def _timing_models(self, sites: list[_Site], shape: tuple, coded: set[int],
+                       site_nodes: set[int], dtype: np.dtype, opset: int,
+                       ir_version: int) -> tuple[tuple, tuple]:
+        """The integer and the float form of the sites reading one activation ``x`` (shape
+        ``shape``), each as ``(model, feed)``: ``x -> Q -> DQ`` once, then each site's op on its
+        dequantized weight and int32 bias, its output quantized when the placement quantizes it
+        (then onnxruntime fuses QLinearConv / QGemm / MatMulIntegerToFloat as in the whole model);
+        and the ops on the float weights. When ``x`` is the quantized output of another site (a
+        QLinearConv feeding a QLinearConv), the integer form starts from its codes, as the whole
+        model does. ``coded``, ``site_nodes``: ``id`` of the tensors the placement quantizes and
+        of the nodes it quantizes. Feeds are random: kernel time does not depend on the values."""
+        h, x = onnx.helper, sites[0].x
+        rng = np.random.default_rng(0)
+        s_x, z_x = self._params(x.name, dtype)
+        # x, or a tensor its QDQ is propagated to, is the output of a quantized Conv/Gemm
+        from_codes = any(id(t) in coded and len(t.inputs) == 1 and id(t.inputs[0]) in site_nodes
+                         and t.inputs[0].op in QUANTIZED_OUTPUT for t, _, _ in sites[0].chain)
+        elem = h.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        init_i, init_f, nodes_i, nodes_f, outs_i, outs_f = [], [], [], [], [], []
+
+        def const(store, name, value):
+            store.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+            return name
+
+        const(init_i, "x_scale", s_x), const(init_i, "x_zero_point", z_x)
+        if from_codes:
+            inputs_i = [h.make_tensor_value_info("xq", elem, shape)]
+        else:
+            inputs_i = [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)]
+            nodes_i.append(h.make_node("QuantizeLinear", ["x", "x_scale", "x_zero_point"], ["xq"]))
+        nodes_i.append(h.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero_point"], ["xd"]))
+        for k, site in enumerate(sites):
+            node, w = site.node, site.weight
+            unsigned, qmax = self._grid(node)
+            q, scale = quantize_symmetric(w.values, site.axis, qmax)
+            stored, zero_point = _stored(q, scale, unsigned)
+            axis = {"axis": site.axis} if site.axis is not None else {}
+            nodes_i.append(h.make_node("DequantizeLinear", [
+                const(init_i, f"w{k}", stored), const(init_i, f"w{k}_scale", scale),
+                const(init_i, f"w{k}_zero_point", zero_point)], [f"w{k}d"], **axis))
+            names_i, names_f = ["xd", f"w{k}d"], ["x", const(init_f, f"w{k}", w.values)]
+            if site.bias is not None:
+                b_scale = np.asarray(float(s_x) * scale.astype(np.float64), np.float32)
+                b_q = np.clip(np.rint(site.bias.values / b_scale), -INT32_MAX, INT32_MAX)
+                const(init_i, f"b{k}", b_q.astype(np.int32)), const(init_i, f"b{k}_scale", b_scale)
+                const(init_i, f"b{k}_zero_point", np.zeros(b_scale.shape, np.int32))
+                nodes_i.append(h.make_node("DequantizeLinear", [f"b{k}", f"b{k}_scale",
+                                                                f"b{k}_zero_point"], [f"b{k}d"],
+                                           **({"axis": 0} if b_scale.ndim else {})))
+                names_i.append(f"b{k}d")
+                names_f.append(const(init_f, f"b{k}", site.bias.values))
+            attrs = dict(node.attrs)
+            nodes_i.append(h.make_node(node.op, names_i, [f"y{k}"], **attrs))
+            nodes_f.append(h.make_node(node.op, names_f, [f"y{k}"], **attrs))
+            outs_f.append(h.make_empty_tensor_value_info(f"y{k}"))
+            y = node.outputs[0]
+            if id(y) in coded and y.name in self._ranges:
+                s_y, z_y = self._params(y.name, dtype)
+                const(init_i, f"y{k}_scale", s_y), const(init_i, f"y{k}_zero_point", z_y)
+                nodes_i.append(h.make_node("QuantizeLinear", [f"y{k}", f"y{k}_scale",
+                                                              f"y{k}_zero_point"], [f"y{k}q"]))
+                outs_i.append(h.make_empty_tensor_value_info(f"y{k}q"))
+            else:
+                outs_i.append(h.make_empty_tensor_value_info(f"y{k}"))
+        opsets = [h.make_opsetid("", opset)]
+        model_i = h.make_model(h.make_graph(nodes_i, "integer", inputs_i, outs_i, init_i),
+                               opset_imports=opsets, ir_version=ir_version)
+        model_f = h.make_model(h.make_graph(nodes_f, "float", [h.make_tensor_value_info(
+            "x", onnx.TensorProto.FLOAT, shape)], outs_f, init_f), opset_imports=opsets,
+            ir_version=ir_version)
+        lo, hi = QRANGE[np.dtype(dtype)]
+        feed_i = ({"xq": rng.integers(lo, hi + 1, shape).astype(dtype)} if from_codes
+                  else {"x": rng.standard_normal(shape).astype(np.float32)})
+        return (model_i, feed_i), (model_f, {"x": rng.standard_normal(shape).astype(np.float32)})
 
     def _input_mean(self, site: _Site, stats) -> np.ndarray | None:
         """``E[x]`` per input channel of ``site`` (float64, ``[C]``), or None (reason counted)."""
@@ -539,6 +847,7 @@ class QuantizeStatic(Pass):
                                  "not corrected": dict(sorted(self._uncorrected.items()))}
                                 if self.options.bias_correction else "off"),
             "qdq_pairs": len(self._qdq),
+            "latency": self._latency if self._latency is not None else "off",
             "proposed": len(result.proposals), "accepted": len(accepted),
             "bytes_before": sum(nbytes(s.weight) for s in sites),
             "bytes_after": sum(self._stored.get(_group(s.node), 0) for s in sites),
