@@ -456,6 +456,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster-method", choices=("kmeans", "gptvq"),
                    help="assignment to the codebook: nearest value (kmeans, default) or "
                         "Hessian-compensated from calibration data (gptvq)")
+    g.add_argument("--cluster-codebook-dtype", choices=("float32", "float16"),
+                   help="dtype the codebooks are stored in (float16: Cast back at load)")
+    g.add_argument("--cluster-wide", type=int, metavar="K",
+                   help="mixed strength: the tensors whose clustering harms the measured drift "
+                        "most get K clusters while --cluster-size-budget holds")
+    g.add_argument("--cluster-size-budget", type=float, metavar="FRACTION",
+                   help="with --cluster-wide: initializer bytes after clustering at most this "
+                        "fraction of their bytes before")
     p.add_argument("--quantize", choices=sorted(QUANTIZE_MODES),
                    help="quantization mode (lossy): " + "; ".join(
                        f"{mode}: {', '.join(passes)}" for mode, passes in QUANTIZE_MODES.items()))

@@ -117,6 +117,9 @@ OPTION_SUGAR: dict[str, tuple[str, str]] = {
     "cluster_weights": ("cluster_weights", "clusters"),
     "cluster_per_channel": ("cluster_weights", "per_channel"),
     "cluster_method": ("cluster_weights", "method"),
+    "cluster_codebook_dtype": ("cluster_weights", "codebook_dtype"),
+    "cluster_wide": ("cluster_weights", "wide_clusters"),
+    "cluster_size_budget": ("cluster_weights", "size_budget"),
 }
 #: The options giving each of these passes its strength: with none of them set it would change
 #: nothing, which is refused rather than run silently.

@@ -90,6 +90,37 @@ A tensor with at most ``K`` distinct values (per codebook) is stored exactly: it
 those values, without k-means (which could leave a centroid where no value is and merge two
 close values).
 
+Float16 codebooks (``codebook_dtype="float16"``): the codebook is stored in float16 (half the
+bytes of the codebooks: about 1.4 MB of the 13.1 MB of MiniLM-L6's K = 16 per-channel form)
+and the gathered weight is Cast to W's dtype (``Gather`` then ``Cast``, folded by onnxruntime
+like the rest). Rounding a centroid to float16 moves it by at most ``2^-11`` of its value,
+small against the clustering error at K <= 256; a tensor of few values is then exact only
+when they are float16 values.
+
+Mixed strength (``wide_clusters`` with ``size_budget``): the tensors are clustered at
+``clusters``; each one's proposal alone is measured through the drift budget (the run's first
+criterion on :data:`SENSITIVITY_FEEDS` of its feeds, ``DriftBudget.alone``: leave-one-in
+sensitivity, Dong et al. 2019, "HAWQ", section 3), and by decreasing measured harm per index
+byte widening adds, each tensor is re-clustered at ``wide_clusters`` while the graph's
+initializers stay within ``size_budget`` of their bytes before. The local error cannot rank
+them: on MiniLM-L6 at K = 16 the Spearman correlation of the masked-cosine drift of each MatMul
+weight alone with its relative output error ``tr(dW^T H dW) / tr(W^T H W)`` is -0.33, with the
+absolute ``tr(dW^T H dW)`` 0.04 (the cosine lost per tensor alone ranges from 5e-5 to 1.8e-3;
+the FFN weights and a few attention projections of the last layers harm most). Without a drift
+budget nothing is widened and ``ranking`` says why. Measured on MiniLM-L6
+(``tools/prune_benchmark.py --sections cluster``; K = 16, per-channel, ``"gptvq"``): float32
+codebooks 0.9786 at 14.4 % of the fp32 file, float16 codebooks 0.9786 at 13.6 %; with
+``wide_clusters`` 256 and ``size_budget`` 0.148 (10 of 39 tensors at 256, the budget measuring
+on the calibration feeds over real tokens) 0.9861 at 14.88 %; 0.149 (12 at 256) 0.9863 at
+15.02 % (the graph takes 0.14 % of the file beside the initializers). Tried and not kept (measured with the MatMul weights only;
+1-D per-channel GPTVQ 0.9810 there): GPTVQ's 2-D codebooks (256 pairs of adjacent outputs, one
+uint8 index per pair, one codebook per tensor, act-order compensation) 0.6081, with the columns
+scaled by their RMS 0.5258 -- comparable per attention matrix (output error 0.8-1.3x) but 1.5x
+on the FFN inputs and diverging on the FFN outputs ``[1536, 384]`` (output error 0.04-0.24
+against 1e-4-1e-3: the compensation pushes the weights off a codebook fitted before it); a 2-D
+codebook of the word embedding (token-frequency weighted) costs what its 1-D per-dimension one
+does (cosine 0.99758 vs 0.99779, each alone), and 3-D (2.67 bits a weight) 0.9907.
+
 The proposal's value is ``codebook[idx]`` in W's dtype: exactly what the model computes.
 
 Drift budget: each tensor is one proposal (its own group). Statistics: ``clusters``,
@@ -101,7 +132,10 @@ although ``per_channel`` was asked (see above); ``tensors_clustered``,
 ``proposed``/``accepted``; ``bytes_before``/``bytes_after`` (of the accepted tensors);
 ``refused`` (``{reason: count}``); ``per_tensor``: ``{name: {shape, clusters, bytes_before,
 bytes_after, relative_error}}`` for every proposal (``relative_error`` = ``||W' - W|| /
-||W||``; ``accepted`` says whether the budget took it).
+||W||``; ``accepted`` says whether the budget took it; ``drift``: the measured harm of the
+tensor alone, with ``wide_clusters``); ``codebook_dtype``; with ``wide_clusters``:
+``wide_clusters``, ``size_budget``, ``ranking`` (``"measured"``, or why nothing was measured)
+and ``wide`` (the accepted tensors at ``wide_clusters``).
 
 Errors: :class:`onnxopt.errors.UsageError` when ``weighted`` or ``"gptvq"`` is asked without
 calibration data.
@@ -141,6 +175,9 @@ METHODS = ("kmeans", "gptvq")
 #: Input features whose assignment errors are spread at once before the rest of the weight is
 #: updated (GPTQ's lazy batch, Frantar et al. 2023, section 4 step 2).
 GPTVQ_BATCH = 128
+CODEBOOK_DTYPES = ("float32", "float16")
+#: Budget feeds the measured ranking of ``wide_clusters`` runs per tensor.
+SENSITIVITY_FEEDS = 4
 
 
 @dataclass(frozen=True)
@@ -166,6 +203,14 @@ class ClusterWeightsOptions:
             codebook comes from the weighted k-means).
         damp: with ``"gptvq"``, the dampening added to the Hessian's diagonal, a fraction of
             its mean.
+        codebook_dtype: ``"float32"`` (default: W's dtype) or ``"float16"`` (codebooks stored
+            in float16, the gathered weight Cast to W's dtype).
+        wide_clusters: with ``size_budget``, the codebook size of the tensors whose
+            ``clusters`` proposal harms the measured drift most per byte widening saves
+            (mixed strength; needs a drift budget, see the module docstring).
+        size_budget: the bytes of the graph's initializers after clustering at most this
+            fraction of their bytes before (about the file's fraction); tensors are given
+            ``wide_clusters`` greedily while it holds.
     """
 
     clusters: int | str | None = None
@@ -176,6 +221,9 @@ class ClusterWeightsOptions:
     init: str = "companded"
     method: str = "kmeans"
     damp: float = 0.01
+    codebook_dtype: str = "float32"
+    wide_clusters: int | None = None
+    size_budget: float | None = None
 
     def check(self) -> str | None:
         if self.clusters is not None and self.clusters != "auto" and (
@@ -192,6 +240,17 @@ class ClusterWeightsOptions:
             return f"option method must be one of {', '.join(METHODS)}, got {self.method!r}"
         if not 0 < self.damp < 1:
             return f"option damp must be in (0, 1), got {self.damp}"
+        if self.codebook_dtype not in CODEBOOK_DTYPES:
+            return f"option codebook_dtype must be one of {', '.join(CODEBOOK_DTYPES)}, got " \
+                   f"{self.codebook_dtype!r}"
+        if (self.wide_clusters is None) != (self.size_budget is None):
+            return "options wide_clusters and size_budget go together"
+        if self.wide_clusters is not None and (
+                isinstance(self.wide_clusters, str) or not 2 <= self.wide_clusters <= 256):
+            return f"option wide_clusters must be an integer from 2 to 256, got " \
+                   f"{self.wide_clusters!r}"
+        if self.size_budget is not None and not 0 < self.size_budget <= 1:
+            return f"option size_budget must be in (0, 1], got {self.size_budget}"
         return None
 
 
@@ -368,9 +427,12 @@ def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass
 class _Plan:
-    """One tensor's clustering: codebook ``[C, K]`` (W's dtype), indices (uint8, W's shape,
-    into the codebook of the element's channel), the channel axis (None: one codebook), the
-    value the model computes with, ``||W' - W|| / ||W||`` and the bytes stored."""
+    """One tensor's clustering: codebook ``[C, K]`` (``codebook_dtype``), indices (uint8, W's
+    shape, into the codebook of the element's channel), the channel axis (None: one codebook),
+    the value the model computes with, ``||W' - W|| / ||W||``, the bytes stored; whether
+    ``per_channel`` gave way to one codebook, whether weights were asked but not found, why
+    ``"gptvq"`` did not compensate (None: it did, or not asked); the measured drift of the
+    tensor alone (mixed strength) and whether it has ``wide_clusters``."""
 
     tensor: gs.Constant
     codebook: np.ndarray
@@ -379,6 +441,11 @@ class _Plan:
     value: np.ndarray
     relative_error: float
     bytes_after: int
+    one_codebook: bool = False
+    unweighted: bool = False
+    uncompensated: str | None = None
+    drift: float | None = None
+    wide: bool = False
 
 
 def _channel_weights(t: gs.Constant, slots, stats: ActivationStats) -> np.ndarray | None:
@@ -430,15 +497,19 @@ def _hessian(t: gs.Constant, slots, stats: ActivationStats) -> tuple[int, object
     return axis, stats[x.name].gram
 
 
+def _index_bytes(n: int, k: int) -> int:
+    """Bytes of the indices of ``n`` elements into ``k`` clusters: 4 or 8 bits each."""
+    return (n + 1) // 2 if k <= NIBBLE_CLUSTERS else n
+
+
 def _stored_bytes(shape: tuple, k: int, codebook: np.ndarray, axis: int | None) -> int:
     """Bytes of the initializers the runtime form of a weight of ``shape`` holds (see the
     module docstring and ``ClusterWeights._rewrite``): indices, codebook, offsets, and the small
     constants of the unpacking (16, 4, the slice bounds, the shape)."""
     n = int(np.prod(shape))
+    index = _index_bytes(n, k)
     if k <= NIBBLE_CLUSTERS:
-        index = (n + 1) // 2 + 2 + (16 if n % 2 else 0) + 8 * len(shape)
-    else:
-        index = n
+        index += 2 + (16 if n % 2 else 0) + 8 * len(shape)
     return index + codebook.nbytes + (0 if axis is None else 4 * codebook.shape[0])
 
 
@@ -472,36 +543,43 @@ class ClusterWeights(Pass):
             stats = ctx.analyses.get(ActivationGrams if gptvq else ActivationStats)
         usedef = ctx.analyses.get(UseDef)
         refused: collections.Counter[str] = collections.Counter()
-        self._plans: dict[int, _Plan] = {}
-        self._unweighted = self._one_codebook = self._compensated = 0
-        self._uncompensated: collections.Counter[str] = collections.Counter()
-        proposals = []
+        self._ranking = None
+        plans = []
         for t in weight_initializers(graph, CLUSTERED_KINDS):
-            reason, plan = self._plan(t, usedef, stats)
+            reason, plan = self._plan(t, usedef, stats, k)
             if reason is not None:
                 refused[reason] += 1
                 continue
-            self._plans[id(t)] = plan
-            g = usedef.owner(input_slots(t)[0][0])
-            proposals.append(Proposal(tensor=t, value=plan.value,
-                                      apply=self._rewrite(graph, g, plan, ctx)))
+            plans.append(plan)
+        if self.options.wide_clusters is not None and plans:
+            plans = self._widen(plans, usedef, stats, graph, ctx)
+        self._plans = {id(p.tensor): p for p in plans}
+        proposals = [Proposal(tensor=p.tensor, value=p.value, apply=self._rewrite(
+            graph, usedef.owner(input_slots(p.tensor)[0][0]), p, ctx)) for p in plans]
         result = {"clusters": k, "per_channel": self.options.per_channel,
-                  "weighted": self.options.weighted, "method": self.options.method}
+                  "weighted": self.options.weighted, "method": self.options.method,
+                  "codebook_dtype": self.options.codebook_dtype}
         if gptvq:
-            result["compensated"] = self._compensated
-            if self._uncompensated:
-                result["uncompensated"] = dict(sorted(self._uncompensated.items()))
+            result["compensated"] = sum(p.uncompensated is None for p in plans)
+            uncompensated = collections.Counter(p.uncompensated for p in plans
+                                                if p.uncompensated is not None)
+            if uncompensated:
+                result["uncompensated"] = dict(sorted(uncompensated.items()))
+        if self._ranking is not None:
+            result["wide_clusters"] = self.options.wide_clusters
+            result["size_budget"] = self.options.size_budget
+            result["ranking"] = self._ranking
         if refused:
             result["refused"] = dict(sorted(refused.items()))
-        if self._unweighted:
-            result["unweighted"] = self._unweighted
-        if self._one_codebook:
-            result["one_codebook"] = self._one_codebook
+        if any(p.unweighted for p in plans):
+            result["unweighted"] = sum(p.unweighted for p in plans)
+        if any(p.one_codebook for p in plans):
+            result["one_codebook"] = sum(p.one_codebook for p in plans)
         return PassResult(False, result, proposals=proposals)
 
-    def _plan(self, t: gs.Constant, usedef: UseDef, stats: ActivationStats | None
+    def _plan(self, t: gs.Constant, usedef: UseDef, stats: ActivationStats | None, k: int
               ) -> tuple[str | None, _Plan | None]:
-        """Why ``t`` stays as it is, or its clustering."""
+        """Why ``t`` stays as it is, or its clustering into ``k`` clusters (per codebook)."""
         w = t.values
         if not isinstance(w, np.ndarray):
             return "sparse initializer", None
@@ -512,37 +590,34 @@ class ClusterWeights(Pass):
         slots = input_slots(t)
         if len({id(usedef.owner(n)) for n, _ in slots}) != 1:
             return "read in several graphs", None
-        axis = None
+        book_dtype = np.dtype(np.float16) if self.options.codebook_dtype == "float16" \
+            else w.dtype
+        axis, one_codebook = None, False
         if self.options.per_channel:
             axes = {input_channel_axis(n, i, w.ndim) if weight_slot(n, i).kind == "table"
                     else output_channel_axis(n, i, w.ndim) for n, i in slots}
             if len(axes) != 1 or None in axes:
                 return "no common output-channel axis", None
             axis = axes.pop()
-            index_bytes = (w.size + 1) // 2 if self.options.clusters <= NIBBLE_CLUSTERS \
-                else w.size
-            if w.shape[axis] * self.options.clusters * w.itemsize > index_bytes // 2:
-                axis = None
-                self._one_codebook += 1
+            if w.shape[axis] * k * book_dtype.itemsize > _index_bytes(w.size, k) // 2:
+                axis, one_codebook = None, True
         a = None
         if stats is not None:
             a = _channel_weights(t, slots, stats)
-            if a is None:
-                self._unweighted += 1
-            else:
+            if a is not None:
                 a = a + 1e-12 * max(float(a.mean()), 1e-30)  # channels never active count
         moved = np.moveaxis(w, axis, 0) if axis is not None else w.reshape(1, -1)
         rows = moved.reshape(moved.shape[0], -1)
         a_rows = None if a is None else (
             np.moveaxis(np.broadcast_to(a, w.shape), axis, 0) if axis is not None
             else a).reshape(rows.shape)
-        k = self.options.clusters
         centers, index = kmeans_1d(rows, k, self.options.iterations, a_rows,
                                   self.options.init)
+        uncompensated = None
         if self.options.method == "gptvq":
             found = _hessian(t, slots, stats)
             if isinstance(found, str):
-                self._uncompensated[found] += 1
+                uncompensated = found
             else:
                 inputs, gram = found
                 matrix = w if inputs == 0 else w.T  # [K, N]
@@ -551,17 +626,54 @@ class ClusterWeights(Pass):
                 assigned = assigned if inputs == 0 else assigned.T
                 index = (np.moveaxis(assigned, axis, 0) if axis is not None
                          else assigned).reshape(index.shape)
-                self._compensated += 1
-        codebook = centers.astype(w.dtype)
+        codebook = centers.astype(book_dtype)
         gathered = np.take_along_axis(codebook, index, axis=1).reshape(moved.shape)
-        value = np.moveaxis(gathered, 0, axis) if axis is not None else gathered.reshape(w.shape)
+        value = (np.moveaxis(gathered, 0, axis) if axis is not None
+                 else gathered.reshape(w.shape)).astype(w.dtype)
         index = index.astype(np.uint8).reshape(moved.shape)
         index = np.ascontiguousarray(np.moveaxis(index, 0, axis)) if axis is not None \
             else index.reshape(w.shape)
         norm = float(np.linalg.norm(w.astype(np.float64)))
         error = float(np.linalg.norm(value.astype(np.float64) - w)) / norm if norm else 0.0
         return None, _Plan(t, codebook, index, axis, value, error,
-                           _stored_bytes(w.shape, k, codebook, axis))
+                           _stored_bytes(w.shape, k, codebook, axis), one_codebook,
+                           stats is not None and a is None, uncompensated)
+
+    def _widen(self, plans: list[_Plan], usedef: UseDef, stats, graph: gs.Graph,
+               ctx: PassContext) -> list[_Plan]:
+        """``plans`` with the tensors chosen for ``wide_clusters`` re-planned (mixed strength,
+        see the module docstring): by decreasing measured harm per byte widening adds, each
+        one whose wider plan keeps the stored bytes within ``size_budget``."""
+        o = self.options
+        if ctx.budget is None:
+            self._ranking = "none (no drift budget to measure with)"
+            return plans
+        first = ctx.budget.criteria[0]
+        sign = 1.0 if first.metric.higher_is_better else -1.0
+        proposals = [Proposal(tensor=p.tensor, value=p.value, apply=lambda: None,
+                              group=str(i)) for i, p in enumerate(plans)]
+        base, alone = ctx.budget.alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
+        for i, p in enumerate(plans):
+            p.drift = sign * (base[first.name] - alone[str(i)][first.name])
+        self._ranking = "measured"
+        planned = {id(p.tensor) for p in plans}
+        others = sum(t.values.nbytes for t in graph.tensors().values()
+                     if isinstance(t, gs.Constant) and id(t) not in planned
+                     and isinstance(t.values, np.ndarray))
+        limit = o.size_budget * (others + sum(p.value.nbytes for p in plans))
+        total = others + sum(p.bytes_after for p in plans)
+        added = [max(1, _index_bytes(p.value.size, o.wide_clusters)
+                     - _index_bytes(p.value.size, o.clusters)) for p in plans]
+        out = list(plans)
+        for i in sorted(range(len(plans)), key=lambda i: -plans[i].drift / added[i]):
+            if total + added[i] - plans[i].codebook.nbytes > limit or plans[i].drift <= 0:
+                continue  # cannot fit even with no codebook, or no harm to remove
+            _, wide = self._plan(plans[i].tensor, usedef, stats, o.wide_clusters)
+            if total - plans[i].bytes_after + wide.bytes_after <= limit:
+                total += wide.bytes_after - plans[i].bytes_after
+                wide.drift, wide.wide = plans[i].drift, True
+                out[i] = wide
+        return out
 
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         done = {id(p.tensor) for p in accepted}
@@ -575,9 +687,14 @@ class ClusterWeights(Pass):
                 "codebooks": int(plan.codebook.shape[0]), "bytes_before": size,
                 "bytes_after": plan.bytes_after, "relative_error": plan.relative_error,
                 "accepted": key in done}
+            if plan.drift is not None:
+                per_tensor[plan.tensor.name]["drift"] = plan.drift
             if key in done:
                 before += size
                 after += plan.bytes_after
+        wide = [p.tensor.name for key, p in self._plans.items() if p.wide and key in done]
+        if wide:
+            result.stats["wide"] = wide
         return {**result.stats, "tensors_clustered": len(accepted),
                 "proposed": len(result.proposals), "accepted": len(accepted),
                 "bytes_before": before, "bytes_after": after, "per_tensor": per_tensor}
@@ -623,7 +740,11 @@ class ClusterWeights(Pass):
                     [c if i == plan.axis else 1 for i in range(w.ndim)])
                 index = node("Add", [index, gs.Constant(name("offsets"), offsets)], np.int32)
             book = gs.Constant(name("codebook"), plan.codebook.ravel())
-            rebuilt = node("Gather", [book, index], w.dtype, axis=0)
+            rebuilt = node("Gather", [book, index], plan.codebook.dtype, axis=0)
+            if plan.codebook.dtype != w.dtype:
+                rebuilt.shape = list(w.shape)
+                rebuilt = node("Cast", [rebuilt], w.dtype,
+                               to=onnx.helper.np_dtype_to_tensor_dtype(w.dtype))
             rebuilt.shape = list(w.shape)
             for reader, i in input_slots(t):
                 reader.inputs[i] = rebuilt

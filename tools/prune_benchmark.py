@@ -24,7 +24,9 @@ saying so, never a crash of the run):
   Quality on the evaluation feeds; size and zlib-compressed size (level 6) of each file (dense
   kernels: pruning alone buys no latency in onnxruntime, so none is timed).
 * ``cluster``: ``cluster_weights`` at 256 and 16 clusters, and at 16 with per-channel codebooks
-  and the GPTVQ assignment (``CLUSTER_ROWS``; and onnxsim's 4-bit k-means, which
+  and the GPTVQ assignment, with float16 codebooks, and with the tensors of most measured drift
+  at 256 under a size budget (``CLUSTER_ROWS``; that row runs the drift budget on the
+  calibration feeds to measure, ``CLUSTER_MEASURED``; and onnxsim's 4-bit k-means, which
   folds the codebook back into float32): quality, file size and compressed size as % of fp32,
   latency ratio.
 * ``structured``: ``prune_channels`` at FLOP cuts of its ladder: FLOPs removed (the pass's
@@ -92,7 +94,18 @@ SEARCH_DRIFT = {"cosine": 0.99}
 #: codebook per output and the Hessian-compensated assignment on the calibration feeds).
 CLUSTER_ROWS = {"K=256": {"clusters": 256}, "K=16": {"clusters": 16},
                 "K=16 per-channel gptvq": {"clusters": 16, "per_channel": True,
-                                           "method": "gptvq"}}
+                                           "method": "gptvq"},
+                "K=16 per-channel gptvq, fp16 codebooks": {
+                    "clusters": 16, "per_channel": True, "method": "gptvq",
+                    "codebook_dtype": "float16"},
+                "K=16 per-channel gptvq, fp16 codebooks, K=256 by measured drift, "
+                "size 0.148": {
+                    "clusters": 16, "per_channel": True, "method": "gptvq",
+                    "codebook_dtype": "float16", "wide_clusters": 256, "size_budget": 0.148}}
+#: The mixed-strength row measures each tensor's drift with the drift budget (on the calibration
+#: feeds, over real tokens): a budget loose enough to accept every proposal, used to measure.
+CLUSTER_MEASURED = {"validate": True, "max_drift": {"cosine": 0.5},
+                    "drift_mask": "attention_mask"}
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01
 ZLIB_LEVEL = 6
@@ -394,7 +407,11 @@ def section_cluster(bench: Bench, repeat: int, timeout: float) -> list[Row]:
     for setting, options in CLUSTER_ROWS.items():
         row = Row("cluster", bench.name, "onnxopt cluster_weights", setting)
         _progress(f"{bench.name}: {row.method} {row.setting}")
-        path = onnxopt_row(bench, row, "cluster_weights", options)
+        measured = {**CLUSTER_MEASURED, "inputs": bench.calibration_feeds} \
+            if "wide_clusters" in options else {}
+        if "attention_mask" not in bench.feeds[0]:
+            measured.pop("drift_mask", None)
+        path = onnxopt_row(bench, row, "cluster_weights", options, **measured)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
         rows.append(row)
