@@ -12,6 +12,7 @@ import contextlib
 import glob
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -390,9 +391,12 @@ def stage_model(model: onnx.ModelProto, path: Union[str, os.PathLike], *,
             f.flush()
             os.fsync(f.fileno())
         del data
+        # the file mode of the output replaced, else a new file's (mkstemp-style 0600 is not
+        # for a model file)
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
         for f in (staged.path, staged.data_path):
             if f.exists():
-                os.chmod(f, 0o666 & ~_umask())  # mkstemp-style 0600 is not for a model file
+                os.chmod(f, mode)
         return staged
     except OSError as err:
         staged.discard()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,19 @@ def test_save_writes_the_model_and_leaves_no_temporary_file(tmp_path):
     assert written == [tmp_path / "out.onnx"]
     assert _files(tmp_path) == {"out.onnx"}
     assert load_model(tmp_path / "out.onnx").SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("external_data", [False, True])
+def test_save_keeps_the_file_mode_of_the_output_it_replaces(tmp_path, external_data):
+    out = tmp_path / "out.onnx"
+    save_model(_model(), out, external_data=external_data)
+    umask = os.umask(0)
+    os.umask(umask)
+    new = 0o666 & ~umask
+    assert all(stat.S_IMODE(f.stat().st_mode) == new for f in tmp_path.iterdir())
+    out.chmod(0o600)
+    save_model(_model(), out, external_data=external_data)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in tmp_path.iterdir())
 
 
 def test_save_creates_missing_folders(tmp_path):
