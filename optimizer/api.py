@@ -52,9 +52,9 @@ MaxDrift = Union[float, str, dict, Sequence[Criterion]]
 BUDGET_RETRY_MARGIN = 0.5
 
 #: A result holding at least this many bytes of tensors in memory, to be written to ``output``,
-#: is validated from its file (``_validate_staged``): written first beside the target, its
-#: ModelProto and serialization released, onnxruntime loading the file, put in place when it
-#: passes. onnxruntime's session of a quantized model takes several times its size while it
+#: is validated from its file (``onnxopt.io.stage_model``): written first beside the target,
+#: its ModelProto and serialization released, onnxruntime loading the file, put in place (at the
+#: write, after the report) when it passes, removed otherwise. onnxruntime's session of a quantized model takes several times its size while it
 #: fuses and prepacks (1 B decoder, int8-weight: 3.4 GiB for 1.03 GiB of weights), on top of
 #: what the process holds.
 STAGE_BYTES = 256 * 2**20
@@ -378,7 +378,10 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             when it passes: validation passed or was off, and with ``strict`` nothing was rolled
             back; with ``keep_invalid`` also when it does not. ``report.output`` names the file
             written. Cheaper than saving afterwards: the serialization made for validation is
-            written.
+            written. A result of :data:`STAGE_BYTES` or more is written first to a hidden folder
+            beside ``output`` and validated from there (memory: onnxruntime's session is not
+            beside the ModelProto and its serialization); the returned model is then read back
+            from the file written.
         external_data: for ``output``: True to store tensors in ``<output>.data``, None to do so
             only over the 2 GiB protobuf limit.
         executor: where a strength search (``"auto"``) scores its candidates: ``"local"``, or
