@@ -558,6 +558,18 @@ def _copy_range(src, dst, offset: int, length: int) -> None:
     dst.seek(out)
 
 
+def _start_writeback(out, start: int) -> None:
+    """Start writing ``out``'s bytes from ``start`` to its end to disk, without waiting: Linux
+    writes dirty pages back asynchronously on ``posix_fadvise(POSIX_FADV_DONTNEED)``
+    (mm/fadvise.c; PostgreSQL's ``pg_flush_data`` falls back on the same call), so the disk
+    works while the next tensors are copied and the final ``fsync`` has little left to wait for
+    (3 GiB data file: about 1 s of the fsync otherwise). A no-op where the call is missing."""
+    if hasattr(os, "posix_fadvise"):
+        out.flush()
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(out.fileno(), start, out.tell() - start, os.POSIX_FADV_DONTNEED)
+
+
 def peek(constant: gs.Constant) -> np.ndarray:
     """The values of ``constant`` without caching them in it: an external tensor is mapped
     afresh, and unmapped when the caller drops the array (reading every weight of a large model
@@ -607,6 +619,8 @@ def write_external(model: onnx.ModelProto, data_path: Path, source: Path | None,
                     out.write(b"\0" * (-out.tell() % ALIGNMENT))
                     start = out.tell()
                     _copy_range(handles[location], out, offset, length)
+                    if length >= _CHUNK:
+                        _start_writeback(out, start)
                     undo.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
                     _point(tensor, data_path.name, start, length)
                     continue
@@ -624,6 +638,8 @@ def write_external(model: onnx.ModelProto, data_path: Path, source: Path | None,
                 out.write(b"\0" * (-out.tell() % ALIGNMENT))
                 start = out.tell()
                 out.write(raw)
+                if len(raw) >= _CHUNK:
+                    _start_writeback(out, start)
                 del raw
                 tensor.ClearField("raw_data")
                 undo.append((tensor, tensor.HasField("data_location")))
