@@ -54,9 +54,9 @@ BUDGET_RETRY_MARGIN = 0.5
 #: A result holding at least this many bytes of tensors in memory, to be written to ``output``,
 #: is validated from its file (``onnxopt.io.stage_model``): written first beside the target,
 #: its ModelProto and serialization released, onnxruntime loading the file, put in place (at the
-#: write, after the report) when it passes, removed otherwise. onnxruntime's session of a quantized model takes several times its size while it
-#: fuses and prepacks (1 B decoder, int8-weight: 3.4 GiB for 1.03 GiB of weights), on top of
-#: what the process holds.
+#: write, after the report) when it passes, removed otherwise. onnxruntime's session of a
+#: quantized model takes several times its size while it fuses and prepacks (1 B decoder,
+#: int8-weight: 3.4 GiB for 1.03 GiB of weights), on top of what the process holds.
 STAGE_BYTES = 256 * 2**20
 
 #: zlib level of the compressed sizes in the report of a pruning or clustering run (gzip's

@@ -375,18 +375,22 @@ class DriftBudget:
         scores = score(set(groups))
         return scores, self.within(scores)
 
-    def alone(self, graph: gs.Graph, template: onnx.ModelProto, proposals: list[Proposal],
-              feeds: int | None = None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        """Each criterion's worst value with no proposal applied, and with each group applied
-        alone (``{group: scores}``), on the first ``feeds`` feeds (None: all), in one
-        onnxruntime session; the graph is left as it was. A pass ranking its proposals by
-        measured harm (leave-one-in sensitivity, HAWQ: Dong et al. 2019) calls it.
+    def harm_alone(self, graph: gs.Graph, template: onnx.ModelProto, proposals: list[Proposal],
+                   feeds: int | None = None) -> dict[str, float]:
+        """Per group, how much the first criterion worsens (in its own units, positive: worse)
+        when that group alone is applied, against no proposal applied, on the first ``feeds``
+        feeds (None: all), in one onnxruntime session; the graph is left as it was. A pass
+        ranking its proposals by measured harm (leave-one-in sensitivity, HAWQ: Dong et al.
+        2019) calls it.
 
         Raises:
             InputError: onnxruntime cannot run the model on the feeds.
         """
         score, _, groups, _ = self._scorer(graph, template, proposals)
-        return score(set(), feeds), {g: score({g}, feeds) for g in groups}
+        first = self.criteria[0]
+        sign = 1.0 if first.metric.higher_is_better else -1.0
+        base = score(set(), feeds)[first.name]
+        return {g: sign * (base - score({g}, feeds)[first.name]) for g in groups}
 
     def decide(self, graph: gs.Graph, template: onnx.ModelProto,
                proposals: list[Proposal], fallback: list[Proposal] = (),

@@ -53,9 +53,8 @@ def kernel_times(models: dict[str, onnx.ModelProto], feeds: dict[str, dict[str, 
     Raises:
         InputError: onnxruntime cannot load or run one of the models.
     """
-    import onnxruntime as ort  # only when timing: a pass module must not need it to import
-
-    from onnxopt.validate import run_model, session_options
+    # only when timing: a pass module must not need onnxruntime to import
+    from onnxopt.validate import make_session, run_model, session_options
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-timing-") as folder:
         sessions = {}
@@ -63,15 +62,7 @@ def kernel_times(models: dict[str, onnx.ModelProto], feeds: dict[str, dict[str, 
             opts = session_options(threads=threads, optimized=True, timed=True)
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(folder, f"model{len(sessions)}")
-            try:
-                sessions[name] = ort.InferenceSession(model.SerializeToString(), opts,
-                                                      providers=["CPUExecutionProvider"])
-            except Exception as err:  # noqa: BLE001 -- onnxruntime raises several types
-                from onnxopt.errors import InputError
-
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                raise InputError(f"timing model '{name}': onnxruntime cannot load it: "
-                                 f"{first}") from None
+            sessions[name] = make_session(model, f"timing model '{name}'", options=opts)
         for _ in range(WARMUP + rounds):
             for name, session in sessions.items():
                 run_model(session, feeds[name], f"timing model '{name}'")

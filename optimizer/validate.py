@@ -156,9 +156,11 @@ def session_options(threads: int = 0, optimized: bool = False,
 
 
 def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
-                 optimized: bool = False, timed: bool = False) -> ort.InferenceSession:
+                 optimized: bool = False, timed: bool = False,
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimizations off, so the model runs as written
-    (on with ``optimized``; ``timed`` for latency measurements: see :func:`session_options`).
+    (on with ``optimized``; ``timed`` for latency measurements: see :func:`session_options`;
+    ``options``: these session options instead, e.g. with profiling on).
 
     Args:
         model: the model, its serialization (saves serializing it again) or its file. External
@@ -170,14 +172,12 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
     Raises:
         InputError: onnxruntime rejects the model (``what`` names it in the message).
     """
+    opts = options or session_options(optimized=optimized, timed=timed)
     try:
         if isinstance(model, (str, os.PathLike)):
-            return ort.InferenceSession(str(model),
-                                        session_options(optimized=optimized, timed=timed),
-                                        providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
         data = model if isinstance(model, bytes) else io.serialize(model)
         if data is not None:
-            opts = session_options(optimized=optimized, timed=timed)
             folder = external.current_folder()
             if folder is not None:
                 opts.add_session_config_entry(
@@ -186,8 +186,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
         with tempfile.TemporaryDirectory(prefix="onnxopt-", ignore_cleanup_errors=True) as folder:
             path = os.path.join(folder, "model.onnx")
             io.save_model(model, path, external_data=True)
-            return ort.InferenceSession(path, session_options(optimized=optimized, timed=timed),
-                                        providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 -- onnxruntime raises several types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{what}: onnxruntime cannot load the model: {first}") from None

@@ -99,7 +99,7 @@ when they are float16 values.
 
 Mixed strength (``wide_clusters`` with ``size_budget``): the tensors are clustered at
 ``clusters``; each one's proposal alone is measured through the drift budget (the run's first
-criterion on :data:`SENSITIVITY_FEEDS` of its feeds, ``DriftBudget.alone``: leave-one-in
+criterion on :data:`SENSITIVITY_FEEDS` of its feeds, ``DriftBudget.harm_alone``: leave-one-in
 sensitivity, Dong et al. 2019, "HAWQ", section 3), and by decreasing measured harm per index
 byte widening adds, each tensor is re-clustered at ``wide_clusters`` while the graph's
 initializers stay within ``size_budget`` of their bytes before. The local error cannot rank
@@ -648,13 +648,11 @@ class ClusterWeights(Pass):
         if ctx.budget is None:
             self._ranking = "none (no drift budget to measure with)"
             return plans
-        first = ctx.budget.criteria[0]
-        sign = 1.0 if first.metric.higher_is_better else -1.0
         proposals = [Proposal(tensor=p.tensor, value=p.value, apply=lambda: None,
                               group=str(i)) for i, p in enumerate(plans)]
-        base, alone = ctx.budget.alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
+        harm = ctx.budget.harm_alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
         for i, p in enumerate(plans):
-            p.drift = sign * (base[first.name] - alone[str(i)][first.name])
+            p.drift = harm[str(i)]
         self._ranking = "measured"
         planned = {id(p.tensor) for p in plans}
         others = sum(t.values.nbytes for t in graph.tensors().values()

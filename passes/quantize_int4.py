@@ -625,16 +625,14 @@ class QuantizeInt4(Pass):
         """Per weight of ``chosen``, how much the run's first drift criterion worsens on
         :data:`SENSITIVITY_FEEDS` of the budget's feeds when that weight alone takes its 4-bit
         value (the others as they are), against the graph with none taken
-        (``DriftBudget.alone``: one session). The budget's feeds are the validation feeds, as
+        (``DriftBudget.harm_alone``: one session). The budget's feeds are the validation feeds, as
         for its own ranking."""
-        first = ctx.budget.criteria[0]
-        sign = 1.0 if first.metric.higher_is_better else -1.0
         proposals = [_proposal(t, quantized, scale, apply=lambda: None)
                      for t, _, quantized, scale, *_ in chosen]
         for i, p in enumerate(proposals):
             p.group = str(i)  # one group per weight, whatever the readers
-        base, alone = ctx.budget.alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
-        return [sign * (base[first.name] - alone[p.group][first.name]) for p in proposals]
+        harm = ctx.budget.harm_alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
+        return [harm[p.group] for p in proposals]
 
     def _gram(self, readers: list[gs.Node], stats) -> np.ndarray | None:
         """The Gram matrix of ``readers``' input (one reader), or None, counting why."""

@@ -361,6 +361,15 @@ def _by_input(sites: list[_Site]) -> dict[str, list[_Site]]:
     return groups
 
 
+def _int32_bias(b: np.ndarray, s_x: np.float32, scale: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A bias as int32 codes and their scale ``s_x * s_w`` (float32, per output channel or
+    scalar), what QLinearConv / QGemm / MatMulIntegerToFloat add in the accumulator (ONNX
+    QLinearConv spec: ``B`` int32 with scale ``x_scale * w_scale``, zero point 0)."""
+    bias_scale = np.asarray(float(s_x) * np.asarray(scale, np.float64), np.float32)
+    return np.clip(np.rint(b / bias_scale), -INT32_MAX, INT32_MAX).astype(np.int32), bias_scale
+
+
 def _stored(q: np.ndarray, scale: np.ndarray, unsigned: bool) -> tuple[np.ndarray, np.ndarray]:
     """The weight codes as stored and their zero point: int8 ``q`` with zero point 0, or
     (``unsigned``) ``q + 128`` as uint8 with zero point 128, one per element of ``scale``."""
@@ -508,8 +517,7 @@ class QuantizeStatic(Pass):
                             -qmax, qmax).astype(np.int8)
             if mean is not None:
                 b = b - self._shift(node, dequantize(q, scale, site.axis) - w.values, mean)
-            bias_scale = np.asarray(float(s_x) * np.asarray(scale, np.float64), np.float32)
-            bias_q = np.clip(np.rint(b / bias_scale), -INT32_MAX, INT32_MAX).astype(np.int32)
+            bias_q, bias_scale = _int32_bias(b, s_x, scale)
             # what the int32 bias dequantizes to (DequantizeLinear: float32 product), for the
             # budget to measure the model apply_weight writes: a bias rounded differently flips
             # roundings of the QuantizeLinear after the node, which the budget, choosing among
@@ -733,9 +741,8 @@ class QuantizeStatic(Pass):
                 const(init_i, f"w{k}_zero_point", zero_point)], [f"w{k}d"], **axis))
             names_i, names_f = ["xd", f"w{k}d"], ["x", const(init_f, f"w{k}", w.values)]
             if site.bias is not None:
-                b_scale = np.asarray(float(s_x) * scale.astype(np.float64), np.float32)
-                b_q = np.clip(np.rint(site.bias.values / b_scale), -INT32_MAX, INT32_MAX)
-                const(init_i, f"b{k}", b_q.astype(np.int32)), const(init_i, f"b{k}_scale", b_scale)
+                b_q, b_scale = _int32_bias(site.bias.values, s_x, scale)
+                const(init_i, f"b{k}", b_q), const(init_i, f"b{k}_scale", b_scale)
                 const(init_i, f"b{k}_zero_point", np.zeros(b_scale.shape, np.int32))
                 nodes_i.append(h.make_node("DequantizeLinear", [f"b{k}", f"b{k}_scale",
                                                                 f"b{k}_zero_point"], [f"b{k}d"],

@@ -23,7 +23,8 @@ from onnx import helper
 from helpers import make_model
 from onnxopt import UsageError, batch, io, optimize
 from onnxopt.cli import main
-from onnxopt.pass_manager import REGISTRY, Pass, PassResult
+from onnxopt.pass_manager import REGISTRY
+from test_cli import _CorruptValues, _CorruptValuesLossy  # adds 1 to the weights: lossless / lossy
 
 VALIDATE = sys.modules["onnxopt.validate"]  # the package's ``validate`` is the function
 API = sys.modules["onnxopt.api"]
@@ -41,29 +42,9 @@ def _model() -> onnx.ModelProto:
                        "B": rng.normal(size=(32, 32)).astype(np.float32)})
 
 
-class _AddOne(Pass):
-    """Adds 1 to every float initializer, declared lossless: a culprit to roll back."""
-
-    name = "test_staged_add_one"
-    description = "test only"
-
-    def run(self, graph, ctx):
-        for t in graph.tensors().values():
-            if hasattr(t, "values") and t.dtype == np.float32:
-                t.values = np.asarray(t.values) + 1
-        return PassResult(True)
-
-
-class _AddOneLossy(_AddOne):
-    """The same, declared lossy: judged by the drift criterion, never rolled back."""
-
-    name = "test_staged_add_one_lossy"
-    lossless = False
-
-
 @pytest.fixture(autouse=True)
 def _test_passes(monkeypatch):
-    for cls in (_AddOne, _AddOneLossy):
+    for cls in (_CorruptValues, _CorruptValuesLossy):
         monkeypatch.setitem(REGISTRY, cls.name, cls)
 
 
@@ -89,13 +70,13 @@ RUNS = {
     "default": {},
     "external data": dict(external_data=True),
     "int8-weight": dict(quantize="int8-weight"),
-    "rollback": dict(passes=["remove_identity", _AddOne.name]),
-    "rollback, external data": dict(passes=["remove_identity", _AddOne.name],
+    "rollback": dict(passes=["remove_identity", _CorruptValues.name]),
+    "rollback, external data": dict(passes=["remove_identity", _CorruptValues.name],
                                     external_data=True),
-    "lossy failure, keep invalid": dict(passes=["remove_identity", _AddOneLossy.name],
+    "lossy failure, keep invalid": dict(passes=["remove_identity", _CorruptValuesLossy.name],
                                         keep_invalid=True),
     "lossy failure, keep invalid, external data": dict(
-        passes=["remove_identity", _AddOneLossy.name], keep_invalid=True, external_data=True),
+        passes=["remove_identity", _CorruptValuesLossy.name], keep_invalid=True, external_data=True),
     "layerwise": dict(layerwise=True),
 }
 
@@ -140,8 +121,8 @@ def test_a_staged_run_returns_the_model_an_in_memory_run_returns(tmp_path, monke
 
 
 @pytest.mark.parametrize("options", [
-    dict(passes=["remove_identity", _AddOneLossy.name]),
-    dict(passes=["remove_identity", _AddOne.name], strict=True)], ids=["lossy failure", "strict"])
+    dict(passes=["remove_identity", _CorruptValuesLossy.name]),
+    dict(passes=["remove_identity", _CorruptValues.name], strict=True)], ids=["lossy failure", "strict"])
 def test_a_staged_run_that_writes_nothing_makes_no_output_folder(tmp_path, monkeypatch,
                                                                  options):
     """Was a bug: the staged file is written (making the output's missing folders) before
