@@ -59,6 +59,67 @@ def quantize_symmetric(values: np.ndarray, axis: int | None,
     return q, scale
 
 
+#: GPTQ's lazy batch (rows updated together; a multiple of every block size).
+GPTQ_BATCH = 128
+
+
+def gptq_rows(w: np.ndarray, gram: np.ndarray, quantize_row, damp: float = 0.01,
+              act_order: bool = False) -> None:
+    """GPTQ's column-by-column quantization with inverse-Hessian error compensation (Frantar et
+    al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+    Transformers", ICLR, Algorithm 1, with its lazy batch updates) of ``w`` (float ``[K, N]``:
+    the K input features are the rows here, the paper's columns), given ``gram = X^T X``
+    (``[K, K]``) of the layer's calibration inputs. ``H = 2 X^T X``; features never active (zero
+    diagonal) get ``H_kk = 1``; ``damp`` times the mean diagonal is added to it. With
+    ``act_order`` the rows are visited by decreasing ``H_kk`` (the paper's "act-order").
+
+    ``quantize_row(position, row, work)`` is called once per row, in visiting order: ``row`` is
+    the row's index in ``w``, ``work`` (float64 ``[K, N]``, rows in visiting order) holds the
+    error-compensated rows, ``work[position]`` the one to quantize (later rows may be read, e.g.
+    to set a block's scale); it returns the row's dequantized value (float ``[N]``) and keeps
+    the codes itself. The rounding error of each row, divided by the pivot of the upper Cholesky
+    factor ``U`` of ``H^-1``, is spread over the rows not yet visited.
+
+    Raises:
+        numpy.linalg.LinAlgError: ``H`` is not positive definite even after dampening (cannot
+            happen for a Gram matrix plus ``λ I``, ``λ > 0``).
+    """
+    k = w.shape[0]
+    h = 2.0 * np.asarray(gram, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    u = np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T  # upper: H^-1 = U^T U
+    work = np.asarray(w, np.float64)[order]
+    for start in range(0, k, GPTQ_BATCH):
+        stop = min(start + GPTQ_BATCH, k)
+        errors = np.zeros((stop - start, w.shape[1]))
+        for i in range(start, stop):
+            err = (work[i] - quantize_row(i, int(order[i]), work)) / u[i, i]
+            work[i + 1:stop] -= np.outer(u[i, i + 1:stop], err)
+            errors[i - start] = err
+        work[stop:k] -= u[start:stop, stop:k].T @ errors
+
+
+def gptq_symmetric(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, qmax: int,
+                   damp: float = 0.01, act_order: bool = True) -> np.ndarray:
+    """GPTQ (:func:`gptq_rows`) of ``w`` (float ``[K, N]``) onto the symmetric grid
+    ``[-qmax, qmax]`` with the given ``scale`` (float32 ``[N]`` per output channel, or a scalar
+    per tensor) and zero point 0: the int8 codes ``[K, N]``, what
+    ``clip(round(w / scale), -qmax, qmax)`` would be without the error compensation."""
+    s = np.broadcast_to(np.asarray(scale, np.float64), (w.shape[1],))
+    codes = np.zeros(w.shape, np.int8)
+
+    def row(position: int, index: int, work: np.ndarray) -> np.ndarray:
+        c = np.clip(np.rint(work[position] / s), -qmax, qmax)
+        codes[index] = c
+        return c * s
+
+    gptq_rows(w, gram, row, damp, act_order)
+    return codes
+
+
 def dequantize(q, scale: np.ndarray, axis: int | None,
                zero_point: np.ndarray | None = None) -> np.ndarray:
     """What DequantizeLinear computes: ``float32(q - zero_point) * scale`` broadcast along

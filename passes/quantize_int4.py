@@ -118,8 +118,8 @@ from onnxopt.graph import import_graph, iter_graphs
 from onnxopt.names import fresh_name
 from onnxopt.ops import is_default_domain
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import (QuantizeOptions, excluded, import_domain, weight_refusal,
-                                   weight_summary)
+from onnxopt.passes._quant import (QuantizeOptions, excluded, gptq_rows, import_domain,
+                                   weight_refusal, weight_summary)
 
 #: Block sizes offered (onnxruntime's MatMulNBits returned zeros at 512).
 BLOCK_SIZES = (32, 64, 128)
@@ -134,8 +134,6 @@ MIN_ELEMENTS = 256
 CLIP_RATIOS = np.linspace(1.0, 0.5, 20)
 #: Exponents tried by ``awq`` (0 is round to nearest).
 AWQ_ALPHAS = np.linspace(0.0, 1.0, 11)
-#: GPTQ's lazy batch (rows updated together; a multiple of every block size).
-GPTQ_BATCH = 128
 RANKINGS = ("error", "measured")
 #: Budget feeds the ``measured`` ranking runs per weight.
 SENSITIVITY_FEEDS = 4
@@ -337,33 +335,23 @@ def quantize_gptq(w: np.ndarray, gram: np.ndarray, block_size: int, symmetric: b
     """
     k, n = w.shape
     ratios = CLIP_RATIOS if clip_search else (1.0,)
-    h = 2.0 * np.asarray(gram, np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    u = np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T  # upper: H^-1 = U^T U
-    work = np.asarray(w, np.float64)[order]
     codes = np.zeros((k, n))
     nb = -(-k // block_size)
     if act_order:
         scale, zp, _ = _search(_blocks(w, block_size), symmetric, ratios, 4)
     else:
         scale, zp = np.zeros((nb, n), np.float32), np.zeros((nb, n))
-    for start in range(0, k, GPTQ_BATCH):
-        stop = min(start + GPTQ_BATCH, k)
-        errors = np.zeros((stop - start, n))
-        for i in range(start, stop):
-            b = order[i] // block_size
-            if not act_order and i % block_size == 0:
-                found = _search(work[None, i:i + block_size], symmetric, ratios, 4)
-                scale[b], zp[b] = found[0][0], found[1][0]
-            codes[order[i]] = _codes(work[i][None, None, :], scale[b][None, :],
-                                     zp[b][None, :], 4)[0, 0]
-            err = (work[i] - (codes[order[i]] - zp[b]) * scale[b]) / u[i, i]
-            work[i + 1:stop] -= np.outer(u[i, i + 1:stop], err)
-            errors[i - start] = err
-        work[stop:k] -= u[start:stop, stop:k].T @ errors
+
+    def row(position: int, index: int, work: np.ndarray) -> np.ndarray:
+        b = index // block_size
+        if not act_order and position % block_size == 0:
+            found = _search(work[None, position:position + block_size], symmetric, ratios, 4)
+            scale[b], zp[b] = found[0][0], found[1][0]
+        codes[index] = _codes(work[position][None, None, :], scale[b][None, :],
+                              zp[b][None, :], 4)[0, 0]
+        return (codes[index] - zp[b]) * scale[b]
+
+    gptq_rows(w, gram, row, damp, act_order)
     return _finish(w, codes, scale, zp, block_size, symmetric, 4)
 
 
