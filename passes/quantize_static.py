@@ -130,9 +130,10 @@ figures). Cost: one short run of two small models per site and ``latency_rounds`
 of three whole models (PP-OCRv4 rec: 22 s of a 120 s pass at load 5-6).
 
 Statistics: ``nodes_quantized``, ``nodes_float`` (``{node: reason}``), ``refused``
-(``{reason: count}``), ``scheme``, ``calibration`` (method, feeds), ``activation_type``,
-``bias_quantized``, ``bias_scale_raised`` (overflow guard), ``bias_correction`` (``off``, or
-``corrected`` nodes among those quantized and ``not corrected`` ``{reason: count}``),
+(``{reason: count}``), ``scheme``, ``calibration`` (method, feeds, and ``rows``: the drift mask
+whose 0 positions the ranges leave out), ``activation_type``, ``bias_quantized``,
+``bias_scale_raised`` (overflow guard), ``bias_correction`` (``off``, or ``corrected`` nodes
+among those quantized and ``not corrected`` ``{reason: count}``),
 ``bytes_before``/``bytes_after`` (of the quantized weights), ``qdq_pairs``, ``latency``
 (``off``, or ``rounds``, ``margin``, ``float_faster`` and ``integer_kept`` ``{sites: {integer_us,
 float_us}}`` of step 1, their sums ``integer_us``/``float_us``, ``whole_model_us`` per candidate
@@ -483,7 +484,8 @@ class QuantizeStatic(Pass):
             if o.bias_correction or gptq else {}
         grams = sorted({s.x.name for s in sites if s.node.op in GPTQ_OPS}) if gptq else []
         stats = collect(export_graph(graph, ctx.template),
-                        {n: channel.get(n) for n in sorted(names)}, feeds, grams=grams)
+                        {n: channel.get(n) for n in sorted(names)}, feeds, grams=grams,
+                        rows=ctx.drift_mask())
         # A tensor the calibration feeds never gave a finite value of has no range: its node
         # stays float (quantizing it with scale 1.0 would be a guess); none at all is bad data.
         unseen = sorted(n for n in names if stats[n].count == 0)
@@ -504,6 +506,7 @@ class QuantizeStatic(Pass):
             sites = self._place_by_latency(graph, ctx.template, sites, next(iter(feeds)), stats,
                                            dtype, unranged, refused)
         self._calibration = {"method": o.calibration, "feeds": stats.feeds,
+                             **({"rows": ctx.drift_mask()} if ctx.drift_mask() else {}),
                              **({"percentile": o.percentile}
                                 if o.calibration == "percentile" else {})}
         self._reset_tallies()

@@ -28,6 +28,15 @@ calibration rows is ``||X dW||^2 = tr(dW^T G dW)`` without holding ``X``. The me
 channel is AWQ's activation salience (Lin et al. 2024, "AWQ: Activation-aware Weight
 Quantization", MLSys, section 3.2). Each feed adds its rows to the running sums and is dropped:
 memory is ``O(K^2)`` per tensor, independent of the number of feeds.
+
+Rows left out (``collect``'s ``rows``; the run's ``--drift-mask`` for :class:`ActivationStats`):
+positions a model input marks 0 -- padding tokens under an ``attention_mask`` -- are dropped
+from every statistic of a tensor whose leading dimensions are that input's shape (MiniLM's
+``[batch, sequence, hidden]`` states under its ``[batch, sequence]`` mask), before the channel
+axis; other tensors (attention scores ``[batch, heads, sequence, sequence]``) keep every value.
+The result is judged on the kept positions only, so ranges, norms and Gram matrices fitted to the
+padding spend resolution on values nobody reads: on MiniLM-L6, 54 % of the calibration rows are
+padding.
 """
 
 from __future__ import annotations
@@ -218,7 +227,8 @@ def calibration_feeds(ctx, who: str):
 
 
 class ActivationStats(Analysis):
-    """:class:`TensorStats` of activations over the run's calibration feeds.
+    """:class:`TensorStats` of activations over the run's calibration feeds, the positions the
+    run's drift mask (``PassContext.drift_mask``) marks 0 left out (module docstring).
 
     Raises (from :meth:`compute`):
         UsageError: the run has no calibration feeds (give ``inputs`` or ``calibration``).
@@ -243,7 +253,7 @@ class ActivationStats(Analysis):
         feeds = calibration_feeds(ctx, "activation statistics")
         grams = activation_inputs(graph, _GRAM_OPS) if cls.grams else {}
         return collect(export_graph(graph, ctx.template), activation_inputs(graph), feeds,
-                       grams=grams)
+                       grams=grams, rows=ctx.drift_mask())
 
 
 class ActivationGrams(ActivationStats):
@@ -254,8 +264,25 @@ class ActivationGrams(ActivationStats):
     grams = True
 
 
+def kept_rows(value: np.ndarray, keep: np.ndarray | None,
+              axis: int | None) -> tuple[np.ndarray, int | None]:
+    """``value`` without the positions where ``keep`` is 0, and its channel ``axis`` after that:
+    when ``value``'s leading dimensions are ``keep``'s shape and ``axis`` (None, or any sign)
+    lies beyond them, the result is ``value[keep != 0]`` (the leading dimensions collapse into
+    one) and the axis moves accordingly; otherwise both are returned unchanged."""
+    if keep is None or value.ndim <= keep.ndim or value.shape[:keep.ndim] != keep.shape:
+        return value, axis
+    if axis is None:
+        return value[keep != 0], None
+    ax = axis % value.ndim
+    if ax < keep.ndim:
+        return value, axis
+    return value[keep != 0], ax - keep.ndim + 1
+
+
 def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
-            grams: Iterable[str] = (), histograms: bool = True) -> ActivationStats:
+            grams: Iterable[str] = (), histograms: bool = True,
+            rows: str | None = None) -> ActivationStats:
     """Run ``model`` with ``tensors`` (name -> channel axis) exposed as outputs over ``feeds``
     (an iterable of ``{input name: array}``, consumed once) and fold each result into
     :class:`TensorStats`; only one feed's activations are held at a time.
@@ -264,6 +291,9 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
         grams: names of ``tensors`` whose ``X^T X`` is accumulated too (float64 ``[K, K]``,
             ``K <=`` :data:`GRAM_MAX_CHANNELS`; see :class:`ActivationGrams`).
         histograms: False to keep only counts, ranges and per-channel sums.
+        rows: a model input whose 0 entries mark positions left out of the statistics of every
+            tensor whose leading dimensions are that input's shape (module docstring; a feed
+            without it is taken whole).
 
     Raises:
         InputError: onnxruntime cannot load or run the instrumented model.
@@ -284,11 +314,12 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
     count = 0
     for feed in feeds:
         values = run_model(session, feed, "instrumented model (activation statistics)")
+        keep = feed.get(rows) if rows is not None else None
+        keep = None if keep is None else np.asarray(keep)
         for name in names:
-            value = np.asarray(values[position[name]])
-            axis = tensors[name]
+            value, axis = kept_rows(np.asarray(values[position[name]]), keep, tensors[name])
             s = stats[name]
-            if s.channel_axis is None and axis is not None and value.ndim:
+            if axis is not None and value.ndim:
                 s.channel_axis = axis % value.ndim
             s.update(value)
         count += 1

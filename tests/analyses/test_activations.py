@@ -146,3 +146,68 @@ def test_gram_not_collected_above_the_channel_limit(monkeypatch):
     s = TensorStats("t", 1, wants_gram=True)
     s.update(np.ones((3, 4)))
     np.testing.assert_array_equal(s.gram, np.full((4, 4), 3.0))
+
+
+def _masked_model():
+    """x [2, t, 5] read by a MatMul (masked by "mask" [2, t]), xt [3, n] by a Gemm with transA
+    (its leading dimensions are not the mask's: taken whole)."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]),
+             helper.make_node("Gemm", ["xt", "V"], ["g"], transA=1),
+             helper.make_node("Cast", ["mask"], ["mf"], to=1)]
+    return make_model(nodes, [("x", np.float32, [2, "t", 5]), ("xt", np.float32, [3, "n"]),
+                              ("mask", np.int64, [2, "t"])],
+                      [("m", np.float32, [2, "t", 4]), ("g", np.float32, ["n", 2]),
+                       ("mf", np.float32, [2, "t"])],
+                      {"W": rng.normal(size=(5, 4)).astype(np.float32),
+                       "V": rng.normal(size=(3, 2)).astype(np.float32)})
+
+
+def test_positions_a_mask_input_marks_zero_are_left_out():
+    """With ``rows`` (the run's drift mask) every statistic of a tensor whose leading dimensions
+    are the mask's -- range, histogram, per-channel norms, Gram matrix -- is numpy's over the
+    kept positions only: padding with huge values changes none of them; other tensors are
+    taken whole; without the mask the padding counts."""
+    from onnxopt.analyses.activations import ActivationGrams
+    from onnxopt.budget import DriftBudget
+
+    rng = np.random.default_rng(5)
+    model = _masked_model()
+    feeds = []
+    for t in (3, 6, 4):
+        mask = (np.arange(t)[None, :] < np.array([[t - 1], [1]])).astype(np.int64)
+        x = rng.normal(size=(2, t, 5)).astype(np.float32)
+        x[mask == 0] = 1e3  # padding: far outside the real values
+        feeds.append({"x": x, "xt": rng.normal(size=(3, t)).astype(np.float32), "mask": mask})
+    budget = DriftBudget(model, feeds, 0.99, mask="mask")
+    graph = import_graph(model)
+    stats = AnalysisManager(graph, PassContext(template=model, calibration=iter(feeds),
+                                               budget=budget)).get(ActivationGrams)
+    kept = np.concatenate([f["x"][f["mask"] != 0] for f in feeds]).astype(np.float64)
+    s = stats["x"]
+    assert s.count == kept.size and s.maximum == pytest.approx(kept.max()) and s.maximum < 100
+    assert s.histogram.sum() == kept.size and s.rows == kept.shape[0]
+    np.testing.assert_allclose(s.gram, kept.T @ kept, rtol=1e-9)
+    np.testing.assert_allclose(s.channel_norm, np.linalg.norm(kept, axis=0), rtol=1e-6)
+    xt = np.concatenate([f["xt"].T for f in feeds]).astype(np.float64)
+    np.testing.assert_allclose(stats["xt"].gram, xt.T @ xt, rtol=1e-9)
+    whole = AnalysisManager(graph, PassContext(template=model, calibration=iter(feeds))).get(
+        ActivationGrams)
+    assert whole["x"].maximum == pytest.approx(1e3)
+    assert whole["x"].rows == sum(f["x"].shape[0] * f["x"].shape[1] for f in feeds)
+
+
+def test_kept_rows_moves_the_channel_axis_and_leaves_other_layouts():
+    from onnxopt.analyses.activations import kept_rows
+
+    keep = np.array([[1, 0, 1], [0, 1, 1]])
+    value = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    out, axis = kept_rows(value, keep, -1)
+    assert out.shape == (4, 4) and axis == 1
+    np.testing.assert_array_equal(out, value[keep != 0])
+    assert kept_rows(value, keep, None)[0].shape == (4, 4)
+    same, axis = kept_rows(value, keep, 1)  # the channel axis is a masked one: taken whole
+    assert same is value and axis == 1
+    other = np.zeros((3, 2, 4), np.float32)  # leading dimensions not the mask's
+    assert kept_rows(other, keep, -1)[0] is other
+    assert kept_rows(value, None, -1)[0] is value

@@ -471,3 +471,36 @@ def test_rounding_options_are_checked():
     for bad in ({"rounding": "obq"}, {"damp": 0.0}, {"damp": 2.0}):
         with pytest.raises(UsageError):
             QuantizeStatic(**bad)
+
+
+def test_ranges_leave_out_the_positions_the_drift_mask_marks_zero():
+    """Under ``--drift-mask`` the calibrated range of an activation covers the real positions
+    only: padding rows with huge values do not widen the QuantizeLinear scale (statistics name
+    the mask); without the mask they do."""
+    from onnxopt.budget import DriftBudget
+
+    k, n = 16, 8
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT)]
+    model = _model(nodes, [_f("x", [2, "t", k]),
+                           helper.make_tensor_value_info("mask", TensorProto.INT64, [2, "t"])],
+                   [_f("y", [2, "t", n]), _f("mf", [2, "t"])],
+                   {"W": RNG.normal(size=(k, n)).astype(np.float32)})
+    feeds = []
+    for t in (5, 7):
+        mask = (np.arange(t)[None, :] < np.array([[t], [2]])).astype(np.int64)
+        x = RNG.normal(size=(2, t, k)).astype(np.float32)
+        x[mask == 0] = 500.0
+        feeds.append({"x": x, "mask": mask})
+    scales = {}
+    for masked in (False, True):
+        graph = import_graph(model)
+        budget = DriftBudget(model, feeds, 0.5, mask="mask" if masked else None)
+        ctx = PassContext(template=model, calibration=feeds, feeds=feeds, budget=budget)
+        record = PassManager([]).run_pass(QuantizeStatic(calibration="minmax"), graph, ctx)
+        out = export_graph(graph.cleanup().toposort(), model)
+        inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+        ql = next(node for node in out.graph.node if node.op_type == "QuantizeLinear")
+        scales[masked] = float(inits[ql.input[1]])
+        assert record.stats["calibration"].get("rows") == ("mask" if masked else None)
+    assert scales[False] > 500 / 255 > 10 * scales[True], scales
