@@ -491,7 +491,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                          references=references.outputs, mask=mask) if feeds else None
     working, report.opset_upgrade, upgrade_failure = _upgrade_for(original, pipeline)
     ctx = PassContext(template=working, feeds=feeds, calibration=calibration_feeds,
-                      budget=budget, upgrade_failure=upgrade_failure,
+                      budget=budget, mask=mask, upgrade_failure=upgrade_failure,
                       synthesized=bool(feeds) and report.inputs.get("source") == "synthesized")
     lossy_names = {p.name for p in pipeline.lossy}
     if searched and ctx.synthesized:

@@ -57,6 +57,7 @@ class PassContext:
             at a time on every iteration); None: ``feeds``.
         budget: the run's drift budget, None without feeds (lossy proposals are then all
             accepted).
+        mask: the run's drift mask (``--drift-mask``), also without a budget (``drift_mask``).
         synthesized: ``feeds`` were synthesized from the declared inputs (random values: never
             used for calibration).
         analyses: the analysis manager of the graph being optimized (created by the pass manager
@@ -78,6 +79,7 @@ class PassContext:
     feeds: list[dict] | None = None
     calibration: Iterable[dict] | None = None
     budget: DriftBudget | None = None
+    mask: str | None = None
     synthesized: bool = False
     analyses: AnalysisManager | None = None
     upgrade_failure: str | None = None
@@ -91,8 +93,11 @@ class PassContext:
 
     def drift_mask(self) -> str | None:
         """The input whose non-zero positions the run's lossy criteria judge (``--drift-mask``,
-        ``onnxopt.metrics.kept_positions``), None when the run has none: calibration positions
-        the result is not judged on (padding) need not be fitted either."""
+        ``onnxopt.metrics.kept_positions``; ``mask``, else the budget's), None when the run has
+        none: calibration positions the result is not judged on (padding) need not be fitted
+        either -- with or without validation."""
+        if self.mask is not None:
+            return self.mask
         return None if self.budget is None else self.budget.mask
 
 

@@ -134,7 +134,9 @@ Statistics: ``nodes_quantized``, ``nodes_float`` (``{node: reason}``), ``refused
 whose 0 positions the ranges leave out), ``activation_type``, ``bias_quantized``,
 ``bias_scale_raised`` (overflow guard), ``bias_correction`` (``off``, or ``corrected`` nodes
 among those quantized and ``not corrected`` ``{reason: count}``),
-``bytes_before``/``bytes_after`` (of the quantized weights), ``qdq_pairs``, ``latency``
+``rounding`` (``nearest``, or with ``gptq`` the nodes quantized by GPTQ and ``nearest``
+``{reason: count}``), ``bytes_before``/``bytes_after`` (of the quantized weights), ``qdq_pairs``,
+``latency``
 (``off``, or ``rounds``, ``margin``, ``float_faster`` and ``integer_kept`` ``{sites: {integer_us,
 float_us}}`` of step 1, their sums ``integer_us``/``float_us``, ``whole_model_us`` per candidate
 placement, the ``chosen`` one, and the ``seconds`` all this took).
@@ -526,7 +528,7 @@ class QuantizeStatic(Pass):
         self._corrected: set[str] = set()
         self._uncorrected: collections.Counter[str] = collections.Counter()
         self._gptq: set[str] = set()
-        self._nearest: collections.Counter[str] = collections.Counter()
+        self._nearest: dict[str, str] = {}  # group -> why its weight was rounded to nearest
 
     def _params(self, name: str, dtype: np.dtype) -> tuple[np.float32, np.ndarray]:
         lo, hi = self._ranges[name]
@@ -635,15 +637,15 @@ class QuantizeStatic(Pass):
         if self.options.rounding != "gptq":
             return q
         if node.op not in GPTQ_OPS:
-            self._nearest[f"{node.op} weight"] += 1
+            self._nearest[group] = f"{node.op} weight"
             return q
         gram = stats[site.x.name].gram
         transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
         w = site.weight.values.T if transposed else site.weight.values
         if gram is None or gram.shape[0] != w.shape[0]:
-            self._nearest["no Gram matrix of the input"] += 1
+            self._nearest[group] = "no Gram matrix of the input"
             return q
-        key = (group, np.asarray(scale).tobytes())
+        key = (site.weight.name, np.asarray(scale).tobytes())  # tensor names are unique
         if key not in self._rounded_codes:
             codes = gptq_symmetric(w, external.unspill(gram), scale, qmax, self.options.damp)
             self._rounded_codes[key] = codes.T if transposed else codes
@@ -920,7 +922,8 @@ class QuantizeStatic(Pass):
                                  "not corrected": dict(sorted(self._uncorrected.items()))}
                                 if self.options.bias_correction else "off"),
             "rounding": ({"method": "gptq", "gptq": len(self._gptq.intersection(quantized)),
-                          "nearest": dict(sorted(self._nearest.items()))}
+                          "nearest": dict(sorted(collections.Counter(
+                              why for g, why in self._nearest.items() if g in quantized).items()))}
                          if self.options.rounding == "gptq" else "nearest"),
             "qdq_pairs": len(self._qdq),
             "latency": self._latency if self._latency is not None else "off",

@@ -211,3 +211,16 @@ def test_kept_rows_moves_the_channel_axis_and_leaves_other_layouts():
     other = np.zeros((3, 2, 4), np.float32)  # leading dimensions not the mask's
     assert kept_rows(other, keep, -1)[0] is other
     assert kept_rows(value, None, -1)[0] is value
+
+
+def test_a_feed_whose_mask_keeps_nothing_is_taken_whole():
+    """As the metrics judge it (``kept_positions``): a mask of zeros leaves the feed whole
+    rather than out (review finding: such feeds counted nothing)."""
+    from onnxopt.analyses.activations import collect
+
+    model = _masked_model()
+    x = np.random.default_rng(6).normal(size=(2, 3, 5)).astype(np.float32)
+    feed = {"x": x, "xt": np.ones((3, 3), np.float32), "mask": np.zeros((2, 3), np.int64)}
+    stats = collect(model, {"x": -1}, [feed], rows="mask")
+    assert stats["x"].count == x.size
+    assert stats["x"].maximum == pytest.approx(float(x.max()))

@@ -504,3 +504,77 @@ def test_ranges_leave_out_the_positions_the_drift_mask_marks_zero():
         scales[masked] = float(inits[ql.input[1]])
         assert record.stats["calibration"].get("rows") == ("mask" if masked else None)
     assert scales[False] > 500 / 255 > 10 * scales[True], scales
+
+
+def test_gptq_codes_belong_to_their_own_weight_when_group_names_collide():
+    """A MatMul named "y2" and an unnamed MatMul whose output is "y2" share a proposal group;
+    with weights of equal per-channel scales (rows permuted) each still gets the GPTQ codes of
+    its own weight and input (review finding: the codes were cached by group)."""
+    from onnxopt.passes._quant import gptq_symmetric, quantize_symmetric
+
+    rng = np.random.default_rng(7)
+    k, n = 32, 16
+    w1 = rng.normal(size=(k, n)).astype(np.float32)
+    w2 = w1[rng.permutation(k)].copy()
+    nodes = [helper.make_node("MatMul", ["x1", "W1"], ["y1"], name="y2"),
+             helper.make_node("MatMul", ["x2", "W2"], ["y2"])]
+    model = _model(nodes, [_f("x1", [64, k]), _f("x2", [64, k])],
+                   [_f("y1", [64, n]), _f("y2", [64, n])], {"W1": w1, "W2": w2})
+    mixes = [rng.normal(size=(k, k)) + np.eye(k) for _ in range(2)]
+    feeds = [{"x1": (rng.normal(size=(64, k)) @ mixes[0]).astype(np.float32),
+              "x2": (rng.normal(size=(64, k)) @ mixes[1]).astype(np.float32)} for _ in range(8)]
+    out, _ = _quantize(model, feeds, rounding="gptq", calibration="minmax",
+                       bias_correction=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    dq = {node.output[0]: node for node in out.graph.node if node.op_type == "DequantizeLinear"}
+    for name, x, w in (("y1", "x1", w1), ("y2", "x2", w2)):
+        mm = next(node for node in out.graph.node
+                  if node.op_type == "MatMul" and node.output[0] == name)
+        rows = np.concatenate([f[x] for f in feeds]).astype(np.float64)
+        _, scale = quantize_symmetric(w, 1, 63)
+        np.testing.assert_array_equal(inits[dq[mm.input[1]].input[0]],
+                                      gptq_symmetric(w, rows.T @ rows, scale, 63))
+
+
+def test_rounding_statistics_count_only_quantized_nodes():
+    from onnxopt.budget import DriftBudget
+
+    model = _conv_pool_matmul()
+    feeds = _feeds((1, 3, 8, 8), n=4)
+    budget = DriftBudget(model, feeds, 1.0 - 1e-12)  # nothing lossy fits
+    ctx = PassContext(template=model, calibration=feeds, feeds=feeds, budget=budget)
+    record = PassManager([]).run_pass(QuantizeStatic(rounding="gptq"), import_graph(model), ctx)
+    assert record.stats["nodes_quantized"] == 0
+    assert record.stats["rounding"] == {"method": "gptq", "gptq": 0, "nearest": {}}
+
+
+def test_drift_mask_applies_to_calibration_without_validation():
+    """``drift_mask`` with ``validate=False`` (``--no-validate``: no drift budget) leaves the
+    padding out of the calibrated ranges as a validated run does (review finding: the mask was
+    read from the budget only)."""
+    import onnxopt
+
+    k, n = 16, 8
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT)]
+    model = _model(nodes, [_f("x", [2, "t", k]),
+                           helper.make_tensor_value_info("mask", TensorProto.INT64, [2, "t"])],
+                   [_f("y", [2, "t", n]), _f("mf", [2, "t"])],
+                   {"W": RNG.normal(size=(k, n)).astype(np.float32)})
+    feeds = []
+    for t in (5, 7):
+        mask = (np.arange(t)[None, :] < np.array([[t], [2]])).astype(np.int64)
+        x = RNG.normal(size=(2, t, k)).astype(np.float32)
+        x[mask == 0] = 500.0
+        feeds.append({"x": x, "mask": mask})
+
+    def x_scale(m):
+        inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        return float(inits[next(nd for nd in m.graph.node
+                                if nd.op_type == "QuantizeLinear").input[1]])
+
+    common = dict(passes=["quantize_static"], calibration=feeds, drift_mask="mask",
+                  options={"quantize_static": {"calibration": "minmax"}})
+    validated, _ = onnxopt.optimize(model, inputs=feeds, max_drift=0.5, **common)
+    unvalidated, _ = onnxopt.optimize(model, validate=False, **common)
+    assert x_scale(unvalidated) == x_scale(validated) < 500 / 255 / 10
