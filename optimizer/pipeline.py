@@ -84,7 +84,7 @@ PassSpec = Union[str, Pass]
 QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
     "int8-weight": {"quantize_embeddings": {}, "quantize_weights": {}},
     "int8-dynamic": {"smooth_quant": {"alpha": 0.75, "explicit_mul": True,
-                                      "needs_data": False},
+                                      "needs_data": False, "drift_mask": False},
                      "quantize_embeddings": {}, "quantize_dynamic": {}},
     "int8-static": {"smooth_quant": {"alpha": 0.75, "explicit_mul": True},
                     "quantize_embeddings": {},

@@ -65,6 +65,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import ActivationStats, UseDef
+from onnxopt.analyses.activations import EveryPositionStats
 from onnxopt.edit import input_slots
 from onnxopt.names import fresh_name
 from onnxopt.ops import input_channel_axis
@@ -91,12 +92,17 @@ class SmoothQuantOptions(QuantizeOptions):
         needs_data: without calibration data, refuse the run (True, a UsageError from the
             pass manager) or change nothing and say so (False: a mode that works without data,
             ``int8-dynamic``, smooths only when it has some).
+        drift_mask: take ``max |X_j|`` over the positions the run's drift mask keeps (True:
+            the activations are quantized with calibrated ranges, which clip the padding) or
+            over every position (False: ``int8-dynamic``, whose run-time ranges the padding
+            sets too; ``onnxopt.analyses.activations.EveryPositionStats``).
     """
 
     alpha: float = 0.5
     compensate: bool = True
     explicit_mul: bool = False
     needs_data: bool = True
+    drift_mask: bool = True
 
     def check(self) -> str | None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -223,7 +229,8 @@ class SmoothQuant(Pass):
                 candidates.setdefault(x.name, x)
         if not candidates:
             return PassResult(False, {"refused": {}})
-        stats = ctx.analyses.get(ActivationStats)
+        stats = ctx.analyses.get(ActivationStats if self.options.drift_mask
+                                 else EveryPositionStats)
         smoothed = scaled = compensated = inserted = 0
         before, after = [], []
         for x in candidates.values():

@@ -224,3 +224,23 @@ def test_a_feed_whose_mask_keeps_nothing_is_taken_whole():
     stats = collect(model, {"x": -1}, [feed], rows="mask")
     assert stats["x"].count == x.size
     assert stats["x"].maximum == pytest.approx(float(x.max()))
+
+
+def test_every_position_stats_ignore_the_drift_mask():
+    """``EveryPositionStats`` (what smoothing for run-time quantized activations reads) keeps the
+    padding the drift mask leaves out of ``ActivationStats``: DynamicQuantizeLinear's range
+    sees every position."""
+    from onnxopt.analyses.activations import EveryPositionStats
+    from onnxopt.budget import DriftBudget
+
+    model = _masked_model()
+    rng = np.random.default_rng(8)
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    x = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    x[mask == 0] = 1e3
+    feeds = [{"x": x, "xt": rng.normal(size=(3, 3)).astype(np.float32), "mask": mask}]
+    ctx = PassContext(template=model, calibration=feeds, mask="mask",
+                      budget=DriftBudget(model, feeds, 0.99, mask="mask"))
+    manager = AnalysisManager(import_graph(model), ctx)
+    assert manager.get(ActivationStats)["x"].maximum < 100
+    assert manager.get(EveryPositionStats)["x"].maximum == pytest.approx(1e3)
