@@ -133,11 +133,10 @@ Statistics: ``nodes_quantized``, ``nodes_float`` (``{node: reason}``), ``refused
 (``{reason: count}``), ``scheme``, ``calibration`` (method, feeds, and ``rows``: the drift mask
 whose 0 positions the ranges leave out), ``activation_type``, ``bias_quantized``,
 ``bias_scale_raised`` (overflow guard), ``bias_correction`` (``off``, or ``corrected`` nodes
-among those quantized and ``not corrected`` ``{reason: count}``),
-``rounding`` (``nearest``, or with ``gptq`` the nodes quantized by GPTQ and ``nearest``
-``{reason: count}``), ``bytes_before``/``bytes_after`` (of the quantized weights), ``qdq_pairs``,
-``latency``
-(``off``, or ``rounds``, ``margin``, ``float_faster`` and ``integer_kept`` ``{sites: {integer_us,
+among those quantized and ``not corrected`` ``{reason: count}``), ``rounding`` (``nearest``, or
+with ``gptq`` the nodes quantized by GPTQ and ``nearest`` ``{reason: count}``),
+``bytes_before``/``bytes_after`` (of the quantized weights), ``qdq_pairs``, ``latency`` (``off``,
+or ``rounds``, ``margin``, ``float_faster`` and ``integer_kept`` ``{sites: {integer_us,
 float_us}}`` of step 1, their sums ``integer_us``/``float_us``, ``whole_model_us`` per candidate
 placement, the ``chosen`` one, and the ``seconds`` all this took).
 
