@@ -85,12 +85,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt import external
 from onnxopt.analyses import UseDef
+from onnxopt.analyses.activations import ActivationGrams
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes
 from onnxopt.names import fresh_name
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import QMAX, QuantizeOptions, dequantize, excluded, quantize_symmetric
+from onnxopt.passes._quant import (QMAX, QuantizeOptions, dequantize, excluded, gptq_symmetric,
+                                   quantize_symmetric)
 
 #: Weights with fewer elements stay float: integer kernels do not pay for themselves.
 MIN_ELEMENTS = 1024
@@ -117,6 +120,12 @@ class QuantizeDynamicOptions(QuantizeOptions):
         uint8_weights: store MatMul/Gemm weights as uint8 with zero point 128 (u8u8 kernels:
             exact, no saturation; see the module docstring for the measured speed).
         min_elements: weights with fewer elements stay float.
+        rounding: ``nearest``, or ``gptq``: MatMul and Gemm weights of the main graph rounded
+            with GPTQ's inverse-Hessian error compensation on their grid (the scales fixed
+            beforehand; ``onnxopt.passes._quant.gptq_symmetric``), from the Gram matrices of
+            their inputs over the calibration data; without calibration data, or for a Conv,
+            round to nearest (statistics ``rounding``).
+        damp: GPTQ's dampening, a fraction of the mean diagonal of ``H`` added to it.
     """
 
     per_channel: bool = True
@@ -124,10 +133,16 @@ class QuantizeDynamicOptions(QuantizeOptions):
     conv: bool = False
     uint8_weights: bool = False
     min_elements: int = MIN_ELEMENTS
+    rounding: str = "nearest"
+    damp: float = 0.01
 
     def check(self) -> str | None:
         if self.min_elements < 1:
             return f"option min_elements must be at least 1, got {self.min_elements}"
+        if self.rounding not in ("nearest", "gptq"):
+            return f"option rounding must be nearest or gptq, got {self.rounding!r}"
+        if not 0.0 < self.damp <= 1.0:
+            return f"option damp must be in (0, 1], got {self.damp}"
         return super().check()
 
 
@@ -185,14 +200,20 @@ def _node_refusal(node: gs.Node, options: QuantizeDynamicOptions) -> str | None:
     return None
 
 
-def _plan(node: gs.Node, graph: gs.Graph, options: QuantizeDynamicOptions) -> _Plan:
-    """Quantize the weight of an accepted ``node``."""
+def _plan(node: gs.Node, graph: gs.Graph, options: QuantizeDynamicOptions,
+          gram: np.ndarray | None = None) -> _Plan:
+    """Quantize the weight of an accepted ``node`` (with GPTQ when ``gram``, the Gram matrix of
+    a MatMul/Gemm input, is given)."""
     x, w = node.inputs[0], node.inputs[1]
     values = w.values
     qmax = REDUCED_QMAX if options.reduce_range and not options.uint8_weights else QMAX
     transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
     axis = (0 if node.op == "Conv" or transposed else 1) if options.per_channel else None
     q, scale = quantize_symmetric(values, axis, qmax)
+    if gram is not None:
+        codes = gptq_symmetric(values.T if transposed else values, external.unspill(gram),
+                               scale, qmax, options.damp)
+        q = codes.T if transposed else codes
     value = dequantize(q, scale, axis)
     bias = None
     if node.op == "Gemm":
@@ -227,6 +248,8 @@ class QuantizeDynamic(Pass):
         self._shared: dict[tuple[int, str], tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
         self._plans: dict[int, _Plan] = {}
         self._biases_fused = 0
+        self._nearest: dict[str, str] = {}  # group -> why GPTQ did not round its weight
+        grams = self._grams(ctx)
         proposals = []
         for g in usedef.scopes:
             for node in list(g.nodes):
@@ -237,7 +260,7 @@ class QuantizeDynamic(Pass):
                 if reason is not None:
                     refused[reason] += 1
                     continue
-                plan = _plan(node, graph, self.options)
+                plan = _plan(node, graph, self.options, self._gram(node, g, graph, grams))
                 self._plans[id(plan.w)] = plan
                 proposals.extend(self._proposals(graph, g, plan))
         self._scheme = ("int8 " + ("per-channel" if self.options.per_channel else "per-tensor")
@@ -261,7 +284,39 @@ class QuantizeDynamic(Pass):
             "bytes_before": sum(nbytes(p.w) for p in done),
             "bytes_after": sum(p.stored for p in done),
             "biases_fused": self._biases_fused,
+            "rounding": ({"method": "gptq",
+                          "gptq": sum(1 for p in done
+                                      if (p.node.name or p.w.name) not in self._nearest),
+                          "nearest": dict(sorted(collections.Counter(
+                              self._nearest[g] for g in (p.node.name or p.w.name for p in done)
+                              if g in self._nearest).items()))}
+                         if self.options.rounding == "gptq" else "nearest"),
         }
+
+    def _grams(self, ctx: PassContext):
+        """The Gram matrices of the MatMul/Gemm inputs (``ActivationGrams``) when ``rounding``
+        is ``gptq`` and the run has calibration data; else None."""
+        if self.options.rounding != "gptq" or not ctx.has_calibration():
+            return None
+        return ctx.analyses.get(ActivationGrams)
+
+    def _gram(self, node: gs.Node, g: gs.Graph, root: gs.Graph, grams) -> np.ndarray | None:
+        """The Gram matrix of ``node``'s input for GPTQ, or None (the reason recorded)."""
+        if self.options.rounding != "gptq":
+            return None
+        group = node.name or node.inputs[1].name
+        why = ("no calibration data" if grams is None
+               else f"{node.op} weight" if node.op not in ("MatMul", "Gemm")
+               else "in a subgraph" if g is not root else None)
+        stats = grams.tensors.get(node.inputs[0].name) if why is None else None
+        k = node.inputs[1].shape[1 if node.attrs.get("transB", 0) else 0] \
+            if why is None else None
+        if why is None and (stats is None or stats.gram is None or stats.gram.shape[0] != k):
+            why = "no Gram matrix of the input"
+        if why is not None:
+            self._nearest[group] = why
+            return None
+        return stats.gram
 
     def _proposals(self, root: gs.Graph, g: gs.Graph, plan: _Plan) -> list[Proposal]:
         """The node's proposal group: its weight (whose ``apply`` rewrites the node) and, when
