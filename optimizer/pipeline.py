@@ -68,7 +68,7 @@ PassSpec = Union[str, Pass]
 #: calibration data, or real inputs, and runs without). On
 #: MiniLM with every MatMul quantized (cosine over non-padding tokens of the evaluation set):
 #: int8-dynamic 0.9884 -> 0.9956 (7-bit weights; uint8 ones: 0.9941 at alpha 0.5, 0.9968),
-#: and with GPTQ rounding of its weights from the calibration data 0.9963 (2026-12-07; PP-OCRv4
+#: and with GPTQ rounding of its weights from the calibration data 0.9961 (2026-12-07; PP-OCRv4
 #: rec validated with it; without calibration data the weights are rounded to nearest);
 #: int8-static 0.9944 -> 0.9972 with the full 8-bit grid as uint8 MatMul weights (exact u8u8
 #: kernels; 0.9960 with ``mse`` calibration, 0.9970 ``minmax``, 0.9972 ``percentile``), at a

@@ -62,6 +62,17 @@ handling is for 2-D B), sparse, non-finite, smaller than ``min_elements``, read 
 slot, or graph inputs/outputs; a constant MatMul A (nothing to quantize at run time); Gemm with
 ``transA``; a Gemm bias that is not a constant when ``beta != 1``.
 
+GPTQ rounding (option ``rounding = "gptq"``, the ``int8-dynamic`` mode's choice when it has
+calibration data; Frantar et al. 2023, Algorithm 1, in ``onnxopt.passes._quant.gptq_rows``): a
+MatMul or Gemm weight of the main graph is rounded input channel by input channel on its grid
+(the scales above, fixed beforehand), each channel's rounding error spread over the channels not
+yet rounded through the inverse of ``H = 2 X^T X`` from the calibration inputs at every
+position, the drift mask ignored (``EveryPositionGrams``: fitted to the real tokens alone, the
+compensation moved the error into what only the padding reads). The activations still get
+their range at run time; only the weight codes change. Measured on MiniLM-L6 (the mode, masked
+cosine over the evaluation sentences): 0.9957 -> 0.9961, and ``last_hidden_state`` over every
+position (worst feed) 0.72 -> 0.976.
+
 Drift budget: one proposal group per node (the node's name): the weight proposal (its
 dequantized values ``W'``; its ``apply`` performs the whole rewrite of the node) and a simulated
 proposal for the activation (``DynamicQuantizeLinear -> DequantizeLinear`` of ``x`` routed to
@@ -71,7 +82,8 @@ node wholly float when it must.
 Statistics: ``nodes_quantized`` (by op type), ``dynamic_quantize_linear`` (nodes added),
 ``scheme``, ``proposed``, ``accepted``, ``refused`` (``{reason: count}``), ``bytes_before`` and
 ``bytes_after`` (float32 weights versus the int8 weights, scales and zero points),
-``biases_fused`` (bias Adds reordered for onnxruntime's fusion).
+``biases_fused`` (bias Adds reordered for onnxruntime's fusion), ``rounding`` (``nearest``, or
+with ``gptq`` the nodes quantized with GPTQ and ``nearest`` ``{reason: count}``).
 
 Errors: none of its own.
 """
@@ -87,7 +99,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import external
 from onnxopt.analyses import UseDef
-from onnxopt.analyses.activations import ActivationGrams
+from onnxopt.analyses.activations import EveryPositionGrams
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes
 from onnxopt.names import fresh_name
@@ -294,11 +306,13 @@ class QuantizeDynamic(Pass):
         }
 
     def _grams(self, ctx: PassContext):
-        """The Gram matrices of the MatMul/Gemm inputs (``ActivationGrams``) when ``rounding``
-        is ``gptq`` and the run has calibration data; else None."""
+        """The Gram matrices of the MatMul/Gemm inputs over every calibration position
+        (``EveryPositionGrams``: the activations are quantized at run time over all of them,
+        padding included) when ``rounding`` is ``gptq`` and the run has calibration data; else
+        None."""
         if self.options.rounding != "gptq" or not ctx.has_calibration():
             return None
-        return ctx.analyses.get(ActivationGrams)
+        return ctx.analyses.get(EveryPositionGrams)
 
     def _gram(self, node: gs.Node, g: gs.Graph, root: gs.Graph, grams) -> np.ndarray | None:
         """The Gram matrix of ``node``'s input for GPTQ, or None (the reason recorded)."""

@@ -359,3 +359,38 @@ def test_gptq_rounding_from_calibration_lowers_the_error(trans_b):
     _, stats = _quantize(model, rounding="gptq")  # no calibration data in the context
     assert stats["rounding"] == {"method": "gptq", "gptq": 0,
                                  "nearest": {"no calibration data": 1}}
+
+
+def test_gptq_rounding_reads_every_position_under_a_drift_mask():
+    """The activations are quantized at run time over every position, padding included, so the
+    GPTQ Gram matrix keeps the positions the drift mask leaves out (the weight codes equal GPTQ
+    over all rows, not over the kept ones)."""
+    from onnxopt.budget import DriftBudget
+    from onnxopt.passes._quant import gptq_symmetric, quantize_symmetric
+
+    k, n = 64, 32
+    rng = np.random.default_rng(12)
+    w = (rng.normal(size=(k, n)) / 8).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT)]
+    model = _model(nodes, [_f("x", [2, "t", k]),
+                           helper.make_tensor_value_info("mask", TensorProto.INT64, [2, "t"])],
+                   [_f("y", [2, "t", n]), _f("mf", [2, "t"])], [_init("W", w)])
+    mixing = rng.normal(size=(k, k)) + np.eye(k)
+    feeds = []
+    for t in (40, 56):
+        mask = (np.arange(t)[None, :] < np.array([[t], [t // 4]])).astype(np.int64)
+        feeds.append({"x": (rng.normal(size=(2, t, k)) @ mixing).astype(np.float32),
+                      "mask": mask})
+    graph = import_graph(model)
+    ctx = PassContext(template=model, calibration=feeds, mask="mask",
+                      budget=DriftBudget(model, feeds, 0.0, mask="mask"))
+    PassManager([]).run_pass(QuantizeDynamic(rounding="gptq"), graph, ctx)
+    out = export_graph(graph.cleanup().toposort(), model)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    codes = next(v for v in inits.values() if v.dtype == np.int8 and v.shape == (k, n))
+    rows = np.concatenate([f["x"].reshape(-1, k) for f in feeds]).astype(np.float64)
+    kept = np.concatenate([f["x"][f["mask"] != 0] for f in feeds]).astype(np.float64)
+    _, scale = quantize_symmetric(w, 1, 63)
+    np.testing.assert_array_equal(codes, gptq_symmetric(w, rows.T @ rows, scale, 63))
+    assert not np.array_equal(codes, gptq_symmetric(w, kept.T @ kept, scale, 63))
