@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -118,6 +119,29 @@ def gptq_symmetric(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, qmax: int
 
     gptq_rows(w, gram, row, damp, act_order)
     return codes
+
+
+#: Weight rounding methods (option ``rounding`` of ``quantize_static`` and ``quantize_dynamic``).
+ROUNDINGS = ("nearest", "gptq")
+
+
+def gptq_weight(values: np.ndarray, gram, scale: np.ndarray, qmax: int, damp: float,
+                transposed: bool = False) -> np.ndarray:
+    """:func:`gptq_symmetric` of a MatMul/Gemm weight in its stored layout: ``values`` ``[K, N]``,
+    or ``[N, K]`` when ``transposed`` (Gemm ``transB``); ``gram`` ``[K, K]`` possibly spilled to
+    disk (``onnxopt.external``). Returns the int8 codes in the layout of ``values``."""
+    w = values.T if transposed else values
+    codes = gptq_symmetric(w, external.unspill(gram), scale, qmax, damp)
+    return codes.T if transposed else codes
+
+
+def rounding_summary(rounding: str, gptq: int, nearest: Iterable[str]) -> dict | str:
+    """The ``rounding`` statistics of a pass: ``"nearest"``, or with ``gptq`` the number of
+    quantized weights GPTQ rounded and ``{reason: count}`` of those rounded to nearest."""
+    if rounding != "gptq":
+        return "nearest"
+    return {"method": "gptq", "gptq": gptq,
+            "nearest": dict(sorted(collections.Counter(nearest).items()))}
 
 
 def dequantize(q, scale: np.ndarray, axis: int | None,

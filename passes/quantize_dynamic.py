@@ -97,15 +97,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import external
 from onnxopt.analyses import UseDef
 from onnxopt.analyses.activations import EveryPositionGrams
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes
 from onnxopt.names import fresh_name
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._quant import (QMAX, QuantizeOptions, dequantize, excluded, gptq_symmetric,
-                                   quantize_symmetric)
+from onnxopt.passes._quant import (QMAX, ROUNDINGS, QuantizeOptions, dequantize, excluded,
+                                   gptq_weight, quantize_symmetric, rounding_summary)
 
 #: Weights with fewer elements stay float: integer kernels do not pay for themselves.
 MIN_ELEMENTS = 1024
@@ -151,8 +150,8 @@ class QuantizeDynamicOptions(QuantizeOptions):
     def check(self) -> str | None:
         if self.min_elements < 1:
             return f"option min_elements must be at least 1, got {self.min_elements}"
-        if self.rounding not in ("nearest", "gptq"):
-            return f"option rounding must be nearest or gptq, got {self.rounding!r}"
+        if self.rounding not in ROUNDINGS:
+            return f"option rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}"
         if not 0.0 < self.damp <= 1.0:
             return f"option damp must be in (0, 1], got {self.damp}"
         return super().check()
@@ -223,9 +222,7 @@ def _plan(node: gs.Node, graph: gs.Graph, options: QuantizeDynamicOptions,
     axis = (0 if node.op == "Conv" or transposed else 1) if options.per_channel else None
     q, scale = quantize_symmetric(values, axis, qmax)
     if gram is not None:
-        codes = gptq_symmetric(values.T if transposed else values, external.unspill(gram),
-                               scale, qmax, options.damp)
-        q = codes.T if transposed else codes
+        q = gptq_weight(values, gram, scale, qmax, options.damp, transposed)
     value = dequantize(q, scale, axis)
     bias = None
     if node.op == "Gemm":
@@ -283,6 +280,7 @@ class QuantizeDynamic(Pass):
 
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         done = [self._plans[id(p.tensor)] for p in accepted if p.value is not None]
+        groups = [p.node.name or p.w.name for p in done]
         refused = collections.Counter(result.stats.get("refused", {}))
         weights = [p for p in result.proposals if p.value is not None]
         if len(weights) > len(done):
@@ -296,13 +294,9 @@ class QuantizeDynamic(Pass):
             "bytes_before": sum(nbytes(p.w) for p in done),
             "bytes_after": sum(p.stored for p in done),
             "biases_fused": self._biases_fused,
-            "rounding": ({"method": "gptq",
-                          "gptq": sum(1 for p in done
-                                      if (p.node.name or p.w.name) not in self._nearest),
-                          "nearest": dict(sorted(collections.Counter(
-                              self._nearest[g] for g in (p.node.name or p.w.name for p in done)
-                              if g in self._nearest).items()))}
-                         if self.options.rounding == "gptq" else "nearest"),
+            "rounding": rounding_summary(
+                self.options.rounding, sum(1 for g in groups if g not in self._nearest),
+                (self._nearest[g] for g in groups if g in self._nearest)),
         }
 
     def _grams(self, ctx: PassContext):
@@ -318,19 +312,25 @@ class QuantizeDynamic(Pass):
         """The Gram matrix of ``node``'s input for GPTQ, or None (the reason recorded)."""
         if self.options.rounding != "gptq":
             return None
-        group = node.name or node.inputs[1].name
-        why = ("no calibration data" if grams is None
-               else f"{node.op} weight" if node.op not in ("MatMul", "Gemm")
-               else "in a subgraph" if g is not root else None)
-        stats = grams.tensors.get(node.inputs[0].name) if why is None else None
-        k = node.inputs[1].shape[1 if node.attrs.get("transB", 0) else 0] \
-            if why is None else None
-        if why is None and (stats is None or stats.gram is None or stats.gram.shape[0] != k):
-            why = "no Gram matrix of the input"
+        why, gram = self._gram_or_reason(node, g is root, grams)
         if why is not None:
-            self._nearest[group] = why
-            return None
-        return stats.gram
+            self._nearest[node.name or node.inputs[1].name] = why
+        return gram
+
+    @staticmethod
+    def _gram_or_reason(node: gs.Node, in_main_graph: bool, grams) -> tuple[str | None, object]:
+        """``(None, gram)`` of ``node``'s input, or ``(why not, None)``."""
+        if grams is None:
+            return "no calibration data", None
+        if node.op not in ("MatMul", "Gemm"):
+            return f"{node.op} weight", None
+        if not in_main_graph:
+            return "in a subgraph", None
+        stats = grams.tensors.get(node.inputs[0].name)
+        k = node.inputs[1].shape[1 if node.attrs.get("transB", 0) else 0]
+        if stats is None or stats.gram is None or stats.gram.shape[0] != k:
+            return "no Gram matrix of the input", None
+        return None, stats.gram
 
     def _proposals(self, root: gs.Graph, g: gs.Graph, plan: _Plan) -> list[Proposal]:
         """The node's proposal group: its weight (whose ``apply`` rewrites the node) and, when

@@ -154,7 +154,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import external
 from onnxopt.analyses import TensorTypes
 from onnxopt.analyses.activations import collect
 from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTILE,
@@ -167,8 +166,8 @@ from onnxopt.names import fresh_name
 from onnxopt.ops import FLOAT_DTYPES, is_default_domain, output_channel_axis
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.passes._quant import (QMAX, QRANGE, QuantizeOptions, broadcastable, dequantize,
-                                   excluded, gptq_symmetric, quantize_symmetric,
-                                   scale_zero_point)
+                                   ROUNDINGS, excluded, gptq_weight, quantize_symmetric,
+                                   rounding_summary, scale_zero_point)
 
 #: Weights with fewer elements stay float.
 MIN_ELEMENTS = 16
@@ -198,8 +197,6 @@ QUANTIZED_OUTPUT = frozenset({"Conv", "Gemm"})
 SCALE_PRESERVING = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
                               "Identity", "MaxPool", "Relu", "Clip", "Concat"})
 _ACTIVATION_TYPES = {"uint8": np.uint8, "int8": np.int8}
-#: Weight rounding methods (option ``rounding``).
-ROUNDINGS = ("nearest", "gptq")
 #: The quantized ops whose weights GPTQ rounds (a Conv's input has no Gram matrix here).
 GPTQ_OPS = frozenset({"MatMul", "Gemm"})
 
@@ -640,14 +637,13 @@ class QuantizeStatic(Pass):
             return q
         gram = stats[site.x.name].gram
         transposed = node.op == "Gemm" and bool(node.attrs.get("transB", 0))
-        w = site.weight.values.T if transposed else site.weight.values
-        if gram is None or gram.shape[0] != w.shape[0]:
+        if gram is None or gram.shape[0] != _input_channels(node, site.weight):
             self._nearest[group] = "no Gram matrix of the input"
             return q
         key = (site.weight.name, np.asarray(scale).tobytes())  # tensor names are unique
         if key not in self._rounded_codes:
-            codes = gptq_symmetric(w, external.unspill(gram), scale, qmax, self.options.damp)
-            self._rounded_codes[key] = codes.T if transposed else codes
+            self._rounded_codes[key] = gptq_weight(site.weight.values, gram, scale, qmax,
+                                                   self.options.damp, transposed)
         self._gptq.add(group)
         return self._rounded_codes[key]
 
@@ -920,10 +916,9 @@ class QuantizeStatic(Pass):
             "bias_correction": ({"corrected": len(self._corrected.intersection(quantized)),
                                  "not corrected": dict(sorted(self._uncorrected.items()))}
                                 if self.options.bias_correction else "off"),
-            "rounding": ({"method": "gptq", "gptq": len(self._gptq.intersection(quantized)),
-                          "nearest": dict(sorted(collections.Counter(
-                              why for g, why in self._nearest.items() if g in quantized).items()))}
-                         if self.options.rounding == "gptq" else "nearest"),
+            "rounding": rounding_summary(
+                self.options.rounding, len(self._gptq.intersection(quantized)),
+                (why for g, why in self._nearest.items() if g in quantized)),
             "qdq_pairs": len(self._qdq),
             "latency": self._latency if self._latency is not None else "off",
             "proposed": len(result.proposals), "accepted": len(accepted),

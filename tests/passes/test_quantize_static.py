@@ -473,12 +473,9 @@ def test_rounding_options_are_checked():
             QuantizeStatic(**bad)
 
 
-def test_ranges_leave_out_the_positions_the_drift_mask_marks_zero():
-    """Under ``--drift-mask`` the calibrated range of an activation covers the real positions
-    only: padding rows with huge values do not widen the QuantizeLinear scale (statistics name
-    the mask); without the mask they do."""
-    from onnxopt.budget import DriftBudget
-
+def _padded_matmul():
+    """A MatMul reading x [2, t, 16] beside a "mask" input [2, t], and two feeds whose padding
+    positions (mask 0) hold 500.0, far outside the real values."""
     k, n = 16, 8
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
              helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT)]
@@ -492,16 +489,30 @@ def test_ranges_leave_out_the_positions_the_drift_mask_marks_zero():
         x = RNG.normal(size=(2, t, k)).astype(np.float32)
         x[mask == 0] = 500.0
         feeds.append({"x": x, "mask": mask})
+    return model, feeds
+
+
+def _input_scale(model):
+    """The scale of the first QuantizeLinear of ``model`` (float)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return float(inits[next(n for n in model.graph.node
+                            if n.op_type == "QuantizeLinear").input[1]])
+
+
+def test_ranges_leave_out_the_positions_the_drift_mask_marks_zero():
+    """Under ``--drift-mask`` the calibrated range of an activation covers the real positions
+    only: padding rows with huge values do not widen the QuantizeLinear scale (statistics name
+    the mask); without the mask they do."""
+    from onnxopt.budget import DriftBudget
+
+    model, feeds = _padded_matmul()
     scales = {}
     for masked in (False, True):
         graph = import_graph(model)
         budget = DriftBudget(model, feeds, 0.5, mask="mask" if masked else None)
         ctx = PassContext(template=model, calibration=feeds, feeds=feeds, budget=budget)
         record = PassManager([]).run_pass(QuantizeStatic(calibration="minmax"), graph, ctx)
-        out = export_graph(graph.cleanup().toposort(), model)
-        inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
-        ql = next(node for node in out.graph.node if node.op_type == "QuantizeLinear")
-        scales[masked] = float(inits[ql.input[1]])
+        scales[masked] = _input_scale(export_graph(graph.cleanup().toposort(), model))
         assert record.stats["calibration"].get("rows") == ("mask" if masked else None)
     assert scales[False] > 500 / 255 > 10 * scales[True], scales
 
@@ -554,27 +565,10 @@ def test_drift_mask_applies_to_calibration_without_validation():
     read from the budget only)."""
     import onnxopt
 
-    k, n = 16, 8
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
-             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT)]
-    model = _model(nodes, [_f("x", [2, "t", k]),
-                           helper.make_tensor_value_info("mask", TensorProto.INT64, [2, "t"])],
-                   [_f("y", [2, "t", n]), _f("mf", [2, "t"])],
-                   {"W": RNG.normal(size=(k, n)).astype(np.float32)})
-    feeds = []
-    for t in (5, 7):
-        mask = (np.arange(t)[None, :] < np.array([[t], [2]])).astype(np.int64)
-        x = RNG.normal(size=(2, t, k)).astype(np.float32)
-        x[mask == 0] = 500.0
-        feeds.append({"x": x, "mask": mask})
-
-    def x_scale(m):
-        inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-        return float(inits[next(nd for nd in m.graph.node
-                                if nd.op_type == "QuantizeLinear").input[1]])
+    model, feeds = _padded_matmul()
 
     common = dict(passes=["quantize_static"], calibration=feeds, drift_mask="mask",
                   options={"quantize_static": {"calibration": "minmax"}})
     validated, _ = onnxopt.optimize(model, inputs=feeds, max_drift=0.5, **common)
     unvalidated, _ = onnxopt.optimize(model, validate=False, **common)
-    assert x_scale(unvalidated) == x_scale(validated) < 500 / 255 / 10
+    assert _input_scale(unvalidated) == _input_scale(validated) < 500 / 255 / 10
