@@ -131,7 +131,7 @@ class Proposal:
 
     Attributes:
         tensor: a weight proposal's initializer (a ``gs.Constant``, float, any shape), or a
-            simulated proposal's activation (a ``gs.Variable`` of the main graph).
+            simulated proposal's activation (a ``gs.Variable`` of ``scope``).
         value: a weight proposal's values the model computes with in its place (same shape and
             dtype as ``tensor``): the pruned array, or the dequantized values of a quantized
             weight, or a function computing them when asked (:meth:`array`: a large model's
@@ -144,8 +144,10 @@ class Proposal:
         simulate: a simulated proposal's ``fn(graph, x) -> gs.Variable``, which appends to
             ``graph`` the nodes computing what the changed model computes in place of ``x``
             (``tensor``) and returns their output.
-        readers: ``(node, input index)`` pairs of the main graph that read the simulated value;
-            None: every reader of ``x`` in the main graph.
+        readers: ``(node, input index)`` pairs of ``scope`` that read the simulated value;
+            None: every reader of ``x`` in ``scope``.
+        scope: the graph holding a simulated proposal's activation and readers: a subgraph (an
+            If branch, a Loop or Scan body) of the main graph; None: the main graph.
         dequantized: a quantized weight proposal's :class:`Dequantized` form (equal to
             ``value``), which evaluations feed instead of the float values.
     """
@@ -158,6 +160,7 @@ class Proposal:
     simulate: Callable[[gs.Graph, gs.Variable], gs.Variable] | None = None
     readers: list[tuple[gs.Node, int]] | None = None
     dequantized: Dequantized | None = None
+    scope: gs.Graph | None = None
 
     @property
     def name(self) -> str:
@@ -505,21 +508,33 @@ def _dequantized_inputs(model: onnx.ModelProto, forms: dict[str, Dequantized]
 def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: list[Proposal]
                       ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """``graph`` exported with every simulated proposal gated (see the module docstring), and
-    the gate input of each group; the graph is restored exactly before returning."""
+    the gate input of each group; the graph is restored exactly before returning.
+
+    A proposal in a subgraph (``scope``) gets its simulation and ``Where`` in that subgraph,
+    reading the gate -- a main-graph input -- from the outer scope; while ``simulate`` runs, the
+    subgraph borrows the main graph's name authority, so that every new name is fresh in the
+    whole model.
+    """
     if not simulated:
         return export_graph(graph, template), {}
     from onnxopt.names import _ATTR
 
-    nodes, inputs = list(graph.nodes), list(graph.inputs)
-    links = [(t, list(t.inputs), list(t.outputs)) for t in graph.tensors().values()]
     authority = vars(graph).get(_ATTR)
     names = (set(authority._used), dict(authority._next)) if authority is not None else None
-    known = {id(n) for n in nodes}
+    scopes = {id(graph): graph}
+    for p in simulated:
+        if p.scope is not None:
+            scopes.setdefault(id(p.scope), p.scope)
+    saved = {k: (list(g.nodes), list(g.inputs),
+                 [(t, list(t.inputs), list(t.outputs)) for t in g.tensors().values()],
+                 {id(n) for n in g.nodes}, _ATTR in vars(g))
+             for k, g in scopes.items()}
     rerouted: list[tuple[gs.Node, int, gs.Tensor]] = []
     gates: dict[str, gs.Variable] = {}
     try:
         for p in simulated:
-            x = p.tensor
+            x, scope = p.tensor, p.scope if p.scope is not None else graph
+            known = saved[id(scope)][3]
             readers = p.readers if p.readers is not None else [
                 (n, i) for n in list(x.outputs) if id(n) in known
                 for i, t in enumerate(n.inputs) if t is x]
@@ -528,10 +543,12 @@ def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: lis
                                            shape=[])
                 graph.inputs.append(gates[p.key])
             gate = gates[p.key]
-            simulated_x = p.simulate(graph, x)
+            if scope is not graph:
+                setattr(scope, _ATTR, NameAuthority.of(graph))
+            simulated_x = p.simulate(scope, x)
             picked = gs.Variable(fresh_name(graph, f"{x.name}_budget"), dtype=x.dtype,
                                  shape=x.shape)
-            graph.nodes.append(gs.Node("Where", fresh_name(graph, "budget_where"),
+            scope.nodes.append(gs.Node("Where", fresh_name(graph, "budget_where"),
                                        inputs=[gate, simulated_x, x], outputs=[picked]))
             for node, index in readers:
                 rerouted.append((node, index, node.inputs[index]))
@@ -540,18 +557,24 @@ def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: lis
     finally:
         # Raw list operations: gs's synchronized lists remove by equality, and two simulation
         # nodes may compare equal; every link of a tensor that existed is restored below.
-        for node in graph.nodes:
-            if id(node) not in known:
-                list.clear(node.inputs)
-                list.clear(node.outputs)
+        for k, g in scopes.items():
+            known = saved[k][3]
+            for node in g.nodes:
+                if id(node) not in known:
+                    list.clear(node.inputs)
+                    list.clear(node.outputs)
         for node, index, tensor in reversed(rerouted):
             list.__setitem__(node.inputs, index, tensor)
-        graph.nodes, graph.inputs = nodes, inputs
-        for t, producers, consumers in links:  # the order of each tensor's links, too
-            list.clear(t.inputs)
-            list.extend(t.inputs, producers)
-            list.clear(t.outputs)
-            list.extend(t.outputs, consumers)
+        for k, g in scopes.items():
+            nodes, inputs, links, _, had_authority = saved[k]
+            g.nodes, g.inputs = nodes, inputs
+            for t, producers, consumers in links:  # the order of each tensor's links, too
+                list.clear(t.inputs)
+                list.extend(t.inputs, producers)
+                list.clear(t.outputs)
+                list.extend(t.outputs, consumers)
+            if g is not graph and not had_authority:
+                vars(g).pop(_ATTR, None)
         if names is None:
             vars(graph).pop(_ATTR, None)
         else:

@@ -334,19 +334,16 @@ class QuantizeDynamic(Pass):
 
     def _proposals(self, root: gs.Graph, g: gs.Graph, plan: _Plan) -> list[Proposal]:
         """The node's proposal group: its weight (whose ``apply`` rewrites the node) and, when
-        the node is in the main graph, its activation as a simulated DynamicQuantizeLinear round
-        trip."""
+        its activation as a simulated DynamicQuantizeLinear round trip (in the node's graph)."""
         def apply() -> None:
             self._rewrite(root, g, plan)
 
         group = plan.node.name or plan.w.name
         weight = Proposal(tensor=plan.w, value=plan.value, apply=apply, group=group)
-        if g is not root:  # the budget simulates activations of the main graph only
-            return [weight]
         return [weight,
                 Proposal(tensor=plan.x, value=None, apply=lambda: None, group=group,
                          simulate=simulate_dynamic_quantization,
-                         readers=[(plan.node, 0)])]
+                         readers=[(plan.node, 0)], scope=None if g is root else g)]
 
     def _quantized_input(self, root: gs.Graph, g: gs.Graph,
                          x: gs.Variable) -> tuple[gs.Variable, gs.Variable, gs.Variable]:

@@ -232,6 +232,42 @@ def test_a_harmful_simulated_proposal_stays_float_and_the_graph_is_restored_exac
     assert not [i for i in graph.inputs if "gate" in i.name]
 
 
+def _if_model():
+    """``y = If(c, then: (x @ W1) @ W2, else: x @ W2[:8])``: ``h`` lives in the then-branch."""
+    from helpers import make_branch
+
+    then = make_branch([helper.make_node("MatMul", ["x", "W1"], ["h"]),
+                        helper.make_node("MatMul", ["h", "W2"], ["y_then"])],
+                       [("y_then", np.float32, [16, 4])], name="then")
+    other = make_branch([helper.make_node("MatMul", ["x", "W2"], ["y_else"])],
+                        [("y_else", np.float32, [16, 4])], name="else")
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    return make_model(nodes, [("c", np.bool_, []), ("x", np.float32, [16, 8])],
+                      [("y", np.float32, [16, 4])], {"W1": W1, "W2": W2})
+
+
+@pytest.mark.parametrize("op, kept", [("negate", ["h"]), ("round", [])])
+def test_a_simulated_activation_in_a_subgraph_is_measured_there(op, kept):
+    """The budget simulates an activation of an If branch (``scope``) in that branch: a harmful
+    one stays float, a harmless one is accepted; the graph and its subgraph are restored exactly
+    and every name stays unique in the whole model."""
+    model = _if_model()
+    feeds = [{"c": np.array(True), "x": RNG.normal(size=(16, 8)).astype(np.float32)}
+             for _ in range(2)]
+    graph = import_graph(model)
+    branch = graph.nodes[0].attrs["then_branch"]
+    before = _snapshot(graph, model), export_graph(graph, model).SerializeToString()
+    applied = []
+    proposal = _simulated(branch, "h", op, applied=applied)
+    proposal.scope = branch
+    decision = DriftBudget(model, feeds, 0.99).decide(graph, model, [proposal])
+    assert decision.kept_groups == kept and applied == ([] if kept else ["h"])
+    if kept:
+        assert decision.sensitivity["h"]["cosine"] == pytest.approx(-1.0, abs=1e-5)
+    assert (_snapshot(graph, model), export_graph(graph, model).SerializeToString()) == before
+    assert "_onnxopt_names" not in vars(branch)
+
+
 def test_the_simulation_reaches_only_the_given_readers():
     """``y = h @ W2`` and ``z = h + 0``: negating h for the Add only leaves y intact."""
     import onnx_graphsurgeon as gs

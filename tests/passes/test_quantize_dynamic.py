@@ -394,3 +394,37 @@ def test_gptq_rounding_reads_every_position_under_a_drift_mask():
     _, scale = quantize_symmetric(w, 1, 63)
     np.testing.assert_array_equal(codes, gptq_symmetric(w, rows.T @ rows, scale, 63))
     assert not np.array_equal(codes, gptq_symmetric(w, kept.T @ kept, scale, 63))
+
+
+def test_a_matmul_in_a_subgraph_gets_its_run_time_activation_rounding_measured():
+    """A MatMul in an If branch whose input has one outlier (read by a zero weight row): its
+    weight alone rounds harmlessly, but DynamicQuantizeLinear's range is set by the outlier and
+    rounds every other input to about 0. The budget simulates that rounding in the branch, so the
+    node stays float and validation passes; measuring the weight alone, it was quantized and
+    validation failed (silero_vad_op18_ifless: cosine 0.987 < 0.99)."""
+    w = RNG.normal(size=(K, N)).astype(np.float32)
+    w[0] = 0.0
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y_then"], name="mm")],
+                             "then", [], [_f("y_then", [8, N])], [_init("W", w)])
+    other = helper.make_graph([helper.make_node("Identity", ["z"], ["y_else"])],
+                              "else", [], [_f("y_else", [8, N])])
+    model = _model([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                   [helper.make_tensor_value_info("c", TensorProto.BOOL, []), _f("x", [8, K]),
+                    _f("z", [8, N])], [_f("y", [8, N])], [])
+    x = RNG.normal(size=(8, K)).astype(np.float32)
+    x[:, 0] = 500.0
+    feed = {"c": np.array(True), "x": x, "z": np.zeros((8, N), np.float32)}
+    optimized, report = optimize(model, passes=["quantize_dynamic"], inputs=[feed],
+                                 max_drift=0.999)
+    assert report.validation.passed
+    stats = next(r for r in report.passes if r.name == "quantize_dynamic").stats
+    assert stats["drift_budget"]["kept"] == ["mm"]
+    branch = next(a.g for a in optimized.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in branch.node] == ["MatMul"]
+    # without the outlier the same node is quantized, in its branch
+    feed["x"] = RNG.normal(size=(8, K)).astype(np.float32)
+    optimized, report = optimize(model, passes=["quantize_dynamic"], inputs=[feed],
+                                 max_drift=0.999)
+    assert report.validation.passed
+    branch = next(a.g for a in optimized.graph.node[0].attribute if a.name == "then_branch")
+    assert "MatMulInteger" in {n.op_type for n in branch.node}
