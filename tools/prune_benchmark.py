@@ -291,9 +291,11 @@ def missing(pass_name: str, options: dict) -> str:
     return f"n/a ({refused})" if refused else ""
 
 
-def onnxopt_row(bench: Bench, row: Row, pass_name: str, options: dict, **keywords) -> Path | None:
-    """Run ``onnxopt.optimize`` with ``pass_name`` and ``options``, save and measure the result
-    in ``row``; the path of the model, or None when it did not run."""
+def onnxopt_row(bench: Bench, row: Row, pass_name: str, options: dict, lossless: bool = False,
+                **keywords) -> Path | None:
+    """Run ``onnxopt.optimize`` with ``pass_name`` and ``options`` (after the lossless pipeline
+    with ``lossless``), save and measure the result in ``row``; the path of the model, or None
+    when it did not run."""
     reason = missing(pass_name, options)
     if reason:
         row.status, row.detail = "n/a", reason
@@ -302,7 +304,8 @@ def onnxopt_row(bench: Bench, row: Row, pass_name: str, options: dict, **keyword
     started = time.perf_counter()
     try:
         model, report = onnxopt.optimize(
-            str(bench.source), passes=[pass_name], options={pass_name: options},
+            str(bench.source), passes=["default", pass_name] if lossless else [pass_name],
+            options={pass_name: options},
             calibration=bench.calibration_feeds, raise_on_failure=False, **keywords)
     except Exception as exc:  # a pass being written may raise anything; the row says what
         row.status, row.detail = "failed", f"{type(exc).__name__}: {_one_line(exc)}"
@@ -443,7 +446,10 @@ def section_structured(bench: Bench, repeat: int, quick: bool) -> list[Row]:
     for flops in (0.1, 0.3) if quick else STRUCTURED_FLOPS:
         row = Row("structured", bench.name, "onnxopt prune_channels", f"flops={flops:g}")
         _progress(f"{bench.name}: {row.method} {row.setting}")
-        path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS})
+        # after the lossless pipeline, as the CLI runs it (prune_channels works on the fused
+        # graph: constant Reshape shapes, folded BatchNormalizations)
+        path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS},
+                           lossless=True)
         row.flops_removed = flops_removed(row.stats)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path

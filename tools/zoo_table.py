@@ -6,9 +6,9 @@ Runs ``onnxopt.optimize`` in-process on each model of ``models/zoo`` with its st
 the default (lossless) pipeline, ``--prune-threshold 1e-3``, and each ``--quantize`` mode
 (``int8-weight``, ``int8-dynamic``, ``int8-static``, ``int4-weight``, ``float16``; calibration
 from ``models/data/<model>/calibration`` when ``tools/calibration_data.py`` built it, else the
-stored inputs), ``prune-auto`` / ``cluster-auto`` (``--prune-sparsity auto`` /
-``--cluster-weights auto`` searched against ``--max-drift 0.99``), and prints a markdown table: main-graph nodes (and with subgraphs where they
-differ), file size (external data files included), the worst output cosine similarity, the
+stored inputs), ``prune-auto`` / ``cluster-auto`` / ``channels-auto`` (``--prune-sparsity
+auto`` / ``--cluster-weights auto`` / ``--prune-channels auto`` searched against ``--max-drift
+0.99``), and prints a markdown table: main-graph nodes (and with subgraphs where they differ), file size (external data files included), the worst output cosine similarity, the
 verdict and the wall time of the call (validation included).
 """
 
@@ -30,7 +30,8 @@ MODES = {"default": {}, "prune": {"prune_threshold": 1e-3},
          **{mode: {"quantize": mode} for mode in QUANTIZE_MODES},
          # the strength searched against the drift the user accepts (issue 10)
          "prune-auto": {"prune_sparsity": "auto", "max_drift": 0.99},
-         "cluster-auto": {"cluster_weights": "auto", "max_drift": 0.99}}
+         "cluster-auto": {"cluster_weights": "auto", "max_drift": 0.99},
+         "channels-auto": {"prune_channels": "auto", "max_drift": 0.99}}
 #: Modes whose passes read activation statistics: they get the model's calibration set when
 #: ``tools/calibration_data.py`` built one (the others need none).
 CALIBRATED = {mode for mode in MODES if mode not in ("default", "prune")}

@@ -12,6 +12,7 @@ from helpers import make_model, run_ort
 from onnxopt.analyses import AnalysisManager
 from onnxopt.graph import export_graph, import_graph
 from onnxopt.pass_manager import PassContext, get_pass
+from onnxopt.passes import prune_channels
 
 RNG = np.random.default_rng(0)
 F = np.float32
@@ -388,3 +389,127 @@ def test_gemm_producer_with_a_scalar_bias_removed_equals_silenced(consumer):
     assert stats["channels_removed"] == 4
     assert_same(equivalent, sliced, fs, atol=1e-4)
     assert_same(model, sliced, fs, atol=0.05)  # folded means of nearly constant channels
+
+
+# -- attention heads ----------------------------------------------------------------------------
+
+def attention_model(embed=16, heads=4, shape="minus_one", mask="shared"):
+    """A BERT self-attention block: Q, K, V = x W + b, split into ``heads`` heads (Reshape to
+    ``[0, 0, -1 | heads, d]`` -- or ``computed`` from Shape dims -- and Transpose), scores
+    ``Q K^T * d^-0.5 + mask`` (``mask`` [B, 1, 1, S]; ``per_head``: [B, heads, S, S]), Softmax,
+    ``scores V``, merged back (``[0, 0, -1]``), ``W_o`` + b_o, then a residual Add with x."""
+    d = embed // heads
+    inits = {f"W{k}": _w(embed, embed) for k in "qkvo"}
+    inits.update({f"b{k}": _w(embed) for k in "qkvo"})
+    inits["scale"] = np.array(d ** -0.5, F)
+    nodes = []
+    for k in "qkv":
+        nodes += [onnx.helper.make_node("MatMul", ["x", f"W{k}"], [f"m{k}"], name=f"{k}_proj"),
+                  onnx.helper.make_node("Add", [f"m{k}", f"b{k}"], [f"a{k}"])]
+    if shape == "computed":
+        inits.update(i0=np.array([0], np.int64), i1=np.array([1], np.int64),
+                     hd=np.array([heads, d], np.int64), merged=np.array([embed], np.int64))
+        nodes += [onnx.helper.make_node("Shape", ["x"], ["xs"]),
+                  onnx.helper.make_node("Gather", ["xs", "i0"], ["bdim"], axis=0),
+                  onnx.helper.make_node("Gather", ["xs", "i1"], ["sdim"], axis=0),
+                  onnx.helper.make_node("Concat", ["bdim", "sdim", "hd"], ["split"], axis=0),
+                  onnx.helper.make_node("Concat", ["bdim", "sdim", "merged"], ["merge"],
+                                        axis=0)]
+    else:
+        inits["split"] = np.array([0, 0, -1 if shape == "minus_one" else heads, d], np.int64)
+        inits["merge"] = np.array([0, 0, -1 if shape == "minus_one" else embed], np.int64)
+    for k, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [onnx.helper.make_node("Reshape", [f"a{k}", "split"], [f"r{k}"]),
+                  onnx.helper.make_node("Transpose", [f"r{k}"], [f"t{k}"], perm=perm)]
+    nodes += [onnx.helper.make_node("MatMul", ["tq", "tk"], ["s0"]),
+              onnx.helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+              onnx.helper.make_node("Add", ["s1", "mask"], ["s2"]),
+              onnx.helper.make_node("Softmax", ["s2"], ["p"], axis=-1),
+              onnx.helper.make_node("MatMul", ["p", "tv"], ["c0"]),
+              onnx.helper.make_node("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3]),
+              onnx.helper.make_node("Reshape", ["c1", "merge"], ["c"]),
+              onnx.helper.make_node("MatMul", ["c", "Wo"], ["mo"], name="o_proj"),
+              onnx.helper.make_node("Add", ["mo", "bo"], ["ao"]),
+              onnx.helper.make_node("Add", ["ao", "x"], ["y"])]
+    mask_shape = ["B", 1, 1, "S"] if mask == "shared" else ["B", heads, "S", "S"]
+    return make_model(nodes, [("x", F, ["B", "S", embed]), ("mask", F, mask_shape)],
+                      [("y", F, ["B", "S", embed])], inits)
+
+
+def attention_feeds(n, batch, seq, embed=16, heads=4, mask="shared"):
+    out = []
+    for _ in range(n):
+        m = np.zeros((batch, 1, 1, seq) if mask == "shared" else (batch, heads, seq, seq), F)
+        m[..., seq - 1:] = -1e4 if seq > 1 else 0  # the last position is padding
+        out.append({"x": RNG.normal(size=(batch, seq, embed)).astype(F), "mask": m})
+    return out
+
+
+@pytest.mark.parametrize("shape", ["minus_one", "explicit", "computed"])
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_attention_heads_removed_equal_silenced_at_other_shapes(shape, reconstruct):
+    """Two of four heads go (Q, K, V columns and W_o rows of each); the sliced model computes
+    what the equivalent (V heads silenced, W_o's bias folded or refit) does, also for batch
+    sizes and sequence lengths the calibration never had; the Reshapes read constant shapes."""
+    model = attention_model(shape=shape)
+    calibration = attention_feeds(8, 2, 6)
+    equivalent, sliced, stats = equivalent_and_sliced(
+        model, calibration, flops=0.5, importance="activation", reconstruct=reconstruct)
+    assert stats["heads_removed"] == 2 and stats["channels_removed"] == 0
+    init = {i.name: i for i in sliced.graph.initializer}
+    for k in "qkv":
+        assert list(init[f"W{k}"].dims) == [16, 8] and list(init[f"b{k}"].dims) == [8]
+    assert list(init["Wo"].dims) == [8, 16] and list(init["bo"].dims) == [16]
+    reshapes = [n for n in sliced.graph.node if n.op_type == "Reshape"]
+    assert all(n.input[1] in init for n in reshapes)
+    assert sorted(onnx.numpy_helper.to_array(init[n.input[1]]).tolist()
+                  for n in reshapes) == [[0, 0, 2, 4]] * 3 + [[0, 0, 8]]
+    # batch 0: onnxruntime refuses a -1 in a Reshape of an empty tensor (so does the source
+    # model with the -1 shapes); the sliced model names the heads kept
+    shapes = ((2, 6), (3, 9), (1, 1)) + (((0, 4),) if shape != "minus_one" else ())
+    for batch, seq in shapes:
+        assert_same(equivalent, sliced, attention_feeds(2, batch, seq))
+    assert stats["per_layer"]["v_proj"]["heads_removed"] == 2
+    assert stats["flops_removed"] == pytest.approx(0.5)
+    assert stats["flops_planned"] == pytest.approx(0.5)
+
+
+def test_attention_heads_with_a_per_head_mask_are_refused():
+    model = attention_model(mask="per_head")
+    _, _, result = propose(model, attention_feeds(4, 2, 6, mask="per_head"), flops=0.3)
+    assert result.stats["refused"].get("attention heads: Add operand differs per head") == 1
+    assert not result.proposals
+
+
+def test_reconstruct_removes_a_duplicated_neuron_before_a_unique_one(monkeypatch):
+    """Greedy OBS order (``reconstruct``): neuron 0 is copied into neuron 1 (W1 columns) and the
+    two are strong; neuron 2 is unique and weaker. Activation importance removes the weak one
+    and loses it; OBS removes a copy, which the refit makes up exactly."""
+    rng = np.random.default_rng(0)
+    hidden, inner = 8, 4
+    model = ffn_model(hidden, inner)
+    init = {i.name: i for i in model.graph.initializer}
+    w1 = rng.normal(0, 0.3, size=(hidden, inner)).astype(F)
+    w1[:, 1] = w1[:, 0]
+    w1[:, 2] *= 0.8
+    init["W1"].CopyFrom(onnx.numpy_helper.from_array(w1, "W1"))
+    b1 = onnx.numpy_helper.to_array(init["b1"]).copy()
+    b1[1] = b1[0]
+    init["b1"].CopyFrom(onnx.numpy_helper.from_array(b1, "b1"))
+    w2 = rng.normal(0, 0.3, size=(inner, hidden)).astype(F)
+    w2[[0, 1, 3]] *= 2
+    init["W2"].CopyFrom(onnx.numpy_helper.from_array(w2, "W2"))
+    fs = [{"x": rng.normal(size=(2, 5, hidden)).astype(F)} for _ in range(16)]
+    _, p, _ = propose(model, fs, flops=0.2, importance="activation", reconstruct=True)
+    layer = p._layers[0]
+    assert int(np.argmin(layer.importance)) == 2  # what the importance alone would remove
+    assert layer.removed in ([0], [1])
+    errors = []
+    for order in (True, False):
+        if not order:  # the importance's order
+            monkeypatch.setattr(prune_channels, "_obs_order", lambda *args: None)
+        _, sliced, _ = equivalent_and_sliced(model, fs, flops=0.2, importance="activation",
+                                             reconstruct=True)
+        errors.append(np.mean([np.linalg.norm(run_ort(sliced, f)["y"] - run_ort(model, f)["y"])
+                               for f in fs]))
+    assert errors[0] < 0.5 * errors[1], errors
