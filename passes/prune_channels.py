@@ -1018,7 +1018,9 @@ def _obs_order(la: Layer, stats, limit: int) -> np.ndarray | None:
 class ChannelStatistics(Analysis):
     """Per-feed element counts of every weighted op's output (for FLOPs) and channel statistics
     (mean, centered norm, Gram matrix) of every prunable layer's consumer input, from one
-    instrumented run over the calibration feeds (validation feeds when there are none)."""
+    instrumented run over the calibration feeds (validation feeds when there are none); the
+    channel statistics leave out the positions the run's drift mask marks 0 (``--drift-mask``:
+    padding is not judged, so it need not be fitted)."""
 
     #: Whether :meth:`compute` also collects Gram matrices (for ``reconstruct``).
     grams = False
@@ -1040,8 +1042,11 @@ class ChannelStatistics(Analysis):
                 tensors[t.name] = 1 if layer.rank_kind == "conv" else -1
                 if cls.grams:
                     grams.append(t.name)
+        # channel statistics leave out the positions the drift mask marks 0 (padding); the
+        # element counts of the weighted ops' outputs (FLOPs) keep every position computed
         stats = collect(export_graph(graph, ctx.template), tensors, feeds, grams=grams,
-                        histograms=False)
+                        histograms=False, rows=ctx.drift_mask(),
+                        whole=[n for n, axis in tensors.items() if axis is None])
         return cls(stats.tensors, stats.feeds)
 
 

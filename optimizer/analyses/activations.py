@@ -307,7 +307,7 @@ def kept_rows(value: np.ndarray, keep: np.ndarray | None,
 
 def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
             grams: Iterable[str] = (), histograms: bool = True,
-            rows: str | None = None) -> ActivationStats:
+            rows: str | None = None, whole: Iterable[str] = ()) -> ActivationStats:
     """Run ``model`` with ``tensors`` (name -> channel axis) exposed as outputs over ``feeds``
     (an iterable of ``{input name: array}``, consumed once) and fold each result into
     :class:`TensorStats`; only one feed's activations are held at a time.
@@ -319,6 +319,8 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
         rows: a model input whose 0 entries mark positions left out of the statistics of every
             tensor whose leading dimensions are that input's shape (module docstring; a feed
             without it is taken whole).
+        whole: names of ``tensors`` taken whole even with ``rows`` (element counts of the
+            positions the model computes, for FLOPs).
 
     Raises:
         InputError: onnxruntime cannot load or run the instrumented model.
@@ -333,7 +335,7 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
                                 for n in names if n not in present)
     session = make_session(exposed, "instrumented model (activation statistics)")
     position = {o.name: i for i, o in enumerate(session.get_outputs())}
-    wanted = set(grams)
+    wanted, entire = set(grams), set(whole)
     stats = {n: TensorStats(n, None, wants_gram=n in wanted, wants_histogram=histograms)
              for n in tensors}
     count = 0
@@ -343,7 +345,8 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
         # a mask keeping nothing: the feed whole, as the metrics judge it (kept_positions)
         keep = None if keep is None or not np.any(keep) else np.asarray(keep)
         for name in names:
-            value, axis = kept_rows(np.asarray(values[position[name]]), keep, tensors[name])
+            value, axis = kept_rows(np.asarray(values[position[name]]),
+                                    None if name in entire else keep, tensors[name])
             s = stats[name]
             if axis is not None and value.ndim:
                 s.channel_axis = axis % value.ndim

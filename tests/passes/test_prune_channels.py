@@ -513,3 +513,38 @@ def test_reconstruct_removes_a_duplicated_neuron_before_a_unique_one(monkeypatch
         errors.append(np.mean([np.linalg.norm(run_ort(sliced, f)["y"] - run_ort(model, f)["y"])
                                for f in fs]))
     assert errors[0] < 0.5 * errors[1], errors
+
+
+def test_channel_statistics_leave_out_the_padding_but_flops_count_it():
+    """With a drift mask (``attention_mask`` [B, S]), the consumer input's channel statistics
+    come from the kept positions only (padding holds huge values here), while the element
+    counts behind the FLOPs keep every position the model computes."""
+    model = ffn_model(8, 16)
+    graph_input = onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64,
+                                                     ["B", "S"])
+    model.graph.input.append(graph_input)
+    fs = []
+    for _ in range(4):
+        x = RNG.normal(size=(2, 5, 8)).astype(F)
+        mask = np.ones((2, 5), np.int64)
+        mask[:, 3:] = 0
+        x[:, 3:] = 1e3
+        fs.append({"x": x, "attention_mask": mask})
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=fs, calibration=fs, mask="attention_mask")
+    stats = prune_channels.ChannelStatistics.compute(graph, ctx)
+    layer = prune_channels.discover(graph)[0][0]
+    ts = stats.stats[layer.terminal_inputs[0].name]
+    assert ts.rows == 4 * 2 * 3
+    hidden = np.concatenate([run_ort(_exposed(model, "g"), f)["g"][:, :3].reshape(-1, 16)
+                             for f in fs])
+    np.testing.assert_allclose(ts.channel_mean, hidden.mean(axis=0), rtol=1e-4, atol=1e-5)
+    matmul = next(n for n in graph.nodes if n.op == "MatMul")
+    assert stats.stats[matmul.outputs[0].name].count == 4 * 2 * 5 * 16
+
+
+def _exposed(model, name):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return out
