@@ -40,9 +40,12 @@ correction). Without a bias to fold into (a Conv without bias and BN), nothing i
 **Reconstruction** (``reconstruct``): a MatMul/Gemm or 1x1 Conv consumer's weights are refit on
 the calibration activations ``X`` of its input: with ``X_k`` the kept channels and a column of
 ones (the bias), ``min ||[X_k 1] [W'; d] - X W||^2``, solved from the Gram matrices by the
-dampened normal equations ``([X_k 1]^T [X_k 1] + lambda I) [W'; d] = [X_k 1]^T X W``
-(``lambda = 0.01 mean diag``; Optimal Brain Surgeon / SparseGPT's layer-wise objective, Frantar &
-Alistarh 2023, "SparseGPT", section 3, solved directly for a removed input channel).
+dampened normal equations of the change from the original weights ``W_k`` (rows kept, bias
+change ``d`` from 0): ``(A + lambda I) Delta = [X_k 1]^T X W - A [W_k; 0]`` with ``A = [X_k 1]^T
+[X_k 1]`` and ``[W'; d] = [W_k; 0] + Delta`` (``lambda = 0.01 diag A`` per channel; dampened towards the
+original weights, not towards 0: channels that carried nothing leave the rest as they were; Optimal Brain Surgeon
+/ SparseGPT's layer-wise objective, Frantar & Alistarh 2023, "SparseGPT", section 3, solved
+directly for a removed input channel).
 
 **Order of removal with ``reconstruct``** (and a FLOP target): greedy Optimal Brain Surgeon over
 the units of a layer whose consumers are refit (:func:`_obs_order`): each step removes the
@@ -118,7 +121,7 @@ from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 
 #: Ops whose FLOPs are counted (the weighted ops).
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
-#: Dampening of the reconstruction's normal equations, relative to their mean diagonal.
+#: Dampening of the reconstruction's normal equations, relative to each channel's diagonal entry.
 DAMPING = 0.01
 
 
@@ -198,6 +201,7 @@ class Layer:
     cost: float = 0.0
     silenced: np.ndarray | None = None
     removed: list[int] = field(default_factory=list)
+    params_removed: int = 0
     block: int = 1
     producers: list[gs.Node] = field(default_factory=list)
     head_axes: list[tuple] = field(default_factory=list)
@@ -565,6 +569,16 @@ def _magnitude(layer: Layer) -> np.ndarray:
     return norm
 
 
+def _silenced_norm(layer: Layer) -> np.ndarray:
+    """Per channel: the L2 norm of every silenced tensor's values of it (V's columns and bias
+    of an attention block)."""
+    total = np.zeros(layer.channels)
+    for t, axis in layer.silence:
+        total += (np.moveaxis(t.values.astype(np.float64), axis, 0)
+                  .reshape(layer.channels, -1) ** 2).sum(axis=1)
+    return np.sqrt(total)
+
+
 def _consumer_norm(layer: Layer) -> np.ndarray:
     total = np.zeros(layer.channels)
     for c, cw, axis, _, _ in layer.folds:
@@ -886,8 +900,9 @@ def discover_heads(graph: gs.Graph, types) -> tuple[list[Layer], dict[str, int]]
             comp.region.append(node)
             out = node.outputs[0]
             layouts[id(out)] = step
-            owner[id(out)] = root
-            tensors[id(out)] = out
+            for o in node.outputs:  # a Dropout's mask too: graph outputs and subgraphs checked
+                owner[id(o)] = root
+                tensors[id(o)] = o
             unit = 1 if step.merged else 0
             comp.layouts.append((out, step.axis, unit))
     for key, t in tensors.items():
@@ -918,6 +933,9 @@ def _check_heads(comp: _HeadComponent) -> None:
         comp.fail("projections of different widths" if comp.consumers else "no consumer layer")
         return
     (features,) = features
+    if {id(s[0]) for s in comp.seeds} & {id(c) for c in comp.consumers}:
+        comp.fail("a projection reads the heads")
+        return
     for c in comp.consumers:
         cw = c.inputs[1]
         if not _single_use(cw, c):
@@ -965,6 +983,17 @@ def _types(graph: gs.Graph, ctx) -> TensorTypes:
         else TensorTypes(graph, ctx.template)
 
 
+def _damped(a: np.ndarray) -> np.ndarray:
+    """``a + lambda D``: ``D`` the diagonal of ``a`` (floored at 1e-6 of its mean, for channels
+    that are always 0), ``lambda`` = :data:`DAMPING`. Relative to each channel's own energy,
+    so that scaling a channel (and its consumer weights inversely) changes neither the refit
+    nor the OBS order; one dampening of the mean diagonal let a single large channel swamp the
+    others."""
+    d = np.diag(a).copy()
+    d = np.maximum(d, 1e-6 * max(float(np.mean(d)), 1e-30))
+    return a + DAMPING * np.diag(d)
+
+
 def _obs_order(la: Layer, stats, limit: int) -> np.ndarray | None:
     """The first ``limit`` units (channels or heads) of ``la`` in the order greedy Optimal
     Brain Surgeon removal takes them when the consumers are refit (``reconstruct``), or None
@@ -988,9 +1017,8 @@ def _obs_order(la: Layer, stats, limit: int) -> np.ndarray | None:
     g = external.unspill(ts.gram)
     h = np.zeros((c + 1, c + 1))
     h[:c, :c], h[:c, c], h[c, :c], h[c, c] = g, ts.channel_sum, ts.channel_sum, float(ts.rows)
-    h += DAMPING * np.mean(np.diag(h)) * np.eye(c + 1)
     try:
-        hinv = np.linalg.inv(h)
+        hinv = np.linalg.inv(_damped(h))
     except np.linalg.LinAlgError:
         return None
     w = np.vstack([np.hstack([np.moveaxis(cw.values.astype(np.float64), axis, 0)
@@ -1175,8 +1203,10 @@ class PruneChannels(Pass):
             if o.importance == "activation":
                 centered = np.sqrt(np.maximum(ts.channel_sq_sum - ts.rows * mean ** 2, 0.0))
                 importance = centered * _consumer_norm(layer)
+            elif heads:  # V's columns and bias (a head of bias alone outputs the bias)
+                importance = _silenced_norm(layer) * _consumer_norm(layer)
             else:
-                importance = _magnitude(layer) * (_consumer_norm(layer) if heads else 1.0)
+                importance = _magnitude(layer)
             importance = np.where(zero, 0.0, importance)
             # a head's importance: the root sum of squares of its features'
             layer.importance = np.sqrt((importance.reshape(layer.units, layer.block) ** 2)
@@ -1190,14 +1220,25 @@ class PruneChannels(Pass):
                 sum(_flops(c, positions[id(c)], in_kept=1) for c in layer.consumers))
         if o.reconstruct and o.threshold is None and stats is not None:
             for layer in layers:
-                layer.order = _obs_order(layer, stats, layer.units - self._keep_floor(layer.units))
+                limit = layer.units - self._keep_floor(layer.units)
+                order = _obs_order(layer, stats, limit)
+                if order is not None:  # constant units first: they fold exactly
+                    zero = np.flatnonzero(layer.importance == 0)
+                    rest = [u for u in order if u not in set(zero.tolist())]
+                    layer.order = np.array(zero.tolist() + rest, np.int64)[:max(limit, 0)]
         self._select(layers, total_flops)
+        for layer in layers:
+            layer.params_removed = _params_removed(layer)
         self._graph = graph
         self._groups: dict[str, list[Layer]] = {}
         groups = self._propose(layers, stats)
         proposals = [p for g in groups for p in g]
         self._layers, self._positions, self._total = layers, positions, total_flops
         self._graph_nodes = [n for n in graph.nodes if n.op in WEIGHTED]
+        # summarize runs after apply has sliced the weights: what they were, recorded now
+        self._flops_before = {id(n): _flops(n, positions[id(n)]) for n in self._graph_nodes}
+        self._params_before = sum(int(n.inputs[1].values.size) for n in self._graph_nodes
+                                  if len(n.inputs) > 1 and _const(n.inputs[1]))
         planned = sum(len(la.removed) // la.block * la.cost for la in layers)
         warnings = []
         if o.flops is not None and total_flops and planned < 0.99 * o.flops * total_flops:
@@ -1323,9 +1364,12 @@ class PruneChannels(Pass):
         a[:-1, :-1] = g[np.ix_(keep, keep)]
         a[:-1, -1] = a[-1, :-1] = s[keep]
         a[-1, -1] = n
-        a += DAMPING * np.mean(np.diag(a)) * np.eye(len(a))
         rhs = np.vstack([g[keep] @ w, s @ w])
-        sol = np.linalg.solve(a, rhs)
+        # the dampening pulls towards the original weights (the bias change towards 0), not
+        # towards 0: removing channels that carried nothing changes nothing
+        start = np.vstack([w[keep], np.zeros((1, w.shape[1]))])
+        damped = _damped(a)
+        sol = start + np.linalg.solve(damped, rhs - a @ start)
         new = w.copy()
         new[keep] = sol[:-1]
         shape = np.moveaxis(cw.values, axis, 0).shape
@@ -1350,21 +1394,21 @@ class PruneChannels(Pass):
         per_layer, after = {}, 0.0
         for n in self._graph_nodes:
             pos = self._positions[id(n)]
-            before = _flops(n, pos)
+            before = self._flops_before[id(n)]
             now = _flops(n, pos, out_kept.get(id(n)), in_kept.get(id(n)))
             after += now
             if now != before:
-                per_layer[n.name] = {"flops_before": before, "flops_after": now}
+                per_layer[n.name or n.outputs[0].name] = {"flops_before": before,
+                                                          "flops_after": now}
         for la in applied:
             per_layer.setdefault(la.name, {}).update(
                 channels=la.channels, removed=len(la.removed),
-                params_removed=_params_removed(la))
+                params_removed=la.params_removed)
             if la.block > 1:
                 per_layer[la.name].update(heads=la.units,
                                           heads_removed=len(la.removed) // la.block)
-        params = sum(int(n.inputs[1].values.size) for n in self._graph_nodes
-                     if len(n.inputs) > 1 and _const(n.inputs[1]))
-        removed = sum(_params_removed(la) for la in applied)
+        params = self._params_before
+        removed = sum(la.params_removed for la in applied)
         total = self._total
         return {**result.stats, "proposed": len(result.proposals), "accepted": len(accepted),
                 "layers_pruned": len(applied),

@@ -548,3 +548,109 @@ def _exposed(model, name):
     out.CopyFrom(model)
     out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return out
+
+
+def _with_initializers(model, **values):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    init = {i.name: i for i in out.graph.initializer}
+    for name, value in values.items():
+        init[name].CopyFrom(onnx.numpy_helper.from_array(np.asarray(value, F), name))
+    return out
+
+
+def _array(model, name):
+    return onnx.numpy_helper.to_array(next(i for i in model.graph.initializer
+                                           if i.name == name)).copy()
+
+
+def test_attention_heads_with_a_dropout_mask_as_graph_output_are_refused():
+    """The Dropout's second output has the heads too: as a graph output its shape would change."""
+    model = attention_model()
+    g = model.graph
+    for n in g.node:
+        if n.op_type == "MatMul" and n.input[0] == "p":
+            n.input[0] = "pd"
+    g.node.insert(next(i for i, n in enumerate(g.node) if n.op_type == "Softmax") + 1,
+                  onnx.helper.make_node("Dropout", ["p"], ["pd", "dmask"]))
+    g.output.append(onnx.helper.make_tensor_value_info("dmask", onnx.TensorProto.BOOL,
+                                                       ["B", 4, "S", "S"]))
+    _, _, result = propose(model, attention_feeds(4, 2, 6), flops=0.5)
+    assert result.stats["refused"].get("attention heads: heads reach a graph output") == 1
+    assert not result.proposals
+
+
+def test_a_head_of_bias_alone_is_not_rated_zero():
+    """V's columns of head 1 are zero but its bias is not: the head outputs the bias (softmax
+    rows sum to 1), so without data to fold it the head must not be dropped as worthless."""
+    model = attention_model()
+    wv = _array(model, "Wv")
+    wv[:, 4:8] = 0
+    model = _with_initializers(model, Wv=wv)
+    _, p, _ = propose(model, None, threshold=1e-9)
+    assert p._layers[0].removed == []
+
+
+def test_reconstruct_removes_a_dead_head_first_and_exactly():
+    """Head 1 is dead (V columns and bias zero) but its output rows are large: the constant head
+    goes first (not where OBS's dampened error would put it), and the refit, dampened towards
+    the original weights, leaves the others exactly as they were."""
+    model = attention_model()
+    wv, bv, wo = _array(model, "Wv"), _array(model, "bv"), _array(model, "Wo")
+    wv[:, 4:8], bv[4:8], wo[4:8] = 0, 0, 10 * wo[4:8]
+    model = _with_initializers(model, Wv=wv, bv=bv, Wo=wo)
+    fs = attention_feeds(8, 2, 6)
+    _, sliced, stats = equivalent_and_sliced(model, fs, flops=0.25, importance="activation",
+                                             reconstruct=True)
+    assert stats["per_layer"]["v_proj"]["heads_removed"] == 1
+    np.testing.assert_array_equal(_array(sliced, "Wo"), np.delete(wo, range(4, 8), axis=0))
+    assert_same(model, sliced, fs, atol=1e-4)
+
+
+def test_reconstruct_is_the_same_for_a_rescaled_head():
+    """Scaling head 3's V by s and its output rows by 1/s is the same function: the removal
+    order and the refit model's outputs do not change (dampening relative to each channel)."""
+    base = attention_model()
+    fs = attention_feeds(8, 2, 6)
+    outputs, orders = [], []
+    for s in (1.0, 100.0):
+        wv, bv, wo = _array(base, "Wv"), _array(base, "bv"), _array(base, "Wo")
+        wv[:, 12:16] *= s
+        bv[12:16] *= s
+        wo[12:16] /= s
+        model = _with_initializers(base, Wv=wv, bv=bv, Wo=wo)
+        _, p, _ = propose(model, fs, flops=0.25, importance="activation", reconstruct=True)
+        orders.append(p._layers[0].order.tolist())
+        _, sliced, _ = equivalent_and_sliced(model, fs, flops=0.25, importance="activation",
+                                             reconstruct=True)
+        outputs.append(run_ort(sliced, fs[0])["y"])
+    assert orders[0] == orders[1]
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-3, atol=1e-3)
+
+
+def test_statistics_are_of_the_weights_before_apply():
+    """The pass manager applies before it summarizes: FLOPs per layer and the parameter counts
+    are of the original weights."""
+    model = attention_model()
+    graph, p, result = propose(model, attention_feeds(4, 2, 6), flops=0.5)
+    before = p.summarize(result, result.proposals)
+    for x in result.proposals:
+        x.apply()
+    after = p.summarize(result, result.proposals)
+    assert after == before
+    assert after["params_before"] == 4 * 16 * 16 and after["params_removed"] > 0
+    assert set(after["per_layer"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_a_projection_that_reads_the_heads_is_refused():
+    """The output projection's result, multiplied by V's projection, feeds another projection:
+    the output projection would be both sliced as a consumer and as a producer of the block."""
+    model = attention_model()
+    g = model.graph
+    y = next(n for n in g.node if n.output[0] == "y")
+    y.op_type, y.input[:], y.output[:] = "Mul", ["ao", "av"], ["gm"]
+    g.node.append(onnx.helper.make_node("MatMul", ["gm", "Wf"], ["y"], name="f_proj"))
+    g.initializer.append(onnx.numpy_helper.from_array(_w(16, 16), "Wf"))
+    _, _, result = propose(model, attention_feeds(4, 2, 6), flops=0.4)
+    assert result.stats["refused"].get("attention heads: a projection reads the heads") == 1
+    assert not result.proposals
