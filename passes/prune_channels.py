@@ -136,7 +136,8 @@ class PruneChannelsOptions:
             removed; None: use ``flops``.
         importance: ``"magnitude"`` or ``"activation"`` (needs calibration data).
         reconstruct: refit MatMul/Gemm/1x1 Conv consumers on calibration activations.
-        min_channels: channels every layer keeps: a count (>= 1) or a fraction in (0, 1)
+        min_channels: channels (heads, of an attention block) every layer keeps: a count
+            (>= 1) or a fraction in (0, 1)
             (default: half; without retraining, removing more ruins most layers).
     """
 
