@@ -23,6 +23,8 @@ def _w(*shape, scale=0.3):
 
 
 def propose(model, feeds, **options):
+    """The pass run on ``model``; ``round_to`` is 1 unless given (the small layers here)."""
+    options.setdefault("round_to", 1)
     graph = import_graph(model)
     ctx = PassContext(template=model, feeds=feeds, calibration=feeds)
     ctx.analyses = AnalysisManager(graph, ctx)
@@ -654,3 +656,19 @@ def test_a_projection_that_reads_the_heads_is_refused():
     _, _, result = propose(model, attention_feeds(4, 2, 6), flops=0.4)
     assert result.stats["refused"].get("attention heads: a projection reads the heads") == 1
     assert not result.proposals
+
+
+def test_kept_channels_are_rounded_to_a_multiple_of_round_to():
+    """32 channels at a 25 % cut: 24 kept with round_to 8 (the NCHWc block of AVX2); with
+    round_to 16, 32 is kept whole below 50 % (16 kept at most); 7 would not divide 32: no
+    rounding."""
+    model = conv_model(c=32)
+    fs = feeds()
+    kept = {}
+    for r in (1, 8, 16, 7):
+        _, p, result = propose(model, fs, flops=0.2, round_to=r)
+        kept[r] = 32 - len(p._layers[0].removed)
+    assert kept[8] % 8 == 0 and kept[16] % 16 == 0 and kept[7] == kept[1]
+    assert kept[1] % 8 != 0 and kept[8] <= kept[1] + 7
+    _, sliced, _ = equivalent_and_sliced(model, fs, flops=0.2, round_to=8)
+    assert {i.name: list(i.dims) for i in sliced.graph.initializer}["W2"][1] == kept[8]
