@@ -558,6 +558,17 @@ def _fold_constants(layer: Layer) -> np.ndarray:
     return values[id(layer.terminal_inputs[0])].reshape(-1)
 
 
+def _rows(values: np.ndarray, axis: int, channels: int) -> np.ndarray:
+    """``values`` as float64 ``[channels, -1]``: one row per channel along ``axis``."""
+    return np.moveaxis(values.astype(np.float64), axis, 0).reshape(channels, -1)
+
+
+def _norm(layer: Layer, tensors) -> np.ndarray:
+    """Per channel: the L2 norm of the values of ``(tensor, axis)`` pairs (or consumer folds)."""
+    return np.sqrt(sum((_rows(t.values, axis, layer.channels) ** 2).sum(axis=1)
+                       for t, axis in tensors))
+
+
 def _zero_channels(layer: Layer) -> np.ndarray:
     """Boolean ``[C]``: the producer's weights of the channel are all zero."""
     w, axis = layer.slices[0]
@@ -566,9 +577,7 @@ def _zero_channels(layer: Layer) -> np.ndarray:
 
 
 def _magnitude(layer: Layer) -> np.ndarray:
-    w, axis = layer.slices[0]
-    norm = np.sqrt((np.moveaxis(w.values.astype(np.float64), axis, 0)
-                    .reshape(layer.channels, -1) ** 2).sum(axis=1))
+    norm = _norm(layer, layer.slices[:1])
     for r in layer.region:
         if r.op == "BatchNormalization":
             gamma, var = r.inputs[1].values, r.inputs[4].values
@@ -580,19 +589,11 @@ def _magnitude(layer: Layer) -> np.ndarray:
 def _silenced_norm(layer: Layer) -> np.ndarray:
     """Per channel: the L2 norm of every silenced tensor's values of it (V's columns and bias
     of an attention block)."""
-    total = np.zeros(layer.channels)
-    for t, axis in layer.silence:
-        total += (np.moveaxis(t.values.astype(np.float64), axis, 0)
-                  .reshape(layer.channels, -1) ** 2).sum(axis=1)
-    return np.sqrt(total)
+    return _norm(layer, layer.silence)
 
 
 def _consumer_norm(layer: Layer) -> np.ndarray:
-    total = np.zeros(layer.channels)
-    for c, cw, axis, _, _ in layer.folds:
-        total += (np.moveaxis(cw.values.astype(np.float64), axis, 0)
-                  .reshape(layer.channels, -1) ** 2).sum(axis=1)
-    return np.sqrt(total)
+    return _norm(layer, [(cw, axis) for _, cw, axis, _, _ in layer.folds])
 
 
 # --- attention heads ----------------------------------------------------------------------------
@@ -923,40 +924,40 @@ def discover_heads(graph: gs.Graph, types) -> tuple[list[Layer], dict[str, int]]
     for i, comp in enumerate(comps):
         if find(i) != i or comp.size is None:
             continue  # merged into another, or no heads (an MLP: a channel layer)
-        if comp.failed is None:
-            _check_heads(comp)
-        if comp.failed is not None:
+        seed = _check_heads(comp) if comp.failed is None else None
+        if seed is None:
             refused[f"attention heads: {comp.failed}"] = \
                 refused.get(f"attention heads: {comp.failed}", 0) + 1
             continue
-        layers.append(_head_layer(comp, main))
+        layers.append(_head_layer(comp, seed, main))
     return layers, refused
 
 
-def _check_heads(comp: _HeadComponent) -> None:
-    """Fail ``comp`` unless its weights and consumers can be sliced and a producer silences
-    the heads."""
+def _check_heads(comp: _HeadComponent) -> tuple | None:
+    """The seed whose projection silences the heads, or None (``comp`` failed, the reason
+    recorded): its weights and consumers must be sliceable too."""
     features = {int(s[1].values.shape[s[2]]) for s in comp.seeds}
     if len(features) != 1 or not comp.consumers:
         comp.fail("projections of different widths" if comp.consumers else "no consumer layer")
-        return
+        return None
     (features,) = features
     if {id(s[0]) for s in comp.seeds} & {id(c) for c in comp.consumers}:
         comp.fail("a projection reads the heads")
-        return
+        return None
     for c in comp.consumers:
         cw = c.inputs[1]
         if not _single_use(cw, c):
             comp.fail("consumer weight is shared")
         elif cw.values.shape[_consumer_axis(c, c.inputs[0], "matrix")] != features:
             comp.fail("consumer channels do not match")
-    if not any(_zero_preserved(comp, s[5]) for s in comp.seeds):
+    seed = next((s for s in comp.seeds if _zero_preserved(comp, s[5])), None)
+    if seed is None:
         comp.fail("no projection silences a head")
+    return None if comp.failed else seed
 
 
-def _head_layer(comp: _HeadComponent, main: set[int]) -> Layer:
-    """The :class:`Layer` of a checked head component."""
-    seed = next(s for s in comp.seeds if _zero_preserved(comp, s[5]))
+def _head_layer(comp: _HeadComponent, seed: tuple, main: set[int]) -> Layer:
+    """The :class:`Layer` of a checked head component whose ``seed`` silences the heads."""
     node, w, axis, bias, bias_axis, _ = seed
     features = int(w.values.shape[axis])
     slices, others = [], []
@@ -991,6 +992,17 @@ def _types(graph: gs.Graph, ctx) -> TensorTypes:
         else TensorTypes(graph, ctx.template)
 
 
+def _augmented_gram(ts, keep: np.ndarray) -> np.ndarray:
+    """``[X_k 1]^T [X_k 1]`` of the channels ``keep`` of a consumer input's statistics ``ts``
+    (Gram matrix, channel sums, rows), float64 ``[k + 1, k + 1]``."""
+    g, s = external.unspill(ts.gram), ts.channel_sum
+    a = np.zeros((len(keep) + 1, len(keep) + 1))
+    a[:-1, :-1] = g[np.ix_(keep, keep)]
+    a[:-1, -1] = a[-1, :-1] = s[keep]
+    a[-1, -1] = float(ts.rows)
+    return a
+
+
 def _damped(a: np.ndarray) -> np.ndarray:
     """``a + lambda D``: ``D`` the diagonal of ``a`` (floored at 1e-6 of its mean, for channels
     that are always 0), ``lambda`` = :data:`DAMPING`. Relative to each channel's own energy,
@@ -1022,15 +1034,12 @@ def _obs_order(la: Layer, stats, limit: int) -> np.ndarray | None:
             or any(b is None or not _pointwise(c) for c, _, _, b, _ in la.folds):
         return None
     c, b = la.channels, la.block
-    g = external.unspill(ts.gram)
-    h = np.zeros((c + 1, c + 1))
-    h[:c, :c], h[:c, c], h[c, :c], h[c, c] = g, ts.channel_sum, ts.channel_sum, float(ts.rows)
+    h = _augmented_gram(ts, np.arange(c))
     try:
         hinv = np.linalg.inv(_damped(h))
     except np.linalg.LinAlgError:
         return None
-    w = np.vstack([np.hstack([np.moveaxis(cw.values.astype(np.float64), axis, 0)
-                              .reshape(c, -1) for _, cw, axis, _, _ in la.folds]),
+    w = np.vstack([np.hstack([_rows(cw.values, axis, c) for _, cw, axis, _, _ in la.folds]),
                    np.zeros((1, sum(int(cw.values.size) // c for _, cw, _, _, _ in la.folds)))])
     alive = list(range(la.units))
     order = []
@@ -1231,9 +1240,10 @@ class PruneChannels(Pass):
                 limit = layer.units - self._keep_floor(layer.units)
                 order = _obs_order(layer, stats, limit)
                 if order is not None:  # constant units first: they fold exactly
-                    zero = np.flatnonzero(layer.importance == 0)
-                    rest = [u for u in order if u not in set(zero.tolist())]
-                    layer.order = np.array(zero.tolist() + rest, np.int64)[:max(limit, 0)]
+                    zero = np.flatnonzero(layer.importance == 0).tolist()
+                    constant = set(zero)
+                    rest = [u for u in order if u not in constant]
+                    layer.order = np.array(zero + rest, np.int64)[:max(limit, 0)]
         self._select(layers, total_flops)
         for layer in layers:
             layer.params_removed = _params_removed(layer)
@@ -1373,12 +1383,9 @@ class PruneChannels(Pass):
     def _refit(self, la, c, cw, axis, bias, how, ts, working) -> None:
         """Least-squares refit of consumer ``c`` on its kept input channels with a bias."""
         keep = np.setdiff1d(np.arange(la.channels), la.removed)
-        g, s, n = external.unspill(ts.gram), ts.channel_sum, float(ts.rows)
-        w = np.moveaxis(cw.values.astype(np.float64), axis, 0).reshape(la.channels, -1)
-        a = np.zeros((len(keep) + 1, len(keep) + 1))
-        a[:-1, :-1] = g[np.ix_(keep, keep)]
-        a[:-1, -1] = a[-1, :-1] = s[keep]
-        a[-1, -1] = n
+        g, s = external.unspill(ts.gram), ts.channel_sum
+        w = _rows(cw.values, axis, la.channels)
+        a = _augmented_gram(ts, keep)
         rhs = np.vstack([g[keep] @ w, s @ w])
         # the dampening pulls towards the original weights (the bias change towards 0), not
         # towards 0: removing channels that carried nothing changes nothing

@@ -447,13 +447,13 @@ def flops_removed(stats: dict) -> float | None:
 
 def section_structured(bench: Bench, repeat: int, quick: bool) -> list[Row]:
     rows, paths = [], {}
+    # statistics of the real tokens alone where the outputs are judged on them (MiniLM)
+    masked = {"drift_mask": "attention_mask"} if "attention_mask" in bench.feeds[0] else {}
     for flops in (0.1, 0.3) if quick else STRUCTURED_FLOPS:
         row = Row("structured", bench.name, "onnxopt prune_channels", f"flops={flops:g}")
         _progress(f"{bench.name}: {row.method} {row.setting}")
         # after the lossless pipeline, as the CLI runs it (prune_channels works on the fused
         # graph: constant Reshape shapes, folded BatchNormalizations)
-        # statistics of the real tokens alone where the outputs are judged on them (MiniLM)
-        masked = {"drift_mask": "attention_mask"} if "attention_mask" in bench.feeds[0] else {}
         path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS},
                            lossless=True, **masked)
         row.flops_removed = flops_removed(row.stats)
