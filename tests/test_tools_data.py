@@ -120,6 +120,43 @@ def test_text_sources_are_disjoint_and_english():
     assert fonts[0] == fonts[1] == {None} or not fonts[0] & fonts[1]
 
 
+def test_minilm_calibration_prose_adds_documentation_apart_from_evaluation(monkeypatch, tmp_path):
+    """MiniLM's calibration prose: the license sentences first, then documentation and manual
+    pages (at most PER_PAGE sentences a page), never an evaluation sentence; without them (a
+    fresh CI image) the licenses alone."""
+    evaluation = cd.english_sentences("evaluation")
+    doc, man = tmp_path / "doc", tmp_path / "man"
+    (doc / "tool").mkdir(parents=True)
+    (man / "man1").mkdir(parents=True)
+    (doc / "tool" / "README").write_text(
+        "The tool reads its settings from a file in the home folder. " + evaluation[0])
+    (doc / "tool" / "changelog").write_text("Fixed a crash when the settings file is empty.")
+    page = "\n".join([".TH TOOL 1", ".SH DESCRIPTION", ".B Tool",
+                      r"prints the \fBcurrent\fR settings \- one per line, sorted by name."]
+                      + [f"Sentence number {i} of the long manual page here." for i in range(40)])
+    (man / "man1" / "tool.1").write_text(page)
+    monkeypatch.setattr(cd, "DOC_ROOT", doc)
+    monkeypatch.setattr(cd, "MAN_ROOT", man)
+    cd.english_prose.cache_clear()
+    try:
+        prose = cd.english_prose("calibration")
+        monkeypatch.setattr(cd, "DOC_ROOT", tmp_path / "absent")
+        monkeypatch.setattr(cd, "MAN_ROOT", tmp_path / "absent")
+        cd.english_prose.cache_clear()
+        bare = cd.english_prose("calibration")
+    finally:
+        cd.english_prose.cache_clear()
+    licenses = cd.english_sentences("calibration")
+    assert prose[:len(licenses)] == licenses and bare == licenses
+    extra = prose[len(licenses):]
+    assert extra[0] == "The tool reads its settings from a file in the home folder."
+    assert not set(prose) & set(evaluation)
+    assert "Fixed a crash when the settings file is empty." not in extra
+    assert "Tool prints the current settings - one per line, sorted by name." in extra
+    assert len(extra) == 1 + cd.PER_PAGE
+    assert cd.english_prose("evaluation") == evaluation
+
+
 def test_lines_render_with_pillows_builtin_font(monkeypatch, tmp_path):
     """A machine without TrueType fonts (a fresh CI image) falls back to Pillow's own font."""
     monkeypatch.setattr(cd, "FONT_ROOT", tmp_path / "no-fonts")

@@ -12,7 +12,7 @@ model's own pre-processing shapes them, and the two splits of a model never shar
 
 | family | calibration source | evaluation source |
 |---|---|---|
-| MiniLM | sentences of /usr/share/common-licenses | docstrings of Python's standard library |
+| MiniLM | sentences of /usr/share/common-licenses, /usr/share/doc and manual pages | docstrings of Python's standard library |
 | OCR (PaddleOCR rec/det/cls, ddddocr) | words of those licenses, even-numbered fonts | docstring words, odd-numbered fonts |
 | silero-vad, DTLN, ASR front ends | synthesized low voice, white/pink noise | synthesized high voice, brown noise/hum |
 | magika | files under /usr/share/doc, /usr/bin, ... | files under /etc, /usr/lib, ... |
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gzip
 import io
 import json
 import math
@@ -66,7 +67,7 @@ SPLITS = ("calibration", "evaluation")
 #: Feeds per split unless --calibration / --evaluation say otherwise, and per-model exceptions
 #: (MiniLM's feeds are batches of 8 sentences).
 DEFAULT_COUNTS = {"calibration": 32, "evaluation": 40}
-MODEL_COUNTS = {"minilm_l6": {"calibration": 32, "evaluation": 16}}
+MODEL_COUNTS = {"minilm_l6": {"calibration": 96, "evaluation": 16}}
 
 #: Text sources, per split. Both exist on every Debian/Ubuntu machine and wherever Python runs.
 LICENSES = Path("/usr/share/common-licenses")
@@ -153,6 +154,90 @@ def english_sentences(split: str) -> tuple[str, ...]:
     return tuple(sentences)[:MAX_SENTENCES]
 
 
+#: Documentation read for MiniLM's calibration prose besides the licenses: plain-text READMEs,
+#: NEWS and ``*.txt`` files under /usr/share/doc (gzipped or not, changelogs and copyright
+#: files left out), and manual pages (sections 1, 5 and 8; roff markup stripped).
+DOC_ROOT = Path("/usr/share/doc")
+MAN_ROOT = Path("/usr/share/man")
+MAN_SECTIONS = ("man1", "man5", "man8")
+#: Sentences taken from one manual page at most (so a few huge pages do not dominate).
+PER_PAGE = 15
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError):
+            return ""
+    return data.decode(errors="replace")
+
+
+def _roff_text(text: str) -> str:
+    """The running text of a manual page: requests dropped (the text of font requests such as
+    ``.B word`` kept), escapes removed (``\\-`` read as a hyphen)."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith((".", "'")):
+            font = re.match(r"[.'](?:B|I|BR|IR|RB|RI|BI|IB|SM|SB)\s+(.*)", line)
+            if font:
+                lines.append(font.group(1).replace('"', ""))
+            continue
+        lines.append(line)
+    text = "\n".join(lines).replace("\\-", "-")
+    return re.sub(r"\\(?:f\(..|f\[[^]]*\]|f.|\(..|\[[^]]*\]|s[-+]?\d|[&e|^])", "", text)
+
+
+def _documentation_texts() -> Iterator[str]:
+    """The texts of :data:`DOC_ROOT`'s READMEs, NEWS and ``*.txt`` files, in path order."""
+    if not DOC_ROOT.is_dir():
+        return
+    for path in sorted(DOC_ROOT.rglob("*")):
+        name = path.name
+        if path.is_file() and re.search(r"README|NEWS|\.txt", name) \
+                and "changelog" not in name.lower() and "copyright" not in name.lower():
+            yield _read_text(path)
+
+
+def _manual_texts(seed: int = 0) -> Iterator[str]:
+    """Manual pages of :data:`MAN_SECTIONS`, in an order shuffled by ``seed`` (sorted by name,
+    neighbouring pages are often one tool's subcommands)."""
+    pages = sorted(p for section in MAN_SECTIONS for p in (MAN_ROOT / section).glob("*")
+                   if p.is_file()) if MAN_ROOT.is_dir() else []
+    for i in np.random.default_rng(seed).permutation(len(pages)):
+        yield _roff_text(_read_text(pages[i]))
+
+
+@lru_cache(maxsize=None)
+def english_prose(split: str) -> tuple[str, ...]:
+    """MiniLM's sentences: for evaluation those of :func:`english_sentences`; for calibration
+    the license sentences followed by up to :data:`MAX_SENTENCES` each of documentation files
+    and manual pages (at most :data:`PER_PAGE` per page), none of them an evaluation sentence.
+
+    Licenses alone (about 500 sentences of legal English) made a narrow calibration set:
+    reconstruction fitted it and lost on the evaluation docstrings (MiniLM, 30 % sparsity with
+    reconstruction: 0.9848 calibrated on licenses, 0.9900 on the mixture, same count).
+    Documentation and manual pages may be absent (a fresh CI image): then licenses only.
+
+    Raises:
+        DataError: the split gives no sentence.
+    """
+    if split == "evaluation":
+        return english_sentences(split)
+    exclude = set(english_sentences("evaluation"))
+    sentences = dict.fromkeys(english_sentences("calibration"))
+    for texts, per_text in ((_documentation_texts(), None), (_manual_texts(), PER_PAGE)):
+        found: dict[str, None] = {}
+        for text in texts:
+            new = [s for s in _sentences(text) if s not in exclude and s not in sentences]
+            found.update(dict.fromkeys(new[:per_text]))
+            if len(found) >= MAX_SENTENCES:
+                break
+        sentences.update(dict.fromkeys(list(found)[:MAX_SENTENCES]))
+    return tuple(sentences)
+
+
 def english_words(split: str) -> tuple[str, ...]:
     """Distinct words (2 to 14 letters, apostrophes and hyphens kept) of the split's sentences."""
     words = dict.fromkeys(w for s in english_sentences(split)
@@ -190,7 +275,7 @@ def minilm(ctx: Context) -> DataSet:
     tokenizer = minilm_tokenizer(ctx.zoo_dir)
     tokenizer.enable_truncation(length)
     tokenizer.enable_padding(length=length, pad_id=tokenizer.token_to_id("[PAD]"))
-    sentences = english_sentences(ctx.split)
+    sentences = english_prose(ctx.split)
     order = ctx.rng.permutation(len(sentences))
     feeds, texts = [], []
     for i in range(ctx.count):
@@ -202,7 +287,9 @@ def minilm(ctx: Context) -> DataSet:
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         })
         texts.append(chosen)
-    return DataSet(feeds, {"source": _text_source(ctx.split), "shape": [batch, length],
+    source = _text_source(ctx.split) + (", READMEs of /usr/share/doc and manual pages"
+                                         if ctx.split == "calibration" else "")
+    return DataSet(feeds, {"source": source, "shape": [batch, length],
                            "sentences": texts})
 
 
