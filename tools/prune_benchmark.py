@@ -405,8 +405,15 @@ def section_sparsity(bench: Bench, strengths: list[str], families: list[str],
             options = {**options, **extra}
             row = Row("sparsity", bench.name, f"onnxopt {method}", label)
             _progress(f"{bench.name}: {row.method} {label} {options}")
-            onnxopt_row(bench, row, "prune", options)
+            onnxopt_row(bench, row, "prune", options, **masked(bench))
             yield row
+
+
+def masked(bench: Bench) -> dict:
+    """``drift_mask`` for a model with an ``attention_mask`` input (MiniLM): its calibration
+    statistics (Wanda norms, Gram matrices, cluster weighting) then leave the padding out, as
+    the masked cosine that judges it does; empty for any other model."""
+    return {"drift_mask": "attention_mask"} if "attention_mask" in bench.feeds[0] else {}
 
 
 def section_cluster(bench: Bench, repeat: int, timeout: float) -> list[Row]:
@@ -416,8 +423,8 @@ def section_cluster(bench: Bench, repeat: int, timeout: float) -> list[Row]:
         _progress(f"{bench.name}: {row.method} {row.setting}")
         measured = {**CLUSTER_MEASURED, "inputs": bench.calibration_feeds} \
             if "wide_clusters" in options else {}
-        if "attention_mask" not in bench.feeds[0]:
-            measured.pop("drift_mask", None)
+        measured.pop("drift_mask", None)
+        measured.update(masked(bench))
         path = onnxopt_row(bench, row, "cluster_weights", options, **measured)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
@@ -448,14 +455,14 @@ def flops_removed(stats: dict) -> float | None:
 def section_structured(bench: Bench, repeat: int, quick: bool) -> list[Row]:
     rows, paths = [], {}
     # statistics of the real tokens alone where the outputs are judged on them (MiniLM)
-    masked = {"drift_mask": "attention_mask"} if "attention_mask" in bench.feeds[0] else {}
+    mask = masked(bench)
     for flops in (0.1, 0.3) if quick else STRUCTURED_FLOPS:
         row = Row("structured", bench.name, "onnxopt prune_channels", f"flops={flops:g}")
         _progress(f"{bench.name}: {row.method} {row.setting}")
         # after the lossless pipeline, as the CLI runs it (prune_channels works on the fused
         # graph: constant Reshape shapes, folded BatchNormalizations)
         path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS},
-                           lossless=True, **masked)
+                           lossless=True, **mask)
         row.flops_removed = flops_removed(row.stats)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
@@ -470,7 +477,7 @@ def section_structured(bench: Bench, repeat: int, quick: bool) -> list[Row]:
         _progress(f"{bench.name}: {row.method} {row.setting}")
         path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS},
                            lossless=True, validate=True, inputs=bench.calibration_feeds,
-                           max_drift=SEARCH_DRIFT, **masked)
+                           max_drift=SEARCH_DRIFT, **mask)
         row.flops_removed = flops_removed(row.stats)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
