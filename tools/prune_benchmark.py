@@ -20,7 +20,8 @@ saying so, never a crash of the run):
     ``apply_sparsegpt_pruning``, calibration feeds given), a peer of ``tools/bench_peers.txt``;
   - onnxopt's ``prune`` pass through the API (magnitude, activation importance, + reconstruct,
     + sensitivity allocation) with the drift budget off (``validate=False``): the raw quality at
-    that strength.
+    that strength; MiniLM's statistics over the real tokens (``drift_mask``, :func:`masked`),
+    as every onnxopt row of every section.
   Quality on the evaluation feeds; size and zlib-compressed size (level 6) of each file (dense
   kernels: pruning alone buys no latency in onnxruntime, so none is timed).
 * ``cluster``: ``cluster_weights`` at 256 and 16 clusters, and at 16 with per-channel codebooks
