@@ -1257,7 +1257,7 @@ class PruneChannels(Pass):
         self._flops_before = {id(n): _flops(n, positions[id(n)]) for n in self._graph_nodes}
         self._params_before = sum(int(n.inputs[1].values.size) for n in self._graph_nodes
                                   if len(n.inputs) > 1 and _const(n.inputs[1]))
-        planned = sum(len(la.removed) // la.block * la.cost for la in layers)
+        planned = total_flops - self._flops_after(layers)[0]
         warnings = []
         if o.flops is not None and total_flops and planned < 0.99 * o.flops * total_flops:
             warnings.append(f"prune_channels: the prunable layers give {planned / total_flops:.1%}"
@@ -1403,25 +1403,32 @@ class PruneChannels(Pass):
         _add_bias(working(bias), k * (sol[-1] - la.silenced[la.removed] @ w[la.removed]), how)
         _add_bias(working(bias, True), k * sol[-1], how)
 
+    def _flops_after(self, layers: list[Layer]) -> tuple[float, dict]:
+        """FLOPs of the weighted ops once ``layers`` lose their ``removed`` channels, and
+        ``{node: {flops_before, flops_after}}`` of the nodes that change. Exact where a node
+        loses input channels to one layer and output channels to another (summing the
+        layers' costs would count that node's product twice)."""
+        out_kept = {id(p): la.channels - len(la.removed) for la in layers
+                    for p in [la.producer, *la.producers]}
+        out_kept.update({id(d): la.channels - len(la.removed) for la in layers
+                         for d in la.depthwise})
+        in_kept = {id(c): la.channels - len(la.removed) for la in layers for c in la.consumers}
+        per_layer, after = {}, 0.0
+        for n in self._graph_nodes:
+            before = self._flops_before[id(n)]
+            now = _flops(n, self._positions[id(n)], out_kept.get(id(n)), in_kept.get(id(n)))
+            after += now
+            if now != before:
+                per_layer[n.name or n.outputs[0].name] = {"flops_before": before,
+                                                          "flops_after": now}
+        return after, per_layer
+
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         if "layers" not in result.stats:
             return dict(result.stats)
         applied = [la for g in dict.fromkeys(p.group for p in accepted)
                    for la in self._groups[g]]
-        out_kept = {id(p): la.channels - len(la.removed) for la in applied
-                    for p in [la.producer, *la.producers]}
-        out_kept.update({id(d): la.channels - len(la.removed) for la in applied
-                         for d in la.depthwise})
-        in_kept = {id(c): la.channels - len(la.removed) for la in applied for c in la.consumers}
-        per_layer, after = {}, 0.0
-        for n in self._graph_nodes:
-            pos = self._positions[id(n)]
-            before = self._flops_before[id(n)]
-            now = _flops(n, pos, out_kept.get(id(n)), in_kept.get(id(n)))
-            after += now
-            if now != before:
-                per_layer[n.name or n.outputs[0].name] = {"flops_before": before,
-                                                          "flops_after": now}
+        after, per_layer = self._flops_after(applied)
         for la in applied:
             per_layer.setdefault(la.name, {}).update(
                 channels=la.channels, removed=len(la.removed),

@@ -253,10 +253,8 @@ def test_rec_model_zero_channels_removed_exactly():
     assert_same(equivalent, sliced, [feed], atol=1e-4)
 
 
-def test_chain_groups_apply_in_any_order_and_alone():
-    """Conv -> BN -> Relu -> Conv -> BN -> Relu -> Conv: two groups (the second Conv's mean takes
-    the first fold, its BN scale the silencing). Each alone, and both in reverse order, give the
-    model their equivalents compute."""
+def _chain_model():
+    """Conv -> BN -> Relu -> Conv -> BN -> Relu -> Conv (8 then 6 prunable channels)."""
     inits = {"W1": _w(8, 3, 3, 3), "W2": _w(6, 8, 1, 1), "W3": _w(4, 6, 3, 3), "B3": _w(4)}
     nodes = [onnx.helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1])]
     for i, (inp, c) in enumerate((("c1", 8), ("c2", 6)), start=1):
@@ -268,8 +266,14 @@ def test_chain_groups_apply_in_any_order_and_alone():
         if i == 1:
             nodes.append(onnx.helper.make_node("Conv", ["a1", "W2"], ["c2"]))
     nodes.append(onnx.helper.make_node("Conv", ["a2", "W3", "B3"], ["y"], pads=[1, 1, 1, 1]))
-    model = make_model(nodes, [("x", F, [1, 3, 6, 6])], [("y", F, [1, 4, 6, 6])], inits)
-    fs = feeds()
+    return make_model(nodes, [("x", F, [1, 3, 6, 6])], [("y", F, [1, 4, 6, 6])], inits)
+
+
+def test_chain_groups_apply_in_any_order_and_alone():
+    """Conv -> BN -> Relu -> Conv -> BN -> Relu -> Conv: two groups (the second Conv's mean takes
+    the first fold, its BN scale the silencing). Each alone, and both in reverse order, give the
+    model their equivalents compute."""
+    model, fs = _chain_model(), feeds()
     for order in ([0], [1], [1, 0]):
         graph, p, result = propose(model, fs, flops=0.3)
         groups = list(dict.fromkeys(x.group for x in result.proposals))
@@ -288,6 +292,16 @@ def test_chain_groups_apply_in_any_order_and_alone():
         sliced = export_graph(graph, model)
         onnx.checker.check_model(sliced, full_check=True)
         assert_same(equivalent, sliced, fs)
+
+
+def test_flops_planned_counts_a_conv_between_two_layers_once():
+    """The middle Conv loses input channels to the first layer and output channels to the
+    second: its FLOPs scale by (kept in / 8) x (kept out / 6), not by the sum of the two cuts,
+    and the plan says what the sliced model removes."""
+    _, _, stats = equivalent_and_sliced(_chain_model(), feeds(), flops=0.4)
+    assert stats["layers_pruned"] == 2
+    assert stats["flops_planned"] == pytest.approx(stats["flops_removed"])
+    assert stats["flops_removed"] > 0.3
 
 
 def _if_model(then_nodes, else_nodes, tail_inits, outputs):
