@@ -586,12 +586,6 @@ def _magnitude(layer: Layer) -> np.ndarray:
     return norm
 
 
-def _silenced_norm(layer: Layer) -> np.ndarray:
-    """Per channel: the L2 norm of every silenced tensor's values of it (V's columns and bias
-    of an attention block)."""
-    return _norm(layer, layer.silence)
-
-
 def _consumer_norm(layer: Layer) -> np.ndarray:
     return _norm(layer, [(cw, axis) for _, cw, axis, _, _ in layer.folds])
 
@@ -1221,7 +1215,7 @@ class PruneChannels(Pass):
                 centered = np.sqrt(np.maximum(ts.channel_sq_sum - ts.rows * mean ** 2, 0.0))
                 importance = centered * _consumer_norm(layer)
             elif heads:  # V's columns and bias (a head of bias alone outputs the bias)
-                importance = _silenced_norm(layer) * _consumer_norm(layer)
+                importance = _norm(layer, layer.silence) * _consumer_norm(layer)
             else:
                 importance = _magnitude(layer)
             importance = np.where(zero, 0.0, importance)

@@ -109,8 +109,7 @@ CLUSTER_ROWS = {"K=256": {"clusters": 256}, "K=16": {"clusters": 16},
                     "codebook_dtype": "float16", "wide_clusters": 256, "size_budget": 0.148}}
 #: The mixed-strength row measures each tensor's drift with the drift budget (on the calibration
 #: feeds, over real tokens): a budget loose enough to accept every proposal, used to measure.
-CLUSTER_MEASURED = {"validate": True, "max_drift": {"cosine": 0.5},
-                    "drift_mask": "attention_mask"}
+CLUSTER_MEASURED = {"validate": True, "max_drift": {"cosine": 0.5}}
 SPARSEGPT_BLOCK = 128
 SPARSEGPT_DAMP = 0.01
 ZLIB_LEVEL = 6
@@ -424,9 +423,7 @@ def section_cluster(bench: Bench, repeat: int, timeout: float) -> list[Row]:
         _progress(f"{bench.name}: {row.method} {row.setting}")
         measured = {**CLUSTER_MEASURED, "inputs": bench.calibration_feeds} \
             if "wide_clusters" in options else {}
-        measured.pop("drift_mask", None)
-        measured.update(masked(bench))
-        path = onnxopt_row(bench, row, "cluster_weights", options, **measured)
+        path = onnxopt_row(bench, row, "cluster_weights", options, **measured, **masked(bench))
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
         rows.append(row)
@@ -455,34 +452,26 @@ def flops_removed(stats: dict) -> float | None:
 
 def section_structured(bench: Bench, repeat: int, quick: bool) -> list[Row]:
     rows, paths = [], {}
-    # statistics of the real tokens alone where the outputs are judged on them (MiniLM)
-    mask = masked(bench)
-    for flops in (0.1, 0.3) if quick else STRUCTURED_FLOPS:
-        row = Row("structured", bench.name, "onnxopt prune_channels", f"flops={flops:g}")
+    # the drift budget keeps the layers whose removal costs too much (on the calibration feeds,
+    # like the search rows); measured, as every row, on the evaluation feeds
+    budgeted = {"validate": True, "inputs": bench.calibration_feeds, "max_drift": SEARCH_DRIFT}
+    settings = [(f"flops={f:g}", f, {}) for f in ((0.1, 0.3) if quick else STRUCTURED_FLOPS)]
+    settings += [(f"flops={f:g}, max_drift cosine {SEARCH_DRIFT['cosine']}", f, budgeted)
+                 for f in (() if quick else STRUCTURED_BUDGETED)]
+    for setting, flops, extra in settings:
+        row = Row("structured", bench.name, "onnxopt prune_channels", setting)
         _progress(f"{bench.name}: {row.method} {row.setting}")
         # after the lossless pipeline, as the CLI runs it (prune_channels works on the fused
-        # graph: constant Reshape shapes, folded BatchNormalizations)
+        # graph: constant Reshape shapes, folded BatchNormalizations); statistics of the real
+        # tokens alone where the outputs are judged on them (MiniLM)
         path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS},
-                           lossless=True, **mask)
+                           lossless=True, **extra, **masked(bench))
         row.flops_removed = flops_removed(row.stats)
         if path is not None and row.status == "ok":
             paths[len(rows)] = path
         rows.append(row)
         if row.status == "n/a":
-            break
-    for flops in () if quick else STRUCTURED_BUDGETED:
-        # the drift budget keeps the layers whose removal costs too much (on the calibration
-        # feeds, like the search rows); measured, as every row, on the evaluation feeds
-        row = Row("structured", bench.name, "onnxopt prune_channels",
-                  f"flops={flops:g}, max_drift cosine {SEARCH_DRIFT['cosine']}")
-        _progress(f"{bench.name}: {row.method} {row.setting}")
-        path = onnxopt_row(bench, row, "prune_channels", {"flops": flops, **STRUCTURED_OPTIONS},
-                           lossless=True, validate=True, inputs=bench.calibration_feeds,
-                           max_drift=SEARCH_DRIFT, **mask)
-        row.flops_removed = flops_removed(row.stats)
-        if path is not None and row.status == "ok":
-            paths[len(rows)] = path
-        rows.append(row)
+            break  # nothing the pass can remove in this model: no other setting either
     if paths:
         bench.latency(rows, paths, repeat)
     return rows
