@@ -128,6 +128,35 @@ OPTION_SUGAR: dict[str, tuple[str, str]] = {
 STRENGTH_OPTIONS: dict[str, tuple[str, ...]] = {
     "prune": ("threshold", "relative", "sparsity", "pattern"),
     "prune_channels": ("flops", "threshold"), "cluster_weights": ("clusters",)}
+#: Sugar of :data:`OPTION_SUGAR` that also sets the option of the same name of these other
+#: passes: ``--prune-importance`` and ``--prune-reconstruct`` apply to every pruning pass the run
+#: gives a strength (``--prune-sparsity`` and/or ``--prune-channels``), to ``prune`` when none.
+SHARED_SUGAR: dict[str, tuple[str, ...]] = {
+    "prune_importance": ("prune_channels",), "prune_reconstruct": ("prune_channels",)}
+
+
+def sugar_targets(sugar: dict[str, Any],
+                  options: dict[str, dict[str, Any]] | None = None) -> dict[str, list[str]]:
+    """The passes each given keyword of :data:`OPTION_SUGAR` sets its option of.
+
+    A keyword of :data:`SHARED_SUGAR` goes to those of its passes (its own and the shared ones)
+    that have a strength from ``sugar`` or ``options``; to its own pass when none has one (whose
+    missing strength is then refused by the caller). Keywords whose value is None are left out.
+    """
+    options = options or {}
+    strong = {name for key, value in sugar.items() if value is not None
+              for name, option in [OPTION_SUGAR[key]]
+              if option in STRENGTH_OPTIONS.get(name, ())}
+    strong |= {name for name, given in options.items()
+               if any(given.get(o) is not None for o in STRENGTH_OPTIONS.get(name, ()))}
+    targets: dict[str, list[str]] = {}
+    for key, value in sugar.items():
+        if value is None:
+            continue
+        own = OPTION_SUGAR[key][0]
+        candidates = (own, *SHARED_SUGAR.get(key, ()))
+        targets[key] = [n for n in candidates if n in strong] or [own]
+    return targets
 
 
 @dataclass
@@ -204,10 +233,9 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
         raise UsageError(f"unknown keyword(s) {', '.join(unknown)}; option sugar: "
                          f"{', '.join(OPTION_SUGAR)}")
     sugared: list[str] = []
-    for key, value in sugar.items():
-        if value is not None:
-            name, option = OPTION_SUGAR[key]
-            options.setdefault(name, {})[option] = value
+    for key, names in sugar_targets(sugar, options).items():
+        for name in names:
+            options.setdefault(name, {})[OPTION_SUGAR[key][1]] = sugar[key]
             if name not in sugared:
                 sugared.append(name)
     specs.extend(sugared)
@@ -372,9 +400,9 @@ def _check_sugar_strengths(sugar: dict[str, Any], options: dict[str, dict[str, A
     import onnxopt.passes  # noqa: F401  (registers every pass)
 
     given_by: dict[str, list[str]] = {}
-    for key, value in sugar.items():
-        if value is not None:
-            given_by.setdefault(OPTION_SUGAR[key][0], []).append(f"--{key.replace('_', '-')}")
+    for key, names in sugar_targets(sugar, options).items():
+        for name in names:
+            given_by.setdefault(name, []).append(f"--{key.replace('_', '-')}")
     sugared = list(given_by)
 
     def strengthless(name: str) -> bool:

@@ -176,11 +176,10 @@ def test_a_ray_address_without_the_ray_executor_is_a_one_line_usage_error(stand_
     assert not (files / "o.onnx").exists()
 
 
-@pytest.mark.parametrize("flag", [["--prune-reconstruct"], ["--prune-importance", "activation"],
-                                  ["--prune-scope", "row"]])
+@pytest.mark.parametrize("flag", [["--prune-scope", "row"], ["--prune-allocation", "sensitivity"]])
 def test_prune_flags_beside_prune_channels_name_the_pass_they_feed(stand_in, files, capsys, flag):
     """These flags set options of ``prune`` only: beside --prune-channels the message says so
-    (it blamed "pass 'prune': option reconstruct=True needs sparsity or pattern")."""
+    (it blamed "pass 'prune': option scope=row needs sparsity")."""
     code = main(["optimize", str(files / "m.onnx"), "-o", str(files / "o.onnx"),
                  "--prune-channels", "0.3", *flag])
     assert code == 2
@@ -193,13 +192,40 @@ def test_prune_flags_beside_prune_channels_name_the_pass_they_feed(stand_in, fil
 
 def test_the_real_prune_checks_see_the_same_message():
     """Without the stand-in: the real pass's option check is not what the user reads."""
-    with pytest.raises(UsageError, match="--prune-reconstruct applies to pass 'prune'.*not to "
+    with pytest.raises(UsageError, match="--prune-scope applies to pass 'prune'.*not to "
                                          "--prune-channels"):
-        build_pipeline([], prune_channels=0.3, prune_reconstruct=True)
+        build_pipeline([], prune_channels=0.3, prune_scope="row")
     # with a strength of its own, prune takes the flag
-    pipeline = build_pipeline([], prune_channels=0.3, prune_sparsity=0.5,
-                              prune_reconstruct=True)
+    pipeline = build_pipeline([], prune_channels=0.3, prune_sparsity=0.5, prune_scope="row")
     assert sorted(p.name for p in pipeline.passes) == ["prune", "prune_channels"]
+
+
+@pytest.mark.parametrize("strengths, fed", [
+    ({"prune_channels": 0.3}, ["prune_channels"]),
+    ({"prune_channels": "auto"}, ["prune_channels"]),
+    ({"prune_sparsity": 0.5}, ["prune"]),
+    ({"prune_channels": 0.3, "prune_sparsity": 0.5}, ["prune", "prune_channels"])])
+def test_importance_and_reconstruct_feed_every_pruning_pass_with_a_strength(strengths, fed):
+    """--prune-importance and --prune-reconstruct set the options of each pruning pass the run
+    gives a strength (they were refused beside --prune-channels, whose pass has the same two
+    options); the other pass keeps its defaults."""
+    pipeline = build_pipeline([], prune_importance="activation", prune_reconstruct=True,
+                              **strengths)
+    by_name = {p.name: p.options for p in pipeline.passes}
+    assert sorted(by_name) == sorted(fed)
+    for name in fed:
+        assert by_name[name].importance == "activation" and by_name[name].reconstruct is True
+
+
+def test_importance_reaches_prune_channels_with_its_strength_from_a_config(files):
+    """The CLI's flags (parsed to sugar) beside the strength of prune_channels given in a
+    --config file's options: the options table of the pass takes the flag's value."""
+    args = _parser().parse_args(["optimize", str(files / "m.onnx"), "-o", str(files / "o.onnx"),
+                                 "--prune-importance", "activation"])
+    assert _sugar(args) == {"prune_importance": "activation"}
+    pipeline = build_pipeline([], options={"prune_channels": {"flops": 0.3}}, **_sugar(args))
+    assert [(p.name, p.options.importance) for p in pipeline.passes[-1:]] == [
+        ("prune_channels", "activation")]
 
 
 @pytest.mark.parametrize("argv, expected", [
