@@ -73,7 +73,11 @@ PassSpec = Union[str, Pass]
 #: int8-static 0.9944 -> 0.9972 with the full 8-bit grid as uint8 MatMul weights (exact u8u8
 #: kernels; 0.9960 with ``mse`` calibration, 0.9970 ``minmax``, 0.9972 ``percentile``), at a
 #: latency cost on CPUs without VNNI (0.83x fp32 instead of 0.72x; ``uint8_weights = false``
-#: gives the faster 7-bit int8 weights, cosine 0.9954). ``quantize_static``'s
+#: gives the faster 7-bit int8 weights, cosine 0.9954). ``uint8_weights = false`` with
+#: ``uint8_fraction = 0.34`` and ``rounding = "gptq"`` (mixed weight grids: uint8 only for the
+#: MatMuls whose 7-bit grid costs most drift, measured) is faster at the same accuracy on
+#: MiniLM (0.9973 at 0.52-0.57x fp32 against 0.64-0.76x), not the default: PP-OCRv4 rec fails
+#: validation with GPTQ rounding, and without it MiniLM drops to 0.9966. ``quantize_static``'s
 #: ``latency_guided`` leaves float the sites onnxruntime runs faster in float, timed on the
 #: machine that quantizes; it is off here, as its choice depends on the machine's timings (two
 #: runs can write different models; ``[pipeline.options.quantize_static] latency_guided =

@@ -42,6 +42,27 @@ run on a loaded machine): MiniLM ``int8-static`` 0.83x fp32 with uint8 weights, 
 int8 ones (cosine 0.9954); on PP-OCRv4 rec (MatMuls of its SVTR blocks) CER 0.0053 with uint8
 weights and ``percentile``, 0.0080 with int8 weights and ``mse``, latency within the noise.
 
+Mixed weight grids (option ``uint8_fraction`` with ``uint8_weights = false``): the u8u8
+kernels cost most of the latency the 8-bit grid buys, and the 7-bit grid costs accuracy only on
+some weights. So every MatMul weight is first rounded on both grids (GPTQ when ``rounding`` says
+so), each grid's drift is measured for each weight alone through the drift budget (the run's
+first criterion on :data:`SENSITIVITY_FEEDS` feeds, ``DriftBudget.harm_alone``: leave-one-in
+sensitivity, Dong et al. 2019, "HAWQ", section 3), and by decreasing drift saved per weight
+element (the 7-bit grid's harm minus the uint8 grid's) weights get uint8 codes while their
+elements stay within ``uint8_fraction`` of all quantized MatMul weight elements (a MatMul's
+multiply-adds per input row are its weight's elements). Without a drift budget every MatMul
+weight is uint8 (the accurate choice); the statistics (``uint8_weights_mixed``) list the
+weights given uint8 and each weight's measured gain. Measured on MiniLM-L6 (the int8-static
+mode otherwise, 96 calibration batches; masked cosine on the evaluation sentences, latency
+against fp32 -- 88.1 ms -- in one interleaved run of 15 rounds, 2026-12-07): every MatMul uint8
+(nearest rounding) 0.99737 at 0.76x, every MatMul 7-bit (GPTQ) 0.99686 at 0.49x; GPTQ with
+``uint8_fraction`` 0.34 (9 of 37 MatMuls uint8, chosen as above) 0.99731 at 0.57x, 0.2
+0.99709 at 0.53x, the six FFN output projections by name (a third of the elements) 0.99728
+at 0.57x; with nearest rounding 0.34 gives 0.99660. The budget's choice mixes FFN and
+attention weights of several layers. Not the ``int8-static`` mode's default: with GPTQ
+rounding PP-OCRv4 rec fails validation (below), and nearest rounding leaves MiniLM under
+0.997; ``tools/quant_benchmark.py`` measures it as the ``int8-static-mixed`` recipe.
+
 GPTQ rounding (option ``rounding = "gptq"``; Frantar et al. 2023, "GPTQ: Accurate
 Post-Training Quantization for Generative Pre-trained Transformers", ICLR, Algorithm 1, in
 ``onnxopt.passes._quant.gptq_rows``): a MatMul or Gemm weight is rounded input channel by input
@@ -175,6 +196,8 @@ MIN_ELEMENTS = 16
 REDUCED_QMAX = 63
 #: Zero point of ``uint8_weights`` (the symmetric int8 grid shifted into uint8).
 UINT8_ZERO_POINT = 128
+#: Budget feeds the measurement of ``uint8_fraction`` runs per weight and grid.
+SENSITIVITY_FEEDS = 4
 #: Largest int32 bias magnitude.
 INT32_MAX = 2**31 - 1
 #: Layout conversions onnxruntime inserts around a lone kernel (NCHWc float Conv, NHWC
@@ -222,6 +245,11 @@ class QuantizeStaticOptions(QuantizeOptions):
             a u8u8 MatMulIntegerToFloat, whose kernels widen to int16 before multiplying and
             never saturate (module docstring); ``reduce_range`` then does not apply to them.
             Gemm and Conv weights stay int8 (QGemm/QLinearConv).
+        uint8_fraction: with ``uint8_weights`` False, mixed weight grids: the MatMul weights
+            are 7-bit int8 (fast u8s8 kernels), and those whose 7-bit grid costs the most drift
+            per element, measured alone through the drift budget against their uint8 grid, get
+            uint8 weights while their elements stay within this fraction of all quantized MatMul
+            weight elements (module docstring, "Mixed weight grids"). None: one grid for all.
         min_elements: weights with fewer elements stay float.
         latency_guided: time every quantized site (the readers of one activation tensor, which
             share its QuantizeLinear) on onnxruntime in integer and in float form, and leave it
@@ -244,6 +272,7 @@ class QuantizeStaticOptions(QuantizeOptions):
     bias_correction: bool = True
     reduce_range: bool = True
     uint8_weights: bool = False
+    uint8_fraction: float | None = None
     min_elements: int = MIN_ELEMENTS
     latency_guided: bool = False
     latency_margin: float = LATENCY_MARGIN
@@ -261,6 +290,12 @@ class QuantizeStaticOptions(QuantizeOptions):
             return f"option activation_type must be uint8 or int8, got {self.activation_type!r}"
         if self.min_elements < 1:
             return f"option min_elements must be at least 1, got {self.min_elements}"
+        if self.uint8_fraction is not None:
+            if not 0.0 < self.uint8_fraction < 1.0:
+                return f"option uint8_fraction must be in (0, 1), got {self.uint8_fraction}"
+            if self.uint8_weights:
+                return ("option uint8_fraction mixes 7-bit int8 and uint8 MatMul weights: it "
+                        "needs uint8_weights = false (true makes every MatMul weight uint8)")
         if not 0.0 <= self.latency_margin < 1.0:
             return f"option latency_margin must be in [0, 1), got {self.latency_margin}"
         if self.latency_rounds < 1:
@@ -507,6 +542,11 @@ class QuantizeStatic(Pass):
                              **({"rows": ctx.drift_mask()} if ctx.drift_mask() else {}),
                              **({"percentile": o.percentile}
                                 if o.calibration == "percentile" else {})}
+        self._uint8: set[str] | None = None
+        self._mixed: dict | None = None
+        if o.uint8_fraction is not None and not o.uint8_weights:
+            self._reset_tallies()  # GPTQ's codes of both grids are cached, not counted
+            self._uint8 = self._choose_uint8(graph, ctx, sites, stats)
         self._reset_tallies()
         proposals = []
         for site in sites:
@@ -647,11 +687,58 @@ class QuantizeStatic(Pass):
         self._gptq.add(group)
         return self._rounded_codes[key]
 
-    def _grid(self, node: gs.Node) -> tuple[bool, int]:
-        """``(unsigned, qmax)`` of ``node``'s weight: uint8 codes (``uint8_weights``, MatMul
-        only) and the largest code magnitude."""
-        unsigned = self.options.uint8_weights and node.op == "MatMul"
+    def _grid(self, node: gs.Node, unsigned: bool | None = None) -> tuple[bool, int]:
+        """``(unsigned, qmax)`` of ``node``'s weight: uint8 codes (``uint8_weights``, or the
+        MatMuls ``uint8_fraction`` chose; MatMul only) and the largest code magnitude.
+        ``unsigned`` given: that grid (a MatMul's)."""
+        if unsigned is None:
+            chosen = getattr(self, "_uint8", None)
+            unsigned = node.op == "MatMul" and (
+                self.options.uint8_weights if chosen is None else _group(node) in chosen)
         return unsigned, REDUCED_QMAX if self.options.reduce_range and not unsigned else QMAX
+
+    def _choose_uint8(self, graph: gs.Graph, ctx: PassContext, sites: list[_Site],
+                      stats) -> set[str]:
+        """The MatMul sites (groups) given uint8 weights by ``uint8_fraction`` (module
+        docstring, "Mixed weight grids"); the measurement goes to ``self._mixed``."""
+        matmuls = [s for s in sites if s.node.op == "MatMul"]
+        total = sum(int(s.weight.values.size) for s in matmuls)
+        self._mixed = {"fraction": self.options.uint8_fraction, "uint8": [],
+                       "elements_uint8": 0, "elements": total}
+        if not matmuls:
+            return set()
+        if ctx.budget is None or self.options.reduce_range is False:
+            why = ("none (no drift budget to measure with): every MatMul weight uint8"
+                   if ctx.budget is None else "none (reduce_range off: one 8-bit grid)")
+            self._mixed["ranking"] = why
+            chosen = {_group(s.node) for s in matmuls} if ctx.budget is None else set()
+            self._mixed["uint8"] = sorted(chosen)
+            self._mixed["elements_uint8"] = total if chosen else 0
+            return chosen
+        harm = {}
+        for unsigned in (False, True):  # one tensor takes one proposal per measurement
+            proposals = []
+            for site in matmuls:
+                _, qmax = self._grid(site.node, unsigned)
+                q, scale = quantize_symmetric(site.weight.values, site.axis, qmax)
+                q = self._rounded(site, stats, q, scale, qmax)
+                proposals.append(Proposal(tensor=site.weight,
+                                          value=dequantize(q, scale, site.axis),
+                                          apply=lambda: None, group=_group(site.node)))
+            harm[unsigned] = ctx.budget.harm_alone(graph, ctx.template, proposals,
+                                                   SENSITIVITY_FEEDS)
+        # what the uint8 grid saves over the 7-bit one, per weight element
+        gain = {g: harm[False][g] - harm[True][g] for g in harm[False]}
+        size = {_group(s.node): int(s.weight.values.size) for s in matmuls}
+        limit = self.options.uint8_fraction * total
+        chosen, used = set(), 0
+        for group in sorted(gain, key=lambda g: -gain[g] / size[g]):
+            if gain[group] > 0 and used + size[group] <= limit:
+                chosen.add(group)
+                used += size[group]
+        self._mixed.update(ranking="measured", uint8=sorted(chosen), elements_uint8=used,
+                           gain={g: gain[g] for g in sorted(gain, key=lambda g: -gain[g])})
+        return chosen
 
     def _place_by_latency(self, graph: gs.Graph, template, sites: list[_Site], feed: dict,
                           stats, dtype: np.dtype, unranged: set[str],
@@ -909,7 +996,10 @@ class QuantizeStatic(Pass):
             "refused": dict(sorted(refused.items())),
             "scheme": (("QDQ, per-channel" if self.options.per_channel else "QDQ, per-tensor")
                        + (" uint8 MatMul weights (zero point 128), int8 others"
-                          if self.options.uint8_weights else " int8 weights")),
+                          if self.options.uint8_weights else
+                          " int8 weights, uint8 for the MatMuls of uint8_weights_mixed"
+                          if self._mixed is not None else " int8 weights")),
+            **({"uint8_weights_mixed": self._mixed} if self._mixed is not None else {}),
             "activation_type": self.options.activation_type,
             "calibration": self._calibration,
             "bias_quantized": self._biases, "bias_scale_raised": self._raised,

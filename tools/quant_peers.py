@@ -152,7 +152,15 @@ def fold_initializer_casts(model: onnx.ModelProto, notes: list[str]) -> onnx.Mod
 ONNXOPT_MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4-weight", "float16")
 
 
-def onnxopt_mode(mode: str, max_drift: float | None = None) -> Callable:
+#: ``quantize_static`` options of the ``int8-static-mixed`` recipe: the mixed weight grids
+#: (uint8 for the MatMuls whose 7-bit grid harms most, a third of the weight elements) with
+#: GPTQ rounding -- not the mode's default, since PP-OCRv4 rec with GPTQ rounding fails
+#: validation (passes/quantize_static.py, "Mixed weight grids").
+MIXED_GRIDS = {"uint8_weights": False, "uint8_fraction": 0.34, "rounding": "gptq"}
+
+
+def onnxopt_mode(mode: str, max_drift: float | None = None,
+                 static_options: dict | None = None) -> Callable:
     def run(model: Path, output: Path, calibration: Path, family: str, notes: list[str]) -> dict:
         import onnxopt
         import onnxopt.passes  # noqa: F401  (registers every pass)
@@ -168,6 +176,9 @@ def onnxopt_mode(mode: str, max_drift: float | None = None) -> Callable:
                         "output": str(output)}
         if max_drift is not None:
             kwargs["max_drift"] = max_drift
+        if static_options:
+            kwargs["options"] = {"quantize_static": dict(static_options)}
+            notes.append(", ".join(f"{k} = {v}" for k, v in static_options.items()))
         inputs = [i.name for i in onnx.load(str(model), load_external_data=False).graph.input]
         if "attention_mask" in inputs:  # padding tokens are not judged (as the task metric)
             kwargs["drift_mask"] = "attention_mask"
@@ -357,6 +368,8 @@ RECIPES = {r.name: r for r in (
       for m in ONNXOPT_MODES),
     Recipe("onnxopt:int8-static@0.999", "onnxopt `int8-static`, max drift cosine 0.999", "main",
            onnxopt_mode("int8-static", 0.999), families=("transformer",)),
+    Recipe("onnxopt:int8-static-mixed", "onnxopt `int8-static`, mixed weight grids + GPTQ",
+           "main", onnxopt_mode("int8-static", static_options=MIXED_GRIDS)),
     Recipe("ort:dynamic-tensor", "onnxruntime `quantize_dynamic` per-tensor", "peers",
            ort_dynamic(False)),
     Recipe("ort:dynamic-channel", "onnxruntime `quantize_dynamic` per-channel", "peers",

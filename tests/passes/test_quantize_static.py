@@ -572,3 +572,67 @@ def test_drift_mask_applies_to_calibration_without_validation():
     validated, _ = onnxopt.optimize(model, inputs=feeds, max_drift=0.5, **common)
     unvalidated, _ = onnxopt.optimize(model, validate=False, **common)
     assert _input_scale(unvalidated) == _input_scale(validated) < 500 / 255 / 10
+
+
+def _two_layers(on_grid: str):
+    """x -> MatMul(A) -> MatMul(B) -> y, both weights [64, 64]; the weight named ``on_grid``
+    has values on its 7-bit per-channel grid (7-bit rounding exact: uint8 gains nothing), the
+    other is Gaussian."""
+    k = 64
+    weights = {n: RNG.normal(size=(k, k)).astype(np.float32) for n in ("A", "B")}
+    w = weights[on_grid]
+    step = np.abs(w).max(axis=0, keepdims=True) / 63
+    weights[on_grid] = (np.rint(w / step) * step).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="first"),
+             helper.make_node("MatMul", ["h", "B"], ["y"], name="second")]
+    model = _model(nodes, [_f("x", ["batch", k])], [_f("y", ["batch", k])], weights)
+    return model, _feeds((32, k), n=4)
+
+
+def _weight_types(model):
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0].split("_")[0]: inits[n.input[0]].dtype for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(0)).ndim == 2}
+
+
+@pytest.mark.parametrize("on_grid, wide, rounding", [("A", "second", "nearest"),
+                                                     ("B", "first", "gptq")])
+def test_uint8_fraction_gives_uint8_to_the_weight_the_7_bit_grid_harms(on_grid, wide, rounding):
+    """``uint8_fraction`` 0.5 of two equal weights: the one whose 7-bit rounding costs drift
+    (measured through the budget) gets uint8 weights, the one exactly on its 7-bit grid stays
+    int8; the statistics give both gains."""
+    from onnxopt.budget import DriftBudget
+
+    model, feeds = _two_layers(on_grid)
+    budget = DriftBudget(model, feeds, 0.9)
+    graph = import_graph(model)
+    ctx = PassContext(template=model, calibration=feeds, feeds=feeds, budget=budget)
+    record = PassManager([]).run_pass(QuantizeStatic(uint8_fraction=0.5, calibration="minmax",
+                                                     rounding=rounding), graph, ctx)
+    out = export_graph(graph.cleanup().toposort(), model)
+    mixed = record.stats["uint8_weights_mixed"]
+    assert mixed["ranking"] == "measured" and mixed["uint8"] == [wide]
+    assert mixed["elements_uint8"] == 64 * 64 and mixed["elements"] == 2 * 64 * 64
+    assert mixed["gain"][wide] > 0 >= mixed["gain"][{"first": "second"}.get(wide, "first")]
+    types = _weight_types(out)
+    assert types == {"A": np.uint8 if wide == "first" else np.int8,
+                     "B": np.uint8 if wide == "second" else np.int8}
+    assert "uint8 for the MatMuls" in record.stats["scheme"]
+    if rounding == "gptq":
+        assert record.stats["rounding"]["gptq"] == 2
+
+
+def test_uint8_fraction_without_a_budget_gives_every_matmul_uint8():
+    """Nothing to measure with (no drift budget): the accurate grid everywhere, said so."""
+    model, feeds = _two_layers("A")
+    out, stats = _quantize(model, feeds, uint8_fraction=0.5, calibration="minmax")
+    assert stats["uint8_weights_mixed"]["ranking"].startswith("none (no drift budget")
+    assert _weight_types(out) == {"A": np.uint8, "B": np.uint8}
+
+
+@pytest.mark.parametrize("bad", [{"uint8_fraction": 0.0}, {"uint8_fraction": 1.0},
+                                 {"uint8_fraction": 0.3, "uint8_weights": True}])
+def test_uint8_fraction_is_checked(bad):
+    from onnxopt.errors import UsageError
+    with pytest.raises(UsageError, match="uint8_fraction"):
+        QuantizeStatic(**bad)
