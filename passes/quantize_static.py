@@ -481,6 +481,10 @@ class QuantizeStatic(Pass):
         dtype = np.dtype(_ACTIVATION_TYPES[o.activation_type])
         refused: collections.Counter[str] = collections.Counter()
         self._float: dict[str, str] = {}
+        # mixed weight grids: chosen below, after any latency-guided placement (which times
+        # the 7-bit grid until then)
+        self._uint8: set[str] | None = None
+        self._mixed: dict | None = None
         sites: list[_Site] = []
         outputs = set(t.name for t in graph.outputs)
         types = ctx.analyses.get(TensorTypes)
@@ -542,8 +546,6 @@ class QuantizeStatic(Pass):
                              **({"rows": ctx.drift_mask()} if ctx.drift_mask() else {}),
                              **({"percentile": o.percentile}
                                 if o.calibration == "percentile" else {})}
-        self._uint8: set[str] | None = None
-        self._mixed: dict | None = None
         if o.uint8_fraction is not None and not o.uint8_weights:
             self._reset_tallies()  # GPTQ's codes of both grids are cached, not counted
             self._uint8 = self._choose_uint8(graph, ctx, sites, stats)
@@ -692,7 +694,7 @@ class QuantizeStatic(Pass):
         MatMuls ``uint8_fraction`` chose; MatMul only) and the largest code magnitude.
         ``unsigned`` given: that grid (a MatMul's)."""
         if unsigned is None:
-            chosen = getattr(self, "_uint8", None)
+            chosen = self._uint8
             unsigned = node.op == "MatMul" and (
                 self.options.uint8_weights if chosen is None else _group(node) in chosen)
         return unsigned, REDUCED_QMAX if self.options.reduce_range and not unsigned else QMAX
