@@ -99,10 +99,10 @@ when they are float16 values.
 
 Mixed strength (``wide_clusters`` with ``size_budget``): the tensors are clustered at
 ``clusters``; each one's proposal alone is measured through the drift budget (the run's first
-criterion on :data:`SENSITIVITY_FEEDS` of its feeds, ``DriftBudget.harm_alone``: leave-one-in
-sensitivity, Dong et al. 2019, "HAWQ", section 3), and by decreasing measured harm per index
-byte widening adds, each tensor is re-clustered at ``wide_clusters`` while the graph's
-initializers stay within ``size_budget`` of their bytes before. The local error cannot rank
+criterion on :data:`onnxopt.budget.RANKING_FEEDS` of its feeds, ``DriftBudget.harm_alone``:
+leave-one-in sensitivity, Dong et al. 2019, "HAWQ", section 3), and by decreasing measured
+harm per index byte widening adds, each tensor is re-clustered at ``wide_clusters`` while the
+graph's initializers stay within ``size_budget`` of their bytes before. The local error cannot rank
 them: on MiniLM-L6 at K = 16 the Spearman correlation of the masked-cosine drift of each MatMul
 weight alone with its relative output error ``tr(dW^T H dW) / tr(W^T H W)`` is -0.33, with the
 absolute ``tr(dW^T H dW)`` 0.04 (the cosine lost per tensor alone ranges from 5e-5 to 1.8e-3;
@@ -154,7 +154,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import external
 from onnxopt.analyses import UseDef
 from onnxopt.analyses.activations import ActivationGrams, ActivationStats
-from onnxopt.budget import Proposal
+from onnxopt.budget import RANKING_FEEDS, Proposal
 from onnxopt.edit import input_slots
 from onnxopt.errors import UsageError
 from onnxopt.names import fresh_name
@@ -176,8 +176,6 @@ METHODS = ("kmeans", "gptvq")
 #: updated (GPTQ's lazy batch, Frantar et al. 2023, section 4 step 2).
 GPTVQ_BATCH = 128
 CODEBOOK_DTYPES = ("float32", "float16")
-#: Budget feeds the measured ranking of ``wide_clusters`` runs per tensor.
-SENSITIVITY_FEEDS = 4
 
 
 @dataclass(frozen=True)
@@ -650,7 +648,7 @@ class ClusterWeights(Pass):
             return plans
         proposals = [Proposal(tensor=p.tensor, value=p.value, apply=lambda: None,
                               group=str(i)) for i, p in enumerate(plans)]
-        harm = ctx.budget.harm_alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
+        harm = ctx.budget.harm_alone(graph, ctx.template, proposals, RANKING_FEEDS)
         for i, p in enumerate(plans):
             p.drift = harm[str(i)]
         self._ranking = "measured"

@@ -71,8 +71,8 @@ stored in 8 bits instead (same blocks and form: int8/uint8 DequantizeLinear, Mat
 * ``error``: the weight's relative output error (calibration Gram) or, without calibration
   data, its relative weight error -- a local measure, blind to what follows the MatMul;
 * ``measured``: the drift of the model's outputs (the run's first drift criterion, on
-  :data:`SENSITIVITY_FEEDS` of the budget's feeds) with that weight alone at 4 bits: the
-  leave-one-in sensitivity of mixed-precision search (Dong et al. 2019, "HAWQ", section 3,
+  :data:`onnxopt.budget.RANKING_FEEDS` of the budget's feeds) with that weight alone at 4
+  bits: the leave-one-in sensitivity of mixed-precision search (Dong et al. 2019, "HAWQ", section 3,
   ranks layers by measured sensitivity; the drift budget's own ranking does the same). It sees
   the graph around the weight: on MiniLM-L6 a value projection at 4 bits costs 5-10 times the
   cosine of the query or key projection reading the same input (softmax damps those), which
@@ -112,7 +112,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnxopt import external
 from onnxopt.analyses import UseDef
 from onnxopt.analyses.activations import ActivationGrams
-from onnxopt.budget import Dequantized, Proposal
+from onnxopt.budget import RANKING_FEEDS, Dequantized, Proposal
 from onnxopt.edit import input_slots
 from onnxopt.graph import import_graph, iter_graphs
 from onnxopt.names import fresh_name
@@ -135,8 +135,6 @@ CLIP_RATIOS = np.linspace(1.0, 0.5, 20)
 #: Exponents tried by ``awq`` (0 is round to nearest).
 AWQ_ALPHAS = np.linspace(0.0, 1.0, 11)
 RANKINGS = ("error", "measured")
-#: Budget feeds the ``measured`` ranking runs per weight.
-SENSITIVITY_FEEDS = 4
 #: More 4-bit candidates than this: the ``measured`` ranking (one evaluation each) falls back to
 #: ``error``.
 SENSITIVITY_MAX_WEIGHTS = 64
@@ -611,15 +609,15 @@ class QuantizeInt4(Pass):
 
     def _measured_harm(self, chosen: list, graph: gs.Graph, ctx: PassContext) -> list[float]:
         """Per weight of ``chosen``, how much the run's first drift criterion worsens on
-        :data:`SENSITIVITY_FEEDS` of the budget's feeds when that weight alone takes its 4-bit
-        value (the others as they are), against the graph with none taken
+        :data:`onnxopt.budget.RANKING_FEEDS` of the budget's feeds when that weight alone takes
+        its 4-bit value (the others as they are), against the graph with none taken
         (``DriftBudget.harm_alone``: one session). The budget's feeds are the validation feeds, as
         for its own ranking."""
         proposals = [_proposal(t, quantized, scale, apply=lambda: None)
                      for t, _, quantized, scale, *_ in chosen]
         for i, p in enumerate(proposals):
             p.group = str(i)  # one group per weight, whatever the readers
-        harm = ctx.budget.harm_alone(graph, ctx.template, proposals, SENSITIVITY_FEEDS)
+        harm = ctx.budget.harm_alone(graph, ctx.template, proposals, RANKING_FEEDS)
         return [harm[p.group] for p in proposals]
 
     def _gram(self, readers: list[gs.Node], stats) -> np.ndarray | None:

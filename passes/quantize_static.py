@@ -46,10 +46,10 @@ Mixed weight grids (option ``uint8_fraction`` with ``uint8_weights = false``): t
 kernels cost most of the latency the 8-bit grid buys, and the 7-bit grid costs accuracy only on
 some weights. So every MatMul weight is first rounded on both grids (GPTQ when ``rounding`` says
 so), each grid's drift is measured for each weight alone through the drift budget (the run's
-first criterion on :data:`SENSITIVITY_FEEDS` feeds, ``DriftBudget.harm_alone``: leave-one-in
-sensitivity, Dong et al. 2019, "HAWQ", section 3), and by decreasing drift saved per weight
-element (the 7-bit grid's harm minus the uint8 grid's) weights get uint8 codes while their
-elements stay within ``uint8_fraction`` of all quantized MatMul weight elements (a MatMul's
+first criterion on :data:`onnxopt.budget.RANKING_FEEDS` feeds, ``DriftBudget.harm_alone``:
+leave-one-in sensitivity, Dong et al. 2019, "HAWQ", section 3), and by decreasing drift saved
+per weight element (the 7-bit grid's harm minus the uint8 grid's) weights get uint8 codes while
+their elements stay within ``uint8_fraction`` of all quantized MatMul weight elements (a MatMul's
 multiply-adds per input row are its weight's elements). Without a drift budget every MatMul
 weight is uint8 (the accurate choice); the statistics (``uint8_weights_mixed``) list the
 weights given uint8 and each weight's measured gain. Measured on MiniLM-L6 (the int8-static
@@ -179,7 +179,7 @@ from onnxopt.analyses import TensorTypes
 from onnxopt.analyses.activations import collect
 from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTILE,
                                           tensor_range)
-from onnxopt.budget import Proposal
+from onnxopt.budget import RANKING_FEEDS, Proposal
 from onnxopt.edit import nbytes
 from onnxopt.graph import export_graph, import_graph, opset_version
 from onnxopt.errors import UsageError
@@ -196,8 +196,6 @@ MIN_ELEMENTS = 16
 REDUCED_QMAX = 63
 #: Zero point of ``uint8_weights`` (the symmetric int8 grid shifted into uint8).
 UINT8_ZERO_POINT = 128
-#: Budget feeds the measurement of ``uint8_fraction`` runs per weight and grid.
-SENSITIVITY_FEEDS = 4
 #: Largest int32 bias magnitude.
 INT32_MAX = 2**31 - 1
 #: Layout conversions onnxruntime inserts around a lone kernel (NCHWc float Conv, NHWC
@@ -709,14 +707,14 @@ class QuantizeStatic(Pass):
                        "elements_uint8": 0, "elements": total}
         if not matmuls:
             return set()
-        if ctx.budget is None or self.options.reduce_range is False:
-            why = ("none (no drift budget to measure with): every MatMul weight uint8"
-                   if ctx.budget is None else "none (reduce_range off: one 8-bit grid)")
-            self._mixed["ranking"] = why
-            chosen = {_group(s.node) for s in matmuls} if ctx.budget is None else set()
-            self._mixed["uint8"] = sorted(chosen)
-            self._mixed["elements_uint8"] = total if chosen else 0
+        if ctx.budget is None:  # nothing to measure with: the accurate grid everywhere
+            chosen = {_group(s.node) for s in matmuls}
+            self._mixed.update(ranking="none (no drift budget to measure with): every MatMul "
+                               "weight uint8", uint8=sorted(chosen), elements_uint8=total)
             return chosen
+        if not self.options.reduce_range:
+            self._mixed["ranking"] = "none (reduce_range off: one 8-bit grid)"
+            return set()
         harm = {}
         for unsigned in (False, True):  # one tensor takes one proposal per measurement
             proposals = []
@@ -728,7 +726,7 @@ class QuantizeStatic(Pass):
                                           value=dequantize(q, scale, site.axis),
                                           apply=lambda: None, group=_group(site.node)))
             harm[unsigned] = ctx.budget.harm_alone(graph, ctx.template, proposals,
-                                                   SENSITIVITY_FEEDS)
+                                                   RANKING_FEEDS)
         # what the uint8 grid saves over the 7-bit one, per weight element
         gain = {g: harm[False][g] - harm[True][g] for g in harm[False]}
         size = {_group(s.node): int(s.weight.values.size) for s in matmuls}
