@@ -394,7 +394,9 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     in ``report.rolled_back`` with the failure it caused.
 
     A lossy result (a lossy pass changed the model) that fails is decided once more by the drift
-    budget with half the allowed drift in reserve (:data:`BUDGET_RETRY_MARGIN`). When that
+    budget with half the allowed drift in reserve (:data:`BUDGET_RETRY_MARGIN`), and with the
+    mode's options for it (``onnxopt.pipeline.SECOND_DECISION``: ``int8-static`` then rounds
+    to nearest on uint8 MatMul weights, unless the user chose those options). When that
     fails too, the failure is the lossy passes' unless the lossless passes alone fail: when a
     lossless pass changed the model, one run of the pipeline without its lossy passes (no
     calibration, no budget) is validated. When it passes, the run ends there, failed: ``report.validation.reason`` names the lossy passes
@@ -549,13 +551,19 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                     and any(r.modified for r in report.passes if r.name in lossy_names)):
                 # The budget estimates (optimized session, simulated quantization); when the exact
                 # result misses, decide once more with half the allowed error in reserve.
+                # The mode's options whose effect the estimate can miss are replaced too
+                # (onnxopt.pipeline.SECOND_DECISION); the rest of the run goes on with them.
                 ctx.budget = budget.tightened(BUDGET_RETRY_MARGIN)
+                changes = pipeline.second_changes()
+                pipeline = pipeline.second_decision()
                 candidate, records = attempt(pipeline)
                 candidate_bytes = io.serialize(candidate)
                 result = check(candidate, candidate_bytes, records)
                 budget_warnings.append(
                     f"the drift budget's estimate missed ({report.validation.reason}); decided "
-                    f"again with {BUDGET_RETRY_MARGIN:.0%} of the allowed drift in reserve: "
+                    f"again with {BUDGET_RETRY_MARGIN:.0%} of the allowed drift in reserve"
+                    + (f" and the mode's second-decision options ({'; '.join(changes)})"
+                       if changes else "") + ": "
                     + ("passed" if result.passed else "still failed"))
                 # passed or not, the second decision's result: a failure names its drift
                 optimized, report.passes, report.validation = candidate, records, result

@@ -73,11 +73,12 @@ PassSpec = Union[str, Pass]
 #: int8-static 0.9944 -> 0.9972 with the full 8-bit grid as uint8 MatMul weights (exact u8u8
 #: kernels; 0.9960 with ``mse`` calibration, 0.9970 ``minmax``, 0.9972 ``percentile``), at a
 #: latency cost on CPUs without VNNI (0.83x fp32 instead of 0.72x; ``uint8_weights = false``
-#: gives the faster 7-bit int8 weights, cosine 0.9954). ``uint8_weights = false`` with
-#: ``uint8_fraction = 0.34`` and ``rounding = "gptq"`` (mixed weight grids: uint8 only for the
-#: MatMuls whose 7-bit grid costs most drift, measured) is faster at the same accuracy on
-#: MiniLM (0.9973 at 0.52-0.57x fp32 against 0.64-0.76x), not the default: PP-OCRv4 rec fails
-#: validation with GPTQ rounding, and without it MiniLM drops to 0.9966. ``quantize_static``'s
+#: gives the faster 7-bit int8 weights, cosine 0.9954). The mode's ``uint8_weights = false``
+#: with ``uint8_fraction = 0.34`` and ``rounding = "gptq"`` (mixed weight grids: uint8 only for
+#: the MatMuls whose 7-bit grid costs most drift, measured) is faster at the same accuracy on
+#: MiniLM (0.9973 at 0.52-0.57x fp32 against 0.64-0.76x with every MatMul weight uint8;
+#: without GPTQ 0.9966); a result that fails validation with them is decided again with uint8
+#: weights rounded to nearest (:data:`SECOND_DECISION`). ``quantize_static``'s
 #: ``latency_guided`` leaves float the sites onnxruntime runs faster in float, timed on the
 #: machine that quantizes; it is off here, as its choice depends on the machine's timings (two
 #: runs can write different models; ``[pipeline.options.quantize_static] latency_guided =
@@ -94,7 +95,8 @@ QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
                      "quantize_embeddings": {}, "quantize_dynamic": {"rounding": "gptq"}},
     "int8-static": {"smooth_quant": {"alpha": 0.75, "explicit_mul": True},
                     "quantize_embeddings": {},
-                    "quantize_static": {"uint8_weights": True, "calibration": "percentile"}},
+                    "quantize_static": {"uint8_weights": False, "uint8_fraction": 0.34,
+                                        "rounding": "gptq", "calibration": "percentile"}},
     # GPTQ (act-order, asymmetric blocks, clip search), 35 % of the elements in 8 bits (the
     # weights whose measured 4-bit drift per element is largest), tables of at most 4096 rows
     # (position, token type) in 8 bits (it needs calibration data; method = "mse" is the
@@ -107,6 +109,21 @@ QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
                                       "clip_search": True, "act_order": True, "ratio": 0.65,
                                       "ranking": "measured"}},
     "float16": {"convert_float16": {}},
+}
+
+#: The options a mode's passes take for the drift budget's second decision (``onnxopt.optimize``:
+#: a lossy result that fails validation is decided once more, with half the allowed drift in
+#: reserve): mode defaults whose effect the budget's estimate can miss are replaced by the
+#: choices it estimates best. Each set of options is replaced only when the user gave none of
+#: its keys. The budget simulates quantization in float (``onnxopt.budget``); onnxruntime's
+#: integer kernels round differently at ties, and in a deep CNN those single-code differences
+#: grow: PP-OCRv4 rec with mixed weight grids and GPTQ rounding validated at cosine 0.995 with
+#: graph optimizations off and failed at 0.9876 with them on (its final Softmax amplifies
+#: them), where uint8 MatMul weights rounded to nearest validate.
+SECOND_DECISION: dict[str, dict[str, list[dict[str, Any]]]] = {
+    "int8-dynamic": {"quantize_dynamic": [{"rounding": "nearest"}]},
+    "int8-static": {"quantize_static": [{"rounding": "nearest"},
+                                        {"uint8_weights": True, "uint8_fraction": None}]},
 }
 
 #: Keywords of ``build_pipeline`` / ``onnxopt.optimize`` (and the CLI's flags of the same names,
@@ -173,6 +190,9 @@ class Pipeline:
 
     passes: list[Pass] = field(default_factory=list)
     max_iterations: int = 10
+    #: passes replacing those of the same name for the drift budget's second decision
+    #: (:data:`SECOND_DECISION`)
+    second: list[Pass] = field(default_factory=list)
 
     @property
     def lossless(self) -> list[Pass]:
@@ -184,7 +204,26 @@ class Pipeline:
 
     def without(self, name: str) -> "Pipeline":
         """The same pipeline without the pass ``name`` (for rolling back)."""
-        return Pipeline([p for p in self.passes if p.name != name], self.max_iterations)
+        return Pipeline([p for p in self.passes if p.name != name], self.max_iterations,
+                        [p for p in self.second if p.name != name])
+
+    def second_decision(self) -> "Pipeline":
+        """The pipeline of the drift budget's second decision: :attr:`second` in place of the
+        passes of the same name."""
+        swap = {p.name: p for p in self.second}
+        return Pipeline([swap.get(p.name, p) for p in self.passes], self.max_iterations)
+
+    def second_changes(self) -> list[str]:
+        """``pass: option=value, ...`` for each pass :meth:`second_decision` replaces, the
+        options that differ."""
+        current = {p.name: p for p in self.passes}
+        changes = []
+        for p in self.second:
+            before = vars(current[p.name].options)
+            diff = [f"{k}={v!r}" for k, v in vars(p.options).items() if before.get(k) != v]
+            if diff:
+                changes.append(f"{p.name}: {', '.join(diff)}")
+        return changes
 
 
 def _default() -> list[str]:
@@ -243,6 +282,7 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
             if name not in sugared:
                 sugared.append(name)
     specs.extend(sugared)
+    user_given = {name: set(given) for name, given in options.items()}
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
             raise UsageError(f"unknown quantization mode '{quantize}'; known: "
@@ -300,7 +340,15 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
                              f"({' or '.join(strengths)}; {', '.join(flags)})")
     kept = [p for name, p in built.items() if name not in set(skip)]
     _check_quantizers(kept, quantize)
-    return Pipeline(kept, max_iterations)
+    second = []
+    for name, sets in SECOND_DECISION.get(quantize, {}).items():
+        if name in skip or name in configured:
+            continue  # skipped, or a configured pass object: the user's
+        replaced = {k: v for s in sets if not set(s) & user_given.get(name, set())
+                    for k, v in s.items()}
+        if replaced:
+            second.append(get_pass(name, **{**options.get(name, {}), **replaced}))
+    return Pipeline(kept, max_iterations, second)
 
 
 def _option_flag(p: Pass, option: str) -> str:

@@ -3,6 +3,7 @@ the bytes validation ran, only when it passes (or ``keep_invalid``), never over 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -173,6 +174,65 @@ def test_a_budget_estimate_that_misses_is_decided_again_with_more_in_reserve():
     stats = report.passes[-1].stats
     assert stats["accepted"] == 1 and stats["drift_budget"]["kept"] == ["A"]
     assert any("estimate missed" in w for w in report.warnings)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnderstatedOptions:
+    understate: bool = True  # False: applies what it proposes
+
+
+class _ModeUnderstated(Pass):
+    """Proposes ``A + 0.02`` and ``B + 0.001``, harmless, but applies ``B + 0.3`` unless its
+    option says otherwise: a pass of a quantization mode whose estimate misses by more than
+    any margin can make up for, and whose second-decision options mend it."""
+
+    name = "test_mode_understated"
+    description = "test only"
+    lossless = False
+    Options = _UnderstatedOptions
+
+    def run(self, graph, ctx):
+        from onnxopt.budget import Proposal
+
+        tensors = graph.tensors()
+        out = []
+        for name, shown, real in (("A", 0.02, 0.02), ("B", 0.001, 0.3)):
+            w = tensors[name]
+            real = real if self.options.understate else shown
+
+            def apply(w=w, real=real):
+                w.values = np.asarray(w.values) + np.float32(real)
+            out.append(Proposal(w, np.asarray(w.values) + np.float32(shown), apply))
+        return PassResult(False, proposals=out)
+
+
+def test_the_second_decision_takes_the_modes_second_decision_options(monkeypatch):
+    """A mode's pass whose estimate misses (B's change understated) is decided again with the
+    mode's options for the second decision: the pass then applies what it proposed, and the
+    warning names the options replaced. When the user gave that option, it stays, and the
+    second decision fails too (B + 0.3 once more)."""
+    from onnxopt import pipeline as pipeline_module
+
+    monkeypatch.setitem(REGISTRY, _ModeUnderstated.name, _ModeUnderstated)
+    monkeypatch.setitem(pipeline_module.QUANTIZE_MODES, "test-mode",
+                        {_ModeUnderstated.name: {}})
+    monkeypatch.setitem(pipeline_module.SECOND_DECISION, "test-mode",
+                        {_ModeUnderstated.name: [{"understate": False}]})
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]),
+             helper.make_node("MatMul", ["h", "B"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [4, 2])], [("y", np.float32, [4, 2])],
+                       {"A": np.eye(2, dtype=np.float32), "B": np.eye(2, dtype=np.float32)})
+    feed = {"x": np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)}
+    _, report = optimize(model, passes=[], quantize="test-mode", inputs=feed, max_drift=0.99)
+    assert report.validation.passed
+    assert any("second-decision options (test_mode_understated: understate=False)" in w
+               for w in report.warnings)
+    assert report.passes[-1].stats["accepted"] == 2
+    with pytest.raises(ValidationFailed) as failed:
+        optimize(model, passes=[], quantize="test-mode", inputs=feed, max_drift=0.99,
+                 options={_ModeUnderstated.name: {"understate": True}})
+    warnings = failed.value.report.warnings
+    assert any("estimate missed" in w and "second-decision" not in w for w in warnings)
 
 
 def test_api_warns_in_api_terms_about_synthesized_inputs(tmp_path):

@@ -198,3 +198,33 @@ def test_quantize_exclude_and_ops_reach_every_pass_of_the_mode_from_api_cli_and_
     assert "excluded by the user" in stats["refused"]
     with pytest.raises(UsageError, match="need a quantization mode"):
         optimize(model, quantize_ops=["MatMul"])
+
+
+def test_the_second_decision_replaces_only_the_mode_defaults_the_user_did_not_set():
+    """int8-static's second decision (``SECOND_DECISION``): nearest rounding and uint8 MatMul
+    weights in place of the mode's GPTQ and mixed grids; an option set the user gave any key
+    of stays the user's, and a pass given as a configured object is left alone."""
+    def second(**kwargs):
+        pipeline = build_pipeline([], quantize="int8-static", **kwargs)
+        swapped = {p.name: p for p in pipeline.second_decision().passes}
+        return pipeline, swapped["quantize_static"].options
+
+    pipeline, options = second()
+    first = {p.name: p for p in pipeline.passes}["quantize_static"].options
+    assert (first.rounding, first.uint8_weights, first.uint8_fraction) == ("gptq", False, 0.34)
+    assert (options.rounding, options.uint8_weights, options.uint8_fraction) == (
+        "nearest", True, None)
+    assert options.calibration == first.calibration == "percentile"
+    assert pipeline.second_changes() == [
+        "quantize_static: uint8_weights=True, uint8_fraction=None, rounding='nearest'"]
+    _, options = second(options={"quantize_static": {"rounding": "gptq"}})
+    assert (options.rounding, options.uint8_weights) == ("gptq", True)
+    _, options = second(options={"quantize_static": {"uint8_fraction": 0.2}})
+    assert (options.rounding, options.uint8_weights, options.uint8_fraction) == (
+        "nearest", False, 0.2)
+    pipeline, _ = second(options={"quantize_static": {"uint8_fraction": 0.2,
+                                                      "rounding": "gptq"}})
+    assert pipeline.second == [] and pipeline.second_changes() == []
+    assert build_pipeline([], quantize="int8-weight").second == []
+    # left out with the pass it replaces
+    assert build_pipeline([], quantize="int8-static").without("quantize_static").second == []

@@ -427,7 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME")
     parser.add_argument("--modes", default=",".join(ONNXOPT_MODES)
-                        + ",int8-static@0.999,int8-static-mixed",
+                        + ",int8-static@0.999,int8-static-uint8",
                         help="onnxopt modes, comma-separated, or 'none' (default: all)")
     parser.add_argument("--peers", default="all",
                         help="peer recipes, comma-separated, 'all' or 'none'; known: "

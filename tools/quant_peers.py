@@ -152,11 +152,11 @@ def fold_initializer_casts(model: onnx.ModelProto, notes: list[str]) -> onnx.Mod
 ONNXOPT_MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4-weight", "float16")
 
 
-#: ``quantize_static`` options of the ``int8-static-mixed`` recipe: the mixed weight grids
-#: (uint8 for the MatMuls whose 7-bit grid harms most, a third of the weight elements) with
-#: GPTQ rounding -- not the mode's default, since PP-OCRv4 rec with GPTQ rounding fails
-#: validation (passes/quantize_static.py, "Mixed weight grids").
-MIXED_GRIDS = {"uint8_weights": False, "uint8_fraction": 0.34, "rounding": "gptq"}
+#: ``quantize_static`` options of the ``int8-static-uint8`` recipe: every MatMul weight on the
+#: exact uint8 grid (slower u8u8 kernels) rounded to nearest -- the mode's default before mixed
+#: weight grids with GPTQ rounding, and its second decision's options (passes/quantize_static.py,
+#: "Mixed weight grids").
+UINT8_GRID = {"uint8_weights": True, "uint8_fraction": None, "rounding": "nearest"}
 
 
 def onnxopt_mode(mode: str, max_drift: float | None = None,
@@ -368,8 +368,8 @@ RECIPES = {r.name: r for r in (
       for m in ONNXOPT_MODES),
     Recipe("onnxopt:int8-static@0.999", "onnxopt `int8-static`, max drift cosine 0.999", "main",
            onnxopt_mode("int8-static", 0.999), families=("transformer",)),
-    Recipe("onnxopt:int8-static-mixed", "onnxopt `int8-static`, mixed weight grids + GPTQ",
-           "main", onnxopt_mode("int8-static", static_options=MIXED_GRIDS)),
+    Recipe("onnxopt:int8-static-uint8", "onnxopt `int8-static`, every MatMul weight uint8, "
+           "nearest rounding", "main", onnxopt_mode("int8-static", static_options=UINT8_GRID)),
     Recipe("ort:dynamic-tensor", "onnxruntime `quantize_dynamic` per-tensor", "peers",
            ort_dynamic(False)),
     Recipe("ort:dynamic-channel", "onnxruntime `quantize_dynamic` per-channel", "peers",
