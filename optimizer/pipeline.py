@@ -111,6 +111,13 @@ QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
     "float16": {"convert_float16": {}},
 }
 
+#: Options of a mode's pass that only mean something together: when the user gives any of a
+#: set, the mode's defaults for the others of that set are not applied (``uint8_weights = true``
+#: alone asks for every MatMul weight uint8, not for that beside the mode's ``uint8_fraction``,
+#: which needs ``uint8_weights = false``).
+LINKED_OPTIONS: dict[str, list[tuple[str, ...]]] = {
+    "quantize_static": [("uint8_weights", "uint8_fraction")]}
+
 #: The options a mode's passes take for the drift budget's second decision (``onnxopt.optimize``:
 #: a lossy result that fails validation is decided once more, with half the allowed drift in
 #: reserve): mode defaults whose effect the budget's estimate can miss are replaced by the
@@ -289,7 +296,9 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
                              f"{', '.join(QUANTIZE_MODES)}")
         for name, defaults in QUANTIZE_MODES[quantize].items():
             given = options.get(name, {})
-            mode_options = {**defaults, **given}
+            unlinked = {k for linked in LINKED_OPTIONS.get(name, ()) if set(linked) & set(given)
+                        for k in linked}
+            mode_options = {**{k: v for k, v in defaults.items() if k not in unlinked}, **given}
             if quantize_exclude is not None:
                 mode_options["exclude"] = list(quantize_exclude)
             if quantize_ops is not None:

@@ -228,3 +228,21 @@ def test_the_second_decision_replaces_only_the_mode_defaults_the_user_did_not_se
     assert build_pipeline([], quantize="int8-weight").second == []
     # left out with the pass it replaces
     assert build_pipeline([], quantize="int8-static").without("quantize_static").second == []
+
+
+def test_a_user_option_of_a_linked_set_drops_the_modes_defaults_for_the_rest():
+    """``uint8_weights = true`` alone with ``int8-static`` means every MatMul weight uint8 (the
+    mode's ``uint8_fraction`` needs ``uint8_weights = false`` and is not applied); ``false``
+    alone means every MatMul weight 7-bit int8."""
+    def first(given):
+        pipeline = build_pipeline([], quantize="int8-static",
+                                  options={"quantize_static": given})
+        return {p.name: p for p in pipeline.passes}["quantize_static"].options
+
+    options = first({"uint8_weights": True})
+    assert (options.uint8_weights, options.uint8_fraction, options.rounding) == (
+        True, None, "gptq")
+    options = first({"uint8_weights": False})
+    assert (options.uint8_weights, options.uint8_fraction) == (False, None)
+    options = first({"uint8_fraction": 0.5})
+    assert (options.uint8_weights, options.uint8_fraction) == (False, 0.5)
