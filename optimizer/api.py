@@ -403,7 +403,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     that changed the model and the drift of the second decision, and nothing is written
     (``keep_invalid`` writes the failing model). When it fails, the lossless culprits are
     searched as above on runs without the lossy passes, then the whole pipeline runs once more
-    without them. Why no fallback to a float model, or a rollback of lossless passes by trial:
+    without them: with the first decision's budget and options, or, when that fails, the
+    second's. Why no fallback to a float model, or a rollback of lossless passes by trial:
     the passes that keep the drift within the criteria are the budget's (per-layer float
     fallback, the mixed precision of accuracy-controlled quantization in NNCF), and it has
     already decided twice; rerunning calibration and the budget for each lossless pass costs
@@ -525,6 +526,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         return _run_pipeline(working, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)
 
     budget_warnings: list[str] = []
+    first_decision: Pipeline | None = None  # the pipeline before the budget's second decision
+    retried, second_how = -1, ""  # the second decision's warning (its index) and options
     try:
         optimized, report.passes = attempt(pipeline)
     except UnsupportedModel as err:  # valid, but not ours to rewrite: passed through
@@ -555,16 +558,18 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                 # (onnxopt.pipeline.SECOND_DECISION); the rest of the run goes on with them.
                 ctx.budget = budget.tightened(BUDGET_RETRY_MARGIN)
                 changes = pipeline.second_changes()
+                first_decision = pipeline
                 pipeline = pipeline.second_decision()
                 candidate, records = attempt(pipeline)
                 candidate_bytes = io.serialize(candidate)
                 result = check(candidate, candidate_bytes, records)
+                retried = len(budget_warnings)
+                second_how = (f"{BUDGET_RETRY_MARGIN:.0%} of the allowed drift in reserve"
+                              + (f" and the mode's second-decision options ({'; '.join(changes)})"
+                                 if changes else ""))
                 budget_warnings.append(
                     f"the drift budget's estimate missed ({report.validation.reason}); decided "
-                    f"again with {BUDGET_RETRY_MARGIN:.0%} of the allowed drift in reserve"
-                    + (f" and the mode's second-decision options ({'; '.join(changes)})"
-                       if changes else "") + ": "
-                    + ("passed" if result.passed else "still failed"))
+                    f"again with {second_how}: " + ("passed" if result.passed else "still failed"))
                 # passed or not, the second decision's result: a failure names its drift
                 optimized, report.passes, report.validation = candidate, records, result
                 serialized = candidate_bytes
@@ -632,10 +637,34 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                     report.rolled_back.extend({"pass": n, "reason": failed.reason,
                                                "first_divergence": diverged} for n in names)
                     if lossy_failure:  # the lossy passes once more, on the repaired pipeline
-                        candidate, records = attempt(functools.reduce(Pipeline.without, names,
-                                                                      pipeline))
-                        candidate_bytes = io.serialize(candidate)
-                        result = check(candidate, candidate_bytes, records)
+                        def repaired(p: Pipeline):
+                            candidate, records = attempt(functools.reduce(Pipeline.without,
+                                                                          names, p))
+                            candidate_bytes = io.serialize(candidate)
+                            return (candidate, records, candidate_bytes,
+                                    check(candidate, candidate_bytes, records))
+
+                        if first_decision is None:
+                            candidate, records, candidate_bytes, result = repaired(pipeline)
+                        else:
+                            # The failure was a lossless pass's, not (only) the budget's
+                            # estimate: the first decision (full budget, the mode's options)
+                            # on the repaired pipeline; the second once more if that fails.
+                            tightened, ctx.budget = ctx.budget, budget
+                            candidate, records, candidate_bytes, result = repaired(first_decision)
+                            how = "the full budget and the mode's options"
+                            if result.passed:
+                                pipeline = first_decision
+                            else:
+                                ctx.budget = tightened
+                                candidate, records, candidate_bytes, result = repaired(pipeline)
+                                how = f"the full budget, failed, then with {second_how}"
+                            budget_warnings[retried] = (
+                                "the result failed validation, and so did the drift budget's "
+                                "second decision; the lossless passes alone fail too "
+                                f"({failed.reason}): {', '.join(names)} rolled back, the lossy "
+                                f"passes decided again with {how}: "
+                                + ("passed" if result.passed else "failed"))
                     optimized, report.passes, report.validation = candidate, records, result
                     serialized = candidate_bytes
                 if lossy_failure and not report.validation.passed:

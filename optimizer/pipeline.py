@@ -350,9 +350,8 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     kept = [p for name, p in built.items() if name not in set(skip)]
     _check_quantizers(kept, quantize)
     second = []
+    # (a mode's pass is neither skipped nor given as a configured object: both refused above)
     for name, sets in SECOND_DECISION.get(quantize, {}).items():
-        if name in skip or name in configured:
-            continue  # skipped, or a configured pass object: the user's
         replaced = {k: v for s in sets if not set(s) & user_given.get(name, set())
                     for k, v in s.items()}
         if replaced:

@@ -179,10 +179,11 @@ def test_a_budget_estimate_that_misses_is_decided_again_with_more_in_reserve():
 @dataclasses.dataclass(frozen=True)
 class _UnderstatedOptions:
     understate: bool = True  # False: applies what it proposes
+    marker: int = 0  # reported in the statistics: which options ran
 
 
 class _ModeUnderstated(Pass):
-    """Proposes ``A + 0.02`` and ``B + 0.001``, harmless, but applies ``B + 0.3`` unless its
+    """Proposes ``A + 0.02`` and ``B + 0.001``, harmless, but applies ``B + 1.0`` unless its
     option says otherwise: a pass of a quantization mode whose estimate misses by more than
     any margin can make up for, and whose second-decision options mend it."""
 
@@ -196,21 +197,21 @@ class _ModeUnderstated(Pass):
 
         tensors = graph.tensors()
         out = []
-        for name, shown, real in (("A", 0.02, 0.02), ("B", 0.001, 0.3)):
+        for name, shown, real in (("A", 0.02, 0.02), ("B", 0.001, 1.0)):
             w = tensors[name]
             real = real if self.options.understate else shown
 
             def apply(w=w, real=real):
                 w.values = np.asarray(w.values) + np.float32(real)
             out.append(Proposal(w, np.asarray(w.values) + np.float32(shown), apply))
-        return PassResult(False, proposals=out)
+        return PassResult(False, proposals=out, stats={"marker": self.options.marker})
 
 
 def test_the_second_decision_takes_the_modes_second_decision_options(monkeypatch):
     """A mode's pass whose estimate misses (B's change understated) is decided again with the
     mode's options for the second decision: the pass then applies what it proposed, and the
     warning names the options replaced. When the user gave that option, it stays, and the
-    second decision fails too (B + 0.3 once more)."""
+    second decision fails too (B + 1.0 once more)."""
     from onnxopt import pipeline as pipeline_module
 
     monkeypatch.setitem(REGISTRY, _ModeUnderstated.name, _ModeUnderstated)
@@ -233,6 +234,58 @@ def test_the_second_decision_takes_the_modes_second_decision_options(monkeypatch
                  options={_ModeUnderstated.name: {"understate": True}})
     warnings = failed.value.report.warnings
     assert any("estimate missed" in w and "second-decision" not in w for w in warnings)
+
+
+class _NegatesC(Pass):
+    """A lossless pass with a bug: it negates the weight ``C``, after the lossy passes (so
+    that the drift budget, which compares with the original, accepts their proposals)."""
+
+    name = "test_negates_c"
+    description = "test only"
+
+    def run(self, graph, ctx):
+        c = graph.tensors()["C"]
+        if ctx.lossy_pending or getattr(c, "negated", False):
+            return PassResult(False)
+        c.values, c.negated = -np.asarray(c.values), True
+        return PassResult(True)
+
+
+@pytest.mark.parametrize("first_passes", [True, False])
+def test_a_lossless_culprit_found_after_the_second_decision_restores_the_first(
+        monkeypatch, first_passes):
+    """A lossless pass breaks the model beside a mode's lossy pass: the first and the second
+    decision fail, the lossless passes alone fail too, the culprit is rolled back -- and the
+    lossy pass then runs with its first decision (the full budget, the mode's options: marker
+    0) when that validates, else with the second (marker 1); the warning says so instead of
+    blaming the budget's estimate."""
+    from onnxopt import pipeline as pipeline_module
+
+    monkeypatch.setitem(REGISTRY, _ModeUnderstated.name, _ModeUnderstated)
+    monkeypatch.setitem(REGISTRY, _NegatesC.name, _NegatesC)
+    monkeypatch.setitem(pipeline_module.QUANTIZE_MODES, "test-mode", {
+        _ModeUnderstated.name: {"understate": not first_passes}})
+    monkeypatch.setitem(pipeline_module.SECOND_DECISION, "test-mode", {
+        _ModeUnderstated.name: [{"understate": False, "marker": 1}]})
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]),
+             helper.make_node("MatMul", ["h", "B"], ["g"]),
+             helper.make_node("MatMul", ["g", "C"], ["y"])]
+    rng = np.random.default_rng(1)
+    model = make_model(nodes, [("x", np.float32, [4, 2])], [("y", np.float32, [4, 2])],
+                       {n: (np.eye(2) + 0.3 * rng.standard_normal((2, 2))).astype(np.float32)
+                        for n in "ABC"})
+    feed = {"x": np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)}
+    _, report = optimize(model, passes=["default", _NegatesC.name], quantize="test-mode",
+                         inputs=feed, max_drift=0.99)
+    assert report.validation.passed
+    assert [r["pass"] for r in report.rolled_back] == [_NegatesC.name]
+    record = {r.name: r for r in report.passes}[_ModeUnderstated.name]
+    assert record.stats["marker"] == (0 if first_passes else 1)
+    assert record.stats["accepted"] == 2
+    warning = next(w for w in report.warnings if "rolled back" in w)
+    assert "lossless passes alone fail too" in warning and warning.endswith("passed")
+    assert ("then with 50% of the allowed drift" in warning) is not first_passes
+    assert not any("estimate missed" in w for w in report.warnings)
 
 
 def test_api_warns_in_api_terms_about_synthesized_inputs(tmp_path):

@@ -203,7 +203,7 @@ def test_quantize_exclude_and_ops_reach_every_pass_of_the_mode_from_api_cli_and_
 def test_the_second_decision_replaces_only_the_mode_defaults_the_user_did_not_set():
     """int8-static's second decision (``SECOND_DECISION``): nearest rounding and uint8 MatMul
     weights in place of the mode's GPTQ and mixed grids; an option set the user gave any key
-    of stays the user's, and a pass given as a configured object is left alone."""
+    of stays the user's."""
     def second(**kwargs):
         pipeline = build_pipeline([], quantize="int8-static", **kwargs)
         swapped = {p.name: p for p in pipeline.second_decision().passes}
