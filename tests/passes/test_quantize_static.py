@@ -419,7 +419,7 @@ def test_gptq_symmetric_beats_rounding_to_nearest_on_the_output():
     assert np.array_equal(gptq_symmetric(w, diagonal, scale, 63), q)
 
 
-@pytest.mark.parametrize("layout", ["MatMul", "Gemm transB"])
+@pytest.mark.parametrize("layout", ["MatMul", "Gemm transB", "Conv 1x1"])
 def test_gptq_rounding_lowers_the_error_of_the_fused_model(layout, tmp_path):
     """``rounding = "gptq"`` on a layer with correlated inputs: the saved model still fuses
     into onnxruntime's integer kernel and its output error against the float model, on
@@ -433,21 +433,30 @@ def test_gptq_rounding_lowers_the_error_of_the_fused_model(layout, tmp_path):
         model = _model(nodes, [_f("x", ["batch", 16, k])], [_f("y", ["batch", 16, n])],
                        {"W": w, "B": RNG.normal(size=n).astype(np.float32)})
         shape, fused_op = (4, 16, k), "MatMulIntegerToFloat"
-    else:
+    elif layout == "Gemm transB":
         nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g"], name="mm", transB=1),
                  helper.make_node("Tanh", ["g"], ["y"])]
         model = _model(nodes, [_f("x", [64, k])], [_f("y", [64, n])],
                        {"W": w.T.copy(), "B": RNG.normal(size=n).astype(np.float32)})
         shape, fused_op = (64, k), "QGemm"
+    else:  # a pointwise Conv: [n, k, 1, 1], its input's channels correlated
+        nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="mm"),
+                 helper.make_node("Tanh", ["c"], ["y"])]
+        model = _model(nodes, [_f("x", ["batch", k, 4, 4])], [_f("y", ["batch", n, 4, 4])],
+                       {"W": w.T.copy()[:, :, None, None],
+                        "B": RNG.normal(size=n).astype(np.float32)})
+        shape, fused_op = (1, 4, 4, k), "QLinearConv"
     x = _correlated_inputs(k, 48 * int(np.prod(shape[:-1])), 2).astype(np.float32)
     batches = x.reshape(48, *shape)
+    if layout == "Conv 1x1":
+        batches = np.ascontiguousarray(batches.transpose(0, 1, 4, 2, 3))  # channels second
     calibration = [{"x": b} for b in batches[:16]]
     evaluation = [{"x": b} for b in batches[16:]]
     ref = _session(model)
     errors = {}
     for rounding in ("nearest", "gptq"):
         out, stats = _quantize(model, calibration, rounding=rounding, calibration="minmax",
-                               bias_correction=False)
+                               bias_correction=False, gptq_convs=layout == "Conv 1x1")
         assert _fused_ops(out, tmp_path)[fused_op] == 1
         if rounding == "gptq":
             assert stats["rounding"] == {"method": "gptq", "gptq": 1, "nearest": {}}
@@ -459,11 +468,13 @@ def test_gptq_rounding_lowers_the_error_of_the_fused_model(layout, tmp_path):
     assert errors["gptq"] < 0.9 * errors["nearest"], errors
 
 
-def test_gptq_rounding_leaves_conv_weights_to_nearest():
+def test_gptq_rounding_leaves_convs_other_than_1x1_to_nearest():
     model = _conv_pool_matmul()
     _, stats = _quantize(model, _feeds((1, 3, 8, 8), n=4), rounding="gptq")
-    assert stats["rounding"]["nearest"].get("Conv weight", 0) >= 1
+    assert stats["rounding"]["nearest"] == {"Conv weight (gptq_convs off)": 1}
     assert stats["rounding"]["gptq"] >= 1  # the MatMul
+    _, stats = _quantize(model, _feeds((1, 3, 8, 8), n=4), rounding="gptq", gptq_convs=True)
+    assert stats["rounding"]["nearest"] == {"Conv weight (not 1x1)": 1}
 
 
 def test_rounding_options_are_checked():
