@@ -289,17 +289,19 @@ def zoo_files(name: str) -> tuple[str, str]:
     return str(onnx_file), str(npz_file)
 
 
-def with_and_without(name: str, pass_name: str, verify_each: bool = False):
+def with_and_without(name: str, pass_name: str, verify_each: bool = False,
+                     also_without: Sequence[str] = ()):
     """The default pipeline on the fetched real model ``name``, without ``pass_name`` and with
     it: ``((model, report) without, (model, report) with)``; the run with it must validate.
-    Skips as :func:`zoo_files` does."""
+    ``also_without``: passes left out of both runs. Skips as :func:`zoo_files` does."""
     import onnxopt
     from onnxopt.passes import LOSSLESS_PIPELINE
 
     onnx_file, npz_file = zoo_files(name)
+    base = [p for p in LOSSLESS_PIPELINE if p not in also_without]
     without = onnxopt.optimize(onnx_file, inputs=npz_file,
-                                 passes=[p for p in LOSSLESS_PIPELINE if p != pass_name])
-    with_pass = onnxopt.optimize(onnx_file, inputs=npz_file, passes=LOSSLESS_PIPELINE,
+                                 passes=[p for p in base if p != pass_name])
+    with_pass = onnxopt.optimize(onnx_file, inputs=npz_file, passes=base,
                                    verify_each=verify_each)
     assert with_pass[1].validation.passed, with_pass[1].validation.reason
     return without, with_pass
