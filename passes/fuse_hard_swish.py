@@ -24,8 +24,13 @@ h-swish sit between its convolutions, the elementwise ops took more time than th
 
 Float semantics: the folded constant is computed in float64 and rounded once; ``HardSwish`` and
 ``HardSigmoid`` compute ``x / 6 + 1/2`` (``alpha = float(1/6)``) where the chain computed
-``(x + 3)`` then multiplied, so results differ by float rounding only (a few units in the last
-place). For ``x = -inf`` both give NaN (``-inf * 0``), for ``+inf`` both ``+inf``.
+``(x + 3)`` then multiplied, so results differ by float rounding only: a few units in the last
+place, or, near ``x = -3`` where the result is close to 0, an absolute error of the order of the
+chain's own (2.4e-7 at ``x = -2.9999995``, the result -2.4e-7 against -1.8e-7). For ``x = -inf``
+both give NaN (``-inf * 0``), for ``+inf`` both ``+inf``. One difference is accepted, as in
+``merge_scalar_mul``: the chain's ``x * 6`` overflows for ``|x| > 5.7e37`` in float32 where the
+fused form, scaled by ``6 k < 6``, does not (``x = 1e38``: ``inf`` before, ``1e38`` after; the
+fused form is then the exact one).
 
 Conditions: float32 (onnxruntime's CPU kernels: ``HardSigmoid`` is float only, and a float16
 or double chain is left as it is); ``3``, ``0`` and ``6`` exact constants of one
@@ -152,7 +157,9 @@ class FuseHardSwish(RewritePass):
                 k64 = np.asarray(k, np.float64)
                 if not np.isfinite(k64).all() or (scale.op == "Div" and not k64.all()):
                     continue
-                folded = np.asarray(6.0 * k64 if scale.op == "Mul" else 6.0 / k64, three.dtype)
+                with np.errstate(over="ignore"):  # not finite: refused below
+                    folded = np.asarray(6.0 * k64 if scale.op == "Mul" else 6.0 / k64,
+                                        three.dtype)
                 if not np.isfinite(folded).all():
                     continue
                 match.scale, match.k, match.index = scale, folded, ki
