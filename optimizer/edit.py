@@ -34,6 +34,22 @@ def int_list(node: gs.Node, attr: str, index: int) -> list[int] | None | str:
     return "unknown" if value is None else [int(v) for v in np.ravel(value)]
 
 
+def clip_bounds(node: gs.Node) -> tuple[float | None | str, float | None | str]:
+    """A Clip's ``(min, max)``, from its attributes (opsets 6-10) or its inputs 1 and 2 (opset
+    11 on): each a float, None when not given (unbounded), or ``"unknown"`` when given by an
+    input that is not a one-element initializer."""
+    def bound(attr: str, index: int) -> float | None | str:
+        if attr in node.attrs:
+            return float(node.attrs[attr])
+        if len(node.inputs) <= index or node.inputs[index].is_empty():
+            return None
+        value = constant_value(node.inputs[index])
+        if value is None or np.asarray(value).size != 1:
+            return "unknown"
+        return float(np.asarray(value).ravel()[0])
+    return bound("min", 1), bound("max", 2)
+
+
 def numpy_dtype(tensor: gs.Tensor) -> np.dtype:
     """The numpy dtype of a tensor with a known type, also for the ONNX types onnx-graphsurgeon
     gives as the ONNX type number (bfloat16, float8: ml_dtypes' types)."""

@@ -121,17 +121,22 @@ LINKED_OPTIONS: dict[str, list[tuple[str, ...]]] = {
 #: The options a mode's passes take for the drift budget's second decision (``onnxopt.optimize``:
 #: a lossy result that fails validation is decided once more, with half the allowed drift in
 #: reserve): mode defaults whose effect the budget's estimate can miss are replaced by the
-#: choices it estimates best. Each set of options is replaced only when the user gave none of
-#: its keys. The budget simulates quantization in float (``onnxopt.budget``); onnxruntime's
+#: choices it estimates best. An option is replaced only when the user gave neither it nor an
+#: option linked to it (:data:`LINKED_OPTIONS`). The budget simulates quantization in float (``onnxopt.budget``); onnxruntime's
 #: integer kernels round differently at ties, and in a deep CNN those single-code differences
 #: grow: PP-OCRv4 rec with mixed weight grids and GPTQ rounding validated at cosine 0.995 with
 #: graph optimizations off and failed at 0.9876 with them on (its final Softmax amplifies
 #: them), where uint8 MatMul weights rounded to nearest validate.
-SECOND_DECISION: dict[str, dict[str, list[dict[str, Any]]]] = {
-    "int8-dynamic": {"quantize_dynamic": [{"rounding": "nearest"}]},
-    "int8-static": {"quantize_static": [{"rounding": "nearest"},
-                                        {"uint8_weights": True, "uint8_fraction": None}]},
+SECOND_DECISION: dict[str, dict[str, dict[str, Any]]] = {
+    "int8-dynamic": {"quantize_dynamic": {"rounding": "nearest"}},
+    "int8-static": {"quantize_static": {"rounding": "nearest", "uint8_weights": True,
+                                        "uint8_fraction": None}},
 }
+
+
+def _linked(name: str, key: str) -> set[str]:
+    """``key`` and the options of pass ``name`` linked to it (:data:`LINKED_OPTIONS`)."""
+    return next((set(s) for s in LINKED_OPTIONS.get(name, ()) if key in s), {key})
 
 #: Keywords of ``build_pipeline`` / ``onnxopt.optimize`` (and the CLI's flags of the same names,
 #: ``--prune-sparsity``...) that are sugar for one option of a pruning or clustering pass:
@@ -296,9 +301,8 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
                              f"{', '.join(QUANTIZE_MODES)}")
         for name, defaults in QUANTIZE_MODES[quantize].items():
             given = options.get(name, {})
-            unlinked = {k for linked in LINKED_OPTIONS.get(name, ()) if set(linked) & set(given)
-                        for k in linked}
-            mode_options = {**{k: v for k, v in defaults.items() if k not in unlinked}, **given}
+            mode_options = {**{k: v for k, v in defaults.items()
+                               if not _linked(name, k) & set(given)}, **given}
             if quantize_exclude is not None:
                 mode_options["exclude"] = list(quantize_exclude)
             if quantize_ops is not None:
@@ -351,9 +355,9 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
     _check_quantizers(kept, quantize)
     second = []
     # (a mode's pass is neither skipped nor given as a configured object: both refused above)
-    for name, sets in SECOND_DECISION.get(quantize, {}).items():
-        replaced = {k: v for s in sets if not set(s) & user_given.get(name, set())
-                    for k, v in s.items()}
+    for name, fallback in SECOND_DECISION.get(quantize, {}).items():
+        replaced = {k: v for k, v in fallback.items()
+                    if not _linked(name, k) & user_given.get(name, set())}
         if replaced:
             second.append(get_pass(name, **{**options.get(name, {}), **replaced}))
     return Pipeline(kept, max_iterations, second)

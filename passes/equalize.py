@@ -47,6 +47,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import UseDef
+from onnxopt.edit import clip_bounds
 from onnxopt.names import fresh_name
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.passes._quant import spread
@@ -107,12 +108,7 @@ def _homogeneous(node: gs.Node) -> str | None:
         slope = _constant(node.inputs[1])
         return None if slope is not None else "PRelu slope not constant"
     if node.op == "Clip":
-        low = node.attrs.get("min") if "min" in node.attrs else (
-            _constant(node.inputs[1]) if len(node.inputs) > 1 and not node.inputs[1].is_empty()
-            else None)
-        high = node.attrs.get("max") if "max" in node.attrs else (
-            node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None)
-        if low is not None and float(np.asarray(low)) == 0.0 and high is None:
+        if clip_bounds(node) == (0.0, None):
             return None
         return "Clip with a bound other than min 0 (e.g. ReLU6) is not homogeneous"
     return f"{node.op} is not homogeneous"

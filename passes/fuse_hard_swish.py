@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.edit import constant_value
+from onnxopt.edit import clip_bounds, constant_value
 from onnxopt.graph import iter_graphs
 from onnxopt.pass_manager import PassContext, register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, producer_in_scope, refuse
@@ -82,10 +82,6 @@ def _one(t: gs.Tensor, overridable: frozenset[str]) -> np.ndarray | None:
     return None if value is None or np.asarray(value).size != 1 else np.asarray(value)
 
 
-def _alone(t: gs.Tensor, reader: gs.Node, scope: Scope) -> bool:
-    """Whether ``t`` is read by ``reader`` only and is not a graph output."""
-    return (all(r is reader for r in t.outputs) and not scope.is_output(t)
-            and not any(t is o for g in iter_graphs(scope.root) for o in g.outputs))
 
 
 @register
@@ -99,6 +95,13 @@ class FuseHardSwish(RewritePass):
 
     def start(self, graph: gs.Graph, ctx: PassContext) -> None:
         self._overridable = frozenset(t.name for g in iter_graphs(graph) for t in g.inputs)
+        # the outputs of every graph (a subgraph may output an outer tensor); this pass
+        # changes none
+        self._outputs = {id(t) for g in iter_graphs(graph) for t in g.outputs}
+
+    def _alone(self, t: gs.Tensor, reader: gs.Node) -> bool:
+        """Whether ``t`` is read by ``reader`` only and is no graph's output."""
+        return all(r is reader for r in t.outputs) and id(t) not in self._outputs
 
     def match(self, node: gs.Node, scope: Scope) -> _Match | Refusal | None:
         if len(node.inputs) != 2:
@@ -126,8 +129,7 @@ class FuseHardSwish(RewritePass):
         three = _one(c3, self._overridable)
         if three is None or float(three.ravel()[0]) != 3.0:
             return None
-        bounds = self._bounds(clip)
-        if bounds != (0.0, 6.0):
+        if clip_bounds(clip) != (0.0, 6.0):
             return None
         if three.dtype != np.float32:
             return refuse("dtype is not float (onnxruntime's kernels)")
@@ -137,12 +139,12 @@ class FuseHardSwish(RewritePass):
                 return refuse("the constant 3 may broadcast the shape of x")
         if any(scope.usedef.owner(n) is not scope.graph for n in (add, clip)):
             return refuse("x + 3 or its Clip in an enclosing graph")
-        if not (_alone(add.outputs[0], clip, scope) and _alone(clip.outputs[0], node, scope)):
+        if not (self._alone(add.outputs[0], clip) and self._alone(clip.outputs[0], node)):
             return refuse("x + 3 or its Clip has other readers or is a graph output")
         match = _Match(x, add, clip, three.dtype)
         product = node.outputs[0]
         readers = list(product.outputs)
-        if len(readers) == 1 and _alone(product, readers[0], scope) and readers[0].op in (
+        if len(readers) == 1 and self._alone(product, readers[0]) and readers[0].op in (
                 "Mul", "Div") and len(readers[0].inputs) == 2 \
                 and any(readers[0] is n for n in scope.graph.nodes):
             scale = readers[0]
@@ -167,18 +169,6 @@ class FuseHardSwish(RewritePass):
         if scope.opset < HARD_SWISH_OPSET:
             return refuse("no scale to fold the 6 into below opset 14 (no node saved)")
         return match
-
-    @staticmethod
-    def _bounds(clip: gs.Node) -> tuple[float, float] | None:
-        """Clip's ``(min, max)`` when both are given as exact constants, else None."""
-        if "min" in clip.attrs or "max" in clip.attrs:  # opset 6-10
-            return (float(clip.attrs.get("min", -np.inf)), float(clip.attrs.get("max", np.inf)))
-        if len(clip.inputs) != 3:
-            return None
-        values = [constant_value(t) if t.name else None for t in clip.inputs[1:]]
-        if any(v is None or np.asarray(v).size != 1 for v in values):
-            return None
-        return float(np.asarray(values[0]).ravel()[0]), float(np.asarray(values[1]).ravel()[0])
 
     def rewrite(self, node: gs.Node, match: _Match, scope: Scope) -> str:
         x = match.x

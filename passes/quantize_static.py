@@ -233,9 +233,9 @@ QUANTIZED_OUTPUT = frozenset({"Conv", "Gemm"})
 SCALE_PRESERVING = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
                               "Identity", "MaxPool", "Relu", "Clip", "Concat"})
 _ACTIVATION_TYPES = {"uint8": np.uint8, "int8": np.int8}
-#: The quantized ops whose weights GPTQ rounds (a Conv only with ``gptq_convs`` and when
-#: pointwise: :func:`_pointwise`).
-GPTQ_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+#: The quantized ops whose weights GPTQ rounds (and a pointwise Conv's with ``gptq_convs``:
+#: :func:`_pointwise`).
+GPTQ_OPS = frozenset({"MatMul", "Gemm"})
 
 
 def _pointwise(node: gs.Node, w: gs.Constant) -> bool:
@@ -604,7 +604,6 @@ class QuantizeStatic(Pass):
         o, node, w = self.options, site.node, site.weight
         s_x, z_x = self._params(site.x.name, dtype)
         unsigned, qmax = self._grid(node)
-        q, scale = quantize_symmetric(w.values, site.axis, qmax)
         bias_q = None
         out_axis = output_channel_axis(node, 1, len(w.shape))
         channels = w.shape[out_axis]
@@ -613,17 +612,13 @@ class QuantizeStatic(Pass):
         group = _group(node)
         mean = self._input_mean(site, stats[site.x.name]) if o.bias_correction else None
         extra = []
+        needed = None
         if site.bias is not None:
             b = np.asarray(site.bias.values, np.float64)
             # overflow guard: |b| / (s_x s_w) must fit in int32 (module docstring)
             needed = ((np.abs(b) if site.axis is not None else np.abs(b).max())
                       / (float(s_x) * INT32_MAX)).astype(np.float32)
-            if np.any(needed > scale):
-                self._raised += int(np.sum(needed > scale))
-                scale = np.asarray(np.maximum(scale, needed * np.float32(1.0 + 1e-6)), np.float32)
-                q = np.clip(np.rint(w.values / broadcastable(scale, w.values.ndim, site.axis)),
-                            -qmax, qmax).astype(np.int8)
-        q = self._rounded(site, stats, q, scale, qmax)
+        q, scale = self._codes(site, stats, qmax, needed)
         if site.bias is not None:
             if mean is not None:
                 b = b - self._shift(node, dequantize(q, scale, site.axis) - w.values, mean)
@@ -694,6 +689,20 @@ class QuantizeStatic(Pass):
             proposals.append(self._activation(graph, y, params, None, chain, group))
         return proposals
 
+    def _codes(self, site: _Site, stats, qmax: int, needed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes, scale)`` of ``site``'s weight on the symmetric grid ``[-qmax, qmax]``,
+        rounded as ``rounding`` says; ``needed``: the smallest scale per channel the int32 bias
+        allows (the overflow guard raises the scale to it, counted in ``bias_scale_raised``)."""
+        w = site.weight.values
+        q, scale = quantize_symmetric(w, site.axis, qmax)
+        if needed is not None and np.any(needed > scale):
+            self._raised += int(np.sum(needed > scale))
+            scale = np.asarray(np.maximum(scale, needed * np.float32(1.0 + 1e-6)), np.float32)
+            q = np.clip(np.rint(w / broadcastable(scale, w.ndim, site.axis)),
+                        -qmax, qmax).astype(np.int8)
+        return self._rounded(site, stats, q, scale, qmax), scale
+
     def _rounded(self, site: _Site, stats, q: np.ndarray, scale: np.ndarray,
                  qmax: int) -> np.ndarray:
         """The weight codes of ``site`` on the grid ``scale`` (int8, the weight's layout):
@@ -760,9 +769,7 @@ class QuantizeStatic(Pass):
         for unsigned in (False, True):  # one tensor takes one proposal per measurement
             proposals = []
             for site in matmuls:
-                _, qmax = self._grid(site.node, unsigned)
-                q, scale = quantize_symmetric(site.weight.values, site.axis, qmax)
-                q = self._rounded(site, stats, q, scale, qmax)
+                q, scale = self._codes(site, stats, self._grid(site.node, unsigned)[1])
                 proposals.append(Proposal(tensor=site.weight,
                                           value=dequantize(q, scale, site.axis),
                                           apply=lambda: None, group=_group(site.node)))

@@ -146,13 +146,15 @@ class _Understated(Pass):
     name = "test_understated"
     description = "test only"
     lossless = False
+    #: (weight, added in the proposal, added when applied)
+    changes = (("A", 0.14, 0.22), ("B", 0.04, 0.04))
 
     def run(self, graph, ctx):
         from onnxopt.budget import Proposal
 
         tensors = graph.tensors()
         out = []
-        for name, shown, real in (("A", 0.14, 0.22), ("B", 0.04, 0.04)):
+        for name, shown, real in self.changes:
             w = tensors[name]
 
             def apply(w=w, real=real):
@@ -182,29 +184,23 @@ class _UnderstatedOptions:
     marker: int = 0  # reported in the statistics: which options ran
 
 
-class _ModeUnderstated(Pass):
+class _ModeUnderstated(_Understated):
     """Proposes ``A + 0.02`` and ``B + 0.001``, harmless, but applies ``B + 1.0`` unless its
     option says otherwise: a pass of a quantization mode whose estimate misses by more than
     any margin can make up for, and whose second-decision options mend it."""
 
     name = "test_mode_understated"
-    description = "test only"
-    lossless = False
     Options = _UnderstatedOptions
 
+    @property
+    def changes(self):
+        return tuple((name, shown, real if self.options.understate else shown)
+                     for name, shown, real in (("A", 0.02, 0.02), ("B", 0.001, 1.0)))
+
     def run(self, graph, ctx):
-        from onnxopt.budget import Proposal
-
-        tensors = graph.tensors()
-        out = []
-        for name, shown, real in (("A", 0.02, 0.02), ("B", 0.001, 1.0)):
-            w = tensors[name]
-            real = real if self.options.understate else shown
-
-            def apply(w=w, real=real):
-                w.values = np.asarray(w.values) + np.float32(real)
-            out.append(Proposal(w, np.asarray(w.values) + np.float32(shown), apply))
-        return PassResult(False, proposals=out, stats={"marker": self.options.marker})
+        result = super().run(graph, ctx)
+        result.stats["marker"] = self.options.marker
+        return result
 
 
 def test_the_second_decision_takes_the_modes_second_decision_options(monkeypatch):
@@ -218,7 +214,7 @@ def test_the_second_decision_takes_the_modes_second_decision_options(monkeypatch
     monkeypatch.setitem(pipeline_module.QUANTIZE_MODES, "test-mode",
                         {_ModeUnderstated.name: {}})
     monkeypatch.setitem(pipeline_module.SECOND_DECISION, "test-mode",
-                        {_ModeUnderstated.name: [{"understate": False}]})
+                        {_ModeUnderstated.name: {"understate": False}})
     nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]),
              helper.make_node("MatMul", ["h", "B"], ["y"])]
     model = make_model(nodes, [("x", np.float32, [4, 2])], [("y", np.float32, [4, 2])],
@@ -266,7 +262,7 @@ def test_a_lossless_culprit_found_after_the_second_decision_restores_the_first(
     monkeypatch.setitem(pipeline_module.QUANTIZE_MODES, "test-mode", {
         _ModeUnderstated.name: {"understate": not first_passes}})
     monkeypatch.setitem(pipeline_module.SECOND_DECISION, "test-mode", {
-        _ModeUnderstated.name: [{"understate": False, "marker": 1}]})
+        _ModeUnderstated.name: {"understate": False, "marker": 1}})
     nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]),
              helper.make_node("MatMul", ["h", "B"], ["g"]),
              helper.make_node("MatMul", ["g", "C"], ["y"])]
