@@ -290,15 +290,17 @@ def zoo_files(name: str) -> tuple[str, str]:
 
 
 def with_and_without(name: str, pass_name: str, verify_each: bool = False,
-                     also_without: Sequence[str] = ()):
+                     also_without: Sequence[str] = (), pipeline: Sequence[str] | None = None):
     """The default pipeline on the fetched real model ``name``, without ``pass_name`` and with
     it: ``((model, report) without, (model, report) with)``; the run with it must validate.
-    ``also_without``: passes left out of both runs. Skips as :func:`zoo_files` does."""
+    ``also_without``: passes left out of both runs; ``pipeline``: these passes instead of the
+    default pipeline. Skips as :func:`zoo_files` does."""
     import onnxopt
     from onnxopt.passes import LOSSLESS_PIPELINE
 
     onnx_file, npz_file = zoo_files(name)
-    base = [p for p in LOSSLESS_PIPELINE if p not in also_without]
+    base = [p for p in (LOSSLESS_PIPELINE if pipeline is None else pipeline)
+            if p not in also_without]
     without = onnxopt.optimize(onnx_file, inputs=npz_file,
                                  passes=[p for p in base if p != pass_name])
     with_pass = onnxopt.optimize(onnx_file, inputs=npz_file, passes=base,
