@@ -69,7 +69,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import external, progress
+from onnxopt import external, io, progress
 from onnxopt.graph import export_graph, graph_protos
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, kept_positions, parse_criteria)
@@ -184,7 +184,11 @@ class Decision:
     groups, most harmful first; ``target``, ``score_all`` and ``score_final`` map each criterion's
     metric name to its target and to its worst value with every group applied and with the
     accepted ones; ``sensitivity`` maps each kept group to every criterion's value if it were
-    applied with the accepted ones (why it stays out).
+    applied with the accepted ones (why it stays out). ``kernel_kept`` are the kept groups the
+    check on the real model added (see :meth:`DriftBudget.decide`'s ``trial``), most harmful
+    first, and ``score_kernels`` each criterion's worst value on that model with the accepted
+    groups (None: not checked, or every group left float), ``kernel_checks`` the number of real
+    models that check scored.
     """
 
     accepted: list[Proposal]
@@ -195,11 +199,16 @@ class Decision:
     evaluations: int
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     kept_groups: list[str] = field(default_factory=list)
+    kernel_kept: list[str] = field(default_factory=list)
+    score_kernels: dict[str, float] | None = None
+    kernel_checks: int = 0
 
     def report(self, source: str | None = None) -> dict:
         """The JSON-serializable record, for the proposals of ``source`` (None: all):
         ``target``, ``<metric>_all`` and ``<metric>_final`` per criterion, ``evaluations``,
-        ``kept`` (the groups left out) and ``sensitivity`` (``{group: {metric: value}}``)."""
+        ``kept`` (the groups left out), ``sensitivity`` (``{group: {metric: value}}``) and, when
+        the decision was checked on the real model, ``<metric>_kernels``, ``kernel_kept`` (the
+        groups of ``kept`` that check left out) and ``kernel_checks``."""
         mine = {p.key for p in self.kept if source is None or p.source == source}
         kept = [g for g in self.kept_groups if g in mine]
         record = {"target": dict(self.target), "evaluations": self.evaluations}
@@ -208,6 +217,11 @@ class Decision:
             record[f"{name}_final"] = self.score_final[name]
         record["kept"] = kept
         record["sensitivity"] = {g: self.sensitivity[g] for g in kept if g in self.sensitivity}
+        if self.kernel_checks:
+            for name in self.target:
+                record[f"{name}_kernels"] = (self.score_kernels or {}).get(name)
+            record["kernel_kept"] = [g for g in self.kernel_kept if g in mine]
+            record["kernel_checks"] = self.kernel_checks
         return record
 
 
@@ -331,7 +345,6 @@ class DriftBudget:
         fed = _dequantized_inputs(model, forms)
         session = make_session(model, "model with lossy proposals", optimized=True)
         inputs = [i.name for i in session.get_inputs()]
-        references = self.references()
         count = 0
 
         def score(applied: set[str], feeds: int | None = None) -> dict[str, float]:
@@ -350,20 +363,54 @@ class DriftBudget:
                                for name, a in zip(names, arrays)})
             values.update({n: p.array() for n, p in extra.items()})
             values.update({gate: np.array(key in applied) for key, gate in gates.items()})
-            tallies: dict[tuple[str, int], Tally] = {}
-            for feed, ref in zip(self.feeds[:feeds], references[:feeds]):
-                run = {**feed, **values}
-                out = session.run(None, {n: run[n] for n in inputs})
-                for i, (r, c) in enumerate(zip(ref, out)):
-                    r, c = kept_positions(r, c, feed.get(self.mask))
-                    for crit in self.criteria:
-                        tally = tallies.setdefault((crit.name, i), Tally(crit.metric))
-                        tally.add(crit.metric.score(r, c), r, c)
-                if not self.within(self._worst(tallies), pooled=False):
-                    break  # a worst-feed criterion already fails: the other feeds cannot help
-            return self._worst(tallies)
+            return self._measure(lambda feed: session.run(
+                None, {n: values[n] if n in values else feed[n] for n in inputs}), feeds)
 
         return score, chosen, groups, lambda: count
+
+    def _measure(self, run: Callable[[dict], list], feeds: int | None = None
+                 ) -> dict[str, float]:
+        """Each criterion's worst value over the outputs ``run(feed)`` computes on the first
+        ``feeds`` feeds (None: all), against the original's; stops at the first feed on which
+        a worst-feed criterion fails (the other feeds cannot help)."""
+        tallies: dict[tuple[str, int], Tally] = {}
+        for feed, ref in zip(self.feeds[:feeds], self.references()[:feeds]):
+            for i, (r, c) in enumerate(zip(ref, run(feed))):
+                r, c = kept_positions(r, c, feed.get(self.mask))
+                for crit in self.criteria:
+                    tally = tallies.setdefault((crit.name, i), Tally(crit.metric))
+                    tally.add(crit.metric.score(r, c), r, c)
+            if not self.within(self._worst(tallies), pooled=False):
+                break
+        return self._worst(tallies)
+
+    def score_model(self, model: onnx.ModelProto) -> dict[str, float]:
+        """Each criterion's worst value over outputs and feeds of ``model`` as onnxruntime
+        runs it, with its graph optimizations off and on -- per criterion the worse of the two
+        sessions, as validation (``onnxopt.validate.compare_models``) judges a lossy result.
+        With them on, QuantizeLinear/DequantizeLinear pairs around a node become onnxruntime's
+        integer kernel (QLinearConv, QLinearMatMul, ...), which rounds where a float
+        simulation does not (exact int32 accumulation, one requantization): see
+        :meth:`decide`'s ``trial``.
+
+        Raises:
+            InputError: onnxruntime cannot load or run ``model``.
+        """
+        from onnxopt.validate import make_session
+
+        data = io.serialize(model)  # None over the protobuf limit: make_session spills it
+        worst: dict[str, float] | None = None
+        for optimized in (False, True):
+            session = make_session(data if data is not None else model,
+                                   "model with the accepted proposals", optimized=optimized)
+            inputs = [i.name for i in session.get_inputs()]
+            measured = self._measure(
+                lambda feed: session.run(None, {n: feed[n] for n in inputs}))
+            worst = measured if worst is None else {
+                c.name: c.metric.worst(worst[c.name], measured[c.name]) for c in self.criteria}
+            if not self.within(worst):
+                break
+        return worst
 
     def evaluate(self, graph: gs.Graph, template: onnx.ModelProto,
                  proposals: list[Proposal]) -> tuple[dict[str, float], bool]:
@@ -397,7 +444,8 @@ class DriftBudget:
 
     def decide(self, graph: gs.Graph, template: onnx.ModelProto,
                proposals: list[Proposal], fallback: list[Proposal] = (),
-               apply: bool = True) -> Decision:
+               apply: bool = True,
+               trial: Callable[[list[Proposal]], onnx.ModelProto] | None = None) -> Decision:
         """Choose the groups of proposals to accept (see the module docstring) and apply their
         proposals, in the order given. The graph is otherwise left as it was.
 
@@ -410,6 +458,19 @@ class DriftBudget:
                 tensors is replaced; the caller offers only groups that replace whole fallback
                 groups). Fallback proposals are applied too.
             apply: False leaves the graph alone (the caller applies ``accepted``).
+            trial: ``trial(accepted) -> model``: the model with ``accepted`` applied for real
+                (the graph left as it was; the pass manager's ``onnxopt.graph.edits_undone``).
+                When given and a simulated proposal is accepted, the decision is checked on
+                that model as validation will run it (:meth:`score_model`: onnxruntime's
+                integer kernels, which the float simulation only approximates -- slanet_en's
+                decoder loop turns a few requantization ties into different steps: cosine
+                0.9999 simulated, 0.9487 with the kernels). When it fails, the accepted groups
+                are ranked by what leaving each float gains (simulated, as in
+                :func:`ranked_kept`) and the shortest prefix of the ranking that, left float,
+                brings the real model within budget is found by bisection, then made 1-minimal
+                by putting each group back when the real model still holds (``log2 |A| + |K|``
+                real models for ``A`` accepted groups and ``K`` found, each scored in two
+                sessions); those groups are kept too (``Decision.kernel_kept``).
 
         Raises:
             InputError: onnxruntime cannot run the model on the feeds.
@@ -419,10 +480,9 @@ class DriftBudget:
         kept: list[str] = []
         sensitivity: dict[str, dict[str, float]] = {}
         score_final = score_all
+        first = self.criteria[0]
+        sign = 1.0 if first.metric.higher_is_better else -1.0
         if not self.within(score_all):
-            first = self.criteria[0]
-            sign = 1.0 if first.metric.higher_is_better else -1.0
-
             def without(leave_out: set[str]) -> tuple[bool, dict[str, float]]:
                 measured = score(set(groups) - leave_out)
                 return self.within(measured), measured
@@ -438,14 +498,63 @@ class DriftBudget:
             # most harmful first (nothing is measured when even leaving all float fails)
             kept.sort(key=lambda g: sign * sensitivity.get(g, {}).get(first.name, 0.0))
             score_final = score(set(groups) - set(kept))
-        accepted = [p for p in chosen if p.key not in kept]
-        replaced = {p.name for p in accepted}
-        dropped = {p.key for p in fallback if p.name in replaced}
-        accepted = [p for p in fallback if p.key not in dropped] + accepted
+
+        def accepted_with(left_float: set[str]) -> list[Proposal]:
+            mine = [p for p in chosen if p.key not in left_float]
+            replaced = {p.name for p in mine}
+            dropped = {p.key for p in fallback if p.name in replaced}
+            return [p for p in fallback if p.key not in dropped] + mine
+
+        kernel_kept: list[str] = []
+        score_kernels, checks = None, 0
+        if trial is not None and any(p.simulate is not None and p.key not in kept
+                                     for p in chosen):
+            checks = 1
+            score_kernels = self.score_model(trial(accepted_with(set(kept))))
+            if not self.within(score_kernels):
+                applied = [g for g in groups if g not in kept]
+                gains = {g: sign * score(set(applied) - {g}, RANKING_FEEDS)[first.name]
+                         for g in applied}
+                ranking = sorted(applied, key=lambda g: -gains[g])
+                measured: dict[int, dict[str, float]] = {}
+
+                def real(left_float: list[str]) -> dict[str, float]:
+                    nonlocal checks
+                    checks += 1
+                    progress.report(f"drift budget: check {checks} of the real model "
+                                    f"({len(left_float)} more groups float)")
+                    return self.score_model(trial(accepted_with(set(kept) | set(left_float))))
+
+                def holds(prefix: int) -> bool:
+                    if prefix not in measured:
+                        measured[prefix] = real(ranking[:prefix])
+                    return self.within(measured[prefix])
+
+                # leaving every accepted group float is the model before the decision: it
+                # holds (not measured); bisect for the shortest prefix that does
+                low, high = 1, len(ranking)
+                while low < high:
+                    mid = (low + high) // 2
+                    if holds(mid):
+                        high = mid
+                    else:
+                        low = mid + 1
+                # then 1-minimal, as ranked_kept: put each back, least gain first, when the
+                # real model still holds
+                kernel_kept, score_kernels = ranking[:high], measured.get(high)
+                for g in reversed(ranking[:high]):
+                    trial_kept = [k for k in kernel_kept if k != g]
+                    measured_back = real(trial_kept)
+                    if self.within(measured_back):
+                        kernel_kept, score_kernels = trial_kept, measured_back
+                kept = kept + kernel_kept
+                score_final = score(set(groups) - set(kept))
+        accepted = accepted_with(set(kept))
         for p in accepted if apply else ():
             p.apply()
         return Decision(accepted, [p for p in chosen if p.key in kept], dict(self.targets),
-                        score_all, score_final, evaluations(), sensitivity, kept)
+                        score_all, score_final, evaluations(), sensitivity, kept,
+                        kernel_kept, score_kernels, checks)
 
 
 #: The value fed to an evaluation model's input that the run does not read (the branch of

@@ -13,9 +13,11 @@ Also here: walking a graph with all its subgraphs, and the statistics the report
 from __future__ import annotations
 
 import collections
+import contextlib
+import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -385,3 +387,62 @@ def _itemsize(data_type: int) -> int:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
     except (KeyError, TypeError):
         return 1
+
+
+def _state(obj: object) -> dict[str, tuple[object, object]]:
+    """``obj``'s attributes, each with a copy of its contents when it is a container (so that
+    an edit made in place can be undone in place)."""
+    return {k: (v, copy.copy(v) if isinstance(v, (list, dict, set)) else v)
+            for k, v in vars(obj).items()}
+
+
+def _restore(obj: object, cls: type, saved: dict[str, tuple[object, object]]) -> None:
+    """Put back what :func:`_state` saved, into the same container objects (closures and other
+    objects that hold one see the restored contents). Lists are restored with raw list
+    operations: gs's synchronized lists would otherwise edit the linked tensors and nodes."""
+    if obj.__class__ is not cls:
+        obj.__class__ = cls  # gs's Tensor.to_variable / to_constant change the class in place
+    current = vars(obj)
+    for k in [k for k in current if k not in saved]:
+        del current[k]
+    for k, (value, contents) in saved.items():
+        if value is not contents:
+            if isinstance(value, list):
+                list.clear(value)
+                list.extend(value, contents)
+            else:
+                value.clear()
+                value.update(contents)
+        current[k] = value
+
+
+@contextlib.contextmanager
+def edits_undone(graph: gs.Graph, owners: Iterable[object] = ()) -> Iterator[gs.Graph]:
+    """Undo, on leaving the block, every edit made inside it to ``graph``: its nodes, inputs and
+    outputs, every subgraph, node (attributes, links) and tensor (values, dtype, shape, links,
+    class) that existed on entering, the name authority (``onnxopt.names``: a name handed out
+    inside is handed out again after), and the attributes of ``owners`` (the passes whose
+    ``Proposal.apply`` functions keep state). Nodes and tensors created inside are dropped.
+
+    The drift budget applies a set of proposals for real, exports the model and measures it,
+    then comes back here (:meth:`onnxopt.budget.DriftBudget.decide`, ``trial``). Values are not
+    copied: an edit must replace an array, never write into one (no pass does).
+    """
+    from onnxopt.names import _ATTR as names_attr
+
+    saved: list[tuple[object, type, dict]] = []
+    for g in iter_graphs(graph):
+        saved.append((g, g.__class__, _state(g)))
+        authority = vars(g).get(names_attr)
+        if authority is not None:
+            saved.append((authority, authority.__class__, _state(authority)))
+        for node in g.nodes:
+            saved.append((node, node.__class__, _state(node)))
+        for t in g.tensors().values():
+            saved.append((t, t.__class__, _state(t)))
+    saved.extend((o, o.__class__, _state(o)) for o in owners)
+    try:
+        yield graph
+    finally:
+        for obj, cls, state in saved:
+            _restore(obj, cls, state)

@@ -28,7 +28,7 @@ from onnxopt import external, progress
 from onnxopt.analyses import AnalysisManager
 from onnxopt.budget import DriftBudget, Proposal, accept_all, lossy_warnings
 from onnxopt.errors import PassError, UsageError
-from onnxopt.graph import export_graph, graph_protos, opset_version
+from onnxopt.graph import edits_undone, export_graph, graph_protos, opset_version
 from onnxopt.strength import search_strength
 from onnxopt.ops import QUANTIZED_OPS
 
@@ -445,7 +445,13 @@ class PassManager:
         proposals = [proposal for _, result in runs for proposal in result.proposals]
         decision = None
         if proposals and ctx.budget is not None:
-            decision = ctx.budget.decide(graph, ctx.template, proposals)
+            def trial(accepted: list[Proposal]) -> onnx.ModelProto:
+                with edits_undone(graph, [p for p, _ in runs]):
+                    for a in accepted:
+                        a.apply()
+                    return export_graph(graph, ctx.template)
+
+            decision = ctx.budget.decide(graph, ctx.template, proposals, trial=trial)
             accepted = decision.accepted
         else:
             accepted = accept_all(proposals)

@@ -398,3 +398,78 @@ def test_a_drift_mask_leaves_padding_positions_out_of_the_budget():
     assert masked.tightened(0.5).mask == "attention_mask"
     scores, within = DriftBudget(model, [feed], 0.99).evaluate(graph, model, flipped)
     assert not within and scores["cosine"] < -0.99
+
+
+class _KernelMismatch(Pass):
+    """Proposes two groups: ``sim`` simulates a harmless float16 round trip of ``h`` but applies
+    a negation of it (like an integer kernel that rounds where the simulation does not, only
+    much worse), and ``w1`` a tiny change of W1, applied as proposed. ``applied`` counts the
+    apply calls (the pass's own state, which a trial must leave as it was)."""
+
+    name = "test_kernel_mismatch"
+    description = "test only"
+    lossless = False
+
+    def run(self, graph, ctx):
+        import onnx_graphsurgeon as gs
+
+        from onnxopt.names import fresh_name
+
+        self.applied = 0
+        h = _tensor(graph, "h")
+        proposal = _simulated(graph, "h", "round", group="sim")
+
+        def apply_negation():
+            self.applied += 1
+            out = gs.Variable(fresh_name(graph, "h_negated"), np.float32, h.shape)
+            graph.nodes.append(gs.Node("Neg", inputs=[h], outputs=[out]))
+            for reader in [n for n in h.outputs if n.op == "MatMul"]:
+                reader.inputs[0] = out
+
+        proposal.apply = apply_negation
+        w = _weights(graph)
+        tiny = Proposal(w["W1"], W1 * 1.001, lambda: setattr(w["W1"], "values", W1 * 1.001),
+                        group="w1")
+        return PassResult(False, proposals=[tiny, proposal])
+
+
+def test_a_decision_the_real_model_breaks_keeps_the_groups_it_needs_float():
+    """The simulation accepts both groups; the real model (the pass manager's trial: applied,
+    exported, scored with onnxruntime's optimizations off and on, undone) fails, so the
+    budget finds the group the real model needs float -- ``sim`` only -- and applies the
+    other; every trial left the graph and the pass's state as they were."""
+    model = _model()
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=_feeds(model),
+                      budget=DriftBudget(model, _feeds(model), 0.99))
+    mismatch = _KernelMismatch()
+    (record,) = PassManager([], [mismatch]).run(graph, ctx)[:1]
+    budget = record.stats["drift_budget"]
+    assert budget["cosine_all"] > 0.999  # the simulation sees no harm
+    assert budget["kept"] == ["sim"] and budget["kernel_kept"] == ["sim"]
+    assert budget["cosine_kernels"] > 0.999
+    assert mismatch.applied == 0  # the trials' applications were undone with the pass's state
+    assert not [n for n in graph.nodes if n.op == "Neg"]
+    np.testing.assert_array_equal(_weights(graph)["W1"].values, W1 * 1.001)
+
+
+def test_a_decision_the_real_model_confirms_is_applied_as_decided():
+    """The same groups with an honest simulated proposal: one check of the real model, and
+    the result is the one the simulation chose."""
+
+    class Honest(_KernelMismatch):
+        name = "test_honest"
+
+        def run(self, graph, ctx):
+            result = super().run(graph, ctx)
+            result.proposals[1].apply = lambda: None  # the round trip's real effect: none
+            return result
+
+    model = _model()
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=_feeds(model),
+                      budget=DriftBudget(model, _feeds(model), 0.99))
+    (record,) = PassManager([], [Honest()]).run(graph, ctx)[:1]
+    budget = record.stats["drift_budget"]
+    assert budget["kept"] == [] and budget["kernel_kept"] == []
+    assert budget["cosine_kernels"] > 0.999

@@ -266,3 +266,51 @@ def test_value_info_naming_a_graph_output_does_not_replace_its_type():
     for out in (round_trip(model), run_passes(model, LOSSLESS_PIPELINE)[0]):
         onnx.checker.check_model(out, full_check=True)
         assert out.graph.output[0] == model.graph.output[0]
+
+
+def test_edits_undone_restores_graph_subgraphs_names_and_owner_state():
+    """Everything a pass's ``apply`` may do inside the block -- new nodes in the main graph and
+    in a branch, a node's inputs and attributes, a Constant's values, a Constant turned into a
+    Variable, a rename, names handed out, its own counters -- is undone on leaving it: the
+    export is byte-identical and the next fresh name is the one handed out inside."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.graph import edits_undone
+    from onnxopt.names import fresh_name
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    model = _if_model([helper.make_node("Add", ["x", "W"], ["t_out"])],
+                      [helper.make_node("Relu", ["x"], ["e_out"])], inits={"W": w},
+                      extra_nodes=[helper.make_node("LeakyRelu", ["x"], ["lx"], alpha=0.1)])
+    graph = import_graph(model)
+    before = export_graph(graph, model).SerializeToString()
+    branch = graph.nodes[-1].attrs["then_branch"]
+
+    class Owner:
+        def __init__(self):
+            self.count, self.seen, self.by_name = 0, [], {}
+
+    owner = Owner()
+    seen = owner.seen
+    with edits_undone(graph, [owner]):
+        name = fresh_name(graph, "added")
+        weight, x = branch.tensors()["W"], graph.tensors()["x"]
+        weight.values = -weight.values
+        out = gs.Variable(name, np.float32, [2, 3])
+        graph.nodes.append(gs.Node("Neg", inputs=[x], outputs=[out]))
+        graph.outputs.append(out)
+        branch.nodes[0].inputs[0] = out
+        leaky = next(n for n in graph.nodes if n.op == "LeakyRelu")
+        leaky.attrs["alpha"] = 0.5
+        leaky.outputs[0].name = "renamed"
+        assert export_graph(graph, model).SerializeToString() != before
+        weight.to_variable(np.float32, [2, 3])
+        owner.count += 1
+        seen.append(out)
+        owner.by_name[name] = out
+        owner.extra = True
+    assert export_graph(graph, model).SerializeToString() == before
+    assert isinstance(branch.tensors()["W"], gs.Constant)
+    assert (owner.count, owner.seen, owner.by_name) == (0, [], {}) and owner.seen is seen
+    assert not hasattr(owner, "extra")
+    assert fresh_name(graph, "added") == name
