@@ -12,14 +12,13 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-#: The default, lossless pipeline, repeated to a fixed point. ``fuse_hard_swish`` is lossless
-#: too but not in it: with it, slanet_en's ``int8-static`` result failed validation (module
-#: docstring of ``onnxopt.passes.fuse_hard_swish``); ``passes=["default", "fuse_hard_swish"]``.
+#: The default, lossless pipeline, repeated to a fixed point.
 LOSSLESS_PIPELINE = [
     "fold_constants", "inline_if", "if_rank_condition", "fold_not_into_if", "fuse_if",
     "sink_into_if", "remove_identity", "remove_noop", "fold_zero", "elide_shape_casts",
     "sink_transpose", "merge_transpose", "reshape_from_shape",
-    "merge_reshape", "merge_concat", "merge_slice", "merge_scalar_mul", "fuse_space_to_depth",
+    "merge_reshape", "merge_concat", "merge_slice", "merge_scalar_mul", "fuse_hard_swish",
+    "fuse_space_to_depth",
     "fuse_pad", "fuse_conv_affine", "fuse_conv_input_scale", "fuse_conv_bn",
     "elide_zero_rnn_inputs",
     "fuse_matmul_add", "fuse_shape_gather", "cse", "dedup_initializers", "eliminate_dead",

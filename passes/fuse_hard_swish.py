@@ -17,7 +17,7 @@ cannot override) reading ``m = x * Clip(x + 3, 0, 6)`` alone, ``t`` becomes ``Mu
 of exactly 1 is left to ``remove_noop``. Without such a scale, opset 14 on, ``m`` becomes
 ``Mul(HardSwish(x), 6)``; below, the rewrite would not save a node and is refused.
 
-What it saves (measured on onnxruntime 1.32 CPU, with the pass in the default pipeline): four elementwise passes over the activation
+What it saves (measured on onnxruntime 1.32 CPU): four elementwise passes over the activation
 (Add, Clip, Mul, scale) become two (HardSwish, scale) or three; on PP-OCRv4 rec, whose 28
 h-swish sit between its convolutions, the elementwise ops took more time than the convolutions
 (Add 4.6 ms, Mul 4.9 ms, Clip 2.8 ms, Div 2.3 ms against 8.2 ms of Conv per run).
@@ -41,12 +41,11 @@ covers (a ``[1, 1]`` constant on a vector would broadcast the shape); Clip's bou
 product when a scale is folded; the chain and the scale in one graph. Every graph and
 subgraph is handled.
 
-Not in the default pipeline (``passes=["default", "fuse_hard_swish"]``, ``--passes
-default,fuse_hard_swish``): lossless on every fetched model, but with it slanet_en's
-``int8-static`` result failed validation (cosine 0.9487 in onnxruntime's default session
-against 0.9999 with its optimizations off, 2026-12-07): the changed graph put the drift
-budget's choice on the far side of the gap between its float simulation and onnxruntime's
-integer kernels (``onnxopt.passes.quantize_static``, "GPTQ rounding").
+In the default pipeline since the drift budget checks its decision on the real model
+(``onnxopt.budget.DriftBudget.decide``, ``trial``): before that check, slanet_en's
+``int8-static`` result with this pass failed validation (cosine 0.9487 in onnxruntime's default
+session against 0.9999 with its optimizations off) -- the changed graph put the budget's choice on
+the far side of the gap between its float simulation and onnxruntime's integer kernels.
 
 Statistics: ``rewritten``, ``by_kind`` (``HardSwish``, ``HardSwish (scale folded)``,
 ``HardSigmoid (scale folded)``), ``refused`` per reason.
