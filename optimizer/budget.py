@@ -43,8 +43,14 @@ accuracy control, onnxruntime.quantization's ``nodes_to_exclude``), chosen here 
 cost ``|G| + log2 |G| + |K| + 2`` model runs per feed by ranking, about ``2 |K| log2 |G| + |K|``
 by delta debugging, when ``K`` is not empty; one when it is
 (a run stops at the first feed on which a worst-feed criterion fails). The evaluation session
-runs with onnxruntime's graph optimizations on (the budget estimates; validation, with them
-off, decides).
+runs with onnxruntime's graph optimizations on, but its gates keep QuantizeLinear and
+DequantizeLinear apart from the nodes they surround, so no integer kernel is fused: a simulated
+proposal is measured in float. Hence step
+
+4. when a simulated proposal is accepted and the caller gives a ``trial`` (the pass manager
+   does), the accepted set is applied for real, exported and scored as validation scores it
+   (:meth:`DriftBudget.score_model`: optimizations off and on, the worse), then undone; when that
+   fails, more groups stay float, found on real models (:meth:`DriftBudget.decide`).
 
 Evaluating a mix needs no new session per mix. Weight proposals: the proposed initializers
 become graph inputs of one session, fed original or proposed values. A quantized weight that
@@ -544,6 +550,8 @@ class DriftBudget:
                 kernel_kept, score_kernels = ranking[:high], measured.get(high)
                 for g in reversed(ranking[:high]):
                     trial_kept = [k for k in kernel_kept if k != g]
+                    if not trial_kept:
+                        continue  # the first check's model: it failed
                     measured_back = real(trial_kept)
                     if self.within(measured_back):
                         kernel_kept, score_kernels = trial_kept, measured_back
