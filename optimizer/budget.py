@@ -57,8 +57,8 @@ become graph inputs of one session, fed original or proposed values. A quantized
 gives its :class:`Dequantized` form is fed as its codes instead (one byte per element, not
 four): ``If(gate)`` computes it by DequantizeLinear, or passes the original through, so an
 evaluation of a large model never holds a float copy of every accepted weight (the 1 B decoder:
-1 GiB of codes, not 4 GiB of floats). Simulated proposals: for
-each, ``simulate`` appends its nodes to the live graph, a ``Where(gate, simulated, x)`` picks the
+1 GiB of codes, not 4 GiB of floats). Simulated proposals: for each, ``simulate`` appends its
+nodes to the live graph, a ``Where(gate, simulated, x)`` (an ``If`` below opset 9) picks the
 simulated or the float value by a boolean scalar graph input per group, and ``readers`` read the
 ``Where``; the model is exported, and every edit is undone (nodes, graph inputs, consumer lists,
 the name authority), so the graph is exactly as before.
@@ -76,7 +76,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import external, io, progress
-from onnxopt.graph import export_graph, graph_protos
+from onnxopt.errors import InputError
+from onnxopt.graph import export_graph, graph_protos, opset_version
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, kept_positions, parse_criteria)
 from onnxopt.names import NameAuthority, fresh_name
@@ -193,8 +194,8 @@ class Decision:
     applied with the accepted ones (why it stays out). ``kernel_kept`` are the kept groups the
     check on the real model added (see :meth:`DriftBudget.decide`'s ``trial``), most harmful
     first, and ``score_kernels`` each criterion's worst value on that model with the accepted
-    groups (None: not checked, or every group left float), ``kernel_checks`` the number of real
-    models that check scored.
+    groups (None: not checked), ``kernel_checks`` the number of real models that check scored,
+    ``kernel_error`` the first reason onnxruntime could not load or run one (scored as failing).
     """
 
     accepted: list[Proposal]
@@ -208,6 +209,7 @@ class Decision:
     kernel_kept: list[str] = field(default_factory=list)
     score_kernels: dict[str, float] | None = None
     kernel_checks: int = 0
+    kernel_error: str | None = None
 
     def report(self, source: str | None = None) -> dict:
         """The JSON-serializable record, for the proposals of ``source`` (None: all):
@@ -228,6 +230,8 @@ class Decision:
                 record[f"{name}_kernels"] = (self.score_kernels or {}).get(name)
             record["kernel_kept"] = [g for g in self.kernel_kept if g in mine]
             record["kernel_checks"] = self.kernel_checks
+            if self.kernel_error:
+                record["kernel_error"] = self.kernel_error
         return record
 
 
@@ -341,6 +345,9 @@ class DriftBudget:
         for g in graph_protos(model.graph):
             moved = [init for init in g.initializer
                      if init.name in originals or init.name in extra]
+            names = {init.name for init in moved}
+            for listed in [i for i in model.graph.input if i.name in names]:
+                model.graph.input.remove(listed)  # IR < 4 lists initializers as inputs too
             for init in moved:
                 g.initializer.remove(init)
                 if init.name in forms and init.data_type == onnx.TensorProto.FLOAT:
@@ -402,16 +409,15 @@ class DriftBudget:
         Raises:
             InputError: onnxruntime cannot load or run ``model``.
         """
-        from onnxopt.validate import make_session
+        from onnxopt.validate import make_session, run_model
 
+        what = "model with the accepted proposals"
         data = io.serialize(model)  # None over the protobuf limit: make_session spills it
         worst: dict[str, float] | None = None
         for optimized in (False, True):
-            session = make_session(data if data is not None else model,
-                                   "model with the accepted proposals", optimized=optimized)
-            inputs = [i.name for i in session.get_inputs()]
-            measured = self._measure(
-                lambda feed: session.run(None, {n: feed[n] for n in inputs}))
+            session = make_session(data if data is not None else model, what,
+                                   optimized=optimized)
+            measured = self._measure(lambda feed: run_model(session, feed, what))
             worst = measured if worst is None else {
                 c.name: c.metric.worst(worst[c.name], measured[c.name]) for c in self.criteria}
             if not self.within(worst):
@@ -472,11 +478,12 @@ class DriftBudget:
                 decoder loop turns a few requantization ties into different steps: cosine
                 0.9999 simulated, 0.9487 with the kernels). When it fails, the accepted groups
                 are ranked by what leaving each float gains (simulated, as in
-                :func:`ranked_kept`) and the shortest prefix of the ranking that, left float,
+                :func:`ranked_kept`), the shortest prefix of the ranking that, left float,
                 brings the real model within budget is found by bisection, then made 1-minimal
-                by putting each group back when the real model still holds (``log2 |A| + |K|``
-                real models for ``A`` accepted groups and ``K`` found, each scored in two
-                sessions); those groups are kept too (``Decision.kernel_kept``).
+                by delta debugging on real models (:func:`minimal_kept`; about ``log2 |A| +
+                2 |K| log2 |P|`` real models for ``A`` accepted groups, a prefix ``P`` and ``K``
+                found, each scored in two sessions; a model onnxruntime cannot load or run
+                fails the check); those groups are kept too (``Decision.kernel_kept``).
 
         Raises:
             InputError: onnxruntime cannot run the model on the feeds.
@@ -512,49 +519,48 @@ class DriftBudget:
             return [p for p in fallback if p.key not in dropped] + mine
 
         kernel_kept: list[str] = []
-        score_kernels, checks = None, 0
+        score_kernels = None
+        measured: dict[frozenset, dict[str, float]] = {}
+        errors: list[str] = []
+
+        def real(left_float) -> dict[str, float]:
+            """The real model's scores with ``left_float`` float too (each set scored once; a
+            model onnxruntime cannot load or run scores the criteria's failure values)."""
+            key = frozenset(left_float)
+            if key not in measured:
+                progress.report(f"drift budget: check {len(measured) + 1} of the real model "
+                                f"({len(key)} more groups float)")
+                try:
+                    measured[key] = self.score_model(trial(accepted_with(set(kept) | key)))
+                except InputError as err:
+                    errors.append(str(err))
+                    measured[key] = {c.name: c.metric.failure for c in self.criteria}
+            return measured[key]
+
         if trial is not None and any(p.simulate is not None and p.key not in kept
                                      for p in chosen):
-            checks = 1
-            score_kernels = self.score_model(trial(accepted_with(set(kept))))
+            score_kernels = real(())
             if not self.within(score_kernels):
                 applied = [g for g in groups if g not in kept]
                 gains = {g: sign * score(set(applied) - {g}, RANKING_FEEDS)[first.name]
                          for g in applied}
                 ranking = sorted(applied, key=lambda g: -gains[g])
-                measured: dict[int, dict[str, float]] = {}
-
-                def real(left_float: list[str]) -> dict[str, float]:
-                    nonlocal checks
-                    checks += 1
-                    progress.report(f"drift budget: check {checks} of the real model "
-                                    f"({len(left_float)} more groups float)")
-                    return self.score_model(trial(accepted_with(set(kept) | set(left_float))))
-
-                def holds(prefix: int) -> bool:
-                    if prefix not in measured:
-                        measured[prefix] = real(ranking[:prefix])
-                    return self.within(measured[prefix])
-
-                # leaving every accepted group float is the model before the decision: it
-                # holds (not measured); bisect for the shortest prefix that does
+                # bisect for the shortest prefix of the ranking that, left float, holds
                 low, high = 1, len(ranking)
                 while low < high:
                     mid = (low + high) // 2
-                    if holds(mid):
+                    if self.within(real(ranking[:mid])):
                         high = mid
                     else:
                         low = mid + 1
-                # then 1-minimal, as ranked_kept: put each back, least gain first, when the
-                # real model still holds
-                kernel_kept, score_kernels = ranking[:high], measured.get(high)
-                for g in reversed(ranking[:high]):
-                    trial_kept = [k for k in kernel_kept if k != g]
-                    if not trial_kept:
-                        continue  # the first check's model: it failed
-                    measured_back = real(trial_kept)
-                    if self.within(measured_back):
-                        kernel_kept, score_kernels = trial_kept, measured_back
+                kernel_kept = ranking[:high]
+                if self.within(real(kernel_kept)):
+                    # then 1-minimal on real models, by delta debugging: a group that breaks
+                    # only with the kernels gains nothing simulated and ranks last, so the
+                    # prefix can be long where few of it are needed
+                    kernel_kept = minimal_kept(kernel_kept,
+                                               lambda keep: self.within(real(keep)))
+                score_kernels = real(kernel_kept)
                 kept = kept + kernel_kept
                 score_final = score(set(groups) - set(kept))
         accepted = accepted_with(set(kept))
@@ -562,7 +568,7 @@ class DriftBudget:
             p.apply()
         return Decision(accepted, [p for p in chosen if p.key in kept], dict(self.targets),
                         score_all, score_final, evaluations(), sensitivity, kept,
-                        kernel_kept, score_kernels, checks)
+                        kernel_kept, score_kernels, len(measured), errors[0] if errors else None)
 
 
 #: The value fed to an evaluation model's input that the run does not read (the branch of
@@ -622,6 +628,29 @@ def _dequantized_inputs(model: onnx.ModelProto, forms: dict[str, Dequantized]
     return fed
 
 
+#: First opset of Where; below, the gate picks by ``If``.
+_WHERE_OPSET = 9
+
+
+def _pick(graph: gs.Graph, gate: gs.Variable, simulated: gs.Tensor, x: gs.Tensor,
+          picked: gs.Variable) -> gs.Node:
+    """The node writing ``picked``: ``simulated`` where the boolean scalar ``gate`` is true,
+    else ``x`` -- ``Where`` (opset 9 on), or ``If`` whose branches pass the outer values through
+    (every opset)."""
+    if opset_version(graph) >= _WHERE_OPSET:
+        return gs.Node("Where", fresh_name(graph, "budget_where"),
+                       inputs=[gate, simulated, x], outputs=[picked])
+    branches = {}
+    for key, source in (("then_branch", simulated), ("else_branch", x)):
+        out = gs.Variable(fresh_name(graph, f"{picked.name}_{key}"), picked.dtype, picked.shape)
+        branches[key] = gs.Graph(nodes=[gs.Node("Identity", fresh_name(graph, "budget_pass"),
+                                                inputs=[source], outputs=[out])],
+                                 outputs=[out], name=fresh_name(graph, key),
+                                 opset=graph.opset)
+    return gs.Node("If", fresh_name(graph, "budget_if"), attrs=branches, inputs=[gate],
+                   outputs=[picked])
+
+
 def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: list[Proposal]
                       ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """``graph`` exported with every simulated proposal gated (see the module docstring), and
@@ -665,8 +694,7 @@ def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: lis
             simulated_x = p.simulate(scope, x)
             picked = gs.Variable(fresh_name(graph, f"{x.name}_budget"), dtype=x.dtype,
                                  shape=x.shape)
-            scope.nodes.append(gs.Node("Where", fresh_name(graph, "budget_where"),
-                                       inputs=[gate, simulated_x, x], outputs=[picked]))
+            scope.nodes.append(_pick(graph, gate, simulated_x, x, picked))
             for node, index in readers:
                 rerouted.append((node, index, node.inputs[index]))
                 node.inputs[index] = picked

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import copy
 import logging
+import types
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -416,13 +417,43 @@ def _restore(obj: object, cls: type, saved: dict[str, tuple[object, object]]) ->
         current[k] = value
 
 
+#: How deep :func:`edits_undone` follows an owner's attributes into the plain objects they hold
+#: (an owner's dict of plans, each plan's tensors).
+_OWNER_DEPTH = 2
+
+
+def _held(value: object, found: dict[int, object], depth: int, seen: set[int]) -> None:
+    """Add to ``found`` the graph objects (nodes, tensors) and, ``depth`` levels deep, the plain
+    objects that ``value`` holds, through lists, tuples, sets and dicts."""
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _held(item, found, depth, seen)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _held(key, found, depth, seen)
+            _held(item, found, depth, seen)
+    elif isinstance(value, (gs.Tensor, gs.Node)):
+        found.setdefault(id(value), value)
+    elif (depth > 0 and hasattr(value, "__dict__") and not callable(value)
+          and not isinstance(value, (gs.Graph, np.ndarray, types.ModuleType))):
+        found.setdefault(id(value), value)
+        for item in vars(value).values():
+            _held(item, found, depth - 1, seen)
+
+
 @contextlib.contextmanager
 def edits_undone(graph: gs.Graph, owners: Iterable[object] = ()) -> Iterator[gs.Graph]:
     """Undo, on leaving the block, every edit made inside it to ``graph``: its nodes, inputs and
     outputs, every subgraph, node (attributes, links) and tensor (values, dtype, shape, links,
     class) that existed on entering, the name authority (``onnxopt.names``: a name handed out
     inside is handed out again after), and the attributes of ``owners`` (the passes whose
-    ``Proposal.apply`` functions keep state). Nodes and tensors created inside are dropped.
+    ``Proposal.apply`` functions keep state) with the nodes, tensors and plain objects they hold
+    (:data:`_OWNER_DEPTH` levels deep: a pass's plans, a tensor it made before the block and
+    links inside it). Nodes and tensors created inside are dropped, and unlinked from any
+    tensor that outlives the block.
 
     The drift budget applies a set of proposals for real, exports the model and measures it,
     then comes back here (:meth:`onnxopt.budget.DriftBudget.decide`, ``trial``). Values are not
@@ -430,19 +461,36 @@ def edits_undone(graph: gs.Graph, owners: Iterable[object] = ()) -> Iterator[gs.
     """
     from onnxopt.names import _ATTR as names_attr
 
-    saved: list[tuple[object, type, dict]] = []
+    found: dict[int, object] = {}
     for g in iter_graphs(graph):
-        saved.append((g, g.__class__, _state(g)))
+        found[id(g)] = g
         authority = vars(g).get(names_attr)
         if authority is not None:
-            saved.append((authority, authority.__class__, _state(authority)))
+            found[id(authority)] = authority
         for node in g.nodes:
-            saved.append((node, node.__class__, _state(node)))
+            found[id(node)] = node
         for t in g.tensors().values():
-            saved.append((t, t.__class__, _state(t)))
-    saved.extend((o, o.__class__, _state(o)) for o in owners)
+            found[id(t)] = t
+    seen: set[int] = set()
+    for owner in owners:
+        found[id(owner)] = owner
+        for value in vars(owner).values():
+            _held(value, found, _OWNER_DEPTH, seen)
+    saved = [(obj, obj.__class__, _state(obj)) for obj in found.values()]
     try:
         yield graph
     finally:
+        # a node made inside may be linked to a tensor nobody listed (made before the block,
+        # held by a closure only): unlink it there, by identity
+        for g in iter_graphs(graph):
+            for node in g.nodes:
+                if id(node) in found:
+                    continue
+                for t in node.inputs:
+                    if id(t) not in found:
+                        list.__init__(t.outputs, [n for n in t.outputs if n is not node])
+                for t in node.outputs:
+                    if id(t) not in found:
+                        list.__init__(t.inputs, [n for n in t.inputs if n is not node])
         for obj, cls, state in saved:
             _restore(obj, cls, state)

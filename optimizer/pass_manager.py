@@ -193,6 +193,12 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
 
+    def finish(self, graph: gs.Graph) -> None:
+        """Complete a lossy pass's rewrite once the budget's accepted proposals are applied (a
+        pass whose proposals leave work that depends on which were accepted: float16's Cast
+        merging). Called before :meth:`summarize`, and by the drift budget's check of the real
+        model after applying the set it checks, so that the model checked is the one written."""
+
     def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict[str, Any]:
         """A lossy pass's statistics once the budget has decided (``accepted`` were applied)."""
         return {**result.stats, "proposed": len(result.proposals), "accepted": len(accepted)}
@@ -449,12 +455,16 @@ class PassManager:
                 with edits_undone(graph, [p for p, _ in runs]):
                     for a in accepted:
                         a.apply()
+                    for p, _ in runs:
+                        p.finish(graph)
                     return export_graph(graph, ctx.template)
 
             decision = ctx.budget.decide(graph, ctx.template, proposals, trial=trial)
             accepted = decision.accepted
         else:
             accepted = accept_all(proposals)
+        for p, _ in runs:
+            p.finish(graph)
         out = {}
         for p, result in runs:
             mine = [a for a in accepted if a.source == p.name]

@@ -429,8 +429,10 @@ class ConvertFloat16(Pass):
         return twin is not None and (isinstance(twin, gs.Constant) or not twin.inputs
                                      or id(twin.inputs[0]) in self._converted)
 
-    def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
+    def finish(self, graph: gs.Graph) -> None:
         self._finish()
+
+    def summarize(self, result: PassResult, accepted: list[Proposal]) -> dict:
         converted = list(self._converted.values()) + self._sinks_done
         refused = collections.Counter(result.stats.get("refused", {}))
         sinks = {id(n) for n in self._sinks}

@@ -473,3 +473,80 @@ def test_a_decision_the_real_model_confirms_is_applied_as_decided():
     budget = record.stats["drift_budget"]
     assert budget["kept"] == [] and budget["kernel_kept"] == []
     assert budget["cosine_kernels"] > 0.999
+
+
+class _Unrunnable(_KernelMismatch):
+    """Applies ``sim`` as a node onnxruntime has no kernel for: the check's model cannot load."""
+
+    name = "test_unrunnable"
+
+    def run(self, graph, ctx):
+        import onnx_graphsurgeon as gs
+
+        result = super().run(graph, ctx)
+        h = _tensor(graph, "h")
+
+        def apply_unknown():
+            out = gs.Variable("h_unknown", np.float32, h.shape)
+            graph.nodes.append(gs.Node("NoSuchOp", domain="test.unknown", inputs=[h],
+                                       outputs=[out]))
+            for reader in [n for n in h.outputs if n.op == "MatMul"]:
+                reader.inputs[0] = out
+
+        result.proposals[1].apply = apply_unknown
+        return result
+
+
+def test_a_check_model_onnxruntime_cannot_run_fails_the_check_instead_of_the_run():
+    model = _model()
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=_feeds(model),
+                      budget=DriftBudget(model, _feeds(model), 0.99))
+    (record,) = PassManager([], [_Unrunnable()]).run(graph, ctx)[:1]
+    budget = record.stats["drift_budget"]
+    assert budget["kernel_kept"] == ["sim"] and "onnxruntime cannot load" in budget["kernel_error"]
+    assert not [n for n in graph.nodes if n.op == "NoSuchOp"]
+
+
+class _Finishing(_KernelMismatch):
+    """``sim`` applies nothing itself but leaves work for :meth:`finish`, which negates ``h``
+    when ``sim`` was applied (like float16's Cast merging, done once the accepted set is
+    known): the check must score the finished model."""
+
+    name = "test_finishing"
+
+    def run(self, graph, ctx):
+        result = super().run(graph, ctx)
+        self.pending = False
+        result.proposals[1].apply = lambda: setattr(self, "pending", True)
+        self._negate = _KernelMismatch.run.__get__(self)(graph, ctx).proposals[1].apply
+        return result
+
+    def finish(self, graph):
+        if self.pending:
+            self._negate()
+
+
+def test_the_check_scores_the_model_as_the_pass_finishes_it():
+    model = _model()
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=_feeds(model),
+                      budget=DriftBudget(model, _feeds(model), 0.99))
+    finishing = _Finishing()
+    (record,) = PassManager([], [finishing]).run(graph, ctx)[:1]
+    assert record.stats["drift_budget"]["kernel_kept"] == ["sim"]
+    assert finishing.pending is False and not [n for n in graph.nodes if n.op == "Neg"]
+
+
+def test_simulated_proposals_below_opset_9_are_gated_without_where():
+    """Where exists from opset 9: an opset-8 model's simulated activation is picked by If."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [16, 8])], [("y", np.float32, [16, 4])],
+                       {"W1": W1, "W2": W2}, opset=8)
+    graph = import_graph(model)
+    applied = []
+    decision = DriftBudget(model, _feeds(model), 0.99).decide(
+        graph, model, [_simulated(graph, "h", "negate", applied=applied),
+                       _simulated(graph, "h", "round", group="ok", applied=applied)])
+    assert decision.kept_groups == ["h"] and applied == ["h"]

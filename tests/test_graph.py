@@ -314,3 +314,40 @@ def test_edits_undone_restores_graph_subgraphs_names_and_owner_state():
     assert (owner.count, owner.seen, owner.by_name) == (0, [], {}) and owner.seen is seen
     assert not hasattr(owner, "extra")
     assert fresh_name(graph, "added") == name
+
+
+def test_edits_undone_restores_what_owners_hold_beyond_the_graph():
+    """A pass may make a tensor before the block (a scaled bias in its plan, or one only a
+    closure holds) and link it inside: after the block neither keeps a link to the node made
+    inside, and the plan's own attributes are back."""
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.graph import edits_undone
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", np.float32, [2, 3])],
+                       [("y", np.float32, [2, 3])])
+    graph = import_graph(model)
+    before = export_graph(graph, model).SerializeToString()
+
+    class Plan:
+        def __init__(self):
+            self.bias, self.stored = gs.Constant("bias", np.ones((2, 3), np.float32)), 0
+
+    class Owner:
+        def __init__(self):
+            self.plans = {"relu": Plan()}
+
+    owner = Owner()
+    plan = owner.plans["relu"]
+    hidden = gs.Constant("hidden", np.ones((2, 3), np.float32))  # held by no owner
+    with edits_undone(graph, [owner]):
+        y = graph.outputs[0]
+        out = gs.Variable("sum", np.float32, [2, 3])
+        graph.nodes.append(gs.Node("Add", inputs=[y, plan.bias], outputs=[out]))
+        graph.nodes.append(gs.Node("Mul", inputs=[out, hidden],
+                                   outputs=[gs.Variable("z", np.float32, [2, 3])]))
+        plan.stored = 24
+        plan.bias.name = "renamed"
+    assert export_graph(graph, model).SerializeToString() == before
+    assert (list(plan.bias.outputs), plan.stored, plan.bias.name) == ([], 0, "bias")
+    assert list(hidden.outputs) == []
