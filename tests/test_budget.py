@@ -105,6 +105,17 @@ def test_metrics_are_pluggable_and_unknown_ones_refused():
         get_metric("l2")
 
 
+def _run_pass(lossy_pass):
+    """The pass manager's record of ``lossy_pass`` run alone on :func:`_model` with a budget
+    of cosine 0.99, and the graph it left."""
+    model = _model()
+    graph = import_graph(model)
+    ctx = PassContext(template=model, feeds=_feeds(model),
+                      budget=DriftBudget(model, _feeds(model), 0.99))
+    (record,) = PassManager([], [lossy_pass]).run(graph, ctx)[:1]
+    return record, graph
+
+
 class _Negate(Pass):
     """Proposes the negation of W2 and a tiny change of W1."""
 
@@ -119,11 +130,7 @@ class _Negate(Pass):
 
 
 def test_the_pass_manager_hands_proposals_to_the_budget_and_reports_its_decision():
-    model = _model()
-    graph = import_graph(model)
-    ctx = PassContext(template=model, feeds=_feeds(model),
-                      budget=DriftBudget(model, _feeds(model), 0.99))
-    (record,) = PassManager([], [_Negate()]).run(graph, ctx)[:1]
+    record, graph = _run_pass(_Negate())
     assert record.modified
     assert record.stats["proposed"] == 2 and record.stats["accepted"] == 1
     assert record.stats["drift_budget"]["kept"] == ["W2"]
@@ -438,12 +445,8 @@ def test_a_decision_the_real_model_breaks_keeps_the_groups_it_needs_float():
     exported, scored with onnxruntime's optimizations off and on, undone) fails, so the
     budget finds the group the real model needs float -- ``sim`` only -- and applies the
     other; every trial left the graph and the pass's state as they were."""
-    model = _model()
-    graph = import_graph(model)
-    ctx = PassContext(template=model, feeds=_feeds(model),
-                      budget=DriftBudget(model, _feeds(model), 0.99))
     mismatch = _KernelMismatch()
-    (record,) = PassManager([], [mismatch]).run(graph, ctx)[:1]
+    record, graph = _run_pass(mismatch)
     budget = record.stats["drift_budget"]
     assert budget["cosine_all"] > 0.999  # the simulation sees no harm
     assert budget["kept"] == ["sim"] and budget["kernel_kept"] == ["sim"]
@@ -465,11 +468,7 @@ def test_a_decision_the_real_model_confirms_is_applied_as_decided():
             result.proposals[1].apply = lambda: None  # the round trip's real effect: none
             return result
 
-    model = _model()
-    graph = import_graph(model)
-    ctx = PassContext(template=model, feeds=_feeds(model),
-                      budget=DriftBudget(model, _feeds(model), 0.99))
-    (record,) = PassManager([], [Honest()]).run(graph, ctx)[:1]
+    record, graph = _run_pass(Honest())
     budget = record.stats["drift_budget"]
     assert budget["kept"] == [] and budget["kernel_kept"] == []
     assert budget["cosine_kernels"] > 0.999
@@ -498,11 +497,7 @@ class _Unrunnable(_KernelMismatch):
 
 
 def test_a_check_model_onnxruntime_cannot_run_fails_the_check_instead_of_the_run():
-    model = _model()
-    graph = import_graph(model)
-    ctx = PassContext(template=model, feeds=_feeds(model),
-                      budget=DriftBudget(model, _feeds(model), 0.99))
-    (record,) = PassManager([], [_Unrunnable()]).run(graph, ctx)[:1]
+    record, graph = _run_pass(_Unrunnable())
     budget = record.stats["drift_budget"]
     assert budget["kernel_kept"] == ["sim"] and "onnxruntime cannot load" in budget["kernel_error"]
     assert not [n for n in graph.nodes if n.op == "NoSuchOp"]
@@ -528,12 +523,8 @@ class _Finishing(_KernelMismatch):
 
 
 def test_the_check_scores_the_model_as_the_pass_finishes_it():
-    model = _model()
-    graph = import_graph(model)
-    ctx = PassContext(template=model, feeds=_feeds(model),
-                      budget=DriftBudget(model, _feeds(model), 0.99))
     finishing = _Finishing()
-    (record,) = PassManager([], [finishing]).run(graph, ctx)[:1]
+    record, graph = _run_pass(finishing)
     assert record.stats["drift_budget"]["kernel_kept"] == ["sim"]
     assert finishing.pending is False and not [n for n in graph.nodes if n.op == "Neg"]
 
