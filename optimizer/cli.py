@@ -366,7 +366,9 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
                    help="what every output must keep after lossy passes: a minimum cosine "
                         f"similarity (default {DEFAULT_MAX_DRIFT}), or METRIC=VALUE,... all "
                         "required, e.g. cosine=0.999,max-abs=0.05; metrics: cosine, snr (dB), "
-                        "max-abs, rel-l2, argmax, top-5 (agreement over the last axis)")
+                        "max-abs, rel-l2, argmax, top-5 (agreement over the last axis); the drift "
+                        "budget keeps float what breaks it, its choice checked on the real model "
+                        "in onnxruntime")
     p.add_argument("--metric", metavar="NAME",
                    help="the metric a bare --max-drift number means (default cosine)")
     p.add_argument("--drift-mask", metavar="INPUT",
