@@ -318,3 +318,23 @@ def probe(node: gs.Node, inputs: list) -> np.ndarray:
         return out + inputs[2].reshape(shape) if len(inputs) > 2 and inputs[2] is not None \
             else out
     raise KeyError(op)
+
+
+def onnxruntime_crashes_on_transpose(perm, float16: bool, readers) -> str | None:
+    """Why onnxruntime cannot take a Transpose with ``perm`` writing float16 (``float16``) read by
+    ``readers`` (nodes), when it would crash on it; else None.
+
+    onnxruntime 1.32's CPU graph optimizations at ``ORT_ENABLE_ALL`` (its default session; the
+    NCHWc transformer's level: ``disabled_optimizers=["NchwcTransformer"]`` loads) end the
+    process with a segmentation fault on a float16 ``Transpose`` with ``perm = [1, 0, 2]`` read
+    by a ``MatMul`` whose ``B`` is a constant, with or without a Cast to float32 between them;
+    a float32 Transpose read through a Cast to float16 loads. Found on khmersm_dynamo's float16
+    encoder (a Conformer's ``transpose(0, 1)`` before its feed-forward MatMul); reproduced with
+    two nodes in ``tests/passes/test_convert_float16.py``. ``convert_float16`` keeps such a
+    Transpose float32 and ``sink_transpose`` does not move one below a Cast to float16."""
+    if not float16 or list(perm or ()) != [1, 0, 2]:
+        return None
+    if any(r.op == "MatMul" and len(r.inputs) > 1 and isinstance(r.inputs[1], gs.Constant)
+           for r in readers):
+        return "onnxruntime 1.32 crashes on a float16 Transpose [1, 0, 2] read by a MatMul"
+    return None

@@ -92,7 +92,7 @@ from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes
 from onnxopt.graph import export_graph, iter_graphs, opset_version
 from onnxopt.names import fresh_name
-from onnxopt.ops import facts, is_default_domain
+from onnxopt.ops import facts, is_default_domain, onnxruntime_crashes_on_transpose
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
 from onnxopt.passes._quant import QuantizeOptions, excluded
 
@@ -254,7 +254,10 @@ class ConvertFloat16(Pass):
         derived: set[int] = set()
         for node in graph.nodes:
             reason = (excluded(node, self.options)
-                      or (None if is_default_domain(node) else "not a default-domain op"))
+                      or (None if is_default_domain(node) else "not a default-domain op")
+                      or (onnxruntime_crashes_on_transpose(node.attrs.get("perm"), True,
+                                                           node.outputs[0].outputs)
+                          if node.op == "Transpose" else None))
             result = plan(node, opset, types, derived) if reason is None else reason
             if isinstance(result, str):
                 if result != "no float32 data":

@@ -92,10 +92,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.edit import constant_refusal, int_list
-from onnxopt.ops import is_default_domain
+from onnxopt.ops import is_default_domain, onnxruntime_crashes_on_transpose
 from onnxopt.pass_manager import register
 from onnxopt.rewrite import Refusal, RewritePass, Scope, producer_in_scope, refuse
 
@@ -135,6 +136,13 @@ class _Move:
     attrs: dict = field(default_factory=dict)
     out_perm: list[int] | None = None
     removed: list[gs.Node] = field(default_factory=list)
+
+
+def _writes_float16(node: gs.Node) -> bool:
+    """Whether ``node``'s output is float16 (a Cast to it, or a known dtype)."""
+    if node.op == "Cast":
+        return node.attrs.get("to") == onnx.TensorProto.FLOAT16
+    return node.outputs[0].dtype == np.float16
 
 
 def _is_identity(perm: list[int] | None) -> bool:
@@ -326,6 +334,11 @@ class SinkTranspose(RewritePass):
             and all(r.op == "Transpose" and is_default_domain(r) for r in z.outputs))
         if (0 if absorbed else 1) > len(removed):
             return refuse("transpose would stay for other readers")
+        if move.out_perm is not None and not absorbed:
+            crash = onnxruntime_crashes_on_transpose(move.out_perm, _writes_float16(node),
+                                                     z.outputs)
+            if crash:
+                return refuse(crash)
         move.removed = removed
         return move
 

@@ -3,6 +3,7 @@ feeds, run passes, and compare an optimized model with its original on onnxrunti
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -333,3 +334,22 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
         if init.name in values:
             init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
     return out
+
+
+_LOADS = """
+import sys, onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+"""
+
+
+def loads_optimized(model: onnx.ModelProto, folder) -> int:
+    """The exit code of a child process that loads ``model`` in onnxruntime's default session
+    (graph optimizations on): 0 when it loads; a crash of onnxruntime kills only the child."""
+    import subprocess
+    import sys
+
+    path = os.path.join(str(folder), "loads_optimized.onnx")
+    onnx.save(model, path)
+    return subprocess.run([sys.executable, "-c", _LOADS, path]).returncode

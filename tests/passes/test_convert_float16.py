@@ -8,7 +8,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from helpers import make_model, run_ort, run_once, zoo_files
+from helpers import loads_optimized, make_model, run_ort, run_once, zoo_files
 from onnx import TensorProto, helper
 
 from onnxopt.budget import DriftBudget
@@ -282,3 +282,27 @@ def test_contrib_producer_and_reader_stay_float32_behind_casts():
         assert all(producers[i].op_type == "Cast" for i in node.input if i in producers)
     np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
                                rtol=1e-2, atol=1e-2)
+
+
+def test_a_transpose_onnxruntime_crashes_on_in_float16_stays_float32(tmp_path):
+    """onnxruntime 1.32 segfaults optimizing a float16 Transpose [1, 0, 2] read by a MatMul
+    with a constant weight (the first check: still so, else the refusal is stale); the pass
+    keeps that Transpose float32, converts the MatMul, and the result loads."""
+    w = _w(192, 8)
+
+    def model(dtype):
+        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="tr"),
+                 helper.make_node("MatMul", ["t", "W"], ["y"], name="mm")]
+        return make_model(nodes, [("x", dtype, [4, 6, 192])], [("y", dtype, [6, 4, 8])],
+                          {"W": w.astype(dtype)})
+
+    assert loads_optimized(model(np.float16), tmp_path) != 0  # onnxruntime's crash
+    x = RNG.normal(size=(4, 6, 192)).astype(np.float32)
+    out, record = _convert(model(np.float32), [{"x": x}])
+    producers = _producers(out)
+    assert producers["t"].op_type == "Transpose"  # float32: its output keeps its name
+    assert any("crashes on a float16 Transpose" in r for r in record.stats["refused"])
+    assert any(t.data_type == F16 for t in out.graph.initializer)  # the MatMul converted
+    assert loads_optimized(out, tmp_path) == 0
+    np.testing.assert_allclose(run_ort(out, {"x": x})["y"],
+                               run_ort(model(np.float32), {"x": x})["y"], rtol=0.02, atol=0.02)

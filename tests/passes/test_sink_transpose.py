@@ -349,3 +349,27 @@ def test_random_chains(data):
     out, _ = run_passes(model, PASSES)
     assert ops(out).count("Transpose") <= ops(model).count("Transpose")
     assert_same_outputs(model, out, _feeds(model))
+
+
+def test_no_float16_transpose_onnxruntime_crashes_on(tmp_path):
+    """``Cast(Transpose(x, [1, 0, 2]), float16)`` read by a MatMul with a constant weight: moved
+    below the Cast, the Transpose would be float16, which onnxruntime 1.32's default session
+    crashes on (``onnxopt.ops.onnxruntime_crashes_on_transpose``): refused, and the model
+    loads. Read by a Relu instead, it moves."""
+    from helpers import loads_optimized
+
+    def model(reader):
+        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+                 helper.make_node("Cast", ["t"], ["c"], to=TensorProto.FLOAT16),
+                 helper.make_node("MatMul", ["c", "W"], ["y"]) if reader == "MatMul"
+                 else helper.make_node("Relu", ["c"], ["y"])]
+        w = {"W": np.ones((8, 3), np.float16)} if reader == "MatMul" else {}
+        return make_model(nodes, [("x", np.float32, [4, 2, 8])],
+                          [("y", np.float16, [2, 4, 3 if reader == "MatMul" else 8])], w)
+
+    out, record = run_once(model("MatMul"), "sink_transpose")
+    assert ops(out) == ["Transpose", "Cast", "MatMul"]
+    assert any("crashes on a float16 Transpose" in r for r in record.stats["refused"])
+    assert loads_optimized(out, tmp_path) == 0
+    out, _ = run_once(model("Relu"), "sink_transpose")
+    assert ops(out) == ["Cast", "Relu", "Transpose"]
