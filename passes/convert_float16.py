@@ -189,6 +189,10 @@ def plan(node: gs.Node, opset: int, types: TensorTypes, derived: set[int]) -> _P
     so a float32 chain after a contrib op is still known (nodes in topological order)."""
     if node.op in BLOCKLIST:
         return BLOCKLIST[node.op]
+    if node.op in ("ScatterElements", "ScatterND") and \
+            node.attrs.get("reduction", "none") != "none":
+        # onnxruntime 1.32 CPU: "MLFloat16 ... not supported with ScatterElements ... reduction"
+        return "onnxruntime's CPU kernel has no float16 reduction"
     if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
         return "has subgraphs"
     if node.op == "Constant":

@@ -306,3 +306,21 @@ def test_a_transpose_onnxruntime_crashes_on_in_float16_stays_float32(tmp_path):
     assert loads_optimized(out, tmp_path) == 0
     np.testing.assert_allclose(run_ort(out, {"x": x})["y"],
                                run_ort(model(np.float32), {"x": x})["y"], rtol=0.02, atol=0.02)
+
+
+def test_a_scatter_with_reduction_stays_float32():
+    """onnxruntime's CPU ScatterElements has no float16 kernel with a reduction: such a node
+    stays float32 with that reason, the MatMuls around it convert, and the result runs (the
+    breaker's case: the drift budget's check failed on every model that converted it)."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("ScatterElements", ["h", "idx", "h"], ["s"], axis=0,
+                              reduction="add"),
+             helper.make_node("MatMul", ["s", "W"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [8, 16])], [("y", np.float32, [8, 16])],
+                       {"W": _w(16, 16), "idx": np.zeros((8, 16), np.int64)}, opset=16)
+    x = RNG.normal(size=(8, 16)).astype(np.float32)
+    out, record = _convert(model, [{"x": x}])
+    assert any("no float16 reduction" in r for r in record.stats["refused"])
+    assert sum(t.data_type == F16 for t in out.graph.initializer) == 1
+    np.testing.assert_allclose(run_ort(out, {"x": x})["y"], run_ort(model, {"x": x})["y"],
+                               rtol=0.02, atol=0.02)
