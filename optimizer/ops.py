@@ -329,8 +329,8 @@ def onnxruntime_crashes_on_transpose(perm, float16: bool, readers) -> str | None
     process with a segmentation fault on a float16 ``Transpose`` with ``perm = [1, 0, 2]`` read
     by a ``MatMul`` whose ``B`` is a constant, with or without a Cast to float32 between them;
     a float32 Transpose read through a Cast to float16 loads. Found on khmersm_dynamo's float16
-    encoder (a Conformer's ``transpose(0, 1)`` before its feed-forward MatMul); reproduced with
-    two nodes in ``tests/passes/test_convert_float16.py``. ``convert_float16`` keeps such a
+    encoder (a Conformer's ``transpose(0, 1)`` before its feed-forward MatMul) on an AVX-512
+    CPU; reproduced there with these two nodes. ``convert_float16`` keeps such a
     Transpose float32 and ``sink_transpose`` does not move one below a Cast to float16."""
     if not float16 or list(perm or ()) != [1, 0, 2]:
         return None

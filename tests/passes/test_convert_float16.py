@@ -286,8 +286,9 @@ def test_contrib_producer_and_reader_stay_float32_behind_casts():
 
 def test_a_transpose_onnxruntime_crashes_on_in_float16_stays_float32(tmp_path):
     """onnxruntime 1.32 segfaults optimizing a float16 Transpose [1, 0, 2] read by a MatMul
-    with a constant weight (the first check: still so, else the refusal is stale); the pass
-    keeps that Transpose float32, converts the MatMul, and the result loads."""
+    with a constant weight (on this project's AVX-512 machine: the NCHWc transformer's level,
+    which depends on the CPU, so the crash itself is not asserted); the pass keeps that
+    Transpose float32, converts the MatMul, and the result loads."""
     w = _w(192, 8)
 
     def model(dtype):
@@ -296,7 +297,6 @@ def test_a_transpose_onnxruntime_crashes_on_in_float16_stays_float32(tmp_path):
         return make_model(nodes, [("x", dtype, [4, 6, 192])], [("y", dtype, [6, 4, 8])],
                           {"W": w.astype(dtype)})
 
-    assert loads_optimized(model(np.float16), tmp_path) != 0  # onnxruntime's crash
     x = RNG.normal(size=(4, 6, 192)).astype(np.float32)
     out, record = _convert(model(np.float32), [{"x": x}])
     producers = _producers(out)
