@@ -322,19 +322,23 @@ def probe(node: gs.Node, inputs: list) -> np.ndarray:
 
 def onnxruntime_crashes_on_transpose(perm, float16: bool, readers) -> str | None:
     """Why onnxruntime cannot take a Transpose with ``perm`` writing float16 (``float16``) read by
-    ``readers`` (nodes), when it would crash on it; else None.
+    ``readers`` (nodes), when it may crash on it; else None.
 
     onnxruntime 1.32's CPU graph optimizations at ``ORT_ENABLE_ALL`` (its default session; the
     NCHWc transformer's level: ``disabled_optimizers=["NchwcTransformer"]`` loads) end the
-    process with a segmentation fault on a float16 ``Transpose`` with ``perm = [1, 0, 2]`` read
-    by a ``MatMul`` whose ``B`` is a constant, with or without a Cast to float32 between them;
-    a float32 Transpose read through a Cast to float16 loads. Found on khmersm_dynamo's float16
-    encoder (a Conformer's ``transpose(0, 1)`` before its feed-forward MatMul) on an AVX-512
-    CPU; reproduced there with these two nodes. ``convert_float16`` keeps such a
+    process with a segmentation fault on a float16 ``Transpose`` read by a ``MatMul`` whose
+    other input is a constant, with or without a Cast to float32 between them, for the perms
+    ``[1, 0, 2]``, ``[1, 2, 0]``, ``[1, 2, 0, 3]`` and ``[1, 2, 3, 0]`` with the constant as
+    ``B`` and ``[1, 0, 2]`` with it as ``A``; not for ``[0, 2, 1]``, ``[2, 0, 1]``, ``[2, 1, 0]``,
+    ``[1, 0, 2, 3]`` (measured on an AVX-512 CPU, each in a child process). Found on
+    khmersm_dynamo's float16 encoder (a Conformer's ``transpose(0, 1)`` before its
+    feed-forward MatMul). The rule here is wider than the measured cases, since the cause is
+    not known: every perm that moves the leading axis. ``convert_float16`` keeps such a
     Transpose float32 and ``sink_transpose`` does not move one below a Cast to float16."""
-    if not float16 or list(perm or ()) != [1, 0, 2]:
+    if not float16 or not perm or list(perm)[0] == 0:
         return None
-    if any(r.op == "MatMul" and len(r.inputs) > 1 and isinstance(r.inputs[1], gs.Constant)
+    if any(r.op == "MatMul" and any(isinstance(t, gs.Constant) for t in r.inputs[:2])
            for r in readers):
-        return "onnxruntime 1.32 crashes on a float16 Transpose [1, 0, 2] read by a MatMul"
+        return ("onnxruntime 1.32 crashes on a float16 Transpose of the leading axis read by a "
+                "MatMul")
     return None

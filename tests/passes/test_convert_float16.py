@@ -284,28 +284,33 @@ def test_contrib_producer_and_reader_stay_float32_behind_casts():
                                rtol=1e-2, atol=1e-2)
 
 
-def test_a_transpose_onnxruntime_crashes_on_in_float16_stays_float32(tmp_path):
-    """onnxruntime 1.32 segfaults optimizing a float16 Transpose [1, 0, 2] read by a MatMul
-    with a constant weight (on this project's AVX-512 machine: the NCHWc transformer's level,
+@pytest.mark.parametrize("perm, weight_first", [
+    ([1, 0, 2], False), ([1, 2, 0], False), ([1, 2, 0, 3], False), ([1, 2, 3, 0], False),
+    ([1, 0, 2], True)])
+def test_a_transpose_onnxruntime_crashes_on_in_float16_stays_float32(tmp_path, perm,
+                                                                     weight_first):
+    """onnxruntime 1.32 segfaults optimizing a float16 Transpose moving the leading axis read by
+    a MatMul with a constant (on this project's AVX-512 machine: the NCHWc transformer's level,
     which depends on the CPU, so the crash itself is not asserted); the pass keeps that
     Transpose float32, converts the MatMul, and the result loads."""
-    w = _w(192, 8)
-
-    def model(dtype):
-        nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="tr"),
-                 helper.make_node("MatMul", ["t", "W"], ["y"], name="mm")]
-        return make_model(nodes, [("x", dtype, [4, 6, 192])], [("y", dtype, [6, 4, 8])],
-                          {"W": w.astype(dtype)})
-
-    x = RNG.normal(size=(4, 6, 192)).astype(np.float32)
-    out, record = _convert(model(np.float32), [{"x": x}])
-    producers = _producers(out)
-    assert producers["t"].op_type == "Transpose"  # float32: its output keeps its name
+    shape = [4, 6, 5, 16][:len(perm)]
+    t_shape = [shape[p] for p in perm]
+    if weight_first:  # W[8, K] @ t[..., K, N]
+        w, inputs, y_shape = _w(8, t_shape[-2]), ["W", "t"], t_shape[:-2] + [8, t_shape[-1]]
+    else:  # t[..., M, K] @ W[K, 8]
+        w, inputs, y_shape = _w(t_shape[-1], 8), ["t", "W"], t_shape[:-1] + [8]
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=perm, name="tr"),
+             helper.make_node("MatMul", inputs, ["y"], name="mm")]
+    model = make_model(nodes, [("x", np.float32, shape)], [("y", np.float32, y_shape)],
+                       {"W": w})
+    x = RNG.normal(size=shape).astype(np.float32)
+    out, record = _convert(model, [{"x": x}])
+    assert _producers(out)["t"].op_type == "Transpose"  # float32: its output keeps its name
     assert any("crashes on a float16 Transpose" in r for r in record.stats["refused"])
     assert any(t.data_type == F16 for t in out.graph.initializer)  # the MatMul converted
     assert loads_optimized(out, tmp_path) == 0
-    np.testing.assert_allclose(run_ort(out, {"x": x})["y"],
-                               run_ort(model(np.float32), {"x": x})["y"], rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(run_ort(out, {"x": x})["y"], run_ort(model, {"x": x})["y"],
+                               rtol=0.02, atol=0.02)
 
 
 def test_a_scatter_with_reduction_stays_float32():
