@@ -193,6 +193,10 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
 
+    #: A quantization mode's helper pass (``onnxopt.pipeline.build_pipeline``): when it changes
+    #: nothing it does not warn (its statistics say why).
+    auxiliary: bool = False
+
     def finish(self, graph: gs.Graph) -> None:
         """Complete a lossy pass's rewrite once the budget's accepted proposals are applied (a
         pass whose proposals leave work that depends on which were accepted: float16's Cast
@@ -424,7 +428,8 @@ class PassManager:
             if p.name in decided:
                 stats, modified = decided[p.name]
                 seconds += shared if p.name in proposing else 0.0
-            if not p.lossless:
+            kept_float = (stats.get("drift_budget") or {}).get("kept")
+            if not p.lossless and (modified or not p.auxiliary or kept_float):
                 warnings += lossy_warnings(
                     p.name, modified, stats.get("drift_budget"),
                     ctx.budget.describe() if ctx.budget else "", stats.get("refused"))

@@ -298,6 +298,7 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
                 sugared.append(name)
     specs.extend(sugared)
     user_given = {name: set(given) for name, given in options.items()}
+    named = {s.name if isinstance(s, Pass) else s for s in specs}
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
             raise UsageError(f"unknown quantization mode '{quantize}'; known: "
@@ -355,6 +356,12 @@ def build_pipeline(passes: Sequence[PassSpec] | None = None, skip: Sequence[str]
             raise UsageError(f"pass '{name}' would change nothing: give its strength "
                              f"({' or '.join(strengths)}; {', '.join(flags)})")
     kept = [p for name, p in built.items() if name not in set(skip)]
+    # a mode's helper passes (all but its quantizer, the last) that change nothing say so in
+    # their statistics, not as a warning the user did not ask for (quantize_embeddings on a
+    # model without tables); named in the pipeline too, they warn
+    for name in list(QUANTIZE_MODES.get(quantize, {}))[:-1]:
+        if name in built and name not in named:
+            built[name].auxiliary = True
     _check_quantizers(kept, quantize)
     second = []
     # (a mode's pass is neither skipped nor given as a configured object: both refused above)

@@ -317,3 +317,24 @@ def test_a_model_with_optional_types_is_written_unchanged_with_a_warning(tmp_pat
         result, report = optimize(model, validate=False, output=tmp_path / "o.onnx")
     assert result.graph == model.graph and report.passes == []
     assert onnx.load(str(tmp_path / "o.onnx")).graph == model.graph
+
+
+def test_a_modes_helper_pass_that_changes_nothing_does_not_warn():
+    """``--quantize int8-weight`` on a model without embedding tables: quantize_embeddings (a
+    helper of the mode) changes nothing, which its statistics show (nothing quantized) but no
+    warning repeats; named in the pipeline by the user, it warns."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [2, 64])], [("y", np.float32, [2, 64])],
+                       {"W": rng.normal(size=(64, 64)).astype(np.float32)})
+    feed = {"x": rng.normal(size=(2, 64)).astype(np.float32)}
+    _, report = optimize(model, quantize="int8-weight", inputs=feed)
+    (embeddings,) = [r for r in report.passes if r.name == "quantize_embeddings"]
+    assert not embeddings.modified and embeddings.stats["tensors_quantized"] == 0
+    assert not any("quantize_embeddings" in w for w in report.warnings)
+    assert any(r.name == "quantize_weights" and r.modified for r in report.passes)
+    from onnxopt.errors import OnnxoptWarning
+
+    with pytest.warns(OnnxoptWarning, match="quantize_embeddings changed nothing"):
+        _, report = optimize(model, passes=["default", "quantize_embeddings"], inputs=feed)
+    assert any("quantize_embeddings changed nothing" in w for w in report.warnings)
