@@ -77,7 +77,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import external, io, progress
 from onnxopt.errors import InputError
-from onnxopt.graph import export_graph, graph_protos, opset_version
+from onnxopt.graph import edits_undone, export_graph, graph_protos, iter_graphs, opset_version
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, kept_positions, parse_criteria)
 from onnxopt.names import NameAuthority, fresh_name
@@ -495,15 +495,18 @@ class DriftBudget:
         score_final = score_all
         first = self.criteria[0]
         sign = 1.0 if first.metric.higher_is_better else -1.0
+
+        def gain(g: str, applied: list[str]) -> float:
+            """What leaving ``g`` float gains, with ``applied`` applied (ranking feeds)."""
+            return sign * score(set(applied) - {g}, RANKING_FEEDS)[first.name]
+
         if not self.within(score_all):
             def without(leave_out: set[str]) -> tuple[bool, dict[str, float]]:
                 measured = score(set(groups) - leave_out)
                 return self.within(measured), measured
 
             if len(groups) <= RANKED_MAX_GROUPS:
-                kept, sensitivity = ranked_kept(
-                    groups, lambda g: sign * score(set(groups) - {g}, RANKING_FEEDS)[first.name],
-                    without)
+                kept, sensitivity = ranked_kept(groups, lambda g: gain(g, groups), without)
             else:
                 kept = minimal_kept(groups, lambda keep: without(set(keep))[0])
                 accepted_groups = set(groups) - set(kept)
@@ -542,18 +545,10 @@ class DriftBudget:
             score_kernels = real(())
             if not self.within(score_kernels):
                 applied = [g for g in groups if g not in kept]
-                gains = {g: sign * score(set(applied) - {g}, RANKING_FEEDS)[first.name]
-                         for g in applied}
+                gains = {g: gain(g, applied) for g in applied}
                 ranking = sorted(applied, key=lambda g: -gains[g])
-                # bisect for the shortest prefix of the ranking that, left float, holds
-                low, high = 1, len(ranking)
-                while low < high:
-                    mid = (low + high) // 2
-                    if self.within(real(ranking[:mid])):
-                        high = mid
-                    else:
-                        low = mid + 1
-                kernel_kept = ranking[:high]
+                kernel_kept = ranking[:shortest_prefix(
+                    len(ranking), lambda k: self.within(real(ranking[:k])))]
                 if self.within(real(kernel_kept)):
                     # then 1-minimal on real models, by delta debugging: a group that breaks
                     # only with the kernels gains nothing simulated and ranks last, so the
@@ -654,7 +649,8 @@ def _pick(graph: gs.Graph, gate: gs.Variable, simulated: gs.Tensor, x: gs.Tensor
 def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: list[Proposal]
                       ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """``graph`` exported with every simulated proposal gated (see the module docstring), and
-    the gate input of each group; the graph is restored exactly before returning.
+    the gate input of each group; the graph is restored exactly before returning
+    (``onnxopt.graph.edits_undone``).
 
     A proposal in a subgraph (``scope``) gets its simulation and ``Where`` in that subgraph,
     reading the gate -- a main-graph input -- from the outer scope; while ``simulate`` runs, the
@@ -665,22 +661,13 @@ def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: lis
         return export_graph(graph, template), {}
     from onnxopt.names import _ATTR
 
-    authority = vars(graph).get(_ATTR)
-    names = (set(authority._used), dict(authority._next)) if authority is not None else None
-    scopes = {id(graph): graph}
-    for p in simulated:
-        if p.scope is not None:
-            scopes.setdefault(id(p.scope), p.scope)
-    saved = {k: (list(g.nodes), list(g.inputs),
-                 [(t, list(t.inputs), list(t.outputs)) for t in g.tensors().values()],
-                 {id(n) for n in g.nodes}, _ATTR in vars(g))
-             for k, g in scopes.items()}
-    rerouted: list[tuple[gs.Node, int, gs.Tensor]] = []
+    # the readers a proposal reaches by default are those of the graph as given, not another
+    # proposal's simulation nodes
+    known = {id(n) for g in iter_graphs(graph) for n in g.nodes}
     gates: dict[str, gs.Variable] = {}
-    try:
+    with edits_undone(graph):
         for p in simulated:
             x, scope = p.tensor, p.scope if p.scope is not None else graph
-            known = saved[id(scope)][3]
             readers = p.readers if p.readers is not None else [
                 (n, i) for n in list(x.outputs) if id(n) in known
                 for i, t in enumerate(n.inputs) if t is x]
@@ -688,42 +675,15 @@ def _evaluation_model(graph: gs.Graph, template: onnx.ModelProto, simulated: lis
                 gates[p.key] = gs.Variable(fresh_name(graph, "budget_gate"), dtype=np.bool_,
                                            shape=[])
                 graph.inputs.append(gates[p.key])
-            gate = gates[p.key]
             if scope is not graph:
                 setattr(scope, _ATTR, NameAuthority.of(graph))
             simulated_x = p.simulate(scope, x)
             picked = gs.Variable(fresh_name(graph, f"{x.name}_budget"), dtype=x.dtype,
                                  shape=x.shape)
-            scope.nodes.append(_pick(graph, gate, simulated_x, x, picked))
+            scope.nodes.append(_pick(graph, gates[p.key], simulated_x, x, picked))
             for node, index in readers:
-                rerouted.append((node, index, node.inputs[index]))
                 node.inputs[index] = picked
         return export_graph(graph, template), {k: g.name for k, g in gates.items()}
-    finally:
-        # Raw list operations: gs's synchronized lists remove by equality, and two simulation
-        # nodes may compare equal; every link of a tensor that existed is restored below.
-        for k, g in scopes.items():
-            known = saved[k][3]
-            for node in g.nodes:
-                if id(node) not in known:
-                    list.clear(node.inputs)
-                    list.clear(node.outputs)
-        for node, index, tensor in reversed(rerouted):
-            list.__setitem__(node.inputs, index, tensor)
-        for k, g in scopes.items():
-            nodes, inputs, links, _, had_authority = saved[k]
-            g.nodes, g.inputs = nodes, inputs
-            for t, producers, consumers in links:  # the order of each tensor's links, too
-                list.clear(t.inputs)
-                list.extend(t.inputs, producers)
-                list.clear(t.outputs)
-                list.extend(t.outputs, consumers)
-            if g is not graph and not had_authority:
-                vars(g).pop(_ATTR, None)
-        if names is None:
-            vars(graph).pop(_ATTR, None)
-        else:
-            authority._used, authority._next = names
 
 
 #: Up to this many groups, the kept set is found by ranking (:func:`ranked_kept`, ``|G|``
@@ -767,14 +727,7 @@ def ranked_kept(groups: list[str], gain: Callable[[str], float],
     holds, _ = within(set(ranking))
     if not holds:
         return ranking, {}
-    low, high = 0, len(ranking)  # the prefix of length ``high`` holds
-    while low < high:
-        mid = (low + high) // 2
-        if mid > 0 and within(set(ranking[:mid]))[0]:
-            high = mid
-        else:
-            low = mid + 1
-    kept = ranking[:high]
+    kept = ranking[:shortest_prefix(len(ranking), lambda k: within(set(ranking[:k]))[0])]
     sensitivity: dict[str, dict] = {}
     for g in reversed(list(kept)):
         trial = set(kept) - {g}
@@ -784,6 +737,19 @@ def ranked_kept(groups: list[str], gain: Callable[[str], float],
         else:
             sensitivity[g] = measured
     return kept, sensitivity
+
+
+def shortest_prefix(n: int, holds: Callable[[int], bool]) -> int:
+    """The smallest ``k`` in ``[1, n]`` with ``holds(k)``, by bisection (``holds(n)`` assumed;
+    ``holds`` close to monotone, ``log2 n`` calls)."""
+    low, high = 1, n
+    while low < high:
+        mid = (low + high) // 2
+        if holds(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return high
 
 
 def minimal_kept(names: list[str], within_budget: Callable[[list[str]], bool]) -> list[str]:
