@@ -185,6 +185,7 @@ import collections
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -361,6 +362,8 @@ class _Site:
     quantizable_output: gs.Variable | None = None
     #: a MatMul's bias: the float32 constant of the Add that alone reads its output
     bias_add: gs.Constant | None = None
+    #: the graph holding ``node``: an If branch, or None for the main graph
+    scope: gs.Graph | None = None
 
 
 def _refusal(node: gs.Node, types: TensorTypes, options: QuantizeStaticOptions) -> str | None:
@@ -390,14 +393,16 @@ def _refusal(node: gs.Node, types: TensorTypes, options: QuantizeStaticOptions) 
 
 
 def _propagate(x: gs.Variable, reader: gs.Node, index: int, types: TensorTypes,
-               out: list) -> None:
+               out: list, members: set[int]) -> None:
     """Append ``(tensor, reader, index)`` for ``x`` and, recursively, for the data inputs of the
-    scale-preserving ops producing it."""
+    scale-preserving ops producing it among the nodes ``members`` (``id``s: the reader's graph;
+    a QDQ stays in the graph of the node it feeds)."""
     out.append((x, reader, index))
     if len(x.inputs) != 1 or len(x.outputs) != 1:
         return  # a graph input, or a tensor others read: its QDQ would not be exact for them
     producer = x.inputs[0]
-    if producer.op not in SCALE_PRESERVING or not is_default_domain(producer):
+    if (producer.op not in SCALE_PRESERVING or not is_default_domain(producer)
+            or id(producer) not in members):
         return
     if producer.op == "Clip":
         return  # Clip(min > 0) does not commute with a grid widened to hold 0.0
@@ -406,7 +411,21 @@ def _propagate(x: gs.Variable, reader: gs.Node, index: int, types: TensorTypes,
         t = producer.inputs[i]
         if (isinstance(t, gs.Variable) and _is_float(t, types)
                 and not any(t is c for c, _, _ in out)):
-            _propagate(t, producer, i, types, out)
+            _propagate(t, producer, i, types, out, members)
+
+
+def _weighted_scopes(graph: gs.Graph, calibrated: bool = True
+                     ) -> Iterator[tuple[gs.Graph, bool]]:
+    """``(g, calibrated)`` for ``graph`` and each subgraph, depth first: ``calibrated`` when
+    calibration reaches ``g``'s tensors -- the main graph and If branches (nested in each other
+    any deep), not Loop and Scan bodies (``onnxopt.analyses.activations``)."""
+    yield graph, calibrated
+    for node in graph.nodes:
+        branch = calibrated and node.op == "If" and is_default_domain(node)
+        for value in node.attrs.values():
+            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(sub, gs.Graph):
+                    yield from _weighted_scopes(sub, branch)
 
 
 def _bias_add(node: gs.Node, outputs: set[str]) -> gs.Constant | None:
@@ -514,30 +533,35 @@ class QuantizeStatic(Pass):
         self._uint8: set[str] | None = None
         self._mixed: dict | None = None
         sites: list[_Site] = []
-        outputs = set(t.name for t in graph.outputs)
         types = ctx.analyses.get(TensorTypes)
-        for node in graph.nodes:
-            if node.op not in QUANTIZED_OPS or not is_default_domain(node):
-                continue
-            reason = _refusal(node, types, o)
-            if reason is not None:
-                refused[reason] += 1
-                self._float[_group(node)] = reason
-                continue
-            w = node.inputs[1]
-            bias = node.inputs[2] if len(node.inputs) > 2 else None
-            if not (isinstance(bias, gs.Constant) and len(bias.shape) == 1
-                    and np.dtype(bias.dtype) == np.float32):
-                bias = None
-            axis = output_channel_axis(node, 1, len(w.shape)) if o.per_channel else None
-            site = _Site(node, node.inputs[0], w, axis, bias)
-            if o.bias_correction and node.op == "MatMul":
-                site.bias_add = _bias_add(node, outputs)
-            _propagate(site.x, node, 0, types, site.chain)
-            y = node.outputs[0]
-            if node.op in QUANTIZED_OUTPUT and y.name not in outputs and _is_float(y, types):
-                site.quantizable_output = y  # QLinearConv / QGemm need DQ -> Conv/Gemm -> Q
-            sites.append(site)
+        for scope, calibrated in _weighted_scopes(graph):
+            outputs = set(t.name for t in scope.outputs)
+            members = {id(n) for n in scope.nodes}
+            for node in scope.nodes:
+                if node.op not in QUANTIZED_OPS or not is_default_domain(node):
+                    continue
+                reason = _refusal(node, types, o) if calibrated else \
+                    "in a Loop or Scan body (not calibrated)"
+                if reason is not None:
+                    refused[reason] += 1
+                    self._float[_group(node)] = reason
+                    continue
+                w = node.inputs[1]
+                bias = node.inputs[2] if len(node.inputs) > 2 else None
+                if not (isinstance(bias, gs.Constant) and len(bias.shape) == 1
+                        and np.dtype(bias.dtype) == np.float32):
+                    bias = None
+                axis = output_channel_axis(node, 1, len(w.shape)) if o.per_channel else None
+                site = _Site(node, node.inputs[0], w, axis, bias,
+                             scope=None if scope is graph else scope)
+                if o.bias_correction and node.op == "MatMul":
+                    site.bias_add = _bias_add(node, outputs)
+                _propagate(site.x, node, 0, types, site.chain, members)
+                y = node.outputs[0]
+                if (node.op in QUANTIZED_OUTPUT and y.name not in outputs
+                        and _is_float(y, types)):
+                    site.quantizable_output = y  # QLinearConv / QGemm: DQ -> Conv/Gemm -> Q
+                sites.append(site)
 
         _settle_outputs(sites, set())
         names = {s.x.name for s in sites} | {s.output.name for s in sites if s.output}
@@ -553,13 +577,17 @@ class QuantizeStatic(Pass):
                         rows=ctx.drift_mask())
         # A tensor the calibration feeds never gave a finite value of has no range: its node
         # stays float (quantizing it with scale 1.0 would be a guess); none at all is bad data.
+        # (a tensor of an If branch no feed takes has none either: its node stays float)
         unseen = sorted(n for n in names if stats[n].count == 0)
-        if unseen and len(unseen) == len(names):
+        main = {s.x.name for s in sites if s.scope is None}
+        if unseen and len(unseen) == len(names) and main:
             raise UsageError(f"calibration data gave no finite value of any tensor to quantize "
-                             f"(e.g. '{unseen[0]}'): all NaN, infinite or empty feeds?")
+                             f"(e.g. '{sorted(main)[0]}'): all NaN, infinite or empty feeds?")
         for site in [s for s in sites if stats[s.x.name].count == 0]:
-            refused["no finite calibration value"] += 1
-            self._float[_group(site.node)] = "no finite calibration value"
+            why = ("no finite calibration value" if site.scope is None else
+                   "no calibration value (no feed takes its If branch, or none finite)")
+            refused[why] += 1
+            self._float[_group(site.node)] = why
             sites.remove(site)
         unranged = {n for n in names if stats[n].count == 0}
         _settle_outputs(sites, unranged)
@@ -567,9 +595,13 @@ class QuantizeStatic(Pass):
                         for n in names if n not in unranged}
         self._latency: dict | None = None
         self._rounded_codes: dict[tuple, np.ndarray] = {}
-        if o.latency_guided and sites:
-            sites = self._place_by_latency(graph, ctx.template, sites, next(iter(feeds)), stats,
-                                           dtype, unranged, refused)
+        if o.latency_guided and any(s.scope is None for s in sites):
+            # the main graph's sites (timing models take main-graph shapes); If branches' stay
+            branched = [s for s in sites if s.scope is not None]
+            sites = self._place_by_latency(graph, ctx.template,
+                                           [s for s in sites if s.scope is None],
+                                           next(iter(feeds)), stats, dtype, unranged,
+                                           refused) + branched
         self._calibration = {"method": o.calibration, "feeds": stats.feeds,
                              **({"rows": ctx.drift_mask()} if ctx.drift_mask() else {}),
                              **({"percentile": o.percentile}
@@ -601,7 +633,11 @@ class QuantizeStatic(Pass):
         return scale_zero_point(lo, hi, dtype)
 
     def _site_proposals(self, graph: gs.Graph, site: _Site, stats, dtype) -> list[Proposal]:
+        """The proposal group of ``site``: its weight (and int32 or corrected bias) and its
+        simulated activation QDQ; ``graph`` is the main graph (names come from its authority,
+        nodes go to the site's own graph)."""
         o, node, w = self.options, site.node, site.weight
+        scope = site.scope if site.scope is not None else graph
         s_x, z_x = self._params(site.x.name, dtype)
         unsigned, qmax = self._grid(node)
         bias_q = None
@@ -655,7 +691,7 @@ class QuantizeStatic(Pass):
             stored, zero_point = _stored(q, scale, unsigned)
             added = [gs.Constant(name("quantized"), stored), gs.Constant(name("scale"), scale),
                      gs.Constant(name("zero_point"), zero_point)]
-            graph.nodes.append(gs.Node("DequantizeLinear", name("DequantizeLinear"), attrs,
+            scope.nodes.append(gs.Node("DequantizeLinear", name("DequantizeLinear"), attrs,
                                        list(added), [out]))
             node.inputs[1] = out
             self._stored[group] = sum(c.values.nbytes for c in added)
@@ -667,7 +703,7 @@ class QuantizeStatic(Pass):
                            gs.Constant(fresh_name(graph, f"{bname}_scale"), bias_scale),
                            gs.Constant(fresh_name(graph, f"{bname}_zero_point"),
                                        np.zeros(bias_scale.shape, np.int32))]
-                graph.nodes.append(gs.Node("DequantizeLinear",
+                scope.nodes.append(gs.Node("DequantizeLinear",
                                            fresh_name(graph, f"{bname}_DequantizeLinear"),
                                            {"axis": 0} if bias_scale.ndim else {}, bconsts,
                                            [bout]))
@@ -679,14 +715,14 @@ class QuantizeStatic(Pass):
         proposals = [Proposal(tensor=w, value=w_q, apply=apply_weight, group=group), *extra]
         for t, reader, index in site.chain:
             if t is site.x:
-                proposals.append(self._activation(graph, t, (s_x, z_x), [(reader, index)],
-                                                  site.chain, group))
+                proposals.append(self._activation(graph, site.scope, t, (s_x, z_x),
+                                                  [(reader, index)], site.chain, group))
         if site.output is not None:
             y = site.output
             params = self._params(y.name, dtype)
             chain = [(y, r, i) for r in list(y.outputs) for i, t in enumerate(r.inputs)
                      if t is y]
-            proposals.append(self._activation(graph, y, params, None, chain, group))
+            proposals.append(self._activation(graph, site.scope, y, params, None, chain, group))
         return proposals
 
     def _codes(self, site: _Site, stats, qmax: int, needed: np.ndarray | None = None
@@ -992,30 +1028,33 @@ class QuantizeStatic(Pass):
             return delta @ mean
         return mean @ delta
 
-    def _activation(self, graph: gs.Graph, x: gs.Variable, params, readers, chain,
-                    group: str) -> Proposal:
-        """The simulated proposal of quantizing ``x`` for ``readers`` (None: all), whose
-        ``apply`` routes every ``(tensor, reader, index)`` of ``chain`` through a shared QDQ."""
+    def _activation(self, graph: gs.Graph, scope: gs.Graph | None, x: gs.Variable, params,
+                    readers, chain, group: str) -> Proposal:
+        """The simulated proposal of quantizing ``x`` for ``readers`` (None: all) of ``scope``
+        (None: the main graph ``graph``), whose ``apply`` routes every ``(tensor, reader,
+        index)`` of ``chain`` through a QDQ in ``scope`` shared by the readers there."""
         scale, zp = params
+        where = scope if scope is not None else graph
 
         def simulate(g: gs.Graph, t: gs.Variable) -> gs.Variable:
-            return self._qdq_nodes(g, t, scale, zp)
+            return self._qdq_nodes(g, g, t, scale, zp)
 
         def apply() -> None:
             for t, reader, index in chain:
-                key = (t.name, float(scale), int(zp))
+                key = (id(where), t.name, float(scale), int(zp))
                 if key not in self._qdq:
-                    self._qdq[key] = self._qdq_nodes(graph, t, scale, zp)
+                    self._qdq[key] = self._qdq_nodes(graph, where, t, scale, zp)
                 reader.inputs[index] = self._qdq[key]
 
         return Proposal(tensor=x, value=None, apply=apply, group=group, simulate=simulate,
-                         readers=readers)
+                        readers=readers, scope=scope)
 
     @staticmethod
-    def _qdq_nodes(g: gs.Graph, t: gs.Variable, scale, zp) -> gs.Variable:
-        """Append ``DequantizeLinear(QuantizeLinear(t))`` to ``g``; return its output."""
+    def _qdq_nodes(root: gs.Graph, g: gs.Graph, t: gs.Variable, scale, zp) -> gs.Variable:
+        """Append ``DequantizeLinear(QuantizeLinear(t))`` to ``g`` (``root``: the main graph, or
+        ``g`` with the main graph's name authority); return its output."""
         def name(suffix):
-            return fresh_name(g, f"{t.name}_{suffix}")
+            return fresh_name(root, f"{t.name}_{suffix}")
         s = gs.Constant(name("scale"), np.asarray(scale, np.float32))
         z = gs.Constant(name("zero_point"), np.asarray(zp))
         q = gs.Variable(name("quantized"), np.asarray(zp).dtype, t.shape)

@@ -11,8 +11,13 @@ folded into running statistics and dropped, so memory does not grow with the num
 The tensors collected by default are the float activations read by a weighted op of the main
 graph (the data input of MatMul/Gemm/Conv/ConvTranspose whose weight is an initializer: the
 inputs a quantizer or an activation-aware pruner looks at); the channel axis of each is the axis
-the weight contracts (MatMul/Gemm: the last axis of A, or axis 1 of A^T; Conv: axis 1). Subgraph
-tensors cannot be graph outputs and are not collected.
+the weight contracts (MatMul/Gemm: the last axis of A, or axis 1 of A^T; Conv: axis 1).
+:func:`collect` also reaches tensors computed inside If branches (nested Ifs included): each is
+added to its branch's outputs, the other branch yields an empty tensor of the same dtype in
+its place (ONNX If: corresponding outputs share a type, their shapes may differ), and the If's
+new output is passed up the same way to the main graph's outputs. A feed that takes the other
+branch adds nothing to the tensor's statistics (a branch no feed takes has a count of 0).
+Loop and Scan bodies are not reached (a body's tensor holds one iteration at a time).
 
 Histogram: ``bins`` equal bins over ``[-r, r]``, ``r`` the largest magnitude seen so far; when a
 feed exceeds ``r``, ``r`` doubles (as often as needed) and pairs of bins merge, so counts stay
@@ -44,6 +49,7 @@ channel count equals the mask's sequence length would be masked along its channe
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -54,7 +60,8 @@ import onnx_graphsurgeon as gs
 from onnxopt import external
 from onnxopt.analyses.manager import Analysis
 from onnxopt.errors import UsageError
-from onnxopt.graph import export_graph
+from onnxopt.graph import export_graph, graph_protos
+from onnxopt.names import NameAuthority
 from onnxopt.ops import FLOAT_DTYPES, is_default_domain
 
 #: Bins of each histogram.
@@ -329,12 +336,20 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    names = [n for n in tensors if n not in present] + [n for n in tensors if n in present]
-    exposed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n)
-                                for n in names if n not in present)
+    g = exposed.graph
+    present = {o.name for o in g.output}
+    main = present | {i.name for i in g.input} | {i.name for i in g.initializer} | {
+        o for node in g.node for o in node.output}
+    # tensors of If branches reach the main graph as new outputs of their If nodes
+    threaded = _expose_branch_tensors(exposed, {n for n in tensors if n not in main})
+    source = {n: n for n in tensors if n in main} | threaded
+    names = [n for n in tensors if n in source and source[n] not in present] + [
+        n for n in tensors if n in source and source[n] in present]
+    g.output.extend(onnx.helper.make_empty_tensor_value_info(source[n])
+                    for n in names if source[n] not in present)
     session = make_session(exposed, "instrumented model (activation statistics)")
     position = {o.name: i for i, o in enumerate(session.get_outputs())}
+    position = {n: position[source[n]] for n in names}
     wanted, entire = set(grams), set(whole)
     stats = {n: TensorStats(n, None, wants_gram=n in wanted, wants_histogram=histograms)
              for n in tensors}
@@ -353,3 +368,64 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
             s.update(value)
         count += 1
     return ActivationStats(stats, count)
+
+
+def _expose_branch_tensors(model: onnx.ModelProto, wanted: set[str]) -> dict[str, str]:
+    """Make each tensor of ``wanted`` computed in an If branch of ``model``'s main graph (at any
+    depth of nested Ifs) reachable as a tensor of the main graph (module docstring); edits
+    ``model`` in place and returns ``{name: main-graph tensor carrying it}``. Names not
+    computed in an If branch are left out."""
+    if not wanted:
+        return {}
+    used = {n for g in graph_protos(model.graph) for n in itertools.chain(
+        (i.name for i in g.input), (i.name for i in g.initializer),
+        (o for node in g.node for o in node.output))}
+    fresh = NameAuthority(used).fresh
+    dtypes: dict[str, int] = {}
+
+    def elem_type(name: str) -> int:
+        if not dtypes:  # once, on the first placeholder: shape inference of the whole model
+            try:
+                inferred = onnx.shape_inference.infer_shapes(model)
+            except Exception:  # noqa: BLE001 -- any failure: the float32 fallback below
+                inferred = model
+            for g in graph_protos(inferred.graph):
+                for v in itertools.chain(g.value_info, g.output, g.input):
+                    if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                        dtypes[v.name] = v.type.tensor_type.elem_type
+            dtypes.setdefault("", onnx.TensorProto.FLOAT)
+        return dtypes.get(name, onnx.TensorProto.FLOAT)
+
+    def expose(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for node in graph.node:
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+                continue
+            branches = {a.name: a.g for a in node.attribute
+                        if a.type == onnx.AttributeProto.GRAPH}
+            if set(branches) != {"then_branch", "else_branch"}:
+                continue
+            for key, body in branches.items():
+                left = wanted - found.keys()
+                local = left & {o for n in body.node for o in n.output}
+                reach = {n: n for n in local} | expose(body, left - local)
+                other = branches["else_branch" if key == "then_branch" else "then_branch"]
+                listed = {o.name for o in body.output}
+                for name, inside in sorted(reach.items()):
+                    if inside in listed:  # already an output (the If's carries either branch's)
+                        copy = fresh(f"{name}_calibration_copy")
+                        body.node.append(onnx.helper.make_node(
+                            "Identity", [inside], [copy], name=fresh(f"{name}_calibration_Identity")))
+                        inside = copy
+                    body.output.append(onnx.helper.make_empty_tensor_value_info(inside))
+                    empty = fresh(f"{name}_calibration_empty")
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type(name))
+                    other.node.append(onnx.helper.make_node(
+                        "Constant", [], [empty], name=fresh(f"{name}_calibration_Constant"),
+                        value=onnx.numpy_helper.from_array(np.empty((0,), dtype))))
+                    other.output.append(onnx.helper.make_empty_tensor_value_info(empty))
+                    found[name] = fresh(f"{name}_calibration")
+                    node.output.append(found[name])
+        return found
+
+    return expose(model.graph, set(wanted))
