@@ -21,6 +21,16 @@ Placement, decided from the graph (not by op-type lists the user writes):
   commute with ``Q`` up to saturation, so the result is unchanged, and TensorRT-style runtimes see
   the int8 path they expect; onnxruntime removes the redundant pairs.
 
+Control flow: nodes inside If branches (nested Ifs too) are placed like the main graph's, their
+QDQ in their own branch (onnxruntime fuses them there: QLinearConv inside silero-vad's
+branches); calibration reaches branch tensors through the If's outputs
+(``onnxopt.analyses.activations``), so a branch no calibration feed takes has no range and
+stays float, reported as such (silero-vad calibrated at 16 kHz quantizes the 16 kHz branch and
+leaves the 8 kHz one float). Nodes of Loop and Scan bodies stay float (``in a Loop or Scan
+body``): a body's tensor holds one iteration at a time, which calibration does not reach.
+Latency-guided placement times the main graph's sites only; those of branches stay with the
+drift budget.
+
 Arithmetic (ONNX QuantizeLinear/DequantizeLinear; Jacob et al., 2018, section 2.1; onnxruntime's
 QDQ format)::
 

@@ -80,12 +80,13 @@ TASKS = {
     "ch_ppocr_mobile_v2.0_cls_infer": Task("cnn", "argmax"),
     "ch_PP-OCRv4_det_infer": Task("cnn", "iou"),
     "silero_vad_16k_op15": Task("other", "cosine"),
+    "silero_vad": Task("other", "cosine"),
     "PP-OCRv6_rec_small": Task("cnn", "cer"),
     "PP-OCRv6_det_small": Task("cnn", "iou"),
     "magika": Task("other", "argmax"),
 }
 DEFAULT_MODELS = ("minilm_l6", "ch_PP-OCRv4_rec_infer", "ch_ppocr_mobile_v2.0_cls_infer",
-                  "ch_PP-OCRv4_det_infer", "silero_vad_16k_op15")
+                  "ch_PP-OCRv4_det_infer", "silero_vad_16k_op15", "silero_vad")
 METRIC_LABELS = {"masked-cosine": "cosine (non-padding)", "cer": "CER vs fp32",
                  "argmax": "argmax agreement", "iou": "IoU (map > 0.3)", "cosine": "min cosine"}
 
