@@ -57,9 +57,15 @@ def make_branch(nodes, outputs, initializers=(), name="branch") -> onnx.GraphPro
                              list(initializers))
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, optimize: bool = False,
+            path=None) -> ort.InferenceSession:
+    """An onnxruntime CPU session of ``model``: graph optimizations off unless ``optimize``;
+    ``path``: where onnxruntime saves the model it optimized (to read its fusions)."""
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if path is not None:
+        opts.optimized_model_filepath = str(path)
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 

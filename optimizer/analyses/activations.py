@@ -415,7 +415,8 @@ def _expose_branch_tensors(model: onnx.ModelProto, wanted: set[str]) -> dict[str
                     if inside in listed:  # already an output (the If's carries either branch's)
                         copy = fresh(f"{name}_calibration_copy")
                         body.node.append(onnx.helper.make_node(
-                            "Identity", [inside], [copy], name=fresh(f"{name}_calibration_Identity")))
+                            "Identity", [inside], [copy],
+                            name=fresh(f"{name}_calibration_Identity")))
                         inside = copy
                     body.output.append(onnx.helper.make_empty_tensor_value_info(inside))
                     empty = fresh(f"{name}_calibration_empty")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import session
 from onnxopt.graph import export_graph, import_graph
 from onnxopt.pass_manager import PassContext, PassManager, verify_model
 from onnxopt.passes.quantize_static import QuantizeStatic
@@ -35,14 +35,7 @@ def _f(name, shape):
 
 
 def _session(model, optimize=True, path=None):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if path is not None:
-        opts.optimized_model_filepath = str(path)
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    return session(model, optimize, path)
 
 
 def _quantize(model, feeds, **options):

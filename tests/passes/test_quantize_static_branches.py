@@ -9,11 +9,11 @@ import collections
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.analyses.activations import collect
+from helpers import session
 from onnxopt.graph import export_graph, graph_protos, import_graph
 from onnxopt.pass_manager import PassContext, PassManager, verify_model
 from onnxopt.passes.quantize_static import QuantizeStatic
@@ -103,14 +103,7 @@ def _convs_in_branches():
 
 
 def _session(model, optimize=True, path=None):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if path is not None:
-        opts.optimized_model_filepath = str(path)
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    return session(model, optimize, path)
 
 
 def _cosine(a, b):
