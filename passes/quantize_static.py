@@ -351,9 +351,13 @@ def _is_float(t: gs.Tensor, types: TensorTypes) -> bool:
     return dtype is not None and np.dtype(dtype).type in FLOAT_DTYPES
 
 
-def _group(node: gs.Node) -> str:
-    """The proposal group of ``node``: its name, or its first output's name when unnamed."""
-    return node.name or node.outputs[0].name
+def _group(node: gs.Node, ambiguous: frozenset[str] = frozenset()) -> str:
+    """The proposal group of ``node``: its name, or its first output's name when unnamed; a
+    name of ``ambiguous`` (carried by several weighted nodes: ONNX lets the nodes of two
+    branches share one) with the output's name added (tensor names are unique in the model)."""
+    if not node.name:
+        return node.outputs[0].name
+    return f"{node.name} ({node.outputs[0].name})" if node.name in ambiguous else node.name
 
 
 @dataclass
@@ -544,6 +548,9 @@ class QuantizeStatic(Pass):
         self._mixed: dict | None = None
         sites: list[_Site] = []
         types = ctx.analyses.get(TensorTypes)
+        named = collections.Counter(n.name for g, _ in _weighted_scopes(graph) for n in g.nodes
+                                    if n.op in QUANTIZED_OPS and n.name)
+        self._ambiguous = frozenset(name for name, k in named.items() if k > 1)
         for scope, calibrated in _weighted_scopes(graph):
             outputs = set(t.name for t in scope.outputs)
             members = {id(n) for n in scope.nodes}
@@ -554,7 +561,7 @@ class QuantizeStatic(Pass):
                     "in a Loop or Scan body (not calibrated)"
                 if reason is not None:
                     refused[reason] += 1
-                    self._float[_group(node)] = reason
+                    self._float[self._group(node)] = reason
                     continue
                 w = node.inputs[1]
                 bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -597,8 +604,10 @@ class QuantizeStatic(Pass):
             why = ("no finite calibration value" if site.scope is None else
                    "no calibration value (no feed takes its If branch, or none finite)")
             refused[why] += 1
-            self._float[_group(site.node)] = why
+            self._float[self._group(site.node)] = why
             sites.remove(site)
+        if ctx.budget is not None and any(s.scope is not None for s in sites):
+            self._unmeasured(graph, ctx, sites, refused)
         unranged = {n for n in names if stats[n].count == 0}
         _settle_outputs(sites, unranged)
         self._ranges = {n: tensor_range(stats[n], o.calibration, o.percentile, dtype)
@@ -623,9 +632,31 @@ class QuantizeStatic(Pass):
         proposals = []
         for site in sites:
             proposals.extend(self._site_proposals(graph, site, stats, dtype))
-        self._sites = {_group(s.node): s for s in sites}
+        self._sites = {self._group(s.node): s for s in sites}
         return PassResult(False, {"refused": dict(sorted(refused.items()))} if refused else {},
                           proposals=proposals)
+
+    def _unmeasured(self, graph: gs.Graph, ctx: PassContext, sites: list[_Site],
+                    refused: collections.Counter) -> None:
+        """Leave float (removed from ``sites``) the sites of If branches that none of the drift
+        budget's feeds takes: the budget would accept their proposals unmeasured (no harm seen),
+        whatever they cost on the inputs that take the branch. Reached means the site's output
+        was computed on some feed (its input may be an outer-scope tensor every feed computes).
+        """
+        branched = [s for s in sites if s.scope is not None]
+        reached = collect(export_graph(graph, ctx.template),
+                          {s.node.outputs[0].name: None for s in branched}, ctx.budget.feeds,
+                          histograms=False)
+        why = "no validation feed takes its If branch (the drift budget cannot measure it)"
+        for site in branched:
+            if reached[site.node.outputs[0].name].count == 0:
+                refused[why] += 1
+                self._float[self._group(site.node)] = why
+                sites.remove(site)
+
+    def _group(self, node: gs.Node) -> str:
+        """:func:`_group` of ``node`` in this run."""
+        return _group(node, self._ambiguous)
 
     def _reset_tallies(self) -> None:
         """Forget what building and applying proposals counted (QDQ pairs, stored bytes, biases,
@@ -655,7 +686,7 @@ class QuantizeStatic(Pass):
         channels = w.shape[out_axis]
         if site.bias is not None and site.bias.values.size != channels:
             site.bias = None  # a broadcast Gemm C: left float
-        group = _group(node)
+        group = self._group(node)
         mean = self._input_mean(site, stats[site.x.name]) if o.bias_correction else None
         extra = []
         needed = None
@@ -754,7 +785,7 @@ class QuantizeStatic(Pass):
         """The weight codes of ``site`` on the grid ``scale`` (int8, the weight's layout):
         ``q`` (round to nearest) unless ``rounding`` is ``gptq`` and the input's Gram matrix is
         known; then GPTQ's (computed once per site and scale)."""
-        node, group = site.node, _group(site.node)
+        node, group = site.node, self._group(site.node)
         if self.options.rounding != "gptq":
             return q
         conv = node.op == "Conv"
@@ -790,7 +821,7 @@ class QuantizeStatic(Pass):
         if unsigned is None:
             chosen = self._uint8
             unsigned = node.op == "MatMul" and (
-                self.options.uint8_weights if chosen is None else _group(node) in chosen)
+                self.options.uint8_weights if chosen is None else self._group(node) in chosen)
         return unsigned, REDUCED_QMAX if self.options.reduce_range and not unsigned else QMAX
 
     def _choose_uint8(self, graph: gs.Graph, ctx: PassContext, sites: list[_Site],
@@ -804,7 +835,7 @@ class QuantizeStatic(Pass):
         if not matmuls:
             return set()
         if ctx.budget is None:  # nothing to measure with: the accurate grid everywhere
-            chosen = {_group(s.node) for s in matmuls}
+            chosen = {self._group(s.node) for s in matmuls}
             self._mixed.update(ranking="none (no drift budget to measure with): every MatMul "
                                "weight uint8", uint8=sorted(chosen), elements_uint8=total)
             return chosen
@@ -818,12 +849,12 @@ class QuantizeStatic(Pass):
                 q, scale = self._codes(site, stats, self._grid(site.node, unsigned)[1])
                 proposals.append(Proposal(tensor=site.weight,
                                           value=dequantize(q, scale, site.axis),
-                                          apply=lambda: None, group=_group(site.node)))
+                                          apply=lambda: None, group=self._group(site.node)))
             harm[unsigned] = ctx.budget.harm_alone(graph, ctx.template, proposals,
                                                    RANKING_FEEDS)
         # what the uint8 grid saves over the 7-bit one, per weight element
         gain = {g: harm[False][g] - harm[True][g] for g in harm[False]}
-        size = {_group(s.node): int(s.weight.values.size) for s in matmuls}
+        size = {self._group(s.node): int(s.weight.values.size) for s in matmuls}
         limit = self.options.uint8_fraction * total
         chosen, used = set(), 0
         for group in sorted(gain, key=lambda g: -gain[g] / size[g]):
@@ -866,7 +897,7 @@ class QuantizeStatic(Pass):
         groups = _by_input(sites)
 
         def listing(keys):
-            return {", ".join(_group(s.node) for s in groups[x]):
+            return {", ".join(self._group(s.node) for s in groups[x]):
                     {"integer_us": measured[x][0], "float_us": measured[x][1]} for x in keys}
 
         self._latency = {
@@ -885,7 +916,7 @@ class QuantizeStatic(Pass):
                 continue
             refused["kept float: faster than integer"] += 1
             t_int, t_float = measured[site.x.name]
-            self._float[_group(site.node)] = (
+            self._float[self._group(site.node)] = (
                 f"float faster ({t_float:.0f} us, integer {t_int:.0f} us)"
                 if site.x.name in slower else
                 f"float faster in the whole model ({times[choice]:.0f} us, {with_kept:.0f} us "
@@ -1110,5 +1141,5 @@ class QuantizeStatic(Pass):
             "latency": self._latency if self._latency is not None else "off",
             "proposed": len(result.proposals), "accepted": len(accepted),
             "bytes_before": sum(nbytes(s.weight) for s in sites),
-            "bytes_after": sum(self._stored.get(_group(s.node), 0) for s in sites),
+            "bytes_after": sum(self._stored.get(self._group(s.node), 0) for s in sites),
         }

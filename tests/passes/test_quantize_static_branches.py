@@ -189,3 +189,64 @@ def test_weighted_nodes_of_a_loop_body_are_refused_with_the_reason():
                                       PassContext(template=model, calibration=feeds))
     assert record.stats["nodes_float"] == {"body_mm": "in a Loop or Scan body (not calibrated)"}
     assert record.stats["nodes_quantized"] == 0
+
+
+def test_a_branch_no_validation_feed_takes_stays_float():
+    """Calibration takes both branches, validation only the then branch: the drift budget
+    cannot measure the else branch's Conv (on the validation feeds it does not run), so it
+    stays float, with the reason, and computes exactly what it did."""
+    from onnxopt import optimize
+
+    model = _convs_in_branches()
+    out, report = optimize(model, quantize="int8-static",
+                           calibration=_images(8, True) + _images(8, False),
+                           inputs=_images(4, True))
+    stats = next(r.stats for r in report.passes if r.name == "quantize_static")
+    assert stats["nodes_float"]["conv3"] == ("no validation feed takes its If branch (the "
+                                             "drift budget cannot measure it)")
+    assert "conv1" not in stats["nodes_float"]
+    ref, quant = _session(model), _session(out)
+    for feed in _images(2, False):
+        np.testing.assert_array_equal(ref.run(None, feed)[0], quant.run(None, feed)[0])
+    # validated on both branches, the else branch's Conv is measured and quantized
+    _, report = optimize(model, quantize="int8-static",
+                         calibration=_images(8, True) + _images(8, False),
+                         inputs=_images(4, True) + _images(4, False))
+    stats = next(r.stats for r in report.passes if r.name == "quantize_static")
+    assert "conv3" not in stats["nodes_float"] and report.validation.passed
+
+
+def test_nodes_sharing_a_name_across_branches_are_told_apart():
+    """ONNX lets a main-graph node and a node of each branch share a name: each is its own
+    proposal group, counted and reported under its name plus its output's."""
+    w0, w1, w2 = (RNG.normal(size=(16, 16)).astype(np.float32) for _ in range(3))
+
+    def branch(op, w, out):
+        return helper.make_graph(
+            [helper.make_node(op, ["a"], [f"{out}_in"]),
+             helper.make_node("MatMul", [f"{out}_in", w], [out], name="mm")], out, [],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, [4, 16])],
+            [_init(w, {"w1": w1, "w2": w2}[w])])
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["a"], name="mm"),
+         helper.make_node("If", ["flag"], ["y"], then_branch=branch("Sin", "w1", "t"),
+                          else_branch=branch("Cos", "w2", "e"))], "g",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], [_init("w0", w0)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+
+    def feeds(n, flag):
+        return [{"flag": np.array(flag), "x": RNG.normal(size=(4, 16)).astype(np.float32)}
+                for _ in range(n)]
+
+    g = import_graph(model)
+    record = PassManager([]).run_pass(
+        QuantizeStatic(min_elements=1), g,
+        PassContext(template=model, calibration=feeds(8, True)))
+    stats = record.stats
+    assert stats["nodes_quantized"] == 2 and stats["bytes_before"] == 2 * w0.nbytes
+    assert stats["nodes_float"] == {
+        "mm (e)": "no calibration value (no feed takes its If branch, or none finite)"}
