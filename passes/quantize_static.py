@@ -26,7 +26,10 @@ QDQ in their own branch (onnxruntime fuses them there: QLinearConv inside silero
 branches); calibration reaches branch tensors through the If's outputs
 (``onnxopt.analyses.activations``), so a branch no calibration feed takes has no range and
 stays float, reported as such (silero-vad calibrated at 16 kHz quantizes the 16 kHz branch and
-leaves the 8 kHz one float). Nodes of Loop and Scan bodies stay float (``in a Loop or Scan
+leaves the 8 kHz one float). So does a branch none of the drift budget's feeds takes: the budget
+would accept its proposals unmeasured (silero-vad calibrated at 8 kHz and validated at 16 kHz:
+its 8 kHz outputs at cosine 0.982 against a budget of 0.99 before this rule). Node names may
+repeat across branches; such nodes are grouped and reported as ``name (output name)``. Nodes of Loop and Scan bodies stay float (``in a Loop or Scan
 body``): a body's tensor holds one iteration at a time, which calibration does not reach.
 Latency-guided placement times the main graph's sites only; those of branches stay with the
 drift budget.
@@ -202,7 +205,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
-from onnxopt.analyses.activations import collect
+from onnxopt.analyses.activations import calibration_feeds, collect
 from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTILE,
                                           tensor_range)
 from onnxopt.budget import RANKING_FEEDS, Proposal
@@ -584,7 +587,7 @@ class QuantizeStatic(Pass):
         names = {s.x.name for s in sites} | {s.output.name for s in sites if s.output}
         if o.latency_guided:  # a site left float may leave its producer's output unquantized
             names |= {s.quantizable_output.name for s in sites if s.quantizable_output}
-        feeds = ctx.calibration if ctx.calibration is not None else ctx.feeds
+        feeds = calibration_feeds(ctx, "static quantization")
         gptq = o.rounding == "gptq"
         channel = {s.x.name: (1 if s.node.op == "Conv" else -1) for s in sites} \
             if o.bias_correction or gptq else {}
