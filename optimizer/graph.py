@@ -49,6 +49,22 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
                         yield from iter_graphs(item)
 
 
+def branch_scopes(graph: gs.Graph, parent: gs.Graph | None = None, branch: bool = True
+                  ) -> Iterator[tuple[gs.Graph, gs.Graph | None, bool]]:
+    """``(g, parent, in_branches)`` for ``graph`` and every subgraph, depth first: ``parent`` the
+    graph holding the node that owns ``g`` (None for ``graph``), ``in_branches`` whether ``g`` is
+    ``graph`` or an If branch reached through If branches only -- whose tensors calibration
+    reaches (``onnxopt.analyses.activations``) and whose values run once per model run, unlike a
+    Loop or Scan body's, which run once per iteration."""
+    yield graph, parent, branch
+    for node in graph.nodes:
+        is_if = branch and node.op == "If" and node.domain in ("", "ai.onnx", None)
+        for value in node.attrs.values():
+            for sub in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(sub, gs.Graph):
+                    yield from branch_scopes(sub, graph, is_if)
+
+
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     if len(node.attrs) != 1:
         return None

@@ -198,7 +198,6 @@ import collections
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -210,7 +209,8 @@ from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTIL
                                           tensor_range)
 from onnxopt.budget import RANKING_FEEDS, Proposal
 from onnxopt.edit import nbytes
-from onnxopt.graph import export_graph, import_graph, opset_version
+from onnxopt.graph import (branch_scopes, export_graph, import_graph, iter_graphs,
+                           opset_version)
 from onnxopt.errors import UsageError
 from onnxopt.names import fresh_name
 from onnxopt.ops import FLOAT_DTYPES, is_default_domain, output_channel_axis
@@ -431,20 +431,6 @@ def _propagate(x: gs.Variable, reader: gs.Node, index: int, types: TensorTypes,
             _propagate(t, producer, i, types, out, members)
 
 
-def _weighted_scopes(graph: gs.Graph, calibrated: bool = True
-                     ) -> Iterator[tuple[gs.Graph, bool]]:
-    """``(g, calibrated)`` for ``graph`` and each subgraph, depth first: ``calibrated`` when
-    calibration reaches ``g``'s tensors -- the main graph and If branches (nested in each other
-    any deep), not Loop and Scan bodies (``onnxopt.analyses.activations``)."""
-    yield graph, calibrated
-    for node in graph.nodes:
-        branch = calibrated and node.op == "If" and is_default_domain(node)
-        for value in node.attrs.values():
-            for sub in (value if isinstance(value, (list, tuple)) else [value]):
-                if isinstance(sub, gs.Graph):
-                    yield from _weighted_scopes(sub, branch)
-
-
 def _bias_add(node: gs.Node, outputs: set[str]) -> gs.Constant | None:
     """The float32 constant ``c`` of ``MatMul -> Add(c)`` when that Add alone reads the MatMul
     output, ``c`` has one value per output column and nothing else reads it; else None."""
@@ -551,10 +537,10 @@ class QuantizeStatic(Pass):
         self._mixed: dict | None = None
         sites: list[_Site] = []
         types = ctx.analyses.get(TensorTypes)
-        named = collections.Counter(n.name for g, _ in _weighted_scopes(graph) for n in g.nodes
+        named = collections.Counter(n.name for g in iter_graphs(graph) for n in g.nodes
                                     if n.op in QUANTIZED_OPS and n.name)
         self._ambiguous = frozenset(name for name, k in named.items() if k > 1)
-        for scope, calibrated in _weighted_scopes(graph):
+        for scope, _, calibrated in branch_scopes(graph):
             outputs = set(t.name for t in scope.outputs)
             members = {id(n) for n in scope.nodes}
             for node in scope.nodes:

@@ -169,26 +169,109 @@ def test_drift_budget_keeps_harmful_node_float32():
     assert not in_float16.any() and run_ort(model, feeds[0])["y"].all()  # all lost
 
 
-def test_subgraphs_stay_float32_with_a_reason():
-    then = helper.make_graph([helper.make_node("Mul", ["h", "k"], ["t"])], "then", [],
+def _if_model():
+    """MatMul -> If(cond): then ``Mul(h, k)`` (k an initializer of the branch), else ``Neg(h)
+    * j`` -> Add. The If node itself stays float32 (its outputs' types are the branches')."""
+    then = helper.make_graph([helper.make_node("Mul", ["h", "k"], ["t"], name="then_mul")],
+                             "then", [],
                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
                              [onnx.numpy_helper.from_array(np.array(2.0, np.float32), "k")])
-    other = helper.make_graph([helper.make_node("Neg", ["h"], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["h"], ["n"], name="else_neg"),
+                               helper.make_node("Mul", ["n", "j"], ["e"], name="else_mul")],
+                              "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(_w(4), "j")])
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
              helper.make_node("If", ["cond"], ["z"], then_branch=then, else_branch=other,
                               name="if"),
              helper.make_node("Add", ["z", "b"], ["y"], name="add")]
-    model = make_model(nodes, [("x", np.float32, [2, 8]), ("cond", np.bool_, [])],
-                       [("y", np.float32, [2, 4])], {"W": _w(8, 4), "b": _w(4)}, check=False)
+    return make_model(nodes, [("x", np.float32, [2, 8]), ("cond", np.bool_, [])],
+                      [("y", np.float32, [2, 4])], {"W": _w(8, 4), "b": _w(4)}, check=False)
+
+
+def _branch_ops(model, key):
+    branch = next(a.g for a in model.graph.node[[n.op_type for n in model.graph.node].index(
+        "If")].attribute if a.name == key)
+    return branch
+
+
+def test_if_branches_convert_the_branch_no_feed_takes_stays_float32(tmp_path):
+    """The branch the calibration feeds take converts (its initializer stored float16; it reads
+    the float16 twin of the main graph's converted MatMul output directly, and one Cast back to
+    float32 writes the branch's output); the other branch has no calibrated range and stays
+    float32."""
+    model = _if_model()
     feed = {"x": RNG.normal(size=(2, 8)).astype(np.float32), "cond": np.array(True)}
     out, record = _convert(model, [feed])
-    assert record.stats["refused"]["has subgraphs"] == 1
-    assert record.stats["refused"]["in a subgraph (If/Loop/Scan bodies stay float32)"] == 2
+    stats = record.stats
+    assert stats["refused"]["has subgraphs"] == 1
+    assert stats["refused"]["no calibration value (no feed takes its If branch)"] == 2
+    then, other = _branch_ops(out, "then_branch"), _branch_ops(out, "else_branch")
+    assert [i.data_type for i in then.initializer] == [F16]
+    assert sorted(n.op_type for n in then.node) == ["Cast", "Mul"]
+    assert [n.op_type for n in other.node] == ["Neg", "Mul"]
+    assert [i.data_type for i in other.initializer] == [TensorProto.FLOAT]
+    assert stats["nodes_converted"] == 3  # mm, then_mul, add
     for flag in (True, False):
         f = {**feed, "cond": np.array(flag)}
         np.testing.assert_allclose(run_ort(out, f)["y"], run_ort(model, f)["y"],
                                    rtol=1e-2, atol=1e-2)
+    assert loads_optimized(out, tmp_path) == 0
+
+
+def test_if_branch_no_validation_feed_takes_stays_float32():
+    """Calibrated on both branches, measured by the drift budget on the then branch only: the
+    else branch's nodes stay float32 (the budget cannot measure them)."""
+    model = _if_model()
+    x = [RNG.normal(size=(2, 8)).astype(np.float32) for _ in range(4)]
+    calibration = [{"x": v, "cond": np.array(k % 2 == 0)} for k, v in enumerate(x)]
+    out, record = _convert(model, calibration, feeds=calibration[::2], max_drift=0.99)
+    reason = "no validation feed takes its If branch (the drift budget cannot measure it)"
+    assert record.stats["refused"][reason] == 2
+    assert [n.op_type for n in _branch_ops(out, "else_branch").node] == ["Neg", "Mul"]
+    assert "Cast" in [n.op_type for n in _branch_ops(out, "then_branch").node]
+
+
+def test_branch_nodes_without_weights_stay_float32():
+    """A branch whose nodes read no initializer stays float32 even when it reads a converted
+    main-graph value: converting it would only add the Cast of its output."""
+    branches = {key: helper.make_graph([helper.make_node(op, ["h"], [out], name=op.lower())],
+                                       key, [], [helper.make_tensor_value_info(
+                                           out, TensorProto.FLOAT, None)])
+                for key, op, out in (("then_branch", "Relu", "t"), ("else_branch", "Neg", "e"))}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("If", ["cond"], ["z"], name="if", **branches),
+             helper.make_node("Add", ["z", "b"], ["y"], name="add")]
+    model = make_model(nodes, [("x", np.float32, [2, 8]), ("cond", np.bool_, [])],
+                       [("y", np.float32, [2, 4])], {"W": _w(8, 4), "b": _w(4)}, check=False)
+    feeds = [{"x": RNG.normal(size=(2, 8)).astype(np.float32), "cond": np.array(flag)}
+             for flag in (True, False)]
+    out, record = _convert(model, feeds)
+    assert record.stats["refused"]["region without weights (its Casts would cost, nothing "
+                                   "shrinks)"] == 2
+    for key, op in (("then_branch", "Relu"), ("else_branch", "Neg")):
+        assert [n.op_type for n in _branch_ops(out, key).node] == [op]
+
+
+def test_loop_bodies_stay_float32_with_a_reason():
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["h", "k"], ["h2"]),
+         helper.make_node("Identity", ["c"], ["c2"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("c2", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h2", TensorProto.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(_w(4), "k")])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h0"], name="mm"),
+             helper.make_node("Loop", ["n", "", "h0"], ["y"], body=body, name="loop")]
+    model = make_model(nodes, [("x", np.float32, [2, 8]), ("n", np.int64, [])],
+                       [("y", np.float32, [2, 4])], {"W": _w(8, 4)}, check=False)
+    feed = {"x": RNG.normal(size=(2, 8)).astype(np.float32), "n": np.array(3, np.int64)}
+    out, record = _convert(model, [feed])
+    assert record.stats["refused"]["in a Loop or Scan body (stays float32)"] == 2
+    np.testing.assert_allclose(run_ort(out, feed)["y"], run_ort(model, feed)["y"],
+                               rtol=1e-2, atol=1e-2)
 
 
 def test_resize_scales_stay_float32():
