@@ -52,6 +52,14 @@ proposal is measured in float. Hence step
    (:meth:`DriftBudget.score_model`: optimizations off and on, the worse), then undone; when that
    fails, more groups stay float, found on real models (:meth:`DriftBudget.decide`).
 
+Groups the feeds cannot measure are left out before any of this: a group all of whose
+proposals act inside If branches that none of the budget's feeds takes (simulated proposals in
+such a branch, weights read only there) would show no harm and be accepted unmeasured --
+silero-vad validated at 16 kHz would have its 8 kHz branch changed unseen. They stay as they
+are (``Decision.unexercised``; the warning asks for feeds that take those branches). Nodes of
+Loop and Scan bodies are not judged this way (whether a body ran is not observed): their groups
+are decided as the main graph's.
+
 Evaluating a mix needs no new session per mix. Weight proposals: the proposed initializers
 become graph inputs of one session, fed original or proposed values. A quantized weight that
 gives its :class:`Dequantized` form is fed as its codes instead (one byte per element, not
@@ -77,7 +85,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import external, io, progress
 from onnxopt.errors import InputError
-from onnxopt.graph import edits_undone, export_graph, graph_protos, iter_graphs, opset_version
+from onnxopt.graph import (branch_scopes, edits_undone, export_graph, graph_protos, iter_graphs,
+                           opset_version)
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, kept_positions, parse_criteria)
 from onnxopt.names import NameAuthority, fresh_name
@@ -196,6 +205,8 @@ class Decision:
     first, and ``score_kernels`` each criterion's worst value on that model with the accepted
     groups (None: not checked), ``kernel_checks`` the number of real models that check scored,
     ``kernel_error`` the first reason onnxruntime could not load or run one (scored as failing).
+    ``unexercised`` are the kept groups no feed could measure (in If branches none takes; see
+    the module docstring), at the end of ``kept_groups``.
     """
 
     accepted: list[Proposal]
@@ -210,13 +221,15 @@ class Decision:
     score_kernels: dict[str, float] | None = None
     kernel_checks: int = 0
     kernel_error: str | None = None
+    unexercised: list[str] = field(default_factory=list)
 
     def report(self, source: str | None = None) -> dict:
         """The JSON-serializable record, for the proposals of ``source`` (None: all):
         ``target``, ``<metric>_all`` and ``<metric>_final`` per criterion, ``evaluations``,
         ``kept`` (the groups left out), ``sensitivity`` (``{group: {metric: value}}``) and, when
         the decision was checked on the real model, ``<metric>_kernels``, ``kernel_kept`` (the
-        groups of ``kept`` that check left out) and ``kernel_checks``."""
+        groups of ``kept`` that check left out) and ``kernel_checks``; ``unexercised`` (the
+        groups of ``kept`` no feed could measure) when there are any."""
         mine = {p.key for p in self.kept if source is None or p.source == source}
         kept = [g for g in self.kept_groups if g in mine]
         record = {"target": dict(self.target), "evaluations": self.evaluations}
@@ -225,6 +238,8 @@ class Decision:
             record[f"{name}_final"] = self.score_final[name]
         record["kept"] = kept
         record["sensitivity"] = {g: self.sensitivity[g] for g in kept if g in self.sensitivity}
+        if self.unexercised:
+            record["unexercised"] = [g for g in self.unexercised if g in mine]
         if self.kernel_checks:
             for name in self.target:
                 record[f"{name}_kernels"] = (self.score_kernels or {}).get(name)
@@ -488,6 +503,9 @@ class DriftBudget:
         Raises:
             InputError: onnxruntime cannot run the model on the feeds.
         """
+        idle = self.unexercised(graph, template, proposals)
+        unmeasured = [p for p in proposals if p.key in idle]
+        proposals = [p for p in proposals if p.key not in idle]
         score, chosen, groups, evaluations = self._scorer(graph, template, proposals, fallback)
         score_all = score(set(groups))
         kept: list[str] = []
@@ -561,9 +579,45 @@ class DriftBudget:
         accepted = accepted_with(set(kept))
         for p in accepted if apply else ():
             p.apply()
-        return Decision(accepted, [p for p in chosen if p.key in kept], dict(self.targets),
-                        score_all, score_final, evaluations(), sensitivity, kept,
-                        kernel_kept, score_kernels, len(measured), errors[0] if errors else None)
+        return Decision(accepted, [p for p in chosen if p.key in kept] + unmeasured,
+                        dict(self.targets), score_all, score_final, evaluations(), sensitivity,
+                        kept + idle, kernel_kept, score_kernels, len(measured),
+                        errors[0] if errors else None, idle)
+
+    def unexercised(self, graph: gs.Graph, template: onnx.ModelProto,
+                    proposals: list[Proposal]) -> list[str]:
+        """The groups of ``proposals`` (in order) that no feed of the budget can measure: every
+        proposal of the group acts only inside If branches that none of the feeds takes (a
+        simulated proposal's ``scope``, the graphs of a weight's readers); see the module
+        docstring. Costs one instrumented run over the feeds when any proposal acts in an If
+        branch (``onnxopt.analyses.activations.branches_run``).
+
+        Raises:
+            InputError: onnxruntime cannot load or run the instrumented model.
+        """
+        from onnxopt.analyses.activations import branches_run
+
+        owner: dict[int, gs.Graph | None] = {}
+        for g, _, in_branches in branch_scopes(graph):
+            for node in g.nodes:  # None: the main graph, or a Loop/Scan body (not judged)
+                owner[id(node)] = g if in_branches and g is not graph else None
+        branches = {id(g): g for g in owner.values() if g is not None}
+
+        def places(p: Proposal) -> list[gs.Graph | None]:
+            if p.simulate is not None:
+                return [p.scope if p.scope is not None and id(p.scope) in branches else None]
+            return [owner.get(id(n)) for n in p.tensor.outputs] or [None]
+
+        where = {id(p): places(p) for p in proposals}
+        used = {id(g): g for ps in where.values() for g in ps if g is not None}
+        if not used:
+            return []
+        ran = branches_run(graph, template, used.values(), self.feeds)
+        idle = {p.key for p in proposals}
+        for p in proposals:
+            if any(g is None or id(g) in ran for g in where[id(p)]):
+                idle.discard(p.key)
+        return [k for k in dict.fromkeys(p.key for p in proposals) if k in idle]
 
 
 #: The value fed to an evaluation model's input that the run does not read (the branch of
@@ -787,8 +841,14 @@ def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criter
     budget left unchanged (``decision["kept"]``, see :meth:`Decision.report`) to keep
     ``criteria`` (:meth:`DriftBudget.describe`), and when nothing changed at all, the
     ``refused`` reasons."""
-    kept = decision["kept"] if decision else []
+    unexercised = decision.get("unexercised", []) if decision else []
+    kept = [g for g in decision["kept"] if g not in unexercised] if decision else []
     warnings = []
+    if unexercised:
+        shown = ", ".join(unexercised[:3]) + (", ..." if len(unexercised) > 3 else "")
+        warnings.append(f"{pass_name} left {len(unexercised)} tensor(s) or group(s) unchanged "
+                        f"in If branches that no validation feed takes (the drift budget cannot "
+                        f"measure them; give --inputs that take them): {shown}")
     if kept:
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
         warnings.append(f"{pass_name} left {len(kept)} tensor(s) or group(s) unchanged to keep "

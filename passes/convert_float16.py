@@ -93,7 +93,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from onnxopt.analyses import TensorTypes
-from onnxopt.analyses.activations import collect
+from onnxopt.analyses.activations import branches_run, collect
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes
 from onnxopt.graph import branch_scopes, export_graph, iter_graphs, opset_version
@@ -358,15 +358,15 @@ class ConvertFloat16(Pass):
                     ) -> list[str]:
         """Remove from ``plans`` the nodes of If branches that none of the drift budget's feeds
         takes (the budget would accept them unmeasured); return a reason per node."""
-        branched = {key: p.node.outputs[p.outputs[0]].name for key, p in plans.items()
-                    if self._scope[key] is not graph and p.outputs}
+        branched = {key for key in plans if self._scope[key] is not graph}
         if not branched:
             return []
-        reached = collect(export_graph(graph, ctx.template), dict.fromkeys(branched.values()),
-                          ctx.budget.feeds, histograms=False)
+        ran = branches_run(graph, ctx.template,
+                           {id(self._scope[k]): self._scope[k] for k in branched}.values(),
+                           ctx.budget.feeds)
         reasons = []
-        for key, name in branched.items():
-            if reached[name].count == 0:
+        for key in branched:
+            if id(self._scope[key]) not in ran:
                 del plans[key]
                 reasons.append("no validation feed takes its If branch (the drift budget "
                                "cannot measure it)")

@@ -204,7 +204,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
-from onnxopt.analyses.activations import calibration_feeds, collect
+from onnxopt.analyses.activations import branches_run, calibration_feeds, collect
 from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTILE,
                                           tensor_range)
 from onnxopt.budget import RANKING_FEEDS, Proposal
@@ -629,16 +629,13 @@ class QuantizeStatic(Pass):
                     refused: collections.Counter) -> None:
         """Leave float (removed from ``sites``) the sites of If branches that none of the drift
         budget's feeds takes: the budget would accept their proposals unmeasured (no harm seen),
-        whatever they cost on the inputs that take the branch. Reached means the site's output
-        was computed on some feed (its input may be an outer-scope tensor every feed computes).
-        """
+        whatever they cost on the inputs that take the branch."""
         branched = [s for s in sites if s.scope is not None]
-        reached = collect(export_graph(graph, ctx.template),
-                          {s.node.outputs[0].name: None for s in branched}, ctx.budget.feeds,
-                          histograms=False)
+        ran = branches_run(graph, ctx.template, {id(s.scope): s.scope for s in branched}.values(),
+                           ctx.budget.feeds)
         why = "no validation feed takes its If branch (the drift budget cannot measure it)"
         for site in branched:
-            if reached[site.node.outputs[0].name].count == 0:
+            if id(site.scope) not in ran:
                 refused[why] += 1
                 self._float[self._group(site.node)] = why
                 sites.remove(site)

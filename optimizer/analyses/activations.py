@@ -370,6 +370,31 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
     return ActivationStats(stats, count)
 
 
+#: Node outputs of a branch whose values tell whether it ran (one may be empty when it did).
+BRANCH_PROBES = 3
+
+
+def branches_run(graph: gs.Graph, template: onnx.ModelProto, branches: Iterable[gs.Graph],
+                 feeds) -> set[int]:
+    """``id``s of the graphs of ``branches`` (If branches of ``graph``'s model, reached from the
+    main graph through If branches only: ``onnxopt.graph.branch_scopes``) that compute a value
+    on at least one of ``feeds``: a branch none of them takes is not among them, nor one whose
+    probed outputs (the first :data:`BRANCH_PROBES` named node outputs) are all empty or
+    non-finite. What a drift budget measured on ``feeds`` cannot see.
+
+    Raises:
+        InputError: onnxruntime cannot load or run the instrumented model.
+    """
+    probes = {id(g): [o.name for n in g.nodes for o in n.outputs if o.name][:BRANCH_PROBES]
+              for g in branches}
+    names = sorted({n for found in probes.values() for n in found})
+    if not names:
+        return set()
+    stats = collect(export_graph(graph, template), dict.fromkeys(names), feeds,
+                    histograms=False)
+    return {key for key, found in probes.items() if any(stats[n].count for n in found)}
+
+
 def _expose_branch_tensors(model: onnx.ModelProto, wanted: set[str]) -> dict[str, str]:
     """Make each tensor of ``wanted`` computed in an If branch of ``model``'s main graph (at any
     depth of nested Ifs) reachable as a tensor of the main graph (module docstring); edits

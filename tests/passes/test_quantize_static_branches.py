@@ -250,3 +250,38 @@ def test_nodes_sharing_a_name_across_branches_are_told_apart():
     assert stats["nodes_quantized"] == 2 and stats["bytes_before"] == 2 * w0.nbytes
     assert stats["nodes_float"] == {
         "mm (e)": "no calibration value (no feed takes its If branch, or none finite)"}
+
+
+def test_drift_budget_leaves_unmeasured_branches_of_any_lossy_pass_unchanged():
+    """int8-weight has no branch rule of its own: the drift budget leaves out the groups acting
+    only in If branches none of its feeds takes, says so, and decides the others as usual."""
+    from onnxopt import optimize
+
+    model = _convs_in_branches()
+    out, report = optimize(model, quantize="int8-weight", inputs=_images(3, False))
+    record = next(r for r in report.passes if r.name == "quantize_weights")
+    assert sorted(record.stats["drift_budget"]["unexercised"]) == ["conv1", "conv2"]
+    assert any("no validation feed takes" in w for w in report.warnings)
+    branches = {a.name: a.g for a in out.graph.node[0].attribute}
+    assert [n.op_type for n in branches["then_branch"].node] == ["Conv", "Relu", "Conv"]
+    assert "DequantizeLinear" in [n.op_type for n in branches["else_branch"].node]
+    assert report.validation.passed
+
+
+def test_drift_budget_with_every_group_unmeasured():
+    """Every proposal in a branch the feeds never take: nothing to measure, nothing applied."""
+    from onnxopt import optimize
+
+    w = RNG.normal(size=(16, 16)).astype(np.float32)
+    then = _branch([helper.make_node("MatMul", ["x", "w"], ["t"], name="mm")], "then", "t",
+                   [_init("w", w)], [4, 16])
+    other = _branch([helper.make_node("Neg", ["x"], ["e"])], "else", "e", (), [4, 16])
+    model = _model(then, other, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                               [4, 16])], [4, 16])
+    feeds = [{"flag": np.array(False), "x": RNG.normal(size=(4, 16)).astype(np.float32)}
+             for _ in range(3)]
+    out, report = optimize(model, quantize="int8-weight", inputs=feeds)
+    record = next(r for r in report.passes if r.name == "quantize_weights")
+    assert record.stats["drift_budget"]["unexercised"] == ["mm"]
+    assert "DequantizeLinear" not in [n.op_type for g in graph_protos(out.graph) for n in g.node]
+    assert report.validation.passed

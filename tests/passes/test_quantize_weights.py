@@ -352,12 +352,15 @@ def test_real_model(name):
 
 def test_drift_budget_keeps_the_sensitive_weight_float():
     """silero_vad_op18_ifless: quantizing every weight gives cosine 0.987 on ``stateN``; the
-    budget keeps the recurrent input weight float and the outputs within 0.99."""
+    budget keeps the recurrent input weight float and the outputs within 0.99. Its 8 kHz
+    branch, which the stored 16 kHz inputs never take, stays float as unmeasured."""
     path, inputs = _zoo("silero_vad_op18_ifless")
     _, report = optimize(path, quantize="int8-weight", inputs=inputs)
     budget = next(r.stats for r in report.passes if r.name == "quantize_weights")["drift_budget"]
     assert budget["cosine_all"] < 0.99 <= budget["cosine_final"]
-    assert budget["kept"] and len(budget["kept"]) <= 2
+    measured = [g for g in budget["kept"] if g not in budget.get("unexercised", [])]
+    assert measured and len(measured) <= 2
+    assert budget["unexercised"]
     assert min(o.cosine for o in report.validation.outputs) >= 0.99
 
 
