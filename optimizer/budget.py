@@ -370,6 +370,8 @@ class DriftBudget:
                 forms.pop(init.name, None)
                 model.graph.input.append(onnx.helper.make_tensor_value_info(
                     init.name, init.data_type, list(init.dims)))
+            if g is not model.graph:
+                _outputs_copied(g, names, model)
         fed = _dequantized_inputs(model, forms)
         session = make_session(model, "model with lossy proposals", optimized=True)
         inputs = [i.name for i in session.get_inputs()]
@@ -618,6 +620,24 @@ class DriftBudget:
             if any(g is None or id(g) in ran for g in where[id(p)]):
                 idle.discard(p.key)
         return [k for k in dict.fromkeys(p.key for p in proposals) if k in idle]
+
+
+def _outputs_copied(g: onnx.GraphProto, names: set[str], model: onnx.ModelProto) -> None:
+    """Let the subgraph ``g`` return the outer-scope values ``names`` (its initializers, now
+    main-graph inputs) through an ``Identity`` each: onnxruntime refuses a subgraph output that
+    is an outer-scope value returned directly. Subgraph outputs bind by position, so the copy
+    takes a fresh name."""
+    returned = [o for o in g.output if o.name in names]
+    if not returned:
+        return
+    fresh = NameAuthority({n for sub in graph_protos(model.graph) for n in itertools.chain(
+        (i.name for i in sub.input), (i.name for i in sub.initializer),
+        (o.name for o in sub.output), (o for node in sub.node for o in node.output))}).fresh
+    for out in returned:
+        copy = fresh(f"{out.name}_budget_returned")
+        g.node.append(onnx.helper.make_node("Identity", [out.name], [copy],
+                                            name=fresh(f"{out.name}_budget_Identity")))
+        out.name = copy
 
 
 #: The value fed to an evaluation model's input that the run does not read (the branch of

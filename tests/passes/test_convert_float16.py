@@ -253,6 +253,36 @@ def test_branch_nodes_without_weights_stay_float32():
         assert [n.op_type for n in _branch_ops(out, key).node] == [op]
 
 
+def test_branch_returning_its_own_initializer_is_measured():
+    """A branch initializer that the branch also returns, read by a node float16 converts: the
+    drift budget's evaluation model feeds it from the main graph, and the branch returns that
+    outer value through a copy (onnxruntime refuses an outer value returned directly)."""
+    c = _w(4, 16)
+    then = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["xa"]), helper.make_node("MatMul", ["xa", "w"],
+                                                                       ["t"])], "then", [],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [4, 16]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, [4, 16])],
+        [onnx.numpy_helper.from_array(c, "c"), onnx.numpy_helper.from_array(_w(16, 16), "w")])
+    other = helper.make_graph(
+        [helper.make_node("Sin", ["x"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["e"])],
+        "else", [], [helper.make_tensor_value_info("s", TensorProto.FLOAT, [4, 16]),
+                     helper.make_tensor_value_info("e", TensorProto.FLOAT, [4, 16])],
+        [onnx.numpy_helper.from_array(_w(16, 16), "w2")])
+    nodes = [helper.make_node("If", ["flag"], ["y1", "y2"], then_branch=then, else_branch=other)]
+    model = make_model(nodes, [("flag", np.bool_, []), ("x", np.float32, [4, 16])],
+                       [("y1", np.float32, [4, 16]), ("y2", np.float32, [4, 16])], {},
+                       check=False)
+    feeds = [{"flag": np.array(k % 2 == 0), "x": RNG.normal(size=(4, 16)).astype(np.float32)}
+             for k in range(4)]
+    out, record = _convert(model, feeds, feeds=feeds, max_drift=0.99)
+    assert record.stats["nodes_converted"] >= 2
+    for f in feeds[:2]:
+        for name in ("y1", "y2"):
+            np.testing.assert_allclose(run_ort(out, f)[name], run_ort(model, f)[name],
+                                       rtol=1e-2, atol=1e-2)
+
+
 def test_loop_bodies_stay_float32_with_a_reason():
     body = helper.make_graph(
         [helper.make_node("Mul", ["h", "k"], ["h2"]),
