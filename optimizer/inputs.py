@@ -477,6 +477,9 @@ class FeedStream:
     ``warnings`` collects what :func:`check_feeds` says about the feeds read so far (keys that
     name no input), once per feed label.
 
+    Raises:
+        UsageError: ``source`` is an empty list or tuple, or of an unknown type.
+
     Raises (when iterated):
         InputError: an unreadable file, or a feed that lacks an input or has a wrong dtype,
             rank or static dim (the message names the file, or the feed's index).
@@ -492,6 +495,9 @@ class FeedStream:
             self._files = feed_files(source)  # raises now: a missing folder is a usage mistake
         elif isinstance(source, dict):
             self._source = [source]
+        elif isinstance(source, (list, tuple)) and not source:
+            raise UsageError(f"{what}: no feeds (an empty {type(source).__name__}); give at "
+                             "least one, or leave it out")
         elif not callable(source) and not isinstance(source, Iterable):
             raise UsageError(f"{what}: expected a path, a feed, an iterable of feeds or a "
                              f"function returning one, got {type(source).__name__}")

@@ -637,6 +637,8 @@ def test_iterables_of_feeds_stream_and_a_generator_is_consumed_once():
     assert len(list(FeedStream(feed, _stream_model()))) == 1
     with pytest.raises(InputError, match="calibration feed 0: expected"):
         list(FeedStream([3], _stream_model()))
+    with pytest.raises(UsageError, match="no feeds"):  # not a silent run without data
+        FeedStream([], _stream_model())
 
 
 def test_optimize_hands_passes_a_streaming_calibration(tmp_path):
