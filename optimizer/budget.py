@@ -859,8 +859,9 @@ def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criter
                    refused: dict | None = None) -> list[str]:
     """What a lossy pass tells the user when it did less than asked: the groups the drift
     budget left unchanged (``decision["kept"]``, see :meth:`Decision.report`) to keep
-    ``criteria`` (:meth:`DriftBudget.describe`), and when nothing changed at all, the
-    ``refused`` reasons."""
+    ``criteria`` (:meth:`DriftBudget.describe`) or because no feed could measure them, the
+    ``refused`` reasons that name If branches (nodes no calibration or validation feed
+    reached), and when nothing changed at all, every ``refused`` reason."""
     unexercised = decision.get("unexercised", []) if decision else []
     kept = [g for g in decision["kept"] if g not in unexercised] if decision else []
     warnings = []
@@ -873,6 +874,11 @@ def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criter
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
         warnings.append(f"{pass_name} left {len(kept)} tensor(s) or group(s) unchanged to keep "
                         f"every output's {criteria}: {shown}")
+    branches = {k: v for k, v in (refused or {}).items() if "If branch" in k}
+    if branches and modified:  # a pass that changed nothing says all its reasons below
+        why = ", ".join(f"{k}: {v}" for k, v in branches.items())
+        warnings.append(f"{pass_name} left nodes of If branches unchanged ({why}); give "
+                        f"--calibration-data and --inputs whose feeds take those branches")
     if not modified:
         why = ", ".join(f"{k}: {v}" for k, v in (refused or {}).items())
         warnings.insert(0, f"{pass_name} changed nothing" + (f" ({why})" if why else ""))

@@ -290,6 +290,11 @@ class QuantizeStaticOptions(QuantizeOptions):
             uint8 weights while their elements stay within this fraction of all quantized MatMul
             weight elements (module docstring, "Mixed weight grids"). None: one grid for all.
         min_elements: weights with fewer elements stay float.
+        min_macs: a node doing fewer multiply-adds per model run than this (its weight's
+            elements times the positions its input has per calibration feed) stays float: its
+            QuantizeLinear/DequantizeLinear pairs cost more than its integer kernel saves (the
+            1x1 convolutions of squeeze-and-excitation blocks, on a ``[N, C, 1, 1]`` input).
+            0: no such rule.
         latency_guided: time every quantized site (the readers of one activation tensor, which
             share its QuantizeLinear) on onnxruntime in integer and in float form, and leave it
             float when the integer form is slower by more than ``latency_margin`` (module
@@ -315,6 +320,7 @@ class QuantizeStaticOptions(QuantizeOptions):
     uint8_weights: bool = False
     uint8_fraction: float | None = None
     min_elements: int = MIN_ELEMENTS
+    min_macs: int = 0
     latency_guided: bool = False
     latency_margin: float = LATENCY_MARGIN
     latency_rounds: int = LATENCY_ROUNDS
@@ -330,6 +336,8 @@ class QuantizeStaticOptions(QuantizeOptions):
             return f"option percentile must be in (50, 100], got {self.percentile}"
         if self.activation_type not in _ACTIVATION_TYPES:
             return f"option activation_type must be uint8 or int8, got {self.activation_type!r}"
+        if self.min_macs < 0:
+            return f"option min_macs must be at least 0, got {self.min_macs}"
         if self.min_elements < 1:
             return f"option min_elements must be at least 1, got {self.min_elements}"
         if self.uint8_fraction is not None:
@@ -456,6 +464,15 @@ def _input_channels(node: gs.Node, w: gs.Constant) -> int:
     if node.op == "Gemm" and node.attrs.get("transB", 0):
         return w.shape[1]
     return w.shape[0]
+
+
+def _macs(site: _Site, stats) -> float:
+    """Multiply-adds of ``site``'s node per calibration feed: its weight's elements (one
+    multiply-add each per position) times the positions of its input -- the input's elements
+    per feed over the channels the weight reads (stride ignored)."""
+    x = stats[site.x.name]
+    positions = x.count / max(stats.feeds, 1) / _input_channels(site.node, site.weight)
+    return positions * site.weight.values.size
 
 
 def _settle_outputs(sites: list[_Site], unranged: set[str]) -> None:
@@ -594,6 +611,11 @@ class QuantizeStatic(Pass):
                    "no calibration value (no feed takes its If branch, or none finite)")
             refused[why] += 1
             self._float[self._group(site.node)] = why
+            sites.remove(site)
+        for site in [s for s in sites if o.min_macs and _macs(s, stats) < o.min_macs]:
+            refused["too small to gain"] += 1
+            self._float[self._group(site.node)] = (
+                f"too small to gain ({_macs(site, stats):.0f} multiply-adds per run)")
             sites.remove(site)
         if ctx.budget is not None and any(s.scope is not None for s in sites):
             self._unmeasured(graph, ctx, sites, refused)

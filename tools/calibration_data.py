@@ -1080,10 +1080,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "model with a builder)")
     parser.add_argument("--calibration", type=int, metavar="N",
                         help=f"calibration feeds per model (default {DEFAULT_COUNTS['calibration']};"
-                        " MiniLM 32 batches of 8)")
+                        f" MiniLM {MODEL_COUNTS['minilm_l6']['calibration']} batches of 8)")
     parser.add_argument("--evaluation", type=int, metavar="M",
                         help=f"evaluation feeds per model (default {DEFAULT_COUNTS['evaluation']};"
-                        " MiniLM 16 batches of 8)")
+                        f" MiniLM {MODEL_COUNTS['minilm_l6']['evaluation']} batches of 8)")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DATA, help="default models/data")
     parser.add_argument("--zoo", type=Path, default=zoo.DEFAULT_DEST, help="default models/zoo")
     parser.add_argument("--seed", type=int, default=0)

@@ -205,6 +205,8 @@ def test_a_branch_no_validation_feed_takes_stays_float():
     assert stats["nodes_float"]["conv3"] == ("no validation feed takes its If branch (the "
                                              "drift budget cannot measure it)")
     assert "conv1" not in stats["nodes_float"]
+    assert any("left nodes of If branches unchanged" in w and "--inputs" in w
+               for w in report.warnings)
     ref, quant = _session(model), _session(out)
     for feed in _images(2, False):
         np.testing.assert_array_equal(ref.run(None, feed)[0], quant.run(None, feed)[0])
