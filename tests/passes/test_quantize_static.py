@@ -640,3 +640,24 @@ def test_uint8_fraction_is_checked(bad):
     from onnxopt.errors import UsageError
     with pytest.raises(UsageError, match="uint8_fraction"):
         QuantizeStatic(**bad)
+
+
+def test_min_macs_leaves_float_the_nodes_too_small_to_gain():
+    """A squeeze-and-excitation 1x1 Conv on a ``[N, C, 1, 1]`` input does C_out * C_in
+    multiply-adds per run; with ``min_macs`` above that it stays float with the count, the
+    large Conv is quantized; the default (0) quantizes both."""
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="big"),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             helper.make_node("Conv", ["g", "W2"], ["s"], name="se"),
+             helper.make_node("Mul", ["c", "s"], ["y"])]
+    inits = {"W": RNG.normal(size=(16, 3, 3, 3)).astype(np.float32),
+             "B": RNG.normal(size=16).astype(np.float32),
+             "W2": RNG.normal(size=(16, 16, 1, 1)).astype(np.float32) / 4}
+    model = _model(nodes, [_f("x", [1, 3, 8, 8])], [_f("y", [1, 16, 8, 8])], inits)
+    feeds = _feeds((1, 3, 8, 8))
+    _, stats = _quantize(model, feeds, min_macs=1000)
+    assert stats["nodes_float"] == {"se": "too small to gain (256 multiply-adds per run)"}
+    assert stats["nodes_quantized"] == 1  # big: 64 positions x 432 = 27648 multiply-adds
+    _, stats = _quantize(model, feeds)
+    assert stats["nodes_quantized"] == 2
+    assert "option min_macs" in QuantizeStatic.Options(min_macs=-1).check()
