@@ -95,9 +95,9 @@ import onnxruntime as ort
 from onnxopt import external, io, progress
 from onnxopt.errors import InputError
 from onnxopt.graph import graph_protos
-from onnxopt.metrics import (METRICS, Criterion, Tally, as_setting, flatten_sequence,
-                             format_comparison, kept_positions, layout, output_metrics,
-                             parse_criteria, pooled_cosine)
+from onnxopt.metrics import (METRICS, CosineMetric, Criterion, Tally, as_setting,
+                             flatten_sequence, format_comparison, kept_positions, layout,
+                             output_metrics, parse_criteria, pooled_cosine)
 
 __all__ = ["compare_models", "reference_outputs", "ReferenceOutputs", "make_session", "run_model",
            "session_options", "OutputMetrics", "ValidationResult", "output_metrics",
@@ -372,6 +372,13 @@ def compare_models(reference: onnx.ModelProto | bytes, candidate: onnx.ModelProt
     result.warnings = [f"output '{name}' is constant on these inputs: agreeing on it shows "
                        "little; give inputs the model responds to with --inputs"
                        for name in constant]
+    if lossy and len(feeds) == 1 and any(isinstance(c.metric, CosineMetric) for c in criteria):
+        # one value compared with one value: a cosine of 1 whenever the signs agree
+        result.warnings += [
+            f"output '{name}' has one value and there is one feed: its cosine is 1 whenever "
+            "the signs agree and cannot fail; give more feeds with --inputs or a criterion "
+            "such as --max-drift cosine=0.99,max-abs=0.01"
+            for i, name in enumerate(ref_names) if flatten_sequence(ref_outs[0][i]).size == 1]
     failed = [i for i, m in enumerate(metrics) if not m.passed]
     if failed and not run.structural.intersection(failed):
         _second_look(result, reference, feeds, ref_outs, run.cand_failing,

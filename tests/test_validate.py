@@ -217,6 +217,29 @@ def test_constant_outputs_are_warned_about_and_relative_error_ignores_zeros():
     assert z.max_rel == pytest.approx(0.001 / 2, rel=1e-3)  # the exact zero at x=-1 is skipped
 
 
+def test_a_one_value_output_on_one_feed_is_warned_about_under_cosine():
+    """One value against one value: its cosine is 1 whenever the signs agree (a probability off
+    by 10x passes), so a lossy cosine check over one feed says it cannot judge that output;
+    with two feeds the values form a vector and the check can fail."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["p"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    scaled = helper.make_model(helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Mul", ["s", "ten"], ["p"])], "g", list(graph.input), list(graph.output),
+        [helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0])]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    one = [{"x": np.array([0.1, 0.2, 0.3, 0.4], np.float32)}]
+    result = compare_models(model, scaled, one, lossy=True)
+    assert result.passed and any("'p' has one value" in w for w in result.warnings)
+    two = one + [{"x": np.array([-0.5, 0.2, 0.3, 0.4], np.float32)}]
+    assert not any("one value" in w for w in compare_models(model, model, two,
+                                                             lossy=True).warnings)
+
+
 def test_models_over_the_protobuf_limit_run_from_external_data(monkeypatch):
     """A model that cannot be serialized in one message (over 2 GiB; simulated) is written to a
     temporary folder with external data and loaded from there, not refused."""
