@@ -262,6 +262,10 @@ class QuantizeDynamic(Pass):
         proposals = []
         for g in usedef.scopes:
             for node in list(g.nodes):
+                if node.op == "Conv" and "Conv" not in ops and len(node.inputs) > 1 and \
+                        isinstance(node.inputs[1], gs.Constant):
+                    refused["Conv (option conv off: ConvInteger ran slower than float)"] += 1
+                    continue
                 if node.op not in ops or len(node.inputs) < 2:
                     continue
                 reason = _node_refusal(node, self.options) \

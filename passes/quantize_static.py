@@ -1133,8 +1133,9 @@ class QuantizeStatic(Pass):
             "scheme": (("QDQ, per-channel" if self.options.per_channel else "QDQ, per-tensor")
                        + (" uint8 MatMul weights (zero point 128), int8 others"
                           if self.options.uint8_weights else
-                          " int8 weights, uint8 for the MatMuls of uint8_weights_mixed"
-                          if self._mixed is not None else " int8 weights")),
+                          " int8 weights, uint8 for the MatMuls listed in uint8_weights_mixed"
+                          if self._mixed is not None and self._mixed.get("uint8") else
+                          " int8 weights")),
             **({"uint8_weights_mixed": self._mixed} if self._mixed is not None else {}),
             "activation_type": self.options.activation_type,
             "calibration": self._calibration,
