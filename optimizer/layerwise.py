@@ -7,8 +7,12 @@ so every tensor is judged exactly like an output). A candidate tensor is *matche
 reference tensor of the same name: the passes keep a tensor's name whenever the rewrite keeps its
 value (a fused Conv+BatchNormalization takes over the BatchNormalization's output name), so a
 rewrite that renames or fuses a value leaves it *unmatched*, and it is listed as such, never
-guessed. Not exposed, and listed as *skipped*: tensors inside subgraphs (If/Loop/Scan bodies)
-and values that are not tensors (sequences, optionals, maps), as the
+guessed. Tensors inside If branches (nested Ifs too) are compared as well: each is threaded out
+as a new output of its If (``onnxopt.analyses.activations.expose_branch_tensors``; on a feed
+taking the other branch both models give an empty tensor, which agrees) and named
+``<tensor>@branch`` among the exposed outputs. Not exposed, and listed as *skipped*: tensors
+inside Loop and Scan bodies (one iteration at a time), branch tensors whose dtype ONNX shape
+inference does not give, and values that are not tensors (sequences, optionals, maps), as the
 :class:`~onnxopt.analyses.TensorTypes` analysis finds them (a value whose kind it cannot tell is
 tried as a tensor). Outputs of ``Constant`` nodes are parameters, like initializers, and are not
 compared.
@@ -43,7 +47,7 @@ from onnx import helper
 
 from onnxopt.analyses import TensorTypes
 from onnxopt.errors import InputError
-from onnxopt.graph import graph_protos, import_graph
+from onnxopt.graph import import_graph
 from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, OutputMetrics,
                                 compare_models)
 
@@ -134,6 +138,10 @@ class _Tensors:
 
     producers: dict[str, onnx.NodeProto]
     not_exposed: dict[str, str]
+    #: node outputs of If branches (reached through If branches only), with their producer
+    branch: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    #: every exposable name in topological order: an If's branch tensors before its outputs
+    order: list[str] = field(default_factory=list)
 
 
 def _non_tensor_values(model: onnx.ModelProto) -> dict[str, str]:
@@ -156,29 +164,57 @@ def _non_tensor_values(model: onnx.ModelProto) -> dict[str, str]:
 
 def _tensors(model: onnx.ModelProto) -> _Tensors:
     non_tensor = _non_tensor_values(model)
-    producers, not_exposed = {}, {}
-    for node in model.graph.node:
+    found = _Tensors({}, {})
+    _walk(model.graph, found, non_tensor, "main")
+    return found
+
+
+def _walk(graph: onnx.GraphProto, found: _Tensors, non_tensor: dict, where: str) -> None:
+    """Record the node outputs of ``graph`` (``where``: "main", "branch" -- an If branch
+    reached through If branches only -- or "body", inside a Loop or Scan body) in ``found``,
+    in topological order, a node's subgraphs before its outputs."""
+    for node in graph.node:
+        is_if = node.op_type == "If" and node.domain in ("", "ai.onnx")
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                _walk(sub, found, non_tensor, "branch" if is_if and where != "body" else "body")
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             continue
         for name in filter(None, node.output):
-            if name in non_tensor:
-                not_exposed[name] = f"not a tensor ({non_tensor[name]})"
+            if where == "body":
+                found.not_exposed.setdefault(name, "inside a Loop or Scan body")
+            elif where == "main" and name in non_tensor:
+                found.not_exposed[name] = f"not a tensor ({non_tensor[name]})"
             else:
-                producers[name] = node
-    for sub in list(graph_protos(model.graph))[1:]:
-        for node in sub.node:
-            for name in filter(None, node.output):
-                not_exposed.setdefault(name, "inside a subgraph")
-    return _Tensors(producers, not_exposed)
+                (found.producers if where == "main" else found.branch)[name] = node
+                found.order.append(name)
 
 
-def _exposing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph outputs are exactly ``names`` (types left to onnxruntime)."""
+#: Suffix of the output a branch tensor is exposed as (tensor names are unique in a model).
+BRANCH_SUFFIX = "@branch"
+
+
+def _exposing(model: onnx.ModelProto, names: list[str], branch: set[str] = frozenset()
+              ) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose graph outputs are exactly ``names`` (types left to onnxruntime),
+    those of ``branch`` (If-branch tensors) as ``<name>@branch``, and the names exposed (a
+    branch tensor whose dtype shape inference does not give is left out)."""
+    from onnxopt.analyses.activations import expose_branch_tensors
+
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
+    threaded = expose_branch_tensors(exposed, {n for n in names if n in branch},
+                                     guess_float=False)
     del exposed.graph.output[:]
-    exposed.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    return exposed
+    shown = [n for n in names if n not in branch or n in threaded]
+    for n in shown:
+        if n in threaded:
+            exposed.graph.node.append(helper.make_node("Identity", [threaded[n]],
+                                                       [n + BRANCH_SUFFIX]))
+    exposed.graph.output.extend(helper.make_empty_tensor_value_info(
+        n + BRANCH_SUFFIX if n in threaded else n) for n in shown)
+    return exposed, shown
 
 
 def _node_ref(node: onnx.NodeProto) -> NodeRef:
@@ -186,10 +222,11 @@ def _node_ref(node: onnx.NodeProto) -> NodeRef:
 
 
 def _rank(candidate: onnx.ModelProto, snr: dict[str, float]) -> list[NodeError]:
-    """Candidate nodes by the SNR they lose (see the module docstring), most first."""
+    """Candidate nodes by the SNR they lose (see the module docstring), most first; nodes of
+    If branches included (an If node itself is not ranked: its branches' nodes are)."""
     effective = {i.name: math.inf for i in candidate.graph.input}
     entries = []
-    for node in candidate.graph.node:
+    for node in _in_order(candidate.graph):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             continue
         worst_in = min((effective[i] for i in node.input if i in effective), default=math.inf)
@@ -198,6 +235,8 @@ def _rank(candidate: onnx.ModelProto, snr: dict[str, float]) -> list[NodeError]:
             effective[o] = snr.get(o, worst_in)
         if not matched:
             continue
+        if node.op_type == "If":  # its error is its branches' nodes', ranked themselves
+            continue
         tensor = min(matched, key=lambda o: snr[o])
         out = snr[tensor]
         added = 0.0 if worst_in == out else worst_in - out
@@ -205,6 +244,16 @@ def _rank(candidate: onnx.ModelProto, snr: dict[str, float]) -> list[NodeError]:
             entries.append(NodeError(_node_ref(node), tensor, worst_in, out, added))
     entries.sort(key=lambda e: (-e.added_db, e.output_snr_db))
     return entries[:RANKING_SIZE]
+
+
+def _in_order(graph: onnx.GraphProto):
+    """The nodes of ``graph`` in order, an If's branch nodes (recursively) before the If."""
+    for node in graph.node:
+        if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from _in_order(attr.g)
+        yield node
 
 
 def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
@@ -227,24 +276,37 @@ def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     """
     result = LayerwiseResult("lossy" if lossy else "lossless", len(feeds))
     ref, cand = _tensors(reference), _tensors(candidate)
-    matched = []
-    for name in cand.producers:
-        if name in ref.producers:
+    matched, branch = [], set()
+    for name in cand.order:
+        if name in ref.producers and name in cand.producers or \
+                name in ref.branch and name in cand.branch:
             matched.append(name)
+            if name in cand.branch:
+                branch.add(name)
         elif name in ref.not_exposed:
             result.skipped.append({"tensor": name,
                                    "reason": f"{ref.not_exposed[name]} of the reference"})
         else:
             result.unmatched["candidate"].append(name)
     result.skipped.extend({"tensor": n, "reason": why} for n, why in cand.not_exposed.items())
-    result.unmatched["reference"] = [
-        n for n in ref.producers if n not in cand.producers and n not in cand.not_exposed]
+    ours = set(cand.producers) | set(cand.branch) | set(cand.not_exposed)
+    result.unmatched["reference"] = [n for n in ref.order if n not in ours]
+    ref_model, shown = _exposing(reference, matched, branch)
+    cand_model, cand_shown = _exposing(candidate, shown, branch)
+    result.skipped.extend({"tensor": n, "reason": "inside an If branch, dtype unknown"}
+                          for n in matched if n not in cand_shown)
+    matched = [n for n in shown if n in cand_shown]
+    if len(matched) < len(shown):
+        ref_model, _ = _exposing(reference, matched, branch)
     if not matched:
         return result
-    check = compare_models(_exposing(reference, matched), _exposing(candidate, matched), feeds,
+    check = compare_models(ref_model, cand_model, feeds,
                            atol=atol, rtol=rtol, max_drift=max_drift, metric=metric,
                            lossy=lossy,
                            synthesized=synthesized)
+    for m in check.outputs:  # the tensors' own names in the result
+        if m.name.endswith(BRANCH_SUFFIX) and m.name[:-len(BRANCH_SUFFIX)] in branch:
+            m.name = m.name[:-len(BRANCH_SUFFIX)]
     if not check.outputs:  # the candidate did not load or run
         result.reason = check.reason
         return result
@@ -254,8 +316,9 @@ def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                        "passed": m.passed} for m in check.outputs]
     bad = next((m for m in check.outputs if not m.passed), None)
     if bad is not None:
-        result.first_divergence = Divergence(bad.name, _node_ref(ref.producers[bad.name]),
-                                             _node_ref(cand.producers[bad.name]), bad)
+        result.first_divergence = Divergence(
+            bad.name, _node_ref({**ref.producers, **ref.branch}[bad.name]),
+            _node_ref({**cand.producers, **cand.branch}[bad.name]), bad)
     if lossy:
         result.ranking = _rank(candidate, {m.name: m.snr_db for m in check.outputs
                                            if m.dtype == m.candidate_dtype

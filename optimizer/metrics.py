@@ -262,7 +262,10 @@ class RelL2Metric(DriftMetric):
 
 
 def _rows(a: np.ndarray) -> np.ndarray:
-    """``a`` as a 2-D array of positions x last axis (a 0-d array is one position)."""
+    """``a`` as a 2-D array of positions x last axis (a 0-d array is one position, an empty
+    array none)."""
+    if a.size == 0:
+        return np.zeros((0, 1), a.dtype)
     return a.reshape(1, 1) if a.ndim == 0 else a.reshape(-1, a.shape[-1])
 
 

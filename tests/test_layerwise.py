@@ -160,10 +160,35 @@ def test_subgraph_and_non_tensor_values_are_skipped():
                        [("y", np.float32, [2, 3])], {"i": np.array(1, np.int64)})
     feed = {"x": RNG.normal(size=(2, 3)).astype(np.float32), "c": np.array(True)}
     result = compare_layerwise(model, model, [feed])
-    assert result.compared == 2 and result.first_divergence is None  # branch, y
+    # the If branches' tensors (both branches; the one not taken compares two empty tensors),
+    # then the If's output and y
+    assert [t["tensor"] for t in result.tensors] == ["else_out", "inner_then", "then_out",
+                                                     "branch", "y"]
+    assert result.compared == 5 and result.first_divergence is None
     reasons = {s["tensor"]: s["reason"] for s in result.skipped}
-    assert reasons == {"seq": "not a tensor (sequence)", "inner_then": "inside a subgraph",
-                       "then_out": "inside a subgraph", "else_out": "inside a subgraph"}
+    assert reasons == {"seq": "not a tensor (sequence)"}
+
+
+def test_the_first_divergence_inside_an_if_branch_is_found():
+    """A corrupted weight inside the branch the feed takes: the first divergence is the branch
+    tensor it writes (named by its own name and producer), before the If's output."""
+    def model(w):
+        then = make_branch([helper.make_node("MatMul", ["x", "w"], ["mm"], name="branch_mm"),
+                            helper.make_node("Relu", ["mm"], ["then_out"])],
+                           [("then_out", np.float32, [2, 3])], {"w": w}, name="then")
+        other = make_branch([helper.make_node("Neg", ["x"], ["else_out"])],
+                            [("else_out", np.float32, [2, 3])], name="else")
+        nodes = [helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other),
+                 helper.make_node("Abs", ["b"], ["y"])]
+        return make_model(nodes, [("x", np.float32, [2, 3]), ("c", TensorProto.BOOL, [])],
+                          [("y", np.float32, [2, 3])])
+    w = np.eye(3, dtype=np.float32)
+    bad = w.copy()
+    bad[0, 0] = -3.0
+    feed = {"x": RNG.normal(size=(2, 3)).astype(np.float32), "c": np.array(True)}
+    result = compare_layerwise(model(w), model(bad), [feed])
+    assert result.first_divergence.tensor == "mm"
+    assert result.first_divergence.candidate_node.name == "branch_mm"
 
 
 def test_candidate_that_does_not_run_gives_a_reason():

@@ -341,7 +341,7 @@ def collect(model: onnx.ModelProto, tensors: dict[str, int | None], feeds,
     main = present | {i.name for i in g.input} | {i.name for i in g.initializer} | {
         o for node in g.node for o in node.output}
     # tensors of If branches reach the main graph as new outputs of their If nodes
-    threaded = _expose_branch_tensors(exposed, {n for n in tensors if n not in main})
+    threaded = expose_branch_tensors(exposed, {n for n in tensors if n not in main})
     source = {n: n for n in tensors if n in main} | threaded
     names = [n for n in tensors if n in source and source[n] not in present] + [
         n for n in tensors if n in source and source[n] in present]
@@ -395,11 +395,14 @@ def branches_run(graph: gs.Graph, template: onnx.ModelProto, branches: Iterable[
     return {key for key, found in probes.items() if any(stats[n].count for n in found)}
 
 
-def _expose_branch_tensors(model: onnx.ModelProto, wanted: set[str]) -> dict[str, str]:
+def expose_branch_tensors(model: onnx.ModelProto, wanted: set[str],
+                          guess_float: bool = True) -> dict[str, str]:
     """Make each tensor of ``wanted`` computed in an If branch of ``model``'s main graph (at any
     depth of nested Ifs) reachable as a tensor of the main graph (module docstring); edits
     ``model`` in place and returns ``{name: main-graph tensor carrying it}``. Names not
-    computed in an If branch are left out."""
+    computed in an If branch are left out, and so are those whose dtype ONNX shape inference
+    does not give unless ``guess_float`` (then float32: the other branch's empty placeholder
+    must have the tensor's dtype, or onnxruntime refuses the If)."""
     if not wanted:
         return {}
     used = {n for g in graph_protos(model.graph) for n in itertools.chain(
@@ -419,7 +422,7 @@ def _expose_branch_tensors(model: onnx.ModelProto, wanted: set[str]) -> dict[str
                     if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
                         dtypes[v.name] = v.type.tensor_type.elem_type
             dtypes.setdefault("", onnx.TensorProto.FLOAT)
-        return dtypes.get(name, onnx.TensorProto.FLOAT)
+        return dtypes.get(name, onnx.TensorProto.FLOAT if guess_float else 0)
 
     def expose(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -434,6 +437,8 @@ def _expose_branch_tensors(model: onnx.ModelProto, wanted: set[str]) -> dict[str
                 left = wanted - found.keys()
                 local = left & {o for n in body.node for o in n.output}
                 reach = {n: n for n in local} | expose(body, left - local)
+                if not guess_float:
+                    reach = {n: inside for n, inside in reach.items() if elem_type(n)}
                 other = branches["else_branch" if key == "then_branch" else "then_branch"]
                 listed = {o.name for o in body.output}
                 for name, inside in sorted(reach.items()):
