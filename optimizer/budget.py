@@ -856,12 +856,13 @@ def accept_all(proposals: list[Proposal]) -> list[Proposal]:
 
 
 def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criteria: str,
-                   refused: dict | None = None) -> list[str]:
+                   refused: dict | None = None, branches: list[str] = ()) -> list[str]:
     """What a lossy pass tells the user when it did less than asked: the groups the drift
     budget left unchanged (``decision["kept"]``, see :meth:`Decision.report`) to keep
     ``criteria`` (:meth:`DriftBudget.describe`) or because no feed could measure them, the
     ``refused`` reasons that name If branches (nodes no calibration or validation feed
-    reached), and when nothing changed at all, every ``refused`` reason."""
+    reached; ``branches`` names them), and when nothing changed at all, every ``refused``
+    reason."""
     unexercised = decision.get("unexercised", []) if decision else []
     kept = [g for g in decision["kept"] if g not in unexercised] if decision else []
     warnings = []
@@ -874,10 +875,12 @@ def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criter
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
         warnings.append(f"{pass_name} left {len(kept)} tensor(s) or group(s) unchanged to keep "
                         f"every output's {criteria}: {shown}")
-    branches = {k: v for k, v in (refused or {}).items() if "If branch" in k}
-    if branches and modified:  # a pass that changed nothing says all its reasons below
-        why = ", ".join(f"{k}: {v}" for k, v in branches.items())
-        warnings.append(f"{pass_name} left nodes of If branches unchanged ({why}); give "
+    untaken = {k: v for k, v in (refused or {}).items() if "If branch" in k}
+    if untaken and modified:  # a pass that changed nothing says all its reasons below
+        why = ", ".join(f"{k}: {v}" for k, v in untaken.items())
+        which = f" in {', '.join(branches[:3])}{', ...' if len(branches) > 3 else ''}" \
+            if branches else ""
+        warnings.append(f"{pass_name} left nodes of If branches unchanged{which} ({why}); give "
                         f"--calibration-data and --inputs whose feeds take those branches")
     if not modified:
         why = ", ".join(f"{k}: {v}" for k, v in (refused or {}).items())

@@ -65,6 +65,27 @@ def branch_scopes(graph: gs.Graph, parent: gs.Graph | None = None, branch: bool 
                     yield from branch_scopes(sub, graph, is_if)
 
 
+def branch_labels(graph: gs.Graph, branches: Iterable[gs.Graph]) -> list[str]:
+    """``"the then branch of If 'name'"`` for each If branch of ``branches`` (graphs of
+    ``graph``'s model) not nested in another of them, in graph order; an unnamed If is named by
+    its first output. For messages."""
+    wanted = {id(g) for g in branches}
+    labels: list[str] = []
+
+    def walk(g: gs.Graph, inside: bool) -> None:
+        for node in g.nodes:
+            for key, sub in node.attrs.items():
+                if not isinstance(sub, gs.Graph):
+                    continue
+                if id(sub) in wanted and not inside and node.op == "If":
+                    label = node.name or (node.outputs[0].name if node.outputs else "")
+                    labels.append(f"the {key.split('_')[0]} branch of If '{label}'")
+                walk(sub, inside or id(sub) in wanted)
+
+    walk(graph, False)
+    return labels
+
+
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     if len(node.attrs) != 1:
         return None

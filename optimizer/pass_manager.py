@@ -432,7 +432,8 @@ class PassManager:
             if not p.lossless and (modified or not p.auxiliary or kept_float):
                 warnings += lossy_warnings(
                     p.name, modified, stats.get("drift_budget"),
-                    ctx.budget.describe() if ctx.budget else "", stats.get("refused"))
+                    ctx.budget.describe() if ctx.budget else "", stats.get("refused"),
+                    stats.get("branches_not_taken", ()))
             if modified:
                 ctx.analyses.invalidate(p.preserves)
             record = PassRecord(p.name, iteration, modified, stats, seconds, warnings)

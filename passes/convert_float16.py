@@ -96,7 +96,8 @@ from onnxopt.analyses import TensorTypes
 from onnxopt.analyses.activations import branches_run, collect
 from onnxopt.budget import Proposal
 from onnxopt.edit import input_slots, nbytes
-from onnxopt.graph import branch_scopes, export_graph, iter_graphs, opset_version
+from onnxopt.graph import (branch_labels, branch_scopes, export_graph, iter_graphs,
+                           opset_version)
 from onnxopt.names import fresh_name
 from onnxopt.ops import facts, is_default_domain, onnxruntime_crashes_on_transpose
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
@@ -264,6 +265,7 @@ class ConvertFloat16(Pass):
         derived: set[int] = set()
         self._graph = graph
         self._scope: dict[int, gs.Graph] = {}  # id(node) -> the graph holding it
+        self._untaken: dict[int, gs.Graph] = {}  # If branches left float32 for want of feeds
         self._parent: dict[int, gs.Graph | None] = {}  # id(graph) -> the graph holding its If
         for scope, parent, in_branches in branch_scopes(graph):
             self._parent[id(scope)] = parent
@@ -351,6 +353,7 @@ class ConvertFloat16(Pass):
             if self._scope[key] is not graph and p.outputs and \
                     stats[p.node.outputs[p.outputs[0]].name].count == 0:
                 del plans[key]
+                self._untaken[id(self._scope[key])] = self._scope[key]
                 reasons.append("no calibration value (no feed takes its If branch)")
         return reasons
 
@@ -368,6 +371,7 @@ class ConvertFloat16(Pass):
         for key in branched:
             if id(self._scope[key]) not in ran:
                 del plans[key]
+                self._untaken[id(self._scope[key])] = self._scope[key]
                 reasons.append("no validation feed takes its If branch (the drift budget "
                                "cannot measure it)")
         return reasons
@@ -542,6 +546,8 @@ class ConvertFloat16(Pass):
             "bytes_before": sum(nbytes(o) for o, _ in copies),
             "bytes_after": sum(nbytes(t) for _, t in copies) + sum(nbytes(o) for o in both),
             "initializers_stored_twice": len(both),
+            **({"branches_not_taken": branch_labels(self._graph, self._untaken.values())}
+               if self._untaken else {}),
         }
 
 

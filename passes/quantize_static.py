@@ -209,8 +209,8 @@ from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTIL
                                           tensor_range)
 from onnxopt.budget import RANKING_FEEDS, Proposal
 from onnxopt.edit import nbytes
-from onnxopt.graph import (branch_scopes, export_graph, import_graph, iter_graphs,
-                           opset_version)
+from onnxopt.graph import (branch_labels, branch_scopes, export_graph, import_graph,
+                           iter_graphs, opset_version)
 from onnxopt.errors import UsageError
 from onnxopt.names import fresh_name
 from onnxopt.ops import FLOAT_DTYPES, is_default_domain, output_channel_axis
@@ -606,9 +606,13 @@ class QuantizeStatic(Pass):
         if unseen and len(unseen) == len(names) and main:
             raise UsageError(f"calibration data gave no finite value of any tensor to quantize "
                              f"(e.g. '{sorted(main)[0]}'): all NaN, infinite or empty feeds?")
+        self._root = graph
+        self._untaken: dict[int, gs.Graph] = {}  # If branches left float for want of feeds
         for site in [s for s in sites if stats[s.x.name].count == 0]:
             why = ("no finite calibration value" if site.scope is None else
                    "no calibration value (no feed takes its If branch, or none finite)")
+            if site.scope is not None:
+                self._untaken[id(site.scope)] = site.scope
             refused[why] += 1
             self._float[self._group(site.node)] = why
             sites.remove(site)
@@ -658,6 +662,7 @@ class QuantizeStatic(Pass):
         why = "no validation feed takes its If branch (the drift budget cannot measure it)"
         for site in branched:
             if id(site.scope) not in ran:
+                self._untaken[id(site.scope)] = site.scope
                 refused[why] += 1
                 self._float[self._group(site.node)] = why
                 sites.remove(site)
@@ -1147,6 +1152,8 @@ class QuantizeStatic(Pass):
                 self.options.rounding, len(self._gptq.intersection(quantized)),
                 (why for g, why in self._nearest.items() if g in quantized)),
             "qdq_pairs": len(self._qdq),
+            **({"branches_not_taken": branch_labels(self._root, self._untaken.values())}
+               if self._untaken else {}),
             "latency": self._latency if self._latency is not None else "off",
             "proposed": len(result.proposals), "accepted": len(accepted),
             "bytes_before": sum(nbytes(s.weight) for s in sites),

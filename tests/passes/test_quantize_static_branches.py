@@ -127,6 +127,7 @@ def test_the_branch_the_feeds_take_is_quantized_and_fused_the_other_stays_float(
     assert stats["nodes_quantized"] == 2 and stats["bias_quantized"] == 2
     assert stats["nodes_float"] == {
         "conv3": "no calibration value (no feed takes its If branch, or none finite)"}
+    assert stats["branches_not_taken"] == ["the else branch of If 'y'"]
     # the QDQ nodes are in the then branch, beside the Convs they feed; the main graph holds the
     # If alone and the else branch is unchanged
     branches = {a.name: a.g for a in out.graph.node[0].attribute}
@@ -205,8 +206,8 @@ def test_a_branch_no_validation_feed_takes_stays_float():
     assert stats["nodes_float"]["conv3"] == ("no validation feed takes its If branch (the "
                                              "drift budget cannot measure it)")
     assert "conv1" not in stats["nodes_float"]
-    assert any("left nodes of If branches unchanged" in w and "--inputs" in w
-               for w in report.warnings)
+    assert any("left nodes of If branches unchanged in the else branch of If" in w
+               and "--inputs" in w for w in report.warnings)
     ref, quant = _session(model), _session(out)
     for feed in _images(2, False):
         np.testing.assert_array_equal(ref.run(None, feed)[0], quant.run(None, feed)[0])
