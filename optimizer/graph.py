@@ -66,11 +66,27 @@ def branch_scopes(graph: gs.Graph, parent: gs.Graph | None = None, branch: bool 
 
 
 def branch_labels(graph: gs.Graph, branches: Iterable[gs.Graph]) -> list[str]:
-    """``"the then branch of If 'name'"`` for each If branch of ``branches`` (graphs of
-    ``graph``'s model) not nested in another of them, in graph order; an unnamed If is named by
-    its first output. For messages."""
+    """``"the then branch of If 'name' (its condition reads input 'sr')"`` for each If branch
+    of ``branches`` (graphs of ``graph``'s model) not nested in another of them, in graph
+    order; an unnamed If is named by its first output, the model inputs its condition is
+    computed from are named when there are any. For messages."""
     wanted = {id(g) for g in branches}
+    model_inputs = {id(t): t.name for t in graph.inputs}
     labels: list[str] = []
+
+    def deciding(cond: gs.Tensor) -> list[str]:
+        """The model inputs the If condition ``cond`` is computed from."""
+        found, seen, todo = [], set(), [cond]
+        while todo and len(seen) < 1000:
+            t = todo.pop()
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if id(t) in model_inputs:
+                found.append(model_inputs[id(t)])
+            for producer in t.inputs:
+                todo.extend(producer.inputs)
+        return sorted(set(found))
 
     def walk(g: gs.Graph, inside: bool) -> None:
         for node in g.nodes:
@@ -79,7 +95,10 @@ def branch_labels(graph: gs.Graph, branches: Iterable[gs.Graph]) -> list[str]:
                     continue
                 if id(sub) in wanted and not inside and node.op == "If":
                     label = node.name or (node.outputs[0].name if node.outputs else "")
-                    labels.append(f"the {key.split('_')[0]} branch of If '{label}'")
+                    reads = deciding(node.inputs[0]) if node.inputs else []
+                    labels.append(f"the {key.split('_')[0]} branch of If '{label}'" + (
+                        f" (its condition reads input {', '.join(map(repr, reads))})"
+                        if reads else ""))
                 walk(sub, inside or id(sub) in wanted)
 
     walk(graph, False)

@@ -127,7 +127,8 @@ def test_the_branch_the_feeds_take_is_quantized_and_fused_the_other_stays_float(
     assert stats["nodes_quantized"] == 2 and stats["bias_quantized"] == 2
     assert stats["nodes_float"] == {
         "conv3": "no calibration value (no feed takes its If branch, or none finite)"}
-    assert stats["branches_not_taken"] == ["the else branch of If 'y'"]
+    assert stats["branches_not_taken"] == [
+        "the else branch of If 'y' (its condition reads input 'flag')"]
     # the QDQ nodes are in the then branch, beside the Convs they feed; the main graph holds the
     # If alone and the else branch is unchanged
     branches = {a.name: a.g for a in out.graph.node[0].attribute}
