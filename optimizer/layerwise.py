@@ -38,6 +38,7 @@ A node whose inputs are exact and whose output is not adds ``+inf`` dB.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -165,11 +166,21 @@ def _non_tensor_values(model: onnx.ModelProto) -> dict[str, str]:
 def _tensors(model: onnx.ModelProto) -> _Tensors:
     non_tensor = _non_tensor_values(model)
     found = _Tensors({}, {})
-    _walk(model.graph, found, non_tensor, "main")
+    defined: dict[str, int] = {}
+    _walk(model.graph, found, non_tensor, "main", defined)
+    # ONNX lets sibling branches define the same name: which one a comparison would see is
+    # not defined, so neither is compared
+    twice = {n for n, k in defined.items() if k > 1}
+    for name in twice:
+        found.producers.pop(name, None)
+        found.branch.pop(name, None)
+        found.not_exposed[name] = "defined in more than one graph (sibling If branches)"
+    found.order = [n for n in found.order if n not in twice]
     return found
 
 
-def _walk(graph: onnx.GraphProto, found: _Tensors, non_tensor: dict, where: str) -> None:
+def _walk(graph: onnx.GraphProto, found: _Tensors, non_tensor: dict, where: str,
+          defined: dict[str, int]) -> None:
     """Record the node outputs of ``graph`` (``where``: "main", "branch" -- an If branch
     reached through If branches only -- or "body", inside a Loop or Scan body) in ``found``,
     in topological order, a node's subgraphs before its outputs."""
@@ -178,10 +189,12 @@ def _walk(graph: onnx.GraphProto, found: _Tensors, non_tensor: dict, where: str)
         for attr in node.attribute:
             subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for sub in subs:
-                _walk(sub, found, non_tensor, "branch" if is_if and where != "body" else "body")
+                _walk(sub, found, non_tensor, "branch" if is_if and where != "body" else "body",
+                      defined)
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             continue
         for name in filter(None, node.output):
+            defined[name] = defined.get(name, 0) + 1
             if where == "body":
                 found.not_exposed.setdefault(name, "inside a Loop or Scan body")
             elif where == "main" and name in non_tensor:
@@ -195,8 +208,8 @@ def _walk(graph: onnx.GraphProto, found: _Tensors, non_tensor: dict, where: str)
 BRANCH_SUFFIX = "@branch"
 
 
-def _exposing(model: onnx.ModelProto, names: list[str], branch: set[str] = frozenset()
-              ) -> tuple[onnx.ModelProto, list[str]]:
+def _exposing(model: onnx.ModelProto, names: list[str], branch: set[str] = frozenset(),
+              suffix: str = BRANCH_SUFFIX) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose graph outputs are exactly ``names`` (types left to onnxruntime),
     those of ``branch`` (If-branch tensors) as ``<name>@branch``, and the names exposed (a
     branch tensor whose dtype shape inference does not give is left out)."""
@@ -211,9 +224,9 @@ def _exposing(model: onnx.ModelProto, names: list[str], branch: set[str] = froze
     for n in shown:
         if n in threaded:
             exposed.graph.node.append(helper.make_node("Identity", [threaded[n]],
-                                                       [n + BRANCH_SUFFIX]))
+                                                       [n + suffix]))
     exposed.graph.output.extend(helper.make_empty_tensor_value_info(
-        n + BRANCH_SUFFIX if n in threaded else n) for n in shown)
+        n + suffix if n in threaded else n) for n in shown)
     return exposed, shown
 
 
@@ -244,6 +257,15 @@ def _rank(candidate: onnx.ModelProto, snr: dict[str, float]) -> list[NodeError]:
             entries.append(NodeError(_node_ref(node), tensor, worst_in, out, added))
     entries.sort(key=lambda e: (-e.added_db, e.output_snr_db))
     return entries[:RANKING_SIZE]
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name of ``model``, in every graph."""
+    from onnxopt.graph import graph_protos
+
+    return {n for g in graph_protos(model.graph) for n in itertools.chain(
+        (i.name for i in g.input), (i.name for i in g.initializer),
+        (o for node in g.node for o in node.output))}
 
 
 def _in_order(graph: onnx.GraphProto):
@@ -291,13 +313,18 @@ def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     result.skipped.extend({"tensor": n, "reason": why} for n, why in cand.not_exposed.items())
     ours = set(cand.producers) | set(cand.branch) | set(cand.not_exposed)
     result.unmatched["reference"] = [n for n in ref.order if n not in ours]
-    ref_model, shown = _exposing(reference, matched, branch)
-    cand_model, cand_shown = _exposing(candidate, shown, branch)
+    used = _names(reference) | _names(candidate)
+    suffix, k = BRANCH_SUFFIX, 0
+    while any(n + suffix in used for n in branch):  # a name the models use already
+        k += 1
+        suffix = f"{BRANCH_SUFFIX}{k}"
+    ref_model, shown = _exposing(reference, matched, branch, suffix)
+    cand_model, cand_shown = _exposing(candidate, shown, branch, suffix)
     result.skipped.extend({"tensor": n, "reason": "inside an If branch, dtype unknown"}
                           for n in matched if n not in cand_shown)
     matched = [n for n in shown if n in cand_shown]
     if len(matched) < len(shown):
-        ref_model, _ = _exposing(reference, matched, branch)
+        ref_model, _ = _exposing(reference, matched, branch, suffix)
     if not matched:
         return result
     check = compare_models(ref_model, cand_model, feeds,
@@ -305,8 +332,8 @@ def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                            lossy=lossy,
                            synthesized=synthesized)
     for m in check.outputs:  # the tensors' own names in the result
-        if m.name.endswith(BRANCH_SUFFIX) and m.name[:-len(BRANCH_SUFFIX)] in branch:
-            m.name = m.name[:-len(BRANCH_SUFFIX)]
+        if m.name.endswith(suffix) and m.name[:-len(suffix)] in branch:
+            m.name = m.name[:-len(suffix)]
     if not check.outputs:  # the candidate did not load or run
         result.reason = check.reason
         return result

@@ -457,6 +457,9 @@ def _measure(candidate, computed: ReferenceOutputs, feeds: list[dict[str, np.nda
                 metrics.append(OutputMetrics(name, str(r.dtype), list(r.shape), str(c.dtype),
                                              list(c.shape)))
             m = metrics[i]
+            if r.size and not np.prod(m.shape or [1]) and r.shape == c.shape:
+                # the first feeds gave nothing (an If branch not taken): show a real shape
+                m.shape, m.candidate_shape = list(r.shape), list(c.shape)
             if r.dtype != c.dtype or r.shape != c.shape:
                 m.passed = False
                 m.reason = f"reference {r.dtype}{list(r.shape)}, candidate {c.dtype}{list(c.shape)}"
@@ -474,7 +477,7 @@ def _measure(candidate, computed: ReferenceOutputs, feeds: list[dict[str, np.nda
             if r.size == 1:  # see below: pooled over the feeds
                 a, b = float(r.flat[0]), float(c.flat[0])
                 single[i] = single.get(i, np.zeros(3)) + (a * b, a * a, b * b)
-            else:
+            elif r.size:  # an empty value (an If branch not taken) is neither
                 several.add(i)
             m.max_abs = max(m.max_abs, s["max_abs"])
             m.max_rel = max(m.max_rel, s["max_rel"])

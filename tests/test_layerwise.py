@@ -334,3 +334,65 @@ def test_optimize_layerwise_lists_every_compared_tensor_for_the_chart():
     assert [t["tensor"] for t in lw.tensors] == ["h", "r", "y"]
     assert all(0 < t["snr_db"] < 80 for t in lw.tensors)  # quantization noise, measured
     assert lw.ranking and lw.ranking[0].node.op == "MatMul"
+
+
+def test_sibling_branches_defining_one_name_are_not_compared():
+    """ONNX lets the two branches of an If define the same name: which one a comparison would
+    see is not defined, so it is skipped with the reason (not a crash), and the tensors after it
+    are compared."""
+    then = make_branch([helper.make_node("Sin", ["x"], ["h"]),
+                        helper.make_node("Abs", ["h"], ["t_out"])],
+                       [("t_out", np.float32, [2, 3])], name="then")
+    other = make_branch([helper.make_node("Cos", ["x"], ["h"]),
+                         helper.make_node("Neg", ["h"], ["e_out"])],
+                        [("e_out", np.float32, [2, 3])], name="else")
+    model = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then,
+                                         else_branch=other)],
+                       [("x", np.float32, [2, 3]), ("c", TensorProto.BOOL, [])],
+                       [("y", np.float32, [2, 3])])
+    feeds = [{"x": RNG.normal(size=(2, 3)).astype(np.float32), "c": np.array(flag)}
+             for flag in (True, False)]
+    result = compare_layerwise(model, model, feeds)
+    assert result.first_divergence is None and result.reason == ""
+    assert {"tensor": "h", "reason": "defined in more than one graph (sibling If branches)"} \
+        in result.skipped
+    assert [t["tensor"] for t in result.tensors] == ["e_out", "t_out", "y"]
+
+
+def test_a_one_value_branch_tensor_stays_pooled_over_the_feeds_that_take_its_branch():
+    """A scalar inside a branch: a feed taking the other branch gives an empty value, which must
+    not turn the pooled cosine (over the feeds' values) back into a per-feed one (1.0)."""
+    def model(offset):
+        then = make_branch([helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),
+                            helper.make_node("Add", ["m", "off"], ["s"]),
+                            helper.make_node("Mul", ["x", "s"], ["t_out"])],
+                           [("t_out", np.float32, [2, 3])],
+                           {"off": np.array(offset, np.float32)}, name="then")
+        other = make_branch([helper.make_node("Neg", ["x"], ["e_out"])],
+                            [("e_out", np.float32, [2, 3])], name="else")
+        return make_model([helper.make_node("If", ["c"], ["y"], then_branch=then,
+                                            else_branch=other)],
+                          [("x", np.float32, [2, 3]), ("c", TensorProto.BOOL, [])],
+                          [("y", np.float32, [2, 3])])
+    # means 0.5, 1.0, 1.5: each feed's s has the same sign in both models (cosine 1 alone), the
+    # three together point elsewhere ((m) against (m + 4): cosine 0.96)
+    feeds = [{"x": np.full((2, 3), 0.5 * (k + 1), np.float32), "c": np.array(k < 3)}
+             for k in range(4)]
+    result = compare_layerwise(model(0.0), model(4.0), feeds, lossy=True)
+    assert result.first_divergence is not None and result.first_divergence.tensor == "s"
+
+
+def test_a_model_tensor_named_like_an_exposed_branch_tensor_does_not_clash():
+    then = make_branch([helper.make_node("Sin", ["x"], ["h"])], [("h", np.float32, [2, 3])],
+                       name="then")
+    other = make_branch([helper.make_node("Neg", ["x"], ["e"])], [("e", np.float32, [2, 3])],
+                        name="else")
+    nodes = [helper.make_node("Relu", ["x"], ["h@branch"]),
+             helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other),
+             helper.make_node("Add", ["b", "h@branch"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, [2, 3]), ("c", TensorProto.BOOL, [])],
+                       [("y", np.float32, [2, 3])])
+    feed = {"x": RNG.normal(size=(2, 3)).astype(np.float32), "c": np.array(True)}
+    result = compare_layerwise(model, model, [feed])
+    assert result.reason == "" and result.first_divergence is None
+    assert {t["tensor"] for t in result.tensors} == {"h@branch", "e", "h", "b", "y"}
