@@ -85,8 +85,8 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import external, io, progress
 from onnxopt.errors import InputError
-from onnxopt.graph import (branch_scopes, edits_undone, export_graph, graph_protos, iter_graphs,
-                           opset_version)
+from onnxopt.graph import (branch_labels, branch_scopes, edits_undone, export_graph,
+                           graph_protos, iter_graphs, opset_version)
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, DriftMetric, Tally, describe,
                              get_metric, kept_positions, parse_criteria)
 from onnxopt.names import NameAuthority, fresh_name
@@ -206,7 +206,8 @@ class Decision:
     groups (None: not checked), ``kernel_checks`` the number of real models that check scored,
     ``kernel_error`` the first reason onnxruntime could not load or run one (scored as failing).
     ``unexercised`` are the kept groups no feed could measure (in If branches none takes; see
-    the module docstring), at the end of ``kept_groups``.
+    the module docstring), at the end of ``kept_groups``; ``unexercised_branches`` names those
+    branches (outermost only).
     """
 
     accepted: list[Proposal]
@@ -222,6 +223,7 @@ class Decision:
     kernel_checks: int = 0
     kernel_error: str | None = None
     unexercised: list[str] = field(default_factory=list)
+    unexercised_branches: list[str] = field(default_factory=list)
 
     def report(self, source: str | None = None) -> dict:
         """The JSON-serializable record, for the proposals of ``source`` (None: all):
@@ -240,6 +242,8 @@ class Decision:
         record["sensitivity"] = {g: self.sensitivity[g] for g in kept if g in self.sensitivity}
         if self.unexercised:
             record["unexercised"] = [g for g in self.unexercised if g in mine]
+            if record["unexercised"]:
+                record["unexercised_branches"] = list(self.unexercised_branches)
         if self.kernel_checks:
             for name in self.target:
                 record[f"{name}_kernels"] = (self.score_kernels or {}).get(name)
@@ -505,7 +509,7 @@ class DriftBudget:
         Raises:
             InputError: onnxruntime cannot run the model on the feeds.
         """
-        idle = self.unexercised(graph, template, proposals)
+        idle, idle_branches = self.unexercised(graph, template, proposals)
         unmeasured = [p for p in proposals if p.key in idle]
         proposals = [p for p in proposals if p.key not in idle]
         score, chosen, groups, evaluations = self._scorer(graph, template, proposals, fallback)
@@ -584,11 +588,12 @@ class DriftBudget:
         return Decision(accepted, [p for p in chosen if p.key in kept] + unmeasured,
                         dict(self.targets), score_all, score_final, evaluations(), sensitivity,
                         kept + idle, kernel_kept, score_kernels, len(measured),
-                        errors[0] if errors else None, idle)
+                        errors[0] if errors else None, idle, idle_branches)
 
     def unexercised(self, graph: gs.Graph, template: onnx.ModelProto,
-                    proposals: list[Proposal]) -> list[str]:
-        """The groups of ``proposals`` (in order) that no feed of the budget can measure: every
+                    proposals: list[Proposal]) -> tuple[list[str], list[str]]:
+        """The groups of ``proposals`` (in order) that no feed of the budget can measure, and
+        the branches they act in (``onnxopt.graph.branch_labels``, for messages): every
         proposal of the group acts only inside If branches that none of the feeds takes (a
         simulated proposal's ``scope``, the graphs of a weight's readers); see the module
         docstring. Costs one instrumented run over the feeds when any proposal acts in an If
@@ -613,13 +618,15 @@ class DriftBudget:
         where = {id(p): places(p) for p in proposals}
         used = {id(g): g for ps in where.values() for g in ps if g is not None}
         if not used:
-            return []
+            return [], []
         ran = branches_run(graph, template, used.values(), self.feeds)
         idle = {p.key for p in proposals}
         for p in proposals:
             if any(g is None or id(g) in ran for g in where[id(p)]):
                 idle.discard(p.key)
-        return [k for k in dict.fromkeys(p.key for p in proposals) if k in idle]
+        untaken = {id(g): g for p in proposals if p.key in idle for g in where[id(p)]}
+        return ([k for k in dict.fromkeys(p.key for p in proposals) if k in idle],
+                branch_labels(graph, untaken.values()))
 
 
 def _outputs_copied(g: onnx.GraphProto, names: set[str], model: onnx.ModelProto) -> None:
@@ -868,9 +875,12 @@ def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criter
     warnings = []
     if unexercised:
         shown = ", ".join(unexercised[:3]) + (", ..." if len(unexercised) > 3 else "")
+        labels = decision.get("unexercised_branches") or []
+        which = f" ({', '.join(labels[:3])}{', ...' if len(labels) > 3 else ''})" \
+            if labels else ""
         warnings.append(f"{pass_name} left {len(unexercised)} tensor(s) or group(s) unchanged "
-                        f"in If branches that no validation feed takes (the drift budget cannot "
-                        f"measure them; give --inputs that take them): {shown}")
+                        f"in If branches that no validation feed takes{which} (the drift budget "
+                        f"cannot measure them; give --inputs that take them): {shown}")
     if kept:
         shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
         warnings.append(f"{pass_name} left {len(kept)} tensor(s) or group(s) unchanged to keep "

@@ -265,7 +265,10 @@ def test_drift_budget_leaves_unmeasured_branches_of_any_lossy_pass_unchanged():
     out, report = optimize(model, quantize="int8-weight", inputs=_images(3, False))
     record = next(r for r in report.passes if r.name == "quantize_weights")
     assert sorted(record.stats["drift_budget"]["unexercised"]) == ["conv1", "conv2"]
-    assert any("no validation feed takes" in w for w in report.warnings)
+    assert record.stats["drift_budget"]["unexercised_branches"] == [
+        "the then branch of If 'y' (its condition reads input 'flag')"]
+    assert any("no validation feed takes (the then branch of If 'y'" in w
+               for w in report.warnings)
     branches = {a.name: a.g for a in out.graph.node[0].attribute}
     assert [n.op_type for n in branches["then_branch"].node] == ["Conv", "Relu", "Conv"]
     assert "DequantizeLinear" in [n.op_type for n in branches["else_branch"].node]
