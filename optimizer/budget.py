@@ -862,6 +862,11 @@ def accept_all(proposals: list[Proposal]) -> list[Proposal]:
     return proposals
 
 
+def _first(names: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``names``, comma-separated, with ", ..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criteria: str,
                    refused: dict | None = None, branches: list[str] = ()) -> list[str]:
     """What a lossy pass tells the user when it did less than asked: the groups the drift
@@ -874,22 +879,19 @@ def lossy_warnings(pass_name: str, modified: bool, decision: dict | None, criter
     kept = [g for g in decision["kept"] if g not in unexercised] if decision else []
     warnings = []
     if unexercised:
-        shown = ", ".join(unexercised[:3]) + (", ..." if len(unexercised) > 3 else "")
         labels = decision.get("unexercised_branches") or []
-        which = f" ({', '.join(labels[:3])}{', ...' if len(labels) > 3 else ''})" \
-            if labels else ""
+        which = f" ({_first(labels)})" if labels else ""
         warnings.append(f"{pass_name} left {len(unexercised)} tensor(s) or group(s) unchanged "
                         f"in If branches that no validation feed takes{which} (the drift budget "
-                        f"cannot measure them; give --inputs that take them): {shown}")
+                        f"cannot measure them; give --inputs that take them): "
+                        f"{_first(unexercised)}")
     if kept:
-        shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
         warnings.append(f"{pass_name} left {len(kept)} tensor(s) or group(s) unchanged to keep "
-                        f"every output's {criteria}: {shown}")
+                        f"every output's {criteria}: {_first(kept)}")
     untaken = {k: v for k, v in (refused or {}).items() if "If branch" in k}
     if untaken and modified:  # a pass that changed nothing says all its reasons below
         why = ", ".join(f"{k}: {v}" for k, v in untaken.items())
-        which = f" in {', '.join(branches[:3])}{', ...' if len(branches) > 3 else ''}" \
-            if branches else ""
+        which = f" in {_first(branches)}" if branches else ""
         warnings.append(f"{pass_name} left nodes of If branches unchanged{which} ({why}); give "
                         f"--calibration-data and --inputs whose feeds take those branches")
     if not modified:

@@ -143,6 +143,8 @@ class _Tensors:
     branch: dict[str, onnx.NodeProto] = field(default_factory=dict)
     #: every exposable name in topological order: an If's branch tensors before its outputs
     order: list[str] = field(default_factory=list)
+    #: the nodes of the main graph and its If branches in that order (Constant nodes left out)
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
 
 
 def _non_tensor_values(model: onnx.ModelProto) -> dict[str, str]:
@@ -193,6 +195,8 @@ def _walk(graph: onnx.GraphProto, found: _Tensors, non_tensor: dict, where: str,
                       defined)
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             continue
+        if where != "body":
+            found.nodes.append(node)
         for name in filter(None, node.output):
             defined[name] = defined.get(name, 0) + 1
             if where == "body":
@@ -234,14 +238,14 @@ def _node_ref(node: onnx.NodeProto) -> NodeRef:
     return NodeRef(node.name, node.op_type)
 
 
-def _rank(candidate: onnx.ModelProto, snr: dict[str, float]) -> list[NodeError]:
-    """Candidate nodes by the SNR they lose (see the module docstring), most first; nodes of
-    If branches included (an If node itself is not ranked: its branches' nodes are)."""
+def _rank(candidate: onnx.ModelProto, nodes: list[onnx.NodeProto], snr: dict[str, float]
+          ) -> list[NodeError]:
+    """Candidate nodes (``nodes``: :attr:`_Tensors.nodes`) by the SNR they lose (see the module
+    docstring), most first; nodes of If branches included (an If node itself is not ranked: its
+    branches' nodes are)."""
     effective = {i.name: math.inf for i in candidate.graph.input}
     entries = []
-    for node in _in_order(candidate.graph):
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            continue
+    for node in nodes:
         worst_in = min((effective[i] for i in node.input if i in effective), default=math.inf)
         matched = [o for o in node.output if o in snr]
         for o in filter(None, node.output):
@@ -266,16 +270,6 @@ def _names(model: onnx.ModelProto) -> set[str]:
     return {n for g in graph_protos(model.graph) for n in itertools.chain(
         (i.name for i in g.input), (i.name for i in g.initializer),
         (o for node in g.node for o in node.output))}
-
-
-def _in_order(graph: onnx.GraphProto):
-    """The nodes of ``graph`` in order, an If's branch nodes (recursively) before the If."""
-    for node in graph.node:
-        if node.op_type == "If" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from _in_order(attr.g)
-        yield node
 
 
 def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
@@ -347,9 +341,9 @@ def compare_layerwise(reference: onnx.ModelProto, candidate: onnx.ModelProto,
             bad.name, _node_ref({**ref.producers, **ref.branch}[bad.name]),
             _node_ref({**cand.producers, **cand.branch}[bad.name]), bad)
     if lossy:
-        result.ranking = _rank(candidate, {m.name: m.snr_db for m in check.outputs
-                                           if m.dtype == m.candidate_dtype
-                                           and m.shape == m.candidate_shape})
+        result.ranking = _rank(candidate, cand.nodes, {
+            m.name: m.snr_db for m in check.outputs
+            if m.dtype == m.candidate_dtype and m.shape == m.candidate_shape})
     return result
 
 

@@ -49,6 +49,7 @@ channel count equals the mask's sequence length would be masked along its channe
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -409,20 +410,20 @@ def expose_branch_tensors(model: onnx.ModelProto, wanted: set[str],
         (i.name for i in g.input), (i.name for i in g.initializer),
         (o for node in g.node for o in node.output))}
     fresh = NameAuthority(used).fresh
-    dtypes: dict[str, int] = {}
+
+    @functools.cache
+    def inferred_dtypes() -> dict[str, int]:
+        """Element types by name, from one shape inference of the whole model (first use)."""
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # noqa: BLE001 -- any failure: no types known (see elem_type)
+            inferred = model
+        return {v.name: v.type.tensor_type.elem_type for g in graph_protos(inferred.graph)
+                for v in itertools.chain(g.value_info, g.output, g.input)
+                if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
 
     def elem_type(name: str) -> int:
-        if not dtypes:  # once, on the first placeholder: shape inference of the whole model
-            try:
-                inferred = onnx.shape_inference.infer_shapes(model)
-            except Exception:  # noqa: BLE001 -- any failure: the float32 fallback below
-                inferred = model
-            for g in graph_protos(inferred.graph):
-                for v in itertools.chain(g.value_info, g.output, g.input):
-                    if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-                        dtypes[v.name] = v.type.tensor_type.elem_type
-            dtypes.setdefault("", onnx.TensorProto.FLOAT)
-        return dtypes.get(name, onnx.TensorProto.FLOAT if guess_float else 0)
+        return inferred_dtypes().get(name, onnx.TensorProto.FLOAT if guess_float else 0)
 
     def expose(graph: onnx.GraphProto, wanted: set[str]) -> dict[str, str]:
         found: dict[str, str] = {}
