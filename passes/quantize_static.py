@@ -476,12 +476,18 @@ def _macs(site: _Site, stats) -> float:
 
 
 def _settle_outputs(sites: list[_Site], unranged: set[str]) -> None:
-    """Set each site's ``output``: its quantizable output, unless a site's chain already
-    quantizes that tensor (a consumer's propagated QDQ) or it has no calibrated range."""
-    chained = {id(t) for s in sites for t, _, _ in s.chain}
+    """Set each site's ``output``: its quantizable output, unless it has no calibrated range
+    or a consumer's chain quantizes it with another tensor's parameters (a QDQ propagated
+    through a scale-preserving op). A tensor that consumers' chains quantize directly is the
+    output too, with the same parameters (their QDQ is shared): the site's QDQ reaches every
+    reader, whichever consumers the drift budget keeps float, without which onnxruntime cannot
+    fuse the producer (``QLinearConv`` needs ``Q`` as its output's only reader: a residual
+    ``Add`` or a float consumer reading the output left the Conv in float, its weight
+    dequantized on every run)."""
+    propagated = {id(t) for s in sites for t, _, _ in s.chain if t is not s.x}
     for s in sites:
         y = s.quantizable_output
-        s.output = y if y is not None and id(y) not in chained and y.name not in unranged \
+        s.output = y if y is not None and id(y) not in propagated and y.name not in unranged \
             else None
 
 

@@ -284,6 +284,35 @@ def test_gemm_output_is_quantized_so_it_fuses_into_qgemm(tmp_path):
     assert min(_cosine(ref.run(None, f)[0], quant.run(None, f)[0]) for f in feeds) > 0.999
 
 
+@pytest.mark.parametrize("accepted", [("conv1", "conv2"), ("conv1",)])
+def test_a_conv_output_read_by_a_residual_add_still_fuses(accepted, tmp_path):
+    """Conv1's output feeds Conv2 and a residual Add: its QDQ must reach both readers (one
+    QuantizeLinear after Conv1), else onnxruntime runs Conv1 in float with its weight
+    dequantized on every run -- also when the drift budget keeps Conv2 float (only Conv1's
+    proposal group accepted)."""
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Conv", ["c1", "W2", "B2"], ["c2"], name="conv2", pads=[1] * 4),
+             helper.make_node("Add", ["c1", "c2"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    inits = {"W1": RNG.normal(size=(8, 3, 3, 3)).astype(np.float32) / 4,
+             "B1": RNG.normal(size=8).astype(np.float32),
+             "W2": RNG.normal(size=(8, 8, 3, 3)).astype(np.float32) / 8,
+             "B2": RNG.normal(size=8).astype(np.float32)}
+    model = _model(nodes, [_f("x", [1, 3, 8, 8])], [_f("y", [1, 8, 8, 8])], inits)
+    feeds = _feeds((1, 3, 8, 8), 16)
+    graph = import_graph(model)
+    result = QuantizeStatic(calibration="minmax").run(graph, _ctx(graph, model, feeds))
+    assert {p.group for p in result.proposals} == {"conv1", "conv2"}
+    for p in result.proposals:
+        if p.group in accepted:
+            p.apply()
+    out = export_graph(graph.cleanup().toposort(), model)
+    fused = _fused_ops(out, tmp_path)
+    assert fused["QLinearConv"] == len(accepted) and fused["Conv"] == 2 - len(accepted)
+    ref, quant = _session(model), _session(out)
+    assert min(_cosine(ref.run(None, f)[0], quant.run(None, f)[0]) for f in feeds) > 0.999
+
+
 def test_calibration_without_finite_values_is_refused_not_guessed():
     """All-NaN calibration feeds give no range: a clear UsageError (exit 2), never QDQ with a
     guessed scale of 1.0; a tensor that only some feeds leave non-finite is calibrated."""
