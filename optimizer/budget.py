@@ -96,6 +96,9 @@ __all__ = ["Proposal", "Decision", "DriftBudget", "DriftMetric", "CosineMetric",
            "get_metric", "ranked_kept", "minimal_kept", "accept_all", "lossy_warnings"]
 
 
+#: Why a pass's group stays unchanged when it is :attr:`Proposal.unexercised`.
+UNEXERCISED = "no validation feed takes its If branch (the drift budget cannot measure it)"
+
 #: First opset of DequantizeLinear with ``axis`` (per-axis) and with ``block_size`` (blocked).
 _PER_AXIS_OPSET, _BLOCKED_OPSET = 13, 21
 
@@ -166,6 +169,9 @@ class Proposal:
             If branch, a Loop or Scan body) of the main graph; None: the main graph.
         dequantized: a quantized weight proposal's :class:`Dequantized` form (equal to
             ``value``), which evaluations feed instead of the float values.
+        unexercised: set by :meth:`DriftBudget.decide` when the proposal's group acts only in
+            If branches none of the budget's feeds takes (left unchanged: see the module
+            docstring); a pass's ``summarize`` gives those groups that reason.
     """
 
     tensor: gs.Tensor
@@ -177,6 +183,7 @@ class Proposal:
     readers: list[tuple[gs.Node, int]] | None = None
     dequantized: Dequantized | None = None
     scope: gs.Graph | None = None
+    unexercised: bool = False
 
     @property
     def name(self) -> str:
@@ -511,6 +518,8 @@ class DriftBudget:
         """
         idle, idle_branches = self.unexercised(graph, template, proposals)
         unmeasured = [p for p in proposals if p.key in idle]
+        for p in unmeasured:
+            p.unexercised = True
         proposals = [p for p in proposals if p.key not in idle]
         score, chosen, groups, evaluations = self._scorer(graph, template, proposals, fallback)
         score_all = score(set(groups))

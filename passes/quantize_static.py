@@ -27,8 +27,9 @@ branches); calibration reaches branch tensors through the If's outputs
 (``onnxopt.analyses.activations``), so a branch no calibration feed takes has no range and
 stays float, reported as such (silero-vad calibrated at 16 kHz quantizes the 16 kHz branch and
 leaves the 8 kHz one float). So does a branch none of the drift budget's feeds takes: the budget
-would accept its proposals unmeasured (silero-vad calibrated at 8 kHz and validated at 16 kHz:
-its 8 kHz outputs at cosine 0.982 against a budget of 0.99 before this rule). Node names may
+leaves such groups unchanged (``Proposal.unexercised``, reported with that reason) rather than
+accept them unmeasured (silero-vad calibrated at 8 kHz and validated at 16 kHz: its 8 kHz
+outputs at cosine 0.982 against a budget of 0.99 before this rule). Node names may
 repeat across branches; such nodes are grouped and reported as ``name (output name)``. Nodes of Loop and Scan bodies stay float (``in a Loop or Scan
 body``): a body's tensor holds one iteration at a time, which calibration does not reach.
 Latency-guided placement times the main graph's sites only; those of branches stay with the
@@ -204,10 +205,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.analyses import TensorTypes
-from onnxopt.analyses.activations import branches_run, calibration_feeds, collect
+from onnxopt.analyses.activations import calibration_feeds, collect
 from onnxopt.analyses.calibration import (CALIBRATION_METHODS, DEFAULT_PERCENTILE,
                                           tensor_range)
-from onnxopt.budget import RANKING_FEEDS, Proposal
+from onnxopt.budget import RANKING_FEEDS, UNEXERCISED, Proposal
 from onnxopt.edit import nbytes
 from onnxopt.graph import (branch_labels, branch_scopes, export_graph, import_graph,
                            iter_graphs, opset_version)
@@ -627,8 +628,6 @@ class QuantizeStatic(Pass):
             self._float[self._group(site.node)] = (
                 f"too small to gain ({_macs(site, stats):.0f} multiply-adds per run)")
             sites.remove(site)
-        if ctx.budget is not None and any(s.scope is not None for s in sites):
-            self._unmeasured(graph, ctx, sites, refused)
         unranged = {n for n in names if stats[n].count == 0}
         _settle_outputs(sites, unranged)
         self._ranges = {n: tensor_range(stats[n], o.calibration, o.percentile, dtype)
@@ -656,22 +655,6 @@ class QuantizeStatic(Pass):
         self._sites = {self._group(s.node): s for s in sites}
         return PassResult(False, {"refused": dict(sorted(refused.items()))} if refused else {},
                           proposals=proposals)
-
-    def _unmeasured(self, graph: gs.Graph, ctx: PassContext, sites: list[_Site],
-                    refused: collections.Counter) -> None:
-        """Leave float (removed from ``sites``) the sites of If branches that none of the drift
-        budget's feeds takes: the budget would accept their proposals unmeasured (no harm seen),
-        whatever they cost on the inputs that take the branch."""
-        branched = [s for s in sites if s.scope is not None]
-        ran = branches_run(graph, ctx.template, {id(s.scope): s.scope for s in branched}.values(),
-                           ctx.budget.feeds)
-        why = "no validation feed takes its If branch (the drift budget cannot measure it)"
-        for site in branched:
-            if id(site.scope) not in ran:
-                self._untaken[id(site.scope)] = site.scope
-                refused[why] += 1
-                self._float[self._group(site.node)] = why
-                sites.remove(site)
 
     def _group(self, node: gs.Node) -> str:
         """:func:`_group` of ``node`` in this run."""
@@ -1131,12 +1114,18 @@ class QuantizeStatic(Pass):
         ok = {id(p) for p in accepted}
         quantized = [g for g, ps in groups.items() if all(id(p) in ok for p in ps)]
         nodes_float = dict(self._float)
-        for g in groups:
-            if g not in quantized:
-                nodes_float[g] = "drift budget"
         refused = collections.Counter(result.stats.get("refused", {}))
-        if len(quantized) < len(groups):
-            refused["kept float: drift budget"] += len(groups) - len(quantized)
+        for g in groups:
+            if g in quantized:
+                continue
+            if all(p.unexercised for p in groups[g]):  # in an If branch no budget feed takes
+                nodes_float[g] = UNEXERCISED
+                refused[UNEXERCISED] += 1
+                scope = self._sites[g].scope
+                self._untaken[id(scope)] = scope
+            else:
+                nodes_float[g] = "drift budget"
+                refused["kept float: drift budget"] += 1
         sites = [self._sites[g] for g in quantized if g in self._sites]
         return {
             "nodes_quantized": len(quantized), "nodes_float": nodes_float,
