@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import itertools
 import logging
 import types
 from dataclasses import dataclass, field
@@ -197,6 +198,76 @@ def make_names_unique(graph: gs.Graph) -> int:
 _INPUT_DEFAULTS = "_onnxopt_input_defaults"
 
 
+def _defined(g: onnx.GraphProto) -> set[str]:
+    """The names ``g`` itself defines: its inputs, initializers and node outputs."""
+    return ({i.name for i in g.input} | {t.name for t in g.initializer}
+            | {t.values.name for t in g.sparse_initializer}
+            | {o for node in g.node for o in node.output if o})
+
+
+def _shadowing(graph: onnx.GraphProto, visible: frozenset[str] = frozenset()) -> bool:
+    """Whether a subgraph of ``graph`` defines a name an enclosing graph defines too."""
+    defined = _defined(graph)
+    if defined & visible:
+        return True
+    inner = visible | defined
+    return any(_shadowing(attr.g, inner) for node in graph.node for attr in node.attribute
+               if attr.type == onnx.AttributeProto.GRAPH) or any(
+        _shadowing(sub, inner) for node in graph.node for attr in node.attribute
+        if attr.type == onnx.AttributeProto.GRAPHS for sub in attr.graphs)
+
+
+def unshadow(model: onnx.ModelProto) -> int:
+    """Rename, in place, every name a subgraph defines (input, initializer, node output) that
+    an enclosing graph defines too, with its uses in that subgraph and the graphs nested in it;
+    return how many were renamed. In such a subgraph the name means its own value (onnxruntime
+    reads the subgraph's own initializer), but onnx-graphsurgeon's import, whose tensors are
+    shared across scopes by name, would read the outer one. The main graph keeps its names."""
+    used = {n for g in graph_protos(model.graph) for n in _defined(g)}
+    used |= {n for g in graph_protos(model.graph) for node in g.node for n in node.input}
+    renamed = 0
+
+    def fresh(name: str) -> str:
+        n = 1
+        while f"{name}__{n}" in used:
+            n += 1
+        used.add(f"{name}__{n}")
+        return f"{name}__{n}"
+
+    def walk(g: onnx.GraphProto, visible: frozenset[str], mapping: dict[str, str]) -> None:
+        nonlocal renamed
+        defined = _defined(g)
+        mapping = {k: v for k, v in mapping.items() if k not in defined}
+        for name in sorted(defined & visible):
+            mapping[name] = fresh(name)
+            renamed += 1
+
+        def rename(value: str) -> str:
+            return mapping.get(value, value)
+
+        for v in itertools.chain(g.input, g.output, g.value_info):
+            v.name = rename(v.name)
+        for t in g.initializer:
+            t.name = rename(t.name)
+        for t in g.sparse_initializer:
+            t.values.name = rename(t.values.name)
+            t.indices.name = rename(t.indices.name)
+        for node in g.node:
+            node.input[:] = [rename(i) if i else i for i in node.input]
+            node.output[:] = [rename(o) if o else o for o in node.output]
+        inner = visible | defined
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g, inner, mapping)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        walk(sub, inner, mapping)
+
+    walk(model.graph, frozenset(), {})
+    return renamed
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import ``model`` into onnx-graphsurgeon, make tensor names unique across scopes and lower
     its Constant nodes to initializers.
@@ -228,9 +299,12 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
     shadowing = any(any(v.name in names for v in g.value_info)
                     for g in graph_protos(model.graph) if (names := declared(g)))
-    if defaults or shadowing:
+    scoped = _shadowing(model.graph)  # a subgraph redefining an outer name (renamed below)
+    if defaults or shadowing or scoped:
         stripped = onnx.ModelProto()
         stripped.CopyFrom(model)
+        if scoped:
+            unshadow(stripped)
         for g in graph_protos(stripped.graph):
             names = declared(g)
             kept = [v for v in g.value_info if v.name not in names]

@@ -21,7 +21,8 @@ weight-reading passes (quantization, float16, pruning) see a weight where they s
 
 Refused, with the reason: ``v_final`` is an output of the Loop's graph (its name would change),
 another body output returns the same ``v_in`` (a subgraph output may not be an outer-scope value
-in onnxruntime), a name of the body equals ``v_initial``'s (the outer value would be shadowed),
+in onnxruntime), a value of the body (an input, a node output, an initializer) has
+``v_initial``'s name (the outer value would be shadowed),
 and Scan before opset 9 (its first input is ``sequence_lens``).
 
 Statistics: ``rewritten`` (nodes with slots removed), ``slots_removed``, ``refused``.
@@ -102,10 +103,10 @@ class HoistLoopInvariants(RewritePass):
             if scope.is_output(node.outputs[j]):
                 refusal = refusal or refuse("its final value is a graph output")
                 continue
-            if names is None:
-                names = {t.name for g in iter_graphs(body)
-                         for t in [*g.inputs, *(o for n in g.nodes for o in n.outputs)]}
-            if v0.name in names:
+            if names is None:  # what the body defines or reads under a name (not the object)
+                names = {(t.name, id(t)) for g in iter_graphs(body) for t in [
+                    *g.inputs, *(t for n in g.nodes for t in [*n.inputs, *n.outputs])]}
+            if any(name == v0.name and key != id(v0) for name, key in names):
                 refusal = refusal or refuse("a body value has the outer value's name")
                 continue
             found.append(j)

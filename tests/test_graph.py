@@ -351,3 +351,44 @@ def test_edits_undone_restores_what_owners_hold_beyond_the_graph():
     assert export_graph(graph, model).SerializeToString() == before
     assert (list(plan.bias.outputs), plan.stored, plan.bias.name) == ([], 0, "bias")
     assert list(hidden.outputs) == []
+
+
+def _shadowing_model() -> onnx.ModelProto:
+    """A Loop carrying the outer initializer ``W`` while its body adds its own initializer
+    ``W`` (another value); an If whose branches read the Loop's final ``W`` and their own ``W``
+    (ONNX: in a subgraph a name it defines means its own value, as onnxruntime computes)."""
+    F = np.float32
+    own = helper.make_tensor("W", TensorProto.FLOAT, [4, 4],
+                             (np.cos(np.arange(16)) * 0.3).astype(F).ravel().tolist())
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "w_in"], ["hw"]),
+         helper.make_node("Add", ["hw", "W"], ["hw2"]),
+         helper.make_node("Tanh", ["hw2"], ["h_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, []),
+         vi("h_in", TensorProto.FLOAT, [4, 4]), vi("w_in", TensorProto.FLOAT, [4, 4])],
+        [vi("cond_out", TensorProto.BOOL, []), vi("h_out", TensorProto.FLOAT, [4, 4]),
+         vi("w_in", TensorProto.FLOAT, [4, 4])], [own])
+    then_g = helper.make_graph([helper.make_node("Add", ["w_final", "W"], ["t"])], "then", [],
+                               [vi("t", TensorProto.FLOAT, [4, 4])], [own])
+    else_g = helper.make_graph([helper.make_node("Sub", ["w_final", "W"], ["e"])], "else", [],
+                               [vi("e", TensorProto.FLOAT, [4, 4])], [own])
+    nodes = [helper.make_node("Loop", ["n", "", "x", "W"], ["h_final", "w_final"], body=body),
+             helper.make_node("If", ["c"], ["z"], then_branch=then_g, else_branch=else_g)]
+    return make_model(nodes, [("x", F, [4, 4]), ("n", np.int64, []), ("c", np.bool_, [])],
+                      [("h_final", F, [4, 4]), ("z", F, [4, 4])],
+                      {"W": (np.sin(np.arange(16)) * 0.5).astype(F).reshape(4, 4)})
+
+
+def test_a_subgraph_value_named_like_an_outer_one_keeps_its_own_value():
+    from helpers import run_passes
+    from onnxopt.passes import LOSSLESS_PIPELINE
+
+    model = _shadowing_model()
+    feeds = [{"x": np.cos(np.arange(16) + k).astype(np.float32).reshape(4, 4),
+              "n": np.array(t, np.int64), "c": np.array(c)}
+             for k in (0, 1) for t in (0, 1, 3) for c in (True, False)]
+    assert_same_outputs(model, round_trip(model), feeds)
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert_same_outputs(model, out, feeds)
