@@ -15,7 +15,8 @@ for _module in pkgutil.iter_modules(__path__):
 #: The default, lossless pipeline, repeated to a fixed point.
 LOSSLESS_PIPELINE = [
     "fold_constants", "inline_if", "if_rank_condition", "fold_not_into_if", "fuse_if",
-    "sink_into_if", "hoist_loop_invariants", "remove_identity", "remove_noop", "fold_zero", "elide_shape_casts",
+    "sink_into_if", "hoist_loop_invariants", "remove_identity", "remove_noop", "fold_zero",
+    "elide_shape_casts",
     "sink_transpose", "merge_transpose", "reshape_from_shape",
     "merge_reshape", "merge_concat", "merge_slice", "merge_scalar_mul", "fuse_hard_swish",
     "fuse_space_to_depth",

@@ -24,11 +24,12 @@ Which nodes, decided per node and then by the drift budget:
    outer-scope float16 twin directly, or its own Cast of an outer float32 value, and writes its
    outputs float32 through a Cast (the If's output types stay); a branch no calibration feed
    takes has no measured range and stays float32, and so does one none of the drift budget's
-   feeds takes (the budget leaves such groups unchanged: ``Proposal.unexercised``). silero-vad (its network in the branches
-   of an If on the sample rate, calibrated at 16 kHz): 2.22 MiB -> 1.78 MiB, the 8 kHz branch
-   float32. ONNX inference gives no dtype to what a contrib op (com.microsoft FusedMatMul,
-   BiasGelu...) writes; a tensor of unknown dtype that shares a type parameter with a float32
-   one is float32 (one parameter binds one dtype), so it enters a region through a Cast.
+   feeds takes (the budget leaves such groups unchanged: ``Proposal.unexercised``). silero-vad
+   (its network in the branches of an If on the sample rate, calibrated at 16 kHz): 2.22 MiB ->
+   1.78 MiB, the 8 kHz branch float32. ONNX inference gives no dtype to what a contrib op
+   (com.microsoft FusedMatMul, BiasGelu...) writes; a tensor of unknown dtype that shares a type
+   parameter with a float32 one is float32 (one parameter binds one dtype), so it enters a
+   region through a Cast.
 3. *Range* (measured): the float32 activations each candidate reads or writes are collected over
    the calibration feeds (``onnxopt.analyses.activations.collect``); a node whose inputs or
    outputs reach ``FLOAT16_MAX / headroom`` (``headroom`` an option, default 2: calibration does
