@@ -935,24 +935,100 @@ class _Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+#: The signals that stop a run (:func:`_stop`); the parent of :func:`_in_child` passes them on.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Set in :func:`_in_child`'s child: the first stop signal is answered, the others ignored.
+_ONE_STOP = False
+
+
+def _stop(signum, frame):
+    """Raise :class:`_Terminated` (KeyboardInterrupt for SIGINT) to unwind the run; in a child
+    of :func:`_in_child`, ignore the stop signals from then on (one Ctrl-C arrives twice)."""
+    if _ONE_STOP:
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Terminated(signum)
+
+
 def _raise_on_termination() -> dict:
     """Make SIGTERM and SIGHUP raise :class:`_Terminated`; returns the previous handlers (none
     changed outside the main thread, where Python cannot set them)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+    return {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
 
-    def terminate(signum, frame):
-        raise _Terminated(signum)
 
-    return {signum: signal.signal(signum, terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+#: Signals that mean native code crashed (onnxruntime segfaults on some models), not a stop.
+_CRASH_SIGNALS = tuple(getattr(signal, name) for name in
+                       ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT") if hasattr(signal, name))
+
+
+def _in_child(run, argv: list[str]) -> int:
+    """Run ``run()`` (:func:`main`) in a forked child process and return its exit code.
+
+    onnxruntime runs in the process that optimizes, and a model that crashes it (a
+    segmentation fault in native code, not an exception) would end the run with no message.
+    The parent only waits: when the child dies of a crash signal it prints one line, removes
+    what the child staged beside its outputs (``io.remove_stale_staging``) and returns 3 (as a
+    batch's crashed worker); a child stopped by another signal gives ``128 + signal``. SIGTERM
+    and SIGHUP sent to the parent (``timeout``) are passed on to the child, which cleans up as
+    usual; so is SIGINT (Ctrl-C reaches both: the child answers the first stop signal only).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller
+        global _ONE_STOP
+        _ONE_STOP = True  # Ctrl-C reaches it twice: from the terminal and passed on
+        signal.signal(signal.SIGINT, _stop)
+        code = PassError.exit_code
+        try:
+            code = run()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError):
+                    stream.flush()
+            os._exit(code)
+
+    def forward(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in _STOP_SIGNALS}
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    signum = os.WTERMSIG(status)
+    name = signal.Signals(signum).name
+    with contextlib.suppress(SystemExit, Exception):  # what it was writing: staged beside it
+        args = _parser().parse_args(argv)
+        for target in [getattr(args, "output", None), getattr(args, "report", None)]:
+            if target and not Path(target).is_dir():
+                io.remove_stale_staging(target)
+    if signum in _CRASH_SIGNALS:
+        print(f"onnxopt: internal error: the run crashed in native code ({name}), most likely "
+              f"onnxruntime on this model; nothing was written (ONNXOPT_IN_PROCESS=1 runs it "
+              f"in this process, for a debugger)", file=sys.stderr)
+        return PassError.exit_code
+    print(f"onnxopt: terminated ({name})", file=sys.stderr)
+    return 128 + signum
 
 
 def console_main() -> None:
-    """The ``onnxopt`` console script: :func:`main`, then the process ends without finalizing
-    the interpreter. Every file is written and closed by then (``io.save_model`` syncs); tearing
-    down onnxruntime and the loaded modules would cost a tenth of a second, a fifth of a small
-    model's run."""
-    code = main()
+    """The ``onnxopt`` console script: :func:`main` in a child process (:func:`_in_child`;
+    in this one where ``os.fork`` is missing or ``ONNXOPT_IN_PROCESS`` is set), then the
+    process ends without finalizing the interpreter. Every file is written and closed by then
+    (``io.save_model`` syncs); tearing down onnxruntime and the loaded modules would cost a
+    tenth of a second, a fifth of a small model's run."""
+    isolate = hasattr(os, "fork") and not os.environ.get("ONNXOPT_IN_PROCESS")
+    code = _in_child(main, sys.argv[1:]) if isolate else main()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError):  # a reader that went away (| head) has what it wanted
             stream.flush()

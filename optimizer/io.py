@@ -265,13 +265,16 @@ def staging_prefix(target: Union[str, os.PathLike]) -> str:
 
 
 def remove_stale_staging(target: Union[str, os.PathLike]) -> None:
-    """Remove the staging folders of ``target`` (:class:`StagedModel`) that a process killed
-    before it could (SIGKILL: a batch's time limit, the out-of-memory killer) left beside it.
-    Only for a target no other process is writing."""
+    """Remove the staging folders of ``target`` (:class:`StagedModel`) and staged files (a
+    report's) that a process killed before it could (SIGKILL: a batch's time limit, the
+    out-of-memory killer; a crash) left beside it. Only for a target no other process is
+    writing."""
     target = Path(target)
-    for folder in target.parent.glob(glob.escape(staging_prefix(target)) + "*.tmp"):
-        if folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
+    for staged in target.parent.glob(glob.escape(staging_prefix(target)) + "*.tmp"):
+        if staged.is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            staged.unlink(missing_ok=True)
 
 
 class StagedModel:

@@ -265,6 +265,33 @@ def test_console_script(model_path, tmp_path):
     assert bad.stderr.count("\n") == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the console script forks where it can")
+def test_a_crash_in_native_code_gets_one_line_exit_3_and_nothing_left(tmp_path, capfd):
+    """The console script runs in a child process: a crash there (onnxruntime segfaults on some
+    models: a Loop with an omitted output, onnxruntime 1.32) ends with one line and exit code 3,
+    and what the child staged beside its output is removed."""
+    import signal
+
+    from onnxopt import io
+    from onnxopt.cli import _in_child
+
+    out = tmp_path / "out.onnx"
+
+    def crash() -> int:
+        import faulthandler
+        faulthandler.disable()  # pytest's dump of the crash would only clutter its output
+        (tmp_path / f"{io.staging_prefix(out)}abc.tmp").mkdir()  # as a StagedModel does
+        os.kill(os.getpid(), signal.SIGSEGV)
+        return 0
+
+    assert _in_child(crash, ["optimize", "in.onnx", "-o", str(out)]) == 3
+    err = capfd.readouterr().err
+    assert err.startswith("onnxopt: internal error: the run crashed in native code (SIGSEGV)")
+    assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+    assert _in_child(lambda: 2, ["inspect", "x.onnx"]) == 2  # an exit code passes through
+
+
 def test_external_data_option_writes_out_data_and_reloads(model_path, tmp_path):
     from onnxopt.io import load_model
 
