@@ -377,7 +377,7 @@ def _common_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="FILE", help="write the report; the extension picks the "
                    "format: .json (JSON), .html or .htm (a self-contained HTML page)")
     p.add_argument("--quiet", action="store_true",
-                   help="print only the verdict line (no tables, no progress)")
+                   help="print only warnings and the verdict line (no tables, no progress)")
     p.add_argument("--verbose", action="store_true",
                    help="print tracebacks of internal errors; onnxruntime's default logger "
                         "shows warnings; optimize lists the passes that changed nothing")
@@ -875,6 +875,10 @@ def _cmd_passes(args, out: _Out) -> int:
     for name, run_by in _passes_in_order().items():
         cls = REGISTRY[name]
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
+        for mode, passes in QUANTIZE_MODES.items():  # what --quantize MODE sets instead
+            if passes.get(name):
+                opts += f"; --quantize {mode} sets " + ", ".join(
+                    f"{k}={v!r}" for k, v in passes[name].items())
         table.add_row(name, "lossless" if cls.lossless else "lossy", _escape(run_by),
                       _escape(opts), cls.description)
     out.show(table)

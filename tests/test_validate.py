@@ -61,6 +61,17 @@ def test_weight_perturbed_beyond_tolerance_fails_naming_the_output():
     assert by_name["y2"].max_abs > by_name["y2"].tolerance
 
 
+def test_the_failure_message_quotes_the_worst_feed():
+    """Several failing feeds: the message gives the largest error, the one the table shows."""
+    w2 = W2.copy()
+    w2[1, 2] += 1e-2
+    feeds = [{k: v * scale for k, v in _feed().items()} for scale in (1.0, 30.0, 2.0)]
+    result = compare_models(_model(), _model(w2=w2), feeds)
+    y2 = {m.name: m for m in result.outputs}["y2"]
+    assert not y2.passed
+    assert y2.reason.startswith(f"max abs error {y2.max_abs:.3g} ")
+
+
 def test_perturbation_within_tolerance_passes():
     w2 = W2.copy()
     w2[1, 2] = np.nextafter(w2[1, 2], np.float32(np.inf))
