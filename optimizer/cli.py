@@ -601,6 +601,9 @@ def _original_model_hint(err: InputError, args) -> InputError:
     if args.inputs is None and "failed to run" in message and \
             SYNTHESIZED_INPUTS_HINT not in message:
         message += f" ({SYNTHESIZED_INPUTS_HINT})"
+    if args.inputs is not None and "failed to run" in message:  # the feeds, most likely
+        return InputError(f"{message}; check that --inputs {args.inputs} holds feeds for this "
+                          f"model (names, shapes, dtypes)")
     return InputError(f"{message}; --no-validate writes the optimized model without validation")
 
 

@@ -292,6 +292,21 @@ def test_a_crash_in_native_code_gets_one_line_exit_3_and_nothing_left(tmp_path, 
     assert _in_child(lambda: 2, ["inspect", "x.onnx"]) == 2  # an exit code passes through
 
 
+def test_inputs_the_original_cannot_run_on_point_at_the_inputs(tmp_path, capsys):
+    """Feeds the original fails on (another model's, say): the message names --inputs."""
+    model = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                       [("x", np.float32, ["N", 3])], [("y", np.float32, [6])],
+                       {"shape": np.array([6], np.int64)})
+    src, feeds = tmp_path / "m.onnx", tmp_path / "other.npz"
+    onnx.save(model, src)
+    np.savez(feeds, x=np.zeros((3, 3), np.float32))  # 9 values cannot become 6
+    code = main(["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--inputs", str(feeds)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"check that --inputs {feeds} holds feeds for this model" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_external_data_option_writes_out_data_and_reloads(model_path, tmp_path):
     from onnxopt.io import load_model
 
