@@ -986,8 +986,10 @@ def _in_child(run, argv: list[str]) -> int:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError):
             stream.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller
+        _die_with(parent)
         global _ONE_STOP
         _ONE_STOP = True  # Ctrl-C reaches it twice: from the terminal and passed on
         signal.signal(signal.SIGINT, _stop)
@@ -1026,6 +1028,20 @@ def _in_child(run, argv: list[str]) -> int:
         return PassError.exit_code
     print(f"onnxopt: terminated ({name})", file=sys.stderr)
     return 128 + signum
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel end this process (SIGKILL) when ``parent`` ends (Linux ``prctl``
+    ``PR_SET_PDEATHSIG``): a parent killed with SIGKILL, which it cannot pass on, must not
+    leave its child running on (and writing its output later). Elsewhere nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(128 + int(signal.SIGKILL))
 
 
 def console_main() -> None:
