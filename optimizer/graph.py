@@ -211,21 +211,39 @@ def _shadowing(graph: onnx.GraphProto, visible: frozenset[str] = frozenset()) ->
     if defined & visible:
         return True
     inner = visible | defined
-    return any(_shadowing(attr.g, inner) for node in graph.node for attr in node.attribute
-               if attr.type == onnx.AttributeProto.GRAPH) or any(
-        _shadowing(sub, inner) for node in graph.node for attr in node.attribute
-        if attr.type == onnx.AttributeProto.GRAPHS for sub in attr.graphs)
+    return any(_shadowing(sub, inner) for node in graph.node for sub in _subgraphs(node))
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs of ``node``'s attributes."""
+    return [attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH] + [
+        g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPHS
+        for g in attr.graphs]
+
+
+def _free(g: onnx.GraphProto) -> set[str]:
+    """The names ``g`` (and the graphs nested in it) read from enclosing graphs."""
+    used = {n for node in g.node for n in node.input if n} | {o.name for o in g.output}
+    used |= {n for node in g.node for sub in _subgraphs(node) for n in _free(sub)}
+    return used - _defined(g)
 
 
 def unshadow(model: onnx.ModelProto) -> int:
-    """Rename, in place, every name a subgraph defines (input, initializer, node output) that
-    an enclosing graph defines too, with its uses in that subgraph and the graphs nested in it;
-    return how many were renamed. In such a subgraph the name means its own value (onnxruntime
-    reads the subgraph's own initializer), but onnx-graphsurgeon's import, whose tensors are
-    shared across scopes by name, would read the outer one. The main graph keeps its names."""
+    """Make, in place, the names a subgraph defines distinct from its enclosing graphs' names,
+    computing what onnxruntime computes; return how many were renamed or dropped.
+
+    A name a subgraph defines (input, initializer, node output) that an enclosing graph defines
+    too means the subgraph's own value there: it is renamed, with its uses in that subgraph and
+    the graphs nested in it (onnx-graphsurgeon's import shares tensors by name across scopes and
+    would read the outer value). One exception, measured on onnxruntime 1.32 and onnx's
+    ``ReferenceEvaluator`` alike: an outer value that one subgraph of a node reads (an implicit
+    input of the If) is fed to all of the node's subgraphs and takes the place of a sibling's
+    own initializer of that name -- that initializer is dropped, so the sibling reads the outer
+    value as the runtimes do. The main graph keeps its names.
+    """
     used = {n for g in graph_protos(model.graph) for n in _defined(g)}
     used |= {n for g in graph_protos(model.graph) for node in g.node for n in node.input}
-    renamed = 0
+    changed = 0
 
     def fresh(name: str) -> str:
         n = 1
@@ -234,13 +252,20 @@ def unshadow(model: onnx.ModelProto) -> int:
         used.add(f"{name}__{n}")
         return f"{name}__{n}"
 
-    def walk(g: onnx.GraphProto, visible: frozenset[str], mapping: dict[str, str]) -> None:
-        nonlocal renamed
+    def walk(g: onnx.GraphProto, visible: frozenset[str], mapping: dict[str, str],
+             fed: set[str]) -> None:
+        nonlocal changed
+        overridden = [t for t in g.initializer if t.name in fed and t.name in visible]
+        for t in overridden:  # an implicit input of the owning node replaces it
+            g.initializer.remove(t)
+            changed += 1
         defined = _defined(g)
         mapping = {k: v for k, v in mapping.items() if k not in defined}
         for name in sorted(defined & visible):
             mapping[name] = fresh(name)
-            renamed += 1
+            changed += 1
+        # what each node's subgraphs read from outside, before any renaming below
+        implicit = [set().union(*map(_free, _subgraphs(node))) for node in g.node]
 
         def rename(value: str) -> str:
             return mapping.get(value, value)
@@ -256,16 +281,12 @@ def unshadow(model: onnx.ModelProto) -> int:
             node.input[:] = [rename(i) if i else i for i in node.input]
             node.output[:] = [rename(o) if o else o for o in node.output]
         inner = visible | defined
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g, inner, mapping)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        walk(sub, inner, mapping)
+        for node, fed_here in zip(g.node, implicit):
+            for sub in _subgraphs(node):
+                walk(sub, inner, mapping, fed_here)
 
-    walk(model.graph, frozenset(), {})
-    return renamed
+    walk(model.graph, frozenset(), {}, set())
+    return changed
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -392,3 +392,29 @@ def test_a_subgraph_value_named_like_an_outer_one_keeps_its_own_value():
     assert_same_outputs(model, round_trip(model), feeds)
     out, _ = run_passes(model, LOSSLESS_PIPELINE)
     assert_same_outputs(model, out, feeds)
+
+
+def test_an_initializer_a_sibling_branch_reads_from_outside_is_the_outer_value():
+    """The then branch has its own initializer ``W``, the else branch reads the outer ``W``:
+    onnxruntime (and onnx's reference evaluator) feed the outer ``W`` to both branches, where it
+    takes the place of the then branch's own -- the import must compute the same (a rename
+    made the then branch add 100 instead of 1)."""
+    from helpers import run_passes
+    from onnxopt.passes import LOSSLESS_PIPELINE
+
+    F = np.float32
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("Add", ["x", "W"], ["t"])], "then", [],
+                               [vi("t", TensorProto.FLOAT, [4])],
+                               [helper.make_tensor("W", TensorProto.FLOAT, [4], [100.0] * 4)])
+    else_g = helper.make_graph([helper.make_node("Sub", ["x", "W"], ["e"])], "else", [],
+                               [vi("e", TensorProto.FLOAT, [4])])
+    model = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then_g,
+                                         else_branch=else_g)],
+                       [("x", F, [4]), ("c", np.bool_, [])], [("y", F, [4])],
+                       {"W": np.ones(4, F)})
+    feeds = [{"x": np.arange(4, dtype=F) + k, "c": np.array(c)} for k in (0, 1)
+             for c in (True, False)]
+    assert_same_outputs(model, round_trip(model), feeds)
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert_same_outputs(model, out, feeds)
