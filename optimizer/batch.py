@@ -430,7 +430,6 @@ def _in_order(work: list[_Job], runner, budget: int | None,
     running: dict[cf.Future, int] = {}
     deadline: dict[cf.Future, float] = {}
     done: dict[int, ModelResult] = {}
-    emitted = 0
 
     def fits(i: int) -> bool:
         if not running:
@@ -441,6 +440,20 @@ def _in_order(work: list[_Job], runner, budget: int | None,
         return budget is None or sum(work[r].size for r in running.values()) + \
             work[i].size <= budget
 
+    try:
+        yield from _drain(work, runner, timeout, alone, pending, running, deadline, done, fits)
+    except BaseException:  # Ctrl-C, SIGTERM, a consumer that stopped: no job may run on
+        for future in list(running):
+            runner.stop(future)
+        for i in running.values():  # what they staged beside their output
+            io.remove_stale_staging(work[i].output)
+        raise
+
+
+def _drain(work, runner, timeout, alone, pending, running, deadline, done, fits):
+    """The loop of :func:`_in_order` (its state passed in, so that it can stop the jobs
+    still ``running`` when the loop is left early)."""
+    emitted = 0
     while emitted < len(work):
         while pending and fits(pending[0]):
             i = pending.popleft()

@@ -399,3 +399,41 @@ def test_ray_executor_gives_the_local_outputs(batch_dir, tmp_path):
     prune = [p for p in pruned[0].report["passes"] if p["name"] == "prune"][-1]["stats"]
     assert prune["search"]["met_budget"] and len(prune["search"]["path"]) >= 3
     _check_batch([r for r in remote if r not in pruned], batch_dir, ray_dir)
+
+
+def test_jobs_still_running_when_the_batch_is_left_are_stopped_and_their_staging_removed(
+        tmp_path):
+    """Ctrl-C, SIGTERM or a consumer that stops: the jobs still running are ended (their
+    workers killed) and what they staged beside their outputs removed -- before, they ran on
+    after onnxopt's exit and wrote their outputs later."""
+    from onnxopt import batch, io
+
+    class Runner:
+        slots = 2
+
+        def __init__(self):
+            self.stopped = []
+
+        def submit(self, job):
+            future = cf.Future()
+            if job.model == "a":
+                future.set_result("result a")
+            return future  # "b" never ends by itself
+
+        def died(self, err):
+            return False
+
+        def stop(self, future):
+            self.stopped.append(future)
+            return True
+
+    out_b = tmp_path / "b.onnx"
+    staged = tmp_path / f"{io.staging_prefix(out_b)}xyz.tmp"
+    staged.mkdir()
+    work = [batch._Job("a", str(tmp_path / "a.onnx"), 1, {}),
+            batch._Job("b", str(out_b), 1, {})]
+    runner = Runner()
+    results = batch._in_order(work, runner, None)
+    assert next(results) == "result a"
+    results.close()  # as an exception at the consumer's end would
+    assert len(runner.stopped) == 1 and not staged.exists()
