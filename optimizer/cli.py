@@ -969,7 +969,8 @@ def _raise_on_termination() -> dict:
 
 #: Signals that mean native code crashed (onnxruntime segfaults on some models), not a stop.
 _CRASH_SIGNALS = tuple(getattr(signal, name) for name in
-                       ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT") if hasattr(signal, name))
+                       ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT")
+                       if hasattr(signal, name))
 
 
 def _in_child(run, argv: list[str]) -> int:
