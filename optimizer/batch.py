@@ -366,7 +366,8 @@ class _LocalRunner:
         if self._pool is not None:
             for process in list(self._pool._processes.values()):  # noqa: SLF001 -- no public
                 process.kill()
-            self._drop_pool()
+            self._pool.shutdown(wait=True, cancel_futures=True)  # its queues closed, no leak
+            self._pool = None
         return True
 
     def _drop_pool(self) -> None:
