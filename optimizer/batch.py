@@ -441,61 +441,55 @@ def _in_order(work: list[_Job], runner, budget: int | None,
         return budget is None or sum(work[r].size for r in running.values()) + \
             work[i].size <= budget
 
-    try:
-        yield from _drain(work, runner, timeout, alone, pending, running, deadline, done, fits)
-    except BaseException:  # Ctrl-C, SIGTERM, a consumer that stopped: no job may run on
+    try:  # Ctrl-C, SIGTERM, a consumer that stopped: no job may run on
+        emitted = 0
+        while emitted < len(work):
+            while pending and fits(pending[0]):
+                i = pending.popleft()
+                future = runner.submit(work[i])
+                running[future] = i
+                if timeout is not None:
+                    deadline[future] = time.monotonic() + timeout
+            wait = max(0.0, min(deadline.values()) - time.monotonic()) if deadline else None
+            finished, _ = cf.wait(running, timeout=wait, return_when=cf.FIRST_COMPLETED)
+            retry, stopped = [], []
+            for future in finished:
+                deadline.pop(future, None)
+                i = running.pop(future)
+                err = future.exception()
+                if err is None:
+                    done[i] = future.result()
+                elif runner.died(err) and i not in alone:
+                    # every job of a dead pool fails with it: each runs again by itself, and
+                    # the one that kills its worker alone is the culprit
+                    alone.add(i)
+                    retry.append(i)
+                else:
+                    done[i] = _died(work[i], err)
+                    stopped.append(i)
+            for future in [f for f, end in deadline.items() if end <= time.monotonic()]:
+                if future not in running:  # ended with another job's (local pool)
+                    continue
+                i = running.pop(future)
+                del deadline[future]
+                done[i] = _timed_out(work[i], timeout)
+                stopped.append(i)
+                if runner.stop(future):  # the others are run again, as they were
+                    retry += running.values()
+                    running.clear()
+                    deadline.clear()
+            for i in stopped + retry:  # killed mid-run: what they staged beside the output
+                io.remove_stale_staging(work[i].output)
+            pending.extendleft(sorted(retry, reverse=True))
+            while emitted in done:
+                yield done.pop(emitted)
+                emitted += 1
+    except BaseException:
         for future in list(running):
             runner.stop(future)
         for i in running.values():  # what they staged beside their output
             io.remove_stale_staging(work[i].output)
         raise
-
-
-def _drain(work, runner, timeout, alone, pending, running, deadline, done, fits):
-    """The loop of :func:`_in_order` (its state passed in, so that it can stop the jobs
-    still ``running`` when the loop is left early)."""
-    emitted = 0
-    while emitted < len(work):
-        while pending and fits(pending[0]):
-            i = pending.popleft()
-            future = runner.submit(work[i])
-            running[future] = i
-            if timeout is not None:
-                deadline[future] = time.monotonic() + timeout
-        wait = max(0.0, min(deadline.values()) - time.monotonic()) if deadline else None
-        finished, _ = cf.wait(running, timeout=wait, return_when=cf.FIRST_COMPLETED)
-        retry, stopped = [], []
-        for future in finished:
-            deadline.pop(future, None)
-            i = running.pop(future)
-            err = future.exception()
-            if err is None:
-                done[i] = future.result()
-            elif runner.died(err) and i not in alone:
-                # every job of a dead pool fails with it: each runs again by itself, and the
-                # one that kills its worker alone is the culprit
-                alone.add(i)
-                retry.append(i)
-            else:
-                done[i] = _died(work[i], err)
-                stopped.append(i)
-        for future in [f for f, end in deadline.items() if end <= time.monotonic()]:
-            if future not in running:  # ended with another job's (local pool)
-                continue
-            i = running.pop(future)
-            del deadline[future]
-            done[i] = _timed_out(work[i], timeout)
-            stopped.append(i)
-            if runner.stop(future):  # the others are run again, as they were
-                retry += running.values()
-                running.clear()
-                deadline.clear()
-        for i in stopped + retry:  # killed mid-run: what they staged beside their output stayed
-            io.remove_stale_staging(work[i].output)
-        pending.extendleft(sorted(retry, reverse=True))
-        while emitted in done:
-            yield done.pop(emitted)
-            emitted += 1
 
 
 def _timed_out(job: _Job, timeout: float) -> ModelResult:

@@ -215,10 +215,10 @@ def _shadowing(graph: onnx.GraphProto, visible: frozenset[str] = frozenset()) ->
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs of ``node``'s attributes."""
-    return [attr.g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH] + [
-        g for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPHS
-        for g in attr.graphs]
+    """The graphs of ``node``'s attributes, in attribute order."""
+    return [g for attr in node.attribute for g in (
+        [attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+        attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else [])]
 
 
 def _free(g: onnx.GraphProto) -> set[str]:
@@ -241,16 +241,11 @@ def unshadow(model: onnx.ModelProto) -> int:
     own initializer of that name -- that initializer is dropped, so the sibling reads the outer
     value as the runtimes do. The main graph keeps its names.
     """
-    used = {n for g in graph_protos(model.graph) for n in _defined(g)}
-    used |= {n for g in graph_protos(model.graph) for node in g.node for n in node.input}
-    changed = 0
+    from onnxopt.names import NameAuthority  # names imports this module
 
-    def fresh(name: str) -> str:
-        n = 1
-        while f"{name}__{n}" in used:
-            n += 1
-        used.add(f"{name}__{n}")
-        return f"{name}__{n}"
+    fresh = NameAuthority({n for g in graph_protos(model.graph) for n in itertools.chain(
+        _defined(g), (i for node in g.node for i in node.input))}).fresh
+    changed = 0
 
     def walk(g: onnx.GraphProto, visible: frozenset[str], mapping: dict[str, str],
              fed: set[str]) -> None:
@@ -465,12 +460,8 @@ def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """Yield ``graph`` and every GraphProto nested in its nodes' attributes, depth first."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from graph_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from graph_protos(g)
+        for sub in _subgraphs(node):
+            yield from graph_protos(sub)
 
 
 def describe_value_infos(values) -> list[dict]:

@@ -507,10 +507,11 @@ class ConvertFloat16(Pass):
         kept = [p for p in self._plans.values()
                 if id(p.node) not in self._converted and id(p.node) not in sinks]
         unexercised = {q.key for q in result.proposals if q.unexercised}
+        untaken = dict(self._untaken)
         for p in kept:  # in an If branch no budget feed takes, or the budget's choice
             if p.group in unexercised:
                 refused[UNEXERCISED] += 1
-                self._untaken[id(self._scope[id(p.node)])] = self._scope[id(p.node)]
+                untaken[id(self._scope[id(p.node)])] = self._scope[id(p.node)]
             else:
                 refused["kept float: drift budget"] += 1
         kept = [p.group for p in kept]
@@ -531,8 +532,8 @@ class ConvertFloat16(Pass):
             "bytes_before": sum(nbytes(o) for o, _ in copies),
             "bytes_after": sum(nbytes(t) for _, t in copies) + sum(nbytes(o) for o in both),
             "initializers_stored_twice": len(both),
-            **({"branches_not_taken": branch_labels(self._graph, self._untaken.values())}
-               if self._untaken else {}),
+            **({"branches_not_taken": branch_labels(self._graph, untaken.values())}
+               if untaken else {}),
         }
 
 

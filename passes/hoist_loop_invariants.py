@@ -55,13 +55,14 @@ def _returned_unchanged(out: gs.Tensor, b_in: gs.Tensor) -> bool:
             and out.inputs[0].domain in ("", "ai.onnx", None) and out.inputs[0].inputs[0] is b_in)
 
 
-def _replace(graphs: list[gs.Graph], old: set[int], new: gs.Tensor) -> None:
-    """Let every node of ``graphs`` that reads a tensor whose ``id`` is in ``old`` read ``new``."""
+def _replace(graphs: list[gs.Graph], new: dict[int, gs.Tensor]) -> None:
+    """Let every node of ``graphs`` that reads a tensor whose ``id`` is a key of ``new`` read
+    that key's tensor instead."""
     for g in graphs:
         for node in g.nodes:
             for i, t in enumerate(node.inputs):
-                if id(t) in old:
-                    node.inputs[i] = new
+                if id(t) in new:
+                    node.inputs[i] = new[id(t)]
 
 
 @register
@@ -115,15 +116,18 @@ class HoistLoopInvariants(RewritePass):
     def rewrite(self, node: gs.Node, found: list[int], scope: Scope) -> None:
         body = node.attrs["body"]
         first_in, first_body_in, first_body_out = _slots(node, body, scope.opset)
-        inner, everywhere = list(iter_graphs(body)), list(iter_graphs(scope.root))
-        for j in sorted(found, reverse=True):  # later slots first: earlier indices stay valid
+        inside, outside = {}, {}  # id(replaced tensor) -> the outer value, for all slots
+        for j in found:
             v0 = node.inputs[first_in + j]
-            b_in, out = body.inputs[first_body_in + j], body.outputs[first_body_out + j]
-            _replace(inner, {id(b_in), id(out)}, v0)
-            final = node.outputs[j]
-            _replace(everywhere, {id(final)}, v0)
-            for g in everywhere:  # a nested graph returning the final value as outer value
-                g.outputs = [v0 if o is final else o for o in g.outputs]
+            inside[id(body.inputs[first_body_in + j])] = v0
+            inside[id(body.outputs[first_body_out + j])] = v0
+            outside[id(node.outputs[j])] = v0
+        _replace(list(iter_graphs(body)), inside)
+        everywhere = list(iter_graphs(scope.root))
+        _replace(everywhere, outside)
+        for g in everywhere:  # a nested graph returning a final value as outer value
+            g.outputs = [outside.get(id(o), o) for o in g.outputs]
+        for j in sorted(found, reverse=True):  # later slots first: earlier indices stay valid
             del node.inputs[first_in + j]
             del body.inputs[first_body_in + j]
             del body.outputs[first_body_out + j]

@@ -1115,6 +1115,7 @@ class QuantizeStatic(Pass):
         quantized = [g for g, ps in groups.items() if all(id(p) in ok for p in ps)]
         nodes_float = dict(self._float)
         refused = collections.Counter(result.stats.get("refused", {}))
+        untaken = dict(self._untaken)
         for g in groups:
             if g in quantized:
                 continue
@@ -1122,7 +1123,7 @@ class QuantizeStatic(Pass):
                 nodes_float[g] = UNEXERCISED
                 refused[UNEXERCISED] += 1
                 scope = self._sites[g].scope
-                self._untaken[id(scope)] = scope
+                untaken[id(scope)] = scope
             else:
                 nodes_float[g] = "drift budget"
                 refused["kept float: drift budget"] += 1
@@ -1147,8 +1148,8 @@ class QuantizeStatic(Pass):
                 self.options.rounding, len(self._gptq.intersection(quantized)),
                 (why for g, why in self._nearest.items() if g in quantized)),
             "qdq_pairs": len(self._qdq),
-            **({"branches_not_taken": branch_labels(self._root, self._untaken.values())}
-               if self._untaken else {}),
+            **({"branches_not_taken": branch_labels(self._root, untaken.values())}
+               if untaken else {}),
             "latency": self._latency if self._latency is not None else "off",
             "proposed": len(result.proposals), "accepted": len(accepted),
             "bytes_before": sum(nbytes(s.weight) for s in sites),
