@@ -28,7 +28,9 @@ and feed. For groups ``G``:
    needed: putting any one back breaks the budget. Up to :data:`RANKED_MAX_GROUPS` groups, by
    sensitivity ranking (:func:`ranked_kept`): rank the groups by what leaving each one float
    gains with all others applied, bisect for the shortest prefix of the ranking that, left
-   float, brings the rest within budget, then put back what is not needed. Above, by delta
+   float, brings the rest within budget, then put back what is not needed (when every
+   proposal is a weight proposal, the largest groups first: the goal is size; so does delta
+   debugging). Above, by delta
    debugging (Zeller and Hildebrandt, 2002, "Simplifying and Isolating Failure-Inducing Input",
    TSE; :func:`minimal_kept`), cheaper when few of many groups must stay float. Harm often
    shows only in combination (a weight whose error a later layer amplifies: on slanet_en no
@@ -74,6 +76,7 @@ the name authority), so the graph is exactly as before.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -539,9 +542,12 @@ class DriftBudget:
                 return self.within(measured), measured
 
             if len(groups) <= RANKED_MAX_GROUPS:
-                kept, sensitivity = ranked_kept(groups, lambda g: gain(g, groups), without)
+                kept, sensitivity = ranked_kept(groups, lambda g: gain(g, groups), without,
+                                                _group_sizes(chosen))
             else:
-                kept = minimal_kept(groups, lambda keep: without(set(keep))[0])
+                size = _group_sizes(chosen)
+                order = sorted(groups, key=lambda g: -size(g)) if size else groups
+                kept = minimal_kept(order, lambda keep: without(set(keep))[0])
                 accepted_groups = set(groups) - set(kept)
                 sensitivity = {g: score(accepted_groups | {g}) for g in kept}
             # most harmful first (nothing is measured when even leaving all float fails)
@@ -786,7 +792,8 @@ RANKING_FEEDS = 4
 
 
 def ranked_kept(groups: list[str], gain: Callable[[str], float],
-                within: Callable[[set[str]], tuple[bool, dict]]) -> tuple[list[str], dict]:
+                within: Callable[[set[str]], tuple[bool, dict]],
+                size: Callable[[str], int] | None = None) -> tuple[list[str], dict]:
     """The groups to leave float, by sensitivity ranking, and the cost of each.
 
     1. rank the groups by ``gain(g)`` -- the first criterion's value with every group applied but
@@ -795,9 +802,10 @@ def ranked_kept(groups: list[str], gain: Callable[[str], float],
     2. find by bisection the shortest prefix of the ranking whose groups, left float, bring the
        rest within budget (``log2 |G|`` evaluations; the budget is close to monotone in the
        prefix, and step 3 repairs where it is not);
-    3. make the set 1-minimal: put each kept group back, least gain first, when the budget still
-       holds (``|K|`` evaluations); the value measured for a group that must stay float is its
-       *sensitivity*: every criterion with the accepted set plus that group.
+    3. make the set 1-minimal: put each kept group back, least gain first (with ``size``: the
+       largest first, ties by least gain), when the budget still holds (``|K|`` evaluations);
+       the value measured for a group that must stay float is its *sensitivity*: every
+       criterion with the accepted set plus that group.
 
     Ranking first is the mixed-precision search of accuracy-aware quantizers (NNCF's accuracy
     control ranks layers by their contribution); putting back one at a time guarantees that every
@@ -808,6 +816,11 @@ def ranked_kept(groups: list[str], gain: Callable[[str], float],
         groups: the group names.
         gain: scalar to rank by (called once per group).
         within: ``within(leave_out) -> (holds, measured criteria)``.
+        size: what accepting a group saves (its weights' elements), for a decision whose goal is
+            size (weight-only proposals): groups put back early get the budget's headroom, and
+            where the drift is a cliff -- slanet_en's decoder, whose greedy decode turns
+            different after any of several perturbations -- which group takes it is decided by
+            the order alone; None: least gain first.
 
     Returns:
         ``(kept, sensitivity)``: the groups left float, in ranking order, and their measured
@@ -819,7 +832,10 @@ def ranked_kept(groups: list[str], gain: Callable[[str], float],
         return ranking, {}
     kept = ranking[:shortest_prefix(len(ranking), lambda k: within(set(ranking[:k]))[0])]
     sensitivity: dict[str, dict] = {}
-    for g in reversed(list(kept)):
+    order = list(reversed(kept))
+    if size is not None:
+        order.sort(key=lambda g: -size(g))  # stable: ties stay least gain first
+    for g in order:
         trial = set(kept) - {g}
         holds, measured = within(trial)
         if holds:
@@ -827,6 +843,18 @@ def ranked_kept(groups: list[str], gain: Callable[[str], float],
         else:
             sensitivity[g] = measured
     return kept, sensitivity
+
+
+def _group_sizes(chosen: list[Proposal]) -> Callable[[str], int] | None:
+    """``size(group)``: the elements of a group's weights, when every proposal is a weight
+    proposal (a decision whose goal is size: pruning, clustering, weight-only quantization);
+    None when any is simulated (activations quantized or cast: the goal is speed too)."""
+    if any(p.simulate is not None for p in chosen):
+        return None
+    sizes: dict[str, int] = collections.Counter()
+    for p in chosen:
+        sizes[p.key] += int(np.prod(p.tensor.shape or (), dtype=np.int64))
+    return sizes.__getitem__
 
 
 def shortest_prefix(n: int, holds: Callable[[int], bool]) -> int:
@@ -844,7 +872,8 @@ def shortest_prefix(n: int, holds: Callable[[int], bool]) -> int:
 
 def minimal_kept(names: list[str], within_budget: Callable[[list[str]], bool]) -> list[str]:
     """A 1-minimal sublist ``K`` of ``names`` with ``within_budget(K)`` true, by ddmin: remove
-    chunks of ``K`` (halves, then quarters, ...) while the predicate holds. If even
+    chunks of ``K`` (halves, then quarters, ...; the first in ``names``' order tried first, so
+    they get the budget's headroom) while the predicate holds. If even
     ``within_budget(names)`` is false, ``names`` is returned (nothing can be applied)."""
     kept, granularity = list(names), 2
     if not within_budget(kept):

@@ -541,3 +541,40 @@ def test_simulated_proposals_below_opset_9_are_gated_without_where():
         graph, model, [_simulated(graph, "h", "negate", applied=applied),
                        _simulated(graph, "h", "round", group="ok", applied=applied)])
     assert decision.kept_groups == ["h"] and applied == ["h"]
+
+
+def test_where_the_drift_is_a_cliff_a_size_decision_puts_the_largest_groups_back_first():
+    """Two of the kept groups are each enough to break the budget with the other (a cliff, as
+    slanet_en's decoder): without sizes the least-gain group is put back (quantized), with
+    sizes the largest is -- the file is what a weight-only decision is for."""
+    from onnxopt.budget import ranked_kept
+    allowed = [{"a", "d"}, {"b", "d"}]
+
+    def within(leave_out):
+        applied = {"a", "b", "c", "d"} - set(leave_out)
+        return len(applied) <= 1 or applied in allowed, {"cosine": float(len(applied))}
+
+    gains = {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}  # ranking a, b, c, d; prefix a, b, c
+    kept, _ = ranked_kept(list(gains), gains.__getitem__, within)
+    assert kept == ["a", "c"]  # b (less gain than a) put back first
+    sizes = {"a": 1000, "b": 10, "c": 100, "d": 1}
+    kept, sensitivity = ranked_kept(list(gains), gains.__getitem__, within, sizes.__getitem__)
+    assert kept == ["b", "c"] and set(sensitivity) == {"b", "c"}  # a (largest) put back first
+
+
+def test_delta_debugging_gives_the_headroom_to_the_first_names():
+    from onnxopt.budget import minimal_kept
+    assert minimal_kept(["big", "small"], lambda keep: len(keep) >= 1) == ["small"]
+    assert minimal_kept(["small", "big"], lambda keep: len(keep) >= 1) == ["big"]
+
+
+def test_group_sizes_are_given_for_weight_decisions_only():
+    from onnxopt.budget import _group_sizes
+    import onnx_graphsurgeon as gs
+    w = [Proposal(gs.Constant(f"w{i}", np.zeros(shape, np.float32)), None, lambda: None,
+                  group="g" if i < 2 else None) for i, shape in enumerate([(4, 5), (3,), (7,)])]
+    size = _group_sizes(w)
+    assert (size("g"), size("w2")) == (23, 7)
+    simulated = Proposal(gs.Variable("x", np.float32, (2,)), None, lambda: None,
+                         simulate=lambda g, x: x)
+    assert _group_sizes(w + [simulated]) is None
