@@ -19,18 +19,23 @@ per-channel factor ``s[K] > 0``::
   LayerNorm;
 * ``Add(a, c)`` with a constant ``c``: ``c' = c / s`` and ``a`` smoothed the same way (its only
   reader being this Add), so the ``Add(Mul(normalized, gamma), beta)`` of a decomposed LayerNorm
-  qualifies.
+  qualifies;
+* an attention's merged heads (the input of its output projection, ``Reshape(Transpose(
+  softmax(Q K^T) V))``): the columns of the value projection's weight and bias,
+  ``W_v' = W_v diag(s)^-1`` (channel ``c`` of the merged heads is linear in column ``c`` of
+  ``V`` alone; the head split and merge only move channels).
 
 With ``explicit_mul`` the pass instead inserts ``X' = Mul(X, 1/s)``, read by the smoothed readers
 only (the others keep reading ``X``; no compensation), wherever the producer cannot absorb the
-factors (a Reshape, a Gather, an activation function...) and where absorbing them would turn the
+factors (a Gather, an activation function...) and where absorbing them would turn the
 scalar constant of a GELU into a vector: onnxruntime fuses the exported erf-GELU
 ``x * 0.5 * (1 + erf(x / sqrt 2))`` into one Gelu kernel only with its scalar constants
 (``onnxruntime/core/optimizer/gelu_fusion.cc``). One elementwise pass over ``X`` costs less than
 the four unfused GELU passes: MiniLM-L6 int8-dynamic with its FFN2 inputs smoothed through the GELU
-constant ran 0.817x fp32, without them 0.765x (one interleaved run, loaded machine). It also
-reaches MiniLM's attention output projections (input produced by Reshape), whose simulated int8
-error on calibration data halves in the first layer at alpha 0.75 (1.39e-3 -> 7.6e-4 relative).
+constant ran 0.817x fp32, without them 0.765x (one interleaved run, loaded machine). (MiniLM's
+attention output projections, whose simulated int8 error on calibration data halves in the first
+layer at alpha 0.75 -- 1.39e-3 -> 7.6e-4 relative --, were smoothed so before the value
+projection absorbed their factors.)
 
 ``s`` is applied only where it lowers ``max_j |X'_j| · mean_n max_k |W'_kn|`` (the product of
 the per-tensor activation step and the mean per-channel weight step, to which the rounding noise
@@ -170,7 +175,69 @@ def _smoothing_edits(x: gs.Variable, channels: int, usedef: UseDef,
             return "Add whose other operand has other readers"
         inner = _smoothing_edits(a, channels, usedef, explicit_mul)
         return inner if isinstance(inner, str) else [(node, c, "div")] + inner
+    if node.op == "Reshape":
+        return _attention_value_edits(x, channels, usedef)
     return f"produced by {node.op}"
+
+
+def _only_reader(t, usedef: UseDef, op: str) -> gs.Node | None:
+    """``t``'s producer when it is an ``op`` node and ``t`` (a variable) has one reader and is
+    not a graph input or output, else None."""
+    if not isinstance(t, gs.Variable) or len(t.outputs) != 1 or usedef.on_boundary(t) \
+            or len(t.inputs) != 1 or t.inputs[0].op != op:
+        return None
+    return t.inputs[0]
+
+
+def _copies_leading(shape, rank: int) -> bool:
+    """A Reshape ``shape`` constant of length ``rank`` copying the input's first ``rank - 2``
+    dimensions (``0`` entries, ``allowzero`` unset): only the last axes are split or merged."""
+    return isinstance(shape, gs.Constant) and shape.values.shape == (rank,) \
+        and not shape.values[:rank - 2].any()
+
+
+def _attention_value_edits(x: gs.Variable, channels: int, usedef: UseDef) -> list | str:
+    """Edits dividing an attention's merged heads ``x`` by ``s`` at the value projection.
+
+    ``x = Reshape(Transpose(MatMul(P, Transpose(Reshape(v, [0, 0, -1, H]), [0, 2, 1, 3])),
+    [0, 2, 1, 3]), [0, 0, -1])`` with ``v = MatMul(h, W_v) (+ b_v)``: channel ``c = n H + d``
+    of ``x`` is ``sum_t P[n, ., t] v[t, c]``, linear in column ``c`` of ``W_v`` and ``b_v``
+    alone, so ``W_v[:, c] / s_c`` and ``b_v[c] / s_c`` divide it exactly (the per-head split and
+    merge only move channels; ``P`` mixes positions, never channels). Saves the inserted
+    ``Mul(x, 1/s)`` of each attention output projection. Every intermediate must have one
+    reader; ``W_v`` and ``b_v`` constants (``[K, channels]`` and ``[channels]``)."""
+    why = "produced by Reshape"
+    merge = x.inputs[0]
+    if merge.attrs.get("allowzero", 0) or not _copies_leading(merge.inputs[1], 3) \
+            or merge.inputs[1].values[2] not in (-1, channels):
+        return why
+    out = _only_reader(merge.inputs[0], usedef, "Transpose")
+    pv = out and _only_reader(out.inputs[0], usedef, "MatMul")
+    if out is None or pv is None or list(out.attrs.get("perm", [])) != [0, 2, 1, 3]:
+        return why
+    heads = _only_reader(pv.inputs[1], usedef, "Transpose")
+    split = heads and _only_reader(heads.inputs[0], usedef, "Reshape")
+    if heads is None or split is None or list(heads.attrs.get("perm", [])) != [0, 2, 1, 3] \
+            or split.attrs.get("allowzero", 0) or not _copies_leading(split.inputs[1], 4):
+        return why
+    head_size = int(split.inputs[1].values[3])
+    if head_size <= 0 or channels % head_size \
+            or split.inputs[1].values[2] not in (-1, channels // head_size):
+        return why
+    v = split.inputs[0]
+    edits = []
+    bias = _only_reader(v, usedef, "Add")
+    if bias is not None:
+        sides = [i for i in (0, 1) if _channel_constant(bias.inputs[i], channels) is not None]
+        if len(sides) != 1:
+            return "attention value projection's Add without one constant bias"
+        edits.append((bias, sides[0], "div"))
+        v = bias.inputs[1 - sides[0]]
+    project = _only_reader(v, usedef, "MatMul")
+    w = _constant(project.inputs[1]) if project is not None else None
+    if w is None or w.dtype != np.float32 or w.ndim != 2 or w.shape[1] != channels:
+        return "attention values not projected by a MatMul with a constant [K, channels] weight"
+    return edits + [(project, 1, "div")]
 
 
 def _smoothable_reader(node: gs.Node, index: int, options: SmoothQuantOptions) -> bool:

@@ -245,3 +245,64 @@ def test_explicit_mul_keeps_onnxruntime_gelu_fusion_and_reaches_any_producer(tmp
         reader = next(n for n in smoothed.graph.node
                       if n.op_type == "MatMul" and n.input[0].startswith(f"{name}_smoothed"))
         assert _spread(smoothed, feeds, reader.input[0]) < _spread(model, feeds, name) / 2
+
+
+def _attention(merge_perm=(0, 2, 1, 3), v_read_twice=False):
+    """One self-attention block of 4 heads of 4 channels over ``x`` [4, 6, 16]: softmax(Q K^T)
+    V, heads merged by Reshape(Transpose) and projected by ``Wo``; the value projection has
+    two outlier columns, so the merged heads have two outlier channels."""
+    wv = RNG.normal(size=(C, C)) * 0.2
+    wv[:, [2, 9]] *= 40.0
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"]),
+             helper.make_node("MatMul", ["x", "Wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "Wv"], ["vm"]),
+             helper.make_node("Add", ["vm", "bv"], ["v"])]
+    for name in "qkv":
+        nodes += [helper.make_node("Reshape", [name, "split"], [f"{name}4"]),
+                  helper.make_node("Transpose", [f"{name}4"], [f"{name}h"],
+                                   perm=[0, 2, 3, 1] if name == "k" else [0, 2, 1, 3])]
+    nodes += [helper.make_node("MatMul", ["qh", "kh"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vh"], ["heads"]),
+              helper.make_node("Transpose", ["heads"], ["heads_t"], perm=list(merge_perm)),
+              helper.make_node("Reshape", ["heads_t", "merge"], ["a"]),
+              helper.make_node("MatMul", ["a", "Wo"], ["o"])]
+    if v_read_twice:
+        nodes += [helper.make_node("Add", ["o", "v"], ["y"])]
+    else:
+        nodes += [helper.make_node("Identity", ["o"], ["y"])]
+    init = {"Wq": RNG.normal(size=(C, C)) * 0.2, "Wk": RNG.normal(size=(C, C)) * 0.2, "Wv": wv,
+            "bv": RNG.normal(size=C), "Wo": RNG.normal(size=(C, C)) * 0.2}
+    shapes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+        np.array(value, np.int64))) for name, value in [("split", [0, 0, -1, 4]),
+                                                        ("merge", [0, 0, -1])]]
+    return _model(shapes + nodes, init)
+
+
+def test_merged_attention_heads_are_divided_in_the_value_projection():
+    """The output projection's input (merged heads) is smoothed by dividing the value
+    projection's weight columns and bias: no Mul inserted, outputs unchanged; a value that has
+    another reader, or heads merged in another order, get the inserted Mul instead."""
+    model, feeds = _attention(), _feeds()
+    smoothed, record = _smooth(model, feeds, alpha=0.75, explicit_mul=True)
+    stats = record.stats
+    assert stats["smoothed"] == 1 and stats["inserted"] == 0, stats  # a (x: a graph input)
+    assert stats["weights_scaled"] == 1  # Wo's rows; Wv's columns and bv are the producer's
+    changed = {i.name.split("_smoothed")[0] for i in smoothed.graph.initializer
+               if "_smoothed" in i.name}
+    assert changed == {"Wo", "Wv", "bv"}
+    assert not any(n.op_type == "Mul" for n in smoothed.graph.node)
+    for feed in feeds + _feeds(2) + [{"x": np.zeros((4, 6, C), np.float32)}]:
+        expected, got = _run(model, feed), _run(smoothed, feed)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    reader = next(n for n in smoothed.graph.node if n.op_type == "MatMul" and "Wo" in n.input[1])
+    assert reader.input[0] == "a"
+    assert _spread(smoothed, feeds, "a") < _spread(model, feeds, "a") / 2
+    # channel d * heads + n after a [0, 2, 3, 1] merge: not column n * 4 + d of the values
+    for variant in (_attention(v_read_twice=True), _attention(merge_perm=(0, 2, 3, 1))):
+        smoothed, record = _smooth(variant, feeds, alpha=0.75, explicit_mul=True)
+        assert record.stats["inserted"] == 1, record.stats  # the merged heads: Mul(a, 1/s)
+        for feed in feeds[:2]:
+            expected, got = _run(variant, feed), _run(smoothed, feed)
+            np.testing.assert_allclose(got, expected, rtol=1e-5,
+                                       atol=1e-5 * np.abs(expected).max())
