@@ -238,8 +238,10 @@ def unshadow(model: onnx.ModelProto) -> int:
     would read the outer value). One exception, measured on onnxruntime 1.32 and onnx's
     ``ReferenceEvaluator`` alike: an outer value that one subgraph of a node reads (an implicit
     input of the If) is fed to all of the node's subgraphs and takes the place of a sibling's
-    own initializer of that name -- that initializer is dropped, so the sibling reads the outer
-    value as the runtimes do. The main graph keeps its names.
+    own initializer of that name for the sibling's node reads -- that initializer is dropped,
+    so the sibling reads the outer value as the runtimes do; where the sibling returns it as an
+    output, onnxruntime returns the sibling's own value: it is kept, renamed, for the output
+    only. The main graph keeps its names.
     """
     from onnxopt.names import NameAuthority  # names imports this module
 
@@ -251,8 +253,14 @@ def unshadow(model: onnx.ModelProto) -> int:
              fed: set[str]) -> None:
         nonlocal changed
         overridden = [t for t in g.initializer if t.name in fed and t.name in visible]
-        for t in overridden:  # an implicit input of the owning node replaces it
-            g.initializer.remove(t)
+        for t in overridden:  # an implicit input of the owning node replaces it for node reads
+            returned = [o for o in g.output if o.name == t.name]
+            if returned:  # ... but the branch returns its own initializer (onnxruntime 1.32)
+                t.name = fresh(t.name)
+                for o in returned:
+                    o.name = t.name
+            else:
+                g.initializer.remove(t)
             changed += 1
         defined = _defined(g)
         mapping = {k: v for k, v in mapping.items() if k not in defined}

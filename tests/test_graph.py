@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from helpers import (all_graphs, all_initializers, assert_same_outputs, is_topologically_sorted,
-                     make_branch, make_model, ops)
+                     make_branch, make_model, ops, session)
 from onnxopt.graph import export_graph, import_graph, make_names_unique, model_stats
 
 
@@ -415,6 +416,43 @@ def test_an_initializer_a_sibling_branch_reads_from_outside_is_the_outer_value()
                        {"W": np.ones(4, F)})
     feeds = [{"x": np.arange(4, dtype=F) + k, "c": np.array(c)} for k in (0, 1)
              for c in (True, False)]
+    assert_same_outputs(model, round_trip(model), feeds)
+    out, _ = run_passes(model, LOSSLESS_PIPELINE)
+    assert_same_outputs(model, out, feeds)
+
+
+@pytest.mark.parametrize("reads_it", [False, True])
+def test_an_overridden_branch_initializer_the_branch_returns_is_its_own_value(reads_it):
+    """As above, but the then branch also returns its own ``W`` (and, with ``reads_it``, adds
+    it in a node as well): onnxruntime returns the branch's own ``W`` for the output and feeds
+    the outer one to the node -- the import dropped the initializer, leaving the output
+    undefined (breaker's find)."""
+    from helpers import run_passes
+    from onnxopt.passes import LOSSLESS_PIPELINE
+
+    F = np.float32
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Add", ["x", "W"], ["t"])] if reads_it else []
+    then_g = helper.make_graph(nodes, "then", [],
+                               [vi("W", TensorProto.FLOAT, [4])]
+                               + ([vi("t", TensorProto.FLOAT, [4])] if reads_it else []),
+                               [helper.make_tensor("W", TensorProto.FLOAT, [4], [100.0] * 4)])
+    else_nodes = [helper.make_node("Sub", ["x", "W"], ["e"])]
+    else_outputs = [vi("e", TensorProto.FLOAT, [4])]
+    if reads_it:
+        else_nodes.append(helper.make_node("Neg", ["x"], ["e2"]))
+        else_outputs.append(vi("e2", TensorProto.FLOAT, [4]))
+    else_g = helper.make_graph(else_nodes, "else", [], else_outputs)
+    outputs = [("y", F, [4])] + ([("y2", F, [4])] if reads_it else [])
+    model = make_model([helper.make_node("If", ["c"], [o[0] for o in outputs],
+                                         then_branch=then_g, else_branch=else_g)],
+                       [("x", F, [4]), ("c", np.bool_, [])], outputs, {"W": np.ones(4, F)})
+    feeds = [{"x": np.arange(4, dtype=F) + k, "c": np.array(c)} for k in (0, 1)
+             for c in (True, False)]
+    expected = session(model).run(None, feeds[0])
+    assert expected[0].tolist() == [100.0] * 4  # the branch's own W for the output
+    if reads_it:
+        assert expected[1].tolist() == [1.0, 2.0, 3.0, 4.0]  # x + outer W for the node
     assert_same_outputs(model, round_trip(model), feeds)
     out, _ = run_passes(model, LOSSLESS_PIPELINE)
     assert_same_outputs(model, out, feeds)
