@@ -75,6 +75,7 @@ from onnxopt.edit import input_slots
 from onnxopt.names import fresh_name
 from onnxopt.ops import input_channel_axis
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
+from onnxopt.passes._attention import merged_heads, producer
 from onnxopt.passes._quant import QuantizeOptions, excluded, spread
 
 #: Bounds of the smoothing factors (a channel that never fires would otherwise get s = 0).
@@ -180,60 +181,30 @@ def _smoothing_edits(x: gs.Variable, channels: int, usedef: UseDef,
     return f"produced by {node.op}"
 
 
-def _only_reader(t, usedef: UseDef, op: str) -> gs.Node | None:
-    """``t``'s producer when it is an ``op`` node and ``t`` (a variable) has one reader and is
-    not a graph input or output, else None."""
-    if not isinstance(t, gs.Variable) or len(t.outputs) != 1 or usedef.on_boundary(t) \
-            or len(t.inputs) != 1 or t.inputs[0].op != op:
-        return None
-    return t.inputs[0]
-
-
-def _copies_leading(shape, rank: int) -> bool:
-    """A Reshape ``shape`` constant of length ``rank`` copying the input's first ``rank - 2``
-    dimensions (``0`` entries, ``allowzero`` unset): only the last axes are split or merged."""
-    return isinstance(shape, gs.Constant) and shape.values.shape == (rank,) \
-        and not shape.values[:rank - 2].any()
-
-
 def _attention_value_edits(x: gs.Variable, channels: int, usedef: UseDef) -> list | str:
     """Edits dividing an attention's merged heads ``x`` by ``s`` at the value projection.
 
-    ``x = Reshape(Transpose(MatMul(P, Transpose(Reshape(v, [0, 0, -1, H]), [0, 2, 1, 3])),
-    [0, 2, 1, 3]), [0, 0, -1])`` with ``v = MatMul(h, W_v) (+ b_v)``: channel ``c = n H + d``
-    of ``x`` is ``sum_t P[n, ., t] v[t, c]``, linear in column ``c`` of ``W_v`` and ``b_v``
-    alone, so ``W_v[:, c] / s_c`` and ``b_v[c] / s_c`` divide it exactly (the per-head split and
-    merge only move channels; ``P`` mixes positions, never channels). Saves the inserted
-    ``Mul(x, 1/s)`` of each attention output projection. Every intermediate must have one
-    reader; ``W_v`` and ``b_v`` constants (``[K, channels]`` and ``[channels]``)."""
-    why = "produced by Reshape"
-    merge = x.inputs[0]
-    if merge.attrs.get("allowzero", 0) or not _copies_leading(merge.inputs[1], 3) \
-            or merge.inputs[1].values[2] not in (-1, channels):
-        return why
-    out = _only_reader(merge.inputs[0], usedef, "Transpose")
-    pv = out and _only_reader(out.inputs[0], usedef, "MatMul")
-    if out is None or pv is None or list(out.attrs.get("perm", [])) != [0, 2, 1, 3]:
-        return why
-    heads = _only_reader(pv.inputs[1], usedef, "Transpose")
-    split = heads and _only_reader(heads.inputs[0], usedef, "Reshape")
-    if heads is None or split is None or list(heads.attrs.get("perm", [])) != [0, 2, 1, 3] \
-            or split.attrs.get("allowzero", 0) or not _copies_leading(split.inputs[1], 4):
-        return why
-    head_size = int(split.inputs[1].values[3])
-    if head_size <= 0 or channels % head_size \
-            or split.inputs[1].values[2] not in (-1, channels // head_size):
-        return why
-    v = split.inputs[0]
+    ``x = merged(P, v)`` with ``v = MatMul(h, W_v) (+ b_v)`` (``passes/_attention.py``):
+    channel ``c`` of ``x`` is ``sum_t P[n, ., t] v[t, c]``, linear in column ``c`` of ``W_v``
+    and ``b_v`` alone, so ``W_v[:, c] / s_c`` and ``b_v[c] / s_c`` divide it exactly. Saves the
+    inserted ``Mul(x, 1/s)`` of each attention output projection. Every intermediate must have
+    one reader; ``W_v`` and ``b_v`` constants (``[K, channels]`` and ``[channels]``)."""
+    def single(t) -> bool:
+        return len(t.outputs) == 1 and not usedef.on_boundary(t)
+
+    merged = merged_heads(x, channels, single)
+    if isinstance(merged, str):
+        return "produced by Reshape"
+    v = merged.values.source
     edits = []
-    bias = _only_reader(v, usedef, "Add")
+    bias = producer(v, "Add", single)
     if bias is not None:
         sides = [i for i in (0, 1) if _channel_constant(bias.inputs[i], channels) is not None]
         if len(sides) != 1:
             return "attention value projection's Add without one constant bias"
         edits.append((bias, sides[0], "div"))
         v = bias.inputs[1 - sides[0]]
-    project = _only_reader(v, usedef, "MatMul")
+    project = producer(v, "MatMul", single)
     w = _constant(project.inputs[1]) if project is not None else None
     if w is None or w.dtype != np.float32 or w.ndim != 2 or w.shape[1] != channels:
         return "attention values not projected by a MatMul with a constant [K, channels] weight"
