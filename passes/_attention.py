@@ -3,8 +3,8 @@
 A transformer's attention as exported by PyTorch and most converters (``D = N * H`` channels,
 ``N`` heads of ``H``; ONNX ``Reshape``, ``Transpose``, ``MatMul``, ``Softmax``)::
 
-    heads(t)     = Transpose(Reshape(t, [0, 0, -1, H]), perm=[0, 2, 1, 3])    [B, S, D] -> [B, N, S, H]
-    keys(t)      = Transpose(Reshape(t, [0, 0, -1, H]), perm=[0, 2, 3, 1])    [B, S, D] -> [B, N, H, S]
+    heads(t)     = Transpose(Reshape(t, [0, 0, -1, H]), perm=[0, 2, 1, 3])   # -> [B, N, S, H]
+    keys(t)      = Transpose(Reshape(t, [0, 0, -1, H]), perm=[0, 2, 3, 1])   # -> [B, N, H, S]
     scores       = MatMul(heads(q), keys(k)), then scalar Mul/Div and Adds (the mask)
     P            = Softmax(scores, axis=-1)                                   rows sum to 1
     merged(P, v) = Reshape(Transpose(MatMul(P, heads(v)), perm=[0, 2, 1, 3]), [0, 0, -1])
