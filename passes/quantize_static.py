@@ -78,6 +78,18 @@ rounding); its second decision (``onnxopt.pipeline.SECOND_DECISION``, when a res
 validation) goes back to uint8 weights rounded to nearest, which ``tools/quant_benchmark.py``
 measures as the ``int8-static-uint8`` recipe.
 
+Full int8 grid for MatMuls (option ``matmul_reduce_range = false``, the ``int8-static``
+mode's default since this was measured): MatMul and Gemm weights on the full grid ``[-127,
+127]`` with the fast u8s8 kernels; the rare saturated pairs (above) are what onnxruntime
+computes, and the drift budget, which checks its decision on the real model, measures them
+(the float simulation cannot); Conv weights keep the 7-bit grid (``reduce_range``). Measured
+with ``tools/quant_benchmark.py`` (2026-12-07, one run, load 2.5; the ``int8-static-int8``
+recipe makes Conv weights 8-bit too): MiniLM-L6 0.99773 at 0.50x fp32 against the mixed grids'
+0.99729 at 0.55x (every weight on the full grid: 0.9977 at 0.50x), the 9 uint8 MatMuls having
+cost 11.4 ms of the 20.8 ms its 36 integer MatMuls took in onnxruntime's profiler; with Conv
+weights 8-bit as well, PP-OCRv4 det left 8 Convs float instead of 6 (0.94x against 0.84x) and
+rec's CER rose 0.001 -> 0.003, which is why Convs keep 7 bits.
+
 GPTQ rounding (option ``rounding = "gptq"``; Frantar et al. 2023, "GPTQ: Accurate
 Post-Training Quantization for Generative Pre-trained Transformers", ICLR, Algorithm 1, in
 ``onnxopt.passes._quant.gptq_rows``): a MatMul or Gemm weight is rounded input channel by input
@@ -280,6 +292,11 @@ class QuantizeStaticOptions(QuantizeOptions):
             CPUs without VNNI (AVX2 ``VPMADDUBSW``) sum pairs of products in int16 and saturate
             with 8-bit weights (measured here: QLinearConv off by 0.26 on a sigmoid output,
             exact with 7-bit weights); False on VNNI/ARM targets keeps the eighth bit.
+        matmul_reduce_range: ``reduce_range`` for MatMul and Gemm weights (None: as
+            ``reduce_range``). False: their full int8 grid with u8s8 kernels, whose saturation
+            the drift budget's check on the real model measures (``onnxopt.budget``; module
+            docstring, "Full int8 grid for MatMuls"); mixed grids (``uint8_fraction``) then
+            do not apply.
         uint8_weights: store MatMul weights as uint8 with zero point 128 (the full 8-bit grid
             ``[-127, 127]`` shifted by 128): onnxruntime fuses ``DQ(x), DQ(W_u8) -> MatMul`` into
             a u8u8 MatMulIntegerToFloat, whose kernels widen to int16 before multiplying and
@@ -318,6 +335,7 @@ class QuantizeStaticOptions(QuantizeOptions):
     per_channel: bool = True
     bias_correction: bool = True
     reduce_range: bool = True
+    matmul_reduce_range: bool | None = None
     uint8_weights: bool = False
     uint8_fraction: float | None = None
     min_elements: int = MIN_ELEMENTS
@@ -824,7 +842,14 @@ class QuantizeStatic(Pass):
             chosen = self._uint8
             unsigned = node.op == "MatMul" and (
                 self.options.uint8_weights if chosen is None else self._group(node) in chosen)
-        return unsigned, REDUCED_QMAX if self.options.reduce_range and not unsigned else QMAX
+        return unsigned, REDUCED_QMAX if self._reduced(node) and not unsigned else QMAX
+
+    def _reduced(self, node: gs.Node) -> bool:
+        """Whether ``node``'s weight takes the 7-bit grid (``reduce_range`` options)."""
+        o = self.options
+        if node.op in ("MatMul", "Gemm") and o.matmul_reduce_range is not None:
+            return o.matmul_reduce_range
+        return o.reduce_range
 
     def _choose_uint8(self, graph: gs.Graph, ctx: PassContext, sites: list[_Site],
                       stats) -> set[str]:
@@ -841,8 +866,8 @@ class QuantizeStatic(Pass):
             self._mixed.update(ranking="none (no drift budget to measure with): every MatMul "
                                "weight uint8", uint8=sorted(chosen), elements_uint8=total)
             return chosen
-        if not self.options.reduce_range:
-            self._mixed["ranking"] = "none (reduce_range off: one 8-bit grid)"
+        if not self._reduced(matmuls[0].node):
+            self._mixed["ranking"] = "none (reduce_range off for MatMuls: one 8-bit grid)"
             return set()
         harm = {}
         for unsigned in (False, True):  # one tensor takes one proposal per measurement

@@ -211,12 +211,13 @@ def test_the_second_decision_replaces_only_the_mode_defaults_the_user_did_not_se
 
     pipeline, options = second()
     first = {p.name: p for p in pipeline.passes}["quantize_static"].options
-    assert (first.rounding, first.uint8_weights, first.uint8_fraction) == ("gptq", False, 0.34)
-    assert (options.rounding, options.uint8_weights, options.uint8_fraction) == (
-        "nearest", True, None)
+    assert (first.rounding, first.uint8_weights, first.uint8_fraction,
+            first.matmul_reduce_range) == ("gptq", False, None, False)
+    assert (options.rounding, options.uint8_weights, options.uint8_fraction,
+            options.matmul_reduce_range) == ("nearest", True, None, None)
     assert options.calibration == first.calibration == "percentile"
     assert pipeline.second_changes() == [
-        "quantize_static: uint8_weights=True, uint8_fraction=None, rounding='nearest'"]
+        "quantize_static: matmul_reduce_range=None, uint8_weights=True, rounding='nearest'"]
     _, options = second(options={"quantize_static": {"rounding": "gptq"}})
     assert (options.rounding, options.uint8_weights) == ("gptq", True)
     _, options = second(options={"quantize_static": {"uint8_fraction": 0.2}})

@@ -157,6 +157,10 @@ ONNXOPT_MODES = ("int8-weight", "int8-dynamic", "int8-static", "int4-weight", "f
 #: weight grids with GPTQ rounding, and its second decision's options (passes/quantize_static.py,
 #: "Mixed weight grids").
 UINT8_GRID = {"uint8_weights": True, "uint8_fraction": None, "rounding": "nearest"}
+#: ``quantize_static`` options of the ``int8-static-int8`` recipe: every weight on the full int8
+#: grid (``reduce_range`` off: u8s8 kernels, which saturate on AVX2 without VNNI -- the drift
+#: budget's check on the real model measures what they compute), no uint8 weights.
+INT8_GRID = {"reduce_range": False, "uint8_fraction": None}
 
 
 def onnxopt_mode(mode: str, max_drift: float | None = None,
@@ -370,6 +374,8 @@ RECIPES = {r.name: r for r in (
            onnxopt_mode("int8-static", 0.999), families=("transformer",)),
     Recipe("onnxopt:int8-static-uint8", "onnxopt `int8-static`, every MatMul weight uint8, "
            "nearest rounding", "main", onnxopt_mode("int8-static", static_options=UINT8_GRID)),
+    Recipe("onnxopt:int8-static-int8", "onnxopt `int8-static`, every weight on the full int8 "
+           "grid", "main", onnxopt_mode("int8-static", static_options=INT8_GRID)),
     Recipe("ort:dynamic-tensor", "onnxruntime `quantize_dynamic` per-tensor", "peers",
            ort_dynamic(False)),
     Recipe("ort:dynamic-channel", "onnxruntime `quantize_dynamic` per-channel", "peers",

@@ -690,3 +690,25 @@ def test_min_macs_leaves_float_the_nodes_too_small_to_gain():
     _, stats = _quantize(model, feeds)
     assert stats["nodes_quantized"] == 2
     assert "option min_macs" in QuantizeStatic.Options(min_macs=-1).check()
+
+
+def test_matmul_reduce_range_gives_matmuls_the_full_grid_and_convs_keep_seven_bits():
+    """``matmul_reduce_range = false`` (the int8-static mode's default): MatMul weights use
+    codes up to 127, Conv weights stay within 63 (``reduce_range``)."""
+    def codes(out):
+        inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+        found = {}
+        for n in out.graph.node:
+            if n.op_type in ("Conv", "MatMul"):
+                dq = next(m for m in out.graph.node if n.input[1] in m.output)
+                found[n.op_type] = int(np.abs(inits[dq.input[0]].astype(np.int32)).max())
+        return found
+
+    model, feeds = _conv_pool_matmul(), _feeds((1, 3, 8, 8))
+    out, _ = _quantize(model, feeds, calibration="minmax")
+    assert codes(out) == {"Conv": 63, "MatMul": 63}
+    out, _ = _quantize(model, feeds, calibration="minmax", matmul_reduce_range=False)
+    assert codes(out) == {"Conv": 63, "MatMul": 127}
+    out, _ = _quantize(model, feeds, calibration="minmax", reduce_range=False,
+                       matmul_reduce_range=True)
+    assert codes(out) == {"Conv": 127, "MatMul": 63}
