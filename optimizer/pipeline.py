@@ -96,7 +96,8 @@ QUANTIZE_MODES: dict[str, dict[str, dict[str, Any]]] = {
     "int8-weight": {"quantize_embeddings": {}, "quantize_weights": {}},
     "int8-dynamic": {"smooth_quant": {"alpha": 0.75, "explicit_mul": True,
                                       "needs_data": False, "drift_mask": False},
-                     "quantize_embeddings": {}, "quantize_dynamic": {"rounding": "gptq"}},
+                     "quantize_embeddings": {},
+                     "quantize_dynamic": {"rounding": "gptq", "reduce_range": False}},
     "int8-static": {"smooth_quant": {"alpha": 0.75, "explicit_mul": True},
                     "quantize_embeddings": {},
                     "quantize_static": {"uint8_weights": False, "matmul_reduce_range": False,
@@ -135,7 +136,7 @@ LINKED_OPTIONS: dict[str, list[tuple[str, ...]]] = {
 #: before validation (the budget measures on the validation feeds); the second decision remains
 #: for the decisions not checked (weight-only ones, the strength search's).
 SECOND_DECISION: dict[str, dict[str, dict[str, Any]]] = {
-    "int8-dynamic": {"quantize_dynamic": {"rounding": "nearest"}},
+    "int8-dynamic": {"quantize_dynamic": {"rounding": "nearest", "reduce_range": True}},
     "int8-static": {"quantize_static": {"rounding": "nearest", "uint8_weights": True,
                                         "uint8_fraction": None, "matmul_reduce_range": None}},
 }

@@ -247,3 +247,13 @@ def test_a_user_option_of_a_linked_set_drops_the_modes_defaults_for_the_rest():
     assert (options.uint8_weights, options.uint8_fraction) == (False, None)
     options = first({"uint8_fraction": 0.5})
     assert (options.uint8_weights, options.uint8_fraction) == (False, 0.5)
+    assert options.matmul_reduce_range is None  # the mixed grids mix 7-bit and uint8 weights
+    assert first({}).matmul_reduce_range is False
+
+
+def test_int8_dynamic_takes_the_full_grid_and_its_second_decision_seven_bits():
+    pipeline = build_pipeline([], quantize="int8-dynamic")
+    first = {p.name: p for p in pipeline.passes}["quantize_dynamic"].options
+    second = {p.name: p for p in pipeline.second_decision().passes}["quantize_dynamic"].options
+    assert (first.reduce_range, first.rounding) == (False, "gptq")
+    assert (second.reduce_range, second.rounding) == (True, "nearest")
