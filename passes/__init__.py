@@ -22,5 +22,6 @@ LOSSLESS_PIPELINE = [
     "fuse_space_to_depth",
     "fuse_pad", "fuse_conv_affine", "fuse_conv_input_scale", "fuse_conv_bn",
     "elide_zero_rnn_inputs",
-    "fold_attention_bias", "fuse_matmul_add", "fuse_shape_gather", "cse", "dedup_initializers", "eliminate_dead",
+    "fold_attention_bias", "fuse_matmul_add", "fuse_shape_gather", "cse", "dedup_initializers",
+    "eliminate_dead",
 ]
