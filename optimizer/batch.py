@@ -366,12 +366,11 @@ class _LocalRunner:
         if self._pool is not None:
             for process in list(self._pool._processes.values()):  # noqa: SLF001 -- no public
                 process.kill()
-            self._pool.shutdown(wait=True, cancel_futures=True)  # its queues closed, no leak
-            self._pool = None
+            self._drop_pool(wait=True)  # its (killed) workers joined: queues closed, no leak
         return True
 
-    def _drop_pool(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def _drop_pool(self, wait: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self._pool = None
 
 

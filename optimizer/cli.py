@@ -973,6 +973,13 @@ _CRASH_SIGNALS = tuple(getattr(signal, name) for name in
                        if hasattr(signal, name))
 
 
+def _flush() -> None:
+    """Flush stdout and stderr; a reader that went away (``| head``) has what it wanted."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):
+            stream.flush()
+
+
 def _in_child(run, argv: list[str]) -> int:
     """Run ``run()`` (:func:`main`) in a forked child process and return its exit code.
 
@@ -984,9 +991,7 @@ def _in_child(run, argv: list[str]) -> int:
     and SIGHUP sent to the parent (``timeout``) are passed on to the child, which cleans up as
     usual; so is SIGINT (Ctrl-C reaches both: the child answers the first stop signal only).
     """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError):
-            stream.flush()
+    _flush()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller
@@ -998,9 +1003,7 @@ def _in_child(run, argv: list[str]) -> int:
         try:
             code = run()
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(OSError):
-                    stream.flush()
+            _flush()
             os._exit(code)
 
     def forward(signum, frame):
@@ -1053,9 +1056,7 @@ def console_main() -> None:
     tenth of a second, a fifth of a small model's run."""
     isolate = hasattr(os, "fork") and not os.environ.get("ONNXOPT_IN_PROCESS")
     code = _in_child(main, sys.argv[1:]) if isolate else main()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError):  # a reader that went away (| head) has what it wanted
-            stream.flush()
+    _flush()
     os._exit(code)
 
 

@@ -27,6 +27,8 @@ from typing import Callable
 
 import onnx_graphsurgeon as gs
 
+from onnxopt.rewrite import producer_in_scope
+
 Single = Callable[[gs.Tensor], bool]
 
 HEADS = [0, 2, 1, 3]
@@ -42,10 +44,8 @@ def _copies_leading(shape: gs.Tensor, rank: int) -> bool:
 
 def producer(t: gs.Tensor, op: str, single: Single) -> gs.Node | None:
     """``t``'s producer when it is a default-domain ``op`` node and ``single(t)``."""
-    if not isinstance(t, gs.Variable) or len(t.inputs) != 1 or not single(t):
-        return None
-    node = t.inputs[0]
-    return node if node.op == op and node.domain in (None, "", "ai.onnx") else None
+    node = producer_in_scope(t) if isinstance(t, gs.Variable) and single(t) else None
+    return node if node is not None and node.op == op else None
 
 
 @dataclass

@@ -57,15 +57,15 @@ def _scalar(t: gs.Tensor) -> bool:
     return value is not None and value.size == 1
 
 
-def _bias(add: gs.Node | None, channels: int | None) -> tuple[gs.Tensor, np.ndarray] | None:
-    """``(x, b)`` for ``add = Add(x, b)`` (either order) with ``b`` a 1-D float constant of
-    ``channels`` elements (any length when None), else None."""
+def _bias(add: gs.Node | None) -> tuple[gs.Tensor, np.ndarray] | None:
+    """``(x, b)`` for ``add = Add(x, b)`` (either order) with ``b`` a 1-D float constant, else
+    None."""
     if add is None or len(add.inputs) != 2:
         return None
     for xi, bi in ((0, 1), (1, 0)):
         b = constant_value(add.inputs[bi])
         if b is not None and constant_value(add.inputs[xi]) is None and b.ndim == 1 \
-                and b.dtype.type in FLOAT_DTYPES and (channels is None or b.size == channels):
+                and b.dtype.type in FLOAT_DTYPES:
             return add.inputs[xi], b
     return None
 
@@ -112,12 +112,11 @@ class FoldAttentionBias(RewritePass):
         key = split_heads(scores.inputs[1], KEYS, single)
         key_bias = None
         if not isinstance(key, str):
-            key_bias = _bias(producer(key.source, "Add", single), None)
+            key_bias = _bias(producer(key.source, "Add", single))
         value = None
-        readers = node.outputs[0].outputs
-        if len(readers) == 1 and readers[0].op == "MatMul" and readers[0].inputs[0] is \
-                node.outputs[0] and not scope.usedef.on_boundary(node.outputs[0]):
-            value = self._value_plan(readers[0], single)
+        p = node.outputs[0]
+        if single(p) and p.outputs[0].op == "MatMul" and p.outputs[0].inputs[0] is p:
+            value = self._value_plan(p.outputs[0], single)
         if key_bias is None and not isinstance(value, tuple):
             return value if isinstance(value, Refusal) else None
         return (key if key_bias else None, key_bias,
@@ -138,7 +137,7 @@ class FoldAttentionBias(RewritePass):
         values = split_heads(pv.inputs[1], HEADS, single)
         if isinstance(values, str):
             return None
-        bias = _bias(producer(values.source, "Add", single), None)
+        bias = _bias(producer(values.source, "Add", single))
         if bias is None:
             return None
         channels = bias[1].size
