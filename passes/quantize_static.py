@@ -365,6 +365,11 @@ class QuantizeStaticOptions(QuantizeOptions):
             if self.uint8_weights:
                 return ("option uint8_fraction mixes 7-bit int8 and uint8 MatMul weights: it "
                         "needs uint8_weights = false (true makes every MatMul weight uint8)")
+            if not (self.reduce_range if self.matmul_reduce_range is None
+                    else self.matmul_reduce_range):
+                return ("option uint8_fraction mixes 7-bit int8 and uint8 MatMul weights: it "
+                        "needs 7-bit MatMul weights (matmul_reduce_range = true, or unset with "
+                        "reduce_range = true)")
         if not 0.0 <= self.latency_margin < 1.0:
             return f"option latency_margin must be in [0, 1), got {self.latency_margin}"
         if self.latency_rounds < 1:
@@ -866,9 +871,6 @@ class QuantizeStatic(Pass):
             self._mixed.update(ranking="none (no drift budget to measure with): every MatMul "
                                "weight uint8", uint8=sorted(chosen), elements_uint8=total)
             return chosen
-        if not self._reduced(matmuls[0].node):
-            self._mixed["ranking"] = "none (reduce_range off for MatMuls: one 8-bit grid)"
-            return set()
         harm = {}
         for unsigned in (False, True):  # one tensor takes one proposal per measurement
             proposals = []

@@ -664,11 +664,15 @@ def test_uint8_fraction_without_a_budget_gives_every_matmul_uint8():
 
 
 @pytest.mark.parametrize("bad", [{"uint8_fraction": 0.0}, {"uint8_fraction": 1.0},
-                                 {"uint8_fraction": 0.3, "uint8_weights": True}])
+                                 {"uint8_fraction": 0.3, "uint8_weights": True},
+                                 {"uint8_fraction": 0.3, "matmul_reduce_range": False},
+                                 {"uint8_fraction": 0.3, "reduce_range": False}])
 def test_uint8_fraction_is_checked(bad):
     from onnxopt.errors import UsageError
     with pytest.raises(UsageError, match="uint8_fraction"):
         QuantizeStatic(**bad)
+    # the 7-bit grid it mixes with: given, or by reduce_range
+    QuantizeStatic(uint8_fraction=0.3, matmul_reduce_range=True, reduce_range=False)
 
 
 def test_min_macs_leaves_float_the_nodes_too_small_to_gain():
