@@ -679,6 +679,23 @@ class QuantizeStatic(Pass):
         return PassResult(False, {"refused": dict(sorted(refused.items()))} if refused else {},
                           proposals=proposals)
 
+    def _scheme(self) -> str:
+        """The weights' grids in words: uint8 (zero point 128), 7-bit int8 (``[-63, 63]``,
+        ``reduce_range``) or 8-bit int8 (``[-127, 127]``), for MatMul/Gemm and Conv weights."""
+        o = self.options
+        bits = {True: "7-bit", False: "8-bit"}
+        matmul = bits[o.reduce_range if o.matmul_reduce_range is None else o.matmul_reduce_range]
+        conv = bits[o.reduce_range]
+        scheme = "QDQ, per-channel" if o.per_channel else "QDQ, per-tensor"
+        if o.uint8_weights:
+            return f"{scheme} uint8 MatMul weights (zero point 128), {conv} int8 others"
+        if self._mixed is not None and self._mixed.get("uint8"):
+            return (f"{scheme} {matmul} int8 weights, uint8 for the MatMuls listed in "
+                    f"uint8_weights_mixed")
+        if matmul == conv:
+            return f"{scheme} {conv} int8 weights"
+        return f"{scheme} int8 weights, {matmul} MatMul/Gemm, {conv} Conv"
+
     def _group(self, node: gs.Node) -> str:
         """:func:`_group` of ``node`` in this run."""
         return _group(node, self._ambiguous)
@@ -1158,12 +1175,7 @@ class QuantizeStatic(Pass):
         return {
             "nodes_quantized": len(quantized), "nodes_float": nodes_float,
             "refused": dict(sorted(refused.items())),
-            "scheme": (("QDQ, per-channel" if self.options.per_channel else "QDQ, per-tensor")
-                       + (" uint8 MatMul weights (zero point 128), int8 others"
-                          if self.options.uint8_weights else
-                          " int8 weights, uint8 for the MatMuls listed in uint8_weights_mixed"
-                          if self._mixed is not None and self._mixed.get("uint8") else
-                          " int8 weights")),
+            "scheme": self._scheme(),
             **({"uint8_weights_mixed": self._mixed} if self._mixed is not None else {}),
             "activation_type": self.options.activation_type,
             "calibration": self._calibration,

@@ -210,7 +210,9 @@ def test_one_proposal_group_per_node_weight_and_simulated_activation():
 
 def test_per_tensor_weights_option(tmp_path):
     out, stats = _quantize(_conv_pool_matmul(), _feeds((1, 3, 8, 8)), per_channel=False)
-    assert stats["scheme"] == "QDQ, per-tensor int8 weights"
+    assert stats["scheme"] == "QDQ, per-tensor 7-bit int8 weights"
+    _, stats = _quantize(_conv_pool_matmul(), _feeds((1, 3, 8, 8)), matmul_reduce_range=False)
+    assert stats["scheme"] == "QDQ, per-channel int8 weights, 8-bit MatMul/Gemm, 7-bit Conv"
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     for n in out.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits \
