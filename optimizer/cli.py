@@ -27,7 +27,7 @@ from onnxopt.graph import ModelStats, model_stats
 from onnxopt.inputs import parse_input_shapes
 from onnxopt.metrics import (describe_setting, format_comparison, format_threshold,
                              setting_criteria)
-from onnxopt.pipeline import QUANTIZE_MODES
+from onnxopt.pipeline import LINKED_OPTIONS, QUANTIZE_MODES
 from onnxopt.report import Report, format_stats, human_bytes, pass_summary, percent_change
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
@@ -882,6 +882,9 @@ def _cmd_passes(args, out: _Out) -> int:
             if passes.get(name):
                 opts += f"; --quantize {mode} sets " + ", ".join(
                     f"{k}={v!r}" for k, v in passes[name].items())
+        for linked in LINKED_OPTIONS.get(name, ()):
+            opts += (f"; {', '.join(linked)} are linked: giving one drops a mode's values "
+                     f"for the others")
         table.add_row(name, "lossless" if cls.lossless else "lossy", _escape(run_by),
                       _escape(opts), cls.description)
     out.show(table)

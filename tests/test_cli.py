@@ -189,6 +189,14 @@ def test_validate_same_model_exits_0_different_models_exit_1(model_path, tmp_pat
                  "--quiet"]) == 1
 
 
+def test_passes_shows_the_linked_options(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per pass: no wrapped cells
+    assert main(["passes"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "are linked" in line]
+    assert len(lines) == 1 and "quantize_static" in lines[0]
+    assert "uint8_weights, uint8_fraction, matmul_reduce_range are linked" in lines[0]
+
+
 def test_inspect_and_passes(model_path, capsys):
     assert main(["inspect", str(model_path)]) == 0
     out = capsys.readouterr().out
