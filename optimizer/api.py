@@ -25,12 +25,13 @@ import onnx.external_data_helper
 
 from onnxopt import checks, external, io
 from onnxopt.errors import OnnxoptWarning, UnsupportedModel, UsageError, ValidationFailed
-from onnxopt.graph import export_graph, import_graph, model_stats
+from onnxopt.graph import export_graph, graph_protos, import_graph, model_stats
 from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
                             synthesize_feed)
 from onnxopt.layerwise import compare_layerwise, first_divergence
 from onnxopt.budget import DriftBudget
 from onnxopt.metrics import Criterion, as_setting, parse_criteria
+from onnxopt.ops import OMISSION_CRASHES, name_omitted_outputs
 from onnxopt.opset import OpsetUpgradeError, default_opset, upgrade
 from onnxopt.pass_manager import PassContext, PassManager, PassRecord, is_auto
 from onnxopt.pipeline import (SETTINGS, STRENGTH_OPTIONS, Pipeline, PassSpec, build_pipeline,
@@ -96,6 +97,30 @@ def _runnable(model: onnx.ModelProto, serialized: bytes | None) -> onnx.ModelPro
     """What the checker and onnxruntime get: the serialization when there is one (serializing
     again costs as much as the first time), else the model (over the 2 GiB protobuf limit)."""
     return model if serialized is None else serialized
+
+
+def _omissions_named(model: onnx.ModelProto, serialized: bytes | None, owned: bool
+                     ) -> tuple[onnx.ModelProto, bytes | None, list[str]]:
+    """``model`` with its omitted Loop/Scan outputs named, which onnxruntime cannot run
+    (:func:`onnxopt.ops.name_omitted_outputs`; a copy when it is not ``owned``, the caller's),
+    its serialization (made again when a name was given and there was one) and the warning
+    saying so (or none)."""
+    if not any(not name for g in graph_protos(model.graph) for node in g.node
+               if node.op_type in OMISSION_CRASHES for name in node.output):
+        return model, serialized, []
+    if not owned:
+        copied = onnx.ModelProto()
+        copied.CopyFrom(model)
+        model = copied
+    named = name_omitted_outputs(model)
+    return model, (io.serialize(model) if serialized is not None else None), [
+        f"named {len(named)} omitted Loop/Scan output(s) ({_first_names(named)}): onnxruntime "
+        "1.32 crashes or refuses to load a Loop or Scan with an omitted output; the model's "
+        "outputs are unchanged"]
+
+
+def _first_names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def checker_error(model: onnx.ModelProto | bytes | Path | None) -> str:
@@ -471,6 +496,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     if original is model:  # the caller's object: exporting may touch the protos it shares
         original = onnx.ModelProto()
         original.CopyFrom(model)
+    original, original_bytes, named = _omissions_named(original, original_bytes, owned=True)
     if original_bytes is None and validate:
         original_bytes = io.serialize(original)
     report = Report(_version(), "optimize", _describe_source(model), model_stats(
@@ -684,7 +710,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                 lossy=report.validation.mode == "lossy",
                 synthesized=report.inputs["source"] == "synthesized")
         report.after = model_stats(optimized, serialized)
-        report.warnings = budget_warnings + [w for r in report.passes for w in r.warnings] + (
+        report.warnings = named + budget_warnings + [
+            w for r in report.passes for w in r.warnings] + (
             calibration_feeds.warnings if calibration_feeds is not None else []) + (
             report.validation.warnings if report.validation is not None else [])
         failed = report.validation is not None and not report.validation.passed
@@ -745,6 +772,9 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     for loaded, source in ((ref, reference), (cand, candidate)):
         _check_folder_known(source, loaded)
         checks.check_model_structure(loaded, _describe_source(source), validating=True)
+    ref, ref_bytes, named = _omissions_named(ref, ref_bytes, owned=ref is not reference)
+    cand, cand_bytes, named_cand = _omissions_named(cand, cand_bytes,
+                                                    owned=cand is not candidate)
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes
     cand_bytes = io.serialize(cand) if cand_bytes is None else cand_bytes
     # models with external data run from their files (each from its own folder); the
@@ -761,7 +791,7 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
         feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,
         synthesized=report.inputs["source"] == "synthesized",
         warnings=report.inputs.get("warnings", []), mask=_drift_mask(drift_mask, ref))
-    report.warnings = list(report.validation.warnings)
+    report.warnings = named + named_cand + list(report.validation.warnings)
     if layerwise:
         report.layerwise = compare_layerwise(
             ref, cand, feeds, atol=atol, rtol=rtol, max_drift=max_drift, lossy=lossy,

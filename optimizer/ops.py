@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from onnxopt.graph import iter_graphs
+from onnxopt.graph import graph_protos, iter_graphs
+from onnxopt.names import NameAuthority
 
 #: Ops whose output is not a function of their inputs: never folded, never merged by CSE.
 NONDETERMINISTIC_OPS = frozenset({
@@ -342,3 +344,38 @@ def onnxruntime_crashes_on_transpose(perm, float16: bool, readers) -> str | None
         return ("onnxruntime 1.32 crashes on a float16 Transpose of the leading axis read by a "
                 "MatMul")
     return None
+
+
+#: Ops whose omitted outputs onnxruntime 1.32 cannot run (:func:`name_omitted_outputs`).
+OMISSION_CRASHES = ("Loop", "Scan")
+
+
+def name_omitted_outputs(model: onnx.ModelProto) -> list[str]:
+    """Give every omitted output (an empty name) of a Loop or Scan node, in every graph of
+    ``model``, a fresh name, in place; return the names given.
+
+    Omitting an output is valid ONNX (IR spec, "Optional inputs and outputs"), and naming one
+    that nothing reads changes no other value, so the model computes the same outputs. It is
+    needed because onnxruntime 1.32 cannot run such a node: a Loop whose final carried value is
+    omitted ends the process with a segmentation fault when the session starts, one whose scan
+    output is omitted fails to load ("Could not find OrtValue with name ''"); Scan likewise.
+    ``onnxopt.optimize`` applies it to the model it loads, so that the original can be run for
+    validation and the result runs in onnxruntime (reported in ``Report.warnings``).
+    """
+    used = set()
+    for g in graph_protos(model.graph):
+        used.update(i.name for i in g.input)
+        used.update(i.name for i in g.initializer)
+        for node in g.node:
+            used.update(node.output)
+            used.update(node.input)
+    authority = NameAuthority(used)
+    named = []
+    for g in graph_protos(model.graph):
+        for node in g.node:
+            if node.op_type in OMISSION_CRASHES and node.domain in ("", "ai.onnx"):
+                for i, name in enumerate(node.output):
+                    if not name:
+                        node.output[i] = authority.fresh(f"{node.name or node.op_type}_out{i}")
+                        named.append(node.output[i])
+    return named

@@ -275,8 +275,8 @@ def test_console_script(model_path, tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the console script forks where it can")
 def test_a_crash_in_native_code_gets_one_line_exit_3_and_nothing_left(tmp_path, capfd):
-    """The console script runs in a child process: a crash there (onnxruntime segfaults on some
-    models: a Loop with an omitted output, onnxruntime 1.32) ends with one line and exit code 3,
+    """The console script runs in a child process: a crash there (onnxruntime 1.32 segfaults on
+    some models) ends with one line and exit code 3,
     and what the child staged beside its output is removed."""
     import signal
 
