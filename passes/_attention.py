@@ -13,7 +13,10 @@ Channel ``c = n H + d`` of ``t`` is head ``n``'s channel ``d`` in ``heads(t)`` a
 and channel ``c`` of ``merged(P, v)`` is ``sum_t P[n, ., t] v[t, c]``: the split and the merge
 only move channels, ``P`` mixes positions, never channels. The ``Reshape`` shapes must copy the
 leading dimensions (``0`` entries, ``allowzero`` unset) and split or merge only the last axis,
-so that the mapping holds for every batch size and sequence length.
+so that the mapping holds for every batch size and sequence length; the split's input must be
+of rank 3, proven (``rank``: ``TensorTypes.rank``): a ``0`` of ``[0, 0, -1, H]`` copies
+whatever the input's second axis is, the channels of an unbatched ``[S, D]`` input, whose
+"heads" then mix channels along the softmax axis and in ``P v``.
 
 Each helper walks one arrangement from its end back to its start and returns the nodes, or a
 reason (a string) when the graph is not that arrangement. ``single(t)`` tells whether a tensor
@@ -30,6 +33,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.rewrite import producer_in_scope
 
 Single = Callable[[gs.Tensor], bool]
+Rank = Callable[[gs.Tensor], "int | None"]
 
 HEADS = [0, 2, 1, 3]
 KEYS = [0, 2, 3, 1]
@@ -58,9 +62,10 @@ class Split:
     head_size: int
 
 
-def split_heads(t: gs.Tensor, perm: list[int], single: Single) -> Split | str:
+def split_heads(t: gs.Tensor, perm: list[int], single: Single, rank: Rank) -> Split | str:
     """``t = Transpose(Reshape(source, [0, 0, -1 | N, H]), perm)`` (``perm``: :data:`HEADS` or
-    :data:`KEYS`), every intermediate ``single``, or why not."""
+    :data:`KEYS`), ``source`` of rank 3 (``rank(source)``), every intermediate ``single``, or
+    why not."""
     transpose = producer(t, "Transpose", single)
     reshape = transpose and producer(transpose.inputs[0], "Reshape", single)
     if transpose is None or reshape is None or list(transpose.attrs.get("perm", [])) != perm:
@@ -71,6 +76,8 @@ def split_heads(t: gs.Tensor, perm: list[int], single: Single) -> Split | str:
     head_size = int(shape.values[3])
     if head_size <= 0 or int(shape.values[2]) == 0:
         return "the head split's sizes are not given"
+    if rank(reshape.inputs[0]) != 3:
+        return "the head split's input is not of a known rank 3"
     return Split(reshape.inputs[0], reshape, transpose, head_size)
 
 
@@ -82,7 +89,7 @@ class Merged:
     values: Split
 
 
-def merged_heads(x: gs.Tensor, channels: int, single: Single) -> Merged | str:
+def merged_heads(x: gs.Tensor, channels: int, single: Single, rank: Rank) -> Merged | str:
     """``x`` (``[B, S, channels]``) as the merged heads of an attention, or why not; the
     intermediates between ``x``'s MatMul and ``x``, and the value path, ``single``."""
     if not isinstance(x, gs.Variable) or len(x.inputs) != 1 or x.inputs[0].op != "Reshape":
@@ -96,7 +103,7 @@ def merged_heads(x: gs.Tensor, channels: int, single: Single) -> Merged | str:
     matmul = out and producer(out.inputs[0], "MatMul", single)
     if out is None or matmul is None or list(out.attrs.get("perm", [])) != HEADS:
         return "not heads merged from MatMul(P, V)"
-    values = split_heads(matmul.inputs[1], HEADS, single)
+    values = split_heads(matmul.inputs[1], HEADS, single, rank)
     if isinstance(values, str):
         return values
     if channels % values.head_size or int(values.reshape.inputs[1].values[2]) not in (

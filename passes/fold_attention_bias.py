@@ -29,9 +29,13 @@ the last of a known rank; before opset 13, a rank known); between the scores ``M
 Softmax only ``Add`` (any other operand) and ``Mul``/``Div`` by a one-element constant; the
 key and value paths, and the merged heads, as in ``passes/_attention.py`` with every
 intermediate read once and no graph input or output (a key/value cache returned as an output
-keeps its bias); the biases one-dimensional float constants of ``D`` elements added by an
-``Add`` read only there; for the value bias, ``W_o`` a constant ``[D, D']`` and ``b_o`` a
-constant broadcasting along the last axis (``[D']``).
+keeps its bias); the split inputs of a proven rank 3 (``[B, S, D]``: an unbatched ``[S, D]``
+input splits its channels, not its positions); the biases one-dimensional float constants of
+``D`` elements (or one) added by an ``Add`` read only there to a ``[B, S, D]`` tensor (a bias
+that broadcasts its operand cannot go without changing the shape); for the value bias, float32
+or float64 (in float16, ``b_v W_o`` rounded alone loses what cancels in ``(v0 + b_v) W_o``),
+``W_o`` a constant ``[D, D']`` and ``b_o`` a constant broadcasting along the last axis
+(``[D']``).
 
 Statistics: ``rewritten`` (attentions changed), ``by_kind`` (``key bias`` dropped, ``value
 bias`` moved) and ``refused`` per reason.
@@ -48,6 +52,11 @@ from onnxopt.pass_manager import register
 from onnxopt.passes._attention import HEADS, KEYS, merged_heads, producer, split_heads
 from onnxopt.rewrite import Refusal, RewritePass, Scope, refuse
 
+#: Value bias dtypes moved into the output projection's bias: ``b_v W_o`` is rounded alone
+#: there, where the original rounds ``(v0 + b_v) W_o``, whose terms may cancel; in float16
+#: that lost half the digits or overflowed to inf on a breaker's weights.
+_MOVABLE = (np.dtype(np.float32), np.dtype(np.float64))
+
 #: Ops allowed between the scores MatMul and the Softmax.
 _BETWEEN = ("Add", "Mul", "Div")
 
@@ -57,15 +66,19 @@ def _scalar(t: gs.Tensor) -> bool:
     return value is not None and value.size == 1
 
 
-def _bias(add: gs.Node | None) -> tuple[gs.Tensor, np.ndarray] | None:
-    """``(x, b)`` for ``add = Add(x, b)`` (either order) with ``b`` a 1-D float constant, else
-    None."""
+def _bias(add: gs.Node | None, shape) -> tuple[gs.Tensor, np.ndarray] | None:
+    """``(x, b)`` for ``add = Add(x, b)`` (either order) with ``b`` a 1-D float constant that
+    does not broadcast ``x`` (``shape(x)`` proves ``x`` of rank 3 with ``b``'s size as its last
+    dim, or ``b`` has one element: removing the Add keeps the shape), else None."""
     if add is None or len(add.inputs) != 2:
         return None
     for xi, bi in ((0, 1), (1, 0)):
         b = constant_value(add.inputs[bi])
         if b is not None and constant_value(add.inputs[xi]) is None and b.ndim == 1 \
                 and b.dtype.type in FLOAT_DTYPES:
+            known = shape(add.inputs[xi])
+            if known is None or len(known) != 3 or b.size not in (1, known[-1]):
+                return None
             return add.inputs[xi], b
     return None
 
@@ -109,21 +122,22 @@ class FoldAttentionBias(RewritePass):
         scores = _scores_matmul(node.inputs[0], single)
         if scores is None:
             return None
-        key = split_heads(scores.inputs[1], KEYS, single)
+        types = scope.types
+        key = split_heads(scores.inputs[1], KEYS, single, types.rank)
         key_bias = None
         if not isinstance(key, str):
-            key_bias = _bias(producer(key.source, "Add", single))
+            key_bias = _bias(producer(key.source, "Add", single), types.shape)
         value = None
         p = node.outputs[0]
         if single(p) and p.outputs[0].op == "MatMul" and p.outputs[0].inputs[0] is p:
-            value = self._value_plan(p.outputs[0], single)
+            value = self._value_plan(p.outputs[0], single, types)
         if key_bias is None and not isinstance(value, tuple):
             return value if isinstance(value, Refusal) else None
         return (key if key_bias else None, key_bias,
                 value if isinstance(value, tuple) else None)
 
     @staticmethod
-    def _value_plan(pv: gs.Node, single) -> tuple | Refusal | None:
+    def _value_plan(pv: gs.Node, single, types) -> tuple | Refusal | None:
         """``(value split, its variable operand, b_v, output projection bias Add, b_o's input
         index, W_o)`` for the value path of ``pv = MatMul(P, heads(v))``, or a refusal, or
         None (not an attention's value path)."""
@@ -134,14 +148,16 @@ class FoldAttentionBias(RewritePass):
         if len(merge_out.outputs) != 1 or merge_out.outputs[0].op != "Reshape":
             return None
         x = merge_out.outputs[0].outputs[0]
-        values = split_heads(pv.inputs[1], HEADS, single)
+        values = split_heads(pv.inputs[1], HEADS, single, types.rank)
         if isinstance(values, str):
             return None
-        bias = _bias(producer(values.source, "Add", single))
+        bias = _bias(producer(values.source, "Add", single), types.shape)
         if bias is None:
             return None
+        if bias[1].dtype not in _MOVABLE:
+            return refuse("value bias not float32 or float64 (moving it rounds b_v W_o alone)")
         channels = bias[1].size
-        merged = merged_heads(x, channels, single)
+        merged = merged_heads(x, channels, single, types.rank)
         if isinstance(merged, str) or merged.matmul is not pv or not single(x) \
                 or x.outputs[0].op != "MatMul" or x.outputs[0].inputs[0] is not x:
             return refuse("merged heads not read by one output projection")

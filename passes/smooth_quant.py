@@ -69,13 +69,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.analyses import ActivationStats, UseDef
+from onnxopt.analyses import ActivationStats, TensorTypes, UseDef
 from onnxopt.analyses.activations import EveryPositionStats
 from onnxopt.edit import input_slots
 from onnxopt.names import fresh_name
 from onnxopt.ops import input_channel_axis
 from onnxopt.pass_manager import Pass, PassContext, PassResult, register
-from onnxopt.passes._attention import merged_heads, producer
+from onnxopt.passes._attention import Rank, merged_heads, producer
 from onnxopt.passes._quant import QuantizeOptions, excluded, spread
 
 #: Bounds of the smoothing factors (a channel that never fires would otherwise get s = 0).
@@ -139,7 +139,7 @@ def _ends_erf_gelu(node: gs.Node, depth: int = 3) -> bool:
     return any(p.op == "Erf" or (depth > 1 and _ends_erf_gelu(p, depth - 1)) for p in producers)
 
 
-def _smoothing_edits(x: gs.Variable, channels: int, usedef: UseDef,
+def _smoothing_edits(x: gs.Variable, channels: int, usedef: UseDef, rank: Rank,
                      explicit_mul: bool = False) -> list | str:
     """How to divide ``x`` by ``s`` at its producer: a list of ``(node, input index, op)`` with
     op ``"div"`` (the constant becomes ``c / s``) or ``"mul"`` (``c * s``); or why not. With
@@ -174,14 +174,15 @@ def _smoothing_edits(x: gs.Variable, channels: int, usedef: UseDef,
         a = node.inputs[1 - c]
         if not isinstance(a, gs.Variable) or len(a.outputs) != 1 or usedef.on_boundary(a):
             return "Add whose other operand has other readers"
-        inner = _smoothing_edits(a, channels, usedef, explicit_mul)
+        inner = _smoothing_edits(a, channels, usedef, rank, explicit_mul)
         return inner if isinstance(inner, str) else [(node, c, "div")] + inner
     if node.op == "Reshape":
-        return _attention_value_edits(x, channels, usedef)
+        return _attention_value_edits(x, channels, usedef, rank)
     return f"produced by {node.op}"
 
 
-def _attention_value_edits(x: gs.Variable, channels: int, usedef: UseDef) -> list | str:
+def _attention_value_edits(x: gs.Variable, channels: int, usedef: UseDef,
+                           rank: Rank) -> list | str:
     """Edits dividing an attention's merged heads ``x`` by ``s`` at the value projection.
 
     ``x = merged(P, v)`` with ``v = MatMul(h, W_v) (+ b_v)`` (``passes/_attention.py``):
@@ -192,7 +193,7 @@ def _attention_value_edits(x: gs.Variable, channels: int, usedef: UseDef) -> lis
     def single(t) -> bool:
         return len(t.outputs) == 1 and not usedef.on_boundary(t)
 
-    merged = merged_heads(x, channels, single)
+    merged = merged_heads(x, channels, single, rank)
     if isinstance(merged, str):
         return "produced by Reshape"
     v = merged.values.source
@@ -257,7 +258,7 @@ class SmoothQuant(Pass):
         if not ctx.has_calibration():  # needs_data=False (the pass manager refuses otherwise)
             return PassResult(False, {"skipped": "no calibration data: activations not "
                                                  "smoothed"})
-        usedef = ctx.analyses.get(UseDef)
+        usedef, types = ctx.analyses.get(UseDef), ctx.analyses.get(TensorTypes)
         refused: collections.Counter[str] = collections.Counter()
         candidates: dict[str, gs.Variable] = {}
         for node in graph.nodes:
@@ -272,7 +273,7 @@ class SmoothQuant(Pass):
         smoothed = scaled = compensated = inserted = 0
         before, after = [], []
         for x in candidates.values():
-            reason, plan = self._plan(graph, x, stats, usedef)
+            reason, plan = self._plan(graph, x, stats, usedef, types)
             if reason is not None:
                 refused[reason] += 1
                 continue
@@ -325,7 +326,8 @@ class SmoothQuant(Pass):
     def summarize(self, result: PassResult, accepted: list) -> dict:
         return dict(result.stats)
 
-    def _plan(self, graph: gs.Graph, x: gs.Variable, stats: ActivationStats, usedef: UseDef):
+    def _plan(self, graph: gs.Graph, x: gs.Variable, stats: ActivationStats, usedef: UseDef,
+              types: TensorTypes):
         """``(reason, None)`` when ``x`` cannot be smoothed, else ``(None, (producer edits or
         None for an inserted Mul, smoothed reader slots, compensated reader slots, s, channel
         absmax))``."""
@@ -342,7 +344,7 @@ class SmoothQuant(Pass):
         others = [(n, i) for n, i in slots if (id(n), i) not in chosen]
         if any(usedef.owner(n) is not graph for n, _ in slots):
             return "read in a subgraph", None
-        edits = _smoothing_edits(x, channels, usedef, self.options.explicit_mul)
+        edits = _smoothing_edits(x, channels, usedef, types.rank, self.options.explicit_mul)
         if isinstance(edits, str):
             if not (self.options.explicit_mul and smooth):
                 return edits, None

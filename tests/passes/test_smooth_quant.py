@@ -306,3 +306,49 @@ def test_merged_attention_heads_are_divided_in_the_value_projection():
             expected, got = _run(variant, feed), _run(smoothed, feed)
             np.testing.assert_allclose(got, expected, rtol=1e-5,
                                        atol=1e-5 * np.abs(expected).max())
+
+
+def test_heads_of_an_unbatched_input_are_not_divided_in_the_value_projection():
+    """Breaker's case: ``x`` [S, D] with heads of one channel -- ``Reshape(v, [0, 0, -1, 1])``
+    copies v's channel axis, so ``P v`` sums over v's channels and dividing ``W_v``'s column
+    ``c`` does not divide merged channel ``c`` (outputs were 0.1-0.5 off, relative). The split
+    input's rank is not 3: the merged heads get the inserted Mul and the outputs stay."""
+    d, rng = 8, np.random.default_rng(2)
+    shapes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+        np.array(value, np.int64))) for name, value in [("split", [0, 0, -1, 1]),
+                                                        ("merge", [0, 0, -1])]]
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"]),
+             helper.make_node("MatMul", ["x", "Wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "Wv"], ["vm"]),
+             helper.make_node("Add", ["vm", "bv"], ["v"])]
+    for name in "qkv":
+        nodes += [helper.make_node("Reshape", [name, "split"], [f"{name}4"]),
+                  helper.make_node("Transpose", [f"{name}4"], [f"{name}h"],
+                                   perm=[0, 2, 3, 1] if name == "k" else [0, 2, 1, 3])]
+    nodes += [helper.make_node("MatMul", ["qh", "kh"], ["scores"]),  # [S, 1, D, D]
+              helper.make_node("Add", ["scores", "rel"], ["biased"]),  # [S, D, D, D]
+              helper.make_node("Softmax", ["biased"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vh"], ["heads"]),  # [S, D, D, 1]
+              helper.make_node("Transpose", ["heads"], ["heads_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["heads_t", "merge"], ["a"]),  # [S, D, D]
+              helper.make_node("MatMul", ["a", "Wo"], ["y"])]
+    wv = rng.normal(size=(d, d)) * 0.3
+    wv[:, [2, 5]] *= 40.0  # outlier value columns
+    rel = rng.normal(size=(1, d, d, d))
+    for i in range(d):
+        rel[0, i, :, i] += 3.0  # "head" n looks mostly at v's channel n
+    init = {"Wq": rng.normal(size=(d, d)) * 0.3, "Wk": rng.normal(size=(d, d)) * 0.3,
+            "Wv": wv, "bv": rng.normal(size=d), "rel": rel, "Wo": rng.normal(size=(d, 6))}
+    graph = helper.make_graph(
+        shapes + nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", d, 6])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in init.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = [{"x": rng.normal(size=(5, d)).astype(np.float32)} for _ in range(4)]
+    smoothed, record = _smooth(model, feeds, alpha=0.75, explicit_mul=True)
+    assert record.stats["smoothed"] == 1 and record.stats["inserted"] == 1, record.stats
+    for s in (1, 3, 9):
+        feed = {"x": rng.normal(size=(s, d)).astype(np.float32)}
+        expected, got = _run(model, feed), _run(smoothed, feed)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
