@@ -247,12 +247,10 @@ def test_explicit_mul_keeps_onnxruntime_gelu_fusion_and_reaches_any_producer(tmp
         assert _spread(smoothed, feeds, reader.input[0]) < _spread(model, feeds, name) / 2
 
 
-def _attention(merge_perm=(0, 2, 1, 3), v_read_twice=False):
-    """One self-attention block of 4 heads of 4 channels over ``x`` [4, 6, 16]: softmax(Q K^T)
-    V, heads merged by Reshape(Transpose) and projected by ``Wo``; the value projection has
-    two outlier columns, so the merged heads have two outlier channels."""
-    wv = RNG.normal(size=(C, C)) * 0.2
-    wv[:, [2, 9]] *= 40.0
+def _projected_heads():
+    """``q``, ``k``, ``v`` projections of ``x`` (``v`` with bias ``bv``), split into heads by
+    ``Reshape(., split)`` and the Transposes of queries (``qh``), keys (``kh``) and values
+    (``vh``)."""
     nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"]),
              helper.make_node("MatMul", ["x", "Wk"], ["k"]),
              helper.make_node("MatMul", ["x", "Wv"], ["vm"]),
@@ -261,6 +259,16 @@ def _attention(merge_perm=(0, 2, 1, 3), v_read_twice=False):
         nodes += [helper.make_node("Reshape", [name, "split"], [f"{name}4"]),
                   helper.make_node("Transpose", [f"{name}4"], [f"{name}h"],
                                    perm=[0, 2, 3, 1] if name == "k" else [0, 2, 1, 3])]
+    return nodes
+
+
+def _attention(merge_perm=(0, 2, 1, 3), v_read_twice=False):
+    """One self-attention block of 4 heads of 4 channels over ``x`` [4, 6, 16]: softmax(Q K^T)
+    V, heads merged by Reshape(Transpose) and projected by ``Wo``; the value projection has
+    two outlier columns, so the merged heads have two outlier channels."""
+    wv = RNG.normal(size=(C, C)) * 0.2
+    wv[:, [2, 9]] *= 40.0
+    nodes = _projected_heads()
     nodes += [helper.make_node("MatMul", ["qh", "kh"], ["scores"]),
               helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "vh"], ["heads"]),
@@ -317,14 +325,7 @@ def test_heads_of_an_unbatched_input_are_not_divided_in_the_value_projection():
     shapes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
         np.array(value, np.int64))) for name, value in [("split", [0, 0, -1, 1]),
                                                         ("merge", [0, 0, -1])]]
-    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"]),
-             helper.make_node("MatMul", ["x", "Wk"], ["k"]),
-             helper.make_node("MatMul", ["x", "Wv"], ["vm"]),
-             helper.make_node("Add", ["vm", "bv"], ["v"])]
-    for name in "qkv":
-        nodes += [helper.make_node("Reshape", [name, "split"], [f"{name}4"]),
-                  helper.make_node("Transpose", [f"{name}4"], [f"{name}h"],
-                                   perm=[0, 2, 3, 1] if name == "k" else [0, 2, 1, 3])]
+    nodes = _projected_heads()
     nodes += [helper.make_node("MatMul", ["qh", "kh"], ["scores"]),  # [S, 1, D, D]
               helper.make_node("Add", ["scores", "rel"], ["biased"]),  # [S, D, D, D]
               helper.make_node("Softmax", ["biased"], ["p"], axis=-1),
