@@ -141,7 +141,8 @@ def _pass_table(report: Report, verbose: bool) -> tuple[Table | None, str]:
     rows = [row for row in pass_summary(report.passes) if row[0] in shown]
     hidden = len({r.name for r in report.passes} - shown)
     note = (f"{hidden}{' other' if rows else ''} pass{'es' if hidden != 1 else ''} changed "
-            f"nothing (--verbose lists {'them' if hidden != 1 else 'it'})" if hidden else "")
+            f"nothing{' and refused nothing' if rows else ''} (--verbose lists "
+            f"{'them' if hidden != 1 else 'it'})" if hidden else "")
     if not rows:
         return None, note
     table = _table(title="Passes")
@@ -884,10 +885,13 @@ def _cmd_passes(args, out: _Out) -> int:
                     f"{k}={v!r}" for k, v in passes[name].items())
         for linked in LINKED_OPTIONS.get(name, ()):
             opts += (f"; {', '.join(linked)} are linked: giving one drops a mode's values "
-                     f"for the others")
+                     f"for the others, which keep the defaults above")
         table.add_row(name, "lossless" if cls.lossless else "lossy", _escape(run_by),
                       _escape(opts), cls.description)
     out.show(table)
+    out.line("Options are set in a --config file ([pipeline.options.<pass>] tables) or, in "
+             "Python, with optimize(..., options={pass: {option: value}}); each pass's module "
+             "docstring (onnxopt/passes/<pass>.py) says what they mean.")
     return 0
 
 
