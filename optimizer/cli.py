@@ -347,6 +347,11 @@ def _print_verdict(report: Report, out: _Out) -> None:
         if v.mask is not None:
             crit += f", where {v.mask} != 0"
         out.line(f" ({crit})", "validation passed", "green")
+        if report.latency and report.latency.get("latency_ratio") is not None:
+            ms = report.latency["latency_ms"]
+            out.line(f"{report.latency['latency_ratio']:.2f}x the original's ({ms['before']:.3g} "
+                     f"-> {ms['after']:.3g} ms per run; {report.latency['latency_note']})",
+                     "latency: ")
     else:
         out.line(f": {v.reason}", "validation FAILED", "red")
 

@@ -18,6 +18,10 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
   after}``: the zlib-compressed size (that level, gzip's default 6) of the input and output
   files (external data included; the serialized model when no file was written), since zeros
   and shared values only pay off under compression;
+* ``latency`` (only when ``quantize_static`` or ``quantize_dynamic`` changed the model and it
+  validated): ``{latency_ratio, latency_ms: {before, after}, latency_note}``: the result's
+  median time per run against the original's, interleaved onnxruntime runs on the first
+  validation feed (noisy); a ratio above 1.2 is also a warning;
 * ``inputs``: ``{source: "synthesized"|path, seed, feeds: [{name: {shape, dtype}}]}``;
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
   warnings,
@@ -84,6 +88,10 @@ class Report:
     #: ``{"level": 6, "before": bytes, "after": bytes}``: zlib-compressed file sizes, measured
     #: after a pruning or clustering pass changed the model (zeros pay off only compressed).
     compressed: dict | None = None
+    #: ``{"latency_ratio", "latency_ms": {"before", "after"}, "latency_note"}``: the result
+    #: timed against the original when a pass whose goal is speed changed it
+    #: (``onnxopt.api.SPEED_PASSES``; ``onnxopt.validate.latency_ratio``).
+    latency: dict | None = None
 
     @property
     def verdict(self) -> str:
@@ -100,6 +108,7 @@ class Report:
             "passes": [p.to_dict() for p in self.passes],
             **({"opset_upgrade": self.opset_upgrade} if self.opset_upgrade else {}),
             **({"compressed": self.compressed} if self.compressed else {}),
+            **({"latency": self.latency} if self.latency else {}),
             "inputs": self.inputs,
             "validation": self.validation.to_dict() if self.validation else None,
             "rolled_back": self.rolled_back, "warnings": self.warnings,

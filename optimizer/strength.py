@@ -76,8 +76,6 @@ import contextvars
 import copy
 import dataclasses
 import os
-import statistics
-import time
 import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -96,8 +94,6 @@ if TYPE_CHECKING:
 
 #: Rounds of per-layer upgrades after the bisection (each offers the next stronger value).
 UPGRADE_STEPS = 2
-#: Timed runs of each model (interleaved) for the latency ratio.
-LATENCY_RUNS = 5
 #: Copies of the model's weights one candidate evaluation on Ray holds (its proposed values in
 #: the object store, the task's imported graph, its session's): with the cluster's CPUs, this
 #: bounds the evaluations in flight to ``memory_budget() // (CANDIDATE_COPIES * weights)``.
@@ -534,26 +530,12 @@ class _Sizes:
 
 
 def _latency(graph: gs.Graph, ctx: "PassContext") -> dict[str, Any]:
-    """The result's latency against the model before the pass (``ctx.template``): the ratio of
-    median times of :data:`LATENCY_RUNS` interleaved runs on the first feed."""
+    """The result's latency against the model before the pass (``ctx.template``):
+    :func:`onnxopt.validate.latency_ratio` on the first feed."""
     if not ctx.feeds or ctx.template is None:
         return {}
     from onnxopt.graph import export_graph
-    from onnxopt.validate import make_session
+    from onnxopt.validate import latency_ratio
 
-    sessions = [make_session(ctx.template, "model before the pass", optimized=True, timed=True),
-                make_session(export_graph(graph, ctx.template), "model after the pass",
-                             optimized=True, timed=True)]
-    times: list[list[float]] = [[], []]
-    for i in range(LATENCY_RUNS + 1):
-        for k, session in enumerate(sessions):
-            feed = {x.name: ctx.feeds[0][x.name] for x in session.get_inputs()}
-            start = time.perf_counter()
-            session.run(None, feed)
-            if i:  # the first run warms up
-                times[k].append(time.perf_counter() - start)
-    before, after = (statistics.median(t) for t in times)
-    return {"latency_ratio": after / before if before > 0 else None,
-            "latency_ms": {"before": before * 1000, "after": after * 1000},
-            "latency_note": f"median of {LATENCY_RUNS} interleaved onnxruntime runs on one "
-                            "feed: noisy"}
+    return latency_ratio(ctx.template, export_graph(graph, ctx.template), ctx.feeds[0],
+                         what=("model before the pass", "model after the pass"))

@@ -85,7 +85,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -190,6 +192,50 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
     except Exception as err:  # noqa: BLE001 -- onnxruntime raises several types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{what}: onnxruntime cannot load the model: {first}") from None
+
+
+#: Timings of each model (interleaved) for :func:`latency_ratio`.
+LATENCY_RUNS = 5
+#: Seconds one timing lasts at least (it averages as many runs as that takes).
+MIN_TIMING = 0.02
+
+
+def latency_ratio(before, after, feed: dict[str, np.ndarray], runs: int = LATENCY_RUNS,
+                  what: tuple[str, str] = ("model before", "model after")) -> dict:
+    """``after``'s latency against ``before``'s (models, serializations or files, as
+    :func:`make_session` takes them) on onnxruntime CPU as users run it (graph optimizations
+    on, pre-packing on): the median of ``runs`` timings of each on ``feed``, interleaved (a
+    burst of load hits both), after one warm-up run each; a timing is the mean wall time of
+    as many runs as last :data:`MIN_TIMING` seconds (one for a model slower than that).
+
+    Returns ``{"latency_ratio": after / before, "latency_ms": {"before", "after"},
+    "latency_note"}`` (milliseconds). Noisy: on a loaded machine, +-10 % between runs.
+
+    Raises:
+        InputError: onnxruntime cannot load or run a model.
+    """
+    sessions = [make_session(before, what[0], optimized=True, timed=True),
+                make_session(after, what[1], optimized=True, timed=True)]
+    inputs = [{x.name: feed[x.name] for x in s.get_inputs()} for s in sessions]
+
+    def timed(k: int, repeat: int) -> float:
+        start = time.perf_counter()
+        for _ in range(repeat):
+            run_model(sessions[k], inputs[k], what[k])
+        return (time.perf_counter() - start) / repeat
+
+    # one warm-up run each; a timing averages enough runs to last MIN_TIMING seconds, so that
+    # a model of a tenth of a millisecond is not timed by the clock's and Python's overhead
+    repeat = max(1, math.ceil(MIN_TIMING / max(min(timed(0, 1), timed(1, 1)), 1e-6)))
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for k in (0, 1):
+            times[k].append(timed(k, repeat))
+    slow, fast = (statistics.median(t) for t in times)
+    return {"latency_ratio": fast / slow if slow > 0 else None,
+            "latency_ms": {"before": slow * 1000, "after": fast * 1000},
+            "latency_note": f"median of {runs} timings of each, interleaved, on one feed, a "
+                            f"timing at least {MIN_TIMING * 1000:.0f} ms of runs: noisy"}
 
 
 def run_model(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: str,

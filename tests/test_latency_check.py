@@ -1,0 +1,66 @@
+"""The latency of a result whose quantization aims at speed (``onnxopt.api.SPEED_PASSES``):
+``report.latency`` measured against the original, and a warning when the result is more than
+``SLOWER`` times as slow (a small model's QuantizeLinear/DequantizeLinear can cost more than
+its integer kernels save). The timing itself is noisy: the warning's rule is tested with
+``latency_ratio`` replaced, the measurement on a real run only for its form."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import onnxopt.api
+from helpers import make_model
+from onnxopt import optimize
+from onnxopt.errors import OnnxoptWarning
+
+
+def _model():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="proj"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="out")]
+    return make_model(nodes, [("x", np.float32, ["batch", 64])],
+                      [("y", np.float32, ["batch", 32])],
+                      {"W1": rng.normal(size=(64, 64)).astype(np.float32),
+                       "W2": rng.normal(size=(64, 32)).astype(np.float32)})
+
+
+FEEDS = [{"x": np.random.default_rng(k).normal(size=(8, 64)).astype(np.float32)}
+         for k in range(4)]
+
+
+def test_a_speed_mode_result_is_timed_against_the_original():
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9)
+    latency = report.latency
+    assert latency["latency_ratio"] > 0 and latency["latency_ms"]["before"] > 0
+    assert latency["latency_ratio"] == pytest.approx(
+        latency["latency_ms"]["after"] / latency["latency_ms"]["before"])
+    assert "interleaved" in latency["latency_note"]
+    assert report.to_dict()["latency"] == latency
+    _, report = optimize(_model(), quantize="int8-weight", inputs=FEEDS, max_drift=0.9)
+    assert report.latency is None and "latency" not in report.to_dict()  # a size mode
+
+
+@pytest.mark.parametrize("ratio, warned", [(3.0, True), (1.1, False)])
+def test_a_result_slower_than_the_original_is_a_warning(monkeypatch, ratio, warned):
+    def measured(before, after, feed, what=()):
+        return {"latency_ratio": ratio, "latency_ms": {"before": 0.2, "after": 0.2 * ratio},
+                "latency_note": "stand-in"}
+
+    monkeypatch.setattr(onnxopt.api, "latency_ratio", measured)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OnnxoptWarning)
+        _, report = optimize(_model(), quantize="int8-dynamic", inputs=FEEDS,
+                             calibration=FEEDS, max_drift=0.9)
+    slower = [w for w in report.warnings if "as slow" in w]
+    assert bool(slower) == warned
+    if warned:
+        assert slower[0].startswith("quantize_dynamic made the model 3.00x as slow")
+        assert "latency_guided" in slower[0] and "int8-weight mode" in slower[0]
+        assert any("as slow" in str(w.message) for w in caught
+                   if issubclass(w.category, OnnxoptWarning))
