@@ -26,13 +26,13 @@ import onnx.external_data_helper
 from onnxopt import checks, external, io
 from onnxopt.errors import (InputError, OnnxoptWarning, UnsupportedModel, UsageError,
                              ValidationFailed)
-from onnxopt.graph import export_graph, graph_protos, import_graph, model_stats
+from onnxopt.graph import export_graph, import_graph, model_stats
 from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
                             synthesize_feed)
 from onnxopt.layerwise import compare_layerwise, first_divergence
 from onnxopt.budget import DriftBudget
 from onnxopt.metrics import Criterion, as_setting, parse_criteria
-from onnxopt.ops import OMISSION_CRASHES, name_omitted_outputs
+from onnxopt.ops import name_omitted_outputs, omitted_outputs
 from onnxopt.opset import OpsetUpgradeError, default_opset, upgrade
 from onnxopt.pass_manager import PassContext, PassManager, PassRecord, is_auto
 from onnxopt.pipeline import (SETTINGS, STRENGTH_OPTIONS, Pipeline, PassSpec, build_pipeline,
@@ -100,14 +100,13 @@ def _runnable(model: onnx.ModelProto, serialized: bytes | None) -> onnx.ModelPro
     return model if serialized is None else serialized
 
 
-def _omissions_named(model: onnx.ModelProto, serialized: bytes | None, owned: bool
-                     ) -> tuple[onnx.ModelProto, bytes | None, list[str]]:
+def _omissions_named(model: onnx.ModelProto, serialized: bytes | None, owned: bool,
+                     which: str = "") -> tuple[onnx.ModelProto, bytes | None, list[str]]:
     """``model`` with its omitted Loop/Scan outputs named, which onnxruntime cannot run
     (:func:`onnxopt.ops.name_omitted_outputs`; a copy when it is not ``owned``, the caller's),
     its serialization (made again when a name was given and there was one) and the warning
-    saying so (or none)."""
-    if not any(not name for g in graph_protos(model.graph) for node in g.node
-               if node.op_type in OMISSION_CRASHES for name in node.output):
+    saying so (or none; ``which`` names the model in it)."""
+    if not omitted_outputs(model):
         return model, serialized, []
     if not owned:
         copied = onnx.ModelProto()
@@ -115,9 +114,9 @@ def _omissions_named(model: onnx.ModelProto, serialized: bytes | None, owned: bo
         model = copied
     named = name_omitted_outputs(model)
     return model, (io.serialize(model) if serialized is not None else None), [
-        f"named {len(named)} omitted Loop/Scan output(s) ({_first_names(named)}): onnxruntime "
-        "1.32 crashes or refuses to load a Loop or Scan with an omitted output; the model's "
-        "outputs are unchanged"]
+        f"{which}named {len(named)} omitted Loop/Scan output(s) ({_first_names(named)}): "
+        "onnxruntime 1.32 crashes or refuses to load a Loop or Scan with an omitted output; "
+        "the model's outputs are unchanged"]
 
 
 #: Passes whose goal is speed as well as size (integer kernels): their result is timed.
@@ -156,6 +155,18 @@ def _speed_check(report: Report, original: bytes | None, result: bytes | None,
             "QuantizeLinear/DequantizeLinear and integer kernels cost more than they save at "
             "these sizes; quantize_static's latency_guided = true leaves float what runs slower "
             "in integer form, and the int8-weight mode shrinks the file without changing kernels"]
+
+
+def _tensors_read_in(model: onnx.ModelProto, serialized: bytes | None, source,
+                     renamed: bool) -> tuple[onnx.ModelProto, bytes | None]:
+    """``model`` with its external data read into it when it was ``renamed`` (a copy of what
+    ``source``'s file holds, so that file cannot be run), with its serialization."""
+    if not renamed or not external.has_external_data(model) \
+            or not isinstance(source, (str, os.PathLike)):
+        return model, serialized
+    onnx.external_data_helper.load_external_data_for_model(
+        model, str(Path(source).resolve().parent))
+    return model, io.serialize(model)
 
 
 def _first_names(names: list[str], shown: int = 3) -> str:
@@ -812,13 +823,18 @@ def validate(reference, candidate, *, inputs: Feeds = None, input_shapes: dict |
     for loaded, source in ((ref, reference), (cand, candidate)):
         _check_folder_known(source, loaded)
         checks.check_model_structure(loaded, _describe_source(source), validating=True)
-    ref, ref_bytes, named = _omissions_named(ref, ref_bytes, owned=ref is not reference)
+    ref, ref_bytes, named = _omissions_named(ref, ref_bytes, owned=ref is not reference,
+                                             which="reference: ")
     cand, cand_bytes, named_cand = _omissions_named(cand, cand_bytes,
-                                                    owned=cand is not candidate)
+                                                    owned=cand is not candidate,
+                                                    which="candidate: ")
+    # models with external data run from their files (each from its own folder) -- but one
+    # whose omitted outputs were named runs as named, its tensors read in; the layer-wise
+    # comparison reads the reference's folder
+    ref, ref_bytes = _tensors_read_in(ref, ref_bytes, reference, bool(named))
+    cand, cand_bytes = _tensors_read_in(cand, cand_bytes, candidate, bool(named_cand))
     ref_bytes = io.serialize(ref) if ref_bytes is None else ref_bytes
     cand_bytes = io.serialize(cand) if cand_bytes is None else cand_bytes
-    # models with external data run from their files (each from its own folder); the
-    # layer-wise comparison reads the reference's folder
     ref_run = str(reference) if external.has_external_data(ref) else _runnable(ref, ref_bytes)
     cand_run = str(candidate) if external.has_external_data(cand) else _runnable(cand, cand_bytes)
     _use_model_folder(reference, ref)

@@ -350,30 +350,63 @@ def onnxruntime_crashes_on_transpose(perm, float16: bool, readers) -> str | None
 OMISSION_CRASHES = ("Loop", "Scan")
 
 
+def _node_lists(model: onnx.ModelProto):
+    """Every node list of ``model``: its graphs' and its local functions' (with the graphs
+    nested in their nodes), as ``(nodes, names)`` with ``names`` the names the list's scope
+    declares besides node outputs (inputs, initializers, value_info, outputs)."""
+    for g in graph_protos(model.graph):
+        yield g.node, [*(i.name for i in g.input), *(i.name for i in g.initializer),
+                       *(i.values.name for i in g.sparse_initializer),
+                       *(i.name for i in g.value_info), *(o.name for o in g.output)]
+    for f in model.functions:
+        yield f.node, [*f.input, *f.output]
+        for node in f.node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    for g in graph_protos(sub):
+                        yield g.node, [*(i.name for i in g.input),
+                                       *(i.name for i in g.initializer),
+                                       *(i.name for i in g.value_info),
+                                       *(o.name for o in g.output)]
+
+
+def omitted_outputs(model: onnx.ModelProto) -> bool:
+    """Whether a Loop or Scan node of ``model`` (graphs and local functions) omits an output
+    (:func:`name_omitted_outputs`)."""
+    return any(_omits(node) for nodes, _ in _node_lists(model) for node in nodes)
+
+
+def _omits(node: onnx.NodeProto) -> bool:
+    return node.op_type in OMISSION_CRASHES and node.domain in ("", "ai.onnx") \
+        and not all(node.output)
+
+
 def name_omitted_outputs(model: onnx.ModelProto) -> list[str]:
-    """Give every omitted output (an empty name) of a Loop or Scan node, in every graph of
-    ``model``, a fresh name, in place; return the names given.
+    """Give every omitted output (an empty name) of a Loop or Scan node, in every graph and
+    local function of ``model``, a name no scope of the model uses, in place; return the names
+    given.
 
     Omitting an output is valid ONNX (IR spec, "Optional inputs and outputs"), and naming one
     that nothing reads changes no other value, so the model computes the same outputs. It is
     needed because onnxruntime 1.32 cannot run such a node: a Loop whose final carried value is
     omitted ends the process with a segmentation fault when the session starts, one whose scan
-    output is omitted fails to load ("Could not find OrtValue with name ''"); Scan likewise.
-    ``onnxopt.optimize`` applies it to the model it loads, so that the original can be run for
-    validation and the result runs in onnxruntime (reported in ``Report.warnings``).
+    output is omitted fails to load ("Could not find OrtValue with name ''"); Scan likewise
+    (and inside a local function, which onnxruntime inlines). ``onnxopt.optimize`` and
+    ``onnxopt.validate`` apply it to the models they load, so that the original can be run and
+    the result runs in onnxruntime (reported in ``Report.warnings``).
     """
+    lists = list(_node_lists(model))
     used = set()
-    for g in graph_protos(model.graph):
-        used.update(i.name for i in g.input)
-        used.update(i.name for i in g.initializer)
-        for node in g.node:
+    for nodes, names in lists:
+        used.update(names)
+        for node in nodes:
             used.update(node.output)
             used.update(node.input)
     authority = NameAuthority(used)
     named = []
-    for g in graph_protos(model.graph):
-        for node in g.node:
-            if node.op_type in OMISSION_CRASHES and node.domain in ("", "ai.onnx"):
+    for nodes, _ in lists:
+        for node in nodes:
+            if _omits(node):
                 for i, name in enumerate(node.output):
                     if not name:
                         node.output[i] = authority.fresh(f"{node.name or node.op_type}_out{i}")

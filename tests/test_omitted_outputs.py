@@ -143,3 +143,40 @@ def test_names_are_fresh_in_every_graph_and_other_ops_are_left_alone():
     assert list(body.node[-1].output) == ["", "half"]  # Split's omission is onnxruntime's to run
     assert list(body.node[-2].output) == ["Loop_out0__0", "loop_out1__0"]
     assert name_omitted_outputs(model) == []
+
+
+def test_a_loop_in_a_local_function_and_names_only_declared_are_named_apart():
+    """Breaker's cases: a Loop omitting its output inside a model-local function (onnxruntime
+    inlines it and crashes the same way) is named too, and the names given avoid every name
+    the model declares, value_info included."""
+    loop = _loop(0)
+    body = loop.graph.node[0].attribute[0].g
+    function = h.make_function("my", "LoopFn", ["n", "x"], ["scanned"],
+                               [h.make_node("Loop", ["n", "", "x"], ["", "scanned"], body=body,
+                                            name="loop")],
+                               opset_imports=[h.make_opsetid("", 13)])
+    graph = h.make_graph(
+        [h.make_node("LoopFn", ["n", "x"], ["scanned"], domain="my")], "g",
+        [h.make_tensor_value_info("n", T.INT64, []), h.make_tensor_value_info("x", T.FLOAT, [2])],
+        [h.make_tensor_value_info("scanned", T.FLOAT, ["trips", 2])],
+        value_info=[h.make_tensor_value_info("loop_out0__0", T.INT32, [7])])
+    model = h.make_model(graph, functions=[function],
+                         opset_imports=[h.make_opsetid("", 13), h.make_opsetid("my", 1)])
+    onnx.checker.check_model(model, full_check=True)
+    assert name_omitted_outputs(model) == ["loop_out0__1"]
+    assert list(model.functions[0].node[0].output) == ["loop_out0__1", "scanned"]
+
+
+def test_validate_runs_a_named_model_with_external_data(tmp_path):
+    """An external-data model is run from its file -- except one whose omissions were named
+    (the file still omits them): that one runs as named, its tensors read in."""
+    model = _loop(1)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.arange(4096, dtype=np.float32), "unused_weight"))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path, save_as_external_data=True, size_threshold=0,
+              location="model.onnx.data")
+    feed = _feeds("Loop", 3)
+    with pytest.warns(OnnxoptWarning, match="reference: named 1"):
+        report = validate(str(path), str(path), inputs=[feed])
+    assert report.validation.passed
