@@ -24,8 +24,7 @@ import onnx
 import onnx.external_data_helper
 
 from onnxopt import checks, external, io
-from onnxopt.errors import (InputError, OnnxoptWarning, UnsupportedModel, UsageError,
-                             ValidationFailed)
+from onnxopt.errors import OnnxoptWarning, UnsupportedModel, UsageError, ValidationFailed
 from onnxopt.graph import export_graph, import_graph, model_stats
 from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
                             synthesize_feed)
@@ -40,7 +39,7 @@ from onnxopt.pipeline import (SETTINGS, STRENGTH_OPTIONS, Pipeline, PassSpec, bu
 from onnxopt.report import Report
 from onnxopt.strength import use_executor
 from onnxopt.validate import (DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL, ValidationResult,
-                              compare_models, latency_ratio, reference_outputs)
+                              compare_models, latency_ratio_apart, reference_outputs)
 
 Feeds = Union[str, os.PathLike, dict, Sequence[dict], None]
 #: Lossy criteria: a threshold of ``metric``, ``"cosine=0.999,max-abs=0.05"``, a mapping
@@ -128,33 +127,40 @@ SLOWER = 1.2
 TIMED_MAX_BYTES = 1 << 30
 
 
-def _speed_check(report: Report, original: bytes | None, result: bytes | None,
+def _speed_check(report: Report, models: tuple[onnx.ModelProto, onnx.ModelProto],
+                 original: bytes | None, result: bytes | None,
                  feeds: list[dict] | None) -> list[str]:
     """Time the validated result of a pass whose goal is speed (:data:`SPEED_PASSES`) against
-    the original (``report.latency``: :func:`onnxopt.validate.latency_ratio` on the first
-    feed); return the warning when it is more than :data:`SLOWER` times as slow. Small models
-    lose this way: dtln_model_2 (0.27 ms per run, five 128-wide LSTM MatMuls) ran 3.9x slower
-    with int8-static, its QuantizeLinear/DequantizeLinear costing more than the integer
-    kernels save."""
+    the original (``report.latency``: :func:`onnxopt.validate.latency_ratio_apart` on the
+    first feed, in a child process); return the warning when it is more than :data:`SLOWER`
+    times as slow, or that it could not be timed. Models with external data or of more than
+    :data:`TIMED_MAX_BYTES` of weights are not timed. Small models lose this way:
+    dtln_model_2 (0.2 ms per run, five 128-wide LSTM MatMuls) ran 2.8-3.1x as slow with
+    int8-static, its QuantizeLinear/DequantizeLinear costing more than the integer kernels
+    save."""
     changed = [r.name for r in report.passes if r.modified and r.name in SPEED_PASSES]
-    if not changed or not feeds or original is None or result is None \
+    if not changed or not feeds or not isinstance(original, bytes) \
+            or not isinstance(result, bytes) \
             or report.validation is None or not report.validation.passed \
-            or max(report.before.parameter_bytes, report.after.parameter_bytes) > TIMED_MAX_BYTES:
+            or max(report.before.parameter_bytes, report.after.parameter_bytes) > TIMED_MAX_BYTES \
+            or any(external.has_external_data(m) for m in models):
         return []
-    try:
-        report.latency = latency_ratio(original, result, feeds[0],
-                                       what=("original model", "optimized model"))
-    except InputError:
-        return []
-    ratio, ms = report.latency["latency_ratio"], report.latency["latency_ms"]
+    measured = latency_ratio_apart(original, result, feeds[0],
+                                   what=("original model", "optimized model"))
+    if isinstance(measured, str):
+        return [f"the result was not timed against the original: {measured}"]
+    report.latency = measured
+    ratio, ms = measured["latency_ratio"], measured["latency_ms"]
     if ratio is None or ratio <= SLOWER:
         return []
     passes = ", ".join(dict.fromkeys(changed))
+    hint = ("quantize_static's latency_guided = true leaves float what runs slower in integer "
+            "form, and " if "quantize_static" in changed else
+            "--quantize-exclude can leave the small MatMuls float, and ")
     return [f"{passes} made the model {ratio:.2f}x as slow on this machine ({ms['before']:.3g} "
-            f"-> {ms['after']:.3g} ms per run; {report.latency['latency_note']}): its "
+            f"-> {ms['after']:.3g} ms per run; {measured['latency_note']}): its "
             "QuantizeLinear/DequantizeLinear and integer kernels cost more than they save at "
-            "these sizes; quantize_static's latency_guided = true leaves float what runs slower "
-            "in integer form, and the int8-weight mode shrinks the file without changing kernels"]
+            f"these sizes; {hint}the int8-weight mode shrinks the file without changing kernels"]
 
 
 def _tensors_read_in(model: onnx.ModelProto, serialized: bytes | None, source,
@@ -760,7 +766,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                 lossy=report.validation.mode == "lossy",
                 synthesized=report.inputs["source"] == "synthesized")
         report.after = model_stats(optimized, serialized)
-        slower = _speed_check(report, original_bytes, serialized, feeds)
+        slower = _speed_check(report, (original, optimized), original_bytes, serialized, feeds)
         report.warnings = named + budget_warnings + slower + [
             w for r in report.passes for w in r.warnings] + (
             calibration_feeds.warnings if calibration_feeds is not None else []) + (

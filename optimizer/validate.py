@@ -238,6 +238,63 @@ def latency_ratio(before, after, feed: dict[str, np.ndarray], runs: int = LATENC
                             f"timing at least {MIN_TIMING * 1000:.0f} ms of runs: noisy"}
 
 
+def latency_ratio_apart(before: bytes, after: bytes, feed: dict[str, np.ndarray],
+                        what: tuple[str, str] = ("model before", "model after"),
+                        timeout: float = 900.0) -> dict | str:
+    """:func:`latency_ratio` in a child process (``python -c``, the models and the feed in a
+    temporary folder): timing opens both models in onnxruntime's default session, which
+    validation never does for an original, and a model can crash it (onnxruntime 1.32's
+    default session segfaults on a float16 Transpose of the leading axis read by a MatMul with
+    a constant: ``onnxopt.ops.onnxruntime_crashes_on_transpose``) -- that must end the child,
+    not the run. A child process, not ``multiprocessing``: its spawn would import the
+    caller's main module again.
+
+    Returns:
+        :func:`latency_ratio`'s dict, or why there is none (a string: the child crashed,
+        failed or took more than ``timeout`` seconds).
+    """
+    import pickle
+    import signal
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-timing-") as folder:
+        for name, data in (("before.onnx", before), ("after.onnx", after)):
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+        with open(os.path.join(folder, "job.pickle"), "wb") as f:
+            pickle.dump({"feed": feed, "what": what}, f)
+        try:
+            child = subprocess.run(
+                [sys.executable, "-c", "import sys; from onnxopt.validate import _timing_job; "
+                 "sys.exit(_timing_job(sys.argv[1]))", folder],
+                capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"timing took more than {timeout:.0f} s"
+        if child.returncode < 0:
+            return (f"onnxruntime crashed timing it in its default session "
+                    f"({signal.Signals(-child.returncode).name})")
+        result = os.path.join(folder, "result.pickle")
+        if child.returncode or not os.path.exists(result):
+            lines = child.stderr.strip().splitlines()
+            return f"timing failed: {lines[-1] if lines else f'exit code {child.returncode}'}"
+        with open(result, "rb") as f:
+            return pickle.load(f)
+
+
+def _timing_job(folder: str) -> int:
+    """The child of :func:`latency_ratio_apart`: time ``folder``'s models, write the result."""
+    import pickle
+
+    with open(os.path.join(folder, "job.pickle"), "rb") as f:
+        job = pickle.load(f)
+    result = latency_ratio(os.path.join(folder, "before.onnx"),
+                           os.path.join(folder, "after.onnx"), job["feed"], what=job["what"])
+    with open(os.path.join(folder, "result.pickle"), "wb") as f:
+        pickle.dump(result, f)
+    return 0
+
+
 def run_model(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: str,
               hint: str = "") -> list:
     """Run ``session`` on ``feed`` (only the inputs the session declares are passed).

@@ -295,8 +295,8 @@ class QuantizeStaticOptions(QuantizeOptions):
         matmul_reduce_range: ``reduce_range`` for MatMul and Gemm weights (None: as
             ``reduce_range``). False: their full int8 grid with u8s8 kernels, whose saturation
             the drift budget's check on the real model measures (``onnxopt.budget``; module
-            docstring, "Full int8 grid for MatMuls"); mixed grids (``uint8_fraction``) then
-            do not apply.
+            docstring, "Full int8 grid for MatMuls"); mixed grids (``uint8_fraction``) need
+            the 7-bit grid: the pair is refused.
         uint8_weights: store MatMul weights as uint8 with zero point 128 (the full 8-bit grid
             ``[-127, 127]`` shifted by 128): onnxruntime fuses ``DQ(x), DQ(W_u8) -> MatMul`` into
             a u8u8 MatMulIntegerToFloat, whose kernels widen to int16 before multiplying and
