@@ -231,9 +231,9 @@ def latency_ratio(before, after, feed: dict[str, np.ndarray], runs: int = LATENC
     for _ in range(runs):
         for k in (0, 1):
             times[k].append(timed(k, repeat))
-    slow, fast = (statistics.median(t) for t in times)
-    return {"latency_ratio": fast / slow if slow > 0 else None,
-            "latency_ms": {"before": slow * 1000, "after": fast * 1000},
+    first, second = (statistics.median(t) for t in times)
+    return {"latency_ratio": second / first if first > 0 else None,
+            "latency_ms": {"before": first * 1000, "after": second * 1000},
             "latency_note": f"median of {runs} timings of each, interleaved, on one feed, a "
                             f"timing at least {MIN_TIMING * 1000:.0f} ms of runs: noisy"}
 
@@ -268,7 +268,9 @@ def latency_ratio_apart(before: bytes, after: bytes, feed: dict[str, np.ndarray]
             child = subprocess.run(
                 [sys.executable, "-c", "import sys; from onnxopt.validate import _timing_job; "
                  "sys.exit(_timing_job(sys.argv[1]))", folder],
-                capture_output=True, text=True, timeout=timeout)
+                capture_output=True, text=True, timeout=timeout,
+                # the child imports onnxopt from where this process does
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
         except subprocess.TimeoutExpired:
             return f"timing took more than {timeout:.0f} s"
         if child.returncode < 0:
