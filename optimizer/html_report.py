@@ -1,6 +1,7 @@
 """The report of a run as one self-contained HTML page (inline CSS and SVG; no script, no assets).
 
-Sections, top to bottom: the header (tool version, command, model, verdict, run time), the model
+Sections, top to bottom: the header (tool version, command, model, verdict, run time, a speed
+mode's latency against the original), the run's warnings, the model
 before and after (nodes per op type, totals, parameters, file size, and after pruning or
 clustering the compressed file size), the passes (runs, summed
 statistics, time; an opset upgrade), the validation (per output: max abs, max rel, mean abs
@@ -90,8 +91,9 @@ def write_html(report: Report, path: str | os.PathLike) -> None:
 
 def render_html(report: Report) -> str:
     """The HTML page of ``report`` (see the module docstring)."""
-    sections = [_header(report), _model_section(report), _passes_section(report),
-                _validation_section(report), _rolled_back_section(report),
+    sections = [_header(report), _warnings_section(report), _model_section(report),
+                _passes_section(report), _validation_section(report),
+                _rolled_back_section(report),
                 _layerwise_section(report), _chart_section(report), _search_section(report)]
     title = f"onnxopt {report.command}: {os.path.basename(report.model)} — {report.verdict}"
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -222,11 +224,26 @@ def _header(report: Report) -> str:
             meta.append(("reason", v.reason))
     if report.rolled_back:
         meta.append(("rolled back", ", ".join(str(rb.get("pass")) for rb in report.rolled_back)))
+    latency = getattr(report, "latency", None)
+    if latency and latency.get("latency_ratio") is not None:
+        ms = latency["latency_ms"]
+        meta.append(("latency", f"{latency['latency_ratio']:.2f}× the original's "
+                                f"({ms['before']:.3g} → {ms['after']:.3g} ms per run; "
+                                f"{latency['latency_note']})"))
     meta += [("run time", f"{report.seconds:.2f} s"), ("tool", f"onnxopt {report.tool_version}")]
     items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(val)}</dd>" for k, val in meta)
     return (f"<header>\n<h1>onnxopt {_e(report.command)} {badge}</h1>\n"
             f'<p class="sub">{_e(_headline(report))}</p>\n<dl class="meta">{items}</dl>\n'
             "</header>")
+
+
+def _warnings_section(report: Report) -> str:
+    """The run's warnings (about its inputs first), as the CLI prints them; "" when none."""
+    warnings = [*(report.inputs or {}).get("warnings", []), *report.warnings]
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+    return f"<section>\n<h2>Warnings</h2>\n<ul>{items}</ul>\n</section>"
 
 
 def _headline(report: Report) -> str:

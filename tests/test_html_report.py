@@ -110,3 +110,21 @@ def test_write_is_atomic_and_leaves_no_temporary_file(report, tmp_path, monkeypa
         write_html(report, path)
     assert [p.name for p in path.parent.iterdir()] == ["r.html"]
     assert path.read_text(encoding="utf-8") == first
+
+
+def test_warnings_and_latency_are_on_the_page(report):
+    """The run's warnings (inputs first, escaped) and a speed mode's latency, as the CLI prints
+    them; neither section without them."""
+    import dataclasses
+
+    quiet = render_html(dataclasses.replace(report, warnings=[], inputs={}))
+    assert "<h2>Warnings</h2>" not in quiet and "the original&#x27;s" not in quiet
+    shown = dataclasses.replace(report, warnings=[f"slower {HOSTILE}"],
+                                inputs={**report.inputs, "warnings": ["dims set to 1"]},
+                                latency={"latency_ratio": 0.52,
+                                         "latency_ms": {"before": 10.0, "after": 5.2},
+                                         "latency_note": "median of 5 timings"})
+    page = render_html(shown)
+    section = re.search(r"<h2>Warnings</h2>\n<ul>(.*?)</ul>", page).group(1)
+    assert section.index("dims set to 1") < section.index("slower &lt;script&gt;")
+    assert "0.52× the original&#x27;s (10 → 5.2 ms per run; median of 5 timings)" in page
