@@ -68,11 +68,8 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     if r.size == 0:
         return dict(max_abs=0.0, max_rel=0.0, mean_abs=0.0, cosine=1.0, snr_db=math.inf,
                     rel_l2=0.0, range=0.0, magnitude=0.0, nan_mismatch=False)
-    nan_r, nan_c = np.isnan(r), np.isnan(c)
-    # NaN in different places, or an infinity the other side does not have (same sign)
-    nan_mismatch = bool((nan_r != nan_c).any()) or bool(
-        ((np.isinf(r) | np.isinf(c)) & ~(nan_r | nan_c) & (r != c)).any())
-    ok = ~(nan_r | nan_c)
+    nan_mismatch = _nan_mismatch(r, c)
+    ok = ~(np.isnan(r) | np.isnan(c))
     r, c = r[ok], c[ok]
     with np.errstate(all="ignore"):
         inf_same = (r == c)
@@ -87,13 +84,7 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
         rel = diff[significant] / magnitude[significant]
         finite = np.isfinite(r) & np.isfinite(c)
         rf, cf = r[finite], c[finite]
-        nr, nc = np.linalg.norm(rf), np.linalg.norm(cf)
-        if nr == 0 and nc == 0:
-            cosine = 1.0
-        elif nr == 0 or nc == 0:
-            cosine = 0.0
-        else:
-            cosine = float(np.dot(rf, cf) / (nr * nc))
+        cosine = _cosine(rf, cf)
         noise = float(np.sum((cf - rf) ** 2))
         signal = float(np.sum(rf ** 2))
         snr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
@@ -104,6 +95,39 @@ def output_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
                 mean_abs=float(diff.mean()) if diff.size else 0.0,
                 cosine=cosine, snr_db=snr, rel_l2=rel_l2, range=rng, magnitude=largest,
                 nan_mismatch=nan_mismatch)
+
+
+def _nan_mismatch(r: np.ndarray, c: np.ndarray) -> bool:
+    """NaN in different places, or an infinity the other side does not have (same sign), in two
+    raveled float64 arrays."""
+    nan_r, nan_c = np.isnan(r), np.isnan(c)
+    with np.errstate(all="ignore"):
+        return bool((nan_r != nan_c).any()) or bool(
+            ((np.isinf(r) | np.isinf(c)) & ~(nan_r | nan_c) & (r != c)).any())
+
+
+def _cosine(rf: np.ndarray, cf: np.ndarray) -> float:
+    """Cosine similarity of two finite float64 vectors (1 when both are zero, 0 when one is)."""
+    nr, nc = np.linalg.norm(rf), np.linalg.norm(cf)
+    if nr == 0 and nc == 0:
+        return 1.0
+    if nr == 0 or nc == 0:
+        return 0.0
+    return float(np.dot(rf, cf) / (nr * nc))
+
+
+def cosine_similarity(ref: np.ndarray, cand: np.ndarray) -> float:
+    """:func:`output_metrics`' ``cosine`` alone (the same value, computed without the other
+    statistics: the drift budget scores every feed of every evaluation by it)."""
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    c = np.asarray(cand, dtype=np.float64).ravel()
+    if r.size == 0:
+        return 1.0
+    ok = ~(np.isnan(r) | np.isnan(c))
+    r, c = r[ok], c[ok]
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(r) & np.isfinite(c)
+        return _cosine(r[finite], c[finite])
 
 
 def flatten_sequence(value) -> np.ndarray:
@@ -151,7 +175,8 @@ def mismatch(reference, candidate) -> str | None:
         return f"reference {r.dtype}{list(r.shape)}, candidate {c.dtype}{list(c.shape)}"
     if r.dtype.kind in "OSU":
         return None if np.array_equal(r, c) else "string values differ"
-    if r.dtype.kind in "fc" and output_metrics(r, c)["nan_mismatch"]:
+    if r.dtype.kind in "fc" and r.size and _nan_mismatch(
+            np.asarray(r, dtype=np.float64).ravel(), np.asarray(c, dtype=np.float64).ravel()):
         return "NaN or infinities in different places"
     return None
 
@@ -226,7 +251,7 @@ class CosineMetric(DriftMetric):
         return -1.0
 
     def value(self, reference, candidate):
-        return output_metrics(reference, candidate)["cosine"]
+        return cosine_similarity(reference, candidate)
 
 
 class SNRMetric(DriftMetric):
