@@ -242,3 +242,27 @@ def test_cosine_of_a_one_value_output_is_pooled_over_the_feeds():
     for r in rs:
         tally.add(1.0, np.array([r]), np.array([1.0]))
     assert tally.value == pytest.approx(expected, rel=1e-6)
+
+
+def test_cosine_alone_equals_the_full_statistics():
+    """``cosine_similarity`` and ``mismatch`` give exactly what ``output_metrics`` gives (the
+    drift budget's decisions must not move): NaN, infinities, zeros, three float dtypes."""
+    from onnxopt.metrics import cosine_similarity, mismatch, output_metrics
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(0, 40))
+        r = rng.normal(size=n) * 10.0 ** rng.integers(-3, 4)
+        c = r + rng.normal(size=n) * 10.0 ** rng.integers(-6, 2)
+        for a in (r, c):
+            if n and rng.random() < 0.3:
+                a[rng.integers(0, n)] = rng.choice([np.nan, np.inf, -np.inf, 0.0])
+        if rng.random() < 0.1:
+            c = np.zeros(n)
+        dtype = (np.float16, np.float32, np.float64)[int(rng.integers(0, 3))]
+        r, c = r.astype(dtype), c.astype(dtype)
+        with np.errstate(all="ignore"):
+            full = output_metrics(r, c)
+        alone = cosine_similarity(r, c)
+        assert alone == full["cosine"] or (np.isnan(alone) and np.isnan(full["cosine"]))
+        assert (mismatch(r, c) is not None) == full["nan_mismatch"]
