@@ -295,6 +295,8 @@ class DriftBudget:
         self.criteria: list[Criterion] = parse_criteria(max_drift, metric)
         self.targets = {c.name: c.metric.target(c.threshold, margin) for c in self.criteria}
         self._references = references
+        #: The feed the last failing measurement failed on (:meth:`_measure`'s probe).
+        self._suspect: int | None = None
 
     def tightened(self, margin: float) -> "DriftBudget":
         """The same budget with ``margin`` of the allowed error in reserve (the original's
@@ -416,17 +418,37 @@ class DriftBudget:
                  ) -> dict[str, float]:
         """Each criterion's worst value over the outputs ``run(feed)`` computes on the first
         ``feeds`` feeds (None: all), against the original's; stops at the first feed on which
-        a worst-feed criterion fails (the other feeds cannot help)."""
+        a worst-feed criterion fails (the other feeds cannot help).
+
+        With every feed asked for, the feed that failed last is run alone first (a probe): a
+        set that fails there fails on all feeds too, and is known after one run instead of a
+        run of every feed before it -- PP-OCRv4 rec's hardest feed is its 35th of 40, and most
+        of the ranking's and bisection's sets fail; a set that passes the probe is measured on
+        every feed in order, so a result within budget is exactly what it was without the
+        probe (one run more). Only which failing value is reported can change."""
+        if feeds is None and self._suspect is not None:
+            probe: dict[tuple[str, int], Tally] = {}
+            self._add(probe, self._suspect, run)
+            if not self.within(self._worst(probe), pooled=False):
+                return self._worst(probe)
         tallies: dict[tuple[str, int], Tally] = {}
-        for feed, ref in zip(self.feeds[:feeds], self.references()[:feeds]):
-            for i, (r, c) in enumerate(zip(ref, run(feed))):
-                r, c = kept_positions(r, c, feed.get(self.mask))
-                for crit in self.criteria:
-                    tally = tallies.setdefault((crit.name, i), Tally(crit.metric))
-                    tally.add(crit.metric.score(r, c), r, c)
+        for k in range(len(self.feeds))[:feeds]:
+            self._add(tallies, k, run)
             if not self.within(self._worst(tallies), pooled=False):
+                if feeds is None:
+                    self._suspect = k
                 break
         return self._worst(tallies)
+
+    def _add(self, tallies: dict[tuple[str, int], "Tally"], k: int,
+             run: Callable[[dict], list]) -> None:
+        """Count feed ``k``'s outputs ``run(feed)`` in ``tallies`` (per criterion and output)."""
+        feed = self.feeds[k]
+        for i, (r, c) in enumerate(zip(self.references()[k], run(feed))):
+            r, c = kept_positions(r, c, feed.get(self.mask))
+            for crit in self.criteria:
+                tally = tallies.setdefault((crit.name, i), Tally(crit.metric))
+                tally.add(crit.metric.score(r, c), r, c)
 
     def score_model(self, model: onnx.ModelProto) -> dict[str, float]:
         """Each criterion's worst value over outputs and feeds of ``model`` as onnxruntime

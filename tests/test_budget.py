@@ -578,3 +578,39 @@ def test_group_sizes_are_given_for_weight_decisions_only():
     simulated = Proposal(gs.Variable("x", np.float32, (2,)), None, lambda: None,
                          simulate=lambda g, x: x)
     assert _group_sizes(w + [simulated]) is None
+
+
+def test_the_feed_that_failed_last_is_probed_first_and_passing_sets_measure_as_before():
+    """``_measure`` runs the feed a set last failed on alone first: a failing set costs one run
+    instead of a run per feed before it; a passing set is measured on every feed in order, to
+    the same values as without the probe."""
+    refs = [[np.array([1.0, 2.0, 3.0], np.float32) * (k + 1)] for k in range(6)]
+    feeds = [{"k": np.array(k)} for k in range(6)]
+    budget = DriftBudget(b"", feeds, 0.99, references=refs)
+    runs = []
+
+    def noisy(bad: set[int]):
+        def run(feed):
+            k = int(feed["k"])
+            runs.append(k)
+            out = refs[k][0].copy()
+            if k in bad:
+                out[0] = -out[0]  # cosine far below 0.99
+            return [out]
+        return run
+
+    failed = budget._measure(noisy({5}))
+    assert runs == [0, 1, 2, 3, 4, 5] and failed["cosine"] < 0.99
+    runs.clear()
+    assert budget._measure(noisy({5}))["cosine"] == failed["cosine"]
+    assert runs == [5]  # the probe alone
+    runs.clear()
+    passing = budget._measure(noisy(set()))
+    assert runs == [5, 0, 1, 2, 3, 4, 5]  # the probe, then every feed in order
+    assert passing == DriftBudget(b"", feeds, 0.99, references=refs)._measure(noisy(set()))
+    runs.clear()
+    budget._measure(noisy({2}))  # another feed fails: it is the next probe
+    assert runs == [5, 0, 1, 2]
+    runs.clear()
+    budget._measure(noisy({2}), feeds=3)  # the ranking's first feeds: no probe
+    assert runs == [0, 1, 2]
