@@ -28,7 +28,8 @@ from onnxopt.inputs import parse_input_shapes
 from onnxopt.metrics import (describe_setting, format_comparison, format_threshold,
                              setting_criteria)
 from onnxopt.pipeline import LINKED_OPTIONS, QUANTIZE_MODES
-from onnxopt.report import Report, format_stats, human_bytes, pass_summary, percent_change
+from onnxopt.report import (Report, format_stats, human_bytes, latency_text, pass_summary,
+                            percent_change)
 from onnxopt.validate import DEFAULT_ATOL, DEFAULT_MAX_DRIFT, DEFAULT_RTOL
 
 if TYPE_CHECKING:
@@ -348,10 +349,7 @@ def _print_verdict(report: Report, out: _Out) -> None:
             crit += f", where {v.mask} != 0"
         out.line(f" ({crit})", "validation passed", "green")
         if report.latency and report.latency.get("latency_ratio") is not None:
-            ms = report.latency["latency_ms"]
-            out.line(f"{report.latency['latency_ratio']:.2f}x the original's ({ms['before']:.3g} "
-                     f"-> {ms['after']:.3g} ms per run; {report.latency['latency_note']})",
-                     "latency: ")
+            out.line(latency_text(report.latency), "latency: ")
     else:
         out.line(f": {v.reason}", "validation FAILED", "red")
 

@@ -211,10 +211,10 @@ def _shadowing(graph: onnx.GraphProto, visible: frozenset[str] = frozenset()) ->
     if defined & visible:
         return True
     inner = visible | defined
-    return any(_shadowing(sub, inner) for node in graph.node for sub in _subgraphs(node))
+    return any(_shadowing(sub, inner) for node in graph.node for sub in subgraph_protos(node))
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+def subgraph_protos(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs of ``node``'s attributes, in attribute order."""
     return [g for attr in node.attribute for g in (
         [attr.g] if attr.type == onnx.AttributeProto.GRAPH else
@@ -224,7 +224,7 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 def _free(g: onnx.GraphProto) -> set[str]:
     """The names ``g`` (and the graphs nested in it) read from enclosing graphs."""
     used = {n for node in g.node for n in node.input if n} | {o.name for o in g.output}
-    used |= {n for node in g.node for sub in _subgraphs(node) for n in _free(sub)}
+    used |= {n for node in g.node for sub in subgraph_protos(node) for n in _free(sub)}
     return used - _defined(g)
 
 
@@ -268,7 +268,7 @@ def unshadow(model: onnx.ModelProto) -> int:
             mapping[name] = fresh(name)
             changed += 1
         # what each node's subgraphs read from outside, before any renaming below
-        implicit = [set().union(*map(_free, _subgraphs(node))) for node in g.node]
+        implicit = [set().union(*map(_free, subgraph_protos(node))) for node in g.node]
 
         def rename(value: str) -> str:
             return mapping.get(value, value)
@@ -285,7 +285,7 @@ def unshadow(model: onnx.ModelProto) -> int:
             node.output[:] = [rename(o) if o else o for o in node.output]
         inner = visible | defined
         for node, fed_here in zip(g.node, implicit):
-            for sub in _subgraphs(node):
+            for sub in subgraph_protos(node):
                 walk(sub, inner, mapping, fed_here)
 
     walk(model.graph, frozenset(), {}, set())
@@ -468,7 +468,7 @@ def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """Yield ``graph`` and every GraphProto nested in its nodes' attributes, depth first."""
     yield graph
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraph_protos(node):
             yield from graph_protos(sub)
 
 

@@ -40,6 +40,7 @@ from onnxopt.report import (
     Report,
     format_stats,
     human_bytes,
+    latency_text,
     pass_summary,
     percent_change,
     write_text_atomically,
@@ -226,10 +227,7 @@ def _header(report: Report) -> str:
         meta.append(("rolled back", ", ".join(str(rb.get("pass")) for rb in report.rolled_back)))
     latency = getattr(report, "latency", None)
     if latency and latency.get("latency_ratio") is not None:
-        ms = latency["latency_ms"]
-        meta.append(("latency", f"{latency['latency_ratio']:.2f}× the original's "
-                                f"({ms['before']:.3g} → {ms['after']:.3g} ms per run; "
-                                f"{latency['latency_note']})"))
+        meta.append(("latency", latency_text(latency, times="×", arrow="→")))
     meta += [("run time", f"{report.seconds:.2f} s"), ("tool", f"onnxopt {report.tool_version}")]
     items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(val)}</dd>" for k, val in meta)
     return (f"<header>\n<h1>onnxopt {_e(report.command)} {badge}</h1>\n"

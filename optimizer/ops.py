@@ -30,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from onnxopt.graph import graph_protos, iter_graphs
+from onnxopt.graph import graph_protos, iter_graphs, subgraph_protos
 from onnxopt.names import NameAuthority
 
 #: Ops whose output is not a function of their inputs: never folded, never merged by CSE.
@@ -354,20 +354,18 @@ def _node_lists(model: onnx.ModelProto):
     """Every node list of ``model``: its graphs' and its local functions' (with the graphs
     nested in their nodes), as ``(nodes, names)`` with ``names`` the names the list's scope
     declares besides node outputs (inputs, initializers, value_info, outputs)."""
+    def declared(g: onnx.GraphProto) -> list[str]:
+        return [*(i.name for i in g.input), *(i.name for i in g.initializer),
+                *(i.values.name for i in g.sparse_initializer),
+                *(i.name for i in g.value_info), *(o.name for o in g.output)]
+
     for g in graph_protos(model.graph):
-        yield g.node, [*(i.name for i in g.input), *(i.name for i in g.initializer),
-                       *(i.values.name for i in g.sparse_initializer),
-                       *(i.name for i in g.value_info), *(o.name for o in g.output)]
+        yield g.node, declared(g)
     for f in model.functions:
         yield f.node, [*f.input, *f.output]
-        for node in f.node:
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    for g in graph_protos(sub):
-                        yield g.node, [*(i.name for i in g.input),
-                                       *(i.name for i in g.initializer),
-                                       *(i.name for i in g.value_info),
-                                       *(o.name for o in g.output)]
+        for sub in (sub for node in f.node for sub in subgraph_protos(node)):
+            for g in graph_protos(sub):
+                yield g.node, declared(g)
 
 
 def omitted_outputs(model: onnx.ModelProto) -> bool:

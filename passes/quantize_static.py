@@ -347,6 +347,13 @@ class QuantizeStaticOptions(QuantizeOptions):
     damp: float = 0.01
     gptq_convs: bool = False
 
+    @property
+    def matmul_reduced(self) -> bool:
+        """Whether MatMul and Gemm weights take the 7-bit grid (``matmul_reduce_range``, or
+        ``reduce_range`` when that is None)."""
+        return self.reduce_range if self.matmul_reduce_range is None else \
+            self.matmul_reduce_range
+
     def check(self) -> str | None:
         if self.calibration not in CALIBRATION_METHODS:
             return (f"option calibration must be one of {', '.join(CALIBRATION_METHODS)}, got "
@@ -365,8 +372,7 @@ class QuantizeStaticOptions(QuantizeOptions):
             if self.uint8_weights:
                 return ("option uint8_fraction mixes 7-bit int8 and uint8 MatMul weights: it "
                         "needs uint8_weights = false (true makes every MatMul weight uint8)")
-            if not (self.reduce_range if self.matmul_reduce_range is None
-                    else self.matmul_reduce_range):
+            if not self.matmul_reduced:
                 return ("option uint8_fraction mixes 7-bit int8 and uint8 MatMul weights: it "
                         "needs 7-bit MatMul weights (matmul_reduce_range = true, or unset with "
                         "reduce_range = true)")
@@ -684,7 +690,7 @@ class QuantizeStatic(Pass):
         ``reduce_range``) or 8-bit int8 (``[-127, 127]``), for MatMul/Gemm and Conv weights."""
         o = self.options
         bits = {True: "7-bit", False: "8-bit"}
-        matmul = bits[o.reduce_range if o.matmul_reduce_range is None else o.matmul_reduce_range]
+        matmul = bits[o.matmul_reduced]
         conv = bits[o.reduce_range]
         scheme = "QDQ, per-channel" if o.per_channel else "QDQ, per-tensor"
         if o.uint8_weights:
@@ -869,9 +875,7 @@ class QuantizeStatic(Pass):
     def _reduced(self, node: gs.Node) -> bool:
         """Whether ``node``'s weight takes the 7-bit grid (``reduce_range`` options)."""
         o = self.options
-        if node.op in ("MatMul", "Gemm") and o.matmul_reduce_range is not None:
-            return o.matmul_reduce_range
-        return o.reduce_range
+        return o.matmul_reduced if node.op in ("MatMul", "Gemm") else o.reduce_range
 
     def _choose_uint8(self, graph: gs.Graph, ctx: PassContext, sites: list[_Site],
                       stats) -> set[str]:
