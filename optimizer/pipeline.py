@@ -42,6 +42,7 @@ explicitly win over the file, except ``skip``, whose names are added to the file
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import tomllib
@@ -232,6 +233,19 @@ class Pipeline:
         passes of the same name."""
         swap = {p.name: p for p in self.second}
         return Pipeline([swap.get(p.name, p) for p in self.passes], self.max_iterations)
+
+    def with_options(self, name: str, **changes: Any) -> "Pipeline":
+        """The same pipeline with the pass ``name`` configured with ``changes`` on top of its
+        options (and its second-decision stand-in, when it has one).
+
+        Raises:
+            UsageError: an option the pass does not have, or a value its check refuses.
+        """
+        def changed(p: Pass) -> Pass:
+            return type(p)(dataclasses.replace(p.options, **changes)) if p.name == name else p
+
+        return Pipeline([changed(p) for p in self.passes], self.max_iterations,
+                        [changed(p) for p in self.second])
 
     def second_changes(self) -> list[str]:
         """``pass: option=value, ...`` for each pass :meth:`second_decision` replaces, the

@@ -19,9 +19,11 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
   files (external data included; the serialized model when no file was written), since zeros
   and shared values only pay off under compression;
 * ``latency`` (only when ``quantize_static`` or ``quantize_dynamic`` changed the model and it
-  validated): ``{latency_ratio, latency_ms: {before, after}, latency_note}``: the result's
-  median time per run against the original's, interleaved onnxruntime runs on the first
-  validation feed (noisy); a ratio above 1.2 is also a warning;
+  validated, or the latency-guided decision that replaced such a result left it float):
+  ``{latency_ratio, latency_ms: {before, after}, latency_note}``: the result's median time per
+  run against the original's, interleaved onnxruntime runs on the first validation feed
+  (noisy); a ratio above 1.2 is also a warning, and a ``quantize_static`` result above 1.1 is
+  decided once more with ``latency_guided`` (``onnxopt.api.RETRY_SLOWER``);
 * ``inputs``: ``{source: "synthesized"|path, seed, feeds: [{name: {shape, dtype}}]}``;
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
   warnings,

@@ -93,3 +93,68 @@ def test_the_timing_child_reports_a_failure_instead_of_raising():
     good = _model().SerializeToString()
     assert latency_ratio_apart(good, b"not a model", FEEDS[0]).startswith("timing failed: ")
     assert latency_ratio_apart(good, good, FEEDS[0])["latency_ratio"] > 0
+
+
+def _stand_in(ratios: dict[str, float], seen: list):
+    """latency_ratio_apart's stand-in: the ratio for the pair's second model (``what[1]``),
+    each call recorded in ``seen``."""
+    def measured(before, after, feed, what=()):
+        seen.append(what[1])
+        ratio = ratios[what[1]]
+        return {"latency_ratio": ratio, "latency_ms": {"before": 1.0, "after": ratio},
+                "latency_note": "stand-in"}
+
+    return measured
+
+
+def _static_record(report):
+    return next(r for r in report.passes if r.name == "quantize_static")
+
+
+@pytest.mark.parametrize("versus, kept", [(0.5, True), (1.5, False)])
+def test_a_static_result_slower_than_the_original_is_decided_again_by_latency(
+        monkeypatch, versus, kept):
+    """int8-static's result timed more than RETRY_SLOWER times as slow as the original is
+    quantized once more with latency_guided (each site timed in integer and float form), and
+    the faster of the two validated results is kept: dtln_model_2 ran 2.8-3.9x as slow."""
+    seen: list[str] = []
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
+        {"optimized model": 3.0, "the latency-guided result": versus}, seen))
+    first, first_report = optimize(_model(), quantize="int8-static", inputs=FEEDS,
+                                   calibration=FEEDS, max_drift=0.9,
+                                   options={"quantize_static": {"latency_guided": False}})
+    assert first_report.latency["latency_ratio"] == 3.0 and seen == ["optimized model"]
+    seen.clear()
+    result, report = optimize(_model(), quantize="int8-static", inputs=FEEDS,
+                              calibration=FEEDS, max_drift=0.9)
+    retried = [w for w in report.warnings if "decided again with latency_guided" in w]
+    assert retried and retried[0].startswith(
+        "quantize_static's result ran 3.00x as slow as the original on this machine: decided "
+        "again with latency_guided")
+    assert report.validation.passed
+    if kept:  # timed against the first result, then against the original for the report
+        assert seen == ["optimized model", "the latency-guided result", "optimized model"]
+        assert retried[0].endswith("0.50x the first result's latency, kept")
+        assert isinstance(_static_record(report).stats["latency"], dict)  # sites were timed
+    else:
+        assert seen == ["optimized model", "the latency-guided result"]
+        assert retried[0].endswith("1.50x the first result's latency, the first result kept")
+        assert _static_record(report).stats["latency"] == "off"
+        assert result.SerializeToString() == first.SerializeToString()
+        slower = [w for w in report.warnings if "made the model 3.00x as slow" in w]
+        assert slower and "latency_guided = true" not in slower[0]  # tried already
+
+
+@pytest.mark.parametrize("ratio, options", [
+    (1.05, None),  # within the timing's noise
+    (3.0, {"quantize_static": {"latency_guided": False}}),  # the user's choice stands
+])
+def test_no_latency_retry_within_noise_or_against_the_users_choice(monkeypatch, ratio, options):
+    seen: list[str] = []
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart",
+                        _stand_in({"optimized model": ratio}, seen))
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9, options=options)
+    assert seen == ["optimized model"]
+    assert not [w for w in report.warnings if "decided again with latency_guided" in w]
+    assert report.latency["latency_ratio"] == ratio
