@@ -531,11 +531,20 @@ class _Sizes:
 
 def _latency(graph: gs.Graph, ctx: "PassContext") -> dict[str, Any]:
     """The result's latency against the model before the pass (``ctx.template``):
-    :func:`onnxopt.validate.latency_ratio` on the first feed."""
+    :func:`onnxopt.validate.latency_ratio_apart` on the first feed, in a child process (the
+    default session it times can crash where validation's does not). A model with external
+    data, or over the protobuf limit, is not timed; then, or when the timing fails,
+    ``latency_note`` says why and there is no ``latency_ratio``."""
     if not ctx.feeds or ctx.template is None:
         return {}
+    from onnxopt import external, io
     from onnxopt.graph import export_graph
-    from onnxopt.validate import latency_ratio
+    from onnxopt.validate import latency_ratio_apart
 
-    return latency_ratio(ctx.template, export_graph(graph, ctx.template), ctx.feeds[0],
-                         what=("model before the pass", "model after the pass"))
+    models = (ctx.template, export_graph(graph, ctx.template))
+    data = [None if external.has_external_data(m) else io.serialize(m) for m in models]
+    if None in data:
+        return {"latency_note": "not timed: external data, or over the protobuf limit"}
+    measured = latency_ratio_apart(*data, ctx.feeds[0], what=("model before the pass",
+                                                               "model after the pass"))
+    return measured if isinstance(measured, dict) else {"latency_note": f"not timed: {measured}"}
