@@ -119,42 +119,72 @@ def test_a_static_result_slower_than_the_original_is_decided_again_by_latency(
     the faster of the two validated results is kept: dtln_model_2 ran 2.8-3.9x as slow."""
     seen: list[str] = []
     monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
-        {"optimized model": 3.0, "the latency-guided result": versus}, seen))
+        {"optimized model": 1.0, "the quantized result": 3.0,
+         "the latency-guided result": versus}, seen))
     first, first_report = optimize(_model(), quantize="int8-static", inputs=FEEDS,
                                    calibration=FEEDS, max_drift=0.9,
                                    options={"quantize_static": {"latency_guided": False}})
-    assert first_report.latency["latency_ratio"] == 3.0 and seen == ["optimized model"]
+    assert first_report.latency["latency_ratio"] == 1.0 and seen == ["optimized model"]
     seen.clear()
     result, report = optimize(_model(), quantize="int8-static", inputs=FEEDS,
                               calibration=FEEDS, max_drift=0.9)
     retried = [w for w in report.warnings if "decided again with latency_guided" in w]
     assert retried and retried[0].startswith(
-        "quantize_static's result ran 3.00x as slow as the original on this machine: decided "
-        "again with latency_guided")
+        "quantize_static's result ran 3.00x as slow as the lossless passes' float result on "
+        "this machine: decided again with latency_guided")
     assert report.validation.passed
     if kept:  # timed against the first result, then against the original for the report
-        assert seen == ["optimized model", "the latency-guided result", "optimized model"]
+        assert seen == ["optimized model", "the quantized result",
+                        "the latency-guided result", "optimized model"]
         assert retried[0].endswith("0.50x the first result's latency, kept")
         assert isinstance(_static_record(report).stats["latency"], dict)  # sites were timed
     else:
-        assert seen == ["optimized model", "the latency-guided result"]
+        assert seen == ["optimized model", "the quantized result",
+                        "the latency-guided result"]
         assert retried[0].endswith("1.50x the first result's latency, the first result kept")
         assert _static_record(report).stats["latency"] == "off"
         assert result.SerializeToString() == first.SerializeToString()
-        slower = [w for w in report.warnings if "made the model 3.00x as slow" in w]
-        assert slower and "latency_guided = true" not in slower[0]  # tried already
 
 
-@pytest.mark.parametrize("ratio, options", [
-    (1.05, None),  # within the timing's noise
-    (3.0, {"quantize_static": {"latency_guided": False}}),  # the user's choice stands
+
+@pytest.mark.parametrize("ratio, options, timings", [
+    (1.05, None, ["optimized model", "the quantized result"]),  # within the timing's noise
+    # the user's choice stands
+    (3.0, {"quantize_static": {"latency_guided": False}}, ["optimized model"]),
 ])
-def test_no_latency_retry_within_noise_or_against_the_users_choice(monkeypatch, ratio, options):
+def test_no_latency_retry_within_noise_or_against_the_users_choice(monkeypatch, ratio, options,
+                                                                   timings):
     seen: list[str] = []
-    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart",
-                        _stand_in({"optimized model": ratio}, seen))
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
+        {"optimized model": ratio, "the quantized result": ratio}, seen))
     _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
                          max_drift=0.9, options=options)
-    assert seen == ["optimized model"]
+    assert seen == timings
     assert not [w for w in report.warnings if "decided again with latency_guided" in w]
     assert report.latency["latency_ratio"] == ratio
+
+
+def test_a_result_slower_after_the_retry_names_no_lever_already_tried(monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
+        {"optimized model": 3.0, "the quantized result": 3.0,
+         "the latency-guided result": 1.5}, seen))
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9)
+    slower = [w for w in report.warnings if "made the model 3.00x as slow" in w]
+    assert slower and "latency_guided = true" not in slower[0]  # tried already
+
+
+def test_a_latency_guided_decision_that_changes_nothing_is_not_timed_again(monkeypatch):
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency",  # every site integer
+                        lambda self, graph, template, sites, *a: sites)
+    seen: list[str] = []
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
+        {"optimized model": 3.0, "the quantized result": 3.0}, seen))
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9)
+    assert seen == ["optimized model", "the quantized result"]
+    retried = [w for w in report.warnings if "decided again with latency_guided" in w]
+    assert retried and retried[0].endswith("the same decision, the first result kept")
