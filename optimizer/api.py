@@ -33,7 +33,7 @@ from onnxopt.budget import DriftBudget
 from onnxopt.metrics import Criterion, as_setting, parse_criteria
 from onnxopt.ops import name_omitted_outputs, omitted_outputs
 from onnxopt.opset import OpsetUpgradeError, default_opset, upgrade
-from onnxopt.pass_manager import PassContext, PassManager, PassRecord, is_auto
+from onnxopt.pass_manager import Pass, PassContext, PassManager, PassRecord, is_auto
 from onnxopt.pipeline import (SETTINGS, STRENGTH_OPTIONS, Pipeline, PassSpec, build_pipeline,
                               check_targets, load_config)
 from onnxopt.report import Report
@@ -177,22 +177,27 @@ def _slower(report: Report, guided: bool = False) -> list[str]:
 #: without its lossy passes (beyond the timing's noise) is decided once more with
 #: ``latency_guided`` (:func:`_latency_retry`).
 RETRY_SLOWER = 1.1
+#: The latency-guided result replaces the first only when it runs at most this many times the
+#: first's time, timed side by side: the first is the smaller model, so a tie keeps it.
+KEEP_FASTER = 0.95
 
 
-def _latency_retry(report: Report, pipeline: Pipeline,
-                   user_options: dict | None) -> Pipeline | None:
+def _latency_retry(report: Report, pipeline: Pipeline, run: dict) -> Pipeline | None:
     """The pipeline that decides ``quantize_static`` once more with its ``latency_guided``
     placement (every quantized site timed alone in integer and in float form on onnxruntime,
     float where integer is slower: ``onnxopt.passes.quantize_static``), when the pass changed
     a result that was timed (``report.latency``) and the user set no ``latency_guided`` of
-    their own; else None. :func:`optimize` retries with it when the result runs more than
+    their own (in ``run``'s options or config, or by giving a configured quantize_static
+    pass); else None. :func:`optimize` retries with it when the result runs more than
     :data:`RETRY_SLOWER` times as slow as the lossless passes' float result. The option is
     off by default because its choice depends on the machine's timings; a quantized model
     slower than the float one is worse than that. Measured (2026-12-08, int8-static against
     the lossless passes' result): the PP-OCRv4 angle classifier 1.7-2.2x (its float result
     0.6x the original), all 54 sites faster in float; dtln_model_2 up to 3.9x the original."""
     if report.latency is None \
-            or "latency_guided" in (user_options or {}).get("quantize_static", {}):
+            or "latency_guided" in (run["options"] or {}).get("quantize_static", {}) \
+            or any(isinstance(p, Pass) and p.name == "quantize_static"
+                   for p in run["passes"] or []):
         return None
     static = [p for p in pipeline.passes if p.name == "quantize_static"]
     changed = any(r.modified and r.name == "quantize_static" for r in report.passes)
@@ -659,6 +664,46 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     def attempt(p: Pipeline):
         return _run_pipeline(working, p, ctx, verify_each=run["verify_each"], on_pass=on_pass)
 
+    def by_latency(guided: Pipeline, first_bytes: bytes):
+        """Time the quantized result ``first_bytes`` against the lossless passes' float result;
+        when it is more than RETRY_SLOWER times as slow, decide again with ``guided`` (the
+        pipeline with latency-guided placement; without smooth_quant and quantize_static when
+        that leaves every site float) and validate. Returns ``(found, note, tried)``: the
+        candidate's ``(model, records, validation, bytes)`` when it validated and ran at most
+        KEEP_FASTER times the first result's time, else None; the warning; whether it ran."""
+        floated, _ = attempt(Pipeline(guided.lossless, guided.max_iterations))
+        timed = latency_ratio_apart(io.serialize(floated), first_bytes, feeds[0], what=(
+            "the lossless passes' result", "the quantized result"))
+        first = timed.get("latency_ratio") if isinstance(timed, dict) else None
+        if first is None:
+            return None, ("quantize_static's result was not timed against the lossless passes' "
+                          f"float result: {timed if isinstance(timed, str) else 'no time'}"), False
+        if first <= RETRY_SLOWER:
+            return None, None, False
+        candidate, records = attempt(guided)
+        left = _float_sites(records)
+        unquantized = not any(r.modified and r.name == "quantize_static" for r in records)
+        if unquantized:
+            # every site float: smooth_quant's factors would only cost a Mul and some drift
+            candidate, records = attempt(guided.without("smooth_quant").without(
+                "quantize_static"))
+        candidate_bytes = io.serialize(candidate)
+        result = check(candidate, candidate_bytes, records)
+        versus = ("the same decision" if candidate_bytes == first_bytes else
+                  f"it failed validation ({result.reason})" if not result.passed else
+                  latency_ratio_apart(first_bytes, candidate_bytes, feeds[0], what=(
+                      "the first result", "the latency-guided result")))
+        ratio = versus.get("latency_ratio") if isinstance(versus, dict) else None
+        how = (f"{ratio:.2f}x the first result's latency" if ratio is not None else
+               versus if isinstance(versus, str) else "not timed")
+        faster = ratio is not None and ratio <= KEEP_FASTER
+        note = (f"quantize_static's result ran {first:.2f}x as slow as the lossless passes' "
+                "float result on this machine: decided again with latency_guided (each site "
+                f"timed in integer and in float form on onnxruntime; {left} left float"
+                + ("; none quantized, so smooth_quant left out too" if unquantized else "")
+                + f"): {how}, " + ("kept" if faster else "the first result kept"))
+        return ((candidate, records, result, candidate_bytes) if faster else None), note, True
+
     budget_warnings: list[str] = []
     first_decision: Pipeline | None = None  # the pipeline before the budget's second decision
     retried, second_how = -1, ""  # the second decision's warning (its index) and options
@@ -814,38 +859,24 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                         "(--quantize-exclude), or choose another --quantize mode")
         report.after = model_stats(optimized, serialized)
         slower = _speed_check(report, (original, optimized), original_bytes, serialized, feeds)
-        guided = _latency_retry(report, pipeline, run["options"]) if staged is None else None
-        if guided is not None:  # quantized, against the same pipeline without quantization
-            floated, _ = attempt(Pipeline(pipeline.lossless, pipeline.max_iterations))
-            first = latency_ratio_apart(io.serialize(floated), serialized, feeds[0], what=(
-                "the lossless passes' result", "the quantized result"))
-            first = first["latency_ratio"] if isinstance(first, dict) else None
-            if first is None or first <= RETRY_SLOWER:
-                guided = None
-        if guided is not None:  # slower than float: placed by measured latency instead
-            candidate, records = attempt(guided)
-            candidate_bytes = io.serialize(candidate)
-            result = check(candidate, candidate_bytes, records)
-            versus = ("the same decision" if candidate_bytes == serialized else
-                      latency_ratio_apart(serialized, candidate_bytes, feeds[0], what=(
-                          "the first result", "the latency-guided result")) if result.passed
-                      else f"it failed validation ({result.reason})")
-            faster = isinstance(versus, dict) and (versus["latency_ratio"] or 1.0) < 1.0
-            how = (f"{versus['latency_ratio']:.2f}x the first result's latency" if
-                   isinstance(versus, dict) else versus)
-            budget_warnings.append(
-                f"quantize_static's result ran {first:.2f}x as slow as the lossless passes' "
-                "float result on this machine: decided again with latency_guided (each site "
-                "timed in integer and in float form on onnxruntime; "
-                f"{_float_sites(records)} left float): {how}, "
-                + ("kept" if faster else "the first result kept"))
-            if faster:
-                optimized, report.passes, report.validation = candidate, records, result
-                serialized = candidate_bytes
+        guided = _latency_retry(report, pipeline, run) if staged is None else None
+        if guided is not None:  # the quantized result, against the same pipeline unquantized
+            guided = functools.reduce(Pipeline.without,  # what was rolled back stays out
+                                      [r["pass"] for r in report.rolled_back], guided)
+            try:
+                found, note, tried = by_latency(guided, serialized)
+            except Exception as err:  # the first result validated: it stands
+                found, tried = None, False
+                note = (f"quantize_static's latency-guided decision failed ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}): "
+                        "the first result kept")
+            budget_warnings.extend([note] if note else [])
+            if found is not None:
+                optimized, report.passes, report.validation, serialized = found
                 report.after, report.latency = model_stats(optimized, serialized), None
                 slower = _speed_check(report, (original, optimized), original_bytes,
                                       serialized, feeds, timed=True)
-            else:
+            elif tried:
                 slower = _slower(report, guided=True)
         if validate and run["layerwise"]:
             report.layerwise = compare_layerwise(

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import onnx
 from onnx import helper
 
 import onnxopt.api
@@ -111,12 +112,28 @@ def _static_record(report):
     return next(r for r in report.passes if r.name == "quantize_static")
 
 
-@pytest.mark.parametrize("versus, kept", [(0.5, True), (1.5, False)])
+def _placed(float_sites: int | None):
+    """quantize_static's latency placement stand-in: the first ``float_sites`` sites float
+    (None: every one)."""
+    def place(self, graph, template, sites, feed, stats, dtype, unranged, refused):
+        left = len(sites) if float_sites is None else float_sites
+        refused["kept float: faster than integer"] += left
+        self._latency = {"stand-in": True}
+        return sites[left:]
+
+    return place
+
+
+@pytest.mark.parametrize("versus, kept", [(0.5, True), (0.97, False), (1.5, False)])
 def test_a_static_result_slower_than_the_original_is_decided_again_by_latency(
         monkeypatch, versus, kept):
-    """int8-static's result timed more than RETRY_SLOWER times as slow as the original is
+    """int8-static's result timed more than RETRY_SLOWER times as slow as its float result is
     quantized once more with latency_guided (each site timed in integer and float form), and
-    the faster of the two validated results is kept: dtln_model_2 ran 2.8-3.9x as slow."""
+    the latency-guided result is kept when it is faster by KEEP_FASTER (a tie keeps the
+    first, the smaller): dtln_model_2 ran 2.8-3.9x as slow as the original."""
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency", _placed(1))
     seen: list[str] = []
     monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
         {"optimized model": 1.0, "the quantized result": 3.0,
@@ -136,12 +153,13 @@ def test_a_static_result_slower_than_the_original_is_decided_again_by_latency(
     if kept:  # timed against the first result, then against the original for the report
         assert seen == ["optimized model", "the quantized result",
                         "the latency-guided result", "optimized model"]
-        assert retried[0].endswith("0.50x the first result's latency, kept")
-        assert isinstance(_static_record(report).stats["latency"], dict)  # sites were timed
+        assert retried[0].endswith("1 left float): 0.50x the first result's latency, kept")
+        assert _static_record(report).stats["latency"] == {"stand-in": True}
     else:
         assert seen == ["optimized model", "the quantized result",
                         "the latency-guided result"]
-        assert retried[0].endswith("1.50x the first result's latency, the first result kept")
+        assert retried[0].endswith(f"{versus:.2f}x the first result's latency, the first "
+                                   "result kept")
         assert _static_record(report).stats["latency"] == "off"
         assert result.SerializeToString() == first.SerializeToString()
 
@@ -188,3 +206,125 @@ def test_a_latency_guided_decision_that_changes_nothing_is_not_timed_again(monke
     assert seen == ["optimized model", "the quantized result"]
     retried = [w for w in report.warnings if "decided again with latency_guided" in w]
     assert retried and retried[0].endswith("the same decision, the first result kept")
+
+
+def _forced(monkeypatch, guided=0.5, quantized=3.0, seen=None):
+    """Timings that make int8-static's result 3x its float result's time."""
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
+        {"optimized model": 1.0, "the quantized result": quantized,
+         "the latency-guided result": guided}, [] if seen is None else seen))
+
+
+def _ops(model) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def test_a_decision_leaving_every_site_float_drops_smooth_quant_too(monkeypatch):
+    """Breaker's case (the angle classifier): with every site float, smooth_quant's factors
+    would only add a Mul and drift; the result is the float model, validated exactly."""
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency", _placed(None))
+    _forced(monkeypatch)
+    result, report = optimize(_model(), quantize="int8-static", inputs=FEEDS,
+                              calibration=FEEDS, max_drift=0.9)
+    retried = [w for w in report.warnings if "decided again with latency_guided" in w]
+    assert "2 left float; none quantized, so smooth_quant left out too): 0.50x" in retried[0]
+    assert _ops(result) == {"MatMul", "Relu"}  # no QuantizeLinear, no smoothing Mul
+    assert report.validation.passed and report.validation.mode == "lossless"
+    assert report.latency["latency_ratio"] == 1.0  # timed again, against the original
+
+
+def test_the_retry_leaves_out_what_was_rolled_back(monkeypatch):
+    """Breaker's case: a lossless pass rolled back for the first result must not come back in
+    the float result the decision is timed against, nor in the latency-guided run."""
+    from onnxopt.pass_manager import REGISTRY, PassResult
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    class DropRelu(onnxopt.api.Pass):  # a broken lossless pass
+        name, description = "test_drop_relu", "Relu -> Identity (wrong)"
+
+        def run(self, graph, ctx):
+            relus = [n for n in graph.nodes if n.op == "Relu"]
+            for n in relus:
+                n.op = "Identity"
+            return PassResult(bool(relus))
+
+    monkeypatch.setitem(REGISTRY, DropRelu.name, DropRelu)
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency", _placed(None))
+    _forced(monkeypatch)
+    result, report = optimize(_model(), passes=["default", DropRelu.name],
+                              quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                              max_drift=0.9)
+    assert [r["pass"] for r in report.rolled_back] == [DropRelu.name]
+    retried = [w for w in report.warnings if "decided again with latency_guided" in w]
+    assert retried[0].endswith("0.50x the first result's latency, kept")
+    assert "Relu" in _ops(result) and report.validation.passed
+    assert DropRelu.name not in {r.name for r in report.passes}
+
+
+def test_a_configured_quantize_static_pass_is_the_users_choice(monkeypatch):
+    from onnxopt.pass_manager import get_pass
+
+    seen: list[str] = []
+    _forced(monkeypatch, seen=seen)
+    _, report = optimize(_model(), passes=["default", get_pass("quantize_static")],
+                         inputs=FEEDS, calibration=FEEDS, max_drift=0.9)
+    assert seen == ["optimized model"]
+
+
+def test_a_retry_that_raises_leaves_the_first_result(monkeypatch, tmp_path):
+    from onnxopt.errors import InputError
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    def fails(self, *args):
+        raise InputError("onnxruntime cannot run a timing model\nsecond line")
+
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency", fails)
+    _forced(monkeypatch)
+    out = tmp_path / "out.onnx"
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9, output=str(out))
+    assert out.exists() and report.validation.passed and "QuantizeLinear" in _ops(
+        onnx.load(str(out)))
+    assert ("quantize_static's latency-guided decision failed (InputError: onnxruntime cannot "
+            "run a timing model): the first result kept") in report.warnings
+
+
+@pytest.mark.parametrize("timing, note", [
+    ("onnxruntime crashed timing it (SIGSEGV)",
+     "quantize_static's result was not timed against the lossless passes' float result: "
+     "onnxruntime crashed timing it (SIGSEGV)"),
+    (None, "quantize_static's result was not timed against the lossless passes' float "
+           "result: no time"),
+])
+def test_a_float_comparison_that_fails_is_said(monkeypatch, timing, note):
+    def measured(before, after, feed, what=()):
+        if what[1] == "the quantized result":
+            return timing if timing is not None else {
+                "latency_ratio": None, "latency_ms": {"before": 0.0, "after": 1.0},
+                "latency_note": "stand-in"}
+        return {"latency_ratio": 1.0, "latency_ms": {"before": 1.0, "after": 1.0},
+                "latency_note": "stand-in"}
+
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", measured)
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9)
+    assert note in report.warnings
+
+
+def test_a_guided_result_without_a_time_keeps_the_first(monkeypatch):
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency", _placed(1))
+
+    def measured(before, after, feed, what=()):
+        ratio = {"the quantized result": 3.0, "the latency-guided result": None}.get(what[1], 1.0)
+        return {"latency_ratio": ratio, "latency_ms": {"before": 0.0, "after": 1.0},
+                "latency_note": "stand-in"}
+
+    monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", measured)
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9)
+    retried = [w for w in report.warnings if "decided again with latency_guided" in w]
+    assert retried[0].endswith("1 left float): not timed, the first result kept")

@@ -197,6 +197,10 @@ def onnxopt_mode(mode: str, max_drift: float | None = None,
         else:
             kwargs["quantize"] = mode
         _, report = onnxopt.optimize(str(model), **kwargs)
+        retried = [w for w in getattr(report, "warnings", [])
+                   if "decided again with latency_guided" in w]
+        if retried:  # slower than the float result: placed by measured latency (onnxopt.api)
+            notes.append("decided again with latency_guided: " + retried[0].rsplit(": ", 1)[-1])
         data = report.to_dict() if hasattr(report, "to_dict") else {}
         summary = {"validation": _jsonable(getattr(report, "validation", None))}
         for record in data.get("passes", []) or []:
