@@ -545,12 +545,13 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
     layer-wise comparison (``layerwise``) ranks first, or another mode.
 
     A validated result of a speed mode is timed against the original on the first feed
-    (``report.latency``); a ``quantize_static`` result more than :data:`RETRY_SLOWER` times as
-    slow as the lossless passes' float result (timed side by side) is decided once more with the pass's ``latency_guided`` placement (each quantized
-    site timed in integer and in float form, float where integer is slower), unless the user
-    set that option, and the faster of the two validated results, timed side by side, is
-    kept; a warning says which. That decision depends on this machine's timings, like the
-    option itself.
+    (``report.latency``). A ``quantize_static`` result more than :data:`RETRY_SLOWER` times as
+    slow as the lossless passes' float result (timed side by side) is decided once more with
+    the pass's ``latency_guided`` placement (each quantized site timed in integer and in float
+    form, float where integer is slower; the float model when every site is), unless the user
+    set that option; that result replaces the first when it validates and runs at most
+    :data:`KEEP_FASTER` times the first's time. A warning says which. The decision depends on
+    this machine's timings, like the option itself.
 
     A model file with external data is never loaded whole (``onnxopt.external``): weights stay
     in their files, memory-mapped when a pass reads them, and ``output`` gets them streamed

@@ -88,8 +88,9 @@ PassSpec = Union[str, Pass]
 #: machine that quantizes; it is off here, as its choice depends on the machine's timings (two
 #: runs can write different models; ``[pipeline.options.quantize_static] latency_guided =
 #: true`` turns it on) -- except that a result timed more than 1.1x as slow as the lossless
-#: passes' float result is decided once more with it (``onnxopt.api.RETRY_SLOWER``). Measured with it at load 4-10 on 2 cores (latency ratios to fp32, the
-#: before and after models timed side by side three times): PP-OCRv4 angle classifier
+#: passes' float result is decided once more with it (``onnxopt.api.RETRY_SLOWER``).
+#: Measured with it at load 4-10 on 2 cores (latency ratios to fp32, the before and after
+#: models timed side by side three times): PP-OCRv4 angle classifier
 #: 1.39-1.80x -> 0.86-0.94x (no placement with integer sites ran faster than float: the model
 #: stays float, argmax agreement 1.0); PP-OCRv4 rec 0.80-0.94x -> 0.78-0.89x (22 of 47 sites
 #: faster alone in integer form, 11 quantized after the drift budget; CER 0.0013 -> 0.0027,
