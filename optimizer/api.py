@@ -175,7 +175,7 @@ def _slower(report: Report, guided: bool = False) -> list[str]:
 
 #: A ``quantize_static`` result more than this many times as slow as the same pipeline
 #: without its lossy passes (beyond the timing's noise) is decided once more with
-#: ``latency_guided`` (:func:`_latency_retry`).
+#: ``latency_guided`` (:func:`_latency_retry`); infinity turns the retry off.
 RETRY_SLOWER = 1.1
 #: The latency-guided result replaces the first only when it runs at most this many times the
 #: first's time, timed side by side: the first is the smaller model, so a tie keeps it.
@@ -194,7 +194,7 @@ def _latency_retry(report: Report, pipeline: Pipeline, run: dict) -> Pipeline | 
     slower than the float one is worse than that. Measured (2026-12-08, int8-static against
     the lossless passes' result): the PP-OCRv4 angle classifier 1.7-2.2x (its float result
     0.6x the original), all 54 sites faster in float; dtln_model_2 up to 3.9x the original."""
-    if report.latency is None \
+    if report.latency is None or math.isinf(RETRY_SLOWER) \
             or "latency_guided" in (run["options"] or {}).get("quantize_static", {}) \
             or any(isinstance(p, Pass) and p.name == "quantize_static"
                    for p in run["passes"] or []):

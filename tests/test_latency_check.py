@@ -18,6 +18,8 @@ from helpers import make_model
 from onnxopt import optimize
 from onnxopt.errors import OnnxoptWarning
 
+pytestmark = pytest.mark.latency_retry  # the retry on (tests/conftest.py), timings replaced
+
 
 def _model():
     rng = np.random.default_rng(0)
