@@ -316,7 +316,9 @@ class QuantizeStaticOptions(QuantizeOptions):
         latency_guided: time every quantized site (the readers of one activation tensor, which
             share its QuantizeLinear) on onnxruntime in integer and in float form, and leave it
             float when the integer form is slower by more than ``latency_margin`` (module
-            docstring, "Latency-guided placement").
+            docstring, "Latency-guided placement"). Unset, ``onnxopt.optimize`` decides again
+            with it a validated result more than 1.1x as slow as the lossless passes' float
+            result (``onnxopt.api.RETRY_SLOWER``); setting it, true or false, is final.
         latency_margin: relative noise margin of that comparison: a site stays integer unless
             ``integer > float * (1 + latency_margin)``.
         latency_rounds: timed runs of each form (each kernel's shortest time counts).
