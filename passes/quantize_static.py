@@ -536,9 +536,13 @@ def _int32_bias(b: np.ndarray, s_x: np.float32, scale: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """A bias as int32 codes and their scale ``s_x * s_w`` (float32, per output channel or
     scalar), what QLinearConv / QGemm / MatMulIntegerToFloat add in the accumulator (ONNX
-    QLinearConv spec: ``B`` int32 with scale ``x_scale * w_scale``, zero point 0)."""
+    QLinearConv spec: ``B`` int32 with scale ``x_scale * w_scale``, zero point 0). Codes
+    beyond the int32 range saturate at ``+-INT32_MAX``; the division and the clip are done in
+    float64, where ``INT32_MAX`` is exact (in float32 it rounds up to ``2**31``, which the cast
+    wraps to ``-2**31``: a saturated positive bias would flip its sign)."""
     bias_scale = np.asarray(float(s_x) * np.asarray(scale, np.float64), np.float32)
-    return np.clip(np.rint(b / bias_scale), -INT32_MAX, INT32_MAX).astype(np.int32), bias_scale
+    codes = np.rint(np.asarray(b, np.float64) / np.asarray(bias_scale, np.float64))
+    return np.clip(codes, -INT32_MAX, INT32_MAX).astype(np.int32), bias_scale
 
 
 def _stored(q: np.ndarray, scale: np.ndarray, unsigned: bool) -> tuple[np.ndarray, np.ndarray]:
