@@ -886,6 +886,10 @@ def _cmd_passes(args, out: _Out) -> int:
             if passes.get(name):
                 opts += f"; --quantize {mode} sets " + ", ".join(
                     f"{k}={v!r}" for k, v in passes[name].items())
+        if name == "quantize_static":  # onnxopt.api.RETRY_SLOWER
+            opts += ("; latency_guided unset: a result taking more than "
+                     f"{api.RETRY_SLOWER}x the float model's time is decided again with it "
+                     "(setting it, true or false, is final)")
         for linked in LINKED_OPTIONS.get(name, ()):
             opts += (f"; {', '.join(linked)} are linked: giving one drops a mode's values "
                      f"for the others, which keep the defaults above")
@@ -894,7 +898,7 @@ def _cmd_passes(args, out: _Out) -> int:
     out.show(table)
     out.line("Options are set in a --config file ([pipeline.options.<pass>] tables) or, in "
              "Python, with optimize(..., options={pass: {option: value}}); each pass's module "
-             "docstring (onnxopt/passes/<pass>.py) says what they mean.")
+             "docstring (passes/<pass>.py in the source) says what they mean.")
     return 0
 
 

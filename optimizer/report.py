@@ -22,8 +22,12 @@ JSON schema (``schema_version`` 1), keys of the top-level object:
   validated, or the latency-guided decision that replaced such a result left it float):
   ``{latency_ratio, latency_ms: {before, after}, latency_note}``: the result's median time per
   run against the original's, interleaved onnxruntime runs on the first validation feed
-  (noisy); a ratio above 1.2 is also a warning, and a ``quantize_static`` result above 1.1 is
-  decided once more with ``latency_guided`` (``onnxopt.api.RETRY_SLOWER``);
+  (noisy); a ratio above 1.2 is also a warning. A ``quantize_static`` result that took more
+  than 1.25x the time of the lossless passes' float result is decided once more with
+  ``latency_guided`` (``onnxopt.api.RETRY_SLOWER``), and ``retry`` says how: ``{versus_float,
+  sites_float, quantized, versus_first, kept}`` (the first result's time over the float
+  model's, the sites the timings left float, whether any site stayed quantized, the second
+  result's time over the first's or null, whether the second was written);
 * ``inputs``: ``{source: "synthesized"|path, seed, feeds: [{name: {shape, dtype}}]}``;
 * ``validation``: null when skipped, else ``{passed, mode, atol, rtol, max_drift, feeds, reason,
   warnings,

@@ -197,10 +197,15 @@ def onnxopt_mode(mode: str, max_drift: float | None = None,
         else:
             kwargs["quantize"] = mode
         _, report = onnxopt.optimize(str(model), **kwargs)
-        retried = [w for w in getattr(report, "warnings", [])
-                   if "decided again with latency_guided" in w]
-        if retried:  # slower than the float result: placed by measured latency (onnxopt.api)
-            notes.append("decided again with latency_guided: " + retried[0].rsplit(": ", 1)[-1])
+        retry = (getattr(report, "latency", None) or {}).get("retry")
+        if retry:  # slower than the float result: placed by measured latency (onnxopt.api)
+            versus = retry["versus_first"]
+            notes.append(
+                f"decided again with latency_guided ({retry['versus_float']:.2f}x the float "
+                f"model's time; {retry['sites_float']} sites float"
+                + ("" if retry["quantized"] else ", none quantized: a float model")
+                + (f"; {versus:.2f}x the first result's time" if versus is not None else "")
+                + ("; written" if retry["kept"] else "; the first result written") + ")")
         data = report.to_dict() if hasattr(report, "to_dict") else {}
         summary = {"validation": _jsonable(getattr(report, "validation", None))}
         for record in data.get("passes", []) or []:
