@@ -303,3 +303,21 @@ def test_vad_hears_speech_in_the_synthesized_audio():
     speech, quiet = probability[fraction > 0.5], probability[fraction < 0.05]
     assert len(speech) and len(quiet)
     assert speech.mean() > 0.7 and quiet.mean() < 0.3
+
+
+def test_quant_benchmark_tables_name_each_quality_column_once():
+    """A model judged by its smallest output cosine gets no second "min cosine" column."""
+    from tools.quant_benchmark import ModelResult, Row, markdown
+
+    def table(metric):
+        row = Row("r", "onnxopt r", "ok", size_pct=50, latency_ratio=0.5, metric=0.98,
+                  min_cosine=0.99, max_abs=0.1, quantize_seconds=3)
+        lines = markdown([ModelResult("m", "other", metric, "d", 1, 1, "{}", 1e6, 1.0, [row])],
+                         3).splitlines()
+        return [line for line in lines if line.startswith("|")]
+
+    header, rule, row = table("cosine")
+    assert header.count("cosine") == 1 and header.count("|") == rule.count("|") == row.count("|")
+    header, rule, row = table("argmax")
+    assert "| argmax agreement | min cosine |" in header and "| 0.9800 | 0.9900 |" in row
+    assert header.count("|") == rule.count("|") == row.count("|")

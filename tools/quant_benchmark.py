@@ -403,9 +403,10 @@ def markdown(results: list[ModelResult], repeat: int) -> str:
                   f" per run on {result.latency_feed}; data: {result.data}; "
                   f"{result.calibration_feeds} calibration / {result.evaluation_feeds} evaluation"
                   " feeds.", "",
-                  f"| tool, mode | size | latency | {METRIC_LABELS[result.metric]} | min cosine "
-                  "| max abs | quantize s | notes |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| tool, mode | size | latency | {METRIC_LABELS[result.metric]} "
+                  + ("" if result.metric == "cosine" else "| min cosine ")  # the same value
+                  + "| max abs | quantize s | notes |",
+                  "|---|---|---|---|---|---|---|" + ("" if result.metric == "cosine" else "---|")]
         for row in result.rows:
             notes = "; ".join(row.notes + ([_float_nodes(row)] if _float_nodes(row) else []))
             if row.status != "ok":
@@ -413,8 +414,9 @@ def markdown(results: list[ModelResult], repeat: int) -> str:
             lines.append(
                 f"| {row.label} | {_fmt(row.size_pct, '.0f')}{'' if row.size_pct is None else ' %'}"
                 f" | {_fmt(row.latency_ratio, '.2f')}{'' if row.latency_ratio is None else 'x'}"
-                f" | {_metric_cell(result, row)} | {_fmt(row.min_cosine, '.4f')}"
-                f" | {_fmt(row.max_abs, '.3g')} | {_fmt(row.quantize_seconds, '.0f')}"
+                f" | {_metric_cell(result, row)}"
+                + ("" if result.metric == "cosine" else f" | {_fmt(row.min_cosine, '.4f')}")
+                + f" | {_fmt(row.max_abs, '.3g')} | {_fmt(row.quantize_seconds, '.0f')}"
                 f" | {notes.replace('|', '/')} |")
         lines.append("")
     lines.append(f"Latency: onnxruntime {ort.__version__} CPU, {THREADS} intra-op threads, median "
