@@ -307,11 +307,18 @@ def resolve_feeds(model: onnx.ModelProto, inputs: Feeds, input_shapes: dict | No
 
 def _settings(config, given: dict) -> dict:
     """The run's settings: keywords given explicitly win over ``config``, which wins over the
-    defaults; ``skip`` names from both are left out; ``explicit``: the keys not defaulted."""
+    defaults; ``skip`` names from both are left out; pass ``options`` from both are merged,
+    option by option (the keyword's win); ``explicit``: the keys not defaulted."""
     from_config = load_config(config) if config is not None else {}
     run = {k: given[k] if given.get(k) is not None else from_config.get(k, default)
            for k, (_, _, default) in SETTINGS.items()}
     run["skip"] = list(dict.fromkeys([*from_config.get("skip", ()), *(given["skip"] or ())]))
+    if given.get("options") is not None and from_config.get("options"):
+        # per option: a keyword's option wins over the config's, the config's others stay
+        run["options"] = {name: {**from_config["options"].get(name, {}),
+                                 **given["options"].get(name, {})}
+                          for name in dict.fromkeys([*from_config["options"],
+                                                     *given["options"]])}
     run["explicit"] = {k for k in SETTINGS if given.get(k) is not None or k in from_config}
     return run
 
@@ -462,7 +469,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         options: per-pass options, ``{pass name: {option: value}}`` (see each pass's
             ``Options``; ``onnxopt passes`` lists them).
         config: a TOML file (or the dict it parses to) giving the pipeline and validation
-            settings (see ``onnxopt.pipeline``); keywords given here win over it.
+            settings (see ``onnxopt.pipeline``); keywords given here win over it (pass
+            ``options`` option by option: the config's other options stay).
         sugar: option sugar for the pruning and clustering passes
             (``onnxopt.pipeline.OPTION_SUGAR``): ``prune_threshold``, ``prune_relative``,
             ``prune_sparsity`` (a fraction or ``"auto"``), ``prune_scope``, ``prune_pattern``
@@ -680,7 +688,8 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         KEEP_FASTER times the first result's time, else None; the warning; the retry's
         figures for ``report.latency["retry"]`` (None when it did not run)."""
         floated, _ = attempt(Pipeline(guided.lossless, guided.max_iterations))
-        timed = latency_ratio_apart(io.serialize(floated), first_bytes, feeds[0], what=(
+        floated_bytes = io.serialize(floated)
+        timed = latency_ratio_apart(floated_bytes, first_bytes, feeds[0], what=(
             "the lossless passes' result", "the quantized result"))
         first = timed.get("latency_ratio") if isinstance(timed, dict) else None
         if first is None:
@@ -699,9 +708,13 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
         result = check(candidate, candidate_bytes, records)
         versus = ("the same decision" if candidate_bytes == first_bytes else
                   f"it failed validation ({result.reason})" if not result.passed else
+                  # the float model itself: timed against the first result above already
+                  {"latency_ratio": 1.0 / first} if candidate_bytes == floated_bytes else
                   latency_ratio_apart(first_bytes, candidate_bytes, feeds[0], what=(
                       "the first result", "the latency-guided result")))
         ratio = versus.get("latency_ratio") if isinstance(versus, dict) else None
+        tables = unquantized and any(r.modified and r.name == "quantize_embeddings"
+                                     for r in records)
         how = (f"it took {ratio:.2f}x the first result's time" if ratio is not None else
                versus if isinstance(versus, str) else "it was not timed")
         faster = ratio is not None and ratio <= KEEP_FASTER
@@ -711,10 +724,11 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
                 + ("; none quantized, so smooth_quant left out too" if unquantized else "")
                 + f"): {how}, " + ("written instead" if faster else "the first result kept")
                 + ("" if not (faster and unquantized) else
-                   ". The written model is FLOAT: no quantized site ran faster than float on "
-                   "this machine. For an int8 file anyway set quantize_static's "
-                   "latency_guided = false ([pipeline.options.quantize_static] in --config); "
-                   "--quantize int8-weight shrinks the file without changing kernels"))
+                   ". The written model computes in FLOAT"
+                   + (" (its embedding tables stay int8)" if tables else "")
+                   + ": no quantized site ran faster than float on this machine. For an int8 "
+                   "file anyway set quantize_static's option latency_guided = false; the "
+                   "int8-weight mode shrinks the file without changing kernels"))
         retry = {"versus_float": first, "sites_float": left, "quantized": not unquantized,
                  "versus_first": ratio, "kept": faster}
         return ((candidate, records, result, candidate_bytes) if faster else None), note, retry

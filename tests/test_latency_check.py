@@ -193,6 +193,9 @@ def test_no_latency_retry_within_noise_or_against_the_users_choice(monkeypatch, 
 
 
 def test_a_result_slower_after_the_retry_names_no_lever_already_tried(monkeypatch):
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency", _placed(1))
     seen: list[str] = []
     monkeypatch.setattr(onnxopt.api, "latency_ratio_apart", _stand_in(
         {"optimized model": 3.0, "the quantized result": 3.0,
@@ -236,12 +239,16 @@ def test_a_decision_leaving_every_site_float_drops_smooth_quant_too(monkeypatch)
     from onnxopt.passes.quantize_static import QuantizeStatic
 
     monkeypatch.setattr(QuantizeStatic, "_place_by_latency", _placed(None))
-    _forced(monkeypatch)
+    seen: list[str] = []
+    _forced(monkeypatch, quantized=4.0, seen=seen)
     result, report = optimize(_model(), quantize="int8-static", inputs=FEEDS,
                               calibration=FEEDS, max_drift=0.9)
     retried = [w for w in report.warnings if "decided again with latency_guided" in w]
-    assert ("2 left float; none quantized, so smooth_quant left out too): it took 0.50x the "
-            "first result's time, written instead. The written model is FLOAT") in retried[0]
+    # the float model is what the first result was timed against: not timed again (breaker)
+    assert seen == ["optimized model", "the quantized result", "optimized model"]
+    assert ("2 left float; none quantized, so smooth_quant left out too): it took 0.25x the "
+            "first result's time, written instead. The written model computes in FLOAT: no "
+            "quantized site") in retried[0]
     assert "latency_guided = false" in retried[0]
     assert _ops(result) == {"MatMul", "Relu"}  # no QuantizeLinear, no smoothing Mul
     assert report.validation.passed and report.validation.mode == "lossless"
@@ -271,11 +278,11 @@ def test_the_retry_leaves_out_what_was_rolled_back(monkeypatch):
                               max_drift=0.9)
     assert [r["pass"] for r in report.rolled_back] == [DropRelu.name]
     retried = [w for w in report.warnings if "decided again with latency_guided" in w]
-    assert retried[0].endswith("written instead. The written model is FLOAT: no quantized "
-                               "site ran faster than float on this machine. For an int8 file "
-                               "anyway set quantize_static's latency_guided = false "
-                               "([pipeline.options.quantize_static] in --config); --quantize "
-                               "int8-weight shrinks the file without changing kernels")
+    assert retried[0].endswith("written instead. The written model computes in FLOAT: no "
+                               "quantized site ran faster than float on this machine. For an "
+                               "int8 file anyway set quantize_static's option latency_guided "
+                               "= false; the int8-weight mode shrinks the file without "
+                               "changing kernels")
     assert "Relu" in _ops(result) and report.validation.passed
     assert DropRelu.name not in {r.name for r in report.passes}
 
@@ -345,3 +352,45 @@ def test_a_guided_result_without_a_time_keeps_the_first(monkeypatch):
                          max_drift=0.9)
     retried = [w for w in report.warnings if "decided again with latency_guided" in w]
     assert retried[0].endswith("1 left float): it was not timed, the first result kept")
+
+
+def test_an_all_float_decision_says_the_embedding_tables_stay_int8(monkeypatch):
+    """Breaker's case: quantize_embeddings stays in the pipeline (a weight-only, gathered
+    dequantization); the warning must not call the model float without saying so."""
+    from onnxopt.passes.quantize_static import QuantizeStatic
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "W1"], ["h"], name="proj"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="out")]
+    model = make_model(nodes, [("ids", np.int64, ["batch", 8])],
+                       [("y", np.float32, ["batch", 8, 32])],
+                       {"E": rng.normal(size=(300, 64)).astype(np.float32),
+                        "W1": rng.normal(size=(64, 64)).astype(np.float32),
+                        "W2": rng.normal(size=(64, 32)).astype(np.float32)})
+    feeds = [{"ids": np.random.default_rng(k).integers(0, 300, (4, 8))} for k in range(4)]
+    monkeypatch.setattr(QuantizeStatic, "_place_by_latency", _placed(None))
+    _forced(monkeypatch)
+    _, report = optimize(model, quantize="int8-static", inputs=feeds, calibration=feeds,
+                         max_drift=0.9)
+    retried = [w for w in report.warnings if "decided again with latency_guided" in w]
+    assert any(r.modified and r.name == "quantize_embeddings" for r in report.passes)
+    assert ("The written model computes in FLOAT (its embedding tables stay int8)"
+            in retried[0])
+
+
+def test_a_config_files_latency_guided_stays_with_options_given_in_python(monkeypatch,
+                                                                        tmp_path):
+    """Breaker's case: options= replaced the config's pass options wholesale, so the config's
+    latency_guided = false was lost (and the retry ran); they merge option by option."""
+    config = tmp_path / "c.toml"
+    config.write_text("[pipeline.options.quantize_static]\nlatency_guided = false\n"
+                      "percentile = 99.9\n")
+    seen: list[str] = []
+    _forced(monkeypatch, seen=seen)
+    _, report = optimize(_model(), quantize="int8-static", inputs=FEEDS, calibration=FEEDS,
+                         max_drift=0.9, config=str(config),
+                         options={"quantize_static": {"percentile": 99.0},
+                                  "smooth_quant": {"alpha": 0.5}})
+    assert seen == ["optimized model"]  # the config's latency_guided: final
