@@ -511,7 +511,7 @@ def _died(job: _Job, err: BaseException) -> ModelResult:
 
 
 #: Keys of a report (at any depth) that measure time: they differ between runs of one model.
-TIMING_KEYS = ("seconds", "latency_ratio", "latency_ms")
+TIMING_KEYS = ("seconds", "latency_ratio", "latency_ms", "versus_float", "versus_first")
 
 
 def without_timings(value):
