@@ -24,7 +24,8 @@ import onnx
 import onnx.external_data_helper
 
 from onnxopt import checks, external, io
-from onnxopt.errors import OnnxoptWarning, UnsupportedModel, UsageError, ValidationFailed
+from onnxopt.errors import (OnnxoptWarning, UnsupportedModel, UsageError, ValidationFailed,
+                             first_line)
 from onnxopt.graph import export_graph, import_graph, model_stats
 from onnxopt.inputs import (FeedStream, check_feeds, feed_files, input_warnings, load_feed,
                             synthesize_feed)
@@ -246,7 +247,7 @@ def checker_error(model: onnx.ModelProto | bytes | Path | None) -> str:
         else:
             external.check_with_references(model)
     except onnx.checker.ValidationError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid model"
+        first = first_line(err, "invalid model")
         return f"candidate model: onnx checker: {first}"
     return ""
 
@@ -897,7 +898,7 @@ def optimize(model, *, passes: Sequence[PassSpec] | None = None, skip: Sequence[
             except Exception as err:  # the first result validated: it stands
                 found, retry = None, None
                 note = (f"quantize_static's latency-guided decision failed ({type(err).__name__}: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}): "
+                        f"{first_line(err, '')}): "
                         "the first result kept")
             budget_warnings.extend([note] if note else [])
             if found is not None:

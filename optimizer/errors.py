@@ -16,6 +16,14 @@ SYNTHESIZED_INPUTS_HINT = ("the inputs were synthesized: give real ones with --i
                            "dynamic dims with --input-shape")
 
 
+def first_line(err: BaseException, default: str | None = None) -> str:
+    """The first line of ``err``'s message, for a one-line error or warning; ``default`` (the
+    exception's type name when None) when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else (type(err).__name__ if default is None
+                                              else default)
+
+
 class OnnxoptError(Exception):
     """Base class of every error onnxopt raises on purpose."""
 

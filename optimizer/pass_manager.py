@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import external, progress
 from onnxopt.analyses import AnalysisManager
 from onnxopt.budget import DriftBudget, Proposal, accept_all, lossy_warnings
-from onnxopt.errors import PassError, UsageError
+from onnxopt.errors import PassError, UsageError, first_line
 from onnxopt.graph import edits_undone, export_graph, graph_protos, opset_version
 from onnxopt.strength import search_strength
 from onnxopt.ops import QUANTIZED_OPS
@@ -312,13 +312,13 @@ def verify_model(model: onnx.ModelProto, after: str, full_check: bool = True) ->
     try:
         onnx.checker.check_model(data, full_check=full_check)
     except Exception as err:  # the checker raises several types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise PassError(f"after pass '{after}': onnx checker failed: {first}") from None
     try:
         opts = ort.SessionOptions()
         ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as err:
-        first = str(err).strip().splitlines()[0]
+        first = first_line(err)
         raise PassError(f"after pass '{after}': onnxruntime cannot load the model: {first}") from None
 
 

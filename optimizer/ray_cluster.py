@@ -29,7 +29,7 @@ import importlib.util
 import os
 from typing import Any, Iterator
 
-from onnxopt.errors import UsageError
+from onnxopt.errors import UsageError, first_line
 
 __all__ = ["connected", "check_executor", "require_ray", "LOOPBACK"]
 
@@ -77,7 +77,7 @@ def connected(address: str | None = None) -> Iterator[Any]:
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         except ConnectionError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else "no answer"
+            reason = first_line(err, "no answer")
             raise UsageError(f"Ray cluster at {address}: cannot connect ({reason})") from None
     else:
         _start_local(ray)

@@ -95,7 +95,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt import external, io, progress
-from onnxopt.errors import InputError
+from onnxopt.errors import InputError, first_line
 from onnxopt.graph import graph_protos
 from onnxopt.metrics import (METRICS, CosineMetric, Criterion, Tally, as_setting,
                              flatten_sequence, format_comparison, kept_positions, layout,
@@ -190,7 +190,7 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, what: str,
             io.save_model(model, path, external_data=True)
             return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 -- onnxruntime raises several types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise InputError(f"{what}: onnxruntime cannot load the model: {first}") from None
 
 
@@ -311,7 +311,7 @@ def run_model(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: 
     try:
         return session.run(None, {n: feed[n] for n in names})
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise InputError(f"{what}: onnxruntime failed to run the model: {first}{hint}") from None
 
 
@@ -804,7 +804,7 @@ class _ReferenceImplementation:
         try:
             action()
         except Exception as err:  # noqa: BLE001 -- the evaluator raises what any kernel raises
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             self._evaluator = None
             self.why = f"it cannot run the model: {first}"
         return self.why if self._evaluator is None else ""
